@@ -1,1 +1,4 @@
-//! placeholder
+//! ISDP control plane.
+pub mod registry;
+pub mod store;
+pub mod xds;

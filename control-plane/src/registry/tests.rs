@@ -1,0 +1,113 @@
+use std::{sync::Arc, time::Duration};
+
+use isdp_proto::v1::{HealthStatus, Instance};
+use tokio::sync::watch;
+
+use super::{Change, Registry, RegistryError, SessionTimeouts, session::Sessions};
+use crate::store::embedded::EmbeddedStore;
+
+fn inst(service: &str, id: &str, port: u32) -> Instance {
+    Instance {
+        id: id.into(),
+        service: service.into(),
+        address: "127.0.0.1".into(),
+        port,
+        ..Default::default()
+    }
+}
+
+async fn registry(dir: &std::path::Path) -> (Registry, watch::Sender<bool>) {
+    let (tx, rx) = watch::channel(false);
+    let store = EmbeddedStore::open(dir).unwrap();
+    (Registry::start(Arc::new(store), "/isdp/", rx).await.unwrap(), tx)
+}
+
+#[tokio::test]
+async fn register_is_visible_at_once_and_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (r, _stop) = registry(dir.path()).await;
+        let mut changes = r.subscribe();
+        let a = r.register(inst("pay", "pay-1", 80)).await.unwrap();
+        assert_eq!(a.weight, 1, "weight defaults to 1");
+        let generated = r.register(inst("pay", "", 81)).await.unwrap();
+        assert!(generated.id.starts_with("pay-"), "{}", generated.id);
+        assert_eq!(r.instances("pay").len(), 2);
+        assert_eq!(changes.recv().await.unwrap(), Change::Service("pay".into()));
+        r.set_status("pay-1", HealthStatus::Healthy).await.unwrap();
+        // Re-registering keeps the health it had.
+        r.register(inst("pay", "pay-1", 80)).await.unwrap();
+        assert_eq!(r.get("pay-1").unwrap().instance.status, HealthStatus::Healthy as i32);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (r, _stop) = registry(dir.path()).await;
+    assert_eq!(r.instances("pay").len(), 2);
+    assert_eq!(r.services().get("pay"), Some(&(2, 1)));
+}
+
+#[tokio::test]
+async fn rejected_writes_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _stop) = registry(dir.path()).await;
+    r.register(inst("pay", "pay-1", 80)).await.unwrap();
+    let bad = r.register(inst("Bad_Name", "x", 0)).await;
+    match bad {
+        Err(RegistryError::Invalid(errs)) => {
+            let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
+            assert_eq!(fields, ["instance.service", "instance.port"]);
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    assert!(matches!(r.deregister("nope").await, Err(RegistryError::NotFound(_))));
+    assert_eq!(r.len(), 1);
+    r.deregister("pay-1").await.unwrap();
+    assert!(r.is_empty());
+    assert!(r.services().is_empty());
+}
+
+#[tokio::test]
+async fn sessions_own_their_instances() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _stop) = registry(dir.path()).await;
+    let timeouts = SessionTimeouts {
+        grace: Duration::from_millis(200),
+        timeout: Duration::from_millis(800),
+    };
+    let sessions = Sessions::new(r.clone(), timeouts);
+    r.register(inst("ops", "ops-1", 80)).await.unwrap();
+
+    // A session may not take over an operator's instance.
+    let taken = sessions.open("node-a", vec![inst("ops", "ops-1", 80)]).await;
+    assert!(matches!(taken, Err(RegistryError::PermissionDenied(_))));
+
+    let s = sessions.open("node-a", vec![inst("web", "", 8080)]).await.unwrap();
+    assert_eq!(r.get("node-a.web").unwrap().instance.node_id, "node-a");
+    s.report("node-a.web", HealthStatus::Healthy).await.unwrap();
+    assert!(matches!(
+        s.report("ops-1", HealthStatus::Unhealthy).await,
+        Err(RegistryError::PermissionDenied(_))
+    ));
+    s.close().await.unwrap();
+    assert!(r.get("node-a.web").is_none(), "a clean close deregisters at once");
+
+    // A broken stream: unhealthy after the grace period, gone after the timeout.
+    let s = sessions.open("node-b", vec![inst("web", "", 8081)]).await.unwrap();
+    s.report("node-b.web", HealthStatus::Healthy).await.unwrap();
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(r.get("node-b.web").unwrap().instance.status, HealthStatus::Unhealthy as i32);
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(r.get("node-b.web").is_none());
+
+    // Reconnecting inside the grace period keeps the instance healthy.
+    let s = sessions.open("node-c", vec![inst("web", "", 8082)]).await.unwrap();
+    s.report("node-c.web", HealthStatus::Healthy).await.unwrap();
+    drop(s);
+    let back = sessions
+        .open("node-c", vec![Instance { status: HealthStatus::Healthy as i32, ..inst("web", "", 8082) }])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(r.get("node-c.web").unwrap().instance.status, HealthStatus::Healthy as i32);
+    drop(back);
+}

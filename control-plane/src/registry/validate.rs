@@ -1,0 +1,287 @@
+//! Rules every registration must meet, checked before anything is written.
+//!
+//! Every problem is reported at once, each naming its field and the rule, so
+//! an operator fixes a request in one round trip.
+
+use std::{fmt, net::IpAddr};
+
+use isdp_proto::v1::{HealthCheck, Instance};
+use isdp_sidecar::probe::Target;
+
+pub const MAX_METADATA_ENTRIES: usize = 64;
+pub const MAX_METADATA_KEY_LEN: usize = 128;
+pub const MAX_METADATA_VALUE_LEN: usize = 512;
+pub const MAX_ID_LEN: usize = 128;
+pub const MAX_WEIGHT: u32 = 10_000;
+pub const MIN_CHECK_INTERVAL_MS: u32 = 100;
+pub const MAX_CHECK_INTERVAL_MS: u32 = 3_600_000;
+pub const MAX_THRESHOLD: u32 = 100;
+
+/// One broken rule: the field's path (`instance.port`) and what it must be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub rule: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.rule)
+    }
+}
+
+/// Joins field errors into one message: `a: rule; b: rule`.
+pub fn describe(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+struct Errors<'a> {
+    prefix: &'a str,
+    out: Vec<FieldError>,
+}
+
+impl Errors<'_> {
+    fn push(&mut self, field: &str, rule: impl Into<String>) {
+        self.out.push(FieldError {
+            field: format!("{}.{field}", self.prefix),
+            rule: rule.into(),
+        });
+    }
+}
+
+/// Is `name` a DNS label: lowercase letters, digits and '-', 1 to 63
+/// characters, starting and ending with a letter or digit?
+pub fn is_dns_label(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+pub fn is_valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b':'))
+}
+
+/// Validates an instance as sent by a client; `prefix` names it in errors
+/// (`instance`, `instances[2]`).
+pub fn instance(i: &Instance, prefix: &str) -> Result<(), Vec<FieldError>> {
+    let mut e = Errors {
+        prefix,
+        out: Vec::new(),
+    };
+    if !is_dns_label(&i.service) {
+        e.push(
+            "service",
+            format!(
+                "must be a DNS label (lowercase letters, digits and '-', 1 to 63 characters, not starting or ending with '-'), got {:?}",
+                truncate(&i.service)
+            ),
+        );
+    }
+    if !i.id.is_empty() && !is_valid_id(&i.id) {
+        e.push(
+            "id",
+            format!(
+                "must be 1 to {MAX_ID_LEN} characters of letters, digits, '.', '_', '-' or ':', got {:?}",
+                truncate(&i.id)
+            ),
+        );
+    }
+    if i.address.parse::<IpAddr>().is_err() {
+        e.push(
+            "address",
+            format!("must be an IPv4 or IPv6 address, got {:?}", truncate(&i.address)),
+        );
+    }
+    if !(1..=65535).contains(&i.port) {
+        e.push("port", format!("must be 1..=65535, got {}", i.port));
+    }
+    if i.weight > MAX_WEIGHT {
+        e.push("weight", format!("must be 0..={MAX_WEIGHT}, got {}", i.weight));
+    }
+    if i.metadata.len() > MAX_METADATA_ENTRIES {
+        e.push(
+            "metadata",
+            format!("must have at most {MAX_METADATA_ENTRIES} entries, got {}", i.metadata.len()),
+        );
+    }
+    for (k, v) in &i.metadata {
+        let key_ok = !k.is_empty()
+            && k.len() <= MAX_METADATA_KEY_LEN
+            && k
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b'/'));
+        if !key_ok {
+            e.push(
+                "metadata",
+                format!(
+                    "key {:?} must be 1 to {MAX_METADATA_KEY_LEN} characters of letters, digits, '.', '_', '-' or '/'",
+                    truncate(k)
+                ),
+            );
+        }
+        if v.len() > MAX_METADATA_VALUE_LEN {
+            e.push(
+                &format!("metadata[{}]", truncate(k)),
+                format!("value must be at most {MAX_METADATA_VALUE_LEN} bytes, got {}", v.len()),
+            );
+        }
+    }
+    if let Some(c) = &i.check {
+        check(c, &mut e);
+    }
+    if e.out.is_empty() { Ok(()) } else { Err(e.out) }
+}
+
+fn check(c: &HealthCheck, e: &mut Errors<'_>) {
+    if let Err(err) = c.target.parse::<Target>() {
+        e.push("check.target", err.to_string());
+    }
+    let interval = effective_ms(c.interval_ms);
+    if !(MIN_CHECK_INTERVAL_MS..=MAX_CHECK_INTERVAL_MS).contains(&interval) {
+        e.push(
+            "check.interval_ms",
+            format!("must be {MIN_CHECK_INTERVAL_MS}..={MAX_CHECK_INTERVAL_MS}, got {interval}"),
+        );
+    }
+    let timeout = effective_ms(c.timeout_ms);
+    if timeout > MAX_CHECK_INTERVAL_MS {
+        e.push(
+            "check.timeout_ms",
+            format!("must be at most {MAX_CHECK_INTERVAL_MS}, got {timeout}"),
+        );
+    }
+    for (name, v) in [("rise", c.rise), ("fall", c.fall)] {
+        if v > MAX_THRESHOLD {
+            e.push(&format!("check.{name}"), format!("must be 0..={MAX_THRESHOLD}, got {v}"));
+        }
+    }
+}
+
+/// Interval and timeout default to one second.
+pub fn effective_ms(ms: u32) -> u32 {
+    if ms == 0 { 1000 } else { ms }
+}
+
+/// Keeps error messages bounded even when the bad value is huge.
+fn truncate(s: &str) -> String {
+    const MAX: usize = 80;
+    if s.len() <= MAX {
+        return s.to_owned();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> Instance {
+        Instance {
+            service: "payments".into(),
+            address: "127.0.0.1".into(),
+            port: 8080,
+            ..Default::default()
+        }
+    }
+
+    fn fields(i: &Instance) -> Vec<String> {
+        instance(i, "instance")
+            .err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| e.field)
+            .collect()
+    }
+
+    #[test]
+    fn dns_labels() {
+        for ok in ["a", "web", "pay-ments", "a1", &"x".repeat(63)] {
+            assert!(is_dns_label(ok), "{ok}");
+        }
+        for bad in ["", "Web", "-a", "a-", "a_b", "a.b", &"x".repeat(64), "ü"] {
+            assert!(!is_dns_label(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_good_instance_passes() {
+        assert_eq!(instance(&good(), "instance"), Ok(()));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_field() {
+        let mut i = good();
+        i.service = "Bad_Name".into();
+        i.port = 70000;
+        i.address = "not-an-ip".into();
+        i.weight = 10_001;
+        assert_eq!(
+            fields(&i),
+            ["instance.service", "instance.address", "instance.port", "instance.weight"]
+        );
+        let err = instance(&i, "instance").unwrap_err();
+        assert!(describe(&err).contains("instance.port: must be 1..=65535, got 70000"));
+    }
+
+    #[test]
+    fn port_zero_is_refused() {
+        let mut i = good();
+        i.port = 0;
+        assert_eq!(fields(&i), ["instance.port"]);
+    }
+
+    #[test]
+    fn metadata_is_bounded() {
+        let mut i = good();
+        i.metadata.insert("version".into(), "x".repeat(10_000));
+        let err = describe(&instance(&i, "instance").unwrap_err());
+        assert!(err.contains("at most 512 bytes, got 10000"), "{err}");
+        let mut i = good();
+        for n in 0..65 {
+            i.metadata.insert(format!("k{n}"), "v".into());
+        }
+        assert_eq!(fields(&i), ["instance.metadata"]);
+        let mut i = good();
+        i.metadata.insert("bad key".into(), "v".into());
+        assert_eq!(fields(&i), ["instance.metadata"]);
+    }
+
+    #[test]
+    fn checks_are_validated() {
+        let mut i = good();
+        i.check = Some(HealthCheck {
+            target: "ftp://x".into(),
+            interval_ms: 10,
+            rise: 1000,
+            ..Default::default()
+        });
+        assert_eq!(
+            fields(&i),
+            ["instance.check.target", "instance.check.interval_ms", "instance.check.rise"]
+        );
+    }
+
+    #[test]
+    fn huge_values_are_truncated_in_messages() {
+        let mut i = good();
+        i.service = "X".repeat(100_000);
+        let msg = describe(&instance(&i, "instance").unwrap_err());
+        assert!(msg.len() < 400, "{}", msg.len());
+    }
+}

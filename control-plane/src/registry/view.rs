@@ -1,0 +1,233 @@
+//! The registry's in-memory view, fed only by the store's watch.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    sync::Arc,
+};
+
+use dashmap::DashMap;
+use futures::StreamExt;
+use isdp_proto::v1::{HealthStatus, Instance};
+use prost::Message;
+use tokio::sync::{broadcast, watch};
+
+use super::{Change, RegistryError};
+use crate::store::{Event, KeyValue, LeaseId, Revision, Store};
+
+/// An instance as stored, with what compare-and-set needs.
+#[derive(Debug)]
+pub struct Stored {
+    pub instance: Instance,
+    pub mod_revision: Revision,
+    pub lease: Option<LeaseId>,
+}
+
+#[derive(Clone)]
+pub(super) struct View {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    instances: DashMap<String, Arc<Stored>>,
+    /// service -> ids; the index behind per-service reads.
+    services: DashMap<String, BTreeSet<String>>,
+}
+
+impl View {
+    pub(super) async fn start(
+        store: Arc<dyn Store>,
+        prefix: &str,
+        changes: broadcast::Sender<Change>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(View, watch::Receiver<Revision>), RegistryError> {
+        let view = View {
+            inner: Arc::new(Inner {
+                instances: DashMap::new(),
+                services: DashMap::new(),
+            }),
+        };
+        let prefix = format!("{prefix}instances/");
+        let mut rev = view.load(&*store, &prefix).await?;
+        let (applied_tx, applied) = watch::channel(rev);
+        let v = view.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut stream = match store.watch(&prefix, rev) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "registry watch lost; resyncing");
+                        match v.load(&*store, &prefix).await {
+                            Ok(r) => {
+                                rev = r;
+                                let _ = changes.send(Change::All);
+                                applied_tx.send_replace(rev);
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "registry resync failed");
+                                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                            }
+                        }
+                        continue;
+                    }
+                };
+                loop {
+                    tokio::select! {
+                        _ = shutdown.wait_for(|s| *s) => return,
+                        next = stream.next() => match next {
+                            Some(Ok(batch)) => {
+                                for service in v.apply(&batch.events) {
+                                    let _ = changes.send(Change::Service(service.into()));
+                                }
+                                rev = batch.revision;
+                                applied_tx.send_replace(rev);
+                            }
+                            Some(Err(e)) => {
+                                tracing::warn!(error = %e, "registry watch interrupted; resyncing");
+                                rev = 0;
+                                break;
+                            }
+                            None => return,
+                        },
+                    }
+                }
+            }
+        });
+        Ok((view, applied))
+    }
+
+    /// Replaces the whole view with the store's content.
+    async fn load(&self, store: &dyn Store, prefix: &str) -> Result<Revision, RegistryError> {
+        let (kvs, rev) = store.range(prefix).await?;
+        let mut seen = HashSet::with_capacity(kvs.len());
+        for kv in kvs {
+            if let Some(s) = decode(&kv) {
+                seen.insert(s.instance.id.clone());
+                self.upsert(s);
+            }
+        }
+        let gone: Vec<String> = self
+            .inner
+            .instances
+            .iter()
+            .filter(|e| !seen.contains(e.key()))
+            .map(|e| e.key().clone())
+            .collect();
+        for id in gone {
+            self.remove(&id);
+        }
+        Ok(rev)
+    }
+
+    /// Applies one revision's events; returns the services they touched.
+    fn apply(&self, events: &[Event]) -> BTreeSet<String> {
+        let mut touched = BTreeSet::new();
+        for e in events {
+            match e {
+                Event::Put(kv) => {
+                    if let Some(s) = decode(kv) {
+                        touched.insert(s.instance.service.clone());
+                        if let Some(old) = self.upsert(s) {
+                            touched.insert(old);
+                        }
+                    }
+                }
+                Event::Delete { key } => {
+                    let id = key.rsplit('/').next().unwrap_or_default();
+                    if let Some(service) = self.remove(id) {
+                        touched.insert(service);
+                    }
+                }
+            }
+        }
+        touched
+    }
+
+    /// Inserts or replaces; returns the previous service if it moved.
+    fn upsert(&self, s: Stored) -> Option<String> {
+        let id = s.instance.id.clone();
+        let service = s.instance.service.clone();
+        let old = self.inner.instances.insert(id.clone(), Arc::new(s));
+        let moved = old
+            .map(|o| o.instance.service.clone())
+            .filter(|o| *o != service);
+        if let Some(o) = &moved {
+            self.unindex(o, &id);
+        }
+        self.inner.services.entry(service).or_default().insert(id);
+        moved
+    }
+
+    fn remove(&self, id: &str) -> Option<String> {
+        let (_, old) = self.inner.instances.remove(id)?;
+        self.unindex(&old.instance.service, id);
+        Some(old.instance.service.clone())
+    }
+
+    fn unindex(&self, service: &str, id: &str) {
+        if let dashmap::Entry::Occupied(mut e) = self.inner.services.entry(service.to_owned()) {
+            e.get_mut().remove(id);
+            if e.get().is_empty() {
+                e.remove();
+            }
+        }
+    }
+
+    pub(super) fn get(&self, id: &str) -> Option<Arc<Stored>> {
+        self.inner.instances.get(id).map(|e| e.value().clone())
+    }
+
+    pub(super) fn instances(&self, service: &str) -> Vec<Arc<Stored>> {
+        let ids: Vec<String> = match self.inner.services.get(service) {
+            Some(ids) => ids.iter().cloned().collect(),
+            None => return Vec::new(),
+        };
+        ids.iter().filter_map(|id| self.get(id)).collect()
+    }
+
+    pub(super) fn services(&self) -> BTreeMap<String, (u32, u32)> {
+        let names: Vec<String> = self.inner.services.iter().map(|e| e.key().clone()).collect();
+        names
+            .into_iter()
+            .map(|name| {
+                let all = self.instances(&name);
+                let healthy = all
+                    .iter()
+                    .filter(|s| s.instance.status == HealthStatus::Healthy as i32)
+                    .count();
+                (name, (all.len() as u32, healthy as u32))
+            })
+            .filter(|(_, (n, _))| *n > 0)
+            .collect()
+    }
+
+    pub(super) fn owned_by(&self, node_id: &str) -> Vec<Arc<Stored>> {
+        self.inner
+            .instances
+            .iter()
+            .filter(|e| e.value().instance.node_id == node_id)
+            .map(|e| e.value().clone())
+            .collect()
+    }
+
+    pub(super) fn all(&self) -> Vec<Arc<Stored>> {
+        self.inner.instances.iter().map(|e| e.value().clone()).collect()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.inner.instances.len()
+    }
+}
+
+fn decode(kv: &KeyValue) -> Option<Stored> {
+    match Instance::decode(kv.value.as_ref()) {
+        Ok(instance) => Some(Stored {
+            instance,
+            mod_revision: kv.mod_revision,
+            lease: kv.lease,
+        }),
+        Err(e) => {
+            tracing::error!(key = %kv.key, error = %e, "undecodable instance in store; skipped");
+            None
+        }
+    }
+}

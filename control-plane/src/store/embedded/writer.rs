@@ -1,0 +1,242 @@
+//! The single writer thread: group commit of queued requests.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use redb::{ReadableTable, WriteTransaction};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    KV, LEASES, LeaseState, META, Request, Shared, decode_kv, encode_kv, unavailable,
+};
+use crate::store::{
+    Compare, Event, KeyValue, LeaseId, Op, Revision, StoreError, Txn, TxnOutcome, WatchBatch,
+};
+
+pub(super) struct Writer {
+    shared: Arc<Shared>,
+    revision: Revision,
+}
+
+/// What one request produced inside a batch, delivered after the commit.
+enum Done {
+    Txn(oneshot::Sender<Result<TxnOutcome, StoreError>>, Result<TxnOutcome, StoreError>),
+    Grant(oneshot::Sender<Result<LeaseId, StoreError>>, Result<(LeaseId, Duration), StoreError>),
+    Revoke(oneshot::Sender<Result<(), StoreError>>, Result<LeaseId, StoreError>),
+}
+
+impl Writer {
+    pub(super) fn new(shared: Arc<Shared>, revision: Revision) -> Self {
+        Writer { shared, revision }
+    }
+
+    /// Runs until every store handle is dropped; then releases the database.
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = vec![first];
+            while batch.len() < super::MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch(batch);
+        }
+    }
+
+    fn commit_batch(&mut self, batch: Vec<Request>) {
+        let start_rev = self.revision;
+        let mut done = Vec::with_capacity(batch.len());
+        let mut produced: Vec<WatchBatch> = Vec::new();
+        let result = (|| -> Result<(), StoreError> {
+            let w = self.shared.db.begin_write().map_err(unavailable)?;
+            for req in batch {
+                done.push(match req {
+                    Request::Txn(txn, reply) => {
+                        let r = self.apply_txn(&w, txn, &mut produced);
+                        Done::Txn(reply, r)
+                    }
+                    Request::Grant(ttl, reply) => Done::Grant(reply, self.grant(&w, ttl)),
+                    Request::Revoke(id, reply) => {
+                        let r = self.revoke(&w, id, &mut produced).map(|()| id);
+                        Done::Revoke(reply, r)
+                    }
+                });
+            }
+            w.open_table(META)
+                .map_err(unavailable)?
+                .insert("revision", self.revision)
+                .map_err(unavailable)?;
+            w.commit().map_err(unavailable)
+        })();
+
+        if let Err(e) = result {
+            // Nothing of this batch is on disk: fail every caller.
+            self.revision = start_rev;
+            tracing::error!(error = %e, "store commit failed");
+            for d in done {
+                let msg = e.to_string();
+                match d {
+                    Done::Txn(r, _) => drop(r.send(Err(StoreError::Unavailable(msg)))),
+                    Done::Grant(r, _) => drop(r.send(Err(StoreError::Unavailable(msg)))),
+                    Done::Revoke(r, _) => drop(r.send(Err(StoreError::Unavailable(msg)))),
+                }
+            }
+            return;
+        }
+
+        // Durable: publish to watchers (under the history lock, so a new
+        // watcher sees each revision exactly once), then answer callers.
+        {
+            let mut history = self.shared.history.lock().expect("history lock");
+            for b in produced {
+                let b = Arc::new(b);
+                history.batches.push_back(b.clone());
+                if history.batches.len() > super::HISTORY {
+                    if let Some(old) = history.batches.pop_front() {
+                        history.start = old.revision;
+                    }
+                }
+                let _ = self.shared.events.send(b);
+            }
+        }
+        let now = Instant::now();
+        for d in done {
+            match d {
+                Done::Txn(reply, r) => drop(reply.send(r)),
+                Done::Grant(reply, r) => drop(reply.send(r.map(|(id, ttl)| {
+                    let state = LeaseState { ttl, deadline: now + ttl };
+                    self.shared.leases.lock().expect("lease lock").insert(id, state);
+                    id
+                }))),
+                Done::Revoke(reply, r) => drop(reply.send(r.map(|id| {
+                    self.shared.leases.lock().expect("lease lock").remove(&id);
+                }))),
+            }
+        }
+    }
+
+    fn apply_txn(
+        &mut self,
+        w: &WriteTransaction,
+        txn: Txn,
+        produced: &mut Vec<WatchBatch>,
+    ) -> Result<TxnOutcome, StoreError> {
+        let mut kv = w.open_table(KV).map_err(unavailable)?;
+        for c in &txn.compares {
+            let Compare::ModRevision { key, revision } = c;
+            let current = kv
+                .get(key.as_str())
+                .map_err(unavailable)?
+                .map(|g| decode_kv(key, g.value()).mod_revision)
+                .unwrap_or(0);
+            if current != *revision {
+                return Ok(TxnOutcome {
+                    succeeded: false,
+                    revision: self.revision,
+                });
+            }
+        }
+        // Check leases before touching anything, so a bad op writes nothing.
+        let leases = w.open_table(LEASES).map_err(unavailable)?;
+        for op in &txn.ops {
+            if let Op::Put { lease: Some(l), .. } = op {
+                if leases.get(*l).map_err(unavailable)?.is_none() {
+                    return Err(StoreError::LeaseNotFound(*l));
+                }
+            }
+        }
+        if txn.ops.is_empty() {
+            return Ok(TxnOutcome {
+                succeeded: true,
+                revision: self.revision,
+            });
+        }
+        let rev = self.revision + 1;
+        let mut events = Vec::with_capacity(txn.ops.len());
+        for op in txn.ops {
+            match op {
+                Op::Put { key, value, lease } => {
+                    kv.insert(key.as_str(), encode_kv(rev, lease, &value).as_slice())
+                        .map_err(unavailable)?;
+                    events.push(Event::Put(KeyValue {
+                        key,
+                        value,
+                        mod_revision: rev,
+                        lease,
+                    }));
+                }
+                Op::Delete { key } => {
+                    if kv.remove(key.as_str()).map_err(unavailable)?.is_some() {
+                        events.push(Event::Delete { key });
+                    }
+                }
+            }
+        }
+        if events.is_empty() {
+            return Ok(TxnOutcome {
+                succeeded: true,
+                revision: self.revision,
+            });
+        }
+        self.revision = rev;
+        produced.push(WatchBatch {
+            revision: rev,
+            events,
+        });
+        Ok(TxnOutcome {
+            succeeded: true,
+            revision: rev,
+        })
+    }
+
+    fn grant(&mut self, w: &WriteTransaction, ttl: Duration) -> Result<(LeaseId, Duration), StoreError> {
+        let mut meta = w.open_table(META).map_err(unavailable)?;
+        let id = meta
+            .get("next_lease")
+            .map_err(unavailable)?
+            .map(|g| g.value())
+            .unwrap_or(1);
+        meta.insert("next_lease", id + 1).map_err(unavailable)?;
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        w.open_table(LEASES)
+            .map_err(unavailable)?
+            .insert(id, ttl_ms)
+            .map_err(unavailable)?;
+        Ok((id, ttl))
+    }
+
+    fn revoke(
+        &mut self,
+        w: &WriteTransaction,
+        id: LeaseId,
+        produced: &mut Vec<WatchBatch>,
+    ) -> Result<(), StoreError> {
+        if w
+            .open_table(LEASES)
+            .map_err(unavailable)?
+            .remove(id)
+            .map_err(unavailable)?
+            .is_none()
+        {
+            return Err(StoreError::LeaseNotFound(id));
+        }
+        // Revokes are rare (a session ending), so a scan beats keeping an
+        // index that must stay exact across failed commits.
+        let keys: Vec<String> = {
+            let kv = w.open_table(KV).map_err(unavailable)?;
+            let mut keys = Vec::new();
+            for row in kv.iter().map_err(unavailable)? {
+                let (k, v) = row.map_err(unavailable)?;
+                if decode_kv(k.value(), v.value()).lease == Some(id) {
+                    keys.push(k.value().to_owned());
+                }
+            }
+            keys
+        };
+        let txn = keys.into_iter().fold(Txn::default(), |t, k| t.delete(k));
+        self.apply_txn(w, txn, produced).map(|_| ())
+    }
+}

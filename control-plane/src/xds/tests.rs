@@ -1,0 +1,206 @@
+//! The protocol state machines, driven directly (no network).
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use envoy_types::pb::{
+    envoy::service::discovery::v3::{
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    },
+    google::rpc::Status as RpcStatus,
+};
+use prost::Message;
+
+use super::{Cache, delta::DeltaStream, server::StreamEvent, sotw::SotwStream};
+
+const T: &str = "type.googleapis.com/test.Thing";
+
+fn cache() -> Cache {
+    let c = Cache::new(&[T]);
+    c.set(T, "a", Bytes::from_static(b"a1"));
+    c.set(T, "c", Bytes::from_static(b"c1"));
+    c
+}
+
+fn delta_responses(out: &mut Vec<StreamEvent>) -> Vec<DeltaDiscoveryResponse> {
+    out.drain(..)
+        .filter_map(|e| match e {
+            StreamEvent::Response { bytes, .. } => Some(DeltaDiscoveryResponse::decode(bytes).unwrap()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn sub(names: &[&str]) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: T.into(),
+        resource_names_subscribe: names.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn ack(nonce: &str) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: T.into(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn delta_subscribe_ack_nack_and_unsubscribe() {
+    let c = cache();
+    let mut s = DeltaStream::new(c.clone());
+    let mut out = Vec::new();
+    s.on_request(sub(&["a", "b"]), &mut out).unwrap();
+    let r = delta_responses(&mut out);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].resources.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["a"]);
+    assert_eq!(r[0].removed_resources, ["b"], "a missing name is reported once");
+    let nonce1 = r[0].nonce.clone();
+
+    // While the response is unacknowledged, changes wait and coalesce.
+    c.set(T, "a", Bytes::from_static(b"a2"));
+    c.set(T, "b", Bytes::from_static(b"b1"));
+    c.set(T, "c", Bytes::from_static(b"c2")); // not subscribed: never sent
+    s.on_wake(&mut out);
+    assert!(delta_responses(&mut out).is_empty());
+    s.on_request(ack(&nonce1), &mut out).unwrap();
+    assert!(matches!(&out[0], StreamEvent::Ack { versions, .. } if versions.len() == 2));
+    let r = delta_responses(&mut out);
+    let mut names: Vec<_> = r[0].resources.iter().map(|r| r.name.clone()).collect();
+    names.sort();
+    assert_eq!(names, ["a", "b"]);
+
+    // A NACK is reported and the rejected version is not resent.
+    let mut nack = ack(&r[0].nonce);
+    nack.error_detail = Some(RpcStatus {
+        code: 3,
+        message: "bad".into(),
+        ..Default::default()
+    });
+    s.on_request(nack, &mut out).unwrap();
+    assert!(matches!(&out[0], StreamEvent::Nack { message, .. } if message == "bad"));
+    assert!(delta_responses(&mut out).is_empty());
+    s.on_wake(&mut out);
+    assert!(delta_responses(&mut out).is_empty());
+
+    // Unsubscribed names stop waking the stream; deletions are announced.
+    s.on_request(
+        DeltaDiscoveryRequest {
+            resource_names_unsubscribe: vec!["a".into()],
+            ..sub(&[])
+        },
+        &mut out,
+    )
+    .unwrap();
+    c.set(T, "a", Bytes::from_static(b"a3"));
+    c.remove(T, "b");
+    s.on_wake(&mut out);
+    let r = delta_responses(&mut out);
+    assert_eq!(r.len(), 1);
+    assert!(r[0].resources.is_empty());
+    assert_eq!(r[0].removed_resources, ["b"]);
+}
+
+#[test]
+fn delta_reconnect_resumes_from_known_versions() {
+    let c = cache();
+    let a = c.get(T, "a").unwrap();
+    let mut s = DeltaStream::new(c.clone());
+    let mut out = Vec::new();
+    let mut req = sub(&["a", "c"]);
+    req.initial_resource_versions = HashMap::from([("a".to_string(), a.version.clone()), ("c".to_string(), "stale".to_string())]);
+    s.on_request(req, &mut out).unwrap();
+    let r = delta_responses(&mut out);
+    assert_eq!(r[0].resources.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["c"], "only what changed");
+}
+
+#[test]
+fn delta_wildcard_sees_every_resource() {
+    let c = cache();
+    let mut s = DeltaStream::new(c.clone());
+    let mut out = Vec::new();
+    s.on_request(sub(&[]), &mut out).unwrap();
+    let r = delta_responses(&mut out);
+    assert_eq!(r[0].resources.len(), 2);
+    s.on_request(ack(&r[0].nonce), &mut out).unwrap();
+    out.clear();
+    c.set(T, "z", Bytes::from_static(b"z"));
+    s.on_wake(&mut out);
+    let r = delta_responses(&mut out);
+    assert_eq!(r[0].resources[0].name, "z");
+}
+
+fn sotw_responses(out: &mut Vec<StreamEvent>) -> Vec<DiscoveryResponse> {
+    out.drain(..)
+        .filter_map(|e| match e {
+            StreamEvent::Response { bytes, .. } => Some(DiscoveryResponse::decode(bytes).unwrap()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn sotw(names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
+    DiscoveryRequest {
+        type_url: T.into(),
+        resource_names: names.iter().map(|s| s.to_string()).collect(),
+        version_info: version.into(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn sotw_full_state_versions_and_stale_nonces() {
+    let c = cache();
+    let mut s = SotwStream::new(c.clone());
+    let mut out = Vec::new();
+    s.on_request(sotw(&["a"], "", ""), &mut out).unwrap();
+    let r = sotw_responses(&mut out);
+    assert_eq!(r[0].resources.len(), 1);
+    let (v1, n1) = (r[0].version_info.clone(), r[0].nonce.clone());
+
+    // Widening the subscription sends the full new set after the ACK.
+    s.on_request(sotw(&["a", "c"], &v1, &n1), &mut out).unwrap();
+    let r = sotw_responses(&mut out);
+    assert_eq!(r[0].resources.len(), 2);
+    let (v2, n2) = (r[0].version_info.clone(), r[0].nonce.clone());
+    assert_ne!(v1, v2);
+
+    // A request carrying an old nonce is ignored.
+    s.on_request(sotw(&["a"], &v1, &n1), &mut out).unwrap();
+    assert!(out.is_empty());
+    s.on_request(sotw(&["a", "c"], &v2, &n2), &mut out).unwrap();
+    assert!(matches!(&out[0], StreamEvent::Ack { .. }));
+    out.clear();
+
+    // A change unrelated to the set sends nothing.
+    c.set(T, "zzz", Bytes::from_static(b"z"));
+    s.on_wake(&mut out);
+    assert!(out.is_empty());
+
+    // A reconnecting client holding the current version gets nothing new.
+    let mut again = SotwStream::new(c.clone());
+    again.on_request(sotw(&["a", "c"], &v2, ""), &mut out).unwrap();
+    assert!(sotw_responses(&mut out).is_empty());
+    c.set(T, "c", Bytes::from_static(b"c9"));
+    again.on_wake(&mut out);
+    assert_eq!(sotw_responses(&mut out).len(), 1);
+}
+
+#[test]
+fn unknown_types_are_refused_with_the_served_list() {
+    let mut s = SotwStream::new(cache());
+    let err = s
+        .on_request(
+            DiscoveryRequest {
+                type_url: "type.googleapis.com/nope".into(),
+                ..Default::default()
+            },
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains(T));
+}
