@@ -23,7 +23,7 @@
 mod codec;
 mod delta;
 pub mod resource;
-mod server;
+pub mod server;
 mod sotw;
 
 use std::{

@@ -1,1 +1,167 @@
-//! placeholder
+//! ISDP sidecar: registers and probes the local services, keeps a session
+//! with the control plane for them, and follows the endpoints of its
+//! upstreams over xDS for the data plane.
+//!
+//! # Layout
+//! - `config`: TOML file + flags/env, validated into [`Config`].
+//! - `probe`: HTTP/TCP/gRPC health probes, rise/fall state, checker task (reusable by the control plane).
+//! - `backoff`: exponential backoff with full jitter for reconnects.
+//! - `dial`: control-plane channel settings and URL rotation.
+//! - `xds`: delta-ADS client publishing a `watch` of [`xds::Snapshot`].
+//! - `session`: the `isdp.v1.Sidecar/Session` stream registering local services.
+//! - `admin`: `/live`, `/ready`, `/config` over HTTP.
+//!
+//! [`run`] wires them together; `main.rs` adds flags, logging and signals.
+
+pub mod admin;
+pub mod backoff;
+pub mod config;
+pub mod dial;
+pub mod probe;
+pub mod session;
+pub mod xds;
+
+use std::io::Write;
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::{Cli, Config, ConfigError};
+
+/// Why the sidecar stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("bind admin listener {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("admin server: {0}")]
+    Admin(std::io::Error),
+}
+
+/// Runs the sidecar until `shutdown` becomes true (or its sender is
+/// dropped), then closes the session, stops probes and xDS, and returns.
+///
+/// Binds the admin listener first and prints
+/// `isdp-sidecar listening: admin=<addr>` on stdout once bound.
+pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
+    let listener = TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: config.admin_listen,
+            source,
+        })?;
+    let admin_addr = listener.local_addr().map_err(Error::Admin)?;
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "isdp-sidecar listening: admin={admin_addr}");
+        let _ = out.flush();
+    }
+    tracing::info!(node_id = %config.node_id, admin = %admin_addr, "sidecar starting");
+
+    let session = session::Session::new(&config);
+    let mut tasks = Vec::new();
+    for (index, service) in config.services.iter().enumerate() {
+        if let Some(spec) = service.check_spec() {
+            let handle = session.clone();
+            tasks.push(probe::spawn_checker(
+                spec,
+                move |health| handle.set_health(index, health),
+                shutdown.clone(),
+            ));
+        }
+    }
+    tasks.push(session::spawn(
+        session.clone(),
+        config.control_plane.clone(),
+        shutdown.clone(),
+    ));
+    let (snapshots, xds_task) = xds::spawn(
+        xds::XdsSettings {
+            node_id: config.node_id.clone(),
+            control_plane: config.control_plane.clone(),
+            upstreams: config.upstreams.iter().map(|u| u.name.clone()).collect(),
+        },
+        shutdown.clone(),
+    );
+    tasks.push(xds_task);
+    let state = admin::AdminState {
+        session,
+        xds: snapshots,
+        has_upstreams: !config.upstreams.is_empty(),
+    };
+    let mut admin = tokio::spawn(admin::serve(listener, state, shutdown.clone()));
+
+    let admin_result = tokio::select! {
+        biased;
+        _ = shutdown.wait_for(|stop| *stop) => None,
+        result = &mut admin => Some(result),
+    };
+    if let Some(result) = admin_result {
+        // The admin server stops on its own only on an error (or because
+        // shutdown began at the same moment).
+        if !*shutdown.borrow() {
+            return Err(Error::Admin(flatten(result)));
+        }
+    }
+    tracing::info!("shutting down");
+    for task in tasks {
+        let _ = task.await;
+    }
+    if !admin.is_finished() {
+        let _ = admin.await;
+    }
+    tracing::info!("sidecar stopped");
+    Ok(())
+}
+
+fn flatten(result: Result<std::io::Result<()>, tokio::task::JoinError>) -> std::io::Error {
+    match result {
+        Ok(Ok(())) => std::io::Error::other("admin server stopped"),
+        Ok(Err(e)) => e,
+        Err(e) => std::io::Error::other(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn run_stops_promptly_on_shutdown() {
+        let mut config = Config::from_toml(
+            "node_id = \"n\"\nadmin_listen = \"127.0.0.1:0\"\ncontrol_plane = [\"http://127.0.0.1:1\"]\n\
+             [[service]]\nname = \"web\"\nport = 1\ncheck = \"tcp://127.0.0.1:1\"\n\
+             [[upstream]]\nname = \"payments\"\n",
+        )
+        .unwrap();
+        config.drain_timeout = Duration::from_secs(1);
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(run(config, shutdown));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .expect("stops in time")
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn bind_errors_name_the_address() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = taken.local_addr().unwrap();
+        let mut config = Config::from_toml("node_id = \"n\"").unwrap();
+        config.admin_listen = addr;
+        let (_stop, shutdown) = watch::channel(false);
+        let err = run(config, shutdown).await.unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("bind admin listener {addr}")),
+            "{err}"
+        );
+    }
+}

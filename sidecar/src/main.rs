@@ -1,1 +1,56 @@
-fn main(){}
+//! The `isdp-sidecar` binary: flags, logging, signals around [`isdp_sidecar::run`].
+
+use anyhow::Context;
+use clap::Parser;
+use isdp_sidecar::config::{Cli, Config, LogFormat};
+use tokio::sync::watch;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::load(Cli::parse()).context("invalid configuration")?;
+    init_tracing(config.log_format);
+    let drain_timeout = config.drain_timeout;
+
+    let (stop, shutdown) = watch::channel(false);
+    let mut sidecar = tokio::spawn(isdp_sidecar::run(config, shutdown));
+    tokio::select! {
+        signal = shutdown_signal() => {
+            signal?;
+            tracing::info!("signal received, draining");
+            let _ = stop.send(true);
+        }
+        result = &mut sidecar => {
+            return result.context("sidecar task panicked")?.map_err(Into::into);
+        }
+    }
+    match tokio::time::timeout(drain_timeout, sidecar).await {
+        Ok(result) => result.context("sidecar task panicked")??,
+        Err(_) => tracing::warn!(?drain_timeout, "drain timeout, exiting"),
+    }
+    Ok(())
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

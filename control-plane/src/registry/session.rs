@@ -162,6 +162,10 @@ impl Sessions {
         })
     }
 
+    pub fn registry(&self) -> &Registry {
+        &self.shared.registry
+    }
+
     fn start_grace(&self, node_id: String, epoch: u64) {
         let shared = self.shared.clone();
         tokio::spawn(async move {

@@ -1,1 +1,166 @@
-fn main(){}
+//! `echo-http`: the demo backend, and the server the end-to-end tests
+//! misbehave with.
+//!
+//! Every request other than the health endpoints is answered with a JSON
+//! echo of itself plus the instance id, so a caller behind a sidecar can see
+//! which instance it reached. The health endpoint can be flipped to 503 at
+//! run time, which is how the demo and the tests make an instance unhealthy
+//! without killing it.
+//!
+//! # Layout
+//! - [`Args`]: flags (each with an env var).
+//! - [`main`]: binds, prints the `echo-http listening: http=ADDR` line the
+//!   launcher and test harness wait for, then serves until SIGINT/SIGTERM.
+//! - handlers: `GET /healthz`, `POST /admin/health/{fail,pass}`, and the
+//!   echo fallback.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use clap::Parser;
+use serde_json::json;
+
+/// Flags. Every flag also reads an env var so containers can configure it.
+#[derive(Debug, Parser)]
+#[command(version, about = "HTTP echo service for ISDP demos and tests")]
+struct Args {
+    /// Address to listen on. Port 0 picks a free port; the bound address is
+    /// printed on stdout so callers can find it.
+    #[arg(long, env = "ECHO_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+
+    /// Instance id reported in every answer, so a caller can tell instances
+    /// apart. Defaults to `<hostname>-<port>`.
+    #[arg(long, env = "ECHO_ID")]
+    id: Option<String>,
+}
+
+/// State shared by the handlers; cheap to clone.
+#[derive(Clone)]
+struct Echo {
+    id: Arc<str>,
+    /// Cleared by `POST /admin/health/fail`: lets a test or demo user make the
+    /// health check fail while the process keeps serving.
+    healthy: Arc<AtomicBool>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let id = args
+        .id
+        .unwrap_or_else(|| format!("{}-{}", hostname(), addr.port()));
+    let echo = Echo {
+        id: id.into(),
+        healthy: Arc::new(AtomicBool::new(true)),
+    };
+
+    // The launcher and the test harness read this exact line to learn the
+    // bound port; flush so they see it before the first request arrives.
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "echo-http listening: http={addr}")?;
+    out.flush()?;
+    drop(out);
+
+    axum::serve(listener, router(echo))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving")
+}
+
+fn router(echo: Echo) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/admin/health/fail", post(health_fail))
+        .route("/admin/health/pass", post(health_pass))
+        .fallback(echo_request)
+        .with_state(echo)
+}
+
+async fn healthz(State(echo): State<Echo>) -> Response {
+    let status = if echo.healthy.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "failing")
+    };
+    with_instance(&echo, status.into_response())
+}
+
+async fn health_fail(State(echo): State<Echo>) -> Response {
+    echo.healthy.store(false, Ordering::Relaxed);
+    with_instance(&echo, "health: failing\n".into_response())
+}
+
+async fn health_pass(State(echo): State<Echo>) -> Response {
+    echo.healthy.store(true, Ordering::Relaxed);
+    with_instance(&echo, "health: passing\n".into_response())
+}
+
+async fn echo_request(
+    State(echo): State<Echo>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    // A BTreeMap keeps the output stable, which makes it diffable by eye.
+    let headers: BTreeMap<&str, String> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), String::from_utf8_lossy(v.as_bytes()).into()))
+        .collect();
+    let body = json!({
+        "instance": &*echo.id,
+        "method": method.as_str(),
+        "path": uri.path(),
+        "headers": headers,
+    });
+    with_instance(&echo, Json(body).into_response())
+}
+
+/// Every answer names its instance, so load balancing is visible with curl.
+fn with_instance(echo: &Echo, mut resp: Response) -> Response {
+    if let Ok(v) = HeaderValue::from_str(&echo.id) {
+        resp.headers_mut().insert("x-instance-id", v);
+    }
+    resp
+}
+
+/// The kernel's hostname, read from procfs to avoid a dependency for it.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// Resolves on Ctrl-C or SIGTERM, so a launcher's SIGTERM ends the process
+/// cleanly instead of mid-response.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = ctrl_c.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}

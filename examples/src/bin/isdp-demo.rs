@@ -1,1 +1,245 @@
-fn main(){}
+//! `isdp-demo`: the quickstart. Starts a small mesh on loopback with fixed
+//! ports, prints what to try, and tears it all down on Ctrl-C.
+//!
+//! Topology: one control plane (gRPC 15010, admin 15014); three `echo-http`
+//! instances of service `payments` (ports 18081-18083), each with a sidecar
+//! (admin 15101-15103) that registers it with an HTTP check on `/healthz`;
+//! and one `web` client sidecar (admin 15000) with upstream `payments` on
+//! 127.0.0.1:9191.
+//!
+//! It runs the sibling binaries next to its own executable, so the demo uses
+//! exactly the build the user just made, never something else on `PATH`.
+//!
+//! # Layout
+//! - this file: flags, the topology, and the run/stop loop.
+//! - `children`: spawning, readiness waits, and SIGTERM-then-kill shutdown.
+
+// A binary root resolves modules beside itself, hence the explicit path.
+#[path = "isdp-demo/children.rs"]
+mod children;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+
+use children::Children;
+
+/// Flags.
+#[derive(Debug, Parser)]
+#[command(version, about = "Run the ISDP quickstart mesh on loopback")]
+struct Args {
+    /// Working directory: control-plane data, sidecar configs and every
+    /// process's log. Kept after exit so logs can be read.
+    #[arg(long, env = "ISDP_DEMO_DIR", default_value = "./isdp-data/demo")]
+    data_dir: PathBuf,
+
+    /// Stop by itself after this long (e.g. `10s`); lets tests and CI run
+    /// the demo without sending Ctrl-C.
+    #[arg(long, env = "ISDP_DEMO_EXIT_AFTER")]
+    exit_after: Option<humantime::Duration>,
+}
+
+const CONTROL_PLANE: &str = "127.0.0.1:15010";
+const CONTROL_PLANE_ADMIN: &str = "127.0.0.1:15014";
+const WEB_ADMIN: &str = "127.0.0.1:15000";
+const WEB_UPSTREAM: &str = "127.0.0.1:9191";
+const PAYMENTS: usize = 3;
+
+/// Binaries the demo runs, all built by `cargo build --release --workspace --bins`.
+const BINARIES: [&str; 4] = ["isdp-control-plane", "isdp-sidecar", "isdpctl", "echo-http"];
+
+fn echo_port(i: usize) -> u16 {
+    18081 + i as u16
+}
+
+fn sidecar_admin_port(i: usize) -> u16 {
+    15101 + i as u16
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let bin_dir = find_bin_dir()?;
+    check_ports_free()?;
+
+    let dir = &args.data_dir;
+    let logs = dir.join("logs");
+    let configs = dir.join("configs");
+    for d in [&logs, &configs] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let mut kids = Children::new(bin_dir, logs.clone());
+
+    let result = start_mesh(&mut kids, dir, &configs).await;
+    if let Err(e) = result {
+        kids.stop_all().await;
+        return Err(e.context(format!(
+            "starting the demo mesh (logs in {})",
+            logs.display()
+        )));
+    }
+    print_next_steps(&logs);
+
+    let reason = kids
+        .run_until_stopped(args.exit_after.map(Into::into))
+        .await;
+    println!("\n{reason}: stopping the mesh...");
+    kids.stop_all().await;
+    println!("stopped. logs kept in {}", logs.display());
+    Ok(())
+}
+
+/// Starts every process in dependency order and waits for each to listen,
+/// so a failure names the process that failed rather than a later symptom.
+async fn start_mesh(kids: &mut Children, dir: &Path, configs: &Path) -> anyhow::Result<()> {
+    let cp_data = dir.join("control-plane");
+    let cp_data = cp_data.to_str().context("data dir must be UTF-8")?;
+    println!("starting control plane on {CONTROL_PLANE} (admin {CONTROL_PLANE_ADMIN})");
+    kids.spawn(
+        "control-plane",
+        "isdp-control-plane",
+        &[
+            "--listen",
+            CONTROL_PLANE,
+            "--admin-listen",
+            CONTROL_PLANE_ADMIN,
+            "--data-dir",
+            cp_data,
+        ],
+    )?;
+    kids.wait_listening("control-plane", CONTROL_PLANE).await?;
+
+    for i in 0..PAYMENTS {
+        let n = i + 1;
+        let port = echo_port(i);
+        let name = format!("payments-{n}");
+        let listen = format!("127.0.0.1:{port}");
+        println!("starting echo-http {name} on {listen}");
+        kids.spawn(&name, "echo-http", &["--listen", &listen, "--id", &name])?;
+        kids.wait_listening(&name, &listen).await?;
+
+        let sidecar = format!("{name}-sidecar");
+        let admin = format!("127.0.0.1:{}", sidecar_admin_port(i));
+        let config = format!(
+            r#"node_id = "{name}"
+control_plane = ["http://{CONTROL_PLANE}"]
+admin_listen = "{admin}"
+
+[[service]]
+name = "payments"
+port = {port}
+protocol = "http"
+check = "http://{listen}/healthz"
+interval = "1s"
+metadata = {{ version = "v1", zone = "zone-{n}" }}
+"#
+        );
+        let path = write_config(configs, &sidecar, &config)?;
+        println!("starting sidecar {sidecar} (admin {admin})");
+        kids.spawn(&sidecar, "isdp-sidecar", &["--config", &path])?;
+        kids.wait_listening(&sidecar, &admin).await?;
+    }
+
+    let config = format!(
+        r#"node_id = "web-1"
+control_plane = ["http://{CONTROL_PLANE}"]
+admin_listen = "{WEB_ADMIN}"
+
+[[upstream]]
+name = "payments"
+listen = "{WEB_UPSTREAM}"
+protocol = "http"
+"#
+    );
+    let path = write_config(configs, "web-sidecar", &config)?;
+    println!("starting web client sidecar (admin {WEB_ADMIN}, payments on {WEB_UPSTREAM})");
+    kids.spawn("web-sidecar", "isdp-sidecar", &["--config", &path])?;
+    kids.wait_listening("web-sidecar", WEB_ADMIN).await?;
+
+    // Readiness means the web sidecar has its first xDS answer; the demo is
+    // still usable without it, so only warn.
+    if !children::wait_http_ok(WEB_ADMIN, "/ready", Duration::from_secs(10)).await {
+        eprintln!("warning: web sidecar not ready after 10s; see its log");
+    }
+    Ok(())
+}
+
+fn write_config(dir: &Path, name: &str, body: &str) -> anyhow::Result<String> {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, body).with_context(|| format!("writing {}", path.display()))?;
+    path.to_str()
+        .map(str::to_owned)
+        .context("config path must be UTF-8")
+}
+
+/// The directory holding this executable, checked to hold every binary the
+/// demo runs.
+fn find_bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating isdp-demo's own executable")?;
+    let dir = exe
+        .parent()
+        .context("isdp-demo's executable has no parent directory")?
+        .to_path_buf();
+    for bin in BINARIES {
+        if !dir.join(bin).is_file() {
+            bail!(
+                "missing binary `{bin}` in {}; build all binaries first with \
+                 `cargo build --release --workspace --bins`",
+                dir.display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+/// Fails fast when a fixed port is taken (usually a demo still running),
+/// instead of a child failing to bind with the reason buried in its log.
+fn check_ports_free() -> anyhow::Result<()> {
+    let mut addrs = vec![
+        CONTROL_PLANE.to_owned(),
+        CONTROL_PLANE_ADMIN.to_owned(),
+        WEB_ADMIN.to_owned(),
+        WEB_UPSTREAM.to_owned(),
+    ];
+    for i in 0..PAYMENTS {
+        addrs.push(format!("127.0.0.1:{}", echo_port(i)));
+        addrs.push(format!("127.0.0.1:{}", sidecar_admin_port(i)));
+    }
+    for addr in addrs {
+        if std::net::TcpListener::bind(&addr).is_err() {
+            bail!("port {addr} is in use; is another isdp-demo still running?");
+        }
+    }
+    Ok(())
+}
+
+fn print_next_steps(logs: &Path) {
+    let logs = logs.display();
+    println!(
+        r#"
+ISDP demo is up. Try:
+
+  # the registry: three healthy payments instances
+  ./target/release/isdpctl services
+  ./target/release/isdpctl instances payments
+
+  # what the web sidecar learned over xDS
+  curl -s {WEB_ADMIN}/config
+
+  # call payments through the web sidecar (x-instance-id shows who answered)
+  curl -si {WEB_UPSTREAM}/hello
+
+  # make payments-2 fail its health check, watch it turn unhealthy, restore it
+  ./target/release/isdpctl watch payments      # in another terminal
+  curl -XPOST 127.0.0.1:18082/admin/health/fail
+  curl -XPOST 127.0.0.1:18082/admin/health/pass
+
+  # control-plane metrics
+  curl -s {CONTROL_PLANE_ADMIN}/metrics
+
+Logs: {logs}
+Press Ctrl-C to stop."#
+    );
+}

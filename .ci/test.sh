@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The whole check, as CI runs it (via .ci/run -> make test): formatting,
+# lints, the build, the Rust tests, then the Python gRPC client tests.
+# A missing tool fails the run; nothing is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+die() { echo "ci: error: $*" >&2; exit 1; }
+step() { printf '\n==> %s\n' "$*"; }
+
+command -v cargo >/dev/null || die "cargo not found (install Rust with rustup)"
+cargo fmt --version >/dev/null 2>&1 || die "rustfmt missing: rustup component add rustfmt"
+cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component add clippy"
+command -v python3 >/dev/null || die "python3 not found"
+
+# --- Python venv for tests/python -------------------------------------------
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        step "installing python3-venv"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+    fi
+    python3 -c 'import venv, ensurepip' >/dev/null 2>&1 \
+        || die "python3 has no working venv module (install python3-venv)"
+fi
+if [ ! -x .venv/bin/python ]; then
+    step "creating .venv"
+    python3 -m venv .venv
+fi
+step "installing tests/python/requirements.txt"
+.venv/bin/python -m pip install --disable-pip-version-check -q -r tests/python/requirements.txt
+
+# --- Rust ---------------------------------------------------------------------
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+# The end-to-end tests run the binaries, which cargo does not build for
+# another package's tests.
+step "cargo build --workspace --bins"
+cargo build --workspace --bins
+
+# The end-to-end tests (isdp-tests) assert latencies ("unhealthy within
+# 2 s") and each starts several processes; on a 2-core machine they run one
+# at a time so they do not starve each other. Everything else runs in parallel.
+if cargo nextest --version >/dev/null 2>&1; then
+    step "cargo nextest (unit and integration tests)"
+    cargo nextest run --workspace --exclude isdp-tests --no-tests=warn
+    step "cargo test --doc"
+    cargo test --workspace --doc
+    step "cargo nextest (end-to-end, serial)"
+    cargo nextest run -p isdp-tests --test-threads 1
+else
+    step "cargo test (unit, integration and doc tests)"
+    cargo test --workspace --exclude isdp-tests
+    step "cargo test (end-to-end, serial)"
+    cargo test -p isdp-tests -- --test-threads=1
+fi
+
+# --- Python gRPC client tests ---------------------------------------------------
+step "pytest tests/python"
+.venv/bin/python -m pytest tests/python -q

@@ -1,0 +1,22 @@
+# Entry points. `make demo` runs the quickstart; `make test` is what CI runs.
+
+.PHONY: demo test build e2e pytest
+
+# Build every binary in release mode, then start the demo mesh (Ctrl-C stops it).
+demo:
+	cargo build --release --workspace --bins && ./target/release/isdp-demo
+
+# Formatting, clippy, build, all Rust tests, then the Python gRPC tests.
+test:
+	./.ci/test.sh
+
+build:
+	cargo build --workspace --bins
+
+# Only the end-to-end tests (needs the binaries: `make build`).
+e2e: build
+	cargo test -p isdp-tests -- --test-threads=1
+
+# Only the Python gRPC client tests (needs .venv: run `make test` once).
+pytest: build
+	.venv/bin/python -m pytest tests/python -q

@@ -1,0 +1,152 @@
+//! `isdp.v1.Registry`: what operators and tools use.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use isdp_proto::v1::{
+    DeregisterRequest, DeregisterResponse, Instance, ListInstancesRequest, ListInstancesResponse,
+    ListServicesRequest, ListServicesResponse, RegisterRequest, RegisterResponse, ServiceSummary,
+    WatchServiceRequest, WatchServiceResponse, registry_server,
+};
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::status;
+use crate::{
+    metrics::Metrics,
+    registry::{Change, Registry, validate},
+};
+
+pub struct RegistryApi {
+    registry: Registry,
+    metrics: Metrics,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl RegistryApi {
+    pub fn new(registry: Registry, metrics: Metrics, shutdown: watch::Receiver<bool>) -> Self {
+        RegistryApi {
+            registry,
+            metrics,
+            shutdown,
+        }
+    }
+
+    pub fn into_server(self) -> registry_server::RegistryServer<Self> {
+        registry_server::RegistryServer::new(self).max_decoding_message_size(super::MAX_REQUEST_BYTES)
+    }
+
+    fn instances(&self, service: &str) -> Vec<Instance> {
+        self.registry
+            .instances(service)
+            .iter()
+            .map(|s| s.instance.clone())
+            .collect()
+    }
+}
+
+fn check_service(name: &str) -> Result<(), Status> {
+    if validate::is_dns_label(name) {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "service: must be a DNS label (lowercase letters, digits and '-', 1 to 63 characters), got {:?}",
+            name.chars().take(80).collect::<String>()
+        )))
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchServiceResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl registry_server::Registry for RegistryApi {
+    async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let instance = req
+            .into_inner()
+            .instance
+            .ok_or_else(|| Status::invalid_argument("instance: required"))?;
+        let instance = self.registry.register(instance).await.map_err(status)?;
+        self.metrics.registry_op("register");
+        tracing::info!(id = %instance.id, service = %instance.service, address = %instance.address, port = instance.port, "registered");
+        Ok(Response::new(RegisterResponse {
+            instance: Some(instance),
+        }))
+    }
+
+    async fn deregister(&self, req: Request<DeregisterRequest>) -> Result<Response<DeregisterResponse>, Status> {
+        let id = req.into_inner().id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("id: required"));
+        }
+        let gone = self.registry.deregister(&id).await.map_err(status)?;
+        self.metrics.registry_op("deregister");
+        tracing::info!(id = %gone.id, service = %gone.service, "deregistered");
+        Ok(Response::new(DeregisterResponse {}))
+    }
+
+    async fn list_services(&self, _: Request<ListServicesRequest>) -> Result<Response<ListServicesResponse>, Status> {
+        let services = self
+            .registry
+            .services()
+            .into_iter()
+            .map(|(name, (instances, healthy))| ServiceSummary {
+                name,
+                instances,
+                healthy,
+            })
+            .collect();
+        Ok(Response::new(ListServicesResponse { services }))
+    }
+
+    async fn list_instances(&self, req: Request<ListInstancesRequest>) -> Result<Response<ListInstancesResponse>, Status> {
+        let service = req.into_inner().service;
+        check_service(&service)?;
+        Ok(Response::new(ListInstancesResponse {
+            instances: self.instances(&service),
+        }))
+    }
+
+    type WatchServiceStream = WatchStream;
+
+    async fn watch_service(&self, req: Request<WatchServiceRequest>) -> Result<Response<WatchStream>, Status> {
+        let service = req.into_inner().service;
+        check_service(&service)?;
+        let mut changes = self.registry.subscribe();
+        let registry = self.registry.clone();
+        let mut shutdown = self.shutdown.clone();
+        let (tx, rx) = mpsc::channel(16);
+        let api = RegistryApi {
+            registry,
+            metrics: self.metrics.clone(),
+            shutdown: self.shutdown.clone(),
+        };
+        tokio::spawn(async move {
+            let mut last: Option<Vec<Instance>> = None;
+            loop {
+                let now = api.instances(&service);
+                if last.as_ref() != Some(&now) {
+                    let msg = WatchServiceResponse { instances: now.clone() };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
+                    last = Some(now);
+                }
+                // Wait for a change that concerns this service.
+                loop {
+                    tokio::select! {
+                        _ = shutdown.wait_for(|s| *s) => return,
+                        _ = tx.closed() => return,
+                        c = changes.recv() => match c {
+                            Ok(Change::Service(s)) if *s == *service => break,
+                            Ok(Change::Service(_)) => {}
+                            Ok(Change::All) | Err(broadcast::error::RecvError::Lagged(_)) => break,
+                            Err(broadcast::error::RecvError::Closed) => return,
+                        },
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

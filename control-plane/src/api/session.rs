@@ -1,0 +1,127 @@
+//! `isdp.v1.Sidecar/Session`: a sidecar registers its local services and
+//! reports their health on one long-lived stream.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use isdp_proto::v1::{
+    HealthStatus, SessionRequest, SessionResponse, session_request::Kind, sidecar_server,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::status;
+use crate::registry::session::{Session, Sessions};
+
+pub struct SessionApi {
+    sessions: Sessions,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl SessionApi {
+    pub fn new(sessions: Sessions, shutdown: watch::Receiver<bool>) -> Self {
+        SessionApi { sessions, shutdown }
+    }
+
+    pub fn into_server(self) -> sidecar_server::SidecarServer<Self> {
+        sidecar_server::SidecarServer::new(self).max_decoding_message_size(super::MAX_REQUEST_BYTES)
+    }
+}
+
+type Responses = Pin<Box<dyn Stream<Item = Result<SessionResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl sidecar_server::Sidecar for SessionApi {
+    type SessionStream = Responses;
+
+    async fn session(&self, req: Request<Streaming<SessionRequest>>) -> Result<Response<Responses>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("session: stream ended before an open message"))?;
+        let Some(Kind::Open(open)) = first.kind else {
+            return Err(Status::invalid_argument("session: the first message must be `open`"));
+        };
+        let session = self
+            .sessions
+            .open(&open.node_id, open.instances)
+            .await
+            .map_err(status)?;
+        let (tx, rx) = mpsc::channel(4);
+        let registered = session_instances(&session, &self.sessions);
+        tx.send(Ok(SessionResponse { instances: registered }))
+            .await
+            .map_err(|_| Status::cancelled("session: client went away"))?;
+        tokio::spawn(run(session, inbound, tx, self.sessions.clone(), self.shutdown.clone()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn session_instances(session: &Session, sessions: &Sessions) -> Vec<isdp_proto::v1::Instance> {
+    let mut list: Vec<_> = sessions
+        .registry()
+        .owned_by(session.node_id())
+        .iter()
+        .map(|s| s.instance.clone())
+        .collect();
+    list.sort_by(|a, b| a.id.cmp(&b.id));
+    list
+}
+
+/// Serves one session until the sidecar closes it, the stream breaks
+/// (dropping the session starts its grace period) or shutdown.
+async fn run(
+    mut session: Session,
+    mut inbound: Streaming<SessionRequest>,
+    tx: mpsc::Sender<Result<SessionResponse, Status>>,
+    sessions: Sessions,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            m = inbound.message() => m,
+        };
+        match msg {
+            Ok(Some(SessionRequest { kind: Some(Kind::Health(h)) })) => {
+                let health = HealthStatus::try_from(h.status).unwrap_or(HealthStatus::Unknown);
+                if let Err(e) = session.report(&h.instance_id, health).await {
+                    tracing::warn!(node = %session.node_id(), instance = %h.instance_id, error = %e, "health report refused");
+                    let _ = tx.send(Err(status(e))).await;
+                    return;
+                }
+                tracing::info!(node = %session.node_id(), instance = %h.instance_id, status = health.as_str_name(), "health reported by sidecar");
+            }
+            Ok(Some(SessionRequest { kind: Some(Kind::Open(open)) })) => {
+                match sessions.open(&open.node_id, open.instances).await {
+                    Ok(s) => {
+                        session = s;
+                        let instances = session_instances(&session, &sessions);
+                        if tx.send(Ok(SessionResponse { instances })).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(status(e))).await;
+                        return;
+                    }
+                }
+            }
+            Ok(Some(SessionRequest { kind: Some(Kind::Close(_)) })) => {
+                if let Err(e) = session.close().await {
+                    let _ = tx.send(Err(status(e))).await;
+                }
+                return;
+            }
+            Ok(Some(SessionRequest { kind: None })) => {
+                let _ = tx
+                    .send(Err(Status::invalid_argument("session: message has no kind")))
+                    .await;
+                return;
+            }
+            Ok(None) | Err(_) => return,
+        }
+    }
+}

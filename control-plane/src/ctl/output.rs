@@ -1,0 +1,141 @@
+//! How `isdpctl` prints: aligned tables for people, JSON for scripts.
+
+use std::io::Write;
+
+use isdp_proto::v1::{HealthStatus, Instance, ServiceSummary};
+use serde_json::{Value, json};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+pub fn status_name(status: i32) -> &'static str {
+    match HealthStatus::try_from(status) {
+        Ok(HealthStatus::Healthy) => "healthy",
+        Ok(HealthStatus::Unhealthy) => "unhealthy",
+        _ => "unknown",
+    }
+}
+
+pub fn instance_json(i: &Instance) -> Value {
+    json!({
+        "id": i.id,
+        "service": i.service,
+        "address": i.address,
+        "port": i.port,
+        "status": status_name(i.status),
+        "weight": i.weight,
+        "metadata": i.metadata,
+        "node_id": i.node_id,
+        "check": i.check.as_ref().map(|c| json!({
+            "target": c.target,
+            "interval_ms": c.interval_ms,
+            "timeout_ms": c.timeout_ms,
+            "rise": c.rise,
+            "fall": c.fall,
+        })),
+    })
+}
+
+fn print(line: impl std::fmt::Display) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Prints rows with columns padded to their widest cell.
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    print(line(header.iter().map(|h| h.to_string()).collect()));
+    for r in rows {
+        print(line(r));
+    }
+}
+
+pub fn registered(fmt: Format, i: &Instance) {
+    match fmt {
+        Format::Table => print(&i.id),
+        Format::Json => print(instance_json(i)),
+    }
+}
+
+pub fn deregistered(fmt: Format, id: &str) {
+    match fmt {
+        Format::Table => print(format!("deregistered {id}")),
+        Format::Json => print(json!({ "deregistered": id })),
+    }
+}
+
+pub fn services(fmt: Format, services: &[ServiceSummary]) {
+    match fmt {
+        Format::Json => print(Value::Array(
+            services
+                .iter()
+                .map(|s| json!({"name": s.name, "instances": s.instances, "healthy": s.healthy}))
+                .collect(),
+        )),
+        Format::Table => table(
+            &["SERVICE", "INSTANCES", "HEALTHY"],
+            services
+                .iter()
+                .map(|s| vec![s.name.clone(), s.instances.to_string(), s.healthy.to_string()])
+                .collect(),
+        ),
+    }
+}
+
+pub fn instances(fmt: Format, instances: &[Instance]) {
+    match fmt {
+        Format::Json => print(Value::Array(instances.iter().map(instance_json).collect())),
+        Format::Table => table(
+            &["ID", "SERVICE", "ADDRESS", "PORT", "STATUS", "WEIGHT", "NODE", "METADATA"],
+            instances
+                .iter()
+                .map(|i| {
+                    vec![
+                        i.id.clone(),
+                        i.service.clone(),
+                        i.address.clone(),
+                        i.port.to_string(),
+                        status_name(i.status).to_owned(),
+                        i.weight.to_string(),
+                        if i.node_id.is_empty() { "-".into() } else { i.node_id.clone() },
+                        i.metadata
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ]
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// One line per update in JSON (a stream of arrays), a table otherwise.
+pub fn watch_update(fmt: Format, list: &[Instance]) {
+    match fmt {
+        Format::Json => print(Value::Array(list.iter().map(instance_json).collect())),
+        Format::Table => {
+            instances(fmt, list);
+            print("");
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! Turns registry changes into xDS resources.
+//!
+//! Each service becomes one `isdp.v1.ServiceEndpoints` resource named after
+//! it. Changes are coalesced: after the first change the builder waits a
+//! short debounce, then rebuilds every service touched meanwhile, once.
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use isdp_proto::v1::{Endpoint, SERVICE_ENDPOINTS_TYPE_URL, ServiceEndpoints};
+use prost::Message;
+use tokio::sync::{broadcast, watch};
+
+use crate::{
+    registry::{Change, Registry},
+    xds::Cache,
+};
+
+/// How long changes are gathered before resources are rebuilt. Short enough
+/// to stay well inside the one-second propagation budget, long enough to
+/// fold a burst (a restarting deployment) into one push.
+pub const DEBOUNCE: Duration = Duration::from_millis(5);
+
+/// The `ServiceEndpoints` resource for one service, or None if it has no
+/// instances (the resource is then removed).
+pub fn service_endpoints(registry: &Registry, service: &str) -> Option<ServiceEndpoints> {
+    let instances = registry.instances(service);
+    if instances.is_empty() {
+        return None;
+    }
+    let endpoints = instances
+        .iter()
+        .map(|s| {
+            let i = &s.instance;
+            Endpoint {
+                instance_id: i.id.clone(),
+                address: i.address.clone(),
+                port: i.port,
+                weight: i.weight,
+                metadata: i.metadata.clone(),
+                status: i.status,
+            }
+        })
+        .collect();
+    Some(ServiceEndpoints {
+        service: service.to_owned(),
+        endpoints,
+    })
+}
+
+fn publish(cache: &Cache, registry: &Registry, service: &str) {
+    match service_endpoints(registry, service) {
+        Some(r) => cache.set(SERVICE_ENDPOINTS_TYPE_URL, service, Bytes::from(r.encode_to_vec())),
+        None => cache.remove(SERVICE_ENDPOINTS_TYPE_URL, service),
+    };
+}
+
+fn publish_all(cache: &Cache, registry: &Registry) {
+    let mut names: BTreeSet<String> = registry.services().into_keys().collect();
+    if let Some(tc) = cache.type_cache(SERVICE_ENDPOINTS_TYPE_URL) {
+        names.extend(tc.names());
+    }
+    for s in names {
+        publish(cache, registry, &s);
+    }
+}
+
+/// Publishes every service now, then follows the registry until shutdown.
+pub fn spawn(registry: Registry, cache: Cache, mut shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    let mut changes = registry.subscribe();
+    publish_all(&cache, &registry);
+    tokio::spawn(async move {
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                c = changes.recv() => c,
+            };
+            let mut dirty: BTreeSet<Arc<str>> = BTreeSet::new();
+            let mut all = false;
+            let deadline = tokio::time::sleep(DEBOUNCE);
+            tokio::pin!(deadline);
+            let mut next = Some(first);
+            loop {
+                match next.take() {
+                    Some(Ok(Change::Service(s))) => {
+                        dirty.insert(s);
+                    }
+                    Some(Ok(Change::All)) | Some(Err(broadcast::error::RecvError::Lagged(_))) => all = true,
+                    Some(Err(broadcast::error::RecvError::Closed)) => return,
+                    None => {}
+                }
+                tokio::select! {
+                    _ = &mut deadline => break,
+                    c = changes.recv() => next = Some(c),
+                }
+            }
+            if all {
+                publish_all(&cache, &registry);
+            } else {
+                for s in &dirty {
+                    publish(&cache, &registry, s);
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,191 @@
+//! The admin HTTP server: `/live`, `/ready` and `/config`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json};
+use axum::routing::get;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::session::Session;
+use crate::xds::Snapshot;
+
+/// What the handlers read; cheap to clone.
+#[derive(Clone)]
+pub struct AdminState {
+    /// Local services and the session's state.
+    pub session: Session,
+    /// The latest discovery snapshot.
+    pub xds: watch::Receiver<Arc<Snapshot>>,
+    /// Whether upstreams are configured, i.e. whether an xDS stream exists
+    /// to report on in `control_plane`.
+    pub has_upstreams: bool,
+}
+
+/// The admin routes.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/live", get(|| async { "ok" }))
+        .route("/ready", get(ready))
+        .route("/config", get(config))
+        .with_state(state)
+}
+
+/// Serves `router(state)` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await
+}
+
+async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
+    let xds_ready = state.xds.borrow().ready;
+    let opened = state.session.status().opened;
+    match (xds_ready, opened) {
+        (true, true) => (StatusCode::OK, "ready".to_owned()),
+        (false, _) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: waiting for the first xDS answer for every upstream".to_owned(),
+        ),
+        (true, false) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: session with the control plane not opened yet".to_owned(),
+        ),
+    }
+}
+
+#[derive(Serialize)]
+struct ConfigView {
+    node_id: String,
+    control_plane: ControlPlaneView,
+    session: ControlPlaneView,
+    services: Vec<ServiceView>,
+    upstreams: BTreeMap<String, UpstreamView>,
+    xds: XdsView,
+}
+
+#[derive(Clone, Serialize)]
+struct ControlPlaneView {
+    connected: bool,
+    url: Option<String>,
+    reconnects: u64,
+}
+
+#[derive(Serialize)]
+struct ServiceView {
+    id: String,
+    name: String,
+    port: u16,
+    status: &'static str,
+}
+
+#[derive(Serialize)]
+struct UpstreamView {
+    exists: bool,
+    version: String,
+    endpoints: Vec<EndpointView>,
+}
+
+#[derive(Serialize)]
+struct EndpointView {
+    id: String,
+    address: String,
+    port: u16,
+    weight: u32,
+    metadata: BTreeMap<String, String>,
+    status: &'static str,
+}
+
+#[derive(Serialize)]
+struct XdsView {
+    ready: bool,
+    acked: BTreeMap<String, String>,
+    acks: u64,
+    nacks: u64,
+    last_nack: Option<String>,
+}
+
+async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
+    let snap = state.xds.borrow().clone();
+    let session = state.session.status();
+    let session_view = ControlPlaneView {
+        connected: session.connected,
+        url: session.control_plane.clone(),
+        reconnects: session.reconnects,
+    };
+    // `control_plane` follows the xDS stream when there is one, else the session.
+    let control_plane = if state.has_upstreams {
+        ControlPlaneView {
+            connected: snap.connected,
+            url: snap.control_plane.clone(),
+            reconnects: snap.reconnects,
+        }
+    } else {
+        session_view.clone()
+    };
+    let health = state.session.health();
+    let services = state
+        .session
+        .services()
+        .iter()
+        .zip(health)
+        .map(|(svc, health)| ServiceView {
+            id: state.session.instance_id(&svc.name),
+            name: svc.name.clone(),
+            port: svc.port,
+            status: health.as_str(),
+        })
+        .collect();
+    let upstreams = snap
+        .upstreams
+        .iter()
+        .map(|(name, u)| {
+            let endpoints = u
+                .endpoints
+                .iter()
+                .map(|e| EndpointView {
+                    id: e.id.clone(),
+                    address: e.address.clone(),
+                    port: e.port,
+                    weight: e.weight,
+                    metadata: e.metadata.clone(),
+                    status: e.health.as_str(),
+                })
+                .collect();
+            let view = UpstreamView {
+                exists: u.exists,
+                version: u.version.clone(),
+                endpoints,
+            };
+            (name.clone(), view)
+        })
+        .collect();
+    Json(ConfigView {
+        node_id: state.session.node_id().to_owned(),
+        control_plane,
+        session: session_view,
+        services,
+        upstreams,
+        xds: XdsView {
+            ready: snap.ready,
+            acked: snap.acked.clone(),
+            acks: snap.acks,
+            nacks: snap.nacks,
+            last_nack: snap.last_nack.clone(),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,98 @@
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::*;
+use crate::config::Config;
+use crate::probe::Health;
+use crate::xds::{Endpoint, UpstreamState};
+
+/// A minimal HTTP/1.1 GET; returns (status, body).
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response.split_once("\r\n\r\n").unwrap().1.to_owned();
+    (status, body)
+}
+
+#[tokio::test]
+async fn live_ready_and_config() {
+    let config = Config::from_toml(
+        "node_id = \"web-1\"\n[[service]]\nname = \"web\"\nport = 8080\n[[upstream]]\nname = \"payments\"\n",
+    )
+    .unwrap();
+    let session = Session::new(&config);
+    let (xds_tx, xds) = watch::channel(Arc::new(Snapshot::default()));
+    let state = AdminState {
+        session: session.clone(),
+        xds,
+        has_upstreams: true,
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, shutdown) = watch::channel(false);
+    let server = tokio::spawn(serve(listener, state, shutdown));
+
+    assert_eq!(get(addr, "/live").await, (200, "ok".to_owned()));
+    let (status, body) = get(addr, "/ready").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("xDS"), "{body}");
+
+    let mut snapshot = Snapshot {
+        ready: true,
+        connected: true,
+        control_plane: Some("http://127.0.0.1:15010".into()),
+        acks: 3,
+        ..Default::default()
+    };
+    snapshot.acked.insert("payments".into(), "abc".into());
+    snapshot.upstreams.insert(
+        "payments".into(),
+        UpstreamState {
+            exists: true,
+            version: "abc".into(),
+            endpoints: vec![Endpoint {
+                id: "pay-1.payments".into(),
+                address: "127.0.0.1".into(),
+                port: 8081,
+                weight: 1,
+                metadata: [("version".to_string(), "v1".to_string())].into(),
+                health: Health::Healthy,
+            }],
+        },
+    );
+    xds_tx.send_replace(Arc::new(snapshot));
+    let (status, body) = get(addr, "/ready").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("session"), "{body}");
+
+    session.set_status(|s| s.opened = true);
+    session.set_health(0, Health::Unhealthy);
+    assert_eq!(get(addr, "/ready").await.0, 200);
+
+    let (status, body) = get(addr, "/config").await;
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["node_id"], "web-1");
+    assert_eq!(json["control_plane"]["connected"], true);
+    assert_eq!(json["control_plane"]["url"], "http://127.0.0.1:15010");
+    assert_eq!(json["control_plane"]["reconnects"], 0);
+    assert_eq!(
+        json["services"],
+        serde_json::json!([{"id": "web-1.web", "name": "web", "port": 8080, "status": "unhealthy"}])
+    );
+    assert_eq!(
+        json["upstreams"]["payments"],
+        serde_json::json!({"exists": true, "version": "abc", "endpoints": [{
+            "id": "pay-1.payments", "address": "127.0.0.1", "port": 8081, "weight": 1,
+            "metadata": {"version": "v1"}, "status": "healthy"}]})
+    );
+    assert_eq!(json["xds"]["acked"]["payments"], "abc");
+    assert_eq!(json["xds"]["acks"], 3);
+    assert_eq!(json["xds"]["nacks"], 0);
+
+    stop.send(true).unwrap();
+    server.await.unwrap().unwrap();
+}

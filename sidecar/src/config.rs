@@ -1,0 +1,289 @@
+//! The sidecar's configuration: a TOML file (`--config`) plus flags, each
+//! flag also an `ISDP_*` environment variable. Flags override the file; a
+//! repeated flag (`--control-plane`, `--service`, `--upstream`) replaces the
+//! file's whole list.
+
+mod file;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::probe::{CheckSpec, Target, Thresholds};
+
+pub use file::{FileConfig, ServiceSpec, UpstreamSpec};
+
+/// Default admin listener.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15000";
+/// Default control plane.
+pub const DEFAULT_CONTROL_PLANE: &str = "http://127.0.0.1:15010";
+/// Default time between probes and per-probe timeout.
+pub const DEFAULT_CHECK_PERIOD: Duration = Duration::from_secs(1);
+/// Default time allowed for a clean shutdown.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Command-line flags.
+#[derive(Debug, Default, clap::Parser)]
+#[command(name = "isdp-sidecar", version, about = "ISDP sidecar")]
+pub struct Cli {
+    /// TOML config file; flags override its values.
+    #[arg(long, env = "ISDP_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// This node's id, unique in the mesh [default: hostname].
+    #[arg(long, env = "ISDP_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Control-plane gRPC URL; repeatable or comma-separated, tried in turn
+    /// [default: http://127.0.0.1:15010].
+    #[arg(
+        long,
+        env = "ISDP_CONTROL_PLANE",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
+    pub control_plane: Vec<String>,
+    /// Admin HTTP listener (/live, /ready, /config) [default: 127.0.0.1:15000].
+    #[arg(long, env = "ISDP_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// Address advertised for local services [default: 127.0.0.1].
+    #[arg(long, env = "ISDP_ADDRESS", value_name = "IP")]
+    pub address: Option<String>,
+    /// A local service: comma-separated key=value with the keys of a
+    /// `[[service]]` table, metadata as meta.KEY=VALUE; repeatable
+    /// (';'-separated in the environment).
+    #[arg(long, env = "ISDP_SERVICE", value_name = "SPEC", value_delimiter = ';')]
+    pub service: Vec<String>,
+    /// An upstream to follow: comma-separated key=value with the keys of an
+    /// `[[upstream]]` table; repeatable (';'-separated in the environment).
+    #[arg(
+        long,
+        env = "ISDP_UPSTREAM",
+        value_name = "SPEC",
+        value_delimiter = ';'
+    )]
+    pub upstream: Vec<String>,
+    /// Log format [default: text].
+    #[arg(long, env = "ISDP_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Time allowed for a clean shutdown, e.g. 5s [default: 5s].
+    #[arg(long, env = "ISDP_DRAIN_TIMEOUT", value_name = "DURATION")]
+    pub drain_timeout: Option<String>,
+}
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Application protocol of a service or upstream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Http,
+    Grpc,
+    Tcp,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Identifies this sidecar's session and prefixes its instance ids.
+    pub node_id: String,
+    /// Control-plane URLs, tried in turn on reconnect.
+    pub control_plane: Vec<String>,
+    /// Where the admin server listens (port 0 picks one).
+    pub admin_listen: SocketAddr,
+    /// Address other sidecars use to reach the local services.
+    pub address: IpAddr,
+    /// Services running next to this sidecar, registered via the session.
+    pub services: Vec<Service>,
+    /// Services this node calls, followed over xDS.
+    pub upstreams: Vec<Upstream>,
+    /// Log output format.
+    pub log_format: LogFormat,
+    /// Time allowed for a clean shutdown before the process exits anyway.
+    pub drain_timeout: Duration,
+}
+
+/// A local service.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Service {
+    /// DNS label; the instance id is `{node_id}.{name}`.
+    pub name: String,
+    /// Port the service listens on at `Config::address`.
+    pub port: u16,
+    /// Protocol, so clients and the data plane know how to talk to it.
+    pub protocol: Protocol,
+    /// Health check target; without one the instance stays `unknown` (routable).
+    pub check: Option<Target>,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Time one probe may take.
+    pub timeout: Duration,
+    /// Consecutive passes to turn healthy again (>= 1).
+    pub rise: u32,
+    /// Consecutive failures to turn unhealthy (>= 1).
+    pub fall: u32,
+    /// Relative share of traffic (>= 1).
+    pub weight: u32,
+    /// Free-form labels such as version and zone.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// An upstream this node follows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Upstream {
+    /// Service name, also the xDS resource name.
+    pub name: String,
+    /// Local listener the data plane will serve it on (not used yet).
+    pub listen: Option<SocketAddr>,
+    /// Protocol the data plane will proxy.
+    pub protocol: Protocol,
+}
+
+/// A configuration error; the message names the offending field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+impl ConfigError {
+    fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+// === impl Service ===
+
+impl Service {
+    /// The check this service needs, if it has a target.
+    pub fn check_spec(&self) -> Option<CheckSpec> {
+        Some(CheckSpec {
+            target: self.check.clone()?,
+            interval: self.interval,
+            timeout: self.timeout,
+            thresholds: Thresholds {
+                rise: self.rise,
+                fall: self.fall,
+            },
+        })
+    }
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Reads `--config` (if any), applies the flags on top and validates.
+    pub fn load(cli: Cli) -> Result<Config, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                FileConfig::parse(&text, &path.display().to_string())?
+            }
+            None => FileConfig::default(),
+        };
+        Self::from_parts(file, cli)
+    }
+
+    /// Parses and validates a TOML document with no flags on top.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Self::from_parts(FileConfig::parse(text, "config")?, Cli::default())
+    }
+
+    /// Merges flags over the file and validates the result.
+    pub fn from_parts(mut file: FileConfig, cli: Cli) -> Result<Config, ConfigError> {
+        if cli.node_id.is_some() {
+            file.node_id = cli.node_id;
+        }
+        if !cli.control_plane.is_empty() {
+            file.control_plane = Some(cli.control_plane);
+        }
+        if cli.admin_listen.is_some() {
+            file.admin_listen = cli.admin_listen;
+        }
+        if cli.address.is_some() {
+            file.address = cli.address;
+        }
+        if !cli.service.is_empty() {
+            file.service = cli
+                .service
+                .iter()
+                .enumerate()
+                .map(|(i, spec)| ServiceSpec::from_flag(spec, i))
+                .collect::<Result<_, _>>()?;
+        }
+        if !cli.upstream.is_empty() {
+            file.upstream = cli
+                .upstream
+                .iter()
+                .enumerate()
+                .map(|(i, spec)| UpstreamSpec::from_flag(spec, i))
+                .collect::<Result<_, _>>()?;
+        }
+        if cli.log_format.is_some() {
+            file.log_format = cli.log_format;
+        }
+        if cli.drain_timeout.is_some() {
+            file.drain_timeout = cli.drain_timeout;
+        }
+        file.validate()
+    }
+}
+
+/// Checks a DNS label: lowercase a-z, 0-9 and '-', 1 to 63 characters, not
+/// starting or ending with '-'.
+pub fn check_dns_label(name: &str) -> Result<(), String> {
+    let valid = (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be a DNS label (1-63 of a-z, 0-9, '-', not starting or ending with '-'), got {name:?}"
+        ))
+    }
+}
+
+/// The machine's hostname, used when no node id is configured.
+fn hostname() -> Option<String> {
+    let from_env = std::env::var("HOSTNAME").ok();
+    let from_file = || {
+        ["/proc/sys/kernel/hostname", "/etc/hostname"]
+            .iter()
+            .find_map(|p| std::fs::read_to_string(p).ok())
+    };
+    from_env
+        .or_else(from_file)
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+}
+
+fn default_address() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::LOCALHOST)
+}
+
+#[cfg(test)]
+mod tests;

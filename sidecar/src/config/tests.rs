@@ -1,0 +1,272 @@
+use clap::Parser;
+
+use super::*;
+
+const EXAMPLE: &str = r#"
+node_id = "web-1"
+control_plane = ["http://127.0.0.1:15010"]
+admin_listen = "127.0.0.1:15000"
+address = "127.0.0.1"
+
+[[service]]
+name = "web"
+port = 8080
+protocol = "http"
+check = "http://127.0.0.1:8080/healthz"
+interval = "1s"
+timeout = "1s"
+rise = 1
+fall = 1
+weight = 1
+metadata = { version = "v1", zone = "a" }
+
+[[upstream]]
+name = "payments"
+listen = "127.0.0.1:9191"
+protocol = "http"
+"#;
+
+fn err(text: &str) -> String {
+    Config::from_toml(text).unwrap_err().to_string()
+}
+
+fn cli(args: &[&str]) -> Cli {
+    let mut all = vec!["isdp-sidecar"];
+    all.extend_from_slice(args);
+    Cli::try_parse_from(all).unwrap()
+}
+
+#[test]
+fn parses_the_documented_example() {
+    let c = Config::from_toml(EXAMPLE).unwrap();
+    assert_eq!(c.node_id, "web-1");
+    assert_eq!(c.control_plane, vec!["http://127.0.0.1:15010"]);
+    assert_eq!(c.admin_listen, "127.0.0.1:15000".parse().unwrap());
+    assert_eq!(c.address, "127.0.0.1".parse::<IpAddr>().unwrap());
+    assert_eq!(c.services.len(), 1);
+    let s = &c.services[0];
+    assert_eq!(
+        (s.name.as_str(), s.port, s.protocol),
+        ("web", 8080, Protocol::Http)
+    );
+    assert_eq!(
+        s.check.as_ref().unwrap().to_string(),
+        "http://127.0.0.1:8080/healthz"
+    );
+    assert_eq!(
+        (s.interval, s.timeout),
+        (Duration::from_secs(1), Duration::from_secs(1))
+    );
+    assert_eq!((s.rise, s.fall, s.weight), (1, 1, 1));
+    assert_eq!(s.metadata["version"], "v1");
+    assert_eq!(s.metadata["zone"], "a");
+    assert!(s.check_spec().is_some());
+    assert_eq!(
+        c.upstreams,
+        vec![Upstream {
+            name: "payments".into(),
+            listen: Some("127.0.0.1:9191".parse().unwrap()),
+            protocol: Protocol::Http
+        }]
+    );
+    assert_eq!(c.log_format, LogFormat::Text);
+    assert_eq!(c.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+}
+
+#[test]
+fn applies_defaults() {
+    let c =
+        Config::from_toml("node_id = \"n\"\n[[service]]\nname = \"db\"\nport = 5432\n").unwrap();
+    assert_eq!(c.control_plane, vec![DEFAULT_CONTROL_PLANE]);
+    assert_eq!(c.admin_listen, DEFAULT_ADMIN_LISTEN.parse().unwrap());
+    assert_eq!(c.address, default_address());
+    let s = &c.services[0];
+    assert_eq!(s.check, None);
+    assert!(s.check_spec().is_none());
+    assert_eq!(
+        (s.interval, s.timeout),
+        (DEFAULT_CHECK_PERIOD, DEFAULT_CHECK_PERIOD)
+    );
+    assert_eq!((s.rise, s.fall, s.weight), (1, 1, 1));
+}
+
+#[test]
+fn node_id_defaults_to_hostname() {
+    // The test machine has a hostname; the default must be non-empty.
+    if hostname().is_some() {
+        assert!(!Config::from_toml("").unwrap().node_id.is_empty());
+    }
+    assert_eq!(err("node_id = \"  \""), "node_id: must not be empty");
+}
+
+#[test]
+fn unknown_keys_are_named() {
+    let e = err("node_id = \"n\"\nbogus = 1\n");
+    assert!(e.contains("unknown field `bogus`"), "{e}");
+    let e = err("node_id = \"n\"\n[[service]]\nname = \"a\"\nport = 1\nhealth = \"x\"\n");
+    assert!(e.contains("unknown field `health`"), "{e}");
+    let e = err("node_id = \"n\"\n[[upstream]]\nname = \"a\"\nport = 1\n");
+    assert!(e.contains("unknown field `port`"), "{e}");
+}
+
+#[test]
+fn validation_errors_name_the_field() {
+    let svc = |body: &str| err(&format!("node_id = \"n\"\n[[service]]\n{body}\n"));
+    assert_eq!(
+        svc("name = \"web\"\nport = 0"),
+        "service[0].port: must be 1..=65535, got 0"
+    );
+    assert_eq!(
+        svc("name = \"web\"\nport = 70000"),
+        "service[0].port: must be 1..=65535, got 70000"
+    );
+    for bad in ["Web", "-web", "web-", "", "w_b", &"a".repeat(64)] {
+        let e = svc(&format!("name = {bad:?}\nport = 1"));
+        assert!(e.starts_with("service[0].name: must be a DNS label"), "{e}");
+    }
+    let e = svc("name = \"web\"\nport = 1\ncheck = \"ftp://x:1\"");
+    assert!(
+        e.starts_with("service[0].check: invalid check target"),
+        "{e}"
+    );
+    let e = svc("name = \"web\"\nport = 1\ninterval = \"soon\"");
+    assert!(
+        e.starts_with("service[0].interval: invalid duration"),
+        "{e}"
+    );
+    let e = svc("name = \"web\"\nport = 1\ntimeout = \"0s\"");
+    assert_eq!(e, "service[0].timeout: must be greater than 0");
+    let e = svc("name = \"web\"\nport = 1\nweight = 10001");
+    assert_eq!(e, "service[0].weight: must be 1..=10000, got 10001");
+
+    let e = err(
+        "node_id = \"n\"\n[[service]]\nname = \"a\"\nport = 1\n[[service]]\nname = \"a\"\nport = 2\n",
+    );
+    assert_eq!(
+        e,
+        "service[1].name: duplicate service name \"a\" (also service[0])"
+    );
+    let e = err("node_id = \"n\"\n[[upstream]]\nname = \"p\"\n[[upstream]]\nname = \"p\"\n");
+    assert_eq!(
+        e,
+        "upstream[1].name: duplicate upstream name \"p\" (also upstream[0])"
+    );
+    let e = err("node_id = \"n\"\n[[upstream]]\nname = \"P\"\n");
+    assert!(
+        e.starts_with("upstream[0].name: must be a DNS label"),
+        "{e}"
+    );
+    let e = err("node_id = \"n\"\n[[upstream]]\nname = \"p\"\nlisten = \"nope\"\n");
+    assert!(e.starts_with("upstream[0].listen: invalid address"), "{e}");
+
+    assert_eq!(
+        err("node_id = \"n\"\ncontrol_plane = []"),
+        "control_plane: at least one URL is required"
+    );
+    let e = err("node_id = \"n\"\ncontrol_plane = [\"http://a:1\", \"grpc://b\"]");
+    assert!(
+        e.starts_with("control_plane[1]: expected http://HOST:PORT"),
+        "{e}"
+    );
+    let e = err("node_id = \"n\"\nadmin_listen = \"localhost\"");
+    assert!(e.starts_with("admin_listen: invalid address"), "{e}");
+    let e = err("node_id = \"n\"\naddress = \"example.com\"");
+    assert!(e.starts_with("address: invalid IP address"), "{e}");
+}
+
+#[test]
+fn flags_override_the_file() {
+    let file = FileConfig::parse(EXAMPLE, "test").unwrap();
+    let flags = cli(&[
+        "--node-id",
+        "web-2",
+        "--control-plane",
+        "http://10.0.0.1:15010,http://10.0.0.2:15010",
+        "--control-plane",
+        "http://10.0.0.3:15010",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--address",
+        "::1",
+        "--service",
+        "name=api,port=9090,protocol=grpc,check=grpc://127.0.0.1:9090/api,interval=500ms,rise=2,fall=3,weight=5,meta.version=v2,meta.zone=b",
+        "--service",
+        "name=db,port=5432,check=tcp://127.0.0.1:5432",
+        "--upstream",
+        "name=orders,listen=127.0.0.1:9292,protocol=tcp",
+        "--log-format",
+        "json",
+        "--drain-timeout",
+        "2s",
+    ]);
+    let c = Config::from_parts(file, flags).unwrap();
+    assert_eq!(c.node_id, "web-2");
+    assert_eq!(c.control_plane.len(), 3);
+    assert_eq!(c.control_plane[1], "http://10.0.0.2:15010");
+    assert_eq!(c.admin_listen.port(), 0);
+    assert_eq!(c.address, "::1".parse::<IpAddr>().unwrap());
+    assert_eq!(c.services.len(), 2);
+    let api = &c.services[0];
+    assert_eq!(
+        (api.name.as_str(), api.port, api.protocol),
+        ("api", 9090, Protocol::Grpc)
+    );
+    assert_eq!(api.interval, Duration::from_millis(500));
+    assert_eq!((api.rise, api.fall, api.weight), (2, 3, 5));
+    assert_eq!(api.metadata.get("zone").map(String::as_str), Some("b"));
+    assert_eq!(
+        c.services[1].check,
+        Some(Target::Tcp("127.0.0.1:5432".into()))
+    );
+    assert_eq!(c.upstreams.len(), 1);
+    assert_eq!(c.upstreams[0].protocol, Protocol::Tcp);
+    assert_eq!(c.log_format, LogFormat::Json);
+    assert_eq!(c.drain_timeout, Duration::from_secs(2));
+}
+
+#[test]
+fn bad_flag_specs_are_named() {
+    let parts = |args: &[&str]| {
+        Config::from_parts(FileConfig::default(), cli(args))
+            .unwrap_err()
+            .to_string()
+    };
+    let e = parts(&["--node-id", "n", "--service", "name=web,port=80,colour=red"]);
+    assert!(e.starts_with("service[0]: unknown field `colour`"), "{e}");
+    let e = parts(&["--node-id", "n", "--service", "name=web,port=eighty"]);
+    assert_eq!(e, "service[0].port: expected a number, got \"eighty\"");
+    let e = parts(&["--node-id", "n", "--service", "name=web,port"]);
+    assert_eq!(e, "service[0]: expected KEY=VALUE, got \"port\"");
+    let e = parts(&["--node-id", "n", "--service", "name=web,port=0"]);
+    assert_eq!(e, "service[0].port: must be 1..=65535, got 0");
+    let e = parts(&["--node-id", "n", "--service", "port=80"]);
+    assert!(e.contains("missing field `name`"), "{e}");
+    let e = parts(&[
+        "--node-id",
+        "n",
+        "--upstream",
+        "name=a",
+        "--upstream",
+        "name=b,x=1",
+    ]);
+    assert!(e.starts_with("upstream[1]: unknown field `x`"), "{e}");
+}
+
+#[test]
+fn load_reads_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sidecar.toml");
+    std::fs::write(&path, EXAMPLE).unwrap();
+    let c = Config::load(cli(&[
+        "--config",
+        path.to_str().unwrap(),
+        "--admin-listen",
+        "127.0.0.1:1",
+    ]))
+    .unwrap();
+    assert_eq!(c.node_id, "web-1");
+    assert_eq!(c.admin_listen.port(), 1);
+    let missing = dir.path().join("missing.toml");
+    let e = Config::load(cli(&["--config", missing.to_str().unwrap()])).unwrap_err();
+    assert!(matches!(e, ConfigError::Read { .. }), "{e}");
+}

@@ -1,0 +1,278 @@
+//! The sidecar's session with the control plane for its local services:
+//! `SessionOpen` on every (re)connect, a `HealthReport` per probe
+//! transition, `SessionClose` on shutdown.
+
+use std::time::Duration;
+
+use isdp_proto::v1::session_request::Kind;
+use isdp_proto::v1::sidecar_client::SidecarClient;
+use isdp_proto::v1::{
+    HealthCheck, HealthReport, Instance, SessionClose, SessionOpen, SessionRequest,
+};
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::backoff::Backoff;
+use crate::config::{Config, Service};
+use crate::dial::{DialError, Dialer};
+use crate::probe::Health;
+
+/// How long shutdown waits for the server to end the stream after `SessionClose`.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// The session's connection state, for the admin page and readiness.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionStatus {
+    /// Whether a session stream is open right now.
+    pub connected: bool,
+    /// True once a session was opened at least once.
+    pub opened: bool,
+    /// The control-plane URL of the current (or last) stream.
+    pub control_plane: Option<String>,
+    /// Times the stream broke or a connection attempt failed.
+    pub reconnects: u64,
+}
+
+/// Cheap handle to the session's shared state.
+#[derive(Clone)]
+pub struct Session {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// Sent in `SessionOpen` and prefixes instance ids.
+    node_id: String,
+    /// Address advertised for the local services.
+    address: String,
+    /// The local services, in config order; indexes match `health`.
+    services: Vec<Service>,
+    /// Current health per service; the session task watches it to send
+    /// reports, and reads it to reopen with current statuses.
+    health: watch::Sender<Vec<Health>>,
+    /// Connection state.
+    status: watch::Sender<SessionStatus>,
+}
+
+// === impl Session ===
+
+impl Session {
+    pub fn new(config: &Config) -> Self {
+        let services = config.services.clone();
+        Self {
+            shared: Arc::new(Shared {
+                node_id: config.node_id.clone(),
+                address: config.address.to_string(),
+                health: watch::Sender::new(vec![Health::Unknown; services.len()]),
+                services,
+                status: watch::Sender::new(SessionStatus::default()),
+            }),
+        }
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.shared.node_id
+    }
+
+    pub fn services(&self) -> &[Service] {
+        &self.shared.services
+    }
+
+    /// The instance id of a local service: `{node_id}.{service}`.
+    pub fn instance_id(&self, service: &str) -> String {
+        format!("{}.{}", self.shared.node_id, service)
+    }
+
+    /// Records a probe transition of the `index`-th service.
+    pub fn set_health(&self, index: usize, health: Health) {
+        self.shared
+            .health
+            .send_if_modified(|all| match all.get_mut(index) {
+                Some(h) if *h != health => {
+                    *h = health;
+                    true
+                }
+                _ => false,
+            });
+    }
+
+    /// Current health of every service, in config order.
+    pub fn health(&self) -> Vec<Health> {
+        self.shared.health.borrow().clone()
+    }
+
+    pub fn status(&self) -> SessionStatus {
+        self.shared.status.borrow().clone()
+    }
+
+    fn instances(&self, health: &[Health]) -> Vec<Instance> {
+        let s = &self.shared;
+        s.services
+            .iter()
+            .zip(health)
+            .map(|(svc, health)| Instance {
+                id: self.instance_id(&svc.name),
+                service: svc.name.clone(),
+                address: s.address.clone(),
+                port: u32::from(svc.port),
+                metadata: svc.metadata.clone().into_iter().collect(),
+                weight: svc.weight,
+                check: svc.check.as_ref().map(|target| HealthCheck {
+                    target: target.to_string(),
+                    interval_ms: millis(svc.interval),
+                    timeout_ms: millis(svc.timeout),
+                    rise: svc.rise,
+                    fall: svc.fall,
+                }),
+                status: i32::from(*health),
+                node_id: s.node_id.clone(),
+            })
+            .collect()
+    }
+
+    pub(crate) fn set_status(&self, update: impl FnOnce(&mut SessionStatus)) {
+        self.shared.status.send_modify(update);
+    }
+}
+
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+fn request(kind: Kind) -> SessionRequest {
+    SessionRequest { kind: Some(kind) }
+}
+
+/// Why one session stream ended (other than shutdown).
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    #[error("stream failed: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("stream ended by the control plane")]
+    Ended,
+}
+
+/// Starts the session task; it runs until `shutdown`, then closes the session.
+pub fn spawn(
+    session: Session,
+    control_plane: Vec<String>,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut dialer = Dialer::new(control_plane);
+        let mut backoff = Backoff::default();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let url = dialer.next_url();
+            match run_stream(&session, &url, &mut backoff, &mut shutdown).await {
+                Ok(()) => break,
+                Err(error) => tracing::warn!(%url, %error, "session down"),
+            }
+            backoff.disconnected();
+            session.set_status(|s| {
+                s.connected = false;
+                s.reconnects += 1;
+            });
+            if !backoff.wait(&mut shutdown).await {
+                break;
+            }
+        }
+        session.set_status(|s| s.connected = false);
+        tracing::debug!("session stopped");
+    })
+}
+
+/// One session stream; `Ok(())` means shutdown (after closing the session).
+async fn run_stream(
+    session: &Session,
+    url: &str,
+    backoff: &mut Backoff,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), StreamError> {
+    let channel = tokio::select! {
+        _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+        channel = Dialer::connect(url) => channel?,
+    };
+    let mut health_rx = session.shared.health.subscribe();
+    let mut sent = health_rx.borrow_and_update().clone();
+    let (requests, rx) = mpsc::channel(64);
+    let open = SessionOpen {
+        node_id: session.shared.node_id.clone(),
+        instances: session.instances(&sent),
+    };
+    // Queued before the call, so the server sees it first.
+    let _ = requests.send(request(Kind::Open(open))).await;
+    let mut client = SidecarClient::new(channel);
+    let response = tokio::select! {
+        _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+        response = client.session(ReceiverStream::new(rx)) => response?,
+    };
+    let mut inbound = response.into_inner();
+    backoff.connected();
+    session.set_status(|s| {
+        s.connected = true;
+        s.opened = true;
+        s.control_plane = Some(url.to_owned());
+    });
+    tracing::info!(%url, instances = sent.len(), "session open");
+
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => break,
+            changed = health_rx.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            message = inbound.message() => match message? {
+                Some(response) => {
+                    tracing::debug!(instances = response.instances.len(), "session response");
+                    continue;
+                }
+                None => return Err(StreamError::Ended),
+            },
+        }
+        let now = health_rx.borrow_and_update().clone();
+        let reports: Vec<HealthReport> = session
+            .services()
+            .iter()
+            .zip(sent.iter().zip(&now))
+            .filter(|(_, (old, new))| old != new)
+            .map(|(svc, (_, new))| HealthReport {
+                instance_id: session.instance_id(&svc.name),
+                status: i32::from(*new),
+            })
+            .collect();
+        for report in reports {
+            requests
+                .send(request(Kind::Health(report)))
+                .await
+                .map_err(|_| StreamError::Ended)?;
+        }
+        sent = now;
+    }
+
+    // Shutdown: deregister, end our side, and give the server a moment to
+    // finish its side so the close is processed before we exit.
+    let _ = requests.send(request(Kind::Close(SessionClose {}))).await;
+    drop(requests);
+    let drained = tokio::time::timeout(CLOSE_WAIT, async {
+        while let Ok(Some(_)) = inbound.message().await {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("control plane did not end the session in time");
+    } else {
+        tracing::info!("session closed");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,134 @@
+//! The session against an in-process fake `isdp.v1.Sidecar` server.
+
+use isdp_proto::v1::sidecar_server::{Sidecar, SidecarServer};
+use isdp_proto::v1::{HealthStatus, SessionResponse};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::*;
+
+type Outbound = mpsc::Sender<Result<SessionResponse, Status>>;
+
+struct FakeSidecar {
+    streams: mpsc::UnboundedSender<(Streaming<SessionRequest>, Outbound)>,
+}
+
+#[tonic::async_trait]
+impl Sidecar for FakeSidecar {
+    type SessionStream = ReceiverStream<Result<SessionResponse, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<SessionRequest>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        let _ = self.streams.send((request.into_inner(), tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+async fn next(inbound: &mut Streaming<SessionRequest>) -> Kind {
+    tokio::time::timeout(Duration::from_secs(5), inbound.message())
+        .await
+        .expect("request in time")
+        .unwrap()
+        .unwrap()
+        .kind
+        .unwrap()
+}
+
+fn config() -> Config {
+    let mut c = Config::from_toml(
+        r#"
+node_id = "web-1"
+[[service]]
+name = "web"
+port = 8080
+check = "http://127.0.0.1:8080/healthz"
+interval = "500ms"
+rise = 2
+metadata = { version = "v1" }
+[[service]]
+name = "db"
+port = 5432
+"#,
+    )
+    .unwrap();
+    c.control_plane.clear();
+    c
+}
+
+#[tokio::test]
+async fn opens_reports_reopens_and_closes() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (streams, mut accepted) = mpsc::unbounded_channel();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(SidecarServer::new(FakeSidecar { streams }))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+
+    let session = Session::new(&config());
+    let (stop, shutdown) = watch::channel(false);
+    let task = spawn(session.clone(), vec![url.clone()], shutdown);
+
+    let (mut inbound, outbound) = accepted.recv().await.unwrap();
+    let Kind::Open(open) = next(&mut inbound).await else {
+        panic!("expected open")
+    };
+    assert_eq!(open.node_id, "web-1");
+    assert_eq!(open.instances.len(), 2);
+    let web = &open.instances[0];
+    assert_eq!(
+        (web.id.as_str(), web.service.as_str()),
+        ("web-1.web", "web")
+    );
+    assert_eq!(
+        (web.address.as_str(), web.port, web.weight),
+        ("127.0.0.1", 8080, 1)
+    );
+    assert_eq!(web.metadata["version"], "v1");
+    let check = web.check.as_ref().unwrap();
+    assert_eq!(check.target, "http://127.0.0.1:8080/healthz");
+    assert_eq!(
+        (check.interval_ms, check.timeout_ms, check.rise, check.fall),
+        (500, 1000, 2, 1)
+    );
+    assert_eq!(web.status, HealthStatus::Unknown as i32);
+    assert!(open.instances[1].check.is_none());
+
+    let mut status = session.shared.status.subscribe();
+    status.wait_for(|s| s.opened && s.connected).await.unwrap();
+
+    session.set_health(0, Health::Healthy);
+    let Kind::Health(report) = next(&mut inbound).await else {
+        panic!("expected health report")
+    };
+    assert_eq!(report.instance_id, "web-1.web");
+    assert_eq!(report.status, HealthStatus::Healthy as i32);
+
+    // The server drops the stream; the session reopens with current health.
+    drop((inbound, outbound));
+    let (mut inbound, outbound) = tokio::time::timeout(Duration::from_secs(10), accepted.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let Kind::Open(open) = next(&mut inbound).await else {
+        panic!("expected open")
+    };
+    assert_eq!(open.instances[0].status, HealthStatus::Healthy as i32);
+    status.wait_for(|s| s.connected).await.unwrap();
+    assert_eq!(session.status().reconnects, 1);
+
+    // Shutdown sends Close and waits for the server to end the stream.
+    stop.send(true).unwrap();
+    assert!(matches!(next(&mut inbound).await, Kind::Close(_)));
+    assert!(inbound.message().await.unwrap().is_none());
+    drop(outbound);
+    tokio::time::timeout(Duration::from_secs(1), task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!session.status().connected);
+}

@@ -1,0 +1,189 @@
+//! The reconnecting delta-ADS stream behind [`super::spawn`].
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+};
+use envoy_types::pb::google::rpc::Status;
+use isdp_proto::v1::SERVICE_ENDPOINTS_TYPE_URL;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::state::{Resources, apply, held_versions};
+use super::{Snapshot, XdsSettings};
+use crate::backoff::Backoff;
+use crate::dial::{DialError, Dialer};
+
+/// gRPC `INVALID_ARGUMENT`, the code of a NACK's `error_detail`.
+const INVALID_ARGUMENT: i32 = 3;
+
+/// Why one stream ended (other than shutdown).
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    #[error("stream failed: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("stream ended by the control plane")]
+    Ended,
+}
+
+/// The client's task state.
+pub(super) struct Client {
+    /// Node id and URLs.
+    settings: XdsSettings,
+    /// Names subscribed to; responses about other names are ignored.
+    subscribed: BTreeSet<String>,
+    /// What the client holds; survives reconnects.
+    resources: Resources,
+    /// Where snapshots are published.
+    tx: watch::Sender<Arc<Snapshot>>,
+    /// URL rotation.
+    dialer: Dialer,
+    /// Reconnect pacing.
+    backoff: Backoff,
+}
+
+// === impl Client ===
+
+impl Client {
+    pub(super) fn new(settings: XdsSettings, tx: watch::Sender<Arc<Snapshot>>) -> Self {
+        Self {
+            subscribed: settings.upstreams.iter().cloned().collect(),
+            dialer: Dialer::new(settings.control_plane.clone()),
+            settings,
+            resources: Resources::new(),
+            tx,
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// Runs streams until `shutdown`, reconnecting with backoff.
+    pub(super) async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let url = self.dialer.next_url();
+            match self.stream(&url, &mut shutdown).await {
+                Ok(()) => break,
+                Err(error) => tracing::warn!(%url, %error, "xds stream down"),
+            }
+            self.backoff.disconnected();
+            self.publish(|s| {
+                s.connected = false;
+                s.reconnects += 1;
+            });
+            if !self.backoff.wait(&mut shutdown).await {
+                break;
+            }
+        }
+        self.publish(|s| s.connected = false);
+        tracing::debug!("xds client stopped");
+    }
+
+    fn publish(&self, update: impl FnOnce(&mut Snapshot)) {
+        self.tx.send_modify(|s| update(Arc::make_mut(s)));
+    }
+
+    /// One stream; `Ok(())` means shutdown.
+    async fn stream(
+        &mut self,
+        url: &str,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), StreamError> {
+        let channel = tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+            channel = Dialer::connect(url) => channel?,
+        };
+        let mut client = AggregatedDiscoveryServiceClient::new(channel);
+        let (requests, rx) = mpsc::channel(16);
+        // Queued before the call so a server that waits for the first
+        // request before answering with headers does not deadlock us.
+        let _ = requests.send(self.initial_request()).await;
+        let response = tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+            response = client.delta_aggregated_resources(ReceiverStream::new(rx)) => response?,
+        };
+        let mut inbound = response.into_inner();
+        self.backoff.connected();
+        self.publish(|s| {
+            s.connected = true;
+            s.control_plane = Some(url.to_owned());
+        });
+        tracing::info!(%url, held = self.resources.len(), "xds stream open");
+        loop {
+            let message = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+                message = inbound.message() => message?,
+            };
+            let response = message.ok_or(StreamError::Ended)?;
+            self.handle(response, &requests).await?;
+        }
+    }
+
+    fn initial_request(&self) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            node: Some(Node {
+                id: self.settings.node_id.clone(),
+                ..Default::default()
+            }),
+            type_url: SERVICE_ENDPOINTS_TYPE_URL.to_owned(),
+            resource_names_subscribe: self.subscribed.iter().cloned().collect(),
+            initial_resource_versions: held_versions(&self.resources),
+            ..Default::default()
+        }
+    }
+
+    /// Applies a response and sends its ACK or NACK.
+    async fn handle(
+        &mut self,
+        response: DeltaDiscoveryResponse,
+        requests: &mpsc::Sender<DeltaDiscoveryRequest>,
+    ) -> Result<(), StreamError> {
+        let mut reply = DeltaDiscoveryRequest {
+            type_url: SERVICE_ENDPOINTS_TYPE_URL.to_owned(),
+            response_nonce: response.nonce.clone(),
+            ..Default::default()
+        };
+        match apply(&self.resources, &self.subscribed, &response) {
+            Ok(next) => {
+                if let Some(next) = next {
+                    self.resources = next;
+                }
+                tracing::debug!(nonce = %response.nonce, "xds ack");
+                requests.send(reply).await.map_err(|_| StreamError::Ended)?;
+                let ready = self
+                    .subscribed
+                    .iter()
+                    .all(|n| self.resources.contains_key(n));
+                let resources = self.resources.clone();
+                self.publish(|s| {
+                    s.acked = held_versions(&resources).into_iter().collect();
+                    s.upstreams = resources;
+                    s.ready |= ready;
+                    s.acks += 1;
+                });
+            }
+            Err(reason) => {
+                tracing::warn!(nonce = %response.nonce, %reason, "xds nack");
+                reply.error_detail = Some(Status {
+                    code: INVALID_ARGUMENT,
+                    message: reason.clone(),
+                    details: Vec::new(),
+                });
+                requests.send(reply).await.map_err(|_| StreamError::Ended)?;
+                self.publish(|s| {
+                    s.nacks += 1;
+                    s.last_nack = Some(reason);
+                });
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,130 @@
+//! Sidecars under test, and a builder for their TOML config.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use crate::http;
+use crate::process::{Process, tempdir};
+
+/// A running `isdp-sidecar`.
+pub struct Sidecar {
+    proc: Process,
+    admin: String,
+}
+
+// === impl Sidecar ===
+
+impl Sidecar {
+    /// Writes `toml` to a file and starts `isdp-sidecar --config FILE`.
+    /// Use `admin_listen = "127.0.0.1:0"` (as [`SidecarToml`] does): the
+    /// bound address is read from the sidecar's listening line.
+    pub async fn start(toml: &str) -> Self {
+        let dir = tempdir("sidecar");
+        let path = dir.path().join("sidecar.toml");
+        std::fs::write(&path, toml).expect("writing sidecar config");
+        let args = vec!["--config".to_owned(), path.display().to_string()];
+        let proc = Process::spawn("sidecar", "isdp-sidecar", &args, dir).await;
+        let admin = proc.addr("admin").to_owned();
+        Self { proc, admin }
+    }
+
+    pub fn admin_addr(&self) -> &str {
+        &self.admin
+    }
+
+    /// `GET /config` as JSON; an error (for polling) if it is not answered.
+    pub async fn config_json(&self) -> anyhow::Result<serde_json::Value> {
+        http::get_json(&self.admin, "/config").await
+    }
+
+    /// The endpoints the sidecar holds for `upstream`, from `/config`.
+    pub async fn endpoints(&self, upstream: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+        let config = self.config_json().await?;
+        let eps = &config["upstreams"][upstream]["endpoints"];
+        eps.as_array()
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no endpoints for upstream {upstream} in {config}"))
+    }
+
+    /// Waits until `/ready` answers 200 (the first xDS answer arrived).
+    pub async fn wait_ready(&self, timeout: Duration) -> Duration {
+        let admin = self.admin.clone();
+        crate::eventually(timeout, "sidecar /ready", move || {
+            let admin = admin.clone();
+            async move {
+                let r = http::get(&admin, "/ready").await?;
+                anyhow::ensure!(r.status == 200, "/ready: {} {}", r.status, r.body);
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    pub async fn kill9(&mut self) {
+        self.proc.kill9().await;
+    }
+
+    /// SIGTERM: a clean shutdown, which should close the session.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        self.proc.terminate().await
+    }
+
+    pub fn process(&mut self) -> &mut Process {
+        &mut self.proc
+    }
+}
+
+/// Builds a sidecar TOML config in the documented format, with the admin
+/// listener on an ephemeral port.
+#[derive(Debug, Clone)]
+pub struct SidecarToml {
+    node_id: String,
+    control_plane: String,
+    sections: String,
+}
+
+// === impl SidecarToml ===
+
+impl SidecarToml {
+    pub fn new(node_id: &str, control_plane_url: &str) -> Self {
+        Self {
+            node_id: node_id.to_owned(),
+            control_plane: control_plane_url.to_owned(),
+            sections: String::new(),
+        }
+    }
+
+    /// A local HTTP service the sidecar registers and probes at
+    /// `http://127.0.0.1:PORT/healthz` every `interval`.
+    pub fn service(mut self, name: &str, port: u16, interval: Duration) -> Self {
+        let _ = write!(
+            self.sections,
+            "\n[[service]]\nname = \"{name}\"\nport = {port}\nprotocol = \"http\"\n\
+             check = \"http://127.0.0.1:{port}/healthz\"\ninterval = \"{}ms\"\n",
+            interval.as_millis()
+        );
+        self
+    }
+
+    /// An upstream the sidecar follows over xDS, proxied on a free port.
+    pub fn upstream(mut self, name: &str) -> Self {
+        let port = crate::free_port();
+        let _ = write!(
+            self.sections,
+            "\n[[upstream]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nprotocol = \"http\"\n"
+        );
+        self
+    }
+
+    pub fn render(&self) -> String {
+        format!(
+            "node_id = \"{}\"\ncontrol_plane = [\"{}\"]\nadmin_listen = \"127.0.0.1:0\"\n{}",
+            self.node_id, self.control_plane, self.sections
+        )
+    }
+
+    /// Renders and starts a [`Sidecar`] with this config.
+    pub async fn start(&self) -> Sidecar {
+        Sidecar::start(&self.render()).await
+    }
+}

@@ -1,0 +1,105 @@
+//! The quickstart: `isdp-demo` brings up the documented topology on its
+//! fixed ports, the registry and the web sidecar see three healthy payments
+//! instances, and `--exit-after` stops every child it started.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use isdp_tests::{binary, eventually, http, isdpctl, status_of};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const CONTROL_PLANE: &str = "http://127.0.0.1:15010";
+const WEB_ADMIN: &str = "127.0.0.1:15000";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_comes_up_and_cleans_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut demo = tokio::process::Command::new(binary("isdp-demo"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--exit-after", "15s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawning isdp-demo");
+    let mut lines = BufReader::new(demo.stdout.take().expect("stdout")).lines();
+    let mut seen = Vec::new();
+    let up = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.expect("reading demo stdout") {
+            let done = line.contains("ISDP demo is up");
+            seen.push(line);
+            if done {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    if up != Ok(true) {
+        let mut err = String::new();
+        if let Some(mut e) = demo.stderr.take() {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::io::AsyncReadExt::read_to_string(&mut e, &mut err),
+            )
+            .await;
+        }
+        panic!(
+            "isdp-demo did not come up; stdout:\n{}\nstderr:\n{err}\nlogs in {}",
+            seen.join("\n"),
+            dir.keep().display()
+        );
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    eventually(
+        Duration::from_secs(15),
+        "3 healthy payments in isdpctl",
+        || async {
+            let out = isdpctl(CONTROL_PLANE, &["-o", "json", "instances", "payments"]).await;
+            anyhow::ensure!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+            anyhow::ensure!(list.len() == 3, "{list:?}");
+            for n in 1..=3 {
+                let id = format!("payments-{n}.payments");
+                anyhow::ensure!(status_of(&list, &id)? == "healthy", "{id}: {list:?}");
+            }
+            Ok(())
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(15),
+        "web sidecar has 3 payments endpoints",
+        || async {
+            let config = http::get_json(WEB_ADMIN, "/config").await?;
+            let eps = config["upstreams"]["payments"]["endpoints"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            anyhow::ensure!(eps.len() == 3, "{config}");
+            Ok(())
+        },
+    )
+    .await;
+
+    let status = tokio::time::timeout(Duration::from_secs(40), demo.wait())
+        .await
+        .expect("isdp-demo did not stop after --exit-after")
+        .expect("waiting for isdp-demo");
+    assert!(status.success(), "isdp-demo exited with {status}");
+    for port in [
+        15010, 15014, 15000, 9191, 15101, 15102, 15103, 18081, 18082, 18083,
+    ] {
+        assert!(
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "port {port} still in use after the demo stopped: a child outlived it"
+        );
+    }
+}

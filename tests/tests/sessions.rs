@@ -1,0 +1,122 @@
+//! Sidecar sessions: a sidecar registers its local service and reports its
+//! health; a clean shutdown (SIGTERM) deregisters at once; a crash (kill -9)
+//! makes the instance unhealthy after the session grace and removes it after
+//! the session timeout.
+
+use std::time::{Duration, Instant};
+
+use isdp_tests::{
+    ControlPlane, ControlPlaneOpts, EchoHttp, SidecarToml, eventually, find_by_id, status_of,
+};
+
+const SERVICE: &str = "sessioned";
+const PROBE: Duration = Duration::from_millis(200);
+
+/// Waits until instance `id` of [`SERVICE`] has `status`; returns how long.
+async fn until_status(cp: &ControlPlane, id: &str, status: &str, timeout: Duration) -> Duration {
+    eventually(timeout, &format!("{id} {status} in isdpctl"), || async {
+        let list = cp.instances(SERVICE).await?;
+        let got = status_of(&list, id)?;
+        anyhow::ensure!(got == status, "{id} is {got}: {list:?}");
+        Ok(())
+    })
+    .await
+}
+
+/// Waits until instance `id` is gone from the registry; returns how long.
+async fn until_gone(cp: &ControlPlane, id: &str, timeout: Duration) -> Duration {
+    eventually(timeout, &format!("{id} removed"), || async {
+        let list = cp.instances(SERVICE).await?;
+        anyhow::ensure!(find_by_id(&list, id).is_none(), "still listed: {list:?}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_reports_health_and_sigterm_deregisters_at_once() {
+    let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
+    let echo = EchoHttp::start("sess-1").await;
+    let mut sidecar = SidecarToml::new("sess-1", &cp.grpc_url())
+        .service(SERVICE, echo.port(), PROBE)
+        .start()
+        .await;
+    let id = format!("sess-1.{SERVICE}");
+
+    until_status(&cp, &id, "healthy", Duration::from_secs(10)).await;
+    let list = cp.instances(SERVICE).await.expect("instances");
+    let inst = find_by_id(&list, &id).expect("listed");
+    assert_eq!(inst["node_id"], "sess-1", "{inst}");
+    assert_eq!(inst["port"], echo.port(), "{inst}");
+    let config = sidecar.config_json().await.expect("/config");
+    let services = config["services"].as_array().expect("services array");
+    assert!(services.iter().any(|s| s["id"] == id.as_str()), "{config}");
+
+    // The sidecar's own probe sees the failure and reports it.
+    echo.fail_health().await;
+    let took = until_status(&cp, &id, "unhealthy", Duration::from_secs(4)).await;
+    assert!(
+        took <= Duration::from_secs(2),
+        "unhealthy only after {took:?}"
+    );
+
+    echo.pass_health().await;
+    until_status(&cp, &id, "healthy", Duration::from_secs(5)).await;
+
+    // A clean shutdown closes the session: gone at once, not after a grace.
+    // Timed from the signal, not the exit: the sidecar may still be draining
+    // connections, but its instance must stop getting traffic right away.
+    let start = Instant::now();
+    sidecar.process().send_term().await;
+    until_gone(&cp, &id, Duration::from_secs(3)).await;
+    let took = start.elapsed();
+    let status = sidecar.process().wait_exit().await;
+    assert!(
+        took <= Duration::from_secs(1),
+        "deregistered only after {took:?}"
+    );
+    assert!(status.success(), "sidecar exited with {status} on SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_sidecar_goes_unhealthy_after_grace_then_is_removed() {
+    let cp = ControlPlane::start(ControlPlaneOpts {
+        session_grace: Some(Duration::from_secs(1)),
+        session_timeout: Some(Duration::from_secs(3)),
+        ..Default::default()
+    })
+    .await;
+    let echo = EchoHttp::start("sess-2").await;
+    let mut sidecar = SidecarToml::new("sess-2", &cp.grpc_url())
+        .service(SERVICE, echo.port(), PROBE)
+        .start()
+        .await;
+    let id = format!("sess-2.{SERVICE}");
+    until_status(&cp, &id, "healthy", Duration::from_secs(10)).await;
+
+    let start = Instant::now();
+    sidecar.kill9().await;
+    until_status(&cp, &id, "unhealthy", Duration::from_secs(5)).await;
+    let unhealthy = start.elapsed();
+    until_gone(&cp, &id, Duration::from_secs(8)).await;
+    let gone = start.elapsed();
+
+    // ~1 s grace: not at once (the stream dropping alone is no verdict), and
+    // not much later. The upper bounds leave room for a loaded CI machine.
+    assert!(
+        (Duration::from_millis(700)..=Duration::from_millis(2500)).contains(&unhealthy),
+        "unhealthy after {unhealthy:?}, expected ~1s"
+    );
+    assert!(
+        (Duration::from_millis(2500)..=Duration::from_millis(5000)).contains(&gone),
+        "removed after {gone:?}, expected ~3s"
+    );
+    // The backend itself was fine all along: this was the session's doing.
+    assert_eq!(
+        isdp_tests::http::get(echo.addr(), "/healthz")
+            .await
+            .expect("echo")
+            .status,
+        200
+    );
+}
