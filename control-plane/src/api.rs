@@ -3,11 +3,15 @@
 //! # Layout
 //! - `registry`: `isdp.v1.Registry` (register, deregister, list, watch).
 //! - `session`: `isdp.v1.Sidecar/Session`, a sidecar's own registrations.
+//! - `limits`: oversized requests answered with RESOURCE_EXHAUSTED.
 //!
 //! The xDS service lives in [`crate::xds`]; all three share one listener.
 
+mod limits;
 pub mod registry;
 pub mod session;
+
+pub use limits::SizeLimitStatusLayer;
 
 use tonic::Status;
 

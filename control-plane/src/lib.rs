@@ -62,57 +62,101 @@ pub enum Error {
 
 /// Runs the control plane until `shutdown` turns true.
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
-    config.validate().map_err(Error::Config)?;
-    let store = EmbeddedStore::open(&config.data_dir).map_err(|source| Error::Store {
-        dir: config.data_dir.display().to_string(),
-        source,
-    })?;
-    let registry = Registry::start(Arc::new(store.clone()), KEY_PREFIX, shutdown.clone()).await?;
-    tracing::info!(instances = registry.len(), data_dir = %config.data_dir.display(), "registry loaded");
-    let sessions = Sessions::new(
-        registry.clone(),
-        SessionTimeouts {
-            grace: config.session_grace,
-            timeout: config.session_timeout,
-        },
-    );
-    let metrics = metrics::Metrics::new();
-    let cache = xds::Cache::new(&[SERVICE_ENDPOINTS_TYPE_URL]);
-    let builder = snapshot::spawn(registry.clone(), cache.clone(), shutdown.clone());
-    let checker = health::spawn(registry.clone(), metrics.clone(), shutdown.clone());
-
-    let bind = |addr: SocketAddr| async move { TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source }) };
-    let grpc = bind(config.listen).await?;
-    let admin = bind(config.admin_listen).await?;
-    let grpc_addr = grpc.local_addr().map_err(|source| Error::Bind { addr: config.listen, source })?;
-    let admin_addr = admin.local_addr().map_err(|source| Error::Bind { addr: config.admin_listen, source })?;
-    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "control plane listening");
+    let server = Server::bind(config).await?;
     // One machine-readable line, for scripts and tests that bind port 0.
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "isdp-control-plane listening: grpc={grpc_addr} admin={admin_addr}");
+    let _ = writeln!(
+        out,
+        "isdp-control-plane listening: grpc={} admin={}",
+        server.grpc_addr, server.admin_addr
+    );
     let _ = out.flush();
     drop(out);
+    server.serve(shutdown).await
+}
 
-    let admin_task = tokio::spawn(admin::serve(admin, metrics.clone(), registry.clone(), shutdown.clone()));
-    let ads = xds::AdsService::new(cache, Arc::new(metrics.clone()), shutdown.clone());
-    let mut stop = shutdown.clone();
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        // Notice a vanished sidecar even when its TCP connection lingers.
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-        .add_service(api::registry::RegistryApi::new(registry.clone(), metrics.clone(), shutdown.clone()).into_server())
-        .add_service(api::session::SessionApi::new(sessions, shutdown.clone()).into_server())
-        .add_service(ads)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), async move {
-            let _ = stop.wait_for(|s| *s).await;
+/// A control plane whose store is open and whose listeners are bound, so
+/// callers (tests, benchmarks) learn the addresses before it serves.
+pub struct Server {
+    config: Config,
+    store: EmbeddedStore,
+    grpc: TcpListener,
+    admin: TcpListener,
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+}
+
+impl Server {
+    pub async fn bind(config: Config) -> Result<Self, Error> {
+        config.validate().map_err(Error::Config)?;
+        let store = EmbeddedStore::open(&config.data_dir).map_err(|source| Error::Store {
+            dir: config.data_dir.display().to_string(),
+            source,
+        })?;
+        let bind = |addr: SocketAddr| async move {
+            let l = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+            let local = l.local_addr().map_err(|source| Error::Bind { addr, source })?;
+            Ok::<_, Error>((l, local))
+        };
+        let (grpc, grpc_addr) = bind(config.listen).await?;
+        let (admin, admin_addr) = bind(config.admin_listen).await?;
+        Ok(Server {
+            config,
+            store,
+            grpc,
+            admin,
+            grpc_addr,
+            admin_addr,
         })
-        .await?;
-    let _ = admin_task.await;
-    let _ = builder.await;
-    let _ = checker.await;
-    drop(registry);
-    store.close().await;
-    tracing::info!("control plane stopped");
-    Ok(())
+    }
+
+    /// Serves until `shutdown` turns true, then closes the store.
+    pub async fn serve(self, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
+        let Server {
+            config,
+            store,
+            grpc,
+            admin,
+            grpc_addr,
+            admin_addr,
+        } = self;
+        let registry = Registry::start(Arc::new(store.clone()), KEY_PREFIX, shutdown.clone()).await?;
+        tracing::info!(instances = registry.len(), data_dir = %config.data_dir.display(), "registry loaded");
+        let sessions = Sessions::new(
+            registry.clone(),
+            SessionTimeouts {
+                grace: config.session_grace,
+                timeout: config.session_timeout,
+            },
+        );
+        let metrics = metrics::Metrics::new();
+        let cache = xds::Cache::new(&[SERVICE_ENDPOINTS_TYPE_URL]);
+        let builder = snapshot::spawn(registry.clone(), cache.clone(), shutdown.clone());
+        let checker = health::spawn(registry.clone(), metrics.clone(), shutdown.clone());
+        tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "control plane listening");
+
+        let admin_task = tokio::spawn(admin::serve(admin, metrics.clone(), registry.clone(), shutdown.clone()));
+        let ads = xds::AdsService::new(cache, Arc::new(metrics.clone()), shutdown.clone());
+        let mut stop = shutdown.clone();
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            // Notice a vanished sidecar even when its TCP connection lingers.
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .layer(api::SizeLimitStatusLayer)
+            .add_service(api::registry::RegistryApi::new(registry.clone(), metrics.clone(), shutdown.clone()).into_server())
+            .add_service(api::session::SessionApi::new(sessions, shutdown.clone()).into_server())
+            .add_service(ads)
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await?;
+        let _ = admin_task.await;
+        let _ = builder.await;
+        let _ = checker.await;
+        drop(registry);
+        store.close().await;
+        tracing::info!("control plane stopped");
+        Ok(())
+    }
 }

@@ -45,7 +45,9 @@ pub struct EmbeddedStore {
 }
 
 struct Shared {
-    db: Arc<Database>,
+    /// Taken out by [`EmbeddedStore::close`], so the file is released even
+    /// while other handles (timers, tasks) still exist.
+    db: std::sync::RwLock<Option<Arc<Database>>>,
     /// Recent revisions, oldest first, plus the revision before the oldest
     /// one kept (watching from earlier than that needs a resync).
     history: Mutex<History>,
@@ -67,6 +69,8 @@ enum Request {
     Txn(Txn, oneshot::Sender<Result<TxnOutcome, StoreError>>),
     Grant(Duration, oneshot::Sender<Result<LeaseId, StoreError>>),
     Revoke(LeaseId, oneshot::Sender<Result<(), StoreError>>),
+    /// Finish what is queued before this, then release the database.
+    Close,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -114,8 +118,9 @@ impl EmbeddedStore {
             (rev, leases)
         };
         let (events, _) = broadcast::channel(HISTORY);
+        let db = Arc::new(db);
         let shared = Arc::new(Shared {
-            db: Arc::new(db),
+            db: std::sync::RwLock::new(Some(db.clone())),
             history: Mutex::new(History {
                 batches: VecDeque::new(),
                 start: revision,
@@ -129,7 +134,7 @@ impl EmbeddedStore {
         std::thread::Builder::new()
             .name("isdp-store-writer".into())
             .spawn(move || {
-                Writer::new(writer_shared, revision).run(rx);
+                Writer::new(writer_shared, db, revision).run(rx);
                 let _ = closed_tx.send(true);
             })
             .map_err(unavailable)?;
@@ -142,9 +147,11 @@ impl EmbeddedStore {
         Ok(store)
     }
 
-    /// Drops this handle and, once every other handle is gone too, waits
-    /// until the database file is closed, so it can be opened again.
+    /// Commits what is queued, then closes the database file so it can be
+    /// opened again; every handle fails with [`StoreError::Closed`] after.
     pub async fn close(self) {
+        self.shared.db.write().expect("db lock").take();
+        let _ = self.writer.send(Request::Close).await;
         let mut closed = self.closed.clone();
         drop(self);
         let _ = closed.wait_for(|c| *c).await;
@@ -197,7 +204,7 @@ async fn reap_leases(shared: std::sync::Weak<Shared>, writer: mpsc::WeakSender<R
 #[async_trait::async_trait]
 impl Store for EmbeddedStore {
     async fn range(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
-        let db = self.shared.db.clone();
+        let db = self.shared.db.read().expect("db lock").clone().ok_or(StoreError::Closed)?;
         let prefix = prefix.to_owned();
         tokio::task::spawn_blocking(move || {
             let r = db.begin_read().map_err(unavailable)?;

@@ -17,6 +17,7 @@ use crate::store::{
 
 pub(super) struct Writer {
     shared: Arc<Shared>,
+    db: Arc<redb::Database>,
     revision: Revision,
 }
 
@@ -28,13 +29,16 @@ enum Done {
 }
 
 impl Writer {
-    pub(super) fn new(shared: Arc<Shared>, revision: Revision) -> Self {
-        Writer { shared, revision }
+    pub(super) fn new(shared: Arc<Shared>, db: Arc<redb::Database>, revision: Revision) -> Self {
+        Writer { shared, db, revision }
     }
 
-    /// Runs until every store handle is dropped; then releases the database.
+    /// Runs until closed or every store handle is dropped; then releases
+    /// the database.
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Request>) {
-        while let Some(first) = rx.blocking_recv() {
+        let mut open = true;
+        while open {
+            let Some(first) = rx.blocking_recv() else { break };
             let mut batch = vec![first];
             while batch.len() < super::MAX_BATCH {
                 match rx.try_recv() {
@@ -42,7 +46,19 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit_batch(batch);
+            if let Some(at) = batch.iter().position(|r| matches!(r, Request::Close)) {
+                open = false;
+                for late in batch.drain(at..) {
+                    late.fail(StoreError::Closed);
+                }
+            }
+            if !batch.is_empty() {
+                self.commit_batch(batch);
+            }
+        }
+        rx.close();
+        while let Ok(late) = rx.try_recv() {
+            late.fail(StoreError::Closed);
         }
     }
 
@@ -51,7 +67,7 @@ impl Writer {
         let mut done = Vec::with_capacity(batch.len());
         let mut produced: Vec<WatchBatch> = Vec::new();
         let result = (|| -> Result<(), StoreError> {
-            let w = self.shared.db.begin_write().map_err(unavailable)?;
+            let w = self.db.begin_write().map_err(unavailable)?;
             for req in batch {
                 done.push(match req {
                     Request::Txn(txn, reply) => {
@@ -63,6 +79,7 @@ impl Writer {
                         let r = self.revoke(&w, id, &mut produced).map(|()| id);
                         Done::Revoke(reply, r)
                     }
+                    Request::Close => unreachable!("handled before the batch"),
                 });
             }
             w.open_table(META)
@@ -238,5 +255,16 @@ impl Writer {
         };
         let txn = keys.into_iter().fold(Txn::default(), |t, k| t.delete(k));
         self.apply_txn(w, txn, produced).map(|_| ())
+    }
+}
+
+impl Request {
+    fn fail(self, e: StoreError) {
+        match self {
+            Request::Txn(_, r) => drop(r.send(Err(e))),
+            Request::Grant(_, r) => drop(r.send(Err(e))),
+            Request::Revoke(_, r) => drop(r.send(Err(e))),
+            Request::Close => {}
+        }
     }
 }
