@@ -39,6 +39,7 @@ pub fn service_endpoints(registry: &Registry, service: &str) -> Option<ServiceEn
                 weight: i.weight,
                 metadata: i.metadata.clone(),
                 status: i.status,
+                inbound_port: i.inbound_port,
             }
         })
         .collect();

@@ -16,6 +16,9 @@ pub use file::{FileConfig, ServiceSpec, UpstreamSpec};
 
 /// Default admin listener.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15000";
+/// Default port of the inbound listener, on the advertised address.
+pub const DEFAULT_INBOUND_PORT: u16 = 15006;
+pub const DEFAULT_OUTBOUND_LISTEN: &str = "127.0.0.1:15001";
 /// Default control plane.
 pub const DEFAULT_CONTROL_PLANE: &str = "http://127.0.0.1:15010";
 /// Default time between probes and per-probe timeout.
@@ -48,6 +51,14 @@ pub struct Cli {
     /// Address advertised for local services [default: 127.0.0.1].
     #[arg(long, env = "ISDP_ADDRESS", value_name = "IP")]
     pub address: Option<String>,
+    /// Inbound listener: mesh traffic for the local services
+    /// [default: ADDRESS:15006].
+    #[arg(long, env = "ISDP_INBOUND_LISTEN", value_name = "ADDR")]
+    pub inbound_listen: Option<String>,
+    /// Shared outbound listener, routing by Host / :authority to the
+    /// upstream of that name [default: 127.0.0.1:15001].
+    #[arg(long, env = "ISDP_OUTBOUND_LISTEN", value_name = "ADDR")]
+    pub outbound_listen: Option<String>,
     /// A local service: comma-separated key=value with the keys of a
     /// `[[service]]` table, metadata as meta.KEY=VALUE; repeatable
     /// (';'-separated in the environment).
@@ -98,6 +109,11 @@ pub struct Config {
     pub control_plane: Vec<String>,
     /// Where the admin server listens (port 0 picks one).
     pub admin_listen: SocketAddr,
+    /// Where other sidecars send mesh traffic for the local services; its
+    /// port is registered with every local instance.
+    pub inbound_listen: SocketAddr,
+    /// Where the local service sends requests for any upstream, by name.
+    pub outbound_listen: SocketAddr,
     /// Address other sidecars use to reach the local services.
     pub address: IpAddr,
     /// Services running next to this sidecar, registered via the session.
@@ -140,10 +156,16 @@ pub struct Service {
 pub struct Upstream {
     /// Service name, also the xDS resource name.
     pub name: String,
-    /// Local listener the data plane will serve it on (not used yet).
+    /// Optional dedicated local listener for this upstream; without it the
+    /// upstream is reached through the shared outbound listener by name.
     pub listen: Option<SocketAddr>,
-    /// Protocol the data plane will proxy.
+    /// `http` (HTTP/1.1 and h2c, gRPC included) or `tcp` (opaque bytes,
+    /// balanced per connection).
     pub protocol: Protocol,
+    /// How requests are spread over the endpoints.
+    pub lb: crate::balance::Algorithm,
+    /// What consistent hashing (ring_hash, maglev) hashes on.
+    pub hash_key: Option<crate::balance::HashKey>,
 }
 
 /// A configuration error; the message names the offending field.
@@ -216,6 +238,12 @@ impl Config {
         }
         if !cli.control_plane.is_empty() {
             file.control_plane = Some(cli.control_plane);
+        }
+        if cli.inbound_listen.is_some() {
+            file.inbound_listen = cli.inbound_listen;
+        }
+        if cli.outbound_listen.is_some() {
+            file.outbound_listen = cli.outbound_listen;
         }
         if cli.admin_listen.is_some() {
             file.admin_listen = cli.admin_listen;

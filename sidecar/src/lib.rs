@@ -5,19 +5,24 @@
 //! # Layout
 //! - `config`: TOML file + flags/env, validated into [`Config`].
 //! - `probe`: HTTP/TCP/gRPC health probes, rise/fall state, checker task (reusable by the control plane).
+//! - `balance`: load-balancing algorithms (round robin, P2C, peak EWMA, ring hash, Maglev) and health filtering.
 //! - `backoff`: exponential backoff with full jitter for reconnects.
 //! - `dial`: control-plane channel settings and URL rotation.
 //! - `xds`: delta-ADS client publishing a `watch` of [`xds::Snapshot`].
 //! - `session`: the `isdp.v1.Sidecar/Session` stream registering local services.
 //! - `admin`: `/live`, `/ready`, `/config` over HTTP.
+//! - `proxy`: the data plane: inbound, outbound and per-upstream listeners,
+//!   the request path as tower layers (route -> balance -> endpoint), TCP.
 //!
 //! [`run`] wires them together; `main.rs` adds flags, logging and signals.
 
 pub mod admin;
 pub mod backoff;
+pub mod balance;
 pub mod config;
 pub mod dial;
 pub mod probe;
+pub mod proxy;
 pub mod session;
 pub mod xds;
 
@@ -39,14 +44,22 @@ pub enum Error {
     },
     #[error("admin server: {0}")]
     Admin(std::io::Error),
+    #[error("bind {what} listener {addr}: {source}")]
+    Listen {
+        what: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Runs the sidecar until `shutdown` becomes true (or its sender is
 /// dropped), then closes the session, stops probes and xDS, and returns.
 ///
-/// Binds the admin listener first and prints
-/// `isdp-sidecar listening: admin=<addr>` on stdout once bound.
-pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
+/// Binds every listener first and prints
+/// `isdp-sidecar listening: admin=<addr> inbound=<addr> outbound=<addr>`
+/// (plus `upstream.<name>=<addr>` per dedicated upstream listener) on
+/// stdout once bound, so scripts and tests can use port 0.
+pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
     let listener = TcpListener::bind(config.admin_listen)
         .await
         .map_err(|source| Error::Bind {
@@ -54,9 +67,20 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             source,
         })?;
     let admin_addr = listener.local_addr().map_err(Error::Admin)?;
+    let listeners = proxy::Listeners::bind(&config).await?;
+    let addrs = listeners.addrs();
+    // Registrations carry the port actually bound.
+    config.inbound_listen = addrs.inbound;
     {
+        let mut line = format!(
+            "isdp-sidecar listening: admin={admin_addr} inbound={} outbound={}",
+            addrs.inbound, addrs.outbound
+        );
+        for (name, addr) in &addrs.upstreams {
+            line.push_str(&format!(" upstream.{name}={addr}"));
+        }
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "isdp-sidecar listening: admin={admin_addr}");
+        let _ = writeln!(out, "{line}");
         let _ = out.flush();
     }
     tracing::info!(node_id = %config.node_id, admin = %admin_addr, "sidecar starting");
@@ -87,6 +111,14 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         shutdown.clone(),
     );
     tasks.push(xds_task);
+    let upstreams =
+        proxy::upstreams::Upstreams::spawn(&config.upstreams, snapshots.clone(), shutdown.clone());
+    let data_plane = {
+        let config = config.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { listeners.serve(&config, upstreams, shutdown).await })
+    };
+    tasks.push(data_plane);
     let state = admin::AdminState {
         session,
         xds: snapshots,

@@ -46,6 +46,9 @@ struct Shared {
     node_id: String,
     /// Address advertised for the local services.
     address: String,
+    /// Registered with each instance: other sidecars send its traffic to
+    /// `address:inbound_port`.
+    inbound_port: u16,
     /// The local services, in config order; indexes match `health`.
     services: Vec<Service>,
     /// Current health per service; the session task watches it to send
@@ -64,6 +67,7 @@ impl Session {
             shared: Arc::new(Shared {
                 node_id: config.node_id.clone(),
                 address: config.address.to_string(),
+                inbound_port: config.inbound_listen.port(),
                 health: watch::Sender::new(vec![Health::Unknown; services.len()]),
                 services,
                 status: watch::Sender::new(SessionStatus::default()),
@@ -127,6 +131,7 @@ impl Session {
                 }),
                 status: i32::from(*health),
                 node_id: s.node_id.clone(),
+                inbound_port: u32::from(s.inbound_port),
             })
             .collect()
     }

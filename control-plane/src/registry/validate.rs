@@ -107,6 +107,9 @@ pub fn instance(i: &Instance, prefix: &str) -> Result<(), Vec<FieldError>> {
     if !(1..=65535).contains(&i.port) {
         e.push("port", format!("must be 1..=65535, got {}", i.port));
     }
+    if i.inbound_port > 65535 {
+        e.push("inbound_port", format!("must be 0..=65535, got {}", i.inbound_port));
+    }
     if i.weight > MAX_WEIGHT {
         e.push("weight", format!("must be 0..={MAX_WEIGHT}, got {}", i.weight));
     }

@@ -57,6 +57,7 @@ async fn live_ready_and_config() {
                 id: "pay-1.payments".into(),
                 address: "127.0.0.1".into(),
                 port: 8081,
+                inbound_port: 0,
                 weight: 1,
                 metadata: [("version".to_string(), "v1".to_string())].into(),
                 health: Health::Healthy,

@@ -10,9 +10,10 @@ use serde::Deserialize;
 
 use super::{
     Config, ConfigError, DEFAULT_ADMIN_LISTEN, DEFAULT_CHECK_PERIOD, DEFAULT_CONTROL_PLANE,
-    DEFAULT_DRAIN_TIMEOUT, LogFormat, Protocol, Service, Upstream, check_dns_label,
-    default_address, hostname,
+    DEFAULT_DRAIN_TIMEOUT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_LISTEN, LogFormat, Protocol,
+    Service, Upstream, check_dns_label, default_address, hostname,
 };
+use crate::balance::{Algorithm, HashKey};
 use crate::probe::Target;
 
 /// The TOML file. Every key is optional here; validation applies defaults.
@@ -23,6 +24,8 @@ pub struct FileConfig {
     pub control_plane: Option<Vec<String>>,
     pub admin_listen: Option<String>,
     pub address: Option<String>,
+    pub inbound_listen: Option<String>,
+    pub outbound_listen: Option<String>,
     #[serde(default)]
     pub service: Vec<ServiceSpec>,
     #[serde(default)]
@@ -56,6 +59,10 @@ pub struct UpstreamSpec {
     pub name: String,
     pub listen: Option<String>,
     pub protocol: Option<Protocol>,
+    /// Balancing algorithm name (see `balance::Algorithm`).
+    pub lb: Option<String>,
+    /// `header:NAME`, `cookie:NAME` or `source_ip`, for ring_hash / maglev.
+    pub hash_key: Option<String>,
 }
 
 /// Largest weight the registry accepts.
@@ -130,6 +137,23 @@ impl FileConfig {
             })?,
             None => default_address(),
         };
+        let listen = |field: &str, value: Option<&str>, default: SocketAddr| match value {
+            Some(v) => v
+                .trim()
+                .parse::<SocketAddr>()
+                .map_err(|e| ConfigError::invalid(field, format!("invalid address {v:?}: {e}"))),
+            None => Ok(default),
+        };
+        let inbound_listen = listen(
+            "inbound_listen",
+            self.inbound_listen.as_deref(),
+            SocketAddr::new(address, DEFAULT_INBOUND_PORT),
+        )?;
+        let outbound_listen = listen(
+            "outbound_listen",
+            self.outbound_listen.as_deref(),
+            DEFAULT_OUTBOUND_LISTEN.parse().expect("valid default"),
+        )?;
         let drain_timeout = match &self.drain_timeout {
             Some(d) => duration("drain_timeout", d)?,
             None => DEFAULT_DRAIN_TIMEOUT,
@@ -154,6 +178,8 @@ impl FileConfig {
             node_id,
             control_plane,
             admin_listen,
+            inbound_listen,
+            outbound_listen,
             address,
             services,
             upstreams,
@@ -325,10 +351,31 @@ impl UpstreamSpec {
             })?),
             None => None,
         };
+        let lb = match &self.lb {
+            Some(l) => l
+                .trim()
+                .parse::<Algorithm>()
+                .map_err(|e| ConfigError::invalid(format!("upstream[{i}].lb"), e.to_string()))?,
+            None => Algorithm::default(),
+        };
+        let hash_key = match &self.hash_key {
+            Some(k) => Some(k.trim().parse::<HashKey>().map_err(|e| {
+                ConfigError::invalid(format!("upstream[{i}].hash_key"), e.to_string())
+            })?),
+            None => None,
+        };
+        if hash_key.is_some() && !matches!(lb, Algorithm::RingHash | Algorithm::Maglev) {
+            return Err(ConfigError::invalid(
+                format!("upstream[{i}].hash_key"),
+                "only used with lb = \"ring_hash\" or \"maglev\"",
+            ));
+        }
         Ok(Upstream {
             name: self.name,
             listen,
             protocol: self.protocol.unwrap_or_default(),
+            lb,
+            hash_key,
         })
     }
 }

@@ -17,6 +17,9 @@ pub struct Endpoint {
     /// IP address to connect to.
     pub address: String,
     pub port: u16,
+    /// Port of the endpoint's sidecar inbound listener on `address`; 0 when
+    /// the instance has no sidecar and is reached at `port` directly.
+    pub inbound_port: u16,
     /// Relative share of traffic (>= 1).
     pub weight: u32,
     /// Labels such as version and zone, for routing by subset.
@@ -121,10 +124,17 @@ pub fn decode(resource: &Resource) -> Result<UpstreamState, String> {
                         e.instance_id, e.port
                     )
                 })?;
+            let inbound_port = u16::try_from(e.inbound_port).map_err(|_| {
+                format!(
+                    "resource {name:?}: endpoint {:?} has invalid inbound port {}",
+                    e.instance_id, e.inbound_port
+                )
+            })?;
             Ok(Endpoint {
                 id: e.instance_id,
                 address: e.address,
                 port,
+                inbound_port,
                 weight: e.weight.max(1),
                 metadata: e.metadata.into_iter().collect(),
                 health: Health::from_i32(e.status),
@@ -157,6 +167,7 @@ mod tests {
                     weight: 0,
                     metadata: [("version".to_string(), "v1".to_string())].into(),
                     status: HealthStatus::Healthy as i32,
+                    inbound_port: 0,
                 })
                 .collect(),
         }

@@ -74,6 +74,7 @@ fn payments(version: &str, body_service: &str) -> Resource {
             weight: 1,
             metadata: Default::default(),
             status: 1,
+            inbound_port: 0,
         }],
     };
     Resource {

@@ -1,0 +1,141 @@
+//! Registration throughput, durable (every acknowledged write is fsynced by
+//! the embedded store's group commit).
+//!
+//! Two layers are measured so their costs can be told apart:
+//! - gRPC: `Registry/Register` against an in-process control plane, which
+//!   adds validation, compare-and-set, and waiting until the write is
+//!   visible in the registry view.
+//! - store: `Store::txn` on an `EmbeddedStore` directly, with the same
+//!   compare-and-set shape the registry uses.
+//!
+//! Each (layer, concurrency) pair runs several rounds on a fresh data
+//! directory; the report gives the median rate and the spread.
+
+mod support;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use isdp_control_plane::store::{Store, Txn, embedded::EmbeddedStore};
+use prost::Message;
+use support::{Bulk, InProcess};
+
+/// Instances are spread over this many services, as a real mesh spreads
+/// them; one giant service would instead measure rebuilding its snapshot.
+const SERVICES: usize = 200;
+const CONCURRENCY: [usize; 4] = [1, 16, 64, 256];
+/// gRPC connections the clients share.
+const CHANNELS: usize = 4;
+
+fn main() -> anyhow::Result<()> {
+    let total = support::knob("INSTANCES", 20_000)?;
+    let rounds = support::knob("ROUNDS", 3)?;
+    let budget = Duration::from_secs(support::knob("ROUND_SECS", 6)? as u64);
+    support::header(
+        "registration",
+        &[("INSTANCES", total), ("ROUNDS", rounds), ("ROUND_SECS", budget.as_secs() as usize)],
+    );
+    println!("A round registers INSTANCES new instances or stops after ROUND_SECS, whichever comes first.");
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        println!("\n-- gRPC Register ({CHANNELS} connections, {SERVICES} services)");
+        table_header();
+        for c in CONCURRENCY {
+            let mut runs = Vec::with_capacity(rounds);
+            for _ in 0..rounds {
+                runs.push(grpc_round(c, total, budget).await?);
+            }
+            table_row(c, &runs);
+        }
+        println!("\n-- EmbeddedStore::txn (compare-and-set put, no gRPC)");
+        table_header();
+        for c in CONCURRENCY {
+            let mut runs = Vec::with_capacity(rounds);
+            for _ in 0..rounds {
+                runs.push(store_round(c, total, budget).await?);
+            }
+            table_row(c, &runs);
+        }
+        Ok(())
+    })
+}
+
+async fn grpc_round(concurrency: usize, total: usize, budget: Duration) -> anyhow::Result<Bulk> {
+    let dir = tempfile::tempdir()?;
+    let server = InProcess::start(dir.path()).await?;
+    let channels = support::channels(server.grpc_addr, CHANNELS).await?;
+    let bulk = support::register_bulk(&channels, concurrency, total, budget, |i| {
+        support::instance(&format!("svc-{:03}", i % SERVICES), i)
+    })
+    .await?;
+    drop(channels);
+    server.stop().await?;
+    Ok(bulk)
+}
+
+async fn store_round(concurrency: usize, total: usize, budget: Duration) -> anyhow::Result<Bulk> {
+    let dir = tempfile::tempdir()?;
+    let store = EmbeddedStore::open(dir.path()).context("opening the store")?;
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let deadline = start + budget;
+    let mut workers = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let store = store.clone();
+        let next = next.clone();
+        workers.push(tokio::spawn(async move {
+            let mut done = 0usize;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total || Instant::now() >= deadline {
+                    return Ok::<_, anyhow::Error>(done);
+                }
+                let inst = support::instance(&format!("svc-{:03}", i % SERVICES), i);
+                let key = format!("{}instances/{}", isdp_control_plane::KEY_PREFIX, inst.id);
+                // Absent-key precondition, as a first registration does.
+                let txn = Txn::default()
+                    .when_mod_revision(&key, 0)
+                    .put(key.clone(), Bytes::from(inst.encode_to_vec()), None);
+                let out = store.txn(txn).await?;
+                anyhow::ensure!(out.succeeded, "compare failed for new key {key}");
+                done += 1;
+            }
+        }));
+    }
+    let mut done = 0;
+    for w in workers {
+        done += w.await.context("store worker panicked")??;
+    }
+    let elapsed = start.elapsed();
+    store.close().await;
+    Ok(Bulk { done, elapsed })
+}
+
+fn table_header() {
+    println!(
+        "{:>11}  {:>12}  {:>12}  {:>12}  {:>10}",
+        "concurrency", "median/s", "min/s", "max/s", "writes"
+    );
+}
+
+fn table_row(concurrency: usize, runs: &[Bulk]) {
+    let rates: Vec<f64> = runs.iter().map(Bulk::per_sec).collect();
+    let min = rates.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = rates.iter().copied().fold(0.0, f64::max);
+    let writes: Vec<String> = runs.iter().map(|r| r.done.to_string()).collect();
+    println!(
+        "{:>11}  {:>12.0}  {:>12.0}  {:>12.0}  {:>10}",
+        concurrency,
+        support::median(&rates),
+        min,
+        max,
+        writes.join("/")
+    );
+}

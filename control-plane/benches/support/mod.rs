@@ -1,0 +1,179 @@
+//! Helpers shared by the control-plane benchmarks: an in-process server on
+//! loopback, gRPC channels, bulk registration, and percentile reports.
+//!
+//! This is `support/mod.rs` rather than `support.rs` because Cargo would
+//! build a top-level `benches/support.rs` as a benchmark of its own.
+
+#![allow(dead_code)] // Each bench binary uses a different subset.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use clap::Parser;
+use isdp_proto::v1::{Instance, RegisterRequest, registry_client::RegistryClient};
+use tokio::{sync::watch, task::JoinHandle};
+use tonic::transport::{Channel, Endpoint};
+
+/// A control plane serving in this process on loopback ports.
+pub struct InProcess {
+    pub grpc_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), isdp_control_plane::Error>>,
+}
+
+impl InProcess {
+    /// Binds on `127.0.0.1:0` with its store in `data_dir`, exactly as the
+    /// binary would with those flags.
+    pub async fn start(data_dir: &Path) -> anyhow::Result<Self> {
+        let dir = data_dir.to_str().context("data dir is not UTF-8")?;
+        let config = isdp_control_plane::Config::parse_from([
+            "isdp-control-plane",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir,
+        ]);
+        let server = isdp_control_plane::Server::bind(config).await.context("binding the control plane")?;
+        let grpc_addr = server.grpc_addr;
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(server.serve(stop_rx));
+        Ok(InProcess { grpc_addr, stop, task })
+    }
+
+    /// Stops serving and waits until the store is closed.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.task.await.context("control plane task panicked")??;
+        Ok(())
+    }
+}
+
+/// `n` separate HTTP/2 connections to `addr`, so load spreads as it would
+/// from several sidecars rather than multiplexing on one socket.
+pub async fn channels(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<Channel>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let ch = Endpoint::from_shared(format!("http://{addr}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        out.push(ch);
+    }
+    Ok(out)
+}
+
+/// An operator-registered instance; ids are unique per `index`.
+pub fn instance(service: &str, index: usize) -> Instance {
+    Instance {
+        id: format!("{service}-{index:07}"),
+        service: service.to_owned(),
+        address: "127.0.0.1".to_owned(),
+        port: 1024 + (index % 60_000) as u32,
+        ..Default::default()
+    }
+}
+
+/// What one bulk registration achieved.
+pub struct Bulk {
+    pub done: usize,
+    pub elapsed: Duration,
+}
+
+impl Bulk {
+    pub fn per_sec(&self) -> f64 {
+        self.done as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Registers `make(0..total)` with at most `concurrency` calls in flight,
+/// spread round-robin over `channels`. Stops early at `budget`, so slow
+/// configurations (one call at a time, each waiting for an fsync) still
+/// finish in bounded time; the rate is computed from what completed.
+pub async fn register_bulk(
+    channels: &[Channel],
+    concurrency: usize,
+    total: usize,
+    budget: Duration,
+    make: impl Fn(usize) -> Instance + Send + Sync + 'static,
+) -> anyhow::Result<Bulk> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let make = Arc::new(make);
+    let start = Instant::now();
+    let deadline = start + budget;
+    let mut workers = Vec::with_capacity(concurrency);
+    for w in 0..concurrency {
+        let mut client = RegistryClient::new(channels[w % channels.len()].clone());
+        let next = next.clone();
+        let make = make.clone();
+        workers.push(tokio::spawn(async move {
+            let mut done = 0usize;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total || Instant::now() >= deadline {
+                    return Ok::<_, anyhow::Error>(done);
+                }
+                let req = RegisterRequest { instance: Some(make(i)) };
+                client.register(req).await.with_context(|| format!("registering #{i}"))?;
+                done += 1;
+            }
+        }));
+    }
+    let mut done = 0;
+    for w in workers {
+        done += w.await.context("register worker panicked")??;
+    }
+    Ok(Bulk {
+        done,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// Nearest-rank percentile of sorted samples.
+pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> T {
+    assert!(!sorted.is_empty(), "percentile of no samples");
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Median of unsorted values (the lower one for an even count).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    percentile(&v, 50.0)
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// A knob read from `ISDP_BENCH_<name>`, so a run can be scaled without
+/// editing code; the report prints the values used.
+pub fn knob(name: &str, default: usize) -> anyhow::Result<usize> {
+    let var = format!("ISDP_BENCH_{name}");
+    match std::env::var(&var) {
+        Ok(v) => v.parse().with_context(|| format!("{var}={v:?} is not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
+/// The header every report starts with: what ran, where, and how to rerun.
+pub fn header(bench: &str, knobs: &[(&str, usize)]) {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!("== isdp-control-plane bench: {bench}");
+    println!("command: cargo bench -p isdp-control-plane --bench {bench}");
+    let knobs: Vec<String> = knobs.iter().map(|(k, v)| format!("ISDP_BENCH_{k}={v}")).collect();
+    println!("knobs:   {}", knobs.join(" "));
+    println!("machine: {cores} cores, kernel {}", kernel.trim());
+}

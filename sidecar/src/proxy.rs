@@ -1,0 +1,285 @@
+//! The data plane: listeners that carry traffic between a service, its
+//! sidecar, and the sidecars of the services it calls.
+//!
+//! # Layout
+//! - `outbound`: the request path from the local service to an upstream, as
+//!   tower layers `Route` -> `Balance` -> `Endpoint`.
+//! - `inbound`: traffic from other sidecars to the local services.
+//! - `tcp`: opaque TCP proxying and the tunnel preamble between sidecars.
+//! - `upstreams`: per-upstream balancer state, rebuilt from the discovery
+//!   snapshot.
+//! - `forward`: pooled HTTP/1.1 and HTTP/2 clients, upgrades, error mapping.
+//! - `http`: body type, proxy header rules, error responses.
+//! - `transport`: how sidecars connect to each other (where mTLS plugs in).
+//!
+//! Listeners: one inbound (mesh traffic to this sidecar's services), one
+//! shared outbound that routes by `Host` (also usable as an `http_proxy`),
+//! and one per upstream that sets `listen`. On shutdown every listener stops
+//! accepting, open HTTP connections finish their in-flight requests
+//! (`graceful_shutdown`), and everything still open after the drain timeout
+//! is dropped.
+
+pub mod forward;
+pub mod http;
+pub mod inbound;
+pub mod outbound;
+pub mod tcp;
+pub mod transport;
+pub mod upstreams;
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use ::http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tower::Service;
+
+use crate::config::{Config, Protocol, Upstream};
+use forward::Forwarder;
+use outbound::{BoxFuture, ClientAddr, RouteBy};
+use upstreams::Upstreams;
+
+/// Tracks every connection task, so shutdown can wait for them to drain.
+pub type Tracker = tokio_util::task::TaskTracker;
+
+/// How long a connection to an endpoint may take before the request fails
+/// with 504 `connect-timeout`.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The data plane's listeners, bound before anything is registered so the
+/// registration can carry the real inbound port.
+pub struct Listeners {
+    inbound: TcpListener,
+    outbound: TcpListener,
+    upstreams: Vec<(Upstream, TcpListener)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Addrs {
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+    pub upstreams: Vec<(String, SocketAddr)>,
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, crate::Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| crate::Error::Listen {
+            what: what.to_owned(),
+            addr,
+            source,
+        })
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> Result<Self, crate::Error> {
+        let inbound = bind(config.inbound_listen, "inbound").await?;
+        let outbound = bind(config.outbound_listen, "outbound").await?;
+        let mut ups = Vec::new();
+        for u in &config.upstreams {
+            if let Some(addr) = u.listen {
+                ups.push((
+                    u.clone(),
+                    bind(addr, &format!("upstream {}", u.name)).await?,
+                ));
+            }
+        }
+        Ok(Listeners {
+            inbound,
+            outbound,
+            upstreams: ups,
+        })
+    }
+
+    pub fn addrs(&self) -> Addrs {
+        let local = |l: &TcpListener| l.local_addr().expect("bound listener has an address");
+        Addrs {
+            inbound: local(&self.inbound),
+            outbound: local(&self.outbound),
+            upstreams: self
+                .upstreams
+                .iter()
+                .map(|(u, l)| (u.name.clone(), local(l)))
+                .collect(),
+        }
+    }
+
+    /// Serves until `shutdown`, then drains for at most `drain`.
+    pub async fn serve(
+        self,
+        config: &Config,
+        upstreams: Upstreams,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let tracker = Tracker::new();
+        let forwarder = Forwarder::new(CONNECT_TIMEOUT);
+        let mut accept_loops = Vec::new();
+
+        let out = outbound::stack(RouteBy::Authority, upstreams.clone(), forwarder.clone());
+        accept_loops.push(tokio::spawn(serve_http(
+            self.outbound,
+            out,
+            tracker.clone(),
+            shutdown.clone(),
+        )));
+
+        for (u, listener) in self.upstreams {
+            let name: Arc<str> = Arc::from(u.name.as_str());
+            let task = match u.protocol {
+                Protocol::Tcp => tokio::spawn(tcp::serve_outbound(
+                    listener,
+                    name,
+                    upstreams.clone(),
+                    CONNECT_TIMEOUT,
+                    tracker.clone(),
+                    shutdown.clone(),
+                )),
+                Protocol::Http | Protocol::Grpc => {
+                    let svc =
+                        outbound::stack(RouteBy::Fixed(name), upstreams.clone(), forwarder.clone());
+                    tokio::spawn(serve_http(listener, svc, tracker.clone(), shutdown.clone()))
+                }
+            };
+            accept_loops.push(task);
+        }
+
+        let inbound = inbound::Inbound::new(&config.services, forwarder);
+        accept_loops.push(tokio::spawn(serve_inbound(
+            self.inbound,
+            inbound,
+            tracker.clone(),
+            shutdown.clone(),
+        )));
+
+        for l in accept_loops {
+            let _ = l.await;
+        }
+        tracker.close();
+        let open = tracker.len();
+        if open > 0 {
+            tracing::info!(connections = open, drain = ?config.drain_timeout, "draining connections");
+        }
+        if tokio::time::timeout(config.drain_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                connections = tracker.len(),
+                "drain timeout reached; closing what is left"
+            );
+        }
+    }
+}
+
+/// Resolves once shutdown has begun (or its sender is gone).
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+async fn accept(
+    listener: &TcpListener,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = stopped(shutdown) => return None,
+            r = listener.accept() => match r {
+                Ok((s, peer)) => {
+                    let _ = s.set_nodelay(true);
+                    return Some((s, peer));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+/// Serves one HTTP connection (HTTP/1.1 or HTTP/2, with upgrades) with
+/// `svc`; on shutdown, finishes in-flight requests and closes.
+async fn serve_conn<S>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    svc: S,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: Service<
+            Request<http::Body>,
+            Response = Response<http::Body>,
+            Error = Infallible,
+            Future = BoxFuture,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    let hyper_svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let mut req = req.map(http::boxed);
+        req.extensions_mut().insert(ClientAddr(Some(peer)));
+        svc.clone().call(req)
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), hyper_svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "http connection ended with an error");
+            }
+            return;
+        }
+        _ = stopped(&mut shutdown) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+async fn serve_http<S>(
+    listener: TcpListener,
+    svc: S,
+    tracker: Tracker,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: Service<
+            Request<http::Body>,
+            Response = Response<http::Body>,
+            Error = Infallible,
+            Future = BoxFuture,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    while let Some((stream, peer)) = accept(&listener, &mut shutdown).await {
+        tracker.spawn(serve_conn(stream, peer, svc.clone(), shutdown.clone()));
+    }
+}
+
+async fn serve_inbound(
+    listener: TcpListener,
+    inbound: inbound::Inbound,
+    tracker: Tracker,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    while let Some((stream, peer)) = accept(&listener, &mut shutdown).await {
+        let inbound = inbound.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            match inbound::is_tcp_tunnel(&stream).await {
+                Ok(true) => inbound.tcp(stream, CONNECT_TIMEOUT).await,
+                Ok(false) => serve_conn(stream, peer, inbound, shutdown).await,
+                Err(e) => tracing::debug!(%peer, error = %e, "inbound connection closed before sending anything"),
+            }
+        });
+    }
+}

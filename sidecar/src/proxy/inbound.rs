@@ -1,0 +1,159 @@
+//! The inbound listener: traffic from other sidecars (and direct HTTP
+//! clients) for the services this sidecar fronts.
+//!
+//! One port serves both HTTP (HTTP/2 from sidecars, HTTP/1.1 too) and
+//! tunnelled TCP: the first bytes tell them apart ([`tcp::PREAMBLE`]).
+//! HTTP requests name their service in `x-isdp-service`; with a single
+//! local service the header may be absent.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::{Ipv4Addr, SocketAddr},
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use http::{Request, Response, StatusCode};
+use tokio::net::TcpStream;
+
+use super::{
+    forward::{Forwarder, Hop},
+    http::{Body, SERVICE_HEADER, error_response},
+    outbound::BoxFuture,
+    tcp,
+};
+use crate::config::{Protocol, Service};
+
+/// A local service as the inbound side needs it.
+#[derive(Clone, Debug)]
+struct Local {
+    port: u16,
+    protocol: Protocol,
+}
+
+#[derive(Clone)]
+pub struct Inbound {
+    services: Arc<HashMap<String, Local>>,
+    /// The service requests without `x-isdp-service` go to, when there is
+    /// exactly one.
+    default: Option<Arc<str>>,
+    forwarder: Forwarder,
+}
+
+impl Inbound {
+    pub fn new(services: &[Service], forwarder: Forwarder) -> Self {
+        let map: HashMap<String, Local> = services
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    Local {
+                        port: s.port,
+                        protocol: s.protocol,
+                    },
+                )
+            })
+            .collect();
+        let default = (services.len() == 1).then(|| Arc::from(services[0].name.as_str()));
+        Inbound {
+            services: Arc::new(map),
+            default,
+            forwarder,
+        }
+    }
+
+    fn local(&self, name: &str) -> Option<SocketAddr> {
+        self.services
+            .get(name)
+            .map(|l| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), l.port))
+    }
+
+    /// Hands a tunnelled TCP connection to its local service.
+    pub async fn tcp(&self, mut stream: TcpStream, connect_timeout: Duration) {
+        let service = match tcp::read_preamble(&mut stream).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "bad tcp preamble; closing");
+                return;
+            }
+        };
+        let Some(addr) = self.local(&service) else {
+            tracing::debug!(%service, "tcp for an unknown local service; closing");
+            return;
+        };
+        match super::transport::connect(addr, connect_timeout).await {
+            Ok(local) => tcp::splice(stream, local).await,
+            Err(e) => tracing::debug!(%service, error = %e, "local service refused tcp"),
+        }
+    }
+}
+
+/// Tells HTTP from a TCP tunnel by peeking at the first bytes, without
+/// consuming them.
+pub async fn is_tcp_tunnel(stream: &TcpStream) -> std::io::Result<bool> {
+    let mut buf = [0u8; tcp::PREAMBLE.len()];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no data"))??;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if buf[..n] != tcp::PREAMBLE[..n] {
+            return Ok(false);
+        }
+        if n == buf.len() {
+            return Ok(true);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+impl tower::Service<Request<Body>> for Inbound {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
+        let named = req
+            .headers_mut()
+            .remove(SERVICE_HEADER)
+            .and_then(|v| v.to_str().ok().map(str::to_owned));
+        let Some(name) = named.or_else(|| self.default.as_deref().map(str::to_owned)) else {
+            let resp = error_response(
+                StatusCode::NOT_FOUND,
+                "unknown-service",
+                format!("no {SERVICE_HEADER} header and this sidecar fronts several services"),
+            );
+            return Box::pin(async move { Ok(resp) });
+        };
+        let Some(local) = self.services.get(&name).cloned() else {
+            let resp = error_response(
+                StatusCode::NOT_FOUND,
+                "unknown-service",
+                format!("this sidecar does not front {name:?}"),
+            );
+            return Box::pin(async move { Ok(resp) });
+        };
+        let grpc = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+        let hop = if local.protocol == Protocol::Grpc || grpc {
+            Hop::Http2
+        } else {
+            Hop::Http1
+        };
+        let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), local.port);
+        let forwarder = self.forwarder.clone();
+        Box::pin(async move { Ok(forwarder.forward(req, addr, hop).await) })
+    }
+}

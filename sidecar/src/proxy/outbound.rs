@@ -1,0 +1,247 @@
+//! The outbound request path, as a stack of named tower layers:
+//!
+//! `Route` (which upstream?) -> `Balance` (which endpoint?) -> `Endpoint`
+//! (send it). Retries, timeouts and breakers slot in between as further
+//! layers. Each layer either passes the request on, carrying its decision
+//! in the request's extensions, or answers it itself with a response naming
+//! the reason in `x-isdp-error`.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use tower::{Layer, Service};
+
+use super::{
+    forward::{Forwarder, Hop},
+    http::{Body, SERVICE_HEADER, add_forwarding, error_response},
+    upstreams::{Target, UpstreamLb, Upstreams},
+};
+use crate::{balance::LoadGuard, config::Protocol};
+
+pub type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+/// The address of the client that sent the request, set by the listener.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub Option<SocketAddr>);
+
+/// How the route layer finds the upstream.
+#[derive(Clone, Debug)]
+pub enum RouteBy {
+    /// A per-upstream listener: every request goes to this upstream.
+    Fixed(Arc<str>),
+    /// The shared outbound listener: by `Host` / `:authority` (or an
+    /// absolute-form URI, as HTTP proxies receive).
+    Authority,
+}
+
+/// The stack for one outbound listener.
+pub fn stack(by: RouteBy, upstreams: Upstreams, forwarder: Forwarder) -> Route<Balance<Endpoint>> {
+    let endpoint = Endpoint { forwarder };
+    let balance = BalanceLayer.layer(endpoint);
+    RouteLayer { by, upstreams }.layer(balance)
+}
+
+// === Route ===
+
+#[derive(Clone)]
+pub struct RouteLayer {
+    by: RouteBy,
+    upstreams: Upstreams,
+}
+
+impl<S> Layer<S> for RouteLayer {
+    type Service = Route<S>;
+    fn layer(&self, inner: S) -> Route<S> {
+        Route {
+            by: self.by.clone(),
+            upstreams: self.upstreams.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Route<S> {
+    by: RouteBy,
+    upstreams: Upstreams,
+    inner: S,
+}
+
+/// The host a request names, without port, lowercased.
+fn authority_host<B>(req: &Request<B>) -> Option<String> {
+    let raw = match req.uri().authority() {
+        Some(a) => a.host().to_owned(),
+        None => {
+            let host = req.headers().get(header::HOST)?.to_str().ok()?;
+            host.parse::<http::uri::Authority>().ok()?.host().to_owned()
+        }
+    };
+    Some(raw.trim_end_matches('.').to_ascii_lowercase())
+}
+
+impl<S> Service<Request<Body>> for Route<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future = BoxFuture>
+        + Clone
+        + Send
+        + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
+        let name = match &self.by {
+            RouteBy::Fixed(n) => n.to_string(),
+            RouteBy::Authority => match authority_host(&req) {
+                Some(h) => h,
+                None => {
+                    let resp = error_response(
+                        StatusCode::BAD_REQUEST,
+                        "missing-authority",
+                        "the request names no Host or :authority to route by",
+                    );
+                    return Box::pin(async move { Ok(resp) });
+                }
+            },
+        };
+        let Some(lb) = self.upstreams.get(&name) else {
+            let resp = error_response(
+                StatusCode::NOT_FOUND,
+                "unknown-upstream",
+                format!("{name:?} is not an upstream of this sidecar (add it as an [[upstream]])"),
+            );
+            return Box::pin(async move { Ok(resp) });
+        };
+        req.extensions_mut().insert(lb);
+        Box::pin(self.inner.call(req))
+    }
+}
+
+// === Balance ===
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BalanceLayer;
+
+impl<S> Layer<S> for BalanceLayer {
+    type Service = Balance<S>;
+    fn layer(&self, inner: S) -> Balance<S> {
+        Balance { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct Balance<S> {
+    inner: S,
+}
+
+/// The endpoint the balancer chose, and the load it is charged with.
+pub struct Picked {
+    pub target: Target,
+    pub guard: LoadGuard,
+    pub upstream: Arc<UpstreamLb>,
+}
+
+impl<S> Service<Request<Body>> for Balance<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future = BoxFuture>
+        + Clone
+        + Send
+        + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
+        let lb = req
+            .extensions_mut()
+            .remove::<Arc<UpstreamLb>>()
+            .expect("route layer runs first");
+        let source = req
+            .extensions()
+            .get::<ClientAddr>()
+            .and_then(|c| c.0)
+            .map(|a| a.ip());
+        let Some((target, guard)) = lb.pick(req.headers(), source) else {
+            let resp = error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no-healthy-endpoints",
+                format!("upstream {} has no endpoints to send to", lb.name),
+            );
+            return Box::pin(async move { Ok(resp) });
+        };
+        req.extensions_mut()
+            .insert(Arc::new(std::sync::Mutex::new(Some(Picked {
+                target,
+                guard,
+                upstream: lb,
+            }))));
+        Box::pin(self.inner.call(req))
+    }
+}
+
+// === Endpoint ===
+
+#[derive(Clone)]
+pub struct Endpoint {
+    forwarder: Forwarder,
+}
+
+type PickedSlot = Arc<std::sync::Mutex<Option<Picked>>>;
+
+impl Service<Request<Body>> for Endpoint {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
+        let picked = req
+            .extensions_mut()
+            .remove::<PickedSlot>()
+            .and_then(|slot| slot.lock().expect("picked lock").take())
+            .expect("balance layer runs first");
+        let client = req.extensions().get::<ClientAddr>().and_then(|c| c.0);
+        add_forwarding(req.headers_mut(), client);
+        let hop = if picked.target.via_sidecar {
+            // Between sidecars HTTP rides multiplexed HTTP/2, and the
+            // receiving sidecar learns the destination from this header.
+            if let Ok(v) = HeaderValue::from_str(&picked.upstream.name) {
+                req.headers_mut().insert(SERVICE_HEADER, v);
+            }
+            Hop::Http2
+        } else if picked.upstream.protocol == Protocol::Grpc
+            || req.version() == http::Version::HTTP_2
+        {
+            Hop::Http2
+        } else {
+            Hop::Http1
+        };
+        let forwarder = self.forwarder.clone();
+        Box::pin(async move {
+            let Picked { target, guard, .. } = picked;
+            let resp = forwarder.forward(req, target.addr, hop).await;
+            // The load counts until the response body ends.
+            Ok(resp.map(|b| super::http::with_guard(b, guard)))
+        })
+    }
+}
