@@ -55,7 +55,9 @@ fn main() -> anyhow::Result<()> {
     let results = rt.block_on(async {
         let mut out = Vec::with_capacity(rounds);
         for r in 0..rounds {
-            let res = round(services).await.with_context(|| format!("round {}", r + 1))?;
+            let res = round(services)
+                .await
+                .with_context(|| format!("round {}", r + 1))?;
             println!(
                 "round {}: loaded {} instances at {:.0}/s | RSS {:.1} MiB, peak (HWM) {:.1} MiB \
                  | after restart: reload {:.0} ms, RSS {:.1} MiB, peak {:.1} MiB",
@@ -72,7 +74,8 @@ fn main() -> anyhow::Result<()> {
         }
         Ok::<_, anyhow::Error>(out)
     })?;
-    let med = |f: fn(&RoundResult) -> f64| support::median(&results.iter().map(f).collect::<Vec<_>>());
+    let med =
+        |f: fn(&RoundResult) -> f64| support::median(&results.iter().map(f).collect::<Vec<_>>());
     println!(
         "median: RSS {:.1} MiB (peak {:.1}) loaded; RSS {:.1} MiB (peak {:.1}) after restart (target: RSS < 150 MB)",
         med(|r| r.loaded.rss),
@@ -89,9 +92,13 @@ async fn round(services: usize) -> anyhow::Result<RoundResult> {
 
     let (mut child, addr) = spawn(dir.path()).await?;
     let channels = support::channels(addr, CHANNELS).await?;
-    let bulk = support::register_bulk(&channels, CONCURRENCY, total, Duration::from_secs(600), |i| {
-        support::instance(&format!("svc-{:05}", i / PER_SERVICE), i)
-    })
+    let bulk = support::register_bulk(
+        &channels,
+        CONCURRENCY,
+        total,
+        Duration::from_secs(600),
+        |i| support::instance(&format!("svc-{:05}", i / PER_SERVICE), i),
+    )
     .await?;
     anyhow::ensure!(bulk.done == total, "registered {} of {total}", bulk.done);
     wait_for_instances(&channels[0], total).await?;
@@ -119,7 +126,13 @@ async fn round(services: usize) -> anyhow::Result<RoundResult> {
 /// Starts the binary on `data_dir` and reads the gRPC address it prints.
 async fn spawn(data_dir: &Path) -> anyhow::Result<(Child, std::net::SocketAddr)> {
     let mut child = Command::new(BINARY)
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(data_dir)
         // One info line per registration would measure the log pipe.
         .env("RUST_LOG", "warn")
@@ -144,18 +157,29 @@ async fn spawn(data_dir: &Path) -> anyhow::Result<(Child, std::net::SocketAddr)>
 
 /// Waits until the registry reports `total` instances, which after a
 /// restart means the reload from disk has finished.
-async fn wait_for_instances(channel: &tonic::transport::Channel, total: usize) -> anyhow::Result<()> {
+async fn wait_for_instances(
+    channel: &tonic::transport::Channel,
+    total: usize,
+) -> anyhow::Result<()> {
     let mut client = RegistryClient::new(channel.clone());
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let resp = client.list_services(ListServicesRequest {}).await;
         if let Ok(resp) = resp {
-            let n: usize = resp.into_inner().services.iter().map(|s| s.instances as usize).sum();
+            let n: usize = resp
+                .into_inner()
+                .services
+                .iter()
+                .map(|s| s.instances as usize)
+                .sum();
             if n == total {
                 return Ok(());
             }
         }
-        anyhow::ensure!(Instant::now() < deadline, "registry never reached {total} instances");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "registry never reached {total} instances"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -174,7 +198,8 @@ async fn settle(child: &Child) -> anyhow::Result<Mem> {
         let window = &samples[samples.len().saturating_sub(9)..];
         let mut rss: Vec<f64> = window.iter().map(|m| m.rss).collect();
         rss.sort_by(f64::total_cmp);
-        let stable = window.len() == 9 && percentile(&rss, 100.0) - percentile(&rss, 0.0) < 0.01 * m.rss;
+        let stable =
+            window.len() == 9 && percentile(&rss, 100.0) - percentile(&rss, 0.0) < 0.01 * m.rss;
         if stable || Instant::now() >= deadline {
             return Ok(m);
         }
@@ -206,7 +231,10 @@ fn read_mem(pid: u32) -> anyhow::Result<Mem> {
 /// reload rather than crash recovery.
 async fn stop(child: &mut Child) -> anyhow::Result<()> {
     let pid = child.id().context("child already exited")?;
-    let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await?;
     anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
     match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
         Ok(exit) => {

@@ -91,21 +91,38 @@ fn main() -> anyhow::Result<()> {
     let rounds = rt.block_on(async {
         let mut rounds = Vec::with_capacity(k.rounds);
         for r in 0..k.rounds {
-            let round = run_round(&k).await.with_context(|| format!("round {}", r + 1))?;
+            let round = run_round(&k)
+                .await
+                .with_context(|| format!("round {}", r + 1))?;
             print_round(&format!("round {}", r + 1), &round);
             rounds.push(round);
         }
         Ok::<_, anyhow::Error>(rounds)
     })?;
     let all = Round {
-        latencies: rounds.iter().flat_map(|r| r.latencies.iter().copied()).collect(),
-        fanout: rounds.iter().flat_map(|r| r.fanout.iter().copied()).collect(),
-        register: rounds.iter().flat_map(|r| r.register.iter().copied()).collect(),
+        latencies: rounds
+            .iter()
+            .flat_map(|r| r.latencies.iter().copied())
+            .collect(),
+        fanout: rounds
+            .iter()
+            .flat_map(|r| r.fanout.iter().copied())
+            .collect(),
+        register: rounds
+            .iter()
+            .flat_map(|r| r.register.iter().copied())
+            .collect(),
         missing: rounds.iter().map(|r| r.missing).sum(),
     };
     print_round("all rounds", &all);
-    let p99s: Vec<f64> = rounds.iter().map(|r| ms(sorted_pct(&r.latencies, 99.0))).collect();
-    println!("median of per-round p99: {:.1} ms (target: p99 < 50 ms)", support::median(&p99s));
+    let p99s: Vec<f64> = rounds
+        .iter()
+        .map(|r| ms(sorted_pct(&r.latencies, 99.0)))
+        .collect();
+    println!(
+        "median of per-round p99: {:.1} ms (target: p99 < 50 ms)",
+        support::median(&p99s)
+    );
     Ok(())
 }
 
@@ -122,7 +139,10 @@ async fn run_round(k: &Knobs) -> anyhow::Result<Round> {
     let streams = open_streams(server.grpc_addr, k, total, ready_tx, stop_rx).await?;
     let mut streams = streams;
     for _ in 0..k.streams {
-        ready_rx.recv().await.context("a stream ended before its first response")?;
+        ready_rx
+            .recv()
+            .await
+            .context("a stream ended before its first response")?;
     }
 
     let mut sent = vec![None; total];
@@ -184,7 +204,10 @@ async fn register(client: &mut RegistryClient<Channel>, i: usize) -> anyhow::Res
     let req = RegisterRequest {
         instance: Some(support::instance(SERVICE, i)),
     };
-    client.register(req).await.with_context(|| format!("registering change {i}"))?;
+    client
+        .register(req)
+        .await
+        .with_context(|| format!("registering change {i}"))?;
     Ok(())
 }
 
@@ -199,7 +222,13 @@ async fn open_streams(
     let mut set = JoinSet::new();
     for s in 0..k.streams {
         let channel = channels[s % channels.len()].clone();
-        set.spawn(follow(channel, format!("bench-node-{s}"), total, ready.clone(), stop.clone()));
+        set.spawn(follow(
+            channel,
+            format!("bench-node-{s}"),
+            total,
+            ready.clone(),
+            stop.clone(),
+        ));
     }
     Ok(set)
 }
@@ -274,12 +303,13 @@ fn instance_ids(resp: &DeltaDiscoveryResponse) -> anyhow::Result<Vec<Option<usiz
     let mut out = Vec::new();
     for r in &resp.resources {
         let Some(any) = &r.resource else { continue };
-        let eps = ServiceEndpoints::decode(any.value.as_slice()).context("decoding ServiceEndpoints")?;
-        out.extend(
-            eps.endpoints
-                .iter()
-                .map(|e| e.instance_id.strip_prefix(&prefix).and_then(|n| n.parse().ok())),
-        );
+        let eps =
+            ServiceEndpoints::decode(any.value.as_slice()).context("decoding ServiceEndpoints")?;
+        out.extend(eps.endpoints.iter().map(|e| {
+            e.instance_id
+                .strip_prefix(&prefix)
+                .and_then(|n| n.parse().ok())
+        }));
     }
     Ok(out)
 }

@@ -40,9 +40,15 @@ fn main() -> anyhow::Result<()> {
     let budget = Duration::from_secs(support::knob("ROUND_SECS", 6)? as u64);
     support::header(
         "registration",
-        &[("INSTANCES", total), ("ROUNDS", rounds), ("ROUND_SECS", budget.as_secs() as usize)],
+        &[
+            ("INSTANCES", total),
+            ("ROUNDS", rounds),
+            ("ROUND_SECS", budget.as_secs() as usize),
+        ],
     );
-    println!("A round registers INSTANCES new instances or stops after ROUND_SECS, whichever comes first.");
+    println!(
+        "A round registers INSTANCES new instances or stops after ROUND_SECS, whichever comes first."
+    );
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         println!("\n-- gRPC Register ({CHANNELS} connections, {SERVICES} services)");
@@ -100,9 +106,11 @@ async fn store_round(concurrency: usize, total: usize, budget: Duration) -> anyh
                 let inst = support::instance(&format!("svc-{:03}", i % SERVICES), i);
                 let key = format!("{}instances/{}", isdp_control_plane::KEY_PREFIX, inst.id);
                 // Absent-key precondition, as a first registration does.
-                let txn = Txn::default()
-                    .when_mod_revision(&key, 0)
-                    .put(key.clone(), Bytes::from(inst.encode_to_vec()), None);
+                let txn = Txn::default().when_mod_revision(&key, 0).put(
+                    key.clone(),
+                    Bytes::from(inst.encode_to_vec()),
+                    None,
+                );
                 let out = store.txn(txn).await?;
                 anyhow::ensure!(out.succeeded, "compare failed for new key {key}");
                 done += 1;

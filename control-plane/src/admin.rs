@@ -13,7 +13,12 @@ struct AdminState {
     registry: Registry,
 }
 
-pub async fn serve(listener: TcpListener, metrics: Metrics, registry: Registry, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Metrics,
+    registry: Registry,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
@@ -27,12 +32,19 @@ pub async fn serve(listener: TcpListener, metrics: Metrics, registry: Registry, 
 }
 
 async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
-    format!("ready: {} instances in {} services\n", s.registry.len(), s.registry.services().len())
+    format!(
+        "ready: {} instances in {} services\n",
+        s.registry.len(),
+        s.registry.services().len()
+    )
 }
 
 async fn metrics_handler(State(s): State<AdminState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, prometheus_client::encoding::prometheus_text::CONTENT_TYPE)],
+        [(
+            header::CONTENT_TYPE,
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+        )],
         s.metrics.render(),
     )
 }

@@ -4,7 +4,11 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 #[derive(Clone, Debug, clap::Parser)]
-#[command(name = "isdp-control-plane", version, about = "ISDP control plane: registry, health checks and xDS server")]
+#[command(
+    name = "isdp-control-plane",
+    version,
+    about = "ISDP control plane: registry, health checks and xDS server"
+)]
 pub struct Config {
     /// gRPC listener for operators, sidecars and xDS. Port 0 picks a free port.
     #[arg(long, env = "ISDP_LISTEN", default_value = "127.0.0.1:15010")]

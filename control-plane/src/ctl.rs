@@ -21,11 +21,22 @@ pub use output::Format;
 #[command(name = "isdpctl", version, about = "Operate an ISDP mesh")]
 pub struct Cli {
     /// Control plane gRPC address.
-    #[arg(long, global = true, env = "ISDP_CONTROL_PLANE", default_value = "http://127.0.0.1:15010")]
+    #[arg(
+        long,
+        global = true,
+        env = "ISDP_CONTROL_PLANE",
+        default_value = "http://127.0.0.1:15010"
+    )]
     pub control_plane: String,
 
     /// Output format.
-    #[arg(short = 'o', long = "output", global = true, value_enum, default_value = "table")]
+    #[arg(
+        short = 'o',
+        long = "output",
+        global = true,
+        value_enum,
+        default_value = "table"
+    )]
     pub output: Format,
 
     #[command(subcommand)]

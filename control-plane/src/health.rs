@@ -25,7 +25,11 @@ struct Running {
     stop: watch::Sender<bool>,
 }
 
-pub fn spawn(registry: Registry, metrics: Metrics, mut shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+pub fn spawn(
+    registry: Registry,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
     let mut changes = registry.subscribe();
     tokio::spawn(async move {
         let (tx, mut transitions) = mpsc::unbounded_channel::<(String, Health)>();
@@ -75,7 +79,8 @@ fn reconcile(
     .map(|s| s.instance.clone())
     .filter(|i| i.node_id.is_empty() && i.check.is_some())
     .collect();
-    let wanted_ids: std::collections::HashSet<&str> = wanted.iter().map(|i| i.id.as_str()).collect();
+    let wanted_ids: std::collections::HashSet<&str> =
+        wanted.iter().map(|i| i.id.as_str()).collect();
     running.retain(|id, r| {
         let in_scope = service.is_none_or(|s| r.service == s);
         let keep = !in_scope || wanted_ids.contains(id.as_str());
@@ -86,7 +91,10 @@ fn reconcile(
     });
     for i in wanted {
         let check = i.check.clone().expect("filtered");
-        if running.get(&i.id).is_some_and(|r| r.check == check && r.service == i.service) {
+        if running
+            .get(&i.id)
+            .is_some_and(|r| r.check == check && r.service == i.service)
+        {
             continue;
         }
         let spec = match spec(&check) {

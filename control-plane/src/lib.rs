@@ -55,7 +55,10 @@ pub enum Error {
     #[error("loading the registry: {0}")]
     Registry(#[from] RegistryError),
     #[error("binding {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -94,8 +97,12 @@ impl Server {
             source,
         })?;
         let bind = |addr: SocketAddr| async move {
-            let l = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
-            let local = l.local_addr().map_err(|source| Error::Bind { addr, source })?;
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Bind { addr, source })?;
+            let local = l
+                .local_addr()
+                .map_err(|source| Error::Bind { addr, source })?;
             Ok::<_, Error>((l, local))
         };
         let (grpc, grpc_addr) = bind(config.listen).await?;
@@ -120,7 +127,8 @@ impl Server {
             grpc_addr,
             admin_addr,
         } = self;
-        let registry = Registry::start(Arc::new(store.clone()), KEY_PREFIX, shutdown.clone()).await?;
+        let registry =
+            Registry::start(Arc::new(store.clone()), KEY_PREFIX, shutdown.clone()).await?;
         tracing::info!(instances = registry.len(), data_dir = %config.data_dir.display(), "registry loaded");
         let sessions = Sessions::new(
             registry.clone(),
@@ -135,7 +143,12 @@ impl Server {
         let checker = health::spawn(registry.clone(), metrics.clone(), shutdown.clone());
         tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "control plane listening");
 
-        let admin_task = tokio::spawn(admin::serve(admin, metrics.clone(), registry.clone(), shutdown.clone()));
+        let admin_task = tokio::spawn(admin::serve(
+            admin,
+            metrics.clone(),
+            registry.clone(),
+            shutdown.clone(),
+        ));
         let ads = xds::AdsService::new(cache, Arc::new(metrics.clone()), shutdown.clone());
         let mut stop = shutdown.clone();
         tonic::transport::Server::builder()
@@ -144,12 +157,22 @@ impl Server {
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .layer(api::SizeLimitStatusLayer)
-            .add_service(api::registry::RegistryApi::new(registry.clone(), metrics.clone(), shutdown.clone()).into_server())
+            .add_service(
+                api::registry::RegistryApi::new(
+                    registry.clone(),
+                    metrics.clone(),
+                    shutdown.clone(),
+                )
+                .into_server(),
+            )
             .add_service(api::session::SessionApi::new(sessions, shutdown.clone()).into_server())
             .add_service(ads)
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc),
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            )
             .await?;
         let _ = admin_task.await;
         let _ = builder.await;

@@ -57,7 +57,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = PromRegistry::with_prefix("isdp");
         let streams = Gauge::default();
-        registry.register("xds_streams", "xDS streams currently connected", streams.clone());
+        registry.register(
+            "xds_streams",
+            "xDS streams currently connected",
+            streams.clone(),
+        );
         let responses = Family::<TypeLabel, Counter>::default();
         registry.register("xds_responses", "xDS responses sent", responses.clone());
         let response_bytes = Family::<TypeLabel, Counter>::default();
@@ -68,9 +72,17 @@ impl Metrics {
             response_bytes.clone(),
         );
         let acks = Family::<TypeLabel, Counter>::default();
-        registry.register("xds_acks", "xDS responses acknowledged by clients", acks.clone());
+        registry.register(
+            "xds_acks",
+            "xDS responses acknowledged by clients",
+            acks.clone(),
+        );
         let nacks = Family::<TypeLabel, Counter>::default();
-        registry.register("xds_nacks", "xDS responses rejected (NACKed) by clients", nacks.clone());
+        registry.register(
+            "xds_nacks",
+            "xDS responses rejected (NACKed) by clients",
+            nacks.clone(),
+        );
         let registrations = Family::<OpLabel, Counter>::default();
         registry.register(
             "registry_operations",
@@ -142,7 +154,10 @@ impl StreamObserver for Metrics {
     fn event(&self, s: &StreamInfo, e: &StreamEvent) {
         match e {
             StreamEvent::Response {
-                type_url, bytes, resources, nonce,
+                type_url,
+                bytes,
+                resources,
+                nonce,
             } => {
                 self.inner.responses.get_or_create(&label(type_url)).inc();
                 self.inner
@@ -155,7 +170,9 @@ impl StreamObserver for Metrics {
                 self.inner.acks.get_or_create(&label(type_url)).inc();
             }
             StreamEvent::Nack {
-                type_url, nonce, message,
+                type_url,
+                nonce,
+                message,
             } => {
                 self.inner.nacks.get_or_create(&label(type_url)).inc();
                 tracing::warn!(node = %s.node_id, %type_url, nonce, error = %message, "xds response rejected (NACK)");

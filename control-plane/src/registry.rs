@@ -70,7 +70,8 @@ impl Registry {
     ) -> Result<Self, RegistryError> {
         let (changes, _) = broadcast::channel(65_536);
         let prefix = prefix.to_owned();
-        let (view, applied) = view::View::start(store.clone(), &prefix, changes.clone(), shutdown).await?;
+        let (view, applied) =
+            view::View::start(store.clone(), &prefix, changes.clone(), shutdown).await?;
         Ok(Registry {
             shared: Arc::new(Shared {
                 store,
@@ -118,10 +119,11 @@ impl Registry {
         let requested = instance.status;
         for _ in 0..8 {
             let current = self.shared.view.get(&instance.id);
-            if let Some(cur) = &current {
-                if requested == HealthStatus::Unknown as i32 && same_check(&cur.instance, &instance) {
-                    instance.status = cur.instance.status;
-                }
+            if let Some(cur) = &current
+                && requested == HealthStatus::Unknown as i32
+                && same_check(&cur.instance, &instance)
+            {
+                instance.status = cur.instance.status;
             }
             let key = self.key(&instance.id);
             let rev = current.as_ref().map_or(0, |c| c.mod_revision);
@@ -129,7 +131,11 @@ impl Registry {
             let out = self
                 .shared
                 .store
-                .txn(Txn::default().when_mod_revision(&key, rev).put(key.clone(), value, lease))
+                .txn(
+                    Txn::default()
+                        .when_mod_revision(&key, rev)
+                        .put(key.clone(), value, lease),
+                )
                 .await?;
             if out.succeeded {
                 self.visible(out.revision).await;
@@ -149,7 +155,11 @@ impl Registry {
         let Some(current) = self.shared.view.get(id) else {
             return Err(RegistryError::NotFound(id.to_owned()));
         };
-        let out = self.shared.store.txn(Txn::default().delete(self.key(id))).await?;
+        let out = self
+            .shared
+            .store
+            .txn(Txn::default().delete(self.key(id)))
+            .await?;
         self.visible(out.revision).await;
         Ok(current.instance.clone())
     }

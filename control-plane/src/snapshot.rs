@@ -51,7 +51,11 @@ pub fn service_endpoints(registry: &Registry, service: &str) -> Option<ServiceEn
 
 fn publish(cache: &Cache, registry: &Registry, service: &str) {
     match service_endpoints(registry, service) {
-        Some(r) => cache.set(SERVICE_ENDPOINTS_TYPE_URL, service, Bytes::from(r.encode_to_vec())),
+        Some(r) => cache.set(
+            SERVICE_ENDPOINTS_TYPE_URL,
+            service,
+            Bytes::from(r.encode_to_vec()),
+        ),
         None => cache.remove(SERVICE_ENDPOINTS_TYPE_URL, service),
     };
 }
@@ -67,7 +71,11 @@ fn publish_all(cache: &Cache, registry: &Registry) {
 }
 
 /// Publishes every service now, then follows the registry until shutdown.
-pub fn spawn(registry: Registry, cache: Cache, mut shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+pub fn spawn(
+    registry: Registry,
+    cache: Cache,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
     let mut changes = registry.subscribe();
     publish_all(&cache, &registry);
     tokio::spawn(async move {
@@ -86,7 +94,9 @@ pub fn spawn(registry: Registry, cache: Cache, mut shutdown: watch::Receiver<boo
                     Some(Ok(Change::Service(s))) => {
                         dirty.insert(s);
                     }
-                    Some(Ok(Change::All)) | Some(Err(broadcast::error::RecvError::Lagged(_))) => all = true,
+                    Some(Ok(Change::All)) | Some(Err(broadcast::error::RecvError::Lagged(_))) => {
+                        all = true
+                    }
                     Some(Err(broadcast::error::RecvError::Closed)) => return,
                     None => {}
                 }

@@ -97,11 +97,22 @@ impl Cache {
     }
 
     pub fn type_cache(&self, type_url: &str) -> Option<Arc<TypeCache>> {
-        self.shared.types.read().expect("types lock").get(type_url).cloned()
+        self.shared
+            .types
+            .read()
+            .expect("types lock")
+            .get(type_url)
+            .cloned()
     }
 
     pub fn type_urls(&self) -> Vec<String> {
-        self.shared.types.read().expect("types lock").keys().cloned().collect()
+        self.shared
+            .types
+            .read()
+            .expect("types lock")
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Stores `message` (the encoded resource) under `name`. Returns false
@@ -128,7 +139,13 @@ impl Cache {
         let Some(tc) = self.type_cache(type_url) else {
             return false;
         };
-        if tc.resources.write().expect("resources lock").remove(name).is_none() {
+        if tc
+            .resources
+            .write()
+            .expect("resources lock")
+            .remove(name)
+            .is_none()
+        {
             return false;
         }
         tc.wake(name);
@@ -140,7 +157,10 @@ impl Cache {
     }
 
     fn nonce(&self) -> String {
-        self.shared.next_nonce.fetch_add(1, Ordering::Relaxed).to_string()
+        self.shared
+            .next_nonce
+            .fetch_add(1, Ordering::Relaxed)
+            .to_string()
     }
 
     fn stream_id(&self) -> u64 {
@@ -156,11 +176,20 @@ impl TypeCache {
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Encoded>> {
-        self.resources.read().expect("resources lock").get(name).cloned()
+        self.resources
+            .read()
+            .expect("resources lock")
+            .get(name)
+            .cloned()
     }
 
     pub fn names(&self) -> Vec<String> {
-        self.resources.read().expect("resources lock").keys().cloned().collect()
+        self.resources
+            .read()
+            .expect("resources lock")
+            .keys()
+            .cloned()
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -202,7 +231,11 @@ impl TypeCache {
     /// Streams watching at least one name of this type.
     pub fn watcher_count(&self) -> usize {
         let watchers = self.watchers.lock().expect("watchers lock");
-        watchers.values().flat_map(|m| m.keys()).collect::<HashSet<_>>().len()
+        watchers
+            .values()
+            .flat_map(|m| m.keys())
+            .collect::<HashSet<_>>()
+            .len()
     }
 }
 
@@ -244,13 +277,22 @@ impl Subscriptions {
     }
 
     fn add(&mut self, tc: &TypeCache, name: &str) {
-        if self.held.entry(tc.type_url.clone()).or_default().insert(name.to_owned()) {
+        if self
+            .held
+            .entry(tc.type_url.clone())
+            .or_default()
+            .insert(name.to_owned())
+        {
             tc.watch(name, self.stream, &self.wake);
         }
     }
 
     fn remove(&mut self, tc: &TypeCache, name: &str) {
-        if self.held.get_mut(&tc.type_url).is_some_and(|s| s.remove(name)) {
+        if self
+            .held
+            .get_mut(&tc.type_url)
+            .is_some_and(|s| s.remove(name))
+        {
             tc.unwatch(name, self.stream);
         }
     }

@@ -1,5 +1,5 @@
 //! The ISDP sandbox: starts the real binaries (control plane, sidecars,
-//! `echo-http`, `isdpctl`) as child processes on loopback and gives tests a
+//! demo backends, `isdpctl`) as child processes on loopback and gives tests a
 //! small API over them.
 //!
 //! Everything binds port 0; the harness learns the bound addresses from the
@@ -23,7 +23,8 @@
 //! - `http`: a tiny HTTP/1.0 client for admin endpoints.
 //! - `control_plane`: [`ControlPlane`] and the [`isdpctl`] helpers.
 //! - `sidecar`: [`Sidecar`] and [`SidecarToml`], a config builder.
-//! - `echo`: [`EchoHttp`], the demo backend the tests make misbehave.
+//! - `echo`: [`EchoHttp`], the demo backend the tests make misbehave, and
+//!   [`EchoGrpc`] / [`EchoTcp`], the gRPC and TCP backends.
 //! - this file: [`eventually`] and [`holds_for`], polling helpers.
 
 mod bins;
@@ -38,7 +39,7 @@ use std::time::{Duration, Instant};
 
 pub use bins::{bin_dir, binary};
 pub use control_plane::{ControlPlane, ControlPlaneOpts, isdpctl};
-pub use echo::EchoHttp;
+pub use echo::{Backend, EchoGrpc, EchoHttp, EchoTcp};
 pub use process::Process;
 pub use sidecar::{Sidecar, SidecarToml};
 

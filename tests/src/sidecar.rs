@@ -32,6 +32,22 @@ impl Sidecar {
         &self.admin
     }
 
+    /// The inbound listener (mesh traffic for the local services).
+    pub fn inbound_addr(&self) -> &str {
+        self.proc.addr("inbound")
+    }
+
+    /// The shared outbound listener (routes by `Host`).
+    pub fn outbound_addr(&self) -> &str {
+        self.proc.addr("outbound")
+    }
+
+    /// The dedicated listener of upstream `name` (`upstream.NAME=` in the
+    /// listening line); panics if it has none.
+    pub fn upstream_addr(&self, name: &str) -> &str {
+        self.proc.addr(&format!("upstream.{name}"))
+    }
+
     /// `GET /config` as JSON; an error (for polling) if it is not answered.
     pub async fn config_json(&self) -> anyhow::Result<serde_json::Value> {
         http::get_json(&self.admin, "/config").await
@@ -74,8 +90,9 @@ impl Sidecar {
     }
 }
 
-/// Builds a sidecar TOML config in the documented format, with the admin
-/// listener on an ephemeral port.
+/// Builds a sidecar TOML config in the documented format, with the admin,
+/// inbound and outbound listeners on ephemeral ports (their defaults are
+/// fixed ports, which several sidecars on one host would fight over).
 #[derive(Debug, Clone)]
 pub struct SidecarToml {
     node_id: String,
@@ -116,9 +133,31 @@ impl SidecarToml {
         self
     }
 
+    /// An upstream with a dedicated listener on port 0 (read it back with
+    /// [`Sidecar::upstream_addr`]), the given `protocol` (`http`, `grpc`,
+    /// `tcp`) and `lb` algorithm.
+    pub fn upstream_on_port0(mut self, name: &str, protocol: &str, lb: &str) -> Self {
+        let _ = write!(
+            self.sections,
+            "\n[[upstream]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\n\
+             protocol = \"{protocol}\"\nlb = \"{lb}\"\n"
+        );
+        self
+    }
+
+    /// Appends raw TOML (whole `[[service]]` / `[[upstream]]` tables, or
+    /// top-level keys before any table), for settings the helpers lack.
+    pub fn raw(mut self, toml: &str) -> Self {
+        self.sections.push('\n');
+        self.sections.push_str(toml);
+        self.sections.push('\n');
+        self
+    }
+
     pub fn render(&self) -> String {
         format!(
-            "node_id = \"{}\"\ncontrol_plane = [\"{}\"]\nadmin_listen = \"127.0.0.1:0\"\n{}",
+            "node_id = \"{}\"\ncontrol_plane = [\"{}\"]\nadmin_listen = \"127.0.0.1:0\"\n\
+             inbound_listen = \"127.0.0.1:0\"\noutbound_listen = \"127.0.0.1:0\"\n{}",
             self.node_id, self.control_plane, self.sections
         )
     }

@@ -95,7 +95,8 @@ async fn demo_comes_up_and_cleans_up() {
         .expect("waiting for isdp-demo");
     assert!(status.success(), "isdp-demo exited with {status}");
     for port in [
-        15010, 15014, 15000, 9191, 15101, 15102, 15103, 18081, 18082, 18083,
+        15010, 15014, 15000, 15001, 15006, 9191, 15101, 15102, 15103, 15201, 15202, 15203, 15301,
+        15302, 15303, 18081, 18082, 18083,
     ] {
         assert!(
             std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),

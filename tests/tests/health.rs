@@ -94,6 +94,9 @@ async fn killed_instance_turns_unhealthy_everywhere_and_recovers() {
         .await;
     }
     let in_sidecars = killed_at.elapsed();
+    eprintln!(
+        "death seen by the registry after {in_registry:?}, by both sidecars after {in_sidecars:?}"
+    );
     assert!(
         in_registry <= DETECT,
         "registry saw the death after {in_registry:?}"

@@ -55,6 +55,7 @@ async fn sidecar_reports_health_and_sigterm_deregisters_at_once() {
     // The sidecar's own probe sees the failure and reports it.
     echo.fail_health().await;
     let took = until_status(&cp, &id, "unhealthy", Duration::from_secs(4)).await;
+    eprintln!("failing health check -> unhealthy after {took:?}");
     assert!(
         took <= Duration::from_secs(2),
         "unhealthy only after {took:?}"
@@ -70,6 +71,7 @@ async fn sidecar_reports_health_and_sigterm_deregisters_at_once() {
     sidecar.process().send_term().await;
     until_gone(&cp, &id, Duration::from_secs(3)).await;
     let took = start.elapsed();
+    eprintln!("SIGTERM -> deregistered after {took:?}");
     let status = sidecar.process().wait_exit().await;
     assert!(
         took <= Duration::from_secs(1),
@@ -100,6 +102,7 @@ async fn crashed_sidecar_goes_unhealthy_after_grace_then_is_removed() {
     let unhealthy = start.elapsed();
     until_gone(&cp, &id, Duration::from_secs(8)).await;
     let gone = start.elapsed();
+    eprintln!("after kill -9: unhealthy at {unhealthy:?}, removed at {gone:?}");
 
     // ~1 s grace: not at once (the stream dropping alone is no verdict), and
     // not much later. The upper bounds leave room for a loaded CI machine.

@@ -43,11 +43,17 @@ impl InProcess {
             "--data-dir",
             dir,
         ]);
-        let server = isdp_control_plane::Server::bind(config).await.context("binding the control plane")?;
+        let server = isdp_control_plane::Server::bind(config)
+            .await
+            .context("binding the control plane")?;
         let grpc_addr = server.grpc_addr;
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(server.serve(stop_rx));
-        Ok(InProcess { grpc_addr, stop, task })
+        Ok(InProcess {
+            grpc_addr,
+            stop,
+            task,
+        })
     }
 
     /// Stops serving and waits until the store is closed.
@@ -123,8 +129,13 @@ pub async fn register_bulk(
                 if i >= total || Instant::now() >= deadline {
                     return Ok::<_, anyhow::Error>(done);
                 }
-                let req = RegisterRequest { instance: Some(make(i)) };
-                client.register(req).await.with_context(|| format!("registering #{i}"))?;
+                let req = RegisterRequest {
+                    instance: Some(make(i)),
+                };
+                client
+                    .register(req)
+                    .await
+                    .with_context(|| format!("registering #{i}"))?;
                 done += 1;
             }
         }));
@@ -162,7 +173,9 @@ pub fn ms(d: Duration) -> f64 {
 pub fn knob(name: &str, default: usize) -> anyhow::Result<usize> {
     let var = format!("ISDP_BENCH_{name}");
     match std::env::var(&var) {
-        Ok(v) => v.parse().with_context(|| format!("{var}={v:?} is not a number")),
+        Ok(v) => v
+            .parse()
+            .with_context(|| format!("{var}={v:?} is not a number")),
         Err(_) => Ok(default),
     }
 }
@@ -173,7 +186,10 @@ pub fn header(bench: &str, knobs: &[(&str, usize)]) {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("== isdp-control-plane bench: {bench}");
     println!("command: cargo bench -p isdp-control-plane --bench {bench}");
-    let knobs: Vec<String> = knobs.iter().map(|(k, v)| format!("ISDP_BENCH_{k}={v}")).collect();
+    let knobs: Vec<String> = knobs
+        .iter()
+        .map(|(k, v)| format!("ISDP_BENCH_{k}={v}"))
+        .collect();
     println!("knobs:   {}", knobs.join(" "));
     println!("machine: {cores} cores, kernel {}", kernel.trim());
 }

@@ -50,7 +50,10 @@ where
         Box::pin(async move {
             let mut resp = fut.await?;
             let headers = resp.headers_mut();
-            if headers.get("grpc-status").is_some_and(|v| v == OUT_OF_RANGE) {
+            if headers
+                .get("grpc-status")
+                .is_some_and(|v| v == OUT_OF_RANGE)
+            {
                 headers.insert("grpc-status", HeaderValue::from_static(RESOURCE_EXHAUSTED));
             }
             Ok(resp)

@@ -34,7 +34,8 @@ impl RegistryApi {
     }
 
     pub fn into_server(self) -> registry_server::RegistryServer<Self> {
-        registry_server::RegistryServer::new(self).max_decoding_message_size(super::MAX_REQUEST_BYTES)
+        registry_server::RegistryServer::new(self)
+            .max_decoding_message_size(super::MAX_REQUEST_BYTES)
     }
 
     fn instances(&self, service: &str) -> Vec<Instance> {
@@ -61,7 +62,10 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchServiceResponse, Status
 
 #[tonic::async_trait]
 impl registry_server::Registry for RegistryApi {
-    async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        req: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
         let instance = req
             .into_inner()
             .instance
@@ -74,7 +78,10 @@ impl registry_server::Registry for RegistryApi {
         }))
     }
 
-    async fn deregister(&self, req: Request<DeregisterRequest>) -> Result<Response<DeregisterResponse>, Status> {
+    async fn deregister(
+        &self,
+        req: Request<DeregisterRequest>,
+    ) -> Result<Response<DeregisterResponse>, Status> {
         let id = req.into_inner().id;
         if id.is_empty() {
             return Err(Status::invalid_argument("id: required"));
@@ -85,7 +92,10 @@ impl registry_server::Registry for RegistryApi {
         Ok(Response::new(DeregisterResponse {}))
     }
 
-    async fn list_services(&self, _: Request<ListServicesRequest>) -> Result<Response<ListServicesResponse>, Status> {
+    async fn list_services(
+        &self,
+        _: Request<ListServicesRequest>,
+    ) -> Result<Response<ListServicesResponse>, Status> {
         let services = self
             .registry
             .services()
@@ -99,7 +109,10 @@ impl registry_server::Registry for RegistryApi {
         Ok(Response::new(ListServicesResponse { services }))
     }
 
-    async fn list_instances(&self, req: Request<ListInstancesRequest>) -> Result<Response<ListInstancesResponse>, Status> {
+    async fn list_instances(
+        &self,
+        req: Request<ListInstancesRequest>,
+    ) -> Result<Response<ListInstancesResponse>, Status> {
         let service = req.into_inner().service;
         check_service(&service)?;
         Ok(Response::new(ListInstancesResponse {
@@ -109,7 +122,10 @@ impl registry_server::Registry for RegistryApi {
 
     type WatchServiceStream = WatchStream;
 
-    async fn watch_service(&self, req: Request<WatchServiceRequest>) -> Result<Response<WatchStream>, Status> {
+    async fn watch_service(
+        &self,
+        req: Request<WatchServiceRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
         let service = req.into_inner().service;
         check_service(&service)?;
         let mut changes = self.registry.subscribe();
@@ -126,7 +142,9 @@ impl registry_server::Registry for RegistryApi {
             loop {
                 let now = api.instances(&service);
                 if last.as_ref() != Some(&now) {
-                    let msg = WatchServiceResponse { instances: now.clone() };
+                    let msg = WatchServiceResponse {
+                        instances: now.clone(),
+                    };
                     if tx.send(Ok(msg)).await.is_err() {
                         return;
                     }

@@ -35,14 +35,18 @@ type Responses = Pin<Box<dyn Stream<Item = Result<SessionResponse, Status>> + Se
 impl sidecar_server::Sidecar for SessionApi {
     type SessionStream = Responses;
 
-    async fn session(&self, req: Request<Streaming<SessionRequest>>) -> Result<Response<Responses>, Status> {
+    async fn session(
+        &self,
+        req: Request<Streaming<SessionRequest>>,
+    ) -> Result<Response<Responses>, Status> {
         let mut inbound = req.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("session: stream ended before an open message"))?;
+        let first = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("session: stream ended before an open message")
+        })?;
         let Some(Kind::Open(open)) = first.kind else {
-            return Err(Status::invalid_argument("session: the first message must be `open`"));
+            return Err(Status::invalid_argument(
+                "session: the first message must be `open`",
+            ));
         };
         let session = self
             .sessions
@@ -51,10 +55,18 @@ impl sidecar_server::Sidecar for SessionApi {
             .map_err(status)?;
         let (tx, rx) = mpsc::channel(4);
         let registered = session_instances(&session, &self.sessions);
-        tx.send(Ok(SessionResponse { instances: registered }))
-            .await
-            .map_err(|_| Status::cancelled("session: client went away"))?;
-        tokio::spawn(run(session, inbound, tx, self.sessions.clone(), self.shutdown.clone()));
+        tx.send(Ok(SessionResponse {
+            instances: registered,
+        }))
+        .await
+        .map_err(|_| Status::cancelled("session: client went away"))?;
+        tokio::spawn(run(
+            session,
+            inbound,
+            tx,
+            self.sessions.clone(),
+            self.shutdown.clone(),
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -85,7 +97,9 @@ async fn run(
             m = inbound.message() => m,
         };
         match msg {
-            Ok(Some(SessionRequest { kind: Some(Kind::Health(h)) })) => {
+            Ok(Some(SessionRequest {
+                kind: Some(Kind::Health(h)),
+            })) => {
                 let health = HealthStatus::try_from(h.status).unwrap_or(HealthStatus::Unknown);
                 if let Err(e) = session.report(&h.instance_id, health).await {
                     tracing::warn!(node = %session.node_id(), instance = %h.instance_id, error = %e, "health report refused");
@@ -94,22 +108,24 @@ async fn run(
                 }
                 tracing::info!(node = %session.node_id(), instance = %h.instance_id, status = health.as_str_name(), "health reported by sidecar");
             }
-            Ok(Some(SessionRequest { kind: Some(Kind::Open(open)) })) => {
-                match sessions.open(&open.node_id, open.instances).await {
-                    Ok(s) => {
-                        session = s;
-                        let instances = session_instances(&session, &sessions);
-                        if tx.send(Ok(SessionResponse { instances })).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(status(e))).await;
+            Ok(Some(SessionRequest {
+                kind: Some(Kind::Open(open)),
+            })) => match sessions.open(&open.node_id, open.instances).await {
+                Ok(s) => {
+                    session = s;
+                    let instances = session_instances(&session, &sessions);
+                    if tx.send(Ok(SessionResponse { instances })).await.is_err() {
                         return;
                     }
                 }
-            }
-            Ok(Some(SessionRequest { kind: Some(Kind::Close(_)) })) => {
+                Err(e) => {
+                    let _ = tx.send(Err(status(e))).await;
+                    return;
+                }
+            },
+            Ok(Some(SessionRequest {
+                kind: Some(Kind::Close(_)),
+            })) => {
                 if let Err(e) = session.close().await {
                     let _ = tx.send(Err(status(e))).await;
                 }
@@ -117,7 +133,9 @@ async fn run(
             }
             Ok(Some(SessionRequest { kind: None })) => {
                 let _ = tx
-                    .send(Err(Status::invalid_argument("session: message has no kind")))
+                    .send(Err(Status::invalid_argument(
+                        "session: message has no kind",
+                    )))
                     .await;
                 return;
             }

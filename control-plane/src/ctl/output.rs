@@ -95,7 +95,13 @@ pub fn services(fmt: Format, services: &[ServiceSummary]) {
             &["SERVICE", "INSTANCES", "HEALTHY"],
             services
                 .iter()
-                .map(|s| vec![s.name.clone(), s.instances.to_string(), s.healthy.to_string()])
+                .map(|s| {
+                    vec![
+                        s.name.clone(),
+                        s.instances.to_string(),
+                        s.healthy.to_string(),
+                    ]
+                })
                 .collect(),
         ),
     }
@@ -105,7 +111,9 @@ pub fn instances(fmt: Format, instances: &[Instance]) {
     match fmt {
         Format::Json => print(Value::Array(instances.iter().map(instance_json).collect())),
         Format::Table => table(
-            &["ID", "SERVICE", "ADDRESS", "PORT", "STATUS", "WEIGHT", "NODE", "METADATA"],
+            &[
+                "ID", "SERVICE", "ADDRESS", "PORT", "STATUS", "WEIGHT", "NODE", "METADATA",
+            ],
             instances
                 .iter()
                 .map(|i| {
@@ -116,7 +124,11 @@ pub fn instances(fmt: Format, instances: &[Instance]) {
                         i.port.to_string(),
                         status_name(i.status).to_owned(),
                         i.weight.to_string(),
-                        if i.node_id.is_empty() { "-".into() } else { i.node_id.clone() },
+                        if i.node_id.is_empty() {
+                            "-".into()
+                        } else {
+                            i.node_id.clone()
+                        },
                         i.metadata
                             .iter()
                             .map(|(k, v)| format!("{k}={v}"))

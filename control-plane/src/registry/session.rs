@@ -81,7 +81,11 @@ impl Sessions {
 
     /// Opens (or re-opens) the session of `node_id` with its instances,
     /// replacing whatever the node had registered before.
-    pub async fn open(&self, node_id: &str, instances: Vec<Instance>) -> Result<Session, RegistryError> {
+    pub async fn open(
+        &self,
+        node_id: &str,
+        instances: Vec<Instance>,
+    ) -> Result<Session, RegistryError> {
         let mut errors = Vec::new();
         if !validate::is_valid_id(node_id) {
             errors.push(validate::FieldError {
@@ -114,14 +118,14 @@ impl Sessions {
         }
         let registry = &self.shared.registry;
         for i in &prepared {
-            if let Some(cur) = registry.get(&i.id) {
-                if cur.instance.node_id != node_id {
-                    return Err(RegistryError::PermissionDenied(format!(
-                        "instance {:?} belongs to {}; node {node_id:?} may not replace it",
-                        i.id,
-                        owner(&cur.instance)
-                    )));
-                }
+            if let Some(cur) = registry.get(&i.id)
+                && cur.instance.node_id != node_id
+            {
+                return Err(RegistryError::PermissionDenied(format!(
+                    "instance {:?} belongs to {}; node {node_id:?} may not replace it",
+                    i.id,
+                    owner(&cur.instance)
+                )));
             }
         }
 
@@ -136,7 +140,11 @@ impl Sessions {
             }
         }
         for i in &prepared {
-            txn = txn.put(registry.key(&i.id), Bytes::from(i.encode_to_vec()), Some(lease));
+            txn = txn.put(
+                registry.key(&i.id),
+                Bytes::from(i.encode_to_vec()),
+                Some(lease),
+            );
         }
         let out = store.txn(txn).await?;
         registry.visible(out.revision).await;
@@ -151,7 +159,11 @@ impl Sessions {
                 }
             }
         });
-        tracing::info!(node = node_id, instances = prepared.len(), "sidecar session opened");
+        tracing::info!(
+            node = node_id,
+            instances = prepared.len(),
+            "sidecar session opened"
+        );
         Ok(Session {
             sessions: self.clone(),
             node_id: node_id.to_owned(),
@@ -176,7 +188,11 @@ impl Sessions {
             }
             tracing::warn!(node = %node_id, grace = ?shared.timeouts.grace, "sidecar gone past its grace period; marking its instances unhealthy");
             for s in shared.registry.owned_by(&node_id) {
-                if let Err(e) = shared.registry.set_status(&s.instance.id, HealthStatus::Unhealthy).await {
+                if let Err(e) = shared
+                    .registry
+                    .set_status(&s.instance.id, HealthStatus::Unhealthy)
+                    .await
+                {
                     tracing::warn!(id = %s.instance.id, error = %e, "marking instance unhealthy");
                 }
             }
@@ -200,15 +216,21 @@ impl Session {
     }
 
     /// Records a health transition seen by the sidecar's probes.
-    pub async fn report(&self, instance_id: &str, status: HealthStatus) -> Result<(), RegistryError> {
+    pub async fn report(
+        &self,
+        instance_id: &str,
+        status: HealthStatus,
+    ) -> Result<(), RegistryError> {
         let registry = &self.sessions.shared.registry;
         match registry.get(instance_id) {
             None => Err(RegistryError::NotFound(instance_id.to_owned())),
-            Some(s) if s.instance.node_id != self.node_id => Err(RegistryError::PermissionDenied(format!(
-                "instance {instance_id:?} belongs to {}, not node {:?}",
-                owner(&s.instance),
-                self.node_id
-            ))),
+            Some(s) if s.instance.node_id != self.node_id => {
+                Err(RegistryError::PermissionDenied(format!(
+                    "instance {instance_id:?} belongs to {}, not node {:?}",
+                    owner(&s.instance),
+                    self.node_id
+                )))
+            }
             Some(_) => registry.set_status(instance_id, status).await,
         }
     }

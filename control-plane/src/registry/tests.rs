@@ -19,7 +19,12 @@ fn inst(service: &str, id: &str, port: u32) -> Instance {
 async fn registry(dir: &std::path::Path) -> (Registry, watch::Sender<bool>) {
     let (tx, rx) = watch::channel(false);
     let store = EmbeddedStore::open(dir).unwrap();
-    (Registry::start(Arc::new(store), "/isdp/", rx).await.unwrap(), tx)
+    (
+        Registry::start(Arc::new(store), "/isdp/", rx)
+            .await
+            .unwrap(),
+        tx,
+    )
 }
 
 #[tokio::test]
@@ -37,7 +42,10 @@ async fn register_is_visible_at_once_and_survives_restart() {
         r.set_status("pay-1", HealthStatus::Healthy).await.unwrap();
         // Re-registering keeps the health it had.
         r.register(inst("pay", "pay-1", 80)).await.unwrap();
-        assert_eq!(r.get("pay-1").unwrap().instance.status, HealthStatus::Healthy as i32);
+        assert_eq!(
+            r.get("pay-1").unwrap().instance.status,
+            HealthStatus::Healthy as i32
+        );
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (r, _stop) = registry(dir.path()).await;
@@ -58,7 +66,10 @@ async fn rejected_writes_change_nothing() {
         }
         other => panic!("expected Invalid, got {other:?}"),
     }
-    assert!(matches!(r.deregister("nope").await, Err(RegistryError::NotFound(_))));
+    assert!(matches!(
+        r.deregister("nope").await,
+        Err(RegistryError::NotFound(_))
+    ));
     assert_eq!(r.len(), 1);
     r.deregister("pay-1").await.unwrap();
     assert!(r.is_empty());
@@ -77,10 +88,15 @@ async fn sessions_own_their_instances() {
     r.register(inst("ops", "ops-1", 80)).await.unwrap();
 
     // A session may not take over an operator's instance.
-    let taken = sessions.open("node-a", vec![inst("ops", "ops-1", 80)]).await;
+    let taken = sessions
+        .open("node-a", vec![inst("ops", "ops-1", 80)])
+        .await;
     assert!(matches!(taken, Err(RegistryError::PermissionDenied(_))));
 
-    let s = sessions.open("node-a", vec![inst("web", "", 8080)]).await.unwrap();
+    let s = sessions
+        .open("node-a", vec![inst("web", "", 8080)])
+        .await
+        .unwrap();
     assert_eq!(r.get("node-a.web").unwrap().instance.node_id, "node-a");
     s.report("node-a.web", HealthStatus::Healthy).await.unwrap();
     assert!(matches!(
@@ -88,26 +104,47 @@ async fn sessions_own_their_instances() {
         Err(RegistryError::PermissionDenied(_))
     ));
     s.close().await.unwrap();
-    assert!(r.get("node-a.web").is_none(), "a clean close deregisters at once");
+    assert!(
+        r.get("node-a.web").is_none(),
+        "a clean close deregisters at once"
+    );
 
     // A broken stream: unhealthy after the grace period, gone after the timeout.
-    let s = sessions.open("node-b", vec![inst("web", "", 8081)]).await.unwrap();
+    let s = sessions
+        .open("node-b", vec![inst("web", "", 8081)])
+        .await
+        .unwrap();
     s.report("node-b.web", HealthStatus::Healthy).await.unwrap();
     drop(s);
     tokio::time::sleep(Duration::from_millis(450)).await;
-    assert_eq!(r.get("node-b.web").unwrap().instance.status, HealthStatus::Unhealthy as i32);
+    assert_eq!(
+        r.get("node-b.web").unwrap().instance.status,
+        HealthStatus::Unhealthy as i32
+    );
     tokio::time::sleep(Duration::from_millis(900)).await;
     assert!(r.get("node-b.web").is_none());
 
     // Reconnecting inside the grace period keeps the instance healthy.
-    let s = sessions.open("node-c", vec![inst("web", "", 8082)]).await.unwrap();
+    let s = sessions
+        .open("node-c", vec![inst("web", "", 8082)])
+        .await
+        .unwrap();
     s.report("node-c.web", HealthStatus::Healthy).await.unwrap();
     drop(s);
     let back = sessions
-        .open("node-c", vec![Instance { status: HealthStatus::Healthy as i32, ..inst("web", "", 8082) }])
+        .open(
+            "node-c",
+            vec![Instance {
+                status: HealthStatus::Healthy as i32,
+                ..inst("web", "", 8082)
+            }],
+        )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert_eq!(r.get("node-c.web").unwrap().instance.status, HealthStatus::Healthy as i32);
+    assert_eq!(
+        r.get("node-c.web").unwrap().instance.status,
+        HealthStatus::Healthy as i32
+    );
     drop(back);
 }

@@ -101,29 +101,40 @@ pub fn instance(i: &Instance, prefix: &str) -> Result<(), Vec<FieldError>> {
     if i.address.parse::<IpAddr>().is_err() {
         e.push(
             "address",
-            format!("must be an IPv4 or IPv6 address, got {:?}", truncate(&i.address)),
+            format!(
+                "must be an IPv4 or IPv6 address, got {:?}",
+                truncate(&i.address)
+            ),
         );
     }
     if !(1..=65535).contains(&i.port) {
         e.push("port", format!("must be 1..=65535, got {}", i.port));
     }
     if i.inbound_port > 65535 {
-        e.push("inbound_port", format!("must be 0..=65535, got {}", i.inbound_port));
+        e.push(
+            "inbound_port",
+            format!("must be 0..=65535, got {}", i.inbound_port),
+        );
     }
     if i.weight > MAX_WEIGHT {
-        e.push("weight", format!("must be 0..={MAX_WEIGHT}, got {}", i.weight));
+        e.push(
+            "weight",
+            format!("must be 0..={MAX_WEIGHT}, got {}", i.weight),
+        );
     }
     if i.metadata.len() > MAX_METADATA_ENTRIES {
         e.push(
             "metadata",
-            format!("must have at most {MAX_METADATA_ENTRIES} entries, got {}", i.metadata.len()),
+            format!(
+                "must have at most {MAX_METADATA_ENTRIES} entries, got {}",
+                i.metadata.len()
+            ),
         );
     }
     for (k, v) in &i.metadata {
         let key_ok = !k.is_empty()
             && k.len() <= MAX_METADATA_KEY_LEN
-            && k
-                .bytes()
+            && k.bytes()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b'/'));
         if !key_ok {
             e.push(
@@ -137,7 +148,10 @@ pub fn instance(i: &Instance, prefix: &str) -> Result<(), Vec<FieldError>> {
         if v.len() > MAX_METADATA_VALUE_LEN {
             e.push(
                 &format!("metadata[{}]", truncate(k)),
-                format!("value must be at most {MAX_METADATA_VALUE_LEN} bytes, got {}", v.len()),
+                format!(
+                    "value must be at most {MAX_METADATA_VALUE_LEN} bytes, got {}",
+                    v.len()
+                ),
             );
         }
     }
@@ -167,7 +181,10 @@ fn check(c: &HealthCheck, e: &mut Errors<'_>) {
     }
     for (name, v) in [("rise", c.rise), ("fall", c.fall)] {
         if v > MAX_THRESHOLD {
-            e.push(&format!("check.{name}"), format!("must be 0..={MAX_THRESHOLD}, got {v}"));
+            e.push(
+                &format!("check.{name}"),
+                format!("must be 0..={MAX_THRESHOLD}, got {v}"),
+            );
         }
     }
 }
@@ -236,7 +253,12 @@ mod tests {
         i.weight = 10_001;
         assert_eq!(
             fields(&i),
-            ["instance.service", "instance.address", "instance.port", "instance.weight"]
+            [
+                "instance.service",
+                "instance.address",
+                "instance.port",
+                "instance.weight"
+            ]
         );
         let err = instance(&i, "instance").unwrap_err();
         assert!(describe(&err).contains("instance.port: must be 1..=65535, got 70000"));
@@ -276,7 +298,11 @@ mod tests {
         });
         assert_eq!(
             fields(&i),
-            ["instance.check.target", "instance.check.interval_ms", "instance.check.rise"]
+            [
+                "instance.check.target",
+                "instance.check.interval_ms",
+                "instance.check.rise"
+            ]
         );
     }
 

@@ -185,7 +185,12 @@ impl View {
     }
 
     pub(super) fn services(&self) -> BTreeMap<String, (u32, u32)> {
-        let names: Vec<String> = self.inner.services.iter().map(|e| e.key().clone()).collect();
+        let names: Vec<String> = self
+            .inner
+            .services
+            .iter()
+            .map(|e| e.key().clone())
+            .collect();
         names
             .into_iter()
             .map(|name| {
@@ -210,7 +215,11 @@ impl View {
     }
 
     pub(super) fn all(&self) -> Vec<Arc<Stored>> {
-        self.inner.instances.iter().map(|e| e.value().clone()).collect()
+        self.inner
+            .instances
+            .iter()
+            .map(|e| e.value().clone())
+            .collect()
     }
 
     pub(super) fn len(&self) -> usize {

@@ -19,8 +19,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{
-    Event, KeyValue, LeaseId, Revision, Store, StoreError, Txn, TxnOutcome,
-    WatchBatch, WatchStream,
+    Event, KeyValue, LeaseId, Revision, Store, StoreError, Txn, TxnOutcome, WatchBatch, WatchStream,
 };
 
 /// key -> [mod_revision u64 LE][lease u64 LE, 0 = none][value].
@@ -143,7 +142,10 @@ impl EmbeddedStore {
             writer: tx,
             closed,
         };
-        tokio::spawn(reap_leases(Arc::downgrade(&store.shared), store.writer.downgrade()));
+        tokio::spawn(reap_leases(
+            Arc::downgrade(&store.shared),
+            store.writer.downgrade(),
+        ));
         Ok(store)
     }
 
@@ -204,7 +206,13 @@ async fn reap_leases(shared: std::sync::Weak<Shared>, writer: mpsc::WeakSender<R
 #[async_trait::async_trait]
 impl Store for EmbeddedStore {
     async fn range(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
-        let db = self.shared.db.read().expect("db lock").clone().ok_or(StoreError::Closed)?;
+        let db = self
+            .shared
+            .db
+            .read()
+            .expect("db lock")
+            .clone()
+            .ok_or(StoreError::Closed)?;
         let prefix = prefix.to_owned();
         tokio::task::spawn_blocking(move || {
             let r = db.begin_read().map_err(unavailable)?;

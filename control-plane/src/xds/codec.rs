@@ -47,4 +47,3 @@ where
         ProstDecoder::default()
     }
 }
-

@@ -9,7 +9,10 @@ use std::{
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use tonic::Status;
 
-use super::{Cache, Subscriptions, TypeCache, WILDCARD, resource::delta_response, server::StreamEvent, sotw::unknown_type};
+use super::{
+    Cache, Subscriptions, TypeCache, WILDCARD, resource::delta_response, server::StreamEvent,
+    sotw::unknown_type,
+};
 
 pub(super) struct DeltaStream {
     cache: Cache,
@@ -42,18 +45,28 @@ impl DeltaStream {
         &self.subs.wake
     }
 
-    pub(super) fn on_request(&mut self, req: DeltaDiscoveryRequest, out: &mut Vec<StreamEvent>) -> Result<(), Status> {
-        let tc = self.cache.type_cache(&req.type_url).ok_or_else(|| unknown_type(&self.cache, &req.type_url))?;
+    pub(super) fn on_request(
+        &mut self,
+        req: DeltaDiscoveryRequest,
+        out: &mut Vec<StreamEvent>,
+    ) -> Result<(), Status> {
+        let tc = self
+            .cache
+            .type_cache(&req.type_url)
+            .ok_or_else(|| unknown_type(&self.cache, &req.type_url))?;
         let type_url = tc.type_url().clone();
         let first = !self.types.contains_key(&type_url);
-        let st = self.types.entry(type_url.clone()).or_insert_with(|| TypeState {
-            tc: tc.clone(),
-            wildcard: false,
-            names: HashSet::new(),
-            known: HashMap::new(),
-            pending: None,
-            dirty: BTreeSet::new(),
-        });
+        let st = self
+            .types
+            .entry(type_url.clone())
+            .or_insert_with(|| TypeState {
+                tc: tc.clone(),
+                wildcard: false,
+                names: HashSet::new(),
+                known: HashMap::new(),
+                pending: None,
+                dirty: BTreeSet::new(),
+            });
         if first {
             st.known = req.initial_resource_versions.clone();
             if req.resource_names_subscribe.is_empty() {
@@ -61,7 +74,12 @@ impl DeltaStream {
                 st.wildcard = true;
             }
         }
-        if !req.response_nonce.is_empty() && st.pending.as_ref().is_some_and(|(n, _)| *n == req.response_nonce) {
+        if !req.response_nonce.is_empty()
+            && st
+                .pending
+                .as_ref()
+                .is_some_and(|(n, _)| *n == req.response_nonce)
+        {
             let (nonce, versions) = st.pending.take().expect("checked");
             match &req.error_detail {
                 Some(e) => out.push(StreamEvent::Nack {
@@ -96,7 +114,13 @@ impl DeltaStream {
                 self.subs.add(&tc, n);
             }
         }
-        if st.wildcard && !self.subs.held.get(&type_url).is_some_and(|h| h.contains(WILDCARD)) {
+        if st.wildcard
+            && !self
+                .subs
+                .held
+                .get(&type_url)
+                .is_some_and(|h| h.contains(WILDCARD))
+        {
             self.subs.add(&tc, WILDCARD);
             st.dirty.extend(tc.names());
             st.dirty.extend(st.known.keys().cloned());

@@ -86,7 +86,12 @@ fn append(mut head: Vec<u8>, parts: impl Iterator<Item = Bytes>) -> Bytes {
 }
 
 /// An encoded `DiscoveryResponse` holding `resources`.
-pub fn sotw_response(type_url: &str, version: &str, nonce: &str, resources: &[std::sync::Arc<Encoded>]) -> Bytes {
+pub fn sotw_response(
+    type_url: &str,
+    version: &str,
+    nonce: &str,
+    resources: &[std::sync::Arc<Encoded>],
+) -> Bytes {
     let head = DiscoveryResponse {
         version_info: version.to_owned(),
         type_url: type_url.to_owned(),
@@ -134,7 +139,7 @@ mod tests {
         assert_eq!(got.resources.len(), 2);
         assert_eq!(got.resources[1].value, b"\x0a\x01b");
 
-        let bytes = delta_response(T, "8", &[a.clone()], vec!["gone".into()]);
+        let bytes = delta_response(T, "8", std::slice::from_ref(&a), vec!["gone".into()]);
         let got = DeltaDiscoveryResponse::decode(bytes).unwrap();
         assert_eq!(got.nonce, "8");
         assert_eq!(got.removed_resources, ["gone"]);
@@ -150,6 +155,9 @@ mod tests {
         let a3 = Encoded::new(T, "a", b"two");
         assert_eq!(a1.version, a2.version);
         assert_ne!(a1.version, a3.version);
-        assert_ne!(set_version([&a1].into_iter()), set_version([&a3].into_iter()));
+        assert_ne!(
+            set_version([&a1].into_iter()),
+            set_version([&a3].into_iter())
+        );
     }
 }

@@ -17,8 +17,10 @@ use tonic::{Status, Streaming, body::Body, codegen::BoxFuture, server::NamedServ
 
 use super::{Cache, Wake, codec::PreEncodedCodec, delta::DeltaStream, sotw::SotwStream};
 
-const SOTW_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
-const DELTA_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+const SOTW_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+const DELTA_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 /// Largest request accepted from a client.
 const MAX_REQUEST_BYTES: usize = 4 << 20;
 
@@ -71,7 +73,11 @@ pub struct AdsService {
 }
 
 impl AdsService {
-    pub fn new(cache: Cache, observer: Arc<dyn StreamObserver>, shutdown: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        cache: Cache,
+        observer: Arc<dyn StreamObserver>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
         AdsService {
             cache,
             observer,
@@ -104,7 +110,11 @@ impl Protocol for SotwStream {
     fn node_id(req: &DiscoveryRequest) -> Option<&str> {
         req.node.as_ref().map(|n| n.id.as_str())
     }
-    fn on_request(&mut self, req: DiscoveryRequest, out: &mut Vec<StreamEvent>) -> Result<(), Status> {
+    fn on_request(
+        &mut self,
+        req: DiscoveryRequest,
+        out: &mut Vec<StreamEvent>,
+    ) -> Result<(), Status> {
         SotwStream::on_request(self, req, out)
     }
     fn on_wake(&mut self, out: &mut Vec<StreamEvent>) {
@@ -124,7 +134,11 @@ impl Protocol for DeltaStream {
     fn node_id(req: &DeltaDiscoveryRequest) -> Option<&str> {
         req.node.as_ref().map(|n| n.id.as_str())
     }
-    fn on_request(&mut self, req: DeltaDiscoveryRequest, out: &mut Vec<StreamEvent>) -> Result<(), Status> {
+    fn on_request(
+        &mut self,
+        req: DeltaDiscoveryRequest,
+        out: &mut Vec<StreamEvent>,
+    ) -> Result<(), Status> {
         DeltaStream::on_request(self, req, out)
     }
     fn on_wake(&mut self, out: &mut Vec<StreamEvent>) {
@@ -203,11 +217,11 @@ async fn drive<P: Protocol>(
         let info = info.as_ref().expect("set on the first request");
         for event in out.drain(..) {
             svc.observer.event(info, &event);
-            if let StreamEvent::Response { bytes, .. } = event {
-                if tx.send(Ok(bytes)).await.is_err() {
-                    svc.observer.closed(info);
-                    return;
-                }
+            if let StreamEvent::Response { bytes, .. } = event
+                && tx.send(Ok(bytes)).await.is_err()
+            {
+                svc.observer.closed(info);
+                return;
             }
         }
     }
@@ -230,14 +244,19 @@ impl tower::Service<http::Request<Body>> for AdsService {
         Box::pin(async move {
             let resp = match req.uri().path() {
                 SOTW_PATH => {
-                    let mut grpc = tonic::server::Grpc::new(PreEncodedCodec::<DiscoveryRequest>::default())
-                        .apply_max_message_size_config(Some(MAX_REQUEST_BYTES), None);
-                    grpc.streaming(Method::<SotwStream>(svc, Default::default()), req).await
+                    let mut grpc =
+                        tonic::server::Grpc::new(PreEncodedCodec::<DiscoveryRequest>::default())
+                            .apply_max_message_size_config(Some(MAX_REQUEST_BYTES), None);
+                    grpc.streaming(Method::<SotwStream>(svc, Default::default()), req)
+                        .await
                 }
                 DELTA_PATH => {
-                    let mut grpc = tonic::server::Grpc::new(PreEncodedCodec::<DeltaDiscoveryRequest>::default())
-                        .apply_max_message_size_config(Some(MAX_REQUEST_BYTES), None);
-                    grpc.streaming(Method::<DeltaStream>(svc, Default::default()), req).await
+                    let mut grpc = tonic::server::Grpc::new(
+                        PreEncodedCodec::<DeltaDiscoveryRequest>::default(),
+                    )
+                    .apply_max_message_size_config(Some(MAX_REQUEST_BYTES), None);
+                    grpc.streaming(Method::<DeltaStream>(svc, Default::default()), req)
+                        .await
                 }
                 _ => Status::unimplemented(format!("no method {}", req.uri().path())).into_http(),
             };

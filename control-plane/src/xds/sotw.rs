@@ -47,18 +47,28 @@ impl SotwStream {
         &self.subs.wake
     }
 
-    pub(super) fn on_request(&mut self, req: DiscoveryRequest, out: &mut Vec<StreamEvent>) -> Result<(), Status> {
-        let tc = self.cache.type_cache(&req.type_url).ok_or_else(|| unknown_type(&self.cache, &req.type_url))?;
+    pub(super) fn on_request(
+        &mut self,
+        req: DiscoveryRequest,
+        out: &mut Vec<StreamEvent>,
+    ) -> Result<(), Status> {
+        let tc = self
+            .cache
+            .type_cache(&req.type_url)
+            .ok_or_else(|| unknown_type(&self.cache, &req.type_url))?;
         let type_url = tc.type_url().clone();
         let first = !self.types.contains_key(&type_url);
-        let st = self.types.entry(type_url.clone()).or_insert_with(|| TypeState {
-            tc: tc.clone(),
-            names: Some(BTreeSet::new()),
-            sent: None,
-            acked: None,
-            pending: None,
-            dirty: true,
-        });
+        let st = self
+            .types
+            .entry(type_url.clone())
+            .or_insert_with(|| TypeState {
+                tc: tc.clone(),
+                names: Some(BTreeSet::new()),
+                sent: None,
+                acked: None,
+                pending: None,
+                dirty: true,
+            });
 
         if req.response_nonce.is_empty() {
             if first && !req.version_info.is_empty() {
@@ -89,12 +99,13 @@ impl SotwStream {
             return Ok(());
         }
 
-        let wanted: Option<BTreeSet<String>> =
-            if (first && req.resource_names.is_empty()) || req.resource_names.iter().any(|n| n == WILDCARD) {
-                None
-            } else {
-                Some(req.resource_names.iter().cloned().collect())
-            };
+        let wanted: Option<BTreeSet<String>> = if (first && req.resource_names.is_empty())
+            || req.resource_names.iter().any(|n| n == WILDCARD)
+        {
+            None
+        } else {
+            Some(req.resource_names.iter().cloned().collect())
+        };
         if wanted != st.names {
             let old: HashSet<String> = key_set(&st.names);
             let new: HashSet<String> = key_set(&wanted);

@@ -25,7 +25,9 @@ fn cache() -> Cache {
 fn delta_responses(out: &mut Vec<StreamEvent>) -> Vec<DeltaDiscoveryResponse> {
     out.drain(..)
         .filter_map(|e| match e {
-            StreamEvent::Response { bytes, .. } => Some(DeltaDiscoveryResponse::decode(bytes).unwrap()),
+            StreamEvent::Response { bytes, .. } => {
+                Some(DeltaDiscoveryResponse::decode(bytes).unwrap())
+            }
             _ => None,
         })
         .collect()
@@ -55,8 +57,18 @@ fn delta_subscribe_ack_nack_and_unsubscribe() {
     s.on_request(sub(&["a", "b"]), &mut out).unwrap();
     let r = delta_responses(&mut out);
     assert_eq!(r.len(), 1);
-    assert_eq!(r[0].resources.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["a"]);
-    assert_eq!(r[0].removed_resources, ["b"], "a missing name is reported once");
+    assert_eq!(
+        r[0].resources
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect::<Vec<_>>(),
+        ["a"]
+    );
+    assert_eq!(
+        r[0].removed_resources,
+        ["b"],
+        "a missing name is reported once"
+    );
     let nonce1 = r[0].nonce.clone();
 
     // While the response is unacknowledged, changes wait and coalesce.
@@ -110,10 +122,20 @@ fn delta_reconnect_resumes_from_known_versions() {
     let mut s = DeltaStream::new(c.clone());
     let mut out = Vec::new();
     let mut req = sub(&["a", "c"]);
-    req.initial_resource_versions = HashMap::from([("a".to_string(), a.version.clone()), ("c".to_string(), "stale".to_string())]);
+    req.initial_resource_versions = HashMap::from([
+        ("a".to_string(), a.version.clone()),
+        ("c".to_string(), "stale".to_string()),
+    ]);
     s.on_request(req, &mut out).unwrap();
     let r = delta_responses(&mut out);
-    assert_eq!(r[0].resources.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["c"], "only what changed");
+    assert_eq!(
+        r[0].resources
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect::<Vec<_>>(),
+        ["c"],
+        "only what changed"
+    );
 }
 
 #[test]
@@ -182,7 +204,9 @@ fn sotw_full_state_versions_and_stale_nonces() {
 
     // A reconnecting client holding the current version gets nothing new.
     let mut again = SotwStream::new(c.clone());
-    again.on_request(sotw(&["a", "c"], &v2, ""), &mut out).unwrap();
+    again
+        .on_request(sotw(&["a", "c"], &v2, ""), &mut out)
+        .unwrap();
     assert!(sotw_responses(&mut out).is_empty());
     c.set(T, "c", Bytes::from_static(b"c9"));
     again.on_wake(&mut out);

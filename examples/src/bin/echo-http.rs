@@ -13,6 +13,10 @@
 //!   launcher and test harness wait for, then serves until SIGINT/SIGTERM.
 //! - handlers: `GET /healthz`, `POST /admin/health/{fail,pass}`, and the
 //!   echo fallback.
+//! - test routes: `POST /sink` (counts the body's bytes), `GET /bytes?n=N`
+//!   (streams N bytes), `GET /slow?ms=N` (answers after N ms) and `GET /ws`
+//!   (WebSocket echo), so tests can push large bodies, hold requests in
+//!   flight and upgrade through the mesh.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -23,11 +27,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context;
 use axum::Json;
 use axum::Router;
-use axum::extract::State;
+use axum::body::Body;
+use axum::extract::ws::{WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use clap::Parser;
+use futures::StreamExt;
 use serde_json::json;
 
 /// Flags. Every flag also reads an env var so containers can configure it.
@@ -87,6 +94,10 @@ fn router(echo: Echo) -> Router {
         .route("/healthz", get(healthz))
         .route("/admin/health/fail", post(health_fail))
         .route("/admin/health/pass", post(health_pass))
+        .route("/sink", post(sink))
+        .route("/bytes", get(bytes))
+        .route("/slow", get(slow))
+        .route("/ws", get(ws))
         .fallback(echo_request)
         .with_state(echo)
 }
@@ -128,6 +139,85 @@ async fn echo_request(
         "headers": headers,
     });
     with_instance(&echo, Json(body).into_response())
+}
+
+/// `POST /sink`: reads the whole body as it streams in and answers with
+/// the number of bytes received, as text.
+async fn sink(State(echo): State<Echo>, body: Body) -> Response {
+    let mut stream = body.into_data_stream();
+    let mut total: u64 = 0;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(c) => total += c.len() as u64,
+            Err(e) => {
+                let resp = (StatusCode::BAD_REQUEST, format!("body: {e}\n")).into_response();
+                return with_instance(&echo, resp);
+            }
+        }
+    }
+    with_instance(&echo, total.to_string().into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct BytesQuery {
+    n: u64,
+}
+
+/// Chunk size of `GET /bytes`.
+const CHUNK: usize = 64 * 1024;
+
+/// `GET /bytes?n=N`: streams N bytes (`b'x'`) in 64 KiB chunks, never
+/// holding the whole body.
+async fn bytes(State(echo): State<Echo>, Query(q): Query<BytesQuery>) -> Response {
+    let chunk = bytes::Bytes::from(vec![b'x'; CHUNK]);
+    let chunks = futures::stream::unfold(q.n, move |left| {
+        let chunk = chunk.clone();
+        async move {
+            if left == 0 {
+                return None;
+            }
+            let n = left.min(CHUNK as u64);
+            let part = chunk.slice(..n as usize);
+            Some((Ok::<_, std::io::Error>(part), left - n))
+        }
+    });
+    let mut resp = Body::from_stream(chunks).into_response();
+    if let Ok(v) = HeaderValue::from_str(&q.n.to_string()) {
+        resp.headers_mut()
+            .insert(axum::http::header::CONTENT_LENGTH, v);
+    }
+    with_instance(&echo, resp)
+}
+
+#[derive(serde::Deserialize)]
+struct SlowQuery {
+    ms: u64,
+}
+
+/// `GET /slow?ms=N`: answers after N ms, to keep a request in flight.
+async fn slow(State(echo): State<Echo>, Query(q): Query<SlowQuery>) -> Response {
+    tokio::time::sleep(std::time::Duration::from_millis(q.ms)).await;
+    with_instance(&echo, format!("slept {} ms\n", q.ms).into_response())
+}
+
+/// `GET /ws`: a WebSocket that sends every text or binary message back.
+async fn ws(State(echo): State<Echo>, upgrade: WebSocketUpgrade) -> Response {
+    let resp = upgrade.on_upgrade(ws_echo);
+    with_instance(&echo, resp)
+}
+
+async fn ws_echo(mut socket: WebSocket) {
+    use axum::extract::ws::Message;
+    while let Some(Ok(msg)) = socket.recv().await {
+        let reply = match msg {
+            Message::Text(_) | Message::Binary(_) => msg,
+            Message::Close(_) => return,
+            Message::Ping(_) | Message::Pong(_) => continue,
+        };
+        if socket.send(reply).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Every answer names its instance, so load balancing is visible with curl.

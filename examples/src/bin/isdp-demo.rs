@@ -58,6 +58,16 @@ fn sidecar_admin_port(i: usize) -> u16 {
     15101 + i as u16
 }
 
+/// Each payments sidecar's inbound (mesh traffic in) and outbound
+/// listeners; the web sidecar keeps the defaults (15006 and 15001).
+fn sidecar_inbound_port(i: usize) -> u16 {
+    15201 + i as u16
+}
+
+fn sidecar_outbound_port(i: usize) -> u16 {
+    15301 + i as u16
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -70,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
     for d in [&logs, &configs] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
+    let isdpctl = display_path(&bin_dir.join("isdpctl"));
     let mut kids = Children::new(bin_dir, logs.clone());
 
     let result = start_mesh(&mut kids, dir, &configs).await;
@@ -80,7 +91,7 @@ async fn main() -> anyhow::Result<()> {
             logs.display()
         )));
     }
-    print_next_steps(&logs);
+    print_next_steps(&isdpctl, &logs);
 
     let reason = kids
         .run_until_stopped(args.exit_after.map(Into::into))
@@ -122,10 +133,13 @@ async fn start_mesh(kids: &mut Children, dir: &Path, configs: &Path) -> anyhow::
 
         let sidecar = format!("{name}-sidecar");
         let admin = format!("127.0.0.1:{}", sidecar_admin_port(i));
+        let (inbound, outbound) = (sidecar_inbound_port(i), sidecar_outbound_port(i));
         let config = format!(
             r#"node_id = "{name}"
 control_plane = ["http://{CONTROL_PLANE}"]
 admin_listen = "{admin}"
+inbound_listen = "127.0.0.1:{inbound}"
+outbound_listen = "127.0.0.1:{outbound}"
 
 [[service]]
 name = "payments"
@@ -202,10 +216,14 @@ fn check_ports_free() -> anyhow::Result<()> {
         CONTROL_PLANE_ADMIN.to_owned(),
         WEB_ADMIN.to_owned(),
         WEB_UPSTREAM.to_owned(),
+        "127.0.0.1:15006".to_owned(),
+        "127.0.0.1:15001".to_owned(),
     ];
     for i in 0..PAYMENTS {
         addrs.push(format!("127.0.0.1:{}", echo_port(i)));
         addrs.push(format!("127.0.0.1:{}", sidecar_admin_port(i)));
+        addrs.push(format!("127.0.0.1:{}", sidecar_inbound_port(i)));
+        addrs.push(format!("127.0.0.1:{}", sidecar_outbound_port(i)));
     }
     for addr in addrs {
         if std::net::TcpListener::bind(&addr).is_err() {
@@ -215,15 +233,26 @@ fn check_ports_free() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_next_steps(logs: &Path) {
+/// `path` relative to the working directory when it is below it, so the
+/// printed commands are short and can be pasted as they are.
+fn display_path(path: &Path) -> String {
+    let rel = std::env::current_dir()
+        .ok()
+        .and_then(|cwd| path.strip_prefix(cwd).ok().map(|p| Path::new(".").join(p)));
+    rel.unwrap_or_else(|| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
+fn print_next_steps(isdpctl: &str, logs: &Path) {
     let logs = logs.display();
     println!(
         r#"
 ISDP demo is up. Try:
 
   # the registry: three healthy payments instances
-  ./target/release/isdpctl services
-  ./target/release/isdpctl instances payments
+  {isdpctl} services
+  {isdpctl} instances payments
 
   # what the web sidecar learned over xDS
   curl -s {WEB_ADMIN}/config
@@ -232,7 +261,7 @@ ISDP demo is up. Try:
   curl -si {WEB_UPSTREAM}/hello
 
   # make payments-2 fail its health check, watch it turn unhealthy, restore it
-  ./target/release/isdpctl watch payments      # in another terminal
+  {isdpctl} watch payments      # in another terminal
   curl -XPOST 127.0.0.1:18082/admin/health/fail
   curl -XPOST 127.0.0.1:18082/admin/health/pass
 

@@ -6,13 +6,14 @@
 //! owned (plus any change in the others' node counts, see below).
 //!
 //! Node counts: each endpoint gets `scale × weight` nodes, where `scale`
-//! starts at 128 (≈ the usual 100, a power of two) and is doubled while the
-//! ring is smaller than [`MIN_RING`] and halved while it is larger than
-//! [`MAX_RING`]. Keeping `scale` a power of two means adding or removing an
-//! endpoint rarely changes the other endpoints' counts, which would move
-//! keys between surviving endpoints. The ring floor is above Envoy's 1024
-//! because with ~100 nodes per endpoint the spread of shares is about ±10%
-//! (one standard deviation); 1024 on 10 endpoints left some at ±25%.
+//! starts at 128 (about the usual 100, but a power of two) and is doubled
+//! while the ring is smaller than [`MIN_RING`] and halved while it is
+//! larger than [`MAX_RING`]. Keeping `scale` a power of two means adding or
+//! removing an endpoint rarely changes the other endpoints' node counts;
+//! a change there would move keys between surviving endpoints (with
+//! `total / n` nodes each, removing one of 10 endpoints would move ~20% of
+//! keys instead of ~10%). With ~128 nodes per endpoint, shares deviate
+//! from fair by about ±9% (one standard deviation).
 
 use std::sync::Arc;
 

@@ -66,7 +66,9 @@ fn parses_the_documented_example() {
         vec![Upstream {
             name: "payments".into(),
             listen: Some("127.0.0.1:9191".parse().unwrap()),
-            protocol: Protocol::Http
+            protocol: Protocol::Http,
+            lb: crate::balance::Algorithm::PeakEwma,
+            hash_key: None,
         }]
     );
     assert_eq!(c.log_format, LogFormat::Text);
@@ -269,4 +271,36 @@ fn load_reads_the_file() {
     let missing = dir.path().join("missing.toml");
     let e = Config::load(cli(&["--config", missing.to_str().unwrap()])).unwrap_err();
     assert!(matches!(e, ConfigError::Read { .. }), "{e}");
+}
+
+#[test]
+fn upstream_balancing_is_parsed_and_checked() {
+    let c = Config::from_toml(
+        "node_id = \"n\"\n[[upstream]]\nname = \"pay\"\nlb = \"maglev\"\nhash_key = \"header:x-user\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.upstreams[0].lb, crate::balance::Algorithm::Maglev);
+    assert!(c.upstreams[0].hash_key.is_some());
+    let err =
+        Config::from_toml("node_id = \"n\"\n[[upstream]]\nname = \"pay\"\nlb = \"fastest\"\n")
+            .unwrap_err()
+            .to_string();
+    assert!(err.starts_with("upstream[0].lb:"), "{err}");
+    let err = Config::from_toml(
+        "node_id = \"n\"\n[[upstream]]\nname = \"pay\"\nhash_key = \"header:x\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("ring_hash"), "{err}");
+}
+
+#[test]
+fn listeners_default_to_the_advertised_address_and_15001() {
+    let c = Config::from_toml("node_id = \"n\"\naddress = \"127.0.0.2\"\n").unwrap();
+    assert_eq!(c.inbound_listen, "127.0.0.2:15006".parse().unwrap());
+    assert_eq!(c.outbound_listen, "127.0.0.1:15001".parse().unwrap());
+    let err = Config::from_toml("node_id = \"n\"\ninbound_listen = \"nope\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("inbound_listen:"), "{err}");
 }

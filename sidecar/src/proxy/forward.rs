@@ -58,14 +58,13 @@ impl Forwarder {
     ) -> Response<Body> {
         let upgrade = is_upgrade(&req);
         let hop = if upgrade { Hop::Http1 } else { hop };
-        if !req.headers().contains_key(header::HOST) {
-            if let Some(v) = req
+        if !req.headers().contains_key(header::HOST)
+            && let Some(v) = req
                 .uri()
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
-                req.headers_mut().insert(header::HOST, v);
-            }
+        {
+            req.headers_mut().insert(header::HOST, v);
         }
         let path = req
             .uri()

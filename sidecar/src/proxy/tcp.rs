@@ -113,11 +113,11 @@ async fn connect_outbound(
             return;
         }
     };
-    if target.via_sidecar {
-        if let Err(e) = server.write_all(&preamble(upstream)).await {
-            tracing::debug!(upstream, error = %e, "writing tcp preamble");
-            return;
-        }
+    if target.via_sidecar
+        && let Err(e) = server.write_all(&preamble(upstream)).await
+    {
+        tracing::debug!(upstream, error = %e, "writing tcp preamble");
+        return;
     }
     splice(client, server).await;
 }

@@ -16,20 +16,33 @@ async fn writes_survive_reopen_and_failed_compares_change_nothing() {
     {
         let store = EmbeddedStore::open(dir.path()).unwrap();
         let out = store
-            .txn(Txn::default().put("/a/1", val("one"), None).put("/a/2", val("two"), None))
+            .txn(
+                Txn::default()
+                    .put("/a/1", val("one"), None)
+                    .put("/a/2", val("two"), None),
+            )
             .await
             .unwrap();
         assert!(out.succeeded);
         assert_eq!(out.revision, 1);
         // Expecting the key to be absent fails: nothing is written.
         let out = store
-            .txn(Txn::default().when_mod_revision("/a/1", 0).put("/a/1", val("x"), None).delete("/a/2"))
+            .txn(
+                Txn::default()
+                    .when_mod_revision("/a/1", 0)
+                    .put("/a/1", val("x"), None)
+                    .delete("/a/2"),
+            )
             .await
             .unwrap();
         assert!(!out.succeeded);
         assert_eq!(out.revision, 1);
         let out = store
-            .txn(Txn::default().when_mod_revision("/a/1", 1).put("/a/1", val("uno"), None))
+            .txn(
+                Txn::default()
+                    .when_mod_revision("/a/1", 1)
+                    .put("/a/1", val("uno"), None),
+            )
             .await
             .unwrap();
         assert!(out.succeeded);
@@ -39,7 +52,10 @@ async fn writes_survive_reopen_and_failed_compares_change_nothing() {
     let store = EmbeddedStore::open(dir.path()).unwrap();
     let (kvs, rev) = store.range("/a/").await.unwrap();
     assert_eq!(rev, 2);
-    let got: Vec<_> = kvs.iter().map(|kv| (kv.key.as_str(), kv.value.clone(), kv.mod_revision)).collect();
+    let got: Vec<_> = kvs
+        .iter()
+        .map(|kv| (kv.key.as_str(), kv.value.clone(), kv.mod_revision))
+        .collect();
     assert_eq!(got, vec![("/a/1", val("uno"), 2), ("/a/2", val("two"), 1)]);
     let (other, _) = store.range("/b/").await.unwrap();
     assert!(other.is_empty());
@@ -52,7 +68,10 @@ async fn concurrent_writes_are_batched_and_each_gets_a_revision() {
     let tasks: Vec<_> = (0..500)
         .map(|i| {
             let s = store.clone();
-            tokio::spawn(async move { s.txn(Txn::default().put(format!("/k/{i:04}"), val("v"), None)).await })
+            tokio::spawn(async move {
+                s.txn(Txn::default().put(format!("/k/{i:04}"), val("v"), None))
+                    .await
+            })
         })
         .collect();
     let mut revs = Vec::new();
@@ -69,14 +88,23 @@ async fn concurrent_writes_are_batched_and_each_gets_a_revision() {
 async fn watch_resumes_from_a_revision_and_filters_by_prefix() {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(dir.path()).unwrap();
-    store.txn(Txn::default().put("/w/a", val("1"), None)).await.unwrap();
-    store.txn(Txn::default().put("/other", val("x"), None)).await.unwrap();
+    store
+        .txn(Txn::default().put("/w/a", val("1"), None))
+        .await
+        .unwrap();
+    store
+        .txn(Txn::default().put("/other", val("x"), None))
+        .await
+        .unwrap();
     store.txn(Txn::default().delete("/w/a")).await.unwrap();
     let mut w = store.watch("/w/", 1).unwrap();
     let b = w.next().await.unwrap().unwrap();
     assert_eq!(b.revision, 3);
     assert_eq!(b.events, vec![Event::Delete { key: "/w/a".into() }]);
-    store.txn(Txn::default().put("/w/b", val("2"), None)).await.unwrap();
+    store
+        .txn(Txn::default().put("/w/b", val("2"), None))
+        .await
+        .unwrap();
     let b = w.next().await.unwrap().unwrap();
     assert_eq!(b.revision, 4);
     assert!(matches!(&b.events[0], Event::Put(kv) if kv.key == "/w/b"));
@@ -85,7 +113,10 @@ async fn watch_resumes_from_a_revision_and_filters_by_prefix() {
     drop(w);
     store.close().await;
     let store = EmbeddedStore::open(dir.path()).unwrap();
-    assert!(matches!(store.watch("/w/", 1), Err(StoreError::Compacted { .. })));
+    assert!(matches!(
+        store.watch("/w/", 1),
+        Err(StoreError::Compacted { .. })
+    ));
     assert!(store.watch("/w/", 4).is_ok());
 }
 
@@ -96,11 +127,21 @@ async fn leases_expire_without_keepalive_and_revoke_deletes_at_once() {
     let short = store.grant_lease(Duration::from_millis(300)).await.unwrap();
     let long = store.grant_lease(Duration::from_secs(60)).await.unwrap();
     store
-        .txn(Txn::default().put("/l/short", val("s"), Some(short)).put("/l/long", val("l"), Some(long)))
+        .txn(Txn::default().put("/l/short", val("s"), Some(short)).put(
+            "/l/long",
+            val("l"),
+            Some(long),
+        ))
         .await
         .unwrap();
     // A put on an unknown lease fails and writes nothing.
-    let err = store.txn(Txn::default().put("/l/bad", val("b"), Some(999)).put("/l/x", val("x"), None)).await;
+    let err = store
+        .txn(
+            Txn::default()
+                .put("/l/bad", val("b"), Some(999))
+                .put("/l/x", val("x"), None),
+        )
+        .await;
     assert!(matches!(err, Err(StoreError::LeaseNotFound(999))));
 
     // Keep-alives hold the short lease past its TTL.
@@ -110,9 +151,19 @@ async fn leases_expire_without_keepalive_and_revoke_deletes_at_once() {
     }
     assert_eq!(store.range("/l/").await.unwrap().0.len(), 2);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let keys: Vec<String> = store.range("/l/").await.unwrap().0.into_iter().map(|kv| kv.key).collect();
+    let keys: Vec<String> = store
+        .range("/l/")
+        .await
+        .unwrap()
+        .0
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
     assert_eq!(keys, vec!["/l/long".to_string()]);
-    assert!(matches!(store.keep_alive(short).await, Err(StoreError::LeaseNotFound(_))));
+    assert!(matches!(
+        store.keep_alive(short).await,
+        Err(StoreError::LeaseNotFound(_))
+    ));
 
     store.revoke(long).await.unwrap();
     assert!(store.range("/l/").await.unwrap().0.is_empty());

@@ -8,9 +8,7 @@ use std::{
 use redb::{ReadableTable, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{
-    KV, LEASES, LeaseState, META, Request, Shared, decode_kv, encode_kv, unavailable,
-};
+use super::{KV, LEASES, LeaseState, META, Request, Shared, decode_kv, encode_kv, unavailable};
 use crate::store::{
     Compare, Event, KeyValue, LeaseId, Op, Revision, StoreError, Txn, TxnOutcome, WatchBatch,
 };
@@ -23,14 +21,27 @@ pub(super) struct Writer {
 
 /// What one request produced inside a batch, delivered after the commit.
 enum Done {
-    Txn(oneshot::Sender<Result<TxnOutcome, StoreError>>, Result<TxnOutcome, StoreError>),
-    Grant(oneshot::Sender<Result<LeaseId, StoreError>>, Result<(LeaseId, Duration), StoreError>),
-    Revoke(oneshot::Sender<Result<(), StoreError>>, Result<LeaseId, StoreError>),
+    Txn(
+        oneshot::Sender<Result<TxnOutcome, StoreError>>,
+        Result<TxnOutcome, StoreError>,
+    ),
+    Grant(
+        oneshot::Sender<Result<LeaseId, StoreError>>,
+        Result<(LeaseId, Duration), StoreError>,
+    ),
+    Revoke(
+        oneshot::Sender<Result<(), StoreError>>,
+        Result<LeaseId, StoreError>,
+    ),
 }
 
 impl Writer {
     pub(super) fn new(shared: Arc<Shared>, db: Arc<redb::Database>, revision: Revision) -> Self {
-        Writer { shared, db, revision }
+        Writer {
+            shared,
+            db,
+            revision,
+        }
     }
 
     /// Runs until closed or every store handle is dropped; then releases
@@ -38,7 +49,9 @@ impl Writer {
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Request>) {
         let mut open = true;
         while open {
-            let Some(first) = rx.blocking_recv() else { break };
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
             let mut batch = vec![first];
             while batch.len() < super::MAX_BATCH {
                 match rx.try_recv() {
@@ -111,10 +124,10 @@ impl Writer {
             for b in produced {
                 let b = Arc::new(b);
                 history.batches.push_back(b.clone());
-                if history.batches.len() > super::HISTORY {
-                    if let Some(old) = history.batches.pop_front() {
-                        history.start = old.revision;
-                    }
+                if history.batches.len() > super::HISTORY
+                    && let Some(old) = history.batches.pop_front()
+                {
+                    history.start = old.revision;
                 }
                 let _ = self.shared.events.send(b);
             }
@@ -124,8 +137,15 @@ impl Writer {
             match d {
                 Done::Txn(reply, r) => drop(reply.send(r)),
                 Done::Grant(reply, r) => drop(reply.send(r.map(|(id, ttl)| {
-                    let state = LeaseState { ttl, deadline: now + ttl };
-                    self.shared.leases.lock().expect("lease lock").insert(id, state);
+                    let state = LeaseState {
+                        ttl,
+                        deadline: now + ttl,
+                    };
+                    self.shared
+                        .leases
+                        .lock()
+                        .expect("lease lock")
+                        .insert(id, state);
                     id
                 }))),
                 Done::Revoke(reply, r) => drop(reply.send(r.map(|id| {
@@ -159,10 +179,10 @@ impl Writer {
         // Check leases before touching anything, so a bad op writes nothing.
         let leases = w.open_table(LEASES).map_err(unavailable)?;
         for op in &txn.ops {
-            if let Op::Put { lease: Some(l), .. } = op {
-                if leases.get(*l).map_err(unavailable)?.is_none() {
-                    return Err(StoreError::LeaseNotFound(*l));
-                }
+            if let Op::Put { lease: Some(l), .. } = op
+                && leases.get(*l).map_err(unavailable)?.is_none()
+            {
+                return Err(StoreError::LeaseNotFound(*l));
             }
         }
         if txn.ops.is_empty() {
@@ -209,7 +229,11 @@ impl Writer {
         })
     }
 
-    fn grant(&mut self, w: &WriteTransaction, ttl: Duration) -> Result<(LeaseId, Duration), StoreError> {
+    fn grant(
+        &mut self,
+        w: &WriteTransaction,
+        ttl: Duration,
+    ) -> Result<(LeaseId, Duration), StoreError> {
         let mut meta = w.open_table(META).map_err(unavailable)?;
         let id = meta
             .get("next_lease")
@@ -231,8 +255,7 @@ impl Writer {
         id: LeaseId,
         produced: &mut Vec<WatchBatch>,
     ) -> Result<(), StoreError> {
-        if w
-            .open_table(LEASES)
+        if w.open_table(LEASES)
             .map_err(unavailable)?
             .remove(id)
             .map_err(unavailable)?

@@ -184,8 +184,16 @@ async fn http_status(addr: &str, path: &str) -> Option<u16> {
     head.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The last lines of a log, minus backtrace frames (with RUST_BACKTRACE set
+/// they would push the actual error out of view).
 fn log_tail(path: &PathBuf) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
+    let is_frame = |l: &str| {
+        let t = l.trim_start();
+        t.starts_with("at ")
+            || t.split_once(": ")
+                .is_some_and(|(n, _)| n.parse::<u32>().is_ok())
+    };
+    let lines: Vec<&str> = text.lines().filter(|l| !is_frame(l)).collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
