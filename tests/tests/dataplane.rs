@@ -99,15 +99,19 @@ impl Mesh {
 
     async fn wait_all_healthy(&self) {
         let want = self.echoes.len();
-        eventually(SETUP, "web sees every payments instance healthy", || async {
-            let eps = self.web.endpoints(SERVICE).await?;
-            anyhow::ensure!(eps.len() == want, "expected {want} endpoints: {eps:?}");
-            for n in 0..want {
-                let id = Self::instance_id(n);
-                anyhow::ensure!(status_of(&eps, &id)? == "healthy", "{id}: {eps:?}");
-            }
-            Ok(())
-        })
+        eventually(
+            SETUP,
+            "web sees every payments instance healthy",
+            || async {
+                let eps = self.web.endpoints(SERVICE).await?;
+                anyhow::ensure!(eps.len() == want, "expected {want} endpoints: {eps:?}");
+                for n in 0..want {
+                    let id = Self::instance_id(n);
+                    anyhow::ensure!(status_of(&eps, &id)? == "healthy", "{id}: {eps:?}");
+                }
+                Ok(())
+            },
+        )
         .await;
     }
 
@@ -245,9 +249,8 @@ async fn weighted_round_robin_follows_weights() {
     let mesh = Mesh::start(&[1, 1, 2], "weighted_round_robin").await;
     // The weights must have reached the web sidecar before counting.
     let eps = mesh.web.endpoints(SERVICE).await.expect("endpoints");
-    let weight = |n: usize| {
-        isdp_tests::find_by_id(&eps, &Mesh::instance_id(n)).map(|e| e["weight"].clone())
-    };
+    let weight =
+        |n: usize| isdp_tests::find_by_id(&eps, &Mesh::instance_id(n)).map(|e| e["weight"].clone());
     assert_eq!(
         [weight(0), weight(1), weight(2)],
         [Some(1.into()), Some(1.into()), Some(2.into())],
@@ -306,6 +309,22 @@ async fn outbound_listener_routes_by_host() {
         "{resp}"
     );
     assert!(resp.contains("\"path\":\"/by-host\""), "{resp}");
+    // What the sidecars add on the way, and what they keep to themselves.
+    let echoed: serde_json::Value = serde_json::from_str(
+        resp.split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .unwrap_or_default(),
+    )
+    .unwrap_or_else(|e| panic!("echo body is not JSON ({e}): {resp}"));
+    let headers = &echoed["headers"];
+    let xff = headers["x-forwarded-for"].as_str().unwrap_or_default();
+    assert!(xff.starts_with("127.0.0.1"), "x-forwarded-for: {headers}");
+    let request_id = headers["x-request-id"].as_str().unwrap_or_default();
+    assert!(!request_id.is_empty(), "x-request-id: {headers}");
+    assert!(
+        headers.get("x-isdp-service").is_none(),
+        "the mesh header leaked to the service: {headers}"
+    );
 
     let resp = raw_http(
         &outbound,
@@ -394,16 +413,14 @@ async fn grpc_unary_and_server_stream_cross_two_sidecars() {
     })
     .await;
 
-    let channel = tonic::transport::Endpoint::from_shared(format!(
-        "http://{}",
-        web.upstream_addr("greeter")
-    ))
-    .expect("endpoint")
-    .connect_timeout(REQUEST)
-    .timeout(REQUEST)
-    .connect()
-    .await
-    .expect("connect to web's greeter listener");
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", web.upstream_addr("greeter")))
+            .expect("endpoint")
+            .connect_timeout(REQUEST)
+            .timeout(REQUEST)
+            .connect()
+            .await
+            .expect("connect to web's greeter listener");
     let mut client = EchoClient::new(channel);
 
     let reply = client
@@ -433,7 +450,10 @@ async fn grpc_unary_and_server_stream_cross_two_sidecars() {
         }
     })
     .await;
-    assert!(all.is_ok(), "stream not finished within {REQUEST:?}: {seqs:?}");
+    assert!(
+        all.is_ok(),
+        "stream not finished within {REQUEST:?}: {seqs:?}"
+    );
     assert_eq!(seqs, (0..100).collect::<Vec<u32>>(), "all 100, in order");
 }
 

@@ -31,6 +31,9 @@ struct TypeState {
     /// Nonce of the response awaiting ACK/NACK; nothing more is sent for
     /// this type until it is answered.
     pending: Option<String>,
+    /// Nonce of the latest response sent; requests naming an older one
+    /// are stale.
+    last_nonce: Option<String>,
     dirty: bool,
 }
 
@@ -67,6 +70,7 @@ impl SotwStream {
                 sent: None,
                 acked: None,
                 pending: None,
+                last_nonce: None,
                 dirty: true,
             });
 
@@ -76,6 +80,10 @@ impl SotwStream {
                 st.sent = Some(req.version_info.clone());
                 st.acked = Some(req.version_info.clone());
             }
+        } else if st.last_nonce.as_deref() != Some(req.response_nonce.as_str()) {
+            // A stale nonce: the client has not seen our latest response
+            // yet. Per the protocol, ignore the request.
+            return Ok(());
         } else if st.pending.as_deref() == Some(req.response_nonce.as_str()) {
             st.pending = None;
             match &req.error_detail {
@@ -93,11 +101,9 @@ impl SotwStream {
                     });
                 }
             }
-        } else {
-            // A stale nonce: the client has not seen our latest response
-            // yet. Per the protocol, ignore the request.
-            return Ok(());
         }
+        // Otherwise: a request carrying the latest (already answered) nonce,
+        // e.g. a subscription change after an ACK.
 
         let wanted: Option<BTreeSet<String>> = if (first && req.resource_names.is_empty())
             || req.resource_names.iter().any(|n| n == WILDCARD)
@@ -152,6 +158,7 @@ impl SotwStream {
         let bytes = sotw_response(type_url, &version, &nonce, &resources);
         st.sent = Some(version);
         st.pending = Some(nonce.clone());
+        st.last_nonce = Some(nonce.clone());
         out.push(StreamEvent::Response {
             type_url: type_url.clone(),
             nonce,

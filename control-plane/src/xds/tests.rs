@@ -190,6 +190,17 @@ fn sotw_full_state_versions_and_stale_nonces() {
     let (v2, n2) = (r[0].version_info.clone(), r[0].nonce.clone());
     assert_ne!(v1, v2);
 
+    // After an ACK, a request with the latest nonce may change the names.
+    s.on_request(sotw(&["a", "c"], &v2, &n2), &mut out).unwrap();
+    out.clear();
+    s.on_request(sotw(&["a"], &v2, &n2), &mut out).unwrap();
+    let r = sotw_responses(&mut out);
+    assert_eq!(r[0].resources.len(), 1, "narrowed after the ACK");
+    let (v2, n2) = (r[0].version_info.clone(), r[0].nonce.clone());
+    s.on_request(sotw(&["a", "c"], &v2, &n2), &mut out).unwrap();
+    let r = sotw_responses(&mut out);
+    let (v2, n2) = (r[0].version_info.clone(), r[0].nonce.clone());
+
     // A request carrying an old nonce is ignored.
     s.on_request(sotw(&["a"], &v1, &n1), &mut out).unwrap();
     assert!(out.is_empty());
