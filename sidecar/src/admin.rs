@@ -25,6 +25,11 @@ pub struct AdminState {
     /// Whether upstreams are configured, i.e. whether an xDS stream exists
     /// to report on in `control_plane`.
     pub has_upstreams: bool,
+    /// The data plane's bound listeners, for operators checking where to
+    /// send traffic.
+    pub listeners: Option<crate::proxy::Addrs>,
+    /// The balancing state in force per upstream.
+    pub upstreams: Option<crate::proxy::upstreams::Upstreams>,
 }
 
 /// The admin routes.
@@ -68,11 +73,19 @@ async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
 #[derive(Serialize)]
 struct ConfigView {
     node_id: String,
+    listeners: Option<ListenersView>,
     control_plane: ControlPlaneView,
     session: ControlPlaneView,
     services: Vec<ServiceView>,
     upstreams: BTreeMap<String, UpstreamView>,
     xds: XdsView,
+}
+
+#[derive(Serialize)]
+struct ListenersView {
+    inbound: String,
+    outbound: String,
+    upstreams: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Serialize)]
@@ -94,6 +107,10 @@ struct ServiceView {
 struct UpstreamView {
     exists: bool,
     version: String,
+    /// The balancing algorithm in force.
+    lb: Option<&'static str>,
+    /// True when too few endpoints are healthy and traffic spreads over all.
+    panic: Option<bool>,
     endpoints: Vec<EndpointView>,
 }
 
@@ -102,6 +119,7 @@ struct EndpointView {
     id: String,
     address: String,
     port: u16,
+    inbound_port: u16,
     weight: u32,
     metadata: BTreeMap<String, String>,
     status: &'static str,
@@ -158,21 +176,35 @@ async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
                     id: e.id.clone(),
                     address: e.address.clone(),
                     port: e.port,
+                    inbound_port: e.inbound_port,
                     weight: e.weight,
                     metadata: e.metadata.clone(),
                     status: e.health.as_str(),
                 })
                 .collect();
+            let lb = state.upstreams.as_ref().and_then(|ups| ups.get(name));
             let view = UpstreamView {
                 exists: u.exists,
                 version: u.version.clone(),
+                lb: lb.as_ref().map(|l| l.algorithm().as_str()),
+                panic: lb.as_ref().map(|l| l.panic),
                 endpoints,
             };
             (name.clone(), view)
         })
         .collect();
+    let listeners = state.listeners.as_ref().map(|a| ListenersView {
+        inbound: a.inbound.to_string(),
+        outbound: a.outbound.to_string(),
+        upstreams: a
+            .upstreams
+            .iter()
+            .map(|(n, addr)| (n.clone(), addr.to_string()))
+            .collect(),
+    });
     Json(ConfigView {
         node_id: state.session.node_id().to_owned(),
+        listeners,
         control_plane,
         session: session_view,
         services,

@@ -116,6 +116,7 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
     let data_plane = {
         let config = config.clone();
         let shutdown = shutdown.clone();
+        let upstreams = upstreams.clone();
         tokio::spawn(async move { listeners.serve(&config, upstreams, shutdown).await })
     };
     tasks.push(data_plane);
@@ -123,6 +124,8 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
         session,
         xds: snapshots,
         has_upstreams: !config.upstreams.is_empty(),
+        listeners: Some(addrs),
+        upstreams: Some(upstreams),
     };
     let mut admin = tokio::spawn(admin::serve(listener, state, shutdown.clone()));
 

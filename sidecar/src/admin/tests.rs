@@ -29,6 +29,8 @@ async fn live_ready_and_config() {
         session: session.clone(),
         xds,
         has_upstreams: true,
+        listeners: None,
+        upstreams: None,
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -86,8 +88,8 @@ async fn live_ready_and_config() {
     );
     assert_eq!(
         json["upstreams"]["payments"],
-        serde_json::json!({"exists": true, "version": "abc", "endpoints": [{
-            "id": "pay-1.payments", "address": "127.0.0.1", "port": 8081, "weight": 1,
+        serde_json::json!({"exists": true, "version": "abc", "lb": null, "panic": null, "endpoints": [{
+            "id": "pay-1.payments", "address": "127.0.0.1", "port": 8081, "inbound_port": 0, "weight": 1,
             "metadata": {"version": "v1"}, "status": "healthy"}]})
     );
     assert_eq!(json["xds"]["acked"]["payments"], "abc");

@@ -240,6 +240,13 @@ impl Service<Request<Body>> for Endpoint {
         Box::pin(async move {
             let Picked { target, guard, .. } = picked;
             let resp = forwarder.forward(req, target.addr, hop).await;
+            if resp.headers().contains_key(super::http::ERROR_HEADER)
+                || resp.status().is_server_error()
+            {
+                // Failing fast must not make an endpoint look fast.
+                guard.failed();
+                return Ok(resp);
+            }
             // The load counts until the response body ends.
             Ok(resp.map(|b| super::http::with_guard(b, guard)))
         })

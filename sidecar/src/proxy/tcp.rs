@@ -100,19 +100,23 @@ async fn connect_outbound(
 ) {
     let picked = upstreams
         .get(upstream)
-        .and_then(|lb| lb.pick(&http::HeaderMap::new(), Some(peer.ip())));
-    let Some((target, _guard)) = picked else {
+        .and_then(|lb| lb.pick_connection(Some(peer.ip())));
+    let Some((target, guard)) = picked else {
         // Nothing to send to: close at once so the client fails fast.
         tracing::debug!(upstream, "no healthy endpoints; closing tcp connection");
         return;
     };
+    let started = std::time::Instant::now();
     let mut server = match transport::connect(target.addr, connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(upstream, endpoint = %target.addr, error = %e, "tcp connect failed");
+            guard.failed();
             return;
         }
     };
+    // Connect time is the latency signal TCP offers.
+    target.load.record_latency(started.elapsed());
     if target.via_sidecar
         && let Err(e) = server.write_all(&preamble(upstream)).await
     {
@@ -120,6 +124,7 @@ async fn connect_outbound(
         return;
     }
     splice(client, server).await;
+    drop(guard);
 }
 
 #[cfg(test)]

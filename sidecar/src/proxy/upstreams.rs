@@ -51,13 +51,26 @@ pub struct UpstreamLb {
 }
 
 impl UpstreamLb {
-    /// Picks a target for a request (or a connection) and marks it started.
+    /// Picks a target for a request and marks it started; the guard
+    /// records the request's latency for latency-aware balancing.
     pub fn pick(&self, headers: &HeaderMap, source: Option<IpAddr>) -> Option<(Target, LoadGuard)> {
-        let hash = self.hash_key.as_ref().and_then(|k| k.hash(headers, source));
-        let i = self.balancer.pick(hash)?;
-        let t = self.targets.get(i)?.clone();
+        let t = self.choose(headers, source)?;
         let guard = t.load.start();
         Some((t, guard))
+    }
+
+    /// Picks a target for a TCP connection: counted in flight, but its
+    /// lifetime is not a latency.
+    pub fn pick_connection(&self, source: Option<IpAddr>) -> Option<(Target, LoadGuard)> {
+        let t = self.choose(&HeaderMap::new(), source)?;
+        let guard = t.load.start_untimed();
+        Some((t, guard))
+    }
+
+    fn choose(&self, headers: &HeaderMap, source: Option<IpAddr>) -> Option<Target> {
+        let hash = self.hash_key.as_ref().and_then(|k| k.hash(headers, source));
+        let i = self.balancer.pick(hash)?;
+        self.targets.get(i).cloned()
     }
 
     pub fn algorithm(&self) -> Algorithm {
