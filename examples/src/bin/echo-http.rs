@@ -70,7 +70,7 @@ async fn main() -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let id = args
         .id
-        .unwrap_or_else(|| format!("{}-{}", hostname(), addr.port()));
+        .unwrap_or_else(|| isdp_examples::default_id(addr.port()));
     let echo = Echo {
         id: id.into(),
         healthy: Arc::new(AtomicBool::new(true)),
@@ -84,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
     drop(out);
 
     axum::serve(listener, router(echo))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(isdp_examples::shutdown_signal())
         .await
         .context("serving")
 }
@@ -226,31 +226,4 @@ fn with_instance(echo: &Echo, mut resp: Response) -> Response {
         resp.headers_mut().insert("x-instance-id", v);
     }
     resp
-}
-
-/// The kernel's hostname, read from procfs to avoid a dependency for it.
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned())
-}
-
-/// Resolves on Ctrl-C or SIGTERM, so a launcher's SIGTERM ends the process
-/// cleanly instead of mid-response.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = ctrl_c.await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
-    }
 }

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use super::{
     forward::{Forwarder, Hop},
     http::{Body, SERVICE_HEADER, error_response},
-    outbound::BoxFuture,
+    outbound::{BoxFuture, answer},
     tcp,
 };
 use crate::config::{Protocol, Service};
@@ -132,7 +132,7 @@ impl tower::Service<Request<Body>> for Inbound {
                 "unknown-service",
                 format!("no {SERVICE_HEADER} header and this sidecar fronts several services"),
             );
-            return Box::pin(async move { Ok(resp) });
+            return answer(resp);
         };
         let Some(local) = self.services.get(&name).cloned() else {
             let resp = error_response(
@@ -140,7 +140,7 @@ impl tower::Service<Request<Body>> for Inbound {
                 "unknown-service",
                 format!("this sidecar does not front {name:?}"),
             );
-            return Box::pin(async move { Ok(resp) });
+            return answer(resp);
         };
         let grpc = req
             .headers()

@@ -27,6 +27,11 @@ use crate::{balance::LoadGuard, config::Protocol};
 
 pub type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
+/// A layer's own answer, short-circuiting the rest of the stack.
+pub fn answer(resp: Response<Body>) -> BoxFuture {
+    Box::pin(std::future::ready(Ok(resp)))
+}
+
 /// The address of the client that sent the request, set by the listener.
 #[derive(Clone, Copy, Debug)]
 pub struct ClientAddr(pub Option<SocketAddr>);
@@ -112,7 +117,7 @@ where
                         "missing-authority",
                         "the request names no Host or :authority to route by",
                     );
-                    return Box::pin(async move { Ok(resp) });
+                    return answer(resp);
                 }
             },
         };
@@ -122,7 +127,7 @@ where
                 "unknown-upstream",
                 format!("{name:?} is not an upstream of this sidecar (add it as an [[upstream]])"),
             );
-            return Box::pin(async move { Ok(resp) });
+            return answer(resp);
         };
         req.extensions_mut().insert(lb);
         Box::pin(self.inner.call(req))
@@ -184,7 +189,7 @@ where
                 "no-healthy-endpoints",
                 format!("upstream {} has no endpoints to send to", lb.name),
             );
-            return Box::pin(async move { Ok(resp) });
+            return answer(resp);
         };
         req.extensions_mut()
             .insert(Arc::new(std::sync::Mutex::new(Some(Picked {
