@@ -6,7 +6,7 @@ use std::{
 };
 
 use dashmap::DashMap;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use isdp_proto::v1::{HealthStatus, Instance};
 use prost::Message;
 use tokio::sync::{broadcast, watch};
@@ -75,11 +75,35 @@ impl View {
                         _ = shutdown.wait_for(|s| *s) => return,
                         next = stream.next() => match next {
                             Some(Ok(batch)) => {
-                                for service in v.apply(&batch.events) {
+                                // Apply everything already delivered before
+                                // waking anyone: under load a commit carries
+                                // many revisions, and waking every waiting
+                                // writer (and every change listener) once per
+                                // revision would cost revisions x waiters.
+                                let mut touched = v.apply(&batch.events);
+                                rev = batch.revision;
+                                let mut failed = None;
+                                while let Some(more) = stream.next().now_or_never().flatten() {
+                                    match more {
+                                        Ok(b) => {
+                                            touched.extend(v.apply(&b.events));
+                                            rev = b.revision;
+                                        }
+                                        Err(e) => {
+                                            failed = Some(e);
+                                            break;
+                                        }
+                                    }
+                                }
+                                for service in touched {
                                     let _ = changes.send(Change::Service(service.into()));
                                 }
-                                rev = batch.revision;
                                 applied_tx.send_replace(rev);
+                                if let Some(e) = failed {
+                                    tracing::warn!(error = %e, "registry watch interrupted; resyncing");
+                                    rev = 0;
+                                    break;
+                                }
                             }
                             Some(Err(e)) => {
                                 tracing::warn!(error = %e, "registry watch interrupted; resyncing");
