@@ -9,10 +9,13 @@
 //! flight per stream until it is ACKed: a slow ACK would show up here as
 //! latency the server did not cause.
 //!
-//! A round seeds one instance, opens the streams, waits until every stream
-//! holds the seed, makes a few warm-up changes, then registers `CHANGES` new
-//! instances one at a time, `SPACING_MS` apart. Every (stream, change) pair
-//! is one sample. Rounds use fresh servers; the report gives each round's
+//! A round seeds a service of `POOL` instances (a typical service size),
+//! opens the streams, waits until every stream holds it, makes a few warm-up
+//! changes, then makes `CHANGES` registration changes one at a time,
+//! `SPACING_MS` apart: change `i` re-registers instance `i % POOL` with
+//! metadata `change=i`, so the resource keeps its size and every stream must
+//! decode what a real sidecar would. Every (stream, change) pair is one
+//! sample. Rounds use fresh servers; the report gives each round's
 //! percentiles and the percentiles over all rounds' samples.
 
 mod support;
@@ -43,6 +46,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 const SERVICE: &str = "bench-svc";
+/// Instances of the watched service.
+const POOL: usize = 10;
 /// Changes made before measuring, so connection and allocator warm-up is
 /// not counted.
 const WARMUP: usize = 5;
@@ -132,7 +137,9 @@ async fn run_round(k: &Knobs) -> anyhow::Result<Round> {
     let operator = support::channels(server.grpc_addr, 1).await?.remove(0);
     let mut registry = RegistryClient::new(operator);
     let total = 1 + WARMUP + k.changes;
-    register(&mut registry, 0).await?;
+    for slot in 0..POOL {
+        register(&mut registry, slot, 0).await?;
+    }
 
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -150,7 +157,7 @@ async fn run_round(k: &Knobs) -> anyhow::Result<Round> {
     for (i, slot) in sent.iter_mut().enumerate().skip(1) {
         let t0 = Instant::now();
         *slot = Some(t0);
-        register(&mut registry, i).await?;
+        register(&mut registry, i % POOL, i).await?;
         if i > WARMUP {
             register_rtt.push(t0.elapsed());
         }
@@ -200,10 +207,14 @@ async fn run_round(k: &Knobs) -> anyhow::Result<Round> {
     })
 }
 
-async fn register(client: &mut RegistryClient<Channel>, i: usize) -> anyhow::Result<()> {
+/// Registers instance `slot` tagged with change number `change`.
+async fn register(client: &mut RegistryClient<Channel>, slot: usize, change: usize) -> anyhow::Result<()> {
+    let mut instance = support::instance(SERVICE, slot);
+    instance.metadata.insert("change".to_owned(), change.to_string());
     let req = RegisterRequest {
-        instance: Some(support::instance(SERVICE, i)),
+        instance: Some(instance),
     };
+    let i = change;
     client
         .register(req)
         .await
@@ -296,20 +307,19 @@ fn ack(resp: &DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
     }
 }
 
-/// The change index of every instance in the response (None for ids this
-/// bench did not make).
+/// The change number every endpoint in the response carries (None where
+/// it has none).
 fn instance_ids(resp: &DeltaDiscoveryResponse) -> anyhow::Result<Vec<Option<usize>>> {
-    let prefix = format!("{SERVICE}-");
     let mut out = Vec::new();
     for r in &resp.resources {
         let Some(any) = &r.resource else { continue };
         let eps =
             ServiceEndpoints::decode(any.value.as_slice()).context("decoding ServiceEndpoints")?;
-        out.extend(eps.endpoints.iter().map(|e| {
-            e.instance_id
-                .strip_prefix(&prefix)
-                .and_then(|n| n.parse().ok())
-        }));
+        out.extend(
+            eps.endpoints
+                .iter()
+                .map(|e| e.metadata.get("change").and_then(|c| c.parse().ok())),
+        );
     }
     Ok(out)
 }

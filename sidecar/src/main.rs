@@ -5,6 +5,11 @@ use clap::Parser;
 use isdp_sidecar::config::{Cli, Config, LogFormat};
 use tokio::sync::watch;
 
+/// Allocation is a visible share of per-request cost on the proxy path;
+/// mimalloc's thread-local free lists make it cheaper than glibc's.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::load(Cli::parse()).context("invalid configuration")?;

@@ -25,10 +25,12 @@ pub enum Hop {
     Http2,
 }
 
+mod h2;
+
 #[derive(Clone)]
 pub struct Forwarder {
     h1: Client<HttpConnector, Body>,
-    h2: Client<HttpConnector, Body>,
+    h2: h2::H2Pool,
 }
 
 impl Forwarder {
@@ -38,13 +40,7 @@ impl Forwarder {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector.clone());
-        let h2 = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .http2_only(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .pool_idle_timeout(Duration::from_secs(300))
-            .build(connector);
+        let h2 = h2::H2Pool::new(connect_timeout);
         Forwarder { h1, h2 }
     }
 
@@ -85,16 +81,16 @@ impl Forwarder {
         let result = match hop {
             Hop::Http1 => {
                 *req.version_mut() = Version::HTTP_11;
-                self.h1.request(req).await
+                self.h1.request(req).await.map_err(Failure::H1)
             }
             Hop::Http2 => {
                 *req.version_mut() = Version::HTTP_2;
-                self.h2.request(req).await
+                self.h2.send(addr, req).await.map_err(Failure::H2)
             }
         };
         let mut resp = match result {
             Ok(r) => r,
-            Err(e) => return failure(&e, addr),
+            Err(e) => return e.response(addr),
         };
         if let (Some(client_side), StatusCode::SWITCHING_PROTOCOLS) =
             (client_upgrade, resp.status())
@@ -118,41 +114,48 @@ impl Forwarder {
     }
 }
 
-/// Maps a client error to 502/504 with the cause in `x-isdp-error`.
-fn failure(e: &hyper_util::client::legacy::Error, addr: SocketAddr) -> Response<Body> {
-    let io_kind = {
-        let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-        let mut kind = None;
-        while let Some(s) = src {
-            if let Some(io) = s.downcast_ref::<io::Error>() {
-                kind = Some(io.kind());
-            }
-            src = s.source();
+enum Failure {
+    H1(hyper_util::client::legacy::Error),
+    H2(h2::H2Error),
+}
+
+/// The last I/O error kind in an error's source chain.
+fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<io::ErrorKind> {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut kind = None;
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<io::Error>() {
+            kind = Some(io.kind());
         }
-        kind
-    };
-    if e.is_connect() {
-        return match io_kind {
-            Some(io::ErrorKind::ConnectionRefused) => error_response(
-                StatusCode::BAD_GATEWAY,
-                "connect-refused",
-                format!("{addr} refused the connection"),
-            ),
-            Some(io::ErrorKind::TimedOut) => error_response(
-                StatusCode::GATEWAY_TIMEOUT,
-                "connect-timeout",
-                format!("connecting to {addr} timed out"),
-            ),
-            _ => error_response(
-                StatusCode::BAD_GATEWAY,
-                "connect-failed",
-                format!("connecting to {addr}: {e}"),
-            ),
-        };
+        src = s.source();
     }
-    error_response(
-        StatusCode::BAD_GATEWAY,
-        "upstream-reset",
-        format!("{addr} closed or reset the connection before a full response"),
-    )
+    kind
+}
+
+impl Failure {
+    /// Maps a transport failure to 502/504 with the cause in `x-isdp-error`.
+    fn response(self, addr: SocketAddr) -> Response<Body> {
+        if let Failure::H2(h2::H2Error::Request(e)) = &self {
+            tracing::debug!(%addr, error = %e, "request to peer failed");
+        }
+        let connect = match &self {
+            Failure::H1(e) if e.is_connect() => Some(io_kind(e)),
+            Failure::H2(h2::H2Error::Connect(e)) => Some(Some(e.kind())),
+            _ => None,
+        };
+        match connect {
+            Some(Some(io::ErrorKind::ConnectionRefused)) => {
+                error_response(StatusCode::BAD_GATEWAY, "connect-refused", format!("{addr} refused the connection"))
+            }
+            Some(Some(io::ErrorKind::TimedOut)) => {
+                error_response(StatusCode::GATEWAY_TIMEOUT, "connect-timeout", format!("connecting to {addr} timed out"))
+            }
+            Some(_) => error_response(StatusCode::BAD_GATEWAY, "connect-failed", format!("connecting to {addr} failed")),
+            None => error_response(
+                StatusCode::BAD_GATEWAY,
+                "upstream-reset",
+                format!("{addr} closed or reset the connection before a full response"),
+            ),
+        }
+    }
 }

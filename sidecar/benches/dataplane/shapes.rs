@@ -1,0 +1,255 @@
+//! The three ways the same request reaches the backend: directly, through a
+//! pair of ISDP sidecars, and through a pair of HAProxies. Each is started
+//! here with its config generated into the bench's temp dir.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+
+use crate::process::{Proc, free_port};
+use crate::tools::{IsdpBins, Tools};
+
+/// Every server runs on this core; the load generator gets the other one.
+pub const SERVER_CORE: usize = 0;
+
+/// The service name sidecar B registers and sidecar A calls.
+const SERVICE: &str = "bench";
+
+/// One way to reach the backend: the URL the load generator hits and the
+/// proxy processes whose CPU and memory are measured.
+pub struct Shape {
+    pub name: &'static str,
+    pub url: String,
+    pub proxies: Vec<Proc>,
+}
+
+/// The backend: nginx answering `200 ok`, one process, so it is never
+/// what limits a shape.
+pub struct Backend {
+    /// Held so nginx lives as long as this handle.
+    _server: Proc,
+    pub addr: SocketAddr,
+}
+
+/// Starts nginx in the foreground as a single process (`master_process
+/// off`, so the measured PID is the one that serves) with keep-alive
+/// unlimited, as the proxies in front of it reuse their connections.
+pub fn nginx(tools: &Tools, dir: &Path) -> anyhow::Result<Backend> {
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let d = dir.display();
+    let conf = format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+         error_log {d}/nginx.error.log warn;\nevents {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 1000000;\n  keepalive_timeout 300s;\n\
+         client_body_temp_path {d};\n  proxy_temp_path {d};\n  fastcgi_temp_path {d};\n\
+         uwsgi_temp_path {d};\n  scgi_temp_path {d};\n\
+         server {{\n    listen {addr};\n    default_type text/plain;\n\
+         location / {{ return 200 \"ok\"; }}\n  }}\n}}\n"
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    let args = ["-p", &d.to_string(), "-c", &path.display().to_string()].map(String::from);
+    let mut proc = Proc::spawn("nginx", SERVER_CORE, &tools.nginx, &args, &[], dir)?;
+    proc.wait_port(addr)?;
+    Ok(Backend {
+        _server: proc,
+        addr,
+    })
+}
+
+/// Shape 1: the load generator talks to the backend itself.
+pub fn direct(backend: &Backend) -> Shape {
+    Shape {
+        name: "direct",
+        url: format!("http://{}/", backend.addr),
+        proxies: Vec::new(),
+    }
+}
+
+/// Shape 3: haproxy A -> haproxy B -> backend, plaintext HTTP/1.1 between,
+/// one thread each, connections to the next hop reused (`http-reuse always`).
+pub fn haproxy_pair(tools: &Tools, dir: &Path, backend: &Backend) -> anyhow::Result<Shape> {
+    let b = haproxy(tools, dir, "haproxy-b", backend.addr)?;
+    let a = haproxy(tools, dir, "haproxy-a", b.1)?;
+    Ok(Shape {
+        name: "haproxy",
+        url: format!("http://{}/", a.1),
+        proxies: vec![a.0, b.0],
+    })
+}
+
+fn haproxy(
+    tools: &Tools,
+    dir: &Path,
+    name: &str,
+    next: SocketAddr,
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let conf = format!(
+        "global\n  nbthread 1\n  maxconn 4096\n\
+         defaults\n  mode http\n  option http-keep-alive\n  http-reuse always\n\
+         timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n\
+         frontend fe\n  bind {addr}\n  default_backend be\n\
+         backend be\n  server next {next}\n"
+    );
+    let path = dir.join(format!("{name}.cfg"));
+    std::fs::write(&path, conf)?;
+    // -db: stay in the foreground, one process, logs to stderr.
+    let args = ["-db", "-f", &path.display().to_string()].map(String::from);
+    let mut proc = Proc::spawn(name, SERVER_CORE, &tools.haproxy, &args, &[], dir)?;
+    proc.wait_port(addr)?;
+    Ok((proc, addr))
+}
+
+/// Shape 2: sidecar A (a per-upstream listener) -> HTTP/2 -> sidecar B
+/// (inbound) -> backend, with a real control plane between them. The
+/// control plane is kept alive in `control_plane` but not measured: it is
+/// idle once A knows the endpoint.
+pub fn isdp(bins: &IsdpBins, dir: &Path, backend: &Backend) -> anyhow::Result<(Shape, Proc)> {
+    let env = [("RUST_LOG", "warn")];
+    let data = dir.join("cp-data");
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data.display().to_string(),
+    ]
+    .map(String::from);
+    let mut cp = Proc::spawn(
+        "control-plane",
+        SERVER_CORE,
+        &bins.control_plane,
+        &args,
+        &env,
+        dir,
+    )?;
+    let grpc = cp
+        .listening_line()?
+        .remove("grpc")
+        .context("no grpc= address")?;
+
+    let service = format!(
+        "[[service]]\nname = \"{SERVICE}\"\nport = {port}\nprotocol = \"http\"\n\
+         check = \"http://{addr}/\"\ninterval = \"1s\"\n",
+        port = backend.addr.port(),
+        addr = backend.addr,
+    );
+    let (b, _) = sidecar(bins, dir, "sidecar-b", &grpc, &service)?;
+    let upstream = format!(
+        "[[upstream]]\nname = \"{SERVICE}\"\nlisten = \"127.0.0.1:0\"\n\
+         protocol = \"http\"\nlb = \"round_robin\"\n"
+    );
+    let (a, addrs) = sidecar(bins, dir, "sidecar-a", &grpc, &upstream)?;
+    let listen = addrs
+        .get(&format!("upstream.{SERVICE}"))
+        .context("sidecar A printed no upstream listener")?;
+    let admin = addrs.get("admin").context("sidecar A printed no admin=")?;
+    wait_healthy(admin)?;
+    let shape = Shape {
+        name: "isdp",
+        url: format!("http://{listen}/"),
+        proxies: vec![a, b],
+    };
+    Ok((shape, cp))
+}
+
+/// Writes a sidecar config (`tables` appended to the common keys, every
+/// listener on port 0) and starts the sidecar.
+fn sidecar(
+    bins: &IsdpBins,
+    dir: &Path,
+    name: &str,
+    grpc: &str,
+    tables: &str,
+) -> anyhow::Result<(Proc, std::collections::HashMap<String, String>)> {
+    let toml = format!(
+        "node_id = \"{name}\"\ncontrol_plane = [\"http://{grpc}\"]\naddress = \"127.0.0.1\"\n\
+         admin_listen = \"127.0.0.1:0\"\ninbound_listen = \"127.0.0.1:0\"\n\
+         outbound_listen = \"127.0.0.1:0\"\n\n{tables}"
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, toml)?;
+    let args = ["--config".to_owned(), path.display().to_string()];
+    let mut proc = Proc::spawn(
+        name,
+        SERVER_CORE,
+        &bins.sidecar,
+        &args,
+        &[("RUST_LOG", "warn")],
+        dir,
+    )?;
+    let addrs = proc.listening_line()?;
+    Ok((proc, addrs))
+}
+
+/// Polls sidecar A's `/config` until the upstream has a healthy endpoint:
+/// B registered the backend, B's probe passed, and the control plane's
+/// push reached A.
+fn wait_healthy(admin: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match http_get(admin, "/config") {
+            Ok((200, body)) => {
+                let config: serde_json::Value = serde_json::from_str(&body)?;
+                let eps = &config["upstreams"][SERVICE]["endpoints"];
+                if eps
+                    .as_array()
+                    .is_some_and(|eps| eps.iter().any(|e| e["status"] == "healthy"))
+                {
+                    return Ok(());
+                }
+                last = eps.to_string();
+            }
+            Ok((status, body)) => last = format!("{status} {body}"),
+            Err(e) => last = format!("{e:#}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("sidecar A never saw a healthy `{SERVICE}` endpoint within 30 s; last /config: {last}")
+}
+
+/// Checks that `shape` answers `GET /` with `200 ok`, so a misconfigured
+/// shape fails before it is measured rather than benchmarking error pages.
+pub fn check(shape: &Shape) -> anyhow::Result<()> {
+    let hostport = shape
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches('/');
+    let (status, body) = http_get(hostport, "/")?;
+    ensure!(
+        status == 200 && body == "ok",
+        "{} ({}) answered {status} {body:?}, expected 200 \"ok\"",
+        shape.name,
+        shape.url
+    );
+    Ok(())
+}
+
+/// A one-shot `GET` with `Connection: close`, read to EOF: enough for
+/// admin endpoints and the check above without an HTTP client stack.
+fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    let addr: SocketAddr = addr.parse().with_context(|| format!("address {addr}"))?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("GET {addr}{path}: malformed response {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("GET {addr}{path}: no status in {head:?}"))?;
+    Ok((status, body.to_owned()))
+}
