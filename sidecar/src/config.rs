@@ -76,6 +76,10 @@ pub struct Cli {
     /// Log format [default: text].
     #[arg(long, env = "ISDP_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Worker threads for the data plane; 1 runs everything on one thread
+    /// [default: 1].
+    #[arg(long, env = "ISDP_WORKERS", value_name = "N")]
+    pub workers: Option<usize>,
     /// Time allowed for a clean shutdown, e.g. 5s [default: 5s].
     #[arg(long, env = "ISDP_DRAIN_TIMEOUT", value_name = "DURATION")]
     pub drain_timeout: Option<String>,
@@ -124,6 +128,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Time allowed for a clean shutdown before the process exits anyway.
     pub drain_timeout: Duration,
+    /// Runtime worker threads (1: a single-threaded runtime).
+    pub workers: usize,
 }
 
 /// A local service.
@@ -269,6 +275,9 @@ impl Config {
         }
         if cli.log_format.is_some() {
             file.log_format = cli.log_format;
+        }
+        if cli.workers.is_some() {
+            file.workers = cli.workers;
         }
         if cli.drain_timeout.is_some() {
             file.drain_timeout = cli.drain_timeout;

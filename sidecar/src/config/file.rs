@@ -32,6 +32,7 @@ pub struct FileConfig {
     pub upstream: Vec<UpstreamSpec>,
     pub log_format: Option<LogFormat>,
     pub drain_timeout: Option<String>,
+    pub workers: Option<usize>,
 }
 
 /// One `[[service]]` table or `--service` SPEC.
@@ -185,6 +186,11 @@ impl FileConfig {
             upstreams,
             log_format: self.log_format.unwrap_or_default(),
             drain_timeout,
+            workers: match self.workers {
+                Some(0) => return Err(ConfigError::invalid("workers", "must be at least 1")),
+                Some(n) => n,
+                None => 1,
+            },
         })
     }
 }

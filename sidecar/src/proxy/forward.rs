@@ -144,13 +144,21 @@ impl Failure {
             _ => None,
         };
         match connect {
-            Some(Some(io::ErrorKind::ConnectionRefused)) => {
-                error_response(StatusCode::BAD_GATEWAY, "connect-refused", format!("{addr} refused the connection"))
-            }
-            Some(Some(io::ErrorKind::TimedOut)) => {
-                error_response(StatusCode::GATEWAY_TIMEOUT, "connect-timeout", format!("connecting to {addr} timed out"))
-            }
-            Some(_) => error_response(StatusCode::BAD_GATEWAY, "connect-failed", format!("connecting to {addr} failed")),
+            Some(Some(io::ErrorKind::ConnectionRefused)) => error_response(
+                StatusCode::BAD_GATEWAY,
+                "connect-refused",
+                format!("{addr} refused the connection"),
+            ),
+            Some(Some(io::ErrorKind::TimedOut)) => error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                "connect-timeout",
+                format!("connecting to {addr} timed out"),
+            ),
+            Some(_) => error_response(
+                StatusCode::BAD_GATEWAY,
+                "connect-failed",
+                format!("connecting to {addr} failed"),
+            ),
             None => error_response(
                 StatusCode::BAD_GATEWAY,
                 "upstream-reset",

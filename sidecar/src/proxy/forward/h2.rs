@@ -37,7 +37,11 @@ impl H2Pool {
         }
     }
 
-    pub async fn send(&self, addr: SocketAddr, req: Request<Body>) -> Result<Response<Incoming>, H2Error> {
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, H2Error> {
         let mut sender = self.sender(addr).await?;
         match sender.try_send_request(req).await {
             Ok(resp) => Ok(resp),
