@@ -208,9 +208,15 @@ async fn run_round(k: &Knobs) -> anyhow::Result<Round> {
 }
 
 /// Registers instance `slot` tagged with change number `change`.
-async fn register(client: &mut RegistryClient<Channel>, slot: usize, change: usize) -> anyhow::Result<()> {
+async fn register(
+    client: &mut RegistryClient<Channel>,
+    slot: usize,
+    change: usize,
+) -> anyhow::Result<()> {
     let mut instance = support::instance(SERVICE, slot);
-    instance.metadata.insert("change".to_owned(), change.to_string());
+    instance
+        .metadata
+        .insert("change".to_owned(), change.to_string());
     let req = RegisterRequest {
         instance: Some(instance),
     };

@@ -20,6 +20,8 @@ use crate::{
 /// to stay well inside the one-second propagation budget, long enough to
 /// fold a burst (a restarting deployment) into one push.
 pub const DEBOUNCE: Duration = Duration::from_millis(5);
+/// The longest a change may wait while rebuilds are expensive.
+pub const MAX_DEBOUNCE: Duration = Duration::from_millis(100);
 
 /// The `ServiceEndpoints` resource for one service, or None if it has no
 /// instances (the resource is then removed).
@@ -79,6 +81,10 @@ pub fn spawn(
     let mut changes = registry.subscribe();
     publish_all(&cache, &registry);
     tokio::spawn(async move {
+        // Under a burst the window stretches to a few times the last
+        // rebuild's cost, so rebuilding never eats most of a core; a lone
+        // change still goes out after `DEBOUNCE`.
+        let mut window = DEBOUNCE;
         loop {
             let first = tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => return,
@@ -86,7 +92,7 @@ pub fn spawn(
             };
             let mut dirty: BTreeSet<Arc<str>> = BTreeSet::new();
             let mut all = false;
-            let deadline = tokio::time::sleep(DEBOUNCE);
+            let deadline = tokio::time::sleep(window);
             tokio::pin!(deadline);
             let mut next = Some(first);
             loop {
@@ -105,6 +111,7 @@ pub fn spawn(
                     c = changes.recv() => next = Some(c),
                 }
             }
+            let started = std::time::Instant::now();
             if all {
                 publish_all(&cache, &registry);
             } else {
@@ -112,6 +119,7 @@ pub fn spawn(
                     publish(&cache, &registry, s);
                 }
             }
+            window = (started.elapsed() * 4).clamp(DEBOUNCE, MAX_DEBOUNCE);
         }
     })
 }
