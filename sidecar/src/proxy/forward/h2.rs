@@ -58,10 +58,10 @@ impl H2Pool {
     }
 
     async fn sender(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, H2Error> {
-        if let Some(s) = self.conns.get(&addr) {
-            if !s.is_closed() {
-                return Ok(s.clone());
-            }
+        if let Some(s) = self.conns.get(&addr)
+            && !s.is_closed()
+        {
+            return Ok(s.clone());
         }
         self.connect(addr).await
     }
