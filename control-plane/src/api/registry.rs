@@ -37,14 +37,14 @@ impl RegistryApi {
         registry_server::RegistryServer::new(self)
             .max_decoding_message_size(super::MAX_REQUEST_BYTES)
     }
+}
 
-    fn instances(&self, service: &str) -> Vec<Instance> {
-        self.registry
-            .instances(service)
-            .iter()
-            .map(|s| s.instance.clone())
-            .collect()
-    }
+fn instances(registry: &Registry, service: &str) -> Vec<Instance> {
+    registry
+        .instances(service)
+        .iter()
+        .map(|s| s.instance.clone())
+        .collect()
 }
 
 fn check_service(name: &str) -> Result<(), Status> {
@@ -116,7 +116,7 @@ impl registry_server::Registry for RegistryApi {
         let service = req.into_inner().service;
         check_service(&service)?;
         Ok(Response::new(ListInstancesResponse {
-            instances: self.instances(&service),
+            instances: instances(&self.registry, &service),
         }))
     }
 
@@ -132,15 +132,10 @@ impl registry_server::Registry for RegistryApi {
         let registry = self.registry.clone();
         let mut shutdown = self.shutdown.clone();
         let (tx, rx) = mpsc::channel(16);
-        let api = RegistryApi {
-            registry,
-            metrics: self.metrics.clone(),
-            shutdown: self.shutdown.clone(),
-        };
         tokio::spawn(async move {
             let mut last: Option<Vec<Instance>> = None;
             loop {
-                let now = api.instances(&service);
+                let now = instances(&registry, &service);
                 if last.as_ref() != Some(&now) {
                     let msg = WatchServiceResponse {
                         instances: now.clone(),
