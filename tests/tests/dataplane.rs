@@ -387,30 +387,61 @@ async fn upstream_without_endpoints_fails_fast() {
     assert_eq!(n, 0, "read {:?} instead of EOF", &buf[..n]);
 }
 
+/// One backend behind its own sidecar, as `node.service`.
+struct Backend<'a> {
+    node: &'a str,
+    service: &'a str,
+    /// The service's protocol on the backend sidecar.
+    protocol: &'a str,
+    /// The upstream's protocol on the calling sidecar.
+    upstream_protocol: &'a str,
+    port: u16,
+    check: &'a str,
+}
+
+/// Starts the backend's sidecar and a `web` sidecar with the service as a
+/// round-robin upstream on its own listener, and waits until `web` sees the
+/// backend healthy.
+async fn behind_one_sidecar(cp: &ControlPlane, b: Backend<'_>) -> (Sidecar, Sidecar) {
+    let backend = SidecarToml::new(b.node, &cp.grpc_url())
+        .raw(&format!(
+            "[[service]]\nname = \"{}\"\nport = {}\nprotocol = \"{}\"\n\
+             check = \"{}\"\ninterval = \"{INTERVAL_MS}ms\"\n",
+            b.service, b.port, b.protocol, b.check
+        ))
+        .start()
+        .await;
+    let web = SidecarToml::new("web", &cp.grpc_url())
+        .upstream_on_port0(b.service, b.upstream_protocol, "round_robin")
+        .start()
+        .await;
+    let id = format!("{}.{}", b.node, b.service);
+    eventually(SETUP, &format!("web sees {id} healthy"), || async {
+        let eps = web.endpoints(b.service).await?;
+        anyhow::ensure!(status_of(&eps, &id)? == "healthy", "{eps:?}");
+        Ok(())
+    })
+    .await;
+    (backend, web)
+}
+
 // === e) gRPC through two sidecars ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_unary_and_server_stream_cross_two_sidecars() {
     let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
     let echo = EchoGrpc::start("grpc-0").await;
-    let _backend_sidecar = SidecarToml::new("grpc-0", &cp.grpc_url())
-        .raw(&format!(
-            "[[service]]\nname = \"greeter\"\nport = {}\nprotocol = \"grpc\"\n\
-             check = \"{}\"\ninterval = \"{INTERVAL_MS}ms\"\n",
-            echo.port(),
-            echo.health_target()
-        ))
-        .start()
-        .await;
-    let web = SidecarToml::new("web", &cp.grpc_url())
-        .upstream_on_port0("greeter", "http", "round_robin")
-        .start()
-        .await;
-    eventually(SETUP, "web sees greeter healthy", || async {
-        let eps = web.endpoints("greeter").await?;
-        anyhow::ensure!(status_of(&eps, "grpc-0.greeter")? == "healthy", "{eps:?}");
-        Ok(())
-    })
+    let (_backend_sidecar, web) = behind_one_sidecar(
+        &cp,
+        Backend {
+            node: "grpc-0",
+            service: "greeter",
+            protocol: "grpc",
+            upstream_protocol: "http",
+            port: echo.port(),
+            check: &echo.health_target(),
+        },
+    )
     .await;
 
     let channel =
@@ -463,24 +494,17 @@ async fn grpc_unary_and_server_stream_cross_two_sidecars() {
 async fn tcp_carries_a_megabyte_and_half_close() {
     let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
     let echo = EchoTcp::start("tcp-0").await;
-    let _backend_sidecar = SidecarToml::new("tcp-0", &cp.grpc_url())
-        .raw(&format!(
-            "[[service]]\nname = \"ledger\"\nport = {}\nprotocol = \"tcp\"\n\
-             check = \"{}\"\ninterval = \"{INTERVAL_MS}ms\"\n",
-            echo.port(),
-            echo.health_target()
-        ))
-        .start()
-        .await;
-    let web = SidecarToml::new("web", &cp.grpc_url())
-        .upstream_on_port0("ledger", "tcp", "round_robin")
-        .start()
-        .await;
-    eventually(SETUP, "web sees ledger healthy", || async {
-        let eps = web.endpoints("ledger").await?;
-        anyhow::ensure!(status_of(&eps, "tcp-0.ledger")? == "healthy", "{eps:?}");
-        Ok(())
-    })
+    let (_backend_sidecar, web) = behind_one_sidecar(
+        &cp,
+        Backend {
+            node: "tcp-0",
+            service: "ledger",
+            protocol: "tcp",
+            upstream_protocol: "tcp",
+            port: echo.port(),
+            check: &echo.health_target(),
+        },
+    )
     .await;
 
     let stream = TcpStream::connect(web.upstream_addr("ledger"))
