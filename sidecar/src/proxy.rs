@@ -223,9 +223,10 @@ async fn serve_conn<S>(
         + Sync
         + 'static,
 {
+    let client = ClientAddr::new(peer);
     let hyper_svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let mut req = req.map(http::boxed);
-        req.extensions_mut().insert(ClientAddr(Some(peer)));
+        req.extensions_mut().insert(client.clone());
         svc.clone().call(req)
     });
     let builder = auto::Builder::new(TokioExecutor::new());

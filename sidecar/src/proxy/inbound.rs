@@ -19,7 +19,7 @@ use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
 
 use super::{
-    forward::{Forwarder, Hop},
+    forward::{Dest, Forwarder, Hop},
     http::{Body, SERVICE_HEADER, error_response},
     outbound::{BoxFuture, answer},
     tcp,
@@ -29,7 +29,7 @@ use crate::config::{Protocol, Service};
 /// A local service as the inbound side needs it.
 #[derive(Clone, Debug)]
 struct Local {
-    port: u16,
+    dest: Dest,
     protocol: Protocol,
 }
 
@@ -50,7 +50,7 @@ impl Inbound {
                 (
                     s.name.clone(),
                     Local {
-                        port: s.port,
+                        dest: Dest::new(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), s.port)),
                         protocol: s.protocol,
                     },
                 )
@@ -65,9 +65,7 @@ impl Inbound {
     }
 
     fn local(&self, name: &str) -> Option<SocketAddr> {
-        self.services
-            .get(name)
-            .map(|l| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), l.port))
+        self.services.get(name).map(|l| l.dest.addr)
     }
 
     /// Hands a tunnelled TCP connection to its local service.
@@ -122,25 +120,23 @@ impl tower::Service<Request<Body>> for Inbound {
     }
 
     fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
-        let named = req
-            .headers_mut()
-            .remove(SERVICE_HEADER)
-            .and_then(|v| v.to_str().ok().map(str::to_owned));
-        let Some(name) = named.or_else(|| self.default.as_deref().map(str::to_owned)) else {
-            let resp = error_response(
-                StatusCode::NOT_FOUND,
-                "unknown-service",
-                format!("no {SERVICE_HEADER} header and this sidecar fronts several services"),
-            );
-            return answer(resp);
+        let named = req.headers_mut().remove(&SERVICE_HEADER);
+        let local = match &named {
+            Some(v) => v.to_str().ok().and_then(|name| self.services.get(name)),
+            None => self.default.as_deref().and_then(|d| self.services.get(d)),
         };
-        let Some(local) = self.services.get(&name).cloned() else {
-            let resp = error_response(
+        let Some(local) = local.cloned() else {
+            let detail = match &named {
+                Some(v) => format!("this sidecar does not front {v:?}"),
+                None => {
+                    format!("no {SERVICE_HEADER} header and this sidecar fronts several services")
+                }
+            };
+            return answer(error_response(
                 StatusCode::NOT_FOUND,
                 "unknown-service",
-                format!("this sidecar does not front {name:?}"),
-            );
-            return answer(resp);
+                detail,
+            ));
         };
         let grpc = req
             .headers()
@@ -152,8 +148,7 @@ impl tower::Service<Request<Body>> for Inbound {
         } else {
             Hop::Http1
         };
-        let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), local.port);
         let forwarder = self.forwarder.clone();
-        Box::pin(async move { Ok(forwarder.forward(req, addr, hop).await) })
+        Box::pin(async move { Ok(forwarder.forward(req, &local.dest, hop).await) })
     }
 }

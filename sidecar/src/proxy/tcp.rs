@@ -107,10 +107,10 @@ async fn connect_outbound(
         return;
     };
     let started = std::time::Instant::now();
-    let mut server = match transport::connect(target.addr, connect_timeout).await {
+    let mut server = match transport::connect(target.dest.addr, connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
-            tracing::debug!(upstream, endpoint = %target.addr, error = %e, "tcp connect failed");
+            tracing::debug!(upstream, endpoint = %target.dest.addr, error = %e, "tcp connect failed");
             guard.failed();
             return;
         }

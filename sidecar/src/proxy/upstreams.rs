@@ -13,9 +13,10 @@ use std::{
     sync::{Arc, Mutex, RwLock},
 };
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 use tokio::sync::watch;
 
+use super::forward::Dest;
 use crate::{
     balance::{Algorithm, Balancer, EndpointLoad, HashKey, LoadGuard, candidates},
     config::{Protocol, Upstream},
@@ -27,11 +28,12 @@ use crate::{
 /// rather than overloading the few survivors.
 pub const PANIC_THRESHOLD: f64 = 0.5;
 
-/// Where one endpoint is reached.
-#[derive(Clone, Debug)]
+/// Where one endpoint is reached. Shared (`Arc`) between the balancer's
+/// table and the requests that picked it.
+#[derive(Debug)]
 pub struct Target {
     pub id: String,
-    pub addr: SocketAddr,
+    pub dest: Dest,
     /// True when `addr` is the endpoint's sidecar (mesh traffic), false
     /// when the instance has no sidecar and is reached directly.
     pub via_sidecar: bool,
@@ -41,9 +43,11 @@ pub struct Target {
 /// One upstream's balancing state for one endpoint-set version.
 pub struct UpstreamLb {
     pub name: Arc<str>,
+    /// `name` as the `x-isdp-service` value the receiving sidecar routes by.
+    pub service_header: Option<HeaderValue>,
     pub protocol: Protocol,
     pub version: String,
-    pub targets: Vec<Target>,
+    pub targets: Vec<Arc<Target>>,
     /// True when too few endpoints are healthy and all are used.
     pub panic: bool,
     balancer: Balancer,
@@ -53,7 +57,11 @@ pub struct UpstreamLb {
 impl UpstreamLb {
     /// Picks a target for a request and marks it started; the guard
     /// records the request's latency for latency-aware balancing.
-    pub fn pick(&self, headers: &HeaderMap, source: Option<IpAddr>) -> Option<(Target, LoadGuard)> {
+    pub fn pick(
+        &self,
+        headers: &HeaderMap,
+        source: Option<IpAddr>,
+    ) -> Option<(Arc<Target>, LoadGuard)> {
         let t = self.choose(headers, source)?;
         let guard = t.load.start();
         Some((t, guard))
@@ -61,13 +69,13 @@ impl UpstreamLb {
 
     /// Picks a target for a TCP connection: counted in flight, but its
     /// lifetime is not a latency.
-    pub fn pick_connection(&self, source: Option<IpAddr>) -> Option<(Target, LoadGuard)> {
+    pub fn pick_connection(&self, source: Option<IpAddr>) -> Option<(Arc<Target>, LoadGuard)> {
         let t = self.choose(&HeaderMap::new(), source)?;
         let guard = t.load.start_untimed();
         Some((t, guard))
     }
 
-    fn choose(&self, headers: &HeaderMap, source: Option<IpAddr>) -> Option<Target> {
+    fn choose(&self, headers: &HeaderMap, source: Option<IpAddr>) -> Option<Arc<Target>> {
         let hash = self.hash_key.as_ref().and_then(|k| k.hash(headers, source));
         let i = self.balancer.pick(hash)?;
         self.targets.get(i).cloned()
@@ -187,7 +195,7 @@ impl Upstreams {
             tracing::warn!(upstream = %cfg.name, total = endpoints.len(), "too few healthy endpoints; spreading over all of them");
         }
         let mut loads = self.shared.loads.lock().expect("loads lock");
-        let targets: Vec<Target> = chosen
+        let targets: Vec<Arc<Target>> = chosen
             .iter()
             .filter_map(|e| {
                 let ip: IpAddr = e.address.parse().ok()?;
@@ -200,17 +208,18 @@ impl Upstreams {
                     .entry(e.id.clone())
                     .or_insert_with(|| EndpointLoad::new(e.id.clone(), e.weight.max(1)))
                     .clone();
-                Some(Target {
+                Some(Arc::new(Target {
                     id: e.id.clone(),
-                    addr: SocketAddr::new(ip, port),
+                    dest: Dest::new(SocketAddr::new(ip, port)),
                     via_sidecar,
                     load,
-                })
+                }))
             })
             .collect();
         drop(loads);
         UpstreamLb {
             name: Arc::from(cfg.name.as_str()),
+            service_header: HeaderValue::from_str(&cfg.name).ok(),
             protocol: cfg.protocol,
             version: version.to_owned(),
             balancer: Balancer::new(cfg.lb, targets.iter().map(|t| t.load.clone()).collect()),
