@@ -36,6 +36,9 @@ pub struct Config {
     /// come from RUST_LOG (default: info).
     #[arg(long, env = "ISDP_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+
+    #[command(flatten)]
+    pub trace: isdp_sidecar::telemetry::TraceArgs,
 }
 
 impl Config {

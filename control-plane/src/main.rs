@@ -1,32 +1,33 @@
+use std::time::Duration;
+
 use clap::Parser;
 use isdp_control_plane::Config;
+use isdp_sidecar::telemetry;
 use tokio::sync::watch;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    init_tracing(&config.log_format);
+    let telemetry = telemetry::init(telemetry::Settings {
+        json_logs: config.log_format == "json",
+        otlp_endpoint: config.trace.otlp_endpoint.clone(),
+        sample_ratio: config
+            .trace
+            .trace_sample_ratio
+            .unwrap_or(telemetry::DEFAULT_SAMPLE_RATIO),
+        service_name: "isdp-control-plane".to_owned(),
+        instance_id: None,
+    })?;
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutting down");
         let _ = tx.send(true);
     });
-    isdp_control_plane::run(config, rx).await?;
+    let result = isdp_control_plane::run(config, rx).await;
+    telemetry.shutdown(Duration::from_secs(2)).await;
+    result?;
     Ok(())
-}
-
-fn init_tracing(format: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 async fn wait_for_signal() {

@@ -83,6 +83,11 @@ pub struct Cli {
     /// Time allowed for a clean shutdown, e.g. 5s [default: 5s].
     #[arg(long, env = "ISDP_DRAIN_TIMEOUT", value_name = "DURATION")]
     pub drain_timeout: Option<String>,
+    /// Log one line per proxied request (target `isdp::access`).
+    #[arg(long, env = "ISDP_ACCESS_LOG")]
+    pub access_log: bool,
+    #[command(flatten)]
+    pub trace: crate::telemetry::TraceArgs,
 }
 
 /// How logs are written.
@@ -130,6 +135,12 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Runtime worker threads (1: a single-threaded runtime).
     pub workers: usize,
+    /// OTLP/gRPC collector for spans; `None`: no tracing.
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces sampled; incoming `traceparent` flags win.
+    pub trace_sample_ratio: f64,
+    /// One log line per request, on target `isdp::access`.
+    pub access_log: bool,
 }
 
 /// A local service.
@@ -281,6 +292,15 @@ impl Config {
         }
         if cli.drain_timeout.is_some() {
             file.drain_timeout = cli.drain_timeout;
+        }
+        if cli.access_log {
+            file.access_log = Some(true);
+        }
+        if cli.trace.otlp_endpoint.is_some() {
+            file.otlp_endpoint = cli.trace.otlp_endpoint;
+        }
+        if cli.trace.trace_sample_ratio.is_some() {
+            file.trace_sample_ratio = cli.trace.trace_sample_ratio;
         }
         file.validate()
     }

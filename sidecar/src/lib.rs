@@ -13,6 +13,7 @@
 //! - `admin`: `/live`, `/ready`, `/config` over HTTP.
 //! - `proxy`: the data plane: inbound, outbound and per-upstream listeners,
 //!   the request path as tower layers (route -> balance -> endpoint), TCP.
+//! - `telemetry`: logging and OTLP trace export for both binaries.
 //!
 //! [`run`] wires them together; `main.rs` adds flags, logging and signals.
 
@@ -24,6 +25,7 @@ pub mod dial;
 pub mod probe;
 pub mod proxy;
 pub mod session;
+pub mod telemetry;
 pub mod xds;
 
 use std::io::Write;

@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::Parser;
 use isdp_sidecar::config::{Cli, Config, LogFormat};
+use isdp_sidecar::telemetry;
 use tokio::sync::watch;
 
 /// mimalloc: the request path allocates and frees many small objects
@@ -33,7 +34,22 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    init_tracing(config.log_format);
+    let telemetry = telemetry::init(telemetry::Settings {
+        json_logs: config.log_format == LogFormat::Json,
+        otlp_endpoint: config.otlp_endpoint.clone(),
+        sample_ratio: config.trace_sample_ratio,
+        service_name: format!("isdp-sidecar-{}", config.node_id),
+        instance_id: Some(config.node_id.clone()),
+    })?;
+    let result = run(config).await;
+    telemetry.shutdown(SPAN_FLUSH_TIMEOUT).await;
+    result
+}
+
+/// How long spans still queued at exit may take to reach the collector.
+const SPAN_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+async fn run(config: Config) -> anyhow::Result<()> {
     let drain_timeout = config.drain_timeout;
 
     let (stop, shutdown) = watch::channel(false);
@@ -53,19 +69,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         Err(_) => tracing::warn!(?drain_timeout, "drain timeout, exiting"),
     }
     Ok(())
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

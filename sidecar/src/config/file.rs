@@ -33,6 +33,9 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     pub drain_timeout: Option<String>,
     pub workers: Option<usize>,
+    pub access_log: Option<bool>,
+    pub otlp_endpoint: Option<String>,
+    pub trace_sample_ratio: Option<f64>,
 }
 
 /// One `[[service]]` table or `--service` SPEC.
@@ -191,6 +194,13 @@ impl FileConfig {
                 Some(n) => n,
                 None => 1,
             },
+            otlp_endpoint: self.otlp_endpoint.filter(|e| !e.is_empty()),
+            trace_sample_ratio: crate::telemetry::check_ratio(
+                self.trace_sample_ratio
+                    .unwrap_or(crate::telemetry::DEFAULT_SAMPLE_RATIO),
+            )
+            .map_err(|e| ConfigError::invalid("trace_sample_ratio", e.to_string()))?,
+            access_log: self.access_log.unwrap_or(false),
         })
     }
 }
