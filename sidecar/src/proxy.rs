@@ -10,6 +10,8 @@
 //!   snapshot.
 //! - `forward`: pooled HTTP/1.1 and HTTP/2 clients, upgrades, error mapping.
 //! - `http`: body type, proxy header rules, error responses.
+//! - `trace`: per-request spans (client outbound, server inbound), W3C
+//!   trace-context propagation, the access log.
 //! - `transport`: how sidecars connect to each other (where mTLS plugs in).
 //!
 //! Listeners: one inbound (mesh traffic to this sidecar's services), one
@@ -24,6 +26,7 @@ pub mod http;
 pub mod inbound;
 pub mod outbound;
 pub mod tcp;
+pub mod trace;
 pub mod transport;
 pub mod upstreams;
 
@@ -122,7 +125,13 @@ impl Listeners {
         let forwarder = Forwarder::new(CONNECT_TIMEOUT);
         let mut accept_loops = Vec::new();
 
-        let out = outbound::stack(RouteBy::Authority, upstreams.clone(), forwarder.clone());
+        let observe = trace::Observe::new(config.access_log);
+        let out = outbound::stack(
+            RouteBy::Authority,
+            upstreams.clone(),
+            forwarder.clone(),
+            observe.clone(),
+        );
         accept_loops.push(tokio::spawn(serve_http(
             self.outbound,
             out,
@@ -142,15 +151,20 @@ impl Listeners {
                     shutdown.clone(),
                 )),
                 Protocol::Http | Protocol::Grpc => {
-                    let svc =
-                        outbound::stack(RouteBy::Fixed(name), upstreams.clone(), forwarder.clone());
+                    let svc = outbound::stack(
+                        RouteBy::Fixed(name),
+                        upstreams.clone(),
+                        forwarder.clone(),
+                        observe.clone(),
+                    );
                     tokio::spawn(serve_http(listener, svc, tracker.clone(), shutdown.clone()))
                 }
             };
             accept_loops.push(task);
         }
 
-        let inbound = inbound::Inbound::new(&config.services, forwarder);
+        let inbound =
+            trace::TraceInbound::new(observe, inbound::Inbound::new(&config.services, forwarder));
         accept_loops.push(tokio::spawn(serve_inbound(
             self.inbound,
             inbound,
@@ -268,7 +282,7 @@ async fn serve_http<S>(
 
 async fn serve_inbound(
     listener: TcpListener,
-    inbound: inbound::Inbound,
+    inbound: trace::TraceInbound<inbound::Inbound>,
     tracker: Tracker,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -277,7 +291,7 @@ async fn serve_inbound(
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             match inbound::is_tcp_tunnel(&stream).await {
-                Ok(true) => inbound.tcp(stream, CONNECT_TIMEOUT).await,
+                Ok(true) => inbound.get_ref().tcp(stream, CONNECT_TIMEOUT).await,
                 Ok(false) => serve_conn(stream, peer, inbound, shutdown).await,
                 Err(e) => tracing::debug!(%peer, error = %e, "inbound connection closed before sending anything"),
             }

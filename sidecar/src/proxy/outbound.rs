@@ -5,6 +5,9 @@
 //! layers. Each layer either passes the request on, carrying its decision
 //! in the request's extensions, or answers it itself with a response naming
 //! the reason in `x-isdp-error`.
+//!
+//! Observability wraps the stack (`trace::Trace`, outermost) and the
+//! endpoint (`trace::TraceEndpoint`, between `Balance` and `Endpoint`).
 
 use std::{
     convert::Infallible,
@@ -21,6 +24,7 @@ use tower::{Layer, Service};
 use super::{
     forward::{Forwarder, Hop},
     http::{Body, SERVICE_HEADER, add_forwarding, error_response, forwarded_for_value},
+    trace::{Observe, Trace, TraceEndpoint, TraceEndpointLayer, TraceLayer},
     upstreams::{Target, UpstreamLb, Upstreams},
 };
 use crate::{balance::LoadGuard, config::Protocol};
@@ -61,10 +65,16 @@ pub enum RouteBy {
 }
 
 /// The stack for one outbound listener.
-pub fn stack(by: RouteBy, upstreams: Upstreams, forwarder: Forwarder) -> Route<Balance<Endpoint>> {
-    let endpoint = Endpoint { forwarder };
+pub fn stack(
+    by: RouteBy,
+    upstreams: Upstreams,
+    forwarder: Forwarder,
+    observe: Observe,
+) -> Trace<Route<Balance<TraceEndpoint<Endpoint>>>> {
+    let endpoint = TraceEndpointLayer(observe.clone()).layer(Endpoint { forwarder });
     let balance = BalanceLayer.layer(endpoint);
-    RouteLayer { by, upstreams }.layer(balance)
+    let route = RouteLayer { by, upstreams }.layer(balance);
+    TraceLayer(observe).layer(route)
 }
 
 // === Route ===
