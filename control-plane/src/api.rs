@@ -6,6 +6,10 @@
 //! - `limits`: oversized requests answered with RESOURCE_EXHAUSTED.
 //!
 //! The xDS service lives in [`crate::xds`]; all three share one listener.
+//!
+//! Operations that change state (register, deregister, session open,
+//! health report, close) run in an [`op_span`], exported as OTLP server
+//! spans when tracing is on (`isdp_sidecar::telemetry`).
 
 mod limits;
 pub mod registry;
@@ -20,6 +24,36 @@ use crate::registry::RegistryError;
 /// Largest request the registry and session APIs accept. Registrations are
 /// small; anything bigger is a mistake or an attack.
 pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+
+/// The span of one state-changing operation, e.g. `isdp.v1.Registry/Register`.
+/// Fields left empty are filled in as they become known.
+pub fn op_span(name: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "rpc",
+        otel.name = name,
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        rpc.system = "grpc",
+        rpc.method = name,
+        rpc.grpc.status_code = tracing::field::Empty,
+        isdp.node = tracing::field::Empty,
+        isdp.service = tracing::field::Empty,
+        isdp.instance.id = tracing::field::Empty,
+    )
+}
+
+/// Records how an operation ended on its span.
+pub fn record_outcome<T>(span: &tracing::Span, result: &Result<T, Status>) {
+    match result {
+        Ok(_) => {
+            span.record("rpc.grpc.status_code", 0);
+        }
+        Err(s) => {
+            span.record("rpc.grpc.status_code", s.code() as i32);
+            span.record("otel.status_code", "ERROR");
+        }
+    }
+}
 
 /// Maps registry errors to the gRPC codes clients act on.
 pub fn status(e: RegistryError) -> Status {

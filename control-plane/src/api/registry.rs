@@ -12,7 +12,9 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::status;
+use tracing::Instrument as _;
+
+use super::{op_span, record_outcome, status};
 use crate::{
     metrics::Metrics,
     registry::{Change, Registry, validate},
@@ -66,30 +68,48 @@ impl registry_server::Registry for RegistryApi {
         &self,
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
-        let instance = req
-            .into_inner()
-            .instance
-            .ok_or_else(|| Status::invalid_argument("instance: required"))?;
-        let instance = self.registry.register(instance).await.map_err(status)?;
-        self.metrics.registry_op("register");
-        tracing::info!(id = %instance.id, service = %instance.service, address = %instance.address, port = instance.port, "registered");
-        Ok(Response::new(RegisterResponse {
-            instance: Some(instance),
-        }))
+        let span = op_span("isdp.v1.Registry/Register");
+        let result = async {
+            let instance = req
+                .into_inner()
+                .instance
+                .ok_or_else(|| Status::invalid_argument("instance: required"))?;
+            let span = tracing::Span::current();
+            span.record("isdp.service", instance.service.as_str());
+            let instance = self.registry.register(instance).await.map_err(status)?;
+            span.record("isdp.instance.id", instance.id.as_str());
+            self.metrics.registry_op("register");
+            tracing::info!(id = %instance.id, service = %instance.service, address = %instance.address, port = instance.port, "registered");
+            Ok(Response::new(RegisterResponse {
+                instance: Some(instance),
+            }))
+        }
+        .instrument(span.clone())
+        .await;
+        record_outcome(&span, &result);
+        result
     }
 
     async fn deregister(
         &self,
         req: Request<DeregisterRequest>,
     ) -> Result<Response<DeregisterResponse>, Status> {
-        let id = req.into_inner().id;
-        if id.is_empty() {
-            return Err(Status::invalid_argument("id: required"));
+        let span = op_span("isdp.v1.Registry/Deregister");
+        let result = async {
+            let id = req.into_inner().id;
+            if id.is_empty() {
+                return Err(Status::invalid_argument("id: required"));
+            }
+            tracing::Span::current().record("isdp.instance.id", id.as_str());
+            let gone = self.registry.deregister(&id).await.map_err(status)?;
+            self.metrics.registry_op("deregister");
+            tracing::info!(id = %gone.id, service = %gone.service, "deregistered");
+            Ok(Response::new(DeregisterResponse {}))
         }
-        let gone = self.registry.deregister(&id).await.map_err(status)?;
-        self.metrics.registry_op("deregister");
-        tracing::info!(id = %gone.id, service = %gone.service, "deregistered");
-        Ok(Response::new(DeregisterResponse {}))
+        .instrument(span.clone())
+        .await;
+        record_outcome(&span, &result);
+        result
     }
 
     async fn list_services(

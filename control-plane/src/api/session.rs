@@ -11,7 +11,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::status;
+use tracing::Instrument as _;
+
+use super::{op_span, record_outcome, status};
 use crate::registry::session::{Session, Sessions};
 
 pub struct SessionApi {
@@ -48,11 +50,7 @@ impl sidecar_server::Sidecar for SessionApi {
                 "session: the first message must be `open`",
             ));
         };
-        let session = self
-            .sessions
-            .open(&open.node_id, open.instances)
-            .await
-            .map_err(status)?;
+        let session = open_session(&self.sessions, &open.node_id, open.instances).await?;
         let (tx, rx) = mpsc::channel(4);
         let registered = session_instances(&session, &self.sessions);
         tx.send(Ok(SessionResponse {
@@ -69,6 +67,23 @@ impl sidecar_server::Sidecar for SessionApi {
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Opens (or reopens) a sidecar's session, in a span.
+async fn open_session(
+    sessions: &Sessions,
+    node_id: &str,
+    instances: Vec<isdp_proto::v1::Instance>,
+) -> Result<Session, Status> {
+    let span = op_span("isdp.v1.Sidecar/Session.Open");
+    span.record("isdp.node", node_id);
+    let opened = sessions
+        .open(node_id, instances)
+        .instrument(span.clone())
+        .await
+        .map_err(status);
+    record_outcome(&span, &opened);
+    opened
 }
 
 fn session_instances(session: &Session, sessions: &Sessions) -> Vec<isdp_proto::v1::Instance> {
@@ -101,16 +116,25 @@ async fn run(
                 kind: Some(Kind::Health(h)),
             })) => {
                 let health = HealthStatus::try_from(h.status).unwrap_or(HealthStatus::Unknown);
-                if let Err(e) = session.report(&h.instance_id, health).await {
+                let span = op_span("isdp.v1.Sidecar/Session.Health");
+                span.record("isdp.node", session.node_id());
+                span.record("isdp.instance.id", h.instance_id.as_str());
+                let reported = session
+                    .report(&h.instance_id, health)
+                    .instrument(span.clone())
+                    .await
+                    .map_err(status);
+                record_outcome(&span, &reported);
+                if let Err(e) = reported {
                     tracing::warn!(node = %session.node_id(), instance = %h.instance_id, error = %e, "health report refused");
-                    let _ = tx.send(Err(status(e))).await;
+                    let _ = tx.send(Err(e)).await;
                     return;
                 }
                 tracing::info!(node = %session.node_id(), instance = %h.instance_id, status = health.as_str_name(), "health reported by sidecar");
             }
             Ok(Some(SessionRequest {
                 kind: Some(Kind::Open(open)),
-            })) => match sessions.open(&open.node_id, open.instances).await {
+            })) => match open_session(&sessions, &open.node_id, open.instances).await {
                 Ok(s) => {
                     session = s;
                     let instances = session_instances(&session, &sessions);
@@ -119,15 +143,23 @@ async fn run(
                     }
                 }
                 Err(e) => {
-                    let _ = tx.send(Err(status(e))).await;
+                    let _ = tx.send(Err(e)).await;
                     return;
                 }
             },
             Ok(Some(SessionRequest {
                 kind: Some(Kind::Close(_)),
             })) => {
-                if let Err(e) = session.close().await {
-                    let _ = tx.send(Err(status(e))).await;
+                let span = op_span("isdp.v1.Sidecar/Session.Close");
+                span.record("isdp.node", session.node_id());
+                let closed = session
+                    .close()
+                    .instrument(span.clone())
+                    .await
+                    .map_err(status);
+                record_outcome(&span, &closed);
+                if let Err(e) = closed {
+                    let _ = tx.send(Err(e)).await;
                 }
                 return;
             }

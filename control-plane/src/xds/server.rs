@@ -14,6 +14,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, Disc
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming, body::Body, codegen::BoxFuture, server::NamedService};
+use tracing::Instrument as _;
 
 use super::{Cache, Wake, codec::PreEncodedCodec, delta::DeltaStream, sotw::SotwStream};
 
@@ -217,8 +218,13 @@ async fn drive<P: Protocol>(
         let info = info.as_ref().expect("set on the first request");
         for event in out.drain(..) {
             svc.observer.event(info, &event);
-            if let StreamEvent::Response { bytes, .. } = event
-                && tx.send(Ok(bytes)).await.is_err()
+            if let StreamEvent::Response {
+                bytes,
+                type_url,
+                resources,
+                ..
+            } = event
+                && !send_response(&tx, info, bytes, &type_url, resources).await
             {
                 svc.observer.closed(info);
                 return;
@@ -228,6 +234,28 @@ async fn drive<P: Protocol>(
     if let Some(info) = &info {
         svc.observer.closed(info);
     }
+}
+
+/// Sends one response, in a span (an OTLP span when tracing is on): a push
+/// to one sidecar. False if the client is gone.
+async fn send_response(
+    tx: &mpsc::Sender<Result<Bytes, Status>>,
+    info: &StreamInfo,
+    bytes: Bytes,
+    type_url: &str,
+    resources: usize,
+) -> bool {
+    let span = tracing::info_span!(
+        "xds push",
+        otel.kind = "server",
+        isdp.node = %info.node_id,
+        xds.stream = info.id,
+        xds.delta = info.delta,
+        xds.type_url = type_url,
+        xds.resources = resources,
+        xds.bytes = bytes.len(),
+    );
+    tx.send(Ok(bytes)).instrument(span).await.is_ok()
 }
 
 impl tower::Service<http::Request<Body>> for AdsService {
