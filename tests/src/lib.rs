@@ -21,6 +21,7 @@
 //! - `process`: one child process: spawn, await its listening line, logs,
 //!   SIGKILL / SIGTERM, kill on drop.
 //! - `http`: a tiny HTTP/1.0 client for admin endpoints.
+//! - `otlp`: [`OtlpReceiver`], a real OTLP/gRPC trace receiver.
 //! - `control_plane`: [`ControlPlane`] and the [`isdpctl`] helpers.
 //! - `sidecar`: [`Sidecar`] and [`SidecarToml`], a config builder.
 //! - `echo`: [`EchoHttp`], the demo backend the tests make misbehave, and
@@ -31,6 +32,7 @@ mod bins;
 mod control_plane;
 mod echo;
 pub mod http;
+pub mod otlp;
 mod process;
 mod sidecar;
 
@@ -40,6 +42,7 @@ use std::time::{Duration, Instant};
 pub use bins::{bin_dir, binary};
 pub use control_plane::{ControlPlane, ControlPlaneOpts, isdpctl};
 pub use echo::{Backend, EchoGrpc, EchoHttp, EchoTcp};
+pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use process::Process;
 pub use sidecar::{Sidecar, SidecarToml};
 
