@@ -109,8 +109,23 @@ fn haproxy(
 /// control plane is kept alive in `control_plane` but not measured: it is
 /// idle once A knows the endpoint.
 pub fn isdp(bins: &IsdpBins, dir: &Path, backend: &Backend) -> anyhow::Result<(Shape, Proc)> {
+    isdp_named(bins, dir, backend, "isdp", "")
+}
+
+/// Shape 2 under another `name` (which prefixes node ids and file names),
+/// with `extra` top-level TOML for both sidecars (the tracing bench's
+/// `otlp_endpoint` and `trace_sample_ratio`).
+pub fn isdp_named(
+    bins: &IsdpBins,
+    dir: &Path,
+    backend: &Backend,
+    name: &'static str,
+    extra: &str,
+) -> anyhow::Result<(Shape, Proc)> {
     let env = [("RUST_LOG", "warn")];
-    let data = dir.join("cp-data");
+    // The plain shape keeps the process names its reports always had.
+    let prefix = if name == "isdp" { "sidecar" } else { name };
+    let data = dir.join(format!("{prefix}-cp-data"));
     let args = [
         "--listen",
         "127.0.0.1:0",
@@ -121,7 +136,7 @@ pub fn isdp(bins: &IsdpBins, dir: &Path, backend: &Backend) -> anyhow::Result<(S
     ]
     .map(String::from);
     let mut cp = Proc::spawn(
-        "control-plane",
+        &format!("{prefix}-control-plane"),
         SERVER_CORE,
         &bins.control_plane,
         &args,
@@ -139,19 +154,31 @@ pub fn isdp(bins: &IsdpBins, dir: &Path, backend: &Backend) -> anyhow::Result<(S
         port = backend.addr.port(),
         addr = backend.addr,
     );
-    let (b, _) = sidecar(bins, dir, "sidecar-b", &grpc, &service)?;
+    let (b, _) = sidecar(
+        bins,
+        dir,
+        &format!("{prefix}-b"),
+        &grpc,
+        &format!("{extra}\n{service}"),
+    )?;
     let upstream = format!(
         "[[upstream]]\nname = \"{SERVICE}\"\nlisten = \"127.0.0.1:0\"\n\
          protocol = \"http\"\nlb = \"round_robin\"\n"
     );
-    let (a, addrs) = sidecar(bins, dir, "sidecar-a", &grpc, &upstream)?;
+    let (a, addrs) = sidecar(
+        bins,
+        dir,
+        &format!("{prefix}-a"),
+        &grpc,
+        &format!("{extra}\n{upstream}"),
+    )?;
     let listen = addrs
         .get(&format!("upstream.{SERVICE}"))
         .context("sidecar A printed no upstream listener")?;
     let admin = addrs.get("admin").context("sidecar A printed no admin=")?;
     wait_healthy(admin)?;
     let shape = Shape {
-        name: "isdp",
+        name,
         url: format!("http://{listen}/"),
         proxies: vec![a, b],
     };

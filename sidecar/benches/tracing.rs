@@ -1,0 +1,261 @@
+//! Tracing cost: the same request through three ISDP sidecar pairs in one
+//! run, tracing off, 100 % sampled and 1 % sampled, the traced pairs
+//! exporting over OTLP/gRPC to a receiver in this process.
+//!
+//! ```sh
+//! apt-get update && apt-get install -y wrk haproxy nginx-light
+//! cargo install --locked oha
+//! cargo build --release --workspace --bins
+//! cargo bench -p isdp-sidecar --bench tracing
+//! ```
+//!
+//! It reuses the data-plane bench's pieces (`benches/dataplane/`): nginx as
+//! the backend, servers and sidecars pinned to core 0, the load generator
+//! to core 1, latency at a fixed 1,000 req/s with `oha`, peak throughput
+//! with `wrk`, each sidecar's CPU time; runs interleaved across the pairs,
+//! repeated, medians reported. The receiver (a tonic `TraceService` that
+//! only counts spans) is not pinned: it stands for a collector on another
+//! host, and its decoding cost is not the sidecars'.
+//!
+//! `ISDP_BENCH_SECS` (default 15) and `ISDP_BENCH_REPS` (default 3).
+
+#[path = "dataplane/load.rs"]
+mod load;
+#[path = "dataplane/process.rs"]
+mod process;
+// Shared with the data-plane bench, which uses the shapes this one does not.
+#[allow(dead_code)]
+#[path = "dataplane/shapes.rs"]
+mod shapes;
+#[allow(dead_code)]
+#[path = "dataplane/tools.rs"]
+mod tools;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+    trace_service_server::{TraceService, TraceServiceServer},
+};
+
+use process::Proc;
+use shapes::Shape;
+
+fn main() -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("isdp-tracing-")
+        .tempdir()
+        .context("creating the bench's temp dir")?;
+    let result = run(dir.path());
+    if result.is_err() {
+        eprintln!("logs and configs kept in {}", dir.keep().display());
+    }
+    result
+}
+
+/// One pair's medians.
+#[derive(Default)]
+struct Runs {
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    rate_cpu_us: Vec<f64>,
+    peak_rps: Vec<f64>,
+    peak_p50: Vec<f64>,
+    peak_p99: Vec<f64>,
+    peak_cpu_us: Vec<f64>,
+    /// Requests over the measured runs, for the spans they should make.
+    requests: f64,
+}
+
+fn run(dir: &std::path::Path) -> anyhow::Result<()> {
+    let var = |name: &str, default: u64| -> u64 {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (secs, reps) = (var("ISDP_BENCH_SECS", 15), var("ISDP_BENCH_REPS", 3));
+    let tools = tools::preflight()?;
+    let bins = tools::isdp_bins()?;
+    let ticks = process::clock_ticks()?;
+    let (receiver, spans) = receiver()?;
+
+    let backend = shapes::nginx(&tools, dir)?;
+    let traced = |ratio: f64| {
+        format!("otlp_endpoint = \"http://{receiver}\"\ntrace_sample_ratio = {ratio}\n")
+    };
+    let mut pairs: Vec<(Shape, Proc)> = Vec::new();
+    for (name, extra) in [
+        ("tracing off", String::new()),
+        ("sampled 100 %", traced(1.0)),
+        ("sampled 1 %", traced(0.01)),
+    ] {
+        let tag = match name {
+            "tracing off" => "off",
+            "sampled 100 %" => "t100",
+            _ => "t1",
+        };
+        let (mut shape, cp) = shapes::isdp_named(&bins, dir, &backend, tag, &extra)?;
+        shape.name = name;
+        shapes::check(&shape)?;
+        pairs.push((shape, cp));
+    }
+    println!("## Tracing-cost bench");
+    for v in &tools.versions {
+        println!("- {v}");
+    }
+    println!(
+        "- {reps} runs of {secs} s per measurement; sidecars on core {}, load on core {}",
+        shapes::SERVER_CORE,
+        load::LOAD_CORE
+    );
+    println!(
+        "- latency: taskset -c {} oha {}",
+        load::LOAD_CORE,
+        load::oha_args(secs, "URL").join(" ")
+    );
+    println!(
+        "- peak: taskset -c {} wrk {}",
+        load::LOAD_CORE,
+        load::wrk_args(secs, "URL").join(" ")
+    );
+
+    for (shape, _) in &pairs {
+        load::oha(&tools.oha, 2, &shape.url)?;
+    }
+    let mut runs: Vec<Runs> = pairs.iter().map(|_| Runs::default()).collect();
+    let cpu = |procs: &[Proc]| -> anyhow::Result<f64> {
+        procs.iter().map(|p| p.cpu_seconds(ticks)).sum()
+    };
+    for rep in 1..=reps {
+        for ((shape, _), r) in pairs.iter().zip(&mut runs) {
+            eprintln!("[{rep}/{reps}] {} at {} req/s", shape.name, load::RATE);
+            let before = cpu(&shape.proxies)?;
+            let l = load::oha(&tools.oha, secs, &shape.url)?;
+            let used = cpu(&shape.proxies)? - before;
+            r.p50.push(l.p50.as_secs_f64() * 1e6);
+            r.p99.push(l.p99.as_secs_f64() * 1e6);
+            r.rate_cpu_us.push(used / l.requests * 1e6);
+            r.requests += l.requests;
+        }
+    }
+    for rep in 1..=reps {
+        for ((shape, _), r) in pairs.iter().zip(&mut runs) {
+            eprintln!("[{rep}/{reps}] {} flat out", shape.name);
+            let before = cpu(&shape.proxies)?;
+            let p = load::wrk(&tools.wrk, secs, &shape.url)?;
+            let used = cpu(&shape.proxies)? - before;
+            r.peak_rps.push(p.rps);
+            r.peak_p50.push(p.p50.as_secs_f64() * 1e6);
+            r.peak_p99.push(p.p99.as_secs_f64() * 1e6);
+            r.peak_cpu_us.push(used / p.requests * 1e6);
+            r.requests += p.requests;
+        }
+    }
+    // Let the last batches arrive before counting.
+    std::thread::sleep(Duration::from_secs(3));
+
+    println!("\n### Medians (CPU is sidecar A + B per request)\n");
+    println!(
+        "| pair | p50 µs at {} req/s | p99 µs | CPU µs/req | peak req/s | peak vs off | p50 / p99 µs at peak | CPU µs/req at peak | CPU vs off at peak |",
+        load::RATE
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let off_rps = median(&runs[0].peak_rps);
+    let off_cpu = median(&runs[0].peak_cpu_us);
+    for ((shape, _), r) in pairs.iter().zip(&runs) {
+        println!(
+            "| {} | {:.0} | {:.0} | {:.1} | {:.0} | {:.2} | {:.0} / {:.0} | {:.1} | {:.2} |",
+            shape.name,
+            median(&r.p50),
+            median(&r.p99),
+            median(&r.rate_cpu_us),
+            median(&r.peak_rps),
+            median(&r.peak_rps) / off_rps,
+            median(&r.peak_p50),
+            median(&r.peak_p99),
+            median(&r.peak_cpu_us),
+            median(&r.peak_cpu_us) / off_cpu,
+        );
+    }
+    println!("\n| sidecar | peak RSS MiB (VmHWM) |\n|---|---:|");
+    for (shape, _) in &pairs {
+        for p in &shape.proxies {
+            println!(
+                "| {} | {:.1} |",
+                p.name(),
+                p.peak_rss_kib()? as f64 / 1024.0
+            );
+        }
+    }
+    // Two spans per sampled request (client in A, server in B); warm-ups
+    // and checks add a few more.
+    let expected = 2.0 * (runs[1].requests + 0.01 * runs[2].requests);
+    println!(
+        "\nspans received by the collector: {} (the measured runs should make about {expected:.0}; \
+         fewer means spans dropped under load)",
+        spans.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+// === the receiver ===
+
+struct Counter(Arc<AtomicU64>);
+
+#[tonic::async_trait]
+impl TraceService for Counter {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let n: usize = req
+            .into_inner()
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
+        self.0.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+/// Starts the OTLP receiver on a thread of its own; its address and the
+/// count of spans received.
+fn receiver() -> anyhow::Result<(SocketAddr, Arc<AtomicU64>)> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let count = Arc::new(AtomicU64::new(0));
+    let service = TraceServiceServer::new(Counter(count.clone()));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::spawn(move || {
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await;
+        });
+    });
+    Ok((addr, count))
+}
