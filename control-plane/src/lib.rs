@@ -127,8 +127,11 @@ impl Server {
             grpc_addr,
             admin_addr,
         } = self;
+        let metrics = metrics::Metrics::new();
+        let instrumented =
+            metrics::InstrumentedStore::new(Arc::new(store.clone()), metrics.clone());
         let registry =
-            Registry::start(Arc::new(store.clone()), KEY_PREFIX, shutdown.clone()).await?;
+            Registry::start(Arc::new(instrumented), KEY_PREFIX, shutdown.clone()).await?;
         tracing::info!(instances = registry.len(), data_dir = %config.data_dir.display(), "registry loaded");
         let sessions = Sessions::new(
             registry.clone(),
@@ -137,7 +140,6 @@ impl Server {
                 timeout: config.session_timeout,
             },
         );
-        let metrics = metrics::Metrics::new();
         let cache = xds::Cache::new(&[SERVICE_ENDPOINTS_TYPE_URL]);
         let builder = snapshot::spawn(registry.clone(), cache.clone(), shutdown.clone());
         let checker = health::spawn(registry.clone(), metrics.clone(), shutdown.clone());
@@ -156,6 +158,7 @@ impl Server {
             // Notice a vanished sidecar even when its TCP connection lingers.
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .layer(metrics::GrpcMetricsLayer::new(metrics.clone()))
             .layer(api::SizeLimitStatusLayer)
             .add_service(
                 api::registry::RegistryApi::new(

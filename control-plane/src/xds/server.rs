@@ -7,6 +7,7 @@ use std::{
     net::SocketAddr,
     sync::Arc,
     task::{Context, Poll},
+    time::Instant,
 };
 
 use bytes::Bytes;
@@ -40,6 +41,9 @@ pub enum StreamEvent {
         type_url: Arc<str>,
         nonce: String,
         versions: Vec<(String, String)>,
+        /// The newest change the acknowledged response carried (None when
+        /// it carried only removals).
+        changed_at: Option<Instant>,
     },
     Nack {
         type_url: Arc<str>,
@@ -51,6 +55,9 @@ pub enum StreamEvent {
 #[derive(Clone, Debug)]
 pub struct StreamInfo {
     pub id: u64,
+    /// When the stream sent its first request; changes older than this
+    /// reached it on connect, not by propagation.
+    pub opened: Instant,
     pub node_id: String,
     pub delta: bool,
     pub peer: Option<SocketAddr>,
@@ -189,6 +196,7 @@ async fn drive<P: Protocol>(
                     if info.is_none() {
                         let i = StreamInfo {
                             id: svc.cache.stream_id(),
+                            opened: Instant::now(),
                             node_id: P::node_id(&req).unwrap_or_default().to_owned(),
                             delta: P::DELTA,
                             peer,

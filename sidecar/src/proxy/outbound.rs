@@ -1,7 +1,7 @@
 //! The outbound request path, as a stack of named tower layers:
 //!
-//! `Route` (which upstream?) -> `Balance` (which endpoint?) -> `Endpoint`
-//! (send it). Retries, timeouts and breakers slot in between as further
+//! `Route` (which upstream?) -> `Observe` (metrics, in `observe`) ->
+//! `Balance` (which endpoint?) -> `Endpoint` (send it). Retries, timeouts and breakers slot in between as further
 //! layers. Each layer either passes the request on, carrying its decision
 //! in the request's extensions, or answers it itself with a response naming
 //! the reason in `x-isdp-error`.
@@ -21,6 +21,7 @@ use tower::{Layer, Service};
 use super::{
     forward::{Forwarder, Hop},
     http::{Body, SERVICE_HEADER, add_forwarding, error_response, forwarded_for_value},
+    observe::{Observe, ObserveLayer},
     upstreams::{Target, UpstreamLb, Upstreams},
 };
 use crate::{balance::LoadGuard, config::Protocol};
@@ -61,10 +62,15 @@ pub enum RouteBy {
 }
 
 /// The stack for one outbound listener.
-pub fn stack(by: RouteBy, upstreams: Upstreams, forwarder: Forwarder) -> Route<Balance<Endpoint>> {
+pub fn stack(
+    by: RouteBy,
+    upstreams: Upstreams,
+    forwarder: Forwarder,
+) -> Route<Observe<Balance<Endpoint>>> {
     let endpoint = Endpoint { forwarder };
     let balance = BalanceLayer.layer(endpoint);
-    RouteLayer { by, upstreams }.layer(balance)
+    let observe = ObserveLayer.layer(balance);
+    RouteLayer { by, upstreams }.layer(observe)
 }
 
 // === Route ===
