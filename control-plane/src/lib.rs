@@ -14,6 +14,7 @@
 //!   (`Sidecar/Session`).
 //! - [`admin`]: `/healthz`, `/ready`, `/metrics`.
 //! - [`metrics`]: Prometheus metrics and the xDS stream observer.
+//! - [`proxies`]: what each connected sidecar acknowledged (proxy status).
 //! - [`ctl`]: the `isdpctl` operator CLI.
 //!
 //! A registration flows: `api::registry` -> `registry` (validate, store
@@ -26,6 +27,7 @@ pub mod config;
 pub mod ctl;
 pub mod health;
 pub mod metrics;
+pub mod proxies;
 pub mod registry;
 pub mod snapshot;
 pub mod store;
@@ -151,7 +153,12 @@ impl Server {
             registry.clone(),
             shutdown.clone(),
         ));
-        let ads = xds::AdsService::new(cache, Arc::new(metrics.clone()), shutdown.clone());
+        let proxies = proxies::Proxies::default();
+        let ads = xds::AdsService::new(
+            cache,
+            Arc::new((metrics.clone(), proxies.clone())),
+            shutdown.clone(),
+        );
         let mut stop = shutdown.clone();
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -169,6 +176,7 @@ impl Server {
                 .into_server(),
             )
             .add_service(api::session::SessionApi::new(sessions, shutdown.clone()).into_server())
+            .add_service(api::status::ProxyStatusApi::new(proxies).into_server())
             .add_service(ads)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(grpc),

@@ -195,3 +195,54 @@ async fn golden_metrics_count_traffic_and_pass_promtool() {
         promtool::check_metrics(text).await;
     }
 }
+
+#[tokio::test]
+async fn proxy_status_shows_what_each_sidecar_acknowledged() {
+    let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
+    let web = SidecarToml::new("web", &cp.grpc_url())
+        .upstream_on_port0("payments", "http", "round_robin")
+        .start()
+        .await;
+    let api = SidecarToml::new("api", &cp.grpc_url())
+        .upstream_on_port0("payments", "http", "round_robin")
+        .start()
+        .await;
+    cp.register("payments", "127.0.0.1", 9, &[]).await;
+
+    // Every sidecar reports, through the control plane, the version its own
+    // admin page says it holds.
+    eventually(SETUP, "proxy-status matches each sidecar", || async {
+        let out = cp.ctl_ok(&["-o", "json", "proxy-status"]).await;
+        let list: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+        let nodes: Vec<&str> = list.iter().filter_map(|p| p["node_id"].as_str()).collect();
+        anyhow::ensure!(nodes == ["api", "web"], "sorted nodes: {nodes:?}");
+        for (sidecar, entry) in [(&api, &list[0]), (&web, &list[1])] {
+            let held = sidecar.config_json().await?["xds"]["acked"]["payments"].clone();
+            anyhow::ensure!(held.is_string(), "sidecar holds no payments yet");
+            let types = entry["types"].as_array().expect("types");
+            anyhow::ensure!(types.len() == 1, "{types:?}");
+            anyhow::ensure!(types[0]["acked"]["payments"] == held, "{entry} vs {held}");
+            anyhow::ensure!(types[0]["pending"] == false && types[0]["nacks"] == 0);
+            anyhow::ensure!(entry["delta"] == true);
+        }
+        Ok(())
+    })
+    .await;
+
+    let table = cp.ctl_ok(&["proxy-status"]).await;
+    assert!(table.starts_with("NODE"), "{table}");
+    assert!(
+        table.contains("SYNCED") && table.contains("ServiceEndpoints"),
+        "{table}"
+    );
+
+    // A sidecar that goes away leaves the list.
+    drop(api);
+    eventually(SETUP, "api leaves proxy-status", || async {
+        let out = cp.ctl_ok(&["-o", "json", "proxy-status"]).await;
+        let list: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+        anyhow::ensure!(list.len() == 1 && list[0]["node_id"] == "web", "{out}");
+        Ok(())
+    })
+    .await;
+}

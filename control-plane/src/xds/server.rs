@@ -71,6 +71,24 @@ pub trait StreamObserver: Send + Sync + 'static {
     fn closed(&self, _stream: &StreamInfo) {}
 }
 
+/// Two observers, both told everything (metrics and proxy status, say).
+impl<A: StreamObserver, B: StreamObserver> StreamObserver for (A, B) {
+    fn opened(&self, s: &StreamInfo) {
+        self.0.opened(s);
+        self.1.opened(s);
+    }
+
+    fn event(&self, s: &StreamInfo, e: &StreamEvent) {
+        self.0.event(s, e);
+        self.1.event(s, e);
+    }
+
+    fn closed(&self, s: &StreamInfo) {
+        self.0.closed(s);
+        self.1.closed(s);
+    }
+}
+
 /// The `envoy.service.discovery.v3.AggregatedDiscoveryService` server.
 #[derive(Clone)]
 pub struct AdsService {
