@@ -1,11 +1,18 @@
-//! Metrics end to end: traffic through two sidecars and writes through the
-//! control plane show up in each process's `/metrics`, and every exposition
-//! passes `promtool check metrics`.
+//! Observability end to end: traffic through two sidecars and writes
+//! through the control plane show up in each process's `/metrics`, every
+//! exposition passes `promtool check metrics`, the shipped alerts and
+//! dashboard query only series that exist, the alerting rules pass their
+//! promtool unit tests, and `isdpctl proxy-status` reports what each
+//! sidecar holds.
 
+use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use isdp_examples::proto::{EchoRequest, echo_client::EchoClient};
 use isdp_tests::{
-    ControlPlane, ControlPlaneOpts, EchoHttp, SidecarToml, eventually, http, promtool, status_of,
+    ControlPlane, ControlPlaneOpts, EchoGrpc, EchoHttp, SidecarToml, eventually, http, promtool,
+    status_of,
 };
 
 const SETUP: Duration = Duration::from_secs(15);
@@ -37,26 +44,47 @@ async fn metrics(addr: &str) -> String {
 async fn golden_metrics_count_traffic_and_pass_promtool() {
     let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
     let echo = EchoHttp::start("pay-0").await;
+    let greeter = EchoGrpc::start("grpc-0").await;
     let pay = SidecarToml::new("pay-0", &cp.grpc_url())
         .raw(&format!(
             "[[service]]\nname = \"payments\"\nport = {port}\nprotocol = \"http\"\n\
-             check = \"{check}\"\ninterval = \"200ms\"\n",
+             check = \"{check}\"\ninterval = \"200ms\"\n\
+             [[service]]\nname = \"greeter\"\nport = {gport}\nprotocol = \"grpc\"\n\
+             check = \"{gcheck}\"\ninterval = \"200ms\"\n",
             port = echo.port(),
             check = echo.health_url(),
+            gport = greeter.port(),
+            gcheck = greeter.health_target(),
         ))
         .start()
         .await;
     let web = SidecarToml::new("web", &cp.grpc_url())
         .upstream_on_port0("payments", "http", "round_robin")
+        .upstream_on_port0("greeter", "http", "round_robin")
         .upstream_on_port0("ghost", "http", "round_robin")
         .start()
         .await;
     eventually(SETUP, "web sees pay-0 healthy", || async {
         let eps = web.endpoints("payments").await?;
         anyhow::ensure!(status_of(&eps, "pay-0.payments")? == "healthy", "{eps:?}");
+        let eps = web.endpoints("greeter").await?;
+        anyhow::ensure!(status_of(&eps, "pay-0.greeter")? == "healthy", "{eps:?}");
         Ok(())
     })
     .await;
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", web.upstream_addr("greeter")))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to web's greeter listener");
+    let reply = EchoClient::new(channel)
+        .unary(EchoRequest {
+            message: "hi".into(),
+        })
+        .await
+        .expect("unary call through the mesh");
+    assert_eq!(reply.into_inner().message, "hi");
 
     const N: usize = 20;
     for _ in 0..N {
@@ -68,6 +96,15 @@ async fn golden_metrics_count_traffic_and_pass_promtool() {
 
     // A change after web subscribed: its ACK is a convergence sample.
     cp.register("payments", "127.0.0.1", 1, &[]).await;
+    // An operator-registered instance the control plane checks itself.
+    let check = echo.health_url();
+    cp.register(
+        "ledger",
+        "127.0.0.1",
+        echo.port(),
+        &["--check", &check, "--interval", "200ms"],
+    )
+    .await;
     // A refused write, counted with its code.
     let bad = cp
         .ctl(&[
@@ -122,6 +159,15 @@ async fn golden_metrics_count_traffic_and_pass_promtool() {
         Some(1.0),
         "{web_text}"
     );
+    assert_eq!(
+        sample(
+            &web_text,
+            "isdp_grpc_requests_total",
+            &out(&[("service", "greeter"), ("grpc_code", "OK")])
+        ),
+        Some(1.0),
+        "{web_text}"
+    );
     assert_eq!(sample(&web_text, "isdp_xds_connected", &[]), Some(1.0));
     assert!(sample(&web_text, "isdp_xds_acks_total", &[]).unwrap() >= 1.0);
 
@@ -148,12 +194,19 @@ async fn golden_metrics_count_traffic_and_pass_promtool() {
         Some(1.0)
     );
 
-    eventually(Duration::from_secs(5), "a convergence sample", || async {
-        let text = metrics(cp.admin_addr()).await;
-        let n = sample(&text, "isdp_xds_convergence_seconds_count", &[]).unwrap_or(0.0);
-        anyhow::ensure!(n >= 1.0, "no convergence sample yet");
-        Ok(())
-    })
+    eventually(
+        Duration::from_secs(5),
+        "a convergence sample and a health transition",
+        || async {
+            let text = metrics(cp.admin_addr()).await;
+            let n = sample(&text, "isdp_xds_convergence_seconds_count", &[]).unwrap_or(0.0);
+            anyhow::ensure!(n >= 1.0, "no convergence sample yet");
+            let healthy = [("status", "healthy")];
+            let t = sample(&text, "isdp_health_transitions_total", &healthy).unwrap_or(0.0);
+            anyhow::ensure!(t >= 1.0, "no health transition yet");
+            Ok(())
+        },
+    )
     .await;
     let cp_text = metrics(cp.admin_addr()).await;
     assert!(
@@ -194,6 +247,73 @@ async fn golden_metrics_count_traffic_and_pass_promtool() {
     for text in [&web_text, &pay_text, &cp_text] {
         promtool::check_metrics(text).await;
     }
+
+    // Every series the shipped alerts and dashboard query exists.
+    let exposed: BTreeSet<&str> = [&web_text, &pay_text, &cp_text]
+        .iter()
+        .flat_map(|t| t.lines())
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let dir = observability_dir();
+    for file in ["alerts.yml", "grafana/dashboards/isdp-mesh.json"] {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        for name in metric_names(&text) {
+            assert!(
+                exposed.contains(name.as_str()),
+                "{file} queries {name}, which no process exposes"
+            );
+        }
+    }
+}
+
+/// `deploy/observability/` in the repository.
+fn observability_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/observability")
+}
+
+/// Every `isdp_*` identifier in `text`.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("isdp_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        // `isdp_` inside a longer word (a job name like `isdp-sidecar` has
+        // a dash, so it never matches) would be preceded by a word char.
+        let word_start = i == 0 || !rest[..i].ends_with(|c: char| c.is_ascii_alphanumeric());
+        if word_start {
+            names.insert(tail[..end].to_owned());
+        }
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[tokio::test]
+async fn shipped_alerting_rules_check_and_fire_in_their_unit_tests() {
+    let dir = observability_dir();
+    let dir = dir.to_str().unwrap();
+    for args in [
+        vec!["check", "rules", "alerts.yml"],
+        vec!["test", "rules", "alerts_test.yml"],
+        vec!["check", "config", "prometheus.yml"],
+    ] {
+        let mut full = args.clone();
+        let file = full.pop().unwrap();
+        let path = format!("{dir}/{file}");
+        full.push(&path);
+        let (ok, text) = promtool::run(&full, "").await;
+        assert!(ok, "promtool {args:?} failed:\n{text}");
+        assert!(text.contains("SUCCESS"), "promtool {args:?}:\n{text}");
+    }
+    let dashboard =
+        std::fs::read_to_string(format!("{dir}/grafana/dashboards/isdp-mesh.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard is JSON");
+    assert_eq!(json["uid"], "isdp-mesh");
+    assert!(json["panels"].as_array().unwrap().len() >= 10);
 }
 
 #[tokio::test]

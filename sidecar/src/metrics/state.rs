@@ -59,6 +59,13 @@ impl Collector for StateCollector {
         let e = &mut encoder;
 
         // Discovery.
+        let configured = self.upstreams.as_ref().map_or(0, |u| u.names().count());
+        one(
+            e,
+            "upstreams_configured",
+            "Upstreams in the configuration (a discovery stream is expected when above 0)",
+            gauge(configured),
+        )?;
         one(
             e,
             "xds_connected",
@@ -126,6 +133,12 @@ impl Collector for StateCollector {
 
         // The session and the local services it registers.
         let status = self.session.status();
+        one(
+            e,
+            "local_services",
+            "Local services in the configuration (a session is expected when above 0)",
+            gauge(self.session.services().len()),
+        )?;
         one(
             e,
             "session_connected",
