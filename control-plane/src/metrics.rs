@@ -21,7 +21,7 @@ pub use grpc::GrpcMetricsLayer;
 pub use store::InstrumentedStore;
 
 use isdp_proto::v1::HealthStatus;
-use isdp_sidecar::metrics::grpc_code_name;
+use isdp_sidecar::metrics::{LATENCY_BUCKETS, grpc_code_name};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -70,14 +70,10 @@ struct StoreErrorLabels {
     error: &'static str,
 }
 
-/// Seconds; from a loaded machine's store commit (milliseconds) to a
-/// sidecar that reconnects (seconds).
-const DURATION_BUCKETS: [f64; 14] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
+/// Seconds, 0.5 ms to 10 s: from a store commit to a sidecar that
+/// reconnects. The sidecar's buckets, so latencies compare across both.
 fn histogram() -> Histogram {
-    Histogram::new(DURATION_BUCKETS.iter().copied())
+    Histogram::new(LATENCY_BUCKETS.iter().copied())
 }
 
 /// A cheap handle to every metric; clone it into whatever records.

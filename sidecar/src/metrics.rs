@@ -72,8 +72,9 @@ struct ErrorLabels {
 }
 
 /// Latency buckets, in seconds: 0.5 ms to 10 s. A proxied request on a
-/// LAN lands in the first few; timeouts in the last.
-const LATENCY_BUCKETS: [f64; 14] = [
+/// LAN lands in the first few; timeouts in the last. The control plane
+/// uses them too, so dashboards compare like with like.
+pub const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
