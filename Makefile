@@ -3,7 +3,9 @@
 .PHONY: demo test build e2e pytest
 
 # Build every binary in release mode, then start the demo mesh (Ctrl-C stops it).
+# .ci/deps.sh installs protoc (protobuf-compiler) first if it is missing.
 demo:
+	./.ci/deps.sh protoc
 	cargo build --release --workspace --bins && ./target/release/isdp-demo
 
 # Formatting, clippy, build, all Rust tests, then the Python gRPC tests.
@@ -11,6 +13,7 @@ test:
 	./.ci/test.sh
 
 build:
+	./.ci/deps.sh protoc
 	cargo build --workspace --bins
 
 # Only the end-to-end tests (needs the binaries: `make build`).

@@ -13,6 +13,10 @@ cargo fmt --version >/dev/null 2>&1 || die "rustfmt missing: rustup component ad
 cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component add clippy"
 command -v python3 >/dev/null || die "python3 not found"
 
+# --- System tools: protoc for the build, etcd for the etcd store tests -------
+step "system tools (protoc, etcd)"
+./.ci/deps.sh protoc etcd
+
 # --- Python venv for tests/python -------------------------------------------
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -8,6 +8,7 @@
 //! [`Store::watch`], never written directly.
 
 pub mod embedded;
+pub mod etcd;
 
 use std::{pin::Pin, time::Duration};
 

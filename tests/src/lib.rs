@@ -25,11 +25,14 @@
 //! - `sidecar`: [`Sidecar`] and [`SidecarToml`], a config builder.
 //! - `echo`: [`EchoHttp`], the demo backend the tests make misbehave, and
 //!   [`EchoGrpc`] / [`EchoTcp`], the gRPC and TCP backends.
+//! - `etcd`: [`EtcdCluster`], real etcd members on loopback (killable,
+//!   restartable) for the etcd store tests.
 //! - this file: [`eventually`] and [`holds_for`], polling helpers.
 
 mod bins;
 mod control_plane;
 mod echo;
+mod etcd;
 pub mod http;
 mod process;
 mod sidecar;
@@ -40,6 +43,7 @@ use std::time::{Duration, Instant};
 pub use bins::{bin_dir, binary};
 pub use control_plane::{ControlPlane, ControlPlaneOpts, isdpctl};
 pub use echo::{Backend, EchoGrpc, EchoHttp, EchoTcp};
+pub use etcd::EtcdCluster;
 pub use process::Process;
 pub use sidecar::{Sidecar, SidecarToml};
 
