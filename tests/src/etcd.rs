@@ -15,8 +15,8 @@ use std::time::Duration;
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
+use crate::eventually;
 use crate::process::tempdir;
-use crate::{eventually, free_port};
 
 /// How long a member (or the whole cluster) may take to become healthy.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -46,8 +46,8 @@ impl EtcdCluster {
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client_port: free_port(),
-                peer_port: free_port(),
+                client_port: port_outside_ephemeral_range(),
+                peer_port: port_outside_ephemeral_range(),
                 child: None,
             })
             .collect();
@@ -195,6 +195,25 @@ impl Drop for EtcdCluster {
             && let Some(dir) = self.dir.take()
         {
             eprintln!("etcd logs kept in {}", dir.keep().display());
+        }
+    }
+}
+
+/// A free loopback port below Linux's ephemeral range (32768+). etcd cannot
+/// bind port 0 and report it, so the port is picked here; one from the
+/// ephemeral range could meanwhile become some connection's source port
+/// (the kernel hands those out), and a restarted member must get its port
+/// back, so the ports come from a range the kernel does not use by itself.
+fn port_outside_ephemeral_range() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    // Spread over the range by pid, so runs one after another differ.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 6_000) as u16 * 2;
+    loop {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % 12_000;
+        let port = 20_000 + (base - 20_000 + offset) % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
         }
     }
 }

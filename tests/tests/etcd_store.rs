@@ -264,3 +264,30 @@ async fn without_etcd_calls_fail_fast_naming_etcd_and_resume_when_it_returns() {
     let b = w.next().await.unwrap().unwrap();
     assert!(matches!(&b.events[0], Event::Put(kv) if kv.key == "/u/b"));
 }
+
+/// The client keeps a dead member in its rotation; calls that land on it
+/// fail to connect, were never sent, and must be retried on another member
+/// rather than fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_member_fails_no_call() {
+    let mut etcd = EtcdCluster::start(3).await;
+    let store = store(&etcd).await;
+    for i in 0..5 {
+        store
+            .txn(Txn::default().put(format!("/d/{i}"), val("v"), None))
+            .await
+            .unwrap();
+    }
+    etcd.kill9(0).await;
+    let lease = store.grant_lease(Duration::from_secs(10)).await.unwrap();
+    for i in 0..30 {
+        let start = Instant::now();
+        store
+            .txn(Txn::default().put(format!("/d/x{i}"), val("v"), Some(lease)))
+            .await
+            .unwrap_or_else(|e| panic!("write {i} with one member down: {e}"));
+        store.keep_alive(lease).await.unwrap();
+        assert_eq!(store.range("/d/").await.unwrap().0.len(), 6 + i);
+        assert!(start.elapsed() < Duration::from_secs(1), "write {i} took {:?}", start.elapsed());
+    }
+}

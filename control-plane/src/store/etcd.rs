@@ -61,6 +61,9 @@ pub struct EtcdStore {
     client: Client,
     /// The endpoints, for error messages.
     endpoints: Arc<str>,
+    /// Attempts per call when connecting fails: enough to get past every
+    /// dead member.
+    retries: usize,
 }
 
 // === impl EtcdStore ===
@@ -103,7 +106,11 @@ impl EtcdStore {
         .await
         .map_err(|_| fail(format!("no answer within {REQUEST_TIMEOUT:?}")))?
         .map_err(|e| fail(e.to_string()))?;
-        Ok(EtcdStore { client, endpoints })
+        Ok(EtcdStore {
+            client,
+            endpoints,
+            retries: 2 * options.endpoints.len() + 1,
+        })
     }
 
     /// The underlying client, for tests and tools that need etcd calls the
@@ -116,20 +123,63 @@ impl EtcdStore {
         StoreError::Unavailable(format!("etcd at {}: {what}", self.endpoints))
     }
 
-    /// Runs one etcd call within [`REQUEST_TIMEOUT`]. The client's own
-    /// timeout does not cover waiting for a reachable member, hence this.
-    async fn call<T>(
-        &self,
-        what: &str,
-        fut: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.unavailable(format!("{what}: {e}"))),
-            Err(_) => {
-                Err(self.unavailable(format!("{what}: no answer within {REQUEST_TIMEOUT:?}")))
+    /// Runs one etcd call within [`REQUEST_TIMEOUT`] (the client's own
+    /// timeout does not cover waiting for a reachable member). A call that
+    /// failed to connect never reached etcd, so it is retried at once: the
+    /// client's balancer keeps a dead member in rotation and would otherwise
+    /// fail every few calls while one member of a healthy cluster is down.
+    async fn call<T, Fut>(&self, mut f: impl FnMut(Client) -> Fut) -> Result<T, Failure>
+    where
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match tokio::time::timeout_at(deadline, f(self.client.clone())).await {
+                Err(_) => return Err(Failure::Timeout),
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if never_sent(&e) && attempts < self.retries => {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Ok(Err(e)) => return Err(Failure::Etcd(e)),
             }
         }
+    }
+
+    /// The error of a failed call of kind `what`; a missing lease is its
+    /// own error, everything else is Unavailable naming etcd.
+    fn fail(&self, what: &str, failure: Failure, lease: Option<LeaseId>) -> StoreError {
+        match failure {
+            Failure::Etcd(e) if is_lease_not_found(&e) => {
+                StoreError::LeaseNotFound(lease.unwrap_or_default())
+            }
+            Failure::Etcd(e) => self.unavailable(format!("{what}: {e}")),
+            Failure::Timeout => {
+                self.unavailable(format!("{what}: no answer within {REQUEST_TIMEOUT:?}"))
+            }
+        }
+    }
+}
+
+/// Why an etcd call failed.
+enum Failure {
+    Etcd(etcd_client::Error),
+    Timeout,
+}
+
+/// Pause before retrying a call that could not connect.
+const RETRY_PAUSE: Duration = Duration::from_millis(10);
+
+/// Whether the call failed before anything was sent (connection refused
+/// or failed), so retrying it cannot apply it twice.
+fn never_sent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::Unavailable && s.message().contains("connect")
+        }
+        etcd_client::Error::TransportError(_) => true,
+        _ => false,
     }
 }
 
@@ -138,9 +188,14 @@ fn read(path: &std::path::Path, flag: &str) -> Result<Vec<u8>, StoreError> {
         .map_err(|e| StoreError::Unavailable(format!("{flag} {}: {e}", path.display())))
 }
 
-/// Whether etcd refused because the lease does not exist (any more).
+/// Whether etcd refused because the lease does not exist (any more); the
+/// keep-alive stream reports it as a TTL of 0.
 fn is_lease_not_found(e: &etcd_client::Error) -> bool {
-    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("lease not found"))
+    match e {
+        etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
+        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
+        _ => false,
+    }
 }
 
 /// The smallest key greater than every key starting with `prefix`.
@@ -178,10 +233,14 @@ impl Store for EtcdStore {
             if revision > 0 {
                 options = options.with_revision(revision);
             }
-            let mut kv = self.client.kv_client();
+            let key = from.clone();
             let resp = self
-                .call("range", kv.get(from.clone(), Some(options)))
-                .await?;
+                .call(|c| {
+                    let (key, options) = (key.clone(), options.clone());
+                    async move { c.kv_client().get(key, Some(options)).await }
+                })
+                .await
+                .map_err(|f| self.fail("range", f, None))?;
             if revision == 0 {
                 revision = resp.header().map_or(0, |h| h.revision());
             }
@@ -223,19 +282,18 @@ impl Store for EtcdStore {
                 Op::Delete { key } => TxnOp::delete(key, None),
             })
             .collect();
-        let mut kv = self.client.kv_client();
         let request = EtcdTxn::new().when(compares).and_then(ops);
-        match tokio::time::timeout(REQUEST_TIMEOUT, kv.txn(request)).await {
-            Ok(Ok(resp)) => Ok(TxnOutcome {
-                succeeded: resp.succeeded(),
-                revision: resp.header().map_or(0, |h| h.revision()) as Revision,
-            }),
-            Ok(Err(e)) if is_lease_not_found(&e) => {
-                Err(StoreError::LeaseNotFound(lease.unwrap_or_default()))
-            }
-            Ok(Err(e)) => Err(self.unavailable(format!("txn: {e}"))),
-            Err(_) => Err(self.unavailable(format!("txn: no answer within {REQUEST_TIMEOUT:?}"))),
-        }
+        let resp = self
+            .call(|c| {
+                let request = request.clone();
+                async move { c.kv_client().txn(request).await }
+            })
+            .await
+            .map_err(|f| self.fail("txn", f, lease))?;
+        Ok(TxnOutcome {
+            succeeded: resp.succeeded(),
+            revision: resp.header().map_or(0, |h| h.revision()) as Revision,
+        })
     }
 
     fn watch(&self, prefix: &str, after: Revision) -> Result<WatchStream, StoreError> {
@@ -246,41 +304,27 @@ impl Store for EtcdStore {
         // etcd counts in whole seconds (and raises very short TTLs to its
         // minimum, about 2 s with default timings).
         let secs = ttl.as_millis().div_ceil(1000).max(1) as i64;
-        let mut lease = self.client.lease_client();
-        let resp = self.call("lease grant", lease.grant(secs, None)).await?;
+        let resp = self
+            .call(|c| async move { c.lease_client().grant(secs, None).await })
+            .await
+            .map_err(|f| self.fail("lease grant", f, None))?;
         Ok(resp.id() as LeaseId)
     }
 
     async fn keep_alive(&self, id: LeaseId) -> Result<(), StoreError> {
-        let mut lease = self.client.lease_client();
-        // Opening the stream sends one keep-alive; its answer says whether
-        // the lease still exists (a TTL of 0 means it does not).
-        let answer = tokio::time::timeout(REQUEST_TIMEOUT, async move {
-            let (_keeper, mut stream) = lease.keep_alive(id as i64).await?;
-            stream.message().await
-        })
-        .await;
-        match answer {
-            Ok(Ok(Some(resp))) if resp.ttl() > 0 => Ok(()),
-            Ok(Ok(_)) => Err(StoreError::LeaseNotFound(id)),
-            Ok(Err(e)) if is_lease_not_found(&e) => Err(StoreError::LeaseNotFound(id)),
-            Ok(Err(e)) => Err(self.unavailable(format!("lease keep-alive: {e}"))),
-            Err(_) => Err(self.unavailable(format!(
-                "lease keep-alive: no answer within {REQUEST_TIMEOUT:?}"
-            ))),
-        }
+        // Opening the stream sends one keep-alive and waits for its answer;
+        // a TTL of 0 there (lease gone) comes back as an error.
+        self.call(|c| async move { c.lease_client().keep_alive(id as i64).await })
+            .await
+            .map(drop)
+            .map_err(|f| self.fail("lease keep-alive", f, Some(id)))
     }
 
     async fn revoke(&self, id: LeaseId) -> Result<(), StoreError> {
-        let mut lease = self.client.lease_client();
-        match tokio::time::timeout(REQUEST_TIMEOUT, lease.revoke(id as i64)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) if is_lease_not_found(&e) => Err(StoreError::LeaseNotFound(id)),
-            Ok(Err(e)) => Err(self.unavailable(format!("lease revoke: {e}"))),
-            Err(_) => Err(self.unavailable(format!(
-                "lease revoke: no answer within {REQUEST_TIMEOUT:?}"
-            ))),
-        }
+        self.call(|c| async move { c.lease_client().revoke(id as i64).await })
+            .await
+            .map(drop)
+            .map_err(|f| self.fail("lease revoke", f, Some(id)))
     }
 }
 

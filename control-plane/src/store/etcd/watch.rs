@@ -11,7 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use etcd_client::{EventType, WatchOptions};
 
-use super::{EtcdStore, REQUEST_TIMEOUT, to_kv};
+use super::{EtcdStore, to_kv};
 use crate::store::{Event, Revision, StoreError, WatchBatch, WatchStream};
 
 /// Batches buffered between etcd and a slow consumer.
@@ -37,14 +37,13 @@ async fn forward(
     let options = WatchOptions::new()
         .with_prefix()
         .with_start_revision(after as i64 + 1);
-    let mut client = store.client.watch_client();
+    let open = store.call(|c| {
+        let (prefix, options) = (prefix.to_owned(), options.clone());
+        async move { c.watch_client().watch(prefix, Some(options)).await }
+    });
     let mut stream = tokio::select! {
         _ = tx.closed() => return Ok(()),
-        s = tokio::time::timeout(REQUEST_TIMEOUT, client.watch(prefix, Some(options))) => match s {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(store.unavailable(format!("watch: {e}"))),
-            Err(_) => return Err(store.unavailable(format!("watch: no answer within {REQUEST_TIMEOUT:?}"))),
-        },
+        s = open => s.map_err(|f| store.fail("watch", f, None))?,
     };
     let mut last = after;
     loop {
