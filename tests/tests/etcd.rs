@@ -23,7 +23,8 @@ async fn replicas(etcd: &EtcdCluster, opts: ControlPlaneOpts) -> (ControlPlane, 
     let prefix = format!("/isdp-test-{}/", std::process::id());
     let mut opts = opts;
     opts.extra_args.extend(etcd.control_plane_args(&prefix));
-    opts.extra_args.extend(["--leader-lease".into(), "2s".into()]);
+    opts.extra_args
+        .extend(["--leader-lease".into(), "2s".into()]);
     let a = ControlPlane::start(opts.clone()).await;
     let b = ControlPlane::start(opts).await;
     (a, b)
@@ -96,7 +97,12 @@ impl Traffic {
             self.ok.load(Ordering::Relaxed),
             self.failed.load(Ordering::Relaxed),
         );
-        assert_eq!(failed, 0, "{failed} of {} requests failed: {errors:?}", ok + failed);
+        assert_eq!(
+            failed,
+            0,
+            "{failed} of {} requests failed: {errors:?}",
+            ok + failed
+        );
         ok
     }
 }
@@ -124,14 +130,21 @@ async fn a_registration_through_one_replica_reaches_sidecars_on_the_other_within
         worst = worst.max(took);
         // And removed through B, gone through A's view.
         b.ctl_ok(&["deregister", &id]).await;
-        eventually(Duration::from_secs(5), "deregistration seen by A", || async {
-            let list = a.instances(SERVICE).await?;
-            anyhow::ensure!(find_by_id(&list, &id).is_none(), "{list:?}");
-            Ok(())
-        })
+        eventually(
+            Duration::from_secs(5),
+            "deregistration seen by A",
+            || async {
+                let list = a.instances(SERVICE).await?;
+                anyhow::ensure!(find_by_id(&list, &id).is_none(), "{list:?}");
+                Ok(())
+            },
+        )
         .await;
     }
-    assert!(worst <= Duration::from_secs(1), "slowest propagation {worst:?}");
+    assert!(
+        worst <= Duration::from_secs(1),
+        "slowest propagation {worst:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,11 +181,15 @@ async fn a_killed_replicas_sidecars_move_to_the_other_without_failed_requests() 
         .await;
     let ids = [format!("p1.{SERVICE}"), format!("p2.{SERVICE}")];
     for id in &ids {
-        eventually(Duration::from_secs(10), "healthy at the sidecar", || async {
-            let eps = web.endpoints(SERVICE).await?;
-            anyhow::ensure!(status_of(&eps, id)? == "healthy");
-            Ok(())
-        })
+        eventually(
+            Duration::from_secs(10),
+            "healthy at the sidecar",
+            || async {
+                let eps = web.endpoints(SERVICE).await?;
+                anyhow::ensure!(status_of(&eps, id)? == "healthy");
+                Ok(())
+            },
+        )
         .await;
     }
 
@@ -238,12 +255,28 @@ async fn the_mesh_rides_out_a_lost_etcd_member_and_a_total_etcd_outage() {
     // One member down: writes and propagation go on, without a failure.
     etcd.kill9(0).await;
     for port in ["1", "2", "3"] {
-        a.ctl_ok(&["register", "--service", "other", "--address", "127.0.0.1", "--port", port])
-            .await;
+        a.ctl_ok(&[
+            "register",
+            "--service",
+            "other",
+            "--address",
+            "127.0.0.1",
+            "--port",
+            port,
+        ])
+        .await;
     }
     let port = extra.port().to_string();
     let out = a
-        .ctl_ok(&["register", "--service", SERVICE, "--address", "127.0.0.1", "--port", &port])
+        .ctl_ok(&[
+            "register",
+            "--service",
+            SERVICE,
+            "--address",
+            "127.0.0.1",
+            "--port",
+            &port,
+        ])
         .await;
     let extra_id = out.trim().to_owned();
     until_endpoint(&web, &extra_id, Duration::from_secs(2)).await;
@@ -253,7 +286,15 @@ async fn the_mesh_rides_out_a_lost_etcd_member_and_a_total_etcd_outage() {
     etcd.stop_all().await;
     let start = Instant::now();
     let out = b
-        .ctl(&["register", "--service", SERVICE, "--address", "127.0.0.1", "--port", "2"])
+        .ctl(&[
+            "register",
+            "--service",
+            SERVICE,
+            "--address",
+            "127.0.0.1",
+            "--port",
+            "2",
+        ])
         .await;
     let took = start.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -262,14 +303,21 @@ async fn the_mesh_rides_out_a_lost_etcd_member_and_a_total_etcd_outage() {
         stderr.contains("Unavailable") && stderr.contains("etcd"),
         "{stderr}"
     );
-    assert!(took < Duration::from_secs(4), "the write failed only after {took:?}");
+    assert!(
+        took < Duration::from_secs(4),
+        "the write failed only after {took:?}"
+    );
     let list = a.instances(SERVICE).await.expect("reads work without etcd");
     assert!(find_by_id(&list, &extra_id).is_some(), "{list:?}");
-    holds_for(Duration::from_secs(2), "web keeps both endpoints", || async {
-        let eps = web.endpoints(SERVICE).await?;
-        anyhow::ensure!(eps.len() == 2, "{eps:?}");
-        Ok(())
-    })
+    holds_for(
+        Duration::from_secs(2),
+        "web keeps both endpoints",
+        || async {
+            let eps = web.endpoints(SERVICE).await?;
+            anyhow::ensure!(eps.len() == 2, "{eps:?}");
+            Ok(())
+        },
+    )
     .await;
 
     // etcd back: writes succeed again and both replicas converge.
@@ -278,21 +326,46 @@ async fn the_mesh_rides_out_a_lost_etcd_member_and_a_total_etcd_outage() {
     let late = EchoHttp::start("late").await;
     let port = late.port().to_string();
     let late_id = "late-1";
-    eventually(Duration::from_secs(15), "a write after etcd returned", || async {
-        let out = b
-            .ctl(&["register", "--service", SERVICE, "--address", "127.0.0.1", "--port", &port, "--id", late_id])
-            .await;
-        anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        Ok(())
-    })
+    eventually(
+        Duration::from_secs(15),
+        "a write after etcd returned",
+        || async {
+            let out = b
+                .ctl(&[
+                    "register",
+                    "--service",
+                    SERVICE,
+                    "--address",
+                    "127.0.0.1",
+                    "--port",
+                    &port,
+                    "--id",
+                    late_id,
+                ])
+                .await;
+            anyhow::ensure!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        },
+    )
     .await;
-    eprintln!("writes work again {:?} after etcd restarted", start.elapsed());
+    eprintln!(
+        "writes work again {:?} after etcd restarted",
+        start.elapsed()
+    );
     until_endpoint(&web, late_id, Duration::from_secs(5)).await;
-    eventually(Duration::from_secs(5), "A sees the write made through B", || async {
-        let list = a.instances(SERVICE).await?;
-        anyhow::ensure!(find_by_id(&list, late_id).is_some(), "{list:?}");
-        Ok(())
-    })
+    eventually(
+        Duration::from_secs(5),
+        "A sees the write made through B",
+        || async {
+            let list = a.instances(SERVICE).await?;
+            anyhow::ensure!(find_by_id(&list, late_id).is_some(), "{list:?}");
+            Ok(())
+        },
+    )
     .await;
     let ok = traffic.finish().await;
     eprintln!("{ok} requests through the outages, none failed");

@@ -288,6 +288,10 @@ async fn a_dead_member_fails_no_call() {
             .unwrap_or_else(|e| panic!("write {i} with one member down: {e}"));
         store.keep_alive(lease).await.unwrap();
         assert_eq!(store.range("/d/").await.unwrap().0.len(), 6 + i);
-        assert!(start.elapsed() < Duration::from_secs(1), "write {i} took {:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "write {i} took {:?}",
+            start.elapsed()
+        );
     }
 }

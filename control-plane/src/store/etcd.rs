@@ -58,6 +58,10 @@ pub struct EtcdOptions {
 /// A handle to the etcd cluster; clones share the connection.
 #[derive(Clone)]
 pub struct EtcdStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
     client: Client,
     /// The endpoints, for error messages.
     endpoints: Arc<str>,
@@ -107,20 +111,22 @@ impl EtcdStore {
         .map_err(|_| fail(format!("no answer within {REQUEST_TIMEOUT:?}")))?
         .map_err(|e| fail(e.to_string()))?;
         Ok(EtcdStore {
-            client,
-            endpoints,
-            retries: 2 * options.endpoints.len() + 1,
+            shared: Arc::new(Shared {
+                client,
+                endpoints,
+                retries: 2 * options.endpoints.len() + 1,
+            }),
         })
     }
 
     /// The underlying client, for tests and tools that need etcd calls the
     /// trait does not offer (compaction, member status).
     pub fn client(&self) -> Client {
-        self.client.clone()
+        self.shared.client.clone()
     }
 
     fn unavailable(&self, what: impl std::fmt::Display) -> StoreError {
-        StoreError::Unavailable(format!("etcd at {}: {what}", self.endpoints))
+        StoreError::Unavailable(format!("etcd at {}: {what}", self.shared.endpoints))
     }
 
     /// Runs one etcd call within [`REQUEST_TIMEOUT`] (the client's own
@@ -136,10 +142,10 @@ impl EtcdStore {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match tokio::time::timeout_at(deadline, f(self.client.clone())).await {
+            match tokio::time::timeout_at(deadline, f(self.shared.client.clone())).await {
                 Err(_) => return Err(Failure::Timeout),
                 Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) if never_sent(&e) && attempts < self.retries => {
+                Ok(Err(e)) if never_sent(&e) && attempts < self.shared.retries => {
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
                 Ok(Err(e)) => return Err(Failure::Etcd(e)),
