@@ -17,10 +17,15 @@ use isdp_tests::{
 const SERVICE: &str = "payments";
 const PROBE: Duration = Duration::from_millis(200);
 
+/// The key prefix the replicas of these tests use.
+fn prefix() -> String {
+    format!("/isdp-test-{}/", std::process::id())
+}
+
 /// Two control-plane replicas over one etcd cluster, under a key prefix of
 /// their own.
 async fn replicas(etcd: &EtcdCluster, opts: ControlPlaneOpts) -> (ControlPlane, ControlPlane) {
-    let prefix = format!("/isdp-test-{}/", std::process::id());
+    let prefix = prefix();
     let mut opts = opts;
     opts.extra_args.extend(etcd.control_plane_args(&prefix));
     opts.extra_args
@@ -369,4 +374,68 @@ async fn the_mesh_rides_out_a_lost_etcd_member_and_a_total_etcd_outage() {
     .await;
     let ok = traffic.finish().await;
     eprintln!("{ok} requests through the outages, none failed");
+}
+
+/// Which replica's gRPC address the health-check leader key names.
+async fn health_leader(etcd: &EtcdCluster) -> anyhow::Result<String> {
+    let mut client = etcd_client::Client::connect(etcd.endpoints(), None).await?;
+    let key = format!("{}leader/health-checks", prefix());
+    let resp = client.get(key.as_str(), None).await?;
+    let kv = resp
+        .kvs()
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no leader"))?;
+    let value = kv.value_str()?;
+    Ok(value.split(' ').next().unwrap_or_default().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_run_on_one_elected_replica_and_move_when_it_dies() {
+    let etcd = EtcdCluster::start(3).await;
+    let (mut a, mut b) = replicas(&etcd, ControlPlaneOpts::default()).await;
+    let echo = EchoHttp::start("checked").await;
+    let check = echo.health_url();
+    let id = a
+        .register(
+            SERVICE,
+            "127.0.0.1",
+            echo.port(),
+            &["--check", &check, "--interval", "200ms"],
+        )
+        .await;
+    eventually(Duration::from_secs(5), "healthy", || async {
+        anyhow::ensure!(status_of(&b.instances(SERVICE).await?, &id)? == "healthy");
+        Ok(())
+    })
+    .await;
+    let leader = health_leader(&etcd).await.expect("a leader is elected");
+    let (dead, survivor) = if leader == a.grpc_addr() {
+        (&mut a, &mut b)
+    } else {
+        assert_eq!(leader, b.grpc_addr(), "the leader is one of the replicas");
+        (&mut b, &mut a)
+    };
+    let survivor_addr = survivor.grpc_addr().to_owned();
+
+    // The leader dies: its lease (2 s) expires, the other replica takes
+    // over and its checker sees the failure.
+    dead.kill9().await;
+    let killed = Instant::now();
+    echo.fail_health().await;
+    eventually(
+        Duration::from_secs(8),
+        "unhealthy via the new leader",
+        || async {
+            anyhow::ensure!(status_of(&survivor.instances(SERVICE).await?, &id)? == "unhealthy");
+            Ok(())
+        },
+    )
+    .await;
+    let took = killed.elapsed();
+    eprintln!("leader killed -> check failure recorded by the other replica after {took:?}");
+    assert!(
+        took <= Duration::from_secs(5),
+        "took over only after {took:?}"
+    );
+    assert_eq!(health_leader(&etcd).await.unwrap(), survivor_addr);
 }
