@@ -138,6 +138,19 @@ impl Config {
         if tls && self.etcd_endpoints.iter().any(|u| u.starts_with("http://")) {
             return Err("--etcd-ca-file/--etcd-cert-file need https:// --etcd-endpoints".into());
         }
+        // No system roots are built in (rustls without a root store): an
+        // etcd cluster's certificates come from its own CA anyway.
+        if self.etcd_ca_file.is_none()
+            && self
+                .etcd_endpoints
+                .iter()
+                .any(|u| u.starts_with("https://"))
+        {
+            return Err(
+                "https:// --etcd-endpoints need --etcd-ca-file (the CA of the etcd members' certificates)"
+                    .into(),
+            );
+        }
         if self.etcd_cert_file.is_some() != self.etcd_key_file.is_some() {
             return Err("--etcd-cert-file and --etcd-key-file go together".into());
         }

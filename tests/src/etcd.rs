@@ -25,7 +25,19 @@ struct Member {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// Plain-HTTP `/health` (etcd's metrics listener), also with TLS.
+    metrics_port: u16,
     child: Option<Child>,
+}
+
+/// Server-side TLS for the members' client URLs (peers stay plain): their
+/// certificate and key, and the CA that client certificates must chain to
+/// (client certificates are then required).
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// An etcd cluster whose members are child processes, killed on drop.
@@ -33,6 +45,7 @@ pub struct EtcdCluster {
     members: Vec<Member>,
     initial_cluster: String,
     token: String,
+    tls: Option<EtcdTls>,
     dir: Option<TempDir>,
 }
 
@@ -42,12 +55,22 @@ impl EtcdCluster {
     /// Starts `n` members and waits until every one is healthy (the cluster
     /// has a leader). Panics if `etcd` is not installed.
     pub async fn start(n: usize) -> Self {
+        Self::start_with(n, None).await
+    }
+
+    /// Like [`EtcdCluster::start`], serving clients over TLS only.
+    pub async fn start_tls(n: usize, tls: EtcdTls) -> Self {
+        Self::start_with(n, Some(tls)).await
+    }
+
+    async fn start_with(n: usize, tls: Option<EtcdTls>) -> Self {
         etcd_binary(); // fail before anything starts
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
                 client_port: port_outside_ephemeral_range(),
                 peer_port: port_outside_ephemeral_range(),
+                metrics_port: port_outside_ephemeral_range(),
                 child: None,
             })
             .collect();
@@ -60,6 +83,7 @@ impl EtcdCluster {
             members,
             initial_cluster,
             token: format!("isdp-test-{}", std::process::id()),
+            tls,
             dir: Some(tempdir("etcd")),
         };
         for i in 0..n {
@@ -71,10 +95,12 @@ impl EtcdCluster {
 
     /// Client URLs of every member (running or not), in member order.
     pub fn endpoints(&self) -> Vec<String> {
-        self.members
-            .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
-            .collect()
+        self.members.iter().map(|m| self.client_url(m)).collect()
+    }
+
+    fn client_url(&self, m: &Member) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", m.client_port)
     }
 
     /// The endpoints as one comma-separated `--etcd-endpoints` value.
@@ -102,8 +128,21 @@ impl EtcdCluster {
     fn spawn(&mut self, i: usize) {
         let dir = self.dir();
         let m = &self.members[i];
-        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let client = self.client_url(m);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let metrics = format!("http://127.0.0.1:{}", m.metrics_port);
+        let mut tls_args: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(tls) = &self.tls {
+            for (flag, path) in [
+                ("--cert-file", &tls.cert_file),
+                ("--key-file", &tls.key_file),
+                ("--trusted-ca-file", &tls.ca_file),
+            ] {
+                tls_args.push(flag.into());
+                tls_args.push(path.into());
+            }
+            tls_args.push("--client-cert-auth".into());
+        }
         let log = std::fs::File::create(dir.join(format!("{}.log", m.name))).expect("etcd log");
         // A restarted member rejoins from its data dir; the flags for a new
         // cluster are ignored then.
@@ -114,6 +153,8 @@ impl EtcdCluster {
             .args(["--listen-client-urls", &client])
             .args(["--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer])
+            .args(["--listen-metrics-urls", &metrics])
+            .args(&tls_args)
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &self.initial_cluster])
             .args(["--initial-cluster-state", "new"])
@@ -166,7 +207,7 @@ impl EtcdCluster {
             .members
             .iter()
             .filter(|m| m.child.is_some())
-            .map(|m| format!("127.0.0.1:{}", m.client_port))
+            .map(|m| format!("127.0.0.1:{}", m.metrics_port))
             .collect();
         eventually(START_TIMEOUT, "etcd members healthy", || {
             let running = running.clone();

@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 pub use bins::{bin_dir, binary};
 pub use control_plane::{ControlPlane, ControlPlaneOpts, isdpctl};
 pub use echo::{Backend, EchoGrpc, EchoHttp, EchoTcp};
-pub use etcd::EtcdCluster;
+pub use etcd::{EtcdCluster, EtcdTls};
 pub use process::Process;
 pub use sidecar::{Sidecar, SidecarToml};
 

@@ -11,7 +11,7 @@ use isdp_control_plane::store::{
     Event, Store, StoreError, Txn,
     etcd::{EtcdOptions, EtcdStore},
 };
-use isdp_tests::EtcdCluster;
+use isdp_tests::{EtcdCluster, EtcdTls};
 
 fn val(s: &str) -> Bytes {
     Bytes::copy_from_slice(s.as_bytes())
@@ -294,4 +294,102 @@ async fn a_dead_member_fails_no_call() {
             start.elapsed()
         );
     }
+}
+
+/// Writes a CA, a server certificate for 127.0.0.1 signed by it, and a
+/// client certificate signed by it, as PEM files in `dir`.
+fn certificates(dir: &std::path::Path) -> (EtcdTls, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let write = |name: &str, pem: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let (server_cert, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()]);
+    let (client_cert, client_key) = leaf(vec!["isdp-control-plane".into()]);
+    let tls = EtcdTls {
+        ca_file: write("ca.pem", &ca.pem()),
+        cert_file: write("server.pem", &server_cert),
+        key_file: write("server-key.pem", &server_key),
+    };
+    (
+        tls,
+        write("client.pem", &client_cert),
+        write("client-key.pem", &client_key),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tls, client_cert, client_key) = certificates(dir.path());
+    let etcd = EtcdCluster::start_tls(1, tls.clone()).await;
+    assert!(etcd.endpoints()[0].starts_with("https://"));
+    let options = EtcdOptions {
+        endpoints: etcd.endpoints(),
+        ca_file: Some(tls.ca_file.clone()),
+        cert_file: Some(client_cert),
+        key_file: Some(client_key),
+        ..Default::default()
+    };
+    let store = EtcdStore::connect(&options).await.expect("connecting");
+    store
+        .txn(Txn::default().put("/t/a", val("1"), None))
+        .await
+        .expect("a write over mutual TLS");
+    assert_eq!(store.range("/t/").await.unwrap().0.len(), 1);
+
+    // Without a client certificate etcd refuses; the error names etcd.
+    let anonymous = EtcdStore::connect(&EtcdOptions {
+        cert_file: None,
+        key_file: None,
+        ..options
+    })
+    .await
+    .expect("the client connects lazily");
+    let err = anonymous.range("/t/").await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Unavailable(m) if m.contains("etcd at https://")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn username_and_password() {
+    let etcd = EtcdCluster::start(1).await;
+    let mut admin = etcd_client::Client::connect(etcd.endpoints(), None)
+        .await
+        .unwrap();
+    admin.user_add("root", "s3cret", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.auth_enable().await.unwrap();
+
+    let options = |password: &str| EtcdOptions {
+        endpoints: etcd.endpoints(),
+        username: Some("root".into()),
+        password: Some(password.into()),
+        ..Default::default()
+    };
+    let store = EtcdStore::connect(&options("s3cret")).await.expect("login");
+    store
+        .txn(Txn::default().put("/auth/a", val("1"), None))
+        .await
+        .expect("an authenticated write");
+    // A wrong password fails at startup, naming etcd.
+    let err = EtcdStore::connect(&options("wrong"))
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("etcd at http://"), "{err}");
 }

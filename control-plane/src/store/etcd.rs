@@ -101,7 +101,11 @@ impl EtcdStore {
             connect = connect.with_tls(tls);
         }
         if let (Some(user), Some(password)) = (&options.username, &options.password) {
-            connect = connect.with_user(user, password);
+            // etcd's tokens expire (5 min idle by default); fetch a new one
+            // instead of failing every call after that.
+            connect = connect
+                .with_user(user, password)
+                .with_auto_token_refresh(true);
         }
         let client = tokio::time::timeout(
             REQUEST_TIMEOUT,
