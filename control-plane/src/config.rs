@@ -227,9 +227,14 @@ mod tests {
                 &[
                     "--store=etcd",
                     "--etcd-endpoints=https://e:2379",
+                    "--etcd-ca-file=/ca.pem",
                     "--etcd-cert-file=/c.pem",
                 ],
                 "--etcd-key-file go together",
+            ),
+            (
+                &["--store=etcd", "--etcd-endpoints=https://e:2379"],
+                "need --etcd-ca-file",
             ),
             (
                 &["--store=etcd", ep, "--etcd-username=u"],

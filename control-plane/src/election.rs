@@ -18,7 +18,7 @@ use std::{sync::Arc, time::Duration};
 use bytes::Bytes;
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
 
-use crate::store::{LeaseId, Store, StoreError, Txn};
+use crate::store::{LeaseId, Store, StoreError, Txn, TxnOutcome};
 
 /// A leadership that never changes: the single control plane of the
 /// embedded store.
@@ -112,6 +112,16 @@ impl Campaign {
                     Some(lease),
                 ))
                 .await;
+            // A transaction whose outcome was lost (a timeout, a retry by
+            // the store) may have written the key under our lease: then the
+            // compare fails although we hold it, and we lead.
+            let attempt = match attempt {
+                Ok(out) if !out.succeeded && self.holds(lease).await => Ok(TxnOutcome {
+                    succeeded: true,
+                    ..out
+                }),
+                other => other,
+            };
             match attempt {
                 Ok(out) if out.succeeded => {
                     tracing::info!(key = %self.key, "leading");
@@ -138,6 +148,16 @@ impl Campaign {
                     tokio::time::sleep(self.period()).await;
                 }
             }
+        }
+    }
+
+    /// Whether the leader key is attached to `lease` (ours).
+    async fn holds(&self, lease: LeaseId) -> bool {
+        match self.store.range(&self.key).await {
+            Ok((kvs, _)) => kvs
+                .iter()
+                .any(|kv| kv.key == self.key && kv.lease == Some(lease)),
+            Err(_) => false,
         }
     }
 
@@ -250,6 +270,63 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(2), b.wait_for(|l| *l))
             .await
             .expect("b takes over after a's revoke")
+            .unwrap();
+    }
+
+    /// Applies transactions but loses the first answer, as a timeout after
+    /// etcd applied the write does.
+    struct LosesFirstAnswer {
+        inner: EmbeddedStore,
+        lost: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for LosesFirstAnswer {
+        async fn range(
+            &self,
+            prefix: &str,
+        ) -> Result<(Vec<crate::store::KeyValue>, crate::store::Revision), StoreError> {
+            self.inner.range(prefix).await
+        }
+        async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
+            let out = self.inner.txn(txn).await?;
+            if !self.lost.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                return Err(StoreError::Unavailable("etcd at test: timed out".into()));
+            }
+            Ok(out)
+        }
+        fn watch(
+            &self,
+            prefix: &str,
+            after: crate::store::Revision,
+        ) -> Result<crate::store::WatchStream, StoreError> {
+            self.inner.watch(prefix, after)
+        }
+        async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+            self.inner.grant_lease(ttl).await
+        }
+        async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+            self.inner.keep_alive(lease).await
+        }
+        async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+            self.inner.revoke(lease).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lost_answer_to_a_winning_campaign_still_leads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LosesFirstAnswer {
+            inner: EmbeddedStore::open(dir.path()).unwrap(),
+            lost: Default::default(),
+        });
+        let (_stop, shutdown) = watch::channel(false);
+        let (mut leading, _task) = spawn(store, "/isdp/leader/t".into(), "a".into(), TTL, shutdown);
+        // Without noticing the key is its own, it would wait for ever for a
+        // key that its own keep-alives keep alive.
+        tokio::time::timeout(Duration::from_secs(2), leading.wait_for(|l| *l))
+            .await
+            .expect("leads despite the lost answer")
             .unwrap();
     }
 }

@@ -201,6 +201,25 @@ impl EtcdCluster {
         self.wait_healthy().await;
     }
 
+    /// The index of the member that is the raft leader now (from its
+    /// `etcd_server_is_leader` metric), so tests can kill it on purpose.
+    pub async fn leader(&self) -> usize {
+        for (i, m) in self.members.iter().enumerate() {
+            if m.child.is_none() {
+                continue;
+            }
+            let addr = format!("127.0.0.1:{}", m.metrics_port);
+            if let Ok(r) = crate::http::get(&addr, "/metrics").await
+                && r.body
+                    .lines()
+                    .any(|l| l.trim() == "etcd_server_is_leader 1")
+            {
+                return i;
+            }
+        }
+        panic!("no etcd member reports itself leader");
+    }
+
     /// Waits until every running member answers `/health` with a leader.
     pub async fn wait_healthy(&self) {
         let running: Vec<String> = self

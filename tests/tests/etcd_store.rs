@@ -241,7 +241,7 @@ async fn without_etcd_calls_fail_fast_naming_etcd_and_resume_when_it_returns() {
         msg.contains("etcd") && msg.contains(&etcd.endpoints()[0]),
         "{msg}"
     );
-    assert!(took < Duration::from_secs(3), "failed only after {took:?}");
+    assert!(took < Duration::from_secs(4), "failed only after {took:?}");
     // The watch ends with the same kind of error, for its owner to resume.
     let next = tokio::time::timeout(Duration::from_secs(10), w.next())
         .await
@@ -265,9 +265,10 @@ async fn without_etcd_calls_fail_fast_naming_etcd_and_resume_when_it_returns() {
     assert!(matches!(&b.events[0], Event::Put(kv) if kv.key == "/u/b"));
 }
 
-/// The client keeps a dead member in its rotation; calls that land on it
-/// fail to connect, were never sent, and must be retried on another member
-/// rather than fail.
+/// Killing the raft leader: calls issued meanwhile ride out the election
+/// (retried within the 3 s budget), and afterwards the client keeps the
+/// dead member in its rotation, whose calls fail to connect and must be
+/// retried on another member rather than fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_member_fails_no_call() {
     let mut etcd = EtcdCluster::start(3).await;
@@ -278,8 +279,17 @@ async fn a_dead_member_fails_no_call() {
             .await
             .unwrap();
     }
-    etcd.kill9(0).await;
-    let lease = store.grant_lease(Duration::from_secs(10)).await.unwrap();
+    let leader = etcd.leader().await;
+    etcd.kill9(leader).await;
+    let start = Instant::now();
+    let lease = store
+        .grant_lease(Duration::from_secs(10))
+        .await
+        .expect("a call during the election");
+    eprintln!(
+        "first call after killing the leader took {:?}",
+        start.elapsed()
+    );
     for i in 0..30 {
         let start = Instant::now();
         store

@@ -9,7 +9,7 @@
 //!
 //! Every call is bounded by [`REQUEST_TIMEOUT`]: a replica that cannot reach
 //! etcd answers writes with `Unavailable` (naming etcd and the endpoints) in
-//! a couple of seconds instead of hanging, and keeps serving reads from its
+//! three seconds instead of hanging, and keeps serving reads from its
 //! in-memory views. The client's channel balances over all endpoints and
 //! reconnects by itself, so nothing here has to notice etcd coming back.
 
@@ -27,10 +27,15 @@ use super::{
     Compare, KeyValue, LeaseId, Op, Revision, Store, StoreError, Txn, TxnOutcome, WatchStream,
 };
 
-/// Longest any single etcd call may take before it counts as unavailable.
-/// Short, because a caller (an operator, a sidecar opening its session)
-/// would rather retry elsewhere than wait on a partitioned etcd.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest any single etcd call may take, retries included, before it
+/// counts as unavailable. Short, because a caller (an operator, a sidecar
+/// opening its session) would rather retry elsewhere than wait on a
+/// partitioned etcd; long enough to ride out an etcd leader election.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest one attempt may take. A request a follower forwarded to a leader
+/// that just died hangs until etcd gives up on it; cutting it short lets
+/// the next attempt reach the new leader instead.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest one TCP/TLS connect to an etcd member may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// HTTP/2 PINGs notice a silently dead member (and its watches) quickly.
@@ -65,9 +70,6 @@ struct Shared {
     client: Client,
     /// The endpoints, for error messages.
     endpoints: Arc<str>,
-    /// Attempts per call when connecting fails: enough to get past every
-    /// dead member.
-    retries: usize,
 }
 
 // === impl EtcdStore ===
@@ -80,7 +82,7 @@ impl EtcdStore {
         let endpoints: Arc<str> = options.endpoints.join(",").into();
         let fail = |what: String| StoreError::Unavailable(format!("etcd at {endpoints}: {what}"));
         let mut connect = ConnectOptions::new()
-            .with_timeout(REQUEST_TIMEOUT)
+            .with_timeout(ATTEMPT_TIMEOUT)
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
             .with_keep_alive_while_idle(true)
@@ -115,11 +117,7 @@ impl EtcdStore {
         .map_err(|_| fail(format!("no answer within {REQUEST_TIMEOUT:?}")))?
         .map_err(|e| fail(e.to_string()))?;
         Ok(EtcdStore {
-            shared: Arc::new(Shared {
-                client,
-                endpoints,
-                retries: 2 * options.endpoints.len() + 1,
-            }),
+            shared: Arc::new(Shared { client, endpoints }),
         })
     }
 
@@ -133,27 +131,33 @@ impl EtcdStore {
         StoreError::Unavailable(format!("etcd at {}: {what}", self.shared.endpoints))
     }
 
-    /// Runs one etcd call within [`REQUEST_TIMEOUT`] (the client's own
-    /// timeout does not cover waiting for a reachable member). A call that
-    /// failed to connect never reached etcd, so it is retried at once: the
-    /// client's balancer keeps a dead member in rotation and would otherwise
-    /// fail every few calls while one member of a healthy cluster is down.
+    /// Runs one etcd call within [`REQUEST_TIMEOUT`], retrying transient
+    /// failures (see [`transient`]) until it succeeds, fails for good, or
+    /// the time is up; the error is then the last attempt's.
+    ///
+    /// A retried attempt may have been applied already (a timeout or a
+    /// leader change leaves that open). Every write the control plane makes
+    /// tolerates that: compare-and-set writes then fail their compare and
+    /// are re-read and retried by their caller, the others (session puts,
+    /// deletes, lease calls) have the same effect applied twice.
     async fn call<T, Fut>(&self, mut f: impl FnMut(Client) -> Fut) -> Result<T, Failure>
     where
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
-        let mut attempts = 0;
         loop {
-            attempts += 1;
-            match tokio::time::timeout_at(deadline, f(self.shared.client.clone())).await {
-                Err(_) => return Err(Failure::Timeout),
-                Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) if never_sent(&e) && attempts < self.shared.retries => {
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                }
-                Ok(Err(e)) => return Err(Failure::Etcd(e)),
+            let attempt = (tokio::time::Instant::now() + ATTEMPT_TIMEOUT).min(deadline);
+            let failure =
+                match tokio::time::timeout_at(attempt, f(self.shared.client.clone())).await {
+                    Ok(Ok(v)) => return Ok(v),
+                    Ok(Err(e)) if !transient(&e) => return Err(Failure::Etcd(e)),
+                    Ok(Err(e)) => Failure::Etcd(e),
+                    Err(_) => Failure::Timeout,
+                };
+            if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
+                return Err(failure);
             }
+            tokio::time::sleep(RETRY_PAUSE).await;
         }
     }
 
@@ -178,16 +182,19 @@ enum Failure {
     Timeout,
 }
 
-/// Pause before retrying a call that could not connect.
-const RETRY_PAUSE: Duration = Duration::from_millis(10);
+/// Pause between attempts.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
-/// Whether the call failed before anything was sent (connection refused
-/// or failed), so retrying it cannot apply it twice.
-fn never_sent(e: &etcd_client::Error) -> bool {
+/// Whether another attempt may succeed: the member could not be reached
+/// (the client's balancer keeps dead members in rotation, so while one of
+/// three is down every few calls land on it), has no leader (an election
+/// is under way), or did not answer in time.
+fn transient(e: &etcd_client::Error) -> bool {
     match e {
-        etcd_client::Error::GRpcStatus(s) => {
-            s.code() == tonic::Code::Unavailable && s.message().contains("connect")
-        }
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
         etcd_client::Error::TransportError(_) => true,
         _ => false,
     }
