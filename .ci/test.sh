@@ -8,14 +8,14 @@ cd "$(dirname "$0")/.."
 die() { echo "ci: error: $*" >&2; exit 1; }
 step() { printf '\n==> %s\n' "$*"; }
 
+# --- System tools: protoc for the build, etcd for the etcd store tests -------
+step "system tools (protoc, etcd)"
+./.ci/deps.sh protoc etcd
+
 command -v cargo >/dev/null || die "cargo not found (install Rust with rustup)"
 cargo fmt --version >/dev/null 2>&1 || die "rustfmt missing: rustup component add rustfmt"
 cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component add clippy"
 command -v python3 >/dev/null || die "python3 not found"
-
-# --- System tools: protoc for the build, etcd for the etcd store tests -------
-step "system tools (protoc, etcd)"
-./.ci/deps.sh protoc etcd
 
 # --- Python venv for tests/python -------------------------------------------
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
