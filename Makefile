@@ -16,8 +16,9 @@ build:
 	./.ci/deps.sh protoc
 	cargo build --workspace --bins
 
-# Only the end-to-end tests (needs the binaries: `make build`).
+# Only the end-to-end tests (needs the binaries: `make build`, and etcd).
 e2e: build
+	./.ci/deps.sh etcd
 	cargo test -p isdp-tests -- --test-threads=1
 
 # Only the Python gRPC client tests (needs .venv: run `make test` once).
