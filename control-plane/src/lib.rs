@@ -15,6 +15,7 @@
 //!   (`Sidecar/Session`).
 //! - [`admin`]: `/healthz`, `/ready`, `/metrics`.
 //! - [`metrics`]: Prometheus metrics and the xDS stream observer.
+//! - [`proxies`]: what each connected sidecar acknowledged (proxy status).
 //! - [`ctl`]: the `isdpctl` operator CLI.
 //!
 //! A registration flows: `api::registry` -> `registry` (validate, store
@@ -28,6 +29,7 @@ pub mod ctl;
 pub mod election;
 pub mod health;
 pub mod metrics;
+pub mod proxies;
 pub mod registry;
 pub mod snapshot;
 pub mod store;
@@ -169,7 +171,11 @@ impl Server {
             admin_addr,
         } = self;
         let prefix = config.key_prefix().to_owned();
-        let registry = Registry::start(store.store(), &prefix, shutdown.clone()).await?;
+        let metrics = metrics::Metrics::new();
+        // Every store call the registry makes is counted and timed, on
+        // either backend.
+        let instrumented = metrics::InstrumentedStore::new(store.store(), metrics.clone());
+        let registry = Registry::start(Arc::new(instrumented), &prefix, shutdown.clone()).await?;
         tracing::info!(instances = registry.len(), store = ?config.store, "registry loaded");
         let timeouts = SessionTimeouts {
             grace: config.session_grace,
@@ -197,7 +203,6 @@ impl Server {
                 )
             }
         };
-        let metrics = metrics::Metrics::new();
         let cache = xds::Cache::new(&[SERVICE_ENDPOINTS_TYPE_URL]);
         let builder = snapshot::spawn(registry.clone(), cache.clone(), shutdown.clone());
         let checker = health::spawn(registry.clone(), metrics.clone(), leader, shutdown.clone());
@@ -209,13 +214,19 @@ impl Server {
             registry.clone(),
             shutdown.clone(),
         ));
-        let ads = xds::AdsService::new(cache, Arc::new(metrics.clone()), shutdown.clone());
+        let proxies = proxies::Proxies::default();
+        let ads = xds::AdsService::new(
+            cache,
+            Arc::new((metrics.clone(), proxies.clone())),
+            shutdown.clone(),
+        );
         let mut stop = shutdown.clone();
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
             // Notice a vanished sidecar even when its TCP connection lingers.
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .layer(metrics::GrpcMetricsLayer::new(metrics.clone()))
             .layer(api::SizeLimitStatusLayer)
             .add_service(
                 api::registry::RegistryApi::new(
@@ -226,6 +237,7 @@ impl Server {
                 .into_server(),
             )
             .add_service(api::session::SessionApi::new(sessions, shutdown.clone()).into_server())
+            .add_service(api::status::ProxyStatusApi::new(proxies).into_server())
             .add_service(ads)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(grpc),

@@ -5,6 +5,13 @@ use clap::Parser;
 use isdp_sidecar::config::{Cli, Config, LogFormat};
 use tokio::sync::watch;
 
+/// mimalloc: the request path allocates and frees many small objects
+/// (headers, frames, futures), where it costs fewer instructions than
+/// glibc's malloc. Built with `no_thp`: transparent huge pages would
+/// nearly double the resident size of a process this small (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let config = Config::load(Cli::parse()).context("invalid configuration")?;
     // One worker by default, as linkerd2-proxy does: a sidecar shares its

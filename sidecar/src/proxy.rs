@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //! - `outbound`: the request path from the local service to an upstream, as
-//!   tower layers `Route` -> `Balance` -> `Endpoint`.
+//!   tower layers `Route` -> `Observe` -> `Balance` -> `Endpoint`.
+//! - `observe`: the metrics layer (requests, latency, in flight, errors).
 //! - `inbound`: traffic from other sidecars to the local services.
 //! - `tcp`: opaque TCP proxying and the tunnel preamble between sidecars.
 //! - `upstreams`: per-upstream balancer state, rebuilt from the discovery
@@ -22,6 +23,7 @@
 pub mod forward;
 pub mod http;
 pub mod inbound;
+pub mod observe;
 pub mod outbound;
 pub mod tcp;
 pub mod transport;
@@ -41,7 +43,10 @@ use tokio::{
 };
 use tower::Service;
 
-use crate::config::{Config, Protocol, Upstream};
+use crate::{
+    config::{Config, Protocol, Upstream},
+    metrics::Metrics,
+};
 use forward::Forwarder;
 use outbound::{BoxFuture, ClientAddr, RouteBy};
 use upstreams::Upstreams;
@@ -116,6 +121,7 @@ impl Listeners {
         self,
         config: &Config,
         upstreams: Upstreams,
+        metrics: &Metrics,
         shutdown: watch::Receiver<bool>,
     ) {
         let tracker = Tracker::new();
@@ -150,7 +156,7 @@ impl Listeners {
             accept_loops.push(task);
         }
 
-        let inbound = inbound::Inbound::new(&config.services, forwarder);
+        let inbound = inbound::Inbound::new(&config.services, forwarder, metrics);
         accept_loops.push(tokio::spawn(serve_inbound(
             self.inbound,
             inbound,
@@ -223,9 +229,10 @@ async fn serve_conn<S>(
         + Sync
         + 'static,
 {
+    let client = ClientAddr::new(peer);
     let hyper_svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let mut req = req.map(http::boxed);
-        req.extensions_mut().insert(ClientAddr(Some(peer)));
+        req.extensions_mut().insert(client.clone());
         svc.clone().call(req)
     });
     let builder = auto::Builder::new(TokioExecutor::new());

@@ -23,6 +23,7 @@
 //! - `http`: a tiny HTTP/1.0 client for admin endpoints.
 //! - `control_plane`: [`ControlPlane`] and the [`isdpctl`] helpers.
 //! - `sidecar`: [`Sidecar`] and [`SidecarToml`], a config builder.
+//! - `promtool`: Prometheus' `promtool`, to check expositions and rules.
 //! - `echo`: [`EchoHttp`], the demo backend the tests make misbehave, and
 //!   [`EchoGrpc`] / [`EchoTcp`], the gRPC and TCP backends.
 //! - `etcd`: [`EtcdCluster`], real etcd members on loopback (killable,
@@ -35,6 +36,7 @@ mod echo;
 mod etcd;
 pub mod http;
 mod process;
+pub mod promtool;
 mod sidecar;
 
 use std::future::Future;

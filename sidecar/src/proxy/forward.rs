@@ -1,22 +1,20 @@
 //! Sends a request one hop further, over pooled connections, and turns
 //! transport failures into responses that say what went wrong.
 //!
-//! Two pools: HTTP/2 (multiplexed; between sidecars and to gRPC services)
-//! and HTTP/1.1 (to plain HTTP services, and for protocol upgrades such as
-//! WebSocket, which HTTP/2 cannot carry without extended CONNECT).
+//! Two pools: HTTP/2 (`h2`: one multiplexed connection per peer; between
+//! sidecars and to gRPC services) and HTTP/1.1 (`h1`: to plain HTTP
+//! services, and for protocol upgrades such as WebSocket, which HTTP/2
+//! cannot carry without extended CONNECT).
 
 use std::{io, net::SocketAddr, time::Duration};
 
-use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+use http::{
+    HeaderValue, Request, Response, StatusCode, Uri, Version, header,
+    uri::{Authority, PathAndQuery, Scheme},
 };
+use hyper_util::rt::TokioIo;
 
-use super::{
-    http::{Body, boxed, error_response, is_upgrade, strip_hop_by_hop},
-    transport,
-};
+use super::http::{Body, boxed, error_response, is_upgrade, strip_hop_by_hop};
 
 /// Which protocol the next hop speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,33 +23,52 @@ pub enum Hop {
     Http2,
 }
 
+mod h1;
 mod h2;
+
+/// Where a request goes next: the socket address, and the same as a URI
+/// authority, formatted once when the destination is learnt rather than
+/// once per request.
+#[derive(Clone, Debug)]
+pub struct Dest {
+    pub addr: SocketAddr,
+    authority: Authority,
+}
+
+impl Dest {
+    pub fn new(addr: SocketAddr) -> Self {
+        let authority = addr
+            .to_string()
+            .parse()
+            .expect("a socket address is a valid authority");
+        Dest { addr, authority }
+    }
+}
+
+/// Why a request could not be sent to its next hop.
+#[derive(Debug)]
+pub enum SendError {
+    Connect(io::Error),
+    Request(hyper::Error),
+}
 
 #[derive(Clone)]
 pub struct Forwarder {
-    h1: Client<HttpConnector, Body>,
+    h1: h1::H1Pool,
     h2: h2::H2Pool,
 }
 
 impl Forwarder {
     pub fn new(connect_timeout: Duration) -> Self {
-        let connector = transport::connector(connect_timeout);
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector.clone());
-        let h2 = h2::H2Pool::new(connect_timeout);
-        Forwarder { h1, h2 }
+        Forwarder {
+            h1: h1::H1Pool::new(connect_timeout),
+            h2: h2::H2Pool::new(connect_timeout),
+        }
     }
 
-    /// Forwards `req` to `addr`. The request keeps its method, path, body
+    /// Forwards `req` to `dest`. The request keeps its method, path, body
     /// and (in `Host`) its original authority.
-    pub async fn forward(
-        &self,
-        mut req: Request<Body>,
-        addr: SocketAddr,
-        hop: Hop,
-    ) -> Response<Body> {
+    pub async fn forward(&self, mut req: Request<Body>, dest: &Dest, hop: Hop) -> Response<Body> {
         let upgrade = is_upgrade(&req);
         let hop = if upgrade { Hop::Http1 } else { hop };
         if !req.headers().contains_key(header::HOST)
@@ -62,30 +79,33 @@ impl Forwarder {
         {
             req.headers_mut().insert(header::HOST, v);
         }
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        *req.uri_mut() = match Uri::builder()
-            .scheme("http")
-            .authority(addr.to_string())
-            .path_and_query(path)
-            .build()
-        {
-            Ok(u) => u,
-            Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad-request", e),
+        // The path moves over as is (no copy, no reparse). HTTP/1.1 wants
+        // origin form; HTTP/2 names the peer in `:authority`.
+        let path = std::mem::take(req.uri_mut())
+            .into_parts()
+            .path_and_query
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = match hop {
+            Hop::Http1 => Uri::from(path),
+            Hop::Http2 => {
+                let mut parts = http::uri::Parts::default();
+                parts.scheme = Some(Scheme::HTTP);
+                parts.authority = Some(dest.authority.clone());
+                parts.path_and_query = Some(path);
+                Uri::from_parts(parts).expect("scheme, authority and path make a URI")
+            }
         };
         strip_hop_by_hop(req.headers_mut(), upgrade);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let addr = dest.addr;
         let result = match hop {
             Hop::Http1 => {
                 *req.version_mut() = Version::HTTP_11;
-                self.h1.request(req).await.map_err(Failure::H1)
+                self.h1.send(addr, req).await
             }
             Hop::Http2 => {
                 *req.version_mut() = Version::HTTP_2;
-                self.h2.send(addr, req).await.map_err(Failure::H2)
+                self.h2.send(addr, req).await.map(|r| r.map(boxed))
             }
         };
         let mut resp = match result {
@@ -107,49 +127,30 @@ impl Forwarder {
                     Err(e) => tracing::debug!(error = %e, "protocol upgrade failed"),
                 }
             });
-            return resp.map(boxed);
+            return resp;
         }
         strip_hop_by_hop(resp.headers_mut(), false);
-        resp.map(boxed)
+        resp
     }
 }
 
-enum Failure {
-    H1(hyper_util::client::legacy::Error),
-    H2(h2::H2Error),
-}
-
-/// The last I/O error kind in an error's source chain.
-fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<io::ErrorKind> {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    let mut kind = None;
-    while let Some(s) = src {
-        if let Some(io) = s.downcast_ref::<io::Error>() {
-            kind = Some(io.kind());
-        }
-        src = s.source();
-    }
-    kind
-}
-
-impl Failure {
+impl SendError {
     /// Maps a transport failure to 502/504 with the cause in `x-isdp-error`.
     fn response(self, addr: SocketAddr) -> Response<Body> {
-        if let Failure::H2(h2::H2Error::Request(e)) = &self {
-            tracing::debug!(%addr, error = %e, "request to peer failed");
-        }
         let connect = match &self {
-            Failure::H1(e) if e.is_connect() => Some(io_kind(e)),
-            Failure::H2(h2::H2Error::Connect(e)) => Some(Some(e.kind())),
-            _ => None,
+            SendError::Connect(e) => Some(e.kind()),
+            SendError::Request(e) => {
+                tracing::debug!(%addr, error = %e, "request to next hop failed");
+                None
+            }
         };
         match connect {
-            Some(Some(io::ErrorKind::ConnectionRefused)) => error_response(
+            Some(io::ErrorKind::ConnectionRefused) => error_response(
                 StatusCode::BAD_GATEWAY,
                 "connect-refused",
                 format!("{addr} refused the connection"),
             ),
-            Some(Some(io::ErrorKind::TimedOut)) => error_response(
+            Some(io::ErrorKind::TimedOut) => error_response(
                 StatusCode::GATEWAY_TIMEOUT,
                 "connect-timeout",
                 format!("connecting to {addr} timed out"),

@@ -18,19 +18,24 @@ use std::{
 use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
 
+use super::observe::observe;
 use super::{
-    forward::{Forwarder, Hop},
+    forward::{Dest, Forwarder, Hop},
     http::{Body, SERVICE_HEADER, error_response},
     outbound::{BoxFuture, answer},
     tcp,
 };
-use crate::config::{Protocol, Service};
+use crate::{
+    config::{Protocol, Service},
+    metrics::{Direction, Metrics, RouteMetrics},
+};
 
 /// A local service as the inbound side needs it.
 #[derive(Clone, Debug)]
 struct Local {
-    port: u16,
+    dest: Dest,
     protocol: Protocol,
+    metrics: Arc<RouteMetrics>,
 }
 
 #[derive(Clone)]
@@ -43,15 +48,16 @@ pub struct Inbound {
 }
 
 impl Inbound {
-    pub fn new(services: &[Service], forwarder: Forwarder) -> Self {
+    pub fn new(services: &[Service], forwarder: Forwarder, metrics: &Metrics) -> Self {
         let map: HashMap<String, Local> = services
             .iter()
             .map(|s| {
                 (
                     s.name.clone(),
                     Local {
-                        port: s.port,
+                        dest: Dest::new(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), s.port)),
                         protocol: s.protocol,
+                        metrics: metrics.route(Direction::Inbound, &s.name),
                     },
                 )
             })
@@ -64,12 +70,6 @@ impl Inbound {
         }
     }
 
-    fn local(&self, name: &str) -> Option<SocketAddr> {
-        self.services
-            .get(name)
-            .map(|l| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), l.port))
-    }
-
     /// Hands a tunnelled TCP connection to its local service.
     pub async fn tcp(&self, mut stream: TcpStream, connect_timeout: Duration) {
         let service = match tcp::read_preamble(&mut stream).await {
@@ -79,12 +79,15 @@ impl Inbound {
                 return;
             }
         };
-        let Some(addr) = self.local(&service) else {
+        let Some(local) = self.services.get(&service) else {
             tracing::debug!(%service, "tcp for an unknown local service; closing");
             return;
         };
-        match super::transport::connect(addr, connect_timeout).await {
-            Ok(local) => tcp::splice(stream, local).await,
+        match super::transport::connect(local.dest.addr, connect_timeout).await {
+            Ok(conn) => {
+                let _open = tcp::OpenConnection::new(&local.metrics);
+                tcp::splice(stream, conn).await
+            }
             Err(e) => tracing::debug!(%service, error = %e, "local service refused tcp"),
         }
     }
@@ -122,25 +125,23 @@ impl tower::Service<Request<Body>> for Inbound {
     }
 
     fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
-        let named = req
-            .headers_mut()
-            .remove(SERVICE_HEADER)
-            .and_then(|v| v.to_str().ok().map(str::to_owned));
-        let Some(name) = named.or_else(|| self.default.as_deref().map(str::to_owned)) else {
-            let resp = error_response(
-                StatusCode::NOT_FOUND,
-                "unknown-service",
-                format!("no {SERVICE_HEADER} header and this sidecar fronts several services"),
-            );
-            return answer(resp);
+        let named = req.headers_mut().remove(&SERVICE_HEADER);
+        let local = match &named {
+            Some(v) => v.to_str().ok().and_then(|name| self.services.get(name)),
+            None => self.default.as_deref().and_then(|d| self.services.get(d)),
         };
-        let Some(local) = self.services.get(&name).cloned() else {
-            let resp = error_response(
+        let Some(local) = local.cloned() else {
+            let detail = match &named {
+                Some(v) => format!("this sidecar does not front {v:?}"),
+                None => {
+                    format!("no {SERVICE_HEADER} header and this sidecar fronts several services")
+                }
+            };
+            return answer(error_response(
                 StatusCode::NOT_FOUND,
                 "unknown-service",
-                format!("this sidecar does not front {name:?}"),
-            );
-            return answer(resp);
+                detail,
+            ));
         };
         let grpc = req
             .headers()
@@ -152,8 +153,11 @@ impl tower::Service<Request<Body>> for Inbound {
         } else {
             Hop::Http1
         };
-        let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), local.port);
         let forwarder = self.forwarder.clone();
-        Box::pin(async move { Ok(forwarder.forward(req, addr, hop).await) })
+        let metrics = local.metrics.clone();
+        observe(
+            metrics,
+            Box::pin(async move { Ok(forwarder.forward(req, &local.dest, hop).await) }),
+        )
     }
 }

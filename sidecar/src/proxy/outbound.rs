@@ -1,7 +1,7 @@
 //! The outbound request path, as a stack of named tower layers:
 //!
-//! `Route` (which upstream?) -> `Balance` (which endpoint?) -> `Endpoint`
-//! (send it). Retries, timeouts and breakers slot in between as further
+//! `Route` (which upstream?) -> `Observe` (metrics, in `observe`) ->
+//! `Balance` (which endpoint?) -> `Endpoint` (send it). Retries, timeouts and breakers slot in between as further
 //! layers. Each layer either passes the request on, carrying its decision
 //! in the request's extensions, or answers it itself with a response naming
 //! the reason in `x-isdp-error`.
@@ -20,7 +20,8 @@ use tower::{Layer, Service};
 
 use super::{
     forward::{Forwarder, Hop},
-    http::{Body, SERVICE_HEADER, add_forwarding, error_response},
+    http::{Body, SERVICE_HEADER, add_forwarding, error_response, forwarded_for_value},
+    observe::{Observe, ObserveLayer},
     upstreams::{Target, UpstreamLb, Upstreams},
 };
 use crate::{balance::LoadGuard, config::Protocol};
@@ -32,9 +33,23 @@ pub fn answer(resp: Response<Body>) -> BoxFuture {
     Box::pin(std::future::ready(Ok(resp)))
 }
 
-/// The address of the client that sent the request, set by the listener.
-#[derive(Clone, Copy, Debug)]
-pub struct ClientAddr(pub Option<SocketAddr>);
+/// The client that sent the request, set by the listener once per
+/// connection: its address (for `source_ip` hashing) and that address as
+/// an `x-forwarded-for` entry.
+#[derive(Clone, Debug)]
+pub struct ClientAddr {
+    pub addr: SocketAddr,
+    pub forwarded_for: Option<HeaderValue>,
+}
+
+impl ClientAddr {
+    pub fn new(addr: SocketAddr) -> Self {
+        ClientAddr {
+            addr,
+            forwarded_for: forwarded_for_value(addr),
+        }
+    }
+}
 
 /// How the route layer finds the upstream.
 #[derive(Clone, Debug)]
@@ -47,10 +62,15 @@ pub enum RouteBy {
 }
 
 /// The stack for one outbound listener.
-pub fn stack(by: RouteBy, upstreams: Upstreams, forwarder: Forwarder) -> Route<Balance<Endpoint>> {
+pub fn stack(
+    by: RouteBy,
+    upstreams: Upstreams,
+    forwarder: Forwarder,
+) -> Route<Observe<Balance<Endpoint>>> {
     let endpoint = Endpoint { forwarder };
     let balance = BalanceLayer.layer(endpoint);
-    RouteLayer { by, upstreams }.layer(balance)
+    let observe = ObserveLayer.layer(balance);
+    RouteLayer { by, upstreams }.layer(observe)
 }
 
 // === Route ===
@@ -107,10 +127,10 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
-        let name = match &self.by {
-            RouteBy::Fixed(n) => n.to_string(),
+        let name: std::borrow::Cow<'_, str> = match &self.by {
+            RouteBy::Fixed(n) => n.as_ref().into(),
             RouteBy::Authority => match authority_host(&req) {
-                Some(h) => h,
+                Some(h) => h.into(),
                 None => {
                     let resp = error_response(
                         StatusCode::BAD_REQUEST,
@@ -121,7 +141,7 @@ where
                 }
             },
         };
-        let Some(lb) = self.upstreams.get(&name) else {
+        let Some(lb) = self.upstreams.get(name.as_ref()) else {
             let resp = error_response(
                 StatusCode::NOT_FOUND,
                 "unknown-upstream",
@@ -129,6 +149,7 @@ where
             );
             return answer(resp);
         };
+        drop(name);
         req.extensions_mut().insert(lb);
         Box::pin(self.inner.call(req))
     }
@@ -153,7 +174,7 @@ pub struct Balance<S> {
 
 /// The endpoint the balancer chose, and the load it is charged with.
 pub struct Picked {
-    pub target: Target,
+    pub target: Arc<Target>,
     pub guard: LoadGuard,
     pub upstream: Arc<UpstreamLb>,
 }
@@ -178,11 +199,7 @@ where
             .extensions_mut()
             .remove::<Arc<UpstreamLb>>()
             .expect("route layer runs first");
-        let source = req
-            .extensions()
-            .get::<ClientAddr>()
-            .and_then(|c| c.0)
-            .map(|a| a.ip());
+        let source = req.extensions().get::<ClientAddr>().map(|c| c.addr.ip());
         let Some((target, guard)) = lb.pick(req.headers(), source) else {
             let resp = error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -225,13 +242,16 @@ impl Service<Request<Body>> for Endpoint {
             .remove::<PickedSlot>()
             .and_then(|slot| slot.lock().expect("picked lock").take())
             .expect("balance layer runs first");
-        let client = req.extensions().get::<ClientAddr>().and_then(|c| c.0);
-        add_forwarding(req.headers_mut(), client);
+        let client = req.extensions_mut().remove::<ClientAddr>();
+        add_forwarding(
+            req.headers_mut(),
+            client.as_ref().and_then(|c| c.forwarded_for.as_ref()),
+        );
         let hop = if picked.target.via_sidecar {
             // Between sidecars HTTP rides multiplexed HTTP/2, and the
             // receiving sidecar learns the destination from this header.
-            if let Ok(v) = HeaderValue::from_str(&picked.upstream.name) {
-                req.headers_mut().insert(SERVICE_HEADER, v);
+            if let Some(v) = &picked.upstream.service_header {
+                req.headers_mut().insert(SERVICE_HEADER.clone(), v.clone());
             }
             Hop::Http2
         } else if picked.upstream.protocol == Protocol::Grpc
@@ -244,8 +264,8 @@ impl Service<Request<Body>> for Endpoint {
         let forwarder = self.forwarder.clone();
         Box::pin(async move {
             let Picked { target, guard, .. } = picked;
-            let resp = forwarder.forward(req, target.addr, hop).await;
-            if resp.headers().contains_key(super::http::ERROR_HEADER)
+            let resp = forwarder.forward(req, &target.dest, hop).await;
+            if resp.headers().contains_key(&super::http::ERROR_HEADER)
                 || resp.status().is_server_error()
             {
                 // Failing fast must not make an endpoint look fast.

@@ -1,25 +1,15 @@
 //! How sidecars reach each other and accept each other's connections.
 //!
-//! Today this is plain TCP. It is the one place mTLS plugs in: the
-//! connector gets wrapped by a TLS connector (the way hyper-rustls wraps
-//! `HttpConnector`) and `accept` performs the server handshake; nothing on
-//! the request path changes.
+//! Today this is plain TCP. It is the one place mTLS plugs in: `connect`
+//! gains a client handshake and the inbound accept a server one; the pools
+//! in `forward` and the request path above them do not change.
 
 use std::time::Duration;
 
-use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::net::TcpStream;
 
-/// The connector every forwarding pool uses.
-pub fn connector(connect_timeout: Duration) -> HttpConnector {
-    let mut c = HttpConnector::new();
-    c.set_nodelay(true);
-    c.set_connect_timeout(Some(connect_timeout));
-    c.set_keepalive(Some(Duration::from_secs(60)));
-    c
-}
-
-/// Opens a raw connection to a peer (TCP proxying).
+/// Opens a connection to a peer or a local service, with Nagle off (the
+/// proxy writes whole messages) and a bounded connect time.
 pub async fn connect(addr: std::net::SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await

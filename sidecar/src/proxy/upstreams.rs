@@ -13,12 +13,14 @@ use std::{
     sync::{Arc, Mutex, RwLock},
 };
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 use tokio::sync::watch;
 
+use super::forward::Dest;
 use crate::{
     balance::{Algorithm, Balancer, EndpointLoad, HashKey, LoadGuard, candidates},
     config::{Protocol, Upstream},
+    metrics::{Direction, Metrics, RouteMetrics},
     probe::Health,
     xds::Snapshot,
 };
@@ -27,11 +29,12 @@ use crate::{
 /// rather than overloading the few survivors.
 pub const PANIC_THRESHOLD: f64 = 0.5;
 
-/// Where one endpoint is reached.
-#[derive(Clone, Debug)]
+/// Where one endpoint is reached. Shared (`Arc`) between the balancer's
+/// table and the requests that picked it.
+#[derive(Debug)]
 pub struct Target {
     pub id: String,
-    pub addr: SocketAddr,
+    pub dest: Dest,
     /// True when `addr` is the endpoint's sidecar (mesh traffic), false
     /// when the instance has no sidecar and is reached directly.
     pub via_sidecar: bool,
@@ -41,11 +44,15 @@ pub struct Target {
 /// One upstream's balancing state for one endpoint-set version.
 pub struct UpstreamLb {
     pub name: Arc<str>,
+    /// `name` as the `x-isdp-service` value the receiving sidecar routes by.
+    pub service_header: Option<HeaderValue>,
     pub protocol: Protocol,
     pub version: String,
-    pub targets: Vec<Target>,
+    pub targets: Vec<Arc<Target>>,
     /// True when too few endpoints are healthy and all are used.
     pub panic: bool,
+    /// This upstream's request metrics; the same handles across rebuilds.
+    pub metrics: Arc<RouteMetrics>,
     balancer: Balancer,
     hash_key: Option<HashKey>,
 }
@@ -53,7 +60,11 @@ pub struct UpstreamLb {
 impl UpstreamLb {
     /// Picks a target for a request and marks it started; the guard
     /// records the request's latency for latency-aware balancing.
-    pub fn pick(&self, headers: &HeaderMap, source: Option<IpAddr>) -> Option<(Target, LoadGuard)> {
+    pub fn pick(
+        &self,
+        headers: &HeaderMap,
+        source: Option<IpAddr>,
+    ) -> Option<(Arc<Target>, LoadGuard)> {
         let t = self.choose(headers, source)?;
         let guard = t.load.start();
         Some((t, guard))
@@ -61,13 +72,13 @@ impl UpstreamLb {
 
     /// Picks a target for a TCP connection: counted in flight, but its
     /// lifetime is not a latency.
-    pub fn pick_connection(&self, source: Option<IpAddr>) -> Option<(Target, LoadGuard)> {
+    pub fn pick_connection(&self, source: Option<IpAddr>) -> Option<(Arc<Target>, LoadGuard)> {
         let t = self.choose(&HeaderMap::new(), source)?;
         let guard = t.load.start_untimed();
         Some((t, guard))
     }
 
-    fn choose(&self, headers: &HeaderMap, source: Option<IpAddr>) -> Option<Target> {
+    fn choose(&self, headers: &HeaderMap, source: Option<IpAddr>) -> Option<Arc<Target>> {
         let hash = self.hash_key.as_ref().and_then(|k| k.hash(headers, source));
         let i = self.balancer.pick(hash)?;
         self.targets.get(i).cloned()
@@ -85,6 +96,7 @@ pub struct Upstreams {
 
 struct Shared {
     configs: HashMap<String, Upstream>,
+    metrics: HashMap<String, Arc<RouteMetrics>>,
     current: RwLock<HashMap<String, Arc<UpstreamLb>>>,
     loads: Mutex<HashMap<String, Arc<EndpointLoad>>>,
 }
@@ -94,6 +106,7 @@ impl Upstreams {
     /// until the snapshot sender goes away or `shutdown` turns true.
     pub fn spawn(
         configs: &[Upstream],
+        metrics: &Metrics,
         mut snapshots: watch::Receiver<Arc<Snapshot>>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Self {
@@ -102,6 +115,10 @@ impl Upstreams {
                 configs: configs
                     .iter()
                     .map(|u| (u.name.clone(), u.clone()))
+                    .collect(),
+                metrics: configs
+                    .iter()
+                    .map(|u| (u.name.clone(), metrics.route(Direction::Outbound, &u.name)))
                     .collect(),
                 current: RwLock::default(),
                 loads: Mutex::default(),
@@ -187,7 +204,7 @@ impl Upstreams {
             tracing::warn!(upstream = %cfg.name, total = endpoints.len(), "too few healthy endpoints; spreading over all of them");
         }
         let mut loads = self.shared.loads.lock().expect("loads lock");
-        let targets: Vec<Target> = chosen
+        let targets: Vec<Arc<Target>> = chosen
             .iter()
             .filter_map(|e| {
                 let ip: IpAddr = e.address.parse().ok()?;
@@ -200,22 +217,24 @@ impl Upstreams {
                     .entry(e.id.clone())
                     .or_insert_with(|| EndpointLoad::new(e.id.clone(), e.weight.max(1)))
                     .clone();
-                Some(Target {
+                Some(Arc::new(Target {
                     id: e.id.clone(),
-                    addr: SocketAddr::new(ip, port),
+                    dest: Dest::new(SocketAddr::new(ip, port)),
                     via_sidecar,
                     load,
-                })
+                }))
             })
             .collect();
         drop(loads);
         UpstreamLb {
             name: Arc::from(cfg.name.as_str()),
+            service_header: HeaderValue::from_str(&cfg.name).ok(),
             protocol: cfg.protocol,
             version: version.to_owned(),
             balancer: Balancer::new(cfg.lb, targets.iter().map(|t| t.load.clone()).collect()),
             targets,
             panic,
+            metrics: self.shared.metrics[&cfg.name].clone(),
             hash_key: cfg.hash_key.clone(),
         }
     }

@@ -7,26 +7,20 @@
 //! closed connection is replaced on the next request; a request the dead
 //! connection never sent is retried once on the new one.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use dashmap::DashMap;
 use http::{Request, Response};
 use hyper::{body::Incoming, client::conn::http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
+use super::SendError;
 use crate::proxy::{http::Body, transport};
 
 #[derive(Clone)]
 pub struct H2Pool {
     conns: Arc<DashMap<SocketAddr, http2::SendRequest<Body>>>,
     connect_timeout: Duration,
-}
-
-/// Why a request could not be sent.
-#[derive(Debug)]
-pub enum H2Error {
-    Connect(io::Error),
-    Request(hyper::Error),
 }
 
 impl H2Pool {
@@ -41,7 +35,7 @@ impl H2Pool {
         &self,
         addr: SocketAddr,
         req: Request<Body>,
-    ) -> Result<Response<Incoming>, H2Error> {
+    ) -> Result<Response<Incoming>, SendError> {
         let mut sender = self.sender(addr).await?;
         match sender.try_send_request(req).await {
             Ok(resp) => Ok(resp),
@@ -50,14 +44,14 @@ impl H2Pool {
                 Some(req) => {
                     self.conns.remove_if(&addr, |_, s| s.is_closed());
                     let mut sender = self.connect(addr).await?;
-                    sender.send_request(req).await.map_err(H2Error::Request)
+                    sender.send_request(req).await.map_err(SendError::Request)
                 }
-                None => Err(H2Error::Request(e.into_error())),
+                None => Err(SendError::Request(e.into_error())),
             },
         }
     }
 
-    async fn sender(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, H2Error> {
+    async fn sender(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, SendError> {
         if let Some(s) = self.conns.get(&addr)
             && !s.is_closed()
         {
@@ -66,17 +60,17 @@ impl H2Pool {
         self.connect(addr).await
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, H2Error> {
+    async fn connect(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, SendError> {
         let stream = transport::connect(addr, self.connect_timeout)
             .await
-            .map_err(H2Error::Connect)?;
+            .map_err(SendError::Connect)?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(H2Error::Request)?;
+            .map_err(SendError::Request)?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%addr, error = %e, "http/2 connection to peer ended");
