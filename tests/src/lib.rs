@@ -26,11 +26,14 @@
 //! - `promtool`: Prometheus' `promtool`, to check expositions and rules.
 //! - `echo`: [`EchoHttp`], the demo backend the tests make misbehave, and
 //!   [`EchoGrpc`] / [`EchoTcp`], the gRPC and TCP backends.
+//! - `etcd`: [`EtcdCluster`], real etcd members on loopback (killable,
+//!   restartable) for the etcd store tests.
 //! - this file: [`eventually`] and [`holds_for`], polling helpers.
 
 mod bins;
 mod control_plane;
 mod echo;
+mod etcd;
 pub mod http;
 mod process;
 pub mod promtool;
@@ -42,6 +45,7 @@ use std::time::{Duration, Instant};
 pub use bins::{bin_dir, binary};
 pub use control_plane::{ControlPlane, ControlPlaneOpts, isdpctl};
 pub use echo::{Backend, EchoGrpc, EchoHttp, EchoTcp};
+pub use etcd::{EtcdCluster, EtcdTls};
 pub use process::Process;
 pub use sidecar::{Sidecar, SidecarToml};
 
