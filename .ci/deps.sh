@@ -3,9 +3,11 @@
 #   protoc  protobuf-compiler: the etcd client crate (etcd-client) compiles
 #           etcd's .proto files with it at build time.
 #   etcd    etcd-server: the etcd store tests start real etcd members.
+#   promtool  prometheus: the observability tests check metric expositions
+#           and the shipped alerting rules with Prometheus' own tool.
 # Used by `make demo`/`make build` (protoc) and .ci/test.sh (both), before
 # any cargo command. Installs with apt-get as root; otherwise it stops and
-# prints the command to run. Usage: .ci/deps.sh protoc [etcd]
+# prints the command to run. Usage: .ci/deps.sh protoc [etcd] [promtool]
 set -euo pipefail
 
 die() { echo "deps: error: $*" >&2; exit 1; }
@@ -20,7 +22,7 @@ install() { # install PACKAGE COMMAND
             apt-get update -qq
             apt_updated=1
         fi
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$package" >/dev/null
     fi
     command -v "$cmd" >/dev/null \
         || die "$cmd not found: install it with 'sudo apt-get install $package' (or your system's $package package)"
@@ -30,6 +32,7 @@ for tool in "$@"; do
     case "$tool" in
         protoc) install protobuf-compiler protoc ;;
         etcd) install etcd-server etcd ;;
+        promtool) install prometheus promtool ;;
         *) die "unknown tool $tool" ;;
     esac
 done

@@ -8,28 +8,14 @@ cd "$(dirname "$0")/.."
 die() { echo "ci: error: $*" >&2; exit 1; }
 step() { printf '\n==> %s\n' "$*"; }
 
-# --- System tools: protoc for the build, etcd for the etcd store tests -------
-step "system tools (protoc, etcd)"
-./.ci/deps.sh protoc etcd
+# --- System tools: protoc for the build, etcd and promtool for the tests -----
+step "system tools (protoc, etcd, promtool)"
+./.ci/deps.sh protoc etcd promtool
 
 command -v cargo >/dev/null || die "cargo not found (install Rust with rustup)"
 cargo fmt --version >/dev/null 2>&1 || die "rustfmt missing: rustup component add rustfmt"
 cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component add clippy"
 command -v python3 >/dev/null || die "python3 not found"
-
-# --- Debian packages the tests run -------------------------------------------
-# promtool (package prometheus) checks metric expositions and alerting rules.
-apt_updated=
-need() { # need COMMAND PACKAGE
-    command -v "$1" >/dev/null && return
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        step "installing $2 (for $1)"
-        [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2"
-    fi
-    command -v "$1" >/dev/null || die "$1 not found (install the Debian package $2)"
-}
-need promtool prometheus
 
 # --- Python venv for tests/python -------------------------------------------
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
