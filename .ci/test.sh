@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 die() { echo "ci: error: $*" >&2; exit 1; }
 step() { printf '\n==> %s\n' "$*"; }
 
+# --- System tools: protoc for the build, etcd and promtool for the tests -----
+step "system tools (protoc, etcd, promtool)"
+./.ci/deps.sh protoc etcd promtool
+
 command -v cargo >/dev/null || die "cargo not found (install Rust with rustup)"
 cargo fmt --version >/dev/null 2>&1 || die "rustfmt missing: rustup component add rustfmt"
 cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component add clippy"

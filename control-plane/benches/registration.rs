@@ -5,11 +5,14 @@
 //! - gRPC: `Registry/Register` against an in-process control plane, which
 //!   adds validation, compare-and-set, and waiting until the write is
 //!   visible in the registry view.
-//! - store: `Store::txn` on an `EmbeddedStore` directly, with the same
+//! - store: `Store::txn` on the store directly, with the same
 //!   compare-and-set shape the registry uses.
 //!
-//! Each (layer, concurrency) pair runs several rounds on a fresh data
-//! directory; the report gives the median rate and the spread.
+//! Both layers run on both backends in the same run: the embedded store and
+//! a 3-member etcd cluster on loopback (started by the test harness; the
+//! `etcd` binary must be installed, see README). Each (backend, layer,
+//! concurrency) triple runs several rounds on a fresh data directory (etcd:
+//! a fresh key prefix); the report gives the median rate and the spread.
 
 mod support;
 
@@ -23,9 +26,13 @@ use std::{
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use isdp_control_plane::store::{Store, Txn, embedded::EmbeddedStore};
+use isdp_control_plane::store::{
+    Store, Txn,
+    embedded::EmbeddedStore,
+    etcd::{EtcdOptions, EtcdStore},
+};
 use prost::Message;
-use support::{Bulk, InProcess};
+use support::{Backend, Bulk, InProcess};
 
 /// Instances are spread over this many services, as a real mesh spreads
 /// them; one giant service would instead measure rebuilding its snapshot.
@@ -51,31 +58,67 @@ fn main() -> anyhow::Result<()> {
     );
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        println!("\n-- gRPC Register ({CHANNELS} connections, {SERVICES} services)");
-        table_header();
-        for c in CONCURRENCY {
-            let mut runs = Vec::with_capacity(rounds);
-            for _ in 0..rounds {
-                runs.push(grpc_round(c, total, budget).await?);
+        let mut etcd = support::Etcd::start().await;
+        println!("etcd: 3 members at {}", etcd.endpoints);
+        for on_etcd in [false, true] {
+            let label = if on_etcd {
+                "etcd (3 members)"
+            } else {
+                "embedded"
+            };
+            println!(
+                "\n-- gRPC Register, {label} store ({CHANNELS} connections, {SERVICES} services)"
+            );
+            table_header();
+            for c in CONCURRENCY {
+                let mut runs = Vec::with_capacity(rounds);
+                for _ in 0..rounds {
+                    let etcd = on_etcd.then_some(&mut etcd);
+                    runs.push(grpc_round(c, total, budget, etcd).await?);
+                }
+                table_row(c, &runs);
             }
-            table_row(c, &runs);
         }
-        println!("\n-- EmbeddedStore::txn (compare-and-set put, no gRPC)");
-        table_header();
-        for c in CONCURRENCY {
-            let mut runs = Vec::with_capacity(rounds);
-            for _ in 0..rounds {
-                runs.push(store_round(c, total, budget).await?);
+        for on_etcd in [false, true] {
+            let label = if on_etcd {
+                "EtcdStore"
+            } else {
+                "EmbeddedStore"
+            };
+            println!("\n-- {label}::txn (compare-and-set put, no gRPC)");
+            table_header();
+            for c in CONCURRENCY {
+                let mut runs = Vec::with_capacity(rounds);
+                for _ in 0..rounds {
+                    let etcd = on_etcd.then_some(&mut etcd);
+                    runs.push(store_round(c, total, budget, etcd).await?);
+                }
+                table_row(c, &runs);
             }
-            table_row(c, &runs);
         }
         Ok(())
     })
 }
 
-async fn grpc_round(concurrency: usize, total: usize, budget: Duration) -> anyhow::Result<Bulk> {
+async fn grpc_round(
+    concurrency: usize,
+    total: usize,
+    budget: Duration,
+    etcd: Option<&mut support::Etcd>,
+) -> anyhow::Result<Bulk> {
     let dir = tempfile::tempdir()?;
-    let server = InProcess::start(dir.path()).await?;
+    let prefix;
+    let backend = match etcd {
+        Some(etcd) => {
+            prefix = etcd.next_prefix();
+            Backend::Etcd {
+                endpoints: &etcd.endpoints,
+                prefix: &prefix,
+            }
+        }
+        None => Backend::Embedded(dir.path()),
+    };
+    let server = InProcess::start(backend).await?;
     let channels = support::channels(server.grpc_addr, CHANNELS).await?;
     let bulk = support::register_bulk(&channels, concurrency, total, budget, |i| {
         support::instance(&format!("svc-{:03}", i % SERVICES), i)
@@ -86,9 +129,32 @@ async fn grpc_round(concurrency: usize, total: usize, budget: Duration) -> anyho
     Ok(bulk)
 }
 
-async fn store_round(concurrency: usize, total: usize, budget: Duration) -> anyhow::Result<Bulk> {
+async fn store_round(
+    concurrency: usize,
+    total: usize,
+    budget: Duration,
+    etcd: Option<&mut support::Etcd>,
+) -> anyhow::Result<Bulk> {
     let dir = tempfile::tempdir()?;
-    let store = EmbeddedStore::open(dir.path()).context("opening the store")?;
+    let (store, prefix, embedded): (Arc<dyn Store>, String, Option<EmbeddedStore>) = match etcd {
+        Some(etcd) => {
+            let store = EtcdStore::connect(&EtcdOptions {
+                endpoints: etcd.endpoints.split(',').map(String::from).collect(),
+                ..Default::default()
+            })
+            .await
+            .context("connecting to etcd")?;
+            (Arc::new(store), etcd.next_prefix(), None)
+        }
+        None => {
+            let store = EmbeddedStore::open(dir.path()).context("opening the store")?;
+            (
+                Arc::new(store.clone()),
+                isdp_control_plane::KEY_PREFIX.to_owned(),
+                Some(store),
+            )
+        }
+    };
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let deadline = start + budget;
@@ -96,6 +162,7 @@ async fn store_round(concurrency: usize, total: usize, budget: Duration) -> anyh
     for _ in 0..concurrency {
         let store = store.clone();
         let next = next.clone();
+        let prefix = prefix.clone();
         workers.push(tokio::spawn(async move {
             let mut done = 0usize;
             loop {
@@ -104,7 +171,7 @@ async fn store_round(concurrency: usize, total: usize, budget: Duration) -> anyh
                     return Ok::<_, anyhow::Error>(done);
                 }
                 let inst = support::instance(&format!("svc-{:03}", i % SERVICES), i);
-                let key = format!("{}instances/{}", isdp_control_plane::KEY_PREFIX, inst.id);
+                let key = format!("{prefix}instances/{}", inst.id);
                 // Absent-key precondition, as a first registration does.
                 let txn = Txn::default().when_mod_revision(&key, 0).put(
                     key.clone(),
@@ -122,7 +189,10 @@ async fn store_round(concurrency: usize, total: usize, budget: Duration) -> anyh
         done += w.await.context("store worker panicked")??;
     }
     let elapsed = start.elapsed();
-    store.close().await;
+    drop(store);
+    if let Some(store) = embedded {
+        store.close().await;
+    }
     Ok(Bulk { done, elapsed })
 }
 

@@ -29,20 +29,76 @@ pub struct InProcess {
     task: JoinHandle<Result<(), isdp_control_plane::Error>>,
 }
 
+/// Which store a benchmarked control plane uses.
+pub enum Backend<'a> {
+    /// The embedded store, in this (fresh) directory.
+    Embedded(&'a Path),
+    /// An etcd cluster, under a key prefix of the round's own.
+    Etcd { endpoints: &'a str, prefix: &'a str },
+}
+
+impl Backend<'_> {
+    /// The control-plane flags selecting this store.
+    fn args(&self) -> anyhow::Result<Vec<String>> {
+        Ok(match self {
+            Backend::Embedded(dir) => vec![
+                "--data-dir".into(),
+                dir.to_str().context("data dir is not UTF-8")?.into(),
+            ],
+            Backend::Etcd { endpoints, prefix } => vec![
+                "--store".into(),
+                "etcd".into(),
+                "--etcd-endpoints".into(),
+                endpoints.to_string(),
+                "--etcd-prefix".into(),
+                prefix.to_string(),
+            ],
+        })
+    }
+}
+
+/// A 3-member etcd cluster for the benches' etcd rows (the test harness's,
+/// with its short heartbeat and election timings), and a fresh key prefix
+/// per round.
+pub struct Etcd {
+    pub cluster: isdp_tests::EtcdCluster,
+    pub endpoints: String,
+    rounds: usize,
+}
+
+impl Etcd {
+    pub async fn start() -> Self {
+        let cluster = isdp_tests::EtcdCluster::start(3).await;
+        let endpoints = cluster.endpoints_arg();
+        Etcd {
+            cluster,
+            endpoints,
+            rounds: 0,
+        }
+    }
+
+    /// A key prefix no earlier round used.
+    pub fn next_prefix(&mut self) -> String {
+        self.rounds += 1;
+        format!("/bench-{}-{}/", std::process::id(), self.rounds)
+    }
+}
+
 impl InProcess {
-    /// Binds on `127.0.0.1:0` with its store in `data_dir`, exactly as the
-    /// binary would with those flags.
-    pub async fn start(data_dir: &Path) -> anyhow::Result<Self> {
-        let dir = data_dir.to_str().context("data dir is not UTF-8")?;
-        let config = isdp_control_plane::Config::parse_from([
+    /// Binds on `127.0.0.1:0` with the given store, exactly as the binary
+    /// would with those flags.
+    pub async fn start(backend: Backend<'_>) -> anyhow::Result<Self> {
+        let mut args: Vec<String> = [
             "isdp-control-plane",
             "--listen",
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
-            "--data-dir",
-            dir,
-        ]);
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(backend.args()?);
+        let config = isdp_control_plane::Config::parse_from(args);
         let server = isdp_control_plane::Server::bind(config)
             .await
             .context("binding the control plane")?;

@@ -3,6 +3,7 @@
 //! # Layout
 //! - `registry`: `isdp.v1.Registry` (register, deregister, list, watch).
 //! - `session`: `isdp.v1.Sidecar/Session`, a sidecar's own registrations.
+//! - `status`: `isdp.v1.ProxyStatus`, what connected sidecars acknowledged.
 //! - `limits`: oversized requests answered with RESOURCE_EXHAUSTED.
 //!
 //! The xDS service lives in [`crate::xds`]; all three share one listener.
@@ -14,6 +15,7 @@
 mod limits;
 pub mod registry;
 pub mod session;
+pub mod status;
 
 pub use limits::SizeLimitStatusLayer;
 

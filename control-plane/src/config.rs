@@ -18,6 +18,49 @@ pub struct Config {
     #[arg(long, env = "ISDP_ADMIN_LISTEN", default_value = "127.0.0.1:15014")]
     pub admin_listen: SocketAddr,
 
+    /// Which store holds the registry: `embedded` (one redb file in
+    /// --data-dir, a single control plane) or `etcd` (an etcd cluster shared
+    /// by several control-plane replicas).
+    #[arg(long, env = "ISDP_STORE", default_value = "embedded", value_enum)]
+    pub store: StoreKind,
+
+    /// etcd member URLs (`http://HOST:2379` or `https://...`), comma-separated
+    /// or repeated. Required with `--store etcd`.
+    #[arg(long, env = "ISDP_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Key prefix of everything this mesh keeps in etcd, so several meshes
+    /// (or other applications) can share one cluster. Starts and ends with '/'.
+    #[arg(long, env = "ISDP_ETCD_PREFIX", default_value = crate::KEY_PREFIX)]
+    pub etcd_prefix: String,
+
+    /// CA certificate (PEM) that signed the etcd members' certificates.
+    #[arg(long, env = "ISDP_ETCD_CA_FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+
+    /// Client certificate (PEM) for etcd mutual TLS; needs --etcd-key-file.
+    #[arg(long, env = "ISDP_ETCD_CERT_FILE")]
+    pub etcd_cert_file: Option<PathBuf>,
+
+    /// Private key (PEM) of --etcd-cert-file.
+    #[arg(long, env = "ISDP_ETCD_KEY_FILE")]
+    pub etcd_key_file: Option<PathBuf>,
+
+    /// etcd user, when etcd authentication is enabled; needs a password.
+    #[arg(long, env = "ISDP_ETCD_USERNAME")]
+    pub etcd_username: Option<String>,
+
+    /// Password of --etcd-username. Prefer the variable: flags show in `ps`.
+    #[arg(long, env = "ISDP_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+
+    /// TTL of the lease that makes one replica the leader for work that must
+    /// run once (health checks of operator-registered instances). A killed
+    /// leader is replaced within about this long. Ignored by the embedded
+    /// store, whose only control plane always leads.
+    #[arg(long, env = "ISDP_LEADER_LEASE", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub leader_lease: Duration,
+
     /// Where the embedded store keeps its file.
     #[arg(long, env = "ISDP_DATA_DIR", default_value = "./isdp-data")]
     pub data_dir: PathBuf,
@@ -41,8 +84,16 @@ pub struct Config {
     pub trace: isdp_sidecar::telemetry::TraceArgs,
 }
 
+/// The store backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    Embedded,
+    Etcd,
+}
+
 impl Config {
     pub fn validate(&self) -> Result<(), String> {
+        self.validate_etcd()?;
         if self.session_timeout <= self.session_grace {
             return Err(format!(
                 "--session-timeout ({}) must be longer than --session-grace ({})",
@@ -54,5 +105,149 @@ impl Config {
             return Err("--session-grace must be more than zero".into());
         }
         Ok(())
+    }
+
+    /// The etcd flags: required together, consistent with each other, and
+    /// not silently ignored when the embedded store is selected.
+    fn validate_etcd(&self) -> Result<(), String> {
+        if self.store == StoreKind::Embedded {
+            let set = [
+                ("--etcd-endpoints", !self.etcd_endpoints.is_empty()),
+                ("--etcd-ca-file", self.etcd_ca_file.is_some()),
+                ("--etcd-cert-file", self.etcd_cert_file.is_some()),
+                ("--etcd-key-file", self.etcd_key_file.is_some()),
+                ("--etcd-username", self.etcd_username.is_some()),
+                ("--etcd-password", self.etcd_password.is_some()),
+            ];
+            if let Some((flag, _)) = set.iter().find(|(_, on)| *on) {
+                return Err(format!("{flag} needs --store etcd (the store is embedded)"));
+            }
+            return Ok(());
+        }
+        if self.etcd_endpoints.is_empty() {
+            return Err("--store etcd needs --etcd-endpoints (e.g. http://127.0.0.1:2379)".into());
+        }
+        for url in &self.etcd_endpoints {
+            let ok = ["http://", "https://"]
+                .iter()
+                .any(|s| url.strip_prefix(s).is_some_and(|rest| !rest.is_empty()));
+            if !ok {
+                return Err(format!(
+                    "--etcd-endpoints: {url:?} must be an http:// or https:// URL"
+                ));
+            }
+        }
+        let tls = self.etcd_ca_file.is_some() || self.etcd_cert_file.is_some();
+        if tls && self.etcd_endpoints.iter().any(|u| u.starts_with("http://")) {
+            return Err("--etcd-ca-file/--etcd-cert-file need https:// --etcd-endpoints".into());
+        }
+        // No system roots are built in (rustls without a root store): an
+        // etcd cluster's certificates come from its own CA anyway.
+        if self.etcd_ca_file.is_none()
+            && self
+                .etcd_endpoints
+                .iter()
+                .any(|u| u.starts_with("https://"))
+        {
+            return Err(
+                "https:// --etcd-endpoints need --etcd-ca-file (the CA of the etcd members' certificates)"
+                    .into(),
+            );
+        }
+        if self.etcd_cert_file.is_some() != self.etcd_key_file.is_some() {
+            return Err("--etcd-cert-file and --etcd-key-file go together".into());
+        }
+        if self.etcd_username.is_some() != self.etcd_password.is_some() {
+            return Err(
+                "--etcd-username and --etcd-password (ISDP_ETCD_PASSWORD) go together".into(),
+            );
+        }
+        let p = &self.etcd_prefix;
+        if !p.starts_with('/') || !p.ends_with('/') || p.len() > 128 {
+            return Err(format!(
+                "--etcd-prefix: {p:?} must start and end with '/' and be at most 128 bytes"
+            ));
+        }
+        if self.leader_lease < std::time::Duration::from_secs(2) {
+            return Err(format!(
+                "--leader-lease ({}) must be at least 2s (etcd's shortest lease)",
+                humantime::format_duration(self.leader_lease)
+            ));
+        }
+        Ok(())
+    }
+
+    /// The key prefix of everything the control plane stores.
+    pub fn key_prefix(&self) -> &str {
+        match self.store {
+            StoreKind::Embedded => crate::KEY_PREFIX,
+            StoreKind::Etcd => &self.etcd_prefix,
+        }
+    }
+
+    pub fn etcd_options(&self) -> crate::store::etcd::EtcdOptions {
+        crate::store::etcd::EtcdOptions {
+            endpoints: self.etcd_endpoints.clone(),
+            ca_file: self.etcd_ca_file.clone(),
+            cert_file: self.etcd_cert_file.clone(),
+            key_file: self.etcd_key_file.clone(),
+            username: self.etcd_username.clone(),
+            password: self.etcd_password.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Config;
+
+    fn check(args: &[&str]) -> Result<(), String> {
+        let mut all = vec!["isdp-control-plane"];
+        all.extend_from_slice(args);
+        Config::try_parse_from(all).unwrap().validate()
+    }
+
+    #[test]
+    fn etcd_flags_are_checked_and_errors_name_the_flag() {
+        assert!(check(&[]).is_ok());
+        let ep = "--etcd-endpoints=http://127.0.0.1:2379,http://127.0.0.1:2479";
+        assert!(check(&["--store=etcd", ep]).is_ok());
+        let cases: &[(&[&str], &str)] = &[
+            (&["--store=etcd"], "--store etcd needs --etcd-endpoints"),
+            (&[ep], "--etcd-endpoints needs --store etcd"),
+            (
+                &["--store=etcd", "--etcd-endpoints=127.0.0.1:2379"],
+                "--etcd-endpoints: \"127.0.0.1:2379\"",
+            ),
+            (&["--store=etcd", ep, "--etcd-prefix=isdp"], "--etcd-prefix"),
+            (
+                &["--store=etcd", ep, "--etcd-ca-file=/ca.pem"],
+                "need https://",
+            ),
+            (
+                &[
+                    "--store=etcd",
+                    "--etcd-endpoints=https://e:2379",
+                    "--etcd-ca-file=/ca.pem",
+                    "--etcd-cert-file=/c.pem",
+                ],
+                "--etcd-key-file go together",
+            ),
+            (
+                &["--store=etcd", "--etcd-endpoints=https://e:2379"],
+                "need --etcd-ca-file",
+            ),
+            (
+                &["--store=etcd", ep, "--etcd-username=u"],
+                "--etcd-password",
+            ),
+            (&["--store=etcd", ep, "--leader-lease=1s"], "--leader-lease"),
+        ];
+        for (args, want) in cases {
+            let err = check(args).unwrap_err();
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
     }
 }

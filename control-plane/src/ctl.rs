@@ -10,8 +10,9 @@ use std::{collections::BTreeMap, time::Duration};
 
 use clap::{Parser, Subcommand};
 use isdp_proto::v1::{
-    DeregisterRequest, HealthCheck, Instance, ListInstancesRequest, ListServicesRequest,
-    RegisterRequest, WatchServiceRequest, registry_client::RegistryClient,
+    DeregisterRequest, HealthCheck, Instance, ListInstancesRequest, ListProxiesRequest,
+    ListServicesRequest, RegisterRequest, WatchServiceRequest,
+    proxy_status_client::ProxyStatusClient, registry_client::RegistryClient,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -83,6 +84,9 @@ pub enum Command {
     Instances { service: String },
     /// Print a service's instances now and after every change.
     Watch { service: String },
+    /// List the sidecars connected to this control plane and the versions
+    /// each has acknowledged, to see that a change landed everywhere.
+    ProxyStatus,
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -114,7 +118,7 @@ fn api(op: &'static str) -> impl Fn(tonic::Status) -> CtlError {
     }
 }
 
-async fn connect(url: &str) -> Result<RegistryClient<Channel>, CtlError> {
+async fn connect(url: &str) -> Result<Channel, CtlError> {
     let err = |reason: String| CtlError::Connect {
         url: url.to_owned(),
         reason,
@@ -131,7 +135,7 @@ async fn connect(url: &str) -> Result<RegistryClient<Channel>, CtlError> {
         }
         err(reason)
     })?;
-    Ok(RegistryClient::new(channel))
+    Ok(channel)
 }
 
 fn millis(d: Duration) -> Result<u32, CtlError> {
@@ -140,7 +144,8 @@ fn millis(d: Duration) -> Result<u32, CtlError> {
 
 /// Runs one command, writing its output to stdout.
 pub async fn run(cli: Cli) -> Result<(), CtlError> {
-    let mut client = connect(&cli.control_plane).await?;
+    let channel = connect(&cli.control_plane).await?;
+    let mut client = RegistryClient::new(channel.clone());
     let fmt = cli.output;
     match cli.command {
         Command::Register {
@@ -208,6 +213,14 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 .map_err(api("instances"))?
                 .into_inner();
             output::instances(fmt, &resp.instances);
+        }
+        Command::ProxyStatus => {
+            let resp = ProxyStatusClient::new(channel)
+                .list_proxies(ListProxiesRequest {})
+                .await
+                .map_err(api("proxy-status"))?
+                .into_inner();
+            output::proxies(fmt, &resp.proxies);
         }
         Command::Watch { service } => {
             let mut stream = client

@@ -5,6 +5,11 @@
 //! ([`isdp_sidecar::probe`]) so both sides judge health the same way.
 //! Instances owned by a sidecar are probed by that sidecar, which reports
 //! transitions over its session.
+//!
+//! With several replicas only the elected leader ([`crate::election`]) runs
+//! checkers, so each instance is probed once: a replica that loses (or never
+//! had) the leadership stops its checkers, and the new leader starts them
+//! from the registry.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -25,23 +30,43 @@ struct Running {
     stop: watch::Sender<bool>,
 }
 
+/// Runs checkers while `leader` is true, until `shutdown`.
 pub fn spawn(
     registry: Registry,
     metrics: Metrics,
+    mut leader: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let mut changes = registry.subscribe();
     tokio::spawn(async move {
         let (tx, mut transitions) = mpsc::unbounded_channel::<(String, Health)>();
         let mut running: HashMap<String, Running> = HashMap::new();
-        reconcile(&registry, &mut running, None, &tx);
+        let mut leading = *leader.borrow_and_update();
+        if leading {
+            reconcile(&registry, &mut running, None, &tx);
+        }
         loop {
             tokio::select! {
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+                // A leadership that cannot change (embedded store) has no
+                // sender; this branch is then simply never taken.
+                Ok(()) = leader.changed() => {
+                    leading = *leader.borrow_and_update();
+                    if leading {
+                        tracing::info!("leading: starting control-plane health checks");
+                        reconcile(&registry, &mut running, None, &tx);
+                    } else {
+                        tracing::info!("not leading: stopping control-plane health checks");
+                        for (_, r) in running.drain() {
+                            let _ = r.stop.send(true);
+                        }
+                    }
+                }
                 c = changes.recv() => match c {
+                    Err(broadcast::error::RecvError::Closed) => break,
+                    _ if !leading => {}
                     Ok(Change::Service(s)) => reconcile(&registry, &mut running, Some(&s), &tx),
                     Ok(Change::All) | Err(broadcast::error::RecvError::Lagged(_)) => reconcile(&registry, &mut running, None, &tx),
-                    Err(broadcast::error::RecvError::Closed) => break,
                 },
                 Some((id, health)) = transitions.recv() => {
                     // A transition for a checker stopped meanwhile is stale.

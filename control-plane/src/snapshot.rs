@@ -4,7 +4,11 @@
 //! it. Changes are coalesced: after the first change the builder waits a
 //! short debounce, then rebuilds every service touched meanwhile, once.
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use isdp_proto::v1::{Endpoint, SERVICE_ENDPOINTS_TYPE_URL, ServiceEndpoints};
@@ -51,24 +55,27 @@ pub fn service_endpoints(registry: &Registry, service: &str) -> Option<ServiceEn
     })
 }
 
-fn publish(cache: &Cache, registry: &Registry, service: &str) {
+/// Publishes one service's resource; `changed_at` is when the change was
+/// first seen, where convergence is measured from.
+fn publish(cache: &Cache, registry: &Registry, service: &str, changed_at: Instant) {
     match service_endpoints(registry, service) {
-        Some(r) => cache.set(
+        Some(r) => cache.set_at(
             SERVICE_ENDPOINTS_TYPE_URL,
             service,
             Bytes::from(r.encode_to_vec()),
+            changed_at,
         ),
         None => cache.remove(SERVICE_ENDPOINTS_TYPE_URL, service),
     };
 }
 
-fn publish_all(cache: &Cache, registry: &Registry) {
+fn publish_all(cache: &Cache, registry: &Registry, changed_at: Instant) {
     let mut names: BTreeSet<String> = registry.services().into_keys().collect();
     if let Some(tc) = cache.type_cache(SERVICE_ENDPOINTS_TYPE_URL) {
         names.extend(tc.names());
     }
     for s in names {
-        publish(cache, registry, &s);
+        publish(cache, registry, &s, changed_at);
     }
 }
 
@@ -79,7 +86,7 @@ pub fn spawn(
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let mut changes = registry.subscribe();
-    publish_all(&cache, &registry);
+    publish_all(&cache, &registry, Instant::now());
     tokio::spawn(async move {
         // Under a burst the window stretches to a few times the last
         // rebuild's cost, so rebuilding never eats most of a core; a lone
@@ -90,6 +97,7 @@ pub fn spawn(
                 _ = shutdown.wait_for(|s| *s) => return,
                 c = changes.recv() => c,
             };
+            let changed_at = Instant::now();
             let mut dirty: BTreeSet<Arc<str>> = BTreeSet::new();
             let mut all = false;
             let deadline = tokio::time::sleep(window);
@@ -111,12 +119,12 @@ pub fn spawn(
                     c = changes.recv() => next = Some(c),
                 }
             }
-            let started = std::time::Instant::now();
+            let started = Instant::now();
             if all {
-                publish_all(&cache, &registry);
+                publish_all(&cache, &registry, changed_at);
             } else {
                 for s in &dirty {
-                    publish(&cache, &registry, s);
+                    publish(&cache, &registry, s, changed_at);
                 }
             }
             window = (started.elapsed() * 4).clamp(DEBOUNCE, MAX_DEBOUNCE);

@@ -2,12 +2,14 @@
 //!
 //! One trait, shaped after etcd's v3 API (revisions, compare-and-set
 //! transactions, prefix watches from a revision, leases), so the embedded
-//! backend and a clustered one are interchangeable. Everything the control
+//! backend ([`embedded`], one control plane) and the clustered one
+//! ([`etcd`], several replicas) are interchangeable. Everything the control
 //! plane keeps lives here as protobuf bytes under a key prefix; the in-memory
 //! views (registry, xDS cache) are rebuilt from [`Store::range`] plus
 //! [`Store::watch`], never written directly.
 
 pub mod embedded;
+pub mod etcd;
 
 use std::{pin::Pin, time::Duration};
 

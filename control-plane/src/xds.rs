@@ -34,6 +34,8 @@ use std::{
     },
 };
 
+use std::time::Instant;
+
 use bytes::Bytes;
 use tokio::sync::Notify;
 
@@ -118,11 +120,19 @@ impl Cache {
     /// Stores `message` (the encoded resource) under `name`. Returns false
     /// when the content, and so the version, is unchanged: nobody is woken.
     pub fn set(&self, type_url: &str, name: &str, message: Bytes) -> bool {
+        self.set_at(type_url, name, message, Instant::now())
+    }
+
+    /// [`Cache::set`], for a change first seen at `changed_at` (the start
+    /// of convergence as the metrics measure it).
+    pub fn set_at(&self, type_url: &str, name: &str, message: Bytes, changed_at: Instant) -> bool {
         let Some(tc) = self.type_cache(type_url) else {
             tracing::error!(type_url, "set on a type the cache does not serve");
             return false;
         };
-        let encoded = Arc::new(Encoded::new(type_url, name, &message));
+        let mut encoded = Encoded::new(type_url, name, &message);
+        encoded.changed_at = changed_at;
+        let encoded = Arc::new(encoded);
         {
             let mut res = tc.resources.write().expect("resources lock");
             if res.get(name).is_some_and(|r| r.version == encoded.version) {

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - `isdp::v1`: registry API (`Registry`), the sidecar session (`Sidecar`),
+//!   what connected sidecars acknowledged (`ProxyStatus`),
 //!   and the xDS resources the control plane serves (`ServiceEndpoints`).
 //!
 //! The xDS envelope itself (`envoy.service.discovery.v3`) comes from the

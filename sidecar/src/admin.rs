@@ -1,4 +1,5 @@
-//! The admin HTTP server: `/live`, `/ready` and `/config`.
+//! The admin HTTP server: `/live`, `/ready`, `/config` and `/metrics`
+//! (Prometheus text format).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,6 +31,7 @@ pub struct AdminState {
     pub listeners: Option<crate::proxy::Addrs>,
     /// The balancing state in force per upstream.
     pub upstreams: Option<crate::proxy::upstreams::Upstreams>,
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// The admin routes.
@@ -38,6 +40,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/live", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/config", get(config))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -52,6 +55,16 @@ pub async fn serve(
             let _ = shutdown.wait_for(|stop| *stop).await;
         })
         .await
+}
+
+async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
 }
 
 async fn ready(State(state): State<AdminState>) -> impl IntoResponse {

@@ -10,7 +10,9 @@
 //! - `dial`: control-plane channel settings and URL rotation.
 //! - `xds`: delta-ADS client publishing a `watch` of [`xds::Snapshot`].
 //! - `session`: the `isdp.v1.Sidecar/Session` stream registering local services.
-//! - `admin`: `/live`, `/ready`, `/config` over HTTP.
+//! - `admin`: `/live`, `/ready`, `/config`, `/metrics` over HTTP.
+//! - `metrics`: Prometheus metrics: per-route request metrics and
+//!   scrape-time state (endpoints, xDS, session).
 //! - `proxy`: the data plane: inbound, outbound and per-upstream listeners,
 //!   the request path as tower layers (route -> balance -> endpoint), TCP.
 //! - `telemetry`: logging and OTLP trace export for both binaries.
@@ -22,6 +24,7 @@ pub mod backoff;
 pub mod balance;
 pub mod config;
 pub mod dial;
+pub mod metrics;
 pub mod probe;
 pub mod proxy;
 pub mod session;
@@ -113,13 +116,28 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
         shutdown.clone(),
     );
     tasks.push(xds_task);
-    let upstreams =
-        proxy::upstreams::Upstreams::spawn(&config.upstreams, snapshots.clone(), shutdown.clone());
+    let metrics = metrics::Metrics::new();
+    let upstreams = proxy::upstreams::Upstreams::spawn(
+        &config.upstreams,
+        &metrics,
+        snapshots.clone(),
+        shutdown.clone(),
+    );
+    metrics.register_state(metrics::StateCollector {
+        snapshots: snapshots.clone(),
+        session: session.clone(),
+        upstreams: Some(upstreams.clone()),
+    });
     let data_plane = {
         let config = config.clone();
         let shutdown = shutdown.clone();
         let upstreams = upstreams.clone();
-        tokio::spawn(async move { listeners.serve(&config, upstreams, shutdown).await })
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            listeners
+                .serve(&config, upstreams, &metrics, shutdown)
+                .await
+        })
     };
     tasks.push(data_plane);
     let state = admin::AdminState {
@@ -128,6 +146,7 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
         has_upstreams: !config.upstreams.is_empty(),
         listeners: Some(addrs),
         upstreams: Some(upstreams),
+        metrics,
     };
     let mut admin = tokio::spawn(admin::serve(listener, state, shutdown.clone()));
 

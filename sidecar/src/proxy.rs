@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //! - `outbound`: the request path from the local service to an upstream, as
-//!   tower layers `Route` -> `Balance` -> `Endpoint`.
+//!   tower layers `Route` -> `Observe` -> `Balance` -> `Endpoint`.
+//! - `observe`: the metrics layer (requests, latency, in flight, errors).
 //! - `inbound`: traffic from other sidecars to the local services.
 //! - `tcp`: opaque TCP proxying and the tunnel preamble between sidecars.
 //! - `upstreams`: per-upstream balancer state, rebuilt from the discovery
@@ -24,6 +25,7 @@
 pub mod forward;
 pub mod http;
 pub mod inbound;
+pub mod observe;
 pub mod outbound;
 pub mod tcp;
 pub mod trace;
@@ -44,7 +46,10 @@ use tokio::{
 };
 use tower::Service;
 
-use crate::config::{Config, Protocol, Upstream};
+use crate::{
+    config::{Config, Protocol, Upstream},
+    metrics::Metrics,
+};
 use forward::Forwarder;
 use outbound::{BoxFuture, ClientAddr, RouteBy};
 use upstreams::Upstreams;
@@ -119,18 +124,19 @@ impl Listeners {
         self,
         config: &Config,
         upstreams: Upstreams,
+        metrics: &Metrics,
         shutdown: watch::Receiver<bool>,
     ) {
         let tracker = Tracker::new();
         let forwarder = Forwarder::new(CONNECT_TIMEOUT);
         let mut accept_loops = Vec::new();
 
-        let observe = trace::Observe::new(config.access_log);
+        let tracing = trace::TraceSettings::new(config.access_log);
         let out = outbound::stack(
             RouteBy::Authority,
             upstreams.clone(),
             forwarder.clone(),
-            observe.clone(),
+            tracing.clone(),
         );
         accept_loops.push(tokio::spawn(serve_http(
             self.outbound,
@@ -155,7 +161,7 @@ impl Listeners {
                         RouteBy::Fixed(name),
                         upstreams.clone(),
                         forwarder.clone(),
-                        observe.clone(),
+                        tracing.clone(),
                     );
                     tokio::spawn(serve_http(listener, svc, tracker.clone(), shutdown.clone()))
                 }
@@ -163,8 +169,10 @@ impl Listeners {
             accept_loops.push(task);
         }
 
-        let inbound =
-            trace::TraceInbound::new(observe, inbound::Inbound::new(&config.services, forwarder));
+        let inbound = trace::TraceInbound::new(
+            tracing,
+            inbound::Inbound::new(&config.services, forwarder, metrics),
+        );
         accept_loops.push(tokio::spawn(serve_inbound(
             self.inbound,
             inbound,

@@ -24,16 +24,21 @@
 //! - `otlp`: [`OtlpReceiver`], a real OTLP/gRPC trace receiver.
 //! - `control_plane`: [`ControlPlane`] and the [`isdpctl`] helpers.
 //! - `sidecar`: [`Sidecar`] and [`SidecarToml`], a config builder.
+//! - `promtool`: Prometheus' `promtool`, to check expositions and rules.
 //! - `echo`: [`EchoHttp`], the demo backend the tests make misbehave, and
 //!   [`EchoGrpc`] / [`EchoTcp`], the gRPC and TCP backends.
+//! - `etcd`: [`EtcdCluster`], real etcd members on loopback (killable,
+//!   restartable) for the etcd store tests.
 //! - this file: [`eventually`] and [`holds_for`], polling helpers.
 
 mod bins;
 mod control_plane;
 mod echo;
+mod etcd;
 pub mod http;
 pub mod otlp;
 mod process;
+pub mod promtool;
 mod sidecar;
 
 use std::future::Future;
@@ -42,6 +47,7 @@ use std::time::{Duration, Instant};
 pub use bins::{bin_dir, binary};
 pub use control_plane::{ControlPlane, ControlPlaneOpts, isdpctl};
 pub use echo::{Backend, EchoGrpc, EchoHttp, EchoTcp};
+pub use etcd::{EtcdCluster, EtcdTls};
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use process::Process;
 pub use sidecar::{Sidecar, SidecarToml};

@@ -96,7 +96,7 @@ impl Sidecar {
 #[derive(Debug, Clone)]
 pub struct SidecarToml {
     node_id: String,
-    control_plane: String,
+    control_plane: Vec<String>,
     sections: String,
 }
 
@@ -106,9 +106,16 @@ impl SidecarToml {
     pub fn new(node_id: &str, control_plane_url: &str) -> Self {
         Self {
             node_id: node_id.to_owned(),
-            control_plane: control_plane_url.to_owned(),
+            control_plane: vec![control_plane_url.to_owned()],
             sections: String::new(),
         }
+    }
+
+    /// Replaces the control-plane URLs: the sidecar starts with the first
+    /// and fails over to the others in turn.
+    pub fn control_planes(mut self, urls: &[String]) -> Self {
+        self.control_plane = urls.to_vec();
+        self
     }
 
     /// A local HTTP service the sidecar registers and probes at
@@ -156,7 +163,7 @@ impl SidecarToml {
 
     pub fn render(&self) -> String {
         format!(
-            "node_id = \"{}\"\ncontrol_plane = [\"{}\"]\nadmin_listen = \"127.0.0.1:0\"\n\
+            "node_id = \"{}\"\ncontrol_plane = {:?}\nadmin_listen = \"127.0.0.1:0\"\n\
              inbound_listen = \"127.0.0.1:0\"\noutbound_listen = \"127.0.0.1:0\"\n{}",
             self.node_id, self.control_plane, self.sections
         )

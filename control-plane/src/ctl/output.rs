@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use isdp_proto::v1::{HealthStatus, Instance, ServiceSummary};
+use isdp_proto::v1::{HealthStatus, Instance, Proxy, ServiceSummary};
 use serde_json::{Value, json};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -148,6 +148,97 @@ pub fn watch_update(fmt: Format, list: &[Instance]) {
         Format::Table => {
             instances(fmt, list);
             print("");
+        }
+    }
+}
+
+/// `proxy-status`: one row per (sidecar, resource type), or the full
+/// acknowledged versions as JSON.
+pub fn proxies(fmt: Format, list: &[Proxy]) {
+    match fmt {
+        Format::Json => {
+            let v: Vec<Value> = list
+                .iter()
+                .map(|p| {
+                    json!({
+                        "node_id": p.node_id,
+                        "peer": p.peer,
+                        "delta": p.delta,
+                        "connected_at_unix_ms": p.connected_at_unix_ms,
+                        "types": p.types.iter().map(|t| json!({
+                            "type_url": t.type_url,
+                            "acked": t.acked,
+                            "acks": t.acks,
+                            "nacks": t.nacks,
+                            "last_nack": t.last_nack,
+                            "pending": t.pending,
+                            "last_ack_unix_ms": t.last_ack_unix_ms,
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            print(Value::Array(v));
+        }
+        Format::Table => {
+            let mut rows = Vec::new();
+            for p in list {
+                let protocol = if p.delta { "delta" } else { "sotw" };
+                if p.types.is_empty() {
+                    rows.push(vec![
+                        p.node_id.clone(),
+                        p.peer.clone(),
+                        protocol.to_owned(),
+                        "-".into(),
+                        "0".into(),
+                        "-".into(),
+                        "0".into(),
+                        String::new(),
+                    ]);
+                }
+                for t in &p.types {
+                    let short = t.type_url.rsplit('/').next().unwrap_or(&t.type_url);
+                    let state = if t.pending { "PENDING" } else { "SYNCED" };
+                    let versions = t
+                        .acked
+                        .iter()
+                        .map(|(n, v)| {
+                            if n.is_empty() {
+                                v.clone()
+                            } else {
+                                format!("{n}@{v}")
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    rows.push(vec![
+                        p.node_id.clone(),
+                        p.peer.clone(),
+                        protocol.to_owned(),
+                        short.to_owned(),
+                        t.acked.len().to_string(),
+                        state.to_owned(),
+                        t.nacks.to_string(),
+                        if t.last_nack.is_empty() {
+                            versions
+                        } else {
+                            format!("NACK: {}", t.last_nack)
+                        },
+                    ]);
+                }
+            }
+            table(
+                &[
+                    "NODE",
+                    "PEER",
+                    "XDS",
+                    "TYPE",
+                    "ACKED",
+                    "STATE",
+                    "NACKS",
+                    "VERSIONS / LAST NACK",
+                ],
+                rows,
+            );
         }
     }
 }

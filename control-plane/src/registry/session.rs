@@ -8,6 +8,14 @@
 //! deletes them. A clean close revokes the lease, removing them at once.
 //! Leases make the cleanup the store's job, so it happens even if this
 //! control plane dies.
+//!
+//! With several replicas (etcd store) a sidecar whose stream breaks reopens
+//! its session on another replica, which re-puts its instances under a new
+//! lease in one transaction: they never disappear from the registry. The
+//! old replica's grace timer then finds no instance left on the old lease
+//! and does nothing. A replica does not start grace timers for sessions it
+//! finds at startup ([`Sessions::replica`]): those may be alive on another
+//! replica, and their leases clean them up if they are not.
 
 use std::{
     collections::HashSet,
@@ -54,9 +62,21 @@ pub struct Session {
 // === impl Sessions ===
 
 impl Sessions {
-    /// Starts grace timers for instances whose sidecar has not reconnected
-    /// since this control plane started.
+    /// Sessions of the only control plane (embedded store): starts grace
+    /// timers for instances whose sidecar has not reconnected since it
+    /// started.
     pub fn new(registry: Registry, timeouts: SessionTimeouts) -> Self {
+        Self::build(registry, timeouts, true)
+    }
+
+    /// Sessions of one replica among several sharing a store: sessions
+    /// found at startup may be open on another replica, so they are left to
+    /// their leases.
+    pub fn replica(registry: Registry, timeouts: SessionTimeouts) -> Self {
+        Self::build(registry, timeouts, false)
+    }
+
+    fn build(registry: Registry, timeouts: SessionTimeouts, orphan_grace: bool) -> Self {
         let sessions = Sessions {
             shared: Arc::new(Shared {
                 registry,
@@ -65,16 +85,19 @@ impl Sessions {
                 next_epoch: AtomicU64::new(1),
             }),
         };
-        let orphans: HashSet<String> = sessions
+        if !orphan_grace {
+            return sessions;
+        }
+        let orphans: HashSet<(String, Option<LeaseId>)> = sessions
             .shared
             .registry
             .all()
             .into_iter()
-            .map(|s| s.instance.node_id.clone())
-            .filter(|n| !n.is_empty())
+            .filter(|s| !s.instance.node_id.is_empty())
+            .map(|s| (s.instance.node_id.clone(), s.lease))
             .collect();
-        for node in orphans {
-            sessions.start_grace(node, 0);
+        for (node, lease) in orphans {
+            sessions.start_grace(node, 0, lease);
         }
         sessions
     }
@@ -178,7 +201,11 @@ impl Sessions {
         &self.shared.registry
     }
 
-    fn start_grace(&self, node_id: String, epoch: u64) {
+    /// After the grace period, marks unhealthy the node's instances still
+    /// on `lease`, unless the node opened a newer session here meanwhile.
+    /// Instances re-put under another lease belong to a newer session
+    /// (possibly on another replica) and are left alone.
+    fn start_grace(&self, node_id: String, epoch: u64, lease: Option<LeaseId>) {
         let shared = self.shared.clone();
         tokio::spawn(async move {
             tokio::time::sleep(shared.timeouts.grace).await;
@@ -188,6 +215,9 @@ impl Sessions {
             }
             tracing::warn!(node = %node_id, grace = ?shared.timeouts.grace, "sidecar gone past its grace period; marking its instances unhealthy");
             for s in shared.registry.owned_by(&node_id) {
+                if s.lease != lease {
+                    continue;
+                }
                 if let Err(e) = shared
                     .registry
                     .set_status(&s.instance.id, HealthStatus::Unhealthy)
@@ -254,7 +284,8 @@ impl Drop for Session {
         self.keepalive.abort();
         if !self.closed {
             tracing::info!(node = %self.node_id, "sidecar stream gone; grace period started");
-            self.sessions.start_grace(self.node_id.clone(), self.epoch);
+            self.sessions
+                .start_grace(self.node_id.clone(), self.epoch, Some(self.lease));
         }
     }
 }

@@ -1,10 +1,11 @@
 use std::{sync::Arc, time::Duration};
 
+use futures::StreamExt;
 use isdp_proto::v1::{HealthStatus, Instance};
 use tokio::sync::watch;
 
 use super::{Change, Registry, RegistryError, SessionTimeouts, session::Sessions};
-use crate::store::embedded::EmbeddedStore;
+use crate::store::{Store, StoreError, Txn, embedded::EmbeddedStore};
 
 fn inst(service: &str, id: &str, port: u32) -> Instance {
     Instance {
@@ -147,4 +148,122 @@ async fn sessions_own_their_instances() {
         HealthStatus::Healthy as i32
     );
     drop(back);
+}
+
+/// A store whose watches break (Unavailable) after one batch, as an etcd
+/// watch does when its member dies, and which counts full reloads.
+struct Flaky {
+    inner: EmbeddedStore,
+    ranges: std::sync::atomic::AtomicUsize,
+    watches: std::sync::Mutex<Vec<crate::store::Revision>>,
+}
+
+#[async_trait::async_trait]
+impl Store for Flaky {
+    async fn range(
+        &self,
+        prefix: &str,
+    ) -> Result<(Vec<crate::store::KeyValue>, crate::store::Revision), StoreError> {
+        self.ranges
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.range(prefix).await
+    }
+    async fn txn(&self, txn: Txn) -> Result<crate::store::TxnOutcome, StoreError> {
+        self.inner.txn(txn).await
+    }
+    fn watch(
+        &self,
+        prefix: &str,
+        after: crate::store::Revision,
+    ) -> Result<crate::store::WatchStream, StoreError> {
+        self.watches.lock().unwrap().push(after);
+        let stream = self.inner.watch(prefix, after)?;
+        let broken = futures::stream::once(async {
+            Err(StoreError::Unavailable("etcd at test: member died".into()))
+        });
+        Ok(Box::pin(stream.take(1).chain(broken)))
+    }
+    async fn grant_lease(&self, ttl: Duration) -> Result<crate::store::LeaseId, StoreError> {
+        self.inner.grant_lease(ttl).await
+    }
+    async fn keep_alive(&self, lease: crate::store::LeaseId) -> Result<(), StoreError> {
+        self.inner.keep_alive(lease).await
+    }
+    async fn revoke(&self, lease: crate::store::LeaseId) -> Result<(), StoreError> {
+        self.inner.revoke(lease).await
+    }
+}
+
+#[tokio::test]
+async fn a_broken_watch_resumes_from_its_revision_without_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Flaky {
+        inner: EmbeddedStore::open(dir.path()).unwrap(),
+        ranges: Default::default(),
+        watches: Default::default(),
+    });
+    let (_stop, rx) = watch::channel(false);
+    let r = Registry::start(store.clone(), "/isdp/", rx).await.unwrap();
+    let mut changes = r.subscribe();
+    // Every write breaks the watch once; each must still be seen, and the
+    // view must resume after the last revision it applied, not reload.
+    for i in 0..5 {
+        r.register(inst("pay", &format!("pay-{i}"), 80))
+            .await
+            .unwrap();
+    }
+    assert_eq!(r.instances("pay").len(), 5);
+    let starts = store.watches.lock().unwrap().clone();
+    assert!(starts.len() >= 5, "{starts:?}");
+    assert!(
+        starts.windows(2).all(|w| w[0] < w[1]),
+        "each watch resumes after the last applied revision: {starts:?}"
+    );
+    assert_eq!(
+        store.ranges.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "only the initial load"
+    );
+    while let Ok(c) = changes.try_recv() {
+        assert_ne!(c, Change::All, "no resync");
+    }
+}
+
+/// Two replicas over one store: a sidecar whose stream to A broke reopens
+/// on B. A's grace timer must leave the instance alone (it now hangs on
+/// B's lease), and A's old lease expiring must not delete it.
+#[tokio::test]
+async fn a_session_reopened_on_another_replica_survives_the_old_ones_timers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let (_stop, rx) = watch::channel(false);
+    let ra = Registry::start(store.clone(), "/isdp/", rx.clone())
+        .await
+        .unwrap();
+    let rb = Registry::start(store, "/isdp/", rx).await.unwrap();
+    let timeouts = SessionTimeouts {
+        grace: Duration::from_millis(200),
+        timeout: Duration::from_millis(600),
+    };
+    let (a, b) = (
+        Sessions::replica(ra.clone(), timeouts),
+        Sessions::replica(rb.clone(), timeouts),
+    );
+    let healthy = || Instance {
+        status: HealthStatus::Healthy as i32,
+        ..inst("web", "", 8080)
+    };
+    let on_a = a.open("node-x", vec![healthy()]).await.unwrap();
+    let old_lease = ra.get("node-x.web").unwrap().lease;
+    drop(on_a); // the stream to A broke
+    let on_b = b.open("node-x", vec![healthy()]).await.unwrap();
+    let moved = rb.get("node-x.web").unwrap();
+    assert_ne!(moved.lease, old_lease, "re-put under B's lease");
+    // Past A's grace period and its lease's expiry.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for r in [&ra, &rb] {
+        let s = r.get("node-x.web").expect("still registered");
+        assert_eq!(s.instance.status, HealthStatus::Healthy as i32);
+    }
+    drop(on_b);
 }

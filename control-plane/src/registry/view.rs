@@ -1,8 +1,13 @@
 //! The registry's in-memory view, fed only by the store's watch.
+//!
+//! The view outlives store outages: it is what reads and xDS pushes are
+//! served from, so a replica cut off from etcd keeps answering with its
+//! last state while the watch reconnects behind it.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     sync::Arc,
+    time::Duration,
 };
 
 use dashmap::DashMap;
@@ -12,7 +17,9 @@ use prost::Message;
 use tokio::sync::{broadcast, watch};
 
 use super::{Change, RegistryError};
-use crate::store::{Event, KeyValue, LeaseId, Revision, Store};
+use crate::store::{
+    Event, KeyValue, LeaseId, Revision, Store, StoreError, WatchBatch, WatchStream,
+};
 
 /// An instance as stored, with what compare-and-set needs.
 #[derive(Debug)]
@@ -38,7 +45,7 @@ impl View {
         store: Arc<dyn Store>,
         prefix: &str,
         changes: broadcast::Sender<Change>,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
     ) -> Result<(View, watch::Receiver<Revision>), RegistryError> {
         let view = View {
             inner: Arc::new(Inner {
@@ -47,76 +54,40 @@ impl View {
             }),
         };
         let prefix = format!("{prefix}instances/");
-        let mut rev = view.load(&*store, &prefix).await?;
+        let rev = view.load(&*store, &prefix).await?;
         let (applied_tx, applied) = watch::channel(rev);
-        let v = view.clone();
-        tokio::spawn(async move {
-            loop {
-                let mut stream = match store.watch(&prefix, rev) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "registry watch lost; resyncing");
-                        match v.load(&*store, &prefix).await {
-                            Ok(r) => {
-                                rev = r;
-                                let _ = changes.send(Change::All);
-                                applied_tx.send_replace(rev);
-                            }
-                            Err(e) => {
-                                tracing::error!(error = %e, "registry resync failed");
-                                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                            }
-                        }
-                        continue;
-                    }
-                };
-                loop {
-                    tokio::select! {
-                        _ = shutdown.wait_for(|s| *s) => return,
-                        next = stream.next() => match next {
-                            Some(Ok(batch)) => {
-                                // Apply everything already delivered before
-                                // waking anyone: under load a commit carries
-                                // many revisions, and waking every waiting
-                                // writer (and every change listener) once per
-                                // revision would cost revisions x waiters.
-                                let mut touched = v.apply(&batch.events);
-                                rev = batch.revision;
-                                let mut failed = None;
-                                while let Some(more) = stream.next().now_or_never().flatten() {
-                                    match more {
-                                        Ok(b) => {
-                                            touched.extend(v.apply(&b.events));
-                                            rev = b.revision;
-                                        }
-                                        Err(e) => {
-                                            failed = Some(e);
-                                            break;
-                                        }
-                                    }
-                                }
-                                for service in touched {
-                                    let _ = changes.send(Change::Service(service.into()));
-                                }
-                                applied_tx.send_replace(rev);
-                                if let Some(e) = failed {
-                                    tracing::warn!(error = %e, "registry watch interrupted; resyncing");
-                                    rev = 0;
-                                    break;
-                                }
-                            }
-                            Some(Err(e)) => {
-                                tracing::warn!(error = %e, "registry watch interrupted; resyncing");
-                                rev = 0;
-                                break;
-                            }
-                            None => return,
-                        },
-                    }
-                }
-            }
-        });
+        tokio::spawn(follow(
+            view.clone(),
+            store,
+            prefix,
+            rev,
+            changes,
+            applied_tx,
+            shutdown,
+        ));
         Ok((view, applied))
+    }
+
+    /// Applies every batch already delivered by `stream` after `first`;
+    /// returns the services touched, the last revision, and the error that
+    /// interrupted the run, if any.
+    fn apply_ready(
+        &self,
+        first: WatchBatch,
+        stream: &mut WatchStream,
+    ) -> (BTreeSet<String>, Revision, Option<StoreError>) {
+        let mut touched = self.apply(&first.events);
+        let mut rev = first.revision;
+        while let Some(more) = stream.next().now_or_never().flatten() {
+            match more {
+                Ok(b) => {
+                    touched.extend(self.apply(&b.events));
+                    rev = b.revision;
+                }
+                Err(e) => return (touched, rev, Some(e)),
+            }
+        }
+        (touched, rev, None)
     }
 
     /// Replaces the whole view with the store's content.
@@ -248,6 +219,102 @@ impl View {
 
     pub(super) fn len(&self) -> usize {
         self.inner.instances.len()
+    }
+}
+
+/// First pause after the watch failed; doubles up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(100);
+/// Longest pause between watch attempts while the store is unreachable, so
+/// the view catches up soon after it returns.
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Follows the store's watch from `rev` until `shutdown`. While the store
+/// is unreachable the view keeps its content (reads and xDS pushes go on
+/// from it) and the watch is retried with backoff from the last applied
+/// revision, so nothing is missed; only a compacted revision (the store no
+/// longer has the history) costs a full resync.
+async fn follow(
+    v: View,
+    store: Arc<dyn Store>,
+    prefix: String,
+    mut rev: Revision,
+    changes: broadcast::Sender<Change>,
+    applied_tx: watch::Sender<Revision>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut retry = RETRY_MIN;
+    let mut resync = false;
+    loop {
+        if resync {
+            match v.load(&*store, &prefix).await {
+                Ok(r) => {
+                    rev = r;
+                    resync = false;
+                    let _ = changes.send(Change::All);
+                    applied_tx.send_replace(rev);
+                    tracing::info!(revision = rev, "registry resynced");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "registry resync failed; retrying");
+                    if !pause(&mut retry, &mut shutdown).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        let failure = match store.watch(&prefix, rev) {
+            Err(e) => e,
+            Ok(mut stream) => loop {
+                tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => return,
+                    next = stream.next() => match next {
+                        Some(Ok(batch)) => {
+                            // Apply everything already delivered before
+                            // waking anyone: under load a commit carries
+                            // many revisions, and waking every waiting
+                            // writer (and every change listener) once per
+                            // revision would cost revisions x waiters.
+                            let (touched, last, failed) = v.apply_ready(batch, &mut stream);
+                            rev = last;
+                            retry = RETRY_MIN;
+                            for service in touched {
+                                let _ = changes.send(Change::Service(service.into()));
+                            }
+                            applied_tx.send_replace(rev);
+                            if let Some(e) = failed {
+                                break e;
+                            }
+                        }
+                        Some(Err(e)) => break e,
+                        None => return,
+                    },
+                }
+            },
+        };
+        match failure {
+            StoreError::Closed => return,
+            StoreError::Compacted { .. } => {
+                tracing::warn!(error = %failure, "registry watch fell behind; resyncing");
+                resync = true;
+            }
+            e => {
+                tracing::warn!(error = %e, revision = rev, "registry watch interrupted; resuming");
+                if !pause(&mut retry, &mut shutdown).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps `retry` (then doubles it); false if shutdown came first.
+async fn pause(retry: &mut Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    let delay = *retry;
+    *retry = (*retry * 2).min(RETRY_MAX);
+    tokio::select! {
+        _ = shutdown.wait_for(|s| *s) => false,
+        _ = tokio::time::sleep(delay) => true,
     }
 }
 

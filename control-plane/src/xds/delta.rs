@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     sync::Arc,
+    time::Instant,
 };
 
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
@@ -27,9 +28,18 @@ struct TypeState {
     /// What the client holds: name -> version. An empty version records
     /// that the client was told the name does not exist.
     known: HashMap<String, String>,
-    /// Versions of the response awaiting ACK, reported once it is ACKed.
-    pending: Option<(String, Vec<(String, String)>)>,
+    /// The response awaiting ACK.
+    pending: Option<Pending>,
     dirty: BTreeSet<String>,
+}
+
+/// A response sent and not yet ACKed or NACKed.
+struct Pending {
+    nonce: String,
+    /// (name, version) pairs, reported in the ACK event.
+    versions: Vec<(String, String)>,
+    /// The newest change the response carries.
+    changed_at: Option<Instant>,
 }
 
 impl DeltaStream {
@@ -78,9 +88,13 @@ impl DeltaStream {
             && st
                 .pending
                 .as_ref()
-                .is_some_and(|(n, _)| *n == req.response_nonce)
+                .is_some_and(|p| p.nonce == req.response_nonce)
         {
-            let (nonce, versions) = st.pending.take().expect("checked");
+            let Pending {
+                nonce,
+                versions,
+                changed_at,
+            } = st.pending.take().expect("checked");
             match &req.error_detail {
                 Some(e) => out.push(StreamEvent::Nack {
                     type_url: type_url.clone(),
@@ -91,6 +105,7 @@ impl DeltaStream {
                     type_url: type_url.clone(),
                     nonce,
                     versions,
+                    changed_at,
                 }),
             }
         }
@@ -182,8 +197,13 @@ impl DeltaStream {
             .map(|r| (r.name.clone(), r.version.clone()))
             .chain(removed.iter().map(|n| (n.clone(), String::new())))
             .collect();
+        let changed_at = resources.iter().map(|r| r.changed_at).max();
         let bytes = delta_response(type_url, &nonce, &resources, removed);
-        st.pending = Some((nonce.clone(), versions));
+        st.pending = Some(Pending {
+            nonce: nonce.clone(),
+            versions,
+            changed_at,
+        });
         out.push(StreamEvent::Response {
             type_url: type_url.clone(),
             nonce,

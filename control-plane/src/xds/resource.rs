@@ -6,6 +6,8 @@
 //! encoding appended as field 2 (`resources`) of `DiscoveryResponse` or
 //! `DeltaDiscoveryResponse`. No resource is re-encoded per stream.
 
+use std::time::Instant;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use envoy_types::pb::{
     envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse, Resource},
@@ -32,6 +34,9 @@ pub struct Encoded {
     pub any: Bytes,
     /// The resource as an `envoy.service.discovery.v3.Resource` (delta).
     pub delta: Bytes,
+    /// When the change that produced this content was first seen; an ACK
+    /// of a response carrying it measures convergence from here.
+    pub changed_at: Instant,
 }
 
 impl Encoded {
@@ -54,6 +59,7 @@ impl Encoded {
             version,
             any: any_bytes.into(),
             delta: delta.into(),
+            changed_at: Instant::now(),
         }
     }
 }

@@ -7,6 +7,7 @@ use std::{
     net::SocketAddr,
     sync::Arc,
     task::{Context, Poll},
+    time::Instant,
 };
 
 use bytes::Bytes;
@@ -41,6 +42,9 @@ pub enum StreamEvent {
         type_url: Arc<str>,
         nonce: String,
         versions: Vec<(String, String)>,
+        /// The newest change the acknowledged response carried (None when
+        /// it carried only removals).
+        changed_at: Option<Instant>,
     },
     Nack {
         type_url: Arc<str>,
@@ -52,6 +56,9 @@ pub enum StreamEvent {
 #[derive(Clone, Debug)]
 pub struct StreamInfo {
     pub id: u64,
+    /// When the stream sent its first request; changes older than this
+    /// reached it on connect, not by propagation.
+    pub opened: Instant,
     pub node_id: String,
     pub delta: bool,
     pub peer: Option<SocketAddr>,
@@ -63,6 +70,24 @@ pub trait StreamObserver: Send + Sync + 'static {
     fn opened(&self, _stream: &StreamInfo) {}
     fn event(&self, _stream: &StreamInfo, _event: &StreamEvent) {}
     fn closed(&self, _stream: &StreamInfo) {}
+}
+
+/// Two observers, both told everything (metrics and proxy status, say).
+impl<A: StreamObserver, B: StreamObserver> StreamObserver for (A, B) {
+    fn opened(&self, s: &StreamInfo) {
+        self.0.opened(s);
+        self.1.opened(s);
+    }
+
+    fn event(&self, s: &StreamInfo, e: &StreamEvent) {
+        self.0.event(s, e);
+        self.1.event(s, e);
+    }
+
+    fn closed(&self, s: &StreamInfo) {
+        self.0.closed(s);
+        self.1.closed(s);
+    }
 }
 
 /// The `envoy.service.discovery.v3.AggregatedDiscoveryService` server.
@@ -190,6 +215,7 @@ async fn drive<P: Protocol>(
                     if info.is_none() {
                         let i = StreamInfo {
                             id: svc.cache.stream_id(),
+                            opened: Instant::now(),
                             node_id: P::node_id(&req).unwrap_or_default().to_owned(),
                             delta: P::DELTA,
                             peer,

@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     sync::Arc,
+    time::Instant,
 };
 
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
@@ -30,7 +31,8 @@ struct TypeState {
     acked: Option<String>,
     /// Nonce of the response awaiting ACK/NACK; nothing more is sent for
     /// this type until it is answered.
-    pending: Option<String>,
+    /// The response awaiting ACK: its nonce and the newest change it carries.
+    pending: Option<(String, Option<Instant>)>,
     /// Nonce of the latest response sent; requests naming an older one
     /// are stale.
     last_nonce: Option<String>,
@@ -84,8 +86,8 @@ impl SotwStream {
             // A stale nonce: the client has not seen our latest response
             // yet. Per the protocol, ignore the request.
             return Ok(());
-        } else if st.pending.as_deref() == Some(req.response_nonce.as_str()) {
-            st.pending = None;
+        } else if let Some((_, changed_at)) = st.pending.take_if(|(n, _)| *n == req.response_nonce)
+        {
             match &req.error_detail {
                 Some(e) => out.push(StreamEvent::Nack {
                     type_url: type_url.clone(),
@@ -98,6 +100,7 @@ impl SotwStream {
                         type_url: type_url.clone(),
                         nonce: req.response_nonce.clone(),
                         versions: vec![(String::new(), req.version_info.clone())],
+                        changed_at,
                     });
                 }
             }
@@ -157,7 +160,8 @@ impl SotwStream {
         let nonce = self.cache.nonce();
         let bytes = sotw_response(type_url, &version, &nonce, &resources);
         st.sent = Some(version);
-        st.pending = Some(nonce.clone());
+        let changed_at = resources.iter().map(|r| r.changed_at).max();
+        st.pending = Some((nonce.clone(), changed_at));
         st.last_nonce = Some(nonce.clone());
         out.push(StreamEvent::Response {
             type_url: type_url.clone(),

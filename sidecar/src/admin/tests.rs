@@ -25,12 +25,19 @@ async fn live_ready_and_config() {
     .unwrap();
     let session = Session::new(&config);
     let (xds_tx, xds) = watch::channel(Arc::new(Snapshot::default()));
+    let metrics = crate::metrics::Metrics::new();
+    metrics.register_state(crate::metrics::StateCollector {
+        snapshots: xds.clone(),
+        session: session.clone(),
+        upstreams: None,
+    });
     let state = AdminState {
         session: session.clone(),
         xds,
         has_upstreams: true,
         listeners: None,
         upstreams: None,
+        metrics,
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -95,6 +102,24 @@ async fn live_ready_and_config() {
     assert_eq!(json["xds"]["acked"]["payments"], "abc");
     assert_eq!(json["xds"]["acks"], 3);
     assert_eq!(json["xds"]["nacks"], 0);
+
+    let (status, text) = get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    for line in [
+        "isdp_xds_connected 1",
+        "isdp_xds_acks_total 3",
+        "isdp_xds_nacks_total 0",
+        "isdp_xds_resources_acked 1",
+        r#"isdp_upstream_endpoints{service="payments",health="healthy"} 1"#,
+        r#"isdp_upstream_endpoints{service="payments",health="unhealthy"} 0"#,
+        "isdp_session_connected 0",
+        "isdp_local_services 1",
+        "isdp_upstreams_configured 0",
+        r#"isdp_local_service_health{service="web",health="unhealthy"} 1"#,
+        r#"isdp_local_service_health{service="web",health="healthy"} 0"#,
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
 
     stop.send(true).unwrap();
     server.await.unwrap().unwrap();

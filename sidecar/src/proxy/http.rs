@@ -65,6 +65,11 @@ impl<G: Unpin> http_body::Body for Guarded<G> {
     }
 }
 
+/// Marks a response the sidecar produced itself, with its `x-isdp-error`
+/// reason, for the metrics layer (which should not parse headers back).
+#[derive(Clone, Copy, Debug)]
+pub struct ProxyError(pub &'static str);
+
 /// A response the sidecar itself produced, with the reason in
 /// [`ERROR_HEADER`] and a one-line body for people.
 pub fn error_response(
@@ -76,6 +81,7 @@ pub fn error_response(
         "{reason}: {detail}\n"
     )))));
     *resp.status_mut() = status;
+    resp.extensions_mut().insert(ProxyError(reason));
     resp.headers_mut()
         .insert(ERROR_HEADER.clone(), HeaderValue::from_static(reason));
     resp.headers_mut().insert(

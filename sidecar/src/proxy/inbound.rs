@@ -18,19 +18,24 @@ use std::{
 use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
 
+use super::observe::observe;
 use super::{
     forward::{Dest, Forwarder, Hop},
     http::{Body, SERVICE_HEADER, error_response},
     outbound::{BoxFuture, answer},
     tcp,
 };
-use crate::config::{Protocol, Service};
+use crate::{
+    config::{Protocol, Service},
+    metrics::{Direction, Metrics, RouteMetrics},
+};
 
 /// A local service as the inbound side needs it.
 #[derive(Clone, Debug)]
 struct Local {
     dest: Dest,
     protocol: Protocol,
+    metrics: Arc<RouteMetrics>,
 }
 
 #[derive(Clone)]
@@ -43,7 +48,7 @@ pub struct Inbound {
 }
 
 impl Inbound {
-    pub fn new(services: &[Service], forwarder: Forwarder) -> Self {
+    pub fn new(services: &[Service], forwarder: Forwarder, metrics: &Metrics) -> Self {
         let map: HashMap<String, Local> = services
             .iter()
             .map(|s| {
@@ -52,6 +57,7 @@ impl Inbound {
                     Local {
                         dest: Dest::new(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), s.port)),
                         protocol: s.protocol,
+                        metrics: metrics.route(Direction::Inbound, &s.name),
                     },
                 )
             })
@@ -64,10 +70,6 @@ impl Inbound {
         }
     }
 
-    fn local(&self, name: &str) -> Option<SocketAddr> {
-        self.services.get(name).map(|l| l.dest.addr)
-    }
-
     /// Hands a tunnelled TCP connection to its local service.
     pub async fn tcp(&self, mut stream: TcpStream, connect_timeout: Duration) {
         let service = match tcp::read_preamble(&mut stream).await {
@@ -77,12 +79,15 @@ impl Inbound {
                 return;
             }
         };
-        let Some(addr) = self.local(&service) else {
+        let Some(local) = self.services.get(&service) else {
             tracing::debug!(%service, "tcp for an unknown local service; closing");
             return;
         };
-        match super::transport::connect(addr, connect_timeout).await {
-            Ok(local) => tcp::splice(stream, local).await,
+        match super::transport::connect(local.dest.addr, connect_timeout).await {
+            Ok(conn) => {
+                let _open = tcp::OpenConnection::new(&local.metrics);
+                tcp::splice(stream, conn).await
+            }
             Err(e) => tracing::debug!(%service, error = %e, "local service refused tcp"),
         }
     }
@@ -149,6 +154,10 @@ impl tower::Service<Request<Body>> for Inbound {
             Hop::Http1
         };
         let forwarder = self.forwarder.clone();
-        Box::pin(async move { Ok(forwarder.forward(req, &local.dest, hop).await) })
+        let metrics = local.metrics.clone();
+        observe(
+            metrics,
+            Box::pin(async move { Ok(forwarder.forward(req, &local.dest, hop).await) }),
+        )
     }
 }

@@ -1,13 +1,13 @@
 //! The outbound request path, as a stack of named tower layers:
 //!
-//! `Route` (which upstream?) -> `Balance` (which endpoint?) -> `Endpoint`
-//! (send it). Retries, timeouts and breakers slot in between as further
+//! `Route` (which upstream?) -> `Observe` (metrics, in `observe`) ->
+//! `Balance` (which endpoint?) -> `Endpoint` (send it). Retries, timeouts and breakers slot in between as further
 //! layers. Each layer either passes the request on, carrying its decision
 //! in the request's extensions, or answers it itself with a response naming
 //! the reason in `x-isdp-error`.
 //!
-//! Observability wraps the stack (`trace::Trace`, outermost) and the
-//! endpoint (`trace::TraceEndpoint`, between `Balance` and `Endpoint`).
+//! Spans and the access log wrap the stack (`trace::Trace`, outermost) and
+//! the endpoint (`trace::TraceEndpoint`, between `Balance` and `Endpoint`).
 
 use std::{
     convert::Infallible,
@@ -24,7 +24,8 @@ use tower::{Layer, Service};
 use super::{
     forward::{Forwarder, Hop},
     http::{Body, SERVICE_HEADER, add_forwarding, error_response, forwarded_for_value},
-    trace::{Observe, Trace, TraceEndpoint, TraceEndpointLayer, TraceLayer},
+    observe::{Observe, ObserveLayer},
+    trace::{Trace, TraceEndpoint, TraceEndpointLayer, TraceLayer, TraceSettings},
     upstreams::{Target, UpstreamLb, Upstreams},
 };
 use crate::{balance::LoadGuard, config::Protocol};
@@ -69,12 +70,13 @@ pub fn stack(
     by: RouteBy,
     upstreams: Upstreams,
     forwarder: Forwarder,
-    observe: Observe,
-) -> Trace<Route<Balance<TraceEndpoint<Endpoint>>>> {
-    let endpoint = TraceEndpointLayer(observe.clone()).layer(Endpoint { forwarder });
+    tracing: TraceSettings,
+) -> Trace<Route<Observe<Balance<TraceEndpoint<Endpoint>>>>> {
+    let endpoint = TraceEndpointLayer(tracing.clone()).layer(Endpoint { forwarder });
     let balance = BalanceLayer.layer(endpoint);
-    let route = RouteLayer { by, upstreams }.layer(balance);
-    TraceLayer(observe).layer(route)
+    let observe = ObserveLayer.layer(balance);
+    let route = RouteLayer { by, upstreams }.layer(observe);
+    TraceLayer(tracing).layer(route)
 }
 
 // === Route ===

@@ -15,6 +15,7 @@ use tokio::{
 };
 
 use super::{Tracker, stopped, transport, upstreams::Upstreams};
+use crate::metrics::RouteMetrics;
 
 pub const PREAMBLE: &[u8] = b"ISDP-TCP/1 ";
 /// A service name is a DNS label; the line can never be longer than this.
@@ -98,10 +99,10 @@ async fn connect_outbound(
     upstreams: &Upstreams,
     connect_timeout: Duration,
 ) {
-    let picked = upstreams
-        .get(upstream)
-        .and_then(|lb| lb.pick_connection(Some(peer.ip())));
-    let Some((target, guard)) = picked else {
+    let Some(lb) = upstreams.get(upstream) else {
+        return;
+    };
+    let Some((target, guard)) = lb.pick_connection(Some(peer.ip())) else {
         // Nothing to send to: close at once so the client fails fast.
         tracing::debug!(upstream, "no healthy endpoints; closing tcp connection");
         return;
@@ -123,8 +124,26 @@ async fn connect_outbound(
         tracing::debug!(upstream, error = %e, "writing tcp preamble");
         return;
     }
+    let _open = OpenConnection::new(&lb.metrics);
     splice(client, server).await;
     drop(guard);
+}
+
+/// Counts a proxied TCP connection: opened now, open until dropped.
+pub struct OpenConnection(Arc<RouteMetrics>);
+
+impl OpenConnection {
+    pub fn new(metrics: &Arc<RouteMetrics>) -> Self {
+        metrics.tcp_opened.inc();
+        metrics.tcp_open.inc();
+        OpenConnection(metrics.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.tcp_open.dec();
+    }
 }
 
 #[cfg(test)]

@@ -51,16 +51,16 @@ const PEER_IDENTITY: Key = Key::from_static_str("isdp.peer.identity");
 
 /// What the request path records, decided once per listener.
 #[derive(Clone, Default)]
-pub struct Observe {
+pub struct TraceSettings {
     tracer: Option<SdkTracer>,
     access_log: bool,
 }
 
-impl Observe {
+impl TraceSettings {
     /// Spans if this process has a tracer (see `telemetry`), access log
     /// lines if `access_log`.
     pub fn new(access_log: bool) -> Self {
-        Observe {
+        TraceSettings {
             tracer: crate::telemetry::tracer().cloned(),
             access_log,
         }
@@ -141,13 +141,13 @@ struct ExchangeRef(Arc<Exchange>);
 // === Trace (outbound, outermost) ===
 
 #[derive(Clone)]
-pub struct TraceLayer(pub Observe);
+pub struct TraceLayer(pub TraceSettings);
 
 impl<S> Layer<S> for TraceLayer {
     type Service = Trace<S>;
     fn layer(&self, inner: S) -> Trace<S> {
         Trace {
-            observe: self.0.clone(),
+            settings: self.0.clone(),
             inner,
         }
     }
@@ -156,7 +156,7 @@ impl<S> Layer<S> for TraceLayer {
 /// The client span of an outbound request, and its access log line.
 #[derive(Clone)]
 pub struct Trace<S> {
-    observe: Observe,
+    settings: TraceSettings,
     inner: S,
 }
 
@@ -178,13 +178,13 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
-        if !self.observe.enabled() {
+        if !self.settings.enabled() {
             return self.inner.call(req);
         }
         let start = Instant::now();
-        let mut span = self.observe.start(SpanKind::Client, &req);
+        let mut span = self.settings.start(SpanKind::Client, &req);
         let log = self
-            .observe
+            .settings
             .access_log
             .then(|| access::Entry::new(&req, span.as_ref()));
         let exchange = Arc::new(Exchange {
@@ -219,7 +219,7 @@ where
 // === TraceEndpoint (outbound, between Balance and Endpoint) ===
 
 #[derive(Clone)]
-pub struct TraceEndpointLayer(pub Observe);
+pub struct TraceEndpointLayer(pub TraceSettings);
 
 impl<S> Layer<S> for TraceEndpointLayer {
     type Service = TraceEndpoint<S>;
@@ -284,13 +284,13 @@ where
 /// line; the local service receives this span's context.
 #[derive(Clone)]
 pub struct TraceInbound<S> {
-    observe: Observe,
+    settings: TraceSettings,
     inner: S,
 }
 
 impl<S> TraceInbound<S> {
-    pub fn new(observe: Observe, inner: S) -> Self {
-        TraceInbound { observe, inner }
+    pub fn new(settings: TraceSettings, inner: S) -> Self {
+        TraceInbound { settings, inner }
     }
 
     pub fn get_ref(&self) -> &S {
@@ -316,11 +316,11 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
-        if !self.observe.enabled() {
+        if !self.settings.enabled() {
             return self.inner.call(req);
         }
         let start = Instant::now();
-        let mut span = self.observe.start(SpanKind::Server, &req);
+        let mut span = self.settings.start(SpanKind::Server, &req);
         let peer = req.extensions().get::<ClientAddr>().map(|c| c.addr);
         if let Some(span) = &mut span {
             if span.is_recording() {
@@ -342,7 +342,7 @@ where
             propagation::inject(req.headers_mut(), span.span_context());
         }
         let log = self
-            .observe
+            .settings
             .access_log
             .then(|| access::Entry::new(&req, span.as_ref()));
         let fut = self.inner.call(req);

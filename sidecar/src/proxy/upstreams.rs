@@ -20,6 +20,7 @@ use super::forward::Dest;
 use crate::{
     balance::{Algorithm, Balancer, EndpointLoad, HashKey, LoadGuard, candidates},
     config::{Protocol, Upstream},
+    metrics::{Direction, Metrics, RouteMetrics},
     probe::Health,
     xds::Snapshot,
 };
@@ -50,6 +51,8 @@ pub struct UpstreamLb {
     pub targets: Vec<Arc<Target>>,
     /// True when too few endpoints are healthy and all are used.
     pub panic: bool,
+    /// This upstream's request metrics; the same handles across rebuilds.
+    pub metrics: Arc<RouteMetrics>,
     balancer: Balancer,
     hash_key: Option<HashKey>,
 }
@@ -93,6 +96,7 @@ pub struct Upstreams {
 
 struct Shared {
     configs: HashMap<String, Upstream>,
+    metrics: HashMap<String, Arc<RouteMetrics>>,
     current: RwLock<HashMap<String, Arc<UpstreamLb>>>,
     loads: Mutex<HashMap<String, Arc<EndpointLoad>>>,
 }
@@ -102,6 +106,7 @@ impl Upstreams {
     /// until the snapshot sender goes away or `shutdown` turns true.
     pub fn spawn(
         configs: &[Upstream],
+        metrics: &Metrics,
         mut snapshots: watch::Receiver<Arc<Snapshot>>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Self {
@@ -110,6 +115,10 @@ impl Upstreams {
                 configs: configs
                     .iter()
                     .map(|u| (u.name.clone(), u.clone()))
+                    .collect(),
+                metrics: configs
+                    .iter()
+                    .map(|u| (u.name.clone(), metrics.route(Direction::Outbound, &u.name)))
                     .collect(),
                 current: RwLock::default(),
                 loads: Mutex::default(),
@@ -225,6 +234,7 @@ impl Upstreams {
             balancer: Balancer::new(cfg.lb, targets.iter().map(|t| t.load.clone()).collect()),
             targets,
             panic,
+            metrics: self.shared.metrics[&cfg.name].clone(),
             hash_key: cfg.hash_key.clone(),
         }
     }

@@ -20,6 +20,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures::FutureExt;
 use http::{Request, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::{body::Incoming, client::conn::http1};
@@ -70,7 +71,7 @@ impl H1Pool {
         addr: SocketAddr,
         req: Request<Body>,
     ) -> Result<Response<Body>, SendError> {
-        let (mut sender, reused) = match self.checkout(addr).await {
+        let (mut sender, reused) = match self.checkout(addr) {
             Some(s) => (s, true),
             None => (self.connect(addr).await?, false),
         };
@@ -98,28 +99,38 @@ impl H1Pool {
         }))
     }
 
-    /// The most recently returned live connection to `addr`, if any.
-    async fn checkout(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
-        loop {
-            let idle = {
-                let mut map = self.shared.idle.lock().expect("h1 pool lock");
-                let list = map.get_mut(&addr)?;
-                let idle = list.pop();
-                if list.is_empty() {
-                    map.remove(&addr);
-                }
-                idle?
-            };
+    /// The most recently returned connection to `addr` that can take a
+    /// request now. One still busy (its request body still uploading after
+    /// an early response) is passed over, never waited for: waiting would
+    /// put this request behind someone else's upload.
+    fn checkout(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
+        let mut map = self.shared.idle.lock().expect("h1 pool lock");
+        let list = map.get_mut(&addr)?;
+        let mut busy = Vec::new();
+        let mut found = None;
+        while let Some(mut idle) = list.pop() {
             if idle.sender.is_closed() || idle.since.elapsed() > IDLE_TIMEOUT {
                 continue;
             }
-            let mut sender = idle.sender;
-            // The body ended, so the connection is ready or about to be:
-            // its task only has to notice. An error means it closed.
-            if sender.ready().await.is_ok() {
-                return Some(sender);
+            // The connection's task has had a turn since the body ended
+            // (the next request had to arrive first), so a healthy one
+            // reports ready at once.
+            match idle.sender.ready().now_or_never() {
+                Some(Ok(())) => {
+                    found = Some(idle.sender);
+                    break;
+                }
+                Some(Err(_)) => {}
+                None => busy.push(idle),
             }
         }
+        // Busy ones go back under the rest, to be tried last.
+        busy.append(list);
+        *list = busy;
+        if list.is_empty() {
+            map.remove(&addr);
+        }
+        found
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<http1::SendRequest<Body>, SendError> {
@@ -290,6 +301,26 @@ mod tests {
             resp.into_body().collect().await.unwrap();
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_uploading_is_passed_over_not_waited_for() {
+        let (addr, accepted) = server(2, true).await;
+        let pool = H1Pool::new(Duration::from_secs(1));
+        // A request body that never ends; the service answers at once.
+        let (_tx, rx) = futures::channel::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let upload = Request::post("/")
+            .header(http::header::HOST, "svc")
+            .body(Body::new(http_body_util::StreamBody::new(rx)))
+            .unwrap();
+        let resp = pool.send(addr, upload).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        let second = tokio::time::timeout(Duration::from_secs(2), pool.send(addr, get()))
+            .await
+            .expect("the second request must not wait for the first upload")
+            .unwrap();
+        assert_eq!(second.status(), StatusCode::OK);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

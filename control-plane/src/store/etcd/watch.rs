@@ -1,0 +1,98 @@
+//! An etcd watch as a [`WatchStream`]: one task per watch forwards etcd's
+//! responses, grouped into one [`WatchBatch`] per revision.
+//!
+//! The stream ends with an error instead of retrying by itself: the caller
+//! (the registry view) knows its last applied revision and decides between
+//! resuming from it (`Unavailable`) and a full resync (`Compacted`). That
+//! keeps one reconnect policy, in one place, for every backend.
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use etcd_client::{EventType, WatchOptions};
+
+use super::{EtcdStore, to_kv};
+use crate::store::{Event, Revision, StoreError, WatchBatch, WatchStream};
+
+/// Batches buffered between etcd and a slow consumer.
+const BUFFER: usize = 256;
+
+pub(super) fn start(store: EtcdStore, prefix: String, after: Revision) -> WatchStream {
+    let (tx, rx) = mpsc::channel(BUFFER);
+    tokio::spawn(async move {
+        if let Err(e) = forward(&store, &prefix, after, &tx).await {
+            let _ = tx.send(Err(e)).await;
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+/// Forwards batches until the consumer goes away (`Ok`) or the watch fails.
+async fn forward(
+    store: &EtcdStore,
+    prefix: &str,
+    after: Revision,
+    tx: &mpsc::Sender<Result<WatchBatch, StoreError>>,
+) -> Result<(), StoreError> {
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(after as i64 + 1);
+    let open = store.call(|c| {
+        let (prefix, options) = (prefix.to_owned(), options.clone());
+        async move { c.watch_client().watch(prefix, Some(options)).await }
+    });
+    let mut stream = tokio::select! {
+        _ = tx.closed() => return Ok(()),
+        s = open => s.map_err(|f| store.fail("watch", f, None))?,
+    };
+    let mut last = after;
+    loop {
+        let message = tokio::select! {
+            _ = tx.closed() => return Ok(()),
+            m = stream.message() => m,
+        };
+        let response = match message {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(store.unavailable("watch: stream ended")),
+            Err(e) => return Err(store.unavailable(format!("watch: {e}"))),
+        };
+        if response.compact_revision() > 0 {
+            return Err(StoreError::Compacted {
+                requested: last,
+                oldest: response.compact_revision() as Revision,
+            });
+        }
+        if response.canceled() {
+            return Err(store.unavailable(format!("watch canceled: {}", response.cancel_reason())));
+        }
+        for batch in batches(response.events()) {
+            last = batch.revision;
+            if tx.send(Ok(batch)).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Groups events by revision, in order: one etcd transaction, one batch.
+fn batches(events: &[etcd_client::Event]) -> Vec<WatchBatch> {
+    let mut out: Vec<WatchBatch> = Vec::new();
+    for e in events {
+        let Some(kv) = e.kv() else { continue };
+        let revision = kv.mod_revision() as Revision;
+        let event = match e.event_type() {
+            EventType::Put => Event::Put(to_kv(kv)),
+            EventType::Delete => Event::Delete {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+            },
+        };
+        match out.last_mut() {
+            Some(b) if b.revision == revision => b.events.push(event),
+            _ => out.push(WatchBatch {
+                revision,
+                events: vec![event],
+            }),
+        }
+    }
+    out
+}

@@ -1,0 +1,337 @@
+//! The sidecar's Prometheus metrics, served as text on the admin port's
+//! `/metrics`.
+//!
+//! Two kinds:
+//! - Request metrics, recorded on the request path. Each route (an
+//!   upstream, or a local service for inbound traffic) resolves its
+//!   [`RouteMetrics`] once, so a request only touches atomics and one
+//!   histogram: no label hashing per request.
+//! - State metrics (endpoints by health, xDS and session state, local
+//!   health), read from the state the sidecar already keeps when Prometheus
+//!   scrapes, by [`StateCollector`]. Nothing on the request path feeds them.
+//!
+//! Label sets are bounded: `service` values come from the configuration
+//! (upstreams and local services), `reason` from the fixed set of
+//! `x-isdp-error` values, `grpc_code` from the 17 gRPC codes.
+
+mod state;
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::{Registry, Unit},
+};
+
+pub use state::StateCollector;
+
+/// Which way traffic flows through the sidecar.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// From a local service to an upstream.
+    Outbound,
+    /// From another sidecar to a local service.
+    Inbound,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    direction: &'static str,
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    direction: &'static str,
+    service: String,
+    status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrpcLabels {
+    direction: &'static str,
+    service: String,
+    grpc_code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    direction: &'static str,
+    service: String,
+    reason: &'static str,
+}
+
+/// Latency buckets, in seconds: 0.5 ms to 10 s. A proxied request on a
+/// LAN lands in the first few; timeouts in the last. The control plane
+/// uses them too, so dashboards compare like with like.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A cheap handle to the registry; clone it into whatever records.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: std::sync::Mutex<Registry>,
+    requests: Family<StatusLabels, Counter>,
+    grpc: Family<GrpcLabels, Counter>,
+    durations: Family<RouteLabels, Histogram>,
+    in_flight: Family<RouteLabels, Gauge>,
+    errors: Family<ErrorLabels, Counter>,
+    tcp_opened: Family<RouteLabels, Counter>,
+    tcp_open: Family<RouteLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("isdp");
+        let requests = Family::<StatusLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "HTTP requests completed (response headers sent), by status class",
+            requests.clone(),
+        );
+        let grpc = Family::<GrpcLabels, Counter>::default();
+        registry.register(
+            "grpc_requests",
+            "gRPC calls completed, by grpc-status",
+            grpc.clone(),
+        );
+        let durations = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(LATENCY_BUCKETS.iter().copied())
+        });
+        registry.register_with_unit(
+            "request_duration",
+            "Time from receiving a request to its response headers",
+            Unit::Seconds,
+            durations.clone(),
+        );
+        let in_flight = Family::<RouteLabels, Gauge>::default();
+        registry.register(
+            "requests_in_flight",
+            "HTTP requests whose response has not ended yet",
+            in_flight.clone(),
+        );
+        let errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "proxy_errors",
+            "Responses the sidecar produced itself, by x-isdp-error reason",
+            errors.clone(),
+        );
+        let tcp_opened = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "tcp_connections",
+            "TCP connections proxied",
+            tcp_opened.clone(),
+        );
+        let tcp_open = Family::<RouteLabels, Gauge>::default();
+        registry.register(
+            "tcp_connections_open",
+            "TCP connections being proxied now",
+            tcp_open.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner {
+                registry: std::sync::Mutex::new(registry),
+                requests,
+                grpc,
+                durations,
+                in_flight,
+                errors,
+                tcp_opened,
+                tcp_open,
+            }),
+        }
+    }
+
+    /// Adds scrape-time metrics read from the sidecar's state.
+    pub fn register_state(&self, collector: StateCollector) {
+        self.inner
+            .registry
+            .lock()
+            .expect("registry lock")
+            .register_collector(Box::new(collector));
+    }
+
+    /// The handles for one route, resolved once and kept by the route.
+    pub fn route(&self, direction: Direction, service: &str) -> Arc<RouteMetrics> {
+        let labels = RouteLabels {
+            direction: direction.as_str(),
+            service: service.to_owned(),
+        };
+        let status = |class| {
+            self.inner
+                .requests
+                .get_or_create(&StatusLabels {
+                    direction: direction.as_str(),
+                    service: service.to_owned(),
+                    status_class: class,
+                })
+                .clone()
+        };
+        Arc::new(RouteMetrics {
+            direction,
+            service: service.to_owned(),
+            status: [
+                status("1xx"),
+                status("2xx"),
+                status("3xx"),
+                status("4xx"),
+                status("5xx"),
+            ],
+            duration: self.inner.durations.get_or_create(&labels).clone(),
+            in_flight: self.inner.in_flight.get_or_create(&labels).clone(),
+            tcp_opened: self.inner.tcp_opened.get_or_create(&labels).clone(),
+            tcp_open: self.inner.tcp_open.get_or_create(&labels).clone(),
+            shared: self.clone(),
+        })
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let registry = self.inner.registry.lock().expect("registry lock");
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// One route's request metrics. Cloning the `Arc` is all a request pays to
+/// hold them.
+pub struct RouteMetrics {
+    direction: Direction,
+    service: String,
+    /// Indexed by the status's hundreds digit minus one.
+    status: [Counter; 5],
+    pub duration: Histogram,
+    pub in_flight: Gauge,
+    pub tcp_opened: Counter,
+    pub tcp_open: Gauge,
+    shared: Metrics,
+}
+
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteMetrics")
+            .field("direction", &self.direction)
+            .field("service", &self.service)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RouteMetrics {
+    pub fn status(&self, status: http::StatusCode) {
+        if let Some(c) = self
+            .status
+            .get((status.as_u16() / 100).wrapping_sub(1) as usize)
+        {
+            c.inc();
+        }
+    }
+
+    /// A response the sidecar produced itself (the `x-isdp-error` value).
+    pub fn error(&self, reason: &'static str) {
+        self.shared
+            .inner
+            .errors
+            .get_or_create(&ErrorLabels {
+                direction: self.direction.as_str(),
+                service: self.service.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// A finished gRPC call; `code` is the `grpc-status` value.
+    pub fn grpc(&self, code: u16) {
+        self.shared
+            .inner
+            .grpc
+            .get_or_create(&GrpcLabels {
+                direction: self.direction.as_str(),
+                service: self.service.clone(),
+                grpc_code: grpc_code_name(code),
+            })
+            .inc();
+    }
+}
+
+/// The canonical name of a gRPC status code; anything unknown is UNKNOWN,
+/// as the gRPC spec says a client must treat it.
+pub fn grpc_code_name(code: u16) -> &'static str {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    NAMES.get(code as usize).copied().unwrap_or("UNKNOWN")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_share_series_and_render_with_units() {
+        let m = Metrics::new();
+        let a = m.route(Direction::Outbound, "payments");
+        let b = m.route(Direction::Outbound, "payments");
+        a.status(http::StatusCode::OK);
+        b.status(http::StatusCode::SERVICE_UNAVAILABLE);
+        b.status(http::StatusCode::from_u16(999).unwrap());
+        a.error("no-healthy-endpoints");
+        a.grpc(14);
+        a.grpc(99);
+        a.duration.observe(0.002);
+        let text = m.render();
+        for line in [
+            r#"isdp_requests_total{direction="outbound",service="payments",status_class="2xx"} 1"#,
+            r#"isdp_requests_total{direction="outbound",service="payments",status_class="5xx"} 1"#,
+            r#"isdp_proxy_errors_total{direction="outbound",service="payments",reason="no-healthy-endpoints"} 1"#,
+            r#"isdp_grpc_requests_total{direction="outbound",service="payments",grpc_code="UNAVAILABLE"} 1"#,
+            r#"isdp_grpc_requests_total{direction="outbound",service="payments",grpc_code="UNKNOWN"} 1"#,
+            r#"isdp_request_duration_seconds_bucket{direction="outbound",service="payments",le="0.0025"} 1"#,
+            r#"isdp_request_duration_seconds_count{direction="outbound",service="payments"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line}\n{text}");
+        }
+        assert!(
+            !text.contains("# EOF"),
+            "Prometheus text format, not OpenMetrics"
+        );
+    }
+}

@@ -1,0 +1,187 @@
+//! The `Observe` layer: golden metrics for every request on a route
+//! (count by status, latency to response headers, in flight until the
+//! response body ends, gRPC status from headers or trailers, and the
+//! sidecar's own error responses by reason).
+//!
+//! Outbound it sits after `Route` (which names the upstream) and before
+//! `Balance`, so a request refused for lack of endpoints is counted too;
+//! inbound wraps the hand-off to the local service the same way.
+
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, header};
+use http_body::{Body as _, Frame, SizeHint};
+use tower::{Layer, Service};
+
+use super::{
+    http::{Body, BoxError, ProxyError},
+    outbound::BoxFuture,
+    upstreams::UpstreamLb,
+};
+use crate::metrics::RouteMetrics;
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ObserveLayer;
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+}
+
+impl<S> Service<Request<Body>> for Observe<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future = BoxFuture>
+        + Clone
+        + Send
+        + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> BoxFuture {
+        let metrics = req
+            .extensions()
+            .get::<Arc<UpstreamLb>>()
+            .map(|lb| lb.metrics.clone());
+        let fut = self.inner.call(req);
+        match metrics {
+            Some(m) => observe(m, fut),
+            None => fut,
+        }
+    }
+}
+
+/// Records the request that `fut` answers on `m`.
+pub fn observe(m: Arc<RouteMetrics>, fut: BoxFuture) -> BoxFuture {
+    let start = Instant::now();
+    m.in_flight.inc();
+    Box::pin(async move {
+        let Ok(resp) = fut.await;
+        m.duration.observe(start.elapsed().as_secs_f64());
+        m.status(resp.status());
+        if let Some(ProxyError(reason)) = resp.extensions().get::<ProxyError>() {
+            m.error(reason);
+        }
+        let grpc = is_grpc(resp.headers());
+        let mut pending = grpc;
+        if grpc && let Some(code) = grpc_status(resp.headers()) {
+            // Trailers-only response: the call ended with the headers.
+            m.grpc(code);
+            pending = false;
+        }
+        if resp.body().is_end_stream() {
+            if pending {
+                m.grpc(UNKNOWN);
+            }
+            m.in_flight.dec();
+            return Ok(resp);
+        }
+        Ok(resp.map(|inner| Body::new(Observed::new(inner, m, pending))))
+    })
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+fn grpc_status(headers: &HeaderMap) -> Option<u16> {
+    let v = headers.get("grpc-status")?;
+    std::str::from_utf8(v.as_bytes()).ok()?.parse().ok()
+}
+
+/// gRPC codes recorded when a call ends without a status.
+const CANCELLED: u16 = 1;
+const UNKNOWN: u16 = 2;
+
+/// A response body that keeps the request in flight until it ends, and
+/// reads the gRPC status from its trailers.
+struct Observed {
+    inner: Body,
+    metrics: Arc<RouteMetrics>,
+    /// True while a gRPC status is still expected from the trailers.
+    grpc_pending: bool,
+    ended: bool,
+}
+
+impl Observed {
+    fn new(inner: Body, metrics: Arc<RouteMetrics>, grpc_pending: bool) -> Self {
+        Observed {
+            inner,
+            metrics,
+            grpc_pending,
+            ended: false,
+        }
+    }
+}
+
+impl http_body::Body for Observed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if self.grpc_pending
+                    && let Some(trailers) = frame.trailers_ref()
+                {
+                    self.grpc_pending = false;
+                    let code = grpc_status(trailers).unwrap_or(UNKNOWN);
+                    self.metrics.grpc(code);
+                }
+            }
+            Poll::Ready(None) => {
+                if std::mem::take(&mut self.grpc_pending) {
+                    self.metrics.grpc(UNKNOWN);
+                }
+                self.ended = true;
+            }
+            Poll::Ready(Some(Err(_))) => self.ended = true,
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        self.metrics.in_flight.dec();
+        if self.grpc_pending {
+            // Dropped before the trailers: the caller went away.
+            self.metrics
+                .grpc(if self.ended { UNKNOWN } else { CANCELLED });
+        }
+    }
+}
