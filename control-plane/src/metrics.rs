@@ -179,6 +179,7 @@ impl Metrics {
             "Store operations that failed, by kind of failure",
             store_errors.clone(),
         );
+        registry.register_collector(Box::new(DroppedSpans));
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -257,6 +258,30 @@ impl Metrics {
                 status: status.to_owned(),
             })
             .inc();
+    }
+}
+
+/// Spans the trace exporter dropped (queue full, collector failing), read
+/// from the exporter's counter at scrape time.
+#[derive(Debug)]
+struct DroppedSpans;
+
+impl prometheus_client::collector::Collector for DroppedSpans {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::{encoding::EncodeMetric, metrics::TypedMetric};
+        let c = prometheus_client::metrics::counter::ConstCounter::new(
+            isdp_sidecar::telemetry::dropped_spans(),
+        );
+        let e = encoder.encode_descriptor(
+            "trace_spans_dropped",
+            "Spans dropped because the export queue was full or the collector failed",
+            None,
+            prometheus_client::metrics::counter::ConstCounter::<u64>::TYPE,
+        )?;
+        c.encode(e)
     }
 }
 

@@ -243,6 +243,13 @@ async fn golden_metrics_count_traffic_and_pass_promtool() {
         "{cp_text}"
     );
     assert!(sample(&cp_text, "isdp_xds_streams", &[]).unwrap() >= 1.0);
+    // Tracing is off here: nothing is exported, so nothing is dropped.
+    for text in [&web_text, &pay_text, &cp_text] {
+        assert_eq!(
+            sample(text, "isdp_trace_spans_dropped_total", &[]),
+            Some(0.0)
+        );
+    }
 
     for text in [&web_text, &pay_text, &cp_text] {
         promtool::check_metrics(text).await;

@@ -114,6 +114,7 @@ async fn live_ready_and_config() {
         r#"isdp_upstream_endpoints{service="payments",health="unhealthy"} 0"#,
         "isdp_session_connected 0",
         "isdp_local_services 1",
+        "isdp_trace_spans_dropped_total ",
         "isdp_upstreams_configured 0",
         r#"isdp_local_service_health{service="web",health="unhealthy"} 1"#,
         r#"isdp_local_service_health{service="web",health="healthy"} 0"#,

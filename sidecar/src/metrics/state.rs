@@ -58,6 +58,13 @@ impl Collector for StateCollector {
         let snap = self.snapshots.borrow().clone();
         let e = &mut encoder;
 
+        one(
+            e,
+            "trace_spans_dropped",
+            "Spans dropped because the export queue was full or the collector failed",
+            ConstCounter::new(crate::telemetry::dropped_spans()),
+        )?;
+
         // Discovery.
         let configured = self.upstreams.as_ref().map_or(0, |u| u.names().count());
         one(
