@@ -237,18 +237,22 @@ async fn traffic_flows_promptly_when_the_collector_is_unreachable() {
         start.elapsed()
     );
     // The spans that could not be sent are counted where operators look.
-    eventually(Duration::from_secs(10), "dropped spans on /metrics", || async {
-        let text = isdp_tests::http::get(pair.web.admin_addr(), "/metrics")
-            .await?
-            .body;
-        let dropped: f64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix("isdp_trace_spans_dropped_total "))
-            .ok_or_else(|| anyhow::anyhow!("no isdp_trace_spans_dropped_total"))?
-            .parse()?;
-        anyhow::ensure!(dropped > 0.0, "none dropped yet");
-        Ok(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "dropped spans on /metrics",
+        || async {
+            let text = isdp_tests::http::get(pair.web.admin_addr(), "/metrics")
+                .await?
+                .body;
+            let dropped: f64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("isdp_trace_spans_dropped_total "))
+                .ok_or_else(|| anyhow::anyhow!("no isdp_trace_spans_dropped_total"))?
+                .parse()?;
+            anyhow::ensure!(dropped > 0.0, "none dropped yet");
+            Ok(())
+        },
+    )
     .await;
 }
 
