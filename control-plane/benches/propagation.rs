@@ -42,7 +42,7 @@ use isdp_proto::v1::{
     RegisterRequest, SERVICE_ENDPOINTS_TYPE_URL, ServiceEndpoints, registry_client::RegistryClient,
 };
 use prost::Message;
-use support::{Backend, InProcess, ms, percentile};
+use support::{InProcess, ms, percentile};
 use tokio::{
     sync::{mpsc, watch},
     task::JoinSet,
@@ -158,18 +158,7 @@ fn summarize(label: &str, rounds: &[Round]) {
 
 async fn run_round(k: &Knobs, etcd: Option<&mut support::Etcd>) -> anyhow::Result<Round> {
     let dir = tempfile::tempdir()?;
-    let prefix;
-    let backend = match etcd {
-        Some(etcd) => {
-            prefix = etcd.next_prefix();
-            Backend::Etcd {
-                endpoints: &etcd.endpoints,
-                prefix: &prefix,
-            }
-        }
-        None => Backend::Embedded(dir.path()),
-    };
-    let server = InProcess::start(backend).await?;
+    let server = InProcess::start_round(dir.path(), etcd).await?;
     let operator = support::channels(server.grpc_addr, 1).await?.remove(0);
     let mut registry = RegistryClient::new(operator);
     let total = 1 + WARMUP + k.changes;

@@ -32,7 +32,7 @@ use isdp_control_plane::store::{
     etcd::{EtcdOptions, EtcdStore},
 };
 use prost::Message;
-use support::{Backend, Bulk, InProcess};
+use support::{Bulk, InProcess};
 
 /// Instances are spread over this many services, as a real mesh spreads
 /// them; one giant service would instead measure rebuilding its snapshot.
@@ -107,18 +107,7 @@ async fn grpc_round(
     etcd: Option<&mut support::Etcd>,
 ) -> anyhow::Result<Bulk> {
     let dir = tempfile::tempdir()?;
-    let prefix;
-    let backend = match etcd {
-        Some(etcd) => {
-            prefix = etcd.next_prefix();
-            Backend::Etcd {
-                endpoints: &etcd.endpoints,
-                prefix: &prefix,
-            }
-        }
-        None => Backend::Embedded(dir.path()),
-    };
-    let server = InProcess::start(backend).await?;
+    let server = InProcess::start_round(dir.path(), etcd).await?;
     let channels = support::channels(server.grpc_addr, CHANNELS).await?;
     let bulk = support::register_bulk(&channels, concurrency, total, budget, |i| {
         support::instance(&format!("svc-{:03}", i % SERVICES), i)

@@ -85,6 +85,22 @@ impl Etcd {
 }
 
 impl InProcess {
+    /// Starts a control plane for one round: on etcd under a fresh prefix
+    /// when `etcd` is given, else on an embedded store in `dir`.
+    pub async fn start_round(dir: &Path, etcd: Option<&mut Etcd>) -> anyhow::Result<Self> {
+        match etcd {
+            Some(etcd) => {
+                let prefix = etcd.next_prefix();
+                Self::start(Backend::Etcd {
+                    endpoints: &etcd.endpoints,
+                    prefix: &prefix,
+                })
+                .await
+            }
+            None => Self::start(Backend::Embedded(dir)).await,
+        }
+    }
+
     /// Binds on `127.0.0.1:0` with the given store, exactly as the binary
     /// would with those flags.
     pub async fn start(backend: Backend<'_>) -> anyhow::Result<Self> {
