@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "isdp/v1/discovery.proto",
         "isdp/v1/sidecar.proto",
         "isdp/v1/status.proto",
+        "isdp/v1/security.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

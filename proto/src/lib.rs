@@ -2,8 +2,10 @@
 //!
 //! # Layout
 //! - `isdp::v1`: registry API (`Registry`), the sidecar session (`Sidecar`),
-//!   what connected sidecars acknowledged (`ProxyStatus`),
-//!   and the xDS resources the control plane serves (`ServiceEndpoints`).
+//!   what connected sidecars acknowledged (`ProxyStatus`), the CA
+//!   (`Certificates`), tokens (`Tokens`), authorization rules
+//!   (`Authorization`),
+//!   and the xDS resources the control plane serves (`ServiceEndpoints`, `TrustBundle`, `AuthorizationPolicy`).
 //!
 //! The xDS envelope itself (`envoy.service.discovery.v3`) comes from the
 //! `envoy-types` crate; this crate holds only the project's own messages.
@@ -15,6 +17,14 @@ pub mod isdp {
 
         /// Type URL of [`ServiceEndpoints`] inside an xDS `Any`.
         pub const SERVICE_ENDPOINTS_TYPE_URL: &str = "type.googleapis.com/isdp.v1.ServiceEndpoints";
+        /// Type URL of [`TrustBundle`] inside an xDS `Any`; its one resource
+        /// is named [`TRUST_BUNDLE_NAME`].
+        pub const TRUST_BUNDLE_TYPE_URL: &str = "type.googleapis.com/isdp.v1.TrustBundle";
+        pub const TRUST_BUNDLE_NAME: &str = "mesh";
+        /// Type URL of [`AuthorizationPolicy`] inside an xDS `Any`, one per
+        /// destination service.
+        pub const AUTHORIZATION_POLICY_TYPE_URL: &str =
+            "type.googleapis.com/isdp.v1.AuthorizationPolicy";
     }
 }
 
