@@ -4,6 +4,7 @@
 //! - `registry`: `isdp.v1.Registry` (register, deregister, list, watch).
 //! - `session`: `isdp.v1.Sidecar/Session`, a sidecar's own registrations.
 //! - `status`: `isdp.v1.ProxyStatus`, what connected sidecars acknowledged.
+//! - `authorization`: `isdp.v1.Authorization`, which services may call which.
 //! - `limits`: oversized requests answered with RESOURCE_EXHAUSTED.
 //!
 //! The xDS service lives in [`crate::xds`]; all three share one listener.
@@ -12,6 +13,7 @@
 //! health report, close) run in an [`op_span`], exported as OTLP server
 //! spans when tracing is on (`isdp_sidecar::telemetry`).
 
+pub mod authorization;
 mod limits;
 pub mod registry;
 pub mod session;

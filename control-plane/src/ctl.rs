@@ -3,7 +3,9 @@
 //!
 //! # Layout
 //! - `output`: table and JSON rendering.
+//! - `authz`: `isdpctl authz`, authorization rules.
 
+mod authz;
 mod output;
 
 use std::{collections::BTreeMap, time::Duration};
@@ -12,7 +14,8 @@ use clap::{Parser, Subcommand};
 use isdp_proto::v1::{
     DeregisterRequest, HealthCheck, Instance, ListInstancesRequest, ListProxiesRequest,
     ListServicesRequest, RegisterRequest, WatchServiceRequest,
-    proxy_status_client::ProxyStatusClient, registry_client::RegistryClient,
+    authorization_client::AuthorizationClient, proxy_status_client::ProxyStatusClient,
+    registry_client::RegistryClient,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -87,6 +90,9 @@ pub enum Command {
     /// List the sidecars connected to this control plane and the versions
     /// each has acknowledged, to see that a change landed everywhere.
     ProxyStatus,
+    /// Authorization rules: which services may call which.
+    #[command(subcommand)]
+    Authz(authz::AuthzCommand),
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -221,6 +227,9 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 .map_err(api("proxy-status"))?
                 .into_inner();
             output::proxies(fmt, &resp.proxies);
+        }
+        Command::Authz(cmd) => {
+            authz::run(AuthorizationClient::new(channel), cmd, fmt).await?;
         }
         Command::Watch { service } => {
             let mut stream = client

@@ -13,6 +13,7 @@
 //! - [`xds`]: the generic ADS server (state of the world and delta).
 //! - [`api`]: the gRPC services for operators (`Registry`) and sidecars
 //!   (`Sidecar/Session`).
+//! - [`authz`]: authorization rules between services, per destination.
 //! - [`admin`]: `/healthz`, `/ready`, `/metrics`.
 //! - [`metrics`]: Prometheus metrics and the xDS stream observer.
 //! - [`proxies`]: what each connected sidecar acknowledged (proxy status).
@@ -24,6 +25,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod authz;
 pub mod config;
 pub mod ctl;
 pub mod election;
@@ -37,7 +39,7 @@ pub mod xds;
 
 use std::{io::Write, net::SocketAddr, sync::Arc, time::Duration};
 
-use isdp_proto::v1::SERVICE_ENDPOINTS_TYPE_URL;
+use isdp_proto::v1::{AUTHORIZATION_POLICY_TYPE_URL, SERVICE_ENDPOINTS_TYPE_URL};
 use tokio::{net::TcpListener, sync::watch};
 
 pub use config::{Config, StoreKind};
@@ -86,6 +88,8 @@ pub enum Error {
     Store { what: String, source: StoreError },
     #[error("loading the registry: {0}")]
     Registry(#[from] RegistryError),
+    #[error("loading authorization rules: {0}")]
+    Authz(#[from] authz::AuthzError),
     #[error("binding {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -203,8 +207,16 @@ impl Server {
                 )
             }
         };
-        let cache = xds::Cache::new(&[SERVICE_ENDPOINTS_TYPE_URL]);
+        let authz = authz::Authz::start(store.store(), &prefix, shutdown.clone()).await?;
+        let cache = xds::Cache::new(&[SERVICE_ENDPOINTS_TYPE_URL, AUTHORIZATION_POLICY_TYPE_URL]);
         let builder = snapshot::spawn(registry.clone(), cache.clone(), shutdown.clone());
+        let policies = authz::spawn_publisher(
+            authz.clone(),
+            registry.clone(),
+            cache.clone(),
+            "isdp.local".to_owned(),
+            shutdown.clone(),
+        );
         let checker = health::spawn(registry.clone(), metrics.clone(), leader, shutdown.clone());
         tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "control plane listening");
 
@@ -238,6 +250,7 @@ impl Server {
             )
             .add_service(api::session::SessionApi::new(sessions, shutdown.clone()).into_server())
             .add_service(api::status::ProxyStatusApi::new(proxies).into_server())
+            .add_service(api::authorization::AuthorizationApi::new(authz).into_server())
             .add_service(ads)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(grpc),
@@ -248,6 +261,7 @@ impl Server {
             .await?;
         let _ = admin_task.await;
         let _ = builder.await;
+        let _ = policies.await;
         let _ = checker.await;
         if let Some(election) = election {
             let _ = election.await;

@@ -15,11 +15,14 @@
 //!   scrape-time state (endpoints, xDS, session).
 //! - `proxy`: the data plane: inbound, outbound and per-upstream listeners,
 //!   the request path as tower layers (route -> balance -> endpoint), TCP.
+//! - `authz`: inbound authorization: a destination's rules compiled for
+//!   per-request checks of the caller's SPIFFE ID, method and path.
 //! - `telemetry`: logging and OTLP trace export for both binaries.
 //!
 //! [`run`] wires them together; `main.rs` adds flags, logging and signals.
 
 pub mod admin;
+pub mod authz;
 pub mod backoff;
 pub mod balance;
 pub mod config;

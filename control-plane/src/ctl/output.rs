@@ -39,14 +39,14 @@ pub fn instance_json(i: &Instance) -> Value {
     })
 }
 
-fn print(line: impl std::fmt::Display) {
+pub(super) fn print(line: impl std::fmt::Display) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
 }
 
 /// Prints rows with columns padded to their widest cell.
-fn table(header: &[&str], rows: Vec<Vec<String>>) {
+pub(super) fn table(header: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
