@@ -69,11 +69,26 @@ pub fn direct(backend: &Backend) -> Shape {
     }
 }
 
-/// Shape 3: haproxy A -> haproxy B -> backend, plaintext HTTP/1.1 between,
-/// one thread each, connections to the next hop reused (`http-reuse always`).
+/// Shape 3: haproxy A -> haproxy B -> backend, HTTP/1.1 over mutual TLS
+/// between the two (each verifies the other's certificate against a mesh
+/// CA made for the run, as the sidecars do), one thread each, connections
+/// to the next hop reused (`http-reuse always`), TLS sessions resumed.
 pub fn haproxy_pair(tools: &Tools, dir: &Path, backend: &Backend) -> anyhow::Result<Shape> {
-    let b = haproxy(tools, dir, "haproxy-b", backend.addr)?;
-    let a = haproxy(tools, dir, "haproxy-a", b.1)?;
+    let pki = haproxy_pki(dir)?;
+    let b_bind = format!(
+        "ssl crt {} ca-file {} verify required alpn http/1.1",
+        pki.server.display(),
+        pki.ca.display()
+    );
+    let b = haproxy(tools, dir, "haproxy-b", &b_bind, &backend.addr.to_string())?;
+    let a_server = format!(
+        "{} ssl crt {} ca-file {} verify required sni str({SERVICE}.svc.isdp.local) \
+         verifyhost {SERVICE}.svc.isdp.local alpn http/1.1",
+        b.1,
+        pki.client.display(),
+        pki.ca.display()
+    );
+    let a = haproxy(tools, dir, "haproxy-a", "", &a_server)?;
     Ok(Shape {
         name: "haproxy",
         url: format!("http://{}/", a.1),
@@ -81,19 +96,55 @@ pub fn haproxy_pair(tools: &Tools, dir: &Path, backend: &Backend) -> anyhow::Res
     })
 }
 
+/// PEM files (certificate then key, as HAProxy wants them) for HAProxy's
+/// mutual TLS: a CA, B's server certificate, A's client certificate.
+struct HaproxyPki {
+    ca: std::path::PathBuf,
+    server: std::path::PathBuf,
+    client: std::path::PathBuf,
+}
+
+fn haproxy_pki(dir: &Path) -> anyhow::Result<HaproxyPki> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+    let leaf = |name: &str| -> anyhow::Result<String> {
+        let key = KeyPair::generate()?;
+        let cert = CertificateParams::new(vec![name.to_owned()])?.signed_by(&key, &ca)?;
+        Ok(format!("{}{}", cert.pem(), key.serialize_pem()))
+    };
+    let write = |name: &str, pem: &str| -> anyhow::Result<std::path::PathBuf> {
+        let path = dir.join(name);
+        std::fs::write(&path, pem)?;
+        Ok(path)
+    };
+    Ok(HaproxyPki {
+        ca: write("haproxy-ca.pem", &ca.pem())?,
+        server: write(
+            "haproxy-b.pem",
+            &leaf(&format!("{SERVICE}.svc.isdp.local"))?,
+        )?,
+        client: write("haproxy-a.pem", &leaf("client.svc.isdp.local")?)?,
+    })
+}
+
+/// One HAProxy: `bind_opts` follow the bind address, `server` is the next
+/// hop's server line (address and options).
 fn haproxy(
     tools: &Tools,
     dir: &Path,
     name: &str,
-    next: SocketAddr,
+    bind_opts: &str,
+    server: &str,
 ) -> anyhow::Result<(Proc, SocketAddr)> {
     let addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
     let conf = format!(
-        "global\n  nbthread 1\n  maxconn 4096\n\
+        "global\n  nbthread 1\n  maxconn 4096\n  tune.ssl.default-dh-param 2048\n\
          defaults\n  mode http\n  option http-keep-alive\n  http-reuse always\n\
          timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n\
-         frontend fe\n  bind {addr}\n  default_backend be\n\
-         backend be\n  server next {next}\n"
+         frontend fe\n  bind {addr} {bind_opts}\n  default_backend be\n\
+         backend be\n  server next {server}\n"
     );
     let path = dir.join(format!("{name}.cfg"));
     std::fs::write(&path, conf)?;
