@@ -6,11 +6,10 @@
 //! sidecar enforces them on its inbound listener, where the caller's SPIFFE
 //! ID is known from its mTLS certificate. Rules live in the store under
 //! `<prefix>authz/` and, like registrations, reach the in-memory view only
-//! through the store's watch (`follow.rs`), so every replica serves the
-//! same rules and a writer reads its own write. `publish.rs` turns them into
+//! through the store's watch ([`crate::store::follow`]), so every replica
+//! serves the same rules and a writer reads its own write. `publish.rs` turns them into
 //! one `isdp.v1.AuthorizationPolicy` xDS resource per destination.
 
-mod follow;
 mod publish;
 pub mod validate;
 
@@ -25,8 +24,13 @@ pub use publish::spawn as spawn_publisher;
 
 use crate::{
     registry::validate::FieldError,
-    store::{Revision, Store, StoreError, Txn},
+    store::{Store, StoreError, Txn, follow::Entries, follow::Followed},
 };
+
+/// Key of the mesh-wide default, under `<prefix>authz/`.
+const DEFAULT_KEY: &str = "default";
+/// Folder of the rules, under `<prefix>authz/`: `rules/<destination>/<name>`.
+const RULES_DIR: &str = "rules/";
 
 /// The mesh-wide default before an operator sets one. Allow, as Istio does
 /// without an AuthorizationPolicy: every hop is still mutually
@@ -52,6 +56,39 @@ impl Default for Rules {
 }
 
 impl Rules {
+    /// The rules in `entries` (keys under `<prefix>authz/`). Undecodable
+    /// values are logged and skipped: one bad key must not take every
+    /// destination's policy with it.
+    pub fn from_entries(entries: &Entries) -> Rules {
+        let mut rules = Rules::default();
+        for (key, entry) in entries {
+            if key == DEFAULT_KEY {
+                match GetDefaultResponse::decode(entry.value.as_ref())
+                    .map(|d| Action::try_from(d.action))
+                {
+                    Ok(Ok(a @ (Action::Allow | Action::Deny))) => rules.default = a,
+                    _ => {
+                        tracing::error!(%key, "undecodable authorization default in store; ignored")
+                    }
+                }
+            } else if key.starts_with(RULES_DIR) {
+                match AuthzRule::decode(entry.value.as_ref()) {
+                    Ok(rule) => {
+                        rules
+                            .by_destination
+                            .entry(rule.destination.clone())
+                            .or_default()
+                            .insert(rule.name.clone(), rule);
+                    }
+                    Err(e) => {
+                        tracing::error!(%key, error = %e, "undecodable authorization rule in store; skipped")
+                    }
+                }
+            }
+        }
+        rules
+    }
+
     /// What `destination`'s sidecars enforce.
     pub fn policy(&self, destination: &str, trust_domain: &str) -> AuthorizationPolicy {
         AuthorizationPolicy {
@@ -93,9 +130,7 @@ struct Shared {
     store: Arc<dyn Store>,
     /// `<prefix>authz/`.
     prefix: String,
-    rules: watch::Receiver<Arc<Rules>>,
-    /// The store revision the view has applied; writers wait for theirs.
-    applied: watch::Receiver<Revision>,
+    followed: Followed,
 }
 
 impl Authz {
@@ -106,24 +141,23 @@ impl Authz {
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self, AuthzError> {
         let prefix = format!("{key_prefix}authz/");
-        let (rules, applied) = follow::start(store.clone(), prefix.clone(), shutdown).await?;
+        let followed = Followed::start(store.clone(), prefix.clone(), shutdown).await?;
         Ok(Authz {
             shared: Arc::new(Shared {
                 store,
                 prefix,
-                rules,
-                applied,
+                followed,
             }),
         })
     }
 
-    pub fn rules(&self) -> Arc<Rules> {
-        self.shared.rules.borrow().clone()
+    pub fn rules(&self) -> Rules {
+        Rules::from_entries(&self.shared.followed.entries())
     }
 
-    /// Every change to the rules, as whole new sets.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<Rules>> {
-        self.shared.rules.clone()
+    /// Every change under `<prefix>authz/`; read with [`Rules::from_entries`].
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Entries>> {
+        self.shared.followed.subscribe()
     }
 
     /// Rules for `destination`, or for every destination when `None`,
@@ -199,7 +233,7 @@ impl Authz {
             .shared
             .store
             .txn(Txn::default().put(
-                format!("{}{}", self.shared.prefix, follow::DEFAULT_KEY),
+                format!("{}{}", self.shared.prefix, DEFAULT_KEY),
                 Bytes::from(value.encode_to_vec()),
                 None,
             ))
@@ -209,18 +243,13 @@ impl Authz {
     }
 
     fn rule_key(&self, destination: &str, name: &str) -> String {
-        format!(
-            "{}{}{destination}/{name}",
-            self.shared.prefix,
-            follow::RULES_DIR
-        )
+        format!("{}{}{destination}/{name}", self.shared.prefix, RULES_DIR)
     }
 
     /// Waits until the view has applied `revision`, so the caller reads its
     /// own write.
-    async fn applied(&self, revision: Revision) {
-        let mut applied = self.shared.applied.clone();
-        let _ = applied.wait_for(|r| *r >= revision).await;
+    async fn applied(&self, revision: crate::store::Revision) {
+        self.shared.followed.applied(revision).await;
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod embedded;
 pub mod etcd;
+pub mod follow;
 
 use std::{pin::Pin, time::Duration};
 

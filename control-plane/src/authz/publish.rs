@@ -29,7 +29,7 @@ pub fn spawn(
     let mut rules = authz.subscribe();
     let mut changes = registry.subscribe();
     tokio::spawn(async move {
-        let mut current = rules.borrow_and_update().clone();
+        let mut current = Rules::from_entries(&rules.borrow_and_update());
         publish_all(&cache, &registry, &current, &trust_domain);
         loop {
             tokio::select! {
@@ -38,7 +38,7 @@ pub fn spawn(
                     if changed.is_err() {
                         return;
                     }
-                    current = rules.borrow_and_update().clone();
+                    current = Rules::from_entries(&rules.borrow_and_update());
                     publish_all(&cache, &registry, &current, &trust_domain);
                 }
                 change = changes.recv() => match change {
