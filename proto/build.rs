@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "isdp/v1/sidecar.proto",
         "isdp/v1/status.proto",
         "isdp/v1/security.proto",
+        "isdp/v1/policy.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -4,8 +4,9 @@
 //! - `isdp::v1`: registry API (`Registry`), the sidecar session (`Sidecar`),
 //!   what connected sidecars acknowledged (`ProxyStatus`), the CA
 //!   (`Certificates`), tokens (`Tokens`), authorization rules
-//!   (`Authorization`),
-//!   and the xDS resources the control plane serves (`ServiceEndpoints`, `TrustBundle`, `AuthorizationPolicy`).
+//!   (`Authorization`), traffic policies (`Policies`),
+//!   and the xDS resources the control plane serves (`ServiceEndpoints`, `TrustBundle`, `AuthorizationPolicy`,
+//!   `TrafficPolicy`).
 //!
 //! The xDS envelope itself (`envoy.service.discovery.v3`) comes from the
 //! `envoy-types` crate; this crate holds only the project's own messages.
@@ -23,6 +24,9 @@ pub mod isdp {
         pub const TRUST_BUNDLE_NAME: &str = "mesh";
         /// Type URL of [`AuthorizationPolicy`] inside an xDS `Any`, one per
         /// destination service.
+        /// Type URL of [`TrafficPolicy`] inside an xDS `Any`, one per
+        /// destination service.
+        pub const TRAFFIC_POLICY_TYPE_URL: &str = "type.googleapis.com/isdp.v1.TrafficPolicy";
         pub const AUTHORIZATION_POLICY_TYPE_URL: &str =
             "type.googleapis.com/isdp.v1.AuthorizationPolicy";
     }
