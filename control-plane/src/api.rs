@@ -4,6 +4,8 @@
 //! - `registry`: `isdp.v1.Registry` (register, deregister, list, watch).
 //! - `session`: `isdp.v1.Sidecar/Session`, a sidecar's own registrations.
 //! - `status`: `isdp.v1.ProxyStatus`, what connected sidecars acknowledged.
+//! - `policies`: `isdp.v1.Policies`, traffic policies (put with
+//!   compare-and-set, get, list, delete, watch).
 //! - `authorization`: `isdp.v1.Authorization`, which services may call which.
 //! - `limits`: oversized requests answered with RESOURCE_EXHAUSTED.
 //!
@@ -15,6 +17,7 @@
 
 pub mod authorization;
 mod limits;
+pub mod policies;
 pub mod registry;
 pub mod session;
 pub mod status;

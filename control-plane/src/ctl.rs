@@ -4,9 +4,11 @@
 //! # Layout
 //! - `output`: table and JSON rendering.
 //! - `authz`: `isdpctl authz`, authorization rules.
+//! - `policy`: `isdpctl policy`, traffic policies from YAML documents.
 
 mod authz;
 mod output;
+mod policy;
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -14,8 +16,8 @@ use clap::{Parser, Subcommand};
 use isdp_proto::v1::{
     DeregisterRequest, HealthCheck, Instance, ListInstancesRequest, ListProxiesRequest,
     ListServicesRequest, RegisterRequest, WatchServiceRequest,
-    authorization_client::AuthorizationClient, proxy_status_client::ProxyStatusClient,
-    registry_client::RegistryClient,
+    authorization_client::AuthorizationClient, policies_client::PoliciesClient,
+    proxy_status_client::ProxyStatusClient, registry_client::RegistryClient,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -93,6 +95,10 @@ pub enum Command {
     /// Authorization rules: which services may call which.
     #[command(subcommand)]
     Authz(authz::AuthzCommand),
+    /// Traffic policies: timeouts, retries, breakers, outlier detection,
+    /// balancing, splits, fault injection.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -227,6 +233,9 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 .map_err(api("proxy-status"))?
                 .into_inner();
             output::proxies(fmt, &resp.proxies);
+        }
+        Command::Policy(cmd) => {
+            policy::run(PoliciesClient::new(channel), cmd, fmt).await?;
         }
         Command::Authz(cmd) => {
             authz::run(AuthorizationClient::new(channel), cmd, fmt).await?;

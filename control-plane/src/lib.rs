@@ -14,6 +14,7 @@
 //! - [`api`]: the gRPC services for operators (`Registry`) and sidecars
 //!   (`Sidecar/Session`).
 //! - [`authz`]: authorization rules between services, per destination.
+//! - [`policy`]: traffic policies per destination, validated whole, versioned.
 //! - [`admin`]: `/healthz`, `/ready`, `/metrics`.
 //! - [`metrics`]: Prometheus metrics and the xDS stream observer.
 //! - [`proxies`]: what each connected sidecar acknowledged (proxy status).
@@ -31,6 +32,7 @@ pub mod ctl;
 pub mod election;
 pub mod health;
 pub mod metrics;
+pub mod policy;
 pub mod proxies;
 pub mod registry;
 pub mod snapshot;
@@ -39,7 +41,9 @@ pub mod xds;
 
 use std::{io::Write, net::SocketAddr, sync::Arc, time::Duration};
 
-use isdp_proto::v1::{AUTHORIZATION_POLICY_TYPE_URL, SERVICE_ENDPOINTS_TYPE_URL};
+use isdp_proto::v1::{
+    AUTHORIZATION_POLICY_TYPE_URL, SERVICE_ENDPOINTS_TYPE_URL, TRAFFIC_POLICY_TYPE_URL,
+};
 use tokio::{net::TcpListener, sync::watch};
 
 pub use config::{Config, StoreKind};
@@ -90,6 +94,8 @@ pub enum Error {
     Registry(#[from] RegistryError),
     #[error("loading authorization rules: {0}")]
     Authz(#[from] authz::AuthzError),
+    #[error("loading traffic policies: {0}")]
+    Policy(#[from] policy::PolicyError),
     #[error("binding {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -208,9 +214,18 @@ impl Server {
             }
         };
         let authz = authz::Authz::start(store.store(), &prefix, shutdown.clone()).await?;
-        let cache = xds::Cache::new(&[SERVICE_ENDPOINTS_TYPE_URL, AUTHORIZATION_POLICY_TYPE_URL]);
+        let policies =
+            policy::Policies::start(store.store(), &prefix, registry.clone(), shutdown.clone())
+                .await?;
+        let cache = xds::Cache::new(&[
+            SERVICE_ENDPOINTS_TYPE_URL,
+            AUTHORIZATION_POLICY_TYPE_URL,
+            TRAFFIC_POLICY_TYPE_URL,
+        ]);
         let builder = snapshot::spawn(registry.clone(), cache.clone(), shutdown.clone());
-        let policies = authz::spawn_publisher(
+        let policy_publisher =
+            policy::spawn_publisher(policies.clone(), cache.clone(), shutdown.clone());
+        let authz_publisher = authz::spawn_publisher(
             authz.clone(),
             registry.clone(),
             cache.clone(),
@@ -251,6 +266,7 @@ impl Server {
             .add_service(api::session::SessionApi::new(sessions, shutdown.clone()).into_server())
             .add_service(api::status::ProxyStatusApi::new(proxies).into_server())
             .add_service(api::authorization::AuthorizationApi::new(authz).into_server())
+            .add_service(api::policies::PoliciesApi::new(policies, shutdown.clone()).into_server())
             .add_service(ads)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(grpc),
@@ -261,7 +277,8 @@ impl Server {
             .await?;
         let _ = admin_task.await;
         let _ = builder.await;
-        let _ = policies.await;
+        let _ = authz_publisher.await;
+        let _ = policy_publisher.await;
         let _ = checker.await;
         if let Some(election) = election {
             let _ = election.await;

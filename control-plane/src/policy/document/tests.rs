@@ -1,0 +1,130 @@
+use std::collections::BTreeMap;
+
+use serde_json::json;
+
+use super::*;
+
+fn anyone(_: &str, _: &BTreeMap<String, String>) -> bool {
+    true
+}
+
+fn fields(doc: Value) -> Vec<String> {
+    match parse(&doc, &anyone) {
+        Ok(p) => panic!("accepted: {p:?}"),
+        Err(p) => p.0.into_iter().map(|e| e.field).collect(),
+    }
+}
+
+#[test]
+fn a_full_document_is_read() {
+    let doc = json!({
+        "service": "payments",
+        "timeouts": {"request": "5s", "per_try": "1s", "connect": "500ms", "idle": "1m"},
+        "retries": {
+            "attempts": 2,
+            "retry_on": ["connect-failure", "retriable-status-codes"],
+            "status_codes": [503],
+            "backoff": {"base": "25ms", "max": "250ms"},
+            "budget": {"ratio": 0.2, "min_per_second": 10},
+            "buffer": 65536
+        },
+        "circuit_breaker": {"max_connections": 100, "max_pending_requests": 10, "max_requests": 100},
+        "outlier_detection": {"consecutive_5xx": 5, "interval": "1s", "base_ejection_time": "30s", "max_ejection_percent": 50},
+        "load_balancer": {"algorithm": "ring_hash", "hash_key": "header:x-user"},
+        "subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}],
+        "split": [{"subset": "v1", "weight": 90}, {"subset": "v2", "weight": 10}],
+        "routes": [{"name": "canary", "match": {"headers": {"x-canary": "true"}}, "split": [{"subset": "v2", "weight": 100}]}],
+        "fault": {"delay": {"percent": 10, "duration": "100ms"}, "abort": {"percent": 1.5, "status": 503}}
+    });
+    let p = parse(&doc, &anyone).unwrap();
+    assert_eq!(p.service, "payments");
+    let t = p.timeouts.unwrap();
+    assert_eq!(
+        (t.request_ms, t.per_try_ms, t.connect_ms, t.idle_ms),
+        (5000, 1000, 500, 60_000)
+    );
+    let r = p.retries.unwrap();
+    assert_eq!(r.attempts, 2);
+    assert_eq!(r.status_codes, [503]);
+    assert_eq!((r.backoff_base_ms, r.backoff_max_ms), (25, 250));
+    assert_eq!(r.buffer_bytes, 65536);
+    assert_eq!(p.split.len(), 2);
+    assert_eq!(
+        p.routes[0].r#match.as_ref().unwrap().headers["x-canary"],
+        "true"
+    );
+    let f = p.fault.unwrap();
+    assert_eq!((f.delay_ms, f.abort_status), (100, 503));
+    assert_eq!(f.abort_percent, 1.5);
+}
+
+#[test]
+fn every_problem_is_reported_with_its_path() {
+    let doc = json!({
+        "service": "payments",
+        "timeouts": {"request": "-1s", "per_try": 5},
+        "retries": {"attempts": 11, "retry_on": ["sometimes"], "colour": "red"},
+        "circuit_breaker": {"max_connections": "many"},
+        "load_balancer": {"algorithm": "ring_hash"},
+        "subsets": [{"name": "v1", "labels": {"version": "v1"}}],
+        "split": [{"subset": "v1", "weight": 90}, {"subset": "v3", "weight": 5}],
+        "extra": true
+    });
+    let mut got = fields(doc);
+    got.sort();
+    let mut want = [
+        "timeouts.request",
+        "timeouts.per_try",
+        "retries.attempts",
+        "retries.retry_on[0]",
+        "retries.colour",
+        "circuit_breaker.max_connections",
+        "load_balancer.hash_key",
+        "split[1].subset",
+        "split",
+        "extra",
+    ];
+    want.sort();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn messages_name_the_limit() {
+    let err = parse(
+        &json!({"service": "payments", "retries": {"attempts": 11}}),
+        &anyone,
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.0[0].to_string(),
+        "retries.attempts: must be an integer 0..10, got 11"
+    );
+    let err = parse(
+        &json!({"service": "payments", "timeouts": {"idle": "-5s"}}),
+        &anyone,
+    )
+    .unwrap_err();
+    assert!(err.0[0].rule.contains("negative"), "{}", err.0[0]);
+}
+
+#[test]
+fn a_split_to_a_subset_without_instances_is_refused() {
+    let doc = json!({
+        "service": "payments",
+        "subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v9", "labels": {"version": "v9"}}],
+        "split": [{"subset": "v1", "weight": 100}, {"subset": "v9", "weight": 0}],
+        "routes": [{"name": "canary", "match": {"method": "GET"}, "split": [{"subset": "v9", "weight": 100}]}]
+    });
+    let only_v1 = |_: &str, labels: &BTreeMap<String, String>| labels["version"] == "v1";
+    let err = parse(&doc, &only_v1).unwrap_err();
+    assert_eq!(err.0.len(), 1, "{:?}", err.0);
+    assert_eq!(err.0[0].field, "subsets[1]");
+    assert!(err.0[0].rule.contains("no instances"));
+}
+
+#[test]
+fn the_document_must_be_a_mapping_with_a_service() {
+    assert_eq!(fields(json!([1, 2])), ["document"]);
+    assert_eq!(fields(json!({})), ["service"]);
+    assert_eq!(fields(json!({"service": "Not A Label"})), ["service"]);
+}
