@@ -31,6 +31,9 @@ pub mod session;
 pub mod telemetry;
 pub mod xds;
 
+#[cfg(test)]
+mod test_pki;
+
 use std::io::Write;
 use std::net::SocketAddr;
 
