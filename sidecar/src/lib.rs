@@ -24,6 +24,7 @@ pub mod backoff;
 pub mod balance;
 pub mod config;
 pub mod dial;
+pub mod identity;
 pub mod metrics;
 pub mod probe;
 pub mod proxy;
