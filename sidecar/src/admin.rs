@@ -142,6 +142,8 @@ struct EndpointView {
 struct XdsView {
     ready: bool,
     acked: BTreeMap<String, String>,
+    /// Trust bundle and authorization policies, by `<type>/<name>`.
+    acked_security: BTreeMap<String, String>,
     acks: u64,
     nacks: u64,
     last_nack: Option<String>,
@@ -225,6 +227,7 @@ async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
         xds: XdsView {
             ready: snap.ready,
             acked: snap.acked.clone(),
+            acked_security: snap.acked_security.clone(),
             acks: snap.acks,
             nacks: snap.nacks,
             last_nack: snap.last_nack.clone(),

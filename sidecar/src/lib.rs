@@ -116,6 +116,7 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
             node_id: config.node_id.clone(),
             control_plane: config.control_plane.clone(),
             upstreams: config.upstreams.iter().map(|u| u.name.clone()).collect(),
+            local_services: config.services.iter().map(|s| s.name.clone()).collect(),
         },
         shutdown.clone(),
     );
