@@ -26,6 +26,9 @@ pub struct AdminState {
     /// Whether upstreams are configured, i.e. whether an xDS stream exists
     /// to report on in `control_plane`.
     pub has_upstreams: bool,
+    /// The workload identities, when this sidecar has one to wait for:
+    /// without a certificate it can neither accept nor make mesh calls.
+    pub identities: Option<watch::Receiver<Arc<crate::identity::Identities>>>,
     /// The data plane's bound listeners, for operators checking where to
     /// send traffic.
     pub listeners: Option<crate::proxy::Addrs>,
@@ -68,6 +71,14 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
+    if let Some(ids) = &state.identities
+        && !ids.borrow().ready()
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: waiting for a workload certificate from the control plane".to_owned(),
+        );
+    }
     let xds_ready = state.xds.borrow().ready;
     let opened = state.session.status().opened;
     match (xds_ready, opened) {

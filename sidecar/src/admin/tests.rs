@@ -35,6 +35,7 @@ async fn live_ready_and_config() {
         session: session.clone(),
         xds,
         has_upstreams: true,
+        identities: None,
         listeners: None,
         upstreams: None,
         metrics,

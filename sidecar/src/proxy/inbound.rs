@@ -1,10 +1,11 @@
 //! The inbound listener: traffic from other sidecars (and direct HTTP
 //! clients) for the services this sidecar fronts.
 //!
-//! One port serves both HTTP (HTTP/2 from sidecars, HTTP/1.1 too) and
-//! tunnelled TCP: the first bytes tell them apart ([`tcp::PREAMBLE`]).
-//! HTTP requests name their service in `x-isdp-service`; with a single
-//! local service the header may be absent.
+//! One port serves mTLS only (`transport`): HTTP (HTTP/2 from sidecars,
+//! HTTP/1.1 for upgrades) and tunnelled TCP, told apart by ALPN. HTTP
+//! requests name their service in `x-isdp-service`; with a single local
+//! service the header may be absent. A tunnel's service is the SNI the
+//! client asked for.
 
 use std::{
     collections::HashMap,
@@ -16,7 +17,7 @@ use std::{
 };
 
 use http::{Request, Response, StatusCode};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::observe::observe;
 use super::{
@@ -24,6 +25,7 @@ use super::{
     http::{Body, SERVICE_HEADER, error_response},
     outbound::{BoxFuture, answer},
     tcp,
+    transport::PeerIdentity,
 };
 use crate::{
     config::{Protocol, Service},
@@ -70,17 +72,19 @@ impl Inbound {
         }
     }
 
-    /// Hands a tunnelled TCP connection to its local service.
-    pub async fn tcp(&self, mut stream: TcpStream, connect_timeout: Duration) {
-        let service = match tcp::read_preamble(&mut stream).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(error = %e, "bad tcp preamble; closing");
-                return;
-            }
-        };
-        let Some(local) = self.services.get(&service) else {
-            tracing::debug!(%service, "tcp for an unknown local service; closing");
+    /// Hands a tunnelled TCP connection to its local service. `peer` is
+    /// the calling sidecar, for authorization.
+    pub async fn tcp<S>(
+        &self,
+        stream: S,
+        service: &str,
+        peer: &PeerIdentity,
+        connect_timeout: Duration,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let Some(local) = self.services.get(service) else {
+            tracing::debug!(%service, peer = %peer.0, "tcp for an unknown local service; closing");
             return;
         };
         match super::transport::connect(local.dest.addr, connect_timeout).await {
@@ -90,28 +94,6 @@ impl Inbound {
             }
             Err(e) => tracing::debug!(%service, error = %e, "local service refused tcp"),
         }
-    }
-}
-
-/// Tells HTTP from a TCP tunnel by peeking at the first bytes, without
-/// consuming them.
-pub async fn is_tcp_tunnel(stream: &TcpStream) -> std::io::Result<bool> {
-    let mut buf = [0u8; tcp::PREAMBLE.len()];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no data"))??;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        if buf[..n] != tcp::PREAMBLE[..n] {
-            return Ok(false);
-        }
-        if n == buf.len() {
-            return Ok(true);
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 

@@ -21,6 +21,7 @@
 //! plaintext with [`connect`].
 
 mod context;
+mod follow;
 pub mod verify;
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
@@ -30,6 +31,7 @@ use tokio::{net::TcpStream, sync::watch};
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
 pub use context::{ContextError, LocalCert, TlsContext, certified_key, provider};
+pub use follow::{build, follow};
 
 use crate::metrics::{Direction, Metrics};
 
