@@ -18,7 +18,7 @@ const CONNECT: Duration = Duration::from_secs(2);
 fn ctx(ca: &TestCa, services: &[&str], client_as: &str) -> Arc<TlsContext> {
     let local: Vec<LocalCert> = services.iter().map(|s| ca.service(TD, s)).collect();
     let primary = ca.service(TD, client_as).key;
-    Arc::new(TlsContext::new(TD, &local, primary, &[ca.root.clone()]).unwrap())
+    Arc::new(TlsContext::new(TD, &local, primary, std::slice::from_ref(&ca.root)).unwrap())
 }
 
 /// A TLS echo server; reports each accepted connection's peer and service.
@@ -222,7 +222,7 @@ async fn the_client_refuses_a_server_of_another_service() {
         TD,
         &[impostor],
         ca.service(TD, "payments").key,
-        &[ca.root.clone()],
+        std::slice::from_ref(&ca.root),
     )
     .unwrap();
     let (server_tls, _, _keep) = tls_of(Arc::new(server_ctx));
