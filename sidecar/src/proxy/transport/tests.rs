@@ -279,3 +279,109 @@ async fn rotation_keeps_open_connections_and_serves_the_new_cert() {
     );
     echo(&mut old, b"still up after the swap").await;
 }
+
+/// The request path between two sidecars: the forwarder's h2 pool over
+/// mTLS to an inbound connection whose requests carry the caller's
+/// identity.
+#[tokio::test]
+async fn requests_between_sidecars_carry_the_callers_identity() {
+    use http_body_util::{BodyExt, Full};
+
+    use crate::proxy::{
+        forward::{Dest, Forwarder, Hop},
+        http::{Body, boxed},
+        outbound::{BoxFuture, answer},
+        serve_conn,
+    };
+
+    let ca = TestCa::new("mesh");
+    let (server_tls, _, _keep) = tls_of(ctx(&ca, &["payments"], "payments"));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (_stop, shutdown) = watch::channel(false);
+    let svc = tower::service_fn(|req: http::Request<Body>| -> BoxFuture {
+        let who = PeerIdentity::of(&req).map_or("nobody".to_owned(), |p| p.0.to_string());
+        answer(http::Response::new(boxed(
+            Full::new(bytes::Bytes::from(who)).map_err(|e| match e {}),
+        )))
+    });
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (s, peer) = l.accept().await.unwrap();
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let a = server_tls.accept(s, peer).await.unwrap();
+            tokio::spawn(serve_conn(
+                a.stream,
+                peer,
+                Some(a.peer),
+                svc,
+                shutdown.clone(),
+            ));
+        }
+    });
+
+    let (client_tls, _, _keep2) = tls_of(ctx(&ca, &["web"], "web"));
+    let forwarder = Forwarder::new(CONNECT).with_tls(client_tls);
+    let dest = Dest::mesh(addr, Arc::from("payments"));
+    for _ in 0..3 {
+        let req = http::Request::get("http://payments/x")
+            .body(boxed(
+                http_body_util::Empty::<bytes::Bytes>::new().map_err(|e| match e {}),
+            ))
+            .unwrap();
+        let resp = forwarder.forward(req, &dest, Hop::Http2).await;
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "spiffe://mesh.test/svc/web");
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one multiplexed connection per (address, service)"
+    );
+
+    // Without mTLS configured, a sidecar destination is refused, not sent
+    // in plaintext.
+    let req = http::Request::get("http://payments/x")
+        .body(boxed(
+            http_body_util::Empty::<bytes::Bytes>::new().map_err(|e| match e {}),
+        ))
+        .unwrap();
+    let resp = Forwarder::new(CONNECT)
+        .forward(req, &dest, Hop::Http2)
+        .await;
+    assert_eq!(resp.status(), 502);
+}
+
+/// TCP tunnels keep half-close across TLS: the client's shutdown reaches
+/// the server as EOF (close_notify) while the other direction goes on.
+#[tokio::test]
+async fn tunnels_pass_half_close_through_tls() {
+    let ca = TestCa::new("mesh");
+    let (server_tls, _, _keep) = tls_of(ctx(&ca, &["db"], "db"));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (s, peer) = l.accept().await.unwrap();
+        let mut a = server_tls.accept(s, peer).await.unwrap();
+        assert!(a.tunnel);
+        let mut got = Vec::new();
+        a.stream.read_to_end(&mut got).await.unwrap();
+        a.stream.write_all(b"after eof: ").await.unwrap();
+        a.stream.write_all(&got).await.unwrap();
+        a.stream.shutdown().await.unwrap();
+    });
+    let (client_tls, _, _keep2) = tls_of(ctx(&ca, &["web"], "web"));
+    let mut s = client_tls
+        .connect(addr, "db", Alpn::Tcp, CONNECT)
+        .await
+        .unwrap();
+    s.write_all(b"query").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"after eof: query");
+    server.await.unwrap();
+}
