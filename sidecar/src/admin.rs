@@ -103,6 +103,17 @@ struct ConfigView {
     services: Vec<ServiceView>,
     upstreams: BTreeMap<String, UpstreamView>,
     xds: XdsView,
+    /// Workload certificates held, by service.
+    identities: BTreeMap<String, IdentityView>,
+}
+
+#[derive(Serialize)]
+struct IdentityView {
+    spiffe_id: String,
+    /// Milliseconds since the Unix epoch.
+    not_after_unix_ms: u128,
+    /// Presented when calling other sidecars.
+    primary: bool,
 }
 
 #[derive(Serialize)]
@@ -228,7 +239,29 @@ async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
             .map(|(n, addr)| (n.clone(), addr.to_string()))
             .collect(),
     });
+    let identities = state
+        .identities
+        .as_ref()
+        .map(|ids| {
+            let ids = ids.borrow().clone();
+            ids.by_service
+                .iter()
+                .map(|(service, id)| {
+                    let view = IdentityView {
+                        spiffe_id: id.spiffe_id.clone(),
+                        not_after_unix_ms: id
+                            .not_after
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis()),
+                        primary: ids.primary.as_ref() == Some(service),
+                    };
+                    (service.clone(), view)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     Json(ConfigView {
+        identities,
         node_id: state.session.node_id().to_owned(),
         listeners,
         control_plane,

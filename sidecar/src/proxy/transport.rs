@@ -137,11 +137,22 @@ pub struct Accepted {
 pub struct Tls {
     current: watch::Receiver<Option<Arc<TlsContext>>>,
     metrics: Metrics,
+    /// When a handshake failure was last logged at warn (ms since
+    /// `started`): a scanner or a misconfigured peer must not flood the
+    /// log, so further failures within a second log at debug (all are
+    /// counted).
+    last_warn: Arc<std::sync::atomic::AtomicU64>,
+    started: std::time::Instant,
 }
 
 impl Tls {
     pub fn new(current: watch::Receiver<Option<Arc<TlsContext>>>, metrics: Metrics) -> Self {
-        Tls { current, metrics }
+        Tls {
+            current,
+            metrics,
+            last_warn: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            started: std::time::Instant::now(),
+        }
     }
 
     /// The configurations in force; None until the first certificate.
@@ -156,15 +167,28 @@ impl Tls {
         addr: SocketAddr,
         error: &dyn std::fmt::Display,
     ) {
+        use std::sync::atomic::Ordering;
         self.metrics
             .tls_handshake_failure(direction, reason.as_str());
-        tracing::warn!(
-            direction = if direction == Direction::Inbound { "inbound" } else { "outbound" },
-            reason = reason.as_str(),
-            peer = %addr,
-            %error,
-            "tls handshake failed"
-        );
+        let direction = if direction == Direction::Inbound {
+            "inbound"
+        } else {
+            "outbound"
+        };
+        // +1000 so the very first failure logs at warn.
+        let now = self.started.elapsed().as_millis() as u64 + 1000;
+        let last = self.last_warn.load(Ordering::Relaxed);
+        let warn = now.saturating_sub(last) >= 1000
+            && self
+                .last_warn
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        let reason = reason.as_str();
+        if warn {
+            tracing::warn!(direction, reason, peer = %addr, %error, "tls handshake failed");
+        } else {
+            tracing::debug!(direction, reason, peer = %addr, %error, "tls handshake failed");
+        }
     }
 
     /// Runs the server handshake on a freshly accepted connection. Call it
