@@ -85,3 +85,74 @@ pub fn follow(
     });
     (rx, task)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::{
+        identity::Identity,
+        test_pki::{TD, TestCa},
+    };
+
+    fn identities(ca: &TestCa, service: &str) -> Arc<Identities> {
+        let key = ca.service(TD, service).key;
+        let id = Identity {
+            service: service.into(),
+            spiffe_id: format!("spiffe://{TD}/svc/{service}"),
+            trust_domain: TD.into(),
+            key,
+            not_after: SystemTime::now() + Duration::from_secs(3600),
+        };
+        Arc::new(Identities {
+            by_service: [(service.to_owned(), Arc::new(id))].into(),
+            primary: Some(service.into()),
+            trust_bundle: vec![ca.root.clone()],
+        })
+    }
+
+    #[tokio::test]
+    async fn rebuilds_on_new_identities_and_bundles_only() {
+        let ca = TestCa::new("mesh");
+        let (ids_tx, ids_rx) = watch::channel(Arc::new(Identities {
+            primary: Some("web".into()),
+            ..Default::default()
+        }));
+        let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
+        let (_stop, shutdown) = watch::channel(false);
+        let (mut ctx, _task) = follow(ids_rx, snap_rx, shutdown);
+        assert!(ctx.borrow().is_none(), "no certificate, no mTLS");
+
+        ids_tx.send(identities(&ca, "web")).unwrap();
+        ctx.changed().await.unwrap();
+        let first = ctx.borrow_and_update().clone().expect("context");
+        assert_eq!(&*first.trust_domain, TD);
+
+        // An endpoint update does not rebuild.
+        snap_tx.send_modify(|s| Arc::make_mut(s).acks += 1);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!ctx.has_changed().unwrap());
+
+        // The bundle from xDS takes over from the SignResponse's.
+        snap_tx.send_modify(|s| {
+            Arc::make_mut(s).trust_bundle = Some(TrustBundle {
+                trust_domain: "other.test".into(),
+                roots_der: vec![ca.root.to_vec()],
+            })
+        });
+        ctx.changed().await.unwrap();
+        let second = ctx.borrow_and_update().clone().expect("context");
+        assert_eq!(&*second.trust_domain, "other.test");
+
+        // The certificate expired unrenewed: no context.
+        ids_tx
+            .send(Arc::new(Identities {
+                primary: Some("web".into()),
+                ..Default::default()
+            }))
+            .unwrap();
+        ctx.changed().await.unwrap();
+        assert!(ctx.borrow().is_none());
+    }
+}
