@@ -235,12 +235,13 @@ async fn accept(
 }
 
 /// Serves one HTTP connection (HTTP/1.1 or HTTP/2, with upgrades) with
-/// `svc`; on shutdown, finishes in-flight requests and closes. `identity`
-/// is the calling sidecar on an mTLS connection.
+/// `svc`; on shutdown, finishes in-flight requests and closes. `mesh` is
+/// the calling sidecar and the service it asked for (SNI) on an mTLS
+/// connection.
 async fn serve_conn<S, IO>(
     stream: IO,
     peer: SocketAddr,
-    identity: Option<PeerIdentity>,
+    mesh: Option<(PeerIdentity, Arc<str>)>,
     svc: S,
     mut shutdown: watch::Receiver<bool>,
 ) where
@@ -256,7 +257,10 @@ async fn serve_conn<S, IO>(
         + 'static,
 {
     let mut client = ClientAddr::new(peer);
-    client.peer = identity;
+    if let Some((peer, service)) = mesh {
+        client.peer = Some(peer);
+        client.service = Some(service);
+    }
     let hyper_svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let mut req = req.map(http::boxed);
         req.extensions_mut().insert(client.clone());
@@ -337,7 +341,7 @@ async fn serve_inbound(
                 serve_conn(
                     accepted.stream,
                     peer,
-                    Some(accepted.peer),
+                    Some((accepted.peer, Arc::from(accepted.service))),
                     inbound,
                     shutdown,
                 )

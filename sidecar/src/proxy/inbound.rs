@@ -23,7 +23,7 @@ use super::observe::observe;
 use super::{
     forward::{Dest, Forwarder, Hop},
     http::{Body, SERVICE_HEADER, error_response},
-    outbound::{BoxFuture, answer},
+    outbound::{BoxFuture, ClientAddr, answer},
     tcp,
     transport::PeerIdentity,
 };
@@ -108,9 +108,26 @@ impl tower::Service<Request<Body>> for Inbound {
 
     fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
         let named = req.headers_mut().remove(&SERVICE_HEADER);
+        // Over mTLS the connection is for the service named in SNI, the one
+        // the caller authenticated; a request may not name another.
+        let sni = req
+            .extensions()
+            .get::<ClientAddr>()
+            .and_then(|c| c.service.as_deref());
+        if let (Some(v), Some(sni)) = (&named, sni)
+            && v.as_bytes() != sni.as_bytes()
+        {
+            return answer(error_response(
+                StatusCode::MISDIRECTED_REQUEST,
+                "misdirected",
+                format!("this connection is for {sni:?}, the request names {v:?}"),
+            ));
+        }
         let local = match &named {
             Some(v) => v.to_str().ok().and_then(|name| self.services.get(name)),
-            None => self.default.as_deref().and_then(|d| self.services.get(d)),
+            None => sni
+                .or(self.default.as_deref())
+                .and_then(|d| self.services.get(d)),
         };
         let Some(local) = local.cloned() else {
             let detail = match &named {
@@ -141,5 +158,53 @@ impl tower::Service<Request<Body>> for Inbound {
             metrics,
             Box::pin(async move { Ok(forwarder.forward(req, &local.dest, hop).await) }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::{BodyExt, Empty};
+    use tower::Service as _;
+
+    use super::*;
+
+    /// Over mTLS the SNI's service is the destination; a header naming
+    /// another is refused.
+    #[tokio::test]
+    async fn requests_go_to_the_service_the_connection_is_for() {
+        let config = crate::Config::from_toml(
+            "node_id = \"n\"\n[[service]]\nname = \"payments\"\nport = 1\n\
+             [[service]]\nname = \"ledger\"\nport = 1\n",
+        )
+        .unwrap();
+        let metrics = Metrics::new();
+        let mut inbound = Inbound::new(
+            &config.services,
+            Forwarder::new(Duration::from_millis(200)),
+            &metrics,
+        );
+        let req = |header: Option<&str>| {
+            let mut client = ClientAddr::new("127.0.0.1:9".parse().unwrap());
+            client.service = Some(Arc::from("payments"));
+            let mut r = Request::get("/")
+                .body(super::super::http::boxed(
+                    Empty::<bytes::Bytes>::new().map_err(|e| match e {}),
+                ))
+                .unwrap();
+            if let Some(h) = header {
+                r.headers_mut()
+                    .insert(SERVICE_HEADER.clone(), h.parse().unwrap());
+            }
+            r.extensions_mut().insert(client);
+            r
+        };
+        let resp = inbound.call(req(Some("ledger"))).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::MISDIRECTED_REQUEST);
+        // No header: the SNI's service, though several are local (the
+        // service itself is down here: 502, not 404).
+        let resp = inbound.call(req(None)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        let resp = inbound.call(req(Some("payments"))).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
     }
 }

@@ -48,6 +48,9 @@ pub struct ClientAddr {
     pub addr: SocketAddr,
     pub forwarded_for: Option<HeaderValue>,
     pub peer: Option<PeerIdentity>,
+    /// On the inbound listener, the local service the caller asked for in
+    /// SNI (and authenticated): requests on the connection go there.
+    pub service: Option<Arc<str>>,
 }
 
 impl ClientAddr {
@@ -56,6 +59,7 @@ impl ClientAddr {
             addr,
             forwarded_for: forwarded_for_value(addr),
             peer: None,
+            service: None,
         }
     }
 }

@@ -315,7 +315,7 @@ async fn requests_between_sidecars_carry_the_callers_identity() {
             tokio::spawn(serve_conn(
                 a.stream,
                 peer,
-                Some(a.peer),
+                Some((a.peer, Arc::from(a.service))),
                 svc,
                 shutdown.clone(),
             ));
