@@ -2,10 +2,9 @@
 //! clients) for the services this sidecar fronts.
 //!
 //! One port serves mTLS only (`transport`): HTTP (HTTP/2 from sidecars,
-//! HTTP/1.1 for upgrades) and tunnelled TCP, told apart by ALPN. HTTP
-//! requests name their service in `x-isdp-service`; with a single local
-//! service the header may be absent. A tunnel's service is the SNI the
-//! client asked for.
+//! HTTP/1.1 for upgrades) and tunnelled TCP, told apart by ALPN. The
+//! destination is the service the client asked for in SNI (and whose
+//! certificate it verified); `x-isdp-service`, when present, must agree.
 
 use std::{
     collections::HashMap,
