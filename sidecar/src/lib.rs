@@ -160,6 +160,7 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
         shutdown.clone(),
     );
     metrics.register_state(metrics::StateCollector {
+        identities: Some(identities.clone()),
         snapshots: snapshots.clone(),
         session: session.clone(),
         upstreams: Some(upstreams.clone()),
