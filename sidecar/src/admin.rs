@@ -26,6 +26,9 @@ pub struct AdminState {
     /// Whether upstreams are configured, i.e. whether an xDS stream exists
     /// to report on in `control_plane`.
     pub has_upstreams: bool,
+    /// The workload identities, when this sidecar has one to wait for:
+    /// without a certificate it can neither accept nor make mesh calls.
+    pub identities: Option<watch::Receiver<Arc<crate::identity::Identities>>>,
     /// The data plane's bound listeners, for operators checking where to
     /// send traffic.
     pub listeners: Option<crate::proxy::Addrs>,
@@ -68,6 +71,14 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
+    if let Some(ids) = &state.identities
+        && !ids.borrow().ready()
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: waiting for a workload certificate from the control plane".to_owned(),
+        );
+    }
     let xds_ready = state.xds.borrow().ready;
     let opened = state.session.status().opened;
     match (xds_ready, opened) {
@@ -92,6 +103,17 @@ struct ConfigView {
     services: Vec<ServiceView>,
     upstreams: BTreeMap<String, UpstreamView>,
     xds: XdsView,
+    /// Workload certificates held, by service.
+    identities: BTreeMap<String, IdentityView>,
+}
+
+#[derive(Serialize)]
+struct IdentityView {
+    spiffe_id: String,
+    /// Milliseconds since the Unix epoch.
+    not_after_unix_ms: u128,
+    /// Presented when calling other sidecars.
+    primary: bool,
 }
 
 #[derive(Serialize)]
@@ -142,6 +164,8 @@ struct EndpointView {
 struct XdsView {
     ready: bool,
     acked: BTreeMap<String, String>,
+    /// Trust bundle and authorization policies, by `<type>/<name>`.
+    acked_security: BTreeMap<String, String>,
     acks: u64,
     nacks: u64,
     last_nack: Option<String>,
@@ -215,7 +239,29 @@ async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
             .map(|(n, addr)| (n.clone(), addr.to_string()))
             .collect(),
     });
+    let identities = state
+        .identities
+        .as_ref()
+        .map(|ids| {
+            let ids = ids.borrow().clone();
+            ids.by_service
+                .iter()
+                .map(|(service, id)| {
+                    let view = IdentityView {
+                        spiffe_id: id.spiffe_id.clone(),
+                        not_after_unix_ms: id
+                            .not_after
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis()),
+                        primary: ids.primary.as_ref() == Some(service),
+                    };
+                    (service.clone(), view)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     Json(ConfigView {
+        identities,
         node_id: state.session.node_id().to_owned(),
         listeners,
         control_plane,
@@ -225,6 +271,7 @@ async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
         xds: XdsView {
             ready: snap.ready,
             acked: snap.acked.clone(),
+            acked_security: snap.acked_security.clone(),
             acks: snap.acks,
             nacks: snap.nacks,
             last_nack: snap.last_nack.clone(),

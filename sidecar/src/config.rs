@@ -86,6 +86,10 @@ pub struct Cli {
     /// Log one line per proxied request (target `isdp::access`).
     #[arg(long, env = "ISDP_ACCESS_LOG")]
     pub access_log: bool,
+    /// The service this sidecar calls others as (its client certificate's
+    /// SPIFFE ID) [default: the first local service].
+    #[arg(long, env = "ISDP_IDENTITY", value_name = "SERVICE")]
+    pub identity: Option<String>,
     #[command(flatten)]
     pub trace: crate::telemetry::TraceArgs,
 }
@@ -141,6 +145,10 @@ pub struct Config {
     pub trace_sample_ratio: f64,
     /// One log line per request, on target `isdp::access`.
     pub access_log: bool,
+    /// The service whose certificate this sidecar presents when calling
+    /// other sidecars; None only for a sidecar with neither local services
+    /// nor upstreams.
+    pub identity: Option<String>,
 }
 
 /// A local service.
@@ -295,6 +303,9 @@ impl Config {
         }
         if cli.access_log {
             file.access_log = Some(true);
+        }
+        if cli.identity.is_some() {
+            file.identity = cli.identity;
         }
         if cli.trace.otlp_endpoint.is_some() {
             file.otlp_endpoint = cli.trace.otlp_endpoint;

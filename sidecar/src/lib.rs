@@ -8,13 +8,17 @@
 //! - `balance`: load-balancing algorithms (round robin, P2C, peak EWMA, ring hash, Maglev) and health filtering.
 //! - `backoff`: exponential backoff with full jitter for reconnects.
 //! - `dial`: control-plane channel settings and URL rotation.
-//! - `xds`: delta-ADS client publishing a `watch` of [`xds::Snapshot`].
+//! - `identity`: workload keys and certificates (CSR signed by the control
+//!   plane's CA), renewed before expiry, published as a `watch`.
+//! - `xds`: delta-ADS client publishing a `watch` of [`xds::Snapshot`]
+//!   (endpoints, trust bundle, authorization policies).
 //! - `session`: the `isdp.v1.Sidecar/Session` stream registering local services.
 //! - `admin`: `/live`, `/ready`, `/config`, `/metrics` over HTTP.
 //! - `metrics`: Prometheus metrics: per-route request metrics and
 //!   scrape-time state (endpoints, xDS, session).
 //! - `proxy`: the data plane: inbound, outbound and per-upstream listeners,
-//!   the request path as tower layers (route -> balance -> endpoint), TCP.
+//!   the request path as tower layers (route -> balance -> endpoint), TCP,
+//!   and `proxy::transport`: mTLS between sidecars (SPIFFE identities).
 //! - `authz`: inbound authorization: a destination's rules compiled for
 //!   per-request checks of the caller's SPIFFE ID, method and path.
 //! - `telemetry`: logging and OTLP trace export for both binaries.
@@ -27,6 +31,7 @@ pub mod backoff;
 pub mod balance;
 pub mod config;
 pub mod dial;
+pub mod identity;
 pub mod metrics;
 pub mod probe;
 pub mod proxy;
@@ -34,8 +39,12 @@ pub mod session;
 pub mod telemetry;
 pub mod xds;
 
+#[cfg(test)]
+mod test_pki;
+
 use std::io::Write;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -115,11 +124,38 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
             node_id: config.node_id.clone(),
             control_plane: config.control_plane.clone(),
             upstreams: config.upstreams.iter().map(|u| u.name.clone()).collect(),
+            local_services: config.services.iter().map(|s| s.name.clone()).collect(),
         },
         shutdown.clone(),
     );
     tasks.push(xds_task);
+    // Identity: one certificate per local service, plus the `identity` a
+    // sidecar without services calls others as. Nothing here blocks
+    // startup; until the first certificate the admin endpoint serves and
+    // `/ready` says what is missing.
+    let mut certified: Vec<String> = config.services.iter().map(|s| s.name.clone()).collect();
+    if let Some(id) = &config.identity
+        && !certified.contains(id)
+    {
+        certified.push(id.clone());
+    }
+    let (identities, identity_task) = identity::spawn(
+        identity::IdentitySettings {
+            services: certified,
+            primary: config.identity.clone(),
+            lifetime: None,
+        },
+        Arc::new(identity::grpc::DialSigner::new(
+            config.control_plane.clone(),
+        )),
+        shutdown.clone(),
+    );
+    tasks.push(identity_task);
+    let (tls_contexts, tls_task) =
+        proxy::transport::follow(identities.clone(), snapshots.clone(), shutdown.clone());
+    tasks.push(tls_task);
     let metrics = metrics::Metrics::new();
+    let tls = proxy::transport::Tls::new(tls_contexts, metrics.clone());
     let upstreams = proxy::upstreams::Upstreams::spawn(
         &config.upstreams,
         &metrics,
@@ -127,6 +163,7 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
         shutdown.clone(),
     );
     metrics.register_state(metrics::StateCollector {
+        identities: Some(identities.clone()),
         snapshots: snapshots.clone(),
         session: session.clone(),
         upstreams: Some(upstreams.clone()),
@@ -138,7 +175,7 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
         let metrics = metrics.clone();
         tokio::spawn(async move {
             listeners
-                .serve(&config, upstreams, &metrics, shutdown)
+                .serve(&config, upstreams, &metrics, tls, shutdown)
                 .await
         })
     };
@@ -147,6 +184,7 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
         session,
         xds: snapshots,
         has_upstreams: !config.upstreams.is_empty(),
+        identities: config.identity.is_some().then_some(identities),
         listeners: Some(addrs),
         upstreams: Some(upstreams),
         metrics,

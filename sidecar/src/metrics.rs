@@ -71,6 +71,12 @@ struct ErrorLabels {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TlsFailureLabels {
+    direction: &'static str,
+    reason: &'static str,
+}
+
 /// Latency buckets, in seconds: 0.5 ms to 10 s. A proxied request on a
 /// LAN lands in the first few; timeouts in the last. The control plane
 /// uses them too, so dashboards compare like with like.
@@ -93,6 +99,7 @@ struct Inner {
     errors: Family<ErrorLabels, Counter>,
     tcp_opened: Family<RouteLabels, Counter>,
     tcp_open: Family<RouteLabels, Gauge>,
+    tls_failures: Family<TlsFailureLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -149,6 +156,12 @@ impl Metrics {
             "TCP connections being proxied now",
             tcp_open.clone(),
         );
+        let tls_failures = Family::<TlsFailureLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "mTLS handshakes between sidecars that failed, by direction and reason",
+            tls_failures.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry: std::sync::Mutex::new(registry),
@@ -159,6 +172,7 @@ impl Metrics {
                 errors,
                 tcp_opened,
                 tcp_open,
+                tls_failures,
             }),
         }
     }
@@ -170,6 +184,18 @@ impl Metrics {
             .lock()
             .expect("registry lock")
             .register_collector(Box::new(collector));
+    }
+
+    /// Counts a failed mTLS handshake. Failures are rare and `reason` comes
+    /// from a fixed set, so the label lookup per failure is fine.
+    pub fn tls_handshake_failure(&self, direction: Direction, reason: &'static str) {
+        self.inner
+            .tls_failures
+            .get_or_create(&TlsFailureLabels {
+                direction: direction.as_str(),
+                reason,
+            })
+            .inc();
     }
 
     /// The handles for one route, resolved once and kept by the route.

@@ -6,14 +6,15 @@
 //!   tower layers `Route` -> `Observe` -> `Balance` -> `Endpoint`.
 //! - `observe`: the metrics layer (requests, latency, in flight, errors).
 //! - `inbound`: traffic from other sidecars to the local services.
-//! - `tcp`: opaque TCP proxying and the tunnel preamble between sidecars.
+//! - `tcp`: opaque TCP proxying, tunnelled between sidecars over mTLS.
 //! - `upstreams`: per-upstream balancer state, rebuilt from the discovery
 //!   snapshot.
 //! - `forward`: pooled HTTP/1.1 and HTTP/2 clients, upgrades, error mapping.
 //! - `http`: body type, proxy header rules, error responses.
 //! - `trace`: per-request spans (client outbound, server inbound), W3C
 //!   trace-context propagation, the access log.
-//! - `transport`: how sidecars connect to each other (where mTLS plugs in).
+//! - `transport`: how sidecars connect to each other: mTLS with SPIFFE
+//!   identities, hot-swapped TLS contexts, handshake failure metrics.
 //!
 //! Listeners: one inbound (mesh traffic to this sidecar's services), one
 //! shared outbound that routes by `Host` (also usable as an `http_proxy`),
@@ -41,6 +42,7 @@ use hyper_util::{
     server::conn::auto,
 };
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::watch,
 };
@@ -52,6 +54,7 @@ use crate::{
 };
 use forward::Forwarder;
 use outbound::{BoxFuture, ClientAddr, RouteBy};
+use transport::{PeerIdentity, Tls};
 use upstreams::Upstreams;
 
 /// Tracks every connection task, so shutdown can wait for them to drain.
@@ -119,16 +122,18 @@ impl Listeners {
         }
     }
 
-    /// Serves until `shutdown`, then drains for at most `drain`.
+    /// Serves until `shutdown`, then drains for at most `drain`. `tls`
+    /// secures every hop between sidecars.
     pub async fn serve(
         self,
         config: &Config,
         upstreams: Upstreams,
         metrics: &Metrics,
+        tls: Tls,
         shutdown: watch::Receiver<bool>,
     ) {
         let tracker = Tracker::new();
-        let forwarder = Forwarder::new(CONNECT_TIMEOUT);
+        let forwarder = Forwarder::new(CONNECT_TIMEOUT).with_tls(tls.clone());
         let mut accept_loops = Vec::new();
 
         let tracing = trace::TraceSettings::new(config.access_log);
@@ -153,6 +158,7 @@ impl Listeners {
                     name,
                     upstreams.clone(),
                     CONNECT_TIMEOUT,
+                    tls.clone(),
                     tracker.clone(),
                     shutdown.clone(),
                 )),
@@ -176,6 +182,7 @@ impl Listeners {
         accept_loops.push(tokio::spawn(serve_inbound(
             self.inbound,
             inbound,
+            tls,
             tracker.clone(),
             shutdown.clone(),
         )));
@@ -228,13 +235,17 @@ async fn accept(
 }
 
 /// Serves one HTTP connection (HTTP/1.1 or HTTP/2, with upgrades) with
-/// `svc`; on shutdown, finishes in-flight requests and closes.
-async fn serve_conn<S>(
-    stream: TcpStream,
+/// `svc`; on shutdown, finishes in-flight requests and closes. `mesh` is
+/// the calling sidecar and the service it asked for (SNI) on an mTLS
+/// connection.
+async fn serve_conn<S, IO>(
+    stream: IO,
     peer: SocketAddr,
+    mesh: Option<(PeerIdentity, Arc<str>)>,
     svc: S,
     mut shutdown: watch::Receiver<bool>,
 ) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service<
             Request<http::Body>,
             Response = Response<http::Body>,
@@ -245,7 +256,11 @@ async fn serve_conn<S>(
         + Sync
         + 'static,
 {
-    let client = ClientAddr::new(peer);
+    let mut client = ClientAddr::new(peer);
+    if let Some((peer, service)) = mesh {
+        client.peer = Some(peer);
+        client.service = Some(service);
+    }
     let hyper_svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let mut req = req.map(http::boxed);
         req.extensions_mut().insert(client.clone());
@@ -284,24 +299,53 @@ async fn serve_http<S>(
         + 'static,
 {
     while let Some((stream, peer)) = accept(&listener, &mut shutdown).await {
-        tracker.spawn(serve_conn(stream, peer, svc.clone(), shutdown.clone()));
+        tracker.spawn(serve_conn(
+            stream,
+            peer,
+            None,
+            svc.clone(),
+            shutdown.clone(),
+        ));
     }
 }
 
+/// Accepts mesh traffic: the TLS handshake runs in each connection's own
+/// task (the accept loop never waits on a peer), then ALPN picks HTTP or a
+/// TCP tunnel.
 async fn serve_inbound(
     listener: TcpListener,
     inbound: trace::TraceInbound<inbound::Inbound>,
+    tls: Tls,
     tracker: Tracker,
     mut shutdown: watch::Receiver<bool>,
 ) {
     while let Some((stream, peer)) = accept(&listener, &mut shutdown).await {
         let inbound = inbound.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         tracker.spawn(async move {
-            match inbound::is_tcp_tunnel(&stream).await {
-                Ok(true) => inbound.get_ref().tcp(stream, CONNECT_TIMEOUT).await,
-                Ok(false) => serve_conn(stream, peer, inbound, shutdown).await,
-                Err(e) => tracing::debug!(%peer, error = %e, "inbound connection closed before sending anything"),
+            let Some(accepted) = tls.accept(stream, peer).await else {
+                return;
+            };
+            if accepted.tunnel {
+                inbound
+                    .get_ref()
+                    .tcp(
+                        accepted.stream,
+                        &accepted.service,
+                        &accepted.peer,
+                        CONNECT_TIMEOUT,
+                    )
+                    .await
+            } else {
+                serve_conn(
+                    accepted.stream,
+                    peer,
+                    Some((accepted.peer, Arc::from(accepted.service))),
+                    inbound,
+                    shutdown,
+                )
+                .await
             }
         });
     }

@@ -1,12 +1,17 @@
-//! The discovery client: follows the endpoints of every upstream over delta
-//! ADS and publishes them as a `watch` of [`Snapshot`]s. The data plane
+//! The discovery client: follows the endpoints of every upstream, the
+//! mesh's trust bundle and the authorization policies of the local
+//! services over one delta ADS stream, and publishes them as a `watch` of
+//! [`Snapshot`]s. The data plane
 //! only reads `borrow()` and never waits on the control plane; while the
 //! stream is down the last snapshot keeps being served.
 
 mod client;
+pub mod security;
 mod state;
 
 use std::collections::BTreeMap;
+
+use isdp_proto::v1::{AuthorizationPolicy, TrustBundle};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -15,7 +20,7 @@ use tokio::task::JoinHandle;
 pub use state::{Endpoint, Resources, UpstreamState, apply, decode, held_versions};
 
 /// What the client knows, published after every change.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     /// Upstreams the control plane has answered for, by name. An upstream
     /// missing here has no answer yet.
@@ -23,8 +28,16 @@ pub struct Snapshot {
     /// True once every subscribed upstream has had an answer (or there are
     /// none); stays true across reconnects.
     pub ready: bool,
-    /// Acknowledged versions of the resources held, by name.
+    /// Acknowledged versions of the endpoint resources held, by name.
     pub acked: BTreeMap<String, String>,
+    /// Acknowledged versions of the security resources held, by
+    /// `<type>/<name>` (`TrustBundle/mesh`, `AuthorizationPolicy/<service>`).
+    pub acked_security: BTreeMap<String, String>,
+    /// The mesh's roots, once the control plane has sent them. Until then
+    /// the bundle of the last `SignResponse` is trusted.
+    pub trust_bundle: Option<TrustBundle>,
+    /// Authorization policies of the local services, by service.
+    pub policies: BTreeMap<String, AuthorizationPolicy>,
     /// ACKs sent, over all streams.
     pub acks: u64,
     /// NACKs sent, over all streams.
@@ -48,26 +61,22 @@ pub struct XdsSettings {
     pub control_plane: Vec<String>,
     /// Upstream names to subscribe to.
     pub upstreams: Vec<String>,
+    /// Local service names whose authorization policies to follow.
+    pub local_services: Vec<String>,
 }
 
-/// Starts the client. With no upstreams there is nothing to subscribe to
-/// (an empty delta subscription would mean "everything"), so the snapshot
-/// is ready at once and no stream is opened.
+/// Starts the client. A stream is always opened (every sidecar follows the
+/// trust bundle); with no upstreams the snapshot is ready at once, and no
+/// endpoints are subscribed to (an empty delta subscription would mean
+/// "everything").
 pub fn spawn(
     settings: XdsSettings,
     shutdown: watch::Receiver<bool>,
 ) -> (watch::Receiver<Arc<Snapshot>>, JoinHandle<()>) {
-    let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
-    if settings.upstreams.is_empty() {
-        tx.send_modify(|s| Arc::make_mut(s).ready = true);
-        // Keep the sender alive until shutdown so readers never see it closed.
-        let mut shutdown = shutdown;
-        let task = tokio::spawn(async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-            drop(tx);
-        });
-        return (rx, task);
-    }
+    let (tx, rx) = watch::channel(Arc::new(Snapshot {
+        ready: settings.upstreams.is_empty(),
+        ..Default::default()
+    }));
     let task = tokio::spawn(client::Client::new(settings, tx).run(shutdown));
     (rx, task)
 }

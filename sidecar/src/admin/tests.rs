@@ -27,6 +27,7 @@ async fn live_ready_and_config() {
     let (xds_tx, xds) = watch::channel(Arc::new(Snapshot::default()));
     let metrics = crate::metrics::Metrics::new();
     metrics.register_state(crate::metrics::StateCollector {
+        identities: None,
         snapshots: xds.clone(),
         session: session.clone(),
         upstreams: None,
@@ -35,6 +36,7 @@ async fn live_ready_and_config() {
         session: session.clone(),
         xds,
         has_upstreams: true,
+        identities: None,
         listeners: None,
         upstreams: None,
         metrics,

@@ -36,6 +36,7 @@ pub struct FileConfig {
     pub access_log: Option<bool>,
     pub otlp_endpoint: Option<String>,
     pub trace_sample_ratio: Option<f64>,
+    pub identity: Option<String>,
 }
 
 /// One `[[service]]` table or `--service` SPEC.
@@ -178,7 +179,24 @@ impl FileConfig {
             upstreams.push(upstream);
         }
 
+        // Calling other sidecars takes a client certificate, so an identity.
+        let identity = match self.identity.as_deref().map(str::trim) {
+            Some(name) => {
+                check_dns_label(name).map_err(|r| ConfigError::invalid("identity", r))?;
+                Some(name.to_owned())
+            }
+            None => services.first().map(|s| s.name.clone()),
+        };
+        if identity.is_none() && !upstreams.is_empty() {
+            return Err(ConfigError::invalid(
+                "identity",
+                "required to call upstreams over mTLS without a local service \
+                 (set identity, --identity or ISDP_IDENTITY)",
+            ));
+        }
+
         Ok(Config {
+            identity,
             node_id,
             control_plane,
             admin_listen,

@@ -276,7 +276,7 @@ fn load_reads_the_file() {
 #[test]
 fn upstream_balancing_is_parsed_and_checked() {
     let c = Config::from_toml(
-        "node_id = \"n\"\n[[upstream]]\nname = \"pay\"\nlb = \"maglev\"\nhash_key = \"header:x-user\"\n",
+        "node_id = \"n\"\nidentity = \"cli\"\n[[upstream]]\nname = \"pay\"\nlb = \"maglev\"\nhash_key = \"header:x-user\"\n",
     )
     .unwrap();
     assert_eq!(c.upstreams[0].lb, crate::balance::Algorithm::Maglev);
@@ -303,4 +303,32 @@ fn listeners_default_to_the_advertised_address_and_15001() {
         .unwrap_err()
         .to_string();
     assert!(err.starts_with("inbound_listen:"), "{err}");
+}
+
+#[test]
+fn identity_defaults_to_the_first_service_and_is_required_for_upstreams() {
+    let c = Config::from_toml(
+        "node_id = \"n\"\n[[service]]\nname = \"web\"\nport = 1\n[[service]]\nname = \"api\"\nport = 2\n",
+    )
+    .unwrap();
+    assert_eq!(c.identity.as_deref(), Some("web"));
+    let c = Config::from_toml("node_id = \"n\"").unwrap();
+    assert_eq!(
+        c.identity, None,
+        "no services, no upstreams: nothing to certify"
+    );
+    let err = Config::from_toml("node_id = \"n\"\n[[upstream]]\nname = \"pay\"\n").unwrap_err();
+    assert!(err.to_string().contains("identity"), "{err}");
+    let c = Config::load(cli(&[
+        "--node-id",
+        "n",
+        "--upstream",
+        "name=pay",
+        "--identity",
+        "batch",
+    ]))
+    .unwrap();
+    assert_eq!(c.identity.as_deref(), Some("batch"));
+    let err = Config::from_toml("node_id = \"n\"\nidentity = \"Not A Label\"\n").unwrap_err();
+    assert!(err.to_string().contains("identity"), "{err}");
 }

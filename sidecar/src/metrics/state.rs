@@ -18,6 +18,8 @@ pub struct StateCollector {
     pub snapshots: watch::Receiver<Arc<Snapshot>>,
     pub session: Session,
     pub upstreams: Option<Upstreams>,
+    /// Workload certificates, for their expiry.
+    pub identities: Option<watch::Receiver<Arc<crate::identity::Identities>>>,
 }
 
 impl fmt::Debug for StateCollector {
@@ -174,6 +176,24 @@ impl Collector for StateCollector {
                     };
                     gauge((current == h) as i64).encode(fam.encode_family(&labels)?)?;
                 }
+            }
+        }
+        if let Some(ids) = &self.identities {
+            let ids = ids.borrow().clone();
+            let mut fam = e.encode_descriptor(
+                "workload_certificate_expiry_timestamp",
+                "When each local service's certificate expires, in seconds since the Unix epoch (absent: none held)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (service, id) in &ids.by_service {
+                let at = id
+                    .not_after
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                gauge(at).encode(fam.encode_family(&ServiceLabel {
+                    service: service.clone(),
+                })?)?;
             }
         }
         Ok(())

@@ -6,7 +6,7 @@
 //! services, and for protocol upgrades such as WebSocket, which HTTP/2
 //! cannot carry without extended CONNECT).
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use http::{
     HeaderValue, Request, Response, StatusCode, Uri, Version, header,
@@ -15,6 +15,7 @@ use http::{
 use hyper_util::rt::TokioIo;
 
 use super::http::{Body, boxed, error_response, is_upgrade, strip_hop_by_hop};
+use super::transport::Tls;
 
 /// Which protocol the next hop speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,17 +34,38 @@ mod h2;
 pub struct Dest {
     pub addr: SocketAddr,
     authority: Authority,
+    /// The service when `addr` is its sidecar: the connection is mTLS with
+    /// this service's SNI, and pooled per (address, service). None for a
+    /// local service or an instance without a sidecar (plaintext).
+    pub service: Option<Arc<str>>,
 }
 
 impl Dest {
+    /// A plaintext destination.
     pub fn new(addr: SocketAddr) -> Self {
         let authority = addr
             .to_string()
             .parse()
             .expect("a socket address is a valid authority");
-        Dest { addr, authority }
+        Dest {
+            addr,
+            authority,
+            service: None,
+        }
+    }
+
+    /// `service`'s sidecar at `addr`, reached over mTLS.
+    pub fn mesh(addr: SocketAddr, service: Arc<str>) -> Self {
+        Dest {
+            service: Some(service),
+            ..Dest::new(addr)
+        }
     }
 }
+
+/// How to reach a mesh destination: the TLS handle and the service named
+/// in SNI.
+pub type Mesh<'a> = Option<(&'a Tls, &'a Arc<str>)>;
 
 /// Why a request could not be sent to its next hop.
 #[derive(Debug)]
@@ -56,6 +78,8 @@ pub enum SendError {
 pub struct Forwarder {
     h1: h1::H1Pool,
     h2: h2::H2Pool,
+    /// mTLS to other sidecars; None where only plaintext hops exist.
+    tls: Option<Tls>,
 }
 
 impl Forwarder {
@@ -63,7 +87,14 @@ impl Forwarder {
         Forwarder {
             h1: h1::H1Pool::new(connect_timeout),
             h2: h2::H2Pool::new(connect_timeout),
+            tls: None,
         }
+    }
+
+    /// Lets the forwarder reach other sidecars ([`Dest::mesh`]).
+    pub fn with_tls(mut self, tls: Tls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Forwards `req` to `dest`. The request keeps its method, path, body
@@ -98,14 +129,22 @@ impl Forwarder {
         strip_hop_by_hop(req.headers_mut(), upgrade);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let addr = dest.addr;
+        let mesh = match (&dest.service, &self.tls) {
+            (None, _) => None,
+            (Some(service), Some(tls)) => Some((tls, service)),
+            (Some(_), None) => {
+                let e = io::Error::other("no mTLS configured for a sidecar destination");
+                return SendError::Connect(e).response(addr);
+            }
+        };
         let result = match hop {
             Hop::Http1 => {
                 *req.version_mut() = Version::HTTP_11;
-                self.h1.send(addr, req).await
+                self.h1.send(addr, mesh, req).await
             }
             Hop::Http2 => {
                 *req.version_mut() = Version::HTTP_2;
-                self.h2.send(addr, req).await.map(|r| r.map(boxed))
+                self.h2.send(addr, mesh, req).await.map(|r| r.map(boxed))
             }
         };
         let mut resp = match result {

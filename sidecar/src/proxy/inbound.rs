@@ -1,10 +1,10 @@
 //! The inbound listener: traffic from other sidecars (and direct HTTP
 //! clients) for the services this sidecar fronts.
 //!
-//! One port serves both HTTP (HTTP/2 from sidecars, HTTP/1.1 too) and
-//! tunnelled TCP: the first bytes tell them apart ([`tcp::PREAMBLE`]).
-//! HTTP requests name their service in `x-isdp-service`; with a single
-//! local service the header may be absent.
+//! One port serves mTLS only (`transport`): HTTP (HTTP/2 from sidecars,
+//! HTTP/1.1 for upgrades) and tunnelled TCP, told apart by ALPN. The
+//! destination is the service the client asked for in SNI (and whose
+//! certificate it verified); `x-isdp-service`, when present, must agree.
 
 use std::{
     collections::HashMap,
@@ -16,14 +16,15 @@ use std::{
 };
 
 use http::{Request, Response, StatusCode};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::observe::observe;
 use super::{
     forward::{Dest, Forwarder, Hop},
     http::{Body, SERVICE_HEADER, error_response},
-    outbound::{BoxFuture, answer},
+    outbound::{BoxFuture, ClientAddr, answer},
     tcp,
+    transport::PeerIdentity,
 };
 use crate::{
     config::{Protocol, Service},
@@ -70,17 +71,19 @@ impl Inbound {
         }
     }
 
-    /// Hands a tunnelled TCP connection to its local service.
-    pub async fn tcp(&self, mut stream: TcpStream, connect_timeout: Duration) {
-        let service = match tcp::read_preamble(&mut stream).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(error = %e, "bad tcp preamble; closing");
-                return;
-            }
-        };
-        let Some(local) = self.services.get(&service) else {
-            tracing::debug!(%service, "tcp for an unknown local service; closing");
+    /// Hands a tunnelled TCP connection to its local service. `peer` is
+    /// the calling sidecar, for authorization.
+    pub async fn tcp<S>(
+        &self,
+        stream: S,
+        service: &str,
+        peer: &PeerIdentity,
+        connect_timeout: Duration,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let Some(local) = self.services.get(service) else {
+            tracing::debug!(%service, peer = %peer.0, "tcp for an unknown local service; closing");
             return;
         };
         match super::transport::connect(local.dest.addr, connect_timeout).await {
@@ -90,28 +93,6 @@ impl Inbound {
             }
             Err(e) => tracing::debug!(%service, error = %e, "local service refused tcp"),
         }
-    }
-}
-
-/// Tells HTTP from a TCP tunnel by peeking at the first bytes, without
-/// consuming them.
-pub async fn is_tcp_tunnel(stream: &TcpStream) -> std::io::Result<bool> {
-    let mut buf = [0u8; tcp::PREAMBLE.len()];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no data"))??;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        if buf[..n] != tcp::PREAMBLE[..n] {
-            return Ok(false);
-        }
-        if n == buf.len() {
-            return Ok(true);
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -126,9 +107,26 @@ impl tower::Service<Request<Body>> for Inbound {
 
     fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
         let named = req.headers_mut().remove(&SERVICE_HEADER);
+        // Over mTLS the connection is for the service named in SNI, the one
+        // the caller authenticated; a request may not name another.
+        let sni = req
+            .extensions()
+            .get::<ClientAddr>()
+            .and_then(|c| c.service.as_deref());
+        if let (Some(v), Some(sni)) = (&named, sni)
+            && v.as_bytes() != sni.as_bytes()
+        {
+            return answer(error_response(
+                StatusCode::MISDIRECTED_REQUEST,
+                "misdirected",
+                format!("this connection is for {sni:?}, the request names {v:?}"),
+            ));
+        }
         let local = match &named {
             Some(v) => v.to_str().ok().and_then(|name| self.services.get(name)),
-            None => self.default.as_deref().and_then(|d| self.services.get(d)),
+            None => sni
+                .or(self.default.as_deref())
+                .and_then(|d| self.services.get(d)),
         };
         let Some(local) = local.cloned() else {
             let detail = match &named {
@@ -159,5 +157,53 @@ impl tower::Service<Request<Body>> for Inbound {
             metrics,
             Box::pin(async move { Ok(forwarder.forward(req, &local.dest, hop).await) }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::{BodyExt, Empty};
+    use tower::Service as _;
+
+    use super::*;
+
+    /// Over mTLS the SNI's service is the destination; a header naming
+    /// another is refused.
+    #[tokio::test]
+    async fn requests_go_to_the_service_the_connection_is_for() {
+        let config = crate::Config::from_toml(
+            "node_id = \"n\"\n[[service]]\nname = \"payments\"\nport = 1\n\
+             [[service]]\nname = \"ledger\"\nport = 1\n",
+        )
+        .unwrap();
+        let metrics = Metrics::new();
+        let mut inbound = Inbound::new(
+            &config.services,
+            Forwarder::new(Duration::from_millis(200)),
+            &metrics,
+        );
+        let req = |header: Option<&str>| {
+            let mut client = ClientAddr::new("127.0.0.1:9".parse().unwrap());
+            client.service = Some(Arc::from("payments"));
+            let mut r = Request::get("/")
+                .body(super::super::http::boxed(
+                    Empty::<bytes::Bytes>::new().map_err(|e| match e {}),
+                ))
+                .unwrap();
+            if let Some(h) = header {
+                r.headers_mut()
+                    .insert(SERVICE_HEADER.clone(), h.parse().unwrap());
+            }
+            r.extensions_mut().insert(client);
+            r
+        };
+        let resp = inbound.call(req(Some("ledger"))).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::MISDIRECTED_REQUEST);
+        // No header: the SNI's service, though several are local (the
+        // service itself is down here: 502, not 404).
+        let resp = inbound.call(req(None)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        let resp = inbound.call(req(Some("payments"))).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
     }
 }

@@ -26,6 +26,7 @@ use super::{
     http::{Body, SERVICE_HEADER, add_forwarding, error_response, forwarded_for_value},
     observe::{Observe, ObserveLayer},
     trace::{Trace, TraceEndpoint, TraceEndpointLayer, TraceLayer, TraceSettings},
+    transport::PeerIdentity,
     upstreams::{Target, UpstreamLb, Upstreams},
 };
 use crate::{balance::LoadGuard, config::Protocol};
@@ -38,12 +39,18 @@ pub fn answer(resp: Response<Body>) -> BoxFuture {
 }
 
 /// The client that sent the request, set by the listener once per
-/// connection: its address (for `source_ip` hashing) and that address as
-/// an `x-forwarded-for` entry.
+/// connection: its address (for `source_ip` hashing), that address as an
+/// `x-forwarded-for` entry, and on the inbound listener the verified
+/// identity of the calling sidecar (here rather than in an extension of
+/// its own, so a request pays for one extension, not two).
 #[derive(Clone, Debug)]
 pub struct ClientAddr {
     pub addr: SocketAddr,
     pub forwarded_for: Option<HeaderValue>,
+    pub peer: Option<PeerIdentity>,
+    /// On the inbound listener, the local service the caller asked for in
+    /// SNI (and authenticated): requests on the connection go there.
+    pub service: Option<Arc<str>>,
 }
 
 impl ClientAddr {
@@ -51,7 +58,17 @@ impl ClientAddr {
         ClientAddr {
             addr,
             forwarded_for: forwarded_for_value(addr),
+            peer: None,
+            service: None,
         }
+    }
+}
+
+impl PeerIdentity {
+    /// The calling sidecar's identity, on a request the inbound listener
+    /// accepted over mTLS.
+    pub fn of<B>(req: &Request<B>) -> Option<&PeerIdentity> {
+        req.extensions().get::<ClientAddr>()?.peer.as_ref()
     }
 }
 

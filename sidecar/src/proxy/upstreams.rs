@@ -35,8 +35,9 @@ pub const PANIC_THRESHOLD: f64 = 0.5;
 pub struct Target {
     pub id: String,
     pub dest: Dest,
-    /// True when `addr` is the endpoint's sidecar (mesh traffic), false
-    /// when the instance has no sidecar and is reached directly.
+    /// True when `addr` is the endpoint's sidecar (mesh traffic, mTLS:
+    /// `dest.service` is set), false when the instance has no sidecar and
+    /// is reached directly in plaintext.
     pub via_sidecar: bool,
     pub load: Arc<EndpointLoad>,
 }
@@ -203,6 +204,7 @@ impl Upstreams {
         if panic && !endpoints.is_empty() {
             tracing::warn!(upstream = %cfg.name, total = endpoints.len(), "too few healthy endpoints; spreading over all of them");
         }
+        let name: Arc<str> = Arc::from(cfg.name.as_str());
         let mut loads = self.shared.loads.lock().expect("loads lock");
         let targets: Vec<Arc<Target>> = chosen
             .iter()
@@ -219,7 +221,11 @@ impl Upstreams {
                     .clone();
                 Some(Arc::new(Target {
                     id: e.id.clone(),
-                    dest: Dest::new(SocketAddr::new(ip, port)),
+                    dest: if via_sidecar {
+                        Dest::mesh(SocketAddr::new(ip, port), name.clone())
+                    } else {
+                        Dest::new(SocketAddr::new(ip, port))
+                    },
                     via_sidecar,
                     load,
                 }))
@@ -227,7 +233,7 @@ impl Upstreams {
             .collect();
         drop(loads);
         UpstreamLb {
-            name: Arc::from(cfg.name.as_str()),
+            name,
             service_header: HeaderValue::from_str(&cfg.name).ok(),
             protocol: cfg.protocol,
             version: version.to_owned(),

@@ -9,10 +9,14 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse,
 };
 use envoy_types::pb::google::rpc::Status;
-use isdp_proto::v1::SERVICE_ENDPOINTS_TYPE_URL;
+use isdp_proto::v1::{
+    AUTHORIZATION_POLICY_TYPE_URL, AuthorizationPolicy, SERVICE_ENDPOINTS_TYPE_URL,
+    TRUST_BUNDLE_NAME, TRUST_BUNDLE_TYPE_URL, TrustBundle,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::security::{self, Held, Kind};
 use super::state::{Resources, apply, held_versions};
 use super::{Snapshot, XdsSettings};
 use crate::backoff::Backoff;
@@ -36,10 +40,16 @@ enum StreamError {
 pub(super) struct Client {
     /// Node id and URLs.
     settings: XdsSettings,
-    /// Names subscribed to; responses about other names are ignored.
+    /// Endpoint names subscribed to; responses about other names are ignored.
     subscribed: BTreeSet<String>,
+    /// `{"mesh"}`: the one trust bundle.
+    bundle_names: BTreeSet<String>,
+    /// Local services, whose policies are subscribed to.
+    policy_names: BTreeSet<String>,
     /// What the client holds; survives reconnects.
     resources: Resources,
+    bundles: Held<TrustBundle>,
+    policies: Held<AuthorizationPolicy>,
     /// Where snapshots are published.
     tx: watch::Sender<Arc<Snapshot>>,
     /// URL rotation.
@@ -54,6 +64,10 @@ impl Client {
     pub(super) fn new(settings: XdsSettings, tx: watch::Sender<Arc<Snapshot>>) -> Self {
         Self {
             subscribed: settings.upstreams.iter().cloned().collect(),
+            bundle_names: [TRUST_BUNDLE_NAME.to_owned()].into(),
+            policy_names: settings.local_services.iter().cloned().collect(),
+            bundles: Held::new(),
+            policies: Held::new(),
             dialer: Dialer::new(settings.control_plane.clone()),
             settings,
             resources: Resources::new(),
@@ -104,7 +118,9 @@ impl Client {
         let (requests, rx) = mpsc::channel(16);
         // Queued before the call so a server that waits for the first
         // request before answering with headers does not deadlock us.
-        let _ = requests.send(self.initial_request()).await;
+        for request in self.initial_requests() {
+            let _ = requests.send(request).await;
+        }
         let response = tokio::select! {
             _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
             response = client.delta_aggregated_resources(ReceiverStream::new(rx)) => response?,
@@ -127,16 +143,64 @@ impl Client {
         }
     }
 
-    fn initial_request(&self) -> DeltaDiscoveryRequest {
-        DeltaDiscoveryRequest {
-            node: Some(Node {
-                id: self.settings.node_id.clone(),
-                ..Default::default()
-            }),
-            type_url: SERVICE_ENDPOINTS_TYPE_URL.to_owned(),
-            resource_names_subscribe: self.subscribed.iter().cloned().collect(),
-            initial_resource_versions: held_versions(&self.resources),
+    /// One subscription per type, endpoints first. A type with no names is
+    /// not subscribed at all: an empty delta subscription means "all".
+    fn initial_requests(&self) -> Vec<DeltaDiscoveryRequest> {
+        let node = Some(Node {
+            id: self.settings.node_id.clone(),
             ..Default::default()
+        });
+        let request = |type_url: &str, names: &BTreeSet<String>, held| DeltaDiscoveryRequest {
+            node: node.clone(),
+            type_url: type_url.to_owned(),
+            resource_names_subscribe: names.iter().cloned().collect(),
+            initial_resource_versions: held,
+            ..Default::default()
+        };
+        let mut out = Vec::with_capacity(3);
+        if !self.subscribed.is_empty() {
+            out.push(request(
+                SERVICE_ENDPOINTS_TYPE_URL,
+                &self.subscribed,
+                held_versions(&self.resources),
+            ));
+        }
+        out.push(request(
+            TRUST_BUNDLE_TYPE_URL,
+            &self.bundle_names,
+            security::versions(&self.bundles).collect(),
+        ));
+        if !self.policy_names.is_empty() {
+            out.push(request(
+                AUTHORIZATION_POLICY_TYPE_URL,
+                &self.policy_names,
+                security::versions(&self.policies).collect(),
+            ));
+        }
+        out
+    }
+
+    /// Applies a response to the state of its type.
+    fn apply(&mut self, response: &DeltaDiscoveryResponse) -> Result<(), String> {
+        fn held<K: Kind>(
+            held: &mut Held<K>,
+            names: &BTreeSet<String>,
+            response: &DeltaDiscoveryResponse,
+        ) -> Result<(), String> {
+            if let Some(next) = security::apply::<K>(held, names, response)? {
+                *held = next;
+            }
+            Ok(())
+        }
+        match response.type_url.as_str() {
+            TRUST_BUNDLE_TYPE_URL => held(&mut self.bundles, &self.bundle_names, response),
+            AUTHORIZATION_POLICY_TYPE_URL => held(&mut self.policies, &self.policy_names, response),
+            _ => {
+                if let Some(next) = apply(&self.resources, &self.subscribed, response)? {
+                    self.resources = next;
+                }
+                Ok(())
+            }
         }
     }
 
@@ -147,31 +211,42 @@ impl Client {
         requests: &mpsc::Sender<DeltaDiscoveryRequest>,
     ) -> Result<(), StreamError> {
         let mut reply = DeltaDiscoveryRequest {
-            type_url: SERVICE_ENDPOINTS_TYPE_URL.to_owned(),
+            type_url: response.type_url.clone(),
             response_nonce: response.nonce.clone(),
             ..Default::default()
         };
-        match apply(&self.resources, &self.subscribed, &response) {
-            Ok(next) => {
-                if let Some(next) = next {
-                    self.resources = next;
-                }
-                tracing::debug!(nonce = %response.nonce, "xds ack");
+        match self.apply(&response) {
+            Ok(()) => {
+                tracing::debug!(type_url = %response.type_url, nonce = %response.nonce, "xds ack");
                 requests.send(reply).await.map_err(|_| StreamError::Ended)?;
                 let ready = self
                     .subscribed
                     .iter()
                     .all(|n| self.resources.contains_key(n));
                 let resources = self.resources.clone();
+                let (bundles, policies) = (&self.bundles, &self.policies);
+                let bundle = bundles.get(TRUST_BUNDLE_NAME).map(|b| b.value.clone());
+                let policy_values = policies
+                    .iter()
+                    .map(|(n, p)| (n.clone(), p.value.clone()))
+                    .collect();
+                let mut acked_security = std::collections::BTreeMap::new();
+                security::acked(bundles, &mut acked_security);
+                security::acked(policies, &mut acked_security);
                 self.publish(|s| {
                     s.acked = held_versions(&resources).into_iter().collect();
                     s.upstreams = resources;
+                    s.acked_security = acked_security;
+                    if s.trust_bundle != bundle {
+                        s.trust_bundle = bundle;
+                    }
+                    s.policies = policy_values;
                     s.ready |= ready;
                     s.acks += 1;
                 });
             }
             Err(reason) => {
-                tracing::warn!(nonce = %response.nonce, %reason, "xds nack");
+                tracing::warn!(type_url = %response.type_url, nonce = %response.nonce, %reason, "xds nack");
                 reply.error_detail = Some(Status {
                     code: INVALID_ARGUMENT,
                     message: reason.clone(),

@@ -88,12 +88,22 @@ fn payments(version: &str, body_service: &str) -> Resource {
     }
 }
 
-async fn next(inbound: &mut Streaming<DeltaDiscoveryRequest>) -> DeltaDiscoveryRequest {
+async fn next_any(inbound: &mut Streaming<DeltaDiscoveryRequest>) -> DeltaDiscoveryRequest {
     tokio::time::timeout(Duration::from_secs(5), inbound.message())
         .await
         .expect("request in time")
         .unwrap()
         .unwrap()
+}
+
+/// The next request about endpoints, skipping the other types'.
+async fn next(inbound: &mut Streaming<DeltaDiscoveryRequest>) -> DeltaDiscoveryRequest {
+    loop {
+        let r = next_any(inbound).await;
+        if r.type_url == SERVICE_ENDPOINTS_TYPE_URL {
+            return r;
+        }
+    }
 }
 
 #[tokio::test]
@@ -105,6 +115,7 @@ async fn subscribes_acks_nacks_and_resumes() {
         // A dead URL first: the client must rotate to the live one.
         control_plane: vec!["http://127.0.0.1:1".into(), url.clone()],
         upstreams: vec!["payments".into(), "orders".into()],
+        local_services: vec![],
     };
     let (mut snapshots, task) = spawn(settings, shutdown);
 
@@ -182,12 +193,112 @@ async fn subscribes_acks_nacks_and_resumes() {
 }
 
 #[tokio::test]
-async fn no_upstreams_is_ready_without_a_stream() {
+async fn follows_the_trust_bundle_and_policies_without_upstreams() {
+    use isdp_proto::v1::{
+        AUTHORIZATION_POLICY_TYPE_URL, AuthorizationPolicy, TRUST_BUNDLE_TYPE_URL, TrustBundle,
+    };
+    let (url, mut streams) = fake_server().await;
+    let (_stop, shutdown) = watch::channel(false);
+    let settings = XdsSettings {
+        node_id: "web-1".into(),
+        control_plane: vec![url],
+        upstreams: vec![],
+        local_services: vec!["web".into()],
+    };
+    let (mut snapshots, _task) = spawn(settings, shutdown);
+    assert!(snapshots.borrow().ready, "ready at once without upstreams");
+    let (mut inbound, outbound) = streams.recv().await.unwrap();
+    let bundle_sub = next_any(&mut inbound).await;
+    assert_eq!(bundle_sub.type_url, TRUST_BUNDLE_TYPE_URL);
+    assert_eq!(bundle_sub.resource_names_subscribe, ["mesh"]);
+    let policy_sub = next_any(&mut inbound).await;
+    assert_eq!(policy_sub.type_url, AUTHORIZATION_POLICY_TYPE_URL);
+    assert_eq!(policy_sub.resource_names_subscribe, ["web"]);
+
+    let ca = crate::test_pki::TestCa::new("mesh");
+    let bundle = TrustBundle {
+        trust_domain: "mesh.test".into(),
+        roots_der: vec![ca.root.to_vec()],
+    };
+    let policy = AuthorizationPolicy {
+        destination: "web".into(),
+        trust_domain: "mesh.test".into(),
+        ..Default::default()
+    };
+    let one = |type_url: &str, name: &str, body: Vec<u8>, nonce: &str| DeltaDiscoveryResponse {
+        type_url: type_url.into(),
+        resources: vec![Resource {
+            name: name.into(),
+            version: "v1".into(),
+            resource: Some(Any {
+                type_url: type_url.into(),
+                value: body,
+            }),
+            ..Default::default()
+        }],
+        nonce: nonce.into(),
+        ..Default::default()
+    };
+    outbound
+        .send(Ok(one(
+            TRUST_BUNDLE_TYPE_URL,
+            "mesh",
+            bundle.encode_to_vec(),
+            "b1",
+        )))
+        .await
+        .unwrap();
+    let ack = next_any(&mut inbound).await;
+    assert_eq!(
+        (ack.type_url.as_str(), ack.response_nonce.as_str()),
+        (TRUST_BUNDLE_TYPE_URL, "b1")
+    );
+    outbound
+        .send(Ok(one(
+            AUTHORIZATION_POLICY_TYPE_URL,
+            "web",
+            policy.encode_to_vec(),
+            "p1",
+        )))
+        .await
+        .unwrap();
+    let ack = next_any(&mut inbound).await;
+    assert_eq!(ack.type_url, AUTHORIZATION_POLICY_TYPE_URL);
+    assert!(ack.error_detail.is_none());
+    let snap = snapshots.wait_for(|s| s.acks == 2).await.unwrap().clone();
+    assert_eq!(snap.trust_bundle, Some(bundle));
+    assert_eq!(snap.policies["web"], policy);
+    assert_eq!(snap.acked_security["TrustBundle/mesh"], "v1");
+    assert_eq!(snap.acked_security["AuthorizationPolicy/web"], "v1");
+
+    // A bundle with a broken root is NACKed and the old one kept.
+    outbound
+        .send(Ok(one(
+            TRUST_BUNDLE_TYPE_URL,
+            "mesh",
+            TrustBundle {
+                trust_domain: "mesh.test".into(),
+                roots_der: vec![vec![1, 2, 3]],
+            }
+            .encode_to_vec(),
+            "b2",
+        )))
+        .await
+        .unwrap();
+    let nack = next_any(&mut inbound).await;
+    assert_eq!(nack.error_detail.unwrap().code, 3);
+    let snap = snapshots.wait_for(|s| s.nacks == 1).await.unwrap().clone();
+    assert!(snap.trust_bundle.is_some());
+}
+
+#[tokio::test]
+async fn no_upstreams_is_ready_at_once() {
     let (stop, shutdown) = watch::channel(false);
     let settings = XdsSettings {
         node_id: "n".into(),
         control_plane: vec!["http://127.0.0.1:1".into()],
         upstreams: vec![],
+        local_services: vec![],
     };
     let (snapshots, task) = spawn(settings, shutdown);
     assert!(snapshots.borrow().ready);

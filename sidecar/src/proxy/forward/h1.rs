@@ -9,6 +9,10 @@
 //! hyper-util's general-purpose client does the same, but keys its pool by
 //! URI, resolves names and spawns a task per returned connection; here the
 //! key is a socket address and a returned connection is simply pushed back.
+//!
+//! Between sidecars HTTP/1.1 only carries upgrades (WebSocket): each gets a
+//! fresh mTLS connection, which it keeps for the upgrade's life, so those
+//! are never pooled.
 
 use std::{
     collections::HashMap,
@@ -26,10 +30,10 @@ use http_body::{Body as _, Frame, SizeHint};
 use hyper::{body::Incoming, client::conn::http1};
 use hyper_util::rt::TokioIo;
 
-use super::SendError;
+use super::{Mesh, SendError};
 use crate::proxy::{
     http::{Body, BoxError, boxed},
-    transport,
+    transport::{self, Alpn},
 };
 
 /// Idle connections older than this are closed rather than reused: the
@@ -69,8 +73,18 @@ impl H1Pool {
     pub async fn send(
         &self,
         addr: SocketAddr,
+        mesh: Mesh<'_>,
         req: Request<Body>,
     ) -> Result<Response<Body>, SendError> {
+        if let Some((tls, service)) = mesh {
+            let stream = tls
+                .connect(addr, service, Alpn::Http1, self.shared.connect_timeout)
+                .await
+                .map_err(SendError::Connect)?;
+            let mut sender = handshake(addr, stream).await?;
+            let resp = sender.send_request(req).await.map_err(SendError::Request)?;
+            return Ok(resp.map(boxed));
+        }
         let (mut sender, reused) = match self.checkout(addr) {
             Some(s) => (s, true),
             None => (self.connect(addr).await?, false),
@@ -137,17 +151,26 @@ impl H1Pool {
         let stream = transport::connect(addr, self.shared.connect_timeout)
             .await
             .map_err(SendError::Connect)?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(SendError::Request)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(%addr, error = %e, "http/1.1 connection ended");
-            }
-        });
-        Ok(sender)
+        handshake(addr, stream).await
     }
+}
+
+/// HTTP/1.1 (with upgrades) over `stream`; the connection runs in its own
+/// task.
+async fn handshake<IO>(addr: SocketAddr, stream: IO) -> Result<http1::SendRequest<Body>, SendError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(SendError::Request)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(%addr, error = %e, "http/1.1 connection ended");
+        }
+    });
+    Ok(sender)
 }
 
 impl Shared {
@@ -270,7 +293,7 @@ mod tests {
         let (addr, accepted) = server(2, true).await;
         let pool = H1Pool::new(Duration::from_secs(1));
         for _ in 0..3 {
-            let resp = pool.send(addr, get()).await.unwrap();
+            let resp = pool.send(addr, None, get()).await.unwrap();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(&body[..], b"xx");
         }
@@ -281,11 +304,11 @@ mod tests {
     async fn a_body_dropped_half_read_takes_its_connection_along() {
         let (addr, accepted) = server(1 << 20, true).await;
         let pool = H1Pool::new(Duration::from_secs(1));
-        let mut body = pool.send(addr, get()).await.unwrap().into_body();
+        let mut body = pool.send(addr, None, get()).await.unwrap().into_body();
         let first = body.frame().await.unwrap().unwrap();
         assert!(first.is_data());
         drop(body);
-        let resp = pool.send(addr, get()).await.unwrap();
+        let resp = pool.send(addr, None, get()).await.unwrap();
         let len = resp.into_body().collect().await.unwrap().to_bytes().len();
         assert_eq!(len, 1 << 20);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
@@ -296,7 +319,7 @@ mod tests {
         let (addr, accepted) = server(2, false).await;
         let pool = H1Pool::new(Duration::from_secs(1));
         for _ in 0..3 {
-            let resp = pool.send(addr, get()).await.unwrap();
+            let resp = pool.send(addr, None, get()).await.unwrap();
             assert_eq!(resp.status(), StatusCode::OK);
             resp.into_body().collect().await.unwrap();
         }
@@ -313,9 +336,9 @@ mod tests {
             .header(http::header::HOST, "svc")
             .body(Body::new(http_body_util::StreamBody::new(rx)))
             .unwrap();
-        let resp = pool.send(addr, upload).await.unwrap();
+        let resp = pool.send(addr, None, upload).await.unwrap();
         resp.into_body().collect().await.unwrap();
-        let second = tokio::time::timeout(Duration::from_secs(2), pool.send(addr, get()))
+        let second = tokio::time::timeout(Duration::from_secs(2), pool.send(addr, None, get()))
             .await
             .expect("the second request must not wait for the first upload")
             .unwrap();
@@ -330,7 +353,7 @@ mod tests {
             l.local_addr().unwrap()
         };
         let pool = H1Pool::new(Duration::from_secs(1));
-        match pool.send(addr, get()).await {
+        match pool.send(addr, None, get()).await {
             Err(SendError::Connect(e)) => {
                 assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused)
             }

@@ -1,5 +1,7 @@
 //! One multiplexed HTTP/2 connection per peer, shared by every request to
-//! it.
+//! it. A peer is an address and, for another sidecar, the service asked
+//! for: SNI (and the certificate checked) differ per service, so two
+//! services behind one sidecar get a connection each.
 //!
 //! A general-purpose pool checks a connection out and back in per request;
 //! with HTTP/2 there is nothing to check out, so this keeps one
@@ -14,12 +16,18 @@ use http::{Request, Response};
 use hyper::{body::Incoming, client::conn::http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use super::SendError;
-use crate::proxy::{http::Body, transport};
+use super::{Mesh, SendError};
+use crate::proxy::{
+    http::Body,
+    transport::{self, Alpn},
+};
+
+/// The peer's address and, over mTLS, the service named in SNI.
+type Key = (SocketAddr, Option<Arc<str>>);
 
 #[derive(Clone)]
 pub struct H2Pool {
-    conns: Arc<DashMap<SocketAddr, http2::SendRequest<Body>>>,
+    conns: Arc<DashMap<Key, http2::SendRequest<Body>>>,
     connect_timeout: Duration,
 }
 
@@ -34,16 +42,18 @@ impl H2Pool {
     pub async fn send(
         &self,
         addr: SocketAddr,
+        mesh: Mesh<'_>,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
-        let mut sender = self.sender(addr).await?;
+        let key = (addr, mesh.map(|(_, s)| s.clone()));
+        let mut sender = self.sender(&key, mesh).await?;
         match sender.try_send_request(req).await {
             Ok(resp) => Ok(resp),
             Err(mut e) => match e.take_message() {
                 // Never sent: the connection was closing. Once more, fresh.
                 Some(req) => {
-                    self.conns.remove_if(&addr, |_, s| s.is_closed());
-                    let mut sender = self.connect(addr).await?;
+                    self.conns.remove_if(&key, |_, s| s.is_closed());
+                    let mut sender = self.connect(&key, mesh).await?;
                     sender.send_request(req).await.map_err(SendError::Request)
                 }
                 None => Err(SendError::Request(e.into_error())),
@@ -51,19 +61,51 @@ impl H2Pool {
         }
     }
 
-    async fn sender(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, SendError> {
-        if let Some(s) = self.conns.get(&addr)
+    async fn sender(
+        &self,
+        key: &Key,
+        mesh: Mesh<'_>,
+    ) -> Result<http2::SendRequest<Body>, SendError> {
+        if let Some(s) = self.conns.get(key)
             && !s.is_closed()
         {
             return Ok(s.clone());
         }
-        self.connect(addr).await
+        self.connect(key, mesh).await
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, SendError> {
-        let stream = transport::connect(addr, self.connect_timeout)
-            .await
-            .map_err(SendError::Connect)?;
+    async fn connect(
+        &self,
+        key: &Key,
+        mesh: Mesh<'_>,
+    ) -> Result<http2::SendRequest<Body>, SendError> {
+        let addr = key.0;
+        let sender = match mesh {
+            Some((tls, service)) => {
+                let stream = tls
+                    .connect(addr, service, Alpn::H2, self.connect_timeout)
+                    .await
+                    .map_err(SendError::Connect)?;
+                handshake(addr, stream).await?
+            }
+            None => {
+                let stream = transport::connect(addr, self.connect_timeout)
+                    .await
+                    .map_err(SendError::Connect)?;
+                handshake(addr, stream).await?
+            }
+        };
+        self.conns.insert(key.clone(), sender.clone());
+        Ok(sender)
+    }
+}
+
+/// HTTP/2 over `stream`; the connection runs in its own task.
+async fn handshake<IO>(addr: SocketAddr, stream: IO) -> Result<http2::SendRequest<Body>, SendError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    {
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
@@ -76,7 +118,6 @@ impl H2Pool {
                 tracing::debug!(%addr, error = %e, "http/2 connection to peer ended");
             }
         });
-        self.conns.insert(addr, sender.clone());
         Ok(sender)
     }
 }

@@ -1,0 +1,173 @@
+//! One service's certificate: obtain, hold, renew, withdraw on expiry.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use isdp_proto::v1::SignRequest;
+use rand::Rng;
+use rcgen::{CertificateParams, DnType, KeyPair};
+use rustls::pki_types::CertificateDer;
+use tokio::{sync::watch, time::Instant};
+
+use super::{Identities, Identity, IdentityError, Signer};
+use crate::{backoff::Backoff, proxy::transport::certified_key, proxy::transport::verify};
+
+/// How long one `Sign` call may take before it counts as failed.
+pub const SIGN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Renew when this share of the remaining life has passed...
+const RENEW_AT: f64 = 2.0 / 3.0;
+/// ...give or take this much, so certificates issued together (a fleet
+/// restarted together) are not renewed together.
+const JITTER: f64 = 0.1;
+
+/// When to renew a certificate with `remaining` life left, given a jitter
+/// factor in `[1 - JITTER, 1 + JITTER]`.
+pub fn renew_after(remaining: Duration, jitter: f64) -> Duration {
+    remaining.mul_f64(RENEW_AT * jitter.clamp(1.0 - JITTER, 1.0 + JITTER))
+}
+
+pub(super) struct Renewer {
+    pub service: String,
+    pub lifetime: Option<Duration>,
+    pub signer: Arc<dyn Signer>,
+    pub tx: Arc<watch::Sender<Arc<Identities>>>,
+    pub backoff: Backoff,
+}
+
+// === impl Renewer ===
+
+impl Renewer {
+    pub(super) async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        // When the certificate held now expires.
+        let mut expires: Option<Instant> = None;
+        loop {
+            let obtained = tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                r = self.obtain() => r,
+            };
+            let wake = match obtained {
+                Ok((identity, bundle)) => {
+                    self.backoff.reset();
+                    let remaining = identity
+                        .not_after
+                        .duration_since(SystemTime::now())
+                        .unwrap_or_default();
+                    let jitter = rand::rng().random_range(1.0 - JITTER..=1.0 + JITTER);
+                    let renew_in = renew_after(remaining, jitter);
+                    tracing::info!(service = %self.service, spiffe_id = %identity.spiffe_id, ?remaining, ?renew_in, "workload certificate issued");
+                    expires = Some(Instant::now() + remaining);
+                    self.publish(|ids| {
+                        ids.by_service.insert(self.service.clone(), identity);
+                        if !bundle.is_empty() {
+                            ids.trust_bundle = bundle;
+                        }
+                    });
+                    Instant::now() + renew_in
+                }
+                Err(error) => {
+                    let delay = self.backoff.next_delay();
+                    tracing::warn!(service = %self.service, %error, retry_in = ?delay, "workload certificate request failed");
+                    Instant::now() + delay
+                }
+            };
+            // Sleep until `wake`, withdrawing the certificate if it expires
+            // first: an expired certificate would only fail handshakes.
+            if let Some(at) = expires.filter(|at| *at <= wake) {
+                tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep_until(at) => {}
+                }
+                tracing::warn!(service = %self.service, "workload certificate expired without renewal; withdrawn");
+                expires = None;
+                self.publish(|ids| {
+                    ids.by_service.remove(&self.service);
+                });
+            }
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    fn publish(&self, update: impl FnOnce(&mut Identities)) {
+        self.tx.send_modify(|ids| update(Arc::make_mut(ids)));
+    }
+
+    /// A new key, its CSR signed, the response checked.
+    async fn obtain(&self) -> Result<(Arc<Identity>, Vec<CertificateDer<'static>>), IdentityError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, self.service.as_str());
+        let csr = params.serialize_request(&key)?;
+        let request = SignRequest {
+            service: self.service.clone(),
+            csr_der: csr.der().to_vec(),
+            lifetime_seconds: self.lifetime.map_or(0, |l| l.as_secs()),
+        };
+        let response = tokio::time::timeout(SIGN_TIMEOUT, self.signer.sign(request))
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("sign timed out"))??;
+        let bad = |why: String| IdentityError::BadResponse(why);
+        let chain: Vec<CertificateDer<'static>> = response
+            .chain_der
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
+        let leaf = chain.first().ok_or_else(|| bad("empty chain".into()))?;
+        let spiffe_id = verify::uri_san(leaf).map_err(|e| bad(e.to_string()))?;
+        let trust_domain = spiffe_id
+            .strip_prefix("spiffe://")
+            .and_then(|rest| rest.strip_suffix(&format!("/svc/{}", self.service)))
+            .filter(|td| !td.is_empty() && !td.contains('/'))
+            .ok_or_else(|| {
+                bad(format!(
+                    "{spiffe_id:?} is not the SPIFFE ID of {:?}",
+                    self.service
+                ))
+            })?
+            .to_owned();
+        if spiffe_id != response.spiffe_id {
+            return Err(bad(format!(
+                "certificate says {spiffe_id:?}, response says {:?}",
+                response.spiffe_id
+            )));
+        }
+        let key = certified_key(chain, key.serialize_der()).map_err(|e| bad(e.to_string()))?;
+        key.keys_match()
+            .map_err(|e| bad(format!("certificate is not for our key: {e}")))?;
+        let not_after = UNIX_EPOCH
+            + Duration::from_millis(u64::try_from(response.not_after_unix_ms).unwrap_or_default());
+        let bundle = response
+            .trust_bundle_der
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
+        let identity = Identity {
+            service: self.service.clone(),
+            spiffe_id,
+            trust_domain,
+            key,
+            not_after,
+        };
+        Ok((Arc::new(identity), bundle))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renews_at_two_thirds_within_the_jitter() {
+        let life = Duration::from_secs(3000);
+        let secs = |j| renew_after(life, j).as_secs_f64().round();
+        assert_eq!(secs(1.0), 2000.0);
+        assert_eq!(secs(0.9), 1800.0);
+        assert_eq!(secs(5.0), 2200.0, "jitter is clamped");
+    }
+}
