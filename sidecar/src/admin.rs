@@ -81,6 +81,25 @@ async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
     }
     let xds_ready = state.xds.borrow().ready;
     let opened = state.session.status().opened;
+    if xds_ready {
+        // Inbound calls are refused until their policy arrives (fail closed),
+        // so a sidecar without them cannot serve its services yet.
+        let missing_policy = {
+            let snap = state.xds.borrow();
+            state
+                .session
+                .services()
+                .iter()
+                .find(|s| !snap.policies.contains_key(&s.name))
+                .map(|s| s.name.clone())
+        };
+        if let Some(service) = missing_policy {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: waiting for the authorization policy of {service}"),
+            );
+        }
+    }
     match (xds_ready, opened) {
         (true, true) => (StatusCode::OK, "ready".to_owned()),
         (false, _) => (

@@ -8,9 +8,46 @@
 //! service whose policy has not arrived yet is refused: the sidecar fails
 //! closed rather than guess a default the operator may have set to deny.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use isdp_proto::v1::{Action, AuthorizationPolicy, AuthzRule};
+use tokio::sync::watch;
+
+use crate::xds::Snapshot;
+
+/// The local services' policies, compiled, by service.
+pub type Compiled = HashMap<String, Arc<Policy>>;
+
+/// Compiles the policies in each new snapshot (only when they changed) and
+/// publishes them; the inbound path reads the latest with one `Arc` clone.
+pub fn follow(
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    mut shutdown: watch::Receiver<bool>,
+) -> (watch::Receiver<Arc<Compiled>>, tokio::task::JoinHandle<()>) {
+    let compile = |s: &Snapshot| -> Compiled {
+        s.policies
+            .iter()
+            .map(|(name, p)| (name.clone(), Arc::new(Policy::compile(p))))
+            .collect()
+    };
+    let first = snapshots.borrow_and_update().clone();
+    let (tx, rx) = watch::channel(Arc::new(compile(&first)));
+    let task = tokio::spawn(async move {
+        let mut held = first.policies.clone();
+        loop {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                changed = snapshots.changed() => if changed.is_err() { return },
+            }
+            let snap = snapshots.borrow_and_update().clone();
+            if snap.policies != held {
+                held = snap.policies.clone();
+                tx.send_replace(Arc::new(compile(&snap)));
+            }
+        }
+    });
+    (rx, task)
+}
 
 /// The outcome for one request or connection.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -156,6 +156,8 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
     tasks.push(tls_task);
     let metrics = metrics::Metrics::new();
     let tls = proxy::transport::Tls::new(tls_contexts, metrics.clone());
+    let (policies, authz_task) = authz::follow(snapshots.clone(), shutdown.clone());
+    tasks.push(authz_task);
     let upstreams = proxy::upstreams::Upstreams::spawn(
         &config.upstreams,
         &metrics,
@@ -175,7 +177,7 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
         let metrics = metrics.clone();
         tokio::spawn(async move {
             listeners
-                .serve(&config, upstreams, &metrics, tls, shutdown)
+                .serve(&config, upstreams, &metrics, tls, policies, shutdown)
                 .await
         })
     };
@@ -232,6 +234,7 @@ mod tests {
     async fn run_stops_promptly_on_shutdown() {
         let mut config = Config::from_toml(
             "node_id = \"n\"\nadmin_listen = \"127.0.0.1:0\"\ncontrol_plane = [\"http://127.0.0.1:1\"]\n\
+             inbound_listen = \"127.0.0.1:0\"\noutbound_listen = \"127.0.0.1:0\"\n\
              [[service]]\nname = \"web\"\nport = 1\ncheck = \"tcp://127.0.0.1:1\"\n\
              [[upstream]]\nname = \"payments\"\n",
         )
@@ -240,7 +243,9 @@ mod tests {
         let (stop, shutdown) = watch::channel(false);
         let task = tokio::spawn(run(config, shutdown));
         tokio::time::sleep(Duration::from_millis(300)).await;
-        stop.send(true).unwrap();
+        if stop.send(true).is_err() {
+            panic!("run ended early: {:?}", task.await);
+        }
         tokio::time::timeout(Duration::from_secs(2), task)
             .await
             .expect("stops in time")

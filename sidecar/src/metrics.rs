@@ -72,6 +72,13 @@ struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeniedLabels {
+    service: String,
+    source: String,
+    rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TlsFailureLabels {
     direction: &'static str,
     reason: &'static str,
@@ -100,6 +107,7 @@ struct Inner {
     tcp_opened: Family<RouteLabels, Counter>,
     tcp_open: Family<RouteLabels, Gauge>,
     tls_failures: Family<TlsFailureLabels, Counter>,
+    denied: Family<DeniedLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -162,6 +170,12 @@ impl Metrics {
             "mTLS handshakes between sidecars that failed, by direction and reason",
             tls_failures.clone(),
         );
+        let denied = Family::<DeniedLabels, Counter>::default();
+        registry.register(
+            "authz_denied",
+            "Inbound requests and connections refused by authorization, by local service, calling service and rule (`default` when the default refused)",
+            denied.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry: std::sync::Mutex::new(registry),
@@ -173,6 +187,7 @@ impl Metrics {
                 tcp_opened,
                 tcp_open,
                 tls_failures,
+                denied,
             }),
         }
     }
@@ -194,6 +209,20 @@ impl Metrics {
             .get_or_create(&TlsFailureLabels {
                 direction: direction.as_str(),
                 reason,
+            })
+            .inc();
+    }
+
+    /// Counts a call authorization refused. Labels are bounded by the
+    /// mesh's services and the destination's rules: only callers with a
+    /// mesh certificate get this far.
+    pub fn authz_denied(&self, service: &str, source: &str, rule: &str) {
+        self.inner
+            .denied
+            .get_or_create(&DeniedLabels {
+                service: service.to_owned(),
+                source: source.to_owned(),
+                rule: rule.to_owned(),
             })
             .inc();
     }

@@ -6,6 +6,7 @@
 //!   tower layers `Route` -> `Observe` -> `Balance` -> `Endpoint`.
 //! - `observe`: the metrics layer (requests, latency, in flight, errors).
 //! - `inbound`: traffic from other sidecars to the local services.
+//! - `authorize`: the inbound authorization check, counted and logged.
 //! - `tcp`: opaque TCP proxying, tunnelled between sidecars over mTLS.
 //! - `upstreams`: per-upstream balancer state, rebuilt from the discovery
 //!   snapshot.
@@ -23,6 +24,7 @@
 //! (`graceful_shutdown`), and everything still open after the drain timeout
 //! is dropped.
 
+pub mod authorize;
 pub mod forward;
 pub mod http;
 pub mod inbound;
@@ -130,6 +132,7 @@ impl Listeners {
         upstreams: Upstreams,
         metrics: &Metrics,
         tls: Tls,
+        policies: watch::Receiver<Arc<crate::authz::Compiled>>,
         shutdown: watch::Receiver<bool>,
     ) {
         let tracker = Tracker::new();
@@ -177,7 +180,12 @@ impl Listeners {
 
         let inbound = trace::TraceInbound::new(
             tracing,
-            inbound::Inbound::new(&config.services, forwarder, metrics),
+            inbound::Inbound::new(
+                &config.services,
+                forwarder,
+                metrics,
+                authorize::Authorizer::new(policies, metrics.clone()),
+            ),
         );
         accept_loops.push(tokio::spawn(serve_inbound(
             self.inbound,

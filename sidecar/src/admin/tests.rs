@@ -59,6 +59,9 @@ async fn live_ready_and_config() {
         ..Default::default()
     };
     snapshot.acked.insert("payments".into(), "abc".into());
+    snapshot
+        .policies
+        .insert("web".into(), isdp_proto::v1::AuthorizationPolicy::default());
     snapshot.upstreams.insert(
         "payments".into(),
         UpstreamState {

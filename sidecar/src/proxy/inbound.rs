@@ -5,6 +5,9 @@
 //! HTTP/1.1 for upgrades) and tunnelled TCP, told apart by ALPN. The
 //! destination is the service the client asked for in SNI (and whose
 //! certificate it verified); `x-isdp-service`, when present, must agree.
+//! Every request and tunnel then passes the destination's authorization
+//! policy ([`super::authorize`]); a refusal is 403 `denied-by-policy`, or a
+//! closed tunnel.
 
 use std::{
     collections::HashMap,
@@ -20,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::observe::observe;
 use super::{
+    authorize::Authorizer,
     forward::{Dest, Forwarder, Hop},
     http::{Body, SERVICE_HEADER, error_response},
     outbound::{BoxFuture, ClientAddr, answer},
@@ -27,6 +31,7 @@ use super::{
     transport::PeerIdentity,
 };
 use crate::{
+    authz::{Call, Decision},
     config::{Protocol, Service},
     metrics::{Direction, Metrics, RouteMetrics},
 };
@@ -34,6 +39,7 @@ use crate::{
 /// A local service as the inbound side needs it.
 #[derive(Clone, Debug)]
 struct Local {
+    name: Arc<str>,
     dest: Dest,
     protocol: Protocol,
     metrics: Arc<RouteMetrics>,
@@ -46,16 +52,23 @@ pub struct Inbound {
     /// exactly one.
     default: Option<Arc<str>>,
     forwarder: Forwarder,
+    authorizer: Authorizer,
 }
 
 impl Inbound {
-    pub fn new(services: &[Service], forwarder: Forwarder, metrics: &Metrics) -> Self {
+    pub fn new(
+        services: &[Service],
+        forwarder: Forwarder,
+        metrics: &Metrics,
+        authorizer: Authorizer,
+    ) -> Self {
         let map: HashMap<String, Local> = services
             .iter()
             .map(|s| {
                 (
                     s.name.clone(),
                     Local {
+                        name: Arc::from(s.name.as_str()),
                         dest: Dest::new(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), s.port)),
                         protocol: s.protocol,
                         metrics: metrics.route(Direction::Inbound, &s.name),
@@ -68,6 +81,7 @@ impl Inbound {
             services: Arc::new(map),
             default,
             forwarder,
+            authorizer,
         }
     }
 
@@ -86,6 +100,14 @@ impl Inbound {
             tracing::debug!(%service, peer = %peer.0, "tcp for an unknown local service; closing");
             return;
         };
+        let call = Call {
+            source: Some(&peer.0),
+            method: None,
+            path: None,
+        };
+        if !self.authorizer.check(service, call).is_allowed() {
+            return;
+        }
         match super::transport::connect(local.dest.addr, connect_timeout).await {
             Ok(conn) => {
                 let _open = tcp::OpenConnection::new(&local.metrics);
@@ -141,6 +163,27 @@ impl tower::Service<Request<Body>> for Inbound {
                 detail,
             ));
         };
+        let call = Call {
+            source: req
+                .extensions()
+                .get::<ClientAddr>()
+                .and_then(|c| c.peer.as_ref())
+                .map(|p| &*p.0),
+            method: Some(req.method().as_str()),
+            path: Some(req.uri().path()),
+        };
+        if let Decision::Deny { .. } = self.authorizer.check(&local.name, call) {
+            return observe(
+                local.metrics.clone(),
+                Box::pin(async move {
+                    Ok(error_response(
+                        StatusCode::FORBIDDEN,
+                        "denied-by-policy",
+                        format!("{} does not allow this caller", local.name),
+                    ))
+                }),
+            );
+        }
         let grpc = req
             .headers()
             .get(http::header::CONTENT_TYPE)
@@ -177,10 +220,24 @@ mod tests {
         )
         .unwrap();
         let metrics = Metrics::new();
+        let policy = |default: isdp_proto::v1::Action| {
+            let p = crate::authz::Policy::compile(&isdp_proto::v1::AuthorizationPolicy {
+                destination: "payments".into(),
+                default_action: default as i32,
+                rules: vec![],
+                trust_domain: "isdp.local".into(),
+            });
+            Arc::new(crate::authz::Compiled::from([(
+                "payments".to_owned(),
+                Arc::new(p),
+            )]))
+        };
+        let (policies, rx) = tokio::sync::watch::channel(policy(isdp_proto::v1::Action::Allow));
         let mut inbound = Inbound::new(
             &config.services,
             Forwarder::new(Duration::from_millis(200)),
             &metrics,
+            Authorizer::new(rx, metrics.clone()),
         );
         let req = |header: Option<&str>| {
             let mut client = ClientAddr::new("127.0.0.1:9".parse().unwrap());
@@ -205,5 +262,11 @@ mod tests {
         assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
         let resp = inbound.call(req(Some("payments"))).await.unwrap();
         assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+
+        // A policy change applies to the next request.
+        policies.send_replace(policy(isdp_proto::v1::Action::Deny));
+        let resp = inbound.call(req(None)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        assert_eq!(resp.headers()["x-isdp-error"], "denied-by-policy");
     }
 }
