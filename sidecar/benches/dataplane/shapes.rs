@@ -155,8 +155,8 @@ fn haproxy(
     Ok((proc, addr))
 }
 
-/// Shape 2: sidecar A (a per-upstream listener) -> HTTP/2 -> sidecar B
-/// (inbound) -> backend, with a real control plane between them. The
+/// Shape 2: sidecar A (a per-upstream listener) -> HTTP/2 over mutual TLS
+/// -> sidecar B (inbound) -> backend, with a real control plane between them. The
 /// control plane is kept alive in `control_plane` but not measured: it is
 /// idle once A knows the endpoint.
 pub fn isdp(bins: &IsdpBins, dir: &Path, backend: &Backend) -> anyhow::Result<(Shape, Proc)> {
@@ -198,6 +198,15 @@ pub fn isdp_named(
         .listening_line()?
         .remove("grpc")
         .context("no grpc= address")?;
+    // The control plane wrote its root and a bootstrap admin token, which
+    // sidecars accept as a join token.
+    let credentials = format!(
+        "ca_file = \"{}\"\njoin_token = \"{}\"\n",
+        data.join("ca.pem").display(),
+        std::fs::read_to_string(data.join("admin.token"))
+            .context("reading the control plane's admin.token")?
+            .trim()
+    );
 
     let service = format!(
         "[[service]]\nname = \"{SERVICE}\"\nport = {port}\nprotocol = \"http\"\n\
@@ -210,7 +219,7 @@ pub fn isdp_named(
         dir,
         &format!("{prefix}-b"),
         &grpc,
-        &format!("{extra}\n{service}"),
+        &format!("{credentials}{extra}\n{service}"),
     )?;
     let upstream = format!(
         "[[upstream]]\nname = \"{SERVICE}\"\nlisten = \"127.0.0.1:0\"\n\
@@ -221,7 +230,7 @@ pub fn isdp_named(
         dir,
         &format!("{prefix}-a"),
         &grpc,
-        &format!("{extra}\n{upstream}"),
+        &format!("{credentials}identity = \"client\"\n{extra}\n{upstream}"),
     )?;
     let listen = addrs
         .get(&format!("upstream.{SERVICE}"))
@@ -246,7 +255,7 @@ fn sidecar(
     tables: &str,
 ) -> anyhow::Result<(Proc, std::collections::HashMap<String, String>)> {
     let toml = format!(
-        "node_id = \"{name}\"\ncontrol_plane = [\"http://{grpc}\"]\naddress = \"127.0.0.1\"\n\
+        "node_id = \"{name}\"\ncontrol_plane = [\"https://{grpc}\"]\naddress = \"127.0.0.1\"\n\
          admin_listen = \"127.0.0.1:0\"\ninbound_listen = \"127.0.0.1:0\"\n\
          outbound_listen = \"127.0.0.1:0\"\n\n{tables}"
     );
