@@ -4,7 +4,12 @@
 //! - `registry`: `isdp.v1.Registry` (register, deregister, list, watch).
 //! - `session`: `isdp.v1.Sidecar/Session`, a sidecar's own registrations.
 //! - `status`: `isdp.v1.ProxyStatus`, what connected sidecars acknowledged.
+//! - `certificates`: `isdp.v1.Certificates` (sign CSRs, trust bundle,
+//!   root rotation).
+//! - `tokens`: `isdp.v1.Tokens` (create, list, revoke).
 //! - `limits`: oversized requests answered with RESOURCE_EXHAUSTED.
+//!
+//! Every call passed [`crate::auth::AuthLayer`] first.
 //!
 //! The xDS service lives in [`crate::xds`]; all three share one listener.
 //!
@@ -12,10 +17,12 @@
 //! health report, close) run in an [`op_span`], exported as OTLP server
 //! spans when tracing is on (`isdp_sidecar::telemetry`).
 
+pub mod certificates;
 mod limits;
 pub mod registry;
 pub mod session;
 pub mod status;
+pub mod tokens;
 
 pub use limits::SizeLimitStatusLayer;
 
