@@ -48,6 +48,8 @@ pub struct XdsSettings {
     pub control_plane: Vec<String>,
     /// Upstream names to subscribe to.
     pub upstreams: Vec<String>,
+    /// TLS roots and token for the control plane.
+    pub auth: crate::dial::ControlAuth,
 }
 
 /// Starts the client. With no upstreams there is nothing to subscribe to

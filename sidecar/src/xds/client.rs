@@ -54,7 +54,7 @@ impl Client {
     pub(super) fn new(settings: XdsSettings, tx: watch::Sender<Arc<Snapshot>>) -> Self {
         Self {
             subscribed: settings.upstreams.iter().cloned().collect(),
-            dialer: Dialer::new(settings.control_plane.clone()),
+            dialer: Dialer::new(settings.control_plane.clone(), settings.auth.clone()),
             settings,
             resources: Resources::new(),
             tx,
@@ -98,7 +98,7 @@ impl Client {
     ) -> Result<(), StreamError> {
         let channel = tokio::select! {
             _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
-            channel = Dialer::connect(url) => channel?,
+            channel = self.dialer.connect(url) => channel?,
         };
         let mut client = AggregatedDiscoveryServiceClient::new(channel);
         let (requests, rx) = mpsc::channel(16);

@@ -105,6 +105,7 @@ async fn subscribes_acks_nacks_and_resumes() {
         // A dead URL first: the client must rotate to the live one.
         control_plane: vec!["http://127.0.0.1:1".into(), url.clone()],
         upstreams: vec!["payments".into(), "orders".into()],
+        auth: Default::default(),
     };
     let (mut snapshots, task) = spawn(settings, shutdown);
 
@@ -188,6 +189,7 @@ async fn no_upstreams_is_ready_without_a_stream() {
         node_id: "n".into(),
         control_plane: vec!["http://127.0.0.1:1".into()],
         upstreams: vec![],
+        auth: Default::default(),
     };
     let (snapshots, task) = spawn(settings, shutdown);
     assert!(snapshots.borrow().ready);
