@@ -40,7 +40,7 @@ pub struct Credentials {
 
 /// Credentials by gRPC URL, for helpers that get only a URL.
 static BY_URL: Mutex<Option<HashMap<String, Credentials>>> = Mutex::new(None);
-/// Admin tokens by etcd prefix: replicas sharing a store share the first
+/// Admin tokens by etcd flags: replicas sharing a store share the first
 /// one's bootstrap token (only that replica writes `admin.token`).
 static BY_STORE: Mutex<Option<HashMap<String, String>>> = Mutex::new(None);
 
@@ -51,12 +51,13 @@ pub fn credentials_for(url: &str) -> Option<Credentials> {
 }
 
 fn remember(url: &str, data: &Path, opts: &ControlPlaneOpts) -> Credentials {
+    // Replicas of one mesh share the etcd endpoints and prefix (and tests
+    // of one binary may reuse a prefix on another cluster).
     let store = opts
         .extra_args
         .iter()
-        .position(|a| a == "--etcd-prefix")
-        .and_then(|i| opts.extra_args.get(i + 1))
-        .cloned();
+        .any(|a| a.starts_with("--etcd"))
+        .then(|| opts.extra_args.join(" "));
     let token = std::fs::read_to_string(data.join("admin.token"))
         .ok()
         .map(|t| t.trim().to_owned());
