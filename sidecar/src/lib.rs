@@ -210,7 +210,7 @@ mod tests {
     #[tokio::test]
     async fn run_stops_promptly_on_shutdown() {
         let mut config = Config::from_toml(
-            "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\nadmin_listen = \"127.0.0.1:0\"\ncontrol_plane = [\"http://127.0.0.1:1\"]\n\
+            "node_id = \"n\"\nadmin_listen = \"127.0.0.1:0\"\ncontrol_plane = [\"http://127.0.0.1:1\"]\n\
              [[service]]\nname = \"web\"\nport = 1\ncheck = \"tcp://127.0.0.1:1\"\n\
              [[upstream]]\nname = \"payments\"\n",
         )
