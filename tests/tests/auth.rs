@@ -365,3 +365,89 @@ async fn ca_bundle_and_rotation_through_isdpctl() {
     .await;
     cp.ctl_ok(&["services"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_authenticates_as_its_service_and_ads_serves_the_bundle() {
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use isdp_control_plane::ca::der_to_pem;
+    use isdp_sidecar::dial::{ControlAuth, connect};
+    use prost::Message as _;
+
+    let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
+    let ca_pem = std::fs::read_to_string(cp.ca_file()).unwrap();
+    let admin = ControlAuth {
+        ca_pem: Some(ca_pem.clone()),
+        token: Some(cp.admin_token().to_owned()),
+        identity: None,
+    };
+    let admin_ch = connect(&cp.grpc_url(), &admin).await.unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec();
+    let signed = CertificatesClient::new(admin_ch)
+        .sign(SignRequest {
+            service: "web".into(),
+            csr_der: csr,
+            lifetime_seconds: 300,
+        })
+        .await
+        .expect("admin signs for any service")
+        .into_inner();
+
+    // No token: the certificate alone makes a join principal for web.
+    let mtls = ControlAuth {
+        ca_pem: Some(ca_pem),
+        token: None,
+        identity: Some((
+            der_to_pem(&signed.chain_der[0], "CERTIFICATE"),
+            key.serialize_pem(),
+        )),
+    };
+    let ch = connect(&cp.grpc_url(), &mtls).await.unwrap();
+    session(ch.clone(), "web")
+        .await
+        .expect("the certificate's service may open a session");
+    let err = session(ch.clone(), "payments").await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    let err = RegistryClient::new(ch.clone())
+        .list_services(ListServicesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+
+    // The trust bundle over delta ADS, named "mesh".
+    let first = DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: "auth-test".into(),
+            ..Default::default()
+        }),
+        type_url: isdp_proto::v1::TRUST_BUNDLE_TYPE_URL.into(),
+        resource_names_subscribe: vec![isdp_proto::v1::TRUST_BUNDLE_NAME.into()],
+        ..Default::default()
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(first).await.unwrap();
+    let mut stream = AggregatedDiscoveryServiceClient::new(ch)
+        .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("ADS opens for a join principal")
+        .into_inner();
+    let resp = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("a trust bundle within 5 s")
+        .expect("stream ok")
+        .expect("a response");
+    let r = &resp.resources[0];
+    assert_eq!(r.name, "mesh");
+    let bundle = isdp_proto::v1::TrustBundle::decode(
+        r.resource.as_ref().expect("resource").value.as_slice(),
+    )
+    .unwrap();
+    assert_eq!(bundle.trust_domain, "isdp.local");
+    assert_eq!(bundle.roots_der, signed.trust_bundle_der);
+    drop(tx);
+}
