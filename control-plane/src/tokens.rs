@@ -259,7 +259,8 @@ impl Tokens {
         let (token, secret) = mint(role, services, description, ttl, unix_ms())?;
         let key = format!("{}{}", self.shared.prefix, token.id);
         let value = serde_json::to_vec(&token).unwrap_or_default();
-        self.shared
+        let outcome = self
+            .shared
             .store
             .txn(
                 Txn::default()
@@ -267,6 +268,10 @@ impl Tokens {
                     .put(key.clone(), value.into(), None),
             )
             .await?;
+        if !outcome.succeeded {
+            // 64 random bits collided: vanishingly rare, but never overwrite.
+            return Err(TokenError::Invalid("token id collision; retry".into()));
+        }
         if let Ok(mut m) = self.shared.by_id.write() {
             m.insert(token.id.clone(), token.clone());
         }
@@ -274,16 +279,13 @@ impl Tokens {
     }
 
     pub async fn revoke(&self, id: &str) -> Result<(), TokenError> {
-        if !self
-            .shared
-            .by_id
-            .read()
-            .map(|m| m.contains_key(id))
-            .unwrap_or(false)
-        {
+        // The store, not this replica's copy, says whether it exists: a
+        // token minted on another replica a moment ago may not be here yet.
+        let key = format!("{}{}", self.shared.prefix, id);
+        let (kvs, _) = self.shared.store.range(&key).await?;
+        if id.is_empty() || !kvs.iter().any(|kv| kv.key == key) {
             return Err(TokenError::NotFound(id.to_owned()));
         }
-        let key = format!("{}{}", self.shared.prefix, id);
         self.shared.store.txn(Txn::default().delete(key)).await?;
         if let Ok(mut m) = self.shared.by_id.write() {
             m.remove(id);

@@ -319,6 +319,16 @@ async fn roles_and_join_scopes_are_enforced() {
     session(joined(), "web")
         .await
         .expect("join token registers its own service");
+    // A join token for payments cannot take over that node (reopening it
+    // would replace web's instance).
+    let pay = create_token(&cp, &["--role", "join", "--service", "payments"]).await;
+    let err = session(
+        InterceptedService::new(channel.clone(), bearer(&pay)),
+        "payments",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
 
     // Revocation takes effect at once.
     let list = cp.ctl_ok(&["-o", "json", "token", "list"]).await;

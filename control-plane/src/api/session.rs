@@ -94,8 +94,17 @@ async fn open_session(
     let span = op_span("isdp.v1.Sidecar/Session.Open");
     span.record("isdp.node", node_id);
     if let Some(p) = principal {
-        for i in &instances {
-            if let Err(e) = p.check_service("Sidecar/Session", &i.service) {
+        // Reopening replaces the node's instances, so the ones it holds now
+        // must be in scope too, or a join token could wipe another node's.
+        let held: Vec<String> = sessions
+            .registry()
+            .owned_by(node_id)
+            .iter()
+            .map(|s| s.instance.service.clone())
+            .collect();
+        let services = instances.iter().map(|i| &i.service).chain(held.iter());
+        for service in services {
+            if let Err(e) = p.check_service("Sidecar/Session", service) {
                 let refused = Err(e);
                 record_outcome(&span, &refused);
                 return refused;

@@ -147,7 +147,14 @@ pub fn server_cert(
     for name in names {
         let san = match name.parse::<IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
-            Err(_) => SanType::DnsName(name.clone().try_into().map_err(rcgen_err)?),
+            Err(_) => match name.clone().try_into() {
+                Ok(dns) => SanType::DnsName(dns),
+                // A hostname that is no DNS name must not stop the start.
+                Err(e) => {
+                    tracing::warn!(name = %name, error = %e, "left out of the TLS certificate");
+                    continue;
+                }
+            },
         };
         if !params.subject_alt_names.contains(&san) {
             params.subject_alt_names.push(san);
