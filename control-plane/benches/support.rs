@@ -35,8 +35,13 @@ pub struct InProcess {
 pub enum Backend<'a> {
     /// The embedded store, in this (fresh) directory.
     Embedded(&'a Path),
-    /// An etcd cluster, under a key prefix of the round's own.
-    Etcd { endpoints: &'a str, prefix: &'a str },
+    /// An etcd cluster, under a key prefix of the round's own; `dir` gets
+    /// the control plane's ca.pem and admin.token.
+    Etcd {
+        endpoints: &'a str,
+        prefix: &'a str,
+        dir: &'a Path,
+    },
 }
 
 impl Backend<'_> {
@@ -47,7 +52,13 @@ impl Backend<'_> {
                 "--data-dir".into(),
                 dir.to_str().context("data dir is not UTF-8")?.into(),
             ],
-            Backend::Etcd { endpoints, prefix } => vec![
+            Backend::Etcd {
+                endpoints,
+                prefix,
+                dir,
+            } => vec![
+                "--data-dir".into(),
+                dir.to_str().context("data dir is not UTF-8")?.into(),
                 "--store".into(),
                 "etcd".into(),
                 "--etcd-endpoints".into(),
@@ -96,6 +107,7 @@ impl InProcess {
                 Self::start(Backend::Etcd {
                     endpoints: &etcd.endpoints,
                     prefix: &prefix,
+                    dir,
                 })
                 .await
             }
