@@ -161,10 +161,24 @@ impl SidecarToml {
         self
     }
 
+    /// The config; for control planes the harness started, with their CA
+    /// file and (admin, accepted as join) token.
     pub fn render(&self) -> String {
+        let creds = self
+            .control_plane
+            .iter()
+            .find_map(|u| crate::control_plane::credentials_for(u));
+        let auth = match creds {
+            Some(c) => format!(
+                "ca_file = {:?}\njoin_token = {:?}\n",
+                c.ca_file.display().to_string(),
+                c.admin_token
+            ),
+            None => String::new(),
+        };
         format!(
             "node_id = \"{}\"\ncontrol_plane = {:?}\nadmin_listen = \"127.0.0.1:0\"\n\
-             inbound_listen = \"127.0.0.1:0\"\noutbound_listen = \"127.0.0.1:0\"\n{}",
+             inbound_listen = \"127.0.0.1:0\"\noutbound_listen = \"127.0.0.1:0\"\n{auth}{}",
             self.node_id, self.control_plane, self.sections
         )
     }
