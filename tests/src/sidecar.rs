@@ -176,9 +176,19 @@ impl SidecarToml {
             ),
             None => String::new(),
         };
+        // A sidecar that only calls out needs a service identity for its
+        // client certificate; tests name such sidecars after the calling
+        // service (`web`), so the node id serves.
+        let calls_only =
+            !self.sections.contains("[[service]]") && !self.sections.contains("identity =");
+        let identity = if calls_only {
+            format!("identity = {:?}\n", self.node_id)
+        } else {
+            String::new()
+        };
         format!(
             "node_id = \"{}\"\ncontrol_plane = {:?}\nadmin_listen = \"127.0.0.1:0\"\n\
-             inbound_listen = \"127.0.0.1:0\"\noutbound_listen = \"127.0.0.1:0\"\n{auth}{}",
+             inbound_listen = \"127.0.0.1:0\"\noutbound_listen = \"127.0.0.1:0\"\n{auth}{identity}{}",
             self.node_id, self.control_plane, self.sections
         )
     }
