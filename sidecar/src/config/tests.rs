@@ -335,16 +335,17 @@ fn listeners_default_to_the_advertised_address_and_15001() {
 #[test]
 fn identity_defaults_to_the_first_service_and_is_required_for_upstreams() {
     let c = Config::from_toml(
-        "node_id = \"n\"\n[[service]]\nname = \"web\"\nport = 1\n[[service]]\nname = \"api\"\nport = 2\n",
+        "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\n[[service]]\nname = \"web\"\nport = 1\n[[service]]\nname = \"api\"\nport = 2\n",
     )
     .unwrap();
     assert_eq!(c.identity.as_deref(), Some("web"));
-    let c = Config::from_toml("node_id = \"n\"").unwrap();
+    let c =
+        Config::from_toml("node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"").unwrap();
     assert_eq!(
         c.identity, None,
         "no services, no upstreams: nothing to certify"
     );
-    let err = Config::from_toml("node_id = \"n\"\n[[upstream]]\nname = \"pay\"\n").unwrap_err();
+    let err = Config::from_toml("node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\n[[upstream]]\nname = \"pay\"\n").unwrap_err();
     assert!(err.to_string().contains("identity"), "{err}");
     let c = Config::load(cli(&[
         "--node-id",
@@ -353,10 +354,17 @@ fn identity_defaults_to_the_first_service_and_is_required_for_upstreams() {
         "name=pay",
         "--identity",
         "batch",
+        "--ca-file",
+        "/ca.pem",
+        "--join-token",
+        "t",
     ]))
     .unwrap();
     assert_eq!(c.identity.as_deref(), Some("batch"));
-    let err = Config::from_toml("node_id = \"n\"\nidentity = \"Not A Label\"\n").unwrap_err();
+    let err = Config::from_toml(
+        "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\nidentity = \"Not A Label\"\n",
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("identity"), "{err}");
 }
 
