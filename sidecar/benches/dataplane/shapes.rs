@@ -105,13 +105,20 @@ pub struct HaproxyPki {
 }
 
 pub fn haproxy_pki(dir: &Path) -> anyhow::Result<HaproxyPki> {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    // Distinct subject names: OpenSSL takes a leaf whose subject equals its
+    // issuer's for self-signed.
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "bench mesh CA");
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
     let leaf = |name: &str| -> anyhow::Result<String> {
         let key = KeyPair::generate()?;
-        let cert = CertificateParams::new(vec![name.to_owned()])?.signed_by(&key, &ca)?;
+        let mut params = CertificateParams::new(vec![name.to_owned()])?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.signed_by(&key, &ca)?;
         Ok(format!("{}{}", cert.pem(), key.serialize_pem()))
     };
     let write = |name: &str, pem: &str| -> anyhow::Result<std::path::PathBuf> {
