@@ -67,6 +67,12 @@ impl Dest {
 /// in SNI.
 pub type Mesh<'a> = Option<(&'a Tls, &'a Arc<str>)>;
 
+/// A request extension overriding the pool's connect timeout for the
+/// connection this request may have to open (a traffic policy's
+/// `timeouts.connect`).
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectTimeout(pub Duration);
+
 /// Why a request could not be sent to its next hop.
 #[derive(Debug)]
 pub enum SendError {

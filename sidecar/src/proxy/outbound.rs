@@ -301,6 +301,14 @@ impl Service<Request<Body>> for Endpoint {
             .and_then(|slot| slot.lock().expect("picked lock").take())
             .expect("balance layer runs first");
         let client = req.extensions_mut().remove::<ClientAddr>();
+        if let Some(t) = req
+            .extensions()
+            .get::<Arc<RoutePolicy>>()
+            .and_then(|p| p.connect_timeout)
+        {
+            req.extensions_mut()
+                .insert(super::forward::ConnectTimeout(t));
+        }
         add_forwarding(
             req.headers_mut(),
             client.as_ref().and_then(|c| c.forwarded_for.as_ref()),

@@ -76,9 +76,13 @@ impl H1Pool {
         mesh: Mesh<'_>,
         req: Request<Body>,
     ) -> Result<Response<Body>, SendError> {
+        let timeout = req
+            .extensions()
+            .get::<super::ConnectTimeout>()
+            .map_or(self.shared.connect_timeout, |c| c.0);
         if let Some((tls, service)) = mesh {
             let stream = tls
-                .connect(addr, service, Alpn::Http1, self.shared.connect_timeout)
+                .connect(addr, service, Alpn::Http1, timeout)
                 .await
                 .map_err(SendError::Connect)?;
             let mut sender = handshake(addr, stream).await?;
@@ -87,7 +91,7 @@ impl H1Pool {
         }
         let (mut sender, reused) = match self.checkout(addr) {
             Some(s) => (s, true),
-            None => (self.connect(addr).await?, false),
+            None => (self.connect(addr, timeout).await?, false),
         };
         let resp = match sender.try_send_request(req).await {
             Ok(resp) => resp,
@@ -95,7 +99,7 @@ impl H1Pool {
                 // A reused connection the service closed while idle: the
                 // request never left, so it goes once more on a new one.
                 Some(req) if reused => {
-                    sender = self.connect(addr).await?;
+                    sender = self.connect(addr, timeout).await?;
                     sender.send_request(req).await.map_err(SendError::Request)?
                 }
                 _ => return Err(SendError::Request(e.into_error())),
@@ -147,8 +151,12 @@ impl H1Pool {
         found
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<http1::SendRequest<Body>, SendError> {
-        let stream = transport::connect(addr, self.shared.connect_timeout)
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<http1::SendRequest<Body>, SendError> {
+        let stream = transport::connect(addr, timeout)
             .await
             .map_err(SendError::Connect)?;
         handshake(addr, stream).await
