@@ -91,7 +91,7 @@ async fn round(services: usize) -> anyhow::Result<RoundResult> {
     let total = services * PER_SERVICE;
 
     let (mut child, addr) = spawn(dir.path()).await?;
-    let channels = support::channels(addr, CHANNELS).await?;
+    let channels = support::channels(addr, &support::auth_from_dir(dir.path())?, CHANNELS).await?;
     let bulk = support::register_bulk(
         &channels,
         CONCURRENCY,
@@ -108,7 +108,7 @@ async fn round(services: usize) -> anyhow::Result<RoundResult> {
 
     let started = Instant::now();
     let (mut child, addr) = spawn(dir.path()).await?;
-    let channels = support::channels(addr, 1).await?;
+    let channels = support::channels(addr, &support::auth_from_dir(dir.path())?, 1).await?;
     wait_for_instances(&channels[0], total).await?;
     let reload = started.elapsed();
     let restarted = settle(&child).await?;
@@ -157,10 +157,7 @@ async fn spawn(data_dir: &Path) -> anyhow::Result<(Child, std::net::SocketAddr)>
 
 /// Waits until the registry reports `total` instances, which after a
 /// restart means the reload from disk has finished.
-async fn wait_for_instances(
-    channel: &tonic::transport::Channel,
-    total: usize,
-) -> anyhow::Result<()> {
+async fn wait_for_instances(channel: &support::Channel, total: usize) -> anyhow::Result<()> {
     let mut client = RegistryClient::new(channel.clone());
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {

@@ -42,13 +42,13 @@ use isdp_proto::v1::{
     RegisterRequest, SERVICE_ENDPOINTS_TYPE_URL, ServiceEndpoints, registry_client::RegistryClient,
 };
 use prost::Message;
+use support::Channel;
 use support::{InProcess, ms, percentile};
 use tokio::{
     sync::{mpsc, watch},
     task::JoinSet,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 const SERVICE: &str = "bench-svc";
 /// Instances of the watched service.
@@ -159,7 +159,9 @@ fn summarize(label: &str, rounds: &[Round]) {
 async fn run_round(k: &Knobs, etcd: Option<&mut support::Etcd>) -> anyhow::Result<Round> {
     let dir = tempfile::tempdir()?;
     let server = InProcess::start_round(dir.path(), etcd).await?;
-    let operator = support::channels(server.grpc_addr, 1).await?.remove(0);
+    let operator = support::channels(server.grpc_addr, &server.auth, 1)
+        .await?
+        .remove(0);
     let mut registry = RegistryClient::new(operator);
     let total = 1 + WARMUP + k.changes;
     for slot in 0..POOL {
@@ -168,7 +170,7 @@ async fn run_round(k: &Knobs, etcd: Option<&mut support::Etcd>) -> anyhow::Resul
 
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let streams = open_streams(server.grpc_addr, k, total, ready_tx, stop_rx).await?;
+    let streams = open_streams(server.grpc_addr, &server.auth, k, total, ready_tx, stop_rx).await?;
     let mut streams = streams;
     for _ in 0..k.streams {
         ready_rx
@@ -255,12 +257,13 @@ async fn register(
 
 async fn open_streams(
     addr: SocketAddr,
+    auth: &support::ControlAuth,
     k: &Knobs,
     total: usize,
     ready: mpsc::UnboundedSender<()>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<JoinSet<anyhow::Result<Vec<(usize, Instant)>>>> {
-    let channels = support::channels(addr, k.connections).await?;
+    let channels = support::channels(addr, auth, k.connections).await?;
     let mut set = JoinSet::new();
     for s in 0..k.streams {
         let channel = channels[s % channels.len()].clone();

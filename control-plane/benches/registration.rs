@@ -108,7 +108,7 @@ async fn grpc_round(
 ) -> anyhow::Result<Bulk> {
     let dir = tempfile::tempdir()?;
     let server = InProcess::start_round(dir.path(), etcd).await?;
-    let channels = support::channels(server.grpc_addr, CHANNELS).await?;
+    let channels = support::channels(server.grpc_addr, &server.auth, CHANNELS).await?;
     let bulk = support::register_bulk(&channels, concurrency, total, budget, |i| {
         support::instance(&format!("svc-{:03}", i % SERVICES), i)
     })

@@ -19,12 +19,14 @@ use std::{
 use anyhow::Context as _;
 use clap::Parser;
 use isdp_proto::v1::{Instance, RegisterRequest, registry_client::RegistryClient};
+pub use isdp_sidecar::dial::{ControlAuth, ControlChannel as Channel};
 use tokio::{sync::watch, task::JoinHandle};
-use tonic::transport::{Channel, Endpoint};
 
 /// A control plane serving in this process on loopback ports.
 pub struct InProcess {
     pub grpc_addr: SocketAddr,
+    /// Its trust bundle and an admin token minted in-process.
+    pub auth: ControlAuth,
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<(), isdp_control_plane::Error>>,
 }
@@ -33,8 +35,13 @@ pub struct InProcess {
 pub enum Backend<'a> {
     /// The embedded store, in this (fresh) directory.
     Embedded(&'a Path),
-    /// An etcd cluster, under a key prefix of the round's own.
-    Etcd { endpoints: &'a str, prefix: &'a str },
+    /// An etcd cluster, under a key prefix of the round's own; `dir` gets
+    /// the control plane's ca.pem and admin.token.
+    Etcd {
+        endpoints: &'a str,
+        prefix: &'a str,
+        dir: &'a Path,
+    },
 }
 
 impl Backend<'_> {
@@ -45,7 +52,13 @@ impl Backend<'_> {
                 "--data-dir".into(),
                 dir.to_str().context("data dir is not UTF-8")?.into(),
             ],
-            Backend::Etcd { endpoints, prefix } => vec![
+            Backend::Etcd {
+                endpoints,
+                prefix,
+                dir,
+            } => vec![
+                "--data-dir".into(),
+                dir.to_str().context("data dir is not UTF-8")?.into(),
                 "--store".into(),
                 "etcd".into(),
                 "--etcd-endpoints".into(),
@@ -94,6 +107,7 @@ impl InProcess {
                 Self::start(Backend::Etcd {
                     endpoints: &etcd.endpoints,
                     prefix: &prefix,
+                    dir,
                 })
                 .await
             }
@@ -119,10 +133,26 @@ impl InProcess {
             .await
             .context("binding the control plane")?;
         let grpc_addr = server.grpc_addr;
+        let (_, token) = server
+            .tokens()
+            .create(
+                isdp_control_plane::tokens::Role::Admin,
+                Vec::new(),
+                "bench".into(),
+                None,
+            )
+            .await
+            .context("minting the bench's token")?;
+        let auth = ControlAuth {
+            ca_pem: Some(server.ca().roots().bundle_pem()),
+            token: Some(token),
+            identity: None,
+        };
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(server.serve(stop_rx));
         Ok(InProcess {
             grpc_addr,
+            auth,
             stop,
             task,
         })
@@ -136,19 +166,33 @@ impl InProcess {
     }
 }
 
-/// `n` separate HTTP/2 connections to `addr`, so load spreads as it would
-/// from several sidecars rather than multiplexing on one socket.
-pub async fn channels(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<Channel>> {
+/// `n` separate HTTP/2 connections to `addr` (TLS, the token on every
+/// call, as a sidecar dials), so load spreads as it would from several
+/// sidecars rather than multiplexing on one socket.
+pub async fn channels(
+    addr: SocketAddr,
+    auth: &ControlAuth,
+    n: usize,
+) -> anyhow::Result<Vec<Channel>> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        let ch = Endpoint::from_shared(format!("http://{addr}"))?
-            .tcp_nodelay(true)
-            .connect()
+        let ch = isdp_sidecar::dial::connect(&format!("https://{addr}"), auth)
             .await
             .with_context(|| format!("connecting to {addr}"))?;
         out.push(ch);
     }
     Ok(out)
+}
+
+/// The credentials a control plane child wrote to its data dir.
+pub fn auth_from_dir(dir: &Path) -> anyhow::Result<ControlAuth> {
+    let read =
+        |f: &str| std::fs::read_to_string(dir.join(f)).with_context(|| format!("reading {f}"));
+    Ok(ControlAuth {
+        ca_pem: Some(read("ca.pem")?),
+        token: Some(read("admin.token")?.trim().to_owned()),
+        identity: None,
+    })
 }
 
 /// An operator-registered instance; ids are unique per `index`.

@@ -7,7 +7,12 @@
 //! - `policies`: `isdp.v1.Policies`, traffic policies (put with
 //!   compare-and-set, get, list, delete, watch).
 //! - `authorization`: `isdp.v1.Authorization`, which services may call which.
+//! - `certificates`: `isdp.v1.Certificates` (sign CSRs, trust bundle,
+//!   root rotation).
+//! - `tokens`: `isdp.v1.Tokens` (create, list, revoke).
 //! - `limits`: oversized requests answered with RESOURCE_EXHAUSTED.
+//!
+//! Every call passed [`crate::auth::AuthLayer`] first.
 //!
 //! The xDS service lives in [`crate::xds`]; all three share one listener.
 //!
@@ -16,11 +21,13 @@
 //! spans when tracing is on (`isdp_sidecar::telemetry`).
 
 pub mod authorization;
+pub mod certificates;
 mod limits;
 pub mod policies;
 pub mod registry;
 pub mod session;
 pub mod status;
+pub mod tokens;
 
 pub use limits::SizeLimitStatusLayer;
 

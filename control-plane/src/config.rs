@@ -80,6 +80,35 @@ pub struct Config {
     #[arg(long, env = "ISDP_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
 
+    /// SPIFFE trust domain of the mesh: sidecar certificates say
+    /// `spiffe://<trust-domain>/svc/<service>`. A DNS name.
+    #[arg(long, env = "ISDP_TRUST_DOMAIN", default_value = "isdp.local")]
+    pub trust_domain: String,
+
+    /// Lifetime of a sidecar certificate when it asks for none. Short, so a
+    /// stolen key is useful briefly; sidecars renew before expiry.
+    #[arg(long, env = "ISDP_CERT_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub cert_lifetime: Duration,
+
+    /// Longest sidecar certificate lifetime; longer requests are capped.
+    /// Also how long an old root stays trusted after a rotation by default.
+    #[arg(long, env = "ISDP_MAX_CERT_LIFETIME", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub max_cert_lifetime: Duration,
+
+    /// Root CA certificate (PEM) to sign with instead of generating one on
+    /// first start; needs --ca-key. Ignored once the store holds a root.
+    #[arg(long, env = "ISDP_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --ca-cert.
+    #[arg(long, env = "ISDP_CA_KEY")]
+    pub ca_key: Option<PathBuf>,
+
+    /// Extra DNS name or IP for the gRPC listener's certificate (besides
+    /// localhost, loopback, the listen IP and the hostname); repeatable.
+    #[arg(long = "tls-san", env = "ISDP_TLS_SAN", value_delimiter = ',')]
+    pub tls_san: Vec<String>,
+
     #[command(flatten)]
     pub trace: isdp_sidecar::telemetry::TraceArgs,
 }
@@ -94,6 +123,7 @@ pub enum StoreKind {
 impl Config {
     pub fn validate(&self) -> Result<(), String> {
         self.validate_etcd()?;
+        self.validate_ca()?;
         if self.session_timeout <= self.session_grace {
             return Err(format!(
                 "--session-timeout ({}) must be longer than --session-grace ({})",
@@ -103,6 +133,38 @@ impl Config {
         }
         if self.session_grace.is_zero() {
             return Err("--session-grace must be more than zero".into());
+        }
+        Ok(())
+    }
+
+    /// The CA flags: a DNS trust domain, sane lifetimes, cert and key
+    /// together.
+    fn validate_ca(&self) -> Result<(), String> {
+        let td = &self.trust_domain;
+        let labels_ok = !td.is_empty()
+            && td.len() <= 253
+            && td
+                .split('.')
+                .all(|l| isdp_sidecar::config::check_dns_label(l).is_ok());
+        if !labels_ok {
+            return Err(format!(
+                "--trust-domain: {td:?} must be a DNS name (lowercase labels separated by '.')"
+            ));
+        }
+        let min = crate::ca::MIN_LIFETIME;
+        if self.cert_lifetime < min || self.cert_lifetime > self.max_cert_lifetime {
+            return Err(format!(
+                "--cert-lifetime ({}) must be between {} and --max-cert-lifetime ({})",
+                humantime::format_duration(self.cert_lifetime),
+                humantime::format_duration(min),
+                humantime::format_duration(self.max_cert_lifetime)
+            ));
+        }
+        if self.max_cert_lifetime > Duration::from_secs(365 * 24 * 3600) {
+            return Err("--max-cert-lifetime must be at most 365 days".into());
+        }
+        if self.ca_cert.is_some() != self.ca_key.is_some() {
+            return Err("--ca-cert and --ca-key go together".into());
         }
         Ok(())
     }
@@ -244,6 +306,10 @@ mod tests {
                 "--etcd-password",
             ),
             (&["--store=etcd", ep, "--leader-lease=1s"], "--leader-lease"),
+            (&["--trust-domain=Bad_Domain"], "--trust-domain"),
+            (&["--cert-lifetime=1s"], "--cert-lifetime"),
+            (&["--cert-lifetime=40days"], "--cert-lifetime"),
+            (&["--ca-cert=/ca.pem"], "--ca-key go together"),
         ];
         for (args, want) in cases {
             let err = check(args).unwrap_err();

@@ -1,16 +1,18 @@
-//! `isdpctl`, the operator CLI: registry commands against the control
-//! plane's gRPC API.
+//! `isdpctl`, the operator CLI: registry, token and CA commands against
+//! the control plane's gRPC API, over TLS with a bearer token.
 //!
 //! # Layout
 //! - `output`: table and JSON rendering.
 //! - `authz`: `isdpctl authz`, authorization rules.
 //! - `policy`: `isdpctl policy`, traffic policies from YAML documents.
+//! - `security`: `token` and `ca` commands.
 
 mod authz;
 mod output;
 mod policy;
+mod security;
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand};
 use isdp_proto::v1::{
@@ -19,9 +21,10 @@ use isdp_proto::v1::{
     authorization_client::AuthorizationClient, policies_client::PoliciesClient,
     proxy_status_client::ProxyStatusClient, registry_client::RegistryClient,
 };
-use tonic::transport::{Channel, Endpoint};
+use isdp_sidecar::dial::{ControlAuth, ControlChannel};
 
 pub use output::Format;
+pub use security::{CaCommand, TokenCommand};
 
 #[derive(Debug, Parser)]
 #[command(name = "isdpctl", version, about = "Operate an ISDP mesh")]
@@ -31,9 +34,29 @@ pub struct Cli {
         long,
         global = true,
         env = "ISDP_CONTROL_PLANE",
-        default_value = "http://127.0.0.1:15010"
+        default_value = "https://127.0.0.1:15010"
     )]
     pub control_plane: String,
+
+    /// The mesh CA (PEM) to check the control plane's certificate against
+    /// [default: <data-dir>/ca.pem].
+    #[arg(long, global = true, env = "ISDP_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// Bearer token [default: the contents of <data-dir>/admin.token].
+    /// Prefer the variable: flags show in `ps`.
+    #[arg(long, global = true, env = "ISDP_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// The control plane's data dir, where a local control plane writes
+    /// ca.pem and admin.token.
+    #[arg(
+        long,
+        global = true,
+        env = "ISDP_DATA_DIR",
+        default_value = "./isdp-data"
+    )]
+    pub data_dir: PathBuf,
 
     /// Output format.
     #[arg(
@@ -99,6 +122,12 @@ pub enum Command {
     /// balancing, splits, fault injection.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Create, list and revoke bearer tokens (admin).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The mesh CA: rotate the root, print the trust bundle.
+    #[command(subcommand)]
+    Ca(CaCommand),
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -130,24 +159,46 @@ fn api(op: &'static str) -> impl Fn(tonic::Status) -> CtlError {
     }
 }
 
-async fn connect(url: &str) -> Result<Channel, CtlError> {
-    let err = |reason: String| CtlError::Connect {
-        url: url.to_owned(),
-        reason,
+/// The CA file and token: flags, then variables, then the local control
+/// plane's data dir.
+fn credentials(cli: &Cli) -> Result<ControlAuth, CtlError> {
+    let ca_pem = if cli.control_plane.starts_with("https://") {
+        let path = cli
+            .ca_file
+            .clone()
+            .unwrap_or_else(|| cli.data_dir.join("ca.pem"));
+        Some(std::fs::read_to_string(&path).map_err(|e| {
+            CtlError::Usage(format!(
+                "reading the CA file {}: {e} (pass --ca-file or ISDP_CA_FILE)",
+                path.display()
+            ))
+        })?)
+    } else {
+        None
     };
-    let endpoint = Endpoint::from_shared(url.to_owned())
-        .map_err(|e| err(e.to_string()))?
-        .connect_timeout(Duration::from_secs(3));
-    let channel = endpoint.connect().await.map_err(|e| {
-        let mut reason = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            reason = s.to_string();
-            src = s.source();
-        }
-        err(reason)
-    })?;
-    Ok(channel)
+    let token = match &cli.token {
+        Some(t) => Some(t.trim().to_owned()),
+        None => std::fs::read_to_string(cli.data_dir.join("admin.token"))
+            .ok()
+            .map(|t| t.trim().to_owned()),
+    };
+    Ok(ControlAuth {
+        ca_pem,
+        token: token.filter(|t| !t.is_empty()),
+        identity: None,
+    })
+}
+
+async fn connect(url: &str, auth: &ControlAuth) -> Result<ControlChannel, CtlError> {
+    isdp_sidecar::dial::connect(url, auth)
+        .await
+        .map_err(|e| CtlError::Connect {
+            url: url.to_owned(),
+            reason: match e {
+                isdp_sidecar::dial::DialError::Connect { reason, .. }
+                | isdp_sidecar::dial::DialError::InvalidUrl { reason, .. } => reason,
+            },
+        })
 }
 
 fn millis(d: Duration) -> Result<u32, CtlError> {
@@ -156,10 +207,13 @@ fn millis(d: Duration) -> Result<u32, CtlError> {
 
 /// Runs one command, writing its output to stdout.
 pub async fn run(cli: Cli) -> Result<(), CtlError> {
-    let channel = connect(&cli.control_plane).await?;
+    let auth = credentials(&cli)?;
+    let channel = connect(&cli.control_plane, &auth).await?;
     let mut client = RegistryClient::new(channel.clone());
     let fmt = cli.output;
     match cli.command {
+        Command::Token(cmd) => security::token(channel, fmt, cmd).await?,
+        Command::Ca(cmd) => security::ca(channel, fmt, cmd).await?,
         Command::Register {
             service,
             address,

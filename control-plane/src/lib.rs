@@ -11,8 +11,12 @@
 //! - [`health`]: probes for operator-registered instances.
 //! - [`snapshot`]: turns registry changes into xDS resources, debounced.
 //! - [`xds`]: the generic ADS server (state of the world and delta).
-//! - [`api`]: the gRPC services for operators (`Registry`) and sidecars
-//!   (`Sidecar/Session`).
+//! - [`api`]: the gRPC services for operators (`Registry`, `Tokens`,
+//!   `Certificates`) and sidecars (`Sidecar/Session`, `Certificates/Sign`).
+//! - [`ca`]: the mesh CA: roots in the store, CSR signing, rotation.
+//! - [`tokens`]: bearer tokens (hashed in the store) and their roles.
+//! - [`auth`]: authentication and per-method authorization of every call.
+//! - [`tls`]: TLS on the gRPC listener, with a swappable certificate.
 //! - [`authz`]: authorization rules between services, per destination.
 //! - [`policy`]: traffic policies per destination, validated whole, versioned.
 //! - [`admin`]: `/healthz`, `/ready`, `/metrics`.
@@ -26,7 +30,9 @@
 
 pub mod admin;
 pub mod api;
+pub mod auth;
 pub mod authz;
+pub mod ca;
 pub mod config;
 pub mod ctl;
 pub mod election;
@@ -37,26 +43,37 @@ pub mod proxies;
 pub mod registry;
 pub mod snapshot;
 pub mod store;
+pub mod tls;
+pub mod tokens;
 pub mod xds;
 
 use std::{io::Write, net::SocketAddr, sync::Arc, time::Duration};
 
 use isdp_proto::v1::{
     AUTHORIZATION_POLICY_TYPE_URL, SERVICE_ENDPOINTS_TYPE_URL, TRAFFIC_POLICY_TYPE_URL,
+    TRUST_BUNDLE_NAME, TRUST_BUNDLE_TYPE_URL,
 };
+use prost::Message as _;
 use tokio::{net::TcpListener, sync::watch};
 
 pub use config::{Config, StoreKind};
 
 use crate::{
+    ca::{Ca, CaError, CaSettings},
     registry::{Registry, RegistryError, SessionTimeouts, session::Sessions},
     store::{Store, StoreError, embedded::EmbeddedStore, etcd::EtcdStore},
+    tls::TlsError,
+    tokens::{TokenError, Tokens},
 };
 
 /// Key prefix of everything the control plane stores (the embedded store's,
 /// and the default `--etcd-prefix`). The key layout under it is in
 /// ARCHITECTURE.md.
 pub const KEY_PREFIX: &str = "/isdp/";
+
+/// File in the data dir holding the trust bundle (PEM), for isdpctl and
+/// sidecars on this machine.
+pub const CA_FILE: &str = "ca.pem";
 
 /// Key (under the prefix) of the leader for control-plane health checks.
 pub const HEALTH_LEADER_KEY: &str = "leader/health-checks";
@@ -103,6 +120,17 @@ pub enum Error {
     },
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("certificate authority: {0}")]
+    Ca(#[from] CaError),
+    #[error("tokens: {0}")]
+    Tokens(#[from] TokenError),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Runs the control plane until `shutdown` turns true.
@@ -127,6 +155,8 @@ pub struct Server {
     store: Backend,
     grpc: TcpListener,
     admin: TcpListener,
+    ca: Ca,
+    tokens: Tokens,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
 }
@@ -158,6 +188,20 @@ impl Server {
                 .map_err(|source| Error::Bind { addr, source })?;
             Ok::<_, Error>((l, local))
         };
+        let prefix = config.key_prefix().to_owned();
+        let operator = match (&config.ca_cert, &config.ca_key) {
+            (Some(cert), Some(key)) => Some(ca::load_root(&read(cert)?, &read(key)?)?),
+            _ => None,
+        };
+        let settings = CaSettings {
+            trust_domain: config.trust_domain.clone(),
+            default_lifetime: config.cert_lifetime,
+            max_lifetime: config.max_cert_lifetime,
+        };
+        let ca = Ca::load(store.store(), &prefix, settings, operator).await?;
+        write_bundle(&config.data_dir, &ca.roots().bundle_pem());
+        let tokens = Tokens::load(store.store(), &prefix).await?;
+        tokens.bootstrap_admin(&config.data_dir).await?;
         let (grpc, grpc_addr) = bind(config.listen).await?;
         let (admin, admin_addr) = bind(config.admin_listen).await?;
         Ok(Server {
@@ -165,9 +209,21 @@ impl Server {
             store,
             grpc,
             admin,
+            ca,
+            tokens,
             grpc_addr,
             admin_addr,
         })
+    }
+
+    /// The CA (tests and benches sign with it in-process).
+    pub fn ca(&self) -> &Ca {
+        &self.ca
+    }
+
+    /// The tokens (tests and benches mint credentials in-process).
+    pub fn tokens(&self) -> &Tokens {
+        &self.tokens
     }
 
     /// Serves until `shutdown` turns true, then closes the store.
@@ -177,6 +233,8 @@ impl Server {
             store,
             grpc,
             admin,
+            ca,
+            tokens,
             grpc_addr,
             admin_addr,
         } = self;
@@ -219,9 +277,29 @@ impl Server {
                 .await?;
         let cache = xds::Cache::new(&[
             SERVICE_ENDPOINTS_TYPE_URL,
+            TRUST_BUNDLE_TYPE_URL,
             AUTHORIZATION_POLICY_TYPE_URL,
             TRAFFIC_POLICY_TYPE_URL,
         ]);
+        let ca_follow = ca.follow(shutdown.clone());
+        let tokens_follow = tokens.follow(shutdown.clone());
+        let bundle_task = tokio::spawn(publish_bundle(
+            ca.clone(),
+            cache.clone(),
+            config.data_dir.clone(),
+            shutdown.clone(),
+        ));
+        let (tls_config, tls_task) = tls::follow_roots(
+            ca.clone(),
+            tls::server_names(grpc_addr, &config.tls_san),
+            shutdown.clone(),
+        )?;
+        let incoming = tls::incoming(
+            grpc,
+            tls_config,
+            config.trust_domain.clone(),
+            shutdown.clone(),
+        );
         let builder = snapshot::spawn(registry.clone(), cache.clone(), shutdown.clone());
         let policy_publisher =
             policy::spawn_publisher(policies.clone(), cache.clone(), shutdown.clone());
@@ -229,7 +307,7 @@ impl Server {
             authz.clone(),
             registry.clone(),
             cache.clone(),
-            "isdp.local".to_owned(),
+            config.trust_domain.clone(),
             shutdown.clone(),
         );
         let checker = health::spawn(registry.clone(), metrics.clone(), leader, shutdown.clone());
@@ -255,6 +333,7 @@ impl Server {
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .layer(metrics::GrpcMetricsLayer::new(metrics.clone()))
             .layer(api::SizeLimitStatusLayer)
+            .layer(auth::AuthLayer::new(tokens.clone()))
             .add_service(
                 api::registry::RegistryApi::new(
                     registry.clone(),
@@ -267,15 +346,17 @@ impl Server {
             .add_service(api::status::ProxyStatusApi::new(proxies).into_server())
             .add_service(api::authorization::AuthorizationApi::new(authz).into_server())
             .add_service(api::policies::PoliciesApi::new(policies, shutdown.clone()).into_server())
+            .add_service(api::certificates::CertificatesApi::new(ca.clone()).into_server())
+            .add_service(api::tokens::TokensApi::new(tokens.clone()).into_server())
             .add_service(ads)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc),
-                async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                },
-            )
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
             .await?;
         let _ = admin_task.await;
+        for task in [ca_follow, tokens_follow, bundle_task, tls_task] {
+            let _ = task.await;
+        }
         let _ = builder.await;
         let _ = authz_publisher.await;
         let _ = policy_publisher.await;
@@ -287,5 +368,52 @@ impl Server {
         store.close().await;
         tracing::info!("control plane stopped");
         Ok(())
+    }
+}
+
+fn read(path: &std::path::Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Writes `<data-dir>/ca.pem`; a failure is logged, not fatal: the bundle
+/// is also served over the API and xDS.
+fn write_bundle(data_dir: &std::path::Path, pem: &str) {
+    let path = data_dir.join(CA_FILE);
+    let written = std::fs::create_dir_all(data_dir).and_then(|_| {
+        // Write then rename, so a reader never sees half a bundle.
+        let tmp = data_dir.join(format!("{CA_FILE}.tmp"));
+        std::fs::write(&tmp, pem)?;
+        std::fs::rename(&tmp, &path)
+    });
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e, "writing the trust bundle failed");
+    }
+}
+
+/// Puts the trust bundle into the xDS cache and `ca.pem` whenever the roots
+/// change.
+async fn publish_bundle(
+    ca: Ca,
+    cache: xds::Cache,
+    data_dir: std::path::PathBuf,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut roots = ca.subscribe();
+    loop {
+        let current = roots.borrow_and_update().clone();
+        let bundle = current.bundle(&ca.settings().trust_domain);
+        cache.set(
+            TRUST_BUNDLE_TYPE_URL,
+            TRUST_BUNDLE_NAME,
+            bytes::Bytes::from(bundle.encode_to_vec()),
+        );
+        write_bundle(&data_dir, &current.bundle_pem());
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            changed = roots.changed() => if changed.is_err() { return },
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! Data-plane benchmark: what a pair of ISDP sidecars adds to an HTTP/1.1
 //! request, next to the same request sent directly and through a pair of
-//! HAProxies (plaintext between the hops, until mTLS lands).
+//! HAProxies, both pairs with mutual TLS between their two hops.
 //!
 //! ```sh
 //! apt-get update && apt-get install -y wrk haproxy nginx-light

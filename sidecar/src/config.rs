@@ -20,7 +20,7 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15000";
 pub const DEFAULT_INBOUND_PORT: u16 = 15006;
 pub const DEFAULT_OUTBOUND_LISTEN: &str = "127.0.0.1:15001";
 /// Default control plane.
-pub const DEFAULT_CONTROL_PLANE: &str = "http://127.0.0.1:15010";
+pub const DEFAULT_CONTROL_PLANE: &str = "https://127.0.0.1:15010";
 /// Default time between probes and per-probe timeout.
 pub const DEFAULT_CHECK_PERIOD: Duration = Duration::from_secs(1);
 /// Default time allowed for a clean shutdown.
@@ -37,7 +37,7 @@ pub struct Cli {
     #[arg(long, env = "ISDP_NODE_ID")]
     pub node_id: Option<String>,
     /// Control-plane gRPC URL; repeatable or comma-separated, tried in turn
-    /// [default: http://127.0.0.1:15010].
+    /// [default: https://127.0.0.1:15010].
     #[arg(
         long,
         env = "ISDP_CONTROL_PLANE",
@@ -45,6 +45,16 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub control_plane: Vec<String>,
+    /// The mesh CA (PEM) the control plane's certificate is checked
+    /// against; required for https:// control planes (the control plane
+    /// writes it to <data-dir>/ca.pem).
+    #[arg(long, env = "ISDP_CA_FILE", value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+    /// Token this sidecar authenticates with (a join token for its
+    /// services); required for https:// control planes. Prefer the
+    /// variable: flags show in `ps`.
+    #[arg(long, env = "ISDP_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
     /// Admin HTTP listener (/live, /ready, /config) [default: 127.0.0.1:15000].
     #[arg(long, env = "ISDP_ADMIN_LISTEN", value_name = "ADDR")]
     pub admin_listen: Option<String>,
@@ -120,6 +130,10 @@ pub struct Config {
     pub node_id: String,
     /// Control-plane URLs, tried in turn on reconnect.
     pub control_plane: Vec<String>,
+    /// Trusted roots for https:// control planes.
+    pub ca_file: Option<PathBuf>,
+    /// Bearer token sent to the control plane.
+    pub join_token: Option<String>,
     /// Where the admin server listens (port 0 picks one).
     pub admin_listen: SocketAddr,
     /// Where other sidecars send mesh traffic for the local services; its
@@ -263,6 +277,12 @@ impl Config {
         }
         if !cli.control_plane.is_empty() {
             file.control_plane = Some(cli.control_plane);
+        }
+        if cli.ca_file.is_some() {
+            file.ca_file = cli.ca_file;
+        }
+        if cli.join_token.is_some() {
+            file.join_token = cli.join_token;
         }
         if cli.inbound_listen.is_some() {
             file.inbound_listen = cli.inbound_listen;

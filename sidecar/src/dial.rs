@@ -1,9 +1,59 @@
 //! Dialing the control plane: channel settings shared by the xDS client and
-//! the session, and round-robin over the configured URLs.
+//! the session, TLS trusting only the mesh CA file, the bearer token on
+//! every call, and round-robin over the configured URLs.
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    metadata::{AsciiMetadataValue, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
+
+/// A channel to the control plane whose every call carries the credentials.
+pub type ControlChannel = InterceptedService<Channel, Credentials>;
+
+/// How this process proves itself to the control plane, and whom it trusts.
+#[derive(Clone, Debug, Default)]
+pub struct ControlAuth {
+    /// Trusted roots (PEM) for https:// URLs: the mesh CA only, never the
+    /// system roots, since the control plane's certificate comes from it.
+    pub ca_pem: Option<String>,
+    /// Bearer token sent as `authorization` on every call.
+    pub token: Option<String>,
+    /// Client certificate chain and key (PEM) to present on the handshake,
+    /// for when a sidecar authenticates with its mesh certificate. Callers
+    /// pass `None` for now.
+    pub identity: Option<(String, String)>,
+}
+
+/// Adds `authorization: Bearer <token>` to every request.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    header: Option<AsciiMetadataValue>,
+}
+
+impl Credentials {
+    pub fn bearer(token: Option<&str>) -> Result<Self, String> {
+        let header = match token {
+            Some(t) => Some(
+                MetadataValue::try_from(format!("Bearer {}", t.trim()))
+                    .map_err(|_| "the token is not valid header text".to_owned())?,
+            ),
+            None => None,
+        };
+        Ok(Credentials { header })
+    }
+}
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(h) = &self.header {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    }
+}
 
 /// How long one connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -28,13 +78,19 @@ pub struct Dialer {
     urls: Vec<String>,
     /// Index of the URL the next attempt uses.
     next: usize,
+    /// TLS roots, token and optional client identity.
+    auth: ControlAuth,
 }
 
 // === impl Dialer ===
 
 impl Dialer {
-    pub fn new(urls: Vec<String>) -> Self {
-        Self { urls, next: 0 }
+    pub fn new(urls: Vec<String>, auth: ControlAuth) -> Self {
+        Self {
+            urls,
+            next: 0,
+            auth,
+        }
     }
 
     /// The URL for the next attempt; advances the rotation.
@@ -44,22 +100,48 @@ impl Dialer {
         url
     }
 
-    /// Connects to `url` with the shared channel settings.
-    pub async fn connect(url: &str) -> Result<Channel, DialError> {
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| DialError::InvalidUrl {
-                url: url.to_owned(),
-                reason: e.to_string(),
-            })?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true);
-        endpoint.connect().await.map_err(|e| DialError::Connect {
-            url: url.to_owned(),
-            reason: error_chain(&e),
-        })
+    /// Connects to `url` with the shared channel settings and this
+    /// dialer's credentials.
+    pub async fn connect(&self, url: &str) -> Result<ControlChannel, DialError> {
+        connect(url, &self.auth).await
     }
+}
+
+/// Connects to `url`: TLS (trusting `auth.ca_pem` only) for https://, the
+/// token on every call.
+pub async fn connect(url: &str, auth: &ControlAuth) -> Result<ControlChannel, DialError> {
+    let invalid = |reason: String| DialError::InvalidUrl {
+        url: url.to_owned(),
+        reason,
+    };
+    let credentials = Credentials::bearer(auth.token.as_deref()).map_err(invalid)?;
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| DialError::InvalidUrl {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
+    if url.starts_with("https://") {
+        let ca = auth
+            .ca_pem
+            .as_deref()
+            .ok_or_else(|| invalid("an https:// control plane needs a CA file (ca_file)".into()))?;
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some((chain, key)) = &auth.identity {
+            tls = tls.identity(Identity::from_pem(chain, key));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| invalid(error_chain(&e)))?;
+    }
+    let channel = endpoint.connect().await.map_err(|e| DialError::Connect {
+        url: url.to_owned(),
+        reason: error_chain(&e),
+    })?;
+    Ok(InterceptedService::new(channel, credentials))
 }
 
 /// An error and its sources, joined with ": ".
@@ -83,7 +165,10 @@ mod tests {
 
     #[test]
     fn rotates_round_robin() {
-        let mut d = Dialer::new(vec!["http://a:1".into(), "http://b:1".into()]);
+        let mut d = Dialer::new(
+            vec!["http://a:1".into(), "http://b:1".into()],
+            ControlAuth::default(),
+        );
         let got: Vec<_> = (0..5).map(|_| d.next_url()).collect();
         assert_eq!(
             got,
@@ -102,7 +187,10 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         drop(listener);
-        let err = Dialer::connect(&url).await.unwrap_err().to_string();
+        let err = connect(&url, &ControlAuth::default())
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with(&format!("connect {url}: ")), "{err}");
     }
 }

@@ -67,6 +67,11 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("read ca_file {path}: {source}")]
+    CaFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Runs the sidecar until `shutdown` becomes true (or its sender is
@@ -102,6 +107,19 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
     }
     tracing::info!(node_id = %config.node_id, admin = %admin_addr, "sidecar starting");
 
+    let auth = dial::ControlAuth {
+        ca_pem: match &config.ca_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path).map_err(|source| Error::CaFile {
+                    path: path.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        },
+        token: config.join_token.clone(),
+        identity: None,
+    };
     let session = session::Session::new(&config);
     let mut tasks = Vec::new();
     for (index, service) in config.services.iter().enumerate() {
@@ -117,6 +135,7 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
     tasks.push(session::spawn(
         session.clone(),
         config.control_plane.clone(),
+        auth.clone(),
         shutdown.clone(),
     ));
     let (snapshots, xds_task) = xds::spawn(
@@ -125,6 +144,7 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
             control_plane: config.control_plane.clone(),
             upstreams: config.upstreams.iter().map(|u| u.name.clone()).collect(),
             local_services: config.services.iter().map(|s| s.name.clone()).collect(),
+            auth: auth.clone(),
         },
         shutdown.clone(),
     );
@@ -147,6 +167,7 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
         },
         Arc::new(identity::grpc::DialSigner::new(
             config.control_plane.clone(),
+            auth.clone(),
         )),
         shutdown.clone(),
     );
@@ -257,7 +278,9 @@ mod tests {
     async fn bind_errors_name_the_address() {
         let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = taken.local_addr().unwrap();
-        let mut config = Config::from_toml("node_id = \"n\"").unwrap();
+        let mut config =
+            Config::from_toml("node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"")
+                .unwrap();
         config.admin_listen = addr;
         let (_stop, shutdown) = watch::channel(false);
         let err = run(config, shutdown).await.unwrap_err().to_string();

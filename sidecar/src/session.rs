@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::backoff::Backoff;
 use crate::config::{Config, Service};
-use crate::dial::{DialError, Dialer};
+use crate::dial::{ControlAuth, DialError, Dialer};
 use crate::probe::Health;
 
 /// How long shutdown waits for the server to end the stream after `SessionClose`.
@@ -164,17 +164,18 @@ enum StreamError {
 pub fn spawn(
     session: Session,
     control_plane: Vec<String>,
+    auth: ControlAuth,
     mut shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut dialer = Dialer::new(control_plane);
+        let mut dialer = Dialer::new(control_plane, auth);
         let mut backoff = Backoff::default();
         loop {
             if *shutdown.borrow() {
                 break;
             }
             let url = dialer.next_url();
-            match run_stream(&session, &url, &mut backoff, &mut shutdown).await {
+            match run_stream(&session, &dialer, &url, &mut backoff, &mut shutdown).await {
                 Ok(()) => break,
                 Err(error) => tracing::warn!(%url, %error, "session down"),
             }
@@ -195,13 +196,14 @@ pub fn spawn(
 /// One session stream; `Ok(())` means shutdown (after closing the session).
 async fn run_stream(
     session: &Session,
+    dialer: &Dialer,
     url: &str,
     backoff: &mut Backoff,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), StreamError> {
     let channel = tokio::select! {
         _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
-        channel = Dialer::connect(url) => channel?,
+        channel = dialer.connect(url) => channel?,
     };
     let mut health_rx = session.shared.health.subscribe();
     let mut sent = health_rx.borrow_and_update().clone();

@@ -69,6 +69,8 @@ pub struct XdsSettings {
     pub upstreams: Vec<String>,
     /// Local service names whose authorization policies to follow.
     pub local_services: Vec<String>,
+    /// TLS roots and token for the control plane.
+    pub auth: crate::dial::ControlAuth,
 }
 
 /// Starts the client. A stream is always opened (every sidecar follows the

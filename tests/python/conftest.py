@@ -5,6 +5,8 @@ into tests/python/gen/ (gitignored), so the tests always match the protos in
 the tree. Each test module gets its own control plane: the real binary,
 started on ephemeral loopback ports with a temp data dir; its bound address
 is read from the `isdp-control-plane listening: grpc=... admin=...` line.
+The control plane serves TLS only and wants a bearer token: channels trust
+<data-dir>/ca.pem and send the bootstrap <data-dir>/admin.token.
 
 The binary comes from $ISDP_BIN_DIR, else $CARGO_TARGET_DIR/debug, else
 target/debug; a missing binary fails the session (build it with
@@ -69,6 +71,7 @@ class ControlPlane:
                 "(or set ISDP_BIN_DIR)",
                 pytrace=False,
             )
+        self.data = tmp / "data"
         self.log = tmp / "control-plane.log"
         self._log_file = open(self.log, "wb")
         self.proc = subprocess.Popen(
@@ -117,6 +120,27 @@ class ControlPlane:
     def grpc_target(self) -> str:
         return self.addrs["grpc"]
 
+    def ca_pem(self) -> bytes:
+        return (self.data / "ca.pem").read_bytes()
+
+    def admin_token(self) -> str:
+        return (self.data / "admin.token").read_text().strip()
+
+    def channel(self, token=None, options=()):
+        """A TLS channel trusting ca.pem; every call carries `token`
+        (default: the admin token)."""
+        import grpc
+
+        creds = grpc.ssl_channel_credentials(root_certificates=self.ca_pem())
+        token = self.admin_token() if token is None else token
+        if token:
+            creds = grpc.composite_channel_credentials(
+                creds, grpc.access_token_call_credentials(token)
+            )
+        # The certificate names localhost and 127.0.0.1; check it as localhost.
+        opts = [("grpc.ssl_target_name_override", "localhost"), *options]
+        return grpc.secure_channel(self.grpc_target, creds, options=opts)
+
     def stderr(self) -> str:
         self._log_file.flush()
         return self.log.read_text(errors="replace")
@@ -144,8 +168,7 @@ def registry(control_plane):
 
     # Lift the client's own receive limit; the send side is unlimited by
     # default, so oversized requests really reach the server.
-    channel = grpc.insecure_channel(
-        control_plane.grpc_target,
+    channel = control_plane.channel(
         options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
     )
     grpc.channel_ready_future(channel).result(timeout=10)

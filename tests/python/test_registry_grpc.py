@@ -84,3 +84,14 @@ def test_oversized_request_is_refused(registry, baseline, control_plane):
     ), err
     assert listed(registry) == baseline
     assert control_plane.proc.poll() is None, "control plane died on a 5 MB request"
+
+
+@pytest.mark.parametrize("token", ["", "isdp_0123456789abcdef_bogus"])
+def test_missing_or_bogus_token_is_unauthenticated(registry, baseline, control_plane, token):
+    from isdp.v1 import registry_pb2_grpc
+
+    with control_plane.channel(token=token) as channel:
+        stub = registry_pb2_grpc.RegistryStub(channel)
+        err = rejected(stub, pb.RegisterRequest(instance=instance(id="py-anon-1", port=9002)))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err.details()
+    assert listed(registry) == baseline

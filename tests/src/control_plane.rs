@@ -1,6 +1,14 @@
 //! The control plane under test, and `isdpctl` helpers.
+//!
+//! The control plane serves gRPC over TLS and wants a bearer token: after
+//! start the harness reads `<data-dir>/ca.pem` and `<data-dir>/admin.token`
+//! and remembers them by gRPC URL, so [`isdpctl`] and
+//! [`crate::sidecar::SidecarToml`] given only a URL still authenticate.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tempfile::TempDir;
@@ -23,6 +31,62 @@ pub struct ControlPlaneOpts {
     pub extra_args: Vec<String>,
 }
 
+/// What a client of one control plane needs.
+#[derive(Clone, Debug)]
+pub struct Credentials {
+    pub ca_file: PathBuf,
+    pub admin_token: String,
+}
+
+/// Credentials by gRPC URL, for helpers that get only a URL.
+static BY_URL: Mutex<Option<HashMap<String, Credentials>>> = Mutex::new(None);
+/// Admin tokens by etcd flags: replicas sharing a store share the first
+/// one's bootstrap token (only that replica writes `admin.token`).
+static BY_STORE: Mutex<Option<HashMap<String, String>>> = Mutex::new(None);
+
+/// The credentials recorded for a control-plane URL, if it is one the
+/// harness started.
+pub fn credentials_for(url: &str) -> Option<Credentials> {
+    BY_URL.lock().ok()?.as_ref()?.get(url).cloned()
+}
+
+fn remember(url: &str, data: &Path, opts: &ControlPlaneOpts) -> Credentials {
+    // Replicas of one mesh share the etcd endpoints and prefix (and tests
+    // of one binary may reuse a prefix on another cluster).
+    let store = opts
+        .extra_args
+        .iter()
+        .any(|a| a.starts_with("--etcd"))
+        .then(|| opts.extra_args.join(" "));
+    let token = std::fs::read_to_string(data.join("admin.token"))
+        .ok()
+        .map(|t| t.trim().to_owned());
+    let mut by_store = BY_STORE.lock().expect("credentials lock");
+    let by_store = by_store.get_or_insert_with(HashMap::new);
+    let admin_token = match (token, &store) {
+        (Some(t), Some(key)) => {
+            by_store.entry(key.clone()).or_insert(t.clone());
+            t
+        }
+        (Some(t), None) => t,
+        (None, Some(key)) => by_store
+            .get(key)
+            .cloned()
+            .expect("a replica without admin.token and no earlier replica's token"),
+        (None, None) => panic!("the control plane wrote no {}/admin.token", data.display()),
+    };
+    let creds = Credentials {
+        ca_file: data.join("ca.pem"),
+        admin_token,
+    };
+    BY_URL
+        .lock()
+        .expect("credentials lock")
+        .get_or_insert_with(HashMap::new)
+        .insert(url.to_owned(), creds.clone());
+    creds
+}
+
 /// A running `isdp-control-plane` with its own data dir.
 pub struct ControlPlane {
     /// `None` between [`ControlPlane::kill9`] and [`ControlPlane::restart`].
@@ -31,6 +95,7 @@ pub struct ControlPlane {
     data: TempDir,
     grpc: String,
     admin: String,
+    creds: Credentials,
 }
 
 // === impl ControlPlane ===
@@ -44,18 +109,46 @@ impl ControlPlane {
             Process::spawn("control-plane", "isdp-control-plane", &args, tempdir("cp")).await;
         let grpc = proc.addr("grpc").to_owned();
         let admin = proc.addr("admin").to_owned();
+        let creds = remember(&format!("https://{grpc}"), data.path(), &opts);
         Self {
             proc: Some(proc),
             opts,
             data,
             grpc,
             admin,
+            creds,
         }
     }
 
-    /// `http://ADDR` of the gRPC (registry, session, xDS) listener.
+    /// `https://ADDR` of the gRPC (registry, session, xDS) listener.
     pub fn grpc_url(&self) -> String {
-        format!("http://{}", self.grpc)
+        format!("https://{}", self.grpc)
+    }
+
+    /// The trust bundle the control plane wrote (`<data-dir>/ca.pem`).
+    pub fn ca_file(&self) -> &Path {
+        &self.creds.ca_file
+    }
+
+    /// The bootstrap admin token (`<data-dir>/admin.token`).
+    pub fn admin_token(&self) -> &str {
+        &self.creds.admin_token
+    }
+
+    /// The CA file and admin token together.
+    pub fn credentials(&self) -> &Credentials {
+        &self.creds
+    }
+
+    /// The data dir (holds `ca.pem` and `admin.token`).
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+
+    /// A tonic channel to the gRPC listener over TLS, trusting `ca.pem`
+    /// (callers add the token themselves, e.g. with [`bearer`]).
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tls_channel(&self.grpc_url(), &self.creds.ca_file).await
     }
 
     pub fn grpc_addr(&self) -> &str {
@@ -115,7 +208,7 @@ impl ControlPlane {
         self.proc.as_mut().expect("control plane is not running")
     }
 
-    /// Runs `isdpctl --control-plane <this> ARGS`.
+    /// Runs `isdpctl --control-plane <this> --ca-file .. --token <admin> ARGS`.
     pub async fn ctl(&self, args: &[&str]) -> Output {
         isdpctl(&self.grpc_url(), args).await
     }
@@ -193,12 +286,55 @@ fn args(opts: &ControlPlaneOpts, data: &TempDir, grpc: &str, admin: &str) -> Vec
     args
 }
 
-/// Runs `isdpctl --control-plane URL ARGS` and returns its output. Panics
-/// only if it cannot be run or hangs; the exit status is the caller's to check.
+/// A TLS channel to `url` trusting only `ca_file`.
+pub async fn tls_channel(url: &str, ca_file: &Path) -> tonic::transport::Channel {
+    let ca = std::fs::read_to_string(ca_file).expect("reading ca.pem");
+    tonic::transport::Endpoint::from_shared(url.to_owned())
+        .expect("valid URL")
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+        )
+        .expect("TLS config")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {url}: {e:?}"))
+}
+
+/// Adds `authorization: Bearer <token>` to a request (an interceptor for
+/// generated clients: `FooClient::with_interceptor(channel, bearer(token))`).
+pub fn bearer(
+    token: &str,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone + use<> {
+    let value: tonic::metadata::AsciiMetadataValue =
+        format!("Bearer {token}").parse().expect("token is ASCII");
+    move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", value.clone());
+        Ok(req)
+    }
+}
+
+/// Runs `isdpctl --control-plane URL ARGS` and returns its output, with the
+/// CA file and admin token of that control plane when the harness started
+/// it. Panics only if it cannot be run or hangs; the exit status is the
+/// caller's to check.
 pub async fn isdpctl(control_plane_url: &str, args: &[&str]) -> Output {
-    let run = tokio::process::Command::new(binary("isdpctl"))
-        .arg("--control-plane")
-        .arg(control_plane_url)
+    let mut cmd = tokio::process::Command::new(binary("isdpctl"));
+    cmd.arg("--control-plane").arg(control_plane_url);
+    if let Some(c) = credentials_for(control_plane_url) {
+        cmd.arg("--ca-file").arg(&c.ca_file);
+        // A caller's own --token wins: ours is added only without one.
+        if !args.contains(&"--token") {
+            cmd.arg("--token").arg(&c.admin_token);
+        }
+    }
+    isdpctl_raw(cmd, args).await
+}
+
+/// Runs a prepared `isdpctl` command with `args`.
+pub async fn isdpctl_raw(mut cmd: tokio::process::Command, args: &[&str]) -> Output {
+    let run = cmd
         .args(args)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)

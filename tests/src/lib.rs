@@ -45,7 +45,9 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 pub use bins::{bin_dir, binary};
-pub use control_plane::{ControlPlane, ControlPlaneOpts, isdpctl};
+pub use control_plane::{
+    ControlPlane, ControlPlaneOpts, Credentials, bearer, isdpctl, tls_channel,
+};
 pub use echo::{Backend, EchoGrpc, EchoHttp, EchoTcp};
 pub use etcd::{EtcdCluster, EtcdTls};
 pub use otlp::{OtlpReceiver, ReceivedSpan};

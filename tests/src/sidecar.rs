@@ -161,10 +161,34 @@ impl SidecarToml {
         self
     }
 
+    /// The config; for control planes the harness started, with their CA
+    /// file and (admin, accepted as join) token.
     pub fn render(&self) -> String {
+        let creds = self
+            .control_plane
+            .iter()
+            .find_map(|u| crate::control_plane::credentials_for(u));
+        let auth = match creds {
+            Some(c) => format!(
+                "ca_file = {:?}\njoin_token = {:?}\n",
+                c.ca_file.display().to_string(),
+                c.admin_token
+            ),
+            None => String::new(),
+        };
+        // A sidecar that only calls out needs a service identity for its
+        // client certificate; tests name such sidecars after the calling
+        // service (`web`), so the node id serves.
+        let calls_only =
+            !self.sections.contains("[[service]]") && !self.sections.contains("identity =");
+        let identity = if calls_only {
+            format!("identity = {:?}\n", self.node_id)
+        } else {
+            String::new()
+        };
         format!(
             "node_id = \"{}\"\ncontrol_plane = {:?}\nadmin_listen = \"127.0.0.1:0\"\n\
-             inbound_listen = \"127.0.0.1:0\"\noutbound_listen = \"127.0.0.1:0\"\n{}",
+             inbound_listen = \"127.0.0.1:0\"\noutbound_listen = \"127.0.0.1:0\"\n{auth}{identity}{}",
             self.node_id, self.control_plane, self.sections
         )
     }

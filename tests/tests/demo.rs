@@ -8,7 +8,7 @@ use std::time::Duration;
 use isdp_tests::{binary, eventually, http, isdpctl, status_of};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-const CONTROL_PLANE: &str = "http://127.0.0.1:15010";
+const CONTROL_PLANE: &str = "https://127.0.0.1:15010";
 const WEB_ADMIN: &str = "127.0.0.1:15000";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,7 +58,13 @@ async fn demo_comes_up_and_cleans_up() {
         Duration::from_secs(15),
         "3 healthy payments in isdpctl",
         || async {
-            let out = isdpctl(CONTROL_PLANE, &["-o", "json", "instances", "payments"]).await;
+            let data = dir.path().join("control-plane");
+            let data = data.to_str().expect("UTF-8 temp dir");
+            let out = isdpctl(
+                CONTROL_PLANE,
+                &["--data-dir", data, "-o", "json", "instances", "payments"],
+            )
+            .await;
             anyhow::ensure!(
                 out.status.success(),
                 "{}",

@@ -65,9 +65,7 @@ impl Mesh {
             echoes.push(echo);
             sidecars.push(sidecar);
         }
-        // Calling other sidecars takes a workload identity.
         let web = SidecarToml::new("web", &cp.grpc_url())
-            .raw("identity = \"web\"")
             .upstream_on_port0(SERVICE, "http", "round_robin")
             .start()
             .await;

@@ -38,10 +38,11 @@ use isdp_proto::v1::{
     DeregisterRequest, Instance, RegisterRequest, SERVICE_ENDPOINTS_TYPE_URL, ServiceEndpoints,
     registry_client::RegistryClient,
 };
+use isdp_sidecar::dial::{ControlAuth, ControlChannel as Channel};
 use prost::Message;
 use tokio::{sync::mpsc, sync::watch, task::JoinHandle, time::timeout};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Streaming, transport::Channel};
+use tonic::{Code, Streaming};
 
 const TYPE_URL: &str = SERVICE_ENDPOINTS_TYPE_URL;
 /// A change must reach a subscribed stream within this (the mesh's budget).
@@ -60,6 +61,8 @@ struct ControlPlane {
     admin: SocketAddr,
     /// One HTTP/2 connection, shared by the registry client and ADS streams.
     channel: Channel,
+    /// The CA file's contents and the admin token.
+    auth: ControlAuth,
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<(), isdp_control_plane::Error>>,
     _dir: tempfile::TempDir,
@@ -83,11 +86,20 @@ impl ControlPlane {
         let (grpc, admin) = (server.grpc_addr, server.admin_addr);
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(server.serve(stop_rx));
-        let channel = connect(grpc).await;
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.path().join(f)).unwrap_or_else(|e| panic!("{f}: {e}"))
+        };
+        let auth = ControlAuth {
+            ca_pem: Some(read("ca.pem")),
+            token: Some(read("admin.token").trim().to_owned()),
+            identity: None,
+        };
+        let channel = connect(grpc, &auth).await;
         ControlPlane {
             grpc,
             admin,
             channel,
+            auth,
             stop,
             task,
             _dir: dir,
@@ -174,12 +186,16 @@ impl ControlPlane {
     }
 }
 
-async fn connect(addr: SocketAddr) -> Channel {
-    let endpoint = Channel::from_shared(format!("http://{addr}")).expect("endpoint uri");
-    timeout(SETUP, endpoint.connect())
-        .await
-        .expect("connecting timed out")
-        .expect("connect to the control plane")
+/// A TLS channel trusting the control plane's CA, the admin token on every
+/// call.
+async fn connect(addr: SocketAddr, auth: &ControlAuth) -> Channel {
+    timeout(
+        SETUP,
+        isdp_sidecar::dial::connect(&format!("https://{addr}"), auth),
+    )
+    .await
+    .expect("connecting timed out")
+    .expect("connect to the control plane")
 }
 
 // === Ads ===
@@ -795,7 +811,10 @@ async fn unknown_type_url_is_refused_with_the_served_types() {
 async fn one_change_reaches_fifty_streams_within_a_second() {
     const STREAMS: usize = 50;
     let cp = ControlPlane::start().await;
-    let channels = [connect(cp.grpc).await, connect(cp.grpc).await];
+    let channels = [
+        connect(cp.grpc, &cp.auth).await,
+        connect(cp.grpc, &cp.auth).await,
+    ];
 
     let mut streams = Vec::with_capacity(STREAMS);
     for i in 0..STREAMS {

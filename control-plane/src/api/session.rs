@@ -14,7 +14,10 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use super::{op_span, record_outcome, status};
-use crate::registry::session::{Session, Sessions};
+use crate::{
+    auth::Principal,
+    registry::session::{Session, Sessions},
+};
 
 pub struct SessionApi {
     sessions: Sessions,
@@ -41,6 +44,9 @@ impl sidecar_server::Sidecar for SessionApi {
         &self,
         req: Request<Streaming<SessionRequest>>,
     ) -> Result<Response<Responses>, Status> {
+        // Absent only when the service runs without the auth layer (unit
+        // tests); the layer always authenticates this method.
+        let principal = req.extensions().get::<Principal>().cloned();
         let mut inbound = req.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
             Status::invalid_argument("session: stream ended before an open message")
@@ -50,7 +56,13 @@ impl sidecar_server::Sidecar for SessionApi {
                 "session: the first message must be `open`",
             ));
         };
-        let session = open_session(&self.sessions, &open.node_id, open.instances).await?;
+        let session = open_session(
+            &self.sessions,
+            principal.as_ref(),
+            &open.node_id,
+            open.instances,
+        )
+        .await?;
         let (tx, rx) = mpsc::channel(4);
         let registered = session_instances(&session, &self.sessions);
         tx.send(Ok(SessionResponse {
@@ -63,6 +75,7 @@ impl sidecar_server::Sidecar for SessionApi {
             inbound,
             tx,
             self.sessions.clone(),
+            principal,
             self.shutdown.clone(),
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -70,13 +83,34 @@ impl sidecar_server::Sidecar for SessionApi {
 }
 
 /// Opens (or reopens) a sidecar's session, in a span.
+/// A join principal may register only its own services: checked before
+/// anything is stored.
 async fn open_session(
     sessions: &Sessions,
+    principal: Option<&Principal>,
     node_id: &str,
     instances: Vec<isdp_proto::v1::Instance>,
 ) -> Result<Session, Status> {
     let span = op_span("isdp.v1.Sidecar/Session.Open");
     span.record("isdp.node", node_id);
+    if let Some(p) = principal {
+        // Reopening replaces the node's instances, so the ones it holds now
+        // must be in scope too, or a join token could wipe another node's.
+        let held: Vec<String> = sessions
+            .registry()
+            .owned_by(node_id)
+            .iter()
+            .map(|s| s.instance.service.clone())
+            .collect();
+        let services = instances.iter().map(|i| &i.service).chain(held.iter());
+        for service in services {
+            if let Err(e) = p.check_service("Sidecar/Session", service) {
+                let refused = Err(e);
+                record_outcome(&span, &refused);
+                return refused;
+            }
+        }
+    }
     let opened = sessions
         .open(node_id, instances)
         .instrument(span.clone())
@@ -104,6 +138,7 @@ async fn run(
     mut inbound: Streaming<SessionRequest>,
     tx: mpsc::Sender<Result<SessionResponse, Status>>,
     sessions: Sessions,
+    principal: Option<Principal>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -134,7 +169,9 @@ async fn run(
             }
             Ok(Some(SessionRequest {
                 kind: Some(Kind::Open(open)),
-            })) => match open_session(&sessions, &open.node_id, open.instances).await {
+            })) => match open_session(&sessions, principal.as_ref(), &open.node_id, open.instances)
+                .await
+            {
                 Ok(s) => {
                     session = s;
                     let instances = session_instances(&session, &sessions);

@@ -80,7 +80,12 @@ async fn main() -> anyhow::Result<()> {
     for d in [&logs, &configs] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
-    let isdpctl = display_path(&bin_dir.join("isdpctl"));
+    // isdpctl finds ca.pem and admin.token in the control plane's data dir.
+    let isdpctl = format!(
+        "{} --data-dir {}",
+        display_path(&bin_dir.join("isdpctl")),
+        display_path(&dir.join("control-plane"))
+    );
     let mut kids = Children::new(bin_dir, logs.clone());
 
     let result = start_mesh(&mut kids, dir, &configs).await;
@@ -121,6 +126,15 @@ async fn start_mesh(kids: &mut Children, dir: &Path, configs: &Path) -> anyhow::
         ],
     )?;
     kids.wait_listening("control-plane", CONTROL_PLANE).await?;
+    // The control plane serves TLS with its own CA and wrote the bootstrap
+    // admin token; the demo's sidecars use that token to join (an admin
+    // token is accepted wherever a join token is).
+    let ca_file = Path::new(cp_data).join("ca.pem");
+    let ca_file = ca_file.to_str().context("data dir must be UTF-8")?;
+    let token_file = Path::new(cp_data).join("admin.token");
+    let token = std::fs::read_to_string(&token_file)
+        .with_context(|| format!("reading {}", token_file.display()))?;
+    let token = token.trim();
 
     for i in 0..PAYMENTS {
         let n = i + 1;
@@ -136,7 +150,9 @@ async fn start_mesh(kids: &mut Children, dir: &Path, configs: &Path) -> anyhow::
         let (inbound, outbound) = (sidecar_inbound_port(i), sidecar_outbound_port(i));
         let config = format!(
             r#"node_id = "{name}"
-control_plane = ["http://{CONTROL_PLANE}"]
+control_plane = ["https://{CONTROL_PLANE}"]
+ca_file = "{ca_file}"
+join_token = "{token}"
 admin_listen = "{admin}"
 inbound_listen = "127.0.0.1:{inbound}"
 outbound_listen = "127.0.0.1:{outbound}"
@@ -158,7 +174,9 @@ metadata = {{ version = "v1", zone = "zone-{n}" }}
 
     let config = format!(
         r#"node_id = "web-1"
-control_plane = ["http://{CONTROL_PLANE}"]
+control_plane = ["https://{CONTROL_PLANE}"]
+ca_file = "{ca_file}"
+join_token = "{token}"
 admin_listen = "{WEB_ADMIN}"
 
 [[upstream]]

@@ -98,13 +98,13 @@ pub fn haproxy_pair(tools: &Tools, dir: &Path, backend: &Backend) -> anyhow::Res
 
 /// PEM files (certificate then key, as HAProxy wants them) for HAProxy's
 /// mutual TLS: a CA, B's server certificate, A's client certificate.
-struct HaproxyPki {
-    ca: std::path::PathBuf,
-    server: std::path::PathBuf,
-    client: std::path::PathBuf,
+pub struct HaproxyPki {
+    pub ca: std::path::PathBuf,
+    pub server: std::path::PathBuf,
+    pub client: std::path::PathBuf,
 }
 
-fn haproxy_pki(dir: &Path) -> anyhow::Result<HaproxyPki> {
+pub fn haproxy_pki(dir: &Path) -> anyhow::Result<HaproxyPki> {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -131,7 +131,7 @@ fn haproxy_pki(dir: &Path) -> anyhow::Result<HaproxyPki> {
 
 /// One HAProxy: `bind_opts` follow the bind address, `server` is the next
 /// hop's server line (address and options).
-fn haproxy(
+pub fn haproxy(
     tools: &Tools,
     dir: &Path,
     name: &str,
@@ -155,8 +155,8 @@ fn haproxy(
     Ok((proc, addr))
 }
 
-/// Shape 2: sidecar A (a per-upstream listener) -> HTTP/2 -> sidecar B
-/// (inbound) -> backend, with a real control plane between them. The
+/// Shape 2: sidecar A (a per-upstream listener) -> HTTP/2 over mutual TLS
+/// -> sidecar B (inbound) -> backend, with a real control plane between them. The
 /// control plane is kept alive in `control_plane` but not measured: it is
 /// idle once A knows the endpoint.
 pub fn isdp(bins: &IsdpBins, dir: &Path, backend: &Backend) -> anyhow::Result<(Shape, Proc)> {
@@ -173,6 +173,29 @@ pub fn isdp_named(
     name: &'static str,
     extra: &str,
 ) -> anyhow::Result<(Shape, Proc)> {
+    isdp_detailed(bins, dir, backend, name, extra).map(|(shape, cp, _)| (shape, cp))
+}
+
+/// Where to reach the pieces of an ISDP shape from outside it.
+#[allow(dead_code)] // Only the handshake bench reads these.
+pub struct IsdpDetails {
+    /// Sidecar B's inbound (mTLS) listener.
+    pub inbound: SocketAddr,
+    /// `https://ADDR` of the control plane.
+    pub grpc_url: String,
+    /// The control plane's `ca.pem` and bootstrap admin token.
+    pub ca_pem: String,
+    pub admin_token: String,
+}
+
+/// [`isdp_named`], also returning [`IsdpDetails`].
+pub fn isdp_detailed(
+    bins: &IsdpBins,
+    dir: &Path,
+    backend: &Backend,
+    name: &'static str,
+    extra: &str,
+) -> anyhow::Result<(Shape, Proc, IsdpDetails)> {
     let env = [("RUST_LOG", "warn")];
     // The plain shape keeps the process names its reports always had.
     let prefix = if name == "isdp" { "sidecar" } else { name };
@@ -198,6 +221,16 @@ pub fn isdp_named(
         .listening_line()?
         .remove("grpc")
         .context("no grpc= address")?;
+    // The control plane wrote its root and a bootstrap admin token, which
+    // sidecars accept as a join token.
+    let admin_token = std::fs::read_to_string(data.join("admin.token"))
+        .context("reading the control plane's admin.token")?
+        .trim()
+        .to_owned();
+    let credentials = format!(
+        "ca_file = \"{}\"\njoin_token = \"{admin_token}\"\n",
+        data.join("ca.pem").display(),
+    );
 
     let service = format!(
         "[[service]]\nname = \"{SERVICE}\"\nport = {port}\nprotocol = \"http\"\n\
@@ -205,13 +238,22 @@ pub fn isdp_named(
         port = backend.addr.port(),
         addr = backend.addr,
     );
-    let (b, _) = sidecar(
+    let (b, b_addrs) = sidecar(
         bins,
         dir,
         &format!("{prefix}-b"),
         &grpc,
-        &format!("{extra}\n{service}"),
+        &format!("{credentials}{extra}\n{service}"),
     )?;
+    let details = IsdpDetails {
+        inbound: b_addrs
+            .get("inbound")
+            .context("sidecar B printed no inbound=")?
+            .parse()?,
+        grpc_url: format!("https://{grpc}"),
+        ca_pem: std::fs::read_to_string(data.join("ca.pem"))?,
+        admin_token,
+    };
     let upstream = format!(
         "[[upstream]]\nname = \"{SERVICE}\"\nlisten = \"127.0.0.1:0\"\n\
          protocol = \"http\"\nlb = \"round_robin\"\n"
@@ -221,7 +263,7 @@ pub fn isdp_named(
         dir,
         &format!("{prefix}-a"),
         &grpc,
-        &format!("{extra}\n{upstream}"),
+        &format!("{credentials}identity = \"client\"\n{extra}\n{upstream}"),
     )?;
     let listen = addrs
         .get(&format!("upstream.{SERVICE}"))
@@ -233,7 +275,7 @@ pub fn isdp_named(
         url: format!("http://{listen}/"),
         proxies: vec![a, b],
     };
-    Ok((shape, cp))
+    Ok((shape, cp, details))
 }
 
 /// Writes a sidecar config (`tables` appended to the common keys, every
@@ -246,7 +288,7 @@ fn sidecar(
     tables: &str,
 ) -> anyhow::Result<(Proc, std::collections::HashMap<String, String>)> {
     let toml = format!(
-        "node_id = \"{name}\"\ncontrol_plane = [\"http://{grpc}\"]\naddress = \"127.0.0.1\"\n\
+        "node_id = \"{name}\"\ncontrol_plane = [\"https://{grpc}\"]\naddress = \"127.0.0.1\"\n\
          admin_listen = \"127.0.0.1:0\"\ninbound_listen = \"127.0.0.1:0\"\n\
          outbound_listen = \"127.0.0.1:0\"\n\n{tables}"
     );

@@ -20,7 +20,7 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 #[tokio::test]
 async fn live_ready_and_config() {
     let config = Config::from_toml(
-        "node_id = \"web-1\"\n[[service]]\nname = \"web\"\nport = 8080\n[[upstream]]\nname = \"payments\"\n",
+        "node_id = \"web-1\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\n[[service]]\nname = \"web\"\nport = 8080\n[[upstream]]\nname = \"payments\"\n",
     )
     .unwrap();
     let session = Session::new(&config);

@@ -22,6 +22,8 @@ use crate::probe::Target;
 pub struct FileConfig {
     pub node_id: Option<String>,
     pub control_plane: Option<Vec<String>>,
+    pub ca_file: Option<std::path::PathBuf>,
+    pub join_token: Option<String>,
     pub admin_listen: Option<String>,
     pub address: Option<String>,
     pub inbound_listen: Option<String>,
@@ -128,6 +130,21 @@ impl FileConfig {
                 check_url(url).map_err(|r| ConfigError::invalid(format!("control_plane[{i}]"), r))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let join_token = self.join_token.filter(|t| !t.trim().is_empty());
+        if control_plane.iter().any(|u| u.starts_with("https://")) {
+            if self.ca_file.is_none() {
+                return Err(ConfigError::invalid(
+                    "ca_file",
+                    "required for an https:// control plane (set ca_file, --ca-file or ISDP_CA_FILE to the mesh CA, e.g. <control-plane data dir>/ca.pem)",
+                ));
+            }
+            if join_token.is_none() {
+                return Err(ConfigError::invalid(
+                    "join_token",
+                    "required for an https:// control plane (set join_token, --join-token or ISDP_JOIN_TOKEN; mint one with `isdpctl token create --role join --service NAME`)",
+                ));
+            }
+        }
 
         let admin_listen = self.admin_listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN);
         let admin_listen: SocketAddr = admin_listen.trim().parse().map_err(|e| {
@@ -199,6 +216,8 @@ impl FileConfig {
             identity,
             node_id,
             control_plane,
+            ca_file: self.ca_file,
+            join_token,
             admin_listen,
             inbound_listen,
             outbound_listen,

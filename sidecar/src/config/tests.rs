@@ -78,7 +78,7 @@ fn parses_the_documented_example() {
 #[test]
 fn applies_defaults() {
     let c =
-        Config::from_toml("node_id = \"n\"\n[[service]]\nname = \"db\"\nport = 5432\n").unwrap();
+        Config::from_toml("node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\n[[service]]\nname = \"db\"\nport = 5432\n").unwrap();
     assert_eq!(c.control_plane, vec![DEFAULT_CONTROL_PLANE]);
     assert_eq!(c.admin_listen, DEFAULT_ADMIN_LISTEN.parse().unwrap());
     assert_eq!(c.address, default_address());
@@ -96,24 +96,33 @@ fn applies_defaults() {
 fn node_id_defaults_to_hostname() {
     // The test machine has a hostname; the default must be non-empty.
     if hostname().is_some() {
-        assert!(!Config::from_toml("").unwrap().node_id.is_empty());
+        let text = "ca_file = \"/ca.pem\"\njoin_token = \"t\"";
+        assert!(!Config::from_toml(text).unwrap().node_id.is_empty());
     }
     assert_eq!(err("node_id = \"  \""), "node_id: must not be empty");
 }
 
 #[test]
 fn unknown_keys_are_named() {
-    let e = err("node_id = \"n\"\nbogus = 1\n");
+    let e = err("node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\nbogus = 1\n");
     assert!(e.contains("unknown field `bogus`"), "{e}");
-    let e = err("node_id = \"n\"\n[[service]]\nname = \"a\"\nport = 1\nhealth = \"x\"\n");
+    let e = err(
+        "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\n[[service]]\nname = \"a\"\nport = 1\nhealth = \"x\"\n",
+    );
     assert!(e.contains("unknown field `health`"), "{e}");
-    let e = err("node_id = \"n\"\n[[upstream]]\nname = \"a\"\nport = 1\n");
+    let e = err(
+        "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\n[[upstream]]\nname = \"a\"\nport = 1\n",
+    );
     assert!(e.contains("unknown field `port`"), "{e}");
 }
 
 #[test]
 fn validation_errors_name_the_field() {
-    let svc = |body: &str| err(&format!("node_id = \"n\"\n[[service]]\n{body}\n"));
+    let svc = |body: &str| {
+        err(&format!(
+            "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\n[[service]]\n{body}\n"
+        ))
+    };
     assert_eq!(
         svc("name = \"web\"\nport = 0"),
         "service[0].port: must be 1..=65535, got 0"
@@ -142,37 +151,49 @@ fn validation_errors_name_the_field() {
     assert_eq!(e, "service[0].weight: must be 1..=10000, got 10001");
 
     let e = err(
-        "node_id = \"n\"\n[[service]]\nname = \"a\"\nport = 1\n[[service]]\nname = \"a\"\nport = 2\n",
+        "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\n[[service]]\nname = \"a\"\nport = 1\n[[service]]\nname = \"a\"\nport = 2\n",
     );
     assert_eq!(
         e,
         "service[1].name: duplicate service name \"a\" (also service[0])"
     );
-    let e = err("node_id = \"n\"\n[[upstream]]\nname = \"p\"\n[[upstream]]\nname = \"p\"\n");
+    let e = err(
+        "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\n[[upstream]]\nname = \"p\"\n[[upstream]]\nname = \"p\"\n",
+    );
     assert_eq!(
         e,
         "upstream[1].name: duplicate upstream name \"p\" (also upstream[0])"
     );
-    let e = err("node_id = \"n\"\n[[upstream]]\nname = \"P\"\n");
+    let e = err(
+        "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\n[[upstream]]\nname = \"P\"\n",
+    );
     assert!(
         e.starts_with("upstream[0].name: must be a DNS label"),
         "{e}"
     );
-    let e = err("node_id = \"n\"\n[[upstream]]\nname = \"p\"\nlisten = \"nope\"\n");
+    let e = err(
+        "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\n[[upstream]]\nname = \"p\"\nlisten = \"nope\"\n",
+    );
     assert!(e.starts_with("upstream[0].listen: invalid address"), "{e}");
 
     assert_eq!(
-        err("node_id = \"n\"\ncontrol_plane = []"),
+        err("node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\ncontrol_plane = []"),
         "control_plane: at least one URL is required"
     );
-    let e = err("node_id = \"n\"\ncontrol_plane = [\"http://a:1\", \"grpc://b\"]");
+    let e = err(
+        "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\ncontrol_plane = [\"http://a:1\", \"grpc://b\"]",
+    );
     assert!(
         e.starts_with("control_plane[1]: expected http://HOST:PORT"),
         "{e}"
     );
-    let e = err("node_id = \"n\"\nadmin_listen = \"localhost\"");
+    let e = err(
+        "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\nadmin_listen = \"localhost\"",
+    );
     assert!(e.starts_with("admin_listen: invalid address"), "{e}");
-    let e = err("node_id = \"n\"\naddress = \"example.com\"");
+    let e = err(
+        "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\naddress = \"example.com\"",
+    );
     assert!(e.starts_with("address: invalid IP address"), "{e}");
 }
 
@@ -229,7 +250,8 @@ fn flags_override_the_file() {
 #[test]
 fn bad_flag_specs_are_named() {
     let parts = |args: &[&str]| {
-        Config::from_parts(FileConfig::default(), cli(args))
+        let args = [&["--ca-file", "/ca.pem", "--join-token", "t"], args].concat();
+        Config::from_parts(FileConfig::default(), cli(&args))
             .unwrap_err()
             .to_string()
     };
@@ -276,18 +298,18 @@ fn load_reads_the_file() {
 #[test]
 fn upstream_balancing_is_parsed_and_checked() {
     let c = Config::from_toml(
-        "node_id = \"n\"\nidentity = \"cli\"\n[[upstream]]\nname = \"pay\"\nlb = \"maglev\"\nhash_key = \"header:x-user\"\n",
+        "node_id = \"n\"\nidentity = \"cli\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\n[[upstream]]\nname = \"pay\"\nlb = \"maglev\"\nhash_key = \"header:x-user\"\n",
     )
     .unwrap();
     assert_eq!(c.upstreams[0].lb, crate::balance::Algorithm::Maglev);
     assert!(c.upstreams[0].hash_key.is_some());
     let err =
-        Config::from_toml("node_id = \"n\"\n[[upstream]]\nname = \"pay\"\nlb = \"fastest\"\n")
+        Config::from_toml("node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\n[[upstream]]\nname = \"pay\"\nlb = \"fastest\"\n")
             .unwrap_err()
             .to_string();
     assert!(err.starts_with("upstream[0].lb:"), "{err}");
     let err = Config::from_toml(
-        "node_id = \"n\"\n[[upstream]]\nname = \"pay\"\nhash_key = \"header:x\"\n",
+        "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\n[[upstream]]\nname = \"pay\"\nhash_key = \"header:x\"\n",
     )
     .unwrap_err()
     .to_string();
@@ -296,28 +318,34 @@ fn upstream_balancing_is_parsed_and_checked() {
 
 #[test]
 fn listeners_default_to_the_advertised_address_and_15001() {
-    let c = Config::from_toml("node_id = \"n\"\naddress = \"127.0.0.2\"\n").unwrap();
+    let c = Config::from_toml(
+        "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\naddress = \"127.0.0.2\"\n",
+    )
+    .unwrap();
     assert_eq!(c.inbound_listen, "127.0.0.2:15006".parse().unwrap());
     assert_eq!(c.outbound_listen, "127.0.0.1:15001".parse().unwrap());
-    let err = Config::from_toml("node_id = \"n\"\ninbound_listen = \"nope\"\n")
-        .unwrap_err()
-        .to_string();
+    let err = Config::from_toml(
+        "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\ninbound_listen = \"nope\"\n",
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.starts_with("inbound_listen:"), "{err}");
 }
 
 #[test]
 fn identity_defaults_to_the_first_service_and_is_required_for_upstreams() {
     let c = Config::from_toml(
-        "node_id = \"n\"\n[[service]]\nname = \"web\"\nport = 1\n[[service]]\nname = \"api\"\nport = 2\n",
+        "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\n[[service]]\nname = \"web\"\nport = 1\n[[service]]\nname = \"api\"\nport = 2\n",
     )
     .unwrap();
     assert_eq!(c.identity.as_deref(), Some("web"));
-    let c = Config::from_toml("node_id = \"n\"").unwrap();
+    let c =
+        Config::from_toml("node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"").unwrap();
     assert_eq!(
         c.identity, None,
         "no services, no upstreams: nothing to certify"
     );
-    let err = Config::from_toml("node_id = \"n\"\n[[upstream]]\nname = \"pay\"\n").unwrap_err();
+    let err = Config::from_toml("node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\n[[upstream]]\nname = \"pay\"\n").unwrap_err();
     assert!(err.to_string().contains("identity"), "{err}");
     let c = Config::load(cli(&[
         "--node-id",
@@ -326,9 +354,35 @@ fn identity_defaults_to_the_first_service_and_is_required_for_upstreams() {
         "name=pay",
         "--identity",
         "batch",
+        "--ca-file",
+        "/ca.pem",
+        "--join-token",
+        "t",
     ]))
     .unwrap();
     assert_eq!(c.identity.as_deref(), Some("batch"));
-    let err = Config::from_toml("node_id = \"n\"\nidentity = \"Not A Label\"\n").unwrap_err();
+    let err = Config::from_toml(
+        "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\nidentity = \"Not A Label\"\n",
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("identity"), "{err}");
+}
+
+#[test]
+fn https_control_plane_needs_a_ca_file_and_a_join_token() {
+    let e = err("node_id = \"m\"\ncontrol_plane = [\"https://cp:15010\"]\njoin_token = \"t\"");
+    assert!(e.starts_with("ca_file: required"), "{e}");
+    let e = err("node_id = \"m\"\ncontrol_plane = [\"https://cp:15010\"]\nca_file = \"/ca.pem\"");
+    assert!(e.starts_with("join_token: required"), "{e}");
+    let c = Config::from_toml("node_id = \"m\"\ncontrol_plane = [\"http://cp:15010\"]").unwrap();
+    assert_eq!(c.join_token, None);
+    let cli = Cli::parse_from([
+        "isdp-sidecar",
+        "--node-id=m",
+        "--ca-file=/x/ca.pem",
+        "--join-token=isdp_abc",
+    ]);
+    let c = Config::from_parts(FileConfig::default(), cli).unwrap();
+    assert_eq!(c.control_plane, vec![DEFAULT_CONTROL_PLANE]);
+    assert_eq!(c.join_token.as_deref(), Some("isdp_abc"));
 }

@@ -9,14 +9,13 @@
 use std::{future::Future, pin::Pin, sync::Mutex};
 
 use isdp_proto::v1::{SignRequest, SignResponse, certificates_client::CertificatesClient};
-use tonic::transport::Channel;
 
 use super::Signer;
-use crate::dial::Dialer;
+use crate::dial::{ControlAuth, ControlChannel, Dialer};
 
 /// Signs through a connected channel.
 #[derive(Clone)]
-pub struct ChannelSigner(pub CertificatesClient<Channel>);
+pub struct ChannelSigner(pub CertificatesClient<ControlChannel>);
 
 impl Signer for ChannelSigner {
     fn sign(
@@ -30,13 +29,16 @@ impl Signer for ChannelSigner {
 
 /// Dials the control plane for each call, rotating over its URLs.
 pub struct DialSigner {
+    /// Held for the URL rotation; connecting needs no lock.
     dialer: Mutex<Dialer>,
+    auth: ControlAuth,
 }
 
 impl DialSigner {
-    pub fn new(urls: Vec<String>) -> Self {
+    pub fn new(urls: Vec<String>, auth: ControlAuth) -> Self {
         DialSigner {
-            dialer: Mutex::new(Dialer::new(urls)),
+            dialer: Mutex::new(Dialer::new(urls, auth.clone())),
+            auth,
         }
     }
 }
@@ -48,7 +50,7 @@ impl Signer for DialSigner {
     ) -> Pin<Box<dyn Future<Output = Result<SignResponse, tonic::Status>> + Send + '_>> {
         let url = self.dialer.lock().expect("dialer lock").next_url();
         Box::pin(async move {
-            let channel = Dialer::connect(&url)
+            let channel = crate::dial::connect(&url, &self.auth)
                 .await
                 .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
             ChannelSigner(CertificatesClient::new(channel))

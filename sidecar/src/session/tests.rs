@@ -41,6 +41,8 @@ fn config() -> Config {
     let mut c = Config::from_toml(
         r#"
 node_id = "web-1"
+ca_file = "/ca.pem"
+join_token = "t"
 [[service]]
 name = "web"
 port = 8080
@@ -71,7 +73,12 @@ async fn opens_reports_reopens_and_closes() {
 
     let session = Session::new(&config());
     let (stop, shutdown) = watch::channel(false);
-    let task = spawn(session.clone(), vec![url.clone()], shutdown);
+    let task = spawn(
+        session.clone(),
+        vec![url.clone()],
+        Default::default(),
+        shutdown,
+    );
 
     let (mut inbound, outbound) = accepted.recv().await.unwrap();
     let Kind::Open(open) = next(&mut inbound).await else {

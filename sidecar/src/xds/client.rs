@@ -71,7 +71,7 @@ impl Client {
             bundles: Held::new(),
             policies: Held::new(),
             traffic: Held::new(),
-            dialer: Dialer::new(settings.control_plane.clone()),
+            dialer: Dialer::new(settings.control_plane.clone(), settings.auth.clone()),
             settings,
             resources: Resources::new(),
             tx,
@@ -115,7 +115,7 @@ impl Client {
     ) -> Result<(), StreamError> {
         let channel = tokio::select! {
             _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
-            channel = Dialer::connect(url) => channel?,
+            channel = self.dialer.connect(url) => channel?,
         };
         let mut client = AggregatedDiscoveryServiceClient::new(channel);
         let (requests, rx) = mpsc::channel(16);

@@ -116,6 +116,7 @@ async fn subscribes_acks_nacks_and_resumes() {
         control_plane: vec!["http://127.0.0.1:1".into(), url.clone()],
         upstreams: vec!["payments".into(), "orders".into()],
         local_services: vec![],
+        auth: Default::default(),
     };
     let (mut snapshots, task) = spawn(settings, shutdown);
 
@@ -204,6 +205,7 @@ async fn follows_the_trust_bundle_and_policies_without_upstreams() {
         control_plane: vec![url],
         upstreams: vec![],
         local_services: vec!["web".into()],
+        auth: Default::default(),
     };
     let (mut snapshots, _task) = spawn(settings, shutdown);
     assert!(snapshots.borrow().ready, "ready at once without upstreams");
@@ -299,6 +301,7 @@ async fn no_upstreams_is_ready_at_once() {
         control_plane: vec!["http://127.0.0.1:1".into()],
         upstreams: vec![],
         local_services: vec![],
+        auth: Default::default(),
     };
     let (snapshots, task) = spawn(settings, shutdown);
     assert!(snapshots.borrow().ready);

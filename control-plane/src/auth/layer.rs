@@ -1,0 +1,133 @@
+//! The tower layer in front of every gRPC service: it sees the method path
+//! (which a tonic interceptor does not), authenticates the caller and
+//! refuses before any handler runs or anything is stored.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use tonic::Status;
+
+use super::{Need, Principal, required};
+use crate::{tls::PeerInfo, tokens::Tokens};
+
+/// How a caller is told to authenticate.
+const MISSING: &str = "missing bearer token: pass --token, ISDP_TOKEN or <data-dir>/admin.token \
+     to isdpctl, --join-token or ISDP_JOIN_TOKEN to a sidecar, or `authorization: Bearer <token>` \
+     metadata";
+
+#[derive(Clone)]
+pub struct AuthLayer {
+    tokens: Tokens,
+}
+
+impl AuthLayer {
+    pub fn new(tokens: Tokens) -> Self {
+        AuthLayer { tokens }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Auth {
+            inner,
+            tokens: self.tokens.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Auth<S> {
+    inner: S,
+    tokens: Tokens,
+}
+
+// === impl Auth ===
+
+impl<S> Auth<S> {
+    /// The caller of `req`, or why it is refused.
+    fn authorize<B>(&self, req: &http::Request<B>) -> Result<Option<Principal>, Status> {
+        let path = req.uri().path();
+        let need = required(path);
+        if need == Need::Nothing {
+            return Ok(None);
+        }
+        let principal = self.authenticate(req)?;
+        let method = path.trim_start_matches('/').trim_start_matches("isdp.v1.");
+        need.check(principal.role).map_err(|want| {
+            Status::permission_denied(format!(
+                "{method} needs role {want}; token has {}",
+                principal.role.name()
+            ))
+        })?;
+        Ok(Some(principal))
+    }
+
+    fn authenticate<B>(&self, req: &http::Request<B>) -> Result<Principal, Status> {
+        if let Some(value) = req.headers().get(http::header::AUTHORIZATION) {
+            let secret = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim)
+                .ok_or_else(|| {
+                    Status::unauthenticated("malformed authorization: expected `Bearer <token>`")
+                })?;
+            let token = self
+                .tokens
+                .verify(secret)
+                .ok_or_else(|| Status::unauthenticated("unknown, expired or revoked token"))?;
+            return Ok(Principal {
+                id: token.id,
+                role: token.role,
+                services: token.services,
+            });
+        }
+        let peer = req.extensions().get::<PeerInfo>();
+        if let Some(service) = peer.and_then(|p| p.service.clone()) {
+            let id = peer.and_then(|p| p.spiffe_id.clone()).unwrap_or_default();
+            return Ok(Principal {
+                id,
+                role: crate::tokens::Role::Join,
+                services: vec![service],
+            });
+        }
+        Err(Status::unauthenticated(MISSING))
+    }
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for Auth<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+    RB: Default + Send + 'static,
+{
+    type Response = http::Response<RB>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        match self.authorize(&req) {
+            Ok(principal) => {
+                if let Some(p) = principal {
+                    req.extensions_mut().insert(p);
+                }
+                Box::pin(self.inner.call(req))
+            }
+            Err(status) => {
+                tracing::debug!(path = %req.uri().path(), code = ?status.code(), message = status.message(), "refused a call");
+                let resp = status.into_http::<RB>();
+                Box::pin(async move { Ok(resp) })
+            }
+        }
+    }
+}

@@ -1,0 +1,146 @@
+use std::{sync::Arc, time::Duration};
+
+use rcgen::{CertificateParams, KeyPair};
+use x509_parser::{extensions::GeneralName, prelude::*};
+
+use super::*;
+use crate::store::embedded::EmbeddedStore;
+
+fn csr_with_names(names: &[&str]) -> Vec<u8> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let params =
+        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    params.serialize_request(&key).unwrap().der().to_vec()
+}
+
+fn sans(der: &[u8]) -> Vec<String> {
+    let (_, cert) = parse_x509_certificate(der).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    san.value
+        .general_names
+        .iter()
+        .map(|n| match n {
+            GeneralName::URI(u) => format!("uri:{u}"),
+            GeneralName::DNSName(d) => format!("dns:{d}"),
+            other => format!("{other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn leaf_has_exactly_the_spiffe_id_and_ignores_csr_names() {
+    let now = OffsetDateTime::now_utc();
+    let root = issue::generate_root("isdp.local", now).unwrap();
+    let csr = csr_with_names(&["payments.evil", "spiffe://isdp.local/svc/admin"]);
+    let leaf = issue::sign_leaf(
+        &root,
+        "isdp.local",
+        "web",
+        &csr,
+        Duration::from_secs(30),
+        now,
+    )
+    .unwrap();
+    let names = sans(&leaf.cert_der);
+    assert_eq!(
+        names,
+        ["uri:spiffe://isdp.local/svc/web", "dns:web.svc.isdp.local"]
+    );
+    let uris = names.iter().filter(|n| n.starts_with("uri:")).count();
+    assert_eq!(uris, 1);
+    let (_, cert) = parse_x509_certificate(&leaf.cert_der).unwrap();
+    let life = cert.validity().not_after.timestamp() - now.unix_timestamp();
+    assert_eq!(life, 30);
+    assert!(cert.validity().not_before.timestamp() <= now.unix_timestamp() - 59);
+    let eku = cert.extended_key_usage().unwrap().unwrap().value;
+    assert!(eku.server_auth && eku.client_auth);
+    // Signed by the root.
+    let (_, root_cert) = parse_x509_certificate(&root.cert_der).unwrap();
+    cert.verify_signature(Some(root_cert.public_key())).unwrap();
+}
+
+#[test]
+fn garbage_csr_is_refused() {
+    let root = issue::generate_root("isdp.local", OffsetDateTime::now_utc()).unwrap();
+    let err = issue::sign_leaf(
+        &root,
+        "isdp.local",
+        "web",
+        b"not a csr",
+        Duration::from_secs(30),
+        OffsetDateTime::now_utc(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, CaError::Csr(_)), "{err}");
+}
+
+#[test]
+fn spiffe_ids_round_trip() {
+    assert_eq!(
+        service_of("isdp.local", &spiffe_id("isdp.local", "web")),
+        Some("web".into())
+    );
+    assert_eq!(service_of("other", "spiffe://isdp.local/svc/web"), None);
+    assert_eq!(service_of("isdp.local", "spiffe://isdp.local/ns/web"), None);
+    assert_eq!(service_of("isdp.local", "spiffe://isdp.local/svc/"), None);
+}
+
+#[test]
+fn operator_root_is_checked() {
+    let root = issue::generate_root("isdp.local", OffsetDateTime::now_utc()).unwrap();
+    let pem = der_to_pem(&root.cert_der, "CERTIFICATE");
+    assert!(issue::load_root(&pem, &root.key_pem).is_ok());
+    let other = issue::generate_root("isdp.local", OffsetDateTime::now_utc()).unwrap();
+    let err = issue::load_root(&pem, &other.key_pem).err().unwrap();
+    assert!(err.to_string().contains("does not match"), "{err}");
+}
+
+fn settings() -> CaSettings {
+    CaSettings {
+        trust_domain: "isdp.local".into(),
+        default_lifetime: Duration::from_secs(3600),
+        max_lifetime: Duration::from_secs(7200),
+    }
+}
+
+#[tokio::test]
+async fn stored_root_is_shared_and_rotation_prunes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let a = Ca::load(Arc::new(store.clone()), "/isdp/", settings(), None)
+        .await
+        .unwrap();
+    let b = Ca::load(Arc::new(store.clone()), "/isdp/", settings(), None)
+        .await
+        .unwrap();
+    let first = a.bundle();
+    assert_eq!(first.roots_der.len(), 1);
+    assert_eq!(b.bundle(), first, "a second replica reuses the stored root");
+
+    // Lifetimes: default, capped, too short.
+    let csr = csr_with_names(&[]);
+    let signed = a.sign("web", &csr, 0).unwrap();
+    assert_eq!(signed.spiffe_id, "spiffe://isdp.local/svc/web");
+    let life = signed.not_after_unix_ms - crate::ca::unix_ms();
+    assert!((3_590_000..=3_600_000).contains(&life), "{life}");
+    let capped = a.sign("web", &csr, 999_999).unwrap();
+    let life = capped.not_after_unix_ms - crate::ca::unix_ms();
+    assert!(life <= 7_200_000, "{life}");
+    assert!(a.sign("web", &csr, 2).is_err());
+    assert!(a.sign("Not_A_Label", &csr, 0).is_err());
+
+    let rotated = a.rotate(Duration::from_millis(300)).await.unwrap();
+    assert_eq!(rotated.roots_der.len(), 2);
+    assert_eq!(rotated.roots_der[1], first.roots_der[0]);
+    let signed = a.sign("web", &csr, 0).unwrap();
+    let (_, leaf) = parse_x509_certificate(&signed.chain_der[0]).unwrap();
+    let (_, new_root) = parse_x509_certificate(&rotated.roots_der[0]).unwrap();
+    leaf.verify_signature(Some(new_root.public_key())).unwrap();
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    b.refresh().await.unwrap();
+    assert_eq!(b.bundle().roots_der, vec![rotated.roots_der[0].clone()]);
+    a.refresh().await.unwrap();
+    assert_eq!(a.bundle(), b.bundle());
+    store.close().await;
+}

@@ -1,0 +1,223 @@
+//! `isdpctl token ...` and `isdpctl ca ...`: tokens and the mesh CA.
+
+use std::{io::Write, time::Duration};
+
+use clap::Subcommand;
+use isdp_proto::v1::{
+    CreateTokenRequest, ListTokensRequest, RevokeTokenRequest, RotateRootRequest, TokenInfo,
+    TrustBundle, TrustBundleRequest, certificates_client::CertificatesClient,
+    tokens_client::TokensClient,
+};
+use isdp_sidecar::dial::ControlChannel;
+use serde_json::json;
+
+use super::{CtlError, Format, api};
+use crate::{ca::der_to_pem, tokens::Role};
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Mint a token and print its secret (shown only once).
+    Create {
+        #[arg(long, value_parser = ["read", "write", "admin", "join"])]
+        role: String,
+        /// A service a join token may act as; repeat for more.
+        #[arg(long = "service")]
+        services: Vec<String>,
+        /// Expire after this long, e.g. 1h; never when omitted.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke a token by id; it stops working at once.
+    Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Start signing with a new root; the old one stays trusted until
+    /// --prune-after has passed (default: the longest leaf lifetime).
+    Rotate {
+        #[arg(long, value_parser = humantime::parse_duration)]
+        prune_after: Option<Duration>,
+    },
+    /// Print the trust bundle (PEM).
+    Bundle,
+}
+
+fn role(name: &str) -> Role {
+    match name {
+        "read" => Role::Read,
+        "write" => Role::Write,
+        "admin" => Role::Admin,
+        _ => Role::Join,
+    }
+}
+
+pub async fn token(
+    channel: ControlChannel,
+    fmt: Format,
+    cmd: TokenCommand,
+) -> Result<(), CtlError> {
+    let mut client = TokensClient::new(channel);
+    let mut out = std::io::stdout().lock();
+    match cmd {
+        TokenCommand::Create {
+            role: r,
+            services,
+            ttl,
+            description,
+        } => {
+            let resp = client
+                .create(CreateTokenRequest {
+                    role: role(&r).to_proto() as i32,
+                    services,
+                    description,
+                    ttl_seconds: ttl.map_or(0, |t| t.as_secs().max(1)),
+                })
+                .await
+                .map_err(api("token create"))?
+                .into_inner();
+            let info = resp.info.unwrap_or_default();
+            match fmt {
+                Format::Json => {
+                    let mut v = token_json(&info);
+                    v["secret"] = json!(resp.secret);
+                    let _ = writeln!(out, "{v}");
+                }
+                Format::Table => {
+                    let _ = writeln!(out, "{}", resp.secret);
+                    let _ = writeln!(
+                        out,
+                        "# token {} ({}); the secret is not shown again",
+                        info.id,
+                        role_name(info.role)
+                    );
+                }
+            }
+        }
+        TokenCommand::List => {
+            let resp = client
+                .list(ListTokensRequest {})
+                .await
+                .map_err(api("token list"))?
+                .into_inner();
+            match fmt {
+                Format::Json => {
+                    let list: Vec<_> = resp.tokens.iter().map(token_json).collect();
+                    let _ = writeln!(out, "{}", json!(list));
+                }
+                Format::Table => {
+                    let _ = writeln!(
+                        out,
+                        "{:<18} {:<6} {:<20} {:<14} DESCRIPTION",
+                        "ID", "ROLE", "SERVICES", "EXPIRES"
+                    );
+                    for t in &resp.tokens {
+                        let expires = if t.expires_at_unix_ms == 0 {
+                            "never".to_owned()
+                        } else {
+                            let left = t.expires_at_unix_ms - crate::ca::unix_ms();
+                            if left <= 0 {
+                                "expired".to_owned()
+                            } else {
+                                humantime::format_duration(Duration::from_secs(
+                                    (left / 1000) as u64,
+                                ))
+                                .to_string()
+                            }
+                        };
+                        let _ = writeln!(
+                            out,
+                            "{:<18} {:<6} {:<20} {:<14} {}",
+                            t.id,
+                            role_name(t.role),
+                            t.services.join(","),
+                            expires,
+                            t.description
+                        );
+                    }
+                }
+            }
+        }
+        TokenCommand::Revoke { id } => {
+            client
+                .revoke(RevokeTokenRequest { id: id.clone() })
+                .await
+                .map_err(api("token revoke"))?;
+            match fmt {
+                Format::Json => {
+                    let _ = writeln!(out, "{}", json!({ "revoked": id }));
+                }
+                Format::Table => {
+                    let _ = writeln!(out, "revoked {id}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn ca(channel: ControlChannel, fmt: Format, cmd: CaCommand) -> Result<(), CtlError> {
+    let mut client = CertificatesClient::new(channel);
+    let bundle = match cmd {
+        CaCommand::Rotate { prune_after } => {
+            client
+                .rotate_root(RotateRootRequest {
+                    prune_after_seconds: prune_after.map_or(0, |d| d.as_secs().max(1)),
+                })
+                .await
+                .map_err(api("ca rotate"))?
+                .into_inner()
+                .bundle
+        }
+        CaCommand::Bundle => {
+            client
+                .trust_bundle(TrustBundleRequest {})
+                .await
+                .map_err(api("ca bundle"))?
+                .into_inner()
+                .bundle
+        }
+    };
+    print_bundle(fmt, &bundle.unwrap_or_default());
+    Ok(())
+}
+
+fn print_bundle(fmt: Format, bundle: &TrustBundle) {
+    let pems: Vec<String> = bundle
+        .roots_der
+        .iter()
+        .map(|d| der_to_pem(d, "CERTIFICATE"))
+        .collect();
+    let mut out = std::io::stdout().lock();
+    match fmt {
+        Format::Json => {
+            let _ = writeln!(
+                out,
+                "{}",
+                json!({ "trust_domain": bundle.trust_domain, "roots_pem": pems })
+            );
+        }
+        Format::Table => {
+            let _ = write!(out, "{}", pems.concat());
+        }
+    }
+}
+
+fn role_name(r: i32) -> &'static str {
+    Role::from_proto(r).map_or("?", Role::name)
+}
+
+fn token_json(t: &TokenInfo) -> serde_json::Value {
+    json!({
+        "id": t.id,
+        "role": role_name(t.role),
+        "services": t.services,
+        "description": t.description,
+        "created_at_unix_ms": t.created_at_unix_ms,
+        "expires_at_unix_ms": t.expires_at_unix_ms,
+    })
+}

@@ -1,0 +1,261 @@
+//! TLS on the gRPC listener, accepted here rather than by tonic so the
+//! server certificate and the trusted client roots can change on a root
+//! rotation without a restart, and so the caller's SPIFFE ID reaches the
+//! auth layer as connection info.
+//!
+//! Handshakes run in their own tasks with a timeout: a slow or broken
+//! client never delays accepting the next one.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use rustls::{
+    RootCertStore, ServerConfig,
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
+    server::WebPkiClientVerifier,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+use tokio_rustls::server::TlsStream;
+
+use crate::ca::{Ca, CaError, Roots};
+
+/// Longest a client may take to finish its handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error("building the TLS config: {0}")]
+    Config(String),
+}
+
+/// What the auth layer learns about a connection.
+#[derive(Clone, Debug, Default)]
+pub struct PeerInfo {
+    pub remote: Option<SocketAddr>,
+    /// The URI SAN of the client certificate, if one was presented.
+    pub spiffe_id: Option<String>,
+    /// The service of that SPIFFE ID, when it is in this trust domain.
+    pub service: Option<String>,
+}
+
+/// An accepted TLS connection and who is on the other end.
+pub struct Conn {
+    stream: TlsStream<TcpStream>,
+    peer: PeerInfo,
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// The names the server certificate carries: loopback, the listen IP when
+/// it is specific, the hostname and every `--tls-san`.
+pub fn server_names(listen: SocketAddr, extra: &[String]) -> Vec<String> {
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".into(), "::1".into()];
+    if !listen.ip().is_unspecified() {
+        names.push(listen.ip().to_string());
+    }
+    if let Some(h) = hostname() {
+        names.push(h);
+    }
+    names.extend(extra.iter().cloned());
+    names.dedup();
+    names
+}
+
+/// A server config for the current roots: a fresh server certificate, and
+/// client certificates optional but verified against the trust bundle.
+pub fn server_config(ca: &Ca, roots: &Roots, names: &[String]) -> Result<ServerConfig, TlsError> {
+    let (cert, key) = ca.server_cert(names)?;
+    let mut trusted = RootCertStore::empty();
+    for der in roots.bundle_der() {
+        trusted
+            .add(CertificateDer::from(der))
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(trusted), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![CertificateDer::from(cert)],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
+        )
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Keeps a server config current: rebuilt whenever the roots change.
+pub fn follow_roots(
+    ca: Ca,
+    names: Vec<String>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(watch::Receiver<Arc<ServerConfig>>, JoinHandle<()>), TlsError> {
+    let mut roots = ca.subscribe();
+    let first = server_config(&ca, &roots.borrow_and_update(), &names)?;
+    let (tx, rx) = watch::channel(Arc::new(first));
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                changed = roots.changed() => if changed.is_err() { return },
+            }
+            let current = roots.borrow_and_update().clone();
+            match server_config(&ca, &current, &names) {
+                Ok(c) => {
+                    tracing::info!(
+                        "reissued the control plane's TLS certificate for the new roots"
+                    );
+                    let _ = tx.send(Arc::new(c));
+                }
+                Err(e) => tracing::error!(error = %e, "rebuilding the TLS config failed"),
+            }
+        }
+    });
+    Ok((rx, task))
+}
+
+/// Accepts TCP connections and yields those whose TLS handshake finished.
+pub fn incoming(
+    listener: TcpListener,
+    config: watch::Receiver<Arc<ServerConfig>>,
+    trust_domain: String,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio_stream::wrappers::ReceiverStream<Result<Conn, io::Error>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                accepted = listener.accept() => accepted,
+            };
+            let (tcp, remote) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a gRPC connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = tokio_rustls::TlsAcceptor::from(config.borrow().clone());
+            let tx = tx.clone();
+            let trust_domain = trust_domain.clone();
+            tokio::spawn(async move {
+                let stream =
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%remote, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                let peer = peer_info(&stream, remote, &trust_domain);
+                let _ = tx.send(Ok(Conn { stream, peer })).await;
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+fn peer_info(stream: &TlsStream<TcpStream>, remote: SocketAddr, trust_domain: &str) -> PeerInfo {
+    let spiffe_id = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| uri_san(leaf.as_ref()));
+    let service = spiffe_id
+        .as_deref()
+        .and_then(|id| crate::ca::service_of(trust_domain, id));
+    PeerInfo {
+        remote: Some(remote),
+        spiffe_id,
+        service,
+    }
+}
+
+/// The first URI SAN of a certificate.
+fn uri_san(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
+        _ => None,
+    })
+}
+
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+}

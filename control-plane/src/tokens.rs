@@ -1,0 +1,457 @@
+//! Bearer tokens: who may call the control plane and with which role.
+//!
+//! A token is stored under `<prefix>tokens/<id>` as JSON holding only the
+//! SHA-256 of its secret, so a store dump grants nothing. The secret is
+//! `isdp_<id>_<43 chars of base64url>`: the id inside it makes a lookup one
+//! map access. Every replica keeps all tokens in memory, re-read from the
+//! store every second (revocation on another replica lands within that) and
+//! updated at once by its own create/revoke.
+
+use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
+
+use base64::Engine as _;
+use isdp_proto::v1::{Role as ProtoRole, TokenInfo};
+use sha2::{Digest, Sha256};
+use std::sync::RwLock;
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    ca::unix_ms,
+    store::{Store, StoreError, Txn},
+};
+
+/// Key prefix (under the store prefix) of the tokens.
+pub const TOKENS_PREFIX: &str = "tokens/";
+/// How often the in-memory copy is re-read from the store.
+pub const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+/// File in the data dir holding the first admin token's secret.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// What a caller may do; `Read < Write < Admin`, and `Join` is a sidecar's
+/// role, scoped to services.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Read,
+    Write,
+    Admin,
+    Join,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Read => "read",
+            Role::Write => "write",
+            Role::Admin => "admin",
+            Role::Join => "join",
+        }
+    }
+
+    /// Whether this role includes `other` in the read < write < admin order
+    /// (join includes only itself).
+    pub fn includes(self, other: Role) -> bool {
+        match (self, other) {
+            (a, b) if a == b => true,
+            (Role::Admin, Role::Read | Role::Write) => true,
+            (Role::Write, Role::Read) => true,
+            _ => false,
+        }
+    }
+
+    pub fn from_proto(r: i32) -> Option<Role> {
+        match ProtoRole::try_from(r).ok()? {
+            ProtoRole::Read => Some(Role::Read),
+            ProtoRole::Write => Some(Role::Write),
+            ProtoRole::Admin => Some(Role::Admin),
+            ProtoRole::Join => Some(Role::Join),
+            ProtoRole::Unspecified => None,
+        }
+    }
+
+    pub fn to_proto(self) -> ProtoRole {
+        match self {
+            Role::Read => ProtoRole::Read,
+            Role::Write => ProtoRole::Write,
+            Role::Admin => ProtoRole::Admin,
+            Role::Join => ProtoRole::Join,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("token {0} not found")]
+    NotFound(String),
+    #[error("stored token at {key} is unreadable: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("writing {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// A token as stored: never the secret.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Token {
+    pub id: String,
+    pub role: Role,
+    #[serde(default)]
+    pub services: Vec<String>,
+    #[serde(default)]
+    pub description: String,
+    pub created_at_unix_ms: i64,
+    /// 0: never expires.
+    #[serde(default)]
+    pub expires_at_unix_ms: i64,
+    /// SHA-256 of the secret, hex.
+    pub secret_sha256: String,
+}
+
+impl Token {
+    pub fn expired(&self, now_unix_ms: i64) -> bool {
+        self.expires_at_unix_ms != 0 && self.expires_at_unix_ms <= now_unix_ms
+    }
+
+    pub fn info(&self) -> TokenInfo {
+        TokenInfo {
+            id: self.id.clone(),
+            role: self.role.to_proto() as i32,
+            services: self.services.clone(),
+            description: self.description.clone(),
+            created_at_unix_ms: self.created_at_unix_ms,
+            expires_at_unix_ms: self.expires_at_unix_ms,
+        }
+    }
+}
+
+/// SHA-256 of a secret, hex.
+pub fn hash_secret(secret: &str) -> String {
+    Sha256::digest(secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The id embedded in a well-formed secret.
+pub fn id_of_secret(secret: &str) -> Option<&str> {
+    let rest = secret.strip_prefix("isdp_")?;
+    let (id, tail) = rest.split_once('_')?;
+    (id.len() == 16 && !tail.is_empty()).then_some(id)
+}
+
+/// Mints a token and its secret; nothing is stored.
+pub fn mint(
+    role: Role,
+    services: Vec<String>,
+    description: String,
+    ttl: Option<Duration>,
+    now_unix_ms: i64,
+) -> Result<(Token, String), TokenError> {
+    if role == Role::Join {
+        if services.is_empty() {
+            return Err(TokenError::Invalid(
+                "a join token needs at least one service".into(),
+            ));
+        }
+    } else if !services.is_empty() {
+        return Err(TokenError::Invalid(format!(
+            "services apply to join tokens only (role is {})",
+            role.name()
+        )));
+    }
+    for s in &services {
+        isdp_sidecar::config::check_dns_label(s)
+            .map_err(|e| TokenError::Invalid(format!("service: {e}")))?;
+    }
+    let id_bytes: [u8; 8] = rand::random();
+    let id: String = id_bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let secret_bytes: [u8; 32] = rand::random();
+    let secret = format!(
+        "isdp_{id}_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret_bytes)
+    );
+    let token = Token {
+        id,
+        role,
+        services,
+        description,
+        created_at_unix_ms: now_unix_ms,
+        expires_at_unix_ms: ttl.map_or(0, |t| now_unix_ms + t.as_millis() as i64),
+        secret_sha256: hash_secret(&secret),
+    };
+    Ok((token, secret))
+}
+
+/// Every token, in memory, following the store.
+#[derive(Clone)]
+pub struct Tokens {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    store: Arc<dyn Store>,
+    prefix: String,
+    by_id: RwLock<HashMap<String, Token>>,
+}
+
+// === impl Tokens ===
+
+impl Tokens {
+    /// Loads every token; [`Tokens::follow`] keeps them fresh.
+    pub async fn load(store: Arc<dyn Store>, prefix: &str) -> Result<Tokens, TokenError> {
+        let tokens = Tokens {
+            shared: Arc::new(Shared {
+                store,
+                prefix: format!("{prefix}{TOKENS_PREFIX}"),
+                by_id: RwLock::default(),
+            }),
+        };
+        tokens.refresh().await?;
+        Ok(tokens)
+    }
+
+    /// Spawns the task that re-reads the tokens every second.
+    pub fn follow(&self, shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+        tokio::spawn(self.clone().follow_loop(shutdown))
+    }
+
+    /// The token a secret belongs to, if it is known, unexpired and the
+    /// secret matches.
+    pub fn verify(&self, secret: &str) -> Option<Token> {
+        let id = id_of_secret(secret)?;
+        let token = self.shared.by_id.read().ok()?.get(id).cloned()?;
+        let hash = hash_secret(secret);
+        // Both are hex of equal length: compare without an early exit.
+        let same = hash.len() == token.secret_sha256.len()
+            && hash
+                .bytes()
+                .zip(token.secret_sha256.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        (same && !token.expired(unix_ms())).then_some(token)
+    }
+
+    pub fn list(&self) -> Vec<Token> {
+        let mut all: Vec<Token> = self
+            .shared
+            .by_id
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        all.sort_by(|a, b| (a.created_at_unix_ms, &a.id).cmp(&(b.created_at_unix_ms, &b.id)));
+        all
+    }
+
+    /// Mints and stores a token; returns it with its secret.
+    pub async fn create(
+        &self,
+        role: Role,
+        services: Vec<String>,
+        description: String,
+        ttl: Option<Duration>,
+    ) -> Result<(Token, String), TokenError> {
+        let (token, secret) = mint(role, services, description, ttl, unix_ms())?;
+        let key = format!("{}{}", self.shared.prefix, token.id);
+        let value = serde_json::to_vec(&token).unwrap_or_default();
+        let outcome = self
+            .shared
+            .store
+            .txn(
+                Txn::default()
+                    .when_mod_revision(&key, 0)
+                    .put(key.clone(), value.into(), None),
+            )
+            .await?;
+        if !outcome.succeeded {
+            // 64 random bits collided: vanishingly rare, but never overwrite.
+            return Err(TokenError::Invalid("token id collision; retry".into()));
+        }
+        if let Ok(mut m) = self.shared.by_id.write() {
+            m.insert(token.id.clone(), token.clone());
+        }
+        Ok((token, secret))
+    }
+
+    pub async fn revoke(&self, id: &str) -> Result<(), TokenError> {
+        // The store, not this replica's copy, says whether it exists: a
+        // token minted on another replica a moment ago may not be here yet.
+        let key = format!("{}{}", self.shared.prefix, id);
+        let (kvs, _) = self.shared.store.range(&key).await?;
+        if id.is_empty() || !kvs.iter().any(|kv| kv.key == key) {
+            return Err(TokenError::NotFound(id.to_owned()));
+        }
+        self.shared.store.txn(Txn::default().delete(key)).await?;
+        if let Ok(mut m) = self.shared.by_id.write() {
+            m.remove(id);
+        }
+        Ok(())
+    }
+
+    /// On first start (no unexpired admin token in the store), creates one
+    /// and writes its secret to `<data_dir>/admin.token`, mode 0600.
+    pub async fn bootstrap_admin(&self, data_dir: &Path) -> Result<(), TokenError> {
+        let now = unix_ms();
+        if self
+            .list()
+            .iter()
+            .any(|t| t.role == Role::Admin && !t.expired(now))
+        {
+            return Ok(());
+        }
+        let (token, secret) = self
+            .create(Role::Admin, Vec::new(), "bootstrap admin".into(), None)
+            .await?;
+        let path = data_dir.join(ADMIN_TOKEN_FILE);
+        write_secret(&path, &secret).map_err(|source| TokenError::Write {
+            path: path.display().to_string(),
+            source,
+        })?;
+        tracing::info!(id = %token.id, path = %path.display(), "created the bootstrap admin token");
+        Ok(())
+    }
+
+    async fn refresh(&self) -> Result<(), TokenError> {
+        let (kvs, _) = self.shared.store.range(&self.shared.prefix).await?;
+        let mut fresh = HashMap::with_capacity(kvs.len());
+        for kv in kvs {
+            match serde_json::from_slice::<Token>(&kv.value) {
+                Ok(t) => {
+                    fresh.insert(t.id.clone(), t);
+                }
+                Err(e) => {
+                    tracing::warn!(key = %kv.key, error = %e, "skipping an unreadable token")
+                }
+            }
+        }
+        if let Ok(mut m) = self.shared.by_id.write() {
+            *m = fresh;
+        }
+        Ok(())
+    }
+
+    async fn follow_loop(self, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(REFRESH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.refresh().await {
+                tracing::warn!(error = %e, "re-reading tokens failed; keeping the last ones");
+            }
+        }
+    }
+}
+
+fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts.open(path)?;
+    f.write_all(secret.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_hashed_and_carry_their_id() {
+        let (t, secret) = mint(Role::Read, vec![], "x".into(), None, 1000).unwrap();
+        assert!(secret.starts_with("isdp_"));
+        assert_eq!(id_of_secret(&secret), Some(t.id.as_str()));
+        assert_eq!(t.secret_sha256, hash_secret(&secret));
+        assert!(!t.secret_sha256.contains(&secret));
+        assert_eq!(t.secret_sha256.len(), 64);
+        assert_eq!(id_of_secret("isdp_short_x"), None);
+        assert_eq!(id_of_secret("bogus"), None);
+    }
+
+    #[test]
+    fn expiry() {
+        let (t, _) = mint(
+            Role::Write,
+            vec![],
+            String::new(),
+            Some(Duration::from_secs(1)),
+            1000,
+        )
+        .unwrap();
+        assert_eq!(t.expires_at_unix_ms, 2000);
+        assert!(!t.expired(1999));
+        assert!(t.expired(2000));
+        let (forever, _) = mint(Role::Write, vec![], String::new(), None, 1000).unwrap();
+        assert!(!forever.expired(i64::MAX));
+    }
+
+    #[test]
+    fn roles_order_and_join_scope() {
+        assert!(Role::Admin.includes(Role::Write));
+        assert!(Role::Admin.includes(Role::Read));
+        assert!(Role::Write.includes(Role::Read));
+        assert!(!Role::Read.includes(Role::Write));
+        assert!(!Role::Write.includes(Role::Admin));
+        assert!(!Role::Join.includes(Role::Read));
+        assert!(!Role::Admin.includes(Role::Join));
+        assert!(mint(Role::Join, vec![], String::new(), None, 0).is_err());
+        assert!(mint(Role::Read, vec!["web".into()], String::new(), None, 0).is_err());
+        assert!(mint(Role::Join, vec!["Bad_Name".into()], String::new(), None, 0).is_err());
+        assert!(mint(Role::Join, vec!["web".into()], String::new(), None, 0).is_ok());
+    }
+
+    #[tokio::test]
+    async fn verify_create_revoke_on_the_embedded_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
+        let tokens = Tokens::load(Arc::new(store.clone()), "/isdp/")
+            .await
+            .unwrap();
+        tokens.bootstrap_admin(dir.path()).await.unwrap();
+        let admin = std::fs::read_to_string(dir.path().join(ADMIN_TOKEN_FILE)).unwrap();
+        let t = tokens.verify(admin.trim()).unwrap();
+        assert_eq!(t.role, Role::Admin);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(dir.path().join(ADMIN_TOKEN_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        // A second bootstrap keeps the first admin token.
+        tokens.bootstrap_admin(dir.path()).await.unwrap();
+        assert_eq!(tokens.list().len(), 1);
+
+        let (read, secret) = tokens
+            .create(Role::Read, vec![], "ci".into(), None)
+            .await
+            .unwrap();
+        assert_eq!(tokens.verify(&secret).unwrap().id, read.id);
+        let wrong = format!("{}x", &secret[..secret.len() - 1]);
+        assert!(tokens.verify(&wrong).is_none());
+        tokens.revoke(&read.id).await.unwrap();
+        assert!(tokens.verify(&secret).is_none());
+        assert!(matches!(
+            tokens.revoke(&read.id).await,
+            Err(TokenError::NotFound(_))
+        ));
+        store.close().await;
+    }
+}
