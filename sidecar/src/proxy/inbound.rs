@@ -215,7 +215,8 @@ mod tests {
     #[tokio::test]
     async fn requests_go_to_the_service_the_connection_is_for() {
         let config = crate::Config::from_toml(
-            "node_id = \"n\"\n[[service]]\nname = \"payments\"\nport = 1\n\
+            "node_id = \"n\"\ncontrol_plane = [\"http://127.0.0.1:1\"]\n\
+             [[service]]\nname = \"payments\"\nport = 1\n\
              [[service]]\nname = \"ledger\"\nport = 1\n",
         )
         .unwrap();
