@@ -124,8 +124,7 @@ impl Mesh {
                     return Ok(());
                 }
                 let xds = self.web.config_json().await?["xds"].clone();
-                anyhow::bail!("still {now:?}; xds: {xds}");
-                Ok(())
+                Err(anyhow::anyhow!("still {now:?}; xds: {xds}"))
             },
         )
         .await
