@@ -439,3 +439,6 @@ impl Upstreams {
             .retain(|id, _| live.contains(id.as_str()));
     }
 }
+
+#[cfg(test)]
+mod tests;
