@@ -301,13 +301,18 @@ impl Service<Request<Body>> for Endpoint {
             .and_then(|slot| slot.lock().expect("picked lock").take())
             .expect("balance layer runs first");
         let client = req.extensions_mut().remove::<ClientAddr>();
-        if let Some(t) = req
+        let timeouts = req
             .extensions()
             .get::<Arc<RoutePolicy>>()
-            .and_then(|p| p.connect_timeout)
-        {
-            req.extensions_mut()
-                .insert(super::forward::ConnectTimeout(t));
+            .map(|p| (p.connect_timeout, p.idle_timeout));
+        if let Some((connect, idle)) = timeouts {
+            if let Some(t) = connect {
+                req.extensions_mut()
+                    .insert(super::forward::ConnectTimeout(t));
+            }
+            if let Some(t) = idle {
+                req.extensions_mut().insert(super::forward::IdleTimeout(t));
+            }
         }
         add_forwarding(
             req.headers_mut(),

@@ -12,7 +12,7 @@
 //! | setting | default |
 //! |---|---|
 //! | retries | 2 on connect-failure, reset, gateway-error; idempotent methods; backoff 25..250 ms; budget 20 % + 10/s; 64 KiB body buffer |
-//! | timeouts | none per request or try; connect 2 s |
+//! | timeouts | none per request or try; connect 2 s; HTTP/1.1 pool idle 60 s |
 //! | circuit breaker | 1024 requests, 1024 pending, 1024 connections |
 //! | outlier detection | 5 consecutive gateway errors; 30 s × ejections; at most 50 % |
 
@@ -118,6 +118,8 @@ pub struct RoutePolicy {
     pub request_timeout: Option<Duration>,
     pub per_try_timeout: Option<Duration>,
     pub connect_timeout: Option<Duration>,
+    /// Pooled HTTP/1.1 connections idle longer are not reused.
+    pub idle_timeout: Option<Duration>,
     pub retry: RetryConfig,
     /// Subset index and cumulative weight (last = 100); empty: everyone.
     pub split: Vec<(usize, u32)>,
@@ -351,6 +353,7 @@ fn route_policy(
         request_timeout: ms(t.request_ms),
         per_try_timeout: ms(t.per_try_ms),
         connect_timeout: ms(t.connect_ms),
+        idle_timeout: ms(t.idle_ms),
         retry: retries.map_or_else(RetryConfig::default, retry_config),
         split: split.to_vec(),
         fault: fault.and_then(|f| {

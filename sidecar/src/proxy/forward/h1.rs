@@ -89,7 +89,11 @@ impl H1Pool {
             let resp = sender.send_request(req).await.map_err(SendError::Request)?;
             return Ok(resp.map(boxed));
         }
-        let (mut sender, reused) = match self.checkout(addr) {
+        let max_idle = req
+            .extensions()
+            .get::<super::IdleTimeout>()
+            .map_or(IDLE_TIMEOUT, |t| t.0.min(IDLE_TIMEOUT));
+        let (mut sender, reused) = match self.checkout(addr, max_idle) {
             Some(s) => (s, true),
             None => (self.connect(addr, timeout).await?, false),
         };
@@ -121,13 +125,13 @@ impl H1Pool {
     /// request now. One still busy (its request body still uploading after
     /// an early response) is passed over, never waited for: waiting would
     /// put this request behind someone else's upload.
-    fn checkout(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
+    fn checkout(&self, addr: SocketAddr, max_idle: Duration) -> Option<http1::SendRequest<Body>> {
         let mut map = self.shared.idle.lock().expect("h1 pool lock");
         let list = map.get_mut(&addr)?;
         let mut busy = Vec::new();
         let mut found = None;
         while let Some(mut idle) = list.pop() {
-            if idle.sender.is_closed() || idle.since.elapsed() > IDLE_TIMEOUT {
+            if idle.sender.is_closed() || idle.since.elapsed() > max_idle {
                 continue;
             }
             // The connection's task has had a turn since the body ended
