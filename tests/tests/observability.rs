@@ -346,10 +346,20 @@ async fn proxy_status_shows_what_each_sidecar_acknowledged() {
         for (sidecar, entry) in [(&api, &list[0]), (&web, &list[1])] {
             let held = sidecar.config_json().await?["xds"]["acked"]["payments"].clone();
             anyhow::ensure!(held.is_string(), "sidecar holds no payments yet");
+            // Endpoints, traffic policies and the trust bundle each have a
+            // subscription of their own.
             let types = entry["types"].as_array().expect("types");
-            anyhow::ensure!(types.len() == 1, "{types:?}");
-            anyhow::ensure!(types[0]["acked"]["payments"] == held, "{entry} vs {held}");
-            anyhow::ensure!(types[0]["pending"] == false && types[0]["nacks"] == 0);
+            let of = |url: &str| types.iter().find(|t| t["type_url"] == url);
+            let endpoints = of("type.googleapis.com/isdp.v1.ServiceEndpoints");
+            let endpoints = endpoints.ok_or_else(|| anyhow::anyhow!("{types:?}"))?;
+            anyhow::ensure!(
+                of("type.googleapis.com/isdp.v1.TrafficPolicy").is_some(),
+                "{types:?}"
+            );
+            anyhow::ensure!(endpoints["acked"]["payments"] == held, "{entry} vs {held}");
+            for t in types {
+                anyhow::ensure!(t["pending"] == false && t["nacks"] == 0, "{t}");
+            }
             anyhow::ensure!(entry["delta"] == true);
         }
         Ok(())
