@@ -49,6 +49,9 @@ pub fn classify(resp: &Response<Body>, cfg: &RetryConfig) -> Option<&'static str
             return Some("connect-failure");
         }
         Some(b"upstream-reset") if on.reset => return Some("reset"),
+        // This sidecar found nothing to send to: another try would not
+        // either, it would only spend the budget.
+        Some(b"no-healthy-endpoints") => return None,
         _ => {}
     }
     let status = resp.status().as_u16();

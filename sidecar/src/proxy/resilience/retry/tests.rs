@@ -223,3 +223,18 @@ fn grpc_codes_come_from_trailers_only_headers() {
         .insert("grpc-status", http::HeaderValue::from_static("13"));
     assert_eq!(classify(&resp, cfg), None);
 }
+
+#[test]
+fn nothing_to_send_to_is_not_retried() {
+    let cfg = RetryConfig::default();
+    let resp = error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no-healthy-endpoints",
+        "none",
+    );
+    assert_eq!(classify(&resp, &cfg), None);
+    let resp = error_response(StatusCode::BAD_GATEWAY, "connect-refused", "refused");
+    assert_eq!(classify(&resp, &cfg), Some("connect-failure"));
+    let resp = error_response(StatusCode::BAD_GATEWAY, "upstream-reset", "reset");
+    assert_eq!(classify(&resp, &cfg), Some("reset"));
+}
