@@ -171,7 +171,29 @@ async fn golden_metrics_count_traffic_and_pass_promtool() {
     assert_eq!(sample(&web_text, "isdp_xds_connected", &[]), Some(1.0));
     assert!(sample(&web_text, "isdp_xds_acks_total", &[]).unwrap() >= 1.0);
 
+    // A plaintext caller knocks on pay's mTLS port: refused and counted.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(pay.inbound_addr())
+            .await
+            .unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: pay\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(buf.is_empty(), "plaintext was answered");
+    }
     let pay_text = metrics(pay.admin_addr()).await;
+    assert_eq!(
+        sample(
+            &pay_text,
+            "isdp_tls_handshake_failures_total",
+            &[("direction", "inbound"), ("reason", "plaintext")]
+        ),
+        Some(1.0),
+        "{pay_text}"
+    );
     assert_eq!(
         sample(
             &pay_text,
@@ -344,22 +366,32 @@ async fn proxy_status_shows_what_each_sidecar_acknowledged() {
         let nodes: Vec<&str> = list.iter().filter_map(|p| p["node_id"].as_str()).collect();
         anyhow::ensure!(nodes == ["api", "web"], "sorted nodes: {nodes:?}");
         for (sidecar, entry) in [(&api, &list[0]), (&web, &list[1])] {
-            let held = sidecar.config_json().await?["xds"]["acked"]["payments"].clone();
+            let config = sidecar.config_json().await?;
+            let held = config["xds"]["acked"]["payments"].clone();
             anyhow::ensure!(held.is_string(), "sidecar holds no payments yet");
-            // Endpoints, traffic policies and the trust bundle each have a
-            // subscription of their own.
-            let types = entry["types"].as_array().expect("types");
-            let of = |url: &str| types.iter().find(|t| t["type_url"] == url);
-            let endpoints = of("type.googleapis.com/isdp.v1.ServiceEndpoints");
-            let endpoints = endpoints.ok_or_else(|| anyhow::anyhow!("{types:?}"))?;
+            let bundle = config["xds"]["acked_security"]["TrustBundle/mesh"].clone();
             anyhow::ensure!(
-                of("type.googleapis.com/isdp.v1.TrafficPolicy").is_some(),
-                "{types:?}"
+                bundle.is_string(),
+                "sidecar holds no trust bundle: {config}"
             );
+            let types = entry["types"].as_array().expect("types");
+            let of = |short: &str| {
+                types
+                    .iter()
+                    .find(|t| t["type_url"].as_str().is_some_and(|u| u.ends_with(short)))
+            };
+            let endpoints = of("/isdp.v1.ServiceEndpoints")
+                .ok_or_else(|| anyhow::anyhow!("no ServiceEndpoints: {types:?}"))?;
             anyhow::ensure!(endpoints["acked"]["payments"] == held, "{entry} vs {held}");
-            for t in types {
-                anyhow::ensure!(t["pending"] == false && t["nacks"] == 0, "{t}");
-            }
+            anyhow::ensure!(endpoints["pending"] == false && endpoints["nacks"] == 0);
+            let trust = of("/isdp.v1.TrustBundle")
+                .ok_or_else(|| anyhow::anyhow!("no TrustBundle: {types:?}"))?;
+            anyhow::ensure!(trust["acked"]["mesh"] == bundle, "{entry} vs {bundle}");
+            // Traffic policies have a subscription of their own too.
+            anyhow::ensure!(
+                of("/isdp.v1.TrafficPolicy").is_some(),
+                "no TrafficPolicy: {types:?}"
+            );
             anyhow::ensure!(entry["delta"] == true);
         }
         Ok(())

@@ -174,6 +174,8 @@ metadata = {{ version = "v1", zone = "zone-{n}" }}
 
     let config = format!(
         r#"node_id = "web-1"
+# It only calls out: its client certificate names it as the `web` service.
+identity = "web"
 control_plane = ["https://{CONTROL_PLANE}"]
 ca_file = "{ca_file}"
 join_token = "{token}"
