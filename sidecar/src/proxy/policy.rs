@@ -3,7 +3,7 @@
 //! sections filled in, subsets, breaker limits, outlier detection and a
 //! balancer override. No policy compiles to [`Compiled::defaults`].
 //!
-//! The `Select` layer (here) matches a request against the routes, first
+//! The `Select` layer (`select.rs`) matches a request against the routes, first
 //! match wins, and hands the route's [`RoutePolicy`] to the layers below
 //! in an extension. Policy changes swap the `Arc<Compiled>` inside a new
 //! `UpstreamLb`; requests in flight keep the one they started with.
@@ -16,20 +16,16 @@
 //! | circuit breaker | 1024 requests, 1024 pending, 1024 connections |
 //! | outlier detection | 5 consecutive gateway errors; 30 s × ejections; at most 50 % |
 
-use std::{
-    collections::BTreeMap,
-    convert::Infallible,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
-};
+mod select;
 
-use http::{HeaderName, HeaderValue, Method, Request, Response};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use http::{HeaderName, HeaderValue, Method, Request};
 use isdp_proto::v1::{self as pb, TrafficPolicy};
-use tower::{Layer, Service};
 
-use super::{http::Body, outbound::BoxFuture, upstreams::UpstreamLb};
 use crate::balance::{Algorithm, HashKey, OutlierConfig};
+
+pub use select::{Select, SelectLayer};
 
 /// Retry defaults: what Linkerd and Istio users expect without asking.
 pub const DEFAULT_ATTEMPTS: u32 = 2;
@@ -438,49 +434,6 @@ fn grpc_code(name: &str) -> Option<u16> {
         "unavailable" => 14,
         _ => return None,
     })
-}
-
-// === Select ===
-
-/// Matches each request against its upstream's routes and attaches the
-/// chosen [`RoutePolicy`] for the resilience layers below.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SelectLayer;
-
-impl<S> Layer<S> for SelectLayer {
-    type Service = Select<S>;
-    fn layer(&self, inner: S) -> Select<S> {
-        Select { inner }
-    }
-}
-
-#[derive(Clone)]
-pub struct Select<S> {
-    inner: S,
-}
-
-impl<S> Service<Request<Body>> for Select<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future = BoxFuture>,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
-        let chosen = req
-            .extensions()
-            .get::<Arc<UpstreamLb>>()
-            .map(|lb| lb.policy.select(&req).clone());
-        if let Some(p) = chosen {
-            req.extensions_mut().insert(p);
-        }
-        self.inner.call(req)
-    }
 }
 
 #[cfg(test)]
