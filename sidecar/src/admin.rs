@@ -165,6 +165,8 @@ struct UpstreamView {
     lb: Option<&'static str>,
     /// True when too few endpoints are healthy and traffic spreads over all.
     panic: Option<bool>,
+    /// The traffic policy's version in force; None: the sidecar's defaults.
+    policy_version: Option<String>,
     endpoints: Vec<EndpointView>,
 }
 
@@ -177,13 +179,17 @@ struct EndpointView {
     weight: u32,
     metadata: BTreeMap<String, String>,
     status: &'static str,
+    /// Out of the balancer by outlier detection right now.
+    ejected: bool,
+    /// Times outlier detection has ejected it.
+    ejections: u32,
 }
 
 #[derive(Serialize)]
 struct XdsView {
     ready: bool,
     acked: BTreeMap<String, String>,
-    /// Trust bundle and authorization policies, by `<type>/<name>`.
+    /// Trust bundle, authorization and traffic policies, by `<type>/<name>`.
     acked_security: BTreeMap<String, String>,
     acks: u64,
     nacks: u64,
@@ -225,6 +231,12 @@ async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
         .upstreams
         .iter()
         .map(|(name, u)| {
+            let lb = state.upstreams.as_ref().and_then(|ups| ups.get(name));
+            let ejection = |id: &str| {
+                lb.as_ref()
+                    .and_then(|l| l.ejection(id))
+                    .unwrap_or((false, 0))
+            };
             let endpoints = u
                 .endpoints
                 .iter()
@@ -236,14 +248,16 @@ async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
                     weight: e.weight,
                     metadata: e.metadata.clone(),
                     status: e.health.as_str(),
+                    ejected: ejection(&e.id).0,
+                    ejections: ejection(&e.id).1,
                 })
                 .collect();
-            let lb = state.upstreams.as_ref().and_then(|ups| ups.get(name));
             let view = UpstreamView {
                 exists: u.exists,
                 version: u.version.clone(),
                 lb: lb.as_ref().map(|l| l.algorithm().as_str()),
                 panic: lb.as_ref().map(|l| l.panic),
+                policy_version: lb.as_ref().and_then(|l| l.policy.version.clone()),
                 endpoints,
             };
             (name.clone(), view)

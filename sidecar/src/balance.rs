@@ -19,6 +19,9 @@
 //! | `maglev` | `table[hash mod 65537]` | slot counts |
 //! | `random` | prefix-sum search on one random number | honoured |
 //!
+//! Outlier detection ([`outlier`]) keeps per-endpoint ejection state beside
+//! the load; the proxy skips ejected endpoints when it picks.
+//!
 //! Ring hash and Maglev pick at random (weighted) when the request has no
 //! hash key. Every random choice comes from one lock-free, seedable source
 //! per balancer ([`Balancer::with_seed`] for deterministic tests).
@@ -26,6 +29,7 @@
 mod hash_key;
 mod load;
 mod maglev;
+pub mod outlier;
 mod p2c;
 mod ring_hash;
 mod rng;
@@ -39,6 +43,7 @@ use std::sync::Arc;
 pub use hash_key::HashKey;
 pub use load::{DECAY, DEFAULT_RTT, EndpointLoad, FAILURE_PENALTY, LoadGuard};
 pub use maglev::TABLE_SIZE as MAGLEV_TABLE_SIZE;
+pub use outlier::{Outcome, Outlier, OutlierConfig};
 pub use ring_hash::{MAX_RING, MIN_RING};
 pub use weighted::MAX_SCHEDULE;
 

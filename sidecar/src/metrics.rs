@@ -71,6 +71,18 @@ struct ErrorLabels {
     reason: &'static str,
 }
 
+/// Resilience events of an upstream, by a reason from a fixed set.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResilienceLabels {
+    service: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabel {
+    service: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeniedLabels {
     service: String,
@@ -108,6 +120,11 @@ struct Inner {
     tcp_open: Family<RouteLabels, Gauge>,
     tls_failures: Family<TlsFailureLabels, Counter>,
     denied: Family<DeniedLabels, Counter>,
+    retries: Family<ResilienceLabels, Counter>,
+    budget_exhausted: Family<UpstreamLabel, Counter>,
+    timeouts: Family<ResilienceLabels, Counter>,
+    overflows: Family<ResilienceLabels, Counter>,
+    ejections: Family<UpstreamLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -176,8 +193,43 @@ impl Metrics {
             "Inbound requests and connections refused by authorization, by local service, calling service and rule (`default` when the default refused)",
             denied.clone(),
         );
+        let retries = Family::<ResilienceLabels, Counter>::default();
+        registry.register(
+            "retries",
+            "Outbound retries made, by the reason the previous try failed (connect-failure, reset, 5xx, gateway-error, status-code, grpc-code)",
+            retries.clone(),
+        );
+        let budget_exhausted = Family::<UpstreamLabel, Counter>::default();
+        registry.register(
+            "retry_budget_exhausted",
+            "Failures returned as they were because the upstream's retry budget was spent",
+            budget_exhausted.clone(),
+        );
+        let timeouts = Family::<ResilienceLabels, Counter>::default();
+        registry.register(
+            "timeouts",
+            "Outbound timeouts, by kind (request, per-try)",
+            timeouts.clone(),
+        );
+        let overflows = Family::<ResilienceLabels, Counter>::default();
+        registry.register(
+            "breaker_overflows",
+            "Requests refused at once by an upstream's circuit breaker, by the limit hit",
+            overflows.clone(),
+        );
+        let ejections = Family::<UpstreamLabel, Counter>::default();
+        registry.register(
+            "outlier_ejections",
+            "Endpoints ejected by outlier detection",
+            ejections.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
+                retries,
+                budget_exhausted,
+                timeouts,
+                overflows,
+                ejections,
                 registry: std::sync::Mutex::new(registry),
                 requests,
                 grpc,
@@ -315,6 +367,50 @@ impl RouteMetrics {
                 reason,
             })
             .inc();
+    }
+
+    fn resilience(&self, family: &Family<ResilienceLabels, Counter>, reason: &'static str) {
+        family
+            .get_or_create(&ResilienceLabels {
+                service: self.service.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// A retry made after a try failed for `reason`.
+    pub fn retry(&self, reason: &'static str) {
+        self.resilience(&self.shared.inner.retries, reason);
+    }
+
+    /// A failure not retried because the retry budget was spent.
+    pub fn retry_budget_exhausted(&self) {
+        let labels = UpstreamLabel {
+            service: self.service.clone(),
+        };
+        self.shared
+            .inner
+            .budget_exhausted
+            .get_or_create(&labels)
+            .inc();
+    }
+
+    /// A request or try that timed out (`kind`: request, per-try).
+    pub fn timeout(&self, kind: &'static str) {
+        self.resilience(&self.shared.inner.timeouts, kind);
+    }
+
+    /// A request the circuit breaker refused (`limit`: max_requests, ...).
+    pub fn overflow(&self, limit: &'static str) {
+        self.resilience(&self.shared.inner.overflows, limit);
+    }
+
+    /// An endpoint ejected by outlier detection.
+    pub fn ejection(&self) {
+        let labels = UpstreamLabel {
+            service: self.service.clone(),
+        };
+        self.shared.inner.ejections.get_or_create(&labels).inc();
     }
 
     /// A finished gRPC call; `code` is the `grpc-status` value.

@@ -3,7 +3,10 @@
 //!
 //! # Layout
 //! - `outbound`: the request path from the local service to an upstream, as
-//!   tower layers `Route` -> `Observe` -> `Balance` -> `Endpoint`.
+//!   tower layers `Route` -> `Observe` -> `Select` -> `Breaker` -> `Fault`
+//!   -> `Timeout` -> `Retry` -> `Balance` -> `Endpoint`.
+//! - `policy`: traffic policies compiled per version; the `Select` layer.
+//! - `resilience`: breaker, fault injection, timeouts, retries.
 //! - `observe`: the metrics layer (requests, latency, in flight, errors).
 //! - `inbound`: traffic from other sidecars to the local services.
 //! - `authorize`: the inbound authorization check, counted and logged.
@@ -30,6 +33,8 @@ pub mod http;
 pub mod inbound;
 pub mod observe;
 pub mod outbound;
+pub mod policy;
+pub mod resilience;
 pub mod tcp;
 pub mod trace;
 pub mod transport;

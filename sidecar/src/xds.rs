@@ -1,6 +1,6 @@
-//! The discovery client: follows the endpoints of every upstream, the
-//! mesh's trust bundle and the authorization policies of the local
-//! services over one delta ADS stream, and publishes them as a `watch` of
+//! The discovery client: follows the endpoints and traffic policies of
+//! every upstream, the mesh's trust bundle and the authorization policies
+//! of the local services over one delta ADS stream, and publishes them as a `watch` of
 //! [`Snapshot`]s. The data plane
 //! only reads `borrow()` and never waits on the control plane; while the
 //! stream is down the last snapshot keeps being served.
@@ -8,10 +8,11 @@
 mod client;
 pub mod security;
 mod state;
+mod traffic;
 
 use std::collections::BTreeMap;
 
-use isdp_proto::v1::{AuthorizationPolicy, TrustBundle};
+use isdp_proto::v1::{AuthorizationPolicy, TrafficPolicy, TrustBundle};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -30,14 +31,19 @@ pub struct Snapshot {
     pub ready: bool,
     /// Acknowledged versions of the endpoint resources held, by name.
     pub acked: BTreeMap<String, String>,
-    /// Acknowledged versions of the security resources held, by
-    /// `<type>/<name>` (`TrustBundle/mesh`, `AuthorizationPolicy/<service>`).
+    /// Acknowledged versions of the other resources held, by
+    /// `<type>/<name>` (`TrustBundle/mesh`, `AuthorizationPolicy/<service>`,
+    /// `TrafficPolicy/<upstream>`).
     pub acked_security: BTreeMap<String, String>,
     /// The mesh's roots, once the control plane has sent them. Until then
     /// the bundle of the last `SignResponse` is trusted.
     pub trust_bundle: Option<TrustBundle>,
     /// Authorization policies of the local services, by service.
     pub policies: BTreeMap<String, AuthorizationPolicy>,
+    /// Traffic policies of the upstreams that have one, by upstream, with
+    /// the control plane's version. An upstream missing here runs on the
+    /// sidecar's defaults.
+    pub traffic: BTreeMap<String, security::Versioned<TrafficPolicy>>,
     /// ACKs sent, over all streams.
     pub acks: u64,
     /// NACKs sent, over all streams.

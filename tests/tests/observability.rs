@@ -387,6 +387,11 @@ async fn proxy_status_shows_what_each_sidecar_acknowledged() {
             let trust = of("/isdp.v1.TrustBundle")
                 .ok_or_else(|| anyhow::anyhow!("no TrustBundle: {types:?}"))?;
             anyhow::ensure!(trust["acked"]["mesh"] == bundle, "{entry} vs {bundle}");
+            // Traffic policies have a subscription of their own too.
+            anyhow::ensure!(
+                of("/isdp.v1.TrafficPolicy").is_some(),
+                "no TrafficPolicy: {types:?}"
+            );
             anyhow::ensure!(entry["delta"] == true);
         }
         Ok(())

@@ -17,12 +17,18 @@
 //!   (streams N bytes), `GET /slow?ms=N` (answers after N ms) and `GET /ws`
 //!   (WebSocket echo), so tests can push large bodies, hold requests in
 //!   flight and upgrade through the mesh.
+//! - misbehaviours: `POST /admin/fail?n=N&status=S` makes the next N
+//!   requests to this instance (any path but `/healthz` and `/admin/*`)
+//!   answer S (default 503); `GET /reset` drops the connection without an
+//!   answer; `POST /admin/stall?on=true|false` makes every such request
+//!   hang until turned off. Tests use them to exercise retries, outlier
+//!   detection and timeouts.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use anyhow::Context;
 use axum::Json;
@@ -59,6 +65,11 @@ struct Echo {
     /// Cleared by `POST /admin/health/fail`: lets a test or demo user make the
     /// health check fail while the process keeps serving.
     healthy: Arc<AtomicBool>,
+    /// Requests left to fail (`POST /admin/fail`), and with which status.
+    failing: Arc<AtomicU64>,
+    fail_status: Arc<std::sync::atomic::AtomicU16>,
+    /// Set by `POST /admin/stall?on=true`: requests hang until cleared.
+    stalled: Arc<AtomicBool>,
 }
 
 #[tokio::main]
@@ -74,6 +85,9 @@ async fn main() -> anyhow::Result<()> {
     let echo = Echo {
         id: id.into(),
         healthy: Arc::new(AtomicBool::new(true)),
+        failing: Arc::default(),
+        fail_status: Arc::new(std::sync::atomic::AtomicU16::new(503)),
+        stalled: Arc::default(),
     };
 
     // The launcher and the test harness read this exact line to learn the
@@ -98,8 +112,78 @@ fn router(echo: Echo) -> Router {
         .route("/bytes", get(bytes))
         .route("/slow", get(slow))
         .route("/ws", get(ws))
+        .route("/reset", get(reset))
+        .route("/admin/fail", post(fail_next))
+        .route("/admin/stall", post(stall))
         .fallback(echo_request)
+        .layer(axum::middleware::from_fn_with_state(
+            echo.clone(),
+            misbehave,
+        ))
         .with_state(echo)
+}
+
+#[derive(serde::Deserialize)]
+struct FailQuery {
+    n: u64,
+    status: Option<u16>,
+}
+
+/// `POST /admin/fail?n=N&status=S`: the next N requests answer S.
+async fn fail_next(State(echo): State<Echo>, Query(q): Query<FailQuery>) -> Response {
+    let status = q.status.unwrap_or(503);
+    if StatusCode::from_u16(status).is_err() {
+        return (StatusCode::BAD_REQUEST, "bad status\n").into_response();
+    }
+    echo.fail_status.store(status, Ordering::Relaxed);
+    echo.failing.store(q.n, Ordering::Relaxed);
+    with_instance(
+        &echo,
+        format!("failing the next {} with {status}\n", q.n).into_response(),
+    )
+}
+
+#[derive(serde::Deserialize)]
+struct StallQuery {
+    on: bool,
+}
+
+/// `POST /admin/stall?on=BOOL`: requests hang while on.
+async fn stall(State(echo): State<Echo>, Query(q): Query<StallQuery>) -> Response {
+    echo.stalled.store(q.on, Ordering::Relaxed);
+    with_instance(&echo, format!("stalled: {}\n", q.on).into_response())
+}
+
+/// Applies `/admin/fail` and `/admin/stall` to every request but health
+/// checks and the admin routes themselves.
+async fn misbehave(
+    State(echo): State<Echo>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path();
+    if path == "/healthz" || path.starts_with("/admin/") {
+        return next.run(req).await;
+    }
+    while echo.stalled.load(Ordering::Relaxed) {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let took = echo
+        .failing
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+        .is_ok();
+    if took {
+        let status = StatusCode::from_u16(echo.fail_status.load(Ordering::Relaxed))
+            .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return with_instance(&echo, (status, "failing on purpose\n").into_response());
+    }
+    next.run(req).await
+}
+
+/// `GET /reset`: ends the process's side of the connection without an
+/// answer (the handler panics; hyper closes the connection).
+async fn reset() -> Response {
+    std::panic::resume_unwind(Box::new("reset on purpose"))
 }
 
 async fn healthz(State(echo): State<Echo>) -> Response {

@@ -100,9 +100,10 @@ async fn live_ready_and_config() {
     );
     assert_eq!(
         json["upstreams"]["payments"],
-        serde_json::json!({"exists": true, "version": "abc", "lb": null, "panic": null, "endpoints": [{
+        serde_json::json!({"exists": true, "version": "abc", "lb": null, "panic": null,
+            "policy_version": null, "endpoints": [{
             "id": "pay-1.payments", "address": "127.0.0.1", "port": 8081, "inbound_port": 0, "weight": 1,
-            "metadata": {"version": "v1"}, "status": "healthy"}]})
+            "metadata": {"version": "v1"}, "status": "healthy", "ejected": false, "ejections": 0}]})
     );
     assert_eq!(json["xds"]["acked"]["payments"], "abc");
     assert_eq!(json["xds"]["acks"], 3);

@@ -138,6 +138,18 @@ impl Collector for StateCollector {
                     service: name.to_owned(),
                 })?)?;
             }
+            let mut fam = e.encode_descriptor(
+                "outlier_ejected_endpoints",
+                "Endpoints of each upstream ejected by outlier detection right now",
+                None,
+                MetricType::Gauge,
+            )?;
+            for name in ups.names() {
+                let n = ups.get(name).map_or(0, |lb| lb.ejected_now());
+                gauge(n).encode(fam.encode_family(&ServiceLabel {
+                    service: name.to_owned(),
+                })?)?;
+            }
         }
 
         // The session and the local services it registers.

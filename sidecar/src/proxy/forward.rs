@@ -67,6 +67,19 @@ impl Dest {
 /// in SNI.
 pub type Mesh<'a> = Option<(&'a Tls, &'a Arc<str>)>;
 
+/// A request extension overriding the pool's connect timeout for the
+/// connection this request may have to open (a traffic policy's
+/// `timeouts.connect`).
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectTimeout(pub Duration);
+
+/// A request extension: pooled HTTP/1.1 connections idle longer than this
+/// are closed rather than reused for it (a traffic policy's
+/// `timeouts.idle`; never more than the pool's own limit). HTTP/2
+/// connections between sidecars are kept alive by pings and not affected.
+#[derive(Clone, Copy, Debug)]
+pub struct IdleTimeout(pub Duration);
+
 /// Why a request could not be sent to its next hop.
 #[derive(Debug)]
 pub enum SendError {

@@ -31,6 +31,11 @@ where
     body.map_err(Into::into).boxed()
 }
 
+/// An empty body.
+pub fn empty() -> Body {
+    boxed(http_body_util::Empty::<Bytes>::new())
+}
+
 /// Keeps `guard` alive until `body` has been fully sent (or dropped), so
 /// load accounting covers the whole exchange, not just the headers.
 pub fn with_guard<G: Send + Sync + Unpin + 'static>(body: Body, guard: G) -> Body {

@@ -1,8 +1,11 @@
 //! The outbound request path, as a stack of named tower layers:
 //!
 //! `Route` (which upstream?) -> `Observe` (metrics, in `observe`) ->
-//! `Balance` (which endpoint?) -> `Endpoint` (send it). Retries, timeouts and breakers slot in between as further
-//! layers. Each layer either passes the request on, carrying its decision
+//! `Select` (which route of the upstream's traffic policy?, in `policy`)
+//! -> `Breaker` -> `Fault` -> `Timeout` -> `Retry` (in `resilience`) ->
+//! `Balance` (which endpoint? the route's subset, skipping ejected
+//! endpoints and those earlier tries used) -> `Endpoint` (send it, and
+//! feed outlier detection). Each layer either passes the request on, carrying its decision
 //! in the request's extensions, or answers it itself with a response naming
 //! the reason in `x-isdp-error`.
 //!
@@ -25,11 +28,19 @@ use super::{
     forward::{Forwarder, Hop},
     http::{Body, SERVICE_HEADER, add_forwarding, error_response, forwarded_for_value},
     observe::{Observe, ObserveLayer},
+    policy::{RoutePolicy, Select, SelectLayer},
+    resilience::{
+        Avoid, BreakerLayer, BreakerService, Fault, FaultLayer, Retry, RetryLayer, Timeout,
+        TimeoutLayer, Tried,
+    },
     trace::{Trace, TraceEndpoint, TraceEndpointLayer, TraceLayer, TraceSettings},
     transport::PeerIdentity,
     upstreams::{Target, UpstreamLb, Upstreams},
 };
-use crate::{balance::LoadGuard, config::Protocol};
+use crate::{
+    balance::{LoadGuard, Outcome, outlier},
+    config::Protocol,
+};
 
 pub type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
@@ -82,16 +93,24 @@ pub enum RouteBy {
     Authority,
 }
 
+/// The layers below `Select`, per request, in order.
+pub type Resilient = BreakerService<Fault<Timeout<Retry<Balance<TraceEndpoint<Endpoint>>>>>>;
+
 /// The stack for one outbound listener.
 pub fn stack(
     by: RouteBy,
     upstreams: Upstreams,
     forwarder: Forwarder,
     tracing: TraceSettings,
-) -> Trace<Route<Observe<Balance<TraceEndpoint<Endpoint>>>>> {
+) -> Trace<Route<Observe<Select<Resilient>>>> {
     let endpoint = TraceEndpointLayer(tracing.clone()).layer(Endpoint { forwarder });
     let balance = BalanceLayer.layer(endpoint);
-    let observe = ObserveLayer.layer(balance);
+    let retry = RetryLayer.layer(balance);
+    let timeout = TimeoutLayer.layer(retry);
+    let fault = FaultLayer.layer(timeout);
+    let breaker = BreakerLayer.layer(fault);
+    let select = SelectLayer.layer(breaker);
+    let observe = ObserveLayer.layer(select);
     let route = RouteLayer { by, upstreams }.layer(observe);
     TraceLayer(tracing).layer(route)
 }
@@ -223,7 +242,15 @@ where
             .remove::<Arc<UpstreamLb>>()
             .expect("route layer runs first");
         let source = req.extensions().get::<ClientAddr>().map(|c| c.addr.ip());
-        let Some((target, guard)) = lb.pick(req.headers(), source) else {
+        let subset = req
+            .extensions()
+            .get::<Arc<RoutePolicy>>()
+            .and_then(|p| pick_subset(&p.split));
+        let avoid = req
+            .extensions()
+            .get::<Avoid>()
+            .map_or(&[][..], |a| &a.0[..]);
+        let Some((target, guard)) = lb.pick_in(req.headers(), source, subset, avoid) else {
             let resp = error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no-healthy-endpoints",
@@ -239,6 +266,14 @@ where
             }))));
         Box::pin(self.inner.call(req))
     }
+}
+
+/// A subset by the split's weights (cumulative, ending at 100); None
+/// when the route splits nothing.
+fn pick_subset(split: &[(usize, u32)]) -> Option<usize> {
+    let total = split.last()?.1;
+    let r = rand::random_range(0..total.max(1));
+    split.iter().find(|(_, upto)| r < *upto).map(|(i, _)| *i)
 }
 
 // === Endpoint ===
@@ -266,6 +301,19 @@ impl Service<Request<Body>> for Endpoint {
             .and_then(|slot| slot.lock().expect("picked lock").take())
             .expect("balance layer runs first");
         let client = req.extensions_mut().remove::<ClientAddr>();
+        let timeouts = req
+            .extensions()
+            .get::<Arc<RoutePolicy>>()
+            .map(|p| (p.connect_timeout, p.idle_timeout));
+        if let Some((connect, idle)) = timeouts {
+            if let Some(t) = connect {
+                req.extensions_mut()
+                    .insert(super::forward::ConnectTimeout(t));
+            }
+            if let Some(t) = idle {
+                req.extensions_mut().insert(super::forward::IdleTimeout(t));
+            }
+        }
         add_forwarding(
             req.headers_mut(),
             client.as_ref().and_then(|c| c.forwarded_for.as_ref()),
@@ -286,8 +334,14 @@ impl Service<Request<Body>> for Endpoint {
         };
         let forwarder = self.forwarder.clone();
         Box::pin(async move {
-            let Picked { target, guard, .. } = picked;
-            let resp = forwarder.forward(req, &target.dest, hop).await;
+            let Picked {
+                target,
+                guard,
+                upstream,
+            } = picked;
+            let mut resp = forwarder.forward(req, &target.dest, hop).await;
+            feed_outlier(&upstream, &target, &resp);
+            resp.extensions_mut().insert(Tried(target));
             if resp.headers().contains_key(&super::http::ERROR_HEADER)
                 || resp.status().is_server_error()
             {
@@ -298,5 +352,25 @@ impl Service<Request<Body>> for Endpoint {
             // The load counts until the response body ends.
             Ok(resp.map(|b| super::http::with_guard(b, guard)))
         })
+    }
+}
+
+/// Counts the response for outlier detection, and ejects the endpoint
+/// when it has failed too often in a row (and the upstream can spare it).
+fn feed_outlier(upstream: &UpstreamLb, target: &Target, resp: &Response<Body>) {
+    let cfg = &upstream.policy.outlier;
+    let outcome = match resp.headers().get(&super::http::ERROR_HEADER) {
+        Some(v) if v.as_bytes().starts_with(b"connect-") || v == "upstream-reset" => {
+            Outcome::GatewayError
+        }
+        _ => Outcome::of_status(resp.status().as_u16()),
+    };
+    if !target.outlier.record(outcome, cfg) {
+        return;
+    }
+    let all: Vec<&crate::balance::Outlier> = upstream.targets.iter().map(|t| &*t.outlier).collect();
+    if let Some(length) = outlier::eject(&all, &target.outlier, cfg, tokio::time::Instant::now()) {
+        upstream.metrics.ejection();
+        tracing::info!(upstream = %upstream.name, endpoint = %target.id, ?length, "endpoint ejected by outlier detection");
     }
 }

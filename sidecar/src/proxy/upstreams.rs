@@ -1,11 +1,14 @@
 //! Per-upstream balancing state, rebuilt from the discovery snapshot.
 //!
 //! A background task follows the `watch` of snapshots; whenever an
-//! upstream's version changes it builds a new [`UpstreamLb`] (health
-//! filtering, panic threshold, balancer tables) and swaps it in. Requests
+//! upstream's endpoint version or traffic-policy version changes it builds
+//! a new [`UpstreamLb`] (health filtering, panic threshold, the compiled
+//! policy, balancer tables for every subset) and swaps it in. Requests
 //! only read the current one: the data plane never waits on the control
-//! plane. Load state (in-flight, latency) is kept per endpoint id across
-//! rebuilds, and requests in flight keep the target they picked.
+//! plane, and policies are compiled once per version, never per request.
+//! Load and outlier state are kept per endpoint id, and breaker and retry
+//! budget per upstream, across rebuilds; requests in flight keep the
+//! target and policy they started with.
 
 use std::{
     collections::HashMap,
@@ -16,9 +19,13 @@ use std::{
 use http::{HeaderMap, HeaderValue};
 use tokio::sync::watch;
 
-use super::forward::Dest;
+use super::{
+    forward::Dest,
+    policy::Compiled,
+    resilience::{Breaker, RetryBudget},
+};
 use crate::{
-    balance::{Algorithm, Balancer, EndpointLoad, HashKey, LoadGuard, candidates},
+    balance::{Algorithm, Balancer, EndpointLoad, HashKey, LoadGuard, Outlier, candidates},
     config::{Protocol, Upstream},
     metrics::{Direction, Metrics, RouteMetrics},
     probe::Health,
@@ -40,6 +47,14 @@ pub struct Target {
     /// is reached directly in plaintext.
     pub via_sidecar: bool,
     pub load: Arc<EndpointLoad>,
+    /// Passive health; the balancer skips the endpoint while ejected.
+    pub outlier: Arc<Outlier>,
+}
+
+/// The endpoints of one subset of a policy, with their own balancer.
+pub struct SubsetLb {
+    targets: Vec<Arc<Target>>,
+    balancer: Balancer,
 }
 
 /// One upstream's balancing state for one endpoint-set version.
@@ -54,9 +69,21 @@ pub struct UpstreamLb {
     pub panic: bool,
     /// This upstream's request metrics; the same handles across rebuilds.
     pub metrics: Arc<RouteMetrics>,
+    /// The traffic policy in force (or the defaults).
+    pub policy: Arc<Compiled>,
+    /// Concurrency limits; the same state across rebuilds.
+    pub breaker: Arc<Breaker>,
+    /// Retries allowed; the same window across rebuilds.
+    pub budget: Arc<RetryBudget>,
     balancer: Balancer,
+    /// By the policy's subset index.
+    subsets: Vec<SubsetLb>,
     hash_key: Option<HashKey>,
 }
+
+/// How many picks the balancer gets to find an endpoint that is neither
+/// ejected nor already tried, before the candidates are scanned in order.
+const PICK_TRIES: usize = 3;
 
 impl UpstreamLb {
     /// Picks a target for a request and marks it started; the guard
@@ -66,9 +93,63 @@ impl UpstreamLb {
         headers: &HeaderMap,
         source: Option<IpAddr>,
     ) -> Option<(Arc<Target>, LoadGuard)> {
-        let t = self.choose(headers, source)?;
+        self.pick_in(headers, source, None, &[])
+    }
+
+    /// Picks within subset `subset` (all endpoints when None, or when the
+    /// subset has none), avoiding the endpoints in `avoid` (earlier tries
+    /// of the same request) and ejected ones while others exist.
+    pub fn pick_in(
+        &self,
+        headers: &HeaderMap,
+        source: Option<IpAddr>,
+        subset: Option<usize>,
+        avoid: &[Arc<Target>],
+    ) -> Option<(Arc<Target>, LoadGuard)> {
+        let (targets, balancer) = match subset.and_then(|i| self.subsets.get(i)) {
+            Some(s) if !s.targets.is_empty() => (&s.targets, &s.balancer),
+            _ => (&self.targets, &self.balancer),
+        };
+        let hash = self.hash_key.as_ref().and_then(|k| k.hash(headers, source));
+        let t = choose(targets, balancer, hash, avoid)?;
         let guard = t.load.start();
         Some((t, guard))
+    }
+
+    /// An upstream with no endpoints and `policy`, for layer tests.
+    #[cfg(test)]
+    pub fn for_test(policy: Compiled) -> Self {
+        let breaker = Arc::new(Breaker::default());
+        breaker.set_limits(policy.breaker);
+        UpstreamLb {
+            name: Arc::from("test"),
+            service_header: None,
+            protocol: Protocol::Http,
+            version: String::new(),
+            targets: Vec::new(),
+            panic: false,
+            metrics: Metrics::new().route(Direction::Outbound, "test"),
+            policy: Arc::new(policy),
+            breaker,
+            budget: Arc::new(RetryBudget::new()),
+            balancer: Balancer::new(Algorithm::RoundRobin, Vec::new()),
+            subsets: Vec::new(),
+            hash_key: None,
+        }
+    }
+
+    /// Endpoints ejected by outlier detection right now.
+    pub fn ejected_now(&self) -> usize {
+        self.targets
+            .iter()
+            .filter(|t| t.outlier.is_ejected())
+            .count()
+    }
+
+    /// The ejection state of endpoint `id` (ejected now, times ejected).
+    pub fn ejection(&self, id: &str) -> Option<(bool, u32)> {
+        let t = self.targets.iter().find(|t| t.id == id)?;
+        Some((t.outlier.is_ejected(), t.outlier.ejections()))
     }
 
     /// Picks a target for a TCP connection: counted in flight, but its
@@ -81,13 +162,44 @@ impl UpstreamLb {
 
     fn choose(&self, headers: &HeaderMap, source: Option<IpAddr>) -> Option<Arc<Target>> {
         let hash = self.hash_key.as_ref().and_then(|k| k.hash(headers, source));
-        let i = self.balancer.pick(hash)?;
-        self.targets.get(i).cloned()
+        choose(&self.targets, &self.balancer, hash, &[])
     }
 
     pub fn algorithm(&self) -> Algorithm {
         self.balancer.algorithm()
     }
+}
+
+/// The balancer's pick unless it is ejected or avoided; then a few more
+/// picks, then the first usable one in order (a ring hash keeps answering
+/// the same endpoint). Ejected endpoints are skipped like unhealthy ones;
+/// `max_ejection_percent` keeps enough of them in, so panic semantics stay
+/// with health. If every endpoint is out, an avoided one beats an ejected
+/// one, and anything beats nothing.
+fn choose(
+    targets: &[Arc<Target>],
+    balancer: &Balancer,
+    hash: Option<u64>,
+    avoid: &[Arc<Target>],
+) -> Option<Arc<Target>> {
+    let first = balancer.pick(hash)?;
+    let usable = |t: &Target| !t.outlier.is_ejected() && !avoid.iter().any(|a| a.id == t.id);
+    if usable(&targets[first]) {
+        return Some(targets[first].clone());
+    }
+    for _ in 1..PICK_TRIES {
+        let i = balancer.pick(hash)?;
+        if usable(&targets[i]) {
+            return Some(targets[i].clone());
+        }
+    }
+    let n = targets.len();
+    let scan = (1..n).map(|k| &targets[(first + k) % n]);
+    scan.clone()
+        .find(|t| usable(t))
+        .or_else(|| scan.clone().find(|t| !t.outlier.is_ejected()))
+        .or(Some(&targets[first]))
+        .cloned()
 }
 
 #[derive(Clone)]
@@ -100,6 +212,9 @@ struct Shared {
     metrics: HashMap<String, Arc<RouteMetrics>>,
     current: RwLock<HashMap<String, Arc<UpstreamLb>>>,
     loads: Mutex<HashMap<String, Arc<EndpointLoad>>>,
+    outliers: Mutex<HashMap<String, Arc<Outlier>>>,
+    breakers: HashMap<String, Arc<Breaker>>,
+    budgets: HashMap<String, Arc<RetryBudget>>,
 }
 
 impl Upstreams {
@@ -123,6 +238,15 @@ impl Upstreams {
                     .collect(),
                 current: RwLock::default(),
                 loads: Mutex::default(),
+                outliers: Mutex::default(),
+                breakers: configs
+                    .iter()
+                    .map(|u| (u.name.clone(), Arc::new(Breaker::default())))
+                    .collect(),
+                budgets: configs
+                    .iter()
+                    .map(|u| (u.name.clone(), Arc::new(RetryBudget::new())))
+                    .collect(),
             }),
         };
         let first = snapshots.borrow_and_update().clone();
@@ -169,10 +293,18 @@ impl Upstreams {
                 let version = state
                     .filter(|s| s.exists)
                     .map_or("", |s| s.version.as_str());
-                if current.get(name).is_some_and(|c| c.version == version) {
+                let policy = snap.traffic.get(name);
+                let policy_version = policy.map(|p| p.version.as_str());
+                if current.get(name).is_some_and(|c| {
+                    c.version == version && c.policy.version.as_deref() == policy_version
+                }) {
                     continue;
                 }
-                rebuilt.push((name.clone(), self.build(cfg, snap, version)));
+                let compiled = match policy {
+                    Some(p) => Compiled::new(&p.value, &p.version),
+                    None => Compiled::defaults(),
+                };
+                rebuilt.push((name.clone(), self.build(cfg, snap, version, compiled)));
             }
         }
         if rebuilt.is_empty() {
@@ -180,14 +312,20 @@ impl Upstreams {
         }
         let mut current = self.shared.current.write().expect("upstreams lock");
         for (name, lb) in rebuilt {
-            tracing::debug!(upstream = %name, version = %lb.version, targets = lb.targets.len(), panic = lb.panic, "endpoints updated");
+            tracing::debug!(upstream = %name, version = %lb.version, policy = ?lb.policy.version, targets = lb.targets.len(), panic = lb.panic, "upstream updated");
             current.insert(name, Arc::new(lb));
         }
         drop(current);
         self.forget_gone_loads(snap);
     }
 
-    fn build(&self, cfg: &Upstream, snap: &Snapshot, version: &str) -> UpstreamLb {
+    fn build(
+        &self,
+        cfg: &Upstream,
+        snap: &Snapshot,
+        version: &str,
+        policy: Compiled,
+    ) -> UpstreamLb {
         let endpoints = snap
             .upstreams
             .get(&cfg.name)
@@ -206,6 +344,8 @@ impl Upstreams {
         }
         let name: Arc<str> = Arc::from(cfg.name.as_str());
         let mut loads = self.shared.loads.lock().expect("loads lock");
+        let mut outliers = self.shared.outliers.lock().expect("outliers lock");
+        let mut metadata = Vec::with_capacity(chosen.len());
         let targets: Vec<Arc<Target>> = chosen
             .iter()
             .filter_map(|e| {
@@ -219,7 +359,13 @@ impl Upstreams {
                     .entry(e.id.clone())
                     .or_insert_with(|| EndpointLoad::new(e.id.clone(), e.weight.max(1)))
                     .clone();
+                let outlier = outliers
+                    .entry(e.id.clone())
+                    .or_insert_with(Outlier::new)
+                    .clone();
+                metadata.push(&e.metadata);
                 Some(Arc::new(Target {
+                    outlier,
                     id: e.id.clone(),
                     dest: if via_sidecar {
                         Dest::mesh(SocketAddr::new(ip, port), name.clone())
@@ -232,16 +378,45 @@ impl Upstreams {
             })
             .collect();
         drop(loads);
+        drop(outliers);
+        let (algorithm, hash_key) = match &policy.lb {
+            Some((a, k)) => (*a, k.clone().or_else(|| cfg.hash_key.clone())),
+            None => (cfg.lb, cfg.hash_key.clone()),
+        };
+        let balancer_of = |ts: &[Arc<Target>]| {
+            Balancer::new(algorithm, ts.iter().map(|t| t.load.clone()).collect())
+        };
+        let subsets = policy
+            .subsets
+            .iter()
+            .map(|(_, labels)| {
+                let members: Vec<Arc<Target>> = targets
+                    .iter()
+                    .zip(&metadata)
+                    .filter(|(_, md)| labels.iter().all(|(k, v)| md.get(k) == Some(v)))
+                    .map(|(t, _)| t.clone())
+                    .collect();
+                SubsetLb {
+                    balancer: balancer_of(&members),
+                    targets: members,
+                }
+            })
+            .collect();
+        self.shared.breakers[&cfg.name].set_limits(policy.breaker);
         UpstreamLb {
             name,
             service_header: HeaderValue::from_str(&cfg.name).ok(),
             protocol: cfg.protocol,
             version: version.to_owned(),
-            balancer: Balancer::new(cfg.lb, targets.iter().map(|t| t.load.clone()).collect()),
+            balancer: balancer_of(&targets),
+            subsets,
             targets,
             panic,
             metrics: self.shared.metrics[&cfg.name].clone(),
-            hash_key: cfg.hash_key.clone(),
+            policy: Arc::new(policy),
+            breaker: self.shared.breakers[&cfg.name].clone(),
+            budget: self.shared.budgets[&cfg.name].clone(),
+            hash_key,
         }
     }
 
@@ -257,5 +432,13 @@ impl Upstreams {
             .lock()
             .expect("loads lock")
             .retain(|id, _| live.contains(id.as_str()));
+        self.shared
+            .outliers
+            .lock()
+            .expect("outliers lock")
+            .retain(|id, _| live.contains(id.as_str()));
     }
 }
+
+#[cfg(test)]
+mod tests;

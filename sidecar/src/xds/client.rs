@@ -11,7 +11,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::rpc::Status;
 use isdp_proto::v1::{
     AUTHORIZATION_POLICY_TYPE_URL, AuthorizationPolicy, SERVICE_ENDPOINTS_TYPE_URL,
-    TRUST_BUNDLE_NAME, TRUST_BUNDLE_TYPE_URL, TrustBundle,
+    TRAFFIC_POLICY_TYPE_URL, TRUST_BUNDLE_NAME, TRUST_BUNDLE_TYPE_URL, TrafficPolicy, TrustBundle,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -50,6 +50,8 @@ pub(super) struct Client {
     resources: Resources,
     bundles: Held<TrustBundle>,
     policies: Held<AuthorizationPolicy>,
+    /// Traffic policies of the upstreams (named like `subscribed`).
+    traffic: Held<TrafficPolicy>,
     /// Where snapshots are published.
     tx: watch::Sender<Arc<Snapshot>>,
     /// URL rotation.
@@ -68,6 +70,7 @@ impl Client {
             policy_names: settings.local_services.iter().cloned().collect(),
             bundles: Held::new(),
             policies: Held::new(),
+            traffic: Held::new(),
             dialer: Dialer::new(settings.control_plane.clone(), settings.auth.clone()),
             settings,
             resources: Resources::new(),
@@ -157,12 +160,17 @@ impl Client {
             initial_resource_versions: held,
             ..Default::default()
         };
-        let mut out = Vec::with_capacity(3);
+        let mut out = Vec::with_capacity(4);
         if !self.subscribed.is_empty() {
             out.push(request(
                 SERVICE_ENDPOINTS_TYPE_URL,
                 &self.subscribed,
                 held_versions(&self.resources),
+            ));
+            out.push(request(
+                TRAFFIC_POLICY_TYPE_URL,
+                &self.subscribed,
+                security::versions(&self.traffic).collect(),
             ));
         }
         out.push(request(
@@ -195,6 +203,7 @@ impl Client {
         match response.type_url.as_str() {
             TRUST_BUNDLE_TYPE_URL => held(&mut self.bundles, &self.bundle_names, response),
             AUTHORIZATION_POLICY_TYPE_URL => held(&mut self.policies, &self.policy_names, response),
+            TRAFFIC_POLICY_TYPE_URL => held(&mut self.traffic, &self.subscribed, response),
             _ => {
                 if let Some(next) = apply(&self.resources, &self.subscribed, response)? {
                     self.resources = next;
@@ -233,6 +242,8 @@ impl Client {
                 let mut acked_security = std::collections::BTreeMap::new();
                 security::acked(bundles, &mut acked_security);
                 security::acked(policies, &mut acked_security);
+                security::acked(&self.traffic, &mut acked_security);
+                let traffic = self.traffic.clone();
                 self.publish(|s| {
                     s.acked = held_versions(&resources).into_iter().collect();
                     s.upstreams = resources;
@@ -241,6 +252,9 @@ impl Client {
                         s.trust_bundle = bundle;
                     }
                     s.policies = policy_values;
+                    if s.traffic != traffic {
+                        s.traffic = traffic;
+                    }
                     s.ready |= ready;
                     s.acks += 1;
                 });

@@ -76,18 +76,26 @@ impl H1Pool {
         mesh: Mesh<'_>,
         req: Request<Body>,
     ) -> Result<Response<Body>, SendError> {
+        let timeout = req
+            .extensions()
+            .get::<super::ConnectTimeout>()
+            .map_or(self.shared.connect_timeout, |c| c.0);
         if let Some((tls, service)) = mesh {
             let stream = tls
-                .connect(addr, service, Alpn::Http1, self.shared.connect_timeout)
+                .connect(addr, service, Alpn::Http1, timeout)
                 .await
                 .map_err(SendError::Connect)?;
             let mut sender = handshake(addr, stream).await?;
             let resp = sender.send_request(req).await.map_err(SendError::Request)?;
             return Ok(resp.map(boxed));
         }
-        let (mut sender, reused) = match self.checkout(addr) {
+        let max_idle = req
+            .extensions()
+            .get::<super::IdleTimeout>()
+            .map_or(IDLE_TIMEOUT, |t| t.0.min(IDLE_TIMEOUT));
+        let (mut sender, reused) = match self.checkout(addr, max_idle) {
             Some(s) => (s, true),
-            None => (self.connect(addr).await?, false),
+            None => (self.connect(addr, timeout).await?, false),
         };
         let resp = match sender.try_send_request(req).await {
             Ok(resp) => resp,
@@ -95,7 +103,7 @@ impl H1Pool {
                 // A reused connection the service closed while idle: the
                 // request never left, so it goes once more on a new one.
                 Some(req) if reused => {
-                    sender = self.connect(addr).await?;
+                    sender = self.connect(addr, timeout).await?;
                     sender.send_request(req).await.map_err(SendError::Request)?
                 }
                 _ => return Err(SendError::Request(e.into_error())),
@@ -117,13 +125,13 @@ impl H1Pool {
     /// request now. One still busy (its request body still uploading after
     /// an early response) is passed over, never waited for: waiting would
     /// put this request behind someone else's upload.
-    fn checkout(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
+    fn checkout(&self, addr: SocketAddr, max_idle: Duration) -> Option<http1::SendRequest<Body>> {
         let mut map = self.shared.idle.lock().expect("h1 pool lock");
         let list = map.get_mut(&addr)?;
         let mut busy = Vec::new();
         let mut found = None;
         while let Some(mut idle) = list.pop() {
-            if idle.sender.is_closed() || idle.since.elapsed() > IDLE_TIMEOUT {
+            if idle.sender.is_closed() || idle.since.elapsed() > max_idle {
                 continue;
             }
             // The connection's task has had a turn since the body ended
@@ -147,8 +155,12 @@ impl H1Pool {
         found
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<http1::SendRequest<Body>, SendError> {
-        let stream = transport::connect(addr, self.shared.connect_timeout)
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<http1::SendRequest<Body>, SendError> {
+        let stream = transport::connect(addr, timeout)
             .await
             .map_err(SendError::Connect)?;
         handshake(addr, stream).await

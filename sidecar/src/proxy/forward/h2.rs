@@ -46,14 +46,18 @@ impl H2Pool {
         req: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
         let key = (addr, mesh.map(|(_, s)| s.clone()));
-        let mut sender = self.sender(&key, mesh).await?;
+        let timeout = req
+            .extensions()
+            .get::<super::ConnectTimeout>()
+            .map_or(self.connect_timeout, |c| c.0);
+        let mut sender = self.sender(&key, mesh, timeout).await?;
         match sender.try_send_request(req).await {
             Ok(resp) => Ok(resp),
             Err(mut e) => match e.take_message() {
                 // Never sent: the connection was closing. Once more, fresh.
                 Some(req) => {
                     self.conns.remove_if(&key, |_, s| s.is_closed());
-                    let mut sender = self.connect(&key, mesh).await?;
+                    let mut sender = self.connect(&key, mesh, timeout).await?;
                     sender.send_request(req).await.map_err(SendError::Request)
                 }
                 None => Err(SendError::Request(e.into_error())),
@@ -65,31 +69,33 @@ impl H2Pool {
         &self,
         key: &Key,
         mesh: Mesh<'_>,
+        timeout: Duration,
     ) -> Result<http2::SendRequest<Body>, SendError> {
         if let Some(s) = self.conns.get(key)
             && !s.is_closed()
         {
             return Ok(s.clone());
         }
-        self.connect(key, mesh).await
+        self.connect(key, mesh, timeout).await
     }
 
     async fn connect(
         &self,
         key: &Key,
         mesh: Mesh<'_>,
+        timeout: Duration,
     ) -> Result<http2::SendRequest<Body>, SendError> {
         let addr = key.0;
         let sender = match mesh {
             Some((tls, service)) => {
                 let stream = tls
-                    .connect(addr, service, Alpn::H2, self.connect_timeout)
+                    .connect(addr, service, Alpn::H2, timeout)
                     .await
                     .map_err(SendError::Connect)?;
                 handshake(addr, stream).await?
             }
             None => {
-                let stream = transport::connect(addr, self.connect_timeout)
+                let stream = transport::connect(addr, timeout)
                     .await
                     .map_err(SendError::Connect)?;
                 handshake(addr, stream).await?

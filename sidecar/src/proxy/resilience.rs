@@ -1,0 +1,33 @@
+//! Resilience on the outbound path, as tower layers between `Select`
+//! (which route of the upstream's policy?) and `Balance`:
+//!
+//! `Breaker` (concurrency limits, `breaker`) -> `Fault` (injected delays
+//! and aborts, `fault`) -> `Timeout` (the whole call, `timeout`) ->
+//! `Retry` (per-try timeouts, backoff, budget, replayable bodies, `retry`).
+//!
+//! Each reads the request's [`RoutePolicy`](super::policy::RoutePolicy)
+//! and its `UpstreamLb` from the extensions; a request without them (no
+//! route layer above) passes through untouched. Outlier detection lives
+//! with the balancer (`balance::outlier`), fed by the `Endpoint` layer.
+//!
+//! # Layout
+//! - `breaker`: per-upstream concurrency gate; overflow is 503 at once.
+//! - `fault`: delay and/or abort a share of requests.
+//! - `timeout`: the request timeout (504 `request-timeout`).
+//! - `retry`: the retry loop, classification and backoff.
+//! - `budget`: the sliding-window retry budget.
+//! - `replay`: a request body that can be sent again.
+
+mod breaker;
+mod budget;
+mod fault;
+mod replay;
+mod retry;
+mod timeout;
+
+pub use breaker::{Breaker, BreakerLayer, BreakerService};
+pub use budget::RetryBudget;
+pub use fault::{Fault, FaultLayer};
+pub use replay::Replay;
+pub use retry::{Avoid, Retry, RetryLayer, Tried, backoff, classify};
+pub use timeout::{Timeout, TimeoutLayer};

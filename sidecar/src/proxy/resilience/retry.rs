@@ -1,0 +1,229 @@
+//! The retry loop. A request whose method the route's policy allows is
+//! tried up to `1 + attempts` times while each try fails in a way the
+//! policy names (`retry_on`), the upstream's retry budget has room, and
+//! the body can be replayed (see `replay`). Each try has the per-try
+//! timeout (504 `per-try-timeout`, a gateway error) and goes to an
+//! endpoint not tried yet when the upstream has one ([`Avoid`]). Between
+//! tries: exponential backoff with jitter. A response is only ever retried
+//! before anything of it was passed on, so a caller never sees two.
+
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use http::{Request, Response, StatusCode};
+use http_body::Body as _;
+use tower::{Layer, Service};
+
+use super::Replay;
+use crate::{
+    metrics::RouteMetrics,
+    proxy::{
+        http::{Body, ERROR_HEADER, error_response, is_upgrade},
+        outbound::BoxFuture,
+        policy::{RetryConfig, RoutePolicy},
+        upstreams::{Target, UpstreamLb},
+    },
+};
+
+/// Endpoints earlier tries of this request went to, for the balancer.
+#[derive(Clone, Debug, Default)]
+pub struct Avoid(pub Vec<Arc<Target>>);
+
+/// On a response: the endpoint that produced it (set by `Endpoint`).
+#[derive(Clone, Debug)]
+pub struct Tried(pub Arc<Target>);
+
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
+/// Why a try's response may be retried under `cfg`, as a metric label;
+/// None when it may not.
+pub fn classify(resp: &Response<Body>, cfg: &RetryConfig) -> Option<&'static str> {
+    let on = &cfg.on;
+    let error = resp.headers().get(&ERROR_HEADER).map(|v| v.as_bytes());
+    match error {
+        Some(b"connect-refused" | b"connect-timeout" | b"connect-failed") if on.connect_failure => {
+            return Some("connect-failure");
+        }
+        Some(b"upstream-reset") if on.reset => return Some("reset"),
+        // This sidecar found nothing to send to: another try would not
+        // either, it would only spend the budget.
+        Some(b"no-healthy-endpoints") => return None,
+        _ => {}
+    }
+    let status = resp.status().as_u16();
+    if on.server_error && resp.status().is_server_error() {
+        return Some("5xx");
+    }
+    if on.gateway_error && (502..=504).contains(&status) {
+        return Some("gateway-error");
+    }
+    if on.status_codes && cfg.status_codes.contains(&status) {
+        return Some("status-code");
+    }
+    if on.grpc_codes
+        && let Some(code) = resp
+            .headers()
+            .get(&GRPC_STATUS)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u16>().ok())
+        && cfg.grpc_codes.contains(&code)
+    {
+        return Some("grpc-code");
+    }
+    None
+}
+
+/// The pause before retry number `retry` (0-based): uniform between the
+/// base and `base × 2^retry` capped at the max ("full jitter" above the
+/// base), so a crowd of retries spreads out instead of arriving together.
+pub fn backoff(cfg: &RetryConfig, retry: u32) -> Duration {
+    let cap = cfg
+        .backoff_base
+        .saturating_mul(1u32 << retry.min(16))
+        .min(cfg.backoff_max)
+        .max(cfg.backoff_base);
+    let spread = cap - cfg.backoff_base;
+    cfg.backoff_base + spread.mul_f64(rand::random::<f64>())
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RetryLayer;
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct Retry<S> {
+    inner: S,
+}
+
+/// One try, under the per-try timeout.
+async fn try_once<S>(
+    inner: &mut S,
+    req: Request<Body>,
+    per_try: Option<Duration>,
+    metrics: &RouteMetrics,
+) -> Response<Body>
+where
+    S: Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = Infallible,
+            Future = super::super::outbound::BoxFuture,
+        >,
+{
+    let fut = inner.call(req);
+    let Some(limit) = per_try else {
+        return match fut.await {
+            Ok(r) => r,
+            Err(e) => match e {},
+        };
+    };
+    match tokio::time::timeout(limit, fut).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => match e {},
+        Err(_) => {
+            metrics.timeout("per-try");
+            error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                "per-try-timeout",
+                format!("no response within the per-try timeout of {limit:?}"),
+            )
+        }
+    }
+}
+
+/// A copy of `parts` for another try (the body comes separately).
+fn copy_parts(parts: &http::request::Parts, body: Body) -> Request<Body> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    *req.extensions_mut() = parts.extensions.clone();
+    req
+}
+
+impl<S> Service<Request<Body>> for Retry<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future = BoxFuture>
+        + Clone
+        + Send
+        + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> BoxFuture {
+        let (Some(policy), Some(lb)) = (
+            req.extensions().get::<Arc<RoutePolicy>>().cloned(),
+            req.extensions().get::<Arc<UpstreamLb>>().cloned(),
+        ) else {
+            return self.inner.call(req);
+        };
+        let mut inner = self.inner.clone();
+        let per_try = policy.per_try_timeout;
+        let cfg = &policy.retry;
+        let retriable = cfg.attempts > 0 && cfg.methods.contains(req.method()) && !is_upgrade(&req);
+        if !retriable {
+            return Box::pin(
+                async move { Ok(try_once(&mut inner, req, per_try, &lb.metrics).await) },
+            );
+        }
+        lb.budget.request();
+        let (parts, body) = req.into_parts();
+        // Most retried requests (GET and friends) have no body at all.
+        let replay = (!body.is_end_stream()).then(|| Replay::new(body, cfg.buffer_bytes));
+        Box::pin(async move {
+            let cfg = &policy.retry;
+            let mut avoid = Avoid::default();
+            let mut retry = 0;
+            loop {
+                let body = replay
+                    .as_ref()
+                    .map_or_else(crate::proxy::http::empty, Replay::body);
+                let mut req = copy_parts(&parts, body);
+                if !avoid.0.is_empty() {
+                    req.extensions_mut().insert(avoid.clone());
+                }
+                let resp = try_once(&mut inner, req, per_try, &lb.metrics).await;
+                let Some(reason) = classify(&resp, cfg) else {
+                    return Ok(resp);
+                };
+                if retry >= cfg.attempts || replay.as_ref().is_some_and(|r| !r.can_replay()) {
+                    return Ok(resp);
+                }
+                if !lb
+                    .budget
+                    .try_retry(cfg.budget_ratio, cfg.budget_min_per_second)
+                {
+                    lb.metrics.retry_budget_exhausted();
+                    return Ok(resp);
+                }
+                if let Some(t) = resp.extensions().get::<Tried>() {
+                    avoid.0.push(t.0.clone());
+                }
+                drop(resp);
+                lb.metrics.retry(reason);
+                tokio::time::sleep(backoff(cfg, retry)).await;
+                retry += 1;
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

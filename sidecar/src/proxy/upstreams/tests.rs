@@ -1,0 +1,151 @@
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use isdp_proto::v1::{LoadBalancer, OutlierDetection, Subset, TrafficPolicy, WeightedSubset};
+
+use super::*;
+use crate::balance::{Outcome, outlier};
+use crate::xds::{Endpoint, UpstreamState, security::Versioned};
+
+fn endpoint(n: u16, version: &str) -> Endpoint {
+    Endpoint {
+        id: format!("pay-{n}"),
+        address: "127.0.0.1".into(),
+        port: 9000 + n,
+        inbound_port: 0,
+        weight: 1,
+        metadata: [("version".to_string(), version.to_string())].into(),
+        health: Health::Healthy,
+    }
+}
+
+fn snapshot(endpoint_version: &str, policy: Option<(&str, TrafficPolicy)>) -> Arc<Snapshot> {
+    let mut snap = Snapshot::default();
+    snap.upstreams.insert(
+        "payments".into(),
+        UpstreamState {
+            exists: true,
+            version: endpoint_version.into(),
+            endpoints: vec![endpoint(0, "v1"), endpoint(1, "v1"), endpoint(2, "v2")],
+        },
+    );
+    if let Some((version, value)) = policy {
+        snap.traffic.insert(
+            "payments".into(),
+            Versioned {
+                version: version.into(),
+                value,
+            },
+        );
+    }
+    Arc::new(snap)
+}
+
+fn canary_policy() -> TrafficPolicy {
+    TrafficPolicy {
+        service: "payments".into(),
+        subsets: vec![Subset {
+            name: "v2".into(),
+            labels: [("version".to_string(), "v2".to_string())].into(),
+        }],
+        split: vec![WeightedSubset {
+            subset: "v2".into(),
+            weight: 100,
+        }],
+        load_balancer: Some(LoadBalancer {
+            algorithm: "random".into(),
+            hash_key: String::new(),
+        }),
+        outlier_detection: Some(OutlierDetection {
+            consecutive_gateway_errors: 1,
+            base_ejection_ms: 1000,
+            max_ejection_percent: 50,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The upstreams, and the senders that keep their task running.
+fn upstreams(
+    first: Arc<Snapshot>,
+) -> (Upstreams, watch::Sender<Arc<Snapshot>>, watch::Sender<bool>) {
+    let (tx, rx) = watch::channel(first);
+    let (stop_tx, stop) = watch::channel(false);
+    let cfg = Upstream {
+        name: "payments".into(),
+        listen: None,
+        protocol: Protocol::Http,
+        lb: Algorithm::RoundRobin,
+        hash_key: None,
+    };
+    (
+        Upstreams::spawn(&[cfg], &Metrics::new(), rx, stop),
+        tx,
+        stop_tx,
+    )
+}
+
+fn pick_ids(
+    lb: &UpstreamLb,
+    subset: Option<usize>,
+    avoid: &[Arc<Target>],
+) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..60 {
+        let (t, _g) = lb.pick_in(&HeaderMap::new(), None, subset, avoid).unwrap();
+        *seen.entry(t.id.clone()).or_default() += 1;
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_policy_compiles_subsets_and_overrides_the_balancer() {
+    let (ups, tx, _stop) = upstreams(snapshot("e1", None));
+    let lb = ups.get("payments").unwrap();
+    assert_eq!(lb.policy.version, None, "no policy: defaults");
+    assert_eq!(lb.algorithm(), Algorithm::RoundRobin);
+
+    tx.send_replace(snapshot("e1", Some(("p1", canary_policy()))));
+    tokio::time::timeout(Duration::from_secs(2), async {
+        while ups.get("payments").unwrap().policy.version.is_none() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+    let lb2 = ups.get("payments").unwrap();
+    assert_eq!(lb2.policy.version.as_deref(), Some("p1"));
+    assert_eq!(lb2.algorithm(), Algorithm::Random);
+    let v2 = pick_ids(&lb2, Some(0), &[]);
+    assert_eq!(v2.keys().collect::<Vec<_>>(), ["pay-2"], "{v2:?}");
+    // The old state is untouched for requests that hold it.
+    assert_eq!(lb.algorithm(), Algorithm::RoundRobin);
+    // Load and outlier state are the same objects across the rebuild.
+    assert!(Arc::ptr_eq(&lb.targets[0].outlier, &lb2.targets[0].outlier));
+    assert!(Arc::ptr_eq(&lb.breaker, &lb2.breaker));
+}
+
+#[tokio::test(start_paused = true)]
+async fn ejected_and_avoided_endpoints_are_skipped() {
+    let (ups, _tx, _stop) = upstreams(snapshot("e1", Some(("p1", canary_policy()))));
+    let lb = ups.get("payments").unwrap();
+    let cfg = lb.policy.outlier;
+    let victim = lb.targets.iter().find(|t| t.id == "pay-0").unwrap();
+    assert!(victim.outlier.record(Outcome::GatewayError, &cfg));
+    let all: Vec<&Outlier> = lb.targets.iter().map(|t| &*t.outlier).collect();
+    assert!(outlier::eject(&all, &victim.outlier, &cfg, tokio::time::Instant::now()).is_some());
+    assert_eq!(lb.ejected_now(), 1);
+    assert_eq!(lb.ejection("pay-0"), Some((true, 1)));
+    let seen = pick_ids(&lb, None, &[]);
+    assert!(!seen.contains_key("pay-0"), "{seen:?}");
+
+    let avoid = [lb.targets.iter().find(|t| t.id == "pay-1").unwrap().clone()];
+    let seen = pick_ids(&lb, None, &avoid);
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["pay-2"], "{seen:?}");
+
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(lb.ejected_now(), 0);
+    let seen = pick_ids(&lb, None, &[]);
+    assert!(seen.contains_key("pay-0"), "back after its time: {seen:?}");
+}
