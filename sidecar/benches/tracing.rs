@@ -19,6 +19,8 @@
 //!
 //! `ISDP_BENCH_SECS` (default 15) and `ISDP_BENCH_REPS` (default 3).
 
+#[path = "dataplane/compare.rs"]
+mod compare;
 #[path = "dataplane/load.rs"]
 mod load;
 #[path = "dataplane/process.rs"]
@@ -57,20 +59,6 @@ fn main() -> anyhow::Result<()> {
     result
 }
 
-/// One pair's medians.
-#[derive(Default)]
-struct Runs {
-    p50: Vec<f64>,
-    p99: Vec<f64>,
-    rate_cpu_us: Vec<f64>,
-    peak_rps: Vec<f64>,
-    peak_p50: Vec<f64>,
-    peak_p99: Vec<f64>,
-    peak_cpu_us: Vec<f64>,
-    /// Requests over the measured runs, for the spans they should make.
-    requests: f64,
-}
-
 fn run(dir: &std::path::Path) -> anyhow::Result<()> {
     let var = |name: &str, default: u64| -> u64 {
         std::env::var(name)
@@ -104,94 +92,12 @@ fn run(dir: &std::path::Path) -> anyhow::Result<()> {
         shapes::check(&shape)?;
         pairs.push((shape, cp));
     }
-    println!("## Tracing-cost bench");
-    for v in &tools.versions {
-        println!("- {v}");
-    }
-    println!(
-        "- {reps} runs of {secs} s per measurement; sidecars on core {}, load on core {}",
-        shapes::SERVER_CORE,
-        load::LOAD_CORE
-    );
-    println!(
-        "- latency: taskset -c {} oha {}",
-        load::LOAD_CORE,
-        load::oha_args(secs, "URL").join(" ")
-    );
-    println!(
-        "- peak: taskset -c {} wrk {}",
-        load::LOAD_CORE,
-        load::wrk_args(secs, "URL").join(" ")
-    );
-
-    for (shape, _) in &pairs {
-        load::oha(&tools.oha, 2, &shape.url)?;
-    }
-    let mut runs: Vec<Runs> = pairs.iter().map(|_| Runs::default()).collect();
-    let cpu = |procs: &[Proc]| -> anyhow::Result<f64> {
-        procs.iter().map(|p| p.cpu_seconds(ticks)).sum()
-    };
-    for rep in 1..=reps {
-        for ((shape, _), r) in pairs.iter().zip(&mut runs) {
-            eprintln!("[{rep}/{reps}] {} at {} req/s", shape.name, load::RATE);
-            let before = cpu(&shape.proxies)?;
-            let l = load::oha(&tools.oha, secs, &shape.url)?;
-            let used = cpu(&shape.proxies)? - before;
-            r.p50.push(l.p50.as_secs_f64() * 1e6);
-            r.p99.push(l.p99.as_secs_f64() * 1e6);
-            r.rate_cpu_us.push(used / l.requests * 1e6);
-            r.requests += l.requests;
-        }
-    }
-    for rep in 1..=reps {
-        for ((shape, _), r) in pairs.iter().zip(&mut runs) {
-            eprintln!("[{rep}/{reps}] {} flat out", shape.name);
-            let before = cpu(&shape.proxies)?;
-            let p = load::wrk(&tools.wrk, secs, &shape.url)?;
-            let used = cpu(&shape.proxies)? - before;
-            r.peak_rps.push(p.rps);
-            r.peak_p50.push(p.p50.as_secs_f64() * 1e6);
-            r.peak_p99.push(p.p99.as_secs_f64() * 1e6);
-            r.peak_cpu_us.push(used / p.requests * 1e6);
-            r.requests += p.requests;
-        }
-    }
+    compare::print_setup("Tracing-cost bench", &tools, secs, reps);
+    let runs = compare::measure(&tools, ticks, &pairs, secs, reps)?;
     // Let the last batches arrive before counting.
     std::thread::sleep(Duration::from_secs(3));
 
-    println!("\n### Medians (CPU is sidecar A + B per request)\n");
-    println!(
-        "| pair | p50 µs at {} req/s | p99 µs | CPU µs/req | peak req/s | peak vs off | p50 / p99 µs at peak | CPU µs/req at peak | CPU vs off at peak |",
-        load::RATE
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let off_rps = median(&runs[0].peak_rps);
-    let off_cpu = median(&runs[0].peak_cpu_us);
-    for ((shape, _), r) in pairs.iter().zip(&runs) {
-        println!(
-            "| {} | {:.0} | {:.0} | {:.1} | {:.0} | {:.2} | {:.0} / {:.0} | {:.1} | {:.2} |",
-            shape.name,
-            median(&r.p50),
-            median(&r.p99),
-            median(&r.rate_cpu_us),
-            median(&r.peak_rps),
-            median(&r.peak_rps) / off_rps,
-            median(&r.peak_p50),
-            median(&r.peak_p99),
-            median(&r.peak_cpu_us),
-            median(&r.peak_cpu_us) / off_cpu,
-        );
-    }
-    println!("\n| sidecar | peak RSS MiB (VmHWM) |\n|---|---:|");
-    for (shape, _) in &pairs {
-        for p in &shape.proxies {
-            println!(
-                "| {} | {:.1} |",
-                p.name(),
-                p.peak_rss_kib()? as f64 / 1024.0
-            );
-        }
-    }
+    compare::print(&pairs, &runs)?;
     // Two spans per sampled request (client in A, server in B); warm-ups
     // and checks add a few more.
     let expected = 2.0 * (runs[1].requests + 0.01 * runs[2].requests);
@@ -201,16 +107,6 @@ fn run(dir: &std::path::Path) -> anyhow::Result<()> {
         spans.load(Ordering::Relaxed)
     );
     Ok(())
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 // === the receiver ===

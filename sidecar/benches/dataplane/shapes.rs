@@ -193,6 +193,8 @@ pub struct IsdpDetails {
     /// The control plane's `ca.pem` and bootstrap admin token.
     pub ca_pem: String,
     pub admin_token: String,
+    /// Sidecar A's admin listener.
+    pub a_admin: String,
 }
 
 /// [`isdp_named`], also returning [`IsdpDetails`].
@@ -260,6 +262,7 @@ pub fn isdp_detailed(
         grpc_url: format!("https://{grpc}"),
         ca_pem: std::fs::read_to_string(data.join("ca.pem"))?,
         admin_token,
+        a_admin: String::new(),
     };
     let upstream = format!(
         "[[upstream]]\nname = \"{SERVICE}\"\nlisten = \"127.0.0.1:0\"\n\
@@ -277,6 +280,10 @@ pub fn isdp_detailed(
         .context("sidecar A printed no upstream listener")?;
     let admin = addrs.get("admin").context("sidecar A printed no admin=")?;
     wait_healthy(admin)?;
+    let details = IsdpDetails {
+        a_admin: admin.clone(),
+        ..details
+    };
     let shape = Shape {
         name,
         url: format!("http://{listen}/"),
@@ -360,7 +367,7 @@ pub fn check(shape: &Shape) -> anyhow::Result<()> {
 
 /// A one-shot `GET` with `Connection: close`, read to EOF: enough for
 /// admin endpoints and the check above without an HTTP client stack.
-fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+pub fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let addr: SocketAddr = addr.parse().with_context(|| format!("address {addr}"))?;
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
