@@ -57,16 +57,7 @@ struct Settings {
 }
 
 fn main() -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new()
-        .prefix("isdp-dataplane-")
-        .tempdir()
-        .context("creating the bench's temp dir")?;
-    let result = run(dir.path());
-    if result.is_err() {
-        // The servers' logs and configs are what explains a failure.
-        eprintln!("logs and configs kept in {}", dir.keep().display());
-    }
-    result
+    process::in_temp_dir("dataplane", run)
 }
 
 fn run(dir: &Path) -> anyhow::Result<()> {

@@ -57,15 +57,7 @@ struct Target {
 }
 
 fn main() -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new()
-        .prefix("isdp-handshake-")
-        .tempdir()
-        .context("creating the bench's temp dir")?;
-    let result = run(dir.path());
-    if result.is_err() {
-        eprintln!("logs and configs kept in {}", dir.keep().display());
-    }
-    result
+    process::in_temp_dir("handshake", run)
 }
 
 fn run(dir: &std::path::Path) -> anyhow::Result<()> {

@@ -59,15 +59,7 @@ const FULL: &str = r#"{"service": "bench",
   "routes": [{"name": "canary", "match": {"headers": {"x-canary": "true"}}}]}"#;
 
 fn main() -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new()
-        .prefix("isdp-policy-")
-        .tempdir()
-        .context("creating the bench's temp dir")?;
-    let result = run(dir.path());
-    if result.is_err() {
-        eprintln!("logs and configs kept in {}", dir.keep().display());
-    }
-    result
+    process::in_temp_dir("policy", run)
 }
 
 fn run(dir: &std::path::Path) -> anyhow::Result<()> {

@@ -38,7 +38,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::Context;
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
     trace_service_server::{TraceService, TraceServiceServer},
@@ -48,15 +47,7 @@ use process::Proc;
 use shapes::Shape;
 
 fn main() -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new()
-        .prefix("isdp-tracing-")
-        .tempdir()
-        .context("creating the bench's temp dir")?;
-    let result = run(dir.path());
-    if result.is_err() {
-        eprintln!("logs and configs kept in {}", dir.keep().display());
-    }
-    result
+    process::in_temp_dir("tracing", run)
 }
 
 fn run(dir: &std::path::Path) -> anyhow::Result<()> {

@@ -182,3 +182,21 @@ pub fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
 }
+
+/// Runs a bench in a fresh temp dir named `isdp-<name>-...`, kept (and
+/// named on stderr) if the bench fails: the servers' logs and configs are
+/// what explains a failure.
+pub fn in_temp_dir(
+    name: &str,
+    run: impl FnOnce(&std::path::Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("isdp-{name}-"))
+        .tempdir()
+        .context("creating the bench's temp dir")?;
+    let result = run(dir.path());
+    if result.is_err() {
+        eprintln!("logs and configs kept in {}", dir.keep().display());
+    }
+    result
+}
