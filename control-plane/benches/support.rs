@@ -147,6 +147,7 @@ impl InProcess {
             ca_pem: Some(server.ca().roots().bundle_pem()),
             token: Some(token),
             identity: None,
+            learned: Default::default(),
         };
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(server.serve(stop_rx));
@@ -192,6 +193,7 @@ pub fn auth_from_dir(dir: &Path) -> anyhow::Result<ControlAuth> {
         ca_pem: Some(read("ca.pem")?),
         token: Some(read("admin.token")?.trim().to_owned()),
         identity: None,
+        learned: Default::default(),
     })
 }
 

@@ -186,6 +186,7 @@ fn credentials(cli: &Cli) -> Result<ControlAuth, CtlError> {
         ca_pem,
         token: token.filter(|t| !t.is_empty()),
         identity: None,
+        learned: Default::default(),
     })
 }
 

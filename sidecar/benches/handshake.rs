@@ -180,6 +180,7 @@ async fn mesh_client(
         ca_pem: Some(details.ca_pem.clone()),
         token: Some(details.admin_token.clone()),
         identity: None,
+        learned: Default::default(),
     };
     let channel = isdp_sidecar::dial::connect(&details.grpc_url, &auth).await?;
     let key = rcgen::KeyPair::generate()?;

@@ -105,6 +105,7 @@ async fn put(details: &shapes::IsdpDetails, doc: &str) -> anyhow::Result<u64> {
         ca_pem: Some(details.ca_pem.clone()),
         token: Some(details.admin_token.clone()),
         identity: None,
+        learned: Default::default(),
     };
     let channel = isdp_sidecar::dial::connect(&details.grpc_url, &auth).await?;
     let stored = PoliciesClient::new(channel)

@@ -1,8 +1,14 @@
 //! Dialing the control plane: channel settings shared by the xDS client and
-//! the session, TLS trusting only the mesh CA file, the bearer token on
-//! every call, and round-robin over the configured URLs.
+//! the session, TLS trusting only the mesh CA (the CA file plus the roots
+//! learned since over xDS), the bearer token on every call, and
+//! round-robin over the configured URLs.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use base64::Engine as _;
 
 use tonic::{
     metadata::{AsciiMetadataValue, MetadataValue},
@@ -25,6 +31,40 @@ pub struct ControlAuth {
     /// for when a sidecar authenticates with its mesh certificate. Callers
     /// pass `None` for now.
     pub identity: Option<(String, String)>,
+    /// The trust bundle as last received over xDS, trusted beside
+    /// `ca_pem`: after a root rotation the control plane's certificate
+    /// comes from the new root, which the CA file (read at start) lacks.
+    /// Clones share it; `lib.rs` keeps it current.
+    pub learned: LearnedRoots,
+}
+
+/// Roots (DER) learned after start; a cheap shared handle.
+#[derive(Clone, Debug, Default)]
+pub struct LearnedRoots(Arc<RwLock<Vec<Vec<u8>>>>);
+
+impl LearnedRoots {
+    pub fn replace(&self, roots: Vec<Vec<u8>>) {
+        if let Ok(mut held) = self.0.write() {
+            *held = roots;
+        }
+    }
+
+    /// Every learned root as PEM, for tonic's TLS settings.
+    fn pem(&self) -> Vec<String> {
+        let held = self.0.read().map(|r| r.clone()).unwrap_or_default();
+        held.iter()
+            .map(|der| {
+                let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+                let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+                for line in b64.as_bytes().chunks(64) {
+                    pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+                    pem.push('\n');
+                }
+                pem.push_str("-----END CERTIFICATE-----\n");
+                pem
+            })
+            .collect()
+    }
 }
 
 /// Adds `authorization: Bearer <token>` to every request.
@@ -107,7 +147,8 @@ impl Dialer {
     }
 }
 
-/// Connects to `url`: TLS (trusting `auth.ca_pem` only) for https://, the
+/// Connects to `url`: TLS (trusting `auth.ca_pem` and the learned roots
+/// only) for https://, the
 /// token on every call.
 pub async fn connect(url: &str, auth: &ControlAuth) -> Result<ControlChannel, DialError> {
     let invalid = |reason: String| DialError::InvalidUrl {
@@ -130,6 +171,9 @@ pub async fn connect(url: &str, auth: &ControlAuth) -> Result<ControlChannel, Di
             .as_deref()
             .ok_or_else(|| invalid("an https:// control plane needs a CA file (ca_file)".into()))?;
         let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        for root in auth.learned.pem() {
+            tls = tls.ca_certificate(Certificate::from_pem(root));
+        }
         if let Some((chain, key)) = &auth.identity {
             tls = tls.identity(Identity::from_pem(chain, key));
         }

@@ -119,6 +119,7 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
         },
         token: config.join_token.clone(),
         identity: None,
+        learned: dial::LearnedRoots::default(),
     };
     let session = session::Session::new(&config);
     let mut tasks = Vec::new();
@@ -149,6 +150,11 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
         shutdown.clone(),
     );
     tasks.push(xds_task);
+    tasks.push(tokio::spawn(learn_roots(
+        snapshots.clone(),
+        auth.learned.clone(),
+        shutdown.clone(),
+    )));
     // Identity: one certificate per local service, plus the `identity` a
     // sidecar without services calls others as. Nothing here blocks
     // startup; until the first certificate the admin endpoint serves and
@@ -242,6 +248,34 @@ fn flatten(result: Result<std::io::Result<()>, tokio::task::JoinError>) -> std::
         Ok(Ok(())) => std::io::Error::other("admin server stopped"),
         Ok(Err(e)) => e,
         Err(e) => std::io::Error::other(e),
+    }
+}
+
+/// Keeps the roots used to dial the control plane in step with the trust
+/// bundle over xDS, so a root rotation needs no restart: the control
+/// plane's certificate moves to the new root while the CA file still
+/// holds only the old one.
+async fn learn_roots(
+    mut snapshots: watch::Receiver<std::sync::Arc<xds::Snapshot>>,
+    learned: dial::LearnedRoots,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut held = None;
+    loop {
+        let bundle = snapshots.borrow_and_update().trust_bundle.clone();
+        if bundle != held {
+            learned.replace(
+                bundle
+                    .as_ref()
+                    .map(|b| b.roots_der.clone())
+                    .unwrap_or_default(),
+            );
+            held = bundle;
+        }
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            changed = snapshots.changed() => if changed.is_err() { return },
+        }
     }
 }
 

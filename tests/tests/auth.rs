@@ -389,6 +389,7 @@ async fn a_client_certificate_authenticates_as_its_service_and_ads_serves_the_bu
         ca_pem: Some(ca_pem.clone()),
         token: Some(cp.admin_token().to_owned()),
         identity: None,
+        learned: Default::default(),
     };
     let admin_ch = connect(&cp.grpc_url(), &admin).await.unwrap();
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
@@ -416,6 +417,7 @@ async fn a_client_certificate_authenticates_as_its_service_and_ads_serves_the_bu
             der_to_pem(&signed.chain_der[0], "CERTIFICATE"),
             key.serialize_pem(),
         )),
+        learned: Default::default(),
     };
     let ch = connect(&cp.grpc_url(), &mtls).await.unwrap();
     session(ch.clone(), "web")

@@ -416,3 +416,40 @@ async fn a_deny_rule_stops_traffic_within_a_second_and_removing_it_restores_it()
     assert!(text.starts_with("HTTP/1.1 403"), "{text}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_rotation_under_load_fails_no_request() {
+    let mesh = Mesh::start(&["--cert-lifetime", "6s"]).await;
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let (ok, failed, tasks) = load(mesh.web.upstream_addr(SERVICE).to_owned(), 4, stop);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    mesh.cp
+        .ctl_ok(&["ca", "rotate", "--prune-after", "1h"])
+        .await;
+    // Both roots are trusted while certificates from the old one live;
+    // every sidecar renews onto the new root within a lifetime.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    stop_tx.send_replace(true);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(ok > 200, "too little traffic to mean anything: {ok}");
+    assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
+
+    let bundle = mesh.cp.ctl_ok(&["ca", "bundle"]).await;
+    assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2, "{bundle}");
+    // The signing (new) root comes first; pay's certificate now chains to
+    // it alone, and a certificate it signs is accepted.
+    let new_root = bundle
+        .split_inclusive("-----END CERTIFICATE-----")
+        .next()
+        .unwrap()
+        .trim()
+        .to_owned();
+    let client = mesh_identity(&mesh.cp, "web", 300).await;
+    let answer = tls::attempt(mesh.pay.inbound_addr(), &new_root, SERVICE, Some(client))
+        .await
+        .expect("pay serves a certificate from the new root");
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+}

@@ -93,6 +93,7 @@ impl ControlPlane {
             ca_pem: Some(read("ca.pem")),
             token: Some(read("admin.token").trim().to_owned()),
             identity: None,
+            learned: Default::default(),
         };
         let channel = connect(grpc, &auth).await;
         ControlPlane {
