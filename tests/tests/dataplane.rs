@@ -538,6 +538,81 @@ async fn tcp_carries_a_megabyte_and_half_close() {
     assert!(back == data, "echoed bytes differ from those sent");
 }
 
+/// A traffic policy's `circuit_breaker.max_connections` caps the TCP
+/// connections a sidecar proxies to an upstream: one over the cap is
+/// closed at once (and counted), and a place frees when a connection ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_over_the_breaker_cap_are_closed_at_once() {
+    let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
+    let echo = EchoTcp::start("tcp-0").await;
+    let (_backend_sidecar, web) = behind_one_sidecar(
+        &cp,
+        Backend {
+            node: "tcp-0",
+            service: "ledger",
+            protocol: "tcp",
+            upstream_protocol: "tcp",
+            port: echo.port(),
+            check: &echo.health_target(),
+        },
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("ledger.yaml");
+    std::fs::write(
+        &policy,
+        "service: ledger\ncircuit_breaker: { max_connections: 1 }\n",
+    )
+    .unwrap();
+    cp.ctl_ok(&["policy", "apply", "-f", &policy.display().to_string()])
+        .await;
+    eventually(SETUP, "web holds the ledger policy", || async {
+        let config = web.config_json().await?;
+        anyhow::ensure!(
+            config["upstreams"]["ledger"]["policy_version"].is_string(),
+            "{config}"
+        );
+        Ok(())
+    })
+    .await;
+
+    /// Connects through web and reads what comes first: the echo's id
+    /// line, or nothing when the sidecar closes the connection.
+    async fn first_line(addr: &str) -> (TcpStream, String) {
+        let mut stream = TcpStream::connect(addr).await.expect("connect to web");
+        let mut buf = [0u8; 64];
+        let n = timeout(REQUEST, stream.read(&mut buf))
+            .await
+            .expect("an answer or a close within 5 s")
+            .unwrap_or(0);
+        (stream, String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+    let addr = web.upstream_addr("ledger").to_owned();
+    let (held, line) = first_line(&addr).await;
+    assert_eq!(line, "tcp-0\n");
+    let (_, refused) = first_line(&addr).await;
+    assert_eq!(refused, "", "a second connection is closed at once");
+    let page = isdp_tests::http::get(web.admin_addr(), "/metrics")
+        .await
+        .unwrap()
+        .body;
+    assert!(
+        page.lines()
+            .any(|l| l.starts_with("isdp_breaker_overflows_total")
+                && l.contains("service=\"ledger\"")
+                && l.contains("reason=\"max_connections\"")
+                && !l.ends_with(" 0")),
+        "{page}"
+    );
+    drop(held);
+    eventually(SETUP, "a place frees when the first ends", || async {
+        let (_, line) = first_line(&addr).await;
+        anyhow::ensure!(line == "tcp-0\n", "got {line:?}");
+        Ok(())
+    })
+    .await;
+}
+
 // === g) large bodies ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

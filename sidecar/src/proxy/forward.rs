@@ -85,6 +85,9 @@ pub struct IdleTimeout(pub Duration);
 pub enum SendError {
     Connect(io::Error),
     Request(hyper::Error),
+    /// A breaker cap (`max_pending_requests`, `max_connections`) refused
+    /// to open another connection.
+    Overflow(&'static str),
 }
 
 #[derive(Clone)]
@@ -194,6 +197,13 @@ impl SendError {
             SendError::Request(e) => {
                 tracing::debug!(%addr, error = %e, "request to next hop failed");
                 None
+            }
+            SendError::Overflow(cap) => {
+                return error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overflow",
+                    format!("the upstream is at its {cap} limit"),
+                );
             }
         };
         match connect {

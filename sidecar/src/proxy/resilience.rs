@@ -25,7 +25,7 @@ mod replay;
 mod retry;
 mod timeout;
 
-pub use breaker::{Breaker, BreakerLayer, BreakerService};
+pub use breaker::{Breaker, BreakerLayer, BreakerService, ConnectLimits, Permit};
 pub use budget::RetryBudget;
 pub use fault::{Fault, FaultLayer};
 pub use replay::Replay;

@@ -82,6 +82,13 @@ async fn connect_outbound(
         tracing::debug!(upstream, "no healthy endpoints; closing tcp connection");
         return;
     };
+    // One proxied connection, counted against the upstream's breaker for as
+    // long as it is open; over the cap the client is closed at once.
+    let Some(_open) = lb.breaker.try_connection() else {
+        lb.metrics.overflow("max_connections");
+        tracing::debug!(upstream, "at max_connections; closing tcp connection");
+        return;
+    };
     let started = std::time::Instant::now();
     let addr = target.dest.addr;
     let server = if target.via_sidecar {

@@ -19,6 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use super::{Mesh, SendError};
 use crate::proxy::{
     http::Body,
+    resilience::{ConnectLimits, Permit},
     transport::{self, Alpn},
 };
 
@@ -50,14 +51,15 @@ impl H2Pool {
             .extensions()
             .get::<super::ConnectTimeout>()
             .map_or(self.connect_timeout, |c| c.0);
-        let mut sender = self.sender(&key, mesh, timeout).await?;
+        let limits = req.extensions().get::<ConnectLimits>().cloned();
+        let mut sender = self.sender(&key, mesh, timeout, limits.as_ref()).await?;
         match sender.try_send_request(req).await {
             Ok(resp) => Ok(resp),
             Err(mut e) => match e.take_message() {
                 // Never sent: the connection was closing. Once more, fresh.
                 Some(req) => {
                     self.conns.remove_if(&key, |_, s| s.is_closed());
-                    let mut sender = self.connect(&key, mesh, timeout).await?;
+                    let mut sender = self.connect(&key, mesh, timeout, limits.as_ref()).await?;
                     sender.send_request(req).await.map_err(SendError::Request)
                 }
                 None => Err(SendError::Request(e.into_error())),
@@ -70,13 +72,14 @@ impl H2Pool {
         key: &Key,
         mesh: Mesh<'_>,
         timeout: Duration,
+        limits: Option<&ConnectLimits>,
     ) -> Result<http2::SendRequest<Body>, SendError> {
         if let Some(s) = self.conns.get(key)
             && !s.is_closed()
         {
             return Ok(s.clone());
         }
-        self.connect(key, mesh, timeout).await
+        self.connect(key, mesh, timeout, limits).await
     }
 
     async fn connect(
@@ -84,21 +87,42 @@ impl H2Pool {
         key: &Key,
         mesh: Mesh<'_>,
         timeout: Duration,
+        limits: Option<&ConnectLimits>,
     ) -> Result<http2::SendRequest<Body>, SendError> {
         let addr = key.0;
+        // The upstream's breaker caps requests waiting for a connection
+        // (given back once it is open) and connections (held while open).
+        let (_waiting, open) = match limits {
+            Some(ConnectLimits(lb)) => {
+                let overflow = |cap| {
+                    lb.metrics.overflow(cap);
+                    SendError::Overflow(cap)
+                };
+                let waiting = lb
+                    .breaker
+                    .try_pending()
+                    .ok_or_else(|| overflow("max_pending_requests"))?;
+                let open = lb
+                    .breaker
+                    .try_connection()
+                    .ok_or_else(|| overflow("max_connections"))?;
+                (Some(waiting), Some(open))
+            }
+            None => (None, None),
+        };
         let sender = match mesh {
             Some((tls, service)) => {
                 let stream = tls
                     .connect(addr, service, Alpn::H2, timeout)
                     .await
                     .map_err(SendError::Connect)?;
-                handshake(addr, stream).await?
+                handshake(addr, stream, open).await?
             }
             None => {
                 let stream = transport::connect(addr, timeout)
                     .await
                     .map_err(SendError::Connect)?;
-                handshake(addr, stream).await?
+                handshake(addr, stream, open).await?
             }
         };
         self.conns.insert(key.clone(), sender.clone());
@@ -107,7 +131,11 @@ impl H2Pool {
 }
 
 /// HTTP/2 over `stream`; the connection runs in its own task.
-async fn handshake<IO>(addr: SocketAddr, stream: IO) -> Result<http2::SendRequest<Body>, SendError>
+async fn handshake<IO>(
+    addr: SocketAddr,
+    stream: IO,
+    open: Option<Permit>,
+) -> Result<http2::SendRequest<Body>, SendError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -123,6 +151,8 @@ where
             if let Err(e) = conn.await {
                 tracing::debug!(%addr, error = %e, "http/2 connection to peer ended");
             }
+            // The connection counts against its upstream until now.
+            drop(open);
         });
         Ok(sender)
     }

@@ -1,14 +1,19 @@
-//! The circuit breaker: a per-upstream cap on concurrent requests. A
-//! request over the cap is answered 503 `overflow` at once: queueing it
-//! would only add latency to an upstream that is already behind, and an
-//! unbounded queue would take the sidecar's memory with it.
+//! The circuit breaker: per-upstream caps, each answered with 503
+//! `overflow` at once rather than a queue: queueing would only add latency
+//! to an upstream that is already behind, and an unbounded queue would
+//! take the sidecar's memory with it.
 //!
-//! Only `max_requests` is enforced here. `max_pending_requests` and
-//! `max_connections` are compiled and shown but not enforced: between
-//! sidecars every request rides one multiplexed HTTP/2 connection per
-//! endpoint, so nothing waits for a connection; the HTTP/1.1 pool (local
-//! services and sidecar-less instances) opens one per concurrent request,
-//! which `max_requests` already bounds.
+//! - `max_requests`: requests in flight (until the response body ends),
+//!   checked by [`BreakerService`].
+//! - `max_pending_requests`: requests waiting for a connection to their
+//!   endpoint to open (TCP, TLS and HTTP/2 handshakes), checked by the
+//!   HTTP/2 pool through the [`ConnectLimits`] extension this layer sets.
+//! - `max_connections`: connections open to the upstream's endpoints: the
+//!   multiplexed HTTP/2 connections between sidecars (one per endpoint and
+//!   service, so this rarely binds) and TCP connections proxied to a `tcp`
+//!   upstream (one per client connection, closed at once over the cap).
+//!   Pooled HTTP/1.1 connections (sidecar-less instances, upgrades) are
+//!   bounded by `max_requests` instead: one opens per concurrent request.
 
 use std::{
     convert::Infallible,
@@ -32,48 +37,106 @@ use crate::proxy::{
 /// One upstream's gate; the same across endpoint and policy changes.
 #[derive(Debug)]
 pub struct Breaker {
-    in_flight: AtomicUsize,
-    max_requests: AtomicUsize,
+    in_flight: Gauge,
+    pending: Gauge,
+    connections: Gauge,
+}
+
+/// One counted quantity and its cap.
+#[derive(Debug)]
+struct Gauge {
+    now: AtomicUsize,
+    max: AtomicUsize,
+}
+
+impl Gauge {
+    fn new() -> Self {
+        Gauge {
+            now: AtomicUsize::new(0),
+            max: AtomicUsize::new(DEFAULT_BREAKER_LIMIT),
+        }
+    }
 }
 
 impl Default for Breaker {
     fn default() -> Self {
         Breaker {
-            in_flight: AtomicUsize::new(0),
-            max_requests: AtomicUsize::new(DEFAULT_BREAKER_LIMIT),
+            in_flight: Gauge::new(),
+            pending: Gauge::new(),
+            connections: Gauge::new(),
         }
     }
 }
 
-/// Holds a place under the limit until dropped (when the response body
-/// ends, or the request fails).
+/// Which cap a permit holds a place under.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Request,
+    Pending,
+    Connection,
+}
+
+/// Holds a place under one cap until dropped: a request's until its
+/// response body ends (or it fails), a pending request's until its
+/// connection is open, a connection's until it closes.
 #[derive(Debug)]
-pub struct Permit(Arc<Breaker>);
+pub struct Permit(Arc<Breaker>, Kind);
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.gauge(self.1).now.fetch_sub(1, Ordering::AcqRel);
     }
 }
+
+/// Set on each request by [`BreakerService`]: the upstream (its breaker
+/// and metrics), for the connection pools' pending and connection caps.
+#[derive(Clone)]
+pub struct ConnectLimits(pub Arc<UpstreamLb>);
 
 // === impl Breaker ===
 
 impl Breaker {
     pub fn set_limits(&self, limits: BreakerLimits) {
-        self.max_requests
-            .store(limits.max_requests, Ordering::Relaxed);
+        let set = |g: &Gauge, v: usize| g.max.store(v, Ordering::Relaxed);
+        set(&self.in_flight, limits.max_requests);
+        set(&self.pending, limits.max_pending);
+        set(&self.connections, limits.max_connections);
+    }
+
+    fn gauge(&self, kind: Kind) -> &Gauge {
+        match kind {
+            Kind::Request => &self.in_flight,
+            Kind::Pending => &self.pending,
+            Kind::Connection => &self.connections,
+        }
+    }
+
+    fn try_take(self: &Arc<Self>, kind: Kind) -> Option<Permit> {
+        let g = self.gauge(kind);
+        let max = g.max.load(Ordering::Relaxed);
+        let before = g.now.fetch_add(1, Ordering::AcqRel);
+        // Dropped (and so given back) when over the cap.
+        let permit = Permit(self.clone(), kind);
+        (before < max).then_some(permit)
     }
 
     /// A place for one request, or None when the upstream is at its limit.
     pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
-        let max = self.max_requests.load(Ordering::Relaxed);
-        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let permit = Permit(self.clone());
-        (before < max).then_some(permit)
+        self.try_take(Kind::Request)
+    }
+
+    /// A place for a request waiting for a connection to open.
+    pub fn try_pending(self: &Arc<Self>) -> Option<Permit> {
+        self.try_take(Kind::Pending)
+    }
+
+    /// A place for one more open connection, held as long as it is open.
+    pub fn try_connection(self: &Arc<Self>) -> Option<Permit> {
+        self.try_take(Kind::Connection)
     }
 
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        self.in_flight.now.load(Ordering::Relaxed)
     }
 }
 
@@ -108,6 +171,8 @@ where
         let Some(lb) = req.extensions().get::<Arc<UpstreamLb>>().cloned() else {
             return self.inner.call(req);
         };
+        let mut req = req;
+        req.extensions_mut().insert(ConnectLimits(lb.clone()));
         let Some(permit) = lb.breaker.try_acquire() else {
             lb.metrics.overflow("max_requests");
             return answer(error_response(
@@ -144,5 +209,25 @@ mod tests {
         assert_eq!(b.in_flight(), 2, "a refused request holds nothing");
         drop(p1);
         assert!(b.try_acquire().is_some());
+    }
+
+    #[test]
+    fn each_cap_counts_on_its_own() {
+        let b = Arc::new(Breaker::default());
+        b.set_limits(BreakerLimits {
+            max_requests: 10,
+            max_pending: 1,
+            max_connections: 2,
+        });
+        let pending = b.try_pending().unwrap();
+        assert!(b.try_pending().is_none(), "one request may wait");
+        let c1 = b.try_connection().unwrap();
+        let _c2 = b.try_connection().unwrap();
+        assert!(b.try_connection().is_none());
+        assert!(b.try_acquire().is_some(), "requests have their own cap");
+        drop(pending);
+        drop(c1);
+        assert!(b.try_pending().is_some());
+        assert!(b.try_connection().is_some());
     }
 }
