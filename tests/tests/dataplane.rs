@@ -402,6 +402,23 @@ struct Backend<'a> {
 /// Starts the backend's sidecar and a `web` sidecar with the service as a
 /// round-robin upstream on its own listener, and waits until `web` sees the
 /// backend healthy.
+/// `ledger` (the TCP echo `echo`) behind its sidecar, and `web` with a
+/// `ledger` listener.
+async fn ledger_over_tcp(cp: &ControlPlane, echo: &EchoTcp) -> (Sidecar, Sidecar) {
+    behind_one_sidecar(
+        cp,
+        Backend {
+            node: "tcp-0",
+            service: "ledger",
+            protocol: "tcp",
+            upstream_protocol: "tcp",
+            port: echo.port(),
+            check: &echo.health_target(),
+        },
+    )
+    .await
+}
+
 async fn behind_one_sidecar(cp: &ControlPlane, b: Backend<'_>) -> (Sidecar, Sidecar) {
     let backend = SidecarToml::new(b.node, &cp.grpc_url())
         .raw(&format!(
@@ -494,18 +511,7 @@ async fn grpc_unary_and_server_stream_cross_two_sidecars() {
 async fn tcp_carries_a_megabyte_and_half_close() {
     let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
     let echo = EchoTcp::start("tcp-0").await;
-    let (_backend_sidecar, web) = behind_one_sidecar(
-        &cp,
-        Backend {
-            node: "tcp-0",
-            service: "ledger",
-            protocol: "tcp",
-            upstream_protocol: "tcp",
-            port: echo.port(),
-            check: &echo.health_target(),
-        },
-    )
-    .await;
+    let (_backend_sidecar, web) = ledger_over_tcp(&cp, &echo).await;
 
     let stream = TcpStream::connect(web.upstream_addr("ledger"))
         .await
@@ -545,18 +551,7 @@ async fn tcp_carries_a_megabyte_and_half_close() {
 async fn tcp_connections_over_the_breaker_cap_are_closed_at_once() {
     let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
     let echo = EchoTcp::start("tcp-0").await;
-    let (_backend_sidecar, web) = behind_one_sidecar(
-        &cp,
-        Backend {
-            node: "tcp-0",
-            service: "ledger",
-            protocol: "tcp",
-            upstream_protocol: "tcp",
-            port: echo.port(),
-            check: &echo.health_target(),
-        },
-    )
-    .await;
+    let (_backend_sidecar, web) = ledger_over_tcp(&cp, &echo).await;
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("ledger.yaml");
     std::fs::write(

@@ -7,6 +7,8 @@ use isdp_proto::v1::{
 };
 use serde_json::json;
 
+use isdp_sidecar::dial::ControlChannel;
+
 use super::{CtlError, Format, api, output};
 
 #[derive(Debug, Subcommand)]
@@ -97,17 +99,11 @@ fn rule_json(r: &AuthzRule) -> serde_json::Value {
     })
 }
 
-pub async fn run<T>(
-    mut client: AuthorizationClient<T>,
+pub async fn run(
+    mut client: AuthorizationClient<ControlChannel>,
     command: AuthzCommand,
     fmt: Format,
-) -> Result<(), CtlError>
-where
-    T: tonic::client::GrpcService<tonic::body::Body>,
-    T::Error: Into<tonic::codegen::StdError>,
-    T::ResponseBody: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
-    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
-{
+) -> Result<(), CtlError> {
     match command {
         AuthzCommand::Allow(args) => put(&mut client, rule_from(args, Action::Allow), fmt).await?,
         AuthzCommand::Deny(args) => put(&mut client, rule_from(args, Action::Deny), fmt).await?,
@@ -204,17 +200,11 @@ where
     Ok(())
 }
 
-async fn put<T>(
-    client: &mut AuthorizationClient<T>,
+async fn put(
+    client: &mut AuthorizationClient<ControlChannel>,
     rule: AuthzRule,
     fmt: Format,
-) -> Result<(), CtlError>
-where
-    T: tonic::client::GrpcService<tonic::body::Body>,
-    T::Error: Into<tonic::codegen::StdError>,
-    T::ResponseBody: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
-    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
-{
+) -> Result<(), CtlError> {
     let stored = client
         .put_rule(PutRuleRequest { rule: Some(rule) })
         .await

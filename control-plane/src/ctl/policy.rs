@@ -14,6 +14,8 @@ use isdp_proto::v1::{
 use serde_json::{Value, json};
 use yaml_rust2::{Yaml, YamlLoader};
 
+use isdp_sidecar::dial::ControlChannel;
+
 use super::{CtlError, Format, api, output};
 
 #[derive(Debug, Subcommand)]
@@ -93,17 +95,11 @@ fn stored_json(p: &StoredPolicy) -> Value {
     })
 }
 
-pub async fn run<T>(
-    mut client: PoliciesClient<T>,
+pub async fn run(
+    mut client: PoliciesClient<ControlChannel>,
     command: PolicyCommand,
     fmt: Format,
-) -> Result<(), CtlError>
-where
-    T: tonic::client::GrpcService<tonic::body::Body>,
-    T::Error: Into<tonic::codegen::StdError>,
-    T::ResponseBody: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
-    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
-{
+) -> Result<(), CtlError> {
     match command {
         PolicyCommand::Apply {
             file,
