@@ -8,6 +8,12 @@ cd "$(dirname "$0")/.."
 die() { echo "ci: error: $*" >&2; exit 1; }
 step() { printf '\n==> %s\n' "$*"; }
 
+# A clean clone builds everything once: incremental caches would only take
+# disk (several GB across the test binaries) and never be reused.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+step "disk space for the build"
+df -h "${CARGO_TARGET_DIR:-target}" 2>/dev/null || df -h .
+
 # --- System tools: protoc for the build, etcd and promtool for the tests -----
 step "system tools (protoc, etcd, promtool)"
 ./.ci/deps.sh protoc etcd promtool
