@@ -23,6 +23,9 @@ install() { # install PACKAGE COMMAND
             apt_updated=1
         fi
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$package" >/dev/null
+        # The downloaded .debs are not needed once installed; the build
+        # that follows wants the disk.
+        apt-get clean
     fi
     command -v "$cmd" >/dev/null \
         || die "$cmd not found: install it with 'sudo apt-get install $package' (or your system's $package package)"

@@ -38,7 +38,7 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 step "installing tests/python/requirements.txt"
-.venv/bin/python -m pip install --disable-pip-version-check -q -r tests/python/requirements.txt
+.venv/bin/python -m pip install --disable-pip-version-check --no-cache-dir -q -r tests/python/requirements.txt
 
 # --- Rust ---------------------------------------------------------------------
 step "cargo fmt --check"

@@ -137,7 +137,7 @@ impl InProcess {
             .tokens()
             .create(
                 isdp_control_plane::tokens::Role::Admin,
-                Vec::new(),
+                isdp_control_plane::tokens::Scope::default(),
                 "bench".into(),
                 None,
             )

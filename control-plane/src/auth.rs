@@ -6,7 +6,8 @@
 //! for that one service). [`required`] maps each method path to what it
 //! needs; [`AuthLayer`] applies that in front of the whole router and puts
 //! the principal into the request's extensions, where handlers that scope
-//! by service (`Certificates/Sign`, `Sidecar/Session`) find it.
+//! by service (`Certificates/Sign`, `Sidecar/Session`) find it, and the
+//! xDS server derives each stream's [`ReadScope`] from it.
 //!
 //! # Layout
 //! - `layer`: the tower layer.
@@ -27,6 +28,9 @@ pub struct Principal {
     pub role: Role,
     /// Join principals: the services they may act as.
     pub services: Vec<String>,
+    /// Join principals: the services they may discover besides their own;
+    /// `None` reads every service.
+    pub upstreams: Option<Vec<String>>,
 }
 
 impl Principal {
@@ -50,6 +54,75 @@ impl Principal {
             self.id,
             self.services.join(", ")
         )))
+    }
+}
+
+/// What a caller may subscribe to over xDS. Operators, and join tokens
+/// minted without `upstreams`, read everything; a scoped join principal
+/// reads the trust bundle, its own services' resources, and the endpoints
+/// and traffic policies of its upstreams, nothing more.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadScope {
+    All,
+    Only {
+        who: String,
+        services: Vec<String>,
+        upstreams: Vec<String>,
+    },
+}
+
+impl ReadScope {
+    pub fn of(principal: Option<&Principal>) -> Self {
+        match principal {
+            Some(
+                p @ Principal {
+                    role: Role::Join,
+                    upstreams: Some(upstreams),
+                    ..
+                },
+            ) => ReadScope::Only {
+                who: p.id.clone(),
+                services: p.services.clone(),
+                upstreams: upstreams.clone(),
+            },
+            _ => ReadScope::All,
+        }
+    }
+
+    /// Whether the resource `name` of `type_url` may be sent.
+    pub fn allows(&self, type_url: &str, name: &str) -> bool {
+        use isdp_proto::v1::{AUTHORIZATION_POLICY_TYPE_URL, TRUST_BUNDLE_TYPE_URL};
+        let ReadScope::Only {
+            services,
+            upstreams,
+            ..
+        } = self
+        else {
+            return true;
+        };
+        let own = services.iter().any(|s| s == name);
+        match type_url {
+            TRUST_BUNDLE_TYPE_URL => true,
+            // Who may call a service is that service's business.
+            AUTHORIZATION_POLICY_TYPE_URL => own,
+            _ => own || upstreams.iter().any(|s| s == name),
+        }
+    }
+
+    /// Why a subscription to `name` was refused, for the log.
+    pub fn refusal(&self, type_url: &str, name: &str) -> String {
+        match self {
+            ReadScope::All => String::new(),
+            ReadScope::Only {
+                who,
+                services,
+                upstreams,
+            } => format!(
+                "join token {who} may not read {name:?} of {type_url} (its services: {}; its upstreams: {})",
+                services.join(", "),
+                upstreams.join(", ")
+            ),
+        }
     }
 }
 
@@ -180,6 +253,7 @@ mod tests {
             id: "t".into(),
             role: Role::Join,
             services: vec!["web".into()],
+            upstreams: None,
         };
         assert!(p.may_act_as("web"));
         assert!(p.check_service("Sign", "payments").is_err());
@@ -189,5 +263,42 @@ mod tests {
             ..p
         };
         assert!(admin.may_act_as("payments"));
+    }
+
+    #[test]
+    fn read_scope() {
+        use isdp_proto::v1::{
+            AUTHORIZATION_POLICY_TYPE_URL as AUTHZ, SERVICE_ENDPOINTS_TYPE_URL as EPS,
+            TRAFFIC_POLICY_TYPE_URL as TRAFFIC, TRUST_BUNDLE_TYPE_URL as BUNDLE,
+        };
+        let join = Principal {
+            id: "t".into(),
+            role: Role::Join,
+            services: vec!["web".into()],
+            upstreams: Some(vec!["payments".into()]),
+        };
+        let scope = ReadScope::of(Some(&join));
+        assert!(scope.allows(BUNDLE, "mesh"));
+        assert!(scope.allows(EPS, "payments"));
+        assert!(scope.allows(TRAFFIC, "payments"));
+        assert!(scope.allows(EPS, "web"));
+        assert!(scope.allows(AUTHZ, "web"));
+        assert!(!scope.allows(AUTHZ, "payments"), "another service's rules");
+        assert!(!scope.allows(EPS, "billing"));
+        assert!(!scope.allows(TRAFFIC, "billing"));
+        let why = scope.refusal(EPS, "billing");
+        assert!(why.contains("billing") && why.contains("payments"), "{why}");
+
+        let unscoped = Principal {
+            upstreams: None,
+            ..join.clone()
+        };
+        assert_eq!(ReadScope::of(Some(&unscoped)), ReadScope::All);
+        let admin = Principal {
+            role: Role::Admin,
+            ..join
+        };
+        assert_eq!(ReadScope::of(Some(&admin)), ReadScope::All);
+        assert!(ReadScope::All.allows(AUTHZ, "anything"));
     }
 }

@@ -103,6 +103,10 @@ pub struct Token {
     pub role: Role,
     #[serde(default)]
     pub services: Vec<String>,
+    /// Join tokens: the services the holder may discover besides its own;
+    /// empty reads every service (as before the field existed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstreams: Vec<String>,
     #[serde(default)]
     pub description: String,
     pub created_at_unix_ms: i64,
@@ -123,6 +127,7 @@ impl Token {
             id: self.id.clone(),
             role: self.role.to_proto() as i32,
             services: self.services.clone(),
+            upstreams: self.upstreams.clone(),
             description: self.description.clone(),
             created_at_unix_ms: self.created_at_unix_ms,
             expires_at_unix_ms: self.expires_at_unix_ms,
@@ -145,29 +150,56 @@ pub fn id_of_secret(secret: &str) -> Option<&str> {
     (id.len() == 16 && !tail.is_empty()).then_some(id)
 }
 
+/// What a join token may act as and read; empty for other roles.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// The services the holder may sign for, register and own sessions of.
+    pub services: Vec<String>,
+    /// The services it may discover besides its own; empty: every one.
+    pub upstreams: Vec<String>,
+}
+
+impl Scope {
+    /// A join scope over `services`, reading every service.
+    pub fn services(services: Vec<String>) -> Self {
+        Scope {
+            services,
+            upstreams: Vec::new(),
+        }
+    }
+}
+
 /// Mints a token and its secret; nothing is stored.
 pub fn mint(
     role: Role,
-    services: Vec<String>,
+    scope: Scope,
     description: String,
     ttl: Option<Duration>,
     now_unix_ms: i64,
 ) -> Result<(Token, String), TokenError> {
+    let Scope {
+        services,
+        upstreams,
+    } = scope;
     if role == Role::Join {
         if services.is_empty() {
             return Err(TokenError::Invalid(
                 "a join token needs at least one service".into(),
             ));
         }
-    } else if !services.is_empty() {
+    } else if !services.is_empty() || !upstreams.is_empty() {
         return Err(TokenError::Invalid(format!(
-            "services apply to join tokens only (role is {})",
+            "services and upstreams apply to join tokens only (role is {})",
             role.name()
         )));
     }
     for s in &services {
         isdp_sidecar::config::check_dns_label(s)
             .map_err(|e| TokenError::Invalid(format!("service: {e}")))?;
+    }
+    for s in &upstreams {
+        isdp_sidecar::config::check_dns_label(s)
+            .map_err(|e| TokenError::Invalid(format!("upstream: {e}")))?;
     }
     let id_bytes: [u8; 8] = rand::random();
     let id: String = id_bytes.iter().map(|b| format!("{b:02x}")).collect();
@@ -180,6 +212,7 @@ pub fn mint(
         id,
         role,
         services,
+        upstreams,
         description,
         created_at_unix_ms: now_unix_ms,
         expires_at_unix_ms: ttl.map_or(0, |t| now_unix_ms + t.as_millis() as i64),
@@ -252,11 +285,11 @@ impl Tokens {
     pub async fn create(
         &self,
         role: Role,
-        services: Vec<String>,
+        scope: Scope,
         description: String,
         ttl: Option<Duration>,
     ) -> Result<(Token, String), TokenError> {
-        let (token, secret) = mint(role, services, description, ttl, unix_ms())?;
+        let (token, secret) = mint(role, scope, description, ttl, unix_ms())?;
         let key = format!("{}{}", self.shared.prefix, token.id);
         let value = serde_json::to_vec(&token).unwrap_or_default();
         let outcome = self
@@ -305,7 +338,12 @@ impl Tokens {
             return Ok(());
         }
         let (token, secret) = self
-            .create(Role::Admin, Vec::new(), "bootstrap admin".into(), None)
+            .create(
+                Role::Admin,
+                Scope::default(),
+                "bootstrap admin".into(),
+                None,
+            )
             .await?;
         let path = data_dir.join(ADMIN_TOKEN_FILE);
         write_secret(&path, &secret).map_err(|source| TokenError::Write {
@@ -373,7 +411,7 @@ mod tests {
 
     #[test]
     fn secrets_are_hashed_and_carry_their_id() {
-        let (t, secret) = mint(Role::Read, vec![], "x".into(), None, 1000).unwrap();
+        let (t, secret) = mint(Role::Read, Scope::default(), "x".into(), None, 1000).unwrap();
         assert!(secret.starts_with("isdp_"));
         assert_eq!(id_of_secret(&secret), Some(t.id.as_str()));
         assert_eq!(t.secret_sha256, hash_secret(&secret));
@@ -387,7 +425,7 @@ mod tests {
     fn expiry() {
         let (t, _) = mint(
             Role::Write,
-            vec![],
+            Scope::default(),
             String::new(),
             Some(Duration::from_secs(1)),
             1000,
@@ -396,7 +434,7 @@ mod tests {
         assert_eq!(t.expires_at_unix_ms, 2000);
         assert!(!t.expired(1999));
         assert!(t.expired(2000));
-        let (forever, _) = mint(Role::Write, vec![], String::new(), None, 1000).unwrap();
+        let (forever, _) = mint(Role::Write, Scope::default(), String::new(), None, 1000).unwrap();
         assert!(!forever.expired(i64::MAX));
     }
 
@@ -409,10 +447,49 @@ mod tests {
         assert!(!Role::Write.includes(Role::Admin));
         assert!(!Role::Join.includes(Role::Read));
         assert!(!Role::Admin.includes(Role::Join));
-        assert!(mint(Role::Join, vec![], String::new(), None, 0).is_err());
-        assert!(mint(Role::Read, vec!["web".into()], String::new(), None, 0).is_err());
-        assert!(mint(Role::Join, vec!["Bad_Name".into()], String::new(), None, 0).is_err());
-        assert!(mint(Role::Join, vec!["web".into()], String::new(), None, 0).is_ok());
+        assert!(mint(Role::Join, Scope::default(), String::new(), None, 0).is_err());
+        assert!(
+            mint(
+                Role::Read,
+                Scope::services(vec!["web".into()]),
+                String::new(),
+                None,
+                0
+            )
+            .is_err()
+        );
+        assert!(
+            mint(
+                Role::Join,
+                Scope::services(vec!["Bad_Name".into()]),
+                String::new(),
+                None,
+                0
+            )
+            .is_err()
+        );
+        assert!(
+            mint(
+                Role::Join,
+                Scope::services(vec!["web".into()]),
+                String::new(),
+                None,
+                0
+            )
+            .is_ok()
+        );
+        let scoped = |role, upstream: &str| {
+            let scope = Scope {
+                services: vec!["web".into()],
+                upstreams: vec![upstream.into()],
+            };
+            mint(role, scope, String::new(), None, 0)
+        };
+        let (t, _) = scoped(Role::Join, "payments").unwrap();
+        assert_eq!(t.info().upstreams, ["payments"]);
+        let err = scoped(Role::Join, "Not A Name").unwrap_err().to_string();
+        assert!(err.contains("upstream"), "{err}");
+        assert!(scoped(Role::Write, "payments").is_err());
     }
 
     #[tokio::test]
@@ -440,7 +517,7 @@ mod tests {
         assert_eq!(tokens.list().len(), 1);
 
         let (read, secret) = tokens
-            .create(Role::Read, vec![], "ci".into(), None)
+            .create(Role::Read, Scope::default(), "ci".into(), None)
             .await
             .unwrap();
         assert_eq!(tokens.verify(&secret).unwrap().id, read.id);

@@ -18,11 +18,14 @@
 //! - `resource`: encoded resources and response assembly from shared bytes.
 //! - `codec`: the gRPC codec that sends those pre-encoded bytes as is.
 //! - `sotw`, `delta`: the per-stream protocol state machines (pure, no I/O).
+//! - `scope`: what a stream's caller may subscribe to; other names are
+//!   treated as absent (and logged), a wildcard is refused.
 //! - `server`: the tonic service that drives streams, plus stream hooks.
 
 mod codec;
 mod delta;
 pub mod resource;
+mod scope;
 pub mod server;
 mod sotw;
 

@@ -50,7 +50,15 @@ impl tokens_server::Tokens for TokensApi {
         let ttl = (r.ttl_seconds > 0).then(|| Duration::from_secs(r.ttl_seconds));
         let (token, secret) = self
             .tokens
-            .create(role, r.services, r.description, ttl)
+            .create(
+                role,
+                crate::tokens::Scope {
+                    services: r.services,
+                    upstreams: r.upstreams,
+                },
+                r.description,
+                ttl,
+            )
             .await
             .map_err(status)?;
         tracing::info!(id = %token.id, role = role.name(), by = %by, "created a token");

@@ -84,6 +84,7 @@ impl<S> Auth<S> {
             return Ok(Principal {
                 id: token.id,
                 role: token.role,
+                upstreams: (!token.upstreams.is_empty()).then_some(token.upstreams),
                 services: token.services,
             });
         }
@@ -94,6 +95,9 @@ impl<S> Auth<S> {
                 id,
                 role: crate::tokens::Role::Join,
                 services: vec![service],
+                // A certificate names its service and nothing it may call:
+                // over xDS it reads that service's own resources only.
+                upstreams: Some(Vec::new()),
             });
         }
         Err(Status::unauthenticated(MISSING))

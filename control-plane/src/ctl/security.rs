@@ -23,6 +23,10 @@ pub enum TokenCommand {
         /// A service a join token may act as; repeat for more.
         #[arg(long = "service")]
         services: Vec<String>,
+        /// A service a join token may discover over xDS besides its own;
+        /// repeat for more. Without any, the token reads every service.
+        #[arg(long = "upstream")]
+        upstreams: Vec<String>,
         /// Expire after this long, e.g. 1h; never when omitted.
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
@@ -67,6 +71,7 @@ pub async fn token(
         TokenCommand::Create {
             role: r,
             services,
+            upstreams,
             ttl,
             description,
         } => {
@@ -74,6 +79,7 @@ pub async fn token(
                 .create(CreateTokenRequest {
                     role: role(&r).to_proto() as i32,
                     services,
+                    upstreams,
                     description,
                     ttl_seconds: ttl.map_or(0, |t| t.as_secs().max(1)),
                 })
@@ -113,7 +119,7 @@ pub async fn token(
                     let _ = writeln!(
                         out,
                         "{:<18} {:<6} {:<20} {:<14} DESCRIPTION",
-                        "ID", "ROLE", "SERVICES", "EXPIRES"
+                        "ID", "ROLE", "SCOPE", "EXPIRES"
                     );
                     for t in &resp.tokens {
                         let expires = if t.expires_at_unix_ms == 0 {
@@ -134,7 +140,7 @@ pub async fn token(
                             "{:<18} {:<6} {:<20} {:<14} {}",
                             t.id,
                             role_name(t.role),
-                            t.services.join(","),
+                            scope(t),
                             expires,
                             t.description
                         );
@@ -211,11 +217,21 @@ fn role_name(r: i32) -> &'static str {
     Role::from_proto(r).map_or("?", Role::name)
 }
 
+/// A join token's services, and the upstreams it is narrowed to.
+fn scope(t: &TokenInfo) -> String {
+    if t.upstreams.is_empty() {
+        t.services.join(",")
+    } else {
+        format!("{}->{}", t.services.join(","), t.upstreams.join(","))
+    }
+}
+
 fn token_json(t: &TokenInfo) -> serde_json::Value {
     json!({
         "id": t.id,
         "role": role_name(t.role),
         "services": t.services,
+        "upstreams": t.upstreams,
         "description": t.description,
         "created_at_unix_ms": t.created_at_unix_ms,
         "expires_at_unix_ms": t.expires_at_unix_ms,

@@ -10,13 +10,16 @@ use std::{
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use tonic::Status;
 
+use crate::auth::ReadScope;
+
 use super::{
-    Cache, Subscriptions, TypeCache, WILDCARD, resource::delta_response, server::StreamEvent,
-    sotw::unknown_type,
+    Cache, Subscriptions, TypeCache, WILDCARD, resource::delta_response, scope::Scope,
+    server::StreamEvent, sotw::unknown_type,
 };
 
 pub(super) struct DeltaStream {
     cache: Cache,
+    scope: Scope,
     subs: Subscriptions,
     types: HashMap<Arc<str>, TypeState>,
 }
@@ -43,8 +46,9 @@ struct Pending {
 }
 
 impl DeltaStream {
-    pub(super) fn new(cache: Cache) -> Self {
+    pub(super) fn new(cache: Cache, scope: ReadScope) -> Self {
         DeltaStream {
+            scope: Scope::new(scope),
             subs: Subscriptions::new(cache.clone()),
             cache,
             types: HashMap::new(),
@@ -126,8 +130,15 @@ impl DeltaStream {
             } else {
                 st.names.insert(n.clone());
                 st.dirty.insert(n.clone());
-                self.subs.add(&tc, n);
+                // Outside the caller's scope: answered as absent, never
+                // watched, so its changes do not even wake the stream.
+                if !self.scope.refuses(&type_url, n) {
+                    self.subs.add(&tc, n);
+                }
             }
+        }
+        if st.wildcard {
+            self.scope.wildcard(&type_url)?;
         }
         if st.wildcard
             && !self
@@ -168,7 +179,11 @@ impl DeltaStream {
                 continue;
             }
             let known = st.known.get(&name);
-            match st.tc.get(&name) {
+            let visible = st
+                .tc
+                .get(&name)
+                .filter(|_| self.scope.allows(type_url, &name));
+            match visible {
                 Some(r) if known == Some(&r.version) => {}
                 Some(r) => {
                     st.known.insert(name, r.version.clone());

@@ -18,6 +18,7 @@ use tonic::{Status, Streaming, body::Body, codegen::BoxFuture, server::NamedServ
 use tracing::Instrument as _;
 
 use super::{Cache, Wake, codec::PreEncodedCodec, delta::DeltaStream, sotw::SotwStream};
+use crate::auth::{Principal, ReadScope};
 
 const SOTW_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
@@ -120,7 +121,7 @@ impl NamedService for AdsService {
 trait Protocol: Send + 'static {
     type Request: prost::Message + Default + Send + 'static;
     const DELTA: bool;
-    fn new(cache: Cache) -> Self;
+    fn new(cache: Cache, scope: ReadScope) -> Self;
     fn node_id(req: &Self::Request) -> Option<&str>;
     fn on_request(&mut self, req: Self::Request, out: &mut Vec<StreamEvent>) -> Result<(), Status>;
     fn on_wake(&mut self, out: &mut Vec<StreamEvent>);
@@ -130,8 +131,8 @@ trait Protocol: Send + 'static {
 impl Protocol for SotwStream {
     type Request = DiscoveryRequest;
     const DELTA: bool = false;
-    fn new(cache: Cache) -> Self {
-        SotwStream::new(cache)
+    fn new(cache: Cache, scope: ReadScope) -> Self {
+        SotwStream::new(cache, scope)
     }
     fn node_id(req: &DiscoveryRequest) -> Option<&str> {
         req.node.as_ref().map(|n| n.id.as_str())
@@ -154,8 +155,8 @@ impl Protocol for SotwStream {
 impl Protocol for DeltaStream {
     type Request = DeltaDiscoveryRequest;
     const DELTA: bool = true;
-    fn new(cache: Cache) -> Self {
-        DeltaStream::new(cache)
+    fn new(cache: Cache, scope: ReadScope) -> Self {
+        DeltaStream::new(cache, scope)
     }
     fn node_id(req: &DeltaDiscoveryRequest) -> Option<&str> {
         req.node.as_ref().map(|n| n.id.as_str())
@@ -188,8 +189,9 @@ impl<P: Protocol> tonic::server::StreamingService<P::Request> for Method<P> {
         let svc = self.0.clone();
         Box::pin(async move {
             let peer = request.remote_addr();
+            let scope = ReadScope::of(request.extensions().get::<Principal>());
             let (tx, rx) = mpsc::channel(4);
-            tokio::spawn(drive::<P>(svc, request.into_inner(), tx, peer));
+            tokio::spawn(drive::<P>(svc, request.into_inner(), tx, peer, scope));
             Ok(tonic::Response::new(ReceiverStream::new(rx)))
         })
     }
@@ -201,8 +203,9 @@ async fn drive<P: Protocol>(
     mut inbound: Streaming<P::Request>,
     tx: mpsc::Sender<Result<Bytes, Status>>,
     peer: Option<SocketAddr>,
+    scope: ReadScope,
 ) {
-    let mut proto = P::new(svc.cache.clone());
+    let mut proto = P::new(svc.cache.clone(), scope);
     let wake = proto.wake().clone();
     let mut shutdown = svc.shutdown.clone();
     let mut info: Option<StreamInfo> = None;

@@ -10,14 +10,18 @@ use std::{
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use tonic::Status;
 
+use crate::auth::ReadScope;
+
 use super::{
     Cache, Subscriptions, TypeCache, WILDCARD,
     resource::{set_version, sotw_response},
+    scope::Scope,
     server::StreamEvent,
 };
 
 pub(super) struct SotwStream {
     cache: Cache,
+    scope: Scope,
     subs: Subscriptions,
     types: HashMap<Arc<str>, TypeState>,
 }
@@ -40,8 +44,9 @@ struct TypeState {
 }
 
 impl SotwStream {
-    pub(super) fn new(cache: Cache) -> Self {
+    pub(super) fn new(cache: Cache, scope: ReadScope) -> Self {
         SotwStream {
+            scope: Scope::new(scope),
             subs: Subscriptions::new(cache.clone()),
             cache,
             types: HashMap::new(),
@@ -114,6 +119,13 @@ impl SotwStream {
             None
         } else {
             Some(req.resource_names.iter().cloned().collect())
+        };
+        let wanted = match wanted {
+            Some(names) => Some(self.scope.filter(&type_url, names)),
+            None => {
+                self.scope.wildcard(&type_url)?;
+                None
+            }
         };
         if wanted != st.names {
             let old: HashSet<String> = key_set(&st.names);

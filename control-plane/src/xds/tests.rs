@@ -12,6 +12,7 @@ use envoy_types::pb::{
 use prost::Message;
 
 use super::{Cache, delta::DeltaStream, server::StreamEvent, sotw::SotwStream};
+use crate::auth::ReadScope;
 
 const T: &str = "type.googleapis.com/test.Thing";
 
@@ -52,7 +53,7 @@ fn ack(nonce: &str) -> DeltaDiscoveryRequest {
 #[test]
 fn delta_subscribe_ack_nack_and_unsubscribe() {
     let c = cache();
-    let mut s = DeltaStream::new(c.clone());
+    let mut s = DeltaStream::new(c.clone(), ReadScope::All);
     let mut out = Vec::new();
     s.on_request(sub(&["a", "b"]), &mut out).unwrap();
     let r = delta_responses(&mut out);
@@ -119,7 +120,7 @@ fn delta_subscribe_ack_nack_and_unsubscribe() {
 fn delta_reconnect_resumes_from_known_versions() {
     let c = cache();
     let a = c.get(T, "a").unwrap();
-    let mut s = DeltaStream::new(c.clone());
+    let mut s = DeltaStream::new(c.clone(), ReadScope::All);
     let mut out = Vec::new();
     let mut req = sub(&["a", "c"]);
     req.initial_resource_versions = HashMap::from([
@@ -141,7 +142,7 @@ fn delta_reconnect_resumes_from_known_versions() {
 #[test]
 fn delta_wildcard_sees_every_resource() {
     let c = cache();
-    let mut s = DeltaStream::new(c.clone());
+    let mut s = DeltaStream::new(c.clone(), ReadScope::All);
     let mut out = Vec::new();
     s.on_request(sub(&[]), &mut out).unwrap();
     let r = delta_responses(&mut out);
@@ -176,7 +177,7 @@ fn sotw(names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
 #[test]
 fn sotw_full_state_versions_and_stale_nonces() {
     let c = cache();
-    let mut s = SotwStream::new(c.clone());
+    let mut s = SotwStream::new(c.clone(), ReadScope::All);
     let mut out = Vec::new();
     s.on_request(sotw(&["a"], "", ""), &mut out).unwrap();
     let r = sotw_responses(&mut out);
@@ -214,7 +215,7 @@ fn sotw_full_state_versions_and_stale_nonces() {
     assert!(out.is_empty());
 
     // A reconnecting client holding the current version gets nothing new.
-    let mut again = SotwStream::new(c.clone());
+    let mut again = SotwStream::new(c.clone(), ReadScope::All);
     again
         .on_request(sotw(&["a", "c"], &v2, ""), &mut out)
         .unwrap();
@@ -226,7 +227,7 @@ fn sotw_full_state_versions_and_stale_nonces() {
 
 #[test]
 fn unknown_types_are_refused_with_the_served_list() {
-    let mut s = SotwStream::new(cache());
+    let mut s = SotwStream::new(cache(), ReadScope::All);
     let err = s
         .on_request(
             DiscoveryRequest {
@@ -238,4 +239,60 @@ fn unknown_types_are_refused_with_the_served_list() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains(T));
+}
+
+#[test]
+fn a_scoped_stream_sees_forbidden_names_as_absent() {
+    // The test type is neither the trust bundle nor an authorization
+    // policy: like endpoints, the scope allows own services and upstreams.
+    let scope = ReadScope::Only {
+        who: "t1".into(),
+        services: vec!["web".into()],
+        upstreams: vec!["a".into()],
+    };
+    let c = cache();
+    let mut s = DeltaStream::new(c.clone(), scope.clone());
+    let mut out = Vec::new();
+    s.on_request(sub(&["a", "b", "c"]), &mut out).unwrap();
+    let r = delta_responses(&mut out);
+    let names: Vec<_> = r[0].resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["a"]);
+    // "c" exists and "b" does not: both read as absent.
+    let mut removed = r[0].removed_resources.clone();
+    removed.sort();
+    assert_eq!(removed, ["b", "c"]);
+    s.on_request(ack(&r[0].nonce), &mut out).unwrap();
+    c.set(T, "c", Bytes::from_static(b"c9"));
+    s.on_wake(&mut out);
+    assert!(
+        delta_responses(&mut out).is_empty(),
+        "a forbidden change wakes nothing"
+    );
+
+    let err = s.on_request(sub(&["*"]), &mut out).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+
+    let mut sotw = SotwStream::new(c.clone(), scope);
+    let req = DiscoveryRequest {
+        type_url: T.into(),
+        resource_names: vec!["a".into(), "c".into()],
+        ..Default::default()
+    };
+    sotw.on_request(req, &mut out).unwrap();
+    let sent: Vec<_> = out
+        .drain(..)
+        .filter_map(|e| match e {
+            StreamEvent::Response { bytes, .. } => Some(DiscoveryResponse::decode(bytes).unwrap()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].resources.len(), 1, "only the upstream a");
+    let wildcard = DiscoveryRequest {
+        type_url: T.into(),
+        resource_names: vec!["*".into()],
+        ..Default::default()
+    };
+    let err = sotw.on_request(wildcard, &mut out).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
 }

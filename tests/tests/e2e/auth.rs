@@ -463,3 +463,132 @@ async fn a_client_certificate_authenticates_as_its_service_and_ads_serves_the_bu
     assert_eq!(bundle.roots_der, signed.trust_bundle_der);
     drop(tx);
 }
+
+/// Opens a delta ADS stream on `ch` and returns its first answer (or the
+/// status that refused it).
+async fn first_delta<F: tonic::service::Interceptor>(
+    ch: Authed<F>,
+    type_url: &str,
+    names: &[&str],
+) -> Result<envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse, tonic::Status> {
+    let first = DeltaDiscoveryRequest {
+        node: Some(envoy_types::pb::envoy::config::core::v3::Node {
+            id: "scope-test".into(),
+            ..Default::default()
+        }),
+        type_url: type_url.into(),
+        resource_names_subscribe: names.iter().map(|n| n.to_string()).collect(),
+        ..Default::default()
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(first).await.unwrap();
+    let mut stream = AggregatedDiscoveryServiceClient::new(ch)
+        .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let resp = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .map_err(|_| tonic::Status::deadline_exceeded("no answer within 5 s"))??;
+    drop(tx);
+    resp.ok_or_else(|| tonic::Status::aborted("stream closed without an answer"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_scoped_to_its_upstreams_reads_only_those() {
+    use isdp_proto::v1::{SERVICE_ENDPOINTS_TYPE_URL, TRUST_BUNDLE_NAME, TRUST_BUNDLE_TYPE_URL};
+
+    let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
+    for (service, port) in [("payments", "8080"), ("billing", "8081")] {
+        cp.ctl_ok(&[
+            "register",
+            "--service",
+            service,
+            "--address",
+            "127.0.0.1",
+            "--port",
+            port,
+        ])
+        .await;
+    }
+
+    // Upstreams narrow join tokens only, and must be service names.
+    for (args, want) in [
+        (
+            &["--role", "read", "--upstream", "payments"][..],
+            "upstreams apply to join tokens only",
+        ),
+        (
+            &[
+                "--role",
+                "join",
+                "--service",
+                "web",
+                "--upstream",
+                "Bad_Name",
+            ][..],
+            "upstream",
+        ),
+    ] {
+        let mut all = vec!["token", "create"];
+        all.extend_from_slice(args);
+        let out = cp.ctl(&all).await;
+        assert!(!out.status.success(), "token create {args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("InvalidArgument") && err.contains(want),
+            "{err}"
+        );
+    }
+
+    let token = create_token(
+        &cp,
+        &[
+            "--role",
+            "join",
+            "--service",
+            "web",
+            "--upstream",
+            "payments",
+        ],
+    )
+    .await;
+    let listed: serde_json::Value =
+        serde_json::from_str(&cp.ctl_ok(&["-o", "json", "token", "list"]).await).unwrap();
+    let scoped = listed
+        .as_array()
+        .and_then(|all| all.iter().find(|t| t["role"] == "join"))
+        .expect("the join token is listed");
+    assert_eq!(scoped["upstreams"], serde_json::json!(["payments"]));
+
+    let channel = cp.channel().await;
+    let ch = || InterceptedService::new(channel.clone(), bearer(&token));
+    // Both exist; billing is outside the token and reads as absent.
+    let resp = first_delta(ch(), SERVICE_ENDPOINTS_TYPE_URL, &["payments", "billing"])
+        .await
+        .expect("ADS opens for a scoped join token");
+    let names: Vec<_> = resp.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["payments"]);
+    assert_eq!(resp.removed_resources, ["billing"]);
+    // The trust bundle is for everyone.
+    let resp = first_delta(ch(), TRUST_BUNDLE_TYPE_URL, &[TRUST_BUNDLE_NAME])
+        .await
+        .expect("the bundle");
+    assert_eq!(resp.resources.len(), 1);
+    // A wildcard would reach every service: refused, naming the token.
+    let err = first_delta(ch(), SERVICE_ENDPOINTS_TYPE_URL, &["*"])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("subscribe by name"), "{err}");
+
+    // A join token minted without upstreams reads every service.
+    let open = create_token(&cp, &["--role", "join", "--service", "web"]).await;
+    let resp = first_delta(
+        InterceptedService::new(channel.clone(), bearer(&open)),
+        SERVICE_ENDPOINTS_TYPE_URL,
+        &["payments", "billing"],
+    )
+    .await
+    .expect("ADS for an unscoped join token");
+    assert_eq!(resp.resources.len(), 2);
+}
