@@ -146,7 +146,7 @@ impl InProcess {
         let auth = ControlAuth {
             ca_pem: Some(server.ca().roots().bundle_pem()),
             token: Some(token),
-            identity: None,
+            identity: Default::default(),
             learned: Default::default(),
         };
         let (stop, stop_rx) = watch::channel(false);
@@ -192,7 +192,7 @@ pub fn auth_from_dir(dir: &Path) -> anyhow::Result<ControlAuth> {
     Ok(ControlAuth {
         ca_pem: Some(read("ca.pem")?),
         token: Some(read("admin.token")?.trim().to_owned()),
-        identity: None,
+        identity: Default::default(),
         learned: Default::default(),
     })
 }

@@ -6,6 +6,7 @@
 //! # Layout
 //! - `issue`: pure issuance (roots, leaves from CSRs, the server cert).
 //! - `roots`: the stored form of the roots and the rotate/prune rules.
+//! - `scope`: the read scope (upstreams) a leaf carries from its join token.
 //!
 //! Replicas follow `<prefix>ca/roots` by re-reading it every second (one
 //! small key; simpler than a watch stream with resync, and a rotation is
@@ -14,6 +15,7 @@
 
 mod issue;
 mod roots;
+pub mod scope;
 #[cfg(test)]
 mod tests;
 
@@ -162,6 +164,7 @@ impl Ca {
         service: &str,
         csr_der: &[u8],
         lifetime_seconds: u64,
+        upstreams: Option<&[String]>,
     ) -> Result<SignResponse, CaError> {
         isdp_sidecar::config::check_dns_label(service)
             .map_err(|e| CaError::Invalid(format!("service: {e}")))?;
@@ -183,6 +186,7 @@ impl Ca {
             service,
             csr_der,
             lifetime,
+            upstreams,
             now(),
         )?;
         Ok(SignResponse {

@@ -185,7 +185,7 @@ fn credentials(cli: &Cli) -> Result<ControlAuth, CtlError> {
     Ok(ControlAuth {
         ca_pem,
         token: token.filter(|t| !t.is_empty()),
-        identity: None,
+        identity: Default::default(),
         learned: Default::default(),
     })
 }

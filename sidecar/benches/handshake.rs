@@ -179,7 +179,7 @@ async fn mesh_client(
     let auth = isdp_sidecar::dial::ControlAuth {
         ca_pem: Some(details.ca_pem.clone()),
         token: Some(details.admin_token.clone()),
-        identity: None,
+        identity: Default::default(),
         learned: Default::default(),
     };
     let channel = isdp_sidecar::dial::connect(&details.grpc_url, &auth).await?;

@@ -16,6 +16,8 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
+use crate::identity::ChainPem;
+
 /// A channel to the control plane whose every call carries the credentials.
 pub type ControlChannel = InterceptedService<Channel, Credentials>;
 
@@ -27,15 +29,38 @@ pub struct ControlAuth {
     pub ca_pem: Option<String>,
     /// Bearer token sent as `authorization` on every call.
     pub token: Option<String>,
-    /// Client certificate chain and key (PEM) to present on the handshake,
-    /// for when a sidecar authenticates with its mesh certificate. Callers
-    /// pass `None` for now.
-    pub identity: Option<(String, String)>,
+    /// The client certificate presented on the handshake: the sidecar's
+    /// current workload certificate (`lib.rs` keeps it current), so once
+    /// it holds one it authenticates with it as well as with its token,
+    /// and a revoked or expired join token no longer cuts it off.
+    pub identity: ClientIdentity,
     /// The trust bundle as last received over xDS, trusted beside
     /// `ca_pem`: after a root rotation the control plane's certificate
     /// comes from the new root, which the CA file (read at start) lacks.
     /// Clones share it; `lib.rs` keeps it current.
     pub learned: LearnedRoots,
+}
+
+/// The client certificate to present, read at each dial; a cheap shared
+/// handle, empty until the first certificate.
+#[derive(Clone, Debug, Default)]
+pub struct ClientIdentity(Arc<RwLock<Option<ChainPem>>>);
+
+impl ClientIdentity {
+    /// Always this chain and key.
+    pub fn fixed(pem: ChainPem) -> Self {
+        ClientIdentity(Arc::new(RwLock::new(Some(pem))))
+    }
+
+    pub fn replace(&self, pem: Option<ChainPem>) {
+        if let Ok(mut held) = self.0.write() {
+            *held = pem;
+        }
+    }
+
+    fn current(&self) -> Option<ChainPem> {
+        self.0.read().ok().and_then(|p| p.clone())
+    }
 }
 
 /// Roots (DER) learned after start; a cheap shared handle.
@@ -52,19 +77,20 @@ impl LearnedRoots {
     /// Every learned root as PEM, for tonic's TLS settings.
     fn pem(&self) -> Vec<String> {
         let held = self.0.read().map(|r| r.clone()).unwrap_or_default();
-        held.iter()
-            .map(|der| {
-                let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-                let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
-                for line in b64.as_bytes().chunks(64) {
-                    pem.push_str(std::str::from_utf8(line).unwrap_or_default());
-                    pem.push('\n');
-                }
-                pem.push_str("-----END CERTIFICATE-----\n");
-                pem
-            })
-            .collect()
+        held.iter().map(|der| der_to_pem(der)).collect()
     }
+}
+
+/// A DER certificate as PEM.
+pub fn der_to_pem(der: &[u8]) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
 }
 
 /// Adds `authorization: Bearer <token>` to every request.
@@ -174,8 +200,8 @@ pub async fn connect(url: &str, auth: &ControlAuth) -> Result<ControlChannel, Di
         for root in auth.learned.pem() {
             tls = tls.ca_certificate(Certificate::from_pem(root));
         }
-        if let Some((chain, key)) = &auth.identity {
-            tls = tls.identity(Identity::from_pem(chain, key));
+        if let Some(pem) = auth.identity.current() {
+            tls = tls.identity(Identity::from_pem(pem.chain, pem.key));
         }
         endpoint = endpoint
             .tls_config(tls)

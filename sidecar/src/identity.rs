@@ -57,7 +57,17 @@ pub struct Identity {
     pub trust_domain: String,
     /// Chain and private key, ready for rustls.
     pub key: Arc<CertifiedKey>,
+    /// The same chain and key as PEM, for tonic's client TLS: the sidecar
+    /// presents its certificate when it dials the control plane.
+    pub pem: Option<ChainPem>,
     pub not_after: SystemTime,
+}
+
+/// A certificate chain and its private key, PEM-encoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainPem {
+    pub chain: String,
+    pub key: String,
 }
 
 /// Every identity currently held, published after each change.

@@ -118,7 +118,7 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
             None => None,
         },
         token: config.join_token.clone(),
-        identity: None,
+        identity: dial::ClientIdentity::default(),
         learned: dial::LearnedRoots::default(),
     };
     let session = session::Session::new(&config);
@@ -178,6 +178,11 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
         shutdown.clone(),
     );
     tasks.push(identity_task);
+    tasks.push(tokio::spawn(present_identity(
+        identities.clone(),
+        auth.identity.clone(),
+        shutdown.clone(),
+    )));
     let (tls_contexts, tls_task) =
         proxy::transport::follow(identities.clone(), snapshots.clone(), shutdown.clone());
     tasks.push(tls_task);
@@ -275,6 +280,27 @@ async fn learn_roots(
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
             changed = snapshots.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Keeps the client certificate the control-plane dialer presents at the
+/// sidecar's primary identity: from its first certificate on, every new
+/// connection to the control plane authenticates with it too.
+async fn present_identity(
+    mut identities: watch::Receiver<std::sync::Arc<identity::Identities>>,
+    presented: dial::ClientIdentity,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let pem = identities
+            .borrow_and_update()
+            .primary()
+            .and_then(|id| id.pem.clone());
+        presented.replace(pem);
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            changed = identities.changed() => if changed.is_err() { return },
         }
     }
 }

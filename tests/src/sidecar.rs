@@ -98,6 +98,8 @@ pub struct SidecarToml {
     node_id: String,
     control_plane: Vec<String>,
     sections: String,
+    /// Overrides the harness's admin token (accepted as a join token).
+    join_token: Option<String>,
 }
 
 // === impl SidecarToml ===
@@ -108,7 +110,14 @@ impl SidecarToml {
             node_id: node_id.to_owned(),
             control_plane: vec![control_plane_url.to_owned()],
             sections: String::new(),
+            join_token: None,
         }
+    }
+
+    /// Joins with `token` instead of the control plane's admin token.
+    pub fn join_token(mut self, token: &str) -> Self {
+        self.join_token = Some(token.to_owned());
+        self
     }
 
     /// Replaces the control-plane URLs: the sidecar starts with the first
@@ -172,7 +181,7 @@ impl SidecarToml {
             Some(c) => format!(
                 "ca_file = {:?}\njoin_token = {:?}\n",
                 c.ca_file.display().to_string(),
-                c.admin_token
+                self.join_token.as_deref().unwrap_or(&c.admin_token)
             ),
             None => String::new(),
         };

@@ -45,7 +45,12 @@ impl certificates_server::Certificates for CertificatesApi {
         p.check_service("Certificates/Sign", &r.service)?;
         let signed = self
             .ca
-            .sign(&r.service, &r.csr_der, r.lifetime_seconds)
+            .sign(
+                &r.service,
+                &r.csr_der,
+                r.lifetime_seconds,
+                p.upstreams.as_deref(),
+            )
             .map_err(status)?;
         tracing::info!(service = %r.service, principal = %p.id, not_after_unix_ms = signed.not_after_unix_ms, "signed a certificate");
         Ok(Response::new(signed))

@@ -67,26 +67,17 @@ impl<S> Auth<S> {
         Ok(Some(principal))
     }
 
+    /// The bearer token if it is valid; otherwise the client certificate's
+    /// SPIFFE ID, so a sidecar that joined with a token and has since been
+    /// certified keeps working when that token expires or is revoked (its
+    /// certificate then lapses at its own expiry unless renewed).
     fn authenticate<B>(&self, req: &http::Request<B>) -> Result<Principal, Status> {
-        if let Some(value) = req.headers().get(http::header::AUTHORIZATION) {
-            let secret = value
-                .to_str()
-                .ok()
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::trim)
-                .ok_or_else(|| {
-                    Status::unauthenticated("malformed authorization: expected `Bearer <token>`")
-                })?;
-            let token = self
-                .tokens
-                .verify(secret)
-                .ok_or_else(|| Status::unauthenticated("unknown, expired or revoked token"))?;
-            return Ok(Principal {
-                id: token.id,
-                role: token.role,
-                upstreams: (!token.upstreams.is_empty()).then_some(token.upstreams),
-                services: token.services,
-            });
+        let by_token = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .map(|value| self.token(value));
+        if let Some(Ok(principal)) = by_token {
+            return Ok(principal);
         }
         let peer = req.extensions().get::<PeerInfo>();
         if let Some(service) = peer.and_then(|p| p.service.clone()) {
@@ -95,12 +86,33 @@ impl<S> Auth<S> {
                 id,
                 role: crate::tokens::Role::Join,
                 services: vec![service],
-                // A certificate names its service and nothing it may call:
-                // over xDS it reads that service's own resources only.
-                upstreams: Some(Vec::new()),
+                // The scope of the token it was signed for, carried in the
+                // certificate.
+                upstreams: peer.and_then(|p| p.upstreams.clone()),
             });
         }
-        Err(Status::unauthenticated(MISSING))
+        Err(by_token.map_or_else(|| Status::unauthenticated(MISSING), |e| e.unwrap_err()))
+    }
+
+    fn token(&self, value: &http::HeaderValue) -> Result<Principal, Status> {
+        let secret = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| {
+                Status::unauthenticated("malformed authorization: expected `Bearer <token>`")
+            })?;
+        let token = self
+            .tokens
+            .verify(secret)
+            .ok_or_else(|| Status::unauthenticated("unknown, expired or revoked token"))?;
+        Ok(Principal {
+            id: token.id,
+            role: token.role,
+            upstreams: (!token.upstreams.is_empty()).then_some(token.upstreams),
+            services: token.services,
+        })
     }
 }
 

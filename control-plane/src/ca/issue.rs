@@ -91,6 +91,7 @@ pub fn sign_leaf(
     service: &str,
     csr_der: &[u8],
     lifetime: Duration,
+    upstreams: Option<&[String]>,
     now: OffsetDateTime,
 ) -> Result<Leaf, CaError> {
     let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
@@ -120,6 +121,11 @@ pub fn sign_leaf(
     params.not_after = now + lifetime;
     params.serial_number = Some(random_serial());
     params.use_authority_key_identifier_extension = true;
+    if let Some(upstreams) = upstreams {
+        params
+            .custom_extensions
+            .push(super::scope::extension(upstreams));
+    }
     let csr = CertificateSigningRequestParams {
         params,
         public_key: csr.public_key,

@@ -38,9 +38,11 @@ fn leaf_has_exactly_the_spiffe_id_and_ignores_csr_names() {
         "web",
         &csr,
         Duration::from_secs(30),
+        None,
         now,
     )
     .unwrap();
+    assert_eq!(super::scope::of_certificate(&leaf.cert_der), None);
     let names = sans(&leaf.cert_der);
     assert_eq!(
         names,
@@ -60,6 +62,34 @@ fn leaf_has_exactly_the_spiffe_id_and_ignores_csr_names() {
 }
 
 #[test]
+fn a_scoped_leaf_carries_its_upstreams() {
+    let now = OffsetDateTime::now_utc();
+    let root = issue::generate_root("isdp.local", now).unwrap();
+    let upstreams = vec!["payments".to_owned(), "billing".to_owned()];
+    let leaf = issue::sign_leaf(
+        &root,
+        "isdp.local",
+        "web",
+        &csr_with_names(&[]),
+        Duration::from_secs(30),
+        Some(&upstreams),
+        now,
+    )
+    .unwrap();
+    assert_eq!(
+        super::scope::of_certificate(&leaf.cert_der),
+        Some(upstreams)
+    );
+    // Still a valid SVID for rustls/webpki: the extension is not critical.
+    let (_, cert) = parse_x509_certificate(&leaf.cert_der).unwrap();
+    assert!(
+        cert.extensions()
+            .iter()
+            .all(|e| !e.critical || e.oid.to_id_string() != "1.3.6.1.4.1.61803.1.1")
+    );
+}
+
+#[test]
 fn garbage_csr_is_refused() {
     let root = issue::generate_root("isdp.local", OffsetDateTime::now_utc()).unwrap();
     let err = issue::sign_leaf(
@@ -68,6 +98,7 @@ fn garbage_csr_is_refused() {
         "web",
         b"not a csr",
         Duration::from_secs(30),
+        None,
         OffsetDateTime::now_utc(),
     )
     .unwrap_err();
@@ -119,20 +150,20 @@ async fn stored_root_is_shared_and_rotation_prunes() {
 
     // Lifetimes: default, capped, too short.
     let csr = csr_with_names(&[]);
-    let signed = a.sign("web", &csr, 0).unwrap();
+    let signed = a.sign("web", &csr, 0, None).unwrap();
     assert_eq!(signed.spiffe_id, "spiffe://isdp.local/svc/web");
     let life = signed.not_after_unix_ms - crate::ca::unix_ms();
     assert!((3_590_000..=3_600_000).contains(&life), "{life}");
-    let capped = a.sign("web", &csr, 999_999).unwrap();
+    let capped = a.sign("web", &csr, 999_999, None).unwrap();
     let life = capped.not_after_unix_ms - crate::ca::unix_ms();
     assert!(life <= 7_200_000, "{life}");
-    assert!(a.sign("web", &csr, 2).is_err());
-    assert!(a.sign("Not_A_Label", &csr, 0).is_err());
+    assert!(a.sign("web", &csr, 2, None).is_err());
+    assert!(a.sign("Not_A_Label", &csr, 0, None).is_err());
 
     let rotated = a.rotate(Duration::from_millis(300)).await.unwrap();
     assert_eq!(rotated.roots_der.len(), 2);
     assert_eq!(rotated.roots_der[1], first.roots_der[0]);
-    let signed = a.sign("web", &csr, 0).unwrap();
+    let signed = a.sign("web", &csr, 0, None).unwrap();
     let (_, leaf) = parse_x509_certificate(&signed.chain_der[0]).unwrap();
     let (_, new_root) = parse_x509_certificate(&rotated.roots_der[0]).unwrap();
     leaf.verify_signature(Some(new_root.public_key())).unwrap();

@@ -11,7 +11,7 @@ use rcgen::{CertificateParams, DnType, KeyPair};
 use rustls::pki_types::CertificateDer;
 use tokio::{sync::watch, time::Instant};
 
-use super::{Identities, Identity, IdentityError, Signer};
+use super::{ChainPem, Identities, Identity, IdentityError, Signer};
 use crate::{backoff::Backoff, proxy::transport::certified_key, proxy::transport::verify};
 
 /// How long one `Sign` call may take before it counts as failed.
@@ -137,6 +137,10 @@ impl Renewer {
                 response.spiffe_id
             )));
         }
+        let pem = ChainPem {
+            chain: chain.iter().map(|c| crate::dial::der_to_pem(c)).collect(),
+            key: key.serialize_pem(),
+        };
         let key = certified_key(chain, key.serialize_der()).map_err(|e| bad(e.to_string()))?;
         key.keys_match()
             .map_err(|e| bad(format!("certificate is not for our key: {e}")))?;
@@ -152,6 +156,7 @@ impl Renewer {
             spiffe_id,
             trust_domain,
             key,
+            pem: Some(pem),
             not_after,
         };
         Ok((Arc::new(identity), bundle))

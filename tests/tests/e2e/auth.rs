@@ -388,7 +388,7 @@ async fn a_client_certificate_authenticates_as_its_service_and_ads_serves_the_bu
     let admin = ControlAuth {
         ca_pem: Some(ca_pem.clone()),
         token: Some(cp.admin_token().to_owned()),
-        identity: None,
+        identity: Default::default(),
         learned: Default::default(),
     };
     let admin_ch = connect(&cp.grpc_url(), &admin).await.unwrap();
@@ -413,10 +413,10 @@ async fn a_client_certificate_authenticates_as_its_service_and_ads_serves_the_bu
     let mtls = ControlAuth {
         ca_pem: Some(ca_pem),
         token: None,
-        identity: Some((
-            der_to_pem(&signed.chain_der[0], "CERTIFICATE"),
-            key.serialize_pem(),
-        )),
+        identity: isdp_sidecar::dial::ClientIdentity::fixed(isdp_sidecar::identity::ChainPem {
+            chain: der_to_pem(&signed.chain_der[0], "CERTIFICATE"),
+            key: key.serialize_pem(),
+        }),
         learned: Default::default(),
     };
     let ch = connect(&cp.grpc_url(), &mtls).await.unwrap();

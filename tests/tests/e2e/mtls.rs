@@ -453,3 +453,82 @@ async fn a_root_rotation_under_load_fails_no_request() {
         .expect("pay serves a certificate from the new root");
     assert!(answer.starts_with(b"HTTP/1.1 200"));
 }
+
+/// A sidecar joins with a token narrowed to its upstream, then lives on its
+/// certificate: with the token revoked and the control plane restarted, it
+/// reconnects with the certificate alone, still limited to that upstream,
+/// and keeps discovering and calling it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certified_sidecar_outlives_its_join_token() {
+    let mut cp = ControlPlane::start(ControlPlaneOpts::default()).await;
+    let echo = EchoHttp::start("pay-0").await;
+    let _pay = SidecarToml::new("pay-0", &cp.grpc_url())
+        .raw(&format!(
+            "[[service]]\nname = \"{SERVICE}\"\nport = {port}\nprotocol = \"http\"\n\
+             check = \"{check}\"\ninterval = \"200ms\"\n",
+            port = echo.port(),
+            check = echo.health_url(),
+        ))
+        .start()
+        .await;
+    let created: serde_json::Value = serde_json::from_str(
+        &cp.ctl_ok(&[
+            "-o",
+            "json",
+            "token",
+            "create",
+            "--role",
+            "join",
+            "--service",
+            "web",
+            "--upstream",
+            SERVICE,
+        ])
+        .await,
+    )
+    .unwrap();
+    let web = SidecarToml::new("web", &cp.grpc_url())
+        .upstream_on_port0(SERVICE, "http", "round_robin")
+        .upstream_on_port0("billing", "http", "round_robin")
+        .join_token(created["secret"].as_str().unwrap())
+        .start()
+        .await;
+    cp.register("billing", "127.0.0.1", 9, &[]).await;
+    eventually(SETUP, "web calls payments over mTLS", || async {
+        let (status, head) = fetch(web.upstream_addr(SERVICE), "/").await?;
+        anyhow::ensure!(status == 200, "{status}: {head}");
+        Ok(())
+    })
+    .await;
+
+    cp.ctl_ok(&["token", "revoke", created["id"].as_str().unwrap()])
+        .await;
+    cp.restart().await;
+    // A new payments instance is learned over a stream that only the
+    // certificate can have authenticated.
+    cp.register(SERVICE, "127.0.0.1", 19, &[]).await;
+    eventually(
+        SETUP,
+        "web learns the new endpoint after the restart",
+        || async {
+            let eps = web.endpoints(SERVICE).await?;
+            let ports: Vec<_> = eps.iter().filter_map(|e| e["port"].as_u64()).collect();
+            anyhow::ensure!(ports.contains(&19), "endpoints: {eps:?}");
+            Ok(())
+        },
+    )
+    .await;
+    let out = cp.ctl_ok(&["-o", "json", "proxy-status"]).await;
+    assert!(out.contains("\"web\""), "web is connected: {out}");
+    // The certificate kept the token's scope: billing is outside it.
+    assert!(
+        web.endpoints("billing").await.unwrap().is_empty(),
+        "billing was never readable"
+    );
+    eventually(SETUP, "web still calls payments", || async {
+        let (status, head) = fetch(web.upstream_addr(SERVICE), "/").await?;
+        anyhow::ensure!(status == 200, "{status}: {head}");
+        Ok(())
+    })
+    .await;
+}

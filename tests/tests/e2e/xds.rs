@@ -92,7 +92,7 @@ impl ControlPlane {
         let auth = ControlAuth {
             ca_pem: Some(read("ca.pem")),
             token: Some(read("admin.token").trim().to_owned()),
-            identity: None,
+            identity: Default::default(),
             learned: Default::default(),
         };
         let channel = connect(grpc, &auth).await;

@@ -103,6 +103,7 @@ mod tests {
             spiffe_id: format!("spiffe://{TD}/svc/{service}"),
             trust_domain: TD.into(),
             key,
+            pem: None,
             not_after: SystemTime::now() + Duration::from_secs(3600),
         };
         Arc::new(Identities {
