@@ -1,9 +1,11 @@
 //! Authentication and authorization of every gRPC call.
 //!
 //! A caller is a [`Principal`]: from `authorization: Bearer <secret>`
-//! (a token, [`crate::tokens`]) or, failing that, from the SPIFFE ID of the
-//! client certificate it presented on the TLS handshake (a join principal
-//! for that one service). [`required`] maps each method path to what it
+//! (a token, [`crate::tokens`]) or, failing that (no token, or one expired
+//! or revoked), from the SPIFFE ID of the client certificate it presented
+//! on the TLS handshake: a join principal for that one service, with the
+//! read scope of the token the certificate was issued under, as long as
+//! that token has not been revoked. [`required`] maps each method path to what it
 //! needs; [`AuthLayer`] applies that in front of the whole router and puts
 //! the principal into the request's extensions, where handlers that scope
 //! by service (`Certificates/Sign`, `Sidecar/Session`) find it, and the
@@ -31,6 +33,10 @@ pub struct Principal {
     /// Join principals: the services they may discover besides their own;
     /// `None` reads every service.
     pub upstreams: Option<Vec<String>>,
+    /// The token that vouches for this caller: its own, or for a
+    /// certificate the one it was issued under. Certificates signed for
+    /// this caller carry it on, so revoking the token revokes them too.
+    pub grant: Option<String>,
 }
 
 impl Principal {
@@ -254,6 +260,7 @@ mod tests {
             role: Role::Join,
             services: vec!["web".into()],
             upstreams: None,
+            grant: None,
         };
         assert!(p.may_act_as("web"));
         assert!(p.check_service("Sign", "payments").is_err());
@@ -276,6 +283,7 @@ mod tests {
             role: Role::Join,
             services: vec!["web".into()],
             upstreams: Some(vec!["payments".into()]),
+            grant: None,
         };
         let scope = ReadScope::of(Some(&join));
         assert!(scope.allows(BUNDLE, "mesh"));

@@ -6,16 +6,16 @@
 //! # Layout
 //! - `issue`: pure issuance (roots, leaves from CSRs, the server cert).
 //! - `roots`: the stored form of the roots and the rotate/prune rules.
-//! - `scope`: the read scope (upstreams) a leaf carries from its join token.
+//! - `grant`: the token a leaf was issued under and its read scope.
 //!
 //! Replicas follow `<prefix>ca/roots` by re-reading it every second (one
 //! small key; simpler than a watch stream with resync, and a rotation is
 //! rare). The private keys never leave the control plane: API responses
 //! carry certificates only.
 
+pub mod grant;
 mod issue;
 mod roots;
-pub mod scope;
 #[cfg(test)]
 mod tests;
 
@@ -164,7 +164,7 @@ impl Ca {
         service: &str,
         csr_der: &[u8],
         lifetime_seconds: u64,
-        upstreams: Option<&[String]>,
+        grant: Option<&grant::Grant>,
     ) -> Result<SignResponse, CaError> {
         isdp_sidecar::config::check_dns_label(service)
             .map_err(|e| CaError::Invalid(format!("service: {e}")))?;
@@ -186,7 +186,7 @@ impl Ca {
             service,
             csr_der,
             lifetime,
-            upstreams,
+            grant,
             now(),
         )?;
         Ok(SignResponse {

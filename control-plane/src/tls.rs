@@ -49,9 +49,9 @@ pub struct PeerInfo {
     pub spiffe_id: Option<String>,
     /// The service of that SPIFFE ID, when it is in this trust domain.
     pub service: Option<String>,
-    /// The read scope the certificate carries (`ca::scope`); `None`: every
-    /// service.
-    pub upstreams: Option<Vec<String>>,
+    /// The grant the certificate carries (`ca::grant`): the token it was
+    /// issued under and that token's read scope.
+    pub grant: Option<crate::ca::grant::Grant>,
 }
 
 /// An accepted TLS connection and who is on the other end.
@@ -235,7 +235,7 @@ fn peer_info(stream: &TlsStream<TcpStream>, remote: SocketAddr, trust_domain: &s
         .peer_certificates()
         .and_then(|chain| chain.first());
     let spiffe_id = leaf.and_then(|leaf| uri_san(leaf.as_ref()));
-    let upstreams = leaf.and_then(|leaf| crate::ca::scope::of_certificate(leaf.as_ref()));
+    let grant = leaf.and_then(|leaf| crate::ca::grant::of_certificate(leaf.as_ref()));
     let service = spiffe_id
         .as_deref()
         .and_then(|id| crate::ca::service_of(trust_domain, id));
@@ -243,7 +243,7 @@ fn peer_info(stream: &TlsStream<TcpStream>, remote: SocketAddr, trust_domain: &s
         remote: Some(remote),
         spiffe_id,
         service,
-        upstreams,
+        grant,
     }
 }
 

@@ -270,6 +270,12 @@ impl Tokens {
         (same && !token.expired(unix_ms())).then_some(token)
     }
 
+    /// Whether a token with this id is stored, expired or not: revoking
+    /// deletes it.
+    pub fn exists(&self, id: &str) -> bool {
+        self.shared.by_id.read().is_ok_and(|m| m.contains_key(id))
+    }
+
     pub fn list(&self) -> Vec<Token> {
         let mut all: Vec<Token> = self
             .shared

@@ -49,7 +49,13 @@ impl certificates_server::Certificates for CertificatesApi {
                 &r.service,
                 &r.csr_der,
                 r.lifetime_seconds,
-                p.upstreams.as_deref(),
+                p.grant
+                    .clone()
+                    .map(|token| crate::ca::grant::Grant {
+                        token,
+                        upstreams: p.upstreams.clone(),
+                    })
+                    .as_ref(),
             )
             .map_err(status)?;
         tracing::info!(service = %r.service, principal = %p.id, not_after_unix_ms = signed.not_after_unix_ms, "signed a certificate");

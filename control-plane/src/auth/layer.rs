@@ -69,8 +69,8 @@ impl<S> Auth<S> {
 
     /// The bearer token if it is valid; otherwise the client certificate's
     /// SPIFFE ID, so a sidecar that joined with a token and has since been
-    /// certified keeps working when that token expires or is revoked (its
-    /// certificate then lapses at its own expiry unless renewed).
+    /// certified keeps working when that token expires. Revoking the token
+    /// refuses the certificates issued under it as well.
     fn authenticate<B>(&self, req: &http::Request<B>) -> Result<Principal, Status> {
         let by_token = req
             .headers()
@@ -80,15 +80,24 @@ impl<S> Auth<S> {
             return Ok(principal);
         }
         let peer = req.extensions().get::<PeerInfo>();
-        if let Some(service) = peer.and_then(|p| p.service.clone()) {
-            let id = peer.and_then(|p| p.spiffe_id.clone()).unwrap_or_default();
+        if let Some(peer) = peer
+            && let Some(service) = peer.service.clone()
+        {
+            let grant = peer.grant.clone();
+            if let Some(g) = &grant
+                && !self.tokens.exists(&g.token)
+            {
+                return Err(Status::unauthenticated(format!(
+                    "the client certificate was issued under token {}, which has been revoked",
+                    g.token
+                )));
+            }
             return Ok(Principal {
-                id,
+                id: peer.spiffe_id.clone().unwrap_or_default(),
                 role: crate::tokens::Role::Join,
                 services: vec![service],
-                // The scope of the token it was signed for, carried in the
-                // certificate.
-                upstreams: peer.and_then(|p| p.upstreams.clone()),
+                upstreams: grant.as_ref().and_then(|g| g.upstreams.clone()),
+                grant: grant.map(|g| g.token),
             });
         }
         Err(by_token.map_or_else(|| Status::unauthenticated(MISSING), |e| e.unwrap_err()))
@@ -108,6 +117,7 @@ impl<S> Auth<S> {
             .verify(secret)
             .ok_or_else(|| Status::unauthenticated("unknown, expired or revoked token"))?;
         Ok(Principal {
+            grant: Some(token.id.clone()),
             id: token.id,
             role: token.role,
             upstreams: (!token.upstreams.is_empty()).then_some(token.upstreams),

@@ -91,7 +91,7 @@ pub fn sign_leaf(
     service: &str,
     csr_der: &[u8],
     lifetime: Duration,
-    upstreams: Option<&[String]>,
+    grant: Option<&super::grant::Grant>,
     now: OffsetDateTime,
 ) -> Result<Leaf, CaError> {
     let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
@@ -121,10 +121,10 @@ pub fn sign_leaf(
     params.not_after = now + lifetime;
     params.serial_number = Some(random_serial());
     params.use_authority_key_identifier_extension = true;
-    if let Some(upstreams) = upstreams {
+    if let Some(grant) = grant {
         params
             .custom_extensions
-            .push(super::scope::extension(upstreams));
+            .push(super::grant::extension(grant));
     }
     let csr = CertificateSigningRequestParams {
         params,

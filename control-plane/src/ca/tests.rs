@@ -42,7 +42,7 @@ fn leaf_has_exactly_the_spiffe_id_and_ignores_csr_names() {
         now,
     )
     .unwrap();
-    assert_eq!(super::scope::of_certificate(&leaf.cert_der), None);
+    assert_eq!(super::grant::of_certificate(&leaf.cert_der), None);
     let names = sans(&leaf.cert_der);
     assert_eq!(
         names,
@@ -62,24 +62,24 @@ fn leaf_has_exactly_the_spiffe_id_and_ignores_csr_names() {
 }
 
 #[test]
-fn a_scoped_leaf_carries_its_upstreams() {
+fn a_leaf_carries_its_grant() {
     let now = OffsetDateTime::now_utc();
     let root = issue::generate_root("isdp.local", now).unwrap();
-    let upstreams = vec!["payments".to_owned(), "billing".to_owned()];
+    let grant = super::grant::Grant {
+        token: "0123456789abcdef".into(),
+        upstreams: Some(vec!["payments".to_owned(), "billing".to_owned()]),
+    };
     let leaf = issue::sign_leaf(
         &root,
         "isdp.local",
         "web",
         &csr_with_names(&[]),
         Duration::from_secs(30),
-        Some(&upstreams),
+        Some(&grant),
         now,
     )
     .unwrap();
-    assert_eq!(
-        super::scope::of_certificate(&leaf.cert_der),
-        Some(upstreams)
-    );
+    assert_eq!(super::grant::of_certificate(&leaf.cert_der), Some(grant));
     // Still a valid SVID for rustls/webpki: the extension is not critical.
     let (_, cert) = parse_x509_certificate(&leaf.cert_der).unwrap();
     assert!(

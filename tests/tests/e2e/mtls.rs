@@ -454,12 +454,12 @@ async fn a_root_rotation_under_load_fails_no_request() {
     assert!(answer.starts_with(b"HTTP/1.1 200"));
 }
 
-/// A sidecar joins with a token narrowed to its upstream, then lives on its
-/// certificate: with the token revoked and the control plane restarted, it
-/// reconnects with the certificate alone, still limited to that upstream,
-/// and keeps discovering and calling it.
+/// A sidecar joins with a short-lived token narrowed to its upstream, then
+/// lives on its certificate: with the token expired and the control plane
+/// restarted, it reconnects with the certificate alone, still limited to
+/// that upstream. Revoking the token cuts the certificate off too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_certified_sidecar_outlives_its_join_token() {
+async fn a_certified_sidecar_outlives_its_join_token_until_revoked() {
     let mut cp = ControlPlane::start(ControlPlaneOpts::default()).await;
     let echo = EchoHttp::start("pay-0").await;
     let _pay = SidecarToml::new("pay-0", &cp.grpc_url())
@@ -471,6 +471,8 @@ async fn a_certified_sidecar_outlives_its_join_token() {
         ))
         .start()
         .await;
+    const TTL: Duration = Duration::from_secs(3);
+    let minted = Instant::now();
     let created: serde_json::Value = serde_json::from_str(
         &cp.ctl_ok(&[
             "-o",
@@ -483,6 +485,8 @@ async fn a_certified_sidecar_outlives_its_join_token() {
             "web",
             "--upstream",
             SERVICE,
+            "--ttl",
+            "3s",
         ])
         .await,
     )
@@ -501,21 +505,28 @@ async fn a_certified_sidecar_outlives_its_join_token() {
     })
     .await;
 
-    cp.ctl_ok(&["token", "revoke", created["id"].as_str().unwrap()])
-        .await;
+    // The token expires; the restart makes the sidecar dial again.
+    tokio::time::sleep(
+        (minted + TTL + Duration::from_millis(500)).saturating_duration_since(Instant::now()),
+    )
+    .await;
     cp.restart().await;
     // A new payments instance is learned over a stream that only the
     // certificate can have authenticated.
+    let learns = |port: u64| {
+        let web = &web;
+        async move {
+            let eps = web.endpoints(SERVICE).await?;
+            let ports: Vec<_> = eps.iter().filter_map(|e| e["port"].as_u64()).collect();
+            anyhow::ensure!(ports.contains(&port), "endpoints: {eps:?}");
+            Ok(())
+        }
+    };
     cp.register(SERVICE, "127.0.0.1", 19, &[]).await;
     eventually(
         SETUP,
         "web learns the new endpoint after the restart",
-        || async {
-            let eps = web.endpoints(SERVICE).await?;
-            let ports: Vec<_> = eps.iter().filter_map(|e| e["port"].as_u64()).collect();
-            anyhow::ensure!(ports.contains(&19), "endpoints: {eps:?}");
-            Ok(())
-        },
+        || learns(19),
     )
     .await;
     let out = cp.ctl_ok(&["-o", "json", "proxy-status"]).await;
@@ -531,4 +542,17 @@ async fn a_certified_sidecar_outlives_its_join_token() {
         Ok(())
     })
     .await;
+
+    // Revoked: the certificate no longer gets the sidecar back in.
+    cp.ctl_ok(&["token", "revoke", created["id"].as_str().unwrap()])
+        .await;
+    cp.restart().await;
+    cp.register(SERVICE, "127.0.0.1", 29, &[]).await;
+    isdp_tests::holds_for(Duration::from_secs(3), "web stays out", || async {
+        anyhow::ensure!(learns(29).await.is_err(), "web learned port 29");
+        Ok(())
+    })
+    .await;
+    let out = cp.ctl_ok(&["-o", "json", "proxy-status"]).await;
+    assert!(!out.contains("\"web\""), "web reconnected: {out}");
 }
