@@ -453,37 +453,17 @@ mod tests {
         assert!(!Role::Write.includes(Role::Admin));
         assert!(!Role::Join.includes(Role::Read));
         assert!(!Role::Admin.includes(Role::Join));
-        assert!(mint(Role::Join, Scope::default(), String::new(), None, 0).is_err());
+        let join = |role, services: &[&str]| {
+            let scope = Scope::services(services.iter().map(|s| s.to_string()).collect());
+            mint(role, scope, String::new(), None, 0)
+        };
         assert!(
-            mint(
-                Role::Read,
-                Scope::services(vec!["web".into()]),
-                String::new(),
-                None,
-                0
-            )
-            .is_err()
+            join(Role::Join, &[]).is_err(),
+            "a join token needs a service"
         );
-        assert!(
-            mint(
-                Role::Join,
-                Scope::services(vec!["Bad_Name".into()]),
-                String::new(),
-                None,
-                0
-            )
-            .is_err()
-        );
-        assert!(
-            mint(
-                Role::Join,
-                Scope::services(vec!["web".into()]),
-                String::new(),
-                None,
-                0
-            )
-            .is_ok()
-        );
+        assert!(join(Role::Read, &["web"]).is_err(), "services are for join");
+        assert!(join(Role::Join, &["Bad_Name"]).is_err());
+        assert!(join(Role::Join, &["web"]).is_ok());
         let scoped = |role, upstream: &str| {
             let scope = Scope {
                 services: vec!["web".into()],

@@ -31,16 +31,7 @@ impl Mesh {
             ..Default::default()
         })
         .await;
-        let echo = EchoHttp::start("pay-0").await;
-        let pay = SidecarToml::new("pay-0", &cp.grpc_url())
-            .raw(&format!(
-                "[[service]]\nname = \"{SERVICE}\"\nport = {port}\nprotocol = \"http\"\n\
-                 check = \"{check}\"\ninterval = \"200ms\"\n",
-                port = echo.port(),
-                check = echo.health_url(),
-            ))
-            .start()
-            .await;
+        let (echo, pay) = payments(&cp).await;
         let web = SidecarToml::new("web", &cp.grpc_url())
             .upstream_on_port0(SERVICE, "http", "round_robin")
             .start()
@@ -59,6 +50,21 @@ impl Mesh {
         .await;
         mesh
     }
+}
+
+/// One payments instance, `pay-0`, behind its sidecar.
+async fn payments(cp: &ControlPlane) -> (EchoHttp, Sidecar) {
+    let echo = EchoHttp::start("pay-0").await;
+    let pay = SidecarToml::new("pay-0", &cp.grpc_url())
+        .raw(&format!(
+            "[[service]]\nname = \"{SERVICE}\"\nport = {port}\nprotocol = \"http\"\n\
+             check = \"{check}\"\ninterval = \"200ms\"\n",
+            port = echo.port(),
+            check = echo.health_url(),
+        ))
+        .start()
+        .await;
+    (echo, pay)
 }
 
 /// A `GET` with `Connection: close` over a fresh connection; the status
@@ -461,16 +467,7 @@ async fn a_root_rotation_under_load_fails_no_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certified_sidecar_outlives_its_join_token_until_revoked() {
     let mut cp = ControlPlane::start(ControlPlaneOpts::default()).await;
-    let echo = EchoHttp::start("pay-0").await;
-    let _pay = SidecarToml::new("pay-0", &cp.grpc_url())
-        .raw(&format!(
-            "[[service]]\nname = \"{SERVICE}\"\nport = {port}\nprotocol = \"http\"\n\
-             check = \"{check}\"\ninterval = \"200ms\"\n",
-            port = echo.port(),
-            check = echo.health_url(),
-        ))
-        .start()
-        .await;
+    let _payments = payments(&cp).await;
     const TTL: Duration = Duration::from_secs(3);
     let minted = Instant::now();
     let created: serde_json::Value = serde_json::from_str(
