@@ -324,7 +324,8 @@ impl Server {
             cache,
             Arc::new((metrics.clone(), proxies.clone())),
             shutdown.clone(),
-        );
+        )
+        .revocable(tokens.clone());
         let mut stop = shutdown.clone();
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -342,7 +343,11 @@ impl Server {
                 )
                 .into_server(),
             )
-            .add_service(api::session::SessionApi::new(sessions, shutdown.clone()).into_server())
+            .add_service(
+                api::session::SessionApi::new(sessions, shutdown.clone())
+                    .revocable(tokens.clone())
+                    .into_server(),
+            )
             .add_service(api::status::ProxyStatusApi::new(proxies).into_server())
             .add_service(api::authorization::AuthorizationApi::new(authz).into_server())
             .add_service(api::policies::PoliciesApi::new(policies, shutdown.clone()).into_server())

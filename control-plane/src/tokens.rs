@@ -231,6 +231,9 @@ struct Shared {
     store: Arc<dyn Store>,
     prefix: String,
     by_id: RwLock<HashMap<String, Token>>,
+    /// Sent whenever a token disappears (revoked here or on another
+    /// replica), so open streams authenticated by it can end.
+    removed: watch::Sender<()>,
 }
 
 // === impl Tokens ===
@@ -243,6 +246,7 @@ impl Tokens {
                 store,
                 prefix: format!("{prefix}{TOKENS_PREFIX}"),
                 by_id: RwLock::default(),
+                removed: watch::Sender::new(()),
             }),
         };
         tokens.refresh().await?;
@@ -268,6 +272,17 @@ impl Tokens {
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                 == 0;
         (same && !token.expired(unix_ms())).then_some(token)
+    }
+
+    /// Resolves once the token `id` is revoked (within a second of the
+    /// revocation on any replica): the end of every stream it opened.
+    pub async fn revoked(&self, id: &str) {
+        let mut removed = self.shared.removed.subscribe();
+        while self.exists(id) {
+            if removed.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// Whether a token with this id is stored, expired or not: revoking
@@ -329,6 +344,7 @@ impl Tokens {
         if let Ok(mut m) = self.shared.by_id.write() {
             m.remove(id);
         }
+        self.shared.removed.send_replace(());
         Ok(())
     }
 
@@ -373,8 +389,16 @@ impl Tokens {
                 }
             }
         }
-        if let Ok(mut m) = self.shared.by_id.write() {
-            *m = fresh;
+        let gone = match self.shared.by_id.write() {
+            Ok(mut m) => {
+                let gone = m.keys().any(|id| !fresh.contains_key(id));
+                *m = fresh;
+                gone
+            }
+            Err(_) => false,
+        };
+        if gone {
+            self.shared.removed.send_replace(());
         }
         Ok(())
     }
@@ -391,6 +415,19 @@ impl Tokens {
                 tracing::warn!(error = %e, "re-reading tokens failed; keeping the last ones");
             }
         }
+    }
+}
+
+/// For a stream: resolves with the status that ends it once `grant` (the
+/// token that vouched for its caller) is revoked; never without both.
+pub async fn revoked(tokens: Option<&Tokens>, grant: Option<&str>) -> tonic::Status {
+    match (tokens, grant) {
+        (Some(tokens), Some(id)) => {
+            tokens.revoked(id).await;
+            tracing::info!(token = %id, "ending a stream: its token was revoked");
+            tonic::Status::unauthenticated(format!("token {id} was revoked"))
+        }
+        _ => std::future::pending().await,
     }
 }
 
@@ -509,8 +546,21 @@ mod tests {
         assert_eq!(tokens.verify(&secret).unwrap().id, read.id);
         let wrong = format!("{}x", &secret[..secret.len() - 1]);
         assert!(tokens.verify(&wrong).is_none());
+        // A stream opened with the token waits on `revoked`.
+        let waiting = tokio::spawn({
+            let (tokens, id) = (tokens.clone(), read.id.clone());
+            async move { revoked(Some(&tokens), Some(&id)).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "not revoked yet");
         tokens.revoke(&read.id).await.unwrap();
         assert!(tokens.verify(&secret).is_none());
+        let status = tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("revocation ends the wait")
+            .unwrap();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        assert!(status.message().contains(&read.id), "{status}");
         assert!(matches!(
             tokens.revoke(&read.id).await,
             Err(TokenError::NotFound(_))

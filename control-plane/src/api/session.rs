@@ -17,16 +17,30 @@ use super::{op_span, record_outcome, status};
 use crate::{
     auth::Principal,
     registry::session::{Session, Sessions},
+    tokens::Tokens,
 };
 
 pub struct SessionApi {
     sessions: Sessions,
     shutdown: watch::Receiver<bool>,
+    /// When set, a session ends with UNAUTHENTICATED once the token that
+    /// vouched for its sidecar is revoked.
+    tokens: Option<Tokens>,
 }
 
 impl SessionApi {
     pub fn new(sessions: Sessions, shutdown: watch::Receiver<bool>) -> Self {
-        SessionApi { sessions, shutdown }
+        SessionApi {
+            sessions,
+            shutdown,
+            tokens: None,
+        }
+    }
+
+    /// Ends sessions whose sidecar's token is revoked.
+    pub fn revocable(mut self, tokens: Tokens) -> Self {
+        self.tokens = Some(tokens);
+        self
     }
 
     pub fn into_server(self) -> sidecar_server::SidecarServer<Self> {
@@ -76,6 +90,7 @@ impl sidecar_server::Sidecar for SessionApi {
             tx,
             self.sessions.clone(),
             principal,
+            self.tokens.clone(),
             self.shutdown.clone(),
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -139,12 +154,24 @@ async fn run(
     tx: mpsc::Sender<Result<SessionResponse, Status>>,
     sessions: Sessions,
     principal: Option<Principal>,
+    tokens: Option<Tokens>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let grant = principal.as_ref().and_then(|p| p.grant.clone());
+    let revoked = crate::tokens::revoked(tokens.as_ref(), grant.as_deref());
+    tokio::pin!(revoked);
     loop {
-        let msg = tokio::select! {
+        let next = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
-            m = inbound.message() => m,
+            why = &mut revoked => Err(why),
+            m = inbound.message() => Ok(m),
+        };
+        let msg = match next {
+            Ok(m) => m,
+            Err(why) => {
+                let _ = tx.send(Err(why)).await;
+                return;
+            }
         };
         match msg {
             Ok(Some(SessionRequest {

@@ -18,7 +18,10 @@ use tonic::{Status, Streaming, body::Body, codegen::BoxFuture, server::NamedServ
 use tracing::Instrument as _;
 
 use super::{Cache, Wake, codec::PreEncodedCodec, delta::DeltaStream, sotw::SotwStream};
-use crate::auth::{Principal, ReadScope};
+use crate::{
+    auth::{Principal, ReadScope},
+    tokens::Tokens,
+};
 
 const SOTW_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
@@ -97,6 +100,9 @@ pub struct AdsService {
     cache: Cache,
     observer: Arc<dyn StreamObserver>,
     shutdown: watch::Receiver<bool>,
+    /// When set, a stream ends with UNAUTHENTICATED once the token that
+    /// vouched for its caller is revoked.
+    tokens: Option<Tokens>,
 }
 
 impl AdsService {
@@ -109,7 +115,14 @@ impl AdsService {
             cache,
             observer,
             shutdown,
+            tokens: None,
         }
+    }
+
+    /// Ends streams whose caller's token is revoked.
+    pub fn revocable(mut self, tokens: Tokens) -> Self {
+        self.tokens = Some(tokens);
+        self
     }
 }
 
@@ -189,9 +202,18 @@ impl<P: Protocol> tonic::server::StreamingService<P::Request> for Method<P> {
         let svc = self.0.clone();
         Box::pin(async move {
             let peer = request.remote_addr();
-            let scope = ReadScope::of(request.extensions().get::<Principal>());
+            let principal = request.extensions().get::<Principal>();
+            let scope = ReadScope::of(principal);
+            let grant = principal.and_then(|p| p.grant.clone());
             let (tx, rx) = mpsc::channel(4);
-            tokio::spawn(drive::<P>(svc, request.into_inner(), tx, peer, scope));
+            tokio::spawn(drive::<P>(
+                svc,
+                request.into_inner(),
+                tx,
+                peer,
+                scope,
+                grant,
+            ));
             Ok(tonic::Response::new(ReceiverStream::new(rx)))
         })
     }
@@ -204,8 +226,12 @@ async fn drive<P: Protocol>(
     tx: mpsc::Sender<Result<Bytes, Status>>,
     peer: Option<SocketAddr>,
     scope: ReadScope,
+    grant: Option<String>,
 ) {
     let mut proto = P::new(svc.cache.clone(), scope);
+    let tokens = svc.tokens.clone();
+    let revoked = crate::tokens::revoked(tokens.as_ref(), grant.as_deref());
+    tokio::pin!(revoked);
     let wake = proto.wake().clone();
     let mut shutdown = svc.shutdown.clone();
     let mut info: Option<StreamInfo> = None;
@@ -238,6 +264,7 @@ async fn drive<P: Protocol>(
                 proto.on_wake(&mut out);
                 Ok(())
             }
+            why = &mut revoked => Err(why),
         };
         if let Err(status) = result {
             tracing::warn!(%status, ?peer, "xds request refused");

@@ -463,7 +463,8 @@ async fn a_root_rotation_under_load_fails_no_request() {
 /// A sidecar joins with a short-lived token narrowed to its upstream, then
 /// lives on its certificate: with the token expired and the control plane
 /// restarted, it reconnects with the certificate alone, still limited to
-/// that upstream. Revoking the token cuts the certificate off too.
+/// that upstream. Revoking the token ends its streams and cuts the
+/// certificate off too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certified_sidecar_outlives_its_join_token_until_revoked() {
     let mut cp = ControlPlane::start(ControlPlaneOpts::default()).await;
@@ -540,16 +541,28 @@ async fn a_certified_sidecar_outlives_its_join_token_until_revoked() {
     })
     .await;
 
-    // Revoked: the certificate no longer gets the sidecar back in.
+    // Revoked: the open streams end at once, and the certificate no longer
+    // gets the sidecar back in.
+    let revoked = Instant::now();
     cp.ctl_ok(&["token", "revoke", created["id"].as_str().unwrap()])
         .await;
-    cp.restart().await;
-    cp.register(SERVICE, "127.0.0.1", 29, &[]).await;
-    isdp_tests::holds_for(Duration::from_secs(3), "web stays out", || async {
-        anyhow::ensure!(learns(29).await.is_err(), "web learned port 29");
+    eventually(SETUP, "web's streams end", || async {
+        let out = cp.ctl_ok(&["-o", "json", "proxy-status"]).await;
+        anyhow::ensure!(!out.contains("\"web\""), "web still connected: {out}");
         Ok(())
     })
     .await;
-    let out = cp.ctl_ok(&["-o", "json", "proxy-status"]).await;
-    assert!(!out.contains("\"web\""), "web reconnected: {out}");
+    let took = revoked.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "streams ended after {took:?}"
+    );
+    cp.register(SERVICE, "127.0.0.1", 29, &[]).await;
+    isdp_tests::holds_for(Duration::from_secs(3), "web stays out", || async {
+        anyhow::ensure!(learns(29).await.is_err(), "web learned port 29");
+        let out = cp.ctl_ok(&["-o", "json", "proxy-status"]).await;
+        anyhow::ensure!(!out.contains("\"web\""), "web reconnected: {out}");
+        Ok(())
+    })
+    .await;
 }
