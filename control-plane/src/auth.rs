@@ -124,7 +124,7 @@ impl ReadScope {
                 services,
                 upstreams,
             } => format!(
-                "join token {who} may not read {name:?} of {type_url} (its services: {}; its upstreams: {})",
+                "join principal {who} may not read {name:?} of {type_url} (its services: {}; its upstreams: {})",
                 services.join(", "),
                 upstreams.join(", ")
             ),

@@ -72,13 +72,13 @@ impl<S> Auth<S> {
     /// certified keeps working when that token expires. Revoking the token
     /// refuses the certificates issued under it as well.
     fn authenticate<B>(&self, req: &http::Request<B>) -> Result<Principal, Status> {
-        let by_token = req
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .map(|value| self.token(value));
-        if let Some(Ok(principal)) = by_token {
-            return Ok(principal);
-        }
+        let token_error = match req.headers().get(http::header::AUTHORIZATION) {
+            Some(value) => match self.token(value) {
+                Ok(principal) => return Ok(principal),
+                Err(e) => Some(e),
+            },
+            None => None,
+        };
         let peer = req.extensions().get::<PeerInfo>();
         if let Some(peer) = peer
             && let Some(service) = peer.service.clone()
@@ -100,7 +100,7 @@ impl<S> Auth<S> {
                 grant: grant.map(|g| g.token),
             });
         }
-        Err(by_token.map_or_else(|| Status::unauthenticated(MISSING), |e| e.unwrap_err()))
+        Err(token_error.unwrap_or_else(|| Status::unauthenticated(MISSING)))
     }
 
     fn token(&self, value: &http::HeaderValue) -> Result<Principal, Status> {

@@ -67,8 +67,8 @@ impl Scope {
         match &self.read {
             ReadScope::All => Ok(()),
             ReadScope::Only { who, .. } => Err(Status::permission_denied(format!(
-                "join token {who} is scoped to its upstreams and may not subscribe to every \
-                 resource of {type_url}; subscribe by name"
+                "join principal {who} is scoped to its upstreams and may not subscribe to \
+                 every resource of {type_url}; subscribe by name"
             ))),
         }
     }
