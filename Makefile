@@ -1,24 +1,27 @@
 # Entry points. `make demo` runs the quickstart; `make test` is what CI runs.
+# The build needs only Rust and a C compiler (no protoc: protos are compiled
+# by protox); `.ci/deps.sh` installs what is missing.
 
 .PHONY: demo test build e2e pytest
 
 # Build every binary in release mode, then start the demo mesh (Ctrl-C stops it).
-# .ci/deps.sh installs protoc (protobuf-compiler) first if it is missing.
 demo:
-	./.ci/deps.sh protoc
+	./.ci/deps.sh cc
 	cargo build --release --workspace --bins && ./target/release/isdp-demo
 
-# Formatting, clippy, build, all Rust tests, then the Python gRPC tests.
+# Formatting, clippy, build, all Rust tests, then the Python gRPC tests;
+# installs etcd, promtool and a Python venv first when missing.
 test:
 	./.ci/test.sh
 
 build:
-	./.ci/deps.sh protoc
+	./.ci/deps.sh cc
 	cargo build --workspace --bins
 
-# Only the end-to-end tests (needs the binaries: `make build`, and etcd).
-e2e: build
-	./.ci/deps.sh etcd
+# Only the end-to-end tests (they build the binaries they need; etcd tests
+# need etcd).
+e2e:
+	./.ci/deps.sh cc etcd promtool
 	cargo test -p isdp-tests -- --test-threads=1
 
 # Only the Python gRPC client tests (needs .venv: run `make test` once).

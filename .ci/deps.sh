@@ -1,41 +1,56 @@
 #!/usr/bin/env bash
-# Installs the system tools the build and tests need, when missing:
-#   protoc  protobuf-compiler: the etcd client crate (etcd-client) compiles
-#           etcd's .proto files with it at build time.
-#   etcd    etcd-server: the etcd store tests start real etcd members.
+# Installs the system tools the tests need, when missing. The build itself
+# needs only Rust and a C compiler: every .proto file (etcd's API included)
+# is compiled by protox, in Rust, so no protoc is involved.
+#   cc        gcc: the C compiler the linker and a few crates (ring,
+#             mimalloc) use; rustup expects one, but a bare image may lack it.
+#   etcd      etcd-server: the etcd store tests start real etcd members.
 #   promtool  prometheus: the observability tests check metric expositions
-#           and the shipped alerting rules with Prometheus' own tool.
-# Used by `make demo`/`make build` (protoc) and .ci/test.sh (both), before
-# any cargo command. Installs with apt-get as root; otherwise it stops and
-# prints the command to run. Usage: .ci/deps.sh protoc [etcd] [promtool]
+#             and the shipped alerting rules with Prometheus' own tool.
+#   venv      python3-venv: the Python grpcio client tests run in .venv/.
+# Used by `make demo` (cc) and .ci/test.sh (all), before any cargo command.
+# Installs with apt-get as root; otherwise it stops and prints the command
+# to run. Usage: .ci/deps.sh cc [etcd] [promtool] [venv]
 set -euo pipefail
 
 die() { echo "deps: error: $*" >&2; exit 1; }
 
 apt_updated=0
+apt_install() { # apt_install PACKAGE
+    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || return 0
+    echo "deps: installing $1" >&2
+    if [ "$apt_updated" = 0 ]; then
+        apt-get update -qq
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$1" >/dev/null
+    # The downloaded .debs are not needed once installed; the build
+    # that follows wants the disk.
+    apt-get clean
+}
+
 install() { # install PACKAGE COMMAND
     local package=$1 cmd=$2
     command -v "$cmd" >/dev/null && return 0
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "deps: $cmd not found; installing $package" >&2
-        if [ "$apt_updated" = 0 ]; then
-            apt-get update -qq
-            apt_updated=1
-        fi
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$package" >/dev/null
-        # The downloaded .debs are not needed once installed; the build
-        # that follows wants the disk.
-        apt-get clean
-    fi
+    apt_install "$package"
     command -v "$cmd" >/dev/null \
         || die "$cmd not found: install it with 'sudo apt-get install $package' (or your system's $package package)"
 }
 
+venv_works() { python3 -c 'import venv, ensurepip' >/dev/null 2>&1; }
+
 for tool in "$@"; do
     case "$tool" in
-        protoc) install protobuf-compiler protoc ;;
+        cc) install gcc cc ;;
         etcd) install etcd-server etcd ;;
         promtool) install prometheus promtool ;;
+        venv)
+            command -v python3 >/dev/null \
+                || die "python3 not found: install it with 'sudo apt-get install python3'"
+            venv_works || apt_install python3-venv
+            venv_works \
+                || die "python3 has no working venv module: install it with 'sudo apt-get install python3-venv'"
+            ;;
         *) die "unknown tool $tool" ;;
     esac
 done

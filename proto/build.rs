@@ -1,8 +1,11 @@
-//! Compiles `isdp/v1/*.proto` with protox (a pure-Rust protobuf compiler), so
-//! building needs no system `protoc`.
+//! Compiles the protobuf definitions with protox (a pure-Rust protobuf
+//! compiler), so building needs no system `protoc`:
+//! - `isdp/v1/*.proto`, the project's own API, always;
+//! - `etcd/api/**.proto`, etcd's v3 API, with the `etcd` feature (the
+//!   control plane's etcd store and its tests). Clients only.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = [
+    let isdp = [
         "isdp/v1/registry.proto",
         "isdp/v1/discovery.proto",
         "isdp/v1/sidecar.proto",
@@ -10,14 +13,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "isdp/v1/security.proto",
         "isdp/v1/policy.proto",
     ];
-    for f in files {
+    for f in isdp {
         println!("cargo:rerun-if-changed={f}");
     }
-    let fds = protox::compile(files, ["."])?;
     tonic_prost_build::configure()
         // Maps encode in key order, so equal content gives equal bytes: the
         // xDS engine versions resources by a hash of their encoding.
         .btree_map(".")
-        .compile_fds(fds)?;
+        .compile_fds(protox::compile(isdp, ["."])?)?;
+
+    if std::env::var_os("CARGO_FEATURE_ETCD").is_some() {
+        let etcd = [
+            "etcd/api/mvccpb/kv.proto",
+            "etcd/api/authpb/auth.proto",
+            "etcd/api/etcdserverpb/rpc.proto",
+        ];
+        println!("cargo:rerun-if-changed=etcd");
+        tonic_prost_build::configure()
+            .build_server(false)
+            .compile_fds(protox::compile(etcd, ["."])?)?;
+    }
     Ok(())
 }

@@ -8,8 +8,13 @@
 //!   and the xDS resources the control plane serves (`ServiceEndpoints`, `TrustBundle`, `AuthorizationPolicy`,
 //!   `TrafficPolicy`).
 //!
+//! - `etcd` (feature `etcd`): etcd's v3 API clients (`KvClient`,
+//!   `WatchClient`, `LeaseClient`, `AuthClient`, ...), for the control
+//!   plane's etcd store; see `etcd/README.md` for where the files come from.
+//!
 //! The xDS envelope itself (`envoy.service.discovery.v3`) comes from the
-//! `envoy-types` crate; this crate holds only the project's own messages.
+//! `envoy-types` crate; this crate holds only the project's own messages
+//! and the etcd API the control plane stores into.
 
 pub mod isdp {
     pub mod v1 {
@@ -33,3 +38,19 @@ pub mod isdp {
 }
 
 pub use isdp::v1;
+
+/// etcd's v3 gRPC API, generated from `proto/etcd/api/` (clients only).
+/// The packages are siblings, as prost's cross-package paths expect.
+#[cfg(feature = "etcd")]
+pub mod etcd {
+    #![allow(clippy::all, missing_docs)]
+    pub mod authpb {
+        tonic::include_proto!("authpb");
+    }
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+}

@@ -5,8 +5,8 @@
 //! needs etcd never skips. Each member gets free loopback ports and its own
 //! data dir in one temp dir, and can be killed (-9), stopped and started
 //! again on the same ports and data. Timings are shortened (50 ms
-//! heartbeats, 500 ms elections) so a killed member is replaced quickly and
-//! leases can be as short as 1 s.
+//! heartbeats, 500 ms elections, 2 s login tokens) so a killed member is
+//! replaced quickly, leases can be as short as 1 s and tokens expire.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -160,6 +160,9 @@ impl EtcdCluster {
             .args(["--initial-cluster-state", "new"])
             .args(["--initial-cluster-token", &self.token])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            // Login tokens expire after 2 s idle (300 s by default), so a
+            // test sees a client log in again.
+            .args(["--auth-token-ttl", "2"])
             .args(["--logger", "zap", "--log-level", "warn"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -12,11 +12,23 @@ use tokio::net::TcpStream;
 /// One request may take this long before it counts as failed.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A response: status code and body.
+/// A response: status code, headers and body.
 #[derive(Debug, Clone)]
 pub struct Response {
     pub status: u16,
+    /// Names lowercased, in the order received.
+    pub headers: Vec<(String, String)>,
     pub body: String,
+}
+
+impl Response {
+    /// The first value of header `name` (lowercase).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// `GET http://{addr}{path}`.
@@ -62,8 +74,15 @@ async fn request_inner(method: &str, addr: &str, path: &str) -> anyhow::Result<R
         .nth(1)
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("{method} {addr}{path}: no status in {head:?}"))?;
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
     Ok(Response {
         status,
+        headers,
         body: body.to_owned(),
     })
 }

@@ -94,10 +94,12 @@ pub async fn token(
                     let _ = writeln!(out, "{v}");
                 }
                 Format::Table => {
+                    // Only the secret on stdout, so `T=$(isdpctl token
+                    // create ...)` captures exactly it; the note is for
+                    // the person at the terminal.
                     let _ = writeln!(out, "{}", resp.secret);
-                    let _ = writeln!(
-                        out,
-                        "# token {} ({}); the secret is not shown again",
+                    eprintln!(
+                        "token {} ({}) created; the secret is not shown again",
                         info.id,
                         role_name(info.role)
                     );

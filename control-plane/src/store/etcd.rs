@@ -13,15 +13,24 @@
 //! in-memory views. The client's channel balances over all endpoints and
 //! reconnects by itself, so nothing here has to notice etcd coming back.
 
+mod client;
 mod watch;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use etcd_client::{
-    Certificate, Client, Compare as EtcdCompare, CompareOp, ConnectOptions, GetOptions, Identity,
-    PutOptions, TlsOptions, Txn as EtcdTxn, TxnOp,
+use isdp_proto::etcd::{
+    etcdserverpb::{
+        Compare as EtcdCompare, DeleteRangeRequest, LeaseGrantRequest, LeaseKeepAliveRequest,
+        LeaseRevokeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+        compare::{CompareResult, CompareTarget, TargetUnion},
+        request_op::Request as RequestKind,
+    },
+    mvccpb,
 };
+use tonic::Status;
+
+pub use client::Client;
 
 use super::{
     Compare, KeyValue, LeaseId, Op, Revision, Store, StoreError, Txn, TxnOutcome, WatchStream,
@@ -36,11 +45,6 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// that just died hangs until etcd gives up on it; cutting it short lets
 /// the next attempt reach the new leader instead.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Longest one TCP/TLS connect to an etcd member may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// HTTP/2 PINGs notice a silently dead member (and its watches) quickly.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Keys per page of a range read, so a large registry never exceeds the
 /// gRPC message limit.
 const PAGE: i64 = 1_000;
@@ -80,49 +84,16 @@ impl EtcdStore {
     /// credentials fail at startup.
     pub async fn connect(options: &EtcdOptions) -> Result<Self, StoreError> {
         let endpoints: Arc<str> = options.endpoints.join(",").into();
-        let fail = |what: String| StoreError::Unavailable(format!("etcd at {endpoints}: {what}"));
-        let mut connect = ConnectOptions::new()
-            .with_timeout(ATTEMPT_TIMEOUT)
-            .with_connect_timeout(CONNECT_TIMEOUT)
-            .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
-            .with_keep_alive_while_idle(true)
-            // A member cut off from the quorum refuses instead of serving
-            // stale data, so the client moves on to another member.
-            .with_require_leader(true);
-        if options.ca_file.is_some() || options.cert_file.is_some() {
-            let mut tls = TlsOptions::new();
-            if let Some(ca) = &options.ca_file {
-                let pem = read(ca, "--etcd-ca-file")?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
-            }
-            if let (Some(cert), Some(key)) = (&options.cert_file, &options.key_file) {
-                let cert = read(cert, "--etcd-cert-file")?;
-                let key = read(key, "--etcd-key-file")?;
-                tls = tls.identity(Identity::from_pem(cert, key));
-            }
-            connect = connect.with_tls(tls);
-        }
-        if let (Some(user), Some(password)) = (&options.username, &options.password) {
-            // etcd's tokens expire (5 min idle by default); fetch a new one
-            // instead of failing every call after that.
-            connect = connect
-                .with_user(user, password)
-                .with_auto_token_refresh(true);
-        }
-        let client = tokio::time::timeout(
-            REQUEST_TIMEOUT,
-            Client::connect(&options.endpoints, Some(connect)),
-        )
-        .await
-        .map_err(|_| fail(format!("no answer within {REQUEST_TIMEOUT:?}")))?
-        .map_err(|e| fail(e.to_string()))?;
+        let client = Client::connect(options)
+            .await
+            .map_err(|what| StoreError::Unavailable(format!("etcd at {endpoints}: {what}")))?;
         Ok(EtcdStore {
             shared: Arc::new(Shared { client, endpoints }),
         })
     }
 
     /// The underlying client, for tests and tools that need etcd calls the
-    /// trait does not offer (compaction, member status).
+    /// trait does not offer (compaction, users and roles).
     pub fn client(&self) -> Client {
         self.shared.client.clone()
     }
@@ -133,7 +104,8 @@ impl EtcdStore {
 
     /// Runs one etcd call within [`REQUEST_TIMEOUT`], retrying transient
     /// failures (see [`transient`]) until it succeeds, fails for good, or
-    /// the time is up; the error is then the last attempt's.
+    /// the time is up; the error is then the last attempt's. A call refused
+    /// for an expired token logs in again first.
     ///
     /// A retried attempt may have been applied already (a timeout or a
     /// leader change leaves that open). Every write the control plane makes
@@ -142,18 +114,25 @@ impl EtcdStore {
     /// deletes, lease calls) have the same effect applied twice.
     async fn call<T, Fut>(&self, mut f: impl FnMut(Client) -> Fut) -> Result<T, Failure>
     where
-        Fut: Future<Output = Result<T, etcd_client::Error>>,
+        Fut: Future<Output = Result<T, Failure>>,
     {
         let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
         loop {
             let attempt = (tokio::time::Instant::now() + ATTEMPT_TIMEOUT).min(deadline);
-            let failure =
-                match tokio::time::timeout_at(attempt, f(self.shared.client.clone())).await {
-                    Ok(Ok(v)) => return Ok(v),
-                    Ok(Err(e)) if !transient(&e) => return Err(Failure::Etcd(e)),
-                    Ok(Err(e)) => Failure::Etcd(e),
-                    Err(_) => Failure::Timeout,
-                };
+            let client = self.shared.client.clone();
+            let failure = match tokio::time::timeout_at(attempt, f(client.clone())).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(Failure::Etcd(s))) if client::token_expired(&s) => {
+                    match tokio::time::timeout_at(deadline, client.log_in()).await {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(e)) => return Err(Failure::Etcd(e)),
+                        Err(_) => Failure::Timeout,
+                    }
+                }
+                Ok(Err(f)) if !f.transient() => return Err(f),
+                Ok(Err(f)) => f,
+                Err(_) => Failure::Timeout,
+            };
             if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
                 return Err(failure);
             }
@@ -165,10 +144,11 @@ impl EtcdStore {
     /// own error, everything else is Unavailable naming etcd.
     fn fail(&self, what: &str, failure: Failure, lease: Option<LeaseId>) -> StoreError {
         match failure {
-            Failure::Etcd(e) if is_lease_not_found(&e) => {
+            Failure::LeaseGone => StoreError::LeaseNotFound(lease.unwrap_or_default()),
+            Failure::Etcd(s) if s.message().contains("lease not found") => {
                 StoreError::LeaseNotFound(lease.unwrap_or_default())
             }
-            Failure::Etcd(e) => self.unavailable(format!("{what}: {e}")),
+            Failure::Etcd(s) => self.unavailable(format!("{what}: {}", client::describe(&s))),
             Failure::Timeout => {
                 self.unavailable(format!("{what}: no answer within {REQUEST_TIMEOUT:?}"))
             }
@@ -178,42 +158,38 @@ impl EtcdStore {
 
 /// Why an etcd call failed.
 enum Failure {
-    Etcd(etcd_client::Error),
+    Etcd(Status),
+    /// A keep-alive answered with a TTL of 0: the lease does not exist
+    /// (any more).
+    LeaseGone,
     Timeout,
+}
+
+impl From<Status> for Failure {
+    fn from(status: Status) -> Self {
+        Failure::Etcd(status)
+    }
+}
+
+impl Failure {
+    /// Whether another attempt may succeed: the member could not be
+    /// reached (the channel's balancer keeps dead members in rotation, so
+    /// while one of three is down every few calls land on it), has no
+    /// leader (an election is under way), or did not answer in time.
+    fn transient(&self) -> bool {
+        match self {
+            Failure::Etcd(s) => matches!(
+                s.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ),
+            Failure::LeaseGone => false,
+            Failure::Timeout => true,
+        }
+    }
 }
 
 /// Pause between attempts.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
-
-/// Whether another attempt may succeed: the member could not be reached
-/// (the client's balancer keeps dead members in rotation, so while one of
-/// three is down every few calls land on it), has no leader (an election
-/// is under way), or did not answer in time.
-fn transient(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::GRpcStatus(s) => matches!(
-            s.code(),
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-        ),
-        etcd_client::Error::TransportError(_) => true,
-        _ => false,
-    }
-}
-
-fn read(path: &std::path::Path, flag: &str) -> Result<Vec<u8>, StoreError> {
-    std::fs::read(path)
-        .map_err(|e| StoreError::Unavailable(format!("{flag} {}: {e}", path.display())))
-}
-
-/// Whether etcd refused because the lease does not exist (any more); the
-/// keep-alive stream reports it as a TTL of 0.
-fn is_lease_not_found(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
-        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
-        _ => false,
-    }
-}
 
 /// The smallest key greater than every key starting with `prefix`.
 fn prefix_end(prefix: &str) -> Vec<u8> {
@@ -227,89 +203,109 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
     vec![0] // every key
 }
 
-fn to_kv(kv: &etcd_client::KeyValue) -> KeyValue {
+fn to_kv(kv: &mvccpb::KeyValue) -> KeyValue {
     KeyValue {
-        key: String::from_utf8_lossy(kv.key()).into_owned(),
-        value: Bytes::copy_from_slice(kv.value()),
-        mod_revision: kv.mod_revision() as Revision,
-        lease: (kv.lease() != 0).then_some(kv.lease() as LeaseId),
+        key: String::from_utf8_lossy(&kv.key).into_owned(),
+        value: Bytes::copy_from_slice(&kv.value),
+        mod_revision: kv.mod_revision as Revision,
+        lease: (kv.lease != 0).then_some(kv.lease as LeaseId),
     }
+}
+
+fn revision(header: Option<&isdp_proto::etcd::etcdserverpb::ResponseHeader>) -> i64 {
+    header.map_or(0, |h| h.revision)
 }
 
 #[async_trait::async_trait]
 impl Store for EtcdStore {
     async fn range(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
-        let end = prefix_end(prefix);
+        let range_end = prefix_end(prefix);
         let mut out = Vec::new();
         let mut from = prefix.as_bytes().to_vec();
         // Every page is read at the first page's revision, so the result
         // is one consistent snapshot however many pages it takes.
-        let mut revision = 0i64;
+        let mut at = 0i64;
         loop {
-            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
-            if revision > 0 {
-                options = options.with_revision(revision);
-            }
-            let key = from.clone();
+            let request = RangeRequest {
+                key: from.clone(),
+                range_end: range_end.clone(),
+                limit: PAGE,
+                revision: at,
+                ..Default::default()
+            };
             let resp = self
                 .call(|c| {
-                    let (key, options) = (key.clone(), options.clone());
-                    async move { c.kv_client().get(key, Some(options)).await }
+                    let request = request.clone();
+                    async move { Ok(c.kv().range(request).await?.into_inner()) }
                 })
                 .await
                 .map_err(|f| self.fail("range", f, None))?;
-            if revision == 0 {
-                revision = resp.header().map_or(0, |h| h.revision());
+            if at == 0 {
+                at = revision(resp.header.as_ref());
             }
-            out.extend(resp.kvs().iter().map(to_kv));
-            match resp.kvs().last() {
-                Some(last) if resp.more() => {
-                    from = last.key().to_vec();
+            out.extend(resp.kvs.iter().map(to_kv));
+            match resp.kvs.last() {
+                Some(last) if resp.more => {
+                    from = last.key.clone();
                     from.push(0);
                 }
                 _ => break,
             }
         }
-        Ok((out, revision as Revision))
+        Ok((out, at as Revision))
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
-        let compares: Vec<EtcdCompare> = txn
+        let compare = txn
             .compares
             .iter()
             .map(|c| match c {
-                Compare::ModRevision { key, revision } => {
-                    EtcdCompare::mod_revision(key.as_str(), CompareOp::Equal, *revision as i64)
-                }
+                Compare::ModRevision { key, revision } => EtcdCompare {
+                    result: CompareResult::Equal as i32,
+                    target: CompareTarget::Mod as i32,
+                    key: key.as_bytes().to_vec(),
+                    target_union: Some(TargetUnion::ModRevision(*revision as i64)),
+                    ..Default::default()
+                },
             })
             .collect();
         let lease = txn.ops.iter().find_map(|op| match op {
             Op::Put { lease, .. } => *lease,
             Op::Delete { .. } => None,
         });
-        let ops: Vec<TxnOp> = txn
+        let success = txn
             .ops
             .into_iter()
-            .map(|op| match op {
-                Op::Put { key, value, lease } => TxnOp::put(
-                    key,
-                    value.to_vec(),
-                    lease.map(|l| PutOptions::new().with_lease(l as i64)),
-                ),
-                Op::Delete { key } => TxnOp::delete(key, None),
+            .map(|op| RequestOp {
+                request: Some(match op {
+                    Op::Put { key, value, lease } => RequestKind::RequestPut(PutRequest {
+                        key: key.into_bytes(),
+                        value: value.to_vec(),
+                        lease: lease.map_or(0, |l| l as i64),
+                        ..Default::default()
+                    }),
+                    Op::Delete { key } => RequestKind::RequestDeleteRange(DeleteRangeRequest {
+                        key: key.into_bytes(),
+                        ..Default::default()
+                    }),
+                }),
             })
             .collect();
-        let request = EtcdTxn::new().when(compares).and_then(ops);
+        let request = TxnRequest {
+            compare,
+            success,
+            failure: Vec::new(),
+        };
         let resp = self
             .call(|c| {
                 let request = request.clone();
-                async move { c.kv_client().txn(request).await }
+                async move { Ok(c.kv().txn(request).await?.into_inner()) }
             })
             .await
             .map_err(|f| self.fail("txn", f, lease))?;
         Ok(TxnOutcome {
-            succeeded: resp.succeeded(),
-            revision: resp.header().map_or(0, |h| h.revision()) as Revision,
+            succeeded: resp.succeeded,
+            revision: revision(resp.header.as_ref()) as Revision,
         })
     }
 
@@ -322,26 +318,43 @@ impl Store for EtcdStore {
         // minimum, about 2 s with default timings).
         let secs = ttl.as_millis().div_ceil(1000).max(1) as i64;
         let resp = self
-            .call(|c| async move { c.lease_client().grant(secs, None).await })
+            .call(|c| async move {
+                let request = LeaseGrantRequest { ttl: secs, id: 0 };
+                Ok(c.lease().lease_grant(request).await?.into_inner())
+            })
             .await
             .map_err(|f| self.fail("lease grant", f, None))?;
-        Ok(resp.id() as LeaseId)
+        Ok(resp.id as LeaseId)
     }
 
     async fn keep_alive(&self, id: LeaseId) -> Result<(), StoreError> {
-        // Opening the stream sends one keep-alive and waits for its answer;
-        // a TTL of 0 there (lease gone) comes back as an error.
-        self.call(|c| async move { c.lease_client().keep_alive(id as i64).await })
-            .await
-            .map(drop)
-            .map_err(|f| self.fail("lease keep-alive", f, Some(id)))
+        // One keep-alive on a stream of its own, and its answer; a TTL of 0
+        // there means the lease is gone.
+        self.call(|c| async move {
+            let request = LeaseKeepAliveRequest { id: id as i64 };
+            let mut answers = c
+                .lease()
+                .lease_keep_alive(tokio_stream::once(request))
+                .await?
+                .into_inner();
+            match answers.message().await? {
+                Some(answer) if answer.ttl > 0 => Ok(()),
+                Some(_) => Err(Failure::LeaseGone),
+                None => Err(Status::unavailable("lease keep-alive stream ended").into()),
+            }
+        })
+        .await
+        .map_err(|f| self.fail("lease keep-alive", f, Some(id)))
     }
 
     async fn revoke(&self, id: LeaseId) -> Result<(), StoreError> {
-        self.call(|c| async move { c.lease_client().revoke(id as i64).await })
-            .await
-            .map(drop)
-            .map_err(|f| self.fail("lease revoke", f, Some(id)))
+        self.call(|c| async move {
+            let request = LeaseRevokeRequest { id: id as i64 };
+            c.lease().lease_revoke(request).await?;
+            Ok(())
+        })
+        .await
+        .map_err(|f| self.fail("lease revoke", f, Some(id)))
     }
 }
 

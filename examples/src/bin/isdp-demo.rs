@@ -280,6 +280,15 @@ ISDP demo is up. Try:
   # call payments through the web sidecar (x-instance-id shows who answered)
   curl -si {WEB_UPSTREAM}/hello
 
+  # the spread under load: 300 calls, 20 at a time, counted per instance
+  seq 300 | xargs -P20 -I% curl -s -o /dev/null -D- {WEB_UPSTREAM}/hello \
+    | grep -i '^x-instance-id' | sort | uniq -c
+  # One call at a time mostly lands on one instance: the default balancer
+  # (peak_ewma) picks the cheaper of two random instances by latency x
+  # requests in flight, and an idle mesh has nothing in flight, so the
+  # fastest instance keeps winning. Under concurrent load it spreads.
+  # `lb = "round_robin"` in the web sidecar's [[upstream]] takes turns.
+
   # make payments-2 fail its health check, watch it turn unhealthy, restore it
   {isdpctl} watch payments      # in another terminal
   curl -XPOST 127.0.0.1:18082/admin/health/fail

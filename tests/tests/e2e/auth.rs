@@ -171,6 +171,32 @@ async fn create_token(cp: &ControlPlane, args: &[&str]) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_create_prints_only_the_secret_on_stdout() {
+    let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
+    let out = cp
+        .ctl(&["token", "create", "--role", "join", "--service", "web"])
+        .await;
+    assert!(out.status.success(), "{out:?}");
+    // `TOKEN=$(isdpctl token create ...)` must capture the secret alone.
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let secret = stdout.strip_suffix('\n').expect("one line");
+    assert!(
+        secret.starts_with("isdp_") && !secret.contains(char::is_whitespace),
+        "stdout is not just the secret: {stdout:?}"
+    );
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("not shown again"), "{stderr:?}");
+    // And the captured secret works.
+    let mut tokens = TokensClient::new(InterceptedService::new(cp.channel().await, bearer(secret)));
+    let err = tokens.list(ListTokensRequest {}).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::PermissionDenied,
+        "a join token, not a bad one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_without_a_valid_token_are_unauthenticated() {
     let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
     let channel = cp.channel().await;

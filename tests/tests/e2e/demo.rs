@@ -2,7 +2,10 @@
 //! fixed ports, the registry and the web sidecar see three healthy payments
 //! instances, and `--exit-after` stops every child it started.
 
+use std::collections::BTreeMap;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use isdp_tests::{binary, eventually, http, isdpctl, status_of};
@@ -10,6 +13,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 const CONTROL_PLANE: &str = "https://127.0.0.1:15010";
 const WEB_ADMIN: &str = "127.0.0.1:15000";
+const WEB_UPSTREAM: &str = "127.0.0.1:9191";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_comes_up_and_cleans_up() {
@@ -95,6 +99,15 @@ async fn demo_comes_up_and_cleans_up() {
     )
     .await;
 
+    // The hint the demo prints: under concurrent load the default balancer
+    // spreads calls over the instances.
+    let spread = spread(300, 20).await;
+    eprintln!("300 calls through the web sidecar, by instance: {spread:?}");
+    assert!(
+        spread.len() >= 2 && spread.values().sum::<usize>() == 300,
+        "300 calls, 20 at a time, should reach several instances: {spread:?}"
+    );
+
     let status = tokio::time::timeout(Duration::from_secs(40), demo.wait())
         .await
         .expect("isdp-demo did not stop after --exit-after")
@@ -109,4 +122,34 @@ async fn demo_comes_up_and_cleans_up() {
             "port {port} still in use after the demo stopped: a child outlived it"
         );
     }
+}
+
+/// Sends `calls` GETs through the web sidecar's payments listener,
+/// `concurrency` at a time, and counts answers per `x-instance-id`.
+async fn spread(calls: usize, concurrency: usize) -> BTreeMap<String, usize> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let next = next.clone();
+        workers.spawn(async move {
+            let mut seen = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < calls {
+                let resp = http::get(WEB_UPSTREAM, "/hello").await.expect("a call");
+                assert_eq!(resp.status, 200, "{resp:?}");
+                seen.push(
+                    resp.header("x-instance-id")
+                        .expect("x-instance-id")
+                        .to_owned(),
+                );
+            }
+            seen
+        });
+    }
+    let mut counts = BTreeMap::new();
+    while let Some(seen) = workers.join_next().await {
+        for id in seen.expect("a worker") {
+            *counts.entry(id).or_default() += 1;
+        }
+    }
+    counts
 }

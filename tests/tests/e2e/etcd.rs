@@ -9,6 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use isdp_control_plane::store::{
+    Store,
+    etcd::{EtcdOptions, EtcdStore},
+};
 use isdp_tests::{
     ControlPlane, ControlPlaneOpts, EchoHttp, EtcdCluster, Sidecar, SidecarToml, eventually,
     find_by_id, holds_for, status_of,
@@ -380,14 +384,18 @@ async fn the_mesh_rides_out_a_lost_etcd_member_and_a_total_etcd_outage() {
 
 /// Which replica's gRPC address the health-check leader key names.
 async fn health_leader(etcd: &EtcdCluster) -> anyhow::Result<String> {
-    let mut client = etcd_client::Client::connect(etcd.endpoints(), None).await?;
+    let store = EtcdStore::connect(&EtcdOptions {
+        endpoints: etcd.endpoints(),
+        ..Default::default()
+    })
+    .await?;
     let key = format!("{}leader/health-checks", prefix());
-    let resp = client.get(key.as_str(), None).await?;
-    let kv = resp
-        .kvs()
-        .first()
+    let (kvs, _) = store.range(&key).await?;
+    let kv = kvs
+        .iter()
+        .find(|kv| kv.key == key)
         .ok_or_else(|| anyhow::anyhow!("no leader"))?;
-    let value = kv.value_str()?;
+    let value = std::str::from_utf8(&kv.value)?;
     Ok(value.split(' ').next().unwrap_or_default().to_owned())
 }
 

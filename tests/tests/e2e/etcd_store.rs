@@ -11,6 +11,9 @@ use isdp_control_plane::store::{
     Event, Store, StoreError, Txn,
     etcd::{EtcdOptions, EtcdStore},
 };
+use isdp_proto::etcd::etcdserverpb::{
+    AuthEnableRequest, AuthUserAddRequest, AuthUserGrantRoleRequest, CompactionRequest,
+};
 use isdp_tests::{EtcdCluster, EtcdTls};
 
 fn val(s: &str) -> Bytes {
@@ -127,7 +130,7 @@ async fn watch_resumes_from_a_revision_and_a_compacted_one_says_so() {
     drop(w);
 
     // Compact away the history: resuming from before it must resync.
-    etcd_client_compact(&store, r4).await;
+    compact(&store, r4).await;
     let mut w = store.watch("/w/", r1).unwrap();
     match w.next().await {
         Some(Err(StoreError::Compacted { oldest, .. })) => assert_eq!(oldest, r4),
@@ -143,10 +146,14 @@ async fn watch_resumes_from_a_revision_and_a_compacted_one_says_so() {
     assert_eq!(w.next().await.unwrap().unwrap().revision, r5);
 }
 
-async fn etcd_client_compact(store: &EtcdStore, revision: u64) {
+async fn compact(store: &EtcdStore, revision: u64) {
     store
         .client()
-        .compact(revision as i64, None)
+        .kv()
+        .compact(CompactionRequest {
+            revision: revision as i64,
+            physical: false,
+        })
         .await
         .expect("compacting etcd");
 }
@@ -378,15 +385,27 @@ async fn tls_with_client_certificates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn username_and_password() {
     let etcd = EtcdCluster::start(1).await;
-    let mut admin = etcd_client::Client::connect(etcd.endpoints(), None)
+    let mut admin = store(&etcd).await.client().auth();
+    admin
+        .user_add(AuthUserAddRequest {
+            name: "root".into(),
+            password: "s3cret".into(),
+            ..Default::default()
+        })
         .await
         .unwrap();
-    admin.user_add("root", "s3cret", None).await.unwrap();
-    admin.user_grant_role("root", "root").await.unwrap();
-    admin.auth_enable().await.unwrap();
+    admin
+        .user_grant_role(AuthUserGrantRoleRequest {
+            user: "root".into(),
+            role: "root".into(),
+        })
+        .await
+        .unwrap();
+    admin.auth_enable(AuthEnableRequest {}).await.unwrap();
 
+    let endpoints = etcd.endpoints();
     let options = |password: &str| EtcdOptions {
-        endpoints: etcd.endpoints(),
+        endpoints: endpoints.clone(),
         username: Some("root".into()),
         password: Some(password.into()),
         ..Default::default()
@@ -396,6 +415,14 @@ async fn username_and_password() {
         .txn(Txn::default().put("/auth/a", val("1"), None))
         .await
         .expect("an authenticated write");
+    // The test cluster lets a token expire after 2 s idle: the store logs
+    // in again instead of failing every call from then on.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    store
+        .txn(Txn::default().put("/auth/b", val("2"), None))
+        .await
+        .expect("a write after etcd forgot the token");
+    assert_eq!(store.range("/auth/").await.unwrap().0.len(), 2);
     // A wrong password fails at startup, naming etcd.
     let err = EtcdStore::connect(&options("wrong"))
         .await

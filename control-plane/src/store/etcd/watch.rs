@@ -6,12 +6,14 @@
 //! resuming from it (`Unavailable`) and a full resync (`Compacted`). That
 //! keeps one reconnect policy, in one place, for every backend.
 
+use isdp_proto::etcd::{
+    etcdserverpb::{WatchCreateRequest, WatchRequest, watch_request::RequestUnion},
+    mvccpb::{self, event::EventType},
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use etcd_client::{EventType, WatchOptions};
-
-use super::{EtcdStore, to_kv};
+use super::{EtcdStore, prefix_end, to_kv};
 use crate::store::{Event, Revision, StoreError, WatchBatch, WatchStream};
 
 /// Batches buffered between etcd and a slow consumer.
@@ -34,14 +36,32 @@ async fn forward(
     after: Revision,
     tx: &mpsc::Sender<Result<WatchBatch, StoreError>>,
 ) -> Result<(), StoreError> {
-    let options = WatchOptions::new()
-        .with_prefix()
-        .with_start_revision(after as i64 + 1);
+    let create = WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: prefix.as_bytes().to_vec(),
+            range_end: prefix_end(prefix),
+            start_revision: after as i64 + 1,
+            ..Default::default()
+        })),
+    };
+    // Each attempt opens its own stream. The request side is kept as long
+    // as the watch: etcd ends a watch whose client closed its half.
     let open = store.call(|c| {
-        let (prefix, options) = (prefix.to_owned(), options.clone());
-        async move { c.watch_client().watch(prefix, Some(options)).await }
+        let create = create.clone();
+        async move {
+            let (requests, request_rx) = mpsc::channel::<WatchRequest>(1);
+            requests
+                .try_send(create)
+                .expect("a new channel has room for one request");
+            let stream = c
+                .watch()
+                .watch(ReceiverStream::new(request_rx))
+                .await?
+                .into_inner();
+            Ok((requests, stream))
+        }
     });
-    let mut stream = tokio::select! {
+    let (_requests, mut stream) = tokio::select! {
         _ = tx.closed() => return Ok(()),
         s = open => s.map_err(|f| store.fail("watch", f, None))?,
     };
@@ -54,18 +74,20 @@ async fn forward(
         let response = match message {
             Ok(Some(r)) => r,
             Ok(None) => return Err(store.unavailable("watch: stream ended")),
-            Err(e) => return Err(store.unavailable(format!("watch: {e}"))),
+            Err(e) => {
+                return Err(store.unavailable(format!("watch: {}", super::client::describe(&e))));
+            }
         };
-        if response.compact_revision() > 0 {
+        if response.compact_revision > 0 {
             return Err(StoreError::Compacted {
                 requested: last,
-                oldest: response.compact_revision() as Revision,
+                oldest: response.compact_revision as Revision,
             });
         }
-        if response.canceled() {
-            return Err(store.unavailable(format!("watch canceled: {}", response.cancel_reason())));
+        if response.canceled {
+            return Err(store.unavailable(format!("watch canceled: {}", response.cancel_reason)));
         }
-        for batch in batches(response.events()) {
+        for batch in batches(&response.events) {
             last = batch.revision;
             if tx.send(Ok(batch)).await.is_err() {
                 return Ok(());
@@ -75,15 +97,15 @@ async fn forward(
 }
 
 /// Groups events by revision, in order: one etcd transaction, one batch.
-fn batches(events: &[etcd_client::Event]) -> Vec<WatchBatch> {
+fn batches(events: &[mvccpb::Event]) -> Vec<WatchBatch> {
     let mut out: Vec<WatchBatch> = Vec::new();
     for e in events {
-        let Some(kv) = e.kv() else { continue };
-        let revision = kv.mod_revision() as Revision;
-        let event = match e.event_type() {
+        let Some(kv) = &e.kv else { continue };
+        let revision = kv.mod_revision as Revision;
+        let event = match e.r#type() {
             EventType::Put => Event::Put(to_kv(kv)),
             EventType::Delete => Event::Delete {
-                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                key: String::from_utf8_lossy(&kv.key).into_owned(),
             },
         };
         match out.last_mut() {
