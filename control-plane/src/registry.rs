@@ -16,7 +16,7 @@ use isdp_proto::v1::{HealthStatus, Instance};
 use prost::Message;
 use tokio::sync::{broadcast, watch};
 
-use crate::store::{LeaseId, Revision, Store, StoreError, Txn};
+use crate::store::{LeaseId, Revision, Store, StoreError, Txn, progress};
 pub use validate::FieldError;
 pub use view::Stored;
 
@@ -54,7 +54,7 @@ struct Shared {
     prefix: String,
     view: view::View,
     /// The store revision the view has applied.
-    applied: watch::Receiver<Revision>,
+    applied: progress::Applied,
     changes: broadcast::Sender<Change>,
 }
 
@@ -93,10 +93,12 @@ impl Registry {
     }
 
     /// Waits until the view reflects `revision`, so a caller reads its own
-    /// writes.
+    /// writes. It may be a revision of another prefix (a transaction that
+    /// wrote nothing answers with the store's current revision, and that
+    /// may be an authorization rule's): the view reaches it through the
+    /// watch's progress.
     async fn visible(&self, revision: Revision) {
-        let mut applied = self.shared.applied.clone();
-        let _ = applied.wait_for(|r| *r >= revision).await;
+        self.shared.applied.wait(revision).await;
     }
 
     /// Validates, fills in defaults and stores an instance registered by an

@@ -11,6 +11,7 @@
 pub mod embedded;
 pub mod etcd;
 pub mod follow;
+pub mod progress;
 
 use std::{pin::Pin, time::Duration};
 
@@ -109,14 +110,93 @@ impl Event {
     }
 }
 
-/// The events of one revision that fall under a watch's prefix.
+/// The events of one revision that fall under a watch's prefix, or, when
+/// `events` is empty, progress: every event under the prefix up to
+/// `revision` has been delivered.
+///
+/// Progress is what lets a view wait for a revision written elsewhere in
+/// the store (an authorization rule, a token) without hanging: the view
+/// has "reached" that revision once it has seen everything of its own
+/// prefix up to it, even if nothing of its prefix changed.
 #[derive(Clone, Debug)]
 pub struct WatchBatch {
     pub revision: Revision,
     pub events: Vec<Event>,
 }
 
-pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchBatch, StoreError>> + Send>>;
+impl WatchBatch {
+    pub fn is_progress(&self) -> bool {
+        self.events.is_empty()
+    }
+}
+
+/// A watch: batches in revision order, then an error (or the end, when the
+/// store closes). Backends report progress either by themselves (the
+/// embedded store, after each commit outside the prefix) or when asked
+/// with [`WatchStream::request_progress`] (etcd).
+pub struct WatchStream {
+    batches: Pin<Box<dyn Stream<Item = Result<WatchBatch, StoreError>> + Send>>,
+    progress: Option<tokio::sync::mpsc::Sender<()>>,
+}
+
+impl WatchStream {
+    /// A stream whose backend reports progress by itself.
+    pub fn new(
+        batches: impl Stream<Item = Result<WatchBatch, StoreError>> + Send + 'static,
+    ) -> Self {
+        WatchStream {
+            batches: Box::pin(batches),
+            progress: None,
+        }
+    }
+
+    /// A stream whose backend sends a progress batch for each message on
+    /// `progress` (more may be dropped while one is pending).
+    pub fn with_progress_requests(
+        batches: impl Stream<Item = Result<WatchBatch, StoreError>> + Send + 'static,
+        progress: tokio::sync::mpsc::Sender<()>,
+    ) -> Self {
+        WatchStream {
+            batches: Box::pin(batches),
+            progress: Some(progress),
+        }
+    }
+
+    /// Asks for a progress batch at the backend's current revision. The
+    /// backend may not answer (etcd does not while the watch is catching
+    /// up); ask again later if the revision is still not reached.
+    pub fn request_progress(&self) {
+        if let Some(progress) = &self.progress {
+            let _ = progress.try_send(());
+        }
+    }
+
+    /// The same stream with its batches passed through `f` (tests and
+    /// decorators), keeping the progress requests.
+    pub fn map_batches<S>(
+        self,
+        f: impl FnOnce(Pin<Box<dyn Stream<Item = Result<WatchBatch, StoreError>> + Send>>) -> S,
+    ) -> Self
+    where
+        S: Stream<Item = Result<WatchBatch, StoreError>> + Send + 'static,
+    {
+        WatchStream {
+            batches: Box::pin(f(self.batches)),
+            progress: self.progress,
+        }
+    }
+}
+
+impl Stream for WatchStream {
+    type Item = Result<WatchBatch, StoreError>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.batches.as_mut().poll_next(cx)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -181,7 +181,7 @@ impl Store for Flaky {
         let broken = futures::stream::once(async {
             Err(StoreError::Unavailable("etcd at test: member died".into()))
         });
-        Ok(Box::pin(stream.take(1).chain(broken)))
+        Ok(stream.map_batches(|batches| batches.take(1).chain(broken)))
     }
     async fn grant_lease(&self, ttl: Duration) -> Result<crate::store::LeaseId, StoreError> {
         self.inner.grant_lease(ttl).await
@@ -266,4 +266,56 @@ async fn a_session_reopened_on_another_replica_survives_the_old_ones_timers() {
         assert_eq!(s.instance.status, HealthStatus::Healthy as i32);
     }
     drop(on_b);
+}
+
+/// A write under another prefix (an authorization rule, a token, the CA)
+/// moves the store's revision past anything the registry view sees; the
+/// session calls that wait for "the current revision" must still return.
+#[tokio::test]
+async fn sessions_open_and_close_after_writes_outside_the_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _stop) = registry(dir.path()).await;
+    let timeouts = SessionTimeouts {
+        grace: Duration::from_secs(10),
+        timeout: Duration::from_secs(60),
+    };
+    let sessions = Sessions::new(r.clone(), timeouts);
+    let store = r.store().clone();
+    let elsewhere = |key: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .txn(Txn::default().put(key, bytes::Bytes::from_static(b"x"), None))
+                .await
+                .unwrap();
+        }
+    };
+
+    // A client-only sidecar: a session with no instances.
+    elsewhere("/isdp/authz/rules/payments/allow-web").await;
+    let empty = within("opening an empty session", sessions.open("web-1", vec![]))
+        .await
+        .unwrap();
+    elsewhere("/isdp/tokens/abc").await;
+    within("closing an empty session", empty.close())
+        .await
+        .unwrap();
+
+    // A session with an instance, closed after another outside write.
+    let session = within(
+        "opening a session",
+        sessions.open("pay-1", vec![inst("pay", "", 80)]),
+    )
+    .await
+    .unwrap();
+    elsewhere("/isdp/policies/pay").await;
+    within("closing a session", session.close()).await.unwrap();
+    assert!(r.instances("pay").is_empty());
+}
+
+/// `f`, or a panic naming `what` if it takes longer than 5 s.
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(5), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} hung after a write outside the registry"))
 }

@@ -18,7 +18,7 @@ use tokio::sync::{broadcast, watch};
 
 use super::{Change, RegistryError};
 use crate::store::{
-    Event, KeyValue, LeaseId, Revision, Store, StoreError, WatchBatch, WatchStream,
+    Event, KeyValue, LeaseId, Revision, Store, StoreError, WatchBatch, WatchStream, progress,
 };
 
 /// An instance as stored, with what compare-and-set needs.
@@ -46,7 +46,7 @@ impl View {
         prefix: &str,
         changes: broadcast::Sender<Change>,
         shutdown: watch::Receiver<bool>,
-    ) -> Result<(View, watch::Receiver<Revision>), RegistryError> {
+    ) -> Result<(View, progress::Applied), RegistryError> {
         let view = View {
             inner: Arc::new(Inner {
                 instances: DashMap::new(),
@@ -55,14 +55,14 @@ impl View {
         };
         let prefix = format!("{prefix}instances/");
         let rev = view.load(&*store, &prefix).await?;
-        let (applied_tx, applied) = watch::channel(rev);
+        let (applied, reporter) = progress::channel(rev);
         tokio::spawn(follow(
             view.clone(),
             store,
             prefix,
             rev,
             changes,
-            applied_tx,
+            reporter,
             shutdown,
         ));
         Ok((view, applied))
@@ -239,7 +239,7 @@ async fn follow(
     prefix: String,
     mut rev: Revision,
     changes: broadcast::Sender<Change>,
-    applied_tx: watch::Sender<Revision>,
+    mut reporter: progress::Reporter,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut retry = RETRY_MIN;
@@ -251,7 +251,7 @@ async fn follow(
                     rev = r;
                     resync = false;
                     let _ = changes.send(Change::All);
-                    applied_tx.send_replace(rev);
+                    reporter.applied(rev);
                     tracing::info!(revision = rev, "registry resynced");
                 }
                 Err(e) => {
@@ -268,6 +268,7 @@ async fn follow(
             Ok(mut stream) => loop {
                 tokio::select! {
                     _ = shutdown.wait_for(|s| *s) => return,
+                    _ = reporter.progress_due(rev) => stream.request_progress(),
                     next = stream.next() => match next {
                         Some(Ok(batch)) => {
                             // Apply everything already delivered before
@@ -281,7 +282,7 @@ async fn follow(
                             for service in touched {
                                 let _ = changes.send(Change::Service(service.into()));
                             }
-                            applied_tx.send_replace(rev);
+                            reporter.applied(rev);
                             if let Some(e) = failed {
                                 break e;
                             }

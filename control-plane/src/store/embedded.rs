@@ -34,6 +34,9 @@ const LEASES: TableDefinition<u64, u64> = TableDefinition::new("leases");
 const HISTORY: usize = 16_384;
 /// Most transactions folded into one commit.
 const MAX_BATCH: usize = 4_096;
+/// A watcher behind a steady stream of commits outside its prefix reports
+/// progress at least this often, so a writer waiting on it is not starved.
+const PROGRESS_EVERY: usize = 64;
 
 #[derive(Clone)]
 pub struct EmbeddedStore {
@@ -261,12 +264,16 @@ impl Store for EmbeddedStore {
         };
         let prefix = prefix.to_owned();
         let state = (backlog, rx, prefix, after, false);
-        Ok(Box::pin(futures::stream::unfold(
+        Ok(WatchStream::new(futures::stream::unfold(
             state,
             |(mut backlog, mut rx, prefix, mut last, done)| async move {
                 if done {
                     return None;
                 }
+                // Commits outside the prefix seen since the last batch:
+                // reported as progress once nothing more is queued (or
+                // every PROGRESS_EVERY of them, under a steady stream).
+                let mut skipped = 0usize;
                 loop {
                     let batch = match backlog.pop_front() {
                         Some(b) => b,
@@ -292,13 +299,18 @@ impl Store for EmbeddedStore {
                         .filter(|e| e.key().starts_with(&prefix))
                         .cloned()
                         .collect();
-                    if !events.is_empty() {
-                        let out = WatchBatch {
-                            revision: batch.revision,
-                            events,
-                        };
-                        return Some((Ok(out), (backlog, rx, prefix, last, false)));
+                    let caught_up = backlog.is_empty() && rx.is_empty();
+                    if events.is_empty() {
+                        skipped += 1;
+                        if !caught_up && skipped < PROGRESS_EVERY {
+                            continue;
+                        }
                     }
+                    let out = WatchBatch {
+                        revision: batch.revision,
+                        events,
+                    };
+                    return Some((Ok(out), (backlog, rx, prefix, last, false)));
                 }
             },
         )))

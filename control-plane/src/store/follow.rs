@@ -7,7 +7,8 @@
 //! While the store is unreachable the copy keeps its content and the watch
 //! resumes from the last revision with backoff; only a compacted revision
 //! reloads everything. Writers wait on [`Followed::applied`] for their own
-//! revision, so they read their own writes.
+//! revision, so they read their own writes; a revision of another prefix
+//! is reached through the watch's progress (`progress.rs`).
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -15,7 +16,10 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::watch;
 
-use super::{Event, KeyValue, Revision, Store, StoreError};
+use super::{
+    Event, KeyValue, Revision, Store, StoreError,
+    progress::{self, Reporter},
+};
 
 /// A value as stored, with the revision of its last write (its version, and
 /// what compare-and-set compares).
@@ -32,7 +36,7 @@ pub type Entries = BTreeMap<String, Entry>;
 #[derive(Clone)]
 pub struct Followed {
     entries: watch::Receiver<Arc<Entries>>,
-    applied: watch::Receiver<Revision>,
+    applied: progress::Applied,
 }
 
 const RETRY_MIN: Duration = Duration::from_millis(100);
@@ -47,8 +51,8 @@ impl Followed {
     ) -> Result<Followed, StoreError> {
         let (entries, rev) = load(&*store, &prefix).await?;
         let (entries_tx, entries) = watch::channel(Arc::new(entries));
-        let (applied_tx, applied) = watch::channel(rev);
-        tokio::spawn(follow(store, prefix, rev, entries_tx, applied_tx, shutdown));
+        let (applied, reporter) = progress::channel(rev);
+        tokio::spawn(follow(store, prefix, rev, entries_tx, reporter, shutdown));
         Ok(Followed { entries, applied })
     }
 
@@ -61,10 +65,10 @@ impl Followed {
         self.entries.clone()
     }
 
-    /// Waits until the copy has applied `revision`.
+    /// Waits until the copy has applied `revision`, which may be a
+    /// revision of another prefix.
     pub async fn applied(&self, revision: Revision) {
-        let mut applied = self.applied.clone();
-        let _ = applied.wait_for(|r| *r >= revision).await;
+        self.applied.wait(revision).await;
     }
 }
 
@@ -94,7 +98,7 @@ async fn follow(
     prefix: String,
     mut rev: Revision,
     entries_tx: watch::Sender<Arc<Entries>>,
-    applied_tx: watch::Sender<Revision>,
+    mut reporter: Reporter,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut retry = RETRY_MIN;
@@ -104,7 +108,13 @@ async fn follow(
             Ok(mut stream) => loop {
                 tokio::select! {
                     _ = shutdown.wait_for(|s| *s) => return,
+                    _ = reporter.progress_due(rev) => stream.request_progress(),
                     next = stream.next() => match next {
+                        Some(Ok(batch)) if batch.is_progress() => {
+                            retry = RETRY_MIN;
+                            rev = batch.revision;
+                            reporter.applied(rev);
+                        }
                         Some(Ok(batch)) => {
                             retry = RETRY_MIN;
                             let mut entries = Entries::clone(&entries_tx.borrow());
@@ -120,7 +130,7 @@ async fn follow(
                             }
                             rev = batch.revision;
                             entries_tx.send_replace(Arc::new(entries));
-                            applied_tx.send_replace(rev);
+                            reporter.applied(rev);
                         }
                         Some(Err(e)) => break e,
                         None => return,
@@ -135,7 +145,7 @@ async fn follow(
                     tracing::info!(%prefix, revision = r, "reloaded after compaction");
                     rev = r;
                     entries_tx.send_replace(Arc::new(entries));
-                    applied_tx.send_replace(rev);
+                    reporter.applied(rev);
                     continue;
                 }
                 Err(e) => tracing::warn!(%prefix, error = %e, "reload failed; retrying"),

@@ -449,3 +449,22 @@ async fn health_checks_run_on_one_elected_replica_and_move_when_it_dies() {
     );
     assert_eq!(health_leader(&etcd).await.unwrap(), survivor_addr);
 }
+
+/// On etcd the store's revision also moves with writes nobody waits for
+/// (the election key's renewals, other meshes under other prefixes): a
+/// client-only sidecar's empty session still opens on either replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_only_sidecar_becomes_ready_on_either_replica_after_writes_elsewhere() {
+    let etcd = EtcdCluster::start(1).await;
+    let (a, b) = replicas(&etcd, ControlPlaneOpts::default()).await;
+    a.ctl_ok(&["authz", "allow", "--to", SERVICE, "--from", "web"])
+        .await;
+    for (n, cp) in [&a, &b].into_iter().enumerate() {
+        let sidecar = SidecarToml::new(&format!("web-{n}"), &cp.grpc_url())
+            .raw("identity = \"web\"")
+            .upstream(SERVICE)
+            .start()
+            .await;
+        crate::sessions::client_only_ready(&sidecar, "rule written on replica a").await;
+    }
+}

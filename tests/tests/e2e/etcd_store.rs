@@ -430,3 +430,47 @@ async fn username_and_password() {
         .expect("refused");
     assert!(err.to_string().contains("etcd at http://"), "{err}");
 }
+
+/// Asked for progress, an etcd watch answers with an empty batch at the
+/// cluster's revision, covering writes under other prefixes; unasked, it
+/// reports nothing but its own prefix's events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_asked_for_progress_reports_the_cluster_revision() {
+    let etcd = EtcdCluster::start(1).await;
+    let store = store(&etcd).await;
+    let start = store.range("/p/").await.unwrap().1;
+    let mut w = store.watch("/p/", start).unwrap();
+    let elsewhere = store
+        .txn(Txn::default().put("/q/x", val("1"), None))
+        .await
+        .unwrap()
+        .revision;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), w.next())
+            .await
+            .is_err(),
+        "a write elsewhere is not an event of this watch"
+    );
+    // etcd answers a progress request only once the watch is in sync, so
+    // ask until it does.
+    let progress = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            w.request_progress();
+            if let Ok(Some(b)) = tokio::time::timeout(Duration::from_millis(200), w.next()).await {
+                break b.unwrap();
+            }
+        }
+    })
+    .await
+    .expect("no progress within 5 s");
+    assert!(progress.is_progress(), "{progress:?}");
+    assert!(progress.revision >= elsewhere, "{progress:?} < {elsewhere}");
+    // Events still come as events after progress.
+    let mine = store
+        .txn(Txn::default().put("/p/a", val("2"), None))
+        .await
+        .unwrap()
+        .revision;
+    let b = w.next().await.unwrap().unwrap();
+    assert_eq!((b.revision, b.events.len()), (mine, 1));
+}

@@ -123,3 +123,53 @@ async fn crashed_sidecar_goes_unhealthy_after_grace_then_is_removed() {
         200
     );
 }
+
+/// A sidecar that only calls out (no local service) opens its session with
+/// no instances. Whatever an operator wrote last (a rule, the default, a
+/// traffic policy, a token, a root rotation: every write outside the
+/// registry), the session opens and the sidecar becomes ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_only_sidecar_becomes_ready_after_any_operator_write() {
+    let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("payments.yaml");
+    std::fs::write(&policy, "service: payments\ntimeouts: { request: 5s }\n").expect("policy");
+    let policy = policy.to_str().expect("UTF-8 path");
+    let writes: [(&str, &[&str]); 5] = [
+        (
+            "authorization rule",
+            &["authz", "allow", "--to", "payments", "--from", "web"],
+        ),
+        ("authorization default", &["authz", "default", "deny"]),
+        ("traffic policy", &["policy", "apply", "-f", policy]),
+        ("token", &["token", "create", "--role", "read"]),
+        ("root rotation", &["ca", "rotate"]),
+    ];
+    for (n, (what, args)) in writes.into_iter().enumerate() {
+        cp.ctl_ok(args).await;
+        let sidecar = SidecarToml::new(&format!("web-{n}"), &cp.grpc_url())
+            .raw("identity = \"web\"")
+            .upstream("payments")
+            .start()
+            .await;
+        client_only_ready(&sidecar, what).await;
+    }
+}
+
+/// Waits for a client-only sidecar's `/ready`, naming the write it follows.
+pub async fn client_only_ready(sidecar: &isdp_tests::Sidecar, after: &str) {
+    let admin = sidecar.admin_addr().to_owned();
+    eventually(
+        Duration::from_secs(10),
+        &format!("a client-only sidecar ready after a {after}"),
+        || {
+            let admin = admin.clone();
+            async move {
+                let r = isdp_tests::http::get(&admin, "/ready").await?;
+                anyhow::ensure!(r.status == 200, "/ready: {} {}", r.status, r.body);
+                Ok(())
+            }
+        },
+    )
+    .await;
+}

@@ -120,6 +120,52 @@ async fn watch_resumes_from_a_revision_and_filters_by_prefix() {
     assert!(store.watch("/w/", 4).is_ok());
 }
 
+/// Commits outside a watch's prefix come back as progress (an empty batch
+/// at their revision) once the watcher has caught up, so a view can tell it
+/// has reached a revision written elsewhere; a burst is folded into one.
+#[tokio::test]
+async fn commits_elsewhere_are_reported_as_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let mut w = store.watch("/w/", 0).unwrap();
+    let r1 = store
+        .txn(Txn::default().put("/other/a", val("x"), None))
+        .await
+        .unwrap()
+        .revision;
+    let b = w.next().await.unwrap().unwrap();
+    assert!(b.is_progress(), "{b:?}");
+    assert_eq!(b.revision, r1);
+
+    // A burst elsewhere, then a change under the prefix: whatever progress
+    // comes first, the change arrives with its own revision, in order.
+    for i in 0..10 {
+        store
+            .txn(Txn::default().put(format!("/other/{i}"), val("x"), None))
+            .await
+            .unwrap();
+    }
+    let mine = store
+        .txn(Txn::default().put("/w/b", val("2"), None))
+        .await
+        .unwrap()
+        .revision;
+    let mut last = r1;
+    loop {
+        let b = w.next().await.unwrap().unwrap();
+        assert!(
+            b.revision > last,
+            "revisions go forward: {b:?} after {last}"
+        );
+        last = b.revision;
+        if !b.is_progress() {
+            assert_eq!(b.revision, mine);
+            assert!(matches!(&b.events[0], Event::Put(kv) if kv.key == "/w/b"));
+            break;
+        }
+    }
+}
+
 #[tokio::test]
 async fn leases_expire_without_keepalive_and_revoke_deletes_at_once() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,13 +1,21 @@
 //! An etcd watch as a [`WatchStream`]: one task per watch forwards etcd's
 //! responses, grouped into one [`WatchBatch`] per revision.
 //!
+//! Progress: when the consumer asks ([`WatchStream::request_progress`]),
+//! etcd is sent a progress request; its answer (no events, the cluster's
+//! revision in the header) becomes an empty batch. etcd answers only once
+//! the watch has caught up, so the consumer asks again while it waits.
+//!
 //! The stream ends with an error instead of retrying by itself: the caller
 //! (the registry view) knows its last applied revision and decides between
 //! resuming from it (`Unavailable`) and a full resync (`Compacted`). That
 //! keeps one reconnect policy, in one place, for every backend.
 
 use isdp_proto::etcd::{
-    etcdserverpb::{WatchCreateRequest, WatchRequest, watch_request::RequestUnion},
+    etcdserverpb::{
+        WatchCreateRequest, WatchProgressRequest, WatchRequest, WatchResponse,
+        watch_request::RequestUnion,
+    },
     mvccpb::{self, event::EventType},
 };
 use tokio::sync::mpsc;
@@ -21,12 +29,13 @@ const BUFFER: usize = 256;
 
 pub(super) fn start(store: EtcdStore, prefix: String, after: Revision) -> WatchStream {
     let (tx, rx) = mpsc::channel(BUFFER);
+    let (progress_tx, progress_rx) = mpsc::channel(1);
     tokio::spawn(async move {
-        if let Err(e) = forward(&store, &prefix, after, &tx).await {
+        if let Err(e) = forward(&store, &prefix, after, &tx, progress_rx).await {
             let _ = tx.send(Err(e)).await;
         }
     });
-    Box::pin(ReceiverStream::new(rx))
+    WatchStream::with_progress_requests(ReceiverStream::new(rx), progress_tx)
 }
 
 /// Forwards batches until the consumer goes away (`Ok`) or the watch fails.
@@ -35,6 +44,7 @@ async fn forward(
     prefix: &str,
     after: Revision,
     tx: &mpsc::Sender<Result<WatchBatch, StoreError>>,
+    mut progress: mpsc::Receiver<()>,
 ) -> Result<(), StoreError> {
     let create = WatchRequest {
         request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
@@ -49,7 +59,7 @@ async fn forward(
     let open = store.call(|c| {
         let create = create.clone();
         async move {
-            let (requests, request_rx) = mpsc::channel::<WatchRequest>(1);
+            let (requests, request_rx) = mpsc::channel::<WatchRequest>(2);
             requests
                 .try_send(create)
                 .expect("a new channel has room for one request");
@@ -61,7 +71,7 @@ async fn forward(
             Ok((requests, stream))
         }
     });
-    let (_requests, mut stream) = tokio::select! {
+    let (requests, mut stream) = tokio::select! {
         _ = tx.closed() => return Ok(()),
         s = open => s.map_err(|f| store.fail("watch", f, None))?,
     };
@@ -69,6 +79,14 @@ async fn forward(
     loop {
         let message = tokio::select! {
             _ = tx.closed() => return Ok(()),
+            Some(()) = progress.recv() => {
+                let request = WatchRequest {
+                    request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
+                };
+                // Full means a request is already on its way.
+                let _ = requests.try_send(request);
+                continue;
+            }
             m = stream.message() => m,
         };
         let response = match message {
@@ -87,6 +105,20 @@ async fn forward(
         if response.canceled {
             return Err(store.unavailable(format!("watch canceled: {}", response.cancel_reason)));
         }
+        if is_progress(&response) {
+            let revision = response.header.as_ref().map_or(0, |h| h.revision) as Revision;
+            if revision > last {
+                last = revision;
+                let progress = WatchBatch {
+                    revision,
+                    events: Vec::new(),
+                };
+                if tx.send(Ok(progress)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            continue;
+        }
         for batch in batches(&response.events) {
             last = batch.revision;
             if tx.send(Ok(batch)).await.is_err() {
@@ -94,6 +126,17 @@ async fn forward(
             }
         }
     }
+}
+
+/// An answer to a progress request: no events, and not the answer to the
+/// watch's creation (whose header revision says nothing about what was
+/// delivered).
+fn is_progress(response: &WatchResponse) -> bool {
+    response.events.is_empty()
+        && !response.created
+        && !response.canceled
+        && response.compact_revision == 0
+        && response.header.as_ref().is_some_and(|h| h.revision > 0)
 }
 
 /// Groups events by revision, in order: one etcd transaction, one batch.
