@@ -1,8 +1,12 @@
 //! Compiles the protobuf definitions with protox (a pure-Rust protobuf
 //! compiler), so building needs no system `protoc`:
-//! - `isdp/v1/*.proto`, the project's own API, always;
+//! - `isdp/v1/*.proto`, the project's own API, always, with its descriptor
+//!   set written beside the code (`isdp_v1.fds`) so tests can walk every
+//!   service and method;
 //! - `etcd/api/**.proto`, etcd's v3 API, with the `etcd` feature (the
 //!   control plane's etcd store and its tests). Clients only.
+
+use protox::prost::Message as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let isdp = [
@@ -16,11 +20,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for f in isdp {
         println!("cargo:rerun-if-changed={f}");
     }
+    let fds = protox::compile(isdp, ["."])?;
+    let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").ok_or("OUT_DIR is not set")?);
+    std::fs::write(out.join("isdp_v1.fds"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
         // Maps encode in key order, so equal content gives equal bytes: the
         // xDS engine versions resources by a hash of their encoding.
         .btree_map(".")
-        .compile_fds(protox::compile(isdp, ["."])?)?;
+        .compile_fds(fds)?;
 
     if std::env::var_os("CARGO_FEATURE_ETCD").is_some() {
         let etcd = [

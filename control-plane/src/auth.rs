@@ -6,17 +6,22 @@
 //! on the TLS handshake: a join principal for that one service, with the
 //! read scope of the token the certificate was issued under, as long as
 //! that token has not been revoked. [`required`] maps each method path to what it
-//! needs; [`AuthLayer`] applies that in front of the whole router and puts
-//! the principal into the request's extensions, where handlers that scope
-//! by service (`Certificates/Sign`, `Sidecar/Session`) find it, and the
-//! xDS server derives each stream's [`ReadScope`] from it.
+//! needs (one row per method; anything else needs admin); [`AuthLayer`]
+//! applies that in front of the whole router and puts the principal into
+//! the request's extensions, where handlers that scope by service
+//! (`Certificates/Sign`, `Sidecar/Session`) find it, and from which the
+//! xDS server and the traffic-policy reads derive the caller's
+//! [`ReadScope`].
 //!
 //! # Layout
+//! - `methods`: the method -> role table.
 //! - `layer`: the tower layer.
 
 mod layer;
+mod methods;
 
 pub use layer::AuthLayer;
+pub use methods::{METHODS, Need, lookup, required};
 
 use tonic::Status;
 
@@ -115,6 +120,19 @@ impl ReadScope {
         }
     }
 
+    /// [`ReadScope::allows`] as the status a handler returns: refused
+    /// reads are PERMISSION_DENIED naming the principal, what it asked for
+    /// and what it may read.
+    pub fn check(&self, method: &str, type_url: &str, name: &str) -> Result<(), Status> {
+        if self.allows(type_url, name) {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!(
+            "{method}: {}",
+            self.refusal(type_url, name)
+        )))
+    }
+
     /// Why a subscription to `name` was refused, for the log.
     pub fn refusal(&self, type_url: &str, name: &str) -> String {
         match self {
@@ -132,66 +150,9 @@ impl ReadScope {
     }
 }
 
-/// What a method needs of its caller.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Need {
-    /// No authentication (gRPC health checks).
-    Nothing,
-    /// Any authenticated principal.
-    Authenticated,
-    /// At least this role (read < write < admin); join does not qualify.
-    Role(Role),
-    /// A join principal (scope checked by the handler) or this role or more.
-    JoinOr(Role),
-}
-
-impl Need {
-    /// `None` when `role` suffices, else the role the message should name.
-    pub fn check(self, role: Role) -> Result<(), &'static str> {
-        match self {
-            Need::Nothing | Need::Authenticated => Ok(()),
-            Need::Role(r) if role.includes(r) => Ok(()),
-            Need::Role(r) => Err(r.name()),
-            Need::JoinOr(_) if role == Role::Join => Ok(()),
-            Need::JoinOr(r) if role.includes(r) => Ok(()),
-            Need::JoinOr(Role::Admin) => Err("join or admin"),
-            Need::JoinOr(_) => Err("join or write"),
-        }
-    }
-}
-
-/// What the method at `path` (`/package.Service/Method`) needs.
-pub fn required(path: &str) -> Need {
-    let mut parts = path.trim_start_matches('/').splitn(2, '/');
-    let service = parts.next().unwrap_or_default();
-    let method = parts.next().unwrap_or_default();
-    match service {
-        "grpc.health.v1.Health" => Need::Nothing,
-        "isdp.v1.Registry" => match method {
-            "Register" | "Deregister" => Need::Role(Role::Write),
-            _ => Need::Role(Role::Read),
-        },
-        "isdp.v1.ProxyStatus" => Need::Role(Role::Read),
-        "isdp.v1.Tokens" => Need::Role(Role::Admin),
-        "isdp.v1.Certificates" => match method {
-            "Sign" => Need::JoinOr(Role::Admin),
-            "TrustBundle" => Need::Authenticated,
-            _ => Need::Role(Role::Admin),
-        },
-        "isdp.v1.Authorization" => match method {
-            "ListRules" | "GetDefault" => Need::Role(Role::Read),
-            _ => Need::Role(Role::Write),
-        },
-        "isdp.v1.Sidecar" => Need::JoinOr(Role::Write),
-        "envoy.service.discovery.v3.AggregatedDiscoveryService" => Need::Authenticated,
-        // Unknown: the router answers UNIMPLEMENTED, but only to callers
-        // who authenticated, so probing learns nothing.
-        _ => Need::Authenticated,
-    }
-}
-
 /// The principal the auth layer put on a request; handlers behind the layer
-/// always find one except on unauthenticated methods.
+/// always find one (every method authenticates), and one that does not
+/// refuses rather than guess.
 pub fn principal<T>(req: &tonic::Request<T>) -> Result<&Principal, Status> {
     req.extensions()
         .get::<Principal>()
@@ -201,57 +162,6 @@ pub fn principal<T>(req: &tonic::Request<T>) -> Result<&Principal, Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn method_roles() {
-        let cases = [
-            ("/isdp.v1.Registry/ListServices", Need::Role(Role::Read)),
-            ("/isdp.v1.Registry/WatchService", Need::Role(Role::Read)),
-            ("/isdp.v1.Registry/Register", Need::Role(Role::Write)),
-            ("/isdp.v1.Registry/Deregister", Need::Role(Role::Write)),
-            ("/isdp.v1.ProxyStatus/ListProxies", Need::Role(Role::Read)),
-            ("/isdp.v1.Tokens/Create", Need::Role(Role::Admin)),
-            ("/isdp.v1.Certificates/Sign", Need::JoinOr(Role::Admin)),
-            ("/isdp.v1.Certificates/TrustBundle", Need::Authenticated),
-            ("/isdp.v1.Certificates/RotateRoot", Need::Role(Role::Admin)),
-            ("/isdp.v1.Authorization/ListRules", Need::Role(Role::Read)),
-            ("/isdp.v1.Authorization/PutRule", Need::Role(Role::Write)),
-            ("/isdp.v1.Sidecar/Session", Need::JoinOr(Role::Write)),
-            (
-                "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources",
-                Need::Authenticated,
-            ),
-            ("/grpc.health.v1.Health/Check", Need::Nothing),
-            ("/nope.Service/Method", Need::Authenticated),
-        ];
-        for (path, need) in cases {
-            assert_eq!(required(path), need, "{path}");
-        }
-    }
-
-    #[test]
-    fn role_checks_name_what_is_missing() {
-        let reg = required("/isdp.v1.Registry/Register");
-        assert_eq!(reg.check(Role::Read), Err("write"));
-        assert_eq!(reg.check(Role::Join), Err("write"));
-        assert!(reg.check(Role::Write).is_ok());
-        assert!(reg.check(Role::Admin).is_ok());
-        let session = required("/isdp.v1.Sidecar/Session");
-        assert!(session.check(Role::Join).is_ok());
-        assert!(session.check(Role::Write).is_ok());
-        assert_eq!(session.check(Role::Read), Err("join or write"));
-        let sign = required("/isdp.v1.Certificates/Sign");
-        assert!(sign.check(Role::Join).is_ok());
-        assert_eq!(sign.check(Role::Write), Err("join or admin"));
-        let ads = required("/envoy.service.discovery.v3.AggregatedDiscoveryService/X");
-        for r in [Role::Read, Role::Join, Role::Write, Role::Admin] {
-            assert!(ads.check(r).is_ok());
-        }
-        assert_eq!(
-            required("/isdp.v1.Tokens/List").check(Role::Join),
-            Err("admin")
-        );
-    }
 
     #[test]
     fn join_scope() {
@@ -296,6 +206,12 @@ mod tests {
         assert!(!scope.allows(TRAFFIC, "billing"));
         let why = scope.refusal(EPS, "billing");
         assert!(why.contains("billing") && why.contains("payments"), "{why}");
+        assert!(scope.check("Policies/Get", TRAFFIC, "payments").is_ok());
+        let err = scope.check("Policies/Get", TRAFFIC, "billing").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        for part in ["Policies/Get", "t", "\"billing\"", "web", "payments"] {
+            assert!(err.message().contains(part), "{part}: {}", err.message());
+        }
 
         let unscoped = Principal {
             upstreams: None,

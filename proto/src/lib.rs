@@ -6,7 +6,8 @@
 //!   (`Certificates`), tokens (`Tokens`), authorization rules
 //!   (`Authorization`), traffic policies (`Policies`),
 //!   and the xDS resources the control plane serves (`ServiceEndpoints`, `TrustBundle`, `AuthorizationPolicy`,
-//!   `TrafficPolicy`).
+//!   `TrafficPolicy`), and `FILE_DESCRIPTOR_SET`, the compiled descriptors
+//!   of all of them.
 //!
 //! - `etcd` (feature `etcd`): etcd's v3 API clients (`KvClient`,
 //!   `WatchClient`, `LeaseClient`, `AuthClient`, ...), for the control
@@ -34,6 +35,12 @@ pub mod isdp {
         pub const TRAFFIC_POLICY_TYPE_URL: &str = "type.googleapis.com/isdp.v1.TrafficPolicy";
         pub const AUTHORIZATION_POLICY_TYPE_URL: &str =
             "type.googleapis.com/isdp.v1.AuthorizationPolicy";
+
+        /// The encoded `google.protobuf.FileDescriptorSet` of every
+        /// `isdp/v1` file: what lets a test walk every service and method
+        /// (the control plane's method -> role table must cover them all).
+        pub const FILE_DESCRIPTOR_SET: &[u8] =
+            include_bytes!(concat!(env!("OUT_DIR"), "/isdp_v1.fds"));
     }
 }
 

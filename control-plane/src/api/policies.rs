@@ -1,19 +1,27 @@
 //! `isdp.v1.Policies`: operators' traffic policies (stored and distributed
 //! by [`crate::policy`]).
+//!
+//! Writes need `write` (the auth layer checks). Reads are open to join
+//! principals too, within their [`ReadScope`], the same one xDS applies:
+//! their own services and their upstreams (every service for a join token
+//! minted without `--upstream`). `Get` of another service is
+//! PERMISSION_DENIED before the policy is looked up (so the answer does
+//! not tell whether it exists); `List` and `Watch` leave the others out.
 
 use std::pin::Pin;
 
 use futures::Stream;
 use isdp_proto::v1::{
     DeletePolicyRequest, DeletePolicyResponse, GetPolicyRequest, GetPolicyResponse,
-    ListPoliciesRequest, ListPoliciesResponse, PutPolicyRequest, PutPolicyResponse,
-    WatchPoliciesRequest, WatchPoliciesResponse,
+    ListPoliciesRequest, ListPoliciesResponse, PutPolicyRequest, PutPolicyResponse, StoredPolicy,
+    TRAFFIC_POLICY_TYPE_URL, WatchPoliciesRequest, WatchPoliciesResponse,
     policies_server::{Policies as PoliciesService, PoliciesServer},
 };
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::{
+    auth::{ReadScope, principal},
     policy::{Policies, PolicyError, decode_all},
     store::StoreError,
 };
@@ -43,6 +51,17 @@ fn status(e: PolicyError) -> Status {
         }
         PolicyError::Store(e) => Status::unavailable(e.to_string()),
     }
+}
+
+/// What the caller of `req` may read; the auth layer put its principal there.
+fn read_scope<T>(req: &Request<T>) -> Result<ReadScope, Status> {
+    Ok(ReadScope::of(Some(principal(req)?)))
+}
+
+/// Whether `scope` may read `policy`.
+fn visible(scope: &ReadScope, policy: &StoredPolicy) -> bool {
+    let service = policy.policy.as_ref().map_or("", |p| p.service.as_str());
+    scope.allows(TRAFFIC_POLICY_TYPE_URL, service)
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchPoliciesResponse, Status>> + Send>>;
@@ -75,10 +94,10 @@ impl PoliciesService for PoliciesApi {
         &self,
         req: Request<GetPolicyRequest>,
     ) -> Result<Response<GetPolicyResponse>, Status> {
-        let stored = self
-            .policies
-            .get(&req.into_inner().service)
-            .map_err(status)?;
+        let scope = read_scope(&req)?;
+        let service = req.into_inner().service;
+        scope.check("Policies/Get", TRAFFIC_POLICY_TYPE_URL, &service)?;
+        let stored = self.policies.get(&service).map_err(status)?;
         Ok(Response::new(GetPolicyResponse {
             policy: Some(stored),
         }))
@@ -86,11 +105,12 @@ impl PoliciesService for PoliciesApi {
 
     async fn list(
         &self,
-        _req: Request<ListPoliciesRequest>,
+        req: Request<ListPoliciesRequest>,
     ) -> Result<Response<ListPoliciesResponse>, Status> {
-        Ok(Response::new(ListPoliciesResponse {
-            policies: self.policies.list(),
-        }))
+        let scope = read_scope(&req)?;
+        let mut policies = self.policies.list();
+        policies.retain(|p| visible(&scope, p));
+        Ok(Response::new(ListPoliciesResponse { policies }))
     }
 
     async fn delete(
@@ -110,21 +130,28 @@ impl PoliciesService for PoliciesApi {
 
     async fn watch(
         &self,
-        _req: Request<WatchPoliciesRequest>,
+        req: Request<WatchPoliciesRequest>,
     ) -> Result<Response<WatchStream>, Status> {
+        let scope = read_scope(&req)?;
         let mut changes = self.policies.subscribe();
         let mut shutdown = self.shutdown.clone();
         let stream = async_stream(move |tx| async move {
+            // A change outside the caller's scope leaves what it sees as it
+            // was: nothing is sent, so it learns nothing of the change.
+            let mut last: Option<Vec<StoredPolicy>> = None;
             loop {
-                let policies = decode_all(&changes.borrow_and_update())
+                let policies: Vec<StoredPolicy> = decode_all(&changes.borrow_and_update())
                     .into_values()
+                    .filter(|p| visible(&scope, p))
                     .collect();
-                if tx
-                    .send(Ok(WatchPoliciesResponse { policies }))
-                    .await
-                    .is_err()
-                {
-                    return;
+                if last.as_ref() != Some(&policies) {
+                    let msg = WatchPoliciesResponse {
+                        policies: policies.clone(),
+                    };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
+                    last = Some(policies);
                 }
                 tokio::select! {
                     _ = shutdown.wait_for(|s| *s) => return,

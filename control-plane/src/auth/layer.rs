@@ -10,7 +10,7 @@ use std::{
 
 use tonic::Status;
 
-use super::{Need, Principal, required};
+use super::{Principal, required};
 use crate::{tls::PeerInfo, tokens::Tokens};
 
 /// How a caller is told to authenticate.
@@ -49,13 +49,11 @@ pub struct Auth<S> {
 // === impl Auth ===
 
 impl<S> Auth<S> {
-    /// The caller of `req`, or why it is refused.
-    fn authorize<B>(&self, req: &http::Request<B>) -> Result<Option<Principal>, Status> {
+    /// The caller of `req`, or why it is refused. Every method needs an
+    /// authenticated caller; a path without a row in the table needs admin.
+    fn authorize<B>(&self, req: &http::Request<B>) -> Result<Principal, Status> {
         let path = req.uri().path();
         let need = required(path);
-        if need == Need::Nothing {
-            return Ok(None);
-        }
         let principal = self.authenticate(req)?;
         let method = path.trim_start_matches('/').trim_start_matches("isdp.v1.");
         need.check(principal.role).map_err(|want| {
@@ -64,7 +62,7 @@ impl<S> Auth<S> {
                 principal.role.name()
             ))
         })?;
-        Ok(Some(principal))
+        Ok(principal)
     }
 
     /// The bearer token if it is valid; otherwise the client certificate's
@@ -144,9 +142,7 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         match self.authorize(&req) {
             Ok(principal) => {
-                if let Some(p) = principal {
-                    req.extensions_mut().insert(p);
-                }
+                req.extensions_mut().insert(principal);
                 Box::pin(self.inner.call(req))
             }
             Err(status) => {

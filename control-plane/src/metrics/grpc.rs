@@ -6,8 +6,11 @@
 //!
 //! The code comes from the response headers when the call fails before any
 //! message (trailers-only), otherwise from the trailers at the end of the
-//! body. Unknown paths are answered UNIMPLEMENTED by the router; they are
-//! counted under the method `unknown` so a scanner cannot grow the label set.
+//! body. Paths that are no method of the control plane (no row in
+//! [`crate::auth::METHODS`]) are counted under the method `unknown`,
+//! whatever they were answered (PERMISSION_DENIED or UNAUTHENTICATED for
+//! most callers, UNIMPLEMENTED for an admin), so a scanner cannot grow the
+//! label set.
 
 use std::{
     future::Future,
@@ -50,8 +53,7 @@ pub struct GrpcMetrics<S> {
     metrics: Metrics,
 }
 
-/// gRPC's UNIMPLEMENTED, and UNKNOWN for a call that ends without a status.
-const UNIMPLEMENTED: u16 = 12;
+/// gRPC's UNKNOWN, for a call that ends without a status.
 const UNKNOWN: u16 = 2;
 /// A call whose response body was dropped before its trailers.
 const CANCELLED: u16 = 1;
@@ -71,7 +73,12 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
-        let method = req.uri().path().to_owned();
+        let path = req.uri().path();
+        let method = if crate::auth::lookup(path).is_some() {
+            path.to_owned()
+        } else {
+            "unknown".to_owned()
+        };
         let metrics = self.metrics.clone();
         let start = Instant::now();
         let fut = self.inner.call(req);
@@ -110,13 +117,8 @@ impl Call {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        let method = if code == UNIMPLEMENTED {
-            "unknown"
-        } else {
-            &self.method
-        };
         self.metrics
-            .grpc_handled(method, code, self.start.elapsed().as_secs_f64());
+            .grpc_handled(&self.method, code, self.start.elapsed().as_secs_f64());
     }
 }
 
