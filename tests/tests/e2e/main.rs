@@ -19,6 +19,7 @@ mod mtls;
 mod observability;
 mod policy;
 mod resilience;
+mod secrets;
 mod sessions;
 mod tracing;
 mod validation;
