@@ -75,25 +75,38 @@ fn kek_args(current: &Path, previous: Option<&Path>) -> Vec<String> {
 }
 
 /// Runs the control plane expecting it to refuse to start: it must exit
-/// non-zero on its own; returns its stderr.
+/// non-zero on its own, without printing its listening line; returns its
+/// stderr.
 async fn refused(args: &[String]) -> String {
-    let run = tokio::process::Command::new(binary("isdp-control-plane"))
+    let log = tempfile::NamedTempFile::new().expect("a log file");
+    let mut child = tokio::process::Command::new(binary("isdp-control-plane"))
         .args(args)
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log.reopen().expect("the log file"))
         .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .expect("the control plane neither started nor exited within 30s")
+        .spawn()
         .expect("running isdp-control-plane");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !out.status.success() && !stdout.contains("listening:"),
-        "the control plane started ({}); it should have refused. stdout: {stdout} stderr: {stderr}",
-        out.status
-    );
-    stderr
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let stderr = || std::fs::read_to_string(log.path()).unwrap_or_default();
+    let outcome = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.expect("stdout") {
+            if line.contains("listening:") {
+                return None;
+            }
+        }
+        Some(child.wait().await.expect("waiting for the control plane"))
+    })
+    .await
+    .expect("the control plane neither started nor exited within 30s");
+    match outcome {
+        None => panic!(
+            "the control plane started; it should have refused. stderr: {}",
+            stderr()
+        ),
+        Some(status) => assert!(!status.success(), "exited {status}: {}", stderr()),
+    }
+    stderr()
 }
 
 fn assert_names(stderr: &str, wants: &[&str]) {
@@ -442,6 +455,8 @@ async fn a_store_with_a_plaintext_key_is_sealed_on_start() {
     );
     assert!(!raw.contains("PRIVATE KEY"), "{raw}");
     assert_eq!(mode(&data.join("kek")), 0o600);
+    let file = std::fs::read(data.join("store.redb")).unwrap();
+    assert_no_key_in(&file, &key_pem, "store.redb after sealing");
 }
 
 async fn etcd_store(etcd: &EtcdCluster) -> EtcdStore {
