@@ -74,13 +74,14 @@ fn kek_args(current: &Path, previous: Option<&Path>) -> Vec<String> {
     args
 }
 
-/// Runs the control plane expecting it to refuse to start: it must exit
-/// non-zero on its own, without printing its listening line; returns its
-/// stderr.
-async fn refused(args: &[String]) -> String {
+/// Runs the control plane with `envs` until it prints its listening line
+/// (`Ok`: the running child) or exits on its own (`Err`: its stderr; a
+/// zero exit status fails the test).
+async fn run_cp(args: &[String], envs: &[(&str, &str)]) -> Result<tokio::process::Child, String> {
     let log = tempfile::NamedTempFile::new().expect("a log file");
     let mut child = tokio::process::Command::new(binary("isdp-control-plane"))
         .args(args)
+        .envs(envs.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log.reopen().expect("the log file"))
@@ -89,24 +90,47 @@ async fn refused(args: &[String]) -> String {
         .expect("running isdp-control-plane");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let stderr = || std::fs::read_to_string(log.path()).unwrap_or_default();
-    let outcome = tokio::time::timeout(Duration::from_secs(30), async {
+    let listening = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(line) = lines.next_line().await.expect("stdout") {
             if line.contains("listening:") {
-                return None;
+                return true;
             }
         }
-        Some(child.wait().await.expect("waiting for the control plane"))
+        false
     })
     .await
     .expect("the control plane neither started nor exited within 30s");
-    match outcome {
-        None => panic!(
-            "the control plane started; it should have refused. stderr: {}",
-            stderr()
-        ),
-        Some(status) => assert!(!status.success(), "exited {status}: {}", stderr()),
+    if listening {
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        return Ok(child);
     }
-    stderr()
+    let status = child.wait().await.expect("waiting for the control plane");
+    assert!(!status.success(), "exited {status}: {}", stderr());
+    Err(stderr())
+}
+
+/// Runs the control plane expecting it to refuse to start; its stderr.
+async fn refused(args: &[String]) -> String {
+    refused_with(args, &[]).await
+}
+
+async fn refused_with(args: &[String], envs: &[(&str, &str)]) -> String {
+    match run_cp(args, envs).await {
+        Ok(_) => panic!("the control plane started with {args:?}; it should have refused"),
+        Err(stderr) => stderr,
+    }
+}
+
+/// Runs the control plane expecting it to start, then stops it (SIGKILL).
+async fn starts_with(args: &[String], envs: &[(&str, &str)]) {
+    match run_cp(args, envs).await {
+        Ok(mut child) => {
+            child.start_kill().unwrap();
+            child.wait().await.unwrap();
+        }
+        Err(stderr) => panic!("the control plane refused to start: {stderr}"),
+    }
 }
 
 fn assert_names(stderr: &str, wants: &[&str]) {
@@ -424,6 +448,49 @@ async fn the_kek_rotates_without_changing_the_ca_and_sidecars_keep_working() {
     let (key_pem, _, _) = stored_signer(&data, &k2).await;
     let file = std::fs::read(data.join("store.redb")).unwrap();
     assert_no_key_in(&file, &key_pem, "store.redb");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kek_can_come_from_the_environment_and_only_once() {
+    let root = tempdir("secrets");
+    let k1_file = new_kek_file(&root.path().join("k1"));
+    let k1 = std::fs::read_to_string(&k1_file).unwrap();
+    let k2 = std::fs::read_to_string(new_kek_file(&root.path().join("k2"))).unwrap();
+    let data = root.path().join("data");
+    let args = cp_args(&data, &[]);
+    starts_with(&args, &[("ISDP_KEK", k1.trim())]).await;
+    assert!(!data.join("kek").exists(), "ISDP_KEK was given");
+    let ca = std::fs::read_to_string(data.join("ca.pem")).unwrap();
+
+    // Given twice, or a previous one without a current one: refused.
+    let stderr = refused_with(
+        &cp_args(&data, &kek_args(&k1_file, None)),
+        &[("ISDP_KEK", k1.trim())],
+    )
+    .await;
+    assert_names(&stderr, &["give the KEK once"]);
+    let stderr = refused_with(&args, &[("ISDP_PREVIOUS_KEK", k1.trim())]).await;
+    assert_names(&stderr, &["ISDP_PREVIOUS_KEK needs the new KEK"]);
+    let stderr = refused_with(&args, &[("ISDP_KEK", "not a key")]).await;
+    assert_names(&stderr, &["ISDP_KEK", "base64"]);
+
+    // Rotation through the variables.
+    starts_with(
+        &args,
+        &[("ISDP_KEK", k2.trim()), ("ISDP_PREVIOUS_KEK", k1.trim())],
+    )
+    .await;
+    let stderr = refused_with(&args, &[("ISDP_KEK", k1.trim())]).await;
+    assert_names(&stderr, &["sealed with key-encryption key"]);
+    // No KEK at all: the store's key is sealed, so nothing is generated.
+    let stderr = refused(&args).await;
+    assert_names(
+        &stderr,
+        &["no KEK was given", "start with the KEK that sealed it"],
+    );
+    assert!(!data.join("kek").exists());
+    starts_with(&args, &[("ISDP_KEK", k2.trim())]).await;
+    assert_eq!(std::fs::read_to_string(data.join("ca.pem")).unwrap(), ca);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
