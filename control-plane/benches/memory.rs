@@ -87,7 +87,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn round(services: usize) -> anyhow::Result<RoundResult> {
-    let dir = tempfile::tempdir()?;
+    let dir = support::data_dir()?;
     let total = services * PER_SERVICE;
 
     let (mut child, addr) = spawn(dir.path()).await?;

@@ -157,7 +157,7 @@ fn summarize(label: &str, rounds: &[Round]) {
 }
 
 async fn run_round(k: &Knobs, etcd: Option<&mut support::Etcd>) -> anyhow::Result<Round> {
-    let dir = tempfile::tempdir()?;
+    let dir = support::data_dir()?;
     let server = InProcess::start_round(dir.path(), etcd).await?;
     let operator = support::channels(server.grpc_addr, &server.auth, 1)
         .await?

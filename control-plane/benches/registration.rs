@@ -106,7 +106,7 @@ async fn grpc_round(
     budget: Duration,
     etcd: Option<&mut support::Etcd>,
 ) -> anyhow::Result<Bulk> {
-    let dir = tempfile::tempdir()?;
+    let dir = support::data_dir()?;
     let server = InProcess::start_round(dir.path(), etcd).await?;
     let channels = support::channels(server.grpc_addr, &server.auth, CHANNELS).await?;
     let bulk = support::register_bulk(&channels, concurrency, total, budget, |i| {

@@ -22,6 +22,14 @@ use isdp_proto::v1::{Instance, RegisterRequest, registry_client::RegistryClient}
 pub use isdp_sidecar::dial::{ControlAuth, ControlChannel as Channel};
 use tokio::{sync::watch, task::JoinHandle};
 
+/// A fresh data dir, private (0700) as the control plane wants it.
+pub fn data_dir() -> std::io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt as _;
+    tempfile::Builder::new()
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+}
+
 /// A control plane serving in this process on loopback ports.
 pub struct InProcess {
     pub grpc_addr: SocketAddr,
@@ -36,11 +44,13 @@ pub enum Backend<'a> {
     /// The embedded store, in this (fresh) directory.
     Embedded(&'a Path),
     /// An etcd cluster, under a key prefix of the round's own; `dir` gets
-    /// the control plane's ca.pem and admin.token.
+    /// the control plane's ca.pem and admin.token; `kek_file` seals the CA
+    /// key in etcd.
     Etcd {
         endpoints: &'a str,
         prefix: &'a str,
         dir: &'a Path,
+        kek_file: &'a Path,
     },
 }
 
@@ -56,6 +66,7 @@ impl Backend<'_> {
                 endpoints,
                 prefix,
                 dir,
+                kek_file,
             } => vec![
                 "--data-dir".into(),
                 dir.to_str().context("data dir is not UTF-8")?.into(),
@@ -65,6 +76,8 @@ impl Backend<'_> {
                 endpoints.to_string(),
                 "--etcd-prefix".into(),
                 prefix.to_string(),
+                "--kek-file".into(),
+                kek_file.to_str().context("KEK file is not UTF-8")?.into(),
             ],
         })
     }
@@ -108,6 +121,7 @@ impl InProcess {
                     endpoints: &etcd.endpoints,
                     prefix: &prefix,
                     dir,
+                    kek_file: etcd.cluster.kek_file(),
                 })
                 .await
             }

@@ -7,15 +7,19 @@
 //! - `issue`: pure issuance (roots, leaves from CSRs, the server cert).
 //! - `roots`: the stored form of the roots and the rotate/prune rules.
 //! - `grant`: the token a leaf was issued under and its read scope.
+//! - `seal`: the signer's private key at rest, sealed under the KEK.
+//! - `kek`: where the KEK comes from (a file, a variable, `<data-dir>/kek`).
 //!
 //! Replicas follow `<prefix>ca/roots` by re-reading it every second (one
 //! small key; simpler than a watch stream with resync, and a rotation is
 //! rare). The private keys never leave the control plane: API responses
-//! carry certificates only.
+//! carry certificates only, and the store holds the signer's key sealed.
 
 pub mod grant;
 mod issue;
+pub mod kek;
 mod roots;
+pub mod seal;
 #[cfg(test)]
 mod tests;
 
@@ -26,7 +30,9 @@ use time::OffsetDateTime;
 use tokio::{sync::watch, task::JoinHandle};
 
 pub use issue::{RootPair, der_to_pem, load_root, pem_to_der, service_of, sni_name, spiffe_id};
-pub use roots::Roots;
+pub use kek::{KekError, KekSources};
+pub use roots::{Reseal, Roots};
+pub use seal::{Kek, Keyring, SealError};
 
 use crate::store::{Store, StoreError, Txn};
 
@@ -52,6 +58,8 @@ pub enum CaError {
     Issue(String),
     #[error("stored CA at {key} is unreadable: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error("the CA key stored at {key} {source}{hint}", hint = sealed_hint(source))]
+    Sealed { key: String, source: SealError },
     #[error("the CA changed concurrently; retry")]
     Contended,
     #[error(transparent)]
@@ -79,6 +87,7 @@ struct Shared {
     settings: CaSettings,
     store: Arc<dyn Store>,
     key: String,
+    keys: Keyring,
     roots: watch::Sender<Arc<Roots>>,
 }
 
@@ -86,49 +95,64 @@ struct Shared {
 
 impl Ca {
     /// Loads the roots from the store, creating them on first start (from
-    /// `operator` when given). [`Ca::follow`] keeps them current.
+    /// `operator` when given). A signer key stored in plain PEM (by an
+    /// earlier version) or under the previous KEK is sealed again under the
+    /// current one, with a compare-and-set write so racing replicas agree.
+    /// [`Ca::follow`] keeps them current.
     pub async fn load(
         store: Arc<dyn Store>,
         prefix: &str,
         settings: CaSettings,
         operator: Option<RootPair>,
+        keys: Keyring,
     ) -> Result<Ca, CaError> {
         let key = format!("{prefix}{ROOTS_KEY}");
-        let roots = match read(store.as_ref(), &key).await? {
-            Some(r) => {
-                if let Some(op) = &operator
-                    && op.cert_der != r.signer().cert_der
-                {
-                    tracing::warn!(
-                        "--ca-cert differs from the root already in the store; the stored one is kept (rotate to change it)"
+        let mut operator = operator;
+        let mut roots = None;
+        // Each pass either returns or follows a write (ours or a racing
+        // replica's); a few passes settle any first-start race.
+        for _ in 0..5 {
+            match read(store.as_ref(), &key, &keys).await? {
+                Some(r) if r.reseal.is_some() => {
+                    reseal(store.as_ref(), &key, &keys, &r).await?;
+                }
+                Some(r) => {
+                    if let Some(op) = &operator
+                        && op.cert_der != r.signer().cert_der
+                    {
+                        tracing::warn!(
+                            "--ca-cert differs from the root already in the store; the stored one is kept (rotate to change it)"
+                        );
+                    }
+                    roots = Some(r);
+                    break;
+                }
+                None => {
+                    let root = match operator.take() {
+                        Some(r) => r,
+                        None => issue::generate_root(&settings.trust_domain, now())?,
+                    };
+                    let put = Txn::default().when_mod_revision(&key, 0).put(
+                        &key,
+                        Roots::new(root).encode(&key, &keys)?,
+                        None,
                     );
+                    // Winner or loser of a first-start race: the next read
+                    // sees what the store decided.
+                    if store.txn(put).await?.succeeded {
+                        tracing::info!(kek = keys.current().id(), "created the mesh root CA");
+                    }
                 }
-                r
             }
-            None => {
-                let root = match operator {
-                    Some(r) => r,
-                    None => issue::generate_root(&settings.trust_domain, now())?,
-                };
-                let fresh = Roots::new(root);
-                let put = Txn::default()
-                    .when_mod_revision(&key, 0)
-                    .put(&key, fresh.encode(), None);
-                if store.txn(put).await?.succeeded {
-                    tracing::info!("created the mesh root CA");
-                }
-                // Winner or loser of a first-start race: the store decides.
-                read(store.as_ref(), &key)
-                    .await?
-                    .ok_or_else(|| CaError::Load("the CA vanished from the store".into()))?
-            }
-        };
+        }
+        let roots = roots.ok_or(CaError::Contended)?;
         let (tx, _) = watch::channel(Arc::new(roots));
         let ca = Ca {
             shared: Arc::new(Shared {
                 settings,
                 store,
                 key,
+                keys,
                 roots: tx,
             }),
         };
@@ -212,14 +236,22 @@ impl Ca {
             prune_after
         };
         for _ in 0..5 {
-            let current = read(self.shared.store.as_ref(), &self.shared.key)
-                .await?
-                .ok_or_else(|| CaError::Load("the CA vanished from the store".into()))?;
+            let current = read(
+                self.shared.store.as_ref(),
+                &self.shared.key,
+                &self.shared.keys,
+            )
+            .await?
+            .ok_or_else(|| CaError::Load("the CA vanished from the store".into()))?;
             let root = issue::generate_root(&s.trust_domain, now())?;
             let next = current.rotated(root, unix_ms() + prune_after.as_millis() as i64);
             let put = Txn::default()
                 .when_mod_revision(&self.shared.key, current.mod_revision)
-                .put(&self.shared.key, next.encode(), None);
+                .put(
+                    &self.shared.key,
+                    next.encode(&self.shared.key, &self.shared.keys)?,
+                    None,
+                );
             if self.shared.store.txn(put).await?.succeeded {
                 tracing::info!(prune_after = %humantime::format_duration(prune_after), "rotated the mesh root CA");
                 self.refresh().await?;
@@ -229,21 +261,36 @@ impl Ca {
         Err(CaError::Contended)
     }
 
-    /// Re-reads the roots, prunes them when due and publishes a change.
+    /// Re-reads the roots, prunes them when due (and seals a key that an
+    /// older replica wrote in plain PEM) and publishes a change.
     async fn refresh(&self) -> Result<(), CaError> {
-        let store = self.shared.store.as_ref();
-        let Some(mut roots) = read(store, &self.shared.key).await? else {
+        let (store, key, keys) = (
+            self.shared.store.as_ref(),
+            &self.shared.key,
+            &self.shared.keys,
+        );
+        let Some(mut roots) = read(store, key, keys).await? else {
             return Ok(());
         };
-        if roots.prune_due(unix_ms()) {
-            let pruned = roots.pruned();
+        // Only plain PEM: a key under the previous KEK is re-sealed at
+        // start, so replicas midway through a KEK rotation (each sealing
+        // with its own current KEK) never take turns rewriting it.
+        let wrote = if roots.reseal == Some(Reseal::Plaintext) {
+            reseal(store, key, keys, &roots).await?;
+            true
+        } else if roots.prune_due(unix_ms()) {
             let put = Txn::default()
-                .when_mod_revision(&self.shared.key, roots.mod_revision)
-                .put(&self.shared.key, pruned.encode(), None);
+                .when_mod_revision(key, roots.mod_revision)
+                .put(key, roots.pruned().encode(key, keys)?, None);
             if store.txn(put).await?.succeeded {
                 tracing::info!("pruned the previous mesh root CA from the trust bundle");
             }
-            match read(store, &self.shared.key).await? {
+            true
+        } else {
+            false
+        };
+        if wrote {
+            match read(store, key, keys).await? {
                 Some(r) => roots = r,
                 None => return Ok(()),
             }
@@ -273,17 +320,58 @@ impl Ca {
     }
 }
 
-async fn read(store: &dyn Store, key: &str) -> Result<Option<Roots>, CaError> {
+async fn read(store: &dyn Store, key: &str, keys: &Keyring) -> Result<Option<Roots>, CaError> {
     let (kvs, _) = store.range(key).await?;
     let Some(kv) = kvs.into_iter().find(|kv| kv.key == key) else {
         return Ok(None);
     };
-    Roots::decode(&kv.value, kv.mod_revision)
-        .map(Some)
-        .map_err(|reason| CaError::Corrupt {
-            key: key.to_owned(),
-            reason,
-        })
+    Roots::decode(&kv.value, kv.mod_revision, key, keys).map(Some)
+}
+
+/// Writes `roots` again with the signer's key sealed under the current KEK,
+/// if the stored value is still the one they were read from.
+async fn reseal(
+    store: &dyn Store,
+    key: &str,
+    keys: &Keyring,
+    roots: &Roots,
+) -> Result<(), CaError> {
+    let put = Txn::default()
+        .when_mod_revision(key, roots.mod_revision)
+        .put(key, roots.encode(key, keys)?, None);
+    if store.txn(put).await?.succeeded {
+        let kek = keys.current().id();
+        match roots.reseal {
+            Some(Reseal::PreviousKek) => tracing::info!(
+                kek,
+                "re-sealed the mesh CA key under the current KEK; the previous KEK is no longer needed"
+            ),
+            _ => tracing::info!(kek, "sealed the mesh CA key that was stored in plain text"),
+        }
+    }
+    Ok(())
+}
+
+/// The id of the KEK that sealed the CA key in the store, if a sealed key
+/// is there: the embedded store generates `<data-dir>/kek` only when none is.
+pub async fn stored_kek_id(store: &dyn Store, prefix: &str) -> Result<Option<String>, StoreError> {
+    let key = format!("{prefix}{ROOTS_KEY}");
+    let (kvs, _) = store.range(&key).await?;
+    Ok(kvs
+        .into_iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| Roots::sealed_with(&kv.value)))
+}
+
+/// What to do about a key that does not open.
+fn sealed_hint(e: &SealError) -> &'static str {
+    match e {
+        SealError::UnknownKek { .. } => {
+            "; start with the KEK that sealed it (--kek-file or ISDP_KEK; after a \
+             rotation, the old one as --previous-kek-file or ISDP_PREVIOUS_KEK)"
+        }
+        _ => "",
+    }
 }
 
 fn now() -> OffsetDateTime {

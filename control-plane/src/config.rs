@@ -100,9 +100,33 @@ pub struct Config {
     #[arg(long, env = "ISDP_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
 
-    /// Private key (PEM) of --ca-cert.
+    /// Private key (PEM) of --ca-cert; refused unless private to its owner
+    /// (mode 0600 or stricter). Stored sealed under the KEK.
     #[arg(long, env = "ISDP_CA_KEY")]
     pub ca_key: Option<PathBuf>,
+
+    /// File holding the key-encryption key (KEK: base64 of 32 random bytes)
+    /// that seals the CA's private key in the store; mode 0600 or stricter.
+    /// Or the key itself in the variable ISDP_KEK (there is no flag for the
+    /// value: it would show in `ps`). Without either, the embedded store
+    /// generates `<data-dir>/kek` on first start; `--store etcd` needs one,
+    /// the same on every replica.
+    #[arg(long, env = "ISDP_KEK_FILE")]
+    pub kek_file: Option<PathBuf>,
+
+    /// The KEK being rotated away from (or ISDP_PREVIOUS_KEK): it still
+    /// opens what it sealed, and the CA key is sealed again under the
+    /// current KEK on start. Remove it once every replica has restarted.
+    #[arg(long, env = "ISDP_PREVIOUS_KEK_FILE")]
+    pub previous_kek_file: Option<PathBuf>,
+
+    /// ISDP_KEK: read from the environment only.
+    #[arg(skip = EnvSecret::var("ISDP_KEK"))]
+    pub kek: Option<EnvSecret>,
+
+    /// ISDP_PREVIOUS_KEK: read from the environment only.
+    #[arg(skip = EnvSecret::var("ISDP_PREVIOUS_KEK"))]
+    pub previous_kek: Option<EnvSecret>,
 
     /// Extra DNS name or IP for the gRPC listener's certificate (besides
     /// localhost, loopback, the listen IP and the hostname); repeatable.
@@ -111,6 +135,25 @@ pub struct Config {
 
     #[command(flatten)]
     pub trace: isdp_sidecar::telemetry::TraceArgs,
+}
+
+/// A secret taken from the environment; `Debug` does not show it.
+#[derive(Clone)]
+pub struct EnvSecret(pub String);
+
+impl EnvSecret {
+    /// The variable's value, if set and not empty (a value that is not
+    /// UTF-8 is kept, lossily, so that it fails to parse loudly).
+    pub fn var(name: &str) -> Option<EnvSecret> {
+        let v = std::env::var_os(name)?;
+        (!v.is_empty()).then(|| EnvSecret(v.to_string_lossy().into_owned()))
+    }
+}
+
+impl std::fmt::Debug for EnvSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EnvSecret(<hidden>)")
+    }
 }
 
 /// The store backends.
@@ -124,6 +167,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         self.validate_etcd()?;
         self.validate_ca()?;
+        self.validate_kek()?;
         if self.session_timeout <= self.session_grace {
             return Err(format!(
                 "--session-timeout ({}) must be longer than --session-grace ({})",
@@ -167,6 +211,51 @@ impl Config {
             return Err("--ca-cert and --ca-key go together".into());
         }
         Ok(())
+    }
+
+    /// The KEK settings: each key given once, a previous one only beside a
+    /// current one, and one at all with etcd (replicas must share it).
+    fn validate_kek(&self) -> Result<(), String> {
+        if self.kek_file.is_some() && self.kek.is_some() {
+            return Err(
+                "give the KEK once: --kek-file (ISDP_KEK_FILE) or ISDP_KEK, not both".into(),
+            );
+        }
+        if self.previous_kek_file.is_some() && self.previous_kek.is_some() {
+            return Err(
+                "give the previous KEK once: --previous-kek-file (ISDP_PREVIOUS_KEK_FILE) or \
+                 ISDP_PREVIOUS_KEK, not both"
+                    .into(),
+            );
+        }
+        let current = self.kek_file.is_some() || self.kek.is_some();
+        let previous = self.previous_kek_file.is_some() || self.previous_kek.is_some();
+        if previous && !current {
+            return Err(
+                "--previous-kek-file / ISDP_PREVIOUS_KEK needs the new KEK too: --kek-file \
+                 (ISDP_KEK_FILE) or ISDP_KEK"
+                    .into(),
+            );
+        }
+        if self.store == StoreKind::Etcd && !current {
+            return Err(
+                "--store etcd needs a key-encryption key, the same on every replica, to seal \
+                 the CA key in etcd: --kek-file PATH (ISDP_KEK_FILE) or ISDP_KEK (base64 of 32 \
+                 random bytes, e.g. `head -c 32 /dev/urandom | base64`)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Where the KEKs come from.
+    pub fn kek_sources(&self) -> crate::ca::KekSources {
+        crate::ca::KekSources {
+            file: self.kek_file.clone(),
+            env: self.kek.as_ref().map(|s| s.0.clone()),
+            previous_file: self.previous_kek_file.clone(),
+            previous_env: self.previous_kek.as_ref().map(|s| s.0.clone()),
+        }
     }
 
     /// The etcd flags: required together, consistent with each other, and
@@ -275,7 +364,7 @@ mod tests {
     fn etcd_flags_are_checked_and_errors_name_the_flag() {
         assert!(check(&[]).is_ok());
         let ep = "--etcd-endpoints=http://127.0.0.1:2379,http://127.0.0.1:2479";
-        assert!(check(&["--store=etcd", ep]).is_ok());
+        assert!(check(&["--store=etcd", ep, "--kek-file=/kek"]).is_ok());
         let cases: &[(&[&str], &str)] = &[
             (&["--store=etcd"], "--store etcd needs --etcd-endpoints"),
             (&[ep], "--etcd-endpoints needs --store etcd"),
@@ -310,10 +399,49 @@ mod tests {
             (&["--cert-lifetime=1s"], "--cert-lifetime"),
             (&["--cert-lifetime=40days"], "--cert-lifetime"),
             (&["--ca-cert=/ca.pem"], "--ca-key go together"),
+            (
+                &["--store=etcd", ep],
+                "--store etcd needs a key-encryption key",
+            ),
+            (
+                &["--previous-kek-file=/old"],
+                "--previous-kek-file / ISDP_PREVIOUS_KEK needs the new KEK",
+            ),
         ];
         for (args, want) in cases {
             let err = check(args).unwrap_err();
             assert!(err.contains(want), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn keks_come_once_from_a_file_or_the_environment() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["isdp-control-plane"];
+            all.extend_from_slice(args);
+            Config::try_parse_from(all).unwrap()
+        };
+        let mut c = parse(&["--kek-file=/kek"]);
+        c.kek = Some(super::EnvSecret("a2V5".into()));
+        let err = c.validate().unwrap_err();
+        assert!(
+            err.contains("--kek-file (ISDP_KEK_FILE) or ISDP_KEK"),
+            "{err}"
+        );
+        let mut c = parse(&["--kek-file=/kek", "--previous-kek-file=/old"]);
+        c.previous_kek = Some(super::EnvSecret("a2V5".into()));
+        let err = c.validate().unwrap_err();
+        assert!(
+            err.contains("--previous-kek-file (ISDP_PREVIOUS_KEK_FILE)"),
+            "{err}"
+        );
+        // The variable alone is a KEK for etcd, and never shows in Debug.
+        let mut c = parse(&["--store=etcd", "--etcd-endpoints=http://e:2379"]);
+        c.kek = Some(super::EnvSecret("c2VjcmV0LXZhbHVl".into()));
+        c.validate().unwrap();
+        assert!(!format!("{c:?}").contains("c2VjcmV0LXZhbHVl"));
+        assert!(!format!("{:?}", c.kek_sources()).contains("c2VjcmV0LXZhbHVl"));
+        // There is no flag that takes the key itself.
+        assert!(Config::try_parse_from(["isdp-control-plane", "--kek=abc"]).is_err());
     }
 }

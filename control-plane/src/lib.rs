@@ -3,6 +3,8 @@
 //!
 //! # Layout
 //! - [`config`]: command-line flags (each also an `ISDP_*` variable).
+//! - [`data_dir`]: the data directory and secret files: created private,
+//!   refused at startup when others may read them.
 //! - [`store`]: the durable key-value store trait and its backends:
 //!   embedded (redb, one control plane) and etcd (several replicas).
 //! - [`election`]: one leader among replicas for work that must run once.
@@ -35,6 +37,7 @@ pub mod authz;
 pub mod ca;
 pub mod config;
 pub mod ctl;
+pub mod data_dir;
 pub mod election;
 pub mod health;
 pub mod metrics;
@@ -59,7 +62,8 @@ use tokio::{net::TcpListener, sync::watch};
 pub use config::{Config, StoreKind};
 
 use crate::{
-    ca::{Ca, CaError, CaSettings},
+    ca::{Ca, CaError, CaSettings, KekError},
+    data_dir::DataDirError,
     registry::{Registry, RegistryError, SessionTimeouts, session::Sessions},
     store::{Store, StoreError, embedded::EmbeddedStore, etcd::EtcdStore},
     tls::TlsError,
@@ -122,6 +126,10 @@ pub enum Error {
     Serve(#[from] tonic::transport::Error),
     #[error("certificate authority: {0}")]
     Ca(#[from] CaError),
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    #[error("key-encryption key: {0}")]
+    Kek(#[from] KekError),
     #[error("tokens: {0}")]
     Tokens(#[from] TokenError),
     #[error("TLS: {0}")]
@@ -164,6 +172,17 @@ pub struct Server {
 impl Server {
     pub async fn bind(config: Config) -> Result<Self, Error> {
         config.validate().map_err(Error::Config)?;
+        // Secrets first: a data directory or key file others can read is
+        // refused before anything is opened or written.
+        data_dir::prepare(&config.data_dir)?;
+        let operator = match (&config.ca_cert, &config.ca_key) {
+            (Some(cert), Some(key)) => Some(ca::load_root(
+                &read(cert)?,
+                &data_dir::read_secret_file(key, "--ca-key file")?,
+            )?),
+            _ => None,
+        };
+        let given_keys = config.kek_sources().explicit()?;
         let store = match config.store {
             StoreKind::Embedded => EmbeddedStore::open(&config.data_dir)
                 .map(Backend::Embedded)
@@ -189,16 +208,15 @@ impl Server {
             Ok::<_, Error>((l, local))
         };
         let prefix = config.key_prefix().to_owned();
-        let operator = match (&config.ca_cert, &config.ca_key) {
-            (Some(cert), Some(key)) => Some(ca::load_root(&read(cert)?, &read(key)?)?),
-            _ => None,
-        };
+        let embedded_dir = (config.store == StoreKind::Embedded).then_some(&*config.data_dir);
+        let keys =
+            ca::kek::resolve(given_keys, embedded_dir, store.store().as_ref(), &prefix).await?;
         let settings = CaSettings {
             trust_domain: config.trust_domain.clone(),
             default_lifetime: config.cert_lifetime,
             max_lifetime: config.max_cert_lifetime,
         };
-        let ca = Ca::load(store.store(), &prefix, settings, operator).await?;
+        let ca = Ca::load(store.store(), &prefix, settings, operator, keys).await?;
         write_bundle(&config.data_dir, &ca.roots().bundle_pem());
         let tokens = Tokens::load(store.store(), &prefix).await?;
         tokens.bootstrap_admin(&config.data_dir).await?;
@@ -383,17 +401,11 @@ fn read(path: &std::path::Path) -> Result<String, Error> {
     })
 }
 
-/// Writes `<data-dir>/ca.pem`; a failure is logged, not fatal: the bundle
-/// is also served over the API and xDS.
+/// Writes `<data-dir>/ca.pem` (0644: the bundle is public); a failure is
+/// logged, not fatal: the bundle is also served over the API and xDS.
 fn write_bundle(data_dir: &std::path::Path, pem: &str) {
     let path = data_dir.join(CA_FILE);
-    let written = std::fs::create_dir_all(data_dir).and_then(|_| {
-        // Write then rename, so a reader never sees half a bundle.
-        let tmp = data_dir.join(format!("{CA_FILE}.tmp"));
-        std::fs::write(&tmp, pem)?;
-        std::fs::rename(&tmp, &path)
-    });
-    if let Err(e) = written {
+    if let Err(e) = data_dir::write_file(&path, pem.as_bytes(), data_dir::PUBLIC_MODE) {
         tracing::warn!(path = %path.display(), error = %e, "writing the trust bundle failed");
     }
 }

@@ -431,21 +431,10 @@ pub async fn revoked(tokens: Option<&Tokens>, grant: Option<&str>) -> tonic::Sta
     }
 }
 
+/// The secret and a newline, 0600 whatever the umask, replacing any
+/// earlier file whole.
 fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
-    use std::io::Write as _;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt as _;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    opts.mode(0o600);
-    let mut f = opts.open(path)?;
-    f.write_all(secret.as_bytes())?;
-    f.write_all(b"\n")?;
-    f.sync_all()
+    crate::data_dir::write_secret(path, format!("{secret}\n").as_bytes())
 }
 
 #[cfg(test)]

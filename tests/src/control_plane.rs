@@ -103,7 +103,12 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Starts a control plane on ephemeral loopback ports with a fresh data dir.
     pub async fn start(opts: ControlPlaneOpts) -> Self {
-        let data = tempdir("cp-data");
+        Self::start_in(tempdir("cp-data"), opts).await
+    }
+
+    /// Starts a control plane on ephemeral loopback ports with `data` as its
+    /// data dir (a test may have put a store there).
+    pub async fn start_in(data: TempDir, opts: ControlPlaneOpts) -> Self {
         let args = args(&opts, &data, "127.0.0.1:0", "127.0.0.1:0");
         let proc =
             Process::spawn("control-plane", "isdp-control-plane", &args, tempdir("cp")).await;
@@ -203,6 +208,12 @@ impl ControlPlane {
         );
     }
 
+    /// The options [`ControlPlane::restart`] starts with; a test changes
+    /// them between restarts (e.g. the key-encryption key flags).
+    pub fn opts_mut(&mut self) -> &mut ControlPlaneOpts {
+        &mut self.opts
+    }
+
     /// The running process; panics between `kill9` and `restart`.
     pub fn process(&mut self) -> &mut Process {
         self.proc.as_mut().expect("control plane is not running")
@@ -262,6 +273,27 @@ impl ControlPlane {
         assert!(!id.is_empty(), "isdpctl register printed no id");
         id.to_owned()
     }
+}
+
+/// Writes a new key-encryption key (base64 of 32 random bytes) to `path`,
+/// mode 0600, for `--kek-file`.
+pub fn new_kek_file(path: &Path) -> PathBuf {
+    use base64::Engine as _;
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .expect("reading /dev/urandom");
+    let text = base64::engine::general_purpose::STANDARD.encode(key);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{text}\n").as_bytes()))
+        .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    path.to_owned()
 }
 
 fn args(opts: &ControlPlaneOpts, data: &TempDir, grpc: &str, admin: &str) -> Vec<String> {

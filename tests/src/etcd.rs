@@ -8,13 +8,14 @@
 //! heartbeats, 500 ms elections, 2 s login tokens) so a killed member is
 //! replaced quickly, leases can be as short as 1 s and tokens expire.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
+use crate::control_plane::new_kek_file;
 use crate::eventually;
 use crate::process::tempdir;
 
@@ -47,6 +48,8 @@ pub struct EtcdCluster {
     token: String,
     tls: Option<EtcdTls>,
     dir: Option<TempDir>,
+    /// The key-encryption key the control planes on this cluster share.
+    kek_file: PathBuf,
 }
 
 // === impl EtcdCluster ===
@@ -79,12 +82,15 @@ impl EtcdCluster {
             .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
             .collect::<Vec<_>>()
             .join(",");
+        let dir = tempdir("etcd");
+        let kek_file = new_kek_file(&dir.path().join("kek"));
         let mut cluster = EtcdCluster {
             members,
             initial_cluster,
             token: format!("isdp-test-{}", std::process::id()),
             tls,
-            dir: Some(tempdir("etcd")),
+            dir: Some(dir),
+            kek_file,
         };
         for i in 0..n {
             cluster.spawn(i);
@@ -109,8 +115,17 @@ impl EtcdCluster {
     }
 
     /// Control-plane flags selecting this cluster, under a key prefix of
-    /// its own so tests never see each other's keys.
+    /// its own so tests never see each other's keys, with the cluster's
+    /// key-encryption key (replicas must share one).
     pub fn control_plane_args(&self, prefix: &str) -> Vec<String> {
+        let mut args = self.control_plane_args_without_kek(prefix);
+        args.extend(["--kek-file".into(), self.kek_file.display().to_string()]);
+        args
+    }
+
+    /// [`EtcdCluster::control_plane_args`] without `--kek-file`, for tests
+    /// that give another KEK (or none).
+    pub fn control_plane_args_without_kek(&self, prefix: &str) -> Vec<String> {
         vec![
             "--store".into(),
             "etcd".into(),
@@ -119,6 +134,11 @@ impl EtcdCluster {
             "--etcd-prefix".into(),
             prefix.into(),
         ]
+    }
+
+    /// The key-encryption key file of [`EtcdCluster::control_plane_args`].
+    pub fn kek_file(&self) -> &Path {
+        &self.kek_file
     }
 
     fn dir(&self) -> PathBuf {

@@ -30,9 +30,12 @@ pub struct Process {
 }
 
 /// A temp dir named after the process, so kept dirs are easy to tell apart.
+/// Private (0700), as the control plane wants its data dir.
 pub fn tempdir(name: &str) -> TempDir {
+    use std::os::unix::fs::PermissionsExt as _;
     tempfile::Builder::new()
         .prefix(&format!("isdp-{name}-"))
+        .permissions(std::fs::Permissions::from_mode(0o700))
         .tempdir()
         .expect("creating a temp dir")
 }

@@ -4,7 +4,7 @@ use rcgen::{CertificateParams, KeyPair};
 use x509_parser::{extensions::GeneralName, prelude::*};
 
 use super::*;
-use crate::store::embedded::EmbeddedStore;
+use crate::store::{Store as _, embedded::EmbeddedStore};
 
 fn csr_with_names(names: &[&str]) -> Vec<u8> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
@@ -138,10 +138,17 @@ fn settings() -> CaSettings {
 async fn stored_root_is_shared_and_rotation_prunes() {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(dir.path()).unwrap();
-    let a = Ca::load(Arc::new(store.clone()), "/isdp/", settings(), None)
-        .await
-        .unwrap();
-    let b = Ca::load(Arc::new(store.clone()), "/isdp/", settings(), None)
+    let keys = Keyring::new(Kek::generate().unwrap(), None);
+    let a = Ca::load(
+        Arc::new(store.clone()),
+        "/isdp/",
+        settings(),
+        None,
+        keys.clone(),
+    )
+    .await
+    .unwrap();
+    let b = Ca::load(Arc::new(store.clone()), "/isdp/", settings(), None, keys)
         .await
         .unwrap();
     let first = a.bundle();
@@ -173,5 +180,188 @@ async fn stored_root_is_shared_and_rotation_prunes() {
     assert_eq!(b.bundle().roots_der, vec![rotated.roots_der[0].clone()]);
     a.refresh().await.unwrap();
     assert_eq!(a.bundle(), b.bundle());
+    store.close().await;
+}
+
+/// The stored value of the roots, as text.
+async fn stored(store: &EmbeddedStore) -> (String, u64) {
+    let (kvs, _) = store.range("/isdp/ca/roots").await.unwrap();
+    let kv = kvs.into_iter().next().expect("roots stored");
+    (
+        String::from_utf8(kv.value.to_vec()).unwrap(),
+        kv.mod_revision,
+    )
+}
+
+/// The PEM body of a key, line by line (what `strings` would find).
+fn pem_lines(pem: &str) -> Vec<&str> {
+    pem.lines()
+        .filter(|l| !l.starts_with("-----") && l.len() > 16)
+        .collect()
+}
+
+#[tokio::test]
+async fn the_stored_key_is_sealed_and_opens_only_with_its_kek() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let k1 = Kek::generate().unwrap();
+    let ca = Ca::load(
+        Arc::new(store.clone()),
+        "/isdp/",
+        settings(),
+        None,
+        Keyring::new(k1.clone(), None),
+    )
+    .await
+    .unwrap();
+    let key_pem = ca.roots().signer().key_pem.clone();
+    let (json, _) = stored(&store).await;
+    assert!(!json.contains("PRIVATE KEY"), "{json}");
+    for line in pem_lines(&key_pem) {
+        assert!(!json.contains(line), "key material in the store: {json}");
+    }
+    assert!(json.contains(k1.id()), "{json}");
+    // Rotation and pruning write sealed keys too.
+    ca.rotate(Duration::from_millis(1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    ca.refresh().await.unwrap();
+    let (json, _) = stored(&store).await;
+    assert!(!json.contains("PRIVATE KEY"), "{json}");
+    assert_eq!(ca.bundle().roots_der.len(), 1, "pruned");
+
+    // Another KEK: refused, naming both KEKs and the fix; nothing written.
+    let (_, before) = stored(&store).await;
+    let k2 = Kek::generate().unwrap();
+    let err = Ca::load(
+        Arc::new(store.clone()),
+        "/isdp/",
+        settings(),
+        None,
+        Keyring::new(k2.clone(), None),
+    )
+    .await
+    .err()
+    .expect("a wrong KEK is refused");
+    let msg = err.to_string();
+    assert!(matches!(err, CaError::Sealed { .. }), "{msg}");
+    assert!(msg.contains(k1.id()) && msg.contains(k2.id()), "{msg}");
+    assert!(msg.contains("--previous-kek-file"), "{msg}");
+    assert_eq!(stored(&store).await.1, before, "a refused start wrote");
+
+    // K2 with K1 as previous: re-sealed under K2 (once), same root.
+    let rotated = Ca::load(
+        Arc::new(store.clone()),
+        "/isdp/",
+        settings(),
+        None,
+        Keyring::new(k2.clone(), Some(k1.clone())),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rotated.bundle(), ca.bundle());
+    let (json, after) = stored(&store).await;
+    assert!(json.contains(k2.id()) && !json.contains(k1.id()), "{json}");
+    assert!(after > before);
+    // K2 alone now opens it; K1 alone no longer does.
+    let k2_only = Keyring::new(k2.clone(), None);
+    let again = Ca::load(Arc::new(store.clone()), "/isdp/", settings(), None, k2_only)
+        .await
+        .unwrap();
+    assert_eq!(again.bundle(), ca.bundle());
+    assert_eq!(stored(&store).await.1, after, "nothing to re-seal");
+    let k1_only = Keyring::new(k1, None);
+    assert!(
+        Ca::load(Arc::new(store.clone()), "/isdp/", settings(), None, k1_only)
+            .await
+            .is_err()
+    );
+
+    // An edited value (the certificate swapped) does not open.
+    let other = issue::generate_root("isdp.local", OffsetDateTime::now_utc()).unwrap();
+    let (json, rev) = stored(&store).await;
+    let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    v["roots"][0]["cert_pem"] = der_to_pem(&other.cert_der, "CERTIFICATE").into();
+    let put = Txn::default().when_mod_revision("/isdp/ca/roots", rev).put(
+        "/isdp/ca/roots",
+        bytes::Bytes::from(v.to_string()),
+        None,
+    );
+    assert!(store.txn(put).await.unwrap().succeeded);
+    let err = Ca::load(
+        Arc::new(store.clone()),
+        "/isdp/",
+        settings(),
+        None,
+        Keyring::new(k2, None),
+    )
+    .await
+    .err()
+    .expect("a tampered value is refused");
+    assert!(err.to_string().contains("altered"), "{err}");
+    store.close().await;
+}
+
+#[tokio::test]
+async fn a_plaintext_key_from_an_earlier_version_is_sealed_on_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let root = issue::generate_root("isdp.local", OffsetDateTime::now_utc()).unwrap();
+    let old = serde_json::json!({
+        "roots": [{
+            "cert_pem": der_to_pem(&root.cert_der, "CERTIFICATE"),
+            "key_pem": root.key_pem,
+        }],
+        "prune_at_unix_ms": 0,
+    });
+    let put = Txn::default().put("/isdp/ca/roots", bytes::Bytes::from(old.to_string()), None);
+    store.txn(put).await.unwrap();
+    let k = Kek::generate().unwrap();
+    assert_eq!(
+        stored_kek_id(&store, "/isdp/").await.unwrap(),
+        None,
+        "plain text is sealed by nobody"
+    );
+    // Two replicas race to seal it: both end on the same root and key.
+    let load = || {
+        Ca::load(
+            Arc::new(store.clone()),
+            "/isdp/",
+            settings(),
+            None,
+            Keyring::new(k.clone(), None),
+        )
+    };
+    let (a, b) = tokio::join!(load(), load());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.roots().signer().cert_der, root.cert_der);
+    assert_eq!(a.roots().signer().key_pem, root.key_pem);
+    assert_eq!(b.bundle(), a.bundle());
+    let (json, _) = stored(&store).await;
+    assert!(
+        !json.contains("PRIVATE KEY") && !json.contains("key_pem"),
+        "{json}"
+    );
+    assert_eq!(
+        stored_kek_id(&store, "/isdp/").await.unwrap().as_deref(),
+        Some(k.id())
+    );
+    // It still signs: a leaf verifies against the migrated root.
+    let signed = a.sign("web", &csr_with_names(&[]), 0, None).unwrap();
+    let (_, leaf) = parse_x509_certificate(&signed.chain_der[0]).unwrap();
+    let (_, root_cert) = parse_x509_certificate(&root.cert_der).unwrap();
+    leaf.verify_signature(Some(root_cert.public_key())).unwrap();
+
+    // An older replica writing plain text again (a rotation during a rolling
+    // upgrade) is sealed by the next refresh.
+    let (_, rev) = stored(&store).await;
+    let put = Txn::default().when_mod_revision("/isdp/ca/roots", rev).put(
+        "/isdp/ca/roots",
+        bytes::Bytes::from(old.to_string()),
+        None,
+    );
+    assert!(store.txn(put).await.unwrap().succeeded);
+    a.refresh().await.unwrap();
+    let (json, _) = stored(&store).await;
+    assert!(!json.contains("PRIVATE KEY"), "{json}");
     store.close().await;
 }

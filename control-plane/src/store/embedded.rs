@@ -30,6 +30,10 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// store opens, as etcd's do on a leader change.
 const LEASES: TableDefinition<u64, u64> = TableDefinition::new("leases");
 
+/// The database file in the data directory; created 0600 (it holds tokens'
+/// hashes, the registry and the sealed CA key).
+pub const FILE: &str = "store.redb";
+
 /// Revisions kept for watchers that resume from the past.
 const HISTORY: usize = 16_384;
 /// Most transactions folded into one commit.
@@ -84,11 +88,15 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 impl EmbeddedStore {
     /// Opens (or creates) `<dir>/store.redb` and starts the writer thread and
     /// the lease reaper. The reaper stops when the last handle is dropped.
+    /// A new directory is made 0700 and a new file 0600 (redb itself would
+    /// create it with the umask's mode).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(unavailable)?;
+        crate::data_dir::create_dir(dir).map_err(unavailable)?;
+        let path = dir.join(FILE);
+        crate::data_dir::create_secret_file(&path).map_err(unavailable)?;
         let db = Database::builder()
             .set_cache_size(16 << 20)
-            .create(dir.join("store.redb"))
+            .create(path)
             .map_err(unavailable)?;
         let (revision, leases) = {
             let w = db.begin_write().map_err(unavailable)?;

@@ -107,10 +107,36 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Makes the control plane's data dir private (0700, its secrets 0600). The
+/// control plane creates a new one that way and refuses an open one; a dir
+/// left by a demo run from before it checked is the demo's own, so it is
+/// tightened here rather than refused.
+fn private_data_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    let set = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("chmod {mode:o} {}", p.display()))
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    set(dir, 0o700)?;
+    for secret in ["store.redb", "admin.token", "kek"] {
+        let path = dir.join(secret);
+        if path.exists() {
+            set(&path, 0o600)?;
+        }
+    }
+    Ok(())
+}
+
 /// Starts every process in dependency order and waits for each to listen,
 /// so a failure names the process that failed rather than a later symptom.
 async fn start_mesh(kids: &mut Children, dir: &Path, configs: &Path) -> anyhow::Result<()> {
     let cp_data = dir.join("control-plane");
+    private_data_dir(&cp_data)?;
     let cp_data = cp_data.to_str().context("data dir must be UTF-8")?;
     println!("starting control plane on {CONTROL_PLANE} (admin {CONTROL_PLANE_ADMIN})");
     kids.spawn(

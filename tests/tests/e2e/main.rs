@@ -20,6 +20,7 @@ mod observability;
 mod policy;
 mod resilience;
 mod roles;
+mod secrets;
 mod sessions;
 mod tracing;
 mod validation;

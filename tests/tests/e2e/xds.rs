@@ -70,7 +70,11 @@ struct ControlPlane {
 
 impl ControlPlane {
     async fn start() -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
+        // Private, as the control plane wants its data dir.
+        let dir = tempfile::Builder::new()
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .tempdir()
+            .expect("temp dir");
         let config = isdp_control_plane::Config::parse_from([
             "isdp-control-plane",
             "--listen",
