@@ -19,7 +19,19 @@ fn inst(service: &str, id: &str, port: u32) -> Instance {
 
 async fn registry(dir: &std::path::Path) -> (Registry, watch::Sender<bool>) {
     let (tx, rx) = watch::channel(false);
-    let store = EmbeddedStore::open(dir).unwrap();
+    // A registry dropped just before still holds the file until its tasks
+    // have seen the shutdown and let go of the store.
+    let mut attempts = 0;
+    let store = loop {
+        match EmbeddedStore::open(dir) {
+            Ok(store) => break store,
+            Err(_) if attempts < 100 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("reopening the store: {e}"),
+        }
+    };
     (
         Registry::start(Arc::new(store), "/isdp/", rx)
             .await
@@ -48,7 +60,6 @@ async fn register_is_visible_at_once_and_survives_restart() {
             HealthStatus::Healthy as i32
         );
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let (r, _stop) = registry(dir.path()).await;
     assert_eq!(r.instances("pay").len(), 2);
     assert_eq!(r.services().get("pay"), Some(&(2, 1)));
