@@ -2,7 +2,11 @@
 //! (from [`crate::authz::follow`]) asked about the caller's SPIFFE ID, the
 //! method and the path. Refusals are counted with the calling service and
 //! the rule, and logged (at info at most once a second; the rest at debug,
-//! so a denied caller in a loop cannot flood the log).
+//! so a denied caller in a loop cannot flood the log). Requests refused
+//! before the rules are asked, for a method or path they could not be
+//! matched against ([`Authorizer::malformed`]), are logged the same way;
+//! the route's metrics count them in `isdp_proxy_errors_total`
+//! (`bad-path`, `bad-method`).
 
 use std::{
     sync::{
@@ -53,22 +57,44 @@ impl Authorizer {
         decision
     }
 
+    /// Logs a request refused with 400 before the rules were asked: its
+    /// method or path has no form they could be matched against.
+    pub fn malformed(
+        &self,
+        service: &str,
+        peer: Option<&str>,
+        reason: &str,
+        method: &str,
+        target: &str,
+    ) {
+        let peer = peer.unwrap_or("-");
+        if self.first_this_second() {
+            tracing::info!(%service, %peer, %reason, %method, %target, "request refused before authorization");
+        } else {
+            tracing::debug!(%service, %peer, %reason, %method, %target, "request refused before authorization");
+        }
+    }
+
     fn denied(&self, service: &str, call: Call<'_>, decision: &Decision) {
         let source = call.source.map_or("anonymous", caller_service);
         let rule = decision.rule_label();
         self.metrics.authz_denied(service, source, rule);
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let last = self.last_logged.swap(now, Ordering::Relaxed);
         let peer = call.source.unwrap_or("-");
         let method = call.method.unwrap_or("-");
         let path = call.path.unwrap_or("-");
-        if last != now {
+        if self.first_this_second() {
             tracing::info!(%service, %peer, %rule, %method, %path, "call denied by policy");
         } else {
             tracing::debug!(%service, %peer, %rule, %method, %path, "call denied by policy");
         }
+    }
+
+    /// Whether this is the first refusal logged this second (at info).
+    fn first_this_second(&self) -> bool {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.last_logged.swap(now, Ordering::Relaxed) != now
     }
 }
 
