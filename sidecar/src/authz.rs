@@ -103,7 +103,9 @@ struct Rule {
 }
 
 /// What is known of the request being checked. TCP connections have no
-/// method or path, so rules narrowed by either never match them.
+/// method or path, so rules narrowed by either never match them (the
+/// inbound side tunnels only to TCP services, so no HTTP request gets past
+/// such a rule that way).
 #[derive(Clone, Copy, Debug)]
 pub struct Call<'a> {
     /// The caller's SPIFFE ID; `None` for a caller without one (only

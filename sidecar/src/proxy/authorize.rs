@@ -6,7 +6,8 @@
 //! before the rules are asked, for a method or path they could not be
 //! matched against ([`Authorizer::malformed`]), are logged the same way;
 //! the route's metrics count them in `isdp_proxy_errors_total`
-//! (`bad-path`, `bad-method`).
+//! (`bad-path`, `bad-method`). A tunnel to an HTTP or gRPC service is
+//! refused whatever the rules say ([`Authorizer::refuse_tunnel`]).
 
 use std::{
     sync::{
@@ -57,6 +58,21 @@ impl Authorizer {
         decision
     }
 
+    /// Refuses a TCP tunnel to a local HTTP or gRPC service: its requests
+    /// would reach the service with no method or path for the rules to
+    /// see, so no method- or path-scoped deny rule could stop them.
+    /// Counted as denied by the rule `tunnel-to-http`.
+    pub fn refuse_tunnel(&self, service: &str, peer: &str) {
+        let rule = TUNNEL_TO_HTTP;
+        self.metrics
+            .authz_denied(service, caller_service(peer), rule);
+        if self.first_this_second() {
+            tracing::info!(%service, %peer, rule, "tcp tunnel to an http service refused");
+        } else {
+            tracing::debug!(%service, %peer, rule, "tcp tunnel to an http service refused");
+        }
+    }
+
     /// Logs a request refused with 400 before the rules were asked: its
     /// method or path has no form they could be matched against.
     pub fn malformed(
@@ -97,6 +113,9 @@ impl Authorizer {
         self.last_logged.swap(now, Ordering::Relaxed) != now
     }
 }
+
+/// The `rule` label of a refused tunnel to an HTTP or gRPC service.
+pub const TUNNEL_TO_HTTP: &str = "tunnel-to-http";
 
 /// The service name in a mesh SPIFFE ID (`spiffe://td/svc/NAME`), for
 /// metric labels; anything else is `other`.

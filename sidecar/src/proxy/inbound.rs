@@ -9,7 +9,9 @@
 //! ([`super::canonical`]; 400 if they have none), and every request and
 //! tunnel passes the destination's authorization policy
 //! ([`super::authorize`]); a refusal is 403 `denied-by-policy`, or a
-//! closed tunnel.
+//! closed tunnel. A tunnel reaches only a service registered as `tcp`: one
+//! to an HTTP or gRPC service would carry requests past every method and
+//! path rule, so it is closed (counted as denied by `tunnel-to-http`).
 
 use std::{
     collections::HashMap,
@@ -103,6 +105,10 @@ impl Inbound {
             tracing::debug!(%service, peer = %peer.0, "tcp for an unknown local service; closing");
             return;
         };
+        if local.protocol != Protocol::Tcp {
+            self.authorizer.refuse_tunnel(service, &peer.0);
+            return;
+        }
         let call = Call {
             source: Some(&peer.0),
             method: None,

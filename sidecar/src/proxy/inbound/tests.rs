@@ -249,3 +249,44 @@ async fn the_application_sees_the_path_that_was_checked() {
         assert_eq!(got, line, "{target}");
     }
 }
+
+#[tokio::test]
+async fn tunnels_reach_tcp_services_only() {
+    let (http_port, _seen) = app().await;
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tcp_port = tcp.local_addr().unwrap().port();
+    let (inbound, metrics) = inbound(http_port, tcp_port, vec![]);
+    let web = PeerIdentity(Arc::from(WEB));
+
+    // To the HTTP service: closed at once, counted, nothing connected.
+    let (_client, stream) = tokio::io::duplex(1024);
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        inbound.tcp(stream, "payments", &web, Duration::from_secs(1)),
+    )
+    .await
+    .expect("a refused tunnel returns at once");
+    let page = metrics.render();
+    assert!(
+        page.contains(
+            "isdp_authz_denied_total{service=\"payments\",source=\"web\",rule=\"tunnel-to-http\"} 1"
+        ),
+        "{page}"
+    );
+
+    // To the TCP service: spliced through.
+    let (_client, stream) = tokio::io::duplex(1024);
+    let tunnel = {
+        let inbound = inbound.clone();
+        tokio::spawn(async move {
+            inbound
+                .tcp(stream, "ledger", &web, Duration::from_secs(1))
+                .await
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(5), tcp.accept())
+        .await
+        .expect("the tcp service gets the tunnel")
+        .unwrap();
+    tunnel.abort();
+}
