@@ -7,6 +7,13 @@
 //! allow; when no rule matches, the mesh-wide default decides. A local
 //! service whose policy has not arrived yet is refused: the sidecar fails
 //! closed rather than guess a default the operator may have set to deny.
+//!
+//! Rules see a request as the application will: its path in canonical form
+//! and matched on whole segments (`path`), its method as sent (methods are
+//! case-sensitive, and the inbound side refuses one in lower case, see
+//! [`is_canonical_method`]).
+
+pub mod path;
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -91,18 +98,30 @@ struct Rule {
     sources: Vec<String>,
     any: bool,
     methods: Vec<String>,
-    path_prefix: String,
+    /// None: any path.
+    path: Option<path::Prefix>,
 }
 
 /// What is known of the request being checked. TCP connections have no
-/// method or path, so rules narrowed by either never match them.
+/// method or path, so rules narrowed by either never match them (the
+/// inbound side tunnels only to TCP services, so no HTTP request gets past
+/// such a rule that way).
 #[derive(Clone, Copy, Debug)]
 pub struct Call<'a> {
     /// The caller's SPIFFE ID; `None` for a caller without one (only
     /// possible for traffic that did not come over mesh mTLS).
     pub source: Option<&'a str>,
     pub method: Option<&'a str>,
+    /// In canonical form ([`path::normalize`]), or `*` for `OPTIONS *`.
     pub path: Option<&'a str>,
+}
+
+/// Whether `method` is one rules can be matched against: methods are
+/// case-sensitive (RFC 9110), rules name them in upper case, and an
+/// application that reads `delete` as `DELETE` would make a lower-case
+/// method a way around a rule. Every standard method is upper case.
+pub fn is_canonical_method(method: &str) -> bool {
+    !method.bytes().any(|b| b.is_ascii_lowercase())
 }
 
 impl Policy {
@@ -148,6 +167,32 @@ fn compile_rule(r: &AuthzRule, trust_domain: &str) -> Option<Rule> {
         // know is skipped rather than guessed at.
         _ => return None,
     };
+    let path = match r.path_prefix.as_str() {
+        "" => None,
+        prefix => match path::Prefix::new(prefix) {
+            Ok(p) => Some(p),
+            // The control plane refuses such a prefix; one stored before it
+            // did fails closed: an allow rule is dropped, a deny rule covers
+            // every path.
+            Err(e) => {
+                tracing::warn!(
+                    rule = %r.name, %prefix, error = %e, allow,
+                    "authorization rule with an invalid path prefix: \
+                     an allow rule is dropped, a deny rule covers every path"
+                );
+                if allow {
+                    return None;
+                }
+                None
+            }
+        },
+    };
+    let mut methods = r.methods.clone();
+    // HEAD is GET without the body (RFC 9110), and servers answer it with
+    // their GET handler: a deny for GET must not let HEAD through.
+    if !allow && methods.iter().any(|m| m == "GET") && !methods.iter().any(|m| m == "HEAD") {
+        methods.push("HEAD".to_owned());
+    }
     Some(Rule {
         name: r.name.as_str().into(),
         allow,
@@ -158,8 +203,8 @@ fn compile_rule(r: &AuthzRule, trust_domain: &str) -> Option<Rule> {
             .filter(|s| *s != "*")
             .map(|s| format!("spiffe://{trust_domain}/svc/{s}"))
             .collect(),
-        methods: r.methods.clone(),
-        path_prefix: r.path_prefix.clone(),
+        methods,
+        path,
     })
 }
 
@@ -178,9 +223,9 @@ impl Rule {
                 _ => return false,
             }
         }
-        if !self.path_prefix.is_empty() {
+        if let Some(prefix) = &self.path {
             match call.path {
-                Some(p) if p.starts_with(&self.path_prefix) => {}
+                Some(p) if prefix.matches(p) => {}
                 _ => return false,
             }
         }
@@ -284,6 +329,95 @@ mod tests {
             path: None,
         };
         assert!(!p.decide(tcp).is_allowed());
+    }
+
+    #[test]
+    fn path_prefixes_match_canonical_paths_on_whole_segments() {
+        let mut no_admin = rule("no-admin", &["*"], Action::Deny);
+        no_admin.path_prefix = "/admin".into();
+        let p = policy(Action::Allow, vec![no_admin]);
+        let get = |path| Call {
+            path: Some(path),
+            ..from(WEB)
+        };
+        for path in ["/admin", "/admin/", "/admin/users", "/admin;x"] {
+            assert_eq!(p.decide(get(path)).rule_label(), "no-admin", "{path}");
+        }
+        for path in ["/administrator", "/api/admin", "/", "*"] {
+            assert!(p.decide(get(path)).is_allowed(), "{path}");
+        }
+    }
+
+    #[test]
+    fn methods_are_case_sensitive_and_lower_case_is_not_canonical() {
+        let mut no_delete = rule("no-delete", &["web"], Action::Deny);
+        no_delete.methods = vec!["DELETE".into()];
+        let mut reads = rule("reads", &["web"], Action::Allow);
+        reads.methods = vec!["GET".into()];
+        let p = policy(Action::Deny, vec![no_delete, reads]);
+        let call = |method| Call {
+            method: Some(method),
+            ..from(WEB)
+        };
+        assert_eq!(p.decide(call("DELETE")).rule_label(), "no-delete");
+        assert!(p.decide(call("GET")).is_allowed());
+        // `get` is another method: the GET rule does not allow it...
+        assert!(!p.decide(call("get")).is_allowed());
+        // ...and `delete` is not DELETE either: under a default allow it
+        // would pass the DELETE rule, which is why the inbound side
+        // refuses a method that is not canonical before rules are asked.
+        let mut no_delete = rule("no-delete", &["web"], Action::Deny);
+        no_delete.methods = vec!["DELETE".into()];
+        let open = policy(Action::Allow, vec![no_delete]);
+        assert!(open.decide(call("delete")).is_allowed());
+        for m in ["delete", "Delete", "gET", "get"] {
+            assert!(!is_canonical_method(m), "{m}");
+        }
+        for m in ["GET", "DELETE", "PROPFIND", "M-SEARCH", "X_1"] {
+            assert!(is_canonical_method(m), "{m}");
+        }
+    }
+
+    #[test]
+    fn a_deny_rule_for_get_also_covers_head() {
+        let mut no_get = rule("no-get", &["web"], Action::Deny);
+        no_get.methods = vec!["GET".into()];
+        let mut head_ok = rule("head-ok", &["web"], Action::Allow);
+        head_ok.methods = vec!["GET".into()];
+        let p = policy(Action::Allow, vec![no_get]);
+        let head = Call {
+            method: Some("HEAD"),
+            ..from(WEB)
+        };
+        assert_eq!(p.decide(head).rule_label(), "no-get");
+        // An allow rule is not widened.
+        let p = policy(Action::Deny, vec![head_ok]);
+        assert!(!p.decide(head).is_allowed());
+    }
+
+    /// A prefix the control plane would refuse today (stored before it
+    /// did) fails closed: the deny rule covers every path, the allow rule
+    /// none.
+    #[test]
+    fn an_invalid_stored_prefix_fails_closed() {
+        let mut deny = rule("no-admin", &["web"], Action::Deny);
+        deny.path_prefix = "/admin%2Fx".into();
+        let p = policy(Action::Allow, vec![deny]);
+        assert_eq!(p.decide(from(WEB)).rule_label(), "no-admin");
+        let mut allow = rule("admin", &["web"], Action::Allow);
+        allow.path_prefix = "/%zz".into();
+        let p = policy(Action::Deny, vec![allow]);
+        assert!(!p.decide(from(WEB)).is_allowed());
+        // A non-canonical one means what it says once normalized.
+        let mut dotted = rule("no-admin", &["web"], Action::Deny);
+        dotted.path_prefix = "/x/..//admin".into();
+        let p = policy(Action::Allow, vec![dotted]);
+        let admin = Call {
+            path: Some("/admin/x"),
+            ..from(WEB)
+        };
+        assert!(!p.decide(admin).is_allowed());
+        assert!(p.decide(from(WEB)).is_allowed());
     }
 
     #[test]

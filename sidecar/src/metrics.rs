@@ -190,7 +190,7 @@ impl Metrics {
         let denied = Family::<DeniedLabels, Counter>::default();
         registry.register(
             "authz_denied",
-            "Inbound requests and connections refused by authorization, by local service, calling service and rule (`default` when the default refused)",
+            "Inbound requests and connections refused by authorization, by local service, calling service and rule (`default` when the default refused, `no-policy-yet` before the policy arrived, `tunnel-to-http` for a TCP tunnel to an HTTP or gRPC service)",
             denied.clone(),
         );
         let retries = Family::<ResilienceLabels, Counter>::default();

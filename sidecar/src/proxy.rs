@@ -28,6 +28,7 @@
 //! is dropped.
 
 pub mod authorize;
+pub mod canonical;
 pub mod forward;
 pub mod http;
 pub mod inbound;

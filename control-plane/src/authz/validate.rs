@@ -2,6 +2,7 @@
 //! written; every problem is reported at once with its field path.
 
 use isdp_proto::v1::{Action, AuthzRule};
+use isdp_sidecar::authz::path;
 
 use crate::registry::validate::{FieldError, is_dns_label};
 
@@ -105,9 +106,33 @@ pub fn rule(rule: &AuthzRule) -> Vec<FieldError> {
                 "path_prefix",
                 "must not contain spaces or control characters".into(),
             );
+        } else if rule.path_prefix.starts_with('/')
+            && let Some(why) = not_canonical(&rule.path_prefix)
+        {
+            push("path_prefix", why);
         }
     }
     out
+}
+
+/// Why `prefix` is not a path prefix as the sidecar compares them, if it
+/// is not. Sidecars match rules against canonical request paths
+/// (`isdp_sidecar::authz::path`); a prefix in any other form would read as
+/// one path and match another, so the operator is shown the form to
+/// write instead of having it rewritten behind their back.
+fn not_canonical(prefix: &str) -> Option<String> {
+    if prefix.contains(';') {
+        return Some(format!(
+            "must not contain ';' (segment parameters are ignored when paths are compared), got {prefix:?}"
+        ));
+    }
+    match path::normalize(prefix) {
+        Err(e) => Some(format!("{e}, got {prefix:?}")),
+        Ok(canonical) if canonical != prefix => Some(format!(
+            "must be a canonical path (no '.' or '..' segments, no repeated '/', unreserved characters unescaped, escapes in upper case): write {canonical:?}, not {prefix:?}"
+        )),
+        Ok(_) => None,
+    }
 }
 
 /// An HTTP method as written in a request line: upper-case token characters.
@@ -167,6 +192,62 @@ mod tests {
                 "rule.path_prefix"
             ]
         );
+    }
+
+    #[test]
+    fn a_path_prefix_must_be_canonical() {
+        let with = |prefix: &str| AuthzRule {
+            path_prefix: prefix.into(),
+            ..good()
+        };
+        for ok in [
+            "/",
+            "/admin",
+            "/admin/",
+            "/api/v1/users",
+            "/caf%C3%A9",
+            "/a:b@c",
+        ] {
+            assert!(rule(&with(ok)).is_empty(), "{ok}");
+        }
+        for (bad, says) in [
+            ("//admin", "write \"/admin\""),
+            ("/admin/../x", "write \"/x\""),
+            ("/./admin", "write \"/admin\""),
+            ("/admin/.", "write \"/admin/\""),
+            ("/%61dmin", "write \"/admin\""),
+            ("/a%3bb", "write \"/a%3Bb\""),
+            ("/café", "write \"/caf%C3%A9\""),
+            ("/admin%2Fx", "encoded '/'"),
+            ("/a\\b", "'\\'"),
+            ("/%zz", "two hex digits"),
+            ("/%00", "NUL"),
+            ("/%C0%AF", "UTF-8"),
+            ("/admin;x", "';'"),
+            ("/admin?x", "'?'"),
+            ("/admin#x", "'#'"),
+        ] {
+            let errs = rule(&with(bad));
+            assert_eq!(errs.len(), 1, "{bad}: {errs:?}");
+            assert_eq!(errs[0].field, "rule.path_prefix", "{bad}");
+            assert!(errs[0].rule.contains(says), "{bad}: {}", errs[0].rule);
+        }
+    }
+
+    #[test]
+    fn methods_must_be_upper_case_tokens() {
+        let with = |m: &str| AuthzRule {
+            methods: vec![m.into()],
+            ..good()
+        };
+        for ok in ["GET", "DELETE", "PROPFIND", "M-SEARCH"] {
+            assert!(rule(&with(ok)).is_empty(), "{ok}");
+        }
+        for bad in ["get", "Delete", "", "GET ", "G\u{0}T"] {
+            let errs = rule(&with(bad));
+            assert_eq!(errs.len(), 1, "{bad:?}");
+            assert_eq!(errs[0].field, "rule.methods[0]");
+        }
     }
 
     #[test]

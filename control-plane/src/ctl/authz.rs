@@ -48,7 +48,8 @@ pub struct RuleArgs {
     /// Only these HTTP methods (repeatable); any when omitted.
     #[arg(long = "method")]
     methods: Vec<String>,
-    /// Only paths starting with this prefix.
+    /// Only paths under this prefix, on whole segments (/admin covers
+    /// /admin/x, not /administrator); written in canonical form.
     #[arg(long)]
     path_prefix: Option<String>,
     /// The rule's name, unique per destination [default: ACTION-FROM].

@@ -220,6 +220,7 @@ async fn echo_request(
         "instance": &*echo.id,
         "method": method.as_str(),
         "path": uri.path(),
+        "query": uri.query(),
         "headers": headers,
     });
     with_instance(&echo, Json(body).into_response())

@@ -2,7 +2,12 @@
 //! (from [`crate::authz::follow`]) asked about the caller's SPIFFE ID, the
 //! method and the path. Refusals are counted with the calling service and
 //! the rule, and logged (at info at most once a second; the rest at debug,
-//! so a denied caller in a loop cannot flood the log).
+//! so a denied caller in a loop cannot flood the log). Requests refused
+//! before the rules are asked, for a method or path they could not be
+//! matched against ([`Authorizer::malformed`]), are logged the same way;
+//! the route's metrics count them in `isdp_proxy_errors_total`
+//! (`bad-path`, `bad-method`). A tunnel to an HTTP or gRPC service is
+//! refused whatever the rules say ([`Authorizer::refuse_tunnel`]).
 
 use std::{
     sync::{
@@ -53,24 +58,64 @@ impl Authorizer {
         decision
     }
 
+    /// Refuses a TCP tunnel to a local HTTP or gRPC service: its requests
+    /// would reach the service with no method or path for the rules to
+    /// see, so no method- or path-scoped deny rule could stop them.
+    /// Counted as denied by the rule `tunnel-to-http`.
+    pub fn refuse_tunnel(&self, service: &str, peer: &str) {
+        let rule = TUNNEL_TO_HTTP;
+        self.metrics
+            .authz_denied(service, caller_service(peer), rule);
+        if self.first_this_second() {
+            tracing::info!(%service, %peer, rule, "tcp tunnel to an http service refused");
+        } else {
+            tracing::debug!(%service, %peer, rule, "tcp tunnel to an http service refused");
+        }
+    }
+
+    /// Logs a request refused with 400 before the rules were asked: its
+    /// method or path has no form they could be matched against.
+    pub fn malformed(
+        &self,
+        service: &str,
+        peer: Option<&str>,
+        reason: &str,
+        method: &str,
+        target: &str,
+    ) {
+        let peer = peer.unwrap_or("-");
+        if self.first_this_second() {
+            tracing::info!(%service, %peer, %reason, %method, %target, "request refused before authorization");
+        } else {
+            tracing::debug!(%service, %peer, %reason, %method, %target, "request refused before authorization");
+        }
+    }
+
     fn denied(&self, service: &str, call: Call<'_>, decision: &Decision) {
         let source = call.source.map_or("anonymous", caller_service);
         let rule = decision.rule_label();
         self.metrics.authz_denied(service, source, rule);
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let last = self.last_logged.swap(now, Ordering::Relaxed);
         let peer = call.source.unwrap_or("-");
         let method = call.method.unwrap_or("-");
         let path = call.path.unwrap_or("-");
-        if last != now {
+        if self.first_this_second() {
             tracing::info!(%service, %peer, %rule, %method, %path, "call denied by policy");
         } else {
             tracing::debug!(%service, %peer, %rule, %method, %path, "call denied by policy");
         }
     }
+
+    /// Whether this is the first refusal logged this second (at info).
+    fn first_this_second(&self) -> bool {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.last_logged.swap(now, Ordering::Relaxed) != now
+    }
 }
+
+/// The `rule` label of a refused tunnel to an HTTP or gRPC service.
+pub const TUNNEL_TO_HTTP: &str = "tunnel-to-http";
 
 /// The service name in a mesh SPIFFE ID (`spiffe://td/svc/NAME`), for
 /// metric labels; anything else is `other`.

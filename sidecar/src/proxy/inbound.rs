@@ -5,9 +5,13 @@
 //! HTTP/1.1 for upgrades) and tunnelled TCP, told apart by ALPN. The
 //! destination is the service the client asked for in SNI (and whose
 //! certificate it verified); `x-isdp-service`, when present, must agree.
-//! Every request and tunnel then passes the destination's authorization
-//! policy ([`super::authorize`]); a refusal is 403 `denied-by-policy`, or a
-//! closed tunnel.
+//! A request's method and path are then put in canonical form
+//! ([`super::canonical`]; 400 if they have none), and every request and
+//! tunnel passes the destination's authorization policy
+//! ([`super::authorize`]); a refusal is 403 `denied-by-policy`, or a
+//! closed tunnel. A tunnel reaches only a service registered as `tcp`: one
+//! to an HTTP or gRPC service would carry requests past every method and
+//! path rule, so it is closed (counted as denied by `tunnel-to-http`).
 
 use std::{
     collections::HashMap,
@@ -24,6 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::observe::observe;
 use super::{
     authorize::Authorizer,
+    canonical,
     forward::{Dest, Forwarder, Hop},
     http::{Body, SERVICE_HEADER, error_response},
     outbound::{BoxFuture, ClientAddr, answer},
@@ -100,6 +105,10 @@ impl Inbound {
             tracing::debug!(%service, peer = %peer.0, "tcp for an unknown local service; closing");
             return;
         };
+        if local.protocol != Protocol::Tcp {
+            self.authorizer.refuse_tunnel(service, &peer.0);
+            return;
+        }
         let call = Call {
             source: Some(&peer.0),
             method: None,
@@ -163,12 +172,18 @@ impl tower::Service<Request<Body>> for Inbound {
                 detail,
             ));
         };
+        if let Err(refusal) = canonical::canonicalize(&mut req) {
+            let target = req.uri().to_string();
+            let method = req.method().as_str();
+            self.authorizer
+                .malformed(&local.name, caller(&req), refusal.as_str(), method, &target);
+            return observe(
+                local.metrics.clone(),
+                Box::pin(async move { Ok(refusal.response()) }),
+            );
+        }
         let call = Call {
-            source: req
-                .extensions()
-                .get::<ClientAddr>()
-                .and_then(|c| c.peer.as_ref())
-                .map(|p| &*p.0),
+            source: caller(&req),
             method: Some(req.method().as_str()),
             path: Some(req.uri().path()),
         };
@@ -203,71 +218,14 @@ impl tower::Service<Request<Body>> for Inbound {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use http_body_util::{BodyExt, Empty};
-    use tower::Service as _;
-
-    use super::*;
-
-    /// Over mTLS the SNI's service is the destination; a header naming
-    /// another is refused.
-    #[tokio::test]
-    async fn requests_go_to_the_service_the_connection_is_for() {
-        let config = crate::Config::from_toml(
-            "node_id = \"n\"\ncontrol_plane = [\"http://127.0.0.1:1\"]\n\
-             [[service]]\nname = \"payments\"\nport = 1\n\
-             [[service]]\nname = \"ledger\"\nport = 1\n",
-        )
-        .unwrap();
-        let metrics = Metrics::new();
-        let policy = |default: isdp_proto::v1::Action| {
-            let p = crate::authz::Policy::compile(&isdp_proto::v1::AuthorizationPolicy {
-                destination: "payments".into(),
-                default_action: default as i32,
-                rules: vec![],
-                trust_domain: "isdp.local".into(),
-            });
-            Arc::new(crate::authz::Compiled::from([(
-                "payments".to_owned(),
-                Arc::new(p),
-            )]))
-        };
-        let (policies, rx) = tokio::sync::watch::channel(policy(isdp_proto::v1::Action::Allow));
-        let mut inbound = Inbound::new(
-            &config.services,
-            Forwarder::new(Duration::from_millis(200)),
-            &metrics,
-            Authorizer::new(rx, metrics.clone()),
-        );
-        let req = |header: Option<&str>| {
-            let mut client = ClientAddr::new("127.0.0.1:9".parse().unwrap());
-            client.service = Some(Arc::from("payments"));
-            let mut r = Request::get("/")
-                .body(super::super::http::boxed(
-                    Empty::<bytes::Bytes>::new().map_err(|e| match e {}),
-                ))
-                .unwrap();
-            if let Some(h) = header {
-                r.headers_mut()
-                    .insert(SERVICE_HEADER.clone(), h.parse().unwrap());
-            }
-            r.extensions_mut().insert(client);
-            r
-        };
-        let resp = inbound.call(req(Some("ledger"))).await.unwrap();
-        assert_eq!(resp.status(), StatusCode::MISDIRECTED_REQUEST);
-        // No header: the SNI's service, though several are local (the
-        // service itself is down here: 502, not 404).
-        let resp = inbound.call(req(None)).await.unwrap();
-        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
-        let resp = inbound.call(req(Some("payments"))).await.unwrap();
-        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
-
-        // A policy change applies to the next request.
-        policies.send_replace(policy(isdp_proto::v1::Action::Deny));
-        let resp = inbound.call(req(None)).await.unwrap();
-        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
-        assert_eq!(resp.headers()["x-isdp-error"], "denied-by-policy");
-    }
+/// The calling sidecar's SPIFFE ID, carried by every request of an mTLS
+/// connection.
+fn caller<B>(req: &Request<B>) -> Option<&str> {
+    req.extensions()
+        .get::<ClientAddr>()
+        .and_then(|c| c.peer.as_ref())
+        .map(|p| &*p.0)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,6 +1,7 @@
 //! Authorization rules through `isdpctl authz`: stored, listed, replaced,
-//! deleted; bad rules refused with every problem named and nothing changed.
-//! Enforcement by the destination's sidecar is in `mtls.rs`.
+//! deleted; bad rules (a path prefix not in canonical form included)
+//! refused with every problem named and nothing changed. Enforcement by the
+//! destination's sidecar is in `mtls.rs` and `authz_bypass.rs`.
 
 use isdp_tests::{ControlPlane, ControlPlaneOpts};
 
@@ -97,6 +98,40 @@ async fn a_bad_rule_is_refused_naming_every_field_and_changes_nothing() {
             stderr.contains(field),
             "stderr does not name {field}: {stderr}"
         );
+    }
+    assert_eq!(rules(&cp, None).await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_prefix_not_in_canonical_form_is_refused_and_changes_nothing() {
+    let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
+    cp.ctl_ok(&["authz", "allow", "--to", "payments", "--from", "web"])
+        .await;
+    let before = rules(&cp, None).await;
+    for (prefix, says) in [
+        ("/admin/../x", "write \"/x\""),
+        ("//admin", "write \"/admin\""),
+        ("/%61dmin/", "write \"/admin/\""),
+        ("/admin%2Fx", "encoded '/'"),
+        ("/admin;x", "';'"),
+    ] {
+        let out = cp
+            .ctl(&[
+                "authz",
+                "deny",
+                "--to",
+                "payments",
+                "--from",
+                "batch",
+                "--path-prefix",
+                prefix,
+            ])
+            .await;
+        assert!(!out.status.success(), "{prefix} was stored");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("InvalidArgument"), "{prefix}: {stderr}");
+        assert!(stderr.contains("rule.path_prefix"), "{prefix}: {stderr}");
+        assert!(stderr.contains(says), "{prefix}: {stderr}");
     }
     assert_eq!(rules(&cp, None).await, before);
 }

@@ -8,6 +8,7 @@
 
 mod auth;
 mod authz;
+mod authz_bypass;
 mod dataplane;
 mod demo;
 mod durability;

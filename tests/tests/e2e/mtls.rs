@@ -12,20 +12,20 @@ use isdp_tests::{ControlPlane, ControlPlaneOpts, EchoHttp, Sidecar, SidecarToml,
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const SERVICE: &str = "payments";
+pub(crate) const SERVICE: &str = "payments";
 const SETUP: Duration = Duration::from_secs(20);
 
 /// `payments` (echo-http behind sidecar `pay-0`) and a `web` sidecar with a
 /// `payments` listener.
-struct Mesh {
-    cp: ControlPlane,
+pub(crate) struct Mesh {
+    pub(crate) cp: ControlPlane,
     _echo: EchoHttp,
-    pay: Sidecar,
-    web: Sidecar,
+    pub(crate) pay: Sidecar,
+    pub(crate) web: Sidecar,
 }
 
 impl Mesh {
-    async fn start(cp_args: &[&str]) -> Mesh {
+    pub(crate) async fn start(cp_args: &[&str]) -> Mesh {
         let cp = ControlPlane::start(ControlPlaneOpts {
             extra_args: cp_args.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
@@ -88,7 +88,7 @@ async fn fetch(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
 }
 
 /// The value of `name` (a counter with these labels) on a `/metrics` page.
-async fn counter(sidecar: &Sidecar, name: &str, labels: &str) -> f64 {
+pub(crate) async fn counter(sidecar: &Sidecar, name: &str, labels: &str) -> f64 {
     let page = isdp_tests::http::get(sidecar.admin_addr(), "/metrics")
         .await
         .expect("/metrics")
