@@ -243,7 +243,13 @@ impl Server {
         // Every store call the registry makes is counted and timed, on
         // either backend.
         let instrumented = metrics::InstrumentedStore::new(store.store(), metrics.clone());
-        let registry = Registry::start(Arc::new(instrumented), &prefix, shutdown.clone()).await?;
+        let registry = Registry::start_with(
+            Arc::new(instrumented),
+            &prefix,
+            config.quotas(),
+            shutdown.clone(),
+        )
+        .await?;
         tracing::info!(instances = registry.len(), store = ?config.store, "registry loaded");
         let timeouts = SessionTimeouts {
             grace: config.session_grace,
