@@ -6,8 +6,8 @@
 //! - [`store`]: the durable key-value store trait and its backends:
 //!   embedded (redb, one control plane) and etcd (several replicas).
 //! - [`election`]: one leader among replicas for work that must run once.
-//! - [`registry`]: registrations, validation, the in-memory view, and
-//!   sidecar sessions (lease-backed).
+//! - [`registry`]: registrations, validation, quotas, the in-memory view,
+//!   and sidecar sessions (lease-backed, acting only as their principal).
 //! - [`health`]: probes for operator-registered instances.
 //! - [`snapshot`]: turns registry changes into xDS resources, debounced.
 //! - [`xds`]: the generic ADS server (state of the world and delta).

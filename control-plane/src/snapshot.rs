@@ -60,16 +60,9 @@ pub fn service_endpoints(registry: &Registry, service: &str) -> Option<ServiceEn
 fn publish(cache: &Cache, registry: &Registry, service: &str, changed_at: Instant) {
     match service_endpoints(registry, service) {
         Some(r) => {
-            let encoded = r.encode_to_vec();
-            if encoded.len() > MAX_RESOURCE_BYTES {
-                tracing::error!(
-                    service,
-                    bytes = encoded.len(),
-                    max = MAX_RESOURCE_BYTES,
-                    "ServiceEndpoints resource larger than sidecars decode; keeping the previous one"
-                );
+            let Some(encoded) = within_cap(&r) else {
                 return;
-            }
+            };
             cache.set_at(
                 SERVICE_ENDPOINTS_TYPE_URL,
                 service,
@@ -79,6 +72,22 @@ fn publish(cache: &Cache, registry: &Registry, service: &str, changed_at: Instan
         }
         None => cache.remove(SERVICE_ENDPOINTS_TYPE_URL, service),
     };
+}
+
+/// The encoded resource, or None (logged) when it is over
+/// [`MAX_RESOURCE_BYTES`] and must not be published.
+fn within_cap(r: &ServiceEndpoints) -> Option<Vec<u8>> {
+    let encoded = r.encode_to_vec();
+    if encoded.len() > MAX_RESOURCE_BYTES {
+        tracing::error!(
+            service = %r.service,
+            bytes = encoded.len(),
+            max = MAX_RESOURCE_BYTES,
+            "ServiceEndpoints resource larger than sidecars decode; keeping the previous one"
+        );
+        return None;
+    }
+    Some(encoded)
 }
 
 fn publish_all(cache: &Cache, registry: &Registry, changed_at: Instant) {
@@ -142,4 +151,26 @@ pub fn spawn(
             window = (started.elapsed() * 4).clamp(DEBOUNCE, MAX_DEBOUNCE);
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use isdp_proto::v1::Endpoint;
+
+    use super::*;
+
+    #[test]
+    fn a_resource_over_the_cap_is_not_published() {
+        let with_value = |len: usize| ServiceEndpoints {
+            service: "big".into(),
+            endpoints: vec![Endpoint {
+                instance_id: "a".into(),
+                metadata: [("k".to_owned(), "v".repeat(len))].into(),
+                ..Default::default()
+            }],
+        };
+        assert!(within_cap(&with_value(1024)).is_some());
+        assert!(within_cap(&with_value(MAX_RESOURCE_BYTES - 64)).is_some());
+        assert!(within_cap(&with_value(MAX_RESOURCE_BYTES)).is_none());
+    }
 }
