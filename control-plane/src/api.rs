@@ -75,6 +75,8 @@ pub fn status(e: RegistryError) -> Status {
         RegistryError::Invalid(_) => Status::invalid_argument(e.to_string()),
         RegistryError::NotFound(_) => Status::not_found(e.to_string()),
         RegistryError::PermissionDenied(_) => Status::permission_denied(e.to_string()),
+        RegistryError::OwnedBySession(_) => Status::failed_precondition(e.to_string()),
+        RegistryError::Quota(_) => Status::resource_exhausted(e.to_string()),
         RegistryError::Contended(_) => Status::aborted(e.to_string()),
         RegistryError::Store(s) => Status::unavailable(s.to_string()),
     }

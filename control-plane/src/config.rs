@@ -3,6 +3,8 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use crate::registry::Quotas;
+
 #[derive(Clone, Debug, clap::Parser)]
 #[command(
     name = "isdp-control-plane",
@@ -133,6 +135,35 @@ pub struct Config {
     #[arg(long = "tls-san", env = "ISDP_TLS_SAN", value_delimiter = ',')]
     pub tls_san: Vec<String>,
 
+    /// Most instances one service may have, operator and sidecar
+    /// registrations together.
+    #[arg(long, env = "ISDP_MAX_INSTANCES_PER_SERVICE", default_value_t = Quotas::default().instances_per_service)]
+    pub max_instances_per_service: usize,
+
+    /// Most bytes of metadata (keys plus values) one instance may carry.
+    #[arg(long, env = "ISDP_MAX_METADATA_BYTES_PER_INSTANCE", default_value_t = Quotas::default().metadata_bytes_per_instance)]
+    pub max_metadata_bytes_per_instance: usize,
+
+    /// Most bytes of metadata the instances of one service may carry
+    /// together.
+    #[arg(long, env = "ISDP_MAX_METADATA_BYTES_PER_SERVICE", default_value_t = Quotas::default().metadata_bytes_per_service)]
+    pub max_metadata_bytes_per_service: usize,
+
+    /// Largest encoded `ServiceEndpoints` xDS resource of one service, which
+    /// the sidecar of every caller decodes. At most half of what a sidecar
+    /// decodes in one message (8 MiB of 16 MiB).
+    #[arg(long, env = "ISDP_MAX_SERVICE_ENDPOINTS_BYTES", default_value_t = Quotas::default().service_endpoints_bytes)]
+    pub max_service_endpoints_bytes: usize,
+
+    /// Most instances one sidecar session registers.
+    #[arg(long, env = "ISDP_MAX_INSTANCES_PER_SESSION", default_value_t = Quotas::default().instances_per_session)]
+    pub max_instances_per_session: usize,
+
+    /// Most sidecar sessions one principal (a token, together with the
+    /// certificates issued under it) may hold open on this control plane.
+    #[arg(long, env = "ISDP_MAX_SESSIONS_PER_PRINCIPAL", default_value_t = Quotas::default().sessions_per_principal)]
+    pub max_sessions_per_principal: usize,
+
     #[command(flatten)]
     pub trace: isdp_sidecar::telemetry::TraceArgs,
 }
@@ -178,7 +209,52 @@ impl Config {
         if self.session_grace.is_zero() {
             return Err("--session-grace must be more than zero".into());
         }
+        self.validate_quotas()
+    }
+
+    /// Every quota at least 1; the resource bound within what sidecars
+    /// decode.
+    fn validate_quotas(&self) -> Result<(), String> {
+        let q = self.quotas();
+        for (flag, v) in [
+            ("--max-instances-per-service", q.instances_per_service),
+            (
+                "--max-metadata-bytes-per-instance",
+                q.metadata_bytes_per_instance,
+            ),
+            (
+                "--max-metadata-bytes-per-service",
+                q.metadata_bytes_per_service,
+            ),
+            ("--max-service-endpoints-bytes", q.service_endpoints_bytes),
+            ("--max-instances-per-session", q.instances_per_session),
+            ("--max-sessions-per-principal", q.sessions_per_principal),
+        ] {
+            if v == 0 {
+                return Err(format!("{flag} must be at least 1"));
+            }
+        }
+        let max = crate::snapshot::MAX_RESOURCE_BYTES;
+        if q.service_endpoints_bytes > max {
+            return Err(format!(
+                "--max-service-endpoints-bytes ({}) must be at most {max} (half of the {} bytes a sidecar decodes in one xDS message)",
+                q.service_endpoints_bytes,
+                isdp_sidecar::xds::MAX_RESPONSE_BYTES
+            ));
+        }
         Ok(())
+    }
+
+    /// The registry's quotas, from the flags.
+    pub fn quotas(&self) -> Quotas {
+        Quotas {
+            instances_per_service: self.max_instances_per_service,
+            metadata_bytes_per_instance: self.max_metadata_bytes_per_instance,
+            metadata_bytes_per_service: self.max_metadata_bytes_per_service,
+            service_endpoints_bytes: self.max_service_endpoints_bytes,
+            instances_per_session: self.max_instances_per_session,
+            sessions_per_principal: self.max_sessions_per_principal,
+        }
     }
 
     /// The CA flags: a DNS trust domain, sane lifetimes, cert and key
@@ -361,6 +437,36 @@ mod tests {
     }
 
     #[test]
+    fn quota_flags_default_and_parse() {
+        let c = Config::try_parse_from(["isdp-control-plane"]).unwrap();
+        assert_eq!(c.quotas(), crate::registry::Quotas::default());
+        let c = Config::try_parse_from([
+            "isdp-control-plane",
+            "--max-instances-per-service=10",
+            "--max-metadata-bytes-per-instance=11",
+            "--max-metadata-bytes-per-service=12",
+            "--max-service-endpoints-bytes=13",
+            "--max-instances-per-session=14",
+            "--max-sessions-per-principal=15",
+        ])
+        .unwrap();
+        let q = c.quotas();
+        assert_eq!(
+            (
+                q.instances_per_service,
+                q.metadata_bytes_per_instance,
+                q.metadata_bytes_per_service,
+                q.service_endpoints_bytes,
+                q.instances_per_session,
+                q.sessions_per_principal
+            ),
+            (10, 11, 12, 13, 14, 15)
+        );
+        assert!(c.validate().is_ok());
+        assert!(check(&["--max-service-endpoints-bytes=8388608"]).is_ok());
+    }
+
+    #[test]
     fn etcd_flags_are_checked_and_errors_name_the_flag() {
         assert!(check(&[]).is_ok());
         let ep = "--etcd-endpoints=http://127.0.0.1:2379,http://127.0.0.1:2479";
@@ -406,6 +512,18 @@ mod tests {
             (
                 &["--previous-kek-file=/old"],
                 "--previous-kek-file / ISDP_PREVIOUS_KEK needs the new KEK",
+            ),
+            (
+                &["--max-instances-per-service=0"],
+                "--max-instances-per-service must be at least 1",
+            ),
+            (
+                &["--max-sessions-per-principal=0"],
+                "--max-sessions-per-principal must be at least 1",
+            ),
+            (
+                &["--max-service-endpoints-bytes=8388609"],
+                "--max-service-endpoints-bytes (8388609) must be at most 8388608",
             ),
         ];
         for (args, want) in cases {

@@ -210,7 +210,10 @@ fn millis(d: Duration) -> Result<u32, CtlError> {
 pub async fn run(cli: Cli) -> Result<(), CtlError> {
     let auth = credentials(&cli)?;
     let channel = connect(&cli.control_plane, &auth).await?;
-    let mut client = RegistryClient::new(channel.clone());
+    // A service's instance list may be as large as its xDS resource,
+    // which sidecars decode up to this size.
+    let mut client = RegistryClient::new(channel.clone())
+        .max_decoding_message_size(isdp_sidecar::xds::MAX_RESPONSE_BYTES);
     let fmt = cli.output;
     match cli.command {
         Command::Token(cmd) => security::token(channel, fmt, cmd).await?,

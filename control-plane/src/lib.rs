@@ -8,8 +8,8 @@
 //! - [`store`]: the durable key-value store trait and its backends:
 //!   embedded (redb, one control plane) and etcd (several replicas).
 //! - [`election`]: one leader among replicas for work that must run once.
-//! - [`registry`]: registrations, validation, the in-memory view, and
-//!   sidecar sessions (lease-backed).
+//! - [`registry`]: registrations, validation, quotas, the in-memory view,
+//!   and sidecar sessions (lease-backed, acting only as their principal).
 //! - [`health`]: probes for operator-registered instances.
 //! - [`snapshot`]: turns registry changes into xDS resources, debounced.
 //! - [`xds`]: the generic ADS server (state of the world and delta).
@@ -261,7 +261,13 @@ impl Server {
         // Every store call the registry makes is counted and timed, on
         // either backend.
         let instrumented = metrics::InstrumentedStore::new(store.store(), metrics.clone());
-        let registry = Registry::start(Arc::new(instrumented), &prefix, shutdown.clone()).await?;
+        let registry = Registry::start_with(
+            Arc::new(instrumented),
+            &prefix,
+            config.quotas(),
+            shutdown.clone(),
+        )
+        .await?;
         tracing::info!(instances = registry.len(), store = ?config.store, "registry loaded");
         let timeouts = SessionTimeouts {
             grace: config.session_grace,

@@ -5,6 +5,7 @@
 //! API call here, another replica's write, a lease expiring) and lets a
 //! caller wait until its own write is visible before answering.
 
+pub mod quota;
 pub mod session;
 pub mod validate;
 mod view;
@@ -17,6 +18,7 @@ use prost::Message;
 use tokio::sync::{broadcast, watch};
 
 use crate::store::{LeaseId, Revision, Store, StoreError, Txn, progress};
+pub use quota::Quotas;
 pub use validate::FieldError;
 pub use view::Stored;
 
@@ -36,6 +38,12 @@ pub enum RegistryError {
     NotFound(String),
     #[error("{0}")]
     PermissionDenied(String),
+    /// The id belongs to a sidecar's session, which an operator's
+    /// registration may not silently take over.
+    #[error("{0}")]
+    OwnedBySession(String),
+    #[error(transparent)]
+    Quota(#[from] quota::Exceeded),
     #[error("instance {0:?} kept changing; try again")]
     Contended(String),
     #[error(transparent)]
@@ -56,16 +64,29 @@ struct Shared {
     /// The store revision the view has applied.
     applied: progress::Applied,
     changes: broadcast::Sender<Change>,
+    quotas: Quotas,
+    /// Growth admitted by writes not yet visible in the view.
+    reserved: quota::Reserved,
 }
 
 // === impl Registry ===
 
 impl Registry {
     /// Loads every instance and follows the store from there on, until
-    /// `shutdown` turns true.
+    /// `shutdown` turns true; the default quotas apply.
     pub async fn start(
         store: Arc<dyn Store>,
         prefix: &str,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Self, RegistryError> {
+        Self::start_with(store, prefix, Quotas::default(), shutdown).await
+    }
+
+    /// [`Registry::start`] with these quotas.
+    pub async fn start_with(
+        store: Arc<dyn Store>,
+        prefix: &str,
+        quotas: Quotas,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self, RegistryError> {
         let (changes, _) = broadcast::channel(65_536);
@@ -79,8 +100,25 @@ impl Registry {
                 view,
                 applied,
                 changes,
+                quotas,
+                reserved: Default::default(),
             }),
         })
+    }
+
+    pub fn quotas(&self) -> &Quotas {
+        &self.shared.quotas
+    }
+
+    /// Checks a write against the quotas and reserves its growth until the
+    /// returned guard drops, which the writer does once the write is
+    /// visible (or failed).
+    fn admit(&self, write: &quota::Write<'_>) -> Result<quota::Reservation, RegistryError> {
+        let view = &self.shared.view;
+        Ok(self
+            .shared
+            .quotas
+            .admit(write, |s| view.totals(s), &self.shared.reserved)?)
     }
 
     fn key(&self, id: &str) -> String {
@@ -102,7 +140,8 @@ impl Registry {
     }
 
     /// Validates, fills in defaults and stores an instance registered by an
-    /// operator. Replacing an instance keeps its health.
+    /// operator. Replacing an instance keeps its health; an instance a
+    /// sidecar's session owns is not replaced (deregister it first).
     pub async fn register(&self, mut instance: Instance) -> Result<Instance, RegistryError> {
         validate::instance(&instance, "instance").map_err(RegistryError::Invalid)?;
         normalise(&mut instance);
@@ -121,6 +160,19 @@ impl Registry {
         let requested = instance.status;
         for _ in 0..8 {
             let current = self.shared.view.get(&instance.id);
+            if let Some(cur) = &current
+                && !cur.instance.node_id.is_empty()
+            {
+                return Err(RegistryError::OwnedBySession(format!(
+                    "instance {:?} belongs to the session of sidecar node {:?}; deregister it first to replace it with an operator registration",
+                    instance.id, cur.instance.node_id
+                )));
+            }
+            let write = quota::Write {
+                puts: vec![("instance".into(), &instance)],
+                removes: current.iter().map(|c| &c.instance).collect(),
+            };
+            let reservation = self.admit(&write)?;
             if let Some(cur) = &current
                 && requested == HealthStatus::Unknown as i32
                 && same_check(&cur.instance, &instance)
@@ -141,8 +193,10 @@ impl Registry {
                 .await?;
             if out.succeeded {
                 self.visible(out.revision).await;
+                drop(reservation);
                 return Ok(instance);
             }
+            drop(reservation);
             self.visible(self.current_revision().await?).await;
         }
         Err(RegistryError::Contended(instance.id))

@@ -11,12 +11,12 @@ use std::{
 };
 
 use bytes::Bytes;
-use isdp_proto::v1::{Endpoint, SERVICE_ENDPOINTS_TYPE_URL, ServiceEndpoints};
+use isdp_proto::v1::{SERVICE_ENDPOINTS_TYPE_URL, ServiceEndpoints};
 use prost::Message;
 use tokio::sync::{broadcast, watch};
 
 use crate::{
-    registry::{Change, Registry},
+    registry::{Change, Registry, quota::endpoint},
     xds::Cache,
 };
 
@@ -27,6 +27,20 @@ pub const DEBOUNCE: Duration = Duration::from_millis(5);
 /// The longest a change may wait while rebuilds are expensive.
 pub const MAX_DEBOUNCE: Duration = Duration::from_millis(100);
 
+/// The largest `ServiceEndpoints` resource published: half of what a
+/// sidecar decodes in one xDS message
+/// ([`isdp_sidecar::xds::MAX_RESPONSE_BYTES`]), so one resource plus its
+/// response's envelope always fits. `--max-service-endpoints-bytes` (at
+/// most this much) refuses registrations well before; this cap catches
+/// only writes that raced past that bound on several replicas at once. A
+/// service over it keeps its previous resource, so its growth never breaks
+/// the ADS stream of every sidecar that follows it.
+pub const MAX_RESOURCE_BYTES: usize = isdp_sidecar::xds::MAX_RESPONSE_BYTES / 2;
+
+// Several resources share a delta response only up to the budget, and a
+// single one is at most the cap: either way a response fits a sidecar.
+const _: () = assert!(crate::xds::DELTA_RESPONSE_BUDGET <= MAX_RESOURCE_BYTES);
+
 /// The `ServiceEndpoints` resource for one service, or None if it has no
 /// instances (the resource is then removed).
 pub fn service_endpoints(registry: &Registry, service: &str) -> Option<ServiceEndpoints> {
@@ -34,21 +48,7 @@ pub fn service_endpoints(registry: &Registry, service: &str) -> Option<ServiceEn
     if instances.is_empty() {
         return None;
     }
-    let endpoints = instances
-        .iter()
-        .map(|s| {
-            let i = &s.instance;
-            Endpoint {
-                instance_id: i.id.clone(),
-                address: i.address.clone(),
-                port: i.port,
-                weight: i.weight,
-                metadata: i.metadata.clone(),
-                status: i.status,
-                inbound_port: i.inbound_port,
-            }
-        })
-        .collect();
+    let endpoints = instances.iter().map(|s| endpoint(&s.instance)).collect();
     Some(ServiceEndpoints {
         service: service.to_owned(),
         endpoints,
@@ -59,14 +59,35 @@ pub fn service_endpoints(registry: &Registry, service: &str) -> Option<ServiceEn
 /// first seen, where convergence is measured from.
 fn publish(cache: &Cache, registry: &Registry, service: &str, changed_at: Instant) {
     match service_endpoints(registry, service) {
-        Some(r) => cache.set_at(
-            SERVICE_ENDPOINTS_TYPE_URL,
-            service,
-            Bytes::from(r.encode_to_vec()),
-            changed_at,
-        ),
+        Some(r) => {
+            let Some(encoded) = within_cap(&r) else {
+                return;
+            };
+            cache.set_at(
+                SERVICE_ENDPOINTS_TYPE_URL,
+                service,
+                Bytes::from(encoded),
+                changed_at,
+            )
+        }
         None => cache.remove(SERVICE_ENDPOINTS_TYPE_URL, service),
     };
+}
+
+/// The encoded resource, or None (logged) when it is over
+/// [`MAX_RESOURCE_BYTES`] and must not be published.
+fn within_cap(r: &ServiceEndpoints) -> Option<Vec<u8>> {
+    let encoded = r.encode_to_vec();
+    if encoded.len() > MAX_RESOURCE_BYTES {
+        tracing::error!(
+            service = %r.service,
+            bytes = encoded.len(),
+            max = MAX_RESOURCE_BYTES,
+            "ServiceEndpoints resource larger than sidecars decode; keeping the previous one"
+        );
+        return None;
+    }
+    Some(encoded)
 }
 
 fn publish_all(cache: &Cache, registry: &Registry, changed_at: Instant) {
@@ -130,4 +151,26 @@ pub fn spawn(
             window = (started.elapsed() * 4).clamp(DEBOUNCE, MAX_DEBOUNCE);
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use isdp_proto::v1::Endpoint;
+
+    use super::*;
+
+    #[test]
+    fn a_resource_over_the_cap_is_not_published() {
+        let with_value = |len: usize| ServiceEndpoints {
+            service: "big".into(),
+            endpoints: vec![Endpoint {
+                instance_id: "a".into(),
+                metadata: [("k".to_owned(), "v".repeat(len))].into(),
+                ..Default::default()
+            }],
+        };
+        assert!(within_cap(&with_value(1024)).is_some());
+        assert!(within_cap(&with_value(MAX_RESOURCE_BYTES - 64)).is_some());
+        assert!(within_cap(&with_value(MAX_RESOURCE_BYTES)).is_none());
+    }
 }

@@ -12,7 +12,10 @@
 //! Flow control follows xDS practice: one response per type is in flight on
 //! a stream until the client ACKs or NACKs it; changes arriving meanwhile are
 //! coalesced into the next response. A NACKed version is never resent; the
-//! next change produces a new one.
+//! next change produces a new one. A delta response carries at most
+//! [`DELTA_RESPONSE_BUDGET`] bytes of resources (always at least one); the
+//! rest follow once it is acknowledged, so many large resources never add
+//! up to a message the client cannot decode.
 //!
 //! # Layout
 //! - `resource`: encoded resources and response assembly from shared bytes.
@@ -44,6 +47,14 @@ use tokio::sync::Notify;
 
 pub use resource::Encoded;
 pub use server::{AdsService, StreamObserver};
+
+/// The most resource bytes one delta response carries, unless a single
+/// resource is larger (it then goes alone). A quarter of what a sidecar
+/// decodes in one message (`isdp_sidecar::xds::MAX_RESPONSE_BYTES`): a
+/// sidecar following many large upstreams gets them over several
+/// responses, each of which it can decode. State-of-the-world responses
+/// hold a stream's whole set by definition and cannot be split.
+pub const DELTA_RESPONSE_BUDGET: usize = 4 << 20;
 
 /// The resources the server holds, by type URL and name.
 #[derive(Clone)]

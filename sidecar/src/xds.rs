@@ -20,6 +20,13 @@ use tokio::task::JoinHandle;
 
 pub use state::{Endpoint, Resources, UpstreamState, apply, decode, held_versions};
 
+/// The largest xDS response the client decodes. The control plane keeps
+/// every delta response under it: a service's `ServiceEndpoints` resource
+/// is capped at half of it, and several resources share a response only up
+/// to a quarter. Finite, so one message never costs a sidecar more memory
+/// than this.
+pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
+
 /// What the client knows, published after every change.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {

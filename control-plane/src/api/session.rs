@@ -16,8 +16,8 @@ use tracing::Instrument as _;
 use super::{op_span, record_outcome, status};
 use crate::{
     auth::Principal,
-    registry::session::{Session, Sessions},
-    tokens::Tokens,
+    registry::session::{Opener, Session, Sessions},
+    tokens::{Role, Tokens},
 };
 
 pub struct SessionApi {
@@ -78,9 +78,8 @@ impl sidecar_server::Sidecar for SessionApi {
         )
         .await?;
         let (tx, rx) = mpsc::channel(4);
-        let registered = session_instances(&session, &self.sessions);
         tx.send(Ok(SessionResponse {
-            instances: registered,
+            instances: session.instances(),
         }))
         .await
         .map_err(|_| Status::cancelled("session: client went away"))?;
@@ -98,8 +97,9 @@ impl sidecar_server::Sidecar for SessionApi {
 }
 
 /// Opens (or reopens) a sidecar's session, in a span.
-/// A join principal may register only its own services: checked before
-/// anything is stored.
+/// A join principal may register only its own services (checked before
+/// anything is stored) and replaces only its own services' instances of
+/// the node ([`Opener`]).
 async fn open_session(
     sessions: &Sessions,
     principal: Option<&Principal>,
@@ -109,17 +109,8 @@ async fn open_session(
     let span = op_span("isdp.v1.Sidecar/Session.Open");
     span.record("isdp.node", node_id);
     if let Some(p) = principal {
-        // Reopening replaces the node's instances, so the ones it holds now
-        // must be in scope too, or a join token could wipe another node's.
-        let held: Vec<String> = sessions
-            .registry()
-            .owned_by(node_id)
-            .iter()
-            .map(|s| s.instance.service.clone())
-            .collect();
-        let services = instances.iter().map(|i| &i.service).chain(held.iter());
-        for service in services {
-            if let Err(e) = p.check_service("Sidecar/Session", service) {
+        for i in &instances {
+            if let Err(e) = p.check_service("Sidecar/Session", &i.service) {
                 let refused = Err(e);
                 record_outcome(&span, &refused);
                 return refused;
@@ -127,7 +118,7 @@ async fn open_session(
         }
     }
     let opened = sessions
-        .open(node_id, instances)
+        .open(node_id, instances, &opener(principal))
         .instrument(span.clone())
         .await
         .map_err(status);
@@ -135,15 +126,18 @@ async fn open_session(
     opened
 }
 
-fn session_instances(session: &Session, sessions: &Sessions) -> Vec<isdp_proto::v1::Instance> {
-    let mut list: Vec<_> = sessions
-        .registry()
-        .owned_by(session.node_id())
-        .iter()
-        .map(|s| s.instance.clone())
-        .collect();
-    list.sort_by(|a, b| a.id.cmp(&b.id));
-    list
+/// What a principal may do with a session: a join principal acts as its
+/// services only; operators (write, admin) as any. Sessions count against
+/// the token that vouches for the caller, so a certificate counts with the
+/// token it was issued under.
+fn opener(principal: Option<&Principal>) -> Opener {
+    let Some(p) = principal else {
+        return Opener::anyone();
+    };
+    Opener {
+        principal: Some(p.grant.clone().unwrap_or_else(|| p.id.clone())),
+        services: (p.role == Role::Join).then(|| p.services.clone()),
+    }
 }
 
 /// Serves one session until the sidecar closes it, the stream breaks
@@ -201,7 +195,7 @@ async fn run(
             {
                 Ok(s) => {
                     session = s;
-                    let instances = session_instances(&session, &sessions);
+                    let instances = session.instances();
                     if tx.send(Ok(SessionResponse { instances })).await.is_err() {
                         return;
                     }

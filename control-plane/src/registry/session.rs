@@ -16,9 +16,21 @@
 //! and does nothing. A replica does not start grace timers for sessions it
 //! finds at startup ([`Sessions::replica`]): those may be alive on another
 //! replica, and their leases clean them up if they are not.
+//!
+//! A session acts only as the principal that opened it ([`Opener`]). Its
+//! instances' ids are `<node_id>.<service>`
+//! ([`validate::session_instance_id`]; service names hold no '.'), so no
+//! session can hold an id another service's sidecar will use. Opening (or
+//! reopening) a node's session replaces only that node's instances of the
+//! services the opener may act as; health reports, the grace timer and the
+//! session's answer concern only the instances the session itself
+//! registered. Sidecars of different services may therefore share a node
+//! id (its default is the host name) without touching each other, and no
+//! join principal can block, replace or report for another service's
+//! instances, whichever connects first.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeSet, HashMap},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -31,7 +43,11 @@ use isdp_proto::v1::{HealthStatus, Instance};
 use prost::Message;
 use tokio::task::JoinHandle;
 
-use super::{Registry, RegistryError, SessionTimeouts, normalise, validate};
+use super::{
+    Registry, RegistryError, SessionTimeouts, Stored, normalise,
+    quota::{self, Exceeded, Quota},
+    validate,
+};
 use crate::store::{LeaseId, Txn};
 
 #[derive(Clone)]
@@ -42,10 +58,40 @@ pub struct Sessions {
 struct Shared {
     registry: Registry,
     timeouts: SessionTimeouts,
-    /// node id -> epoch of its newest session. A grace timer acts only if
-    /// no newer session for the node has opened since it started.
+    /// instance id -> epoch of the newest session that registered it. A
+    /// grace timer acts on an instance only if no newer session registered
+    /// it since it started.
     epochs: DashMap<String, u64>,
     next_epoch: AtomicU64,
+    /// principal -> sessions open on this replica, for
+    /// `--max-sessions-per-principal`.
+    open: DashMap<String, usize>,
+}
+
+/// Who opens a session: what it may register and replace, and whose
+/// session quota it counts against.
+#[derive(Clone, Debug, Default)]
+pub struct Opener {
+    /// The principal the session counts against: the token that vouches
+    /// for the caller, so a token and the certificates issued under it
+    /// share one count. `None` is not counted (no authentication).
+    pub principal: Option<String>,
+    /// The services it may act as; `None`: any (an operator's credential).
+    pub services: Option<Vec<String>>,
+}
+
+impl Opener {
+    /// Any service, counted against no one: callers that authenticate
+    /// nobody (unit tests).
+    pub fn anyone() -> Self {
+        Opener::default()
+    }
+
+    pub fn may_act_as(&self, service: &str) -> bool {
+        self.services
+            .as_ref()
+            .is_none_or(|own| own.iter().any(|s| s == service))
+    }
 }
 
 /// One sidecar's open session. Dropping it without [`Session::close`] means
@@ -53,10 +99,41 @@ struct Shared {
 pub struct Session {
     sessions: Sessions,
     node_id: String,
+    /// The instances this session registered, the only ones it answers for.
+    ids: BTreeSet<String>,
     epoch: u64,
     lease: LeaseId,
     keepalive: JoinHandle<()>,
     closed: bool,
+    /// Held while the session is open; `None` when not counted.
+    _slot: Option<Slot>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("node_id", &self.node_id)
+            .field("ids", &self.ids)
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One session counted against its principal's quota until dropped.
+struct Slot {
+    shared: Arc<Shared>,
+    principal: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let dashmap::Entry::Occupied(mut e) = self.shared.open.entry(self.principal.clone()) {
+            *e.get_mut() = e.get().saturating_sub(1);
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
 }
 
 // === impl Sessions ===
@@ -83,84 +160,82 @@ impl Sessions {
                 timeouts,
                 epochs: DashMap::new(),
                 next_epoch: AtomicU64::new(1),
+                open: DashMap::new(),
             }),
         };
         if !orphan_grace {
             return sessions;
         }
-        let orphans: HashSet<(String, Option<LeaseId>)> = sessions
-            .shared
-            .registry
-            .all()
-            .into_iter()
-            .filter(|s| !s.instance.node_id.is_empty())
-            .map(|s| (s.instance.node_id.clone(), s.lease))
-            .collect();
-        for (node, lease) in orphans {
-            sessions.start_grace(node, 0, lease);
+        let mut orphans: HashMap<(String, Option<LeaseId>), Vec<String>> = HashMap::new();
+        for s in sessions.shared.registry.all() {
+            if !s.instance.node_id.is_empty() {
+                orphans
+                    .entry((s.instance.node_id.clone(), s.lease))
+                    .or_default()
+                    .push(s.instance.id.clone());
+            }
+        }
+        for ((node, lease), ids) in orphans {
+            sessions.start_grace(node, ids, 0, lease);
         }
         sessions
     }
 
     /// Opens (or re-opens) the session of `node_id` with its instances,
-    /// replacing whatever the node had registered before.
+    /// replacing the node's instances of the services `opener` may act as.
     pub async fn open(
         &self,
         node_id: &str,
         instances: Vec<Instance>,
+        opener: &Opener,
     ) -> Result<Session, RegistryError> {
-        let mut errors = Vec::new();
-        if !validate::is_valid_id(node_id) {
-            errors.push(validate::FieldError {
-                field: "open.node_id".into(),
-                rule: "must be 1 to 128 characters of letters, digits, '.', '_', '-' or ':'".into(),
-            });
-        }
-        let mut ids = HashSet::new();
-        let mut prepared = Vec::with_capacity(instances.len());
-        for (n, mut i) in instances.into_iter().enumerate() {
-            if let Err(mut e) = validate::instance(&i, &format!("open.instances[{n}]")) {
-                errors.append(&mut e);
-                continue;
-            }
-            if i.id.is_empty() {
-                i.id = format!("{node_id}.{}", i.service);
-            }
-            normalise(&mut i);
-            i.node_id = node_id.to_owned();
-            if !ids.insert(i.id.clone()) {
-                errors.push(validate::FieldError {
-                    field: format!("open.instances[{n}].id"),
-                    rule: format!("duplicate id {:?}", i.id),
-                });
-            }
-            prepared.push(i);
-        }
-        if !errors.is_empty() {
-            return Err(RegistryError::Invalid(errors));
-        }
+        let prepared = prepare(node_id, instances)?;
         let registry = &self.shared.registry;
+        registry.quotas().check_session(prepared.len())?;
+        let ids: BTreeSet<String> = prepared.iter().map(|i| i.id.clone()).collect();
+        let mut replaced = Vec::new();
         for i in &prepared {
-            if let Some(cur) = registry.get(&i.id)
-                && cur.instance.node_id != node_id
-            {
+            if !opener.may_act_as(&i.service) {
                 return Err(RegistryError::PermissionDenied(format!(
-                    "instance {:?} belongs to {}; node {node_id:?} may not replace it",
-                    i.id,
-                    owner(&cur.instance)
+                    "node {node_id:?} may not register service {:?}: its credential acts as {}",
+                    i.service,
+                    opener.services.as_deref().unwrap_or_default().join(", ")
                 )));
             }
+            if let Some(cur) = registry.get(&i.id) {
+                if cur.instance.node_id != node_id {
+                    return Err(RegistryError::PermissionDenied(format!(
+                        "instance {:?} belongs to {}; node {node_id:?} may not replace it",
+                        i.id,
+                        owner(&cur.instance)
+                    )));
+                }
+                replaced.push(cur);
+            }
         }
+        // The node's instances this opener answers for and no longer
+        // registers; another service's on the same node are not its own.
+        let stale: Vec<Arc<Stored>> = registry
+            .owned_by(node_id)
+            .into_iter()
+            .filter(|s| opener.may_act_as(&s.instance.service) && !ids.contains(&s.instance.id))
+            .collect();
+        let write = quota::Write {
+            puts: prepared
+                .iter()
+                .enumerate()
+                .map(|(n, i)| (format!("open.instances[{n}]"), i))
+                .collect(),
+            removes: replaced.iter().chain(&stale).map(|s| &s.instance).collect(),
+        };
+        let reservation = registry.admit(&write)?;
+        let slot = self.take_slot(opener)?;
 
-        let epoch = self.shared.next_epoch.fetch_add(1, Ordering::Relaxed);
-        self.shared.epochs.insert(node_id.to_owned(), epoch);
         let store = registry.store().clone();
         let lease = store.grant_lease(self.shared.timeouts.timeout).await?;
         let mut txn = Txn::default();
-        for old in registry.owned_by(node_id) {
-            if !ids.contains(&old.instance.id) {
-                txn = txn.delete(registry.key(&old.instance.id));
-            }
+        for old in &stale {
+            txn = txn.delete(registry.key(&old.instance.id));
         }
         for i in &prepared {
             txn = txn.put(
@@ -169,8 +244,17 @@ impl Sessions {
                 Some(lease),
             );
         }
-        let out = store.txn(txn).await?;
-        registry.visible(out.revision).await;
+        // Nothing to write (a sidecar without local services): nothing to
+        // commit or wait for.
+        if !(stale.is_empty() && prepared.is_empty()) {
+            let out = store.txn(txn).await?;
+            registry.visible(out.revision).await;
+        }
+        drop(reservation);
+        let epoch = self.shared.next_epoch.fetch_add(1, Ordering::Relaxed);
+        for id in &ids {
+            self.shared.epochs.insert(id.clone(), epoch);
+        }
 
         let period = self.shared.timeouts.timeout / 3;
         let keepalive = tokio::spawn(async move {
@@ -190,10 +274,12 @@ impl Sessions {
         Ok(Session {
             sessions: self.clone(),
             node_id: node_id.to_owned(),
+            ids,
             epoch,
             lease,
             keepalive,
             closed: false,
+            _slot: slot,
         })
     }
 
@@ -201,32 +287,110 @@ impl Sessions {
         &self.shared.registry
     }
 
-    /// After the grace period, marks unhealthy the node's instances still
-    /// on `lease`, unless the node opened a newer session here meanwhile.
-    /// Instances re-put under another lease belong to a newer session
-    /// (possibly on another replica) and are left alone.
-    fn start_grace(&self, node_id: String, epoch: u64, lease: Option<LeaseId>) {
+    /// Counts a session against its principal's quota.
+    fn take_slot(&self, opener: &Opener) -> Result<Option<Slot>, RegistryError> {
+        let Some(principal) = &opener.principal else {
+            return Ok(None);
+        };
+        let limit = self.shared.registry.quotas().sessions_per_principal;
+        let mut open = self.shared.open.entry(principal.clone()).or_insert(0);
+        if *open >= limit {
+            return Err(Exceeded {
+                quota: Quota::SessionsPerPrincipal,
+                limit,
+                what: format!(
+                    "principal {principal} already has {} sessions open on this control plane",
+                    *open
+                ),
+            }
+            .into());
+        }
+        *open += 1;
+        Ok(Some(Slot {
+            shared: self.shared.clone(),
+            principal: principal.clone(),
+        }))
+    }
+
+    /// After the grace period, marks unhealthy the instances `ids` of
+    /// `node_id` still on `lease`, unless a newer session registered them
+    /// meanwhile. Instances re-put under another lease belong to a newer
+    /// session (possibly on another replica) and are left alone.
+    fn start_grace(&self, node_id: String, ids: Vec<String>, epoch: u64, lease: Option<LeaseId>) {
         let shared = self.shared.clone();
         tokio::spawn(async move {
             tokio::time::sleep(shared.timeouts.grace).await;
-            let current = shared.epochs.get(&node_id).map(|e| *e);
-            if current.unwrap_or(0) != epoch {
+            let current = |id: &String| shared.epochs.get(id).map(|e| *e).unwrap_or(0);
+            let left: Vec<String> = ids.into_iter().filter(|id| current(id) == epoch).collect();
+            if left.is_empty() {
                 return; // the sidecar came back
             }
             tracing::warn!(node = %node_id, grace = ?shared.timeouts.grace, "sidecar gone past its grace period; marking its instances unhealthy");
-            for s in shared.registry.owned_by(&node_id) {
-                if s.lease != lease {
+            for id in left {
+                let Some(s) = shared.registry.get(&id) else {
+                    continue;
+                };
+                if s.lease != lease || s.instance.node_id != node_id {
                     continue;
                 }
                 if let Err(e) = shared
                     .registry
-                    .set_status(&s.instance.id, HealthStatus::Unhealthy)
+                    .set_status(&id, HealthStatus::Unhealthy)
                     .await
                 {
-                    tracing::warn!(id = %s.instance.id, error = %e, "marking instance unhealthy");
+                    tracing::warn!(%id, error = %e, "marking instance unhealthy");
                 }
             }
         });
+    }
+}
+
+/// Validates a session's instances and gives each its id and node.
+fn prepare(node_id: &str, instances: Vec<Instance>) -> Result<Vec<Instance>, RegistryError> {
+    let mut errors = Vec::new();
+    let node_ok = validate::is_valid_id(node_id);
+    if !node_ok {
+        errors.push(validate::FieldError {
+            field: "open.node_id".into(),
+            rule: "must be 1 to 128 characters of letters, digits, '.', '_', '-' or ':'".into(),
+        });
+    }
+    let mut services = BTreeSet::new();
+    let mut prepared = Vec::with_capacity(instances.len());
+    for (n, mut i) in instances.into_iter().enumerate() {
+        let field = format!("open.instances[{n}]");
+        let mut problems = validate::instance(&i, &field).err().unwrap_or_default();
+        if node_ok {
+            // One problem per field, the session's rule (stricter) first.
+            let stricter = validate::session_instance(&i, node_id, &field)
+                .err()
+                .unwrap_or_default();
+            problems.retain(|p| !stricter.iter().any(|e| e.field == p.field));
+            problems.extend(stricter);
+        }
+        if !problems.is_empty() {
+            errors.append(&mut problems);
+            continue;
+        }
+        if !services.insert(i.service.clone()) {
+            errors.push(validate::FieldError {
+                field: format!("{field}.service"),
+                rule: format!(
+                    "{:?} appears twice: a session registers each service once",
+                    i.service
+                ),
+            });
+            continue;
+        }
+        i.id = validate::session_instance_id(node_id, &i.service);
+        normalise(&mut i);
+        i.node_id = node_id.to_owned();
+        prepared.push(i);
+    }
+    if errors.is_empty() {
+        Ok(prepared)
+    } else {
+        Err(RegistryError::Invalid(errors))
     }
 }
 
@@ -245,20 +409,33 @@ impl Session {
         &self.node_id
     }
 
-    /// Records a health transition seen by the sidecar's probes.
+    /// The instances this session registered, as stored now, by id.
+    pub fn instances(&self) -> Vec<Instance> {
+        let registry = &self.sessions.shared.registry;
+        self.ids
+            .iter()
+            .filter_map(|id| registry.get(id))
+            .filter(|s| s.instance.node_id == self.node_id)
+            .map(|s| s.instance.clone())
+            .collect()
+    }
+
+    /// Records a health transition seen by the sidecar's probes, for one
+    /// of the instances this session registered.
     pub async fn report(
         &self,
         instance_id: &str,
         status: HealthStatus,
     ) -> Result<(), RegistryError> {
         let registry = &self.sessions.shared.registry;
-        match registry.get(instance_id) {
+        let current = registry.get(instance_id);
+        match current {
             None => Err(RegistryError::NotFound(instance_id.to_owned())),
-            Some(s) if s.instance.node_id != self.node_id => {
+            Some(s) if !self.ids.contains(instance_id) || s.instance.node_id != self.node_id => {
                 Err(RegistryError::PermissionDenied(format!(
-                    "instance {instance_id:?} belongs to {}, not node {:?}",
-                    owner(&s.instance),
-                    self.node_id
+                    "instance {instance_id:?} was not registered by this session of node {:?} (it belongs to {})",
+                    self.node_id,
+                    owner(&s.instance)
                 )))
             }
             Some(_) => registry.set_status(instance_id, status).await,
@@ -271,9 +448,19 @@ impl Session {
         self.keepalive.abort();
         let registry = self.sessions.shared.registry.clone();
         registry.store().revoke(self.lease).await?;
-        // The revoke's deletes are visible once the store's revision is.
-        let rev = registry.current_revision().await?;
-        registry.visible(rev).await;
+        // The revoke's deletes are visible once the store's revision is
+        // (reached through the watch's progress if the latest write was
+        // elsewhere); without instances there is nothing to wait for.
+        if !self.ids.is_empty() {
+            let rev = registry.current_revision().await?;
+            registry.visible(rev).await;
+        }
+        for id in &self.ids {
+            self.sessions
+                .shared
+                .epochs
+                .remove_if(id, |_, e| *e == self.epoch);
+        }
         tracing::info!(node = %self.node_id, "sidecar session closed; instances deregistered");
         Ok(())
     }
@@ -284,8 +471,12 @@ impl Drop for Session {
         self.keepalive.abort();
         if !self.closed {
             tracing::info!(node = %self.node_id, "sidecar stream gone; grace period started");
-            self.sessions
-                .start_grace(self.node_id.clone(), self.epoch, Some(self.lease));
+            self.sessions.start_grace(
+                self.node_id.clone(),
+                self.ids.iter().cloned().collect(),
+                self.epoch,
+                Some(self.lease),
+            );
         }
     }
 }

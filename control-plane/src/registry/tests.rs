@@ -4,7 +4,11 @@ use futures::StreamExt;
 use isdp_proto::v1::{HealthStatus, Instance};
 use tokio::sync::watch;
 
-use super::{Change, Registry, RegistryError, SessionTimeouts, session::Sessions};
+use super::{
+    Change, Quotas, Registry, RegistryError, SessionTimeouts,
+    quota::Quota,
+    session::{Opener, Sessions},
+};
 use crate::store::{Store, StoreError, Txn, embedded::EmbeddedStore};
 
 fn inst(service: &str, id: &str, port: u32) -> Instance {
@@ -17,7 +21,19 @@ fn inst(service: &str, id: &str, port: u32) -> Instance {
     }
 }
 
+/// An instance as a sidecar registers it: reached through its inbound port.
+fn sidecar(service: &str, port: u32) -> Instance {
+    Instance {
+        inbound_port: 15006,
+        ..inst(service, "", port)
+    }
+}
+
 async fn registry(dir: &std::path::Path) -> (Registry, watch::Sender<bool>) {
+    registry_with(dir, Quotas::default()).await
+}
+
+async fn registry_with(dir: &std::path::Path, quotas: Quotas) -> (Registry, watch::Sender<bool>) {
     let (tx, rx) = watch::channel(false);
     // A registry dropped just before still holds the file until its tasks
     // have seen the shutdown and let go of the store.
@@ -33,12 +49,25 @@ async fn registry(dir: &std::path::Path) -> (Registry, watch::Sender<bool>) {
         }
     };
     (
-        Registry::start(Arc::new(store), "/isdp/", rx)
+        Registry::start_with(Arc::new(store), "/isdp/", quotas, rx)
             .await
             .unwrap(),
         tx,
     )
 }
+
+/// A join principal for `services`, counted as `token`.
+fn join(token: &str, services: &[&str]) -> Opener {
+    Opener {
+        principal: Some(token.into()),
+        services: Some(services.iter().map(|s| s.to_string()).collect()),
+    }
+}
+
+const TIMEOUTS: SessionTimeouts = SessionTimeouts {
+    grace: Duration::from_millis(200),
+    timeout: Duration::from_millis(800),
+};
 
 #[tokio::test]
 async fn register_is_visible_at_once_and_survives_restart() {
@@ -97,16 +126,22 @@ async fn sessions_own_their_instances() {
         timeout: Duration::from_millis(800),
     };
     let sessions = Sessions::new(r.clone(), timeouts);
+    let anyone = Opener::anyone();
     r.register(inst("ops", "ops-1", 80)).await.unwrap();
+    r.register(inst("ops", "node-a.ops", 80)).await.unwrap();
 
-    // A session may not take over an operator's instance.
+    // A session may not take over an operator's instance, even one whose
+    // id is the session's own form.
     let taken = sessions
-        .open("node-a", vec![inst("ops", "ops-1", 80)])
+        .open("node-a", vec![sidecar("ops", 80)], &anyone)
         .await;
-    assert!(matches!(taken, Err(RegistryError::PermissionDenied(_))));
+    assert!(
+        matches!(taken, Err(RegistryError::PermissionDenied(_))),
+        "{taken:?}"
+    );
 
     let s = sessions
-        .open("node-a", vec![inst("web", "", 8080)])
+        .open("node-a", vec![sidecar("web", 8080)], &anyone)
         .await
         .unwrap();
     assert_eq!(r.get("node-a.web").unwrap().instance.node_id, "node-a");
@@ -123,7 +158,7 @@ async fn sessions_own_their_instances() {
 
     // A broken stream: unhealthy after the grace period, gone after the timeout.
     let s = sessions
-        .open("node-b", vec![inst("web", "", 8081)])
+        .open("node-b", vec![sidecar("web", 8081)], &anyone)
         .await
         .unwrap();
     s.report("node-b.web", HealthStatus::Healthy).await.unwrap();
@@ -138,7 +173,7 @@ async fn sessions_own_their_instances() {
 
     // Reconnecting inside the grace period keeps the instance healthy.
     let s = sessions
-        .open("node-c", vec![inst("web", "", 8082)])
+        .open("node-c", vec![sidecar("web", 8082)], &anyone)
         .await
         .unwrap();
     s.report("node-c.web", HealthStatus::Healthy).await.unwrap();
@@ -148,8 +183,9 @@ async fn sessions_own_their_instances() {
             "node-c",
             vec![Instance {
                 status: HealthStatus::Healthy as i32,
-                ..inst("web", "", 8082)
+                ..sidecar("web", 8082)
             }],
+            &anyone,
         )
         .await
         .unwrap();
@@ -262,12 +298,24 @@ async fn a_session_reopened_on_another_replica_survives_the_old_ones_timers() {
     );
     let healthy = || Instance {
         status: HealthStatus::Healthy as i32,
-        ..inst("web", "", 8080)
+        ..sidecar("web", 8080)
     };
-    let on_a = a.open("node-x", vec![healthy()]).await.unwrap();
+    // The sidecar joined with its token on A and reconnects to B on its
+    // certificate: another principal of the same service.
+    let on_a = a
+        .open("node-x", vec![healthy()], &join("token-1", &["web"]))
+        .await
+        .unwrap();
     let old_lease = ra.get("node-x.web").unwrap().lease;
     drop(on_a); // the stream to A broke
-    let on_b = b.open("node-x", vec![healthy()]).await.unwrap();
+    let on_b = b
+        .open(
+            "node-x",
+            vec![healthy()],
+            &join("spiffe://isdp.local/svc/web", &["web"]),
+        )
+        .await
+        .unwrap();
     let moved = rb.get("node-x.web").unwrap();
     assert_ne!(moved.lease, old_lease, "re-put under B's lease");
     // Past A's grace period and its lease's expiry.
@@ -277,6 +325,216 @@ async fn a_session_reopened_on_another_replica_survives_the_old_ones_timers() {
         assert_eq!(s.instance.status, HealthStatus::Healthy as i32);
     }
     drop(on_b);
+}
+
+fn status(r: &Registry, id: &str) -> Option<i32> {
+    r.get(id).map(|s| s.instance.status)
+}
+
+/// A join principal's session never touches another service's instances,
+/// whichever sidecar took the node id first.
+#[tokio::test]
+async fn a_join_principal_acts_only_as_its_services() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _stop) = registry(dir.path()).await;
+    let sessions = Sessions::new(r.clone(), TIMEOUTS);
+    let (web, pay) = (join("tw", &["web"]), join("tp", &["payments"]));
+
+    // web squats node-b before the payments sidecar connects.
+    let squat = sessions
+        .open("node-b", vec![sidecar("web", 8080)], &web)
+        .await
+        .unwrap();
+    let victim = sessions
+        .open("node-b", vec![sidecar("payments", 9090)], &pay)
+        .await
+        .expect("another service's session on the same node id");
+    victim
+        .report("node-b.payments", HealthStatus::Healthy)
+        .await
+        .unwrap();
+    assert_eq!(
+        victim
+            .instances()
+            .iter()
+            .map(|i| i.id.as_str())
+            .collect::<Vec<_>>(),
+        ["node-b.payments"],
+        "a session answers with its own instances only"
+    );
+
+    // web can neither report for payments' instance ...
+    let refused = squat
+        .report("node-b.payments", HealthStatus::Unhealthy)
+        .await;
+    assert!(
+        matches!(&refused, Err(RegistryError::PermissionDenied(m)) if m.contains("not registered by this session")),
+        "{refused:?}"
+    );
+    // ... nor register its id, nor its service ...
+    let squatted = Instance {
+        id: "node-b.payments".into(),
+        ..sidecar("web", 8080)
+    };
+    let refused = sessions.open("node-b", vec![squatted], &web).await;
+    assert!(
+        matches!(&refused, Err(RegistryError::Invalid(e)) if e[0].field == "open.instances[0].id"),
+        "{refused:?}"
+    );
+    let refused = sessions
+        .open("node-b", vec![sidecar("payments", 9090)], &web)
+        .await;
+    assert!(
+        matches!(refused, Err(RegistryError::PermissionDenied(_))),
+        "{refused:?}"
+    );
+    // ... and reopening the node (with nothing) replaces only web's own.
+    let emptied = sessions.open("node-b", vec![], &web).await.unwrap();
+    assert!(
+        r.get("node-b.web").is_none(),
+        "web's own stale instance goes"
+    );
+    assert_eq!(
+        status(&r, "node-b.payments"),
+        Some(HealthStatus::Healthy as i32)
+    );
+    emptied.close().await.unwrap();
+
+    // web's session breaking: its grace timer leaves payments alone.
+    let again = sessions
+        .open("node-b", vec![sidecar("web", 8080)], &web)
+        .await
+        .unwrap();
+    drop(squat);
+    drop(again);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(
+        status(&r, "node-b.web"),
+        Some(HealthStatus::Unhealthy as i32)
+    );
+    assert_eq!(
+        status(&r, "node-b.payments"),
+        Some(HealthStatus::Healthy as i32),
+        "another service's grace timer marked payments"
+    );
+    // And payments' clean close removes only its own.
+    victim.close().await.unwrap();
+    assert!(r.get("node-b.payments").is_none());
+    assert!(r.get("node-b.web").is_some());
+}
+
+#[tokio::test]
+async fn session_instances_are_reached_through_their_sidecar() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _stop) = registry(dir.path()).await;
+    let sessions = Sessions::new(r.clone(), TIMEOUTS);
+    for port in [0, 65536] {
+        let plaintext = Instance {
+            inbound_port: port,
+            ..sidecar("web", 8080)
+        };
+        let refused = sessions
+            .open(
+                "node-a",
+                vec![sidecar("db", 5432), plaintext],
+                &Opener::anyone(),
+            )
+            .await;
+        match refused {
+            Err(RegistryError::Invalid(e)) => {
+                assert_eq!(e.len(), 1, "{e:?}");
+                assert_eq!(e[0].field, "open.instances[1].inbound_port");
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+    assert!(r.is_empty(), "a refused open stores nothing");
+    // An operator may register a sidecar-less (plaintext) endpoint.
+    r.register(inst("legacy", "legacy-1", 8080)).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_operator_registration_does_not_take_over_a_session_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _stop) = registry(dir.path()).await;
+    let sessions = Sessions::new(r.clone(), TIMEOUTS);
+    let s = sessions
+        .open("node-a", vec![sidecar("web", 8080)], &Opener::anyone())
+        .await
+        .unwrap();
+    let refused = r.register(inst("web", "node-a.web", 9999)).await;
+    assert!(
+        matches!(&refused, Err(RegistryError::OwnedBySession(m)) if m.contains("node-a")),
+        "{refused:?}"
+    );
+    let kept = r.get("node-a.web").unwrap();
+    assert_eq!(kept.instance.node_id, "node-a");
+    assert_eq!(kept.instance.port, 8080);
+    // Deregistering first makes it the operator's.
+    r.deregister("node-a.web").await.unwrap();
+    r.register(inst("web", "node-a.web", 9999)).await.unwrap();
+    assert_eq!(r.get("node-a.web").unwrap().instance.node_id, "");
+    drop(s);
+}
+
+#[tokio::test]
+async fn quotas_refuse_growth_naming_the_limit_and_store_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let quotas = Quotas {
+        instances_per_service: 2,
+        instances_per_session: 1,
+        sessions_per_principal: 1,
+        ..Quotas::default()
+    };
+    let (r, _stop) = registry_with(dir.path(), quotas).await;
+    fn quota<T>(e: Result<T, RegistryError>) -> (Quota, String) {
+        match e {
+            Err(RegistryError::Quota(q)) => (q.quota, q.to_string()),
+            Err(other) => panic!("expected a quota error, got {other:?}"),
+            Ok(_) => panic!("expected a quota error, got Ok"),
+        }
+    }
+
+    r.register(inst("web", "web-1", 80)).await.unwrap();
+    r.register(inst("web", "web-2", 80)).await.unwrap();
+    let (q, msg) = quota(r.register(inst("web", "web-3", 80)).await);
+    assert_eq!(q, Quota::InstancesPerService);
+    assert!(msg.contains("--max-instances-per-service (2)"), "{msg}");
+    assert!(r.get("web-3").is_none());
+    // Replacing one is no growth.
+    r.register(inst("web", "web-2", 81)).await.unwrap();
+
+    let sessions = Sessions::new(r.clone(), TIMEOUTS);
+    let t = join("t", &["web", "db"]);
+    let (q, _) = quota(
+        sessions
+            .open("node-a", vec![sidecar("db", 1), sidecar("web", 2)], &t)
+            .await,
+    );
+    assert_eq!(q, Quota::InstancesPerSession);
+    let (q, _) = quota(sessions.open("node-a", vec![sidecar("web", 2)], &t).await);
+    assert_eq!(q, Quota::InstancesPerService, "sessions count too");
+    assert!(r.get("node-a.web").is_none());
+
+    let first = sessions
+        .open("node-a", vec![sidecar("db", 1)], &t)
+        .await
+        .unwrap();
+    let (q, msg) = quota(sessions.open("node-b", vec![sidecar("db", 1)], &t).await);
+    assert_eq!(q, Quota::SessionsPerPrincipal);
+    assert!(msg.contains("--max-sessions-per-principal (1)"), "{msg}");
+    assert!(r.get("node-b.db").is_none());
+    // Another principal has its own count; the first's frees on close.
+    let other = sessions
+        .open("node-c", vec![sidecar("db", 1)], &join("u", &["db"]))
+        .await
+        .unwrap();
+    first.close().await.unwrap();
+    let second = sessions
+        .open("node-b", vec![sidecar("db", 1)], &t)
+        .await
+        .unwrap();
+    drop((other, second));
 }
 
 /// A write under another prefix (an authorization rule, a token, the CA)
@@ -304,9 +562,12 @@ async fn sessions_open_and_close_after_writes_outside_the_registry() {
 
     // A client-only sidecar: a session with no instances.
     elsewhere("/isdp/authz/rules/payments/allow-web").await;
-    let empty = within("opening an empty session", sessions.open("web-1", vec![]))
-        .await
-        .unwrap();
+    let empty = within(
+        "opening an empty session",
+        sessions.open("web-1", vec![], &Opener::anyone()),
+    )
+    .await
+    .unwrap();
     elsewhere("/isdp/tokens/abc").await;
     within("closing an empty session", empty.close())
         .await
@@ -315,7 +576,7 @@ async fn sessions_open_and_close_after_writes_outside_the_registry() {
     // A session with an instance, closed after another outside write.
     let session = within(
         "opening a session",
-        sessions.open("pay-1", vec![inst("pay", "", 80)]),
+        sessions.open("pay-1", vec![sidecar("pay", 80)], &Opener::anyone()),
     )
     .await
     .unwrap();

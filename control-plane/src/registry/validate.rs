@@ -110,6 +110,9 @@ pub fn instance(i: &Instance, prefix: &str) -> Result<(), Vec<FieldError>> {
     if !(1..=65535).contains(&i.port) {
         e.push("port", format!("must be 1..=65535, got {}", i.port));
     }
+    // 0 means the instance has no sidecar (reached in plaintext at
+    // address:port); only operators may register such instances, which
+    // [`session_instance`] enforces for sessions.
     if i.inbound_port > 65535 {
         e.push(
             "inbound_port",
@@ -187,6 +190,55 @@ fn check(c: &HealthCheck, e: &mut Errors<'_>) {
             );
         }
     }
+}
+
+/// The id of a sidecar session's instance of `service`: `<node_id>.<service>`.
+/// Service names hold no '.', so the id names its node and its service
+/// unambiguously: a session can never hold an id that another service's
+/// sidecar will use.
+pub fn session_instance_id(node_id: &str, service: &str) -> String {
+    format!("{node_id}.{service}")
+}
+
+/// What an instance registered through a sidecar session must meet on top
+/// of [`instance`]: its id is [`session_instance_id`] (an empty id means
+/// that one), and it is reached through its sidecar, so `inbound_port` is
+/// required. Plaintext endpoints without a sidecar are for operators, who
+/// register them through `isdp.v1.Registry/Register`.
+pub fn session_instance(i: &Instance, node_id: &str, prefix: &str) -> Result<(), Vec<FieldError>> {
+    let mut e = Errors {
+        prefix,
+        out: Vec::new(),
+    };
+    let expected = session_instance_id(node_id, &i.service);
+    if !i.id.is_empty() && i.id != expected {
+        e.push(
+            "id",
+            format!(
+                "must be {:?} (<node_id>.<service>) or empty, got {:?}",
+                truncate(&expected),
+                truncate(&i.id)
+            ),
+        );
+    } else if !is_valid_id(&expected) && is_dns_label(&i.service) && is_valid_id(node_id) {
+        e.push(
+            "id",
+            format!(
+                "<node_id>.<service> must be at most {MAX_ID_LEN} characters, got {}: shorten node_id",
+                expected.len()
+            ),
+        );
+    }
+    if !(1..=65535).contains(&i.inbound_port) {
+        e.push(
+            "inbound_port",
+            format!(
+                "must be 1..=65535 (the port of the sidecar's inbound listener, which carries the instance's mesh traffic over mTLS), got {}",
+                i.inbound_port
+            ),
+        );
+    }
+    if e.out.is_empty() { Ok(()) } else { Err(e.out) }
 }
 
 /// Interval and timeout default to one second.
@@ -304,6 +356,76 @@ mod tests {
                 "instance.check.rise"
             ]
         );
+    }
+
+    #[test]
+    fn session_instances_have_derived_ids_and_a_sidecar() {
+        let of = |i: &Instance| -> Vec<String> {
+            session_instance(i, "node-b", "open.instances[0]")
+                .err()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|e| e.to_string())
+                .collect()
+        };
+        let ok = Instance {
+            inbound_port: 15006,
+            ..good()
+        };
+        assert_eq!(of(&ok), Vec::<String>::new(), "an empty id is derived");
+        let named = Instance {
+            id: "node-b.payments".into(),
+            ..ok.clone()
+        };
+        assert_eq!(of(&named), Vec::<String>::new(), "the derived id itself");
+        // Another service's id, another node's, or a free-form one.
+        for id in [
+            "node-b.web",
+            "node-a.payments",
+            "payments-1",
+            "node-b.payments.x",
+        ] {
+            let i = Instance {
+                id: id.into(),
+                ..ok.clone()
+            };
+            let errs = of(&i);
+            assert_eq!(errs.len(), 1, "{id}: {errs:?}");
+            assert!(
+                errs[0].starts_with("open.instances[0].id: must be \"node-b.payments\""),
+                "{id}: {errs:?}"
+            );
+        }
+        // No sidecar, or a port out of range.
+        for port in [0, 65536, u32::MAX] {
+            let i = Instance {
+                inbound_port: port,
+                ..ok.clone()
+            };
+            let errs = of(&i);
+            assert_eq!(errs.len(), 1, "{port}: {errs:?}");
+            assert!(
+                errs[0].starts_with("open.instances[0].inbound_port: must be 1..=65535"),
+                "{errs:?}"
+            );
+        }
+        // A node id that makes the derived id too long.
+        let long = "n".repeat(MAX_ID_LEN);
+        let errs: Vec<_> = session_instance(&ok, &long, "open.instances[0]")
+            .unwrap_err()
+            .into_iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errs[0].contains("shorten node_id"), "{errs:?}");
+    }
+
+    #[test]
+    fn operators_may_register_sidecar_less_instances() {
+        let mut i = good();
+        i.inbound_port = 0;
+        assert_eq!(instance(&i, "instance"), Ok(()));
+        i.inbound_port = 65536;
+        assert_eq!(fields(&i), ["instance.inbound_port"]);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use isdp_proto::v1::{HealthStatus, Instance};
 use prost::Message;
 use tokio::sync::{broadcast, watch};
 
-use super::{Change, RegistryError};
+use super::{Change, RegistryError, quota::Footprint};
 use crate::store::{
     Event, KeyValue, LeaseId, Revision, Store, StoreError, WatchBatch, WatchStream, progress,
 };
@@ -27,6 +27,8 @@ pub struct Stored {
     pub instance: Instance,
     pub mod_revision: Revision,
     pub lease: Option<LeaseId>,
+    /// What it weighs against its service's quotas.
+    pub footprint: Footprint,
 }
 
 #[derive(Clone)]
@@ -38,6 +40,8 @@ struct Inner {
     instances: DashMap<String, Arc<Stored>>,
     /// service -> ids; the index behind per-service reads.
     services: DashMap<String, BTreeSet<String>>,
+    /// service -> the sum of its instances' footprints, for quotas.
+    totals: DashMap<String, Footprint>,
 }
 
 impl View {
@@ -51,6 +55,7 @@ impl View {
             inner: Arc::new(Inner {
                 instances: DashMap::new(),
                 services: DashMap::new(),
+                totals: DashMap::new(),
             }),
         };
         let prefix = format!("{prefix}instances/");
@@ -141,7 +146,16 @@ impl View {
     fn upsert(&self, s: Stored) -> Option<String> {
         let id = s.instance.id.clone();
         let service = s.instance.service.clone();
+        let footprint = s.footprint;
         let old = self.inner.instances.insert(id.clone(), Arc::new(s));
+        if let Some(o) = &old {
+            self.uncount(&o.instance.service, o.footprint);
+        }
+        self.inner
+            .totals
+            .entry(service.clone())
+            .or_default()
+            .add(footprint);
         let moved = old
             .map(|o| o.instance.service.clone())
             .filter(|o| *o != service);
@@ -155,7 +169,26 @@ impl View {
     fn remove(&self, id: &str) -> Option<String> {
         let (_, old) = self.inner.instances.remove(id)?;
         self.unindex(&old.instance.service, id);
+        self.uncount(&old.instance.service, old.footprint);
         Some(old.instance.service.clone())
+    }
+
+    fn uncount(&self, service: &str, footprint: Footprint) {
+        if let dashmap::Entry::Occupied(mut e) = self.inner.totals.entry(service.to_owned()) {
+            e.get_mut().sub(footprint);
+            if e.get().instances == 0 {
+                e.remove();
+            }
+        }
+    }
+
+    /// What the instances of `service` weigh against its quotas.
+    pub(super) fn totals(&self, service: &str) -> Footprint {
+        self.inner
+            .totals
+            .get(service)
+            .map(|t| *t)
+            .unwrap_or_default()
     }
 
     fn unindex(&self, service: &str, id: &str) {
@@ -322,6 +355,7 @@ async fn pause(retry: &mut Duration, shutdown: &mut watch::Receiver<bool>) -> bo
 fn decode(kv: &KeyValue) -> Option<Stored> {
     match Instance::decode(kv.value.as_ref()) {
         Ok(instance) => Some(Stored {
+            footprint: Footprint::of(&instance),
             instance,
             mod_revision: kv.mod_revision,
             lease: kv.lease,

@@ -22,6 +22,8 @@ pub(super) struct DeltaStream {
     scope: Scope,
     subs: Subscriptions,
     types: HashMap<Arc<str>, TypeState>,
+    /// Resource bytes per response ([`super::DELTA_RESPONSE_BUDGET`]).
+    budget: usize,
 }
 
 struct TypeState {
@@ -52,7 +54,16 @@ impl DeltaStream {
             subs: Subscriptions::new(cache.clone()),
             cache,
             types: HashMap::new(),
+            budget: super::DELTA_RESPONSE_BUDGET,
         }
+    }
+
+    /// A stream whose responses carry at most `budget` resource bytes
+    /// (tests).
+    #[cfg(test)]
+    pub(super) fn with_budget(mut self, budget: usize) -> Self {
+        self.budget = budget;
+        self
     }
 
     pub(super) fn wake(&self) -> &Arc<super::Wake> {
@@ -165,15 +176,18 @@ impl DeltaStream {
     }
 
     fn flush_type(&mut self, type_url: &Arc<str>, out: &mut Vec<StreamEvent>) {
+        let budget = self.budget;
         let Some(st) = self.types.get_mut(type_url) else {
             return;
         };
         if st.pending.is_some() || st.dirty.is_empty() {
             return;
         }
-        let mut resources = Vec::new();
+        let mut resources: Vec<Arc<super::Encoded>> = Vec::new();
         let mut removed = Vec::new();
-        for name in std::mem::take(&mut st.dirty) {
+        let mut size = 0;
+        let mut dirty = std::mem::take(&mut st.dirty).into_iter();
+        while let Some(name) = dirty.next() {
             let explicit = st.names.contains(&name);
             if !explicit && !st.wildcard {
                 continue;
@@ -185,7 +199,14 @@ impl DeltaStream {
                 .filter(|_| self.scope.allows(type_url, &name));
             match visible {
                 Some(r) if known == Some(&r.version) => {}
+                // Full: this one and the rest wait for the next response,
+                // sent once this one is acknowledged.
+                Some(r) if !resources.is_empty() && size + r.delta.len() > budget => {
+                    st.dirty.insert(name);
+                    st.dirty.extend(dirty.by_ref());
+                }
                 Some(r) => {
+                    size += r.delta.len();
                     st.known.insert(name, r.version.clone());
                     resources.push(r);
                 }
@@ -199,6 +220,7 @@ impl DeltaStream {
                     } else {
                         st.known.remove(&name);
                     }
+                    size += name.len();
                     removed.push(name);
                 }
             }

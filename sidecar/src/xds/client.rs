@@ -117,7 +117,8 @@ impl Client {
             _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
             channel = self.dialer.connect(url) => channel?,
         };
-        let mut client = AggregatedDiscoveryServiceClient::new(channel);
+        let mut client = AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(super::MAX_RESPONSE_BYTES);
         let (requests, rx) = mpsc::channel(16);
         // Queued before the call so a server that waits for the first
         // request before answering with headers does not deadlock us.
