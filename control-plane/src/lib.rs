@@ -307,14 +307,17 @@ impl Server {
         ]);
         let ca_follow = ca.follow(shutdown.clone());
         let tokens_follow = tokens.follow(shutdown.clone());
+        let (published_tx, published) = watch::channel(ca.roots());
         let bundle_task = tokio::spawn(publish_bundle(
             ca.clone(),
             cache.clone(),
             config.data_dir.clone(),
+            published_tx,
             shutdown.clone(),
         ));
         let (tls_config, tls_task) = tls::follow_roots(
             ca.clone(),
+            published,
             tls::server_names(grpc_addr, &config.tls_san),
             shutdown.clone(),
         )?;
@@ -417,11 +420,14 @@ fn write_bundle(data_dir: &std::path::Path, pem: &str) {
 }
 
 /// Puts the trust bundle into the xDS cache and `ca.pem` whenever the roots
-/// change.
+/// change, then passes the roots on to `published` (the TLS listener), so
+/// the control plane presents a certificate from a new root only once both
+/// trust it.
 async fn publish_bundle(
     ca: Ca,
     cache: xds::Cache,
     data_dir: std::path::PathBuf,
+    published: watch::Sender<Arc<ca::Roots>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut roots = ca.subscribe();
@@ -434,6 +440,11 @@ async fn publish_bundle(
             bytes::Bytes::from(bundle.encode_to_vec()),
         );
         write_bundle(&data_dir, &current.bundle_pem());
+        published.send_if_modified(|p| {
+            let new = !Arc::ptr_eq(p, &current);
+            *p = current.clone();
+            new
+        });
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
             changed = roots.changed() => if changed.is_err() { return },

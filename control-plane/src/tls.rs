@@ -151,13 +151,17 @@ pub fn server_config(ca: &Ca, roots: &Roots, names: &[String]) -> Result<ServerC
     Ok(config)
 }
 
-/// Keeps a server config current: rebuilt whenever the roots change.
+/// Keeps a server config current: rebuilt whenever `roots` change. Give it
+/// the roots as published (`ca.pem` and the xDS trust bundle already
+/// trusting them), not as the CA holds them: a client that reads `ca.pem`
+/// after a rotation must never meet a certificate from a root the file
+/// does not have yet.
 pub fn follow_roots(
     ca: Ca,
+    mut roots: watch::Receiver<Arc<crate::ca::Roots>>,
     names: Vec<String>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(watch::Receiver<Arc<ServerConfig>>, JoinHandle<()>), TlsError> {
-    let mut roots = ca.subscribe();
     let first = server_config(&ca, &roots.borrow_and_update(), &names)?;
     let (tx, rx) = watch::channel(Arc::new(first));
     let task = tokio::spawn(async move {
