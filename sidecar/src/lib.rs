@@ -8,6 +8,8 @@
 //! - `balance`: load-balancing algorithms (round robin, P2C, peak EWMA, ring hash, Maglev) and health filtering.
 //! - `backoff`: exponential backoff with full jitter for reconnects.
 //! - `dial`: control-plane channel settings and URL rotation.
+//! - `grant`: the extension naming the token a workload certificate was
+//!   issued under (shared with the control plane's CA).
 //! - `identity`: workload keys and certificates (CSR signed by the control
 //!   plane's CA), renewed before expiry, published as a `watch`.
 //! - `xds`: delta-ADS client publishing a `watch` of [`xds::Snapshot`]
@@ -31,6 +33,7 @@ pub mod backoff;
 pub mod balance;
 pub mod config;
 pub mod dial;
+pub mod grant;
 pub mod identity;
 pub mod metrics;
 pub mod probe;
