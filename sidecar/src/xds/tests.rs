@@ -221,6 +221,7 @@ async fn follows_the_trust_bundle_and_policies_without_upstreams() {
     let bundle = TrustBundle {
         trust_domain: "mesh.test".into(),
         roots_der: vec![ca.root.to_vec()],
+        ..Default::default()
     };
     let policy = AuthorizationPolicy {
         destination: "web".into(),
@@ -281,6 +282,7 @@ async fn follows_the_trust_bundle_and_policies_without_upstreams() {
             TrustBundle {
                 trust_domain: "mesh.test".into(),
                 roots_der: vec![vec![1, 2, 3]],
+                ..Default::default()
             }
             .encode_to_vec(),
             "b2",

@@ -140,6 +140,7 @@ mod tests {
             Arc::make_mut(s).trust_bundle = Some(TrustBundle {
                 trust_domain: "other.test".into(),
                 roots_der: vec![ca.root.to_vec()],
+                ..Default::default()
             })
         });
         ctx.changed().await.unwrap();
