@@ -186,11 +186,16 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
         auth.identity.clone(),
         shutdown.clone(),
     )));
-    let (tls_contexts, tls_task) =
-        proxy::transport::follow(identities.clone(), snapshots.clone(), shutdown.clone());
-    tasks.push(tls_task);
     let metrics = metrics::Metrics::new();
-    let tls = proxy::transport::Tls::new(tls_contexts, metrics.clone());
+    let revocations = proxy::transport::Revocations::new(metrics.clone());
+    let (tls_contexts, tls_task) = proxy::transport::follow(
+        identities.clone(),
+        snapshots.clone(),
+        revocations.clone(),
+        shutdown.clone(),
+    );
+    tasks.push(tls_task);
+    let tls = proxy::transport::Tls::new(tls_contexts, revocations.clone(), metrics.clone());
     let (policies, authz_task) = authz::follow(snapshots.clone(), shutdown.clone());
     tasks.push(authz_task);
     let upstreams = proxy::upstreams::Upstreams::spawn(
