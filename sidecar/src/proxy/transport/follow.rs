@@ -138,11 +138,13 @@ mod tests {
             key,
             pem: None,
             not_after: SystemTime::now() + Duration::from_secs(3600),
+            grant: None,
         };
         Arc::new(Identities {
             by_service: [(service.to_owned(), Arc::new(id))].into(),
             primary: Some(service.into()),
             trust_bundle: vec![ca.root.clone()],
+            ..Default::default()
         })
     }
 
