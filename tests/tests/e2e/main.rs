@@ -19,6 +19,7 @@ mod mtls;
 mod observability;
 mod policy;
 mod resilience;
+mod revocation;
 mod sessions;
 mod tracing;
 mod validation;
