@@ -99,8 +99,9 @@ pub enum TokenError {
     NotFound(String),
     #[error(
         "{limit} revoked tokens are remembered for the sidecars already (the limit); \
-         the next is forgotten at {next_prune} (unix ms). Rotate the mesh root \
-         (`isdpctl ca rotate`) to cut off every certificate at once"
+         the next is forgotten at {next_prune} (unix ms). Rotating the mesh root with a \
+         short prune (`isdpctl ca rotate --prune-after 10m`) cuts off every certificate \
+         issued so far"
     )]
     TooManyRevoked { limit: usize, next_prune: i64 },
     #[error("stored token at {key} is unreadable: {reason}")]

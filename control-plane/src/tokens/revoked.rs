@@ -24,7 +24,8 @@ pub const MARGIN: Duration = Duration::from_secs(10);
 /// Most tombstones in force. Each is a 16-character id in a trust bundle
 /// sent to every sidecar, so this bounds that resource (to about 200 KB);
 /// past it a revocation is refused (nothing changes) and the operator is
-/// pointed at a root rotation, which cuts off every certificate at once.
+/// pointed at a root rotation with a short prune, which cuts off every
+/// certificate issued so far.
 pub const MAX_REVOKED: usize = 10_000;
 
 /// A revoked token, as stored (JSON, like the tokens).
