@@ -93,7 +93,9 @@ pub struct Config {
     pub cert_lifetime: Duration,
 
     /// Longest sidecar certificate lifetime; longer requests are capped.
-    /// Also how long an old root stays trusted after a rotation by default.
+    /// Also how long an old root stays trusted after a rotation by default,
+    /// and (plus 10 s) how long a revoked token is remembered and sent to
+    /// sidecars, whose certificates issued under it are refused until then.
     #[arg(long, env = "ISDP_MAX_CERT_LIFETIME", default_value = "30days", value_parser = humantime::parse_duration)]
     pub max_cert_lifetime: Duration,
 

@@ -218,7 +218,7 @@ impl Server {
         };
         let ca = Ca::load(store.store(), &prefix, settings, operator, keys).await?;
         write_bundle(&config.data_dir, &ca.roots().bundle_pem());
-        let tokens = Tokens::load(store.store(), &prefix).await?;
+        let tokens = Tokens::load(store.store(), &prefix, config.max_cert_lifetime).await?;
         tokens.bootstrap_admin(&config.data_dir).await?;
         let (grpc, grpc_addr) = bind(config.listen).await?;
         let (admin, admin_addr) = bind(config.admin_listen).await?;
@@ -310,6 +310,7 @@ impl Server {
         let (published_tx, published) = watch::channel(ca.roots());
         let bundle_task = tokio::spawn(publish_bundle(
             ca.clone(),
+            tokens.clone(),
             cache.clone(),
             config.data_dir.clone(),
             published_tx,
@@ -419,35 +420,48 @@ fn write_bundle(data_dir: &std::path::Path, pem: &str) {
     }
 }
 
-/// Puts the trust bundle into the xDS cache and `ca.pem` whenever the roots
-/// change, then passes the roots on to `published` (the TLS listener), so
-/// the control plane presents a certificate from a new root only once both
-/// trust it.
+/// Puts the trust bundle into the xDS cache whenever the roots or the
+/// revoked tokens change, and the roots into `ca.pem` when they change; then
+/// passes new roots on to `published` (the TLS listener), so the control
+/// plane presents a certificate from a new root only once both trust it.
 async fn publish_bundle(
     ca: Ca,
+    tokens: Tokens,
     cache: xds::Cache,
     data_dir: std::path::PathBuf,
     published: watch::Sender<Arc<ca::Roots>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut roots = ca.subscribe();
+    let mut revoked = tokens.subscribe_revoked();
+    let mut roots_changed = true;
     loop {
         let current = roots.borrow_and_update().clone();
-        let bundle = current.bundle(&ca.settings().trust_domain);
+        let mut bundle = current.bundle(&ca.settings().trust_domain);
+        bundle.revoked_grants = revoked.borrow_and_update().ids();
         cache.set(
             TRUST_BUNDLE_TYPE_URL,
             TRUST_BUNDLE_NAME,
             bytes::Bytes::from(bundle.encode_to_vec()),
         );
-        write_bundle(&data_dir, &current.bundle_pem());
-        published.send_if_modified(|p| {
-            let new = !Arc::ptr_eq(p, &current);
-            *p = current.clone();
-            new
-        });
+        if roots_changed {
+            write_bundle(&data_dir, &current.bundle_pem());
+            published.send_if_modified(|p| {
+                let new = !Arc::ptr_eq(p, &current);
+                *p = current.clone();
+                new
+            });
+        }
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
-            changed = roots.changed() => if changed.is_err() { return },
+            changed = roots.changed() => {
+                if changed.is_err() { return }
+                roots_changed = true;
+            }
+            changed = revoked.changed() => {
+                if changed.is_err() { return }
+                roots_changed = false;
+            }
         }
     }
 }

@@ -6,8 +6,20 @@
 //! map access. Every replica keeps all tokens in memory, re-read from the
 //! store every second (revocation on another replica lands within that) and
 //! updated at once by its own create/revoke.
+//!
+//! Revoking deletes the token and, in the same transaction, writes its
+//! tombstone (`revoked`), so the certificates issued under it are refused
+//! by sidecars too until the last of them has expired; the same re-read
+//! prunes the tombstones that are due.
+//!
+//! # Layout
+//! - `revoked`: tombstones, their prune rule and the set in force.
+
+pub mod revoked;
 
 use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
+
+pub use revoked::{MAX_REVOKED, REVOKED_PREFIX, Revoked, Tombstone};
 
 use base64::Engine as _;
 use isdp_proto::v1::{Role as ProtoRole, TokenInfo};
@@ -85,6 +97,13 @@ pub enum TokenError {
     Invalid(String),
     #[error("token {0} not found")]
     NotFound(String),
+    #[error(
+        "{limit} revoked tokens are remembered for the sidecars already (the limit); \
+         the next is forgotten at {next_prune} (unix ms). Rotating the mesh root with a \
+         short prune (`isdpctl ca rotate --prune-after 10m`) cuts off every certificate \
+         issued so far"
+    )]
+    TooManyRevoked { limit: usize, next_prune: i64 },
     #[error("stored token at {key} is unreadable: {reason}")]
     Corrupt { key: String, reason: String },
     #[error(transparent)]
@@ -141,6 +160,12 @@ pub fn hash_secret(secret: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// Whether `id` has the form of a minted token id (16 lowercase hex
+/// digits), so no other key under `tokens/` can be named by one.
+pub fn is_token_id(id: &str) -> bool {
+    id.len() == 16 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// The id embedded in a well-formed secret.
@@ -230,23 +255,36 @@ pub struct Tokens {
 struct Shared {
     store: Arc<dyn Store>,
     prefix: String,
+    /// The longest certificate lifetime: how long a tombstone must last.
+    max_cert_lifetime: Duration,
     by_id: RwLock<HashMap<String, Token>>,
     /// Sent whenever a token disappears (revoked here or on another
     /// replica), so open streams authenticated by it can end.
     removed: watch::Sender<()>,
+    /// The revoked tokens whose certificates may still be alive; the
+    /// trust bundle publishes them.
+    revoked: watch::Sender<Arc<Revoked>>,
 }
 
 // === impl Tokens ===
 
 impl Tokens {
-    /// Loads every token; [`Tokens::follow`] keeps them fresh.
-    pub async fn load(store: Arc<dyn Store>, prefix: &str) -> Result<Tokens, TokenError> {
+    /// Loads every token and tombstone; [`Tokens::follow`] keeps them
+    /// fresh. `max_cert_lifetime` is the CA's longest leaf lifetime, which
+    /// tombstones outlast.
+    pub async fn load(
+        store: Arc<dyn Store>,
+        prefix: &str,
+        max_cert_lifetime: Duration,
+    ) -> Result<Tokens, TokenError> {
         let tokens = Tokens {
             shared: Arc::new(Shared {
                 store,
                 prefix: format!("{prefix}{TOKENS_PREFIX}"),
+                max_cert_lifetime,
                 by_id: RwLock::default(),
                 removed: watch::Sender::new(()),
+                revoked: watch::Sender::new(Arc::default()),
             }),
         };
         tokens.refresh().await?;
@@ -291,6 +329,12 @@ impl Tokens {
         self.shared.by_id.read().is_ok_and(|m| m.contains_key(id))
     }
 
+    /// The revoked tokens in force, updated as tokens are revoked (here
+    /// or elsewhere) and tombstones pruned.
+    pub fn subscribe_revoked(&self) -> watch::Receiver<Arc<Revoked>> {
+        self.shared.revoked.subscribe()
+    }
+
     pub fn list(&self) -> Vec<Token> {
         let mut all: Vec<Token> = self
             .shared
@@ -332,20 +376,59 @@ impl Tokens {
         Ok((token, secret))
     }
 
-    pub async fn revoke(&self, id: &str) -> Result<(), TokenError> {
+    /// Deletes the token and writes its tombstone, in one transaction;
+    /// returns the tombstone (when it will be pruned).
+    pub async fn revoke(&self, id: &str) -> Result<Tombstone, TokenError> {
+        if !is_token_id(id) {
+            return Err(TokenError::Invalid(format!(
+                "id: {id:?} is not a token id (16 hex digits, as `token list` shows)"
+            )));
+        }
         // The store, not this replica's copy, says whether it exists: a
         // token minted on another replica a moment ago may not be here yet.
         let key = format!("{}{}", self.shared.prefix, id);
         let (kvs, _) = self.shared.store.range(&key).await?;
-        if id.is_empty() || !kvs.iter().any(|kv| kv.key == key) {
+        let Some(kv) = kvs.iter().find(|kv| kv.key == key) else {
+            return Err(TokenError::NotFound(id.to_owned()));
+        };
+        let now = unix_ms();
+        {
+            let in_force = self.shared.revoked.borrow();
+            if in_force.len() >= MAX_REVOKED {
+                return Err(TokenError::TooManyRevoked {
+                    limit: MAX_REVOKED,
+                    next_prune: in_force.next_prune_unix_ms().unwrap_or(now),
+                });
+            }
+        }
+        let tombstone = Tombstone::new(id, now, self.shared.max_cert_lifetime);
+        let value = serde_json::to_vec(&tombstone).unwrap_or_default();
+        let outcome = self
+            .shared
+            .store
+            .txn(
+                Txn::default()
+                    .when_mod_revision(&key, kv.mod_revision)
+                    .delete(key.clone())
+                    .put(self.tombstone_key(id), value.into(), None),
+            )
+            .await?;
+        if !outcome.succeeded {
+            // Revoked concurrently (here or on another replica).
             return Err(TokenError::NotFound(id.to_owned()));
         }
-        self.shared.store.txn(Txn::default().delete(key)).await?;
         if let Ok(mut m) = self.shared.by_id.write() {
             m.remove(id);
         }
+        self.shared
+            .revoked
+            .send_modify(|r| Arc::make_mut(r).insert(&tombstone));
         self.shared.removed.send_replace(());
-        Ok(())
+        Ok(tombstone)
+    }
+
+    fn tombstone_key(&self, id: &str) -> String {
+        format!("{}{REVOKED_PREFIX}{id}", self.shared.prefix)
     }
 
     /// On first start (no unexpired admin token in the store), creates one
@@ -377,9 +460,27 @@ impl Tokens {
     }
 
     async fn refresh(&self) -> Result<(), TokenError> {
+        self.refresh_at(unix_ms()).await
+    }
+
+    /// Re-reads tokens and tombstones as of `now` (a parameter so tests
+    /// can move past a tombstone's prune time), prunes the tombstones that
+    /// are due and publishes what changed.
+    async fn refresh_at(&self, now: i64) -> Result<(), TokenError> {
         let (kvs, _) = self.shared.store.range(&self.shared.prefix).await?;
+        let tombstones_prefix = self.tombstone_key("");
         let mut fresh = HashMap::with_capacity(kvs.len());
+        let mut tombstones = Vec::new();
         for kv in kvs {
+            if kv.key.starts_with(&tombstones_prefix) {
+                match serde_json::from_slice::<Tombstone>(&kv.value) {
+                    Ok(t) => tombstones.push((kv.key, t)),
+                    Err(e) => {
+                        tracing::warn!(key = %kv.key, error = %e, "skipping an unreadable tombstone")
+                    }
+                }
+                continue;
+            }
             match serde_json::from_slice::<Token>(&kv.value) {
                 Ok(t) => {
                     fresh.insert(t.id.clone(), t);
@@ -399,6 +500,25 @@ impl Tokens {
         };
         if gone {
             self.shared.removed.send_replace(());
+        }
+        let revoked = Revoked::in_force(tombstones.iter().map(|(_, t)| t), now);
+        self.shared.revoked.send_if_modified(|cur| {
+            if **cur == revoked {
+                return false;
+            }
+            *cur = Arc::new(revoked);
+            true
+        });
+        // Every replica prunes what is due; deleting twice is harmless.
+        let due: Vec<_> = tombstones.into_iter().filter(|(_, t)| t.due(now)).collect();
+        if !due.is_empty() {
+            let txn = due
+                .iter()
+                .fold(Txn::default(), |txn, (key, _)| txn.delete(key.clone()));
+            self.shared.store.txn(txn).await?;
+            for (_, t) in &due {
+                tracing::info!(id = %t.id, "pruned the tombstone of a revoked token: its certificates have expired");
+            }
         }
         Ok(())
     }
@@ -508,7 +628,7 @@ mod tests {
     async fn verify_create_revoke_on_the_embedded_store() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
-        let tokens = Tokens::load(Arc::new(store.clone()), "/isdp/")
+        let tokens = Tokens::load(Arc::new(store.clone()), "/isdp/", Duration::from_secs(5))
             .await
             .unwrap();
         tokens.bootstrap_admin(dir.path()).await.unwrap();
@@ -554,6 +674,118 @@ mod tests {
             tokens.revoke(&read.id).await,
             Err(TokenError::NotFound(_))
         ));
+        store.close().await;
+    }
+
+    /// Revoking leaves a tombstone that a restart (a fresh load) still
+    /// sees, that other ids cannot name, and that is pruned from the store
+    /// and the published set once every certificate issued under the token
+    /// has expired.
+    #[tokio::test]
+    async fn a_revoked_token_leaves_a_tombstone_until_its_certificates_expire() {
+        const MAX_LIFETIME: Duration = Duration::from_secs(5);
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
+        let store: Arc<dyn Store> = Arc::new(store);
+        let tokens = Tokens::load(store.clone(), "/isdp/", MAX_LIFETIME)
+            .await
+            .unwrap();
+        let join = |s: &str| Scope::services(vec![s.to_owned()]);
+        let (web, _) = tokens
+            .create(Role::Join, join("web"), String::new(), None)
+            .await
+            .unwrap();
+        let (other, _) = tokens
+            .create(Role::Join, join("batch"), String::new(), None)
+            .await
+            .unwrap();
+        let mut published = tokens.subscribe_revoked();
+        assert!(published.borrow_and_update().is_empty());
+
+        let before = unix_ms();
+        let tombstone = tokens.revoke(&web.id).await.unwrap();
+        let remember = (MAX_LIFETIME + revoked::MARGIN).as_millis() as i64;
+        assert!(tombstone.prune_at_unix_ms >= before + remember);
+        assert!(published.has_changed().unwrap(), "published at once");
+        assert_eq!(published.borrow_and_update().ids(), vec![web.id.clone()]);
+        assert!(!tokens.exists(&web.id), "the token itself is gone");
+
+        // A restart reads the tombstone back; the other token is untouched.
+        let reloaded = Tokens::load(store.clone(), "/isdp/", MAX_LIFETIME)
+            .await
+            .unwrap();
+        assert_eq!(
+            reloaded.subscribe_revoked().borrow().ids(),
+            vec![web.id.clone()]
+        );
+        assert!(reloaded.exists(&other.id));
+        assert_eq!(reloaded.list().len(), 1, "a tombstone is not a token");
+
+        // Only token ids can be revoked: not a tombstone's key.
+        for bad in ["", "revoked/abcdefg", "0123456789ABCDEF", "0123"] {
+            assert!(
+                matches!(reloaded.revoke(bad).await, Err(TokenError::Invalid(_))),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            reloaded.subscribe_revoked().borrow().ids(),
+            vec![web.id.clone()]
+        );
+
+        // Not yet due: kept. Due: gone from the set and from the store.
+        let mut followed = reloaded.subscribe_revoked();
+        reloaded
+            .refresh_at(tombstone.prune_at_unix_ms - 1)
+            .await
+            .unwrap();
+        assert!(!followed.has_changed().unwrap());
+        reloaded
+            .refresh_at(tombstone.prune_at_unix_ms)
+            .await
+            .unwrap();
+        assert!(followed.has_changed().unwrap());
+        assert!(followed.borrow_and_update().is_empty());
+        let (kvs, _) = store.range("/isdp/tokens/revoked/").await.unwrap();
+        assert!(kvs.is_empty(), "pruned from the store: {kvs:?}");
+        // The first replica learns the prune on its next re-read.
+        tokens.refresh().await.unwrap();
+        assert!(published.borrow_and_update().is_empty());
+    }
+
+    /// At the cap a revocation is refused and changes nothing.
+    #[tokio::test]
+    async fn revocations_beyond_the_cap_are_refused_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
+        let tokens = Tokens::load(Arc::new(store.clone()), "/isdp/", Duration::from_secs(60))
+            .await
+            .unwrap();
+        let (t, secret) = tokens
+            .create(
+                Role::Join,
+                Scope::services(vec!["web".into()]),
+                String::new(),
+                None,
+            )
+            .await
+            .unwrap();
+        tokens.shared.revoked.send_modify(|r| {
+            let r = Arc::make_mut(r);
+            for i in 0..MAX_REVOKED {
+                r.insert(&Tombstone::new(
+                    &format!("{i:016x}"),
+                    unix_ms(),
+                    Duration::from_secs(60),
+                ));
+            }
+        });
+        let err = tokens.revoke(&t.id).await.unwrap_err();
+        assert!(matches!(err, TokenError::TooManyRevoked { .. }), "{err}");
+        assert!(err.to_string().contains("ca rotate"), "{err}");
+        assert!(tokens.verify(&secret).is_some(), "the token still works");
+        tokens.refresh().await.unwrap();
+        assert!(tokens.verify(&secret).is_some(), "and is still stored");
         store.close().await;
     }
 }

@@ -71,12 +71,22 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
-    if let Some(ids) = &state.identities
-        && !ids.borrow().ready()
-    {
+    if let Some(ids) = &state.identities {
+        let revoked = state
+            .xds
+            .borrow()
+            .trust_bundle
+            .as_ref()
+            .map(|b| b.revoked_grants.clone())
+            .unwrap_or_default();
+        if let Some(why) = identity_problem(&ids.borrow(), &revoked) {
+            return (StatusCode::SERVICE_UNAVAILABLE, why);
+        }
+    }
+    if let Some(why) = state.xds.borrow().refused.clone() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: waiting for a workload certificate from the control plane".to_owned(),
+            format!("not ready: the control plane refuses this sidecar: {why}"),
         );
     }
     let xds_ready = state.xds.borrow().ready;
@@ -113,6 +123,36 @@ async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
     }
 }
 
+/// Why the workload certificates keep the sidecar from serving, if they
+/// do: none yet, one issued under a token the bundle lists as revoked
+/// (peers refuse it), or a renewal the control plane refuses (the
+/// certificate will not be replaced).
+fn identity_problem(ids: &crate::identity::Identities, revoked: &[String]) -> Option<String> {
+    if !ids.ready() {
+        let primary = ids.primary.as_deref().unwrap_or_default();
+        return Some(match ids.refused.get(primary) {
+            Some(why) => format!(
+                "not ready: the control plane refuses a workload certificate for {primary}: {why}"
+            ),
+            None => "not ready: waiting for a workload certificate from the control plane".into(),
+        });
+    }
+    let revoked_grant = ids.by_service.iter().find_map(|(service, id)| {
+        let grant = id.grant.as_ref()?;
+        revoked.contains(grant).then_some((service, grant))
+    });
+    if let Some((service, grant)) = revoked_grant {
+        return Some(format!(
+            "not ready: the workload certificate of {service} was issued under token {grant}, \
+             which has been revoked, so other sidecars refuse it; restart with a new join token"
+        ));
+    }
+    let (service, why) = ids.refused.iter().next()?;
+    Some(format!(
+        "not ready: the control plane refuses to renew the workload certificate of {service}: {why}"
+    ))
+}
+
 #[derive(Serialize)]
 struct ConfigView {
     node_id: String,
@@ -133,6 +173,8 @@ struct IdentityView {
     not_after_unix_ms: u128,
     /// Presented when calling other sidecars.
     primary: bool,
+    /// The token the certificate was issued under.
+    grant: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -194,6 +236,9 @@ struct XdsView {
     acks: u64,
     nacks: u64,
     last_nack: Option<String>,
+    /// Tokens revoked by the control plane, from the trust bundle: peers
+    /// with certificates issued under them are refused.
+    revoked_grants: Vec<String>,
 }
 
 async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
@@ -287,6 +332,7 @@ async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
                             .duration_since(std::time::UNIX_EPOCH)
                             .map_or(0, |d| d.as_millis()),
                         primary: ids.primary.as_ref() == Some(service),
+                        grant: id.grant.clone(),
                     };
                     (service.clone(), view)
                 })
@@ -308,6 +354,11 @@ async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
             acks: snap.acks,
             nacks: snap.nacks,
             last_nack: snap.last_nack.clone(),
+            revoked_grants: snap
+                .trust_bundle
+                .as_ref()
+                .map(|b| b.revoked_grants.clone())
+                .unwrap_or_default(),
         },
     })
 }

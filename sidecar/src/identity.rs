@@ -8,8 +8,12 @@
 //! about two thirds of the certificate's life (±10 % jitter, so a fleet
 //! issued together does not renew together); a failed renewal is retried
 //! with [`crate::backoff`] while the old certificate keeps serving, until
-//! it expires and is withdrawn. The data plane never waits on any of this:
-//! it reads the current identities when it builds a TLS context.
+//! it expires and is withdrawn. A refusal (the token the certificate was
+//! issued under was revoked, say) will not pass by itself: it is retried
+//! with a slower backoff (up to a minute) and recorded in
+//! [`Identities::refused`], which `/ready` reports. The data plane never
+//! waits on any of this: it reads the current identities when it builds a
+//! TLS context.
 
 pub mod grpc;
 mod renew;
@@ -61,6 +65,10 @@ pub struct Identity {
     /// presents its certificate when it dials the control plane.
     pub pem: Option<ChainPem>,
     pub not_after: SystemTime,
+    /// The token the certificate was issued under (its grant), if it names
+    /// one: when the trust bundle lists it as revoked, peers refuse this
+    /// certificate.
+    pub grant: Option<String>,
 }
 
 /// A certificate chain and its private key, PEM-encoded.
@@ -81,6 +89,10 @@ pub struct Identities {
     /// The roots from the latest `SignResponse`: trusted until the trust
     /// bundle arrives over xDS, so the first handshake need not wait for it.
     pub trust_bundle: Vec<CertificateDer<'static>>,
+    /// Services whose latest certificate request the control plane refused
+    /// (UNAUTHENTICATED or PERMISSION_DENIED, e.g. their token was
+    /// revoked), with its message; cleared by the next certificate.
+    pub refused: BTreeMap<String, String>,
 }
 
 impl Identities {
@@ -130,6 +142,7 @@ pub fn spawn(
                     signer: signer.clone(),
                     tx: tx.clone(),
                     backoff: crate::backoff::Backoff::default(),
+                    refused_backoff: renew::refused_backoff(),
                 }
                 .run(shutdown.clone()),
             )

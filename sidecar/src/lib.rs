@@ -8,6 +8,8 @@
 //! - `balance`: load-balancing algorithms (round robin, P2C, peak EWMA, ring hash, Maglev) and health filtering.
 //! - `backoff`: exponential backoff with full jitter for reconnects.
 //! - `dial`: control-plane channel settings and URL rotation.
+//! - `grant`: the extension naming the token a workload certificate was
+//!   issued under (shared with the control plane's CA).
 //! - `identity`: workload keys and certificates (CSR signed by the control
 //!   plane's CA), renewed before expiry, published as a `watch`.
 //! - `xds`: delta-ADS client publishing a `watch` of [`xds::Snapshot`]
@@ -31,6 +33,7 @@ pub mod backoff;
 pub mod balance;
 pub mod config;
 pub mod dial;
+pub mod grant;
 pub mod identity;
 pub mod metrics;
 pub mod probe;
@@ -183,11 +186,16 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
         auth.identity.clone(),
         shutdown.clone(),
     )));
-    let (tls_contexts, tls_task) =
-        proxy::transport::follow(identities.clone(), snapshots.clone(), shutdown.clone());
-    tasks.push(tls_task);
     let metrics = metrics::Metrics::new();
-    let tls = proxy::transport::Tls::new(tls_contexts, metrics.clone());
+    let revocations = proxy::transport::Revocations::new(metrics.clone());
+    let (tls_contexts, tls_task) = proxy::transport::follow(
+        identities.clone(),
+        snapshots.clone(),
+        revocations.clone(),
+        shutdown.clone(),
+    );
+    tasks.push(tls_task);
+    let tls = proxy::transport::Tls::new(tls_contexts, revocations.clone(), metrics.clone());
     let (policies, authz_task) = authz::follow(snapshots.clone(), shutdown.clone());
     tasks.push(authz_task);
     let upstreams = proxy::upstreams::Upstreams::spawn(

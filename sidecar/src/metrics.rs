@@ -36,7 +36,7 @@ pub enum Direction {
 }
 
 impl Direction {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Direction::Outbound => "outbound",
             Direction::Inbound => "inbound",
@@ -96,6 +96,12 @@ struct TlsFailureLabels {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RevokedLabels {
+    direction: &'static str,
+    stage: &'static str,
+}
+
 /// Latency buckets, in seconds: 0.5 ms to 10 s. A proxied request on a
 /// LAN lands in the first few; timeouts in the last. The control plane
 /// uses them too, so dashboards compare like with like.
@@ -119,6 +125,7 @@ struct Inner {
     tcp_opened: Family<RouteLabels, Counter>,
     tcp_open: Family<RouteLabels, Gauge>,
     tls_failures: Family<TlsFailureLabels, Counter>,
+    revoked_peers: Family<RevokedLabels, Counter>,
     denied: Family<DeniedLabels, Counter>,
     retries: Family<ResilienceLabels, Counter>,
     budget_exhausted: Family<UpstreamLabel, Counter>,
@@ -187,6 +194,12 @@ impl Metrics {
             "mTLS handshakes between sidecars that failed, by direction and reason",
             tls_failures.clone(),
         );
+        let revoked_peers = Family::<RevokedLabels, Counter>::default();
+        registry.register(
+            "revoked_peer_refusals",
+            "Requests refused (stage request) and connections closed (stage connection) because the peer's certificate was issued under a revoked token; handshakes refused for that count in tls_handshake_failures with reason revoked",
+            revoked_peers.clone(),
+        );
         let denied = Family::<DeniedLabels, Counter>::default();
         registry.register(
             "authz_denied",
@@ -239,6 +252,7 @@ impl Metrics {
                 tcp_opened,
                 tcp_open,
                 tls_failures,
+                revoked_peers,
                 denied,
             }),
         }
@@ -261,6 +275,19 @@ impl Metrics {
             .get_or_create(&TlsFailureLabels {
                 direction: direction.as_str(),
                 reason,
+            })
+            .inc();
+    }
+
+    /// Counts a request refused or a connection closed on an established
+    /// connection whose peer's token was revoked; `stage` is `request` or
+    /// `connection`.
+    pub fn revoked_peer(&self, direction: Direction, stage: &'static str) {
+        self.inner
+            .revoked_peers
+            .get_or_create(&RevokedLabels {
+                direction: direction.as_str(),
+                stage,
             })
             .inc();
     }

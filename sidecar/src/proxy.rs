@@ -62,7 +62,7 @@ use crate::{
 };
 use forward::Forwarder;
 use outbound::{BoxFuture, ClientAddr, RouteBy};
-use transport::{PeerIdentity, Tls};
+use transport::{PeerGuard, Tls, any_revoked};
 use upstreams::Upstreams;
 
 /// Tracks every connection task, so shutdown can wait for them to drain.
@@ -248,14 +248,15 @@ async fn accept(
     }
 }
 
-/// Serves one HTTP connection (HTTP/1.1 or HTTP/2, with upgrades) with
-/// `svc`; on shutdown, finishes in-flight requests and closes. `mesh` is
-/// the calling sidecar and the service it asked for (SNI) on an mTLS
-/// connection.
+/// Serves one HTTP connection (HTTP/1.1 or HTTP/2, with upgrades) from
+/// `client` with `svc`; on shutdown, finishes in-flight requests and
+/// closes. On an mTLS connection `client` names the calling sidecar and the
+/// service it asked for (SNI), and holds the guard on its token: once that
+/// is revoked, requests are refused (403 `peer-revoked`) and the connection
+/// is closed at once, in-flight requests with it.
 async fn serve_conn<S, IO>(
     stream: IO,
-    peer: SocketAddr,
-    mesh: Option<(PeerIdentity, Arc<str>)>,
+    client: ClientAddr,
     svc: S,
     mut shutdown: watch::Receiver<bool>,
 ) where
@@ -270,12 +271,18 @@ async fn serve_conn<S, IO>(
         + Sync
         + 'static,
 {
-    let mut client = ClientAddr::new(peer);
-    if let Some((peer, service)) = mesh {
-        client.peer = Some(peer);
-        client.service = Some(service);
-    }
+    let peer = client.addr;
+    let guards: Vec<PeerGuard> = client.guard.iter().cloned().collect();
     let hyper_svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        if let Some(guard) = &client.guard
+            && guard.refuses_request()
+        {
+            return outbound::answer(http::error_response(
+                ::http::StatusCode::FORBIDDEN,
+                "peer-revoked",
+                "the token this caller's certificate was issued under has been revoked",
+            ));
+        }
         let mut req = req.map(http::boxed);
         req.extensions_mut().insert(client.clone());
         svc.clone().call(req)
@@ -290,10 +297,14 @@ async fn serve_conn<S, IO>(
             }
             return;
         }
+        _ = any_revoked(&guards) => return,
         _ = stopped(&mut shutdown) => {}
     }
     conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
+    tokio::select! {
+        _ = conn => {}
+        _ = any_revoked(&guards) => {}
+    }
 }
 
 async fn serve_http<S>(
@@ -315,8 +326,7 @@ async fn serve_http<S>(
     while let Some((stream, peer)) = accept(&listener, &mut shutdown).await {
         tracker.spawn(serve_conn(
             stream,
-            peer,
-            None,
+            ClientAddr::new(peer),
             svc.clone(),
             shutdown.clone(),
         ));
@@ -325,7 +335,7 @@ async fn serve_http<S>(
 
 /// Accepts mesh traffic: the TLS handshake runs in each connection's own
 /// task (the accept loop never waits on a peer), then ALPN picks HTTP or a
-/// TCP tunnel.
+/// TCP tunnel. Either ends when the caller's token is revoked.
 async fn serve_inbound(
     listener: TcpListener,
     inbound: trace::TraceInbound<inbound::Inbound>,
@@ -342,24 +352,25 @@ async fn serve_inbound(
                 return;
             };
             if accepted.tunnel {
-                inbound
-                    .get_ref()
-                    .tcp(
-                        accepted.stream,
-                        &accepted.service,
-                        &accepted.peer,
-                        CONNECT_TIMEOUT,
-                    )
-                    .await
-            } else {
-                serve_conn(
+                let guards: Vec<PeerGuard> = accepted.guard.into_iter().collect();
+                let tunnel = inbound.get_ref().tcp(
                     accepted.stream,
+                    &accepted.service,
+                    &accepted.peer,
+                    CONNECT_TIMEOUT,
+                );
+                tokio::select! {
+                    _ = tunnel => {}
+                    _ = any_revoked(&guards) => {}
+                }
+            } else {
+                let client = ClientAddr::mesh(
                     peer,
-                    Some((accepted.peer, Arc::from(accepted.service))),
-                    inbound,
-                    shutdown,
-                )
-                .await
+                    accepted.peer,
+                    Arc::from(accepted.service),
+                    accepted.guard,
+                );
+                serve_conn(accepted.stream, client, inbound, shutdown).await
             }
         });
     }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, CustomExtension, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::{pki_types::CertificateDer, sign::CertifiedKey};
@@ -25,6 +25,8 @@ pub struct Leaf {
     pub uris: Vec<String>,
     pub not_before: OffsetDateTime,
     pub not_after: OffsetDateTime,
+    /// The token the control plane would have issued it under.
+    pub grant: Option<String>,
 }
 
 impl Leaf {
@@ -36,7 +38,14 @@ impl Leaf {
             uris: vec![format!("spiffe://{td}/svc/{service}")],
             not_before: now - Duration::hours(1),
             not_after: now + Duration::hours(1),
+            grant: None,
         }
+    }
+
+    /// The same leaf, carrying the grant extension for `token`.
+    pub fn granted_by(mut self, token: &str) -> Self {
+        self.grant = Some(token.to_owned());
+        self
     }
 
     fn params(&self) -> CertificateParams {
@@ -51,6 +60,16 @@ impl Leaf {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
+        if let Some(token) = &self.grant {
+            let grant = crate::grant::Grant {
+                token: token.clone(),
+                upstreams: None,
+            };
+            p.custom_extensions.push(CustomExtension::from_oid_content(
+                crate::grant::OID,
+                crate::grant::encode(&grant),
+            ));
+        }
         p
     }
 }

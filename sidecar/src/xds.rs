@@ -61,6 +61,12 @@ pub struct Snapshot {
     pub reconnects: u64,
     /// Whether a stream is open right now.
     pub connected: bool,
+    /// Why the control plane refuses this sidecar's stream
+    /// (UNAUTHENTICATED or PERMISSION_DENIED: its token and certificate
+    /// are revoked, or expired), until a stream opens again. Unlike an
+    /// unreachable control plane, this will not pass by itself, so
+    /// `/ready` reports it.
+    pub refused: Option<String>,
     /// The control-plane URL of the current (or last) stream.
     pub control_plane: Option<String>,
 }

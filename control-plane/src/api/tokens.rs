@@ -32,6 +32,7 @@ fn status(e: TokenError) -> Status {
     match e {
         TokenError::Invalid(_) => Status::invalid_argument(e.to_string()),
         TokenError::NotFound(_) => Status::not_found(e.to_string()),
+        TokenError::TooManyRevoked { .. } => Status::resource_exhausted(e.to_string()),
         TokenError::Store(_) => Status::unavailable(e.to_string()),
         _ => Status::internal(e.to_string()),
     }
@@ -83,8 +84,10 @@ impl tokens_server::Tokens for TokensApi {
     ) -> Result<Response<RevokeTokenResponse>, Status> {
         let by = principal(&req)?.id.clone();
         let id = req.into_inner().id;
-        self.tokens.revoke(&id).await.map_err(status)?;
-        tracing::info!(id = %id, by = %by, "revoked a token");
-        Ok(Response::new(RevokeTokenResponse {}))
+        let tombstone = self.tokens.revoke(&id).await.map_err(status)?;
+        tracing::info!(id = %id, by = %by, remembered_until_unix_ms = tombstone.prune_at_unix_ms, "revoked a token");
+        Ok(Response::new(RevokeTokenResponse {
+            remembered_until_unix_ms: tombstone.prune_at_unix_ms,
+        }))
     }
 }

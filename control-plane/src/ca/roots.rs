@@ -85,6 +85,8 @@ impl Roots {
         TrustBundle {
             trust_domain: trust_domain.to_owned(),
             roots_der: self.bundle_der(),
+            // The xDS publisher adds the revoked tokens (`tokens`).
+            revoked_grants: Vec::new(),
         }
     }
 

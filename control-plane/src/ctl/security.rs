@@ -151,16 +151,27 @@ pub async fn token(
             }
         }
         TokenCommand::Revoke { id } => {
-            client
+            let until = client
                 .revoke(RevokeTokenRequest { id: id.clone() })
                 .await
-                .map_err(api("token revoke"))?;
+                .map_err(api("token revoke"))?
+                .into_inner()
+                .remembered_until_unix_ms;
             match fmt {
                 Format::Json => {
-                    let _ = writeln!(out, "{}", json!({ "revoked": id }));
+                    let _ = writeln!(
+                        out,
+                        "{}",
+                        json!({ "revoked": id, "remembered_until_unix_ms": until })
+                    );
                 }
                 Format::Table => {
-                    let _ = writeln!(out, "revoked {id}");
+                    let left = (until - crate::ca::unix_ms()).max(0) as u64;
+                    let _ = writeln!(
+                        out,
+                        "revoked {id}; sidecars refuse the certificates issued under it for {}",
+                        humantime::format_duration(Duration::from_secs(left.div_ceil(1000)))
+                    );
                 }
             }
         }

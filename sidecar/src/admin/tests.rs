@@ -87,6 +87,19 @@ async fn live_ready_and_config() {
     session.set_health(0, Health::Unhealthy);
     assert_eq!(get(addr, "/ready").await.0, 200);
 
+    // Refused by the control plane (its token revoked): says so.
+    xds_tx.send_modify(|s| {
+        Arc::make_mut(s).refused = Some("token 0123456789abcdef was revoked".into())
+    });
+    let (status, body) = get(addr, "/ready").await;
+    assert_eq!(status, 503);
+    assert!(
+        body.contains("refuses this sidecar: token 0123456789abcdef was revoked"),
+        "{body}"
+    );
+    xds_tx.send_modify(|s| Arc::make_mut(s).refused = None);
+    assert_eq!(get(addr, "/ready").await.0, 200);
+
     let (status, body) = get(addr, "/config").await;
     assert_eq!(status, 200);
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -130,4 +143,51 @@ async fn live_ready_and_config() {
 
     stop.send(true).unwrap();
     server.await.unwrap().unwrap();
+}
+
+/// `/ready` says why the certificates keep the sidecar out: none yet, one
+/// the control plane refuses, one issued under a revoked token.
+#[test]
+fn readiness_names_the_identity_problem() {
+    use crate::identity::{Identities, Identity};
+    let ca = crate::test_pki::TestCa::new("mesh");
+    let identity = |grant: &str| {
+        Arc::new(Identity {
+            service: "web".into(),
+            spiffe_id: "spiffe://mesh.test/svc/web".into(),
+            trust_domain: "mesh.test".into(),
+            key: ca.service("mesh.test", "web").key,
+            pem: None,
+            not_after: std::time::SystemTime::now() + std::time::Duration::from_secs(60),
+            grant: Some(grant.into()),
+        })
+    };
+    let mut ids = Identities {
+        primary: Some("web".into()),
+        ..Default::default()
+    };
+    let why = identity_problem(&ids, &[]).unwrap();
+    assert!(why.contains("waiting for a workload certificate"), "{why}");
+    ids.refused
+        .insert("web".into(), "token 0123456789abcdef was revoked".into());
+    let why = identity_problem(&ids, &[]).unwrap();
+    assert!(
+        why.contains("refuses a workload certificate for web"),
+        "{why}"
+    );
+    assert!(why.contains("0123456789abcdef"), "{why}");
+
+    ids.refused.clear();
+    ids.by_service
+        .insert("web".into(), identity("0123456789abcdef"));
+    assert_eq!(identity_problem(&ids, &[]), None);
+    assert_eq!(identity_problem(&ids, &["fedcba9876543210".into()]), None);
+    let why = identity_problem(&ids, &["0123456789abcdef".into()]).unwrap();
+    assert!(why.contains("issued under token 0123456789abcdef"), "{why}");
+    assert!(why.contains("revoked"), "{why}");
+
+    // Held, but its renewal refused: it will not be replaced.
+    ids.refused.insert("web".into(), "revoked".into());
+    let why = identity_problem(&ids, &[]).unwrap();
+    assert!(why.contains("refuses to renew"), "{why}");
 }

@@ -21,6 +21,18 @@ const RENEW_AT: f64 = 2.0 / 3.0;
 /// ...give or take this much, so certificates issued together (a fleet
 /// restarted together) are not renewed together.
 const JITTER: f64 = 0.1;
+/// Longest wait between requests the control plane refused (a revoked or
+/// out-of-scope token): such a refusal lasts, so asking every few seconds
+/// would only load the control plane and the log. Growing from the same
+/// 100 ms as other failures, it still retries at once a token that was
+/// minted on another replica a moment ago.
+pub const REFUSED_CAP: Duration = Duration::from_secs(60);
+
+/// The backoff between refused requests.
+pub fn refused_backoff() -> Backoff {
+    use crate::backoff::{BASE, FACTOR, STABLE_AFTER};
+    Backoff::new(BASE, FACTOR, REFUSED_CAP, STABLE_AFTER)
+}
 
 /// When to renew a certificate with `remaining` life left, given a jitter
 /// factor in `[1 - JITTER, 1 + JITTER]`.
@@ -33,7 +45,10 @@ pub(super) struct Renewer {
     pub lifetime: Option<Duration>,
     pub signer: Arc<dyn Signer>,
     pub tx: Arc<watch::Sender<Arc<Identities>>>,
+    /// Between failures that may pass (the control plane unreachable).
     pub backoff: Backoff,
+    /// Between refusals ([`REFUSED_CAP`]).
+    pub refused_backoff: Backoff,
 }
 
 // === impl Renewer ===
@@ -50,6 +65,7 @@ impl Renewer {
             let wake = match obtained {
                 Ok((identity, bundle)) => {
                     self.backoff.reset();
+                    self.refused_backoff.reset();
                     let remaining = identity
                         .not_after
                         .duration_since(SystemTime::now())
@@ -60,11 +76,27 @@ impl Renewer {
                     expires = Some(Instant::now() + remaining);
                     self.publish(|ids| {
                         ids.by_service.insert(self.service.clone(), identity);
+                        ids.refused.remove(&self.service);
                         if !bundle.is_empty() {
                             ids.trust_bundle = bundle;
                         }
                     });
                     Instant::now() + renew_in
+                }
+                Err(IdentityError::Sign(status)) if refusal(&status) => {
+                    let delay = self.refused_backoff.next_delay();
+                    let message = status.message().to_owned();
+                    // Logged at warn when it starts or changes, not per retry.
+                    let known = self.tx.borrow().refused.get(&self.service) == Some(&message);
+                    if known {
+                        tracing::debug!(service = %self.service, %message, retry_in = ?delay, "the control plane still refuses a workload certificate");
+                    } else {
+                        tracing::warn!(service = %self.service, code = ?status.code(), %message, retry_in = ?delay, "the control plane refuses a workload certificate");
+                        self.publish(|ids| {
+                            ids.refused.insert(self.service.clone(), message);
+                        });
+                    }
+                    Instant::now() + delay
                 }
                 Err(error) => {
                     let delay = self.backoff.next_delay();
@@ -120,6 +152,7 @@ impl Renewer {
             .collect();
         let leaf = chain.first().ok_or_else(|| bad("empty chain".into()))?;
         let spiffe_id = verify::uri_san(leaf).map_err(|e| bad(e.to_string()))?;
+        let grant = crate::grant::of_certificate(leaf).map(|g| g.token);
         let trust_domain = spiffe_id
             .strip_prefix("spiffe://")
             .and_then(|rest| rest.strip_suffix(&format!("/svc/{}", self.service)))
@@ -158,9 +191,19 @@ impl Renewer {
             key,
             pem: Some(pem),
             not_after,
+            grant,
         };
         Ok((Arc::new(identity), bundle))
     }
+}
+
+/// Whether the control plane refused the caller rather than failed: it
+/// will answer the same until something changes on its side.
+fn refusal(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+    )
 }
 
 #[cfg(test)]

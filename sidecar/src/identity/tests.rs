@@ -18,6 +18,8 @@ struct FakeSigner {
     /// Sign for this service's SPIFFE ID instead of the requested one.
     impersonate: Option<String>,
     fail: AtomicBool,
+    /// Refuse as the control plane does a revoked token's certificate.
+    refuse: AtomicBool,
     calls: Mutex<Vec<Instant>>,
 }
 
@@ -27,6 +29,7 @@ impl FakeSigner {
             ca: TestCa::new("mesh"),
             impersonate: None,
             fail: AtomicBool::new(false),
+            refuse: AtomicBool::new(false),
             calls: Mutex::default(),
         })
     }
@@ -44,6 +47,10 @@ impl Signer for FakeSigner {
         self.calls.lock().unwrap().push(Instant::now());
         let result = if self.fail.load(Ordering::SeqCst) {
             Err(tonic::Status::unavailable("control plane down"))
+        } else if self.refuse.load(Ordering::SeqCst) {
+            Err(tonic::Status::unauthenticated(
+                "the client certificate was issued under token 0123456789abcdef, which has been revoked",
+            ))
         } else {
             let service = self.impersonate.as_ref().unwrap_or(&request.service);
             let leaf = Leaf::service(TD, service);
@@ -140,4 +147,52 @@ async fn a_certificate_for_another_service_is_refused() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(!ids.borrow().ready());
+}
+
+/// A refusal (the token was revoked) is retried, but slowly: a minute at
+/// most between attempts rather than the 5 s of an unreachable control
+/// plane, and it is published for `/ready`. A certificate clears it.
+#[tokio::test(start_paused = true)]
+async fn refusals_are_retried_slowly_and_reported() {
+    let signer = FakeSigner::new();
+    signer.refuse.store(true, Ordering::SeqCst);
+    let (mut ids, _stop) = start(signer.clone(), &["web"]);
+    let refused = tokio::time::timeout(
+        Duration::from_secs(60),
+        ids.wait_for(|i| i.refused.contains_key("web")),
+    )
+    .await
+    .expect("the refusal is published")
+    .unwrap()
+    .clone();
+    assert!(
+        refused.refused["web"].contains("revoked"),
+        "{:?}",
+        refused.refused
+    );
+    assert!(!refused.ready());
+
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let calls = signer.calls();
+    // Full jitter under a ceiling growing from 100 ms to 60 s: about 30
+    // calls in ten minutes (the 5 s ceiling of other failures: about 240).
+    assert!(
+        (5..=60).contains(&calls.len()),
+        "{} calls in ten minutes",
+        calls.len()
+    );
+    let late: Vec<_> = calls
+        .iter()
+        .filter(|c| **c >= start + Duration::from_secs(300))
+        .collect();
+    for pair in late.windows(2) {
+        assert!(pair[1].duration_since(*pair[0]) <= renew::REFUSED_CAP);
+    }
+
+    signer.refuse.store(false, Ordering::SeqCst);
+    tokio::time::sleep(renew::REFUSED_CAP + Duration::from_secs(1)).await;
+    let ids = ids.borrow();
+    assert!(ids.ready(), "certified once the control plane agrees");
+    assert!(ids.refused.is_empty(), "{:?}", ids.refused);
 }

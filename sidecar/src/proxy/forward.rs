@@ -15,7 +15,8 @@ use http::{
 use hyper_util::rt::TokioIo;
 
 use super::http::{Body, boxed, error_response, is_upgrade, strip_hop_by_hop};
-use super::transport::Tls;
+use super::outbound::ClientAddr;
+use super::transport::{PeerGuard, Tls, any_revoked};
 
 /// Which protocol the next hop speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,6 +145,16 @@ impl Forwarder {
         };
         strip_hop_by_hop(req.headers_mut(), upgrade);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        // An upgraded connection outlives its request: it ends when the
+        // token of the sidecar on either side is revoked.
+        let mut guards: Vec<PeerGuard> = Vec::new();
+        if upgrade {
+            guards.extend(
+                req.extensions()
+                    .get::<ClientAddr>()
+                    .and_then(|c| c.guard.clone()),
+            );
+        }
         let addr = dest.addr;
         let mesh = match (&dest.service, &self.tls) {
             (None, _) => None,
@@ -171,12 +182,17 @@ impl Forwarder {
             (client_upgrade, resp.status())
         {
             let upstream_side = hyper::upgrade::on(&mut resp);
+            guards.extend(resp.extensions_mut().remove::<PeerGuard>());
             tokio::spawn(async move {
                 match tokio::try_join!(client_side, upstream_side) {
                     Ok((c, u)) => {
                         let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-                        if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                            tracing::debug!(error = %e, "upgraded connection ended");
+                        let copy = tokio::io::copy_bidirectional(&mut c, &mut u);
+                        tokio::select! {
+                            r = copy => if let Err(e) = r {
+                                tracing::debug!(error = %e, "upgraded connection ended");
+                            },
+                            _ = any_revoked(&guards) => {}
                         }
                     }
                     Err(e) => tracing::debug!(error = %e, "protocol upgrade failed"),

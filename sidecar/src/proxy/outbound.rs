@@ -62,6 +62,9 @@ pub struct ClientAddr {
     /// On the inbound listener, the local service the caller asked for in
     /// SNI (and authenticated): requests on the connection go there.
     pub service: Option<Arc<str>>,
+    /// On the inbound listener, the watch on the caller's token: an
+    /// upgraded connection (WebSocket) ends when it is revoked.
+    pub guard: Option<super::transport::PeerGuard>,
 }
 
 impl ClientAddr {
@@ -71,6 +74,23 @@ impl ClientAddr {
             forwarded_for: forwarded_for_value(addr),
             peer: None,
             service: None,
+            guard: None,
+        }
+    }
+
+    /// A sidecar calling over mTLS: who it is, the local service it asked
+    /// for, and the watch on its token.
+    pub fn mesh(
+        addr: SocketAddr,
+        peer: PeerIdentity,
+        service: Arc<str>,
+        guard: Option<super::transport::PeerGuard>,
+    ) -> Self {
+        ClientAddr {
+            peer: Some(peer),
+            service: Some(service),
+            guard,
+            ..ClientAddr::new(addr)
         }
     }
 }

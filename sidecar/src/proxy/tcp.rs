@@ -91,10 +91,14 @@ async fn connect_outbound(
     };
     let started = std::time::Instant::now();
     let addr = target.dest.addr;
+    let mut guards = Vec::new();
     let server = if target.via_sidecar {
         tls.connect(addr, upstream, Alpn::Tcp, connect_timeout)
             .await
-            .map(|s| Box::new(s) as Box<dyn Stream>)
+            .map(|s| {
+                guards.extend(tls.guard_of(&s));
+                Box::new(s) as Box<dyn Stream>
+            })
     } else {
         transport::connect(addr, connect_timeout)
             .await
@@ -111,7 +115,11 @@ async fn connect_outbound(
     // Connect time is the latency signal TCP offers.
     target.load.record_latency(started.elapsed());
     let _open = OpenConnection::new(&lb.metrics);
-    splice(client, server).await;
+    // A tunnel to a sidecar ends when that sidecar's token is revoked.
+    tokio::select! {
+        _ = splice(client, server) => {}
+        _ = transport::any_revoked(&guards) => {}
+    }
     drop(guard);
 }
 

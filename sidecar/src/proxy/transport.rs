@@ -15,13 +15,19 @@
 //! `ISDP-TCP/1` preambles are refused with the rest of plaintext.
 //!
 //! The configurations in force live in a `watch` of [`TlsContext`]
-//! (`context`), rebuilt when identities or the bundle change; each new
-//! connection reads the current one, connections already open keep theirs,
-//! so rotation drops nothing. Instances without a sidecar are reached in
-//! plaintext with [`connect`].
+//! (`context`), rebuilt when identities or the bundle's roots change; each
+//! new connection reads the current one, connections already open keep
+//! theirs, so rotation drops nothing. Instances without a sidecar are
+//! reached in plaintext with [`connect`].
+//!
+//! The bundle also lists the tokens the control plane revoked
+//! (`revoked`): certificates issued under them are refused at the
+//! handshake, and connections open with such a peer are refused and closed
+//! through the [`PeerGuard`] each holds.
 
 mod context;
 mod follow;
+pub mod revoked;
 pub mod verify;
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
@@ -32,6 +38,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
 pub use context::{ContextError, LocalCert, TlsContext, certified_key, provider};
 pub use follow::{build, follow};
+pub use revoked::{PeerGuard, Revocations, any_revoked};
 
 use crate::metrics::{Direction, Metrics};
 
@@ -78,6 +85,8 @@ pub enum FailureReason {
     /// Chains fine but is not a mesh identity we accept (URI SANs, trust
     /// domain, or the wrong service).
     BadIdentity,
+    /// Issued under a token the control plane revoked.
+    Revoked,
     Other,
 }
 
@@ -89,6 +98,7 @@ impl FailureReason {
             FailureReason::UnknownCa => "unknown_ca",
             FailureReason::Expired => "expired",
             FailureReason::BadIdentity => "bad_identity",
+            FailureReason::Revoked => "revoked",
             FailureReason::Other => "other",
         }
     }
@@ -110,6 +120,7 @@ impl FailureReason {
                 CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
                     FailureReason::Expired
                 }
+                CertificateError::Revoked => FailureReason::Revoked,
                 CertificateError::NotValidForName
                 | CertificateError::NotValidForNameContext { .. }
                 | CertificateError::ApplicationVerificationFailure
@@ -125,6 +136,8 @@ impl FailureReason {
 pub struct Accepted {
     pub stream: server::TlsStream<TcpStream>,
     pub peer: PeerIdentity,
+    /// Watches the peer's token, when its certificate names one.
+    pub guard: Option<PeerGuard>,
     /// The local service the client asked for by SNI.
     pub service: String,
     /// True for a TCP tunnel (ALPN `isdp-tcp/1`), false for HTTP.
@@ -136,6 +149,7 @@ pub struct Accepted {
 #[derive(Clone)]
 pub struct Tls {
     current: watch::Receiver<Option<Arc<TlsContext>>>,
+    revocations: Revocations,
     metrics: Metrics,
     /// When a handshake failure was last logged at warn (ms since
     /// `started`): a scanner or a misconfigured peer must not flood the
@@ -146,9 +160,15 @@ pub struct Tls {
 }
 
 impl Tls {
-    pub fn new(current: watch::Receiver<Option<Arc<TlsContext>>>, metrics: Metrics) -> Self {
+    /// `revocations` must be the handle the contexts were built with.
+    pub fn new(
+        current: watch::Receiver<Option<Arc<TlsContext>>>,
+        revocations: Revocations,
+        metrics: Metrics,
+    ) -> Self {
         Tls {
             current,
+            revocations,
             metrics,
             last_warn: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             started: std::time::Instant::now(),
@@ -158,6 +178,15 @@ impl Tls {
     /// The configurations in force; None until the first certificate.
     pub fn context(&self) -> Option<Arc<TlsContext>> {
         self.current.borrow().clone()
+    }
+
+    /// The guard of an outbound connection: watches the token of the
+    /// server it reached.
+    pub fn guard_of(&self, stream: &client::TlsStream<TcpStream>) -> Option<PeerGuard> {
+        let leaf = stream.get_ref().1.peer_certificates()?.first()?;
+        let id = verify::uri_san(leaf).ok()?;
+        let grant = crate::grant::of_certificate(leaf).map(|g| g.token);
+        self.revocations.guard(grant, &id, Direction::Outbound)
     }
 
     fn failed(
@@ -178,7 +207,9 @@ impl Tls {
         // +1000 so the very first failure logs at warn.
         let now = self.started.elapsed().as_millis() as u64 + 1000;
         let last = self.last_warn.load(Ordering::Relaxed);
-        let warn = now.saturating_sub(last) >= 1000
+        // A revoked peer is logged at warn once per token, by `revoked`.
+        let warn = reason != FailureReason::Revoked
+            && now.saturating_sub(last) >= 1000
             && self
                 .last_warn
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
@@ -249,10 +280,9 @@ impl Tls {
             }
         };
         let conn = stream.get_ref().1;
-        let id = conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(|leaf| verify::uri_san(leaf).ok());
+        let leaf = conn.peer_certificates().and_then(|c| c.first());
+        let id = leaf.and_then(|leaf| verify::uri_san(leaf).ok());
+        let grant = leaf.and_then(|leaf| crate::grant::of_certificate(leaf).map(|g| g.token));
         let service = conn
             .server_name()
             .and_then(|sni| verify::service_of(sni, &ctx.trust_domain));
@@ -267,8 +297,17 @@ impl Tls {
             return None;
         };
         let tunnel = conn.alpn_protocol() == Some(ALPN_TCP);
+        let guard = self.revocations.guard(grant, &id, Direction::Inbound);
+        if let Some(g) = &guard
+            && g.refuses_handshake()
+        {
+            let e = revoked_error();
+            self.failed(Direction::Inbound, FailureReason::of(&e), peer, &e);
+            return None;
+        }
         Some(Accepted {
             stream,
+            guard,
             peer: PeerIdentity(Arc::from(id)),
             service,
             tunnel,
@@ -308,11 +347,32 @@ impl Tls {
                 "handshake timed out",
             ))
         });
+        // A resumed session skipped the verifier: check the server again.
+        let result = result.and_then(|stream| {
+            let revoked = !self.revocations.is_empty()
+                && self
+                    .guard_of(&stream)
+                    .is_some_and(|g| g.refuses_handshake());
+            if revoked {
+                Err(revoked_error())
+            } else {
+                Ok(stream)
+            }
+        });
         if let Err(e) = &result {
             self.failed(Direction::Outbound, FailureReason::of(e), addr, e);
         }
         result
     }
+}
+
+/// The error of a handshake refused after the fact (a resumed session of a
+/// revoked peer), shaped like the verifiers' so it is classified alike.
+fn revoked_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        rustls::Error::InvalidCertificate(CertificateError::Revoked),
+    )
 }
 
 /// Opens a connection to a peer or a local service, with Nagle off (the

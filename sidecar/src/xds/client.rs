@@ -36,6 +36,25 @@ enum StreamError {
     Ended,
 }
 
+impl StreamError {
+    /// The control plane's message when it refused the caller rather than
+    /// failed: UNAUTHENTICATED (its credentials are revoked or expired) or
+    /// PERMISSION_DENIED.
+    fn refusal(&self) -> Option<String> {
+        match self {
+            StreamError::Status(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                ) =>
+            {
+                Some(s.message().to_owned())
+            }
+            _ => None,
+        }
+    }
+}
+
 /// The client's task state.
 pub(super) struct Client {
     /// Node id and URLs.
@@ -86,14 +105,18 @@ impl Client {
                 break;
             }
             let url = self.dialer.next_url();
-            match self.stream(&url, &mut shutdown).await {
+            let refused = match self.stream(&url, &mut shutdown).await {
                 Ok(()) => break,
-                Err(error) => tracing::warn!(%url, %error, "xds stream down"),
-            }
+                Err(error) => {
+                    tracing::warn!(%url, %error, "xds stream down");
+                    error.refusal()
+                }
+            };
             self.backoff.disconnected();
             self.publish(|s| {
                 s.connected = false;
                 s.reconnects += 1;
+                s.refused = refused;
             });
             if !self.backoff.wait(&mut shutdown).await {
                 break;
@@ -133,6 +156,7 @@ impl Client {
         self.backoff.connected();
         self.publish(|s| {
             s.connected = true;
+            s.refused = None;
             s.control_plane = Some(url.to_owned());
         });
         tracing::info!(%url, held = self.resources.len(), "xds stream open");

@@ -152,6 +152,7 @@ mod tests {
         let good = TrustBundle {
             trust_domain: "mesh.test".into(),
             roots_der: vec![ca.root.to_vec()],
+            ..Default::default()
         };
         let resp = |r| DeltaDiscoveryResponse {
             resources: vec![r],

@@ -221,6 +221,7 @@ async fn follows_the_trust_bundle_and_policies_without_upstreams() {
     let bundle = TrustBundle {
         trust_domain: "mesh.test".into(),
         roots_der: vec![ca.root.to_vec()],
+        ..Default::default()
     };
     let policy = AuthorizationPolicy {
         destination: "web".into(),
@@ -281,6 +282,7 @@ async fn follows_the_trust_bundle_and_policies_without_upstreams() {
             TrustBundle {
                 trust_domain: "mesh.test".into(),
                 roots_der: vec![vec![1, 2, 3]],
+                ..Default::default()
             }
             .encode_to_vec(),
             "b2",
@@ -307,4 +309,66 @@ async fn no_upstreams_is_ready_at_once() {
     assert!(snapshots.borrow().ready);
     stop.send(true).unwrap();
     task.await.unwrap();
+}
+
+async fn next_stream(
+    streams: &mut mpsc::UnboundedReceiver<(Streaming<DeltaDiscoveryRequest>, Outbound)>,
+) -> (Streaming<DeltaDiscoveryRequest>, Outbound) {
+    tokio::time::timeout(Duration::from_secs(10), streams.recv())
+        .await
+        .expect("the client reconnects")
+        .unwrap()
+}
+
+/// The first snapshot satisfying `f`, within 10 s.
+async fn until(
+    snapshots: &mut watch::Receiver<Arc<Snapshot>>,
+    f: impl FnMut(&Arc<Snapshot>) -> bool,
+) -> Arc<Snapshot> {
+    tokio::time::timeout(Duration::from_secs(10), snapshots.wait_for(f))
+        .await
+        .expect("in time")
+        .unwrap()
+        .clone()
+}
+
+/// A stream the control plane ends with UNAUTHENTICATED (the sidecar's
+/// token was revoked) is reported as a refusal until a stream opens again;
+/// one that merely fails is not.
+#[tokio::test]
+async fn a_refusal_is_reported_until_a_stream_opens() {
+    let (url, mut streams) = fake_server().await;
+    let (_stop, shutdown) = watch::channel(false);
+    let settings = XdsSettings {
+        node_id: "web-1".into(),
+        control_plane: vec![url],
+        upstreams: vec![],
+        local_services: vec![],
+        auth: Default::default(),
+    };
+    let (mut snapshots, _task) = spawn(settings, shutdown);
+    let (_inbound, outbound) = next_stream(&mut streams).await;
+    until(&mut snapshots, |s| s.connected).await;
+    outbound
+        .send(Err(Status::unauthenticated(
+            "token 0123456789abcdef was revoked",
+        )))
+        .await
+        .unwrap();
+    let snap = until(&mut snapshots, |s| s.refused.is_some()).await;
+    assert_eq!(
+        snap.refused.as_deref(),
+        Some("token 0123456789abcdef was revoked")
+    );
+
+    // Accepted again: no longer refused.
+    let (_inbound, outbound) = next_stream(&mut streams).await;
+    until(&mut snapshots, |s| s.refused.is_none()).await;
+    // An outage is not a refusal.
+    outbound
+        .send(Err(Status::unavailable("going away")))
+        .await
+        .unwrap();
+    until(&mut snapshots, |s| !s.connected).await;
+    assert_eq!(snapshots.borrow().refused, None);
 }

@@ -3,7 +3,8 @@
 //! sidecars move to the other without a failed request or a lost
 //! registration; the mesh rides out the loss of an etcd member, and of all
 //! of etcd (the data plane keeps serving, writes fail with UNAVAILABLE,
-//! and everything converges once etcd is back).
+//! and everything converges once etcd is back); a token revoked through
+//! one replica is refused by the other's sidecars within its next re-read.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -467,4 +468,55 @@ async fn a_client_only_sidecar_becomes_ready_on_either_replica_after_writes_else
             .await;
         crate::sessions::client_only_ready(&sidecar, "rule written on replica a").await;
     }
+}
+
+/// A token revoked through one replica: the other learns the tombstone on
+/// its next re-read of the tokens (every second) and its sidecars refuse
+/// the certificates issued under the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_through_one_replica_reaches_sidecars_on_the_other() {
+    use super::mtls::{mesh_identity_under, payments_instance, tls};
+    let etcd = EtcdCluster::start(3).await;
+    let (a, b) = replicas(&etcd, ControlPlaneOpts::default()).await;
+    let (_echo, pay) = payments_instance(&b, "pay-0").await;
+    pay.wait_ready(Duration::from_secs(20)).await;
+    let created: serde_json::Value = serde_json::from_str(
+        &a.ctl_ok(&[
+            "-o",
+            "json",
+            "token",
+            "create",
+            "--role",
+            "join",
+            "--service",
+            "web",
+        ])
+        .await,
+    )
+    .unwrap();
+    let (id, secret) = (
+        created["id"].as_str().unwrap(),
+        created["secret"].as_str().unwrap(),
+    );
+    let (chain, key) = mesh_identity_under(&a, "web", 300, secret).await;
+    let client = || Some((chain.clone(), key.clone_key()));
+    let ca = std::fs::read_to_string(b.ca_file()).unwrap();
+    let ok = tls::attempt(pay.inbound_addr(), &ca, SERVICE, client())
+        .await
+        .expect("accepted before the revocation");
+    assert!(ok.starts_with(b"HTTP/1.1 200"));
+
+    let start = Instant::now();
+    a.ctl_ok(&["token", "revoke", id]).await;
+    eventually(Duration::from_secs(5), "B's sidecar refuses", || async {
+        let refused = tls::attempt(pay.inbound_addr(), &ca, SERVICE, client()).await;
+        anyhow::ensure!(refused.is_err(), "accepted");
+        Ok(())
+    })
+    .await;
+    let took = start.elapsed();
+    eprintln!("revoked through A -> refused at B's sidecar after {took:?}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    let config = pay.config_json().await.unwrap();
+    assert_eq!(config["xds"]["revoked_grants"], serde_json::json!([id]));
 }

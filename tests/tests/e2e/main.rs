@@ -22,6 +22,7 @@ mod ownership;
 mod policy;
 mod quotas;
 mod resilience;
+mod revocation;
 mod roles;
 mod secrets;
 mod sessions;

@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub(crate) const SERVICE: &str = "payments";
-const SETUP: Duration = Duration::from_secs(20);
+pub(crate) const SETUP: Duration = Duration::from_secs(20);
 
 /// `payments` (echo-http behind sidecar `pay-0`) and a `web` sidecar with a
 /// `payments` listener.
@@ -53,9 +53,15 @@ impl Mesh {
 }
 
 /// One payments instance, `pay-0`, behind its sidecar.
-async fn payments(cp: &ControlPlane) -> (EchoHttp, Sidecar) {
-    let echo = EchoHttp::start("pay-0").await;
-    let pay = SidecarToml::new("pay-0", &cp.grpc_url())
+pub(super) async fn payments(cp: &ControlPlane) -> (EchoHttp, Sidecar) {
+    payments_instance(cp, "pay-0").await
+}
+
+/// A payments instance `id` behind its sidecar (joined with the admin
+/// token).
+pub(super) async fn payments_instance(cp: &ControlPlane, id: &str) -> (EchoHttp, Sidecar) {
+    let echo = EchoHttp::start(id).await;
+    let pay = SidecarToml::new(id, &cp.grpc_url())
         .raw(&format!(
             "[[service]]\nname = \"{SERVICE}\"\nport = {port}\nprotocol = \"http\"\n\
              check = \"{check}\"\ninterval = \"200ms\"\n",
@@ -69,7 +75,7 @@ async fn payments(cp: &ControlPlane) -> (EchoHttp, Sidecar) {
 
 /// A `GET` with `Connection: close` over a fresh connection; the status
 /// and the response head.
-async fn fetch(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+pub(super) async fn fetch(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr).await?;
     s.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: {SERVICE}\r\nConnection: close\r\n\r\n").as_bytes(),
@@ -101,7 +107,7 @@ pub(crate) async fn counter(sidecar: &Sidecar, name: &str, labels: &str) -> f64 
 
 // === raw TLS clients ===
 
-mod tls {
+pub(super) mod tls {
     use std::sync::Arc;
 
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -206,6 +212,20 @@ async fn mesh_identity(
     Vec<rustls::pki_types::CertificateDer<'static>>,
     rustls::pki_types::PrivateKeyDer<'static>,
 ) {
+    mesh_identity_under(cp, service, secs, cp.admin_token()).await
+}
+
+/// Like [`mesh_identity`], signed for the bearer of `token`: the
+/// certificate is issued under that token.
+pub(super) async fn mesh_identity_under(
+    cp: &ControlPlane,
+    service: &str,
+    secs: u64,
+    token: &str,
+) -> (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
     use isdp_proto::v1::{SignRequest, certificates_client::CertificatesClient};
     let key = rcgen::KeyPair::generate().unwrap();
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())
@@ -218,10 +238,8 @@ async fn mesh_identity(
         csr_der: csr.der().to_vec(),
         lifetime_seconds: secs,
     });
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", cp.admin_token()).parse().unwrap(),
-    );
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
     let signed = client.sign(req).await.expect("Sign").into_inner();
     (
         signed

@@ -33,7 +33,7 @@ use hyper_util::rt::TokioIo;
 use super::{Mesh, SendError};
 use crate::proxy::{
     http::{Body, BoxError, boxed},
-    transport::{self, Alpn},
+    transport::{self, Alpn, PeerGuard, any_revoked},
 };
 
 /// Idle connections older than this are closed rather than reused: the
@@ -85,8 +85,16 @@ impl H1Pool {
                 .connect(addr, service, Alpn::Http1, timeout)
                 .await
                 .map_err(SendError::Connect)?;
-            let mut sender = handshake(addr, stream).await?;
-            let resp = sender.send_request(req).await.map_err(SendError::Request)?;
+            let guard = tls.guard_of(&stream);
+            let mut sender = handshake(addr, stream, guard.clone()).await?;
+            let mut resp = sender.send_request(req).await.map_err(SendError::Request)?;
+            // An upgraded connection leaves the connection's task: the
+            // splice watches the server's token from here on.
+            if let Some(guard) = guard
+                && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            {
+                resp.extensions_mut().insert(guard);
+            }
             return Ok(resp.map(boxed));
         }
         let max_idle = req
@@ -163,13 +171,19 @@ impl H1Pool {
         let stream = transport::connect(addr, timeout)
             .await
             .map_err(SendError::Connect)?;
-        handshake(addr, stream).await
+        handshake(addr, stream, None).await
     }
 }
 
 /// HTTP/1.1 (with upgrades) over `stream`; the connection runs in its own
 /// task.
-async fn handshake<IO>(addr: SocketAddr, stream: IO) -> Result<http1::SendRequest<Body>, SendError>
+/// HTTP/1.1 over `stream`; the connection runs in its own task, which
+/// ends early if `guard`'s peer (another sidecar) has its token revoked.
+async fn handshake<IO>(
+    addr: SocketAddr,
+    stream: IO,
+    guard: Option<PeerGuard>,
+) -> Result<http1::SendRequest<Body>, SendError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -178,8 +192,12 @@ where
         .await
         .map_err(SendError::Request)?;
     tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(%addr, error = %e, "http/1.1 connection ended");
+        let guards: Vec<PeerGuard> = guard.into_iter().collect();
+        tokio::select! {
+            r = conn.with_upgrades() => if let Err(e) = r {
+                tracing::debug!(%addr, error = %e, "http/1.1 connection ended");
+            },
+            _ = any_revoked(&guards) => {}
         }
     });
     Ok(sender)

@@ -20,7 +20,7 @@ use super::{Mesh, SendError};
 use crate::proxy::{
     http::Body,
     resilience::{ConnectLimits, Permit},
-    transport::{self, Alpn},
+    transport::{self, Alpn, PeerGuard, any_revoked},
 };
 
 /// The peer's address and, over mTLS, the service named in SNI.
@@ -116,13 +116,14 @@ impl H2Pool {
                     .connect(addr, service, Alpn::H2, timeout)
                     .await
                     .map_err(SendError::Connect)?;
-                handshake(addr, stream, open).await?
+                let guard = tls.guard_of(&stream);
+                handshake(addr, stream, open, guard).await?
             }
             None => {
                 let stream = transport::connect(addr, timeout)
                     .await
                     .map_err(SendError::Connect)?;
-                handshake(addr, stream, open).await?
+                handshake(addr, stream, open, None).await?
             }
         };
         self.conns.insert(key.clone(), sender.clone());
@@ -130,11 +131,15 @@ impl H2Pool {
     }
 }
 
-/// HTTP/2 over `stream`; the connection runs in its own task.
+/// HTTP/2 over `stream`; the connection runs in its own task, which drops
+/// it as soon as `guard`'s peer (another sidecar) has its token revoked:
+/// the pool then sees it closed and the next request's handshake refuses
+/// the peer.
 async fn handshake<IO>(
     addr: SocketAddr,
     stream: IO,
     open: Option<Permit>,
+    guard: Option<PeerGuard>,
 ) -> Result<http2::SendRequest<Body>, SendError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -148,8 +153,12 @@ where
             .await
             .map_err(SendError::Request)?;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "http/2 connection to peer ended");
+            let guards: Vec<PeerGuard> = guard.into_iter().collect();
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(%addr, error = %e, "http/2 connection to peer ended");
+                },
+                _ = any_revoked(&guards) => {}
             }
             // The connection counts against its upstream until now.
             drop(open);

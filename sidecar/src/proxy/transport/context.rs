@@ -14,6 +14,7 @@ use rustls::{
 
 use super::{
     ALPN_H2, ALPN_HTTP1, ALPN_TCP,
+    revoked::Revocations,
     verify::{SpiffeClientVerifier, SpiffeServerVerifier, server_name},
 };
 
@@ -64,11 +65,14 @@ impl fmt::Debug for TlsContext {
 impl TlsContext {
     /// `local` are the certificates served by SNI (one per local service),
     /// `primary` the one presented as a client; `roots` the trust bundle.
+    /// The verifiers read `revocations` live: a revocation needs no new
+    /// context.
     pub fn new(
         trust_domain: &str,
         local: &[LocalCert],
         primary: Arc<CertifiedKey>,
         roots: &[CertificateDer<'static>],
+        revocations: &Revocations,
     ) -> Result<Self, ContextError> {
         let provider = provider();
         let trust_domain: Arc<str> = Arc::from(trust_domain);
@@ -98,6 +102,7 @@ impl TlsContext {
             .with_client_cert_verifier(Arc::new(SpiffeClientVerifier {
                 inner: client_verifier,
                 trust_domain: trust_domain.clone(),
+                revocations: revocations.clone(),
             }))
             .with_cert_resolver(Arc::new(resolver));
         server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_TCP.to_vec()];
@@ -108,6 +113,7 @@ impl TlsContext {
         let verifier = Arc::new(SpiffeServerVerifier {
             inner: server_verifier,
             trust_domain: trust_domain.clone(),
+            revocations: revocations.clone(),
         });
         let client = |alpn: &[u8]| -> Result<Arc<ClientConfig>, ContextError> {
             let mut c = ClientConfig::builder_with_provider(provider.clone())

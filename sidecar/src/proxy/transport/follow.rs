@@ -1,6 +1,8 @@
 //! Keeps the [`TlsContext`] in force current: rebuilt whenever the
-//! identities or the trust bundle change, published in a `watch` that each
-//! new connection reads.
+//! identities or the trust bundle's roots change, published in a `watch`
+//! that each new connection reads. The bundle's revoked tokens go to
+//! [`Revocations`] instead, which the verifiers and open connections read
+//! live: a revocation rebuilds nothing.
 
 use std::sync::Arc;
 
@@ -8,13 +10,17 @@ use isdp_proto::v1::TrustBundle;
 use rustls::pki_types::CertificateDer;
 use tokio::{sync::watch, task::JoinHandle};
 
-use super::{LocalCert, TlsContext};
+use super::{LocalCert, Revocations, TlsContext};
 use crate::{identity::Identities, xds::Snapshot};
 
 /// Builds the context from what is known now; None while there is no
 /// primary identity (the sidecar cannot speak mTLS yet) or on a bad bundle
 /// (logged; the previous context stays in force).
-pub fn build(ids: &Identities, bundle: Option<&TrustBundle>) -> Option<Arc<TlsContext>> {
+pub fn build(
+    ids: &Identities,
+    bundle: Option<&TrustBundle>,
+    revocations: &Revocations,
+) -> Option<Arc<TlsContext>> {
     let primary = ids.primary()?;
     let (trust_domain, roots): (&str, Vec<CertificateDer<'static>>) = match bundle {
         Some(b) => (
@@ -34,7 +40,13 @@ pub fn build(ids: &Identities, bundle: Option<&TrustBundle>) -> Option<Arc<TlsCo
             key: i.key.clone(),
         })
         .collect();
-    match TlsContext::new(trust_domain, &local, primary.key.clone(), &roots) {
+    match TlsContext::new(
+        trust_domain,
+        &local,
+        primary.key.clone(),
+        &roots,
+        revocations,
+    ) {
         Ok(ctx) => Some(Arc::new(ctx)),
         Err(error) => {
             tracing::warn!(%error, "cannot build the TLS context; keeping the previous one");
@@ -43,14 +55,28 @@ pub fn build(ids: &Identities, bundle: Option<&TrustBundle>) -> Option<Arc<TlsCo
     }
 }
 
-/// Follows identities and snapshots until shutdown.
+/// Whether two bundles hold the same roots (the revoked tokens aside).
+fn same_roots(a: Option<&TrustBundle>, b: Option<&TrustBundle>) -> bool {
+    a.map(|a| (&a.trust_domain, &a.roots_der)) == b.map(|b| (&b.trust_domain, &b.roots_der))
+}
+
+/// Follows identities and snapshots until shutdown, keeping `revocations`
+/// in step with the bundle.
 pub fn follow(
     mut identities: watch::Receiver<Arc<Identities>>,
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    revocations: Revocations,
     mut shutdown: watch::Receiver<bool>,
 ) -> (watch::Receiver<Option<Arc<TlsContext>>>, JoinHandle<()>) {
     let mut bundle = snapshots.borrow_and_update().trust_bundle.clone();
-    let first = build(&identities.borrow_and_update(), bundle.as_ref());
+    if let Some(b) = &bundle {
+        revocations.update(&b.revoked_grants);
+    }
+    let first = build(
+        &identities.borrow_and_update(),
+        bundle.as_ref(),
+        &revocations,
+    );
     let (tx, rx) = watch::channel(first);
     let task = tokio::spawn(async move {
         loop {
@@ -66,11 +92,18 @@ pub fn follow(
                     if next == bundle {
                         continue;
                     }
+                    if let Some(b) = &next {
+                        revocations.update(&b.revoked_grants);
+                    }
+                    let rebuild = !same_roots(next.as_ref(), bundle.as_ref());
                     bundle = next;
+                    if !rebuild {
+                        continue;
+                    }
                 }
             }
             let ids = identities.borrow_and_update().clone();
-            match build(&ids, bundle.as_ref()) {
+            match build(&ids, bundle.as_ref(), &revocations) {
                 Some(ctx) => {
                     tracing::info!(trust_domain = %ctx.trust_domain, "tls context updated");
                     tx.send_replace(Some(ctx));
@@ -105,11 +138,13 @@ mod tests {
             key,
             pem: None,
             not_after: SystemTime::now() + Duration::from_secs(3600),
+            grant: None,
         };
         Arc::new(Identities {
             by_service: [(service.to_owned(), Arc::new(id))].into(),
             primary: Some(service.into()),
             trust_bundle: vec![ca.root.clone()],
+            ..Default::default()
         })
     }
 
@@ -122,7 +157,8 @@ mod tests {
         }));
         let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
         let (_stop, shutdown) = watch::channel(false);
-        let (mut ctx, _task) = follow(ids_rx, snap_rx, shutdown);
+        let revocations = Revocations::new(crate::metrics::Metrics::new());
+        let (mut ctx, _task) = follow(ids_rx, snap_rx, revocations.clone(), shutdown);
         assert!(ctx.borrow().is_none(), "no certificate, no mTLS");
 
         ids_tx.send(identities(&ca, "web")).unwrap();
@@ -140,11 +176,21 @@ mod tests {
             Arc::make_mut(s).trust_bundle = Some(TrustBundle {
                 trust_domain: "other.test".into(),
                 roots_der: vec![ca.root.to_vec()],
+                ..Default::default()
             })
         });
         ctx.changed().await.unwrap();
         let second = ctx.borrow_and_update().clone().expect("context");
         assert_eq!(&*second.trust_domain, "other.test");
+
+        // A revocation reaches the revoked set, and rebuilds nothing.
+        snap_tx.send_modify(|s| {
+            let bundle = Arc::make_mut(s).trust_bundle.as_mut().unwrap();
+            bundle.revoked_grants = vec!["aaaaaaaaaaaaaaaa".into()];
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(revocations.is_revoked("aaaaaaaaaaaaaaaa"));
+        assert!(!ctx.has_changed().unwrap());
 
         // The certificate expired unrenewed: no context.
         ids_tx

@@ -16,9 +16,44 @@ use crate::test_pki::{Leaf, TD, TestCa, self_signed};
 const CONNECT: Duration = Duration::from_secs(2);
 
 fn ctx(ca: &TestCa, services: &[&str], client_as: &str) -> Arc<TlsContext> {
-    let local: Vec<LocalCert> = services.iter().map(|s| ca.service(TD, s)).collect();
-    let primary = ca.service(TD, client_as).key;
-    Arc::new(TlsContext::new(TD, &local, primary, std::slice::from_ref(&ca.root)).unwrap())
+    let revocations = Revocations::new(Metrics::new());
+    ctx_granted(ca, services, client_as, None, &revocations)
+}
+
+/// Like [`ctx`], with certificates issued under `grant` and verifiers that
+/// read `revocations`.
+fn ctx_granted(
+    ca: &TestCa,
+    services: &[&str],
+    client_as: &str,
+    grant: Option<&str>,
+    revocations: &Revocations,
+) -> Arc<TlsContext> {
+    let leaf = |service: &str| {
+        let leaf = Leaf::service(TD, service);
+        match grant {
+            Some(g) => leaf.granted_by(g),
+            None => leaf,
+        }
+    };
+    let local: Vec<LocalCert> = services
+        .iter()
+        .map(|s| LocalCert {
+            service: s.to_string(),
+            key: ca.issue(&leaf(s)),
+        })
+        .collect();
+    let primary = ca.issue(&leaf(client_as));
+    Arc::new(
+        TlsContext::new(
+            TD,
+            &local,
+            primary,
+            std::slice::from_ref(&ca.root),
+            revocations,
+        )
+        .unwrap(),
+    )
 }
 
 /// A TLS echo server; reports each accepted connection's peer and service.
@@ -51,9 +86,18 @@ async fn server(
 }
 
 fn tls_of(ctx: Arc<TlsContext>) -> (Tls, Metrics, watch::Sender<Option<Arc<TlsContext>>>) {
-    let (tx, rx) = watch::channel(Some(ctx));
     let metrics = Metrics::new();
-    (Tls::new(rx, metrics.clone()), metrics, tx)
+    let (tls, tx) = tls_with(ctx, &Revocations::new(metrics.clone()), &metrics);
+    (tls, metrics, tx)
+}
+
+fn tls_with(
+    ctx: Arc<TlsContext>,
+    revocations: &Revocations,
+    metrics: &Metrics,
+) -> (Tls, watch::Sender<Option<Arc<TlsContext>>>) {
+    let (tx, rx) = watch::channel(Some(ctx));
+    (Tls::new(rx, revocations.clone(), metrics.clone()), tx)
 }
 
 async fn echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S, msg: &[u8]) {
@@ -122,6 +166,7 @@ fn raw_client(ca: &TestCa, cert: Option<Arc<CertifiedKey>>) -> TlsConnector {
     let verifier = Arc::new(verify::SpiffeServerVerifier {
         inner,
         trust_domain: Arc::from(TD),
+        revocations: Revocations::new(Metrics::new()),
     });
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -223,6 +268,7 @@ async fn the_client_refuses_a_server_of_another_service() {
         &[impostor],
         ca.service(TD, "payments").key,
         std::slice::from_ref(&ca.root),
+        &Revocations::new(Metrics::new()),
     )
     .unwrap();
     let (server_tls, _, _keep) = tls_of(Arc::new(server_ctx));
@@ -290,7 +336,7 @@ async fn requests_between_sidecars_carry_the_callers_identity() {
     use crate::proxy::{
         forward::{Dest, Forwarder, Hop},
         http::{Body, boxed},
-        outbound::{BoxFuture, answer},
+        outbound::{BoxFuture, ClientAddr, answer},
         serve_conn,
     };
 
@@ -312,13 +358,8 @@ async fn requests_between_sidecars_carry_the_callers_identity() {
             let (s, peer) = l.accept().await.unwrap();
             count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let a = server_tls.accept(s, peer).await.unwrap();
-            tokio::spawn(serve_conn(
-                a.stream,
-                peer,
-                Some((a.peer, Arc::from(a.service))),
-                svc,
-                shutdown.clone(),
-            ));
+            let client = ClientAddr::mesh(peer, a.peer, Arc::from(a.service), a.guard);
+            tokio::spawn(serve_conn(a.stream, client, svc, shutdown.clone()));
         }
     });
 
@@ -384,4 +425,269 @@ async fn tunnels_pass_half_close_through_tls() {
     s.read_to_end(&mut back).await.unwrap();
     assert_eq!(back, b"after eof: query");
     server.await.unwrap();
+}
+
+/// Two sidecars, in process, as in
+/// [`requests_between_sidecars_carry_the_callers_identity`]: `web` (its
+/// certificate issued under token `WEB`) calls `payments` (under `PAY`)
+/// through the forwarder's HTTP/2 pool; each side has its own revoked set.
+struct Pair {
+    forwarder: crate::proxy::forward::Forwarder,
+    dest: crate::proxy::forward::Dest,
+    /// Handshakes the server side accepted.
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    server: (Revocations, Metrics),
+    client: (Revocations, Metrics),
+    _keep: Vec<watch::Sender<Option<Arc<TlsContext>>>>,
+    _stop: watch::Sender<bool>,
+}
+
+const WEB: &str = "aaaaaaaaaaaaaaaa";
+const PAY: &str = "bbbbbbbbbbbbbbbb";
+
+impl Pair {
+    async fn start() -> Pair {
+        use http_body_util::{BodyExt, Full};
+
+        use crate::proxy::{
+            forward::{Dest, Forwarder},
+            http::{Body, boxed},
+            outbound::{BoxFuture, ClientAddr, answer},
+            serve_conn,
+        };
+        let ca = TestCa::new("mesh");
+        let server_metrics = Metrics::new();
+        let server = (Revocations::new(server_metrics.clone()), server_metrics);
+        let client_metrics = Metrics::new();
+        let client = (Revocations::new(client_metrics.clone()), client_metrics);
+        let server_ctx = ctx_granted(&ca, &["payments"], "payments", Some(PAY), &server.0);
+        let (server_tls, keep_server) = tls_with(server_ctx, &server.0, &server.1);
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        let svc = tower::service_fn(|_req: http::Request<Body>| -> BoxFuture {
+            answer(http::Response::new(boxed(
+                Full::new(bytes::Bytes::from("ok")).map_err(|e| match e {}),
+            )))
+        });
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, peer) = l.accept().await.unwrap();
+                let (server_tls, count, shutdown) =
+                    (server_tls.clone(), count.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    let Some(a) = server_tls.accept(s, peer).await else {
+                        return;
+                    };
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let client = ClientAddr::mesh(peer, a.peer, Arc::from(a.service), a.guard);
+                    serve_conn(a.stream, client, svc, shutdown).await
+                });
+            }
+        });
+        let client_ctx = ctx_granted(&ca, &["web"], "web", Some(WEB), &client.0);
+        let (client_tls, keep_client) = tls_with(client_ctx, &client.0, &client.1);
+        Pair {
+            forwarder: Forwarder::new(CONNECT).with_tls(client_tls),
+            dest: Dest::mesh(addr, Arc::from("payments")),
+            accepted,
+            server,
+            client,
+            _keep: vec![keep_server, keep_client],
+            _stop: stop,
+        }
+    }
+
+    async fn status(&self) -> u16 {
+        use http_body_util::BodyExt;
+        let req = http::Request::get("http://payments/x")
+            .body(crate::proxy::http::boxed(
+                http_body_util::Empty::<bytes::Bytes>::new().map_err(|e| match e {}),
+            ))
+            .unwrap();
+        let resp = self
+            .forwarder
+            .forward(req, &self.dest, crate::proxy::forward::Hop::Http2)
+            .await;
+        let status = resp.status().as_u16();
+        let _ = resp.into_body().collect().await;
+        status
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+fn refusals(metrics: &Metrics, direction: &str, stage: &str) -> u64 {
+    let needle =
+        format!("isdp_revoked_peer_refusals_total{{direction=\"{direction}\",stage=\"{stage}\"}} ");
+    metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(&needle).map(|n| n.parse().unwrap()))
+        .unwrap_or(0)
+}
+
+/// Revoking the caller's token reaches its open connection: the server
+/// closes it, and the caller's next handshake is refused as `revoked`.
+/// Another token's revocation changes nothing.
+#[tokio::test]
+async fn a_revoked_caller_loses_its_open_connection_and_new_handshakes() {
+    let pair = Pair::start().await;
+    for _ in 0..3 {
+        assert_eq!(pair.status().await, 200);
+    }
+    assert_eq!(pair.accepted(), 1, "one multiplexed connection");
+
+    pair.server.0.update(&["cccccccccccccccc".into()]);
+    assert_eq!(pair.status().await, 200, "another token");
+    assert_eq!(pair.accepted(), 1, "the connection stays");
+
+    pair.server
+        .0
+        .update(&["cccccccccccccccc".into(), WEB.into()]);
+    let mut status = 200;
+    for _ in 0..50 {
+        status = pair.status().await;
+        if status != 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(status == 502 || status == 403, "refused: {status}");
+    assert_eq!(refusals(&pair.server.1, "inbound", "connection"), 1);
+    // The next attempts open new connections, which the handshake refuses.
+    for _ in 0..2 {
+        assert_ne!(pair.status().await, 200);
+    }
+    assert_eq!(pair.accepted(), 1, "no handshake succeeded since");
+    assert!(count(&pair.server.1, "inbound", "revoked") >= 1);
+
+    // Pruned from the bundle (the certificate would have expired): back.
+    pair.server.0.update(&[]);
+    assert_eq!(pair.status().await, 200);
+}
+
+/// Revoking the server's token makes the caller drop its pooled
+/// connection to it and refuse the server at the next handshake.
+#[tokio::test]
+async fn a_revoked_server_is_dropped_from_the_pool_and_refused() {
+    let pair = Pair::start().await;
+    assert_eq!(pair.status().await, 200);
+    pair.client.0.update(&[PAY.into()]);
+    let mut status = 200;
+    for _ in 0..50 {
+        status = pair.status().await;
+        if status != 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(status, 502, "the caller refuses the server");
+    assert_eq!(refusals(&pair.client.1, "outbound", "connection"), 1);
+    assert_eq!(count(&pair.client.1, "outbound", "revoked"), 1);
+    assert_eq!(
+        pair.accepted(),
+        1,
+        "the server never saw a second handshake through"
+    );
+}
+
+/// An accepted tunnel carries its caller's guard, which ends it (as the
+/// inbound listener does) once the caller's token is revoked.
+#[tokio::test]
+async fn an_accepted_tunnel_ends_when_its_caller_is_revoked() {
+    let ca = TestCa::new("mesh");
+    let server_metrics = Metrics::new();
+    let server_revoked = Revocations::new(server_metrics.clone());
+    let server_ctx = ctx_granted(&ca, &["db"], "db", Some(PAY), &server_revoked);
+    let (server_tls, _keep) = tls_with(server_ctx, &server_revoked, &server_metrics);
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (s, peer) = l.accept().await.unwrap();
+        let a = server_tls.accept(s, peer).await.unwrap();
+        let guards: Vec<PeerGuard> = a.guard.into_iter().collect();
+        let (mut r, mut w) = tokio::io::split(a.stream);
+        // What the inbound listener does with a tunnel, its local service
+        // an echo.
+        tokio::select! {
+            _ = tokio::io::copy(&mut r, &mut w) => "finished",
+            _ = any_revoked(&guards) => "closed",
+        }
+    });
+    let (client_tls, _, _keep2) = tls_of(ctx_granted(
+        &ca,
+        &["web"],
+        "web",
+        Some(WEB),
+        &Revocations::new(Metrics::new()),
+    ));
+    let mut s = client_tls
+        .connect(addr, "db", Alpn::Tcp, CONNECT)
+        .await
+        .unwrap();
+    echo(&mut s, b"before").await;
+    server_revoked.update(&[WEB.into()]);
+    let how = tokio::time::timeout(Duration::from_secs(2), server)
+        .await
+        .expect("the tunnel ends")
+        .unwrap();
+    assert_eq!(how, "closed");
+    let mut buf = [0u8; 1];
+    assert!(
+        !matches!(s.read(&mut buf).await, Ok(1)),
+        "nothing more comes back"
+    );
+}
+
+/// A full handshake is refused by the verifier, which tells the client why
+/// (`certificate_revoked`); a resumed one, which skips the verifier, by
+/// the check after it (see the pair tests above, whose reconnections
+/// resume).
+#[tokio::test]
+async fn a_client_under_a_revoked_token_is_told_so() {
+    let ca = TestCa::new("mesh");
+    let metrics = Metrics::new();
+    let revocations = Revocations::new(metrics.clone());
+    revocations.update(&[WEB.into()]);
+    let server_ctx = ctx_granted(&ca, &["payments"], "payments", None, &revocations);
+    let (server_tls, _keep) = tls_with(server_ctx, &revocations, &metrics);
+    let (addr, mut accepted) = server(server_tls).await;
+    let name = ServerName::try_from("payments.svc.mesh.test").unwrap();
+    let cert = ca.issue(&Leaf::service(TD, "web").granted_by(WEB));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut s = raw_client(&ca, Some(cert))
+        .connect(name.clone(), tcp)
+        .await
+        .expect("TLS 1.3: the client finishes first");
+    let _ = s.write_all(b"x").await;
+    let mut buf = [0u8; 1];
+    let err = s.read(&mut buf).await.unwrap_err();
+    let alert = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .cloned();
+    assert_eq!(
+        alert,
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::CertificateRevoked
+        )),
+        "{err}"
+    );
+    assert!(accepted.recv().await.unwrap().is_none());
+    assert_eq!(count(&metrics, "inbound", "revoked"), 1);
+
+    // Another token's certificate passes.
+    let other = ca.issue(&Leaf::service(TD, "web").granted_by(PAY));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut s = raw_client(&ca, Some(other))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    echo(&mut s, b"fine").await;
+    assert!(accepted.recv().await.unwrap().is_some());
 }

@@ -4,7 +4,8 @@
 //!
 //! Chain building, signatures and validity periods stay with rustls'
 //! `WebPki*Verifier`s; these wrappers only add what webpki does not know
-//! about (SPIFFE), so the cryptographic checks are never re-implemented.
+//! about (SPIFFE, and the tokens the control plane revoked: `revoked.rs`),
+//! so the cryptographic checks are never re-implemented.
 
 use std::sync::Arc;
 
@@ -18,6 +19,9 @@ use rustls::{
     server::danger::{ClientCertVerified, ClientCertVerifier},
 };
 use x509_parser::{extensions::GeneralName, prelude::FromDer};
+
+use super::revoked::Revocations;
+use crate::metrics::Direction;
 
 /// Why a certificate's identity is refused; carried inside
 /// `CertificateError::Other` so the handshake error says what was wrong
@@ -100,11 +104,13 @@ pub fn service_of(server_name: &str, trust_domain: &str) -> Option<String> {
 // === Client certificates (inbound) ===
 
 /// Requires a client certificate chaining to the bundle (webpki) whose one
-/// URI SAN is a SPIFFE ID in the trust domain.
+/// URI SAN is a SPIFFE ID in the trust domain, issued under a token that
+/// was not revoked.
 #[derive(Debug)]
 pub struct SpiffeClientVerifier {
     pub inner: Arc<dyn ClientCertVerifier>,
     pub trust_domain: Arc<str>,
+    pub revocations: Revocations,
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
@@ -125,7 +131,9 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        spiffe_id(end_entity, &self.trust_domain)?;
+        let id = spiffe_id(end_entity, &self.trust_domain)?;
+        self.revocations
+            .check(end_entity, &id, Direction::Inbound)?;
         Ok(verified)
     }
 
@@ -157,11 +165,13 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 /// Checks the server's chain and DNS name (webpki), then that its SPIFFE ID
 /// is exactly the service named by the SNI we sent: a certificate for
 /// another service of the same mesh is refused, so a misrouted or
-/// compromised endpoint cannot answer for a service it is not.
+/// compromised endpoint cannot answer for a service it is not. Nor may one
+/// whose token was revoked.
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
     pub inner: Arc<WebPkiServerVerifier>,
     pub trust_domain: Arc<str>,
+    pub revocations: Revocations,
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -188,6 +198,8 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         if got != expected {
             return Err(IdentityError::WrongService { got, expected }.into());
         }
+        self.revocations
+            .check(end_entity, &got, Direction::Outbound)?;
         Ok(verified)
     }
 
