@@ -18,8 +18,8 @@ use std::{
 
 use anyhow::Context as _;
 use clap::Parser;
+pub use isdp_core::dial::{ControlAuth, ControlChannel as Channel};
 use isdp_proto::v1::{Instance, RegisterRequest, registry_client::RegistryClient};
-pub use isdp_sidecar::dial::{ControlAuth, ControlChannel as Channel};
 use tokio::{sync::watch, task::JoinHandle};
 
 /// A fresh data dir, private (0700) as the control plane wants it.
@@ -191,7 +191,7 @@ pub async fn channels(
 ) -> anyhow::Result<Vec<Channel>> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        let ch = isdp_sidecar::dial::connect(&format!("https://{addr}"), auth)
+        let ch = isdp_core::dial::connect(&format!("https://{addr}"), auth)
             .await
             .with_context(|| format!("connecting to {addr}"))?;
         out.push(ch);

@@ -18,7 +18,7 @@
 //!
 //! Operations that change state (register, deregister, session open,
 //! health report, close) run in an [`op_span`], exported as OTLP server
-//! spans when tracing is on (`isdp_sidecar::telemetry`).
+//! spans when tracing is on (`isdp_core::telemetry`).
 
 pub mod authorization;
 pub mod certificates;

@@ -29,7 +29,7 @@ use isdp_proto::v1::{SignResponse, TrustBundle};
 use time::OffsetDateTime;
 use tokio::{sync::watch, task::JoinHandle};
 
-pub use issue::{RootPair, der_to_pem, load_root, pem_to_der, service_of, sni_name, spiffe_id};
+pub use issue::{RootPair, load_root};
 pub use kek::{KekError, KekSources};
 pub use roots::{Reseal, Roots};
 pub use seal::{Kek, Keyring, SealError};
@@ -190,7 +190,7 @@ impl Ca {
         lifetime_seconds: u64,
         grant: Option<&grant::Grant>,
     ) -> Result<SignResponse, CaError> {
-        isdp_sidecar::config::check_dns_label(service)
+        isdp_core::names::check_dns_label(service)
             .map_err(|e| CaError::Invalid(format!("service: {e}")))?;
         let s = &self.shared.settings;
         let lifetime = match lifetime_seconds {
@@ -215,7 +215,7 @@ impl Ca {
         )?;
         Ok(SignResponse {
             chain_der: vec![leaf.cert_der],
-            spiffe_id: spiffe_id(&s.trust_domain, service),
+            spiffe_id: isdp_core::names::service_spiffe_id(&s.trust_domain, service),
             not_after_unix_ms: (leaf.not_after.unix_timestamp_nanos() / 1_000_000) as i64,
             trust_bundle_der: roots.bundle_der(),
         })

@@ -167,7 +167,7 @@ pub struct Config {
     pub max_sessions_per_principal: usize,
 
     #[command(flatten)]
-    pub trace: isdp_sidecar::telemetry::TraceArgs,
+    pub trace: isdp_core::telemetry::TraceArgs,
 }
 
 /// A secret taken from the environment; `Debug` does not show it.
@@ -241,7 +241,7 @@ impl Config {
             return Err(format!(
                 "--max-service-endpoints-bytes ({}) must be at most {max} (half of the {} bytes a sidecar decodes in one xDS message)",
                 q.service_endpoints_bytes,
-                isdp_sidecar::xds::MAX_RESPONSE_BYTES
+                isdp_core::dial::MAX_RESPONSE_BYTES
             ));
         }
         Ok(())
@@ -267,7 +267,7 @@ impl Config {
             && td.len() <= 253
             && td
                 .split('.')
-                .all(|l| isdp_sidecar::config::check_dns_label(l).is_ok());
+                .all(|l| isdp_core::names::check_dns_label(l).is_ok());
         if !labels_ok {
             return Err(format!(
                 "--trust-domain: {td:?} must be a DNS name (lowercase labels separated by '.')"

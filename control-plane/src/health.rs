@@ -2,7 +2,7 @@
 //!
 //! Instances registered by an operator (no owning sidecar session) that carry
 //! a check are probed from here, with the sidecar's own prober
-//! ([`isdp_sidecar::probe`]) so both sides judge health the same way.
+//! ([`isdp_core::probe`]) so both sides judge health the same way.
 //! Instances owned by a sidecar are probed by that sidecar, which reports
 //! transitions over its session.
 //!
@@ -13,8 +13,8 @@
 
 use std::{collections::HashMap, time::Duration};
 
+use isdp_core::probe::{CheckSpec, Health, Target, Thresholds, spawn_checker};
 use isdp_proto::v1::{HealthCheck, HealthStatus, Instance};
-use isdp_sidecar::probe::{CheckSpec, Health, Target, Thresholds, spawn_checker};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::{
@@ -146,7 +146,7 @@ fn reconcile(
     }
 }
 
-fn spec(c: &HealthCheck) -> Result<CheckSpec, isdp_sidecar::probe::ProbeError> {
+fn spec(c: &HealthCheck) -> Result<CheckSpec, isdp_core::probe::ProbeError> {
     Ok(CheckSpec {
         target: c.target.parse::<Target>()?,
         interval: Duration::from_millis(u64::from(c.interval_ms.max(1))),

@@ -24,7 +24,6 @@
 //! - [`admin`]: `/healthz`, `/ready`, `/metrics`.
 //! - [`metrics`]: Prometheus metrics and the xDS stream observer.
 //! - [`proxies`]: what each connected sidecar acknowledged (proxy status).
-//! - [`ctl`]: the `isdpctl` operator CLI.
 //!
 //! A registration flows: `api::registry` -> `registry` (validate, store
 //! transaction) -> store watch -> registry view -> `snapshot` (debounced)
@@ -36,7 +35,6 @@ pub mod auth;
 pub mod authz;
 pub mod ca;
 pub mod config;
-pub mod ctl;
 pub mod data_dir;
 pub mod election;
 pub mod health;

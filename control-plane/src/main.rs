@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use isdp_control_plane::Config;
-use isdp_sidecar::telemetry;
+use isdp_core::telemetry;
 use tokio::sync::watch;
 
 #[tokio::main]

@@ -20,8 +20,8 @@ use std::sync::Arc;
 pub use grpc::GrpcMetricsLayer;
 pub use store::InstrumentedStore;
 
+use isdp_core::metrics::{LATENCY_BUCKETS, grpc_code_name};
 use isdp_proto::v1::HealthStatus;
-use isdp_sidecar::metrics::{LATENCY_BUCKETS, grpc_code_name};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -273,7 +273,7 @@ impl prometheus_client::collector::Collector for DroppedSpans {
     ) -> Result<(), std::fmt::Error> {
         use prometheus_client::{encoding::EncodeMetric, metrics::TypedMetric};
         let c = prometheus_client::metrics::counter::ConstCounter::new(
-            isdp_sidecar::telemetry::dropped_spans(),
+            isdp_core::telemetry::dropped_spans(),
         );
         let e = encoder.encode_descriptor(
             "trace_spans_dropped",

@@ -29,13 +29,13 @@ pub const MAX_DEBOUNCE: Duration = Duration::from_millis(100);
 
 /// The largest `ServiceEndpoints` resource published: half of what a
 /// sidecar decodes in one xDS message
-/// ([`isdp_sidecar::xds::MAX_RESPONSE_BYTES`]), so one resource plus its
+/// ([`isdp_core::dial::MAX_RESPONSE_BYTES`]), so one resource plus its
 /// response's envelope always fits. `--max-service-endpoints-bytes` (at
 /// most this much) refuses registrations well before; this cap catches
 /// only writes that raced past that bound on several replicas at once. A
 /// service over it keeps its previous resource, so its growth never breaks
 /// the ADS stream of every sidecar that follows it.
-pub const MAX_RESOURCE_BYTES: usize = isdp_sidecar::xds::MAX_RESPONSE_BYTES / 2;
+pub const MAX_RESOURCE_BYTES: usize = isdp_core::dial::MAX_RESPONSE_BYTES / 2;
 
 // Several resources share a delta response only up to the budget, and a
 // single one is at most the cap: either way a response fits a sidecar.

@@ -238,11 +238,12 @@ fn peer_info(stream: &TlsStream<TcpStream>, remote: SocketAddr, trust_domain: &s
         .1
         .peer_certificates()
         .and_then(|chain| chain.first());
-    let spiffe_id = leaf.and_then(|leaf| uri_san(leaf.as_ref()));
+    // Exactly one URI SAN, as the CA issues: anything else names no one.
+    let spiffe_id = leaf.and_then(|leaf| isdp_core::cert::uri_san(leaf.as_ref()).ok());
     let grant = leaf.and_then(|leaf| crate::ca::grant::of_certificate(leaf.as_ref()));
     let service = spiffe_id
         .as_deref()
-        .and_then(|id| crate::ca::service_of(trust_domain, id));
+        .and_then(|id| isdp_core::names::service_of_spiffe_id(trust_domain, id));
     PeerInfo {
         remote: Some(remote),
         spiffe_id,
@@ -252,15 +253,6 @@ fn peer_info(stream: &TlsStream<TcpStream>, remote: SocketAddr, trust_domain: &s
 }
 
 /// The first URI SAN of a certificate.
-fn uri_san(der: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
-        _ => None,
-    })
-}
-
 fn hostname() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()

@@ -19,10 +19,11 @@ pub mod revoked;
 
 use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 
+pub use isdp_core::role::Role;
 pub use revoked::{MAX_REVOKED, REVOKED_PREFIX, Revoked, Tombstone};
 
 use base64::Engine as _;
-use isdp_proto::v1::{Role as ProtoRole, TokenInfo};
+use isdp_proto::v1::TokenInfo;
 use sha2::{Digest, Sha256};
 use std::sync::RwLock;
 use tokio::{sync::watch, task::JoinHandle};
@@ -38,58 +39,6 @@ pub const TOKENS_PREFIX: &str = "tokens/";
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 /// File in the data dir holding the first admin token's secret.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
-
-/// What a caller may do; `Read < Write < Admin`, and `Join` is a sidecar's
-/// role, scoped to services.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Read,
-    Write,
-    Admin,
-    Join,
-}
-
-impl Role {
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Read => "read",
-            Role::Write => "write",
-            Role::Admin => "admin",
-            Role::Join => "join",
-        }
-    }
-
-    /// Whether this role includes `other` in the read < write < admin order
-    /// (join includes only itself).
-    pub fn includes(self, other: Role) -> bool {
-        match (self, other) {
-            (a, b) if a == b => true,
-            (Role::Admin, Role::Read | Role::Write) => true,
-            (Role::Write, Role::Read) => true,
-            _ => false,
-        }
-    }
-
-    pub fn from_proto(r: i32) -> Option<Role> {
-        match ProtoRole::try_from(r).ok()? {
-            ProtoRole::Read => Some(Role::Read),
-            ProtoRole::Write => Some(Role::Write),
-            ProtoRole::Admin => Some(Role::Admin),
-            ProtoRole::Join => Some(Role::Join),
-            ProtoRole::Unspecified => None,
-        }
-    }
-
-    pub fn to_proto(self) -> ProtoRole {
-        match self {
-            Role::Read => ProtoRole::Read,
-            Role::Write => ProtoRole::Write,
-            Role::Admin => ProtoRole::Admin,
-            Role::Join => ProtoRole::Join,
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -219,11 +168,11 @@ pub fn mint(
         )));
     }
     for s in &services {
-        isdp_sidecar::config::check_dns_label(s)
+        isdp_core::names::check_dns_label(s)
             .map_err(|e| TokenError::Invalid(format!("service: {e}")))?;
     }
     for s in &upstreams {
-        isdp_sidecar::config::check_dns_label(s)
+        isdp_core::names::check_dns_label(s)
             .map_err(|e| TokenError::Invalid(format!("upstream: {e}")))?;
     }
     let id_bytes: [u8; 8] = rand::random();

@@ -50,7 +50,7 @@ pub use server::{AdsService, StreamObserver};
 
 /// The most resource bytes one delta response carries, unless a single
 /// resource is larger (it then goes alone). A quarter of what a sidecar
-/// decodes in one message (`isdp_sidecar::xds::MAX_RESPONSE_BYTES`): a
+/// decodes in one message (`isdp_core::dial::MAX_RESPONSE_BYTES`): a
 /// sidecar following many large upstreams gets them over several
 /// responses, each of which it can decode. State-of-the-world responses
 /// hold a stream's whole set by definition and cannot be split.

@@ -176,13 +176,13 @@ async fn mesh_client(
     details: &shapes::IsdpDetails,
 ) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
     use isdp_proto::v1::{SignRequest, certificates_client::CertificatesClient};
-    let auth = isdp_sidecar::dial::ControlAuth {
+    let auth = isdp_core::dial::ControlAuth {
         ca_pem: Some(details.ca_pem.clone()),
         token: Some(details.admin_token.clone()),
         identity: Default::default(),
         learned: Default::default(),
     };
-    let channel = isdp_sidecar::dial::connect(&details.grpc_url, &auth).await?;
+    let channel = isdp_core::dial::connect(&details.grpc_url, &auth).await?;
     let key = rcgen::KeyPair::generate()?;
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())?.serialize_request(&key)?;
     let signed = CertificatesClient::new(channel)

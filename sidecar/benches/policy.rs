@@ -101,13 +101,13 @@ fn run(dir: &std::path::Path) -> anyhow::Result<()> {
 /// Stores `doc` through `isdp.v1.Policies/Put`; its version.
 async fn put(details: &shapes::IsdpDetails, doc: &str) -> anyhow::Result<u64> {
     use isdp_proto::v1::{PutPolicyRequest, policies_client::PoliciesClient};
-    let auth = isdp_sidecar::dial::ControlAuth {
+    let auth = isdp_core::dial::ControlAuth {
         ca_pem: Some(details.ca_pem.clone()),
         token: Some(details.admin_token.clone()),
         identity: Default::default(),
         learned: Default::default(),
     };
-    let channel = isdp_sidecar::dial::connect(&details.grpc_url, &auth).await?;
+    let channel = isdp_core::dial::connect(&details.grpc_url, &auth).await?;
     let stored = PoliciesClient::new(channel)
         .put(PutPolicyRequest {
             document_json: doc.to_owned(),

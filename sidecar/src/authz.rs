@@ -13,8 +13,6 @@
 //! case-sensitive, and the inbound side refuses one in lower case, see
 //! [`is_canonical_method`]).
 
-pub mod path;
-
 use std::{collections::HashMap, sync::Arc};
 
 use isdp_proto::v1::{Action, AuthorizationPolicy, AuthzRule};
@@ -99,7 +97,7 @@ struct Rule {
     any: bool,
     methods: Vec<String>,
     /// None: any path.
-    path: Option<path::Prefix>,
+    path: Option<isdp_core::path::Prefix>,
 }
 
 /// What is known of the request being checked. TCP connections have no
@@ -112,7 +110,7 @@ pub struct Call<'a> {
     /// possible for traffic that did not come over mesh mTLS).
     pub source: Option<&'a str>,
     pub method: Option<&'a str>,
-    /// In canonical form ([`path::normalize`]), or `*` for `OPTIONS *`.
+    /// In canonical form ([`isdp_core::path::normalize`]), or `*` for `OPTIONS *`.
     pub path: Option<&'a str>,
 }
 
@@ -169,7 +167,7 @@ fn compile_rule(r: &AuthzRule, trust_domain: &str) -> Option<Rule> {
     };
     let path = match r.path_prefix.as_str() {
         "" => None,
-        prefix => match path::Prefix::new(prefix) {
+        prefix => match isdp_core::path::Prefix::new(prefix) {
             Ok(p) => Some(p),
             // The control plane refuses such a prefix; one stored before it
             // did fails closed: an allow rule is dropped, a deny rule covers

@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::probe::{CheckSpec, Target, Thresholds};
+use isdp_core::probe::{CheckSpec, Target, Thresholds};
 
 pub use file::{FileConfig, ServiceSpec, UpstreamSpec};
 
@@ -101,7 +101,7 @@ pub struct Cli {
     #[arg(long, env = "ISDP_IDENTITY", value_name = "SERVICE")]
     pub identity: Option<String>,
     #[command(flatten)]
-    pub trace: crate::telemetry::TraceArgs,
+    pub trace: isdp_core::telemetry::TraceArgs,
 }
 
 /// How logs are written.

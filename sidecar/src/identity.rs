@@ -7,7 +7,7 @@
 //! and publishes the result in a `watch` of [`Identities`]. It renews at
 //! about two thirds of the certificate's life (±10 % jitter, so a fleet
 //! issued together does not renew together); a failed renewal is retried
-//! with [`crate::backoff`] while the old certificate keeps serving, until
+//! with [`isdp_core::backoff`] while the old certificate keeps serving, until
 //! it expires and is withdrawn. A refusal (the token the certificate was
 //! issued under was revoked, say) will not pass by itself: it is retried
 //! with a slower backoff (up to a minute) and recorded in
@@ -18,6 +18,7 @@
 pub mod grpc;
 mod renew;
 
+use isdp_core::pem::ChainPem;
 use std::{
     collections::BTreeMap,
     future::Future,
@@ -69,13 +70,6 @@ pub struct Identity {
     /// one: when the trust bundle lists it as revoked, peers refuse this
     /// certificate.
     pub grant: Option<String>,
-}
-
-/// A certificate chain and its private key, PEM-encoded.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ChainPem {
-    pub chain: String,
-    pub key: String,
 }
 
 /// Every identity currently held, published after each change.
@@ -141,7 +135,7 @@ pub fn spawn(
                     lifetime: settings.lifetime,
                     signer: signer.clone(),
                     tx: tx.clone(),
-                    backoff: crate::backoff::Backoff::default(),
+                    backoff: isdp_core::backoff::Backoff::default(),
                     refused_backoff: renew::refused_backoff(),
                 }
                 .run(shutdown.clone()),

@@ -4,12 +4,7 @@
 //!
 //! # Layout
 //! - `config`: TOML file + flags/env, validated into [`Config`].
-//! - `probe`: HTTP/TCP/gRPC health probes, rise/fall state, checker task (reusable by the control plane).
 //! - `balance`: load-balancing algorithms (round robin, P2C, peak EWMA, ring hash, Maglev) and health filtering.
-//! - `backoff`: exponential backoff with full jitter for reconnects.
-//! - `dial`: control-plane channel settings and URL rotation.
-//! - `grant`: the extension naming the token a workload certificate was
-//!   issued under (shared with the control plane's CA).
 //! - `identity`: workload keys and certificates (CSR signed by the control
 //!   plane's CA), renewed before expiry, published as a `watch`.
 //! - `xds`: delta-ADS client publishing a `watch` of [`xds::Snapshot`]
@@ -23,23 +18,20 @@
 //!   and `proxy::transport`: mTLS between sidecars (SPIFFE identities).
 //! - `authz`: inbound authorization: a destination's rules compiled for
 //!   per-request checks of the caller's SPIFFE ID, method and path.
-//! - `telemetry`: logging and OTLP trace export for both binaries.
+//!
+//! Probes, backoff, dialing the control plane, telemetry, the names both
+//! sides agree on and the grant codec come from `isdp-core`.
 //!
 //! [`run`] wires them together; `main.rs` adds flags, logging and signals.
 
 pub mod admin;
 pub mod authz;
-pub mod backoff;
 pub mod balance;
 pub mod config;
-pub mod dial;
-pub mod grant;
 pub mod identity;
 pub mod metrics;
-pub mod probe;
 pub mod proxy;
 pub mod session;
-pub mod telemetry;
 pub mod xds;
 
 #[cfg(test)]
@@ -49,6 +41,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use isdp_core::{dial, probe};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 

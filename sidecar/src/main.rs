@@ -2,8 +2,8 @@
 
 use anyhow::Context;
 use clap::Parser;
+use isdp_core::telemetry;
 use isdp_sidecar::config::{Cli, Config, LogFormat};
-use isdp_sidecar::telemetry;
 use tokio::sync::watch;
 
 /// mimalloc: the request path allocates and frees many small objects

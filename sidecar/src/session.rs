@@ -14,10 +14,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::backoff::Backoff;
 use crate::config::{Config, Service};
-use crate::dial::{ControlAuth, DialError, Dialer};
-use crate::probe::Health;
+use isdp_core::backoff::Backoff;
+use isdp_core::dial::{ControlAuth, DialError, Dialer};
+use isdp_core::probe::Health;
 
 /// How long shutdown waits for the server to end the stream after `SessionClose`.
 pub const CLOSE_WAIT: Duration = Duration::from_secs(2);

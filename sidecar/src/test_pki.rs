@@ -34,8 +34,8 @@ impl Leaf {
     pub fn service(td: &str, service: &str) -> Self {
         let now = OffsetDateTime::now_utc();
         Leaf {
-            dns: Some(format!("{service}.svc.{td}")),
-            uris: vec![format!("spiffe://{td}/svc/{service}")],
+            dns: Some(isdp_core::names::server_name(td, service)),
+            uris: vec![isdp_core::names::service_spiffe_id(td, service)],
             not_before: now - Duration::hours(1),
             not_after: now + Duration::hours(1),
             grant: None,
@@ -61,13 +61,13 @@ impl Leaf {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         if let Some(token) = &self.grant {
-            let grant = crate::grant::Grant {
+            let grant = isdp_core::grant::Grant {
                 token: token.clone(),
                 upstreams: None,
             };
             p.custom_extensions.push(CustomExtension::from_oid_content(
-                crate::grant::OID,
-                crate::grant::encode(&grant),
+                isdp_core::grant::OID,
+                isdp_core::grant::encode(&grant),
             ));
         }
         p

@@ -20,12 +20,9 @@ use tokio::task::JoinHandle;
 
 pub use state::{Endpoint, Resources, UpstreamState, apply, decode, held_versions};
 
-/// The largest xDS response the client decodes. The control plane keeps
-/// every delta response under it: a service's `ServiceEndpoints` resource
-/// is capped at half of it, and several resources share a response only up
-/// to a quarter. Finite, so one message never costs a sidecar more memory
-/// than this.
-pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
+/// The largest xDS response the client decodes (see
+/// [`isdp_core::dial::MAX_RESPONSE_BYTES`]).
+pub use isdp_core::dial::MAX_RESPONSE_BYTES;
 
 /// What the client knows, published after every change.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -83,7 +80,7 @@ pub struct XdsSettings {
     /// Local service names whose authorization policies to follow.
     pub local_services: Vec<String>,
     /// TLS roots and token for the control plane.
-    pub auth: crate::dial::ControlAuth,
+    pub auth: isdp_core::dial::ControlAuth,
 }
 
 /// Starts the client. A stream is always opened (every sidecar follows the

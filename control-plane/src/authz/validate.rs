@@ -1,8 +1,8 @@
 //! Rules every authorization rule must meet, checked before anything is
 //! written; every problem is reported at once with its field path.
 
+use isdp_core::path;
 use isdp_proto::v1::{Action, AuthzRule};
-use isdp_sidecar::authz::path;
 
 use crate::registry::validate::{FieldError, is_dns_label};
 
@@ -117,7 +117,7 @@ pub fn rule(rule: &AuthzRule) -> Vec<FieldError> {
 
 /// Why `prefix` is not a path prefix as the sidecar compares them, if it
 /// is not. Sidecars match rules against canonical request paths
-/// (`isdp_sidecar::authz::path`); a prefix in any other form would read as
+/// (`isdp_core::path`); a prefix in any other form would read as
 /// one path and match another, so the operator is shown the form to
 /// write instead of having it rewritten behind their back.
 fn not_canonical(prefix: &str) -> Option<String> {

@@ -6,17 +6,17 @@
 //! and on every sidecar, which learns the revoked tokens with the trust
 //! bundle.
 //!
-//! The extension's DER lives in the sidecar crate (`isdp_sidecar::grant`),
-//! which both sides read it with; this module only wraps it for rcgen.
+//! The extension's DER lives in `isdp_core::grant`, which both sides read
+//! it with; this module only wraps it for rcgen.
 //! The control plane reads it only on certificates that chain to its own
 //! root.
 
-pub use isdp_sidecar::grant::{Grant, OID, of_certificate};
+pub use isdp_core::grant::{Grant, OID, of_certificate};
 
 /// The extension for `grant`: non-critical, so verifiers that do not know
 /// it ignore it.
 pub fn extension(grant: &Grant) -> rcgen::CustomExtension {
-    rcgen::CustomExtension::from_oid_content(OID, isdp_sidecar::grant::encode(grant))
+    rcgen::CustomExtension::from_oid_content(OID, isdp_core::grant::encode(grant))
 }
 
 #[cfg(test)]
@@ -31,6 +31,6 @@ mod tests {
         };
         let ext = extension(&grant);
         assert!(!ext.criticality());
-        assert_eq!(isdp_sidecar::grant::decode(ext.content()), Some(grant));
+        assert_eq!(isdp_core::grant::decode(ext.content()), Some(grant));
     }
 }

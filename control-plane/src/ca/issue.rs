@@ -10,6 +10,11 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
+use isdp_core::{
+    names::{server_name, service_spiffe_id},
+    pem::pem_to_der,
+};
+
 use super::CaError;
 
 /// How long a generated root lives. Roots are rotated by operators, not by
@@ -102,12 +107,12 @@ pub fn sign_leaf(
     params.distinguished_name = dn;
     params.subject_alt_names = vec![
         SanType::URI(
-            spiffe_id(trust_domain, service)
+            service_spiffe_id(trust_domain, service)
                 .try_into()
                 .map_err(rcgen_err)?,
         ),
         SanType::DnsName(
-            sni_name(trust_domain, service)
+            server_name(trust_domain, service)
                 .try_into()
                 .map_err(rcgen_err)?,
         ),
@@ -174,50 +179,6 @@ pub fn server_cert(
     params.use_authority_key_identifier_extension = true;
     let cert = params.signed_by(&key, &issuer(root)?).map_err(rcgen_err)?;
     Ok((cert.der().to_vec(), key.serialize_der()))
-}
-
-/// `spiffe://<trust-domain>/svc/<service>`: the identity in every leaf.
-pub fn spiffe_id(trust_domain: &str, service: &str) -> String {
-    format!("spiffe://{trust_domain}/svc/{service}")
-}
-
-/// `<service>.svc.<trust-domain>`: the DNS SAN sidecars use as TLS SNI.
-pub fn sni_name(trust_domain: &str, service: &str) -> String {
-    format!("{service}.svc.{trust_domain}")
-}
-
-/// The service of a SPIFFE ID in this trust domain, if it is one.
-pub fn service_of(trust_domain: &str, uri: &str) -> Option<String> {
-    let rest = uri.strip_prefix("spiffe://")?.strip_prefix(trust_domain)?;
-    let service = rest.strip_prefix("/svc/")?;
-    (!service.is_empty() && !service.contains('/')).then(|| service.to_owned())
-}
-
-/// The first PEM block of `label` in `text`, decoded.
-pub fn pem_to_der(text: &str, label: &str) -> Option<Vec<u8>> {
-    use base64::Engine as _;
-    let begin = format!("-----BEGIN {label}-----");
-    let end = format!("-----END {label}-----");
-    let start = text.find(&begin)? + begin.len();
-    let stop = start + text[start..].find(&end)?;
-    let b64: String = text[start..stop]
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .collect();
-    base64::engine::general_purpose::STANDARD.decode(b64).ok()
-}
-
-/// DER as one PEM block of `label`.
-pub fn der_to_pem(der: &[u8], label: &str) -> String {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
 }
 
 fn issuer(root: &RootPair) -> Result<Issuer<'static, KeyPair>, CaError> {

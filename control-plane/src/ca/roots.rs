@@ -4,12 +4,13 @@
 //! rules for rotating and pruning them.
 
 use bytes::Bytes;
+use isdp_core::pem::{cert_to_pem, pem_to_der};
 use isdp_proto::v1::TrustBundle;
 use sha2::{Digest as _, Sha256};
 
 use super::{
     CaError,
-    issue::{RootPair, der_to_pem, pem_to_der},
+    issue::RootPair,
     seal::{Keyring, OpenedWith, Sealed},
 };
 use crate::store::Revision;
@@ -92,10 +93,7 @@ impl Roots {
 
     /// Every trusted root as concatenated PEM (`ca.pem`).
     pub fn bundle_pem(&self) -> String {
-        self.bundle_der()
-            .iter()
-            .map(|d| der_to_pem(d, "CERTIFICATE"))
-            .collect()
+        self.bundle_der().iter().map(|d| cert_to_pem(d)).collect()
     }
 
     /// A new signer in front; every root trusted now stays trusted until
@@ -138,12 +136,12 @@ impl Roots {
                 source,
             })?;
         let mut roots = vec![StoredRoot {
-            cert_pem: der_to_pem(&self.signer.cert_der, "CERTIFICATE"),
+            cert_pem: cert_to_pem(&self.signer.cert_der),
             key_pem: String::new(),
             key_sealed: Some(sealed),
         }];
         roots.extend(self.previous.iter().map(|d| StoredRoot {
-            cert_pem: der_to_pem(d, "CERTIFICATE"),
+            cert_pem: cert_to_pem(d),
             key_pem: String::new(),
             key_sealed: None,
         }));

@@ -3,6 +3,8 @@ use std::{sync::Arc, time::Duration};
 use rcgen::{CertificateParams, KeyPair};
 use x509_parser::{extensions::GeneralName, prelude::*};
 
+use isdp_core::pem::cert_to_pem;
+
 use super::*;
 use crate::store::{Store as _, embedded::EmbeddedStore};
 
@@ -106,20 +108,9 @@ fn garbage_csr_is_refused() {
 }
 
 #[test]
-fn spiffe_ids_round_trip() {
-    assert_eq!(
-        service_of("isdp.local", &spiffe_id("isdp.local", "web")),
-        Some("web".into())
-    );
-    assert_eq!(service_of("other", "spiffe://isdp.local/svc/web"), None);
-    assert_eq!(service_of("isdp.local", "spiffe://isdp.local/ns/web"), None);
-    assert_eq!(service_of("isdp.local", "spiffe://isdp.local/svc/"), None);
-}
-
-#[test]
 fn operator_root_is_checked() {
     let root = issue::generate_root("isdp.local", OffsetDateTime::now_utc()).unwrap();
-    let pem = der_to_pem(&root.cert_der, "CERTIFICATE");
+    let pem = cert_to_pem(&root.cert_der);
     assert!(issue::load_root(&pem, &root.key_pem).is_ok());
     let other = issue::generate_root("isdp.local", OffsetDateTime::now_utc()).unwrap();
     let err = issue::load_root(&pem, &other.key_pem).err().unwrap();
@@ -280,7 +271,7 @@ async fn the_stored_key_is_sealed_and_opens_only_with_its_kek() {
     let other = issue::generate_root("isdp.local", OffsetDateTime::now_utc()).unwrap();
     let (json, rev) = stored(&store).await;
     let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    v["roots"][0]["cert_pem"] = der_to_pem(&other.cert_der, "CERTIFICATE").into();
+    v["roots"][0]["cert_pem"] = cert_to_pem(&other.cert_der).into();
     let put = Txn::default().when_mod_revision("/isdp/ca/roots", rev).put(
         "/isdp/ca/roots",
         bytes::Bytes::from(v.to_string()),
@@ -308,7 +299,7 @@ async fn a_plaintext_key_from_an_earlier_version_is_sealed_on_load() {
     let root = issue::generate_root("isdp.local", OffsetDateTime::now_utc()).unwrap();
     let old = serde_json::json!({
         "roots": [{
-            "cert_pem": der_to_pem(&root.cert_der, "CERTIFICATE"),
+            "cert_pem": cert_to_pem(&root.cert_der),
             "key_pem": root.key_pem,
         }],
         "prune_at_unix_ms": 0,

@@ -5,8 +5,8 @@
 
 use std::{fmt, net::IpAddr};
 
+use isdp_core::probe::Target;
 use isdp_proto::v1::{HealthCheck, Instance};
-use isdp_sidecar::probe::Target;
 
 pub const MAX_METADATA_ENTRIES: usize = 64;
 pub const MAX_METADATA_KEY_LEN: usize = 128;

@@ -2,8 +2,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
 use crate::config::Config;
-use crate::probe::Health;
 use crate::xds::{Endpoint, UpstreamState};
+use isdp_core::probe::Health;
 
 /// A minimal HTTP/1.1 GET; returns (status, body).
 async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {

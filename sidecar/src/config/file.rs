@@ -14,7 +14,7 @@ use super::{
     Service, Upstream, check_dns_label, default_address, hostname,
 };
 use crate::balance::{Algorithm, HashKey};
-use crate::probe::Target;
+use isdp_core::probe::Target;
 
 /// The TOML file. Every key is optional here; validation applies defaults.
 #[derive(Debug, Default, Deserialize)]
@@ -232,9 +232,9 @@ impl FileConfig {
                 None => 1,
             },
             otlp_endpoint: self.otlp_endpoint.filter(|e| !e.is_empty()),
-            trace_sample_ratio: crate::telemetry::check_ratio(
+            trace_sample_ratio: isdp_core::telemetry::check_ratio(
                 self.trace_sample_ratio
-                    .unwrap_or(crate::telemetry::DEFAULT_SAMPLE_RATIO),
+                    .unwrap_or(isdp_core::telemetry::DEFAULT_SAMPLE_RATIO),
             )
             .map_err(|e| ConfigError::invalid("trace_sample_ratio", e.to_string()))?,
             access_log: self.access_log.unwrap_or(false),

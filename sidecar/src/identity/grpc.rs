@@ -11,7 +11,7 @@ use std::{future::Future, pin::Pin, sync::Mutex};
 use isdp_proto::v1::{SignRequest, SignResponse, certificates_client::CertificatesClient};
 
 use super::Signer;
-use crate::dial::{ControlAuth, ControlChannel, Dialer};
+use isdp_core::dial::{ControlAuth, ControlChannel, Dialer};
 
 /// Signs through a connected channel.
 #[derive(Clone)]
@@ -50,7 +50,7 @@ impl Signer for DialSigner {
     ) -> Pin<Box<dyn Future<Output = Result<SignResponse, tonic::Status>> + Send + '_>> {
         let url = self.dialer.lock().expect("dialer lock").next_url();
         Box::pin(async move {
-            let channel = crate::dial::connect(&url, &self.auth)
+            let channel = isdp_core::dial::connect(&url, &self.auth)
                 .await
                 .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
             ChannelSigner(CertificatesClient::new(channel))

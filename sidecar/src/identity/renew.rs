@@ -11,8 +11,12 @@ use rcgen::{CertificateParams, DnType, KeyPair};
 use rustls::pki_types::CertificateDer;
 use tokio::{sync::watch, time::Instant};
 
-use super::{ChainPem, Identities, Identity, IdentityError, Signer};
-use crate::{backoff::Backoff, proxy::transport::certified_key, proxy::transport::verify};
+use isdp_core::pem::ChainPem;
+
+use super::{Identities, Identity, IdentityError, Signer};
+use isdp_core::backoff::Backoff;
+
+use crate::proxy::transport::certified_key;
 
 /// How long one `Sign` call may take before it counts as failed.
 pub const SIGN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,7 +34,7 @@ pub const REFUSED_CAP: Duration = Duration::from_secs(60);
 
 /// The backoff between refused requests.
 pub fn refused_backoff() -> Backoff {
-    use crate::backoff::{BASE, FACTOR, STABLE_AFTER};
+    use isdp_core::backoff::{BASE, FACTOR, STABLE_AFTER};
     Backoff::new(BASE, FACTOR, REFUSED_CAP, STABLE_AFTER)
 }
 
@@ -151,8 +155,8 @@ impl Renewer {
             .map(CertificateDer::from)
             .collect();
         let leaf = chain.first().ok_or_else(|| bad("empty chain".into()))?;
-        let spiffe_id = verify::uri_san(leaf).map_err(|e| bad(e.to_string()))?;
-        let grant = crate::grant::of_certificate(leaf).map(|g| g.token);
+        let spiffe_id = isdp_core::cert::uri_san(leaf).map_err(|e| bad(e.to_string()))?;
+        let grant = isdp_core::grant::of_certificate(leaf).map(|g| g.token);
         let trust_domain = spiffe_id
             .strip_prefix("spiffe://")
             .and_then(|rest| rest.strip_suffix(&format!("/svc/{}", self.service)))
@@ -171,7 +175,10 @@ impl Renewer {
             )));
         }
         let pem = ChainPem {
-            chain: chain.iter().map(|c| crate::dial::der_to_pem(c)).collect(),
+            chain: chain
+                .iter()
+                .map(|c| isdp_core::pem::cert_to_pem(c))
+                .collect(),
             key: key.serialize_pem(),
         };
         let key = certified_key(chain, key.serialize_der()).map_err(|e| bad(e.to_string()))?;

@@ -11,7 +11,9 @@ use prometheus_client::{
 };
 use tokio::sync::watch;
 
-use crate::{probe::Health, proxy::upstreams::Upstreams, session::Session, xds::Snapshot};
+use isdp_core::probe::Health;
+
+use crate::{proxy::upstreams::Upstreams, session::Session, xds::Snapshot};
 
 /// Reads the sidecar's state at scrape time.
 pub struct StateCollector {
@@ -64,7 +66,7 @@ impl Collector for StateCollector {
             e,
             "trace_spans_dropped",
             "Spans dropped because the export queue was full or the collector failed",
-            ConstCounter::new(crate::telemetry::dropped_spans()),
+            ConstCounter::new(isdp_core::telemetry::dropped_spans()),
         )?;
 
         // Discovery.

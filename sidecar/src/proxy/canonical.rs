@@ -25,10 +25,8 @@ use std::borrow::Cow;
 use http::{Method, Request, Response, StatusCode, Uri, uri::PathAndQuery};
 
 use super::http::{Body, error_response};
-use crate::authz::{
-    self,
-    path::{self, PathError},
-};
+use crate::authz;
+use isdp_core::path::{self, PathError};
 
 /// Why a request was refused before authorization.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -61,7 +61,7 @@ impl TraceSettings {
     /// lines if `access_log`.
     pub fn new(access_log: bool) -> Self {
         TraceSettings {
-            tracer: crate::telemetry::tracer().cloned(),
+            tracer: isdp_core::telemetry::tracer().cloned(),
             access_log,
         }
     }

@@ -184,8 +184,8 @@ impl Tls {
     /// server it reached.
     pub fn guard_of(&self, stream: &client::TlsStream<TcpStream>) -> Option<PeerGuard> {
         let leaf = stream.get_ref().1.peer_certificates()?.first()?;
-        let id = verify::uri_san(leaf).ok()?;
-        let grant = crate::grant::of_certificate(leaf).map(|g| g.token);
+        let id = isdp_core::cert::uri_san(leaf).ok()?;
+        let grant = isdp_core::grant::of_certificate(leaf).map(|g| g.token);
         self.revocations.guard(grant, &id, Direction::Outbound)
     }
 
@@ -281,11 +281,11 @@ impl Tls {
         };
         let conn = stream.get_ref().1;
         let leaf = conn.peer_certificates().and_then(|c| c.first());
-        let id = leaf.and_then(|leaf| verify::uri_san(leaf).ok());
-        let grant = leaf.and_then(|leaf| crate::grant::of_certificate(leaf).map(|g| g.token));
+        let id = leaf.and_then(|leaf| isdp_core::cert::uri_san(leaf).ok());
+        let grant = leaf.and_then(|leaf| isdp_core::grant::of_certificate(leaf).map(|g| g.token));
         let service = conn
             .server_name()
-            .and_then(|sni| verify::service_of(sni, &ctx.trust_domain));
+            .and_then(|sni| isdp_core::names::service_of_server_name(sni, &ctx.trust_domain));
         let (Some(id), Some(service)) = (id, service) else {
             // The verifier and resolver already required both.
             self.failed(
@@ -334,7 +334,7 @@ impl Tls {
             Alpn::Http1 => &ctx.client_h1,
             Alpn::Tcp => &ctx.client_tcp,
         };
-        let name = ServerName::try_from(verify::server_name(&ctx.trust_domain, service))
+        let name = ServerName::try_from(isdp_core::names::server_name(&ctx.trust_domain, service))
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let result = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,

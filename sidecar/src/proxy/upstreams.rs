@@ -28,9 +28,9 @@ use crate::{
     balance::{Algorithm, Balancer, EndpointLoad, HashKey, LoadGuard, Outlier, candidates},
     config::{Protocol, Upstream},
     metrics::{Direction, Metrics, RouteMetrics},
-    probe::Health,
     xds::Snapshot,
 };
+use isdp_core::probe::Health;
 
 /// Below this share of healthy endpoints, traffic spreads over all of them
 /// rather than overloading the few survivors.

@@ -19,8 +19,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::security::{self, Held, Kind};
 use super::state::{Resources, apply, held_versions};
 use super::{Snapshot, XdsSettings};
-use crate::backoff::Backoff;
-use crate::dial::{DialError, Dialer};
+use isdp_core::backoff::Backoff;
+use isdp_core::dial::{DialError, Dialer};
 
 /// gRPC `INVALID_ARGUMENT`, the code of a NACK's `error_detail`.
 const INVALID_ARGUMENT: i32 = 3;

@@ -7,7 +7,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Res
 use isdp_proto::v1::{SERVICE_ENDPOINTS_TYPE_URL, ServiceEndpoints};
 use prost::Message;
 
-use crate::probe::Health;
+use isdp_core::probe::Health;
 
 /// One endpoint of an upstream, as the control plane sent it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -408,8 +408,8 @@ async fn ca_bundle_and_rotation_through_isdpctl() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_certificate_authenticates_as_its_service_and_ads_serves_the_bundle() {
     use envoy_types::pb::envoy::config::core::v3::Node;
-    use isdp_control_plane::ca::der_to_pem;
-    use isdp_sidecar::dial::{ControlAuth, connect};
+    use isdp_core::dial::{ControlAuth, connect};
+    use isdp_core::pem::der_to_pem;
     use prost::Message as _;
 
     let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
@@ -442,7 +442,7 @@ async fn a_client_certificate_authenticates_as_its_service_and_ads_serves_the_bu
     let mtls = ControlAuth {
         ca_pem: Some(ca_pem),
         token: None,
-        identity: isdp_sidecar::dial::ClientIdentity::fixed(isdp_sidecar::identity::ChainPem {
+        identity: isdp_core::dial::ClientIdentity::fixed(isdp_core::pem::ChainPem {
             chain: der_to_pem(&signed.chain_der[0], "CERTIFICATE"),
             key: key.serialize_pem(),
         }),

@@ -9,14 +9,14 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use bytes::{Buf as _, BufMut as _, Bytes};
+use isdp_core::{
+    dial::{ClientIdentity, ControlAuth, ControlChannel, connect},
+    pem::{ChainPem, cert_to_pem},
+};
 use isdp_proto::v1::{
     DeletePolicyRequest, GetPolicyRequest, ListPoliciesRequest, PutPolicyRequest, SignRequest,
     StoredPolicy, TRUST_BUNDLE_NAME, TRUST_BUNDLE_TYPE_URL, WatchPoliciesRequest,
     certificates_client::CertificatesClient, policies_client::PoliciesClient,
-};
-use isdp_sidecar::{
-    dial::{ClientIdentity, ControlAuth, ControlChannel, connect, der_to_pem},
-    identity::ChainPem,
 };
 use isdp_tests::{ControlPlane, ControlPlaneOpts};
 use prost::Message as _;
@@ -314,7 +314,7 @@ async fn workload_identity(cp: &ControlPlane, join: &str) -> ClientIdentity {
         .expect("a join token signs for its own service")
         .into_inner();
     ClientIdentity::fixed(ChainPem {
-        chain: signed.chain_der.iter().map(|d| der_to_pem(d)).collect(),
+        chain: signed.chain_der.iter().map(|d| cert_to_pem(d)).collect(),
         key: key.serialize_pem(),
     })
 }

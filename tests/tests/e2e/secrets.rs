@@ -13,12 +13,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser as _;
-use isdp_control_plane::ca::{Kek, Keyring, Roots, pem_to_der};
+use isdp_control_plane::ca::{Kek, Keyring, Roots};
 use isdp_control_plane::store::{
     Store, Txn,
     embedded::EmbeddedStore,
     etcd::{EtcdOptions, EtcdStore},
 };
+use isdp_core::pem::pem_to_der;
 use isdp_tests::{
     ControlPlane, ControlPlaneOpts, EchoHttp, EtcdCluster, Sidecar, SidecarToml, binary,
     eventually, new_kek_file,

@@ -34,11 +34,11 @@ use envoy_types::pb::{
     },
     google::{protobuf::Any, rpc::Status as RpcStatus},
 };
+use isdp_core::dial::{ControlAuth, ControlChannel as Channel};
 use isdp_proto::v1::{
     DeregisterRequest, Instance, RegisterRequest, SERVICE_ENDPOINTS_TYPE_URL, ServiceEndpoints,
     registry_client::RegistryClient,
 };
-use isdp_sidecar::dial::{ControlAuth, ControlChannel as Channel};
 use prost::Message;
 use tokio::{sync::mpsc, sync::watch, task::JoinHandle, time::timeout};
 use tokio_stream::wrappers::ReceiverStream;
@@ -196,7 +196,7 @@ impl ControlPlane {
 async fn connect(addr: SocketAddr, auth: &ControlAuth) -> Channel {
     timeout(
         SETUP,
-        isdp_sidecar::dial::connect(&format!("https://{addr}"), auth),
+        isdp_core::dial::connect(&format!("https://{addr}"), auth),
     )
     .await
     .expect("connecting timed out")

@@ -3,6 +3,7 @@
 
 use std::{collections::HashMap, fmt, sync::Arc};
 
+use isdp_core::names::server_name;
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
     client::{ResolvesClientCert, WebPkiServerVerifier},
@@ -15,7 +16,7 @@ use rustls::{
 use super::{
     ALPN_H2, ALPN_HTTP1, ALPN_TCP,
     revoked::Revocations,
-    verify::{SpiffeClientVerifier, SpiffeServerVerifier, server_name},
+    verify::{SpiffeClientVerifier, SpiffeServerVerifier},
 };
 
 /// Why a [`TlsContext`] could not be built.

@@ -1,7 +1,7 @@
 //! The tokens the control plane revoked, enforced on the wire.
 //!
 //! Every mesh certificate names the token it was issued under (its grant,
-//! [`crate::grant`]); the trust bundle lists the revoked ones that may
+//! [`isdp_core::grant`]); the trust bundle lists the revoked ones that may
 //! still have live certificates. A certificate whose grant is listed is
 //! refused at the handshake, inbound (a client) and outbound (a server),
 //! by the verifiers in `verify.rs`, which read [`Revocations`] live, so a
@@ -131,7 +131,7 @@ impl Revocations {
         if self.shared.grants.borrow().is_empty() {
             return Ok(());
         }
-        let Some(grant) = crate::grant::of_certificate(end_entity).map(|g| g.token) else {
+        let Some(grant) = isdp_core::grant::of_certificate(end_entity).map(|g| g.token) else {
             return Ok(());
         };
         if !self.is_revoked(&grant) {

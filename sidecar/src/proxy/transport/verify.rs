@@ -9,6 +9,10 @@
 
 use std::sync::Arc;
 
+use isdp_core::{
+    cert::{CertError, spiffe_id},
+    names::{service_of_server_name, service_spiffe_id},
+};
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme,
     client::{
@@ -18,87 +22,28 @@ use rustls::{
     pki_types::{CertificateDer, ServerName, UnixTime},
     server::danger::{ClientCertVerified, ClientCertVerifier},
 };
-use x509_parser::{extensions::GeneralName, prelude::FromDer};
 
 use super::revoked::Revocations;
 use crate::metrics::Direction;
 
-/// Why a certificate's identity is refused; carried inside
-/// `CertificateError::Other` so the handshake error says what was wrong
-/// and [`super::FailureReason`] can classify it as `bad_identity`.
+/// Why a peer's certificate is refused as the identity we wanted;
+/// carried inside `CertificateError::Other` so the handshake error says
+/// what was wrong and [`super::FailureReason`] can classify it as
+/// `bad_identity`.
 #[derive(Debug, thiserror::Error)]
-pub enum IdentityError {
-    #[error("certificate does not parse")]
-    Unparsable,
-    #[error("certificate has {0} URI SANs, a mesh certificate has exactly one")]
-    UriSanCount(usize),
-    #[error("SPIFFE ID {0:?} is not in trust domain {1:?}")]
-    ForeignTrustDomain(String, String),
+pub enum PeerIdentityError {
+    #[error(transparent)]
+    Cert(#[from] CertError),
     #[error("server is {got:?}, expected {expected:?}")]
     WrongService { got: String, expected: String },
     #[error("server name {0:?} is not <service>.svc.<trust-domain>")]
     BadServerName(String),
 }
 
-impl From<IdentityError> for Error {
-    fn from(e: IdentityError) -> Self {
+impl From<PeerIdentityError> for Error {
+    fn from(e: PeerIdentityError) -> Self {
         Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e))))
     }
-}
-
-/// The single URI SAN of a certificate.
-pub fn uri_san(der: &[u8]) -> Result<String, IdentityError> {
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
-        .map_err(|_| IdentityError::Unparsable)?;
-    let sans = cert
-        .subject_alternative_name()
-        .map_err(|_| IdentityError::Unparsable)?;
-    let mut uris = sans
-        .iter()
-        .flat_map(|s| s.value.general_names.iter())
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        });
-    match (uris.next(), uris.next()) {
-        (Some(uri), None) => Ok(uri.to_owned()),
-        (None, _) => Err(IdentityError::UriSanCount(0)),
-        (Some(_), Some(_)) => Err(IdentityError::UriSanCount(2 + uris.count())),
-    }
-}
-
-/// The certificate's SPIFFE ID, checked to be in `trust_domain`.
-pub fn spiffe_id(der: &[u8], trust_domain: &str) -> Result<String, IdentityError> {
-    let id = uri_san(der)?;
-    let in_domain = id
-        .strip_prefix("spiffe://")
-        .and_then(|rest| rest.strip_prefix(trust_domain))
-        .is_some_and(|path| path.starts_with('/') && path.len() > 1);
-    if !in_domain {
-        return Err(IdentityError::ForeignTrustDomain(
-            id,
-            trust_domain.to_owned(),
-        ));
-    }
-    Ok(id)
-}
-
-/// The SPIFFE ID of a service.
-pub fn service_spiffe_id(trust_domain: &str, service: &str) -> String {
-    format!("spiffe://{trust_domain}/svc/{service}")
-}
-
-/// The TLS server name (SNI, and DNS SAN) of a service's sidecars.
-pub fn server_name(trust_domain: &str, service: &str) -> String {
-    format!("{service}.svc.{trust_domain}")
-}
-
-/// The service a server name names, if it is in `trust_domain`.
-pub fn service_of(server_name: &str, trust_domain: &str) -> Option<String> {
-    let service = server_name
-        .strip_suffix(trust_domain)?
-        .strip_suffix(".svc.")?;
-    (!service.is_empty() && !service.contains('.')).then(|| service.to_owned())
 }
 
 // === Client certificates (inbound) ===
@@ -131,7 +76,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        let id = spiffe_id(end_entity, &self.trust_domain)?;
+        let id = spiffe_id(end_entity, &self.trust_domain).map_err(PeerIdentityError::Cert)?;
         self.revocations
             .check(end_entity, &id, Direction::Inbound)?;
         Ok(verified)
@@ -191,12 +136,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
         )?;
         let name = server_name.to_str();
-        let service = service_of(&name, &self.trust_domain)
-            .ok_or_else(|| IdentityError::BadServerName(name.to_string()))?;
+        let service = service_of_server_name(&name, &self.trust_domain)
+            .ok_or_else(|| PeerIdentityError::BadServerName(name.to_string()))?;
         let expected = service_spiffe_id(&self.trust_domain, &service);
-        let got = spiffe_id(end_entity, &self.trust_domain)?;
+        let got = spiffe_id(end_entity, &self.trust_domain).map_err(PeerIdentityError::Cert)?;
         if got != expected {
-            return Err(IdentityError::WrongService { got, expected }.into());
+            return Err(PeerIdentityError::WrongService { got, expected }.into());
         }
         self.revocations
             .check(end_entity, &got, Direction::Outbound)?;
@@ -223,22 +168,5 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names() {
-        assert_eq!(server_name("mesh.local", "web"), "web.svc.mesh.local");
-        assert_eq!(
-            service_of("web.svc.mesh.local", "mesh.local").as_deref(),
-            Some("web")
-        );
-        assert_eq!(service_of("a.b.svc.mesh.local", "mesh.local"), None);
-        assert_eq!(service_of("web.svc.other", "mesh.local"), None);
-        assert_eq!(service_of(".svc.mesh.local", "mesh.local"), None);
     }
 }

@@ -1,29 +1,28 @@
-//! `isdpctl`, the operator CLI: registry, token and CA commands against
-//! the control plane's gRPC API, over TLS with a bearer token.
+//! The commands: flags, connecting, and the registry commands; the
+//! others in a file each.
 //!
 //! # Layout
-//! - `output`: table and JSON rendering.
 //! - `authz`: `isdpctl authz`, authorization rules.
 //! - `policy`: `isdpctl policy`, traffic policies from YAML documents.
 //! - `security`: `token` and `ca` commands.
 
 mod authz;
-mod output;
 mod policy;
 mod security;
 
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand};
+use isdp_core::dial::{ControlAuth, ControlChannel};
 use isdp_proto::v1::{
     DeregisterRequest, HealthCheck, Instance, ListInstancesRequest, ListProxiesRequest,
     ListServicesRequest, RegisterRequest, WatchServiceRequest,
     authorization_client::AuthorizationClient, policies_client::PoliciesClient,
     proxy_status_client::ProxyStatusClient, registry_client::RegistryClient,
 };
-use isdp_sidecar::dial::{ControlAuth, ControlChannel};
 
-pub use output::Format;
+use crate::output;
+pub use crate::output::Format;
 pub use security::{CaCommand, TokenCommand};
 
 #[derive(Debug, Parser)]
@@ -191,13 +190,13 @@ fn credentials(cli: &Cli) -> Result<ControlAuth, CtlError> {
 }
 
 async fn connect(url: &str, auth: &ControlAuth) -> Result<ControlChannel, CtlError> {
-    isdp_sidecar::dial::connect(url, auth)
+    isdp_core::dial::connect(url, auth)
         .await
         .map_err(|e| CtlError::Connect {
             url: url.to_owned(),
             reason: match e {
-                isdp_sidecar::dial::DialError::Connect { reason, .. }
-                | isdp_sidecar::dial::DialError::InvalidUrl { reason, .. } => reason,
+                isdp_core::dial::DialError::Connect { reason, .. }
+                | isdp_core::dial::DialError::InvalidUrl { reason, .. } => reason,
             },
         })
 }
@@ -213,7 +212,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
     // A service's instance list may be as large as its xDS resource,
     // which sidecars decode up to this size.
     let mut client = RegistryClient::new(channel.clone())
-        .max_decoding_message_size(isdp_sidecar::xds::MAX_RESPONSE_BYTES);
+        .max_decoding_message_size(isdp_core::dial::MAX_RESPONSE_BYTES);
     let fmt = cli.output;
     match cli.command {
         Command::Token(cmd) => security::token(channel, fmt, cmd).await?,

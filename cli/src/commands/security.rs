@@ -3,23 +3,23 @@
 use std::{io::Write, time::Duration};
 
 use clap::Subcommand;
+use isdp_core::dial::ControlChannel;
 use isdp_proto::v1::{
     CreateTokenRequest, ListTokensRequest, RevokeTokenRequest, RotateRootRequest, TokenInfo,
     TrustBundle, TrustBundleRequest, certificates_client::CertificatesClient,
     tokens_client::TokensClient,
 };
-use isdp_sidecar::dial::ControlChannel;
 use serde_json::json;
 
 use super::{CtlError, Format, api};
-use crate::{ca::der_to_pem, tokens::Role};
+use isdp_core::{pem::cert_to_pem, role::Role};
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
     /// Mint a token and print its secret (shown only once).
     Create {
-        #[arg(long, value_parser = ["read", "write", "admin", "join"])]
-        role: String,
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
         /// A service a join token may act as; repeat for more.
         #[arg(long = "service")]
         services: Vec<String>,
@@ -51,13 +51,14 @@ pub enum CaCommand {
     Bundle,
 }
 
-fn role(name: &str) -> Role {
-    match name {
-        "read" => Role::Read,
-        "write" => Role::Write,
-        "admin" => Role::Admin,
-        _ => Role::Join,
-    }
+fn parse_role(name: &str) -> Result<Role, String> {
+    Role::parse(name).ok_or_else(|| format!("{name:?} is not a role: read, write, admin or join"))
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 pub async fn token(
@@ -77,7 +78,7 @@ pub async fn token(
         } => {
             let resp = client
                 .create(CreateTokenRequest {
-                    role: role(&r).to_proto() as i32,
+                    role: r.to_proto() as i32,
                     services,
                     upstreams,
                     description,
@@ -127,7 +128,7 @@ pub async fn token(
                         let expires = if t.expires_at_unix_ms == 0 {
                             "never".to_owned()
                         } else {
-                            let left = t.expires_at_unix_ms - crate::ca::unix_ms();
+                            let left = t.expires_at_unix_ms - unix_ms();
                             if left <= 0 {
                                 "expired".to_owned()
                             } else {
@@ -166,7 +167,7 @@ pub async fn token(
                     );
                 }
                 Format::Table => {
-                    let left = (until - crate::ca::unix_ms()).max(0) as u64;
+                    let left = (until - unix_ms()).max(0) as u64;
                     let _ = writeln!(
                         out,
                         "revoked {id}; sidecars refuse the certificates issued under it for {}",
@@ -206,11 +207,7 @@ pub async fn ca(channel: ControlChannel, fmt: Format, cmd: CaCommand) -> Result<
 }
 
 fn print_bundle(fmt: Format, bundle: &TrustBundle) {
-    let pems: Vec<String> = bundle
-        .roots_der
-        .iter()
-        .map(|d| der_to_pem(d, "CERTIFICATE"))
-        .collect();
+    let pems: Vec<String> = bundle.roots_der.iter().map(|d| cert_to_pem(d)).collect();
     let mut out = std::io::stdout().lock();
     match fmt {
         Format::Json => {

@@ -8,15 +8,13 @@ use std::{
     time::Duration,
 };
 
-use base64::Engine as _;
-
 use tonic::{
     metadata::{AsciiMetadataValue, MetadataValue},
     service::{Interceptor, interceptor::InterceptedService},
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
-use crate::identity::ChainPem;
+use crate::pem::{ChainPem, cert_to_pem};
 
 /// A channel to the control plane whose every call carries the credentials.
 pub type ControlChannel = InterceptedService<Channel, Credentials>;
@@ -77,20 +75,8 @@ impl LearnedRoots {
     /// Every learned root as PEM, for tonic's TLS settings.
     fn pem(&self) -> Vec<String> {
         let held = self.0.read().map(|r| r.clone()).unwrap_or_default();
-        held.iter().map(|der| der_to_pem(der)).collect()
+        held.iter().map(|der| cert_to_pem(der)).collect()
     }
-}
-
-/// A DER certificate as PEM.
-pub fn der_to_pem(der: &[u8]) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        pem.push_str(std::str::from_utf8(line).unwrap_or_default());
-        pem.push('\n');
-    }
-    pem.push_str("-----END CERTIFICATE-----\n");
-    pem
 }
 
 /// Adds `authorization: Bearer <token>` to every request.
@@ -120,6 +106,14 @@ impl Interceptor for Credentials {
         Ok(req)
     }
 }
+
+/// The largest message a client decodes from the control plane: an xDS
+/// response, or a service's instance list. The control plane keeps every
+/// delta response under it: a service's `ServiceEndpoints` resource is
+/// capped at half of it, and several resources share a response only up
+/// to a quarter. Finite, so one message never costs a client more memory
+/// than this.
+pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
 
 /// How long one connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);

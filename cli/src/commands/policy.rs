@@ -14,7 +14,7 @@ use isdp_proto::v1::{
 use serde_json::{Value, json};
 use yaml_rust2::{Yaml, YamlLoader};
 
-use isdp_sidecar::dial::ControlChannel;
+use isdp_core::dial::ControlChannel;
 
 use super::{CtlError, Format, api, output};
 

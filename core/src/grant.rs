@@ -4,8 +4,7 @@
 //! wraps [`encode`] in an rcgen extension) and reads it back when a sidecar
 //! authenticates with its certificate; sidecars read it from their peers'
 //! certificates to refuse those issued under a revoked token
-//! (`proxy::transport::revoked`). Both sides use this one codec, here
-//! because the control plane already depends on this crate.
+//! (`proxy::transport::revoked`). Both sides use this one codec.
 //!
 //! A non-critical X.509 extension (so verifiers that do not know it, webpki
 //! included, ignore it) whose value is the DER of
@@ -165,13 +164,22 @@ mod tests {
 
     #[test]
     fn read_from_a_certificate() {
-        use crate::test_pki::{Leaf, TD, TestCa};
-        let ca = TestCa::new("mesh");
-        let with = ca.issue(&Leaf::service(TD, "web").granted_by("0123456789abcdef"));
-        let grant = of_certificate(with.end_entity_cert().unwrap()).unwrap();
-        assert_eq!(grant.token, "0123456789abcdef");
-        let without = ca.service(TD, "web").key;
-        assert_eq!(of_certificate(without.end_entity_cert().unwrap()), None);
+        let cert = |grant: Option<&Grant>| {
+            let mut params = rcgen::CertificateParams::new(vec!["web.test".to_owned()]).unwrap();
+            if let Some(grant) = grant {
+                params
+                    .custom_extensions
+                    .push(rcgen::CustomExtension::from_oid_content(OID, encode(grant)));
+            }
+            let key = rcgen::KeyPair::generate().unwrap();
+            params.self_signed(&key).unwrap().der().to_vec()
+        };
+        let grant = Grant {
+            token: "0123456789abcdef".into(),
+            upstreams: Some(vec!["payments".into()]),
+        };
+        assert_eq!(of_certificate(&cert(Some(&grant))), Some(grant));
+        assert_eq!(of_certificate(&cert(None)), None);
         assert_eq!(of_certificate(b"not a certificate"), None);
     }
 }

@@ -7,7 +7,7 @@ use isdp_proto::v1::{
 };
 use serde_json::json;
 
-use isdp_sidecar::dial::ControlChannel;
+use isdp_core::dial::ControlChannel;
 
 use super::{CtlError, Format, api, output};
 

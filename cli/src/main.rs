@@ -1,0 +1,24 @@
+//! `isdpctl`, the operator CLI: registry, traffic policies, authorization
+//! rules, tokens and the CA, against the control plane's gRPC API over TLS
+//! with a bearer token. It depends on the protos and `isdp-core` only: what
+//! it knows of the control plane is its API.
+//!
+//! # Layout
+//! - `commands`: flags, connecting, and one file per command group.
+//! - `output`: table and JSON rendering.
+
+#![forbid(unsafe_code)]
+
+mod commands;
+mod output;
+
+use clap::Parser;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let cli = commands::Cli::parse();
+    if let Err(e) = commands::run(cli).await {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
