@@ -25,12 +25,17 @@ pub const SECRET_MODE: u32 = 0o600;
 /// it is private anyway).
 pub const PUBLIC_MODE: u32 = 0o644;
 
+/// The embedded store's file.
+pub const STORE_FILE: &str = "store.redb";
+/// The first admin token's secret.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// The key-encryption key the embedded store generates when none is given.
+pub const KEK_FILE: &str = "kek";
+/// The trust bundle (PEM), for isdpctl and sidecars on this host.
+pub const CA_FILE: &str = "ca.pem";
+
 /// The secret files the control plane keeps in its data directory.
-pub const SECRET_FILES: [&str; 3] = [
-    crate::store::embedded::FILE,
-    crate::tokens::ADMIN_TOKEN_FILE,
-    crate::ca::kek::KEK_FILE,
-];
+pub const SECRET_FILES: [&str; 3] = [STORE_FILE, ADMIN_TOKEN_FILE, KEK_FILE];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataDirError {

@@ -73,9 +73,7 @@ use crate::{
 /// ARCHITECTURE.md.
 pub const KEY_PREFIX: &str = "/isdp/";
 
-/// File in the data dir holding the trust bundle (PEM), for isdpctl and
-/// sidecars on this machine.
-pub const CA_FILE: &str = "ca.pem";
+use data_dir::CA_FILE;
 
 /// Key (under the prefix) of the leader for control-plane health checks.
 pub const HEALTH_LEADER_KEY: &str = "leader/health-checks";

@@ -37,8 +37,7 @@ use crate::{
 pub const TOKENS_PREFIX: &str = "tokens/";
 /// How often the in-memory copy is re-read from the store.
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
-/// File in the data dir holding the first admin token's secret.
-pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+use crate::data_dir::ADMIN_TOKEN_FILE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {

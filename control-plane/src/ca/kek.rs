@@ -19,8 +19,7 @@ use crate::{
     store::{Store, StoreError},
 };
 
-/// The KEK generated for the embedded store, in the data directory.
-pub const KEK_FILE: &str = "kek";
+use crate::data_dir::KEK_FILE;
 
 /// The operator's KEK settings. `Debug` hides the variables' values.
 #[derive(Clone, Default)]

@@ -30,10 +30,6 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// store opens, as etcd's do on a leader change.
 const LEASES: TableDefinition<u64, u64> = TableDefinition::new("leases");
 
-/// The database file in the data directory; created 0600 (it holds tokens'
-/// hashes, the registry and the sealed CA key).
-pub const FILE: &str = "store.redb";
-
 /// Revisions kept for watchers that resume from the past.
 const HISTORY: usize = 16_384;
 /// Most transactions folded into one commit.
@@ -92,7 +88,7 @@ impl EmbeddedStore {
     /// create it with the umask's mode).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         crate::data_dir::create_dir(dir).map_err(unavailable)?;
-        let path = dir.join(FILE);
+        let path = dir.join(crate::data_dir::STORE_FILE);
         crate::data_dir::create_secret_file(&path).map_err(unavailable)?;
         let db = Database::builder()
             .set_cache_size(16 << 20)
