@@ -1,5 +1,8 @@
 //! The admin HTTP server: `/live`, `/ready`, `/config` and `/metrics`
-//! (Prometheus text format).
+//! (Prometheus text format), and the scrape-time collector of state
+//! metrics (`collector`).
+
+mod collector;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,6 +18,8 @@ use tokio::sync::watch;
 
 use crate::session::Session;
 use crate::xds::Snapshot;
+
+pub use collector::StateCollector;
 
 /// What the handlers read; cheap to clone.
 #[derive(Clone)]

@@ -32,10 +32,8 @@ pub mod identity;
 pub mod metrics;
 pub mod proxy;
 pub mod session;
+pub mod tls;
 pub mod xds;
-
-#[cfg(test)]
-mod test_pki;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -180,7 +178,7 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
         shutdown.clone(),
     )));
     let metrics = metrics::Metrics::new();
-    let revocations = proxy::transport::Revocations::new(metrics.clone());
+    let revocations = tls::Revocations::new(metrics.clone());
     let (tls_contexts, tls_task) = proxy::transport::follow(
         identities.clone(),
         snapshots.clone(),
@@ -197,7 +195,7 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
         snapshots.clone(),
         shutdown.clone(),
     );
-    metrics.register_state(metrics::StateCollector {
+    metrics.register_collector(admin::StateCollector {
         identities: Some(identities.clone()),
         snapshots: snapshots.clone(),
         session: session.clone(),

@@ -56,13 +56,14 @@ use tokio::{
 };
 use tower::Service;
 
+use crate::tls::{PeerGuard, any_revoked};
 use crate::{
     config::{Config, Protocol, Upstream},
     metrics::Metrics,
 };
 use forward::Forwarder;
 use outbound::{BoxFuture, ClientAddr, RouteBy};
-use transport::{PeerGuard, Tls, any_revoked};
+use transport::Tls;
 use upstreams::Upstreams;
 
 /// Tracks every connection task, so shutdown can wait for them to drain.
@@ -375,3 +376,6 @@ async fn serve_inbound(
         });
     }
 }
+
+#[cfg(test)]
+mod tests;

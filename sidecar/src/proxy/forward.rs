@@ -16,7 +16,8 @@ use hyper_util::rt::TokioIo;
 
 use super::http::{Body, boxed, error_response, is_upgrade, strip_hop_by_hop};
 use super::outbound::ClientAddr;
-use super::transport::{PeerGuard, Tls, any_revoked};
+use super::transport::Tls;
+use crate::tls::{PeerGuard, any_revoked};
 
 /// Which protocol the next hop speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -33,12 +33,12 @@ use super::{
     http::{Body, SERVICE_HEADER, error_response},
     outbound::{BoxFuture, ClientAddr, answer},
     tcp,
-    transport::PeerIdentity,
 };
 use crate::{
     authz::{Call, Decision},
     config::{Protocol, Service},
     metrics::{Direction, Metrics, RouteMetrics},
+    tls::PeerIdentity,
 };
 
 /// A local service as the inbound side needs it.

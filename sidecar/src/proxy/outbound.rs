@@ -34,12 +34,12 @@ use super::{
         TimeoutLayer, Tried,
     },
     trace::{Trace, TraceEndpoint, TraceEndpointLayer, TraceLayer, TraceSettings},
-    transport::PeerIdentity,
     upstreams::{Target, UpstreamLb, Upstreams},
 };
 use crate::{
     balance::{LoadGuard, Outcome, outlier},
     config::Protocol,
+    tls::{PeerGuard, PeerIdentity},
 };
 
 pub type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
@@ -64,7 +64,7 @@ pub struct ClientAddr {
     pub service: Option<Arc<str>>,
     /// On the inbound listener, the watch on the caller's token: an
     /// upgraded connection (WebSocket) ends when it is revoked.
-    pub guard: Option<super::transport::PeerGuard>,
+    pub guard: Option<PeerGuard>,
 }
 
 impl ClientAddr {
@@ -84,7 +84,7 @@ impl ClientAddr {
         addr: SocketAddr,
         peer: PeerIdentity,
         service: Arc<str>,
-        guard: Option<super::transport::PeerGuard>,
+        guard: Option<PeerGuard>,
     ) -> Self {
         ClientAddr {
             peer: Some(peer),

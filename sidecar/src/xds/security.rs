@@ -148,7 +148,7 @@ mod tests {
     #[test]
     fn bundles_and_policies_are_checked() {
         let subs: BTreeSet<String> = ["mesh".to_string(), "web".to_string()].into();
-        let ca = crate::test_pki::TestCa::new("mesh");
+        let ca = crate::tls::test_pki::TestCa::new("mesh");
         let good = TrustBundle {
             trust_domain: "mesh.test".into(),
             roots_der: vec![ca.root.to_vec()],

@@ -217,7 +217,7 @@ async fn follows_the_trust_bundle_and_policies_without_upstreams() {
     assert_eq!(policy_sub.type_url, AUTHORIZATION_POLICY_TYPE_URL);
     assert_eq!(policy_sub.resource_names_subscribe, ["web"]);
 
-    let ca = crate::test_pki::TestCa::new("mesh");
+    let ca = crate::tls::test_pki::TestCa::new("mesh");
     let bundle = TrustBundle {
         trust_domain: "mesh.test".into(),
         roots_der: vec![ca.root.to_vec()],

@@ -33,8 +33,9 @@ use hyper_util::rt::TokioIo;
 use super::{Mesh, SendError};
 use crate::proxy::{
     http::{Body, BoxError, boxed},
-    transport::{self, Alpn, PeerGuard, any_revoked},
+    transport::{self, Alpn},
 };
+use crate::tls::{PeerGuard, any_revoked};
 
 /// Idle connections older than this are closed rather than reused: the
 /// service may have timed them out already.

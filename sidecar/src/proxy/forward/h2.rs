@@ -20,8 +20,9 @@ use super::{Mesh, SendError};
 use crate::proxy::{
     http::Body,
     resilience::{ConnectLimits, Permit},
-    transport::{self, Alpn, PeerGuard, any_revoked},
+    transport::{self, Alpn},
 };
+use crate::tls::{PeerGuard, any_revoked};
 
 /// The peer's address and, over mTLS, the service named in SNI.
 type Key = (SocketAddr, Option<Arc<str>>);
