@@ -60,7 +60,7 @@ async fn live_ready_and_config() {
     };
     snapshot.acked.insert("payments".into(), "abc".into());
     snapshot
-        .policies
+        .authz_policies
         .insert("web".into(), isdp_proto::v1::AuthorizationPolicy::default());
     snapshot.upstreams.insert(
         "payments".into(),

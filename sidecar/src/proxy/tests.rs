@@ -22,10 +22,9 @@ async fn requests_between_sidecars_carry_the_callers_identity() {
     use http_body_util::{BodyExt, Full};
 
     use crate::proxy::{
-        forward::{Dest, Forwarder, Hop},
-        http::{Body, boxed},
-        outbound::{BoxFuture, ClientAddr, answer},
+        forward::{Forwarder, Hop},
         serve_conn,
+        svc::{Body, BoxFuture, ClientAddr, Dest, answer, boxed},
     };
 
     let ca = TestCa::new("mesh");
@@ -89,7 +88,7 @@ async fn requests_between_sidecars_carry_the_callers_identity() {
 /// through the forwarder's HTTP/2 pool; each side has its own revoked set.
 struct Pair {
     forwarder: crate::proxy::forward::Forwarder,
-    dest: crate::proxy::forward::Dest,
+    dest: crate::proxy::svc::Dest,
     /// Handshakes the server side accepted.
     accepted: Arc<std::sync::atomic::AtomicUsize>,
     server: (Revocations, Metrics),
@@ -103,10 +102,9 @@ impl Pair {
         use http_body_util::{BodyExt, Full};
 
         use crate::proxy::{
-            forward::{Dest, Forwarder},
-            http::{Body, boxed},
-            outbound::{BoxFuture, ClientAddr, answer},
+            forward::Forwarder,
             serve_conn,
+            svc::{Body, BoxFuture, ClientAddr, Dest, answer, boxed},
         };
         let ca = TestCa::new("mesh");
         let server_metrics = Metrics::new();
@@ -156,7 +154,7 @@ impl Pair {
     async fn status(&self) -> u16 {
         use http_body_util::BodyExt;
         let req = http::Request::get("http://payments/x")
-            .body(crate::proxy::http::boxed(
+            .body(crate::proxy::svc::boxed(
                 http_body_util::Empty::<bytes::Bytes>::new().map_err(|e| match e {}),
             ))
             .unwrap();

@@ -28,7 +28,7 @@ pub type Held<T> = BTreeMap<String, Versioned<T>>;
 /// acceptable.
 pub trait Kind: Message + Default + PartialEq + Clone {
     const TYPE_URL: &'static str;
-    /// Short name for `acked_security` keys.
+    /// Short name for `acked_by_type` keys.
     const SHORT: &'static str;
     fn check(name: &str, value: &Self) -> Result<(), String>;
 }

@@ -270,9 +270,9 @@ async fn follows_the_trust_bundle_and_policies_without_upstreams() {
     assert!(ack.error_detail.is_none());
     let snap = snapshots.wait_for(|s| s.acks == 2).await.unwrap().clone();
     assert_eq!(snap.trust_bundle, Some(bundle));
-    assert_eq!(snap.policies["web"], policy);
-    assert_eq!(snap.acked_security["TrustBundle/mesh"], "v1");
-    assert_eq!(snap.acked_security["AuthorizationPolicy/web"], "v1");
+    assert_eq!(snap.authz_policies["web"], policy);
+    assert_eq!(snap.acked_by_type["TrustBundle/mesh"], "v1");
+    assert_eq!(snap.acked_by_type["AuthorizationPolicy/web"], "v1");
 
     // A bundle with a broken root is NACKed and the old one kept.
     outbound

@@ -32,7 +32,7 @@ use hyper_util::rt::TokioIo;
 
 use super::{Mesh, SendError};
 use crate::proxy::{
-    http::{Body, BoxError, boxed},
+    svc::{Body, BoxError, ConnectTimeout, IdleTimeout, boxed},
     transport::{self, Alpn},
 };
 use crate::tls::{PeerGuard, any_revoked};
@@ -79,7 +79,7 @@ impl H1Pool {
     ) -> Result<Response<Body>, SendError> {
         let timeout = req
             .extensions()
-            .get::<super::ConnectTimeout>()
+            .get::<ConnectTimeout>()
             .map_or(self.shared.connect_timeout, |c| c.0);
         if let Some((tls, service)) = mesh {
             let stream = tls
@@ -100,7 +100,7 @@ impl H1Pool {
         }
         let max_idle = req
             .extensions()
-            .get::<super::IdleTimeout>()
+            .get::<IdleTimeout>()
             .map_or(IDLE_TIMEOUT, |t| t.0.min(IDLE_TIMEOUT));
         let (mut sender, reused) = match self.checkout(addr, max_idle) {
             Some(s) => (s, true),
