@@ -111,22 +111,16 @@ pub async fn run(mut config: Config, shutdown: watch::Receiver<bool>) -> Result<
         &shutdown,
         &mut tasks,
     );
-    metrics.register_collector(admin::StateCollector {
-        identities: Some(identities.clone()),
-        snapshots: snapshots.clone(),
-        session: session.clone(),
-        upstreams: Some(upstreams.clone()),
-    });
     let state = admin::AdminState {
         session,
         xds: snapshots,
         has_upstreams: !config.upstreams.is_empty(),
-        identities: config.identity.is_some().then_some(identities),
+        identities: Some(identities),
         listeners: Some(bound.addrs),
         upstreams: Some(upstreams),
         metrics,
     };
-    let admin = start_admin(bound.admin, state, &shutdown);
+    let admin = start_admin(&config, bound.admin, state, &shutdown);
     stop(admin, tasks, shutdown).await
 }
 
@@ -333,12 +327,24 @@ fn start_data_plane(
     upstreams
 }
 
-/// The admin endpoint, on the listener bound first.
+/// The scrape-time state metrics, and the admin endpoint on the listener
+/// bound first. `state` holds every identity; `/ready` waits for one only
+/// when the sidecar has an `identity` to call others as.
 fn start_admin(
+    config: &Config,
     listener: TcpListener,
-    state: admin::AdminState,
+    mut state: admin::AdminState,
     shutdown: &watch::Receiver<bool>,
 ) -> JoinHandle<std::io::Result<()>> {
+    state.metrics.register_collector(admin::StateCollector {
+        identities: state.identities.clone(),
+        snapshots: state.xds.clone(),
+        session: state.session.clone(),
+        upstreams: state.upstreams.clone(),
+    });
+    if config.identity.is_none() {
+        state.identities = None;
+    }
     tokio::spawn(admin::serve(listener, state, shutdown.clone()))
 }
 
