@@ -8,7 +8,7 @@
 //! Each reads the request's [`RoutePolicy`](super::policy::RoutePolicy)
 //! and its `UpstreamLb` from the extensions; a request without them (no
 //! route layer above) passes through untouched. Outlier detection lives
-//! with the balancer (`balance::outlier`), fed by the `Endpoint` layer.
+//! with the balancer (`balance::outlier`), fed by `Dispatch`.
 //!
 //! # Layout
 //! - `breaker`: the per-upstream concurrency check (its counters are

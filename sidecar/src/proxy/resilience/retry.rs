@@ -27,7 +27,7 @@ use crate::{
 #[derive(Clone, Debug, Default)]
 pub struct Avoid(pub Vec<Arc<LbEndpoint>>);
 
-/// On a response: the endpoint that produced it (set by `Endpoint`).
+/// On a response: the endpoint that produced it (set by `Dispatch`).
 #[derive(Clone, Debug)]
 pub struct Tried(pub Arc<LbEndpoint>);
 
