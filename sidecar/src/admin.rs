@@ -1,5 +1,8 @@
 //! The admin HTTP server: `/live`, `/ready`, `/config` and `/metrics`
-//! (Prometheus text format).
+//! (Prometheus text format), and the scrape-time collector of state
+//! metrics (`collector`).
+
+mod collector;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,6 +18,8 @@ use tokio::sync::watch;
 
 use crate::session::Session;
 use crate::xds::Snapshot;
+
+pub use collector::StateCollector;
 
 /// What the handlers read; cheap to clone.
 #[derive(Clone)]
@@ -100,7 +105,7 @@ async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
                 .session
                 .services()
                 .iter()
-                .find(|s| !snap.policies.contains_key(&s.name))
+                .find(|s| !snap.authz_policies.contains_key(&s.name))
                 .map(|s| s.name.clone())
         };
         if let Some(service) = missing_policy {
@@ -232,7 +237,7 @@ struct XdsView {
     ready: bool,
     acked: BTreeMap<String, String>,
     /// Trust bundle, authorization and traffic policies, by `<type>/<name>`.
-    acked_security: BTreeMap<String, String>,
+    acked_by_type: BTreeMap<String, String>,
     acks: u64,
     nacks: u64,
     last_nack: Option<String>,
@@ -350,7 +355,7 @@ async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
         xds: XdsView {
             ready: snap.ready,
             acked: snap.acked.clone(),
-            acked_security: snap.acked_security.clone(),
+            acked_by_type: snap.acked_by_type.clone(),
             acks: snap.acks,
             nacks: snap.nacks,
             last_nack: snap.last_nack.clone(),

@@ -21,16 +21,16 @@ use tokio::sync::watch;
 use crate::xds::Snapshot;
 
 /// The local services' policies, compiled, by service.
-pub type Compiled = HashMap<String, Arc<Policy>>;
+pub type Policies = HashMap<String, Arc<Policy>>;
 
 /// Compiles the policies in each new snapshot (only when they changed) and
 /// publishes them; the inbound path reads the latest with one `Arc` clone.
 pub fn follow(
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
     mut shutdown: watch::Receiver<bool>,
-) -> (watch::Receiver<Arc<Compiled>>, tokio::task::JoinHandle<()>) {
-    let compile = |s: &Snapshot| -> Compiled {
-        s.policies
+) -> (watch::Receiver<Arc<Policies>>, tokio::task::JoinHandle<()>) {
+    let compile = |s: &Snapshot| -> Policies {
+        s.authz_policies
             .iter()
             .map(|(name, p)| (name.clone(), Arc::new(Policy::compile(p))))
             .collect()
@@ -38,15 +38,15 @@ pub fn follow(
     let first = snapshots.borrow_and_update().clone();
     let (tx, rx) = watch::channel(Arc::new(compile(&first)));
     let task = tokio::spawn(async move {
-        let mut held = first.policies.clone();
+        let mut held = first.authz_policies.clone();
         loop {
             tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => return,
                 changed = snapshots.changed() => if changed.is_err() { return },
             }
             let snap = snapshots.borrow_and_update().clone();
-            if snap.policies != held {
-                held = snap.policies.clone();
+            if snap.authz_policies != held {
+                held = snap.authz_policies.clone();
                 tx.send_replace(Arc::new(compile(&snap)));
             }
         }

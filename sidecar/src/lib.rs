@@ -3,26 +3,33 @@
 //! upstreams over xDS for the data plane.
 //!
 //! # Layout
+//! Dependencies point up this list (a module uses only those above it,
+//! plus `isdp-core`), so no two modules import each other.
+//! - `balance`: load-balancing algorithms (round robin, P2C, peak EWMA,
+//!   ring hash, Maglev), health filtering, outlier detection.
 //! - `config`: TOML file + flags/env, validated into [`Config`].
-//! - `balance`: load-balancing algorithms (round robin, P2C, peak EWMA, ring hash, Maglev) and health filtering.
+//! - `metrics`: Prometheus families and per-route request metrics; imports
+//!   no other module.
+//! - `tls`: mTLS as data: rustls contexts, SPIFFE verifiers, the revoked
+//!   tokens of the trust bundle (and, in tests, `tls::test_pki`).
 //! - `identity`: workload keys and certificates (CSR signed by the control
 //!   plane's CA), renewed before expiry, published as a `watch`.
 //! - `xds`: delta-ADS client publishing a `watch` of [`xds::Snapshot`]
-//!   (endpoints, trust bundle, authorization policies).
-//! - `session`: the `isdp.v1.Sidecar/Session` stream registering local services.
-//! - `admin`: `/live`, `/ready`, `/config`, `/metrics` over HTTP.
-//! - `metrics`: Prometheus metrics: per-route request metrics and
-//!   scrape-time state (endpoints, xDS, session).
-//! - `proxy`: the data plane: inbound, outbound and per-upstream listeners,
-//!   the request path as tower layers (route -> balance -> endpoint), TCP,
-//!   and `proxy::transport`: mTLS between sidecars (SPIFFE identities).
+//!   (endpoints, traffic policies, trust bundle, authorization policies).
 //! - `authz`: inbound authorization: a destination's rules compiled for
 //!   per-request checks of the caller's SPIFFE ID, method and path.
+//! - `session`: the `isdp.v1.Sidecar/Session` stream registering local services.
+//! - `proxy`: the data plane: inbound, outbound and per-upstream listeners,
+//!   each request path as tower layers, TCP, and `proxy::transport` (the
+//!   handshakes between sidecars).
+//! - `admin`: `/live`, `/ready`, `/config`, `/metrics` over HTTP, and the
+//!   scrape-time collector of state metrics (it reads every module above).
 //!
 //! Probes, backoff, dialing the control plane, telemetry, the names both
 //! sides agree on and the grant codec come from `isdp-core`.
 //!
-//! [`run`] wires them together; `main.rs` adds flags, logging and signals.
+//! [`run`] wires them together, one step per function; `main.rs` adds
+//! flags, logging and signals.
 
 pub mod admin;
 pub mod authz;
@@ -32,10 +39,8 @@ pub mod identity;
 pub mod metrics;
 pub mod proxy;
 pub mod session;
+pub mod tls;
 pub mod xds;
-
-#[cfg(test)]
-mod test_pki;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -44,6 +49,7 @@ use std::sync::Arc;
 use isdp_core::{dial, probe};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 pub use config::{Cli, Config, ConfigError};
 
@@ -77,48 +83,117 @@ pub enum Error {
 /// `isdp-sidecar listening: admin=<addr> inbound=<addr> outbound=<addr>`
 /// (plus `upstream.<name>=<addr>` per dedicated upstream listener) on
 /// stdout once bound, so scripts and tests can use port 0.
-pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
-    let listener = TcpListener::bind(config.admin_listen)
+///
+/// The steps, in order: [`bind`] the listeners, [`control_auth`] (how to
+/// reach the control plane), [`start_session`] (registration and probes),
+/// [`start_discovery`] (xDS), [`start_identity`] (workload certificates),
+/// [`start_data_plane`] (mTLS, authorization, balancing, the proxy's
+/// listeners), [`start_admin`], then [`stop`] on shutdown. Nothing after
+/// binding waits on the control plane: until it answers, the admin
+/// endpoint serves and `/ready` says what is missing.
+pub async fn run(mut config: Config, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
+    let bound = bind(&mut config).await?;
+    tracing::info!(node_id = %config.node_id, admin = %bound.admin_addr, "sidecar starting");
+    let auth = control_auth(&config)?;
+    let mut tasks = Vec::new();
+    let session = start_session(&config, &auth, &shutdown, &mut tasks);
+    let snapshots = start_discovery(&config, &auth, &shutdown, &mut tasks);
+    let identities = start_identity(&config, &auth, &shutdown, &mut tasks);
+    let metrics = metrics::Metrics::new();
+    let upstreams = start_data_plane(
+        &config,
+        bound.data_plane,
+        DataPlaneInputs {
+            identities: identities.clone(),
+            snapshots: snapshots.clone(),
+            metrics: metrics.clone(),
+        },
+        &shutdown,
+        &mut tasks,
+    );
+    let state = admin::AdminState {
+        session,
+        xds: snapshots,
+        has_upstreams: !config.upstreams.is_empty(),
+        identities: Some(identities),
+        listeners: Some(bound.addrs),
+        upstreams: Some(upstreams),
+        metrics,
+    };
+    let admin = start_admin(&config, bound.admin, state, &shutdown);
+    stop(admin, tasks, shutdown).await
+}
+
+/// Every listener, bound before anything is registered.
+struct Bound {
+    admin: TcpListener,
+    admin_addr: SocketAddr,
+    data_plane: proxy::Listeners,
+    addrs: proxy::Addrs,
+}
+
+/// Binds the admin and data-plane listeners, records the inbound port
+/// actually bound in `config` (registrations carry it), and prints the
+/// `isdp-sidecar listening:` line.
+async fn bind(config: &mut Config) -> Result<Bound, Error> {
+    let admin = TcpListener::bind(config.admin_listen)
         .await
         .map_err(|source| Error::Bind {
             addr: config.admin_listen,
             source,
         })?;
-    let admin_addr = listener.local_addr().map_err(Error::Admin)?;
-    let listeners = proxy::Listeners::bind(&config).await?;
-    let addrs = listeners.addrs();
-    // Registrations carry the port actually bound.
+    let admin_addr = admin.local_addr().map_err(Error::Admin)?;
+    let data_plane = proxy::Listeners::bind(config).await?;
+    let addrs = data_plane.addrs();
     config.inbound_listen = addrs.inbound;
-    {
-        let mut line = format!(
-            "isdp-sidecar listening: admin={admin_addr} inbound={} outbound={}",
-            addrs.inbound, addrs.outbound
-        );
-        for (name, addr) in &addrs.upstreams {
-            line.push_str(&format!(" upstream.{name}={addr}"));
-        }
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{line}");
-        let _ = out.flush();
+    let mut line = format!(
+        "isdp-sidecar listening: admin={admin_addr} inbound={} outbound={}",
+        addrs.inbound, addrs.outbound
+    );
+    for (name, addr) in &addrs.upstreams {
+        line.push_str(&format!(" upstream.{name}={addr}"));
     }
-    tracing::info!(node_id = %config.node_id, admin = %admin_addr, "sidecar starting");
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+    Ok(Bound {
+        admin,
+        admin_addr,
+        data_plane,
+        addrs,
+    })
+}
 
-    let auth = dial::ControlAuth {
-        ca_pem: match &config.ca_file {
-            Some(path) => Some(
-                std::fs::read_to_string(path).map_err(|source| Error::CaFile {
-                    path: path.clone(),
-                    source,
-                })?,
-            ),
-            None => None,
-        },
+/// How every connection to the control plane authenticates: the CA file
+/// (plus roots learned over xDS later), the join token, and from its
+/// first certificate on the sidecar's primary identity.
+fn control_auth(config: &Config) -> Result<dial::ControlAuth, Error> {
+    let ca_pem = match &config.ca_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path).map_err(|source| Error::CaFile {
+                path: path.clone(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
+    Ok(dial::ControlAuth {
+        ca_pem,
         token: config.join_token.clone(),
         identity: dial::ClientIdentity::default(),
         learned: dial::LearnedRoots::default(),
-    };
-    let session = session::Session::new(&config);
-    let mut tasks = Vec::new();
+    })
+}
+
+/// The session registering the local services, and a checker per service
+/// with a health check reporting on it.
+fn start_session(
+    config: &Config,
+    auth: &dial::ControlAuth,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> session::Session {
+    let session = session::Session::new(config);
     for (index, service) in config.services.iter().enumerate() {
         if let Some(spec) = service.check_spec() {
             let handle = session.clone();
@@ -135,6 +210,17 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
         auth.clone(),
         shutdown.clone(),
     ));
+    session
+}
+
+/// The xDS client, and the task that keeps the control-plane dialer's
+/// roots in step with the trust bundle it brings.
+fn start_discovery(
+    config: &Config,
+    auth: &dial::ControlAuth,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> watch::Receiver<Arc<xds::Snapshot>> {
     let (snapshots, xds_task) = xds::spawn(
         xds::XdsSettings {
             node_id: config.node_id.clone(),
@@ -151,10 +237,18 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
         auth.learned.clone(),
         shutdown.clone(),
     )));
-    // Identity: one certificate per local service, plus the `identity` a
-    // sidecar without services calls others as. Nothing here blocks
-    // startup; until the first certificate the admin endpoint serves and
-    // `/ready` says what is missing.
+    snapshots
+}
+
+/// One certificate per local service, plus the `identity` a sidecar
+/// without services calls others as; and the task presenting the primary
+/// one to the control plane. Nothing here blocks startup.
+fn start_identity(
+    config: &Config,
+    auth: &dial::ControlAuth,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> watch::Receiver<Arc<identity::Identities>> {
     let mut certified: Vec<String> = config.services.iter().map(|s| s.name.clone()).collect();
     if let Some(id) = &config.identity
         && !certified.contains(id)
@@ -179,53 +273,89 @@ pub async fn run(mut config: Config, mut shutdown: watch::Receiver<bool>) -> Res
         auth.identity.clone(),
         shutdown.clone(),
     )));
-    let metrics = metrics::Metrics::new();
-    let revocations = proxy::transport::Revocations::new(metrics.clone());
+    identities
+}
+
+/// What the data plane follows.
+struct DataPlaneInputs {
+    identities: watch::Receiver<Arc<identity::Identities>>,
+    snapshots: watch::Receiver<Arc<xds::Snapshot>>,
+    metrics: metrics::Metrics,
+}
+
+/// mTLS (contexts rebuilt as identities and roots change, revocations
+/// enforced), the compiled authorization policies, the upstreams'
+/// balancing state, and the proxy serving every listener. Returns the
+/// upstreams for the admin pages.
+fn start_data_plane(
+    config: &Config,
+    listeners: proxy::Listeners,
+    inputs: DataPlaneInputs,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> proxy::upstreams::Upstreams {
+    let DataPlaneInputs {
+        identities,
+        snapshots,
+        metrics,
+    } = inputs;
+    let revocations = tls::Revocations::new(metrics.clone());
     let (tls_contexts, tls_task) = proxy::transport::follow(
-        identities.clone(),
+        identities,
         snapshots.clone(),
         revocations.clone(),
         shutdown.clone(),
     );
     tasks.push(tls_task);
-    let tls = proxy::transport::Tls::new(tls_contexts, revocations.clone(), metrics.clone());
+    let tls = proxy::transport::Tls::new(tls_contexts, revocations, metrics.clone());
     let (policies, authz_task) = authz::follow(snapshots.clone(), shutdown.clone());
     tasks.push(authz_task);
     let upstreams = proxy::upstreams::Upstreams::spawn(
         &config.upstreams,
         &metrics,
-        snapshots.clone(),
+        snapshots,
         shutdown.clone(),
     );
-    metrics.register_state(metrics::StateCollector {
-        identities: Some(identities.clone()),
-        snapshots: snapshots.clone(),
-        session: session.clone(),
-        upstreams: Some(upstreams.clone()),
-    });
-    let data_plane = {
-        let config = config.clone();
-        let shutdown = shutdown.clone();
-        let upstreams = upstreams.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            listeners
-                .serve(&config, upstreams, &metrics, tls, policies, shutdown)
-                .await
-        })
-    };
-    tasks.push(data_plane);
-    let state = admin::AdminState {
-        session,
-        xds: snapshots,
-        has_upstreams: !config.upstreams.is_empty(),
-        identities: config.identity.is_some().then_some(identities),
-        listeners: Some(addrs),
-        upstreams: Some(upstreams),
-        metrics,
-    };
-    let mut admin = tokio::spawn(admin::serve(listener, state, shutdown.clone()));
+    let config = config.clone();
+    let shutdown = shutdown.clone();
+    let serving = upstreams.clone();
+    tasks.push(tokio::spawn(async move {
+        listeners
+            .serve(&config, serving, &metrics, tls, policies, shutdown)
+            .await
+    }));
+    upstreams
+}
 
+/// The scrape-time state metrics, and the admin endpoint on the listener
+/// bound first. `state` holds every identity; `/ready` waits for one only
+/// when the sidecar has an `identity` to call others as.
+fn start_admin(
+    config: &Config,
+    listener: TcpListener,
+    mut state: admin::AdminState,
+    shutdown: &watch::Receiver<bool>,
+) -> JoinHandle<std::io::Result<()>> {
+    state.metrics.register_collector(admin::StateCollector {
+        identities: state.identities.clone(),
+        snapshots: state.xds.clone(),
+        session: state.session.clone(),
+        upstreams: state.upstreams.clone(),
+    });
+    if config.identity.is_none() {
+        state.identities = None;
+    }
+    tokio::spawn(admin::serve(listener, state, shutdown.clone()))
+}
+
+/// Waits for shutdown (or the admin server failing), then for every task
+/// to finish: the session closes, probes and xDS stop, and the proxy
+/// drains its connections.
+async fn stop(
+    mut admin: JoinHandle<std::io::Result<()>>,
+    tasks: Vec<JoinHandle<()>>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), Error> {
     let admin_result = tokio::select! {
         biased;
         _ = shutdown.wait_for(|stop| *stop) => None,

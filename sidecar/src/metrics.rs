@@ -8,25 +8,27 @@
 //!   histogram: no label hashing per request.
 //! - State metrics (endpoints by health, xDS and session state, local
 //!   health), read from the state the sidecar already keeps when Prometheus
-//!   scrapes, by [`StateCollector`]. Nothing on the request path feeds them.
+//!   scrapes, by a collector registered with [`Metrics::register_collector`]
+//!   (`admin::StateCollector`, which reads every other module, so it lives
+//!   above them rather than here). Nothing on the request path feeds them.
+//!
+//! This module depends on no other module of the sidecar: everything that
+//! records a metric imports it, never the other way round.
 //!
 //! Label sets are bounded: `service` values come from the configuration
 //! (upstreams and local services), `reason` from the fixed set of
 //! `x-isdp-error` values, `grpc_code` from the 17 gRPC codes.
-
-mod state;
 
 use std::sync::Arc;
 
 use isdp_core::metrics::{LATENCY_BUCKETS, grpc_code_name};
 
 use prometheus_client::{
+    collector::Collector,
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::{Registry, Unit},
 };
-
-pub use state::StateCollector;
 
 /// Which way traffic flows through the sidecar.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -253,8 +255,9 @@ impl Metrics {
         }
     }
 
-    /// Adds scrape-time metrics read from the sidecar's state.
-    pub fn register_state(&self, collector: StateCollector) {
+    /// Adds scrape-time metrics, read from the sidecar's state by
+    /// `collector` when Prometheus scrapes.
+    pub fn register_collector(&self, collector: impl Collector + 'static) {
         self.inner
             .registry
             .lock()

@@ -2,23 +2,29 @@
 //! sidecar, and the sidecars of the services it calls.
 //!
 //! # Layout
-//! - `outbound`: the request path from the local service to an upstream, as
-//!   tower layers `Route` -> `Observe` -> `Select` -> `Breaker` -> `Fault`
-//!   -> `Timeout` -> `Retry` -> `Balance` -> `Endpoint`.
-//! - `policy`: traffic policies compiled per version; the `Select` layer.
-//! - `resilience`: breaker, fault injection, timeouts, retries.
-//! - `observe`: the metrics layer (requests, latency, in flight, errors).
-//! - `inbound`: traffic from other sidecars to the local services.
-//! - `authorize`: the inbound authorization check, counted and logged.
+//! Dependencies point up this list: each module uses only those above it.
+//! - `svc`: what every layer shares (body and future types, `ClientAddr`,
+//!   `Dest`, `ProxyError`, the `Step` shape of a layer); imports nothing
+//!   else of the proxy.
+//! - `http`: proxy header rules (hop-by-hop, forwarding headers, ids).
+//! - `policy`: traffic policies compiled per version (data only).
+//! - `limits`: per-upstream counters that outlive rebuilds (breaker
+//!   gauges, retry budget).
+//! - `upstreams`: per-upstream balancing state, rebuilt from the discovery
+//!   snapshot; the endpoint a request was given (`Picked`).
+//! - `transport`: handshakes between sidecars with the `tls` module's
+//!   contexts, their failure metrics, and the task that keeps the context
+//!   current.
+//! - `observe`, `trace`, `resilience`: layers (metrics; spans and the
+//!   access log; breaker, fault injection, timeouts, retries).
+//! - `forward`: pooled HTTP/1.1 and HTTP/2 clients, upgrades, transport
+//!   failures as answers.
 //! - `tcp`: opaque TCP proxying, tunnelled between sidecars over mTLS.
-//! - `upstreams`: per-upstream balancer state, rebuilt from the discovery
-//!   snapshot.
-//! - `forward`: pooled HTTP/1.1 and HTTP/2 clients, upgrades, error mapping.
-//! - `http`: body type, proxy header rules, error responses.
-//! - `trace`: per-request spans (client outbound, server inbound), W3C
-//!   trace-context propagation, the access log.
-//! - `transport`: how sidecars connect to each other: mTLS with SPIFFE
-//!   identities, hot-swapped TLS contexts, handshake failure metrics.
+//! - `outbound`: the request path from the local service to an upstream,
+//!   `Route` -> `Observe` -> `Select` -> `Breaker` -> `Fault` -> `Timeout`
+//!   -> `Retry` -> `Balance` -> `Dispatch`.
+//! - `inbound`: the request path from other sidecars to a local service,
+//!   `Observe` -> `Canonical` -> `Authorize` -> `Deliver`, and tunnels.
 //!
 //! Listeners: one inbound (mesh traffic to this sidecar's services), one
 //! shared outbound that routes by `Host` (also usable as an `http_proxy`),
@@ -27,23 +33,23 @@
 //! (`graceful_shutdown`), and everything still open after the drain timeout
 //! is dropped.
 
-pub mod authorize;
-pub mod canonical;
 pub mod forward;
 pub mod http;
 pub mod inbound;
+pub mod limits;
 pub mod observe;
 pub mod outbound;
 pub mod policy;
 pub mod resilience;
+pub mod svc;
 pub mod tcp;
 pub mod trace;
 pub mod transport;
 pub mod upstreams;
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use ::http::{Request, Response};
+use ::http::Request;
 use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
@@ -54,15 +60,17 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
 };
-use tower::Service;
+use tower::Layer;
 
+use crate::tls::{PeerGuard, any_revoked};
 use crate::{
     config::{Config, Protocol, Upstream},
     metrics::Metrics,
 };
 use forward::Forwarder;
-use outbound::{BoxFuture, ClientAddr, RouteBy};
-use transport::{PeerGuard, Tls, any_revoked};
+use outbound::RouteBy;
+use svc::{ClientAddr, Next, ProxyError, answer};
+use transport::Tls;
 use upstreams::Upstreams;
 
 /// Tracks every connection task, so shutdown can wait for them to drain.
@@ -138,7 +146,7 @@ impl Listeners {
         upstreams: Upstreams,
         metrics: &Metrics,
         tls: Tls,
-        policies: watch::Receiver<Arc<crate::authz::Compiled>>,
+        policies: watch::Receiver<Arc<crate::authz::Policies>>,
         shutdown: watch::Receiver<bool>,
     ) {
         let tracker = Tracker::new();
@@ -184,15 +192,12 @@ impl Listeners {
             accept_loops.push(task);
         }
 
-        let inbound = trace::TraceInbound::new(
-            tracing,
-            inbound::Inbound::new(
-                &config.services,
-                forwarder,
-                metrics,
-                authorize::Authorizer::new(policies, metrics.clone()),
-            ),
-        );
+        let inbound = trace::TraceInboundLayer(tracing).layer(inbound::Inbound::new(
+            &config.services,
+            forwarder,
+            metrics,
+            inbound::Authorizer::new(policies, metrics.clone()),
+        ));
         accept_loops.push(tokio::spawn(serve_inbound(
             self.inbound,
             inbound,
@@ -261,15 +266,7 @@ async fn serve_conn<S, IO>(
     mut shutdown: watch::Receiver<bool>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<
-            Request<http::Body>,
-            Response = Response<http::Body>,
-            Error = Infallible,
-            Future = BoxFuture,
-        > + Clone
-        + Send
-        + Sync
-        + 'static,
+    S: Next + Sync,
 {
     let peer = client.addr;
     let guards: Vec<PeerGuard> = client.guard.iter().cloned().collect();
@@ -277,13 +274,11 @@ async fn serve_conn<S, IO>(
         if let Some(guard) = &client.guard
             && guard.refuses_request()
         {
-            return outbound::answer(http::error_response(
-                ::http::StatusCode::FORBIDDEN,
-                "peer-revoked",
+            return answer(ProxyError::PeerRevoked.response(
                 "the token this caller's certificate was issued under has been revoked",
             ));
         }
-        let mut req = req.map(http::boxed);
+        let mut req = req.map(svc::boxed);
         req.extensions_mut().insert(client.clone());
         svc.clone().call(req)
     });
@@ -313,15 +308,7 @@ async fn serve_http<S>(
     tracker: Tracker,
     mut shutdown: watch::Receiver<bool>,
 ) where
-    S: Service<
-            Request<http::Body>,
-            Response = Response<http::Body>,
-            Error = Infallible,
-            Future = BoxFuture,
-        > + Clone
-        + Send
-        + Sync
-        + 'static,
+    S: Next + Sync,
 {
     while let Some((stream, peer)) = accept(&listener, &mut shutdown).await {
         tracker.spawn(serve_conn(
@@ -375,3 +362,6 @@ async fn serve_inbound(
         });
     }
 }
+
+#[cfg(test)]
+mod tests;

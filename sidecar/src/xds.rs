@@ -35,19 +35,19 @@ pub struct Snapshot {
     pub ready: bool,
     /// Acknowledged versions of the endpoint resources held, by name.
     pub acked: BTreeMap<String, String>,
-    /// Acknowledged versions of the other resources held, by
+    /// Acknowledged versions of the other resources held, keyed by
     /// `<type>/<name>` (`TrustBundle/mesh`, `AuthorizationPolicy/<service>`,
     /// `TrafficPolicy/<upstream>`).
-    pub acked_security: BTreeMap<String, String>,
+    pub acked_by_type: BTreeMap<String, String>,
     /// The mesh's roots, once the control plane has sent them. Until then
     /// the bundle of the last `SignResponse` is trusted.
     pub trust_bundle: Option<TrustBundle>,
     /// Authorization policies of the local services, by service.
-    pub policies: BTreeMap<String, AuthorizationPolicy>,
+    pub authz_policies: BTreeMap<String, AuthorizationPolicy>,
     /// Traffic policies of the upstreams that have one, by upstream, with
     /// the control plane's version. An upstream missing here runs on the
     /// sidecar's defaults.
-    pub traffic: BTreeMap<String, security::Versioned<TrafficPolicy>>,
+    pub traffic_policies: BTreeMap<String, security::Versioned<TrafficPolicy>>,
     /// ACKs sent, over all streams.
     pub acks: u64,
     /// NACKs sent, over all streams.

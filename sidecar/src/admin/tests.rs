@@ -26,7 +26,7 @@ async fn live_ready_and_config() {
     let session = Session::new(&config);
     let (xds_tx, xds) = watch::channel(Arc::new(Snapshot::default()));
     let metrics = crate::metrics::Metrics::new();
-    metrics.register_state(crate::metrics::StateCollector {
+    metrics.register_collector(super::StateCollector {
         identities: None,
         snapshots: xds.clone(),
         session: session.clone(),
@@ -60,7 +60,7 @@ async fn live_ready_and_config() {
     };
     snapshot.acked.insert("payments".into(), "abc".into());
     snapshot
-        .policies
+        .authz_policies
         .insert("web".into(), isdp_proto::v1::AuthorizationPolicy::default());
     snapshot.upstreams.insert(
         "payments".into(),
@@ -150,7 +150,7 @@ async fn live_ready_and_config() {
 #[test]
 fn readiness_names_the_identity_problem() {
     use crate::identity::{Identities, Identity};
-    let ca = crate::test_pki::TestCa::new("mesh");
+    let ca = crate::tls::test_pki::TestCa::new("mesh");
     let identity = |grant: &str| {
         Arc::new(Identity {
             service: "web".into(),

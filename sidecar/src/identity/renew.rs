@@ -16,7 +16,7 @@ use isdp_core::pem::ChainPem;
 use super::{Identities, Identity, IdentityError, Signer};
 use isdp_core::backoff::Backoff;
 
-use crate::proxy::transport::certified_key;
+use crate::tls::certified_key;
 
 /// How long one `Sign` call may take before it counts as failed.
 pub const SIGN_TIMEOUT: Duration = Duration::from_secs(10);

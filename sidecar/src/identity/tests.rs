@@ -9,7 +9,7 @@ use std::sync::{
 use tokio::time::Instant;
 
 use super::*;
-use crate::test_pki::{Leaf, TD, TestCa};
+use crate::tls::test_pki::{Leaf, TD, TestCa};
 
 const LIFETIME: Duration = Duration::from_secs(300);
 

@@ -10,13 +10,14 @@ use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use http::{
     HeaderValue, Request, Response, StatusCode, Uri, Version, header,
-    uri::{Authority, PathAndQuery, Scheme},
+    uri::{PathAndQuery, Scheme},
 };
 use hyper_util::rt::TokioIo;
 
-use super::http::{Body, boxed, error_response, is_upgrade, strip_hop_by_hop};
-use super::outbound::ClientAddr;
-use super::transport::{PeerGuard, Tls, any_revoked};
+use super::http::{is_upgrade, strip_hop_by_hop};
+use super::svc::{Body, ClientAddr, Dest, ProxyError, boxed};
+use super::transport::Tls;
+use crate::tls::{PeerGuard, any_revoked};
 
 /// Which protocol the next hop speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,58 +29,9 @@ pub enum Hop {
 mod h1;
 mod h2;
 
-/// Where a request goes next: the socket address, and the same as a URI
-/// authority, formatted once when the destination is learnt rather than
-/// once per request.
-#[derive(Clone, Debug)]
-pub struct Dest {
-    pub addr: SocketAddr,
-    authority: Authority,
-    /// The service when `addr` is its sidecar: the connection is mTLS with
-    /// this service's SNI, and pooled per (address, service). None for a
-    /// local service or an instance without a sidecar (plaintext).
-    pub service: Option<Arc<str>>,
-}
-
-impl Dest {
-    /// A plaintext destination.
-    pub fn new(addr: SocketAddr) -> Self {
-        let authority = addr
-            .to_string()
-            .parse()
-            .expect("a socket address is a valid authority");
-        Dest {
-            addr,
-            authority,
-            service: None,
-        }
-    }
-
-    /// `service`'s sidecar at `addr`, reached over mTLS.
-    pub fn mesh(addr: SocketAddr, service: Arc<str>) -> Self {
-        Dest {
-            service: Some(service),
-            ..Dest::new(addr)
-        }
-    }
-}
-
 /// How to reach a mesh destination: the TLS handle and the service named
 /// in SNI.
 pub type Mesh<'a> = Option<(&'a Tls, &'a Arc<str>)>;
-
-/// A request extension overriding the pool's connect timeout for the
-/// connection this request may have to open (a traffic policy's
-/// `timeouts.connect`).
-#[derive(Clone, Copy, Debug)]
-pub struct ConnectTimeout(pub Duration);
-
-/// A request extension: pooled HTTP/1.1 connections idle longer than this
-/// are closed rather than reused for it (a traffic policy's
-/// `timeouts.idle`; never more than the pool's own limit). HTTP/2
-/// connections between sidecars are kept alive by pings and not affected.
-#[derive(Clone, Copy, Debug)]
-pub struct IdleTimeout(pub Duration);
 
 /// Why a request could not be sent to its next hop.
 #[derive(Debug)]
@@ -215,34 +167,21 @@ impl SendError {
                 None
             }
             SendError::Overflow(cap) => {
-                return error_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "overflow",
-                    format!("the upstream is at its {cap} limit"),
-                );
+                return ProxyError::Overflow
+                    .response(format!("the upstream is at its {cap} limit"));
             }
         };
         match connect {
-            Some(io::ErrorKind::ConnectionRefused) => error_response(
-                StatusCode::BAD_GATEWAY,
-                "connect-refused",
-                format!("{addr} refused the connection"),
-            ),
-            Some(io::ErrorKind::TimedOut) => error_response(
-                StatusCode::GATEWAY_TIMEOUT,
-                "connect-timeout",
-                format!("connecting to {addr} timed out"),
-            ),
-            Some(_) => error_response(
-                StatusCode::BAD_GATEWAY,
-                "connect-failed",
-                format!("connecting to {addr} failed"),
-            ),
-            None => error_response(
-                StatusCode::BAD_GATEWAY,
-                "upstream-reset",
-                format!("{addr} closed or reset the connection before a full response"),
-            ),
+            Some(io::ErrorKind::ConnectionRefused) => {
+                ProxyError::ConnectRefused.response(format!("{addr} refused the connection"))
+            }
+            Some(io::ErrorKind::TimedOut) => {
+                ProxyError::ConnectTimeout.response(format!("connecting to {addr} timed out"))
+            }
+            Some(_) => ProxyError::ConnectFailed.response(format!("connecting to {addr} failed")),
+            None => ProxyError::UpstreamReset.response(format!(
+                "{addr} closed or reset the connection before a full response"
+            )),
         }
     }
 }

@@ -1,100 +1,16 @@
-//! HTTP pieces every hop shares: the body type, error responses, and the
-//! header rules of a proxy (RFC 9110 hop-by-hop handling, forwarding
-//! headers, request ids).
+//! The header rules of a proxy, shared by every hop: RFC 9110 hop-by-hop
+//! handling, forwarding headers, request ids.
 
-use std::net::SocketAddr;
-
-use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
-
-/// Every body the proxy moves: streamed, never buffered whole.
-pub type Body = BoxBody<Bytes, BoxError>;
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, header};
 
 // Header names are statics rather than `&str`: a `&str` name is parsed
 // and validated on every lookup, which shows up in per-request profiles.
 
-/// Header naming why the sidecar, not the upstream, answered.
-pub static ERROR_HEADER: HeaderName = HeaderName::from_static("x-isdp-error");
 /// Header carrying the destination service from the calling sidecar to the
 /// receiving one, which picks the local service by it.
 pub static SERVICE_HEADER: HeaderName = HeaderName::from_static("x-isdp-service");
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-
-pub fn boxed<B>(body: B) -> Body
-where
-    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
-    B::Error: Into<BoxError>,
-{
-    body.map_err(Into::into).boxed()
-}
-
-/// An empty body.
-pub fn empty() -> Body {
-    boxed(http_body_util::Empty::<Bytes>::new())
-}
-
-/// Keeps `guard` alive until `body` has been fully sent (or dropped), so
-/// load accounting covers the whole exchange, not just the headers.
-pub fn with_guard<G: Send + Sync + Unpin + 'static>(body: Body, guard: G) -> Body {
-    BoxBody::new(Guarded {
-        inner: body,
-        _guard: guard,
-    })
-}
-
-struct Guarded<G> {
-    inner: Body,
-    _guard: G,
-}
-
-impl<G: Unpin> http_body::Body for Guarded<G> {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Marks a response the sidecar produced itself, with its `x-isdp-error`
-/// reason, for the metrics layer (which should not parse headers back).
-#[derive(Clone, Copy, Debug)]
-pub struct ProxyError(pub &'static str);
-
-/// A response the sidecar itself produced, with the reason in
-/// [`ERROR_HEADER`] and a one-line body for people.
-pub fn error_response(
-    status: StatusCode,
-    reason: &'static str,
-    detail: impl std::fmt::Display,
-) -> Response<Body> {
-    let mut resp = Response::new(boxed(Full::new(Bytes::from(format!(
-        "{reason}: {detail}\n"
-    )))));
-    *resp.status_mut() = status;
-    resp.extensions_mut().insert(ProxyError(reason));
-    resp.headers_mut()
-        .insert(ERROR_HEADER.clone(), HeaderValue::from_static(reason));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
-}
 
 /// Whether a request asks to switch protocols (WebSocket and the like).
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
@@ -171,13 +87,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// The client's IP as an `x-forwarded-for` entry, formatted once per
-/// connection rather than once per request.
-pub fn forwarded_for_value(client: SocketAddr) -> Option<HeaderValue> {
-    HeaderValue::try_from(client.ip().to_string()).ok()
-}
-
-/// Appends the client's address (see [`forwarded_for_value`]) to
+/// Appends the client's address (see `svc::forwarded_for_value`) to
 /// `x-forwarded-for` and gives the request an id if it has none, so one
 /// request can be followed across hops.
 pub fn add_forwarding(headers: &mut HeaderMap, client_ip: Option<&HeaderValue>) {
@@ -221,6 +131,7 @@ fn request_id() -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::svc::forwarded_for_value;
 
     #[test]
     fn hop_by_hop_headers_go_and_te_trailers_stays() {

@@ -1,17 +1,30 @@
-//! The inbound listener: traffic from other sidecars (and direct HTTP
-//! clients) for the services this sidecar fronts.
+//! The inbound listener's request path: traffic from other sidecars (and
+//! direct HTTP clients) for the services this sidecar fronts.
 //!
 //! One port serves mTLS only (`transport`): HTTP (HTTP/2 from sidecars,
 //! HTTP/1.1 for upgrades) and tunnelled TCP, told apart by ALPN. The
 //! destination is the service the client asked for in SNI (and whose
-//! certificate it verified); `x-isdp-service`, when present, must agree.
-//! A request's method and path are then put in canonical form
-//! ([`super::canonical`]; 400 if they have none), and every request and
-//! tunnel passes the destination's authorization policy
-//! ([`super::authorize`]); a refusal is 403 `denied-by-policy`, or a
-//! closed tunnel. A tunnel reaches only a service registered as `tcp`: one
-//! to an HTTP or gRPC service would carry requests past every method and
-//! path rule, so it is closed (counted as denied by `tunnel-to-http`).
+//! certificate it verified); `x-isdp-service`, when present, must agree
+//! (421 `misdirected`), and must name a local service (404
+//! `unknown-service`). [`Inbound`] picks the local service and hands the
+//! request to that service's stack of named tower layers, one file each,
+//! in the order a request meets them:
+//!
+//! `Observe` (the service's metrics, in `observe`) -> `Canonical` (method
+//! and path put in canonical form, 400 if they have none, `canonical`) ->
+//! `Authorize` (the destination's authorization policy, 403
+//! `denied-by-policy`, `authorize`) -> `Deliver` (to `127.0.0.1:<port>`,
+//! `deliver`).
+//!
+//! Spans and the access log wrap it all (`trace::TraceInbound`). A tunnel
+//! passes the same authorization ([`Inbound::tcp`]), and reaches only a
+//! service registered as `tcp`: one to an HTTP or gRPC service would carry
+//! requests past every method and path rule, so it is closed (counted as
+//! denied by `tunnel-to-http`).
+
+mod authorize;
+mod canonical;
+mod deliver;
 
 use std::{
     collections::HashMap,
@@ -22,32 +35,38 @@ use std::{
     time::Duration,
 };
 
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tower::{Layer, Service};
 
-use super::observe::observe;
 use super::{
-    authorize::Authorizer,
-    canonical,
-    forward::{Dest, Forwarder, Hop},
-    http::{Body, SERVICE_HEADER, error_response},
-    outbound::{BoxFuture, ClientAddr, answer},
+    forward::Forwarder,
+    http::SERVICE_HEADER,
+    observe::{Observe, ObserveLayer},
+    svc::{Body, BoxFuture, ClientAddr, Dest, ProxyError, answer},
     tcp,
-    transport::PeerIdentity,
 };
 use crate::{
-    authz::{Call, Decision},
-    config::{Protocol, Service},
+    authz::Call,
+    config::{Protocol, Service as LocalConfig},
     metrics::{Direction, Metrics, RouteMetrics},
+    tls::PeerIdentity,
 };
 
+pub use authorize::{Authorize, AuthorizeLayer, Authorizer, TUNNEL_TO_HTTP};
+pub use canonical::{Canonical, CanonicalLayer, Refusal, canonicalize};
+pub use deliver::Deliver;
+
+/// One local service's request path, in order.
+pub type LocalStack = Observe<Canonical<Authorize<Deliver>>>;
+
 /// A local service as the inbound side needs it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 struct Local {
-    name: Arc<str>,
     dest: Dest,
     protocol: Protocol,
     metrics: Arc<RouteMetrics>,
+    stack: LocalStack,
 }
 
 #[derive(Clone)]
@@ -56,13 +75,12 @@ pub struct Inbound {
     /// The service requests without `x-isdp-service` go to, when there is
     /// exactly one.
     default: Option<Arc<str>>,
-    forwarder: Forwarder,
     authorizer: Authorizer,
 }
 
 impl Inbound {
     pub fn new(
-        services: &[Service],
+        services: &[LocalConfig],
         forwarder: Forwarder,
         metrics: &Metrics,
         authorizer: Authorizer,
@@ -70,22 +88,38 @@ impl Inbound {
         let map: HashMap<String, Local> = services
             .iter()
             .map(|s| {
-                (
-                    s.name.clone(),
-                    Local {
-                        name: Arc::from(s.name.as_str()),
-                        dest: Dest::new(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), s.port)),
-                        protocol: s.protocol,
-                        metrics: metrics.route(Direction::Inbound, &s.name),
-                    },
-                )
+                let name: Arc<str> = Arc::from(s.name.as_str());
+                let dest = Dest::new(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), s.port));
+                let route = metrics.route(Direction::Inbound, &s.name);
+                let deliver = Deliver {
+                    dest: dest.clone(),
+                    protocol: s.protocol,
+                    forwarder: forwarder.clone(),
+                };
+                let authorize = AuthorizeLayer {
+                    service: name.clone(),
+                    authorizer: authorizer.clone(),
+                }
+                .layer(deliver);
+                let canonical = CanonicalLayer {
+                    service: name,
+                    authorizer: authorizer.clone(),
+                }
+                .layer(authorize);
+                let stack = ObserveLayer::route(route.clone()).layer(canonical);
+                let local = Local {
+                    dest,
+                    protocol: s.protocol,
+                    metrics: route,
+                    stack,
+                };
+                (s.name.clone(), local)
             })
             .collect();
         let default = (services.len() == 1).then(|| Arc::from(services[0].name.as_str()));
         Inbound {
             services: Arc::new(map),
             default,
-            forwarder,
             authorizer,
         }
     }
@@ -127,7 +161,7 @@ impl Inbound {
     }
 }
 
-impl tower::Service<Request<Body>> for Inbound {
+impl Service<Request<Body>> for Inbound {
     type Response = Response<Body>;
     type Error = Infallible;
     type Future = BoxFuture;
@@ -147,11 +181,9 @@ impl tower::Service<Request<Body>> for Inbound {
         if let (Some(v), Some(sni)) = (&named, sni)
             && v.as_bytes() != sni.as_bytes()
         {
-            return answer(error_response(
-                StatusCode::MISDIRECTED_REQUEST,
-                "misdirected",
-                format!("this connection is for {sni:?}, the request names {v:?}"),
-            ));
+            return answer(ProxyError::Misdirected.response(format!(
+                "this connection is for {sni:?}, the request names {v:?}"
+            )));
         }
         let local = match &named {
             Some(v) => v.to_str().ok().and_then(|name| self.services.get(name)),
@@ -159,72 +191,23 @@ impl tower::Service<Request<Body>> for Inbound {
                 .or(self.default.as_deref())
                 .and_then(|d| self.services.get(d)),
         };
-        let Some(local) = local.cloned() else {
+        let Some(local) = local else {
             let detail = match &named {
                 Some(v) => format!("this sidecar does not front {v:?}"),
                 None => {
                     format!("no {SERVICE_HEADER} header and this sidecar fronts several services")
                 }
             };
-            return answer(error_response(
-                StatusCode::NOT_FOUND,
-                "unknown-service",
-                detail,
-            ));
+            return answer(ProxyError::UnknownService.response(detail));
         };
-        if let Err(refusal) = canonical::canonicalize(&mut req) {
-            let target = req.uri().to_string();
-            let method = req.method().as_str();
-            self.authorizer
-                .malformed(&local.name, caller(&req), refusal.as_str(), method, &target);
-            return observe(
-                local.metrics.clone(),
-                Box::pin(async move { Ok(refusal.response()) }),
-            );
-        }
-        let call = Call {
-            source: caller(&req),
-            method: Some(req.method().as_str()),
-            path: Some(req.uri().path()),
-        };
-        if let Decision::Deny { .. } = self.authorizer.check(&local.name, call) {
-            return observe(
-                local.metrics.clone(),
-                Box::pin(async move {
-                    Ok(error_response(
-                        StatusCode::FORBIDDEN,
-                        "denied-by-policy",
-                        format!("{} does not allow this caller", local.name),
-                    ))
-                }),
-            );
-        }
-        let grpc = req
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/grpc"));
-        let hop = if local.protocol == Protocol::Grpc || grpc {
-            Hop::Http2
-        } else {
-            Hop::Http1
-        };
-        let forwarder = self.forwarder.clone();
-        let metrics = local.metrics.clone();
-        observe(
-            metrics,
-            Box::pin(async move { Ok(forwarder.forward(req, &local.dest, hop).await) }),
-        )
+        local.stack.clone().call(req)
     }
 }
 
 /// The calling sidecar's SPIFFE ID, carried by every request of an mTLS
 /// connection.
 fn caller<B>(req: &Request<B>) -> Option<&str> {
-    req.extensions()
-        .get::<ClientAddr>()
-        .and_then(|c| c.peer.as_ref())
-        .map(|p| &*p.0)
+    PeerIdentity::of(req).map(|p| &*p.0)
 }
 
 #[cfg(test)]

@@ -5,10 +5,10 @@
 //!
 //! Outbound it sits after `Route` (which names the upstream) and before
 //! `Balance`, so a request refused for lack of endpoints is counted too;
-//! inbound wraps the hand-off to the local service the same way.
+//! inbound, each local service's stack starts with it, so requests refused
+//! for their path or by policy are counted as well.
 
 use std::{
-    convert::Infallible,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -16,53 +16,51 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response, header};
+use http::{HeaderMap, Request, header};
 use http_body::{Body as _, Frame, SizeHint};
-use tower::{Layer, Service};
 
 use super::{
-    http::{Body, BoxError, ProxyError},
-    outbound::BoxFuture,
+    svc::{Body, BoxError, BoxFuture, Next, ProxyError, Step, step_layer},
     upstreams::UpstreamLb,
 };
 use crate::metrics::RouteMetrics;
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ObserveLayer;
+/// Whose metrics a request is recorded on.
+#[derive(Clone, Debug)]
+enum Route {
+    /// Outbound: the upstream the `Route` layer put in the extensions.
+    Upstream,
+    /// Inbound: the local service whose stack this is.
+    Fixed(Arc<RouteMetrics>),
+}
 
-impl<S> Layer<S> for ObserveLayer {
-    type Service = Observe<S>;
-    fn layer(&self, inner: S) -> Observe<S> {
-        Observe { inner }
+#[derive(Clone, Debug)]
+pub struct ObserveLayer(Route);
+
+impl ObserveLayer {
+    /// Records each request on its upstream's metrics.
+    pub fn upstream() -> Self {
+        ObserveLayer(Route::Upstream)
+    }
+
+    /// Records every request on `metrics` (one local service's).
+    pub fn route(metrics: Arc<RouteMetrics>) -> Self {
+        ObserveLayer(Route::Fixed(metrics))
     }
 }
 
-#[derive(Clone)]
-pub struct Observe<S> {
-    inner: S,
-}
+step_layer!(ObserveLayer => Observe);
 
-impl<S> Service<Request<Body>> for Observe<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future = BoxFuture>
-        + Clone
-        + Send
-        + 'static,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<Body>) -> BoxFuture {
-        let metrics = req
-            .extensions()
-            .get::<Arc<UpstreamLb>>()
-            .map(|lb| lb.metrics.clone());
-        let fut = self.inner.call(req);
+impl Step for ObserveLayer {
+    fn call<S: Next>(&self, next: &mut S, req: Request<Body>) -> BoxFuture {
+        let metrics = match &self.0 {
+            Route::Upstream => req
+                .extensions()
+                .get::<Arc<UpstreamLb>>()
+                .map(|lb| lb.metrics.clone()),
+            Route::Fixed(m) => Some(m.clone()),
+        };
+        let fut = next.call(req);
         match metrics {
             Some(m) => observe(m, fut),
             None => fut,
@@ -71,15 +69,15 @@ where
 }
 
 /// Records the request that `fut` answers on `m`.
-pub fn observe(m: Arc<RouteMetrics>, fut: BoxFuture) -> BoxFuture {
+fn observe(m: Arc<RouteMetrics>, fut: BoxFuture) -> BoxFuture {
     let start = Instant::now();
     m.in_flight.inc();
     Box::pin(async move {
         let Ok(resp) = fut.await;
         m.duration.observe(start.elapsed().as_secs_f64());
         m.status(resp.status());
-        if let Some(ProxyError(reason)) = resp.extensions().get::<ProxyError>() {
-            m.error(reason);
+        if let Some(e) = resp.extensions().get::<ProxyError>() {
+            m.error(e.as_str());
         }
         let grpc = is_grpc(resp.headers());
         let mut pending = grpc;

@@ -3,9 +3,9 @@
 //! sections filled in, subsets, breaker limits, outlier detection and a
 //! balancer override. No policy compiles to [`Compiled::defaults`].
 //!
-//! The `Select` layer (`select.rs`) matches a request against the routes, first
-//! match wins, and hands the route's [`RoutePolicy`] to the layers below
-//! in an extension. Policy changes swap the `Arc<Compiled>` inside a new
+//! The outbound `Select` layer (`outbound/select.rs`) matches a request
+//! against the routes, first match wins, and hands the route's
+//! [`RoutePolicy`] to the layers below in an extension. Policy changes swap the `Arc<Compiled>` inside a new
 //! `UpstreamLb`; requests in flight keep the one they started with.
 //!
 //! # Defaults with no policy (or an unset section)
@@ -16,16 +16,12 @@
 //! | circuit breaker | 1024 requests, 1024 pending, 1024 connections |
 //! | outlier detection | 5 consecutive gateway errors; 30 s × ejections; at most 50 % |
 
-mod select;
-
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use http::{HeaderName, HeaderValue, Method, Request};
 use isdp_proto::v1::{self as pb, TrafficPolicy};
 
 use crate::balance::{Algorithm, HashKey, OutlierConfig};
-
-pub use select::{Select, SelectLayer};
 
 /// Retry defaults: what Linkerd and Istio users expect without asking.
 pub const DEFAULT_ATTEMPTS: u32 = 2;
@@ -99,7 +95,7 @@ fn idempotent() -> Vec<Method> {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Fault {
+pub struct FaultConfig {
     pub delay_percent: f64,
     pub delay: Duration,
     pub abort_percent: f64,
@@ -119,7 +115,7 @@ pub struct RoutePolicy {
     pub retry: RetryConfig,
     /// Subset index and cumulative weight (last = 100); empty: everyone.
     pub split: Vec<(usize, u32)>,
-    pub fault: Option<Fault>,
+    pub fault: Option<FaultConfig>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -354,7 +350,7 @@ fn route_policy(
         split: split.to_vec(),
         fault: fault.and_then(|f| {
             let any = f.delay_percent > 0.0 || f.abort_percent > 0.0;
-            any.then(|| Fault {
+            any.then(|| FaultConfig {
                 delay_percent: f.delay_percent,
                 delay: Duration::from_millis(f.delay_ms),
                 abort_percent: f.abort_percent,

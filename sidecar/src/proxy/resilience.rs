@@ -8,25 +8,27 @@
 //! Each reads the request's [`RoutePolicy`](super::policy::RoutePolicy)
 //! and its `UpstreamLb` from the extensions; a request without them (no
 //! route layer above) passes through untouched. Outlier detection lives
-//! with the balancer (`balance::outlier`), fed by the `Endpoint` layer.
+//! with the balancer (`balance::outlier`), fed by `Dispatch`.
 //!
 //! # Layout
-//! - `breaker`: per-upstream concurrency gate; overflow is 503 at once.
+//! - `breaker`: the per-upstream concurrency check (its counters are
+//!   `limits::Breaker`); overflow is 503 at once.
 //! - `fault`: delay and/or abort a share of requests.
 //! - `timeout`: the request timeout (504 `request-timeout`).
-//! - `retry`: the retry loop, classification and backoff.
-//! - `budget`: the sliding-window retry budget.
+//! - `retry`: the retry loop, classification and backoff, under the
+//!   upstream's `limits::RetryBudget`.
 //! - `replay`: a request body that can be sent again.
+//!
+//! Each layer is a [`Step`](super::svc::Step): the file holds what the
+//! layer does, and `svc` the tower plumbing they share.
 
 mod breaker;
-mod budget;
 mod fault;
 mod replay;
 mod retry;
 mod timeout;
 
-pub use breaker::{Breaker, BreakerLayer, BreakerService, ConnectLimits, Permit};
-pub use budget::RetryBudget;
+pub use breaker::{BreakerLayer, BreakerService, ConnectLimits};
 pub use fault::{Fault, FaultLayer};
 pub use replay::Replay;
 pub use retry::{Avoid, Retry, RetryLayer, Tried, backoff, classify};

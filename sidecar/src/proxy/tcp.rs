@@ -118,7 +118,7 @@ async fn connect_outbound(
     // A tunnel to a sidecar ends when that sidecar's token is revoked.
     tokio::select! {
         _ = splice(client, server) => {}
-        _ = transport::any_revoked(&guards) => {}
+        _ = crate::tls::any_revoked(&guards) => {}
     }
     drop(guard);
 }

@@ -3,7 +3,7 @@
 //!
 //! Outbound, `Trace` is the outermost layer, so requests the sidecar answers
 //! itself (unknown upstream, no healthy endpoint) get a span and a log line
-//! too; `TraceEndpoint` sits between `Balance` and `Endpoint`, where the
+//! too; `TraceEndpoint` sits between `Balance` and `Dispatch`, where the
 //! chosen endpoint is known: it records it and writes this hop's context
 //! into `traceparent` for the next one. Inbound, `TraceInbound` wraps the
 //! whole `Inbound` service with a server span. The halves share one
@@ -18,8 +18,7 @@
 mod access;
 pub mod propagation;
 
-use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use http::{Method, Request, Response};
@@ -28,11 +27,10 @@ use opentelemetry::trace::{
 };
 use opentelemetry::{Key, KeyValue};
 use opentelemetry_sdk::trace::{SdkTracer, Span};
-use tower::{Layer, Service};
 
-use super::http::{Body, ERROR_HEADER, SERVICE_HEADER};
-use super::outbound::{BoxFuture, ClientAddr, Picked};
-use super::upstreams::Target;
+use super::http::SERVICE_HEADER;
+use super::svc::{Body, BoxFuture, ClientAddr, ERROR_HEADER, Next, Step, step_layer};
+use super::upstreams::{LbEndpoint, PickedSlot};
 
 // OpenTelemetry HTTP semantic conventions, plus `isdp.*` for the mesh.
 const METHOD: Key = Key::from_static_str("http.request.method");
@@ -132,7 +130,7 @@ struct Exchange {
     /// This hop's span, to pass on in `traceparent`.
     context: Option<SpanContext>,
     /// The upstream and endpoint `Balance` chose.
-    picked: OnceLock<(Arc<str>, Arc<Target>)>,
+    picked: OnceLock<(Arc<str>, Arc<LbEndpoint>)>,
 }
 
 #[derive(Clone)]
@@ -140,51 +138,21 @@ struct ExchangeRef(Arc<Exchange>);
 
 // === Trace (outbound, outermost) ===
 
+/// The client span of an outbound request, and its access log line.
 #[derive(Clone)]
 pub struct TraceLayer(pub TraceSettings);
 
-impl<S> Layer<S> for TraceLayer {
-    type Service = Trace<S>;
-    fn layer(&self, inner: S) -> Trace<S> {
-        Trace {
-            settings: self.0.clone(),
-            inner,
-        }
-    }
-}
+step_layer!(TraceLayer => Trace);
 
-/// The client span of an outbound request, and its access log line.
-#[derive(Clone)]
-pub struct Trace<S> {
-    settings: TraceSettings,
-    inner: S,
-}
-
-impl<S> Service<Request<Body>> for Trace<S>
-where
-    S: Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = std::convert::Infallible,
-            Future = BoxFuture,
-        >,
-{
-    type Response = Response<Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
-        if !self.settings.enabled() {
-            return self.inner.call(req);
+impl Step for TraceLayer {
+    fn call<S: Next>(&self, next: &mut S, mut req: Request<Body>) -> BoxFuture {
+        let settings = &self.0;
+        if !settings.enabled() {
+            return next.call(req);
         }
         let start = Instant::now();
-        let mut span = self.settings.start(SpanKind::Client, &req);
-        let log = self
-            .settings
+        let mut span = settings.start(SpanKind::Client, &req);
+        let log = settings
             .access_log
             .then(|| access::Entry::new(&req, span.as_ref()));
         let exchange = Arc::new(Exchange {
@@ -192,7 +160,7 @@ where
             picked: OnceLock::new(),
         });
         req.extensions_mut().insert(ExchangeRef(exchange.clone()));
-        let fut = self.inner.call(req);
+        let fut = next.call(req);
         Box::pin(async move {
             let resp = fut.await?;
             let picked = exchange.picked.get();
@@ -216,51 +184,29 @@ where
     }
 }
 
-// === TraceEndpoint (outbound, between Balance and Endpoint) ===
+// === TraceEndpoint (outbound, between Balance and Dispatch) ===
 
-#[derive(Clone)]
-pub struct TraceEndpointLayer(pub TraceSettings);
+/// Notes the chosen endpoint for [`Trace`] and passes this hop's trace
+/// context on.
+#[derive(Clone, Copy, Debug)]
+pub struct TraceEndpointLayer {
+    enabled: bool,
+}
 
-impl<S> Layer<S> for TraceEndpointLayer {
-    type Service = TraceEndpoint<S>;
-    fn layer(&self, inner: S) -> TraceEndpoint<S> {
-        TraceEndpoint {
-            enabled: self.0.enabled(),
-            inner,
+impl TraceEndpointLayer {
+    pub fn new(settings: &TraceSettings) -> Self {
+        TraceEndpointLayer {
+            enabled: settings.enabled(),
         }
     }
 }
 
-/// Notes the chosen endpoint for [`Trace`] and passes this hop's trace
-/// context on.
-#[derive(Clone)]
-pub struct TraceEndpoint<S> {
-    enabled: bool,
-    inner: S,
-}
+step_layer!(TraceEndpointLayer => TraceEndpoint);
 
-type PickedSlot = Arc<Mutex<Option<Picked>>>;
-
-impl<S> Service<Request<Body>> for TraceEndpoint<S>
-where
-    S: Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = std::convert::Infallible,
-            Future = BoxFuture,
-        >,
-{
-    type Response = Response<Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
+impl Step for TraceEndpointLayer {
+    fn call<S: Next>(&self, next: &mut S, mut req: Request<Body>) -> BoxFuture {
         if !self.enabled {
-            return self.inner.call(req);
+            return next.call(req);
         }
         if let Some(ExchangeRef(exchange)) = req.extensions_mut().remove::<ExchangeRef>() {
             if let Some(slot) = req.extensions().get::<PickedSlot>()
@@ -268,13 +214,13 @@ where
             {
                 let _ = exchange
                     .picked
-                    .set((p.upstream.name.clone(), p.target.clone()));
+                    .set((p.upstream.name.clone(), p.endpoint.clone()));
             }
             if let Some(cx) = &exchange.context {
                 propagation::inject(req.headers_mut(), cx);
             }
         }
-        self.inner.call(req)
+        next.call(req)
     }
 }
 
@@ -283,44 +229,18 @@ where
 /// The server span of a request from another sidecar, and its access log
 /// line; the local service receives this span's context.
 #[derive(Clone)]
-pub struct TraceInbound<S> {
-    settings: TraceSettings,
-    inner: S,
-}
+pub struct TraceInboundLayer(pub TraceSettings);
 
-impl<S> TraceInbound<S> {
-    pub fn new(settings: TraceSettings, inner: S) -> Self {
-        TraceInbound { settings, inner }
-    }
+step_layer!(TraceInboundLayer => TraceInbound);
 
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-}
-
-impl<S> Service<Request<Body>> for TraceInbound<S>
-where
-    S: Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = std::convert::Infallible,
-            Future = BoxFuture,
-        >,
-{
-    type Response = Response<Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
-        if !self.settings.enabled() {
-            return self.inner.call(req);
+impl Step for TraceInboundLayer {
+    fn call<S: Next>(&self, next: &mut S, mut req: Request<Body>) -> BoxFuture {
+        let settings = &self.0;
+        if !settings.enabled() {
+            return next.call(req);
         }
         let start = Instant::now();
-        let mut span = self.settings.start(SpanKind::Server, &req);
+        let mut span = settings.start(SpanKind::Server, &req);
         let peer = req.extensions().get::<ClientAddr>().map(|c| c.addr);
         if let Some(span) = &mut span {
             if span.is_recording() {
@@ -341,11 +261,10 @@ where
             }
             propagation::inject(req.headers_mut(), span.span_context());
         }
-        let log = self
-            .settings
+        let log = settings
             .access_log
             .then(|| access::Entry::new(&req, span.as_ref()));
-        let fut = self.inner.call(req);
+        let fut = next.call(req);
         Box::pin(async move {
             let resp = fut.await?;
             if let Some(span) = &mut span {

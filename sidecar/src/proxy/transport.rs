@@ -1,34 +1,24 @@
 //! How sidecars reach each other and accept each other's connections:
-//! mutual TLS with SPIFFE identities.
+//! the listener and connector side of mutual TLS. The configurations, the
+//! SPIFFE verifiers and the revoked tokens are the top-level `tls`
+//! module's; this one runs handshakes with them, counts and logs their
+//! failures, and keeps the configuration in force current.
 //!
-//! Every sidecar-to-sidecar connection is TLS 1.3 (rustls, ring). The
-//! server picks the local service's certificate by SNI
-//! (`<service>.svc.<trust-domain>`) and requires a client certificate
-//! chaining to the trust bundle with one SPIFFE URI SAN in the trust
-//! domain; the client checks the server's chain and that its SPIFFE ID is
-//! `spiffe://<td>/svc/<service>` for the service it asked for (`verify`).
-//!
-//! ALPN says what the connection carries: `h2` (requests between
-//! sidecars), `http/1.1` (upgrades such as WebSocket) or `isdp-tcp/1` (a
-//! TCP tunnel). A tunnel needs no preamble inside TLS: the SNI already
-//! names the service, and the server certificate proved it. Plaintext
-//! `ISDP-TCP/1` preambles are refused with the rest of plaintext.
-//!
-//! The configurations in force live in a `watch` of [`TlsContext`]
-//! (`context`), rebuilt when identities or the bundle's roots change; each
+//! The configurations in force live in a `watch` of [`TlsContext`],
+//! rebuilt by `follow` when identities or the bundle's roots change; each
 //! new connection reads the current one, connections already open keep
 //! theirs, so rotation drops nothing. Instances without a sidecar are
 //! reached in plaintext with [`connect`].
 //!
-//! The bundle also lists the tokens the control plane revoked
-//! (`revoked`): certificates issued under them are refused at the
-//! handshake, and connections open with such a peer are refused and closed
-//! through the [`PeerGuard`] each holds.
+//! The bundle also lists the tokens the control plane revoked: certificates
+//! issued under them are refused at the handshake (by the verifiers, and
+//! here again after a resumed session, which skips them), and connections
+//! open with such a peer are refused and closed through the [`PeerGuard`]
+//! each holds.
 
-mod context;
 mod follow;
-pub mod revoked;
-pub mod verify;
+#[cfg(test)]
+pub mod testing;
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -36,18 +26,12 @@ use rustls::{CertificateError, pki_types::ServerName};
 use tokio::{net::TcpStream, sync::watch};
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
-pub use context::{ContextError, LocalCert, TlsContext, certified_key, provider};
 pub use follow::{build, follow};
-pub use revoked::{PeerGuard, Revocations, any_revoked};
 
-use crate::metrics::{Direction, Metrics};
-
-/// ALPN for HTTP/2 between sidecars.
-pub const ALPN_H2: &[u8] = b"h2";
-/// ALPN for HTTP/1.1 (upgrades) between sidecars.
-pub const ALPN_HTTP1: &[u8] = b"http/1.1";
-/// ALPN for a TCP tunnel between sidecars.
-pub const ALPN_TCP: &[u8] = b"isdp-tcp/1";
+use crate::{
+    metrics::{Direction, Metrics},
+    tls::{ALPN_TCP, PeerGuard, PeerIdentity, Revocations, TlsContext},
+};
 
 /// How long a peer has to complete the TLS handshake, so a silent or slow
 /// client cannot hold a connection task forever.
@@ -55,13 +39,6 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The first byte of a TLS record carrying a handshake.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
-
-/// The verified SPIFFE ID of the sidecar at the other end of an inbound
-/// connection. Carried by every request of the connection in
-/// [`super::outbound::ClientAddr::peer`] (one extension per request, not
-/// two) and handed to TCP tunnels; authorization reads it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerIdentity(pub Arc<str>);
 
 /// What an outbound connection carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -20,9 +20,9 @@ use http::{HeaderMap, HeaderValue};
 use tokio::sync::watch;
 
 use super::{
-    forward::Dest,
+    limits::{Breaker, RetryBudget},
     policy::Compiled,
-    resilience::{Breaker, RetryBudget},
+    svc::Dest,
 };
 use crate::{
     balance::{Algorithm, Balancer, EndpointLoad, HashKey, LoadGuard, Outlier, candidates},
@@ -36,10 +36,12 @@ use isdp_core::probe::Health;
 /// rather than overloading the few survivors.
 pub const PANIC_THRESHOLD: f64 = 0.5;
 
-/// Where one endpoint is reached. Shared (`Arc`) between the balancer's
+/// One endpoint as the data plane balances and reaches it (the discovery
+/// snapshot's `xds::Endpoint`, resolved to a destination and carrying
+/// its load and passive health). Shared (`Arc`) between the balancer's
 /// table and the requests that picked it.
 #[derive(Debug)]
-pub struct Target {
+pub struct LbEndpoint {
     pub id: String,
     pub dest: Dest,
     /// True when `addr` is the endpoint's sidecar (mesh traffic, mTLS:
@@ -51,9 +53,21 @@ pub struct Target {
     pub outlier: Arc<Outlier>,
 }
 
+/// The endpoint the balancer chose for a request, and the load it is
+/// charged with; `Balance` sets it, `TraceEndpoint` reads it and
+/// `Dispatch` takes it.
+pub struct Picked {
+    pub endpoint: Arc<LbEndpoint>,
+    pub guard: LoadGuard,
+    pub upstream: Arc<UpstreamLb>,
+}
+
+/// How [`Picked`] rides in a request's extensions (which must be `Clone`).
+pub type PickedSlot = Arc<Mutex<Option<Picked>>>;
+
 /// The endpoints of one subset of a policy, with their own balancer.
 pub struct SubsetLb {
-    targets: Vec<Arc<Target>>,
+    endpoints: Vec<Arc<LbEndpoint>>,
     balancer: Balancer,
 }
 
@@ -64,7 +78,7 @@ pub struct UpstreamLb {
     pub service_header: Option<HeaderValue>,
     pub protocol: Protocol,
     pub version: String,
-    pub targets: Vec<Arc<Target>>,
+    pub endpoints: Vec<Arc<LbEndpoint>>,
     /// True when too few endpoints are healthy and all are used.
     pub panic: bool,
     /// This upstream's request metrics; the same handles across rebuilds.
@@ -92,7 +106,7 @@ impl UpstreamLb {
         &self,
         headers: &HeaderMap,
         source: Option<IpAddr>,
-    ) -> Option<(Arc<Target>, LoadGuard)> {
+    ) -> Option<(Arc<LbEndpoint>, LoadGuard)> {
         self.pick_in(headers, source, None, &[])
     }
 
@@ -104,11 +118,11 @@ impl UpstreamLb {
         headers: &HeaderMap,
         source: Option<IpAddr>,
         subset: Option<usize>,
-        avoid: &[Arc<Target>],
-    ) -> Option<(Arc<Target>, LoadGuard)> {
+        avoid: &[Arc<LbEndpoint>],
+    ) -> Option<(Arc<LbEndpoint>, LoadGuard)> {
         let (targets, balancer) = match subset.and_then(|i| self.subsets.get(i)) {
-            Some(s) if !s.targets.is_empty() => (&s.targets, &s.balancer),
-            _ => (&self.targets, &self.balancer),
+            Some(s) if !s.endpoints.is_empty() => (&s.endpoints, &s.balancer),
+            _ => (&self.endpoints, &self.balancer),
         };
         let hash = self.hash_key.as_ref().and_then(|k| k.hash(headers, source));
         let t = choose(targets, balancer, hash, avoid)?;
@@ -126,7 +140,7 @@ impl UpstreamLb {
             service_header: None,
             protocol: Protocol::Http,
             version: String::new(),
-            targets: Vec::new(),
+            endpoints: Vec::new(),
             panic: false,
             metrics: Metrics::new().route(Direction::Outbound, "test"),
             policy: Arc::new(policy),
@@ -140,7 +154,7 @@ impl UpstreamLb {
 
     /// Endpoints ejected by outlier detection right now.
     pub fn ejected_now(&self) -> usize {
-        self.targets
+        self.endpoints
             .iter()
             .filter(|t| t.outlier.is_ejected())
             .count()
@@ -148,21 +162,21 @@ impl UpstreamLb {
 
     /// The ejection state of endpoint `id` (ejected now, times ejected).
     pub fn ejection(&self, id: &str) -> Option<(bool, u32)> {
-        let t = self.targets.iter().find(|t| t.id == id)?;
+        let t = self.endpoints.iter().find(|t| t.id == id)?;
         Some((t.outlier.is_ejected(), t.outlier.ejections()))
     }
 
     /// Picks a target for a TCP connection: counted in flight, but its
     /// lifetime is not a latency.
-    pub fn pick_connection(&self, source: Option<IpAddr>) -> Option<(Arc<Target>, LoadGuard)> {
+    pub fn pick_connection(&self, source: Option<IpAddr>) -> Option<(Arc<LbEndpoint>, LoadGuard)> {
         let t = self.choose(&HeaderMap::new(), source)?;
         let guard = t.load.start_untimed();
         Some((t, guard))
     }
 
-    fn choose(&self, headers: &HeaderMap, source: Option<IpAddr>) -> Option<Arc<Target>> {
+    fn choose(&self, headers: &HeaderMap, source: Option<IpAddr>) -> Option<Arc<LbEndpoint>> {
         let hash = self.hash_key.as_ref().and_then(|k| k.hash(headers, source));
-        choose(&self.targets, &self.balancer, hash, &[])
+        choose(&self.endpoints, &self.balancer, hash, &[])
     }
 
     pub fn algorithm(&self) -> Algorithm {
@@ -177,13 +191,13 @@ impl UpstreamLb {
 /// with health. If every endpoint is out, an avoided one beats an ejected
 /// one, and anything beats nothing.
 fn choose(
-    targets: &[Arc<Target>],
+    targets: &[Arc<LbEndpoint>],
     balancer: &Balancer,
     hash: Option<u64>,
-    avoid: &[Arc<Target>],
-) -> Option<Arc<Target>> {
+    avoid: &[Arc<LbEndpoint>],
+) -> Option<Arc<LbEndpoint>> {
     let first = balancer.pick(hash)?;
-    let usable = |t: &Target| !t.outlier.is_ejected() && !avoid.iter().any(|a| a.id == t.id);
+    let usable = |t: &LbEndpoint| !t.outlier.is_ejected() && !avoid.iter().any(|a| a.id == t.id);
     if usable(&targets[first]) {
         return Some(targets[first].clone());
     }
@@ -293,7 +307,7 @@ impl Upstreams {
                 let version = state
                     .filter(|s| s.exists)
                     .map_or("", |s| s.version.as_str());
-                let policy = snap.traffic.get(name);
+                let policy = snap.traffic_policies.get(name);
                 let policy_version = policy.map(|p| p.version.as_str());
                 if current.get(name).is_some_and(|c| {
                     c.version == version && c.policy.version.as_deref() == policy_version
@@ -312,7 +326,7 @@ impl Upstreams {
         }
         let mut current = self.shared.current.write().expect("upstreams lock");
         for (name, lb) in rebuilt {
-            tracing::debug!(upstream = %name, version = %lb.version, policy = ?lb.policy.version, targets = lb.targets.len(), panic = lb.panic, "upstream updated");
+            tracing::debug!(upstream = %name, version = %lb.version, policy = ?lb.policy.version, targets = lb.endpoints.len(), panic = lb.panic, "upstream updated");
             current.insert(name, Arc::new(lb));
         }
         drop(current);
@@ -346,7 +360,7 @@ impl Upstreams {
         let mut loads = self.shared.loads.lock().expect("loads lock");
         let mut outliers = self.shared.outliers.lock().expect("outliers lock");
         let mut metadata = Vec::with_capacity(chosen.len());
-        let targets: Vec<Arc<Target>> = chosen
+        let targets: Vec<Arc<LbEndpoint>> = chosen
             .iter()
             .filter_map(|e| {
                 let ip: IpAddr = e.address.parse().ok()?;
@@ -364,7 +378,7 @@ impl Upstreams {
                     .or_insert_with(Outlier::new)
                     .clone();
                 metadata.push(&e.metadata);
-                Some(Arc::new(Target {
+                Some(Arc::new(LbEndpoint {
                     outlier,
                     id: e.id.clone(),
                     dest: if via_sidecar {
@@ -383,14 +397,14 @@ impl Upstreams {
             Some((a, k)) => (*a, k.clone().or_else(|| cfg.hash_key.clone())),
             None => (cfg.lb, cfg.hash_key.clone()),
         };
-        let balancer_of = |ts: &[Arc<Target>]| {
+        let balancer_of = |ts: &[Arc<LbEndpoint>]| {
             Balancer::new(algorithm, ts.iter().map(|t| t.load.clone()).collect())
         };
         let subsets = policy
             .subsets
             .iter()
             .map(|(_, labels)| {
-                let members: Vec<Arc<Target>> = targets
+                let members: Vec<Arc<LbEndpoint>> = targets
                     .iter()
                     .zip(&metadata)
                     .filter(|(_, md)| labels.iter().all(|(k, v)| md.get(k) == Some(v)))
@@ -398,7 +412,7 @@ impl Upstreams {
                     .collect();
                 SubsetLb {
                     balancer: balancer_of(&members),
-                    targets: members,
+                    endpoints: members,
                 }
             })
             .collect();
@@ -410,7 +424,7 @@ impl Upstreams {
             version: version.to_owned(),
             balancer: balancer_of(&targets),
             subsets,
-            targets,
+            endpoints: targets,
             panic,
             metrics: self.shared.metrics[&cfg.name].clone(),
             policy: Arc::new(policy),

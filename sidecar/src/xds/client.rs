@@ -68,9 +68,9 @@ pub(super) struct Client {
     /// What the client holds; survives reconnects.
     resources: Resources,
     bundles: Held<TrustBundle>,
-    policies: Held<AuthorizationPolicy>,
+    authz_policies: Held<AuthorizationPolicy>,
     /// Traffic policies of the upstreams (named like `subscribed`).
-    traffic: Held<TrafficPolicy>,
+    traffic_policies: Held<TrafficPolicy>,
     /// Where snapshots are published.
     tx: watch::Sender<Arc<Snapshot>>,
     /// URL rotation.
@@ -88,8 +88,8 @@ impl Client {
             bundle_names: [TRUST_BUNDLE_NAME.to_owned()].into(),
             policy_names: settings.local_services.iter().cloned().collect(),
             bundles: Held::new(),
-            policies: Held::new(),
-            traffic: Held::new(),
+            authz_policies: Held::new(),
+            traffic_policies: Held::new(),
             dialer: Dialer::new(settings.control_plane.clone(), settings.auth.clone()),
             settings,
             resources: Resources::new(),
@@ -195,7 +195,7 @@ impl Client {
             out.push(request(
                 TRAFFIC_POLICY_TYPE_URL,
                 &self.subscribed,
-                security::versions(&self.traffic).collect(),
+                security::versions(&self.traffic_policies).collect(),
             ));
         }
         out.push(request(
@@ -207,7 +207,7 @@ impl Client {
             out.push(request(
                 AUTHORIZATION_POLICY_TYPE_URL,
                 &self.policy_names,
-                security::versions(&self.policies).collect(),
+                security::versions(&self.authz_policies).collect(),
             ));
         }
         out
@@ -227,8 +227,10 @@ impl Client {
         }
         match response.type_url.as_str() {
             TRUST_BUNDLE_TYPE_URL => held(&mut self.bundles, &self.bundle_names, response),
-            AUTHORIZATION_POLICY_TYPE_URL => held(&mut self.policies, &self.policy_names, response),
-            TRAFFIC_POLICY_TYPE_URL => held(&mut self.traffic, &self.subscribed, response),
+            AUTHORIZATION_POLICY_TYPE_URL => {
+                held(&mut self.authz_policies, &self.policy_names, response)
+            }
+            TRAFFIC_POLICY_TYPE_URL => held(&mut self.traffic_policies, &self.subscribed, response),
             _ => {
                 if let Some(next) = apply(&self.resources, &self.subscribed, response)? {
                     self.resources = next;
@@ -258,27 +260,27 @@ impl Client {
                     .iter()
                     .all(|n| self.resources.contains_key(n));
                 let resources = self.resources.clone();
-                let (bundles, policies) = (&self.bundles, &self.policies);
+                let (bundles, policies) = (&self.bundles, &self.authz_policies);
                 let bundle = bundles.get(TRUST_BUNDLE_NAME).map(|b| b.value.clone());
                 let policy_values = policies
                     .iter()
                     .map(|(n, p)| (n.clone(), p.value.clone()))
                     .collect();
-                let mut acked_security = std::collections::BTreeMap::new();
-                security::acked(bundles, &mut acked_security);
-                security::acked(policies, &mut acked_security);
-                security::acked(&self.traffic, &mut acked_security);
-                let traffic = self.traffic.clone();
+                let mut acked_by_type = std::collections::BTreeMap::new();
+                security::acked(bundles, &mut acked_by_type);
+                security::acked(policies, &mut acked_by_type);
+                security::acked(&self.traffic_policies, &mut acked_by_type);
+                let traffic = self.traffic_policies.clone();
                 self.publish(|s| {
                     s.acked = held_versions(&resources).into_iter().collect();
                     s.upstreams = resources;
-                    s.acked_security = acked_security;
+                    s.acked_by_type = acked_by_type;
                     if s.trust_bundle != bundle {
                         s.trust_bundle = bundle;
                     }
-                    s.policies = policy_values;
-                    if s.traffic != traffic {
-                        s.traffic = traffic;
+                    s.authz_policies = policy_values;
+                    if s.traffic_policies != traffic {
+                        s.traffic_policies = traffic;
                     }
                     s.ready |= ready;
                     s.acks += 1;

@@ -28,7 +28,7 @@ pub type Held<T> = BTreeMap<String, Versioned<T>>;
 /// acceptable.
 pub trait Kind: Message + Default + PartialEq + Clone {
     const TYPE_URL: &'static str;
-    /// Short name for `acked_security` keys.
+    /// Short name for `acked_by_type` keys.
     const SHORT: &'static str;
     fn check(name: &str, value: &Self) -> Result<(), String>;
 }
@@ -148,7 +148,7 @@ mod tests {
     #[test]
     fn bundles_and_policies_are_checked() {
         let subs: BTreeSet<String> = ["mesh".to_string(), "web".to_string()].into();
-        let ca = crate::test_pki::TestCa::new("mesh");
+        let ca = crate::tls::test_pki::TestCa::new("mesh");
         let good = TrustBundle {
             trust_domain: "mesh.test".into(),
             roots_der: vec![ca.root.to_vec()],

@@ -217,7 +217,7 @@ async fn follows_the_trust_bundle_and_policies_without_upstreams() {
     assert_eq!(policy_sub.type_url, AUTHORIZATION_POLICY_TYPE_URL);
     assert_eq!(policy_sub.resource_names_subscribe, ["web"]);
 
-    let ca = crate::test_pki::TestCa::new("mesh");
+    let ca = crate::tls::test_pki::TestCa::new("mesh");
     let bundle = TrustBundle {
         trust_domain: "mesh.test".into(),
         roots_der: vec![ca.root.to_vec()],
@@ -270,9 +270,9 @@ async fn follows_the_trust_bundle_and_policies_without_upstreams() {
     assert!(ack.error_detail.is_none());
     let snap = snapshots.wait_for(|s| s.acks == 2).await.unwrap().clone();
     assert_eq!(snap.trust_bundle, Some(bundle));
-    assert_eq!(snap.policies["web"], policy);
-    assert_eq!(snap.acked_security["TrustBundle/mesh"], "v1");
-    assert_eq!(snap.acked_security["AuthorizationPolicy/web"], "v1");
+    assert_eq!(snap.authz_policies["web"], policy);
+    assert_eq!(snap.acked_by_type["TrustBundle/mesh"], "v1");
+    assert_eq!(snap.acked_by_type["AuthorizationPolicy/web"], "v1");
 
     // A bundle with a broken root is NACKed and the old one kept.
     outbound

@@ -369,7 +369,7 @@ async fn proxy_status_shows_what_each_sidecar_acknowledged() {
             let config = sidecar.config_json().await?;
             let held = config["xds"]["acked"]["payments"].clone();
             anyhow::ensure!(held.is_string(), "sidecar holds no payments yet");
-            let bundle = config["xds"]["acked_security"]["TrustBundle/mesh"].clone();
+            let bundle = config["xds"]["acked_by_type"]["TrustBundle/mesh"].clone();
             anyhow::ensure!(
                 bundle.is_string(),
                 "sidecar holds no trust bundle: {config}"

@@ -32,9 +32,10 @@ use hyper_util::rt::TokioIo;
 
 use super::{Mesh, SendError};
 use crate::proxy::{
-    http::{Body, BoxError, boxed},
-    transport::{self, Alpn, PeerGuard, any_revoked},
+    svc::{Body, BoxError, ConnectTimeout, IdleTimeout, boxed},
+    transport::{self, Alpn},
 };
+use crate::tls::{PeerGuard, any_revoked};
 
 /// Idle connections older than this are closed rather than reused: the
 /// service may have timed them out already.
@@ -78,7 +79,7 @@ impl H1Pool {
     ) -> Result<Response<Body>, SendError> {
         let timeout = req
             .extensions()
-            .get::<super::ConnectTimeout>()
+            .get::<ConnectTimeout>()
             .map_or(self.shared.connect_timeout, |c| c.0);
         if let Some((tls, service)) = mesh {
             let stream = tls
@@ -99,7 +100,7 @@ impl H1Pool {
         }
         let max_idle = req
             .extensions()
-            .get::<super::IdleTimeout>()
+            .get::<IdleTimeout>()
             .map_or(IDLE_TIMEOUT, |t| t.0.min(IDLE_TIMEOUT));
         let (mut sender, reused) = match self.checkout(addr, max_idle) {
             Some(s) => (s, true),

@@ -18,10 +18,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::{Mesh, SendError};
 use crate::proxy::{
-    http::Body,
-    resilience::{ConnectLimits, Permit},
-    transport::{self, Alpn, PeerGuard, any_revoked},
+    limits::Permit,
+    resilience::ConnectLimits,
+    svc::{Body, ConnectTimeout},
+    transport::{self, Alpn},
 };
+use crate::tls::{PeerGuard, any_revoked};
 
 /// The peer's address and, over mTLS, the service named in SNI.
 type Key = (SocketAddr, Option<Arc<str>>);
@@ -49,7 +51,7 @@ impl H2Pool {
         let key = (addr, mesh.map(|(_, s)| s.clone()));
         let timeout = req
             .extensions()
-            .get::<super::ConnectTimeout>()
+            .get::<ConnectTimeout>()
             .map_or(self.connect_timeout, |c| c.0);
         let limits = req.extensions().get::<ConnectLimits>().cloned();
         let mut sender = self.sender(&key, mesh, timeout, limits.as_ref()).await?;

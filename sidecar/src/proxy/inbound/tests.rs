@@ -1,3 +1,4 @@
+use http::StatusCode;
 use http_body_util::{BodyExt, Empty};
 use tower::Service as _;
 
@@ -21,7 +22,7 @@ async fn requests_go_to_the_service_the_connection_is_for() {
             rules: vec![],
             trust_domain: "isdp.local".into(),
         });
-        Arc::new(crate::authz::Compiled::from([(
+        Arc::new(crate::authz::Policies::from([(
             "payments".to_owned(),
             Arc::new(p),
         )]))
@@ -37,7 +38,7 @@ async fn requests_go_to_the_service_the_connection_is_for() {
         let mut client = ClientAddr::new("127.0.0.1:9".parse().unwrap());
         client.service = Some(Arc::from("payments"));
         let mut r = Request::get("/")
-            .body(super::super::http::boxed(
+            .body(super::super::svc::boxed(
                 Empty::<bytes::Bytes>::new().map_err(|e| match e {}),
             ))
             .unwrap();
@@ -122,7 +123,7 @@ fn inbound(
         });
         (destination.to_owned(), Arc::new(p))
     };
-    let compiled = crate::authz::Compiled::from([policy("payments"), policy("ledger")]);
+    let compiled = crate::authz::Policies::from([policy("payments"), policy("ledger")]);
     let (_tx, rx) = tokio::sync::watch::channel(Arc::new(compiled));
     let inbound = Inbound::new(
         &config.services,
@@ -152,7 +153,7 @@ fn from_web(method: &str, target: &str) -> Request<Body> {
     let mut r = Request::builder()
         .method(method)
         .uri(target)
-        .body(super::super::http::boxed(
+        .body(super::super::svc::boxed(
             Empty::<bytes::Bytes>::new().map_err(|e| match e {}),
         ))
         .unwrap();

@@ -3,78 +3,47 @@
 //! with `x-isdp-error: fault-injected`; a delay comes before the request
 //! is sent (and so counts against the request timeout).
 
-use std::{
-    convert::Infallible,
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::sync::Arc;
 
-use http::{Request, Response};
-use tower::{Layer, Service};
+use http::Request;
 
 use crate::proxy::{
-    http::{Body, error_response},
-    outbound::{BoxFuture, answer},
     policy::RoutePolicy,
+    svc::{Body, BoxFuture, Next, ProxyError, Step, answer, step_layer},
 };
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FaultLayer;
 
-impl<S> Layer<S> for FaultLayer {
-    type Service = Fault<S>;
-    fn layer(&self, inner: S) -> Fault<S> {
-        Fault { inner }
-    }
-}
-
-#[derive(Clone)]
-pub struct Fault<S> {
-    inner: S,
-}
+step_layer!(FaultLayer => Fault);
 
 /// True for `percent` (0-100) of calls.
 fn roll(percent: f64) -> bool {
     percent > 0.0 && rand::random::<f64>() * 100.0 < percent
 }
 
-impl<S> Service<Request<Body>> for Fault<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future = BoxFuture>
-        + Clone
-        + Send
-        + 'static,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<Body>) -> BoxFuture {
+impl Step for FaultLayer {
+    fn call<S: Next>(&self, next: &mut S, req: Request<Body>) -> BoxFuture {
         let Some(fault) = req
             .extensions()
             .get::<Arc<RoutePolicy>>()
             .and_then(|p| p.fault)
         else {
-            return self.inner.call(req);
+            return next.call(req);
         };
         if roll(fault.abort_percent) {
-            return answer(error_response(
+            return answer(ProxyError::FaultInjected.response_with(
                 fault.abort_status,
-                "fault-injected",
                 "aborted by the upstream's fault-injection policy",
             ));
         }
         if !roll(fault.delay_percent) {
-            return self.inner.call(req);
+            return next.call(req);
         }
-        let mut inner = self.inner.clone();
+        let mut next = next.clone();
         Box::pin(async move {
             tokio::time::sleep(fault.delay).await;
-            inner.call(req).await
+            next.call(req).await
         })
     }
 }

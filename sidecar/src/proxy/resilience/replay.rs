@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::Frame;
 
-use crate::proxy::http::{Body, BoxError};
+use crate::proxy::svc::{Body, BoxError};
 
 #[derive(Default)]
 struct State {

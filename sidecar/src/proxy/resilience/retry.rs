@@ -7,35 +7,29 @@
 //! tries: exponential backoff with jitter. A response is only ever retried
 //! before anything of it was passed on, so a caller never sees two.
 
-use std::{
-    convert::Infallible,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body::Body as _;
-use tower::{Layer, Service};
 
 use super::Replay;
 use crate::{
     metrics::RouteMetrics,
     proxy::{
-        http::{Body, ERROR_HEADER, error_response, is_upgrade},
-        outbound::BoxFuture,
+        http::is_upgrade,
         policy::{RetryConfig, RoutePolicy},
-        upstreams::{Target, UpstreamLb},
+        svc::{Body, BoxFuture, Next, ProxyError, Step, empty, step_layer},
+        upstreams::{LbEndpoint, UpstreamLb},
     },
 };
 
 /// Endpoints earlier tries of this request went to, for the balancer.
 #[derive(Clone, Debug, Default)]
-pub struct Avoid(pub Vec<Arc<Target>>);
+pub struct Avoid(pub Vec<Arc<LbEndpoint>>);
 
-/// On a response: the endpoint that produced it (set by `Endpoint`).
+/// On a response: the endpoint that produced it (set by `Dispatch`).
 #[derive(Clone, Debug)]
-pub struct Tried(pub Arc<Target>);
+pub struct Tried(pub Arc<LbEndpoint>);
 
 static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
@@ -43,15 +37,14 @@ static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-statu
 /// None when it may not.
 pub fn classify(resp: &Response<Body>, cfg: &RetryConfig) -> Option<&'static str> {
     let on = &cfg.on;
-    let error = resp.headers().get(&ERROR_HEADER).map(|v| v.as_bytes());
-    match error {
-        Some(b"connect-refused" | b"connect-timeout" | b"connect-failed") if on.connect_failure => {
+    match ProxyError::of(resp) {
+        Some(e) if e.is_connect_failure() && on.connect_failure => {
             return Some("connect-failure");
         }
-        Some(b"upstream-reset") if on.reset => return Some("reset"),
+        Some(ProxyError::UpstreamReset) if on.reset => return Some("reset"),
         // This sidecar found nothing to send to: another try would not
         // either, it would only spend the budget.
-        Some(b"no-healthy-endpoints") => return None,
+        Some(ProxyError::NoHealthyEndpoints) => return None,
         _ => {}
     }
     let status = resp.status().as_u16();
@@ -93,33 +86,15 @@ pub fn backoff(cfg: &RetryConfig, retry: u32) -> Duration {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RetryLayer;
 
-impl<S> Layer<S> for RetryLayer {
-    type Service = Retry<S>;
-    fn layer(&self, inner: S) -> Retry<S> {
-        Retry { inner }
-    }
-}
-
-#[derive(Clone)]
-pub struct Retry<S> {
-    inner: S,
-}
+step_layer!(RetryLayer => Retry);
 
 /// One try, under the per-try timeout.
-async fn try_once<S>(
+async fn try_once<S: Next>(
     inner: &mut S,
     req: Request<Body>,
     per_try: Option<Duration>,
     metrics: &RouteMetrics,
-) -> Response<Body>
-where
-    S: Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = Infallible,
-            Future = super::super::outbound::BoxFuture,
-        >,
-{
+) -> Response<Body> {
     let fut = inner.call(req);
     let Some(limit) = per_try else {
         return match fut.await {
@@ -132,11 +107,9 @@ where
         Ok(Err(e)) => match e {},
         Err(_) => {
             metrics.timeout("per-try");
-            error_response(
-                StatusCode::GATEWAY_TIMEOUT,
-                "per-try-timeout",
-                format!("no response within the per-try timeout of {limit:?}"),
-            )
+            ProxyError::PerTryTimeout.response(format!(
+                "no response within the per-try timeout of {limit:?}"
+            ))
         }
     }
 }
@@ -152,29 +125,15 @@ fn copy_parts(parts: &http::request::Parts, body: Body) -> Request<Body> {
     req
 }
 
-impl<S> Service<Request<Body>> for Retry<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future = BoxFuture>
-        + Clone
-        + Send
-        + 'static,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<Body>) -> BoxFuture {
+impl Step for RetryLayer {
+    fn call<S: Next>(&self, next: &mut S, req: Request<Body>) -> BoxFuture {
         let (Some(policy), Some(lb)) = (
             req.extensions().get::<Arc<RoutePolicy>>().cloned(),
             req.extensions().get::<Arc<UpstreamLb>>().cloned(),
         ) else {
-            return self.inner.call(req);
+            return next.call(req);
         };
-        let mut inner = self.inner.clone();
+        let mut inner = next.clone();
         let per_try = policy.per_try_timeout;
         let cfg = &policy.retry;
         let retriable = cfg.attempts > 0 && cfg.methods.contains(req.method()) && !is_upgrade(&req);
@@ -192,9 +151,7 @@ where
             let mut avoid = Avoid::default();
             let mut retry = 0;
             loop {
-                let body = replay
-                    .as_ref()
-                    .map_or_else(crate::proxy::http::empty, Replay::body);
+                let body = replay.as_ref().map_or_else(empty, Replay::body);
                 let mut req = copy_parts(&parts, body);
                 if !avoid.0.is_empty() {
                     req.extensions_mut().insert(avoid.clone());

@@ -10,8 +10,11 @@ use http::{Method, Request, Response, Uri};
 use opentelemetry::trace::TraceId;
 use opentelemetry_sdk::trace::Span;
 
-use super::super::http::{Body, SERVICE_HEADER};
-use super::super::upstreams::Target;
+use crate::proxy::upstreams::LbEndpoint;
+use crate::proxy::{
+    http::SERVICE_HEADER,
+    svc::{Body, ERROR_HEADER},
+};
 
 /// What is kept of the request until its response arrives.
 pub struct Entry {
@@ -53,7 +56,7 @@ impl Entry {
         self,
         resp: &Response<Body>,
         start: Instant,
-        picked: Option<&(Arc<str>, Arc<Target>)>,
+        picked: Option<&(Arc<str>, Arc<LbEndpoint>)>,
     ) {
         let (upstream, endpoint, endpoint_id) = match picked {
             Some((u, t)) => (u.as_ref(), Some(t.dest.addr), t.id.as_str()),
@@ -70,7 +73,7 @@ impl Entry {
             upstream,
             endpoint = endpoint.map(|a| a.to_string()).unwrap_or_default(),
             endpoint_id,
-            error = resp.headers().get(&super::ERROR_HEADER).and_then(|v| v.to_str().ok()).unwrap_or(""),
+            error = resp.headers().get(&ERROR_HEADER).and_then(|v| v.to_str().ok()).unwrap_or(""),
             trace_id = self.trace_id(),
             "access"
         );
@@ -88,7 +91,7 @@ impl Entry {
             duration_ms = start.elapsed().as_secs_f64() * 1e3,
             service = self.service.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
             peer = peer.map(|a| a.to_string()).unwrap_or_default(),
-            error = resp.headers().get(&super::ERROR_HEADER).and_then(|v| v.to_str().ok()).unwrap_or(""),
+            error = resp.headers().get(&ERROR_HEADER).and_then(|v| v.to_str().ok()).unwrap_or(""),
             trace_id = self.trace_id(),
             "access"
         );

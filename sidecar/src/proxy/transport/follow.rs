@@ -10,8 +10,11 @@ use isdp_proto::v1::TrustBundle;
 use rustls::pki_types::CertificateDer;
 use tokio::{sync::watch, task::JoinHandle};
 
-use super::{LocalCert, Revocations, TlsContext};
-use crate::{identity::Identities, xds::Snapshot};
+use crate::{
+    identity::Identities,
+    tls::{LocalCert, Revocations, TlsContext},
+    xds::Snapshot,
+};
 
 /// Builds the context from what is known now; None while there is no
 /// primary identity (the sidecar cannot speak mTLS yet) or on a bad bundle
@@ -126,7 +129,7 @@ mod tests {
     use super::*;
     use crate::{
         identity::Identity,
-        test_pki::{TD, TestCa},
+        tls::test_pki::{TD, TestCa},
     };
 
     fn identities(ca: &TestCa, service: &str) -> Arc<Identities> {

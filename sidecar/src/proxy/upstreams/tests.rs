@@ -30,7 +30,7 @@ fn snapshot(endpoint_version: &str, policy: Option<(&str, TrafficPolicy)>) -> Ar
         },
     );
     if let Some((version, value)) = policy {
-        snap.traffic.insert(
+        snap.traffic_policies.insert(
             "payments".into(),
             Versioned {
                 version: version.into(),
@@ -89,7 +89,7 @@ fn upstreams(
 fn pick_ids(
     lb: &UpstreamLb,
     subset: Option<usize>,
-    avoid: &[Arc<Target>],
+    avoid: &[Arc<LbEndpoint>],
 ) -> BTreeMap<String, usize> {
     let mut seen = BTreeMap::new();
     for _ in 0..60 {
@@ -122,7 +122,10 @@ async fn a_policy_compiles_subsets_and_overrides_the_balancer() {
     // The old state is untouched for requests that hold it.
     assert_eq!(lb.algorithm(), Algorithm::RoundRobin);
     // Load and outlier state are the same objects across the rebuild.
-    assert!(Arc::ptr_eq(&lb.targets[0].outlier, &lb2.targets[0].outlier));
+    assert!(Arc::ptr_eq(
+        &lb.endpoints[0].outlier,
+        &lb2.endpoints[0].outlier
+    ));
     assert!(Arc::ptr_eq(&lb.breaker, &lb2.breaker));
 }
 
@@ -131,16 +134,21 @@ async fn ejected_and_avoided_endpoints_are_skipped() {
     let (ups, _tx, _stop) = upstreams(snapshot("e1", Some(("p1", canary_policy()))));
     let lb = ups.get("payments").unwrap();
     let cfg = lb.policy.outlier;
-    let victim = lb.targets.iter().find(|t| t.id == "pay-0").unwrap();
+    let victim = lb.endpoints.iter().find(|t| t.id == "pay-0").unwrap();
     assert!(victim.outlier.record(Outcome::GatewayError, &cfg));
-    let all: Vec<&Outlier> = lb.targets.iter().map(|t| &*t.outlier).collect();
+    let all: Vec<&Outlier> = lb.endpoints.iter().map(|t| &*t.outlier).collect();
     assert!(outlier::eject(&all, &victim.outlier, &cfg, tokio::time::Instant::now()).is_some());
     assert_eq!(lb.ejected_now(), 1);
     assert_eq!(lb.ejection("pay-0"), Some((true, 1)));
     let seen = pick_ids(&lb, None, &[]);
     assert!(!seen.contains_key("pay-0"), "{seen:?}");
 
-    let avoid = [lb.targets.iter().find(|t| t.id == "pay-1").unwrap().clone()];
+    let avoid = [lb
+        .endpoints
+        .iter()
+        .find(|t| t.id == "pay-1")
+        .unwrap()
+        .clone()];
     let seen = pick_ids(&lb, None, &avoid);
     assert_eq!(seen.keys().collect::<Vec<_>>(), ["pay-2"], "{seen:?}");
 

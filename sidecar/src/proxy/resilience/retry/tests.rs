@@ -1,17 +1,22 @@
 use std::{
     collections::VecDeque,
+    convert::Infallible,
     sync::{
         Mutex,
         atomic::{AtomicUsize, Ordering},
     },
+    task::{Context, Poll},
 };
 
 use bytes::Bytes;
+use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use isdp_proto::v1::{RetryPolicy, Timeouts, TrafficPolicy};
 
+use tower::{Layer, Service};
+
 use super::*;
-use crate::proxy::{http::boxed, policy::Compiled};
+use crate::proxy::{policy::Compiled, svc::boxed};
 
 /// Answers each call with the next (delay, status) and records the bodies.
 #[derive(Clone, Default)]
@@ -54,7 +59,7 @@ impl Service<Request<Body>> for Mock {
             let body = req.into_body().collect().await.unwrap().to_bytes();
             bodies.lock().unwrap().push(body);
             tokio::time::sleep(delay).await;
-            let mut resp = Response::new(crate::proxy::http::empty());
+            let mut resp = Response::new(crate::proxy::svc::empty());
             *resp.status_mut() = StatusCode::from_u16(status).unwrap();
             Ok(resp)
         })
@@ -198,7 +203,7 @@ async fn the_budget_stops_retry_storms() {
     let mock = Mock::new(&[(0, 503); 400]);
     let mut svc = RetryLayer.layer(mock.clone());
     for _ in 0..100 {
-        let mut req = Request::new(crate::proxy::http::empty());
+        let mut req = Request::new(crate::proxy::svc::empty());
         let route = compiled.select(&req).clone();
         req.extensions_mut().insert(route);
         req.extensions_mut().insert(lb.clone());
@@ -215,7 +220,7 @@ fn grpc_codes_come_from_trailers_only_headers() {
     let compiled = policy(Some(r), None);
     let req = Request::new(());
     let cfg = &compiled.select(&req).retry;
-    let mut resp = Response::new(crate::proxy::http::empty());
+    let mut resp = Response::new(crate::proxy::svc::empty());
     resp.headers_mut()
         .insert("grpc-status", http::HeaderValue::from_static("14"));
     assert_eq!(classify(&resp, cfg), Some("grpc-code"));
@@ -227,14 +232,10 @@ fn grpc_codes_come_from_trailers_only_headers() {
 #[test]
 fn nothing_to_send_to_is_not_retried() {
     let cfg = RetryConfig::default();
-    let resp = error_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "no-healthy-endpoints",
-        "none",
-    );
+    let resp = ProxyError::NoHealthyEndpoints.response("none");
     assert_eq!(classify(&resp, &cfg), None);
-    let resp = error_response(StatusCode::BAD_GATEWAY, "connect-refused", "refused");
+    let resp = ProxyError::ConnectRefused.response("refused");
     assert_eq!(classify(&resp, &cfg), Some("connect-failure"));
-    let resp = error_response(StatusCode::BAD_GATEWAY, "upstream-reset", "reset");
+    let resp = ProxyError::UpstreamReset.response("reset");
     assert_eq!(classify(&resp, &cfg), Some("reset"));
 }

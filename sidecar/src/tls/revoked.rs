@@ -268,7 +268,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::test_pki::{Leaf, TD, TestCa};
+    use crate::tls::test_pki::{Leaf, TD, TestCa};
 
     fn count(metrics: &Metrics, direction: &str, stage: &str) -> u64 {
         let needle = format!(

@@ -1,7 +1,7 @@
-//! An inbound request put in the form authorization rules are written
-//! against, before they are asked (`inbound`); the application is then
-//! handed that same form, so what was checked is what it sees (Envoy's
-//! and Istio's choice too).
+//! The `Canonical` layer: an inbound request put in the form authorization
+//! rules are written against, before they are asked (`authorize`); the
+//! application is then handed that same form, so what was checked is what
+//! it sees (Envoy's and Istio's choice too).
 //!
 //! - The method must be canonical ([`authz::is_canonical_method`]: no lower
 //!   case), or the request is refused: `delete` must not pass a rule for
@@ -16,17 +16,47 @@
 //!   byte. An empty path (`http://host`, `?q`) is `/`. A path with no
 //!   canonical form (`%2F`, `\`, `%zz`, `..;`, ...) is refused.
 //!
-//! Refusals are 400 with `x-isdp-error` `bad-method` or `bad-path`. A
-//! request already canonical (the usual case) costs one pass over its path
-//! and no allocation.
+//! Refusals are 400 with `x-isdp-error` `bad-method` or `bad-path`, and
+//! logged like the authorization layer's refusals (they share its log
+//! limiter). A request already canonical (the usual case) costs one pass
+//! over its path and no allocation.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, sync::Arc};
 
-use http::{Method, Request, Response, StatusCode, Uri, uri::PathAndQuery};
+use http::{Method, Request, Response, Uri, uri::PathAndQuery};
 
-use super::http::{Body, error_response};
+use super::{authorize::Authorizer, caller};
 use crate::authz;
+use crate::proxy::svc::{Body, BoxFuture, Next, ProxyError, Step, answer, step_layer};
 use isdp_core::path::{self, PathError};
+
+/// Puts requests to local service `service` in canonical form, or refuses
+/// them.
+#[derive(Clone)]
+pub struct CanonicalLayer {
+    pub service: Arc<str>,
+    pub authorizer: Authorizer,
+}
+
+step_layer!(CanonicalLayer => Canonical);
+
+impl Step for CanonicalLayer {
+    fn call<S: Next>(&self, next: &mut S, mut req: Request<Body>) -> BoxFuture {
+        if let Err(refusal) = canonicalize(&mut req) {
+            let target = req.uri().to_string();
+            let method = req.method().as_str();
+            self.authorizer.malformed(
+                &self.service,
+                caller(&req),
+                refusal.as_str(),
+                method,
+                &target,
+            );
+            return answer(refusal.response());
+        }
+        next.call(req)
+    }
+}
 
 /// Why a request was refused before authorization.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,18 +81,13 @@ impl Refusal {
 
     /// The 400 the caller gets.
     pub fn response(self) -> Response<Body> {
-        let (code, detail) = match self {
-            Refusal::Method => (
-                "bad-method",
-                "methods are case-sensitive; this one is not in upper case".to_owned(),
-            ),
-            Refusal::Target => (
-                "bad-path",
-                "the request target must be a path ('*' only with OPTIONS)".to_owned(),
-            ),
-            Refusal::Path(e) => ("bad-path", e.to_string()),
-        };
-        error_response(StatusCode::BAD_REQUEST, code, detail)
+        match self {
+            Refusal::Method => ProxyError::BadMethod
+                .response("methods are case-sensitive; this one is not in upper case"),
+            Refusal::Target => ProxyError::BadPath
+                .response("the request target must be a path ('*' only with OPTIONS)"),
+            Refusal::Path(e) => ProxyError::BadPath.response(e),
+        }
     }
 }
 
@@ -107,6 +132,8 @@ pub fn canonicalize<B>(req: &mut Request<B>) -> Result<(), Refusal> {
 
 #[cfg(test)]
 mod tests {
+    use http::StatusCode;
+
     use super::*;
 
     fn request(method: &str, uri: &str) -> Request<()> {

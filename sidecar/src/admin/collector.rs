@@ -1,6 +1,9 @@
 //! Scrape-time metrics: read from the discovery snapshot, the balancing
-//! state and the session when Prometheus asks, so keeping them costs
-//! nothing between scrapes.
+//! state, the session and the workload certificates when Prometheus asks,
+//! so keeping them costs nothing between scrapes. It reads nearly every
+//! module, so it sits here at the top with the admin pages that read the
+//! same state, and `metrics` (which everything records into) imports
+//! none of them.
 
 use std::{fmt, sync::Arc};
 
@@ -13,7 +16,7 @@ use tokio::sync::watch;
 
 use isdp_core::probe::Health;
 
-use crate::{proxy::upstreams::Upstreams, session::Session, xds::Snapshot};
+use crate::{identity::Identities, proxy::upstreams::Upstreams, session::Session, xds::Snapshot};
 
 /// Reads the sidecar's state at scrape time.
 pub struct StateCollector {
@@ -21,7 +24,7 @@ pub struct StateCollector {
     pub session: Session,
     pub upstreams: Option<Upstreams>,
     /// Workload certificates, for their expiry.
-    pub identities: Option<watch::Receiver<Arc<crate::identity::Identities>>>,
+    pub identities: Option<watch::Receiver<Arc<Identities>>>,
 }
 
 impl fmt::Debug for StateCollector {

@@ -1,4 +1,5 @@
-//! The inbound authorization check: the local service's compiled policy
+//! The `Authorize` layer and the check behind it (the [`Authorizer`], which
+//! tunnels use too): the local service's compiled policy
 //! (from [`crate::authz::follow`]) asked about the caller's SPIFFE ID, the
 //! method and the path. Refusals are counted with the calling service and
 //! the rule, and logged (at info at most once a second; the rest at debug,
@@ -17,24 +18,54 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use http::Request;
 use tokio::sync::watch;
 
+use super::caller;
 use crate::{
-    authz::{Call, Compiled, Decision},
+    authz::{Call, Decision, Policies},
     metrics::Metrics,
+    proxy::svc::{Body, BoxFuture, Next, ProxyError, Step, answer, step_layer},
 };
+
+/// Asks local service `service`'s policy about each request; a refusal
+/// is 403 `denied-by-policy`.
+#[derive(Clone)]
+pub struct AuthorizeLayer {
+    pub service: Arc<str>,
+    pub authorizer: Authorizer,
+}
+
+step_layer!(AuthorizeLayer => Authorize);
+
+impl Step for AuthorizeLayer {
+    fn call<S: Next>(&self, next: &mut S, req: Request<Body>) -> BoxFuture {
+        let call = Call {
+            source: caller(&req),
+            method: Some(req.method().as_str()),
+            path: Some(req.uri().path()),
+        };
+        if let Decision::Deny { .. } = self.authorizer.check(&self.service, call) {
+            return answer(
+                ProxyError::DeniedByPolicy
+                    .response(format!("{} does not allow this caller", self.service)),
+            );
+        }
+        next.call(req)
+    }
+}
 
 /// A cheap handle; clones share the policies and the log limiter.
 #[derive(Clone)]
 pub struct Authorizer {
-    policies: watch::Receiver<Arc<Compiled>>,
+    policies: watch::Receiver<Arc<Policies>>,
     metrics: Metrics,
     /// Second (since the epoch) of the last denial logged at info.
     last_logged: Arc<AtomicU64>,
 }
 
 impl Authorizer {
-    pub fn new(policies: watch::Receiver<Arc<Compiled>>, metrics: Metrics) -> Self {
+    pub fn new(policies: watch::Receiver<Arc<Policies>>, metrics: Metrics) -> Self {
         Authorizer {
             policies,
             metrics,
@@ -136,7 +167,7 @@ mod tests {
     use super::*;
     use crate::authz::Policy;
 
-    fn authorizer(policies: Compiled) -> (Authorizer, Metrics) {
+    fn authorizer(policies: Policies) -> (Authorizer, Metrics) {
         let metrics = Metrics::new();
         let (_tx, rx) = watch::channel(Arc::new(policies));
         (Authorizer::new(rx, metrics.clone()), metrics)

@@ -28,7 +28,7 @@ use crate::metrics::Direction;
 
 /// Why a peer's certificate is refused as the identity we wanted;
 /// carried inside `CertificateError::Other` so the handshake error says
-/// what was wrong and [`super::FailureReason`] can classify it as
+/// what was wrong and the proxy's handshake metrics can classify it as
 /// `bad_identity`.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerIdentityError {

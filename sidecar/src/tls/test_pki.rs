@@ -1,5 +1,6 @@
-//! Test certificate authorities made with rcgen, shared by the identity
-//! and transport tests.
+//! Test certificate authorities made with rcgen, shared by the tests of
+//! `tls`, `identity`, `xds`, `admin` and the proxy. It depends on nothing
+//! but `tls`.
 
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use rcgen::{
 use rustls::{pki_types::CertificateDer, sign::CertifiedKey};
 use time::{Duration, OffsetDateTime};
 
-use crate::proxy::transport::{LocalCert, certified_key};
+use super::{LocalCert, certified_key};
 
 pub const TD: &str = "mesh.test";
 

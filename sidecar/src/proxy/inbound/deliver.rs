@@ -1,0 +1,53 @@
+//! `Deliver`, the end of each local service's inbound stack: hands the
+//! request to the service on `127.0.0.1:<port>`, over HTTP/2 for gRPC
+//! (by the service's protocol or the request's content type) and HTTP/1.1
+//! otherwise.
+
+use std::{
+    convert::Infallible,
+    task::{Context, Poll},
+};
+
+use http::{Request, Response};
+use tower::Service;
+
+use crate::{
+    config::Protocol,
+    proxy::{
+        forward::{Forwarder, Hop},
+        svc::{Body, BoxFuture, Dest},
+    },
+};
+
+#[derive(Clone)]
+pub struct Deliver {
+    pub dest: Dest,
+    pub protocol: Protocol,
+    pub forwarder: Forwarder,
+}
+
+impl Service<Request<Body>> for Deliver {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> BoxFuture {
+        let grpc = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+        let hop = if self.protocol == Protocol::Grpc || grpc {
+            Hop::Http2
+        } else {
+            Hop::Http1
+        };
+        let forwarder = self.forwarder.clone();
+        let dest = self.dest.clone();
+        Box::pin(async move { Ok(forwarder.forward(req, &dest, hop).await) })
+    }
+}
