@@ -1,17 +1,15 @@
-//! Serves each stored policy over xDS as `isdp.v1.TrafficPolicy`, named by
-//! its service; a deleted policy's resource is removed, so callers go back
-//! to their defaults. Unchanged policies hash to the same version and wake
-//! nobody.
+//! Stored traffic policies -> `isdp.v1.TrafficPolicy`, one per service,
+//! named by it; a deleted policy's resource is removed, so callers go back
+//! to their defaults. Every change is published as one batch; unchanged
+//! policies hash to the same version and wake nobody.
 
 use std::collections::BTreeSet;
 
-use bytes::Bytes;
-use isdp_proto::v1::TRAFFIC_POLICY_TYPE_URL;
-use prost::Message;
+use isdp_proto::v1::TrafficPolicy;
+use isdp_xds::{Batch, Cache};
 use tokio::sync::watch;
 
-use super::{Policies, decode_all};
-use crate::xds::Cache;
+use crate::policy::{Policies, decode_all};
 
 pub fn spawn(
     policies: Policies,
@@ -22,22 +20,16 @@ pub fn spawn(
     tokio::spawn(async move {
         loop {
             let current = decode_all(&changes.borrow_and_update());
-            let mut stale: BTreeSet<String> = cache
-                .type_cache(TRAFFIC_POLICY_TYPE_URL)
-                .map(|tc| tc.names().into_iter().collect())
-                .unwrap_or_default();
+            let mut stale: BTreeSet<String> = cache.names::<TrafficPolicy>().into_iter().collect();
+            let mut batch = Batch::new();
             for (service, stored) in current {
                 stale.remove(&service);
-                let policy = stored.policy.unwrap_or_default();
-                cache.set(
-                    TRAFFIC_POLICY_TYPE_URL,
-                    &service,
-                    Bytes::from(policy.encode_to_vec()),
-                );
+                batch.set(&service, &stored.policy.unwrap_or_default());
             }
             for service in stale {
-                cache.remove(TRAFFIC_POLICY_TYPE_URL, &service);
+                batch.remove::<TrafficPolicy>(&service);
             }
+            cache.apply(batch);
             tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => return,
                 changed = changes.changed() => if changed.is_err() { return },
