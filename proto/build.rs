@@ -23,11 +23,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(isdp, ["."])?;
     let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").ok_or("OUT_DIR is not set")?);
     std::fs::write(out.join("isdp_v1.fds"), fds.encode_to_vec())?;
+    // Every message implements `prost::Name`, with the type URL an xDS
+    // `Any` carries (`type.googleapis.com/isdp.v1.X`): the xDS cache takes
+    // typed resources and reads their type URL from it.
+    let mut names = tonic_prost_build::Config::new();
+    names
+        .enable_type_names()
+        .type_name_domain(["."], "type.googleapis.com");
     tonic_prost_build::configure()
         // Maps encode in key order, so equal content gives equal bytes: the
         // xDS engine versions resources by a hash of their encoding.
         .btree_map(".")
-        .compile_fds(fds)?;
+        .compile_fds_with_config(fds, names)?;
 
     if std::env::var_os("CARGO_FEATURE_ETCD").is_some() {
         let etcd = [

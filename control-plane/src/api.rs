@@ -14,7 +14,8 @@
 //!
 //! Every call passed [`crate::auth::AuthLayer`] first.
 //!
-//! The xDS service lives in [`crate::xds`]; all three share one listener.
+//! The xDS service is the `isdp_xds` engine's, under [`crate::auth::AdsAccess`];
+//! all share one listener.
 //!
 //! Operations that change state (register, deregister, session open,
 //! health report, close) run in an [`op_span`], exported as OTLP server

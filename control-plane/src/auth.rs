@@ -16,10 +16,15 @@
 //! # Layout
 //! - `methods`: the method -> role table.
 //! - `layer`: the tower layer.
+//! - `ads`: the xDS engine's access rules ([`AdsAccess`]): each ADS
+//!   stream reads its principal's `ReadScope` and ends when the token
+//!   that vouches for it is revoked.
 
+mod ads;
 mod layer;
 mod methods;
 
+pub use ads::AdsAccess;
 pub use layer::AuthLayer;
 pub use methods::{METHODS, Need, lookup, required};
 

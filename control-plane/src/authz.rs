@@ -7,10 +7,10 @@
 //! ID is known from its mTLS certificate. Rules live in the store under
 //! `<prefix>authz/` and, like registrations, reach the in-memory view only
 //! through the store's watch ([`crate::store::follow`]), so every replica
-//! serves the same rules and a writer reads its own write. `publish.rs` turns them into
-//! one `isdp.v1.AuthorizationPolicy` xDS resource per destination.
+//! serves the same rules and a writer reads its own write.
+//! [`crate::publish::authorization`] turns them into one
+//! `isdp.v1.AuthorizationPolicy` xDS resource per destination.
 
-mod publish;
 pub mod validate;
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -19,8 +19,6 @@ use bytes::Bytes;
 use isdp_proto::v1::{Action, AuthorizationPolicy, AuthzRule, GetDefaultResponse};
 use prost::Message;
 use tokio::sync::watch;
-
-pub use publish::spawn as spawn_publisher;
 
 use crate::{
     registry::validate::FieldError,

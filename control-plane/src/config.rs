@@ -236,7 +236,7 @@ impl Config {
                 return Err(format!("{flag} must be at least 1"));
             }
         }
-        let max = crate::snapshot::MAX_RESOURCE_BYTES;
+        let max = crate::publish::endpoints::MAX_RESOURCE_BYTES;
         if q.service_endpoints_bytes > max {
             return Err(format!(
                 "--max-service-endpoints-bytes ({}) must be at most {max} (half of the {} bytes a sidecar decodes in one xDS message)",

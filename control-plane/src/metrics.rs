@@ -8,7 +8,7 @@
 //! serves, statuses, codes and operations from enums, methods from the
 //! services served.
 //!
-//! Convergence is measured from the moment the snapshot builder first sees
+//! Convergence is measured from the moment the endpoints publisher first sees
 //! a registry change to the moment each sidecar ACKs a response carrying
 //! it: debounce, push, the sidecar applying it, and the ACK's way back.
 
@@ -22,16 +22,14 @@ pub use store::InstrumentedStore;
 
 use isdp_core::metrics::{LATENCY_BUCKETS, grpc_code_name};
 use isdp_proto::v1::HealthStatus;
+use isdp_xds::{StreamEvent, StreamInfo, StreamObserver};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::{Registry as PromRegistry, Unit},
 };
 
-use crate::{
-    store::StoreError,
-    xds::{StreamObserver, server::StreamEvent, server::StreamInfo},
-};
+use crate::store::StoreError;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TypeLabel {

@@ -7,11 +7,11 @@
 //! are stored under `<prefix>policies/<service>` as `StoredPolicy` bytes;
 //! the version is the key's store revision, so compare-and-set is one
 //! store transaction. Like everything else, the in-memory copy follows the
-//! store's watch ([`crate::store::follow`]); `publish.rs` serves each
-//! policy over xDS as `isdp.v1.TrafficPolicy`.
+//! store's watch ([`crate::store::follow`]);
+//! [`crate::publish::traffic`] serves each policy over xDS as
+//! `isdp.v1.TrafficPolicy`.
 
 pub mod document;
-mod publish;
 mod walk;
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -20,8 +20,6 @@ use bytes::Bytes;
 use isdp_proto::v1::{StoredPolicy, TrafficPolicy};
 use prost::Message;
 use tokio::sync::watch;
-
-pub use publish::spawn as spawn_publisher;
 
 use crate::{
     registry::{Registry, validate::FieldError},

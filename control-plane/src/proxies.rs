@@ -13,11 +13,7 @@ use std::{
 
 use dashmap::DashMap;
 use isdp_proto::v1::{Proxy, TypeStatus};
-
-use crate::xds::{
-    StreamObserver,
-    server::{StreamEvent, StreamInfo},
-};
+use isdp_xds::{StreamEvent, StreamInfo, StreamObserver};
 
 /// Cheap handle to the table of open streams.
 #[derive(Clone, Default)]

@@ -185,13 +185,16 @@ pub fn follow_roots(
     Ok((rx, task))
 }
 
+/// The accepted TLS connections, as tonic serves them.
+pub type Incoming = tokio_stream::wrappers::ReceiverStream<Result<Conn, io::Error>>;
+
 /// Accepts TCP connections and yields those whose TLS handshake finished.
 pub fn incoming(
     listener: TcpListener,
     config: watch::Receiver<Arc<ServerConfig>>,
     trust_domain: String,
     mut shutdown: watch::Receiver<bool>,
-) -> tokio_stream::wrappers::ReceiverStream<Result<Conn, io::Error>> {
+) -> Incoming {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {

@@ -6,8 +6,9 @@
 //!   (`Certificates`), tokens (`Tokens`), authorization rules
 //!   (`Authorization`), traffic policies (`Policies`),
 //!   and the xDS resources the control plane serves (`ServiceEndpoints`, `TrustBundle`, `AuthorizationPolicy`,
-//!   `TrafficPolicy`), and `FILE_DESCRIPTOR_SET`, the compiled descriptors
-//!   of all of them.
+//!   `TrafficPolicy`; every message implements `prost::Name`, whose type
+//!   URL is the one an xDS `Any` carries), and `FILE_DESCRIPTOR_SET`, the
+//!   compiled descriptors of all of them.
 //!
 //! - `etcd` (feature `etcd`): etcd's v3 API clients (`KvClient`,
 //!   `WatchClient`, `LeaseClient`, `AuthClient`, ...), for the control
@@ -28,11 +29,11 @@ pub mod isdp {
         /// is named [`TRUST_BUNDLE_NAME`].
         pub const TRUST_BUNDLE_TYPE_URL: &str = "type.googleapis.com/isdp.v1.TrustBundle";
         pub const TRUST_BUNDLE_NAME: &str = "mesh";
-        /// Type URL of [`AuthorizationPolicy`] inside an xDS `Any`, one per
-        /// destination service.
         /// Type URL of [`TrafficPolicy`] inside an xDS `Any`, one per
         /// destination service.
         pub const TRAFFIC_POLICY_TYPE_URL: &str = "type.googleapis.com/isdp.v1.TrafficPolicy";
+        /// Type URL of [`AuthorizationPolicy`] inside an xDS `Any`, one per
+        /// destination service.
         pub const AUTHORIZATION_POLICY_TYPE_URL: &str =
             "type.googleapis.com/isdp.v1.AuthorizationPolicy";
 
@@ -59,5 +60,25 @@ pub mod etcd {
     }
     pub mod etcdserverpb {
         tonic::include_proto!("etcdserverpb");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Name;
+
+    use super::v1::*;
+
+    /// The xDS cache stores a typed resource under its `Name::type_url()`,
+    /// and sidecars subscribe by these constants: they must agree.
+    #[test]
+    fn resource_type_urls_are_the_messages_names() {
+        assert_eq!(ServiceEndpoints::type_url(), SERVICE_ENDPOINTS_TYPE_URL);
+        assert_eq!(TrustBundle::type_url(), TRUST_BUNDLE_TYPE_URL);
+        assert_eq!(
+            AuthorizationPolicy::type_url(),
+            AUTHORIZATION_POLICY_TYPE_URL
+        );
+        assert_eq!(TrafficPolicy::type_url(), TRAFFIC_POLICY_TYPE_URL);
     }
 }

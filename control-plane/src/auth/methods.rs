@@ -123,7 +123,7 @@ pub const METHODS: &[(&str, &[(&str, Need)])] = &[
         ],
     ),
     (
-        // Scoped per subscription by `xds::scope`.
+        // Scoped per subscription by `auth::ads` (through the xDS engine).
         "envoy.service.discovery.v3.AggregatedDiscoveryService",
         &[
             ("StreamAggregatedResources", JOIN_OR_READ),

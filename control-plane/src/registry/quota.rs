@@ -16,9 +16,10 @@
 //! same instances. Growth not yet visible there is reserved here for the
 //! length of the write: concurrent writes on one replica cannot together
 //! pass a bound that each respects alone. Writes racing on different
-//! replicas can, by at most what each replica admits at once; the snapshot
-//! builder's hard cap ([`crate::snapshot::MAX_RESOURCE_BYTES`]) keeps even
-//! that from reaching a sidecar.
+//! replicas can, by at most what each replica admits at once; the
+//! endpoints publisher's hard cap
+//! ([`crate::publish::endpoints::MAX_RESOURCE_BYTES`]) keeps even that from
+//! reaching a sidecar.
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -130,7 +131,7 @@ impl Footprint {
 
 /// How an instance appears in its service's `ServiceEndpoints` resource.
 /// Defined here, beside the size accounting that must match it, and used by
-/// the snapshot builder.
+/// the endpoints publisher.
 pub fn endpoint(i: &Instance) -> Endpoint {
     Endpoint {
         instance_id: i.id.clone(),

@@ -187,7 +187,9 @@ fn body(path: &str) -> Vec<u8> {
             service: "web".into(),
         }
         .encode_to_vec(),
-        // By name: a scoped join principal may not subscribe to wildcards.
+        // A served type, by a name every role may read: an empty request
+        // names no type, and its refusal would be the server's, not the
+        // auth layer's.
         ADS_SOTW => DiscoveryRequest {
             type_url: TRUST_BUNDLE_TYPE_URL.into(),
             resource_names: vec![TRUST_BUNDLE_NAME.into()],

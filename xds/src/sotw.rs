@@ -10,32 +10,30 @@ use std::{
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use tonic::Status;
 
-use crate::auth::ReadScope;
-
-use super::{
-    Cache, Subscriptions, TypeCache, WILDCARD,
+use crate::{
+    WILDCARD,
+    access::{Gate, StreamAccess},
+    cache::{Cache, Subscriptions, TypeCache, Wake},
+    event::StreamEvent,
     resource::{set_version, sotw_response},
-    scope::Scope,
-    server::StreamEvent,
 };
 
-pub(super) struct SotwStream {
+pub(crate) struct SotwStream {
     cache: Cache,
-    scope: Scope,
+    gate: Gate,
     subs: Subscriptions,
     types: HashMap<Arc<str>, TypeState>,
 }
 
 struct TypeState {
     tc: Arc<TypeCache>,
-    /// None: wildcard (every resource of the type).
+    /// None: wildcard (every resource of the type the stream may read).
     names: Option<BTreeSet<String>>,
     /// Version of the set last sent (or that the client said it holds).
     sent: Option<String>,
     acked: Option<String>,
-    /// Nonce of the response awaiting ACK/NACK; nothing more is sent for
-    /// this type until it is answered.
-    /// The response awaiting ACK: its nonce and the newest change it carries.
+    /// The response awaiting ACK/NACK (its nonce and the newest change it
+    /// carries); nothing more is sent for this type until it is answered.
     pending: Option<(String, Option<Instant>)>,
     /// Nonce of the latest response sent; requests naming an older one
     /// are stale.
@@ -44,28 +42,25 @@ struct TypeState {
 }
 
 impl SotwStream {
-    pub(super) fn new(cache: Cache, scope: ReadScope) -> Self {
+    pub(crate) fn new(cache: Cache, access: Box<dyn StreamAccess>) -> Self {
         SotwStream {
-            scope: Scope::new(scope),
+            gate: Gate::new(access),
             subs: Subscriptions::new(cache.clone()),
             cache,
             types: HashMap::new(),
         }
     }
 
-    pub(super) fn wake(&self) -> &Arc<super::Wake> {
+    pub(crate) fn wake(&self) -> &Arc<Wake> {
         &self.subs.wake
     }
 
-    pub(super) fn on_request(
+    pub(crate) fn on_request(
         &mut self,
         req: DiscoveryRequest,
         out: &mut Vec<StreamEvent>,
     ) -> Result<(), Status> {
-        let tc = self
-            .cache
-            .type_cache(&req.type_url)
-            .ok_or_else(|| unknown_type(&self.cache, &req.type_url))?;
+        let tc = self.cache.serving(&req.type_url)?;
         let type_url = tc.type_url().clone();
         let first = !self.types.contains_key(&type_url);
         let st = self
@@ -120,13 +115,9 @@ impl SotwStream {
         } else {
             Some(req.resource_names.iter().cloned().collect())
         };
-        let wanted = match wanted {
-            Some(names) => Some(self.scope.filter(&type_url, names)),
-            None => {
-                self.scope.wildcard(&type_url)?;
-                None
-            }
-        };
+        // Named: the names outside the stream's access are dropped (and
+        // read as absent). Wildcard: filtered as each response is built.
+        let wanted = wanted.map(|names| self.gate.filter(&type_url, names));
         if wanted != st.names {
             let old: HashSet<String> = key_set(&st.names);
             let new: HashSet<String> = key_set(&wanted);
@@ -144,7 +135,7 @@ impl SotwStream {
     }
 
     /// Called when the cache signalled a change to something subscribed.
-    pub(super) fn on_wake(&mut self, out: &mut Vec<StreamEvent>) {
+    pub(crate) fn on_wake(&mut self, out: &mut Vec<StreamEvent>) {
         for (type_url, _) in self.subs.wake.take() {
             if let Some(st) = self.types.get_mut(&type_url) {
                 st.dirty = true;
@@ -161,10 +152,15 @@ impl SotwStream {
             return;
         }
         st.dirty = false;
-        let resources: Vec<_> = match &st.names {
-            None => st.tc.names().iter().filter_map(|n| st.tc.get(n)).collect(),
-            Some(names) => names.iter().filter_map(|n| st.tc.get(n)).collect(),
-        };
+        // Read under one lock, so a batch's changes to this type go out
+        // together; a wildcard carries only what the stream may read.
+        let mut resources: Vec<_> = st.tc.read(|held| match &st.names {
+            None => held.values().cloned().collect(),
+            Some(names) => names.iter().filter_map(|n| held.get(n).cloned()).collect(),
+        });
+        if st.names.is_none() {
+            resources.retain(|r| self.gate.allows(type_url, &r.name));
+        }
         let version = set_version(resources.iter().map(|r| &**r));
         if st.sent.as_deref() == Some(version.as_str()) {
             return;
@@ -189,13 +185,4 @@ fn key_set(names: &Option<BTreeSet<String>>) -> HashSet<String> {
         None => HashSet::from([WILDCARD.to_owned()]),
         Some(n) => n.iter().cloned().collect(),
     }
-}
-
-pub(super) fn unknown_type(cache: &Cache, type_url: &str) -> Status {
-    let mut served = cache.type_urls();
-    served.sort();
-    Status::invalid_argument(format!(
-        "type_url: {type_url:?} is not served; served types: {}",
-        served.join(", ")
-    ))
 }

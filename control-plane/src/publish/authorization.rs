@@ -1,20 +1,19 @@
-//! Publishes one `isdp.v1.AuthorizationPolicy` per destination into the
-//! xDS cache: for every registered service (its sidecars subscribe to their
-//! own services' policies and refuse inbound calls until one arrives) and
-//! every destination that has rules. Unchanged policies hash to the same
-//! version and wake no stream.
+//! Authorization rules + registry -> `isdp.v1.AuthorizationPolicy`, one per
+//! destination: for every registered service (its sidecars subscribe to
+//! their own services' policies and refuse inbound calls until one arrives)
+//! and every destination that has rules. Unchanged policies hash to the
+//! same version and wake no stream; a new rule set is published as one
+//! batch.
 
 use std::collections::BTreeSet;
 
-use bytes::Bytes;
-use isdp_proto::v1::AUTHORIZATION_POLICY_TYPE_URL;
-use prost::Message;
+use isdp_proto::v1::AuthorizationPolicy;
+use isdp_xds::{Batch, Cache};
 use tokio::sync::{broadcast, watch};
 
-use super::{Authz, Rules};
 use crate::{
+    authz::{Authz, Rules},
     registry::{Change, Registry},
-    xds::Cache,
 };
 
 /// Publishes every policy now, then follows the rules and the registry
@@ -42,7 +41,11 @@ pub fn spawn(
                     publish_all(&cache, &registry, &current, &trust_domain);
                 }
                 change = changes.recv() => match change {
-                    Ok(Change::Service(s)) => publish(&cache, &registry, &current, &trust_domain, &s),
+                    Ok(Change::Service(s)) => {
+                        let mut batch = Batch::new();
+                        publish(&mut batch, &registry, &current, &trust_domain, &s);
+                        cache.apply(batch);
+                    }
                     Ok(Change::All) | Err(broadcast::error::RecvError::Lagged(_)) => {
                         publish_all(&cache, &registry, &current, &trust_domain)
                     }
@@ -53,28 +56,31 @@ pub fn spawn(
     })
 }
 
-fn publish(cache: &Cache, registry: &Registry, rules: &Rules, trust_domain: &str, service: &str) {
+/// Adds `service`'s policy to `batch`, or its removal when the service is
+/// neither registered nor the destination of a rule.
+fn publish(
+    batch: &mut Batch,
+    registry: &Registry,
+    rules: &Rules,
+    trust_domain: &str,
+    service: &str,
+) {
     let wanted =
         !registry.instances(service).is_empty() || rules.by_destination.contains_key(service);
     if wanted {
-        let policy = rules.policy(service, trust_domain);
-        cache.set(
-            AUTHORIZATION_POLICY_TYPE_URL,
-            service,
-            Bytes::from(policy.encode_to_vec()),
-        );
+        batch.set(service, &rules.policy(service, trust_domain));
     } else {
-        cache.remove(AUTHORIZATION_POLICY_TYPE_URL, service);
+        batch.remove::<AuthorizationPolicy>(service);
     }
 }
 
 fn publish_all(cache: &Cache, registry: &Registry, rules: &Rules, trust_domain: &str) {
     let mut names: BTreeSet<String> = registry.services().into_keys().collect();
     names.extend(rules.by_destination.keys().cloned());
-    if let Some(tc) = cache.type_cache(AUTHORIZATION_POLICY_TYPE_URL) {
-        names.extend(tc.names());
-    }
+    names.extend(cache.names::<AuthorizationPolicy>());
+    let mut batch = Batch::new();
     for s in names {
-        publish(cache, registry, rules, trust_domain, &s);
+        publish(&mut batch, registry, rules, trust_domain, &s);
     }
+    cache.apply(batch);
 }

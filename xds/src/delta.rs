@@ -10,19 +10,20 @@ use std::{
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use tonic::Status;
 
-use crate::auth::ReadScope;
-
-use super::{
-    Cache, Subscriptions, TypeCache, WILDCARD, resource::delta_response, scope::Scope,
-    server::StreamEvent, sotw::unknown_type,
+use crate::{
+    DELTA_RESPONSE_BUDGET, WILDCARD,
+    access::{Gate, StreamAccess},
+    cache::{Cache, Subscriptions, TypeCache, Wake},
+    event::StreamEvent,
+    resource::{Encoded, delta_response},
 };
 
-pub(super) struct DeltaStream {
+pub(crate) struct DeltaStream {
     cache: Cache,
-    scope: Scope,
+    gate: Gate,
     subs: Subscriptions,
     types: HashMap<Arc<str>, TypeState>,
-    /// Resource bytes per response ([`super::DELTA_RESPONSE_BUDGET`]).
+    /// Resource bytes per response ([`DELTA_RESPONSE_BUDGET`]).
     budget: usize,
 }
 
@@ -48,37 +49,34 @@ struct Pending {
 }
 
 impl DeltaStream {
-    pub(super) fn new(cache: Cache, scope: ReadScope) -> Self {
+    pub(crate) fn new(cache: Cache, access: Box<dyn StreamAccess>) -> Self {
         DeltaStream {
-            scope: Scope::new(scope),
+            gate: Gate::new(access),
             subs: Subscriptions::new(cache.clone()),
             cache,
             types: HashMap::new(),
-            budget: super::DELTA_RESPONSE_BUDGET,
+            budget: DELTA_RESPONSE_BUDGET,
         }
     }
 
     /// A stream whose responses carry at most `budget` resource bytes
     /// (tests).
     #[cfg(test)]
-    pub(super) fn with_budget(mut self, budget: usize) -> Self {
+    pub(crate) fn with_budget(mut self, budget: usize) -> Self {
         self.budget = budget;
         self
     }
 
-    pub(super) fn wake(&self) -> &Arc<super::Wake> {
+    pub(crate) fn wake(&self) -> &Arc<Wake> {
         &self.subs.wake
     }
 
-    pub(super) fn on_request(
+    pub(crate) fn on_request(
         &mut self,
         req: DeltaDiscoveryRequest,
         out: &mut Vec<StreamEvent>,
     ) -> Result<(), Status> {
-        let tc = self
-            .cache
-            .type_cache(&req.type_url)
-            .ok_or_else(|| unknown_type(&self.cache, &req.type_url))?;
+        let tc = self.cache.serving(&req.type_url)?;
         let type_url = tc.type_url().clone();
         let first = !self.types.contains_key(&type_url);
         let st = self
@@ -143,21 +141,14 @@ impl DeltaStream {
                 st.dirty.insert(n.clone());
                 // Outside the caller's scope: answered as absent, never
                 // watched, so its changes do not even wake the stream.
-                if !self.scope.refuses(&type_url, n) {
+                if !self.gate.refuses(&type_url, n) {
                     self.subs.add(&tc, n);
                 }
             }
         }
-        if st.wildcard {
-            self.scope.wildcard(&type_url)?;
-        }
-        if st.wildcard
-            && !self
-                .subs
-                .held
-                .get(&type_url)
-                .is_some_and(|h| h.contains(WILDCARD))
-        {
+        // A wildcard watches every name; what the stream may not read is
+        // left out as each response is built.
+        if st.wildcard && !self.subs.holds(&type_url, WILDCARD) {
             self.subs.add(&tc, WILDCARD);
             st.dirty.extend(tc.names());
             st.dirty.extend(st.known.keys().cloned());
@@ -166,7 +157,7 @@ impl DeltaStream {
         Ok(())
     }
 
-    pub(super) fn on_wake(&mut self, out: &mut Vec<StreamEvent>) {
+    pub(crate) fn on_wake(&mut self, out: &mut Vec<StreamEvent>) {
         for (type_url, names) in self.subs.wake.take() {
             if let Some(st) = self.types.get_mut(&type_url) {
                 st.dirty.extend(names);
@@ -183,27 +174,33 @@ impl DeltaStream {
         if st.pending.is_some() || st.dirty.is_empty() {
             return;
         }
-        let mut resources: Vec<Arc<super::Encoded>> = Vec::new();
+        let mut resources: Vec<Arc<Encoded>> = Vec::new();
         let mut removed = Vec::new();
         let mut size = 0;
-        let mut dirty = std::mem::take(&mut st.dirty).into_iter();
-        while let Some(name) = dirty.next() {
+        // The changed names' resources, read under one lock so a batch's
+        // changes to this type go out together; then what the stream may
+        // not read is taken for absent.
+        let names = std::mem::take(&mut st.dirty);
+        let current: Vec<Option<Arc<Encoded>>> = st
+            .tc
+            .read(|held| names.iter().map(|n| held.get(n).cloned()).collect());
+        let mut dirty = names.into_iter().zip(current).map(|(n, r)| {
+            let visible = r.filter(|_| self.gate.allows(type_url, &n));
+            (n, visible)
+        });
+        while let Some((name, visible)) = dirty.next() {
             let explicit = st.names.contains(&name);
             if !explicit && !st.wildcard {
                 continue;
             }
             let known = st.known.get(&name);
-            let visible = st
-                .tc
-                .get(&name)
-                .filter(|_| self.scope.allows(type_url, &name));
             match visible {
                 Some(r) if known == Some(&r.version) => {}
                 // Full: this one and the rest wait for the next response,
                 // sent once this one is acknowledged.
                 Some(r) if !resources.is_empty() && size + r.delta.len() > budget => {
                     st.dirty.insert(name);
-                    st.dirty.extend(dirty.by_ref());
+                    st.dirty.extend(dirty.by_ref().map(|(n, _)| n));
                 }
                 Some(r) => {
                     size += r.delta.len();

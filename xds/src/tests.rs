@@ -11,15 +11,21 @@ use envoy_types::pb::{
 };
 use prost::Message;
 
-use super::{Cache, delta::DeltaStream, server::StreamEvent, sotw::SotwStream};
-use crate::auth::ReadScope;
+use crate::{
+    Unrestricted,
+    access::tests::Only,
+    cache::{Batch, Cache},
+    delta::DeltaStream,
+    event::StreamEvent,
+    sotw::SotwStream,
+};
 
 const T: &str = "type.googleapis.com/test.Thing";
 
 fn cache() -> Cache {
     let c = Cache::new(&[T]);
-    c.set(T, "a", Bytes::from_static(b"a1"));
-    c.set(T, "c", Bytes::from_static(b"c1"));
+    c.set_raw(T, "a", Bytes::from_static(b"a1"));
+    c.set_raw(T, "c", Bytes::from_static(b"c1"));
     c
 }
 
@@ -53,7 +59,7 @@ fn ack(nonce: &str) -> DeltaDiscoveryRequest {
 #[test]
 fn delta_subscribe_ack_nack_and_unsubscribe() {
     let c = cache();
-    let mut s = DeltaStream::new(c.clone(), ReadScope::All);
+    let mut s = DeltaStream::new(c.clone(), Box::new(Unrestricted));
     let mut out = Vec::new();
     s.on_request(sub(&["a", "b"]), &mut out).unwrap();
     let r = delta_responses(&mut out);
@@ -73,9 +79,9 @@ fn delta_subscribe_ack_nack_and_unsubscribe() {
     let nonce1 = r[0].nonce.clone();
 
     // While the response is unacknowledged, changes wait and coalesce.
-    c.set(T, "a", Bytes::from_static(b"a2"));
-    c.set(T, "b", Bytes::from_static(b"b1"));
-    c.set(T, "c", Bytes::from_static(b"c2")); // not subscribed: never sent
+    c.set_raw(T, "a", Bytes::from_static(b"a2"));
+    c.set_raw(T, "b", Bytes::from_static(b"b1"));
+    c.set_raw(T, "c", Bytes::from_static(b"c2")); // not subscribed: never sent
     s.on_wake(&mut out);
     assert!(delta_responses(&mut out).is_empty());
     s.on_request(ack(&nonce1), &mut out).unwrap();
@@ -107,8 +113,8 @@ fn delta_subscribe_ack_nack_and_unsubscribe() {
         &mut out,
     )
     .unwrap();
-    c.set(T, "a", Bytes::from_static(b"a3"));
-    c.remove(T, "b");
+    c.set_raw(T, "a", Bytes::from_static(b"a3"));
+    c.remove_raw(T, "b");
     s.on_wake(&mut out);
     let r = delta_responses(&mut out);
     assert_eq!(r.len(), 1);
@@ -120,7 +126,7 @@ fn delta_subscribe_ack_nack_and_unsubscribe() {
 fn delta_reconnect_resumes_from_known_versions() {
     let c = cache();
     let a = c.get(T, "a").unwrap();
-    let mut s = DeltaStream::new(c.clone(), ReadScope::All);
+    let mut s = DeltaStream::new(c.clone(), Box::new(Unrestricted));
     let mut out = Vec::new();
     let mut req = sub(&["a", "c"]);
     req.initial_resource_versions = HashMap::from([
@@ -142,14 +148,14 @@ fn delta_reconnect_resumes_from_known_versions() {
 #[test]
 fn delta_wildcard_sees_every_resource() {
     let c = cache();
-    let mut s = DeltaStream::new(c.clone(), ReadScope::All);
+    let mut s = DeltaStream::new(c.clone(), Box::new(Unrestricted));
     let mut out = Vec::new();
     s.on_request(sub(&[]), &mut out).unwrap();
     let r = delta_responses(&mut out);
     assert_eq!(r[0].resources.len(), 2);
     s.on_request(ack(&r[0].nonce), &mut out).unwrap();
     out.clear();
-    c.set(T, "z", Bytes::from_static(b"z"));
+    c.set_raw(T, "z", Bytes::from_static(b"z"));
     s.on_wake(&mut out);
     let r = delta_responses(&mut out);
     assert_eq!(r[0].resources[0].name, "z");
@@ -177,7 +183,7 @@ fn sotw(names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
 #[test]
 fn sotw_full_state_versions_and_stale_nonces() {
     let c = cache();
-    let mut s = SotwStream::new(c.clone(), ReadScope::All);
+    let mut s = SotwStream::new(c.clone(), Box::new(Unrestricted));
     let mut out = Vec::new();
     s.on_request(sotw(&["a"], "", ""), &mut out).unwrap();
     let r = sotw_responses(&mut out);
@@ -210,24 +216,24 @@ fn sotw_full_state_versions_and_stale_nonces() {
     out.clear();
 
     // A change unrelated to the set sends nothing.
-    c.set(T, "zzz", Bytes::from_static(b"z"));
+    c.set_raw(T, "zzz", Bytes::from_static(b"z"));
     s.on_wake(&mut out);
     assert!(out.is_empty());
 
     // A reconnecting client holding the current version gets nothing new.
-    let mut again = SotwStream::new(c.clone(), ReadScope::All);
+    let mut again = SotwStream::new(c.clone(), Box::new(Unrestricted));
     again
         .on_request(sotw(&["a", "c"], &v2, ""), &mut out)
         .unwrap();
     assert!(sotw_responses(&mut out).is_empty());
-    c.set(T, "c", Bytes::from_static(b"c9"));
+    c.set_raw(T, "c", Bytes::from_static(b"c9"));
     again.on_wake(&mut out);
     assert_eq!(sotw_responses(&mut out).len(), 1);
 }
 
 #[test]
 fn unknown_types_are_refused_with_the_served_list() {
-    let mut s = SotwStream::new(cache(), ReadScope::All);
+    let mut s = SotwStream::new(cache(), Box::new(Unrestricted));
     let err = s
         .on_request(
             DiscoveryRequest {
@@ -243,15 +249,10 @@ fn unknown_types_are_refused_with_the_served_list() {
 
 #[test]
 fn a_scoped_stream_sees_forbidden_names_as_absent() {
-    // The test type is neither the trust bundle nor an authorization
-    // policy: like endpoints, the scope allows own services and upstreams.
-    let scope = ReadScope::Only {
-        who: "t1".into(),
-        services: vec!["web".into()],
-        upstreams: vec!["a".into()],
-    };
+    // The stream may read "a" (an upstream, say) and "web" (its own).
+    let scope = || Box::new(Only(&["a", "web"]));
     let c = cache();
-    let mut s = DeltaStream::new(c.clone(), scope.clone());
+    let mut s = DeltaStream::new(c.clone(), scope());
     let mut out = Vec::new();
     s.on_request(sub(&["a", "b", "c"]), &mut out).unwrap();
     let r = delta_responses(&mut out);
@@ -262,39 +263,91 @@ fn a_scoped_stream_sees_forbidden_names_as_absent() {
     removed.sort();
     assert_eq!(removed, ["b", "c"]);
     s.on_request(ack(&r[0].nonce), &mut out).unwrap();
-    c.set(T, "c", Bytes::from_static(b"c9"));
+    c.set_raw(T, "c", Bytes::from_static(b"c9"));
     s.on_wake(&mut out);
     assert!(
         delta_responses(&mut out).is_empty(),
         "a forbidden change wakes nothing"
     );
 
-    let err = s.on_request(sub(&["*"]), &mut out).unwrap_err();
-    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    // A wildcard is not refused: it reads what the stream may read.
+    let mut wild = DeltaStream::new(c.clone(), scope());
+    let carried = drain_acking(&mut wild, Some(sub(&["*"])));
+    assert_eq!(carried, [vec!["a"]], "only what the scope allows");
 
-    let mut sotw = SotwStream::new(c.clone(), scope);
+    let mut sotw = SotwStream::new(c.clone(), scope());
     let req = DiscoveryRequest {
         type_url: T.into(),
         resource_names: vec!["a".into(), "c".into()],
         ..Default::default()
     };
     sotw.on_request(req, &mut out).unwrap();
-    let sent: Vec<_> = out
-        .drain(..)
-        .filter_map(|e| match e {
-            StreamEvent::Response { bytes, .. } => Some(DiscoveryResponse::decode(bytes).unwrap()),
-            _ => None,
-        })
-        .collect();
+    let sent = sotw_responses(&mut out);
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].resources.len(), 1, "only the upstream a");
     let wildcard = DiscoveryRequest {
         type_url: T.into(),
         resource_names: vec!["*".into()],
+        version_info: sent[0].version_info.clone(),
+        response_nonce: sent[0].nonce.clone(),
         ..Default::default()
     };
-    let err = sotw.on_request(wildcard, &mut out).unwrap_err();
-    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    sotw.on_request(wildcard, &mut out).unwrap();
+    assert!(
+        sotw_responses(&mut out).is_empty(),
+        "the wildcard reads the same set: nothing new to send"
+    );
+}
+
+/// A wildcard subscriber with a scope hears of exactly the resources it may
+/// read, as they appear, change and disappear; the rest never reach it.
+#[test]
+fn a_scoped_wildcard_follows_the_allowed_resources() {
+    let scope = || Box::new(Only(&["a", "web"]));
+    let c = cache();
+    let mut s = DeltaStream::new(c.clone(), scope());
+    assert_eq!(drain_acking(&mut s, Some(sub(&[]))), [vec!["a"]]);
+    c.set_raw(T, "web", Bytes::from_static(b"w1"));
+    c.set_raw(T, "billing", Bytes::from_static(b"b1"));
+    c.set_raw(T, "c", Bytes::from_static(b"c2"));
+    assert_eq!(drain_acking(&mut s, None), [vec!["web"]]);
+    let mut out = Vec::new();
+    c.remove_raw(T, "billing");
+    c.remove_raw(T, "a");
+    s.on_wake(&mut out);
+    let r = delta_responses(&mut out);
+    assert_eq!(r.len(), 1);
+    assert!(r[0].resources.is_empty());
+    assert_eq!(r[0].removed_resources, ["a"], "only what it held");
+
+    // A reconnecting client that claims a forbidden name is told it is gone.
+    let mut again = DeltaStream::new(c.clone(), scope());
+    let mut req = sub(&["*"]);
+    let c_version = c.get(T, "c").unwrap().version.clone();
+    req.initial_resource_versions = HashMap::from([("c".to_string(), c_version)]);
+    again.on_request(req, &mut out).unwrap();
+    let r = delta_responses(&mut out);
+    let names: Vec<_> = r[0].resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["web"]);
+    assert_eq!(r[0].removed_resources, ["c"]);
+
+    let values = |r: &DiscoveryResponse| -> Vec<Vec<u8>> {
+        r.resources.iter().map(|a| a.value.clone()).collect()
+    };
+    let mut whole = SotwStream::new(c.clone(), scope());
+    whole.on_request(sotw(&["*"], "", ""), &mut out).unwrap();
+    let r = sotw_responses(&mut out);
+    assert_eq!(values(&r[0]), [b"w1"]);
+    let (v, n) = (r[0].version_info.clone(), r[0].nonce.clone());
+    whole.on_request(sotw(&["*"], &v, &n), &mut out).unwrap();
+    out.clear();
+    c.set_raw(T, "zzz", Bytes::from_static(b"z"));
+    whole.on_wake(&mut out);
+    assert!(out.is_empty(), "a forbidden arrival sends nothing");
+    c.set_raw(T, "a", Bytes::from_static(b"a5"));
+    whole.on_wake(&mut out);
+    let r = sotw_responses(&mut out);
+    assert_eq!(values(&r[0]), [b"a5", b"w1"]);
 }
 
 /// Sends `req`, then acknowledges every response until none is left;
@@ -322,10 +375,10 @@ fn delta_responses_are_bounded_and_the_rest_follows_each_ack() {
     let c = Cache::new(&[T]);
     let names = ["a", "b", "c", "d", "e"];
     for n in names {
-        c.set(T, n, Bytes::from(vec![b'x'; 1000]));
+        c.set_raw(T, n, Bytes::from(vec![b'x'; 1000]));
     }
     // Two ~1 KiB resources fit in 2,500 bytes, three do not.
-    let mut s = DeltaStream::new(c.clone(), ReadScope::All).with_budget(2500);
+    let mut s = DeltaStream::new(c.clone(), Box::new(Unrestricted)).with_budget(2500);
     let carried = drain_acking(&mut s, Some(sub(&names)));
     assert_eq!(
         carried,
@@ -333,8 +386,86 @@ fn delta_responses_are_bounded_and_the_rest_follows_each_ack() {
         "split over three responses, nothing lost"
     );
     // A resource larger than the budget still goes, alone.
-    c.set(T, "a", Bytes::from(vec![b'y'; 5000]));
-    c.set(T, "b", Bytes::from(vec![b'y'; 5000]));
+    c.set_raw(T, "a", Bytes::from(vec![b'y'; 5000]));
+    c.set_raw(T, "b", Bytes::from(vec![b'y'; 5000]));
     let carried = drain_acking(&mut s, None);
     assert_eq!(carried, [vec!["a"], vec!["b"]]);
+}
+
+/// A stream never sends part of a batch: while one thread publishes
+/// generations of several resources together, another drives a stream of
+/// each protocol as fast as it can, and every response it builds carries
+/// all of them at one generation.
+#[test]
+fn responses_never_carry_part_of_a_batch() {
+    const GENERATIONS: u32 = 5000;
+    const NAMES: [&str; 8] = ["a", "b", "c", "d", "e", "f", "g", "h"];
+    let c = Cache::new(&[T]);
+    let publish = |generation: u32| {
+        let value = Bytes::from(generation.to_string());
+        let mut batch = Batch::new();
+        for n in NAMES {
+            batch.set_raw(T, n, value.clone());
+        }
+        c.apply(batch);
+    };
+    publish(0);
+    // The generation every value carries; fails if they differ.
+    let generation = |values: Vec<Vec<u8>>| -> u32 {
+        let g: Vec<u32> = values
+            .iter()
+            .map(|v| std::str::from_utf8(v).unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(g.len(), NAMES.len(), "every name changed in each batch");
+        assert!(
+            g.iter().all(|x| *x == g[0]),
+            "one batch per response: {g:?}"
+        );
+        g[0]
+    };
+    std::thread::scope(|scope| {
+        scope.spawn(|| (1..GENERATIONS).for_each(publish));
+        // State of the world: each response holds the whole set.
+        scope.spawn(|| {
+            let mut s = SotwStream::new(c.clone(), Box::new(Unrestricted));
+            let mut out = Vec::new();
+            s.on_request(sotw(&NAMES, "", ""), &mut out).unwrap();
+            loop {
+                let Some(r) = sotw_responses(&mut out).pop() else {
+                    std::thread::yield_now();
+                    s.on_wake(&mut out);
+                    continue;
+                };
+                let g = generation(r.resources.iter().map(|a| a.value.clone()).collect());
+                s.on_request(sotw(&NAMES, &r.version_info, &r.nonce), &mut out)
+                    .unwrap();
+                if g == GENERATIONS - 1 {
+                    return;
+                }
+            }
+        });
+        // Delta: a response holds what changed, every name of a batch.
+        scope.spawn(|| {
+            let mut s = DeltaStream::new(c.clone(), Box::new(Unrestricted));
+            let mut out = Vec::new();
+            s.on_request(sub(&NAMES), &mut out).unwrap();
+            loop {
+                let Some(r) = delta_responses(&mut out).pop() else {
+                    std::thread::yield_now();
+                    s.on_wake(&mut out);
+                    continue;
+                };
+                let values = r.resources.iter();
+                let g = generation(
+                    values
+                        .map(|x| x.resource.as_ref().unwrap().value.clone())
+                        .collect(),
+                );
+                s.on_request(ack(&r.nonce), &mut out).unwrap();
+                if g == GENERATIONS - 1 {
+                    return;
+                }
+            }
+        });
+    });
 }

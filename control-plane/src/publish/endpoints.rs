@@ -1,8 +1,9 @@
-//! Turns registry changes into xDS resources.
+//! Registry -> `isdp.v1.ServiceEndpoints`, one resource per service, named
+//! after it.
 //!
-//! Each service becomes one `isdp.v1.ServiceEndpoints` resource named after
-//! it. Changes are coalesced: after the first change the builder waits a
-//! short debounce, then rebuilds every service touched meanwhile, once.
+//! Changes are coalesced: after the first change the builder waits a short
+//! debounce, then rebuilds every service touched meanwhile, once, and
+//! publishes them as one batch (each stream is woken once for the lot).
 
 use std::{
     collections::BTreeSet,
@@ -10,15 +11,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use isdp_proto::v1::{SERVICE_ENDPOINTS_TYPE_URL, ServiceEndpoints};
+use isdp_proto::v1::ServiceEndpoints;
+use isdp_xds::{Batch, Cache};
 use prost::Message;
 use tokio::sync::{broadcast, watch};
 
-use crate::{
-    registry::{Change, Registry, quota::endpoint},
-    xds::Cache,
-};
+use crate::registry::{Change, Registry, quota::endpoint};
 
 /// How long changes are gathered before resources are rebuilt. Short enough
 /// to stay well inside the one-second propagation budget, long enough to
@@ -39,7 +37,7 @@ pub const MAX_RESOURCE_BYTES: usize = isdp_core::dial::MAX_RESPONSE_BYTES / 2;
 
 // Several resources share a delta response only up to the budget, and a
 // single one is at most the cap: either way a response fits a sidecar.
-const _: () = assert!(crate::xds::DELTA_RESPONSE_BUDGET <= MAX_RESOURCE_BYTES);
+const _: () = assert!(isdp_xds::DELTA_RESPONSE_BUDGET <= MAX_RESOURCE_BYTES);
 
 /// The `ServiceEndpoints` resource for one service, or None if it has no
 /// instances (the resource is then removed).
@@ -55,49 +53,62 @@ pub fn service_endpoints(registry: &Registry, service: &str) -> Option<ServiceEn
     })
 }
 
-/// Publishes one service's resource; `changed_at` is when the change was
-/// first seen, where convergence is measured from.
-fn publish(cache: &Cache, registry: &Registry, service: &str, changed_at: Instant) {
+/// Adds one service's resource to `batch`, or its removal when it has no
+/// instances left.
+fn publish(batch: &mut Batch, registry: &Registry, service: &str) {
     match service_endpoints(registry, service) {
         Some(r) => {
-            let Some(encoded) = within_cap(&r) else {
-                return;
-            };
-            cache.set_at(
-                SERVICE_ENDPOINTS_TYPE_URL,
-                service,
-                Bytes::from(encoded),
-                changed_at,
-            )
+            if let Some(r) = within_cap(&r) {
+                batch.set(service, r);
+            }
         }
-        None => cache.remove(SERVICE_ENDPOINTS_TYPE_URL, service),
-    };
+        None => {
+            batch.remove::<ServiceEndpoints>(service);
+        }
+    }
 }
 
-/// The encoded resource, or None (logged) when it is over
-/// [`MAX_RESOURCE_BYTES`] and must not be published.
-fn within_cap(r: &ServiceEndpoints) -> Option<Vec<u8>> {
-    let encoded = r.encode_to_vec();
-    if encoded.len() > MAX_RESOURCE_BYTES {
+/// The resource, or None (logged) when it is over [`MAX_RESOURCE_BYTES`]
+/// and must not be published.
+fn within_cap(r: &ServiceEndpoints) -> Option<&ServiceEndpoints> {
+    let len = r.encoded_len();
+    if len > MAX_RESOURCE_BYTES {
         tracing::error!(
             service = %r.service,
-            bytes = encoded.len(),
+            bytes = len,
             max = MAX_RESOURCE_BYTES,
             "ServiceEndpoints resource larger than sidecars decode; keeping the previous one"
         );
         return None;
     }
-    Some(encoded)
+    Some(r)
 }
 
+/// Publishes `services` as one batch; `changed_at` is when the change was
+/// first seen, where convergence is measured from.
+fn publish_services<'a>(
+    cache: &Cache,
+    registry: &Registry,
+    services: impl IntoIterator<Item = &'a str>,
+    changed_at: Instant,
+) {
+    let mut batch = Batch::new();
+    for s in services {
+        publish(&mut batch, registry, s);
+    }
+    cache.apply_at(batch, changed_at);
+}
+
+/// Every registered service, and every one published that may be gone.
 fn publish_all(cache: &Cache, registry: &Registry, changed_at: Instant) {
     let mut names: BTreeSet<String> = registry.services().into_keys().collect();
-    if let Some(tc) = cache.type_cache(SERVICE_ENDPOINTS_TYPE_URL) {
-        names.extend(tc.names());
-    }
-    for s in names {
-        publish(cache, registry, &s, changed_at);
-    }
+    names.extend(cache.names::<ServiceEndpoints>());
+    publish_services(
+        cache,
+        registry,
+        names.iter().map(String::as_str),
+        changed_at,
+    );
 }
 
 /// Publishes every service now, then follows the registry until shutdown.
@@ -144,9 +155,7 @@ pub fn spawn(
             if all {
                 publish_all(&cache, &registry, changed_at);
             } else {
-                for s in &dirty {
-                    publish(&cache, &registry, s, changed_at);
-                }
+                publish_services(&cache, &registry, dirty.iter().map(|s| &**s), changed_at);
             }
             window = (started.elapsed() * 4).clamp(DEBOUNCE, MAX_DEBOUNCE);
         }

@@ -1,6 +1,7 @@
-//! The ADS gRPC service: drives one protocol state machine per stream and
-//! reports stream lifecycle events to an observer (logs, metrics, and the
-//! record of what each sidecar has acknowledged).
+//! The ADS gRPC service: drives one protocol state machine per stream,
+//! under the access the application granted it, and reports stream
+//! lifecycle events to an observer (logs, metrics, and the record of what
+//! each client has acknowledged).
 
 use std::{
     convert::Infallible,
@@ -17,10 +18,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming, body::Body, codegen::BoxFuture, server::NamedService};
 use tracing::Instrument as _;
 
-use super::{Cache, Wake, codec::PreEncodedCodec, delta::DeltaStream, sotw::SotwStream};
 use crate::{
-    auth::{Principal, ReadScope},
-    tokens::Tokens,
+    access::{Access, Caller, Revoked},
+    cache::Cache,
+    codec::PreEncodedCodec,
+    delta::DeltaStream,
+    event::{StreamEvent, StreamInfo, StreamObserver},
+    protocol::Protocol,
+    sotw::SotwStream,
 };
 
 const SOTW_PATH: &str =
@@ -30,163 +35,34 @@ const DELTA_PATH: &str =
 /// Largest request accepted from a client.
 const MAX_REQUEST_BYTES: usize = 4 << 20;
 
-/// What happened on a stream, for observers.
-#[derive(Debug)]
-pub enum StreamEvent {
-    Response {
-        type_url: Arc<str>,
-        nonce: String,
-        bytes: Bytes,
-        resources: usize,
-    },
-    /// The client accepted a response; `versions` are the (name, version)
-    /// pairs it now holds (state of the world reports one set version with
-    /// an empty name; an empty version means "does not exist").
-    Ack {
-        type_url: Arc<str>,
-        nonce: String,
-        versions: Vec<(String, String)>,
-        /// The newest change the acknowledged response carried (None when
-        /// it carried only removals).
-        changed_at: Option<Instant>,
-    },
-    Nack {
-        type_url: Arc<str>,
-        nonce: String,
-        message: String,
-    },
-}
-
-#[derive(Clone, Debug)]
-pub struct StreamInfo {
-    pub id: u64,
-    /// When the stream sent its first request; changes older than this
-    /// reached it on connect, not by propagation.
-    pub opened: Instant,
-    pub node_id: String,
-    pub delta: bool,
-    pub peer: Option<SocketAddr>,
-}
-
-/// Stream lifecycle hooks. `closed` is also the signal that a sidecar went
-/// away.
-pub trait StreamObserver: Send + Sync + 'static {
-    fn opened(&self, _stream: &StreamInfo) {}
-    fn event(&self, _stream: &StreamInfo, _event: &StreamEvent) {}
-    fn closed(&self, _stream: &StreamInfo) {}
-}
-
-/// Two observers, both told everything (metrics and proxy status, say).
-impl<A: StreamObserver, B: StreamObserver> StreamObserver for (A, B) {
-    fn opened(&self, s: &StreamInfo) {
-        self.0.opened(s);
-        self.1.opened(s);
-    }
-
-    fn event(&self, s: &StreamInfo, e: &StreamEvent) {
-        self.0.event(s, e);
-        self.1.event(s, e);
-    }
-
-    fn closed(&self, s: &StreamInfo) {
-        self.0.closed(s);
-        self.1.closed(s);
-    }
-}
-
 /// The `envoy.service.discovery.v3.AggregatedDiscoveryService` server.
 #[derive(Clone)]
 pub struct AdsService {
     cache: Cache,
+    /// What each stream may read, and when its credential is withdrawn.
+    access: Arc<dyn Access>,
     observer: Arc<dyn StreamObserver>,
     shutdown: watch::Receiver<bool>,
-    /// When set, a stream ends with UNAUTHENTICATED once the token that
-    /// vouched for its caller is revoked.
-    tokens: Option<Tokens>,
 }
 
 impl AdsService {
     pub fn new(
         cache: Cache,
+        access: Arc<dyn Access>,
         observer: Arc<dyn StreamObserver>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         AdsService {
             cache,
+            access,
             observer,
             shutdown,
-            tokens: None,
         }
-    }
-
-    /// Ends streams whose caller's token is revoked.
-    pub fn revocable(mut self, tokens: Tokens) -> Self {
-        self.tokens = Some(tokens);
-        self
     }
 }
 
 impl NamedService for AdsService {
     const NAME: &'static str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
-}
-
-/// One protocol variant's per-stream state machine.
-trait Protocol: Send + 'static {
-    type Request: prost::Message + Default + Send + 'static;
-    const DELTA: bool;
-    fn new(cache: Cache, scope: ReadScope) -> Self;
-    fn node_id(req: &Self::Request) -> Option<&str>;
-    fn on_request(&mut self, req: Self::Request, out: &mut Vec<StreamEvent>) -> Result<(), Status>;
-    fn on_wake(&mut self, out: &mut Vec<StreamEvent>);
-    fn wake(&self) -> &Arc<Wake>;
-}
-
-impl Protocol for SotwStream {
-    type Request = DiscoveryRequest;
-    const DELTA: bool = false;
-    fn new(cache: Cache, scope: ReadScope) -> Self {
-        SotwStream::new(cache, scope)
-    }
-    fn node_id(req: &DiscoveryRequest) -> Option<&str> {
-        req.node.as_ref().map(|n| n.id.as_str())
-    }
-    fn on_request(
-        &mut self,
-        req: DiscoveryRequest,
-        out: &mut Vec<StreamEvent>,
-    ) -> Result<(), Status> {
-        SotwStream::on_request(self, req, out)
-    }
-    fn on_wake(&mut self, out: &mut Vec<StreamEvent>) {
-        SotwStream::on_wake(self, out)
-    }
-    fn wake(&self) -> &Arc<Wake> {
-        SotwStream::wake(self)
-    }
-}
-
-impl Protocol for DeltaStream {
-    type Request = DeltaDiscoveryRequest;
-    const DELTA: bool = true;
-    fn new(cache: Cache, scope: ReadScope) -> Self {
-        DeltaStream::new(cache, scope)
-    }
-    fn node_id(req: &DeltaDiscoveryRequest) -> Option<&str> {
-        req.node.as_ref().map(|n| n.id.as_str())
-    }
-    fn on_request(
-        &mut self,
-        req: DeltaDiscoveryRequest,
-        out: &mut Vec<StreamEvent>,
-    ) -> Result<(), Status> {
-        DeltaStream::on_request(self, req, out)
-    }
-    fn on_wake(&mut self, out: &mut Vec<StreamEvent>) {
-        DeltaStream::on_wake(self, out)
-    }
-    fn wake(&self) -> &Arc<Wake> {
-        DeltaStream::wake(self)
-    }
 }
 
 struct Method<P>(AdsService, std::marker::PhantomData<fn() -> P>);
@@ -202,18 +78,15 @@ impl<P: Protocol> tonic::server::StreamingService<P::Request> for Method<P> {
         let svc = self.0.clone();
         Box::pin(async move {
             let peer = request.remote_addr();
-            let principal = request.extensions().get::<Principal>();
-            let scope = ReadScope::of(principal);
-            let grant = principal.and_then(|p| p.grant.clone());
-            let (tx, rx) = mpsc::channel(4);
-            tokio::spawn(drive::<P>(
-                svc,
-                request.into_inner(),
-                tx,
+            let access = svc.access.stream(Caller {
+                metadata: request.metadata(),
+                extensions: request.extensions(),
                 peer,
-                scope,
-                grant,
-            ));
+            });
+            let revoked = access.revoked();
+            let proto = P::new(svc.cache.clone(), access);
+            let (tx, rx) = mpsc::channel(4);
+            tokio::spawn(drive(svc, proto, revoked, request.into_inner(), tx, peer));
             Ok(tonic::Response::new(ReceiverStream::new(rx)))
         })
     }
@@ -222,16 +95,12 @@ impl<P: Protocol> tonic::server::StreamingService<P::Request> for Method<P> {
 /// Runs one stream until the client leaves, an error, or shutdown.
 async fn drive<P: Protocol>(
     svc: AdsService,
+    mut proto: P,
+    mut revoked: Revoked,
     mut inbound: Streaming<P::Request>,
     tx: mpsc::Sender<Result<Bytes, Status>>,
     peer: Option<SocketAddr>,
-    scope: ReadScope,
-    grant: Option<String>,
 ) {
-    let mut proto = P::new(svc.cache.clone(), scope);
-    let tokens = svc.tokens.clone();
-    let revoked = crate::tokens::revoked(tokens.as_ref(), grant.as_deref());
-    tokio::pin!(revoked);
     let wake = proto.wake().clone();
     let mut shutdown = svc.shutdown.clone();
     let mut info: Option<StreamInfo> = None;
@@ -293,7 +162,9 @@ async fn drive<P: Protocol>(
 }
 
 /// Sends one response, in a span (an OTLP span when tracing is on): a push
-/// to one sidecar. False if the client is gone.
+/// to one client. False if the client is gone. The node id is recorded as
+/// `isdp.node`, the attribute the mesh's other spans (sessions) carry, so
+/// one query finds a node's pushes and its session.
 async fn send_response(
     tx: &mpsc::Sender<Result<Bytes, Status>>,
     info: &StreamInfo,

@@ -1,0 +1,423 @@
+//! The control plane's startup: [`Server::bind`] opens the store, loads
+//! the CA and the tokens and binds the listeners (so callers learn the
+//! addresses first); [`Server::serve`] then runs in named steps: the views
+//! of the store, the xDS publishers, TLS, health checks and the admin
+//! listener, the gRPC router until shutdown, and finally every task is
+//! awaited before the store closes.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use isdp_xds::{AdsService, Cache};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+
+use crate::{
+    Config, Error, HEALTH_LEADER_KEY, StoreKind, admin, api, auth, authz,
+    ca::{self, Ca, CaSettings},
+    data_dir, election, health, metrics, policy, proxies, publish,
+    registry::{Registry, SessionTimeouts, session::Sessions},
+    store::{Store, embedded::EmbeddedStore, etcd::EtcdStore},
+    tls,
+    tokens::Tokens,
+};
+
+/// The store backend in use.
+#[derive(Clone)]
+enum Backend {
+    Embedded(EmbeddedStore),
+    Etcd(EtcdStore),
+}
+
+impl Backend {
+    fn store(&self) -> Arc<dyn Store> {
+        match self {
+            Backend::Embedded(s) => Arc::new(s.clone()),
+            Backend::Etcd(s) => Arc::new(s.clone()),
+        }
+    }
+
+    async fn close(self) {
+        match self {
+            Backend::Embedded(s) => s.close().await,
+            Backend::Etcd(_) => {}
+        }
+    }
+}
+
+/// A control plane whose store is open and whose listeners are bound, so
+/// callers (tests, benchmarks) learn the addresses before it serves.
+pub struct Server {
+    config: Config,
+    store: Backend,
+    grpc: TcpListener,
+    admin: TcpListener,
+    ca: Ca,
+    tokens: Tokens,
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+}
+
+impl Server {
+    pub async fn bind(config: Config) -> Result<Self, Error> {
+        config.validate().map_err(Error::Config)?;
+        // Secrets first: a data directory or key file others can read is
+        // refused before anything is opened or written.
+        data_dir::prepare(&config.data_dir)?;
+        let operator = match (&config.ca_cert, &config.ca_key) {
+            (Some(cert), Some(key)) => Some(ca::load_root(
+                &read(cert)?,
+                &data_dir::read_secret_file(key, "--ca-key file")?,
+            )?),
+            _ => None,
+        };
+        let given_keys = config.kek_sources().explicit()?;
+        let store = open_store(&config).await?;
+        let (ca, tokens) = load_ca_and_tokens(&config, &store, operator, given_keys).await?;
+        let (grpc, grpc_addr) = bind_listener(config.listen).await?;
+        let (admin, admin_addr) = bind_listener(config.admin_listen).await?;
+        Ok(Server {
+            config,
+            store,
+            grpc,
+            admin,
+            ca,
+            tokens,
+            grpc_addr,
+            admin_addr,
+        })
+    }
+
+    /// The CA (tests and benches sign with it in-process).
+    pub fn ca(&self) -> &Ca {
+        &self.ca
+    }
+
+    /// The tokens (tests and benches mint credentials in-process).
+    pub fn tokens(&self) -> &Tokens {
+        &self.tokens
+    }
+
+    /// Serves until `shutdown` turns true, then closes the store.
+    pub async fn serve(self, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
+        let Server {
+            config,
+            store,
+            grpc,
+            admin,
+            ca,
+            tokens,
+            grpc_addr,
+            admin_addr,
+        } = self;
+        let metrics = metrics::Metrics::new();
+        let mut tasks = Tasks::default();
+        let views =
+            Views::start(&config, &store, grpc_addr, &metrics, &shutdown, &mut tasks).await?;
+        let cache = publish::cache();
+        tasks.push(ca.follow(shutdown.clone()));
+        tasks.push(tokens.follow(shutdown.clone()));
+        let roots = start_publishers(&config, &views, &ca, &tokens, &cache, &shutdown, &mut tasks);
+        let incoming = start_tls(&config, grpc, grpc_addr, &ca, roots, &shutdown, &mut tasks)?;
+        tasks.push(health::spawn(
+            views.registry.clone(),
+            metrics.clone(),
+            views.leader.clone(),
+            shutdown.clone(),
+        ));
+        tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "control plane listening");
+        let admin_task = tokio::spawn(admin::serve(
+            admin,
+            metrics.clone(),
+            views.registry.clone(),
+            shutdown.clone(),
+        ));
+        let ads = AdsService::new(
+            cache,
+            Arc::new(auth::AdsAccess::new(tokens.clone())),
+            Arc::new((metrics.clone(), views.proxies.clone())),
+            shutdown.clone(),
+        );
+        serve_grpc(incoming, views, ads, metrics, ca, tokens, shutdown).await?;
+        let _ = admin_task.await;
+        tasks.join().await;
+        store.close().await;
+        tracing::info!("control plane stopped");
+        Ok(())
+    }
+}
+
+/// Tasks that run until shutdown; all are awaited before the store
+/// closes.
+#[derive(Default)]
+struct Tasks(Vec<JoinHandle<()>>);
+
+impl Tasks {
+    fn push(&mut self, task: JoinHandle<()>) {
+        self.0.push(task);
+    }
+
+    async fn join(self) {
+        for task in self.0 {
+            let _ = task.await;
+        }
+    }
+}
+
+/// What the handlers and publishers read: the views that follow the store,
+/// and whether this replica leads the work that runs once.
+struct Views {
+    registry: Registry,
+    sessions: Sessions,
+    leader: watch::Receiver<bool>,
+    authz: authz::Authz,
+    policies: policy::Policies,
+    /// What each connected sidecar acknowledged (fed by the ADS server).
+    proxies: proxies::Proxies,
+}
+
+impl Views {
+    /// Loads the registry (every store call it makes counted and timed),
+    /// the election, the authorization rules and the traffic policies.
+    async fn start(
+        config: &Config,
+        store: &Backend,
+        grpc_addr: SocketAddr,
+        metrics: &metrics::Metrics,
+        shutdown: &watch::Receiver<bool>,
+        tasks: &mut Tasks,
+    ) -> Result<Self, Error> {
+        let prefix = config.key_prefix();
+        let instrumented = metrics::InstrumentedStore::new(store.store(), metrics.clone());
+        let registry = Registry::start_with(
+            Arc::new(instrumented),
+            prefix,
+            config.quotas(),
+            shutdown.clone(),
+        )
+        .await?;
+        tracing::info!(instances = registry.len(), store = ?config.store, "registry loaded");
+        let (sessions, leader) = elect(config, store, &registry, grpc_addr, shutdown, tasks);
+        let authz = authz::Authz::start(store.store(), prefix, shutdown.clone()).await?;
+        let policies =
+            policy::Policies::start(store.store(), prefix, registry.clone(), shutdown.clone())
+                .await?;
+        Ok(Views {
+            registry,
+            sessions,
+            leader,
+            authz,
+            policies,
+            proxies: proxies::Proxies::default(),
+        })
+    }
+}
+
+/// Sidecar sessions, and whether this replica leads: one control plane
+/// leads itself; replicas elect one through the store.
+fn elect(
+    config: &Config,
+    store: &Backend,
+    registry: &Registry,
+    grpc_addr: SocketAddr,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Tasks,
+) -> (Sessions, watch::Receiver<bool>) {
+    let timeouts = SessionTimeouts {
+        grace: config.session_grace,
+        timeout: config.session_timeout,
+    };
+    match store {
+        Backend::Embedded(_) => (
+            Sessions::new(registry.clone(), timeouts),
+            election::always(),
+        ),
+        Backend::Etcd(_) => {
+            let (leader, task) = election::spawn(
+                store.store(),
+                format!("{}{HEALTH_LEADER_KEY}", config.key_prefix()),
+                format!("{grpc_addr} pid {}", std::process::id()),
+                config.leader_lease,
+                shutdown.clone(),
+            );
+            tasks.push(task);
+            (Sessions::replica(registry.clone(), timeouts), leader)
+        }
+    }
+}
+
+/// Starts one translator per resource family (`publish`). Returns the
+/// roots the TLS listener may present a certificate from: the trust
+/// bundle's publisher passes new roots on only once the bundle and
+/// `ca.pem` trust them.
+fn start_publishers(
+    config: &Config,
+    views: &Views,
+    ca: &Ca,
+    tokens: &Tokens,
+    cache: &Cache,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Tasks,
+) -> watch::Receiver<Arc<ca::Roots>> {
+    let (published_tx, published) = watch::channel(ca.roots());
+    tasks.push(publish::bundle::spawn(
+        ca.clone(),
+        tokens.clone(),
+        cache.clone(),
+        config.data_dir.clone(),
+        published_tx,
+        shutdown.clone(),
+    ));
+    tasks.push(publish::endpoints::spawn(
+        views.registry.clone(),
+        cache.clone(),
+        shutdown.clone(),
+    ));
+    tasks.push(publish::traffic::spawn(
+        views.policies.clone(),
+        cache.clone(),
+        shutdown.clone(),
+    ));
+    tasks.push(publish::authorization::spawn(
+        views.authz.clone(),
+        views.registry.clone(),
+        cache.clone(),
+        config.trust_domain.clone(),
+        shutdown.clone(),
+    ));
+    published
+}
+
+/// TLS on the gRPC listener: the server certificate follows the published
+/// roots, and handshakes are accepted off the accept loop.
+fn start_tls(
+    config: &Config,
+    grpc: TcpListener,
+    grpc_addr: SocketAddr,
+    ca: &Ca,
+    roots: watch::Receiver<Arc<ca::Roots>>,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Tasks,
+) -> Result<tls::Incoming, Error> {
+    let (tls_config, tls_task) = tls::follow_roots(
+        ca.clone(),
+        roots,
+        tls::server_names(grpc_addr, &config.tls_san),
+        shutdown.clone(),
+    )?;
+    tasks.push(tls_task);
+    Ok(tls::incoming(
+        grpc,
+        tls_config,
+        config.trust_domain.clone(),
+        shutdown.clone(),
+    ))
+}
+
+/// The gRPC router (metrics, size limits and authentication in front of
+/// every service, ADS included), served until shutdown.
+async fn serve_grpc(
+    incoming: tls::Incoming,
+    views: Views,
+    ads: AdsService,
+    metrics: metrics::Metrics,
+    ca: Ca,
+    tokens: Tokens,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let Views {
+        registry,
+        sessions,
+        authz,
+        policies,
+        proxies,
+        ..
+    } = views;
+    let mut stop = shutdown.clone();
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        // Notice a vanished sidecar even when its TCP connection lingers.
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .layer(metrics::GrpcMetricsLayer::new(metrics.clone()))
+        .layer(api::SizeLimitStatusLayer)
+        .layer(auth::AuthLayer::new(tokens.clone()))
+        .add_service(
+            api::registry::RegistryApi::new(registry, metrics, shutdown.clone()).into_server(),
+        )
+        .add_service(
+            api::session::SessionApi::new(sessions, shutdown.clone())
+                .revocable(tokens.clone())
+                .into_server(),
+        )
+        .add_service(api::status::ProxyStatusApi::new(proxies).into_server())
+        .add_service(api::authorization::AuthorizationApi::new(authz).into_server())
+        .add_service(api::policies::PoliciesApi::new(policies, shutdown).into_server())
+        .add_service(api::certificates::CertificatesApi::new(ca).into_server())
+        .add_service(api::tokens::TokensApi::new(tokens).into_server())
+        .add_service(ads)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await?;
+    Ok(())
+}
+
+/// The configured store backend, opened (embedded) or connected (etcd).
+async fn open_store(config: &Config) -> Result<Backend, Error> {
+    match config.store {
+        StoreKind::Embedded => EmbeddedStore::open(&config.data_dir)
+            .map(Backend::Embedded)
+            .map_err(|source| Error::Store {
+                what: format!("embedded, in {}", config.data_dir.display()),
+                source,
+            }),
+        StoreKind::Etcd => EtcdStore::connect(&config.etcd_options())
+            .await
+            .map(Backend::Etcd)
+            .map_err(|source| Error::Store {
+                what: "etcd".into(),
+                source,
+            }),
+    }
+}
+
+/// The CA (its key opened with the key-encryption key; created on first
+/// start) with `ca.pem` written, and the tokens with the first admin
+/// token minted.
+async fn load_ca_and_tokens(
+    config: &Config,
+    store: &Backend,
+    operator: Option<ca::RootPair>,
+    given_keys: Option<ca::Keyring>,
+) -> Result<(Ca, Tokens), Error> {
+    let prefix = config.key_prefix();
+    let embedded_dir = (config.store == StoreKind::Embedded).then_some(&*config.data_dir);
+    let keys = ca::kek::resolve(given_keys, embedded_dir, store.store().as_ref(), prefix).await?;
+    let settings = CaSettings {
+        trust_domain: config.trust_domain.clone(),
+        default_lifetime: config.cert_lifetime,
+        max_lifetime: config.max_cert_lifetime,
+    };
+    let ca = Ca::load(store.store(), prefix, settings, operator, keys).await?;
+    publish::bundle::write_ca_pem(&config.data_dir, &ca.roots().bundle_pem());
+    let tokens = Tokens::load(store.store(), prefix, config.max_cert_lifetime).await?;
+    tokens.bootstrap_admin(&config.data_dir).await?;
+    Ok((ca, tokens))
+}
+
+/// A listener on `addr` and the address it got (port 0 picks one).
+async fn bind_listener(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })?;
+    let local = l
+        .local_addr()
+        .map_err(|source| Error::Bind { addr, source })?;
+    Ok((l, local))
+}
+
+fn read(path: &std::path::Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
