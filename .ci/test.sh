@@ -38,6 +38,9 @@ step "installing tests/python/requirements.txt"
 .venv/bin/python -m pip install --disable-pip-version-check --no-cache-dir -q -r tests/python/requirements.txt
 
 # --- Rust ---------------------------------------------------------------------
+step "layering (crates depend downward; no module import circles)"
+python3 .ci/layering.py
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
