@@ -105,7 +105,8 @@ impl Cache {
             let mut served = self.type_urls();
             served.sort();
             Status::invalid_argument(format!(
-                "type_url: {type_url:?} is not served; served types: {}",
+                "type_url: {} is not served; served types: {}",
+                crate::limits::quoted(type_url),
                 served.join(", ")
             ))
         })

@@ -102,6 +102,21 @@ pub(crate) fn nack_message(message: &str) -> String {
     format!("{}{TRUNCATED}", &message[..end])
 }
 
+/// A client's string for a message or a log line: Debug-quoted (control
+/// characters escaped) and cut to its first 128 bytes, on a character
+/// boundary, so that a request cannot make one line megabytes long.
+pub(crate) fn quoted(s: &str) -> String {
+    const MAX: usize = 128;
+    if s.len() <= MAX {
+        return format!("{s:?}");
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes)", &s[..end], s.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +150,18 @@ mod tests {
         }
         let e = check_node_id(&"a".repeat(MAX_NODE_ID_BYTES + 1)).unwrap_err();
         assert!(e.message().contains("at most 1024"), "{e}");
+    }
+
+    #[test]
+    fn quoted_strings_are_escaped_and_bounded() {
+        assert_eq!(quoted("a\nb"), r#""a\nb""#);
+        let long = format!("x\x1b{}", "é".repeat(1 << 20));
+        let q = quoted(&long);
+        assert!(q.len() < 200, "{q}");
+        assert!(
+            q.starts_with(r#""x\u{1b}é"#) && q.ends_with("… (2097154 bytes)"),
+            "{q}"
+        );
     }
 
     #[test]

@@ -187,3 +187,24 @@ fn nonces_are_per_stream() {
     quiet.on_request(ack(&r[0].nonce), &mut out).unwrap();
     assert!(matches!(&out[0], StreamEvent::Ack { nonce, .. } if nonce == "1"));
 }
+
+/// An unknown type URL of megabytes is refused with a message (and so a
+/// log line) of bounded length.
+#[test]
+fn an_unknown_type_url_is_quoted_in_bounded_length() {
+    let huge = format!("type.googleapis.com/nope\n{}", "x".repeat(3 << 20));
+    let mut s = DeltaStream::new(cache(), Box::new(Unrestricted));
+    let e = s
+        .on_request(
+            DeltaDiscoveryRequest {
+                type_url: huge,
+                ..Default::default()
+            },
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().len() < 512, "{} bytes", e.message().len());
+    assert!(e.message().contains(r"nope\n"), "{e}");
+    assert!(e.message().contains(T), "the served types: {e}");
+}
