@@ -47,26 +47,56 @@ pub(super) fn print(line: impl std::fmt::Display) {
 
 /// Prints rows with columns padded to their widest cell.
 pub(super) fn table(header: &[&str], rows: Vec<Vec<String>>) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for line in table_lines(header, rows) {
+        print(line);
+    }
+}
+
+/// The lines of [`table`]. Cells are escaped ([`cell`]) so that no value
+/// (a node id, a NACK message, any text a client sent the control plane)
+/// can start a line of its own or colour the terminal, and padded by hand:
+/// `format!`'s width argument panics past 65535, and a cell may be longer.
+fn table_lines(header: &[&str], rows: Vec<Vec<String>>) -> Vec<String> {
+    let rows: Vec<Vec<String>> = std::iter::once(header.iter().map(|h| cell(h)).collect())
+        .chain(rows.iter().map(|r| r.iter().map(|c| cell(c)).collect()))
+        .collect();
+    let mut widths: Vec<usize> = vec![0; header.len()];
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.len());
+            *w = (*w).max(c.chars().count());
         }
     }
-    let line = |cells: Vec<String>| {
-        cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_owned()
-    };
-    print(line(header.iter().map(|h| h.to_string()).collect()));
-    for r in rows {
-        print(line(r));
+    rows.into_iter()
+        .map(|cells| {
+            let mut line = String::new();
+            for (c, w) in cells.iter().zip(&widths) {
+                if !line.is_empty() {
+                    line.push_str("  ");
+                }
+                line.push_str(c);
+                line.extend(std::iter::repeat_n(' ', w - c.chars().count()));
+            }
+            line.trim_end().to_owned()
+        })
+        .collect()
+}
+
+/// A table cell: control characters (newlines, escapes) shown escaped,
+/// as `\n` or `\u{1b}`.
+fn cell(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_owned();
     }
+    text.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
 }
 
 pub fn registered(fmt: Format, i: &Instance) {
@@ -240,5 +270,46 @@ pub fn proxies(fmt: Format, list: &[Proxy]) {
                 rows,
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cells_of_any_width_are_padded() {
+        let long = "A".repeat(70_000);
+        let lines = table_lines(
+            &["NODE", "PEER"],
+            vec![
+                vec![long.clone(), "127.0.0.1:1".into()],
+                vec!["web-1".into(), "127.0.0.1:2".into()],
+            ],
+        );
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("NODE "));
+        assert_eq!(lines[0].find("PEER"), Some(70_002));
+        assert_eq!(lines[1], format!("{long}  127.0.0.1:1"));
+        assert_eq!(lines[2].find("127.0.0.1:2"), Some(70_002));
+    }
+
+    #[test]
+    fn control_characters_cannot_forge_lines_or_colours() {
+        let forged = "web-1\n2026-12-03T10:00:00Z INFO token created role=admin\x1b[31m\r\t";
+        let lines = table_lines(&["NODE", "X"], vec![vec![forged.into(), "y".into()]]);
+        assert_eq!(lines.len(), 2);
+        let row = &lines[1];
+        assert!(!row.chars().any(char::is_control), "{row:?}");
+        assert!(
+            row.starts_with(
+                r"web-1\n2026-12-03T10:00:00Z INFO token created role=admin\u{1b}[31m\r\t"
+            ),
+            "{row}"
+        );
+        // Non-ASCII text is kept, and aligned by characters.
+        let lines = table_lines(&["A", "B"], vec![vec!["héllo".into(), "x".into()]]);
+        assert_eq!(lines[0], "A      B");
+        assert_eq!(lines[1], "héllo  x");
     }
 }

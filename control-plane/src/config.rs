@@ -166,6 +166,19 @@ pub struct Config {
     #[arg(long, env = "ISDP_MAX_SESSIONS_PER_PRINCIPAL", default_value_t = Quotas::default().sessions_per_principal)]
     pub max_sessions_per_principal: usize,
 
+    /// Most distinct resource names one xDS stream may subscribe to per
+    /// resource type, names it may not read included; the request that
+    /// would exceed it ends the stream with RESOURCE_EXHAUSTED. Bounds what
+    /// one stream makes the control plane hold and log.
+    #[arg(long, env = "ISDP_XDS_MAX_NAMES_PER_STREAM", default_value_t = isdp_xds::Limits::default().names_per_stream)]
+    pub xds_max_names_per_stream: usize,
+
+    /// Most ADS streams one principal (a token, together with the
+    /// certificates issued under it) may hold open on this control plane;
+    /// the next is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ISDP_XDS_MAX_STREAMS_PER_PRINCIPAL", default_value_t = 64)]
+    pub xds_max_streams_per_principal: usize,
+
     #[command(flatten)]
     pub trace: isdp_core::telemetry::TraceArgs,
 }
@@ -231,6 +244,11 @@ impl Config {
             ("--max-service-endpoints-bytes", q.service_endpoints_bytes),
             ("--max-instances-per-session", q.instances_per_session),
             ("--max-sessions-per-principal", q.sessions_per_principal),
+            ("--xds-max-names-per-stream", self.xds_max_names_per_stream),
+            (
+                "--xds-max-streams-per-principal",
+                self.xds_max_streams_per_principal,
+            ),
         ] {
             if v == 0 {
                 return Err(format!("{flag} must be at least 1"));
@@ -245,6 +263,13 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The limits every xDS stream is held to, from the flags.
+    pub fn xds_limits(&self) -> isdp_xds::Limits {
+        isdp_xds::Limits {
+            names_per_stream: self.xds_max_names_per_stream,
+        }
     }
 
     /// The registry's quotas, from the flags.
@@ -466,6 +491,34 @@ mod tests {
         );
         assert!(c.validate().is_ok());
         assert!(check(&["--max-service-endpoints-bytes=8388608"]).is_ok());
+    }
+
+    #[test]
+    fn xds_limit_flags_default_parse_and_are_at_least_one() {
+        let c = Config::try_parse_from(["isdp-control-plane"]).unwrap();
+        assert_eq!(c.xds_limits(), isdp_xds::Limits::default());
+        assert_eq!(c.xds_limits().names_per_stream, 4096);
+        assert_eq!(c.xds_max_streams_per_principal, 64);
+        let c = Config::try_parse_from([
+            "isdp-control-plane",
+            "--xds-max-names-per-stream=7",
+            "--xds-max-streams-per-principal=8",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                c.xds_limits().names_per_stream,
+                c.xds_max_streams_per_principal
+            ),
+            (7, 8)
+        );
+        for flag in [
+            "--xds-max-names-per-stream",
+            "--xds-max-streams-per-principal",
+        ] {
+            let err = check(&[&format!("{flag}=0")]).unwrap_err();
+            assert_eq!(err, format!("{flag} must be at least 1"));
+        }
     }
 
     #[test]

@@ -74,10 +74,10 @@ pub fn spawn(
                         continue;
                     }
                     let status = HealthStatus::from(health);
-                    tracing::info!(instance = %id, status = status.as_str_name(), "health transition");
+                    tracing::info!(instance = ?id, status = status.as_str_name(), "health transition");
                     metrics.health_transition(status);
                     if let Err(e) = registry.set_status(&id, status).await {
-                        tracing::warn!(instance = %id, error = %e, "recording health transition");
+                        tracing::warn!(instance = ?id, error = %e, "recording health transition");
                     }
                 }
             }
@@ -125,7 +125,7 @@ fn reconcile(
         let spec = match spec(&check) {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(instance = %i.id, error = %e, "unusable check");
+                tracing::warn!(instance = ?i.id, error = %e, "unusable check");
                 continue;
             }
         };

@@ -292,7 +292,7 @@ fn label(type_url: &str) -> TypeLabel {
 impl StreamObserver for Metrics {
     fn opened(&self, s: &StreamInfo) {
         self.inner.streams.inc();
-        tracing::info!(node = %s.node_id, stream = s.id, delta = s.delta, peer = ?s.peer, "xds stream opened");
+        tracing::info!(node = ?s.node_id, stream = s.id, delta = s.delta, peer = ?s.peer, "xds stream opened");
     }
 
     fn event(&self, s: &StreamInfo, e: &StreamEvent) {
@@ -308,7 +308,7 @@ impl StreamObserver for Metrics {
                     .response_bytes
                     .get_or_create(&label(type_url))
                     .inc_by(bytes.len() as u64);
-                tracing::debug!(node = %s.node_id, %type_url, nonce, resources, bytes = bytes.len(), "xds push");
+                tracing::debug!(node = ?s.node_id, type_url = ?type_url, nonce, resources, bytes = bytes.len(), "xds push");
             }
             StreamEvent::Ack {
                 type_url,
@@ -329,13 +329,13 @@ impl StreamObserver for Metrics {
                 message,
             } => {
                 self.inner.nacks.get_or_create(&label(type_url)).inc();
-                tracing::warn!(node = %s.node_id, %type_url, nonce, error = %message, "xds response rejected (NACK)");
+                tracing::warn!(node = ?s.node_id, type_url = ?type_url, nonce, error = ?message, "xds response rejected (NACK)");
             }
         }
     }
 
     fn closed(&self, s: &StreamInfo) {
         self.inner.streams.dec();
-        tracing::info!(node = %s.node_id, stream = s.id, "xds stream closed");
+        tracing::info!(node = ?s.node_id, stream = s.id, "xds stream closed");
     }
 }

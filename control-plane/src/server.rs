@@ -132,10 +132,14 @@ impl Server {
         ));
         let ads = AdsService::new(
             cache,
-            Arc::new(auth::AdsAccess::new(tokens.clone())),
+            Arc::new(auth::AdsAccess::new(
+                tokens.clone(),
+                config.xds_max_streams_per_principal,
+            )),
             Arc::new((metrics.clone(), views.proxies.clone())),
             shutdown.clone(),
-        );
+        )
+        .with_limits(config.xds_limits());
         serve_grpc(incoming, views, ads, metrics, ca, tokens, shutdown).await?;
         let _ = admin_task.await;
         tasks.join().await;

@@ -12,22 +12,28 @@
 //!
 //! A name the stream may not read is answered exactly as a resource that
 //! does not exist (so the answer does not tell whether it does), and
-//! logged once per stream; a wildcard subscription returns exactly the
+//! logged (the first in full, then at most one line per interval counting
+//! the rest, `access/log.rs`); a wildcard subscription returns exactly the
 //! resources the stream may read, as they appear and disappear. Absent
 //! rather than an error: one resource a client may not read must not cut
 //! it off from the updates of all the others it may, and a client that
 //! subscribes by wildcard (Envoy does, to listeners and clusters) cannot
 //! subscribe any other way.
 
+mod log;
+
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     future::Future,
     net::SocketAddr,
     pin::Pin,
     sync::Arc,
 };
 
+use tokio::time::Instant;
 use tonic::{Extensions, Status, metadata::MetadataMap};
+
+use self::log::{Line, RefusalLog};
 
 /// What the engine knows of a stream's caller when the stream opens.
 #[derive(Clone, Copy, Debug)]
@@ -45,8 +51,12 @@ pub type Revoked = Pin<Box<dyn Future<Output = Status> + Send>>;
 
 /// The application's access rules, asked once per stream.
 pub trait Access: Send + Sync + 'static {
-    /// What the stream opened by `caller` may read, for its whole life.
-    fn stream(&self, caller: Caller<'_>) -> Box<dyn StreamAccess>;
+    /// What the stream opened by `caller` may read, for its whole life;
+    /// or the status the stream is refused with before it opens
+    /// (RESOURCE_EXHAUSTED when the caller holds too many streams, say).
+    /// The returned access lives exactly as long as the stream, so a count
+    /// of open streams can be kept by what it holds and releases on drop.
+    fn stream(&self, caller: Caller<'_>) -> Result<Box<dyn StreamAccess>, Status>;
 }
 
 /// One stream's access, decided when it opened.
@@ -57,10 +67,19 @@ pub trait StreamAccess: Send + 'static {
     /// sent; it must not change over the stream's life.
     fn allows(&self, type_url: &str, name: &str) -> bool;
 
-    /// Why `name` of `type_url` is refused, for the log line written the
-    /// first time a stream asks for it.
+    /// Why `name` of `type_url` is refused, for the log. `name` is the
+    /// client's: quote it with `{name:?}`, so control characters are
+    /// escaped.
     fn refusal(&self, type_url: &str, name: &str) -> String {
         format!("{name:?} of {type_url} is outside the stream's access")
+    }
+
+    /// Checks the `node.id` of the stream's first request (INVALID_ARGUMENT
+    /// ends the stream). Whatever it says, the engine then refuses ids
+    /// over [`crate::MAX_NODE_ID_BYTES`] or holding control characters; by
+    /// default anything else, the empty id included, passes.
+    fn node(&self, _id: &str) -> Result<(), Status> {
+        Ok(())
     }
 
     /// Resolves when the credential the stream was opened with is
@@ -78,8 +97,8 @@ pub trait StreamAccess: Send + 'static {
 pub struct Unrestricted;
 
 impl Access for Unrestricted {
-    fn stream(&self, _caller: Caller<'_>) -> Box<dyn StreamAccess> {
-        Box::new(Unrestricted)
+    fn stream(&self, _caller: Caller<'_>) -> Result<Box<dyn StreamAccess>, Status> {
+        Ok(Box::new(Unrestricted))
     }
 }
 
@@ -90,20 +109,30 @@ impl StreamAccess for Unrestricted {
 }
 
 /// A stream's access as the state machines apply it: refusals of named
-/// subscriptions are logged once per stream.
+/// subscriptions are remembered while subscribed and logged at a bounded
+/// rate.
 pub(crate) struct Gate {
     access: Box<dyn StreamAccess>,
-    /// (type URL, name) pairs already refused and logged on this stream;
-    /// state-of-the-world clients repeat their names on every ACK.
-    refused: HashSet<(Arc<str>, String)>,
+    /// Per type, the refused names the stream subscribes to now, so that
+    /// state-of-the-world clients, which repeat their names on every ACK,
+    /// are not logged again. Only names currently subscribed are kept, so
+    /// this is bounded by the stream's name limit.
+    refused: HashMap<Arc<str>, HashSet<String>>,
+    log: RefusalLog,
 }
 
 impl Gate {
     pub(crate) fn new(access: Box<dyn StreamAccess>) -> Self {
         Gate {
             access,
-            refused: HashSet::new(),
+            refused: HashMap::new(),
+            log: RefusalLog::default(),
         }
+    }
+
+    /// The application's check of a node id.
+    pub(crate) fn node(&self, id: &str) -> Result<(), Status> {
+        self.access.node(id)
     }
 
     /// Whether the stream may read `name`; silent, for resources a
@@ -112,31 +141,71 @@ impl Gate {
         self.access.allows(type_url, name)
     }
 
-    /// Whether a name subscribed to is refused (and, the first time, logs
-    /// why).
+    /// Whether a name subscribed to is refused (and, the first time it is
+    /// subscribed, logs why, within the stream's log rate).
     pub(crate) fn refuses(&mut self, type_url: &Arc<str>, name: &str) -> bool {
         if self.access.allows(type_url, name) {
             return false;
         }
-        if self.refused.insert((type_url.clone(), name.to_owned())) {
-            tracing::warn!(
-                reason = %self.access.refusal(type_url, name),
-                "xds subscription refused: the resource is treated as absent"
-            );
+        let refused = self.refused.entry(type_url.clone()).or_default();
+        if !refused.contains(name) {
+            refused.insert(name.to_owned());
+            match self.log.note(Instant::now()) {
+                Line::First => tracing::warn!(
+                    reason = %self.access.refusal(type_url, name),
+                    "xds subscription refused: the resource is treated as absent"
+                ),
+                Line::Summary { refused } => tracing::warn!(
+                    refused,
+                    latest = %self.access.refusal(type_url, name),
+                    "xds subscriptions refused since the last such line: the resources are treated as absent"
+                ),
+                Line::Quiet => {}
+            }
         }
         true
     }
 
-    /// The names of `names` the stream may read.
+    /// Forgets that `name` was refused: the stream no longer subscribes
+    /// to it.
+    pub(crate) fn forget(&mut self, type_url: &str, name: &str) {
+        if let Some(r) = self.refused.get_mut(type_url) {
+            r.remove(name);
+        }
+    }
+
+    /// The names of `names`, the whole set the stream now subscribes to,
+    /// that it may read.
     pub(crate) fn filter(
         &mut self,
         type_url: &Arc<str>,
         names: BTreeSet<String>,
     ) -> BTreeSet<String> {
+        if let Some(r) = self.refused.get_mut(type_url) {
+            r.retain(|n| names.contains(n));
+        }
         names
             .into_iter()
             .filter(|n| !self.refuses(type_url, n))
             .collect()
+    }
+
+    /// Refused names remembered, over all types.
+    #[cfg(test)]
+    pub(crate) fn remembered(&self) -> usize {
+        self.refused.values().map(HashSet::len).sum()
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let refused = self.log.unlogged();
+        if refused > 0 {
+            tracing::warn!(
+                refused,
+                "xds subscriptions refused and not logged before the stream ended: the resources were treated as absent"
+            );
+        }
     }
 }
 
@@ -161,6 +230,28 @@ pub(crate) mod tests {
         let kept = s.filter(&eps, names);
         assert_eq!(kept, ["payments", "web"].map(String::from).into());
         assert!(s.refuses(&eps, "billing"), "refused again, logged once");
-        assert_eq!(s.refused.len(), 1);
+        assert_eq!(s.remembered(), 1);
+    }
+
+    /// What a stream remembers of its refusals is what it subscribes to
+    /// now: dropping names (state of the world sends the whole set,
+    /// delta unsubscribes) forgets them, so subscribing to ever new
+    /// refused names grows nothing.
+    #[tokio::test]
+    async fn refusals_are_remembered_only_while_subscribed() {
+        let mut s = Gate::new(Box::new(Only(&["web"])));
+        let t: Arc<str> = "type.googleapis.com/test.Endpoints".into();
+        for round in 0..50 {
+            let names: BTreeSet<String> = (0..100).map(|n| format!("r{round}-{n}")).collect();
+            assert!(s.filter(&t, names).is_empty());
+            assert_eq!(s.remembered(), 100, "round {round}");
+        }
+        assert!(s.filter(&t, ["web".to_owned()].into()).contains("web"));
+        assert_eq!(s.remembered(), 0);
+        for n in 0..100 {
+            assert!(s.refuses(&t, &format!("d{n}")));
+            s.forget(&t, &format!("d{n}"));
+        }
+        assert_eq!(s.remembered(), 0);
     }
 }

@@ -38,7 +38,6 @@ pub struct Cache {
 
 struct Shared {
     types: RwLock<HashMap<String, Arc<TypeCache>>>,
-    next_nonce: AtomicU64,
     next_stream: AtomicU64,
 }
 
@@ -75,7 +74,6 @@ impl Cache {
         Cache {
             shared: Arc::new(Shared {
                 types: RwLock::new(types),
-                next_nonce: AtomicU64::new(1),
                 next_stream: AtomicU64::new(1),
             }),
         }
@@ -107,7 +105,8 @@ impl Cache {
             let mut served = self.type_urls();
             served.sort();
             Status::invalid_argument(format!(
-                "type_url: {type_url:?} is not served; served types: {}",
+                "type_url: {} is not served; served types: {}",
+                crate::limits::quoted(type_url),
                 served.join(", ")
             ))
         })
@@ -156,13 +155,6 @@ impl Cache {
         self.type_cache(&T::type_url())
             .map(|tc| tc.names())
             .unwrap_or_default()
-    }
-
-    pub(crate) fn nonce(&self) -> String {
-        self.shared
-            .next_nonce
-            .fetch_add(1, Ordering::Relaxed)
-            .to_string()
     }
 
     pub(crate) fn stream_id(&self) -> u64 {

@@ -15,7 +15,8 @@ use crate::{
     access::{Gate, StreamAccess},
     cache::{Cache, Subscriptions, TypeCache, Wake},
     event::StreamEvent,
-    resource::{Encoded, delta_response},
+    limits::{self, Limits},
+    resource::{Encoded, Nonces, delta_response},
 };
 
 pub(crate) struct DeltaStream {
@@ -25,6 +26,8 @@ pub(crate) struct DeltaStream {
     types: HashMap<Arc<str>, TypeState>,
     /// Resource bytes per response ([`DELTA_RESPONSE_BUDGET`]).
     budget: usize,
+    limits: Limits,
+    nonces: Nonces,
 }
 
 struct TypeState {
@@ -56,7 +59,14 @@ impl DeltaStream {
             cache,
             types: HashMap::new(),
             budget: DELTA_RESPONSE_BUDGET,
+            limits: Limits::default(),
+            nonces: Nonces::default(),
         }
+    }
+
+    pub(crate) fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// A stream whose responses carry at most `budget` resource bytes
@@ -65,6 +75,13 @@ impl DeltaStream {
     pub(crate) fn with_budget(mut self, budget: usize) -> Self {
         self.budget = budget;
         self
+    }
+
+    /// The application's checks of a node id (whose message names its
+    /// rule), then the engine's.
+    pub(crate) fn check_node(&self, id: &str) -> Result<(), Status> {
+        self.gate.node(id)?;
+        limits::check_node_id(id)
     }
 
     pub(crate) fn wake(&self) -> &Arc<Wake> {
@@ -79,6 +96,7 @@ impl DeltaStream {
         let tc = self.cache.serving(&req.type_url)?;
         let type_url = tc.type_url().clone();
         let first = !self.types.contains_key(&type_url);
+        self.check_names(&type_url, &req, first)?;
         let st = self
             .types
             .entry(type_url.clone())
@@ -112,7 +130,7 @@ impl DeltaStream {
                 Some(e) => out.push(StreamEvent::Nack {
                     type_url: type_url.clone(),
                     nonce,
-                    message: e.message.clone(),
+                    message: limits::nack_message(&e.message),
                 }),
                 None => out.push(StreamEvent::Ack {
                     type_url: type_url.clone(),
@@ -131,6 +149,7 @@ impl DeltaStream {
                 st.known.remove(n);
                 st.dirty.remove(n);
                 self.subs.remove(&tc, n);
+                self.gate.forget(&type_url, n);
             }
         }
         for n in &req.resource_names_subscribe {
@@ -155,6 +174,37 @@ impl DeltaStream {
         }
         self.flush_type(&type_url, out);
         Ok(())
+    }
+
+    /// The names the stream would subscribe to of `type_url` after `req`
+    /// (those it holds, less those unsubscribed, plus those subscribed
+    /// and, on the first request, those it says it holds), checked against
+    /// the limits before any of it is kept.
+    fn check_names(
+        &self,
+        type_url: &Arc<str>,
+        req: &DeltaDiscoveryRequest,
+        first: bool,
+    ) -> Result<(), Status> {
+        let added = req.resource_names_subscribe.iter().chain(
+            first
+                .then_some(req.initial_resource_versions.keys())
+                .into_iter()
+                .flatten(),
+        );
+        let mut after: HashSet<&str> = self
+            .types
+            .get(type_url)
+            .map(|st| st.names.iter().map(String::as_str).collect())
+            .unwrap_or_default();
+        for n in &req.resource_names_unsubscribe {
+            after.remove(n.as_str());
+        }
+        for n in added.filter(|n| *n != WILDCARD) {
+            limits::check_name(type_url, n)?;
+            after.insert(n);
+        }
+        self.limits.check_names(type_url, after.len())
     }
 
     pub(crate) fn on_wake(&mut self, out: &mut Vec<StreamEvent>) {
@@ -225,7 +275,7 @@ impl DeltaStream {
         if resources.is_empty() && removed.is_empty() {
             return;
         }
-        let nonce = self.cache.nonce();
+        let nonce = self.nonces.next();
         let versions = resources
             .iter()
             .map(|r| (r.name.clone(), r.version.clone()))

@@ -11,6 +11,12 @@
 //! followed by the shared bytes. Who may read what is the application's
 //! call, made once per stream through the [`Access`] trait.
 //!
+//! Nothing a client sends grows the server without bound: a stream
+//! subscribes to at most [`Limits::names_per_stream`] names per type,
+//! refused names are remembered only while subscribed and logged at a
+//! bounded rate, node ids and NACK texts are bounded, and nonces are
+//! counted per stream, so they tell a stream nothing of the others.
+//!
 //! Flow control follows xDS practice: one response per type is in flight on
 //! a stream until the client ACKs or NACKs it; changes arriving meanwhile are
 //! coalesced into the next response. A NACKed version is never resent; the
@@ -27,7 +33,11 @@
 //! - `codec`: the gRPC codec that sends those pre-encoded bytes as is.
 //! - `access`: the application's access rules ([`Access`],
 //!   [`StreamAccess`]) and their per-stream application: names a stream
-//!   may not read are absent (and logged), wildcards are filtered.
+//!   may not read are absent (and logged at a bounded rate,
+//!   `access/log.rs`), wildcards are filtered.
+//! - `limits`: what one stream may make the server hold, log or show
+//!   ([`Limits`]: names per stream and type; name, node id and NACK text
+//!   lengths).
 //! - `event`: stream events and the observer hooks (a leaf: the state
 //!   machines produce events, the server reports them).
 //! - `sotw`, `delta`: the per-stream protocol state machines (pure, no I/O).
@@ -41,6 +51,7 @@ mod cache;
 mod codec;
 mod delta;
 mod event;
+mod limits;
 mod protocol;
 mod resource;
 mod server;
@@ -49,6 +60,7 @@ mod sotw;
 pub use access::{Access, Caller, Revoked, StreamAccess, Unrestricted};
 pub use cache::{Batch, Cache, TypeCache};
 pub use event::{StreamEvent, StreamInfo, StreamObserver};
+pub use limits::{Limits, MAX_NACK_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_NODE_ID_BYTES, TRUNCATED};
 pub use resource::Encoded;
 pub use server::AdsService;
 

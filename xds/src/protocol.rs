@@ -11,6 +11,7 @@ use crate::{
     cache::{Cache, Wake},
     delta::DeltaStream,
     event::StreamEvent,
+    limits::Limits,
     sotw::SotwStream,
 };
 
@@ -18,8 +19,10 @@ use crate::{
 pub(crate) trait Protocol: Send + 'static {
     type Request: prost::Message + Default + Send + 'static;
     const DELTA: bool;
-    fn new(cache: Cache, access: Box<dyn StreamAccess>) -> Self;
+    fn new(cache: Cache, access: Box<dyn StreamAccess>, limits: Limits) -> Self;
     fn node_id(req: &Self::Request) -> Option<&str>;
+    /// The application's check of the first request's node id.
+    fn check_node(&self, id: &str) -> Result<(), Status>;
     fn on_request(&mut self, req: Self::Request, out: &mut Vec<StreamEvent>) -> Result<(), Status>;
     fn on_wake(&mut self, out: &mut Vec<StreamEvent>);
     fn wake(&self) -> &Arc<Wake>;
@@ -28,11 +31,14 @@ pub(crate) trait Protocol: Send + 'static {
 impl Protocol for SotwStream {
     type Request = DiscoveryRequest;
     const DELTA: bool = false;
-    fn new(cache: Cache, access: Box<dyn StreamAccess>) -> Self {
-        SotwStream::new(cache, access)
+    fn new(cache: Cache, access: Box<dyn StreamAccess>, limits: Limits) -> Self {
+        SotwStream::new(cache, access).with_limits(limits)
     }
     fn node_id(req: &DiscoveryRequest) -> Option<&str> {
         req.node.as_ref().map(|n| n.id.as_str())
+    }
+    fn check_node(&self, id: &str) -> Result<(), Status> {
+        SotwStream::check_node(self, id)
     }
     fn on_request(
         &mut self,
@@ -52,11 +58,14 @@ impl Protocol for SotwStream {
 impl Protocol for DeltaStream {
     type Request = DeltaDiscoveryRequest;
     const DELTA: bool = true;
-    fn new(cache: Cache, access: Box<dyn StreamAccess>) -> Self {
-        DeltaStream::new(cache, access)
+    fn new(cache: Cache, access: Box<dyn StreamAccess>, limits: Limits) -> Self {
+        DeltaStream::new(cache, access).with_limits(limits)
     }
     fn node_id(req: &DeltaDiscoveryRequest) -> Option<&str> {
         req.node.as_ref().map(|n| n.id.as_str())
+    }
+    fn check_node(&self, id: &str) -> Result<(), Status> {
+        DeltaStream::check_node(self, id)
     }
     fn on_request(
         &mut self,

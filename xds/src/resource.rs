@@ -18,6 +18,19 @@ use prost::{
     encoding::{WireType, encode_key, encode_varint},
 };
 
+/// The nonces of one stream's responses: a counter of its own, since xDS
+/// needs nonces unique only within a stream, and one shared counter would
+/// tell each stream how many responses the others were sent.
+#[derive(Debug, Default)]
+pub(crate) struct Nonces(u64);
+
+impl Nonces {
+    pub(crate) fn next(&mut self) -> String {
+        self.0 += 1;
+        self.0.to_string()
+    }
+}
+
 /// Field number of `resources` in both DiscoveryResponse and
 /// DeltaDiscoveryResponse.
 const RESOURCES_FIELD: u32 = 2;

@@ -2,6 +2,12 @@
 //! under the access the application granted it, and reports stream
 //! lifecycle events to an observer (logs, metrics, and the record of what
 //! each client has acknowledged).
+//!
+//! A stream the application refuses ([`Access::stream`]) ends before it
+//! opens; the first request's node id is checked before observers hear of
+//! the stream; a request the server cannot read (over
+//! `MAX_REQUEST_BYTES`, or not protobuf) ends the stream with a status
+//! saying why, RESOURCE_EXHAUSTED for the size.
 
 use std::{
     convert::Infallible,
@@ -24,6 +30,7 @@ use crate::{
     codec::PreEncodedCodec,
     delta::DeltaStream,
     event::{StreamEvent, StreamInfo, StreamObserver},
+    limits::Limits,
     protocol::Protocol,
     sotw::SotwStream,
 };
@@ -32,7 +39,8 @@ const SOTW_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
 const DELTA_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
-/// Largest request accepted from a client.
+/// Largest request accepted from a client: with the names per stream
+/// ([`Limits`]) it bounds what a stream's requests make the server hold.
 const MAX_REQUEST_BYTES: usize = 4 << 20;
 
 /// The `envoy.service.discovery.v3.AggregatedDiscoveryService` server.
@@ -43,6 +51,7 @@ pub struct AdsService {
     access: Arc<dyn Access>,
     observer: Arc<dyn StreamObserver>,
     shutdown: watch::Receiver<bool>,
+    limits: Limits,
 }
 
 impl AdsService {
@@ -57,7 +66,14 @@ impl AdsService {
             access,
             observer,
             shutdown,
+            limits: Limits::default(),
         }
+    }
+
+    /// The limits every stream is held to (by default [`Limits::default`]).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 }
 
@@ -78,13 +94,16 @@ impl<P: Protocol> tonic::server::StreamingService<P::Request> for Method<P> {
         let svc = self.0.clone();
         Box::pin(async move {
             let peer = request.remote_addr();
-            let access = svc.access.stream(Caller {
-                metadata: request.metadata(),
-                extensions: request.extensions(),
-                peer,
-            });
+            let access = svc
+                .access
+                .stream(Caller {
+                    metadata: request.metadata(),
+                    extensions: request.extensions(),
+                    peer,
+                })
+                .inspect_err(|status| tracing::warn!(%status, ?peer, "xds stream refused"))?;
             let revoked = access.revoked();
-            let proto = P::new(svc.cache.clone(), access);
+            let proto = P::new(svc.cache.clone(), access, svc.limits);
             let (tx, rx) = mpsc::channel(4);
             tokio::spawn(drive(svc, proto, revoked, request.into_inner(), tx, peer));
             Ok(tonic::Response::new(ReceiverStream::new(rx)))
@@ -109,25 +128,33 @@ async fn drive<P: Protocol>(
         let result = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => break,
             msg = inbound.message() => match msg {
-                Ok(Some(req)) => {
-                    if info.is_none() {
+                // The first request names the node: checked before the
+                // stream is told to observers or logged under it.
+                Ok(Some(req)) if info.is_none() => {
+                    let node_id = P::node_id(&req).unwrap_or_default().to_owned();
+                    proto.check_node(&node_id).and_then(|()| {
                         let i = StreamInfo {
                             id: svc.cache.stream_id(),
                             opened: Instant::now(),
-                            node_id: P::node_id(&req).unwrap_or_default().to_owned(),
+                            node_id,
                             delta: P::DELTA,
                             peer,
                         };
                         svc.observer.opened(&i);
                         info = Some(i);
-                    }
-                    proto.on_request(req, &mut out)
+                        proto.on_request(req, &mut out)
+                    })
                 }
+                Ok(Some(req)) => proto.on_request(req, &mut out),
                 Ok(None) => break,
-                Err(status) => {
-                    tracing::debug!(%status, "xds stream ended by the client");
-                    break;
-                }
+                // A request the server could not read (too large, not
+                // protobuf) is answered with why; anything else (the
+                // client reset the stream) reaches no one, and is only
+                // noted.
+                Err(status) => match inbound_error(status) {
+                    Some(status) => Err(status),
+                    None => break,
+                },
             },
             _ = wake.notify.notified() => {
                 proto.on_wake(&mut out);
@@ -158,6 +185,22 @@ async fn drive<P: Protocol>(
     }
     if let Some(info) = &info {
         svc.observer.closed(info);
+    }
+}
+
+/// The status a stream whose request could not be read ends with, or
+/// None when the client itself ended it. tonic reports a request over the
+/// size limit as OUT_OF_RANGE; the gRPC status guide prescribes
+/// RESOURCE_EXHAUSTED ("request message larger than the configured
+/// limit"), as the control plane's other services answer.
+fn inbound_error(status: Status) -> Option<Status> {
+    match status.code() {
+        tonic::Code::OutOfRange => Some(Status::resource_exhausted(status.message())),
+        tonic::Code::Internal => Some(status),
+        _ => {
+            tracing::debug!(%status, "xds stream ended by the client");
+            None
+        }
     }
 }
 

@@ -15,7 +15,8 @@ use crate::{
     access::{Gate, StreamAccess},
     cache::{Cache, Subscriptions, TypeCache, Wake},
     event::StreamEvent,
-    resource::{set_version, sotw_response},
+    limits::{self, Limits},
+    resource::{Nonces, set_version, sotw_response},
 };
 
 pub(crate) struct SotwStream {
@@ -23,6 +24,8 @@ pub(crate) struct SotwStream {
     gate: Gate,
     subs: Subscriptions,
     types: HashMap<Arc<str>, TypeState>,
+    limits: Limits,
+    nonces: Nonces,
 }
 
 struct TypeState {
@@ -48,7 +51,21 @@ impl SotwStream {
             subs: Subscriptions::new(cache.clone()),
             cache,
             types: HashMap::new(),
+            limits: Limits::default(),
+            nonces: Nonces::default(),
         }
+    }
+
+    pub(crate) fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The application's checks of a node id (whose message names its
+    /// rule), then the engine's.
+    pub(crate) fn check_node(&self, id: &str) -> Result<(), Status> {
+        self.gate.node(id)?;
+        limits::check_node_id(id)
     }
 
     pub(crate) fn wake(&self) -> &Arc<Wake> {
@@ -62,6 +79,13 @@ impl SotwStream {
     ) -> Result<(), Status> {
         let tc = self.cache.serving(&req.type_url)?;
         let type_url = tc.type_url().clone();
+        // The request names the whole set: checked before anything of it
+        // is kept.
+        let requested: BTreeSet<String> = req.resource_names.iter().cloned().collect();
+        for n in &requested {
+            limits::check_name(&type_url, n)?;
+        }
+        self.limits.check_names(&type_url, requested.len())?;
         let first = !self.types.contains_key(&type_url);
         let st = self
             .types
@@ -92,7 +116,7 @@ impl SotwStream {
                 Some(e) => out.push(StreamEvent::Nack {
                     type_url: type_url.clone(),
                     nonce: req.response_nonce.clone(),
-                    message: e.message.clone(),
+                    message: limits::nack_message(&e.message),
                 }),
                 None => {
                     st.acked = Some(req.version_info.clone());
@@ -113,7 +137,7 @@ impl SotwStream {
         {
             None
         } else {
-            Some(req.resource_names.iter().cloned().collect())
+            Some(requested)
         };
         // Named: the names outside the stream's access are dropped (and
         // read as absent). Wildcard: filtered as each response is built.
@@ -165,7 +189,7 @@ impl SotwStream {
         if st.sent.as_deref() == Some(version.as_str()) {
             return;
         }
-        let nonce = self.cache.nonce();
+        let nonce = self.nonces.next();
         let bytes = sotw_response(type_url, &version, &nonce, &resources);
         st.sent = Some(version);
         let changed_at = resources.iter().map(|r| r.changed_at).max();

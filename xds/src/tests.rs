@@ -20,6 +20,8 @@ use crate::{
     sotw::SotwStream,
 };
 
+mod limits;
+
 const T: &str = "type.googleapis.com/test.Thing";
 
 fn cache() -> Cache {

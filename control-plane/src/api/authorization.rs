@@ -51,7 +51,7 @@ impl Authorization for AuthorizationApi {
             .rule
             .ok_or_else(|| Status::invalid_argument("rule: required"))?;
         let rule = self.authz.put_rule(rule).await.map_err(status)?;
-        tracing::info!(destination = %rule.destination, rule = %rule.name, "authorization rule stored");
+        tracing::info!(destination = ?rule.destination, rule = ?rule.name, "authorization rule stored");
         Ok(Response::new(PutRuleResponse { rule: Some(rule) }))
     }
 
@@ -64,7 +64,7 @@ impl Authorization for AuthorizationApi {
             .delete_rule(&req.destination, &req.name)
             .await
             .map_err(status)?;
-        tracing::info!(destination = %req.destination, rule = %req.name, "authorization rule deleted");
+        tracing::info!(destination = ?req.destination, rule = ?req.name, "authorization rule deleted");
         Ok(Response::new(DeleteRuleResponse {}))
     }
 

@@ -58,7 +58,7 @@ impl certificates_server::Certificates for CertificatesApi {
                     .as_ref(),
             )
             .map_err(status)?;
-        tracing::info!(service = %r.service, principal = %p.id, not_after_unix_ms = signed.not_after_unix_ms, "signed a certificate");
+        tracing::info!(service = ?r.service, principal = %p.id, not_after_unix_ms = signed.not_after_unix_ms, "signed a certificate");
         Ok(Response::new(signed))
     }
 

@@ -83,7 +83,7 @@ impl PoliciesService for PoliciesApi {
         let stored = result?;
         if !req.dry_run {
             let service = stored.policy.as_ref().map_or("", |p| p.service.as_str());
-            tracing::info!(parent: &span, %service, version = stored.version, "policy stored");
+            tracing::info!(parent: &span, ?service, version = stored.version, "policy stored");
         }
         Ok(Response::new(PutPolicyResponse {
             policy: Some(stored),
@@ -122,7 +122,7 @@ impl PoliciesService for PoliciesApi {
             .delete(&req.service, req.expected_version)
             .await
             .map_err(status)?;
-        tracing::info!(service = %req.service, "policy deleted");
+        tracing::info!(service = ?req.service, "policy deleted");
         Ok(Response::new(DeletePolicyResponse {}))
     }
 

@@ -79,7 +79,7 @@ impl registry_server::Registry for RegistryApi {
             let instance = self.registry.register(instance).await.map_err(status)?;
             span.record("isdp.instance.id", instance.id.as_str());
             self.metrics.registry_op("register");
-            tracing::info!(id = %instance.id, service = %instance.service, address = %instance.address, port = instance.port, "registered");
+            tracing::info!(id = ?instance.id, service = ?instance.service, address = ?instance.address, port = instance.port, "registered");
             Ok(Response::new(RegisterResponse {
                 instance: Some(instance),
             }))
@@ -103,7 +103,7 @@ impl registry_server::Registry for RegistryApi {
             tracing::Span::current().record("isdp.instance.id", id.as_str());
             let gone = self.registry.deregister(&id).await.map_err(status)?;
             self.metrics.registry_op("deregister");
-            tracing::info!(id = %gone.id, service = %gone.service, "deregistered");
+            tracing::info!(id = ?gone.id, service = ?gone.service, "deregistered");
             Ok(Response::new(DeregisterResponse {}))
         }
         .instrument(span.clone())

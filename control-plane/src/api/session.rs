@@ -182,11 +182,11 @@ async fn run(
                     .map_err(status);
                 record_outcome(&span, &reported);
                 if let Err(e) = reported {
-                    tracing::warn!(node = %session.node_id(), instance = %h.instance_id, error = %e, "health report refused");
+                    tracing::warn!(node = ?session.node_id(), instance = ?h.instance_id, error = %e, "health report refused");
                     let _ = tx.send(Err(e)).await;
                     return;
                 }
-                tracing::info!(node = %session.node_id(), instance = %h.instance_id, status = health.as_str_name(), "health reported by sidecar");
+                tracing::info!(node = ?session.node_id(), instance = ?h.instance_id, status = health.as_str_name(), "health reported by sidecar");
             }
             Ok(Some(SessionRequest {
                 kind: Some(Kind::Open(open)),

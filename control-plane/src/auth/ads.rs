@@ -7,40 +7,117 @@
 //! as absent, and filters wildcard subscriptions by it), and the token that
 //! vouches for it ([`Principal::grant`]) ends the stream with
 //! UNAUTHENTICATED when it is revoked ([`tokens::revoked`]).
+//!
+//! Streams are counted per principal (the token that vouches for the
+//! caller, so a token and the certificates issued under it share one
+//! count, as sessions do): the stream over `--xds-max-streams-per-principal`
+//! is refused with RESOURCE_EXHAUSTED before it opens, and each stream's
+//! place is given back when the engine drops its access, as the stream
+//! ends. The count is the control plane's, not the engine's: a principal
+//! is its notion, and the engine's [`Access`] already decides per stream.
+//! A stream's `node.id` must be a valid id, as a session's node id is.
 
+use std::sync::Arc;
+
+use dashmap::DashMap;
 use isdp_xds::{Access, Caller, Revoked, StreamAccess};
+use tonic::Status;
 
 use super::{Principal, ReadScope};
-use crate::tokens::{self, Tokens};
+use crate::{
+    registry::validate,
+    tokens::{self, Tokens},
+};
 
 /// The access rules of the control plane's ADS server.
 #[derive(Clone)]
 pub struct AdsAccess {
     tokens: Tokens,
+    streams: Arc<OpenStreams>,
+}
+
+/// principal -> ADS streams open on this replica.
+struct OpenStreams {
+    open: DashMap<String, usize>,
+    /// `--xds-max-streams-per-principal`.
+    max: usize,
 }
 
 impl AdsAccess {
-    pub fn new(tokens: Tokens) -> Self {
-        AdsAccess { tokens }
+    /// Rules admitting at most `max_streams_per_principal` streams of one
+    /// principal at a time.
+    pub fn new(tokens: Tokens, max_streams_per_principal: usize) -> Self {
+        AdsAccess {
+            tokens,
+            streams: Arc::new(OpenStreams {
+                open: DashMap::new(),
+                max: max_streams_per_principal,
+            }),
+        }
     }
-}
 
-impl Access for AdsAccess {
-    fn stream(&self, caller: Caller<'_>) -> Box<dyn StreamAccess> {
-        let principal = caller.extensions.get::<Principal>();
-        Box::new(StreamScope {
-            scope: ReadScope::of(principal),
-            grant: principal.and_then(|p| p.grant.clone()),
-            tokens: self.tokens.clone(),
+    /// A place for one more stream of `principal`, or RESOURCE_EXHAUSTED
+    /// naming the flag and its limit.
+    fn admit(&self, principal: &Principal) -> Result<StreamSlot, Status> {
+        let key = principal
+            .grant
+            .clone()
+            .unwrap_or_else(|| principal.id.clone());
+        let max = self.streams.max;
+        let mut open = self.streams.open.entry(key.clone()).or_insert(0);
+        if *open >= max {
+            return Err(Status::resource_exhausted(format!(
+                "quota --xds-max-streams-per-principal ({max}) exceeded: principal {} already has {} ADS streams open on this control plane",
+                principal.id, *open
+            )));
+        }
+        *open += 1;
+        Ok(StreamSlot {
+            streams: self.streams.clone(),
+            key,
         })
     }
 }
 
-/// One stream's caller: what it may read, and the token it stands on.
+impl Access for AdsAccess {
+    fn stream(&self, caller: Caller<'_>) -> Result<Box<dyn StreamAccess>, Status> {
+        let principal = caller.extensions.get::<Principal>();
+        // Behind the auth layer every stream has a principal; without one
+        // (unit tests) nothing is counted.
+        let slot = principal.map(|p| self.admit(p)).transpose()?;
+        Ok(Box::new(StreamScope {
+            scope: ReadScope::of(principal),
+            grant: principal.and_then(|p| p.grant.clone()),
+            tokens: self.tokens.clone(),
+            _slot: slot,
+        }))
+    }
+}
+
+/// One open stream counted against its principal until dropped.
+struct StreamSlot {
+    streams: Arc<OpenStreams>,
+    key: String,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if let dashmap::Entry::Occupied(mut e) = self.streams.open.entry(self.key.clone()) {
+            *e.get_mut() = e.get().saturating_sub(1);
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+}
+
+/// One stream's caller: what it may read, the token it stands on, and
+/// its place in the principal's count.
 struct StreamScope {
     scope: ReadScope,
     grant: Option<String>,
     tokens: Tokens,
+    _slot: Option<StreamSlot>,
 }
 
 impl StreamAccess for StreamScope {
@@ -50,6 +127,12 @@ impl StreamAccess for StreamScope {
 
     fn refusal(&self, type_url: &str, name: &str) -> String {
         self.scope.refusal(type_url, name)
+    }
+
+    /// A node id is a sidecar's, as its session names it: required, and
+    /// a valid id (the empty id is refused: every sidecar sends one).
+    fn node(&self, id: &str) -> Result<(), Status> {
+        validate::node_id("node.id", id).map_err(|e| Status::invalid_argument(e.to_string()))
     }
 
     fn revoked(&self) -> Revoked {
@@ -71,7 +154,10 @@ mod tests {
         tokens::{Role, Scope},
     };
 
-    fn open(access: &AdsAccess, principal: Option<Principal>) -> Box<dyn StreamAccess> {
+    fn try_open(
+        access: &AdsAccess,
+        principal: Option<Principal>,
+    ) -> Result<Box<dyn StreamAccess>, Status> {
         let mut extensions = Extensions::new();
         if let Some(p) = principal {
             extensions.insert(p);
@@ -81,6 +167,83 @@ mod tests {
             extensions: &extensions,
             peer: None,
         })
+    }
+
+    fn open(access: &AdsAccess, principal: Option<Principal>) -> Box<dyn StreamAccess> {
+        try_open(access, principal).expect("a stream")
+    }
+
+    fn tokens_in(dir: &std::path::Path) -> (crate::store::embedded::EmbeddedStore, Arc<dyn Store>) {
+        let store = crate::store::embedded::EmbeddedStore::open(dir).unwrap();
+        let shared: Arc<dyn Store> = Arc::new(store.clone());
+        (store, shared)
+    }
+
+    /// A principal's streams are counted, a token and the certificates
+    /// issued under it together: the one over the limit is refused with
+    /// RESOURCE_EXHAUSTED naming the flag and limit, another principal
+    /// has its own count, and a stream that ends gives its place back.
+    #[tokio::test]
+    async fn streams_are_counted_per_principal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, shared) = tokens_in(dir.path());
+        let tokens = Tokens::load(shared, "/isdp/", Duration::from_secs(60))
+            .await
+            .unwrap();
+        let access = AdsAccess::new(tokens, 2);
+        let token = |id: &str| Principal {
+            id: id.into(),
+            role: Role::Join,
+            services: vec!["web".into()],
+            upstreams: None,
+            grant: Some(id.into()),
+        };
+        let cert = Principal {
+            id: "spiffe://isdp.local/svc/web".into(),
+            ..token("t1")
+        };
+        let first = open(&access, Some(token("t1")));
+        let second = open(&access, Some(cert.clone()));
+        let refused = try_open(&access, Some(token("t1")))
+            .err()
+            .expect("over the limit");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            refused
+                .message()
+                .contains("quota --xds-max-streams-per-principal (2) exceeded"),
+            "{refused}"
+        );
+        assert!(refused.message().contains("t1"), "{refused}");
+        let _other = open(&access, Some(token("t2")));
+        let _unauthenticated = open(&access, None);
+        drop(first);
+        let third = open(&access, Some(cert));
+        assert!(try_open(&access, Some(token("t1"))).is_err());
+        drop((second, third));
+        assert!(
+            access.streams.open.get("t1").is_none(),
+            "emptied entries go"
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn node_ids_are_valid_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, shared) = tokens_in(dir.path());
+        let tokens = Tokens::load(shared, "/isdp/", Duration::from_secs(60))
+            .await
+            .unwrap();
+        let access = open(&AdsAccess::new(tokens, 1), None);
+        assert!(access.node("web-1").is_ok());
+        for bad in ["", "web-1\nforged", &"n".repeat(129)] {
+            let e = access.node(bad).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().starts_with("node.id: must be 1 to 128"), "{e}");
+        }
+        drop(access);
+        store.close().await;
     }
 
     /// A stream reads what its principal's scope allows, and ends when the
@@ -103,7 +266,7 @@ mod tests {
             .create(Role::Join, web(), "web too".into(), None)
             .await
             .unwrap();
-        let access = AdsAccess::new(tokens.clone());
+        let access = AdsAccess::new(tokens.clone(), 64);
         let join = |grant: &str| Principal {
             id: grant.into(),
             role: Role::Join,

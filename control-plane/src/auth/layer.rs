@@ -8,7 +8,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use tonic::Status;
+use tonic::{Status, transport::server::TcpConnectInfo};
 
 use super::{Principal, required};
 use crate::{tls::PeerInfo, tokens::Tokens};
@@ -140,13 +140,23 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        // Services learn the caller's address as tonic offers it
+        // (`Request::remote_addr`, which the xDS engine records for
+        // `isdpctl proxy-status`); tonic knows only its own listeners'
+        // connection info, and ours is `PeerInfo`.
+        if let Some(remote) = req.extensions().get::<PeerInfo>().and_then(|p| p.remote) {
+            req.extensions_mut().insert(TcpConnectInfo {
+                local_addr: None,
+                remote_addr: Some(remote),
+            });
+        }
         match self.authorize(&req) {
             Ok(principal) => {
                 req.extensions_mut().insert(principal);
                 Box::pin(self.inner.call(req))
             }
             Err(status) => {
-                tracing::debug!(path = %req.uri().path(), code = ?status.code(), message = status.message(), "refused a call");
+                tracing::debug!(path = ?req.uri().path(), code = ?status.code(), message = status.message(), "refused a call");
                 let resp = status.into_http::<RB>();
                 Box::pin(async move { Ok(resp) })
             }

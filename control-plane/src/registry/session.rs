@@ -325,7 +325,7 @@ impl Sessions {
             if left.is_empty() {
                 return; // the sidecar came back
             }
-            tracing::warn!(node = %node_id, grace = ?shared.timeouts.grace, "sidecar gone past its grace period; marking its instances unhealthy");
+            tracing::warn!(node = ?node_id, grace = ?shared.timeouts.grace, "sidecar gone past its grace period; marking its instances unhealthy");
             for id in left {
                 let Some(s) = shared.registry.get(&id) else {
                     continue;
@@ -338,7 +338,7 @@ impl Sessions {
                     .set_status(&id, HealthStatus::Unhealthy)
                     .await
                 {
-                    tracing::warn!(%id, error = %e, "marking instance unhealthy");
+                    tracing::warn!(?id, error = %e, "marking instance unhealthy");
                 }
             }
         });
@@ -348,13 +348,13 @@ impl Sessions {
 /// Validates a session's instances and gives each its id and node.
 fn prepare(node_id: &str, instances: Vec<Instance>) -> Result<Vec<Instance>, RegistryError> {
     let mut errors = Vec::new();
-    let node_ok = validate::is_valid_id(node_id);
-    if !node_ok {
-        errors.push(validate::FieldError {
-            field: "open.node_id".into(),
-            rule: "must be 1 to 128 characters of letters, digits, '.', '_', '-' or ':'".into(),
-        });
-    }
+    let node_ok = match validate::node_id("open.node_id", node_id) {
+        Ok(()) => true,
+        Err(e) => {
+            errors.push(e);
+            false
+        }
+    };
     let mut services = BTreeSet::new();
     let mut prepared = Vec::with_capacity(instances.len());
     for (n, mut i) in instances.into_iter().enumerate() {
@@ -461,7 +461,7 @@ impl Session {
                 .epochs
                 .remove_if(id, |_, e| *e == self.epoch);
         }
-        tracing::info!(node = %self.node_id, "sidecar session closed; instances deregistered");
+        tracing::info!(node = ?self.node_id, "sidecar session closed; instances deregistered");
         Ok(())
     }
 }
@@ -470,7 +470,7 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.keepalive.abort();
         if !self.closed {
-            tracing::info!(node = %self.node_id, "sidecar stream gone; grace period started");
+            tracing::info!(node = ?self.node_id, "sidecar stream gone; grace period started");
             self.sessions.start_grace(
                 self.node_id.clone(),
                 self.ids.iter().cloned().collect(),

@@ -65,6 +65,23 @@ pub fn is_dns_label(name: &str) -> bool {
         && b[b.len() - 1] != b'-'
 }
 
+/// What an id (an instance's, a sidecar's node id) must be, for messages;
+/// [`is_valid_id`] checks it.
+pub const ID_RULE: &str = "1 to 128 characters of letters, digits, '.', '_', '-' or ':'";
+
+/// A sidecar's node id, as its session and its xDS streams name it: the
+/// error naming `field` if `id` is not a valid id. Checked where the id
+/// enters, since it is shown in logs, spans and `isdpctl proxy-status`.
+pub fn node_id(field: &str, id: &str) -> Result<(), FieldError> {
+    if is_valid_id(id) {
+        return Ok(());
+    }
+    Err(FieldError {
+        field: field.into(),
+        rule: format!("must be {ID_RULE}, got {:?}", truncate(id)),
+    })
+}
+
 pub fn is_valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_ID_LEN
@@ -92,10 +109,7 @@ pub fn instance(i: &Instance, prefix: &str) -> Result<(), Vec<FieldError>> {
     if !i.id.is_empty() && !is_valid_id(&i.id) {
         e.push(
             "id",
-            format!(
-                "must be 1 to {MAX_ID_LEN} characters of letters, digits, '.', '_', '-' or ':', got {:?}",
-                truncate(&i.id)
-            ),
+            format!("must be {ID_RULE}, got {:?}", truncate(&i.id)),
         );
     }
     if i.address.parse::<IpAddr>().is_err() {
@@ -279,6 +293,27 @@ mod tests {
             .into_iter()
             .map(|e| e.field)
             .collect()
+    }
+
+    #[test]
+    fn node_ids_follow_the_id_rule() {
+        assert!(ID_RULE.contains(&MAX_ID_LEN.to_string()), "{ID_RULE}");
+        assert!(node_id("f", "web-1.pod_2:x").is_ok());
+        assert!(node_id("f", &"n".repeat(MAX_ID_LEN)).is_ok());
+        for bad in [
+            String::new(),
+            "n".repeat(MAX_ID_LEN + 1),
+            "web-1\n2026-12-03T10:00:00Z INFO forged".into(),
+            "a\x1b[31m".into(),
+            "web 1".into(),
+            "wéb".into(),
+        ] {
+            let e = node_id("node.id", &bad).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.starts_with("node.id: must be 1 to 128"), "{msg}");
+            assert!(!msg.contains('\n') && !msg.contains('\x1b'), "{msg}");
+            assert!(msg.len() < 250, "bounded: {msg}");
+        }
     }
 
     #[test]

@@ -29,3 +29,4 @@ mod sessions;
 mod tracing;
 mod validation;
 mod xds;
+mod xds_limits;
