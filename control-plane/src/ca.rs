@@ -384,3 +384,9 @@ pub(crate) fn unix_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+/// An instant as RFC 3339 (UTC, whole seconds), as refusals name expiries.
+pub(crate) fn rfc3339(unix_ms: i64) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(unix_ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(at).to_string()
+}

@@ -6,9 +6,11 @@
 //! ([`Caller`]: the request's metadata and extensions, where an
 //! authentication layer in front of the server leaves its verdict) and
 //! gets back a [`StreamAccess`] for the life of that stream: which
-//! (type URL, name) pairs it may read, why not, and a future that ends the
-//! stream when the caller's credential is withdrawn. quilkin's engine takes
-//! its domain through a trait the same way (`Configuration`).
+//! (type URL, name) pairs it may read, and why not. quilkin's engine takes
+//! its domain through a trait the same way (`Configuration`). How long a
+//! stream may last is not asked here: an authentication layer in front of
+//! the server ends the stream when its credential ends, as it does for
+//! every other streaming service beside it.
 //!
 //! A name the stream may not read is answered exactly as a resource that
 //! does not exist (so the answer does not tell whether it does), and
@@ -21,13 +23,11 @@
 
 use std::{
     collections::{BTreeSet, HashSet},
-    future::Future,
     net::SocketAddr,
-    pin::Pin,
     sync::Arc,
 };
 
-use tonic::{Extensions, Status, metadata::MetadataMap};
+use tonic::{Extensions, metadata::MetadataMap};
 
 /// What the engine knows of a stream's caller when the stream opens.
 #[derive(Clone, Copy, Debug)]
@@ -38,10 +38,6 @@ pub struct Caller<'a> {
     pub extensions: &'a Extensions,
     pub peer: Option<SocketAddr>,
 }
-
-/// Resolves, with the status the stream ends with, when a stream's
-/// credential is withdrawn.
-pub type Revoked = Pin<Box<dyn Future<Output = Status> + Send>>;
 
 /// The application's access rules, asked once per stream.
 pub trait Access: Send + Sync + 'static {
@@ -62,17 +58,9 @@ pub trait StreamAccess: Send + 'static {
     fn refusal(&self, type_url: &str, name: &str) -> String {
         format!("{name:?} of {type_url} is outside the stream's access")
     }
-
-    /// Resolves when the credential the stream was opened with is
-    /// withdrawn; the stream then ends with the status it resolves to
-    /// (UNAUTHENTICATED, say). Asked once, when the stream opens; by
-    /// default never.
-    fn revoked(&self) -> Revoked {
-        Box::pin(std::future::pending())
-    }
 }
 
-/// Everyone reads everything and nothing is ever revoked: for an engine
+/// Everyone reads everything: for an engine
 /// whose callers are all trusted (and for tests).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Unrestricted;

@@ -46,7 +46,7 @@ mod resource;
 mod server;
 mod sotw;
 
-pub use access::{Access, Caller, Revoked, StreamAccess, Unrestricted};
+pub use access::{Access, Caller, StreamAccess, Unrestricted};
 pub use cache::{Batch, Cache, TypeCache};
 pub use event::{StreamEvent, StreamInfo, StreamObserver};
 pub use resource::Encoded;

@@ -19,7 +19,7 @@ use tonic::{Status, Streaming, body::Body, codegen::BoxFuture, server::NamedServ
 use tracing::Instrument as _;
 
 use crate::{
-    access::{Access, Caller, Revoked},
+    access::{Access, Caller},
     cache::Cache,
     codec::PreEncodedCodec,
     delta::DeltaStream,
@@ -83,10 +83,9 @@ impl<P: Protocol> tonic::server::StreamingService<P::Request> for Method<P> {
                 extensions: request.extensions(),
                 peer,
             });
-            let revoked = access.revoked();
             let proto = P::new(svc.cache.clone(), access);
             let (tx, rx) = mpsc::channel(4);
-            tokio::spawn(drive(svc, proto, revoked, request.into_inner(), tx, peer));
+            tokio::spawn(drive(svc, proto, request.into_inner(), tx, peer));
             Ok(tonic::Response::new(ReceiverStream::new(rx)))
         })
     }
@@ -96,7 +95,6 @@ impl<P: Protocol> tonic::server::StreamingService<P::Request> for Method<P> {
 async fn drive<P: Protocol>(
     svc: AdsService,
     mut proto: P,
-    mut revoked: Revoked,
     mut inbound: Streaming<P::Request>,
     tx: mpsc::Sender<Result<Bytes, Status>>,
     peer: Option<SocketAddr>,
@@ -133,7 +131,6 @@ async fn drive<P: Protocol>(
                 proto.on_wake(&mut out);
                 Ok(())
             }
-            why = &mut revoked => Err(why),
         };
         if let Err(status) = result {
             tracing::warn!(%status, ?peer, "xds request refused");
