@@ -5,7 +5,8 @@
 //! or revoked), from the SPIFFE ID of the client certificate it presented
 //! on the TLS handshake: a join principal for that one service, with the
 //! read scope of the token the certificate was issued under, as long as
-//! that token has not been revoked. [`required`] maps each method path to what it
+//! that token has neither been revoked nor expired, and the certificate
+//! itself has not expired. [`required`] maps each method path to what it
 //! needs (one row per method; anything else needs admin); [`AuthLayer`]
 //! applies that in front of the whole router and puts the principal into
 //! the request's extensions, where handlers that scope by service
@@ -13,20 +14,26 @@
 //! xDS server and the traffic-policy reads derive the caller's
 //! [`ReadScope`].
 //!
+//! A streaming call lives no longer than the credential that opened it:
+//! the layer ends it with UNAUTHENTICATED when the token is revoked or the
+//! credential expires, whatever the service (`lifetime`).
+//!
 //! # Layout
-//! - `methods`: the method -> role table.
+//! - `methods`: the method -> role table, and which methods stream.
 //! - `layer`: the tower layer.
+//! - `lifetime`: what ends a credential, and the bodies of a streaming
+//!   call cut off when it does.
 //! - `ads`: the xDS engine's access rules ([`AdsAccess`]): each ADS
-//!   stream reads its principal's `ReadScope` and ends when the token
-//!   that vouches for it is revoked.
+//!   stream reads its principal's `ReadScope`.
 
 mod ads;
 mod layer;
+mod lifetime;
 mod methods;
 
 pub use ads::AdsAccess;
 pub use layer::AuthLayer;
-pub use methods::{METHODS, Need, lookup, required};
+pub use methods::{METHODS, Need, STREAMING, lookup, required, streams};
 
 use tonic::Status;
 
@@ -47,6 +54,10 @@ pub struct Principal {
     /// certificate the one it was issued under. Certificates signed for
     /// this caller carry it on, so revoking the token revokes them too.
     pub grant: Option<String>,
+    /// When that token expires (unix ms); `None`: never. A token's expiry
+    /// is its credential's: certificates signed for this caller end then
+    /// too (`api::certificates`).
+    pub grant_expires_at_unix_ms: Option<i64>,
 }
 
 impl Principal {
@@ -176,6 +187,7 @@ mod tests {
             services: vec!["web".into()],
             upstreams: None,
             grant: None,
+            grant_expires_at_unix_ms: None,
         };
         assert!(p.may_act_as("web"));
         assert!(p.check_service("Sign", "payments").is_err());
@@ -199,6 +211,7 @@ mod tests {
             services: vec!["web".into()],
             upstreams: Some(vec!["payments".into()]),
             grant: None,
+            grant_expires_at_unix_ms: None,
         };
         let scope = ReadScope::of(Some(&join));
         assert!(scope.allows(BUNDLE, "mesh"));

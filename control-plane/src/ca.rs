@@ -62,6 +62,13 @@ pub enum CaError {
     Sealed { key: String, source: SealError },
     #[error("the CA changed concurrently; retry")]
     Contended,
+    /// A certificate lives no longer than the token it is issued under.
+    #[error(
+        "token {token}, under which the certificate would be issued, expired at {}; \
+         a certificate lives no longer than its token: join with a new token",
+        rfc3339(*at_unix_ms)
+    )]
+    GrantExpired { token: String, at_unix_ms: i64 },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -182,18 +189,22 @@ impl Ca {
         self.roots().bundle(&self.shared.settings.trust_domain)
     }
 
-    /// Signs a sidecar's CSR for `service`.
+    /// Signs a sidecar's CSR for `service`, under `grant` (the token that
+    /// vouches for the caller) when there is one. A token's expiry is its
+    /// credential's: the certificate ends no later than
+    /// `grant_expires_at_unix_ms`, and past it nothing is signed.
     pub fn sign(
         &self,
         service: &str,
         csr_der: &[u8],
         lifetime_seconds: u64,
         grant: Option<&grant::Grant>,
+        grant_expires_at_unix_ms: Option<i64>,
     ) -> Result<SignResponse, CaError> {
         isdp_core::names::check_dns_label(service)
             .map_err(|e| CaError::Invalid(format!("service: {e}")))?;
         let s = &self.shared.settings;
-        let lifetime = match lifetime_seconds {
+        let mut lifetime = match lifetime_seconds {
             0 => s.default_lifetime,
             n => Duration::from_secs(n).min(s.max_lifetime),
         };
@@ -203,6 +214,20 @@ impl Ca {
                 MIN_LIFETIME.as_secs()
             )));
         }
+        let now = now();
+        if let Some(until) = grant_expires_at_unix_ms {
+            let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
+            // Whole seconds, as X.509 encodes notAfter: rounding up would
+            // outlive the token by a fraction of a second.
+            let left = (until - until.rem_euclid(1000)).saturating_sub(now_ms);
+            if left <= 0 {
+                return Err(CaError::GrantExpired {
+                    token: grant.map(|g| g.token.clone()).unwrap_or_default(),
+                    at_unix_ms: until,
+                });
+            }
+            lifetime = lifetime.min(Duration::from_millis(left as u64));
+        }
         let roots = self.roots();
         let leaf = issue::sign_leaf(
             roots.signer(),
@@ -211,7 +236,7 @@ impl Ca {
             csr_der,
             lifetime,
             grant,
-            now(),
+            now,
         )?;
         Ok(SignResponse {
             chain_der: vec![leaf.cert_der],
@@ -383,4 +408,10 @@ pub(crate) fn unix_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// An instant as RFC 3339 (UTC, whole seconds), as refusals name expiries.
+pub(crate) fn rfc3339(unix_ms: i64) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(unix_ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(at).to_string()
 }

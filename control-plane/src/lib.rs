@@ -19,7 +19,8 @@
 //! - [`ca`]: the mesh CA: roots in the store, CSR signing, rotation.
 //! - [`tokens`]: bearer tokens (hashed in the store) and their roles.
 //! - [`auth`]: authentication and per-method authorization of every call,
-//!   and what each xDS stream may read ([`auth::AdsAccess`]).
+//!   what each xDS stream may read ([`auth::AdsAccess`]), and the end of
+//!   every stream when the credential that opened it ends.
 //! - [`tls`]: TLS on the gRPC listener, with a swappable certificate.
 //! - [`authz`]: authorization rules between services, per destination.
 //! - [`policy`]: traffic policies per destination, validated whole, versioned.

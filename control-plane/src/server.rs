@@ -132,10 +132,7 @@ impl Server {
         ));
         let ads = AdsService::new(
             cache,
-            Arc::new(auth::AdsAccess::new(
-                tokens.clone(),
-                config.xds_max_streams_per_principal,
-            )),
+            Arc::new(auth::AdsAccess::new(config.xds_max_streams_per_principal)),
             Arc::new((metrics.clone(), views.proxies.clone())),
             shutdown.clone(),
         )
@@ -347,11 +344,7 @@ async fn serve_grpc(
         .add_service(
             api::registry::RegistryApi::new(registry, metrics, shutdown.clone()).into_server(),
         )
-        .add_service(
-            api::session::SessionApi::new(sessions, shutdown.clone())
-                .revocable(tokens.clone())
-                .into_server(),
-        )
+        .add_service(api::session::SessionApi::new(sessions, shutdown.clone()).into_server())
         .add_service(api::status::ProxyStatusApi::new(proxies).into_server())
         .add_service(api::authorization::AuthorizationApi::new(authz).into_server())
         .add_service(api::policies::PoliciesApi::new(policies, shutdown).into_server())

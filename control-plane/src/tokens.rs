@@ -29,7 +29,7 @@ use std::sync::RwLock;
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
-    ca::unix_ms,
+    ca::{rfc3339, unix_ms},
     store::{Store, StoreError, Txn},
 };
 
@@ -61,6 +61,19 @@ pub enum TokenError {
         path: String,
         source: std::io::Error,
     },
+}
+
+/// Why a secret authenticates no one.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unverified {
+    /// No such token (never minted, or revoked: revoking deletes it), or
+    /// the secret does not match: told apart from nothing, so a guess
+    /// learns nothing.
+    #[error("unknown or revoked token")]
+    Unknown,
+    /// The secret matches a token past its expiry.
+    #[error("token {id} expired at {}", rfc3339(*at_unix_ms))]
+    Expired { id: String, at_unix_ms: i64 },
 }
 
 /// A token as stored: never the secret.
@@ -245,10 +258,11 @@ impl Tokens {
     }
 
     /// The token a secret belongs to, if it is known, unexpired and the
-    /// secret matches.
-    pub fn verify(&self, secret: &str) -> Option<Token> {
-        let id = id_of_secret(secret)?;
-        let token = self.shared.by_id.read().ok()?.get(id).cloned()?;
+    /// secret matches. Only a caller that holds the secret learns that its
+    /// token expired (and when); anyone else learns nothing of the id.
+    pub fn verify(&self, secret: &str) -> Result<Token, Unverified> {
+        let id = id_of_secret(secret).ok_or(Unverified::Unknown)?;
+        let token = self.get(id).ok_or(Unverified::Unknown)?;
         let hash = hash_secret(secret);
         // Both are hex of equal length: compare without an early exit.
         let same = hash.len() == token.secret_sha256.len()
@@ -257,7 +271,21 @@ impl Tokens {
                 .zip(token.secret_sha256.bytes())
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                 == 0;
-        (same && !token.expired(unix_ms())).then_some(token)
+        if !same {
+            return Err(Unverified::Unknown);
+        }
+        if token.expired(unix_ms()) {
+            return Err(Unverified::Expired {
+                id: token.id,
+                at_unix_ms: token.expires_at_unix_ms,
+            });
+        }
+        Ok(token)
+    }
+
+    /// The stored token `id`, expired or not.
+    pub fn get(&self, id: &str) -> Option<Token> {
+        self.shared.by_id.read().ok()?.get(id).cloned()
     }
 
     /// Resolves once the token `id` is revoked (within a second of the
@@ -486,19 +514,6 @@ impl Tokens {
     }
 }
 
-/// For a stream: resolves with the status that ends it once `grant` (the
-/// token that vouched for its caller) is revoked; never without both.
-pub async fn revoked(tokens: Option<&Tokens>, grant: Option<&str>) -> tonic::Status {
-    match (tokens, grant) {
-        (Some(tokens), Some(id)) => {
-            tokens.revoked(id).await;
-            tracing::info!(token = %id, "ending a stream: its token was revoked");
-            tonic::Status::unauthenticated(format!("token {id} was revoked"))
-        }
-        _ => std::future::pending().await,
-    }
-}
-
 /// The secret and a newline, 0600 whatever the umask, replacing any
 /// earlier file whole.
 fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
@@ -602,22 +617,45 @@ mod tests {
             .unwrap();
         assert_eq!(tokens.verify(&secret).unwrap().id, read.id);
         let wrong = format!("{}x", &secret[..secret.len() - 1]);
-        assert!(tokens.verify(&wrong).is_none());
+        assert_eq!(tokens.verify(&wrong), Err(Unverified::Unknown));
+        // Past its expiry the holder of the secret is told when it expired.
+        let (brief, brief_secret) = tokens
+            .create(
+                Role::Read,
+                Scope::default(),
+                "brief".into(),
+                Some(Duration::from_millis(1)),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let expired = tokens.verify(&brief_secret).unwrap_err();
+        assert_eq!(
+            expired,
+            Unverified::Expired {
+                id: brief.id.clone(),
+                at_unix_ms: brief.expires_at_unix_ms
+            }
+        );
+        let said = expired.to_string();
+        assert!(
+            said.contains(&brief.id) && said.contains("expired at 20"),
+            "{said}"
+        );
+        assert!(!said.contains(&brief_secret));
         // A stream opened with the token waits on `revoked`.
         let waiting = tokio::spawn({
             let (tokens, id) = (tokens.clone(), read.id.clone());
-            async move { revoked(Some(&tokens), Some(&id)).await }
+            async move { tokens.revoked(&id).await }
         });
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished(), "not revoked yet");
         tokens.revoke(&read.id).await.unwrap();
-        assert!(tokens.verify(&secret).is_none());
-        let status = tokio::time::timeout(Duration::from_secs(1), waiting)
+        assert_eq!(tokens.verify(&secret), Err(Unverified::Unknown));
+        tokio::time::timeout(Duration::from_secs(1), waiting)
             .await
             .expect("revocation ends the wait")
             .unwrap();
-        assert_eq!(status.code(), tonic::Code::Unauthenticated);
-        assert!(status.message().contains(&read.id), "{status}");
         assert!(matches!(
             tokens.revoke(&read.id).await,
             Err(TokenError::NotFound(_))
@@ -731,9 +769,9 @@ mod tests {
         let err = tokens.revoke(&t.id).await.unwrap_err();
         assert!(matches!(err, TokenError::TooManyRevoked { .. }), "{err}");
         assert!(err.to_string().contains("ca rotate"), "{err}");
-        assert!(tokens.verify(&secret).is_some(), "the token still works");
+        assert!(tokens.verify(&secret).is_ok(), "the token still works");
         tokens.refresh().await.unwrap();
-        assert!(tokens.verify(&secret).is_some(), "and is still stored");
+        assert!(tokens.verify(&secret).is_ok(), "and is still stored");
         store.close().await;
     }
 }

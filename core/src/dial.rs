@@ -29,8 +29,9 @@ pub struct ControlAuth {
     pub token: Option<String>,
     /// The client certificate presented on the handshake: the sidecar's
     /// current workload certificate (`lib.rs` keeps it current), so once
-    /// it holds one it authenticates with it as well as with its token,
-    /// and a revoked or expired join token no longer cuts it off.
+    /// it holds one it authenticates with it as well as with its token
+    /// (for a replica that does not know the token yet). The certificate
+    /// stands on that token: revoked or expired, it ends both.
     pub identity: ClientIdentity,
     /// The trust bundle as last received over xDS, trusted beside
     /// `ca_pem`: after a root rotation the control plane's certificate

@@ -6,9 +6,11 @@
 //! ([`Caller`]: the request's metadata and extensions, where an
 //! authentication layer in front of the server leaves its verdict) and
 //! gets back a [`StreamAccess`] for the life of that stream: which
-//! (type URL, name) pairs it may read, why not, and a future that ends the
-//! stream when the caller's credential is withdrawn. quilkin's engine takes
-//! its domain through a trait the same way (`Configuration`).
+//! (type URL, name) pairs it may read, and why not. quilkin's engine takes
+//! its domain through a trait the same way (`Configuration`). How long a
+//! stream may last is not asked here: an authentication layer in front of
+//! the server ends the stream when its credential ends, as it does for
+//! every other streaming service beside it.
 //!
 //! A name the stream may not read is answered exactly as a resource that
 //! does not exist (so the answer does not tell whether it does), and
@@ -24,9 +26,7 @@ mod log;
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
-    future::Future,
     net::SocketAddr,
-    pin::Pin,
     sync::Arc,
 };
 
@@ -44,10 +44,6 @@ pub struct Caller<'a> {
     pub extensions: &'a Extensions,
     pub peer: Option<SocketAddr>,
 }
-
-/// Resolves, with the status the stream ends with, when a stream's
-/// credential is withdrawn.
-pub type Revoked = Pin<Box<dyn Future<Output = Status> + Send>>;
 
 /// The application's access rules, asked once per stream.
 pub trait Access: Send + Sync + 'static {
@@ -81,17 +77,9 @@ pub trait StreamAccess: Send + 'static {
     fn node(&self, _id: &str) -> Result<(), Status> {
         Ok(())
     }
-
-    /// Resolves when the credential the stream was opened with is
-    /// withdrawn; the stream then ends with the status it resolves to
-    /// (UNAUTHENTICATED, say). Asked once, when the stream opens; by
-    /// default never.
-    fn revoked(&self) -> Revoked {
-        Box::pin(std::future::pending())
-    }
 }
 
-/// Everyone reads everything and nothing is ever revoked: for an engine
+/// Everyone reads everything: for an engine
 /// whose callers are all trusted (and for tests).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Unrestricted;

@@ -57,7 +57,7 @@ mod resource;
 mod server;
 mod sotw;
 
-pub use access::{Access, Caller, Revoked, StreamAccess, Unrestricted};
+pub use access::{Access, Caller, StreamAccess, Unrestricted};
 pub use cache::{Batch, Cache, TypeCache};
 pub use event::{StreamEvent, StreamInfo, StreamObserver};
 pub use limits::{Limits, MAX_NACK_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_NODE_ID_BYTES, TRUNCATED};

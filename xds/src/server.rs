@@ -25,7 +25,7 @@ use tonic::{Status, Streaming, body::Body, codegen::BoxFuture, server::NamedServ
 use tracing::Instrument as _;
 
 use crate::{
-    access::{Access, Caller, Revoked},
+    access::{Access, Caller},
     cache::Cache,
     codec::PreEncodedCodec,
     delta::DeltaStream,
@@ -102,10 +102,9 @@ impl<P: Protocol> tonic::server::StreamingService<P::Request> for Method<P> {
                     peer,
                 })
                 .inspect_err(|status| tracing::warn!(%status, ?peer, "xds stream refused"))?;
-            let revoked = access.revoked();
             let proto = P::new(svc.cache.clone(), access, svc.limits);
             let (tx, rx) = mpsc::channel(4);
-            tokio::spawn(drive(svc, proto, revoked, request.into_inner(), tx, peer));
+            tokio::spawn(drive(svc, proto, request.into_inner(), tx, peer));
             Ok(tonic::Response::new(ReceiverStream::new(rx)))
         })
     }
@@ -115,7 +114,6 @@ impl<P: Protocol> tonic::server::StreamingService<P::Request> for Method<P> {
 async fn drive<P: Protocol>(
     svc: AdsService,
     mut proto: P,
-    mut revoked: Revoked,
     mut inbound: Streaming<P::Request>,
     tx: mpsc::Sender<Result<Bytes, Status>>,
     peer: Option<SocketAddr>,
@@ -160,7 +158,6 @@ async fn drive<P: Protocol>(
                 proto.on_wake(&mut out);
                 Ok(())
             }
-            why = &mut revoked => Err(why),
         };
         if let Err(status) = result {
             tracing::warn!(%status, ?peer, "xds request refused");

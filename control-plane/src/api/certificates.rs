@@ -1,6 +1,7 @@
 //! `isdp.v1.Certificates`: signs sidecar CSRs, serves the trust bundle and
 //! rotates the root. The auth layer has checked the role; Sign checks the
-//! service scope of a join principal here.
+//! service scope of a join principal here, and issues no certificate that
+//! outlives the token the caller stands on.
 
 use isdp_proto::v1::{
     RotateRootRequest, RotateRootResponse, SignRequest, SignResponse, TrustBundleRequest,
@@ -32,6 +33,7 @@ fn status(e: CaError) -> Status {
     match e {
         CaError::Csr(_) | CaError::Invalid(_) => Status::invalid_argument(e.to_string()),
         CaError::Contended => Status::aborted(e.to_string()),
+        CaError::GrantExpired { .. } => Status::unauthenticated(e.to_string()),
         CaError::Store(_) => Status::unavailable(e.to_string()),
         _ => Status::internal(e.to_string()),
     }
@@ -56,6 +58,7 @@ impl certificates_server::Certificates for CertificatesApi {
                         upstreams: p.upstreams.clone(),
                     })
                     .as_ref(),
+                p.grant_expires_at_unix_ms,
             )
             .map_err(status)?;
         tracing::info!(service = ?r.service, principal = %p.id, not_after_unix_ms = signed.not_after_unix_ms, "signed a certificate");

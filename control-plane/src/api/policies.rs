@@ -155,6 +155,9 @@ impl PoliciesService for PoliciesApi {
                 }
                 tokio::select! {
                     _ = shutdown.wait_for(|s| *s) => return,
+                    // The watcher went (or the auth layer ended the call):
+                    // stop now rather than at the next change.
+                    _ = tx.closed() => return,
                     changed = changes.changed() => if changed.is_err() { return },
                 }
             }

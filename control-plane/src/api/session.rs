@@ -1,5 +1,7 @@
 //! `isdp.v1.Sidecar/Session`: a sidecar registers its local services and
-//! reports their health on one long-lived stream.
+//! reports their health on one long-lived stream. The auth layer ends it
+//! when the sidecar's credential is revoked or expires (its request body
+//! then fails, so nothing more the sidecar sends is acted on).
 
 use std::pin::Pin;
 
@@ -17,30 +19,17 @@ use super::{op_span, record_outcome, status};
 use crate::{
     auth::Principal,
     registry::session::{Opener, Session, Sessions},
-    tokens::{Role, Tokens},
+    tokens::Role,
 };
 
 pub struct SessionApi {
     sessions: Sessions,
     shutdown: watch::Receiver<bool>,
-    /// When set, a session ends with UNAUTHENTICATED once the token that
-    /// vouched for its sidecar is revoked.
-    tokens: Option<Tokens>,
 }
 
 impl SessionApi {
     pub fn new(sessions: Sessions, shutdown: watch::Receiver<bool>) -> Self {
-        SessionApi {
-            sessions,
-            shutdown,
-            tokens: None,
-        }
-    }
-
-    /// Ends sessions whose sidecar's token is revoked.
-    pub fn revocable(mut self, tokens: Tokens) -> Self {
-        self.tokens = Some(tokens);
-        self
+        SessionApi { sessions, shutdown }
     }
 
     pub fn into_server(self) -> sidecar_server::SidecarServer<Self> {
@@ -89,7 +78,6 @@ impl sidecar_server::Sidecar for SessionApi {
             tx,
             self.sessions.clone(),
             principal,
-            self.tokens.clone(),
             self.shutdown.clone(),
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -148,24 +136,12 @@ async fn run(
     tx: mpsc::Sender<Result<SessionResponse, Status>>,
     sessions: Sessions,
     principal: Option<Principal>,
-    tokens: Option<Tokens>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let grant = principal.as_ref().and_then(|p| p.grant.clone());
-    let revoked = crate::tokens::revoked(tokens.as_ref(), grant.as_deref());
-    tokio::pin!(revoked);
     loop {
-        let next = tokio::select! {
+        let msg = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
-            why = &mut revoked => Err(why),
-            m = inbound.message() => Ok(m),
-        };
-        let msg = match next {
-            Ok(m) => m,
-            Err(why) => {
-                let _ = tx.send(Err(why)).await;
-                return;
-            }
+            m = inbound.message() => m,
         };
         match msg {
             Ok(Some(SessionRequest {

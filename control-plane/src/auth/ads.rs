@@ -4,9 +4,9 @@
 //! The auth layer has already authenticated the stream and put its
 //! [`Principal`] into the request's extensions. Its [`ReadScope`] decides
 //! every (type URL, name) the stream may read (the engine answers the rest
-//! as absent, and filters wildcard subscriptions by it), and the token that
-//! vouches for it ([`Principal::grant`]) ends the stream with
-//! UNAUTHENTICATED when it is revoked ([`tokens::revoked`]).
+//! as absent, and filters wildcard subscriptions by it). The layer also
+//! ends the stream when its credential is revoked or expires, as it does
+//! every streaming call (`auth::lifetime`).
 //!
 //! Streams are counted per principal (the token that vouches for the
 //! caller, so a token and the certificates issued under it share one
@@ -20,19 +20,15 @@
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use isdp_xds::{Access, Caller, Revoked, StreamAccess};
+use isdp_xds::{Access, Caller, StreamAccess};
 use tonic::Status;
 
 use super::{Principal, ReadScope};
-use crate::{
-    registry::validate,
-    tokens::{self, Tokens},
-};
+use crate::registry::validate;
 
 /// The access rules of the control plane's ADS server.
 #[derive(Clone)]
 pub struct AdsAccess {
-    tokens: Tokens,
     streams: Arc<OpenStreams>,
 }
 
@@ -46,9 +42,8 @@ struct OpenStreams {
 impl AdsAccess {
     /// Rules admitting at most `max_streams_per_principal` streams of one
     /// principal at a time.
-    pub fn new(tokens: Tokens, max_streams_per_principal: usize) -> Self {
+    pub fn new(max_streams_per_principal: usize) -> Self {
         AdsAccess {
-            tokens,
             streams: Arc::new(OpenStreams {
                 open: DashMap::new(),
                 max: max_streams_per_principal,
@@ -87,8 +82,6 @@ impl Access for AdsAccess {
         let slot = principal.map(|p| self.admit(p)).transpose()?;
         Ok(Box::new(StreamScope {
             scope: ReadScope::of(principal),
-            grant: principal.and_then(|p| p.grant.clone()),
-            tokens: self.tokens.clone(),
             _slot: slot,
         }))
     }
@@ -111,12 +104,10 @@ impl Drop for StreamSlot {
     }
 }
 
-/// One stream's caller: what it may read, the token it stands on, and
-/// its place in the principal's count.
+/// One stream's caller: what it may read, and its place in the
+/// principal's count.
 struct StreamScope {
     scope: ReadScope,
-    grant: Option<String>,
-    tokens: Tokens,
     _slot: Option<StreamSlot>,
 }
 
@@ -134,25 +125,15 @@ impl StreamAccess for StreamScope {
     fn node(&self, id: &str) -> Result<(), Status> {
         validate::node_id("node.id", id).map_err(|e| Status::invalid_argument(e.to_string()))
     }
-
-    fn revoked(&self) -> Revoked {
-        let (tokens, grant) = (self.tokens.clone(), self.grant.clone());
-        Box::pin(async move { tokens::revoked(Some(&tokens), grant.as_deref()).await })
-    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::{sync::Arc, time::Duration};
-
     use isdp_proto::v1::{SERVICE_ENDPOINTS_TYPE_URL as EPS, TRUST_BUNDLE_TYPE_URL as BUNDLE};
     use tonic::{Extensions, metadata::MetadataMap};
 
     use super::*;
-    use crate::{
-        store::Store,
-        tokens::{Role, Scope},
-    };
+    use crate::tokens::Role;
 
     fn try_open(
         access: &AdsAccess,
@@ -173,31 +154,25 @@ mod tests {
         try_open(access, principal).expect("a stream")
     }
 
-    fn tokens_in(dir: &std::path::Path) -> (crate::store::embedded::EmbeddedStore, Arc<dyn Store>) {
-        let store = crate::store::embedded::EmbeddedStore::open(dir).unwrap();
-        let shared: Arc<dyn Store> = Arc::new(store.clone());
-        (store, shared)
+    fn join(grant: &str, upstreams: Option<Vec<String>>) -> Principal {
+        Principal {
+            id: grant.into(),
+            role: Role::Join,
+            services: vec!["web".into()],
+            upstreams,
+            grant: Some(grant.into()),
+            grant_expires_at_unix_ms: None,
+        }
     }
 
     /// A principal's streams are counted, a token and the certificates
     /// issued under it together: the one over the limit is refused with
     /// RESOURCE_EXHAUSTED naming the flag and limit, another principal
     /// has its own count, and a stream that ends gives its place back.
-    #[tokio::test]
-    async fn streams_are_counted_per_principal() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, shared) = tokens_in(dir.path());
-        let tokens = Tokens::load(shared, "/isdp/", Duration::from_secs(60))
-            .await
-            .unwrap();
-        let access = AdsAccess::new(tokens, 2);
-        let token = |id: &str| Principal {
-            id: id.into(),
-            role: Role::Join,
-            services: vec!["web".into()],
-            upstreams: None,
-            grant: Some(id.into()),
-        };
+    #[test]
+    fn streams_are_counted_per_principal() {
+        let access = AdsAccess::new(2);
+        let token = |id: &str| join(id, None);
         let cert = Principal {
             id: "spiffe://isdp.local/svc/web".into(),
             ..token("t1")
@@ -225,59 +200,31 @@ mod tests {
             access.streams.open.get("t1").is_none(),
             "emptied entries go"
         );
-        store.close().await;
     }
 
-    #[tokio::test]
-    async fn node_ids_are_valid_ids() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, shared) = tokens_in(dir.path());
-        let tokens = Tokens::load(shared, "/isdp/", Duration::from_secs(60))
-            .await
-            .unwrap();
-        let access = open(&AdsAccess::new(tokens, 1), None);
+    #[test]
+    fn node_ids_are_valid_ids() {
+        let access = open(&AdsAccess::new(1), None);
         assert!(access.node("web-1").is_ok());
         for bad in ["", "web-1\nforged", &"n".repeat(129)] {
             let e = access.node(bad).unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument);
             assert!(e.message().starts_with("node.id: must be 1 to 128"), "{e}");
         }
-        drop(access);
-        store.close().await;
     }
 
-    /// A stream reads what its principal's scope allows, and ends when the
-    /// token it was opened with is revoked; a stream of another token (or
-    /// of none) does not.
-    #[tokio::test]
-    async fn a_stream_reads_its_scope_until_its_token_is_revoked() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
-        let shared: Arc<dyn Store> = Arc::new(store.clone());
-        let tokens = Tokens::load(shared, "/isdp/", Duration::from_secs(60))
-            .await
-            .unwrap();
-        let web = || Scope::services(vec!["web".into()]);
-        let (token, _) = tokens
-            .create(Role::Join, web(), "web".into(), None)
-            .await
-            .unwrap();
-        let (other, _) = tokens
-            .create(Role::Join, web(), "web too".into(), None)
-            .await
-            .unwrap();
-        let access = AdsAccess::new(tokens.clone(), 64);
-        let join = |grant: &str| Principal {
-            id: grant.into(),
-            role: Role::Join,
-            services: vec!["web".into()],
-            upstreams: Some(vec!["payments".into()]),
-            grant: Some(grant.into()),
-        };
-
-        let scoped = open(&access, Some(join(&token.id)));
+    /// A stream reads what its principal's scope allows; one without a
+    /// principal (no auth layer in front) reads everything.
+    #[test]
+    fn a_stream_reads_its_principals_scope() {
+        let access = AdsAccess::new(64);
+        let scoped = open(
+            &access,
+            Some(join("0123456789abcdef", Some(vec!["payments".into()]))),
+        );
         assert!(scoped.allows(BUNDLE, "mesh"));
         assert!(scoped.allows(EPS, "payments"));
+        assert!(scoped.allows(EPS, "web"));
         assert!(!scoped.allows(EPS, "billing"));
         assert!(scoped.refusal(EPS, "billing").contains("billing"));
         let unauthenticated = open(&access, None);
@@ -285,23 +232,5 @@ mod tests {
             unauthenticated.allows(EPS, "billing"),
             "as ReadScope::of(None)"
         );
-
-        let ends = tokio::spawn(scoped.revoked());
-        let stays = tokio::spawn(open(&access, Some(join(&other.id))).revoked());
-        let never = tokio::spawn(unauthenticated.revoked());
-        tokio::task::yield_now().await;
-        assert!(!ends.is_finished(), "not revoked yet");
-        tokens.revoke(&token.id).await.unwrap();
-        let status = tokio::time::timeout(Duration::from_secs(1), ends)
-            .await
-            .expect("revoking the token ends the stream")
-            .unwrap();
-        assert_eq!(status.code(), tonic::Code::Unauthenticated);
-        assert!(status.message().contains(&token.id), "{status}");
-        tokio::task::yield_now().await;
-        assert!(!stays.is_finished() && !never.is_finished());
-        stays.abort();
-        never.abort();
-        store.close().await;
     }
 }

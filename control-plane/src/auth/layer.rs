@@ -1,6 +1,8 @@
 //! The tower layer in front of every gRPC service: it sees the method path
 //! (which a tonic interceptor does not), authenticates the caller and
-//! refuses before any handler runs or anything is stored.
+//! refuses before any handler runs or anything is stored; and it bounds
+//! each streaming call by the credential that opened it
+//! ([`super::lifetime`]).
 
 use std::{
     future::Future,
@@ -8,10 +10,19 @@ use std::{
     task::{Context, Poll},
 };
 
-use tonic::{Status, transport::server::TcpConnectInfo};
+use tonic::{Status, body::Body, transport::server::TcpConnectInfo};
 
-use super::{Principal, required};
-use crate::{tls::PeerInfo, tokens::Tokens};
+use super::{
+    Principal,
+    lifetime::{Bounded, Lifetime},
+    methods::streams,
+    required,
+};
+use crate::{
+    ca::{rfc3339, unix_ms},
+    tls::PeerInfo,
+    tokens::Tokens,
+};
 
 /// How a caller is told to authenticate.
 const MISSING: &str = "missing bearer token: pass --token, ISDP_TOKEN or <data-dir>/admin.token \
@@ -51,10 +62,10 @@ pub struct Auth<S> {
 impl<S> Auth<S> {
     /// The caller of `req`, or why it is refused. Every method needs an
     /// authenticated caller; a path without a row in the table needs admin.
-    fn authorize<B>(&self, req: &http::Request<B>) -> Result<Principal, Status> {
+    fn authorize<B>(&self, req: &http::Request<B>) -> Result<(Principal, Lifetime), Status> {
         let path = req.uri().path();
         let need = required(path);
-        let principal = self.authenticate(req)?;
+        let (principal, lifetime) = self.authenticate(req)?;
         let method = path.trim_start_matches('/').trim_start_matches("isdp.v1.");
         need.check(principal.role).map_err(|want| {
             Status::permission_denied(format!(
@@ -62,46 +73,31 @@ impl<S> Auth<S> {
                 principal.role.name()
             ))
         })?;
-        Ok(principal)
+        Ok((principal, lifetime))
     }
 
     /// The bearer token if it is valid; otherwise the client certificate's
-    /// SPIFFE ID, so a sidecar that joined with a token and has since been
-    /// certified keeps working when that token expires. Revoking the token
-    /// refuses the certificates issued under it as well.
-    fn authenticate<B>(&self, req: &http::Request<B>) -> Result<Principal, Status> {
+    /// SPIFFE ID, so a caller whose token is unknown here can still be
+    /// served on its certificate. The certificate stands on the token it
+    /// was issued under: revoked or expired, that token refuses the
+    /// certificate as well. Each principal comes with what ends it.
+    fn authenticate<B>(&self, req: &http::Request<B>) -> Result<(Principal, Lifetime), Status> {
         let token_error = match req.headers().get(http::header::AUTHORIZATION) {
             Some(value) => match self.token(value) {
-                Ok(principal) => return Ok(principal),
+                Ok(authenticated) => return Ok(authenticated),
                 Err(e) => Some(e),
             },
             None => None,
         };
-        let peer = req.extensions().get::<PeerInfo>();
-        if let Some(peer) = peer
+        if let Some(peer) = req.extensions().get::<PeerInfo>()
             && let Some(service) = peer.service.clone()
         {
-            let grant = peer.grant.clone();
-            if let Some(g) = &grant
-                && !self.tokens.exists(&g.token)
-            {
-                return Err(Status::unauthenticated(format!(
-                    "the client certificate was issued under token {}, which has been revoked",
-                    g.token
-                )));
-            }
-            return Ok(Principal {
-                id: peer.spiffe_id.clone().unwrap_or_default(),
-                role: crate::tokens::Role::Join,
-                services: vec![service],
-                upstreams: grant.as_ref().and_then(|g| g.upstreams.clone()),
-                grant: grant.map(|g| g.token),
-            });
+            return self.certificate(peer, service);
         }
         Err(token_error.unwrap_or_else(|| Status::unauthenticated(MISSING)))
     }
 
-    fn token(&self, value: &http::HeaderValue) -> Result<Principal, Status> {
+    fn token(&self, value: &http::HeaderValue) -> Result<(Principal, Lifetime), Status> {
         let secret = value
             .to_str()
             .ok()
@@ -113,25 +109,90 @@ impl<S> Auth<S> {
         let token = self
             .tokens
             .verify(secret)
-            .ok_or_else(|| Status::unauthenticated("unknown, expired or revoked token"))?;
-        Ok(Principal {
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let lifetime = Lifetime::token(&token.id, token.expires_at_unix_ms);
+        let principal = Principal {
             grant: Some(token.id.clone()),
+            grant_expires_at_unix_ms: (token.expires_at_unix_ms != 0)
+                .then_some(token.expires_at_unix_ms),
             id: token.id,
             role: token.role,
             upstreams: (!token.upstreams.is_empty()).then_some(token.upstreams),
             services: token.services,
-        })
+        };
+        Ok((principal, lifetime))
+    }
+
+    /// A join principal for the certificate's service, with its grant's
+    /// scope, until the certificate or its grant expires or the grant is
+    /// revoked. The handshake checked the certificate's dates, but a
+    /// connection outlives its handshake: they are checked again per call.
+    fn certificate(
+        &self,
+        peer: &PeerInfo,
+        service: String,
+    ) -> Result<(Principal, Lifetime), Status> {
+        let spiffe_id = peer.spiffe_id.clone().unwrap_or_default();
+        let now = unix_ms();
+        let mut lifetime = Lifetime::default();
+        if let Some(not_after) = peer.not_after_unix_ms {
+            if not_after <= now {
+                return Err(Status::unauthenticated(format!(
+                    "the client certificate of {spiffe_id} expired at {}",
+                    rfc3339(not_after)
+                )));
+            }
+            lifetime = lifetime.expiring(not_after, || {
+                format!("the client certificate of {spiffe_id}")
+            });
+        }
+        let grant = peer.grant.clone();
+        let mut grant_expires_at_unix_ms = None;
+        if let Some(g) = &grant {
+            let Some(token) = self.tokens.get(&g.token) else {
+                return Err(Status::unauthenticated(format!(
+                    "the client certificate was issued under token {}, which has been revoked",
+                    g.token
+                )));
+            };
+            if token.expired(now) {
+                return Err(Status::unauthenticated(format!(
+                    "the client certificate was issued under token {}, which expired at {}",
+                    g.token,
+                    rfc3339(token.expires_at_unix_ms)
+                )));
+            }
+            lifetime.revoked_with = Some(g.token.clone());
+            lifetime = lifetime.expiring(token.expires_at_unix_ms, || {
+                format!(
+                    "token {}, under which the client certificate was issued,",
+                    g.token
+                )
+            });
+            grant_expires_at_unix_ms =
+                (token.expires_at_unix_ms != 0).then_some(token.expires_at_unix_ms);
+        }
+        let principal = Principal {
+            id: spiffe_id,
+            role: crate::tokens::Role::Join,
+            services: vec![service],
+            upstreams: grant.as_ref().and_then(|g| g.upstreams.clone()),
+            grant: grant.map(|g| g.token),
+            grant_expires_at_unix_ms,
+        };
+        Ok((principal, lifetime))
     }
 }
 
-impl<S, B, RB> tower::Service<http::Request<B>> for Auth<S>
+impl<S> tower::Service<http::Request<Body>> for Auth<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<RB>> + Clone + Send + 'static,
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
-    B: Send + 'static,
-    RB: Default + Send + 'static,
 {
-    type Response = http::Response<RB>;
+    type Response = http::Response<Body>;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -139,7 +200,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
         // Services learn the caller's address as tonic offers it
         // (`Request::remote_addr`, which the xDS engine records for
         // `isdpctl proxy-status`); tonic knows only its own listeners'
@@ -151,15 +212,144 @@ where
             });
         }
         match self.authorize(&req) {
-            Ok(principal) => {
+            Ok((principal, lifetime)) => {
                 req.extensions_mut().insert(principal);
-                Box::pin(self.inner.call(req))
+                if !streams(req.uri().path()) {
+                    return Box::pin(self.inner.call(req));
+                }
+                let end = lifetime.end(self.tokens.clone());
+                let req = req.map(|body| Body::new(Bounded::request(body, end.clone())));
+                let call = self.inner.call(req);
+                Box::pin(async move {
+                    let resp = call.await?;
+                    Ok(resp.map(|body| Body::new(Bounded::response(body, end))))
+                })
             }
             Err(status) => {
                 tracing::debug!(path = ?req.uri().path(), code = ?status.code(), message = status.message(), "refused a call");
-                let resp = status.into_http::<RB>();
+                let resp = status.into_http::<Body>();
                 Box::pin(async move { Ok(resp) })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Arc, time::Duration};
+
+    use super::*;
+    use crate::{
+        ca::grant::Grant,
+        tokens::{Role, Scope},
+    };
+
+    /// A call on a connection whose client certificate is `peer`.
+    fn call_with(peer: PeerInfo, bearer: Option<&str>) -> http::Request<()> {
+        let mut req = http::Request::builder().uri("/isdp.v1.Sidecar/Session");
+        if let Some(secret) = bearer {
+            req = req.header("authorization", format!("Bearer {secret}"));
+        }
+        let mut req = req.body(()).unwrap();
+        req.extensions_mut().insert(peer);
+        req
+    }
+
+    fn web_certificate(grant: &str, not_after_unix_ms: i64) -> PeerInfo {
+        PeerInfo {
+            remote: None,
+            spiffe_id: Some("spiffe://isdp.local/svc/web".into()),
+            service: Some("web".into()),
+            grant: Some(Grant {
+                token: grant.into(),
+                upstreams: Some(vec!["payments".into()]),
+            }),
+            not_after_unix_ms: Some(not_after_unix_ms),
+        }
+    }
+
+    /// A certificate stands on its grant: it carries the grant's expiry
+    /// (which caps what is signed for it) and ends at the earlier of its
+    /// own and the grant's; an expired certificate or grant is refused
+    /// with UNAUTHENTICATED naming what expired and when.
+    #[tokio::test]
+    async fn a_certificate_lives_no_longer_than_its_grant() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
+        let tokens = Tokens::load(Arc::new(store), "/isdp/", Duration::from_secs(60))
+            .await
+            .unwrap();
+        let join = || Scope::services(vec!["web".into()]);
+        let ttl = Some(Duration::from_secs(600));
+        let (token, secret) = tokens
+            .create(Role::Join, join(), String::new(), ttl)
+            .await
+            .unwrap();
+        let auth = Auth {
+            inner: (),
+            tokens: tokens.clone(),
+        };
+        let now = unix_ms();
+
+        // By token: the token's expiry, and the token as the grant.
+        let (p, lifetime) = auth
+            .authenticate(&call_with(PeerInfo::default(), Some(&secret)))
+            .unwrap();
+        assert_eq!(p.grant_expires_at_unix_ms, Some(token.expires_at_unix_ms));
+        assert_eq!(
+            lifetime,
+            Lifetime::token(&token.id, token.expires_at_unix_ms)
+        );
+
+        // A certificate outliving its grant ends with the grant...
+        let long = web_certificate(&token.id, now + 3_600_000);
+        let (p, lifetime) = auth.authenticate(&call_with(long, None)).unwrap();
+        assert_eq!(p.upstreams, Some(vec!["payments".into()]));
+        assert_eq!(p.grant_expires_at_unix_ms, Some(token.expires_at_unix_ms));
+        assert_eq!(lifetime.revoked_with.as_deref(), Some(token.id.as_str()));
+        let expiry = lifetime.expiry.unwrap();
+        assert_eq!(expiry.at_unix_ms, token.expires_at_unix_ms);
+        assert!(expiry.what.starts_with(&format!("token {}", token.id)));
+        // ...and one that ends first with itself.
+        let short = web_certificate(&token.id, now + 60_000);
+        let (_, lifetime) = auth.authenticate(&call_with(short, None)).unwrap();
+        let expiry = lifetime.expiry.unwrap();
+        assert_eq!(expiry.at_unix_ms, now + 60_000);
+        assert!(expiry.what.contains("spiffe://isdp.local/svc/web"));
+
+        // Expired, the certificate is refused although the handshake
+        // accepted it once: a connection outlives its handshake.
+        let stale = web_certificate(&token.id, now - 1_000);
+        let err = auth.authenticate(&call_with(stale, None)).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        assert!(err.message().contains("expired at"), "{err:?}");
+
+        // A grant past its expiry refuses the certificate, naming it.
+        let (brief, _) = tokens
+            .create(
+                Role::Join,
+                join(),
+                String::new(),
+                Some(Duration::from_millis(1)),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let under_expired = web_certificate(&brief.id, now + 3_600_000);
+        let err = auth
+            .authenticate(&call_with(under_expired, None))
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        let said = err.message();
+        assert!(
+            said.contains(&format!("token {}, which expired at 20", brief.id)),
+            "{said}"
+        );
+
+        // A revoked grant refuses it too.
+        tokens.revoke(&token.id).await.unwrap();
+        let revoked = web_certificate(&token.id, now + 60_000);
+        let err = auth.authenticate(&call_with(revoked, None)).unwrap_err();
+        assert!(err.message().contains("revoked"), "{err:?}");
     }
 }

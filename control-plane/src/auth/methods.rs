@@ -132,6 +132,24 @@ pub const METHODS: &[(&str, &[(&str, Need)])] = &[
     ),
 ];
 
+/// Every streaming method (server-streaming, client-streaming or both):
+/// a call that outlives its request, so the auth layer ends it when the
+/// credential that opened it is revoked or expires (`auth::lifetime`). The
+/// tests check this list against the descriptors, so a streaming method
+/// added to a `.proto` without a row here fails them.
+pub const STREAMING: &[&str] = &[
+    "/isdp.v1.Registry/WatchService",
+    "/isdp.v1.Sidecar/Session",
+    "/isdp.v1.Policies/Watch",
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources",
+];
+
+/// Whether the method at `path` streams ([`STREAMING`]).
+pub fn streams(path: &str) -> bool {
+    STREAMING.contains(&path)
+}
+
 /// The row for `path` (`/package.Service/Method`), if it has one.
 pub fn lookup(path: &str) -> Option<Need> {
     let (service, method) = path.strip_prefix('/')?.split_once('/')?;
@@ -164,11 +182,19 @@ mod tests {
 
     /// Every method path of every service in `fds`.
     fn described(fds: &[u8]) -> BTreeSet<String> {
+        methods_where(fds, |_| true)
+    }
+
+    /// The method paths in `fds` whose descriptor satisfies `keep`.
+    fn methods_where(
+        fds: &[u8],
+        keep: impl Fn(&prost_types::MethodDescriptorProto) -> bool,
+    ) -> BTreeSet<String> {
         let set = prost_types::FileDescriptorSet::decode(fds).expect("a descriptor set");
         let mut paths = BTreeSet::new();
         for file in &set.file {
             for service in &file.service {
-                for method in &service.method {
+                for method in service.method.iter().filter(|m| keep(m)) {
                     paths.insert(format!(
                         "/{}.{}/{}",
                         file.package(),
@@ -179,6 +205,35 @@ mod tests {
             }
         }
         paths
+    }
+
+    /// The streaming methods served, from the descriptors: the auth layer
+    /// must bound every one of them by its credential, and nothing else.
+    #[test]
+    fn every_streaming_method_is_listed_and_nothing_else() {
+        let mut streaming = methods_where(isdp_proto::v1::FILE_DESCRIPTOR_SET, |m| {
+            m.server_streaming() || m.client_streaming()
+        });
+        // ADS is bidirectional, both methods (the xDS v3 protocol).
+        streaming.extend(ADS.iter().map(|p| p.to_string()));
+        assert!(
+            streaming.len() >= 5,
+            "the descriptors lost their streams: {streaming:?}"
+        );
+        let listed: BTreeSet<String> = STREAMING.iter().map(|p| p.to_string()).collect();
+        let missing: Vec<_> = streaming.difference(&listed).collect();
+        assert!(
+            missing.is_empty(),
+            "streaming methods missing from auth::methods::STREAMING: {missing:?}"
+        );
+        let stale: Vec<_> = listed.difference(&streaming).collect();
+        assert!(stale.is_empty(), "listed but not streaming: {stale:?}");
+        for path in &streaming {
+            assert!(streams(path), "{path}");
+        }
+        for path in served().difference(&streaming) {
+            assert!(!streams(path), "{path} is unary");
+        }
     }
 
     fn served() -> BTreeSet<String> {

@@ -1,10 +1,10 @@
 //! The grant a workload certificate carries: the join token it was issued
 //! under and that token's read scope (the upstreams its holder may
-//! discover over xDS). A sidecar that later authenticates with the
-//! certificate (its token expired) keeps the token's scope rather than
-//! widening it, and revoking the token cuts the certificate off too: here,
-//! and on every sidecar, which learns the revoked tokens with the trust
-//! bundle.
+//! discover over xDS). A caller that authenticates with the certificate
+//! keeps the token's scope rather than widening it; revoking the token cuts
+//! the certificate off too (here, and on every sidecar, which learns the
+//! revoked tokens with the trust bundle), and the token's expiry ends it
+//! (the certificate is issued to end by then, and refused past it).
 //!
 //! The extension's DER lives in `isdp_core::grant`, which both sides read
 //! it with; this module only wraps it for rcgen.

@@ -148,20 +148,50 @@ async fn stored_root_is_shared_and_rotation_prunes() {
 
     // Lifetimes: default, capped, too short.
     let csr = csr_with_names(&[]);
-    let signed = a.sign("web", &csr, 0, None).unwrap();
+    let signed = a.sign("web", &csr, 0, None, None).unwrap();
     assert_eq!(signed.spiffe_id, "spiffe://isdp.local/svc/web");
     let life = signed.not_after_unix_ms - crate::ca::unix_ms();
     assert!((3_590_000..=3_600_000).contains(&life), "{life}");
-    let capped = a.sign("web", &csr, 999_999, None).unwrap();
+    let capped = a.sign("web", &csr, 999_999, None, None).unwrap();
     let life = capped.not_after_unix_ms - crate::ca::unix_ms();
     assert!(life <= 7_200_000, "{life}");
-    assert!(a.sign("web", &csr, 2, None).is_err());
-    assert!(a.sign("Not_A_Label", &csr, 0, None).is_err());
+    assert!(a.sign("web", &csr, 2, None, None).is_err());
+    assert!(a.sign("Not_A_Label", &csr, 0, None, None).is_err());
+
+    // Under a token that expires: the certificate ends by the token's
+    // expiry (notAfter included), and past it nothing is signed.
+    let grant = grant::Grant {
+        token: "0123456789abcdef".into(),
+        upstreams: None,
+    };
+    let until = crate::ca::unix_ms() + 600_500;
+    let capped = a.sign("web", &csr, 0, Some(&grant), Some(until)).unwrap();
+    assert!(
+        (until - 2_000..=until).contains(&capped.not_after_unix_ms),
+        "{} vs the token's {until}",
+        capped.not_after_unix_ms
+    );
+    let (_, leaf) = parse_x509_certificate(&capped.chain_der[0]).unwrap();
+    assert!(leaf.validity().not_after.timestamp() * 1000 <= until);
+    let later = crate::ca::unix_ms() + 86_400_000;
+    let uncapped = a.sign("web", &csr, 0, Some(&grant), Some(later)).unwrap();
+    let life = uncapped.not_after_unix_ms - crate::ca::unix_ms();
+    assert!((3_590_000..=3_600_000).contains(&life), "{life}");
+    let past = crate::ca::unix_ms() - 1;
+    let err = a
+        .sign("web", &csr, 0, Some(&grant), Some(past))
+        .unwrap_err();
+    assert!(matches!(err, CaError::GrantExpired { .. }), "{err}");
+    let said = err.to_string();
+    assert!(
+        said.contains("token 0123456789abcdef") && said.contains("expired at 20"),
+        "{said}"
+    );
 
     let rotated = a.rotate(Duration::from_millis(300)).await.unwrap();
     assert_eq!(rotated.roots_der.len(), 2);
     assert_eq!(rotated.roots_der[1], first.roots_der[0]);
-    let signed = a.sign("web", &csr, 0, None).unwrap();
+    let signed = a.sign("web", &csr, 0, None, None).unwrap();
     let (_, leaf) = parse_x509_certificate(&signed.chain_der[0]).unwrap();
     let (_, new_root) = parse_x509_certificate(&rotated.roots_der[0]).unwrap();
     leaf.verify_signature(Some(new_root.public_key())).unwrap();
@@ -337,7 +367,7 @@ async fn a_plaintext_key_from_an_earlier_version_is_sealed_on_load() {
         Some(k.id())
     );
     // It still signs: a leaf verifies against the migrated root.
-    let signed = a.sign("web", &csr_with_names(&[]), 0, None).unwrap();
+    let signed = a.sign("web", &csr_with_names(&[]), 0, None, None).unwrap();
     let (_, leaf) = parse_x509_certificate(&signed.chain_der[0]).unwrap();
     let (_, root_cert) = parse_x509_certificate(&root.cert_der).unwrap();
     leaf.verify_signature(Some(root_cert.public_key())).unwrap();

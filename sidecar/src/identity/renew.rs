@@ -32,6 +32,12 @@ const JITTER: f64 = 0.1;
 /// minted on another replica a moment ago.
 pub const REFUSED_CAP: Duration = Duration::from_secs(60);
 
+/// A renewal that moves the certificate's end by no more than this did
+/// not extend it: the control plane caps certificates at the expiry of the
+/// join token they are issued under, and renewing again would only ask
+/// more often as that instant nears.
+const NOT_EXTENDED: Duration = Duration::from_secs(1);
+
 /// The backoff between refused requests.
 pub fn refused_backoff() -> Backoff {
     use isdp_core::backoff::{BASE, FACTOR, STABLE_AFTER};
@@ -61,6 +67,8 @@ impl Renewer {
     pub(super) async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         // When the certificate held now expires.
         let mut expires: Option<Instant> = None;
+        // Its notAfter, to tell whether a renewal extended it.
+        let mut held_until: Option<SystemTime> = None;
         loop {
             let obtained = tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => return,
@@ -75,7 +83,17 @@ impl Renewer {
                         .duration_since(SystemTime::now())
                         .unwrap_or_default();
                     let jitter = rand::rng().random_range(1.0 - JITTER..=1.0 + JITTER);
-                    let renew_in = renew_after(remaining, jitter);
+                    let extended =
+                        held_until.is_none_or(|prev| identity.not_after > prev + NOT_EXTENDED);
+                    held_until = Some(identity.not_after);
+                    let renew_in = if extended {
+                        renew_after(remaining, jitter)
+                    } else {
+                        // Held to its end; the request after it is refused
+                        // (the token expired), which `/ready` reports.
+                        tracing::warn!(service = %self.service, ?remaining, "the workload certificate was renewed without being extended: the join token it is issued under expires then; not renewed again before it expires (restart the sidecar with a new join token)");
+                        remaining
+                    };
                     tracing::info!(service = %self.service, spiffe_id = %identity.spiffe_id, ?remaining, ?renew_in, "workload certificate issued");
                     expires = Some(Instant::now() + remaining);
                     self.publish(|ids| {
@@ -117,6 +135,7 @@ impl Renewer {
                 }
                 tracing::warn!(service = %self.service, "workload certificate expired without renewal; withdrawn");
                 expires = None;
+                held_until = None;
                 self.publish(|ids| {
                     ids.by_service.remove(&self.service);
                 });

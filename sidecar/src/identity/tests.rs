@@ -20,6 +20,9 @@ struct FakeSigner {
     fail: AtomicBool,
     /// Refuse as the control plane does a revoked token's certificate.
     refuse: AtomicBool,
+    /// Issue nothing past this, as the control plane caps certificates at
+    /// their token's expiry.
+    until: Mutex<Option<SystemTime>>,
     calls: Mutex<Vec<Instant>>,
 }
 
@@ -30,6 +33,7 @@ impl FakeSigner {
             impersonate: None,
             fail: AtomicBool::new(false),
             refuse: AtomicBool::new(false),
+            until: Mutex::default(),
             calls: Mutex::default(),
         })
     }
@@ -56,6 +60,11 @@ impl Signer for FakeSigner {
             let leaf = Leaf::service(TD, service);
             let cert = self.ca.sign_csr(&request.csr_der, &leaf);
             let not_after = SystemTime::now() + LIFETIME;
+            let not_after = self
+                .until
+                .lock()
+                .unwrap()
+                .map_or(not_after, |u| u.min(not_after));
             Ok(SignResponse {
                 chain_der: vec![cert.to_vec()],
                 spiffe_id: format!("spiffe://{TD}/svc/{service}"),
@@ -195,4 +204,35 @@ async fn refusals_are_retried_slowly_and_reported() {
     let ids = ids.borrow();
     assert!(ids.ready(), "certified once the control plane agrees");
     assert!(ids.refused.is_empty(), "{:?}", ids.refused);
+}
+
+/// A certificate capped at its token's expiry is renewed once (which
+/// brings no later end), then held to its end rather than renewed ever
+/// more often as the end nears; withdrawn then, the next refusal (the
+/// token expired) is reported.
+#[tokio::test(start_paused = true)]
+async fn a_certificate_capped_at_its_tokens_expiry_is_held_to_its_end() {
+    const CAP: Duration = Duration::from_secs(90);
+    let signer = FakeSigner::new();
+    *signer.until.lock().unwrap() = Some(SystemTime::now() + CAP);
+    let (mut ids, _stop) = start(signer.clone(), &["web"]);
+    ids.wait_for(|i| i.ready()).await.unwrap();
+    // The first renewal, at 2/3 of the capped life, ends no later.
+    while signer.calls().len() < 2 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let renewed = *signer.calls().last().unwrap();
+    let first = signer.calls()[0];
+    let after = renewed.duration_since(first).as_secs_f64();
+    assert!((53.0..=67.0).contains(&after), "renewed after {after} s");
+    // (The paused clock stops tokio's time, not the wall clock the
+    // remaining life is read from: the certificate still has ~90 s.)
+    tokio::time::sleep_until(renewed + CAP - Duration::from_secs(5)).await;
+    assert_eq!(signer.calls().len(), 2, "not renewed again before its end");
+    assert!(ids.borrow().ready(), "the certificate serves to its end");
+    signer.refuse.store(true, Ordering::SeqCst);
+    tokio::time::sleep_until(renewed + CAP + Duration::from_secs(1)).await;
+    let ids = ids.borrow();
+    assert!(!ids.ready(), "withdrawn at its end");
+    assert!(ids.refused.contains_key("web"), "{:?}", ids.refused);
 }

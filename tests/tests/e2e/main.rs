@@ -26,6 +26,7 @@ mod revocation;
 mod roles;
 mod secrets;
 mod sessions;
+mod stream_lifetime;
 mod tracing;
 mod validation;
 mod xds;
