@@ -24,14 +24,15 @@
 //! - `lifetime`: what ends a credential, and the bodies of a streaming
 //!   call cut off when it does.
 //! - `ads`: the xDS engine's access rules ([`AdsAccess`]): each ADS
-//!   stream reads its principal's `ReadScope`.
+//!   stream reads its principal's `ReadScope`; `ads/name_budget.rs` is the
+//!   per-principal ledger of subscribed name bytes.
 
 mod ads;
 mod layer;
 mod lifetime;
 mod methods;
 
-pub use ads::AdsAccess;
+pub use ads::{AdsAccess, DEFAULT_NAME_BYTES_PER_PRINCIPAL};
 pub use layer::AuthLayer;
 pub use methods::{METHODS, Need, STREAMING, lookup, required, streams};
 

@@ -179,6 +179,17 @@ pub struct Config {
     #[arg(long, env = "ISDP_XDS_MAX_STREAMS_PER_PRINCIPAL", default_value_t = 64)]
     pub xds_max_streams_per_principal: usize,
 
+    /// Most bytes of subscribed xDS resource names one principal's ADS
+    /// streams may hold together on this control plane, each name
+    /// counting its length plus 64 bytes (its entries); the subscription
+    /// that would exceed it ends its stream with RESOURCE_EXHAUSTED.
+    /// Without it the per-stream bounds multiply by the streams a token
+    /// may open. The default (16 MiB) fits 1000 sidecars sharing one join
+    /// token with ~25 upstreams each (~6 KiB of names per sidecar) with
+    /// room to spare; raise it for more sidecars per token.
+    #[arg(long, env = "ISDP_XDS_MAX_NAME_BYTES_PER_PRINCIPAL", default_value_t = crate::auth::DEFAULT_NAME_BYTES_PER_PRINCIPAL)]
+    pub xds_max_name_bytes_per_principal: usize,
+
     #[command(flatten)]
     pub trace: isdp_core::telemetry::TraceArgs,
 }
@@ -248,6 +259,10 @@ impl Config {
             (
                 "--xds-max-streams-per-principal",
                 self.xds_max_streams_per_principal,
+            ),
+            (
+                "--xds-max-name-bytes-per-principal",
+                self.xds_max_name_bytes_per_principal,
             ),
         ] {
             if v == 0 {
@@ -512,9 +527,17 @@ mod tests {
             ),
             (7, 8)
         );
+        assert_eq!(c.xds_max_name_bytes_per_principal, 16 << 20);
+        let c = Config::try_parse_from([
+            "isdp-control-plane",
+            "--xds-max-name-bytes-per-principal=4096",
+        ])
+        .unwrap();
+        assert_eq!(c.xds_max_name_bytes_per_principal, 4096);
         for flag in [
             "--xds-max-names-per-stream",
             "--xds-max-streams-per-principal",
+            "--xds-max-name-bytes-per-principal",
         ] {
             let err = check(&[&format!("{flag}=0")]).unwrap_err();
             assert_eq!(err, format!("{flag} must be at least 1"));

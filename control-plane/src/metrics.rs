@@ -94,6 +94,9 @@ struct Inner {
     grpc_handling: Family<MethodLabel, Histogram>,
     store_ops: Family<StoreOpLabel, Histogram>,
     store_errors: Family<StoreErrorLabels, Counter>,
+    /// The rate xDS lines clients can cause are logged at: the engine's
+    /// refusals and the NACKs below share it.
+    xds_log: isdp_xds::LogRate,
 }
 
 impl Default for Metrics {
@@ -193,8 +196,15 @@ impl Metrics {
                 grpc_handling,
                 store_ops,
                 store_errors,
+                xds_log: isdp_xds::LogRate::default(),
             }),
         }
+    }
+
+    /// The rate lines about xDS clients' refusals and NACKs are logged
+    /// at, for the ADS engine to share.
+    pub fn xds_log_rate(&self) -> isdp_xds::LogRate {
+        self.inner.xds_log.clone()
     }
 
     /// The Prometheus text exposition (format 0.0.4).
@@ -292,7 +302,9 @@ fn label(type_url: &str) -> TypeLabel {
 impl StreamObserver for Metrics {
     fn opened(&self, s: &StreamInfo) {
         self.inner.streams.inc();
-        tracing::info!(node = ?s.node_id, stream = s.id, delta = s.delta, peer = ?s.peer, "xds stream opened");
+        // Debug: a client opening streams as fast as it can must not write
+        // a line per stream; `isdp_xds_streams` counts them.
+        tracing::debug!(node = ?s.node_id, stream = s.id, delta = s.delta, peer = ?s.peer, "xds stream opened");
     }
 
     fn event(&self, s: &StreamInfo, e: &StreamEvent) {
@@ -329,13 +341,17 @@ impl StreamObserver for Metrics {
                 message,
             } => {
                 self.inner.nacks.get_or_create(&label(type_url)).inc();
-                tracing::warn!(node = ?s.node_id, type_url = ?type_url, nonce, error = ?message, "xds response rejected (NACK)");
+                if self.inner.xds_log.admit() {
+                    tracing::warn!(node = ?s.node_id, type_url = ?type_url, nonce, error = ?message, "xds response rejected (NACK)");
+                } else {
+                    tracing::debug!(node = ?s.node_id, type_url = ?type_url, nonce, error = ?message, "xds response rejected (NACK)");
+                }
             }
         }
     }
 
     fn closed(&self, s: &StreamInfo) {
         self.inner.streams.dec();
-        tracing::info!(node = ?s.node_id, stream = s.id, "xds stream closed");
+        tracing::debug!(node = ?s.node_id, stream = s.id, "xds stream closed");
     }
 }

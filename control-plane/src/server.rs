@@ -132,11 +132,15 @@ impl Server {
         ));
         let ads = AdsService::new(
             cache,
-            Arc::new(auth::AdsAccess::new(config.xds_max_streams_per_principal)),
+            Arc::new(
+                auth::AdsAccess::new(config.xds_max_streams_per_principal)
+                    .with_name_bytes_per_principal(config.xds_max_name_bytes_per_principal),
+            ),
             Arc::new((metrics.clone(), views.proxies.clone())),
             shutdown.clone(),
         )
-        .with_limits(config.xds_limits());
+        .with_limits(config.xds_limits())
+        .with_log_rate(metrics.xds_log_rate());
         serve_grpc(incoming, views, ads, metrics, ca, tokens, shutdown).await?;
         let _ = admin_task.await;
         tasks.join().await;

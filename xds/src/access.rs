@@ -34,6 +34,7 @@ use tokio::time::Instant;
 use tonic::{Extensions, Status, metadata::MetadataMap};
 
 use self::log::{Line, RefusalLog};
+use crate::log_rate::LogRate;
 
 /// What the engine knows of a stream's caller when the stream opens.
 #[derive(Clone, Copy, Debug)]
@@ -77,6 +78,18 @@ pub trait StreamAccess: Send + 'static {
     fn node(&self, _id: &str) -> Result<(), Status> {
         Ok(())
     }
+
+    /// The bytes of names the stream holds change by `delta` (see
+    /// [`crate::name_cost`]): more when it subscribes to names, fewer
+    /// when it drops them, and what it still holds when it ends. An
+    /// error refuses a growth: the request is not applied and the stream
+    /// ends with the status (RESOURCE_EXHAUSTED naming the budget, say).
+    /// Decreases always pass. An application keeps a budget across
+    /// streams here (one caller's streams together), which the engine
+    /// cannot: it knows no caller. By default nothing is counted.
+    fn charge(&self, _delta: isize) -> Result<(), Status> {
+        Ok(())
+    }
 }
 
 /// Everyone reads everything: for an engine
@@ -98,14 +111,18 @@ impl StreamAccess for Unrestricted {
 
 /// A stream's access as the state machines apply it: refusals of named
 /// subscriptions are remembered while subscribed and logged at a bounded
-/// rate.
+/// rate, and the bytes of the names the stream holds are charged to the
+/// application.
 pub(crate) struct Gate {
     access: Box<dyn StreamAccess>,
     /// Per type, the refused names the stream subscribes to now, so that
     /// state-of-the-world clients, which repeat their names on every ACK,
     /// are not logged again. Only names currently subscribed are kept, so
     /// this is bounded by the stream's name limit.
-    refused: HashMap<Arc<str>, HashSet<String>>,
+    refused: HashMap<Arc<str>, HashSet<Arc<str>>>,
+    /// Per type, the name bytes charged to the application
+    /// ([`StreamAccess::charge`]); their sum is given back on drop.
+    charged: HashMap<Arc<str>, usize>,
     log: RefusalLog,
 }
 
@@ -114,8 +131,27 @@ impl Gate {
         Gate {
             access,
             refused: HashMap::new(),
+            charged: HashMap::new(),
             log: RefusalLog::default(),
         }
+    }
+
+    /// Logs under the server's `rate` rather than a rate of its own.
+    pub(crate) fn set_log_rate(&mut self, rate: LogRate) {
+        self.log = RefusalLog::new(rate);
+    }
+
+    /// Charges the application for the stream holding `bytes` of names
+    /// of `type_url` from now on (see [`StreamAccess::charge`]); on an
+    /// error nothing changed and the request must not be applied.
+    pub(crate) fn hold(&mut self, type_url: &Arc<str>, bytes: usize) -> Result<(), Status> {
+        let before = self.charged.get(type_url).copied().unwrap_or(0);
+        if bytes == before {
+            return Ok(());
+        }
+        self.access.charge(bytes as isize - before as isize)?;
+        self.charged.insert(type_url.clone(), bytes);
+        Ok(())
     }
 
     /// The application's check of a node id.
@@ -131,13 +167,13 @@ impl Gate {
 
     /// Whether a name subscribed to is refused (and, the first time it is
     /// subscribed, logs why, within the stream's log rate).
-    pub(crate) fn refuses(&mut self, type_url: &Arc<str>, name: &str) -> bool {
+    pub(crate) fn refuses(&mut self, type_url: &Arc<str>, name: &Arc<str>) -> bool {
         if self.access.allows(type_url, name) {
             return false;
         }
         let refused = self.refused.entry(type_url.clone()).or_default();
         if !refused.contains(name) {
-            refused.insert(name.to_owned());
+            refused.insert(name.clone());
             match self.log.note(Instant::now()) {
                 Line::First => tracing::warn!(
                     reason = %self.access.refusal(type_url, name),
@@ -148,7 +184,10 @@ impl Gate {
                     latest = %self.access.refusal(type_url, name),
                     "xds subscriptions refused since the last such line: the resources are treated as absent"
                 ),
-                Line::Quiet => {}
+                Line::Quiet => tracing::debug!(
+                    reason = %self.access.refusal(type_url, name),
+                    "xds subscription refused: the resource is treated as absent"
+                ),
             }
         }
         true
@@ -167,15 +206,21 @@ impl Gate {
     pub(crate) fn filter(
         &mut self,
         type_url: &Arc<str>,
-        names: BTreeSet<String>,
-    ) -> BTreeSet<String> {
-        if let Some(r) = self.refused.get_mut(type_url) {
-            r.retain(|n| names.contains(n));
-        }
+        names: BTreeSet<Arc<str>>,
+    ) -> BTreeSet<Arc<str>> {
+        self.keep_only(type_url, &names);
         names
             .into_iter()
             .filter(|n| !self.refuses(type_url, n))
             .collect()
+    }
+
+    /// Forgets the refused names of `type_url` outside `names`, the whole
+    /// set the stream now subscribes to (none under a wildcard).
+    pub(crate) fn keep_only(&mut self, type_url: &str, names: &BTreeSet<Arc<str>>) {
+        if let Some(r) = self.refused.get_mut(type_url) {
+            r.retain(|n| names.contains(n));
+        }
     }
 
     /// Refused names remembered, over all types.
@@ -187,12 +232,23 @@ impl Gate {
 
 impl Drop for Gate {
     fn drop(&mut self) {
+        let held: usize = self.charged.values().sum();
+        if held > 0 {
+            let _ = self.access.charge(-(held as isize));
+        }
         let refused = self.log.unlogged();
         if refused > 0 {
-            tracing::warn!(
-                refused,
-                "xds subscriptions refused and not logged before the stream ended: the resources were treated as absent"
-            );
+            if self.log.admit() {
+                tracing::warn!(
+                    refused,
+                    "xds subscriptions refused and not logged before the stream ended: the resources were treated as absent"
+                );
+            } else {
+                tracing::debug!(
+                    refused,
+                    "xds subscriptions refused and not logged before the stream ended: the resources were treated as absent"
+                );
+            }
         }
     }
 }
@@ -214,10 +270,13 @@ pub(crate) mod tests {
     fn names_outside_the_scope_are_dropped() {
         let mut s = Gate::new(Box::new(Only(&["payments", "web"])));
         let eps: Arc<str> = "type.googleapis.com/test.Endpoints".into();
-        let names = ["payments", "billing", "web"].map(String::from).into();
+        let names = ["payments", "billing", "web"].map(Arc::from).into();
         let kept = s.filter(&eps, names);
-        assert_eq!(kept, ["payments", "web"].map(String::from).into());
-        assert!(s.refuses(&eps, "billing"), "refused again, logged once");
+        assert_eq!(kept, ["payments", "web"].map(Arc::from).into());
+        assert!(
+            s.refuses(&eps, &"billing".into()),
+            "refused again, logged once"
+        );
         assert_eq!(s.remembered(), 1);
     }
 
@@ -230,14 +289,15 @@ pub(crate) mod tests {
         let mut s = Gate::new(Box::new(Only(&["web"])));
         let t: Arc<str> = "type.googleapis.com/test.Endpoints".into();
         for round in 0..50 {
-            let names: BTreeSet<String> = (0..100).map(|n| format!("r{round}-{n}")).collect();
+            let names: BTreeSet<Arc<str>> =
+                (0..100).map(|n| format!("r{round}-{n}").into()).collect();
             assert!(s.filter(&t, names).is_empty());
             assert_eq!(s.remembered(), 100, "round {round}");
         }
-        assert!(s.filter(&t, ["web".to_owned()].into()).contains("web"));
+        assert!(s.filter(&t, [Arc::from("web")].into()).contains("web"));
         assert_eq!(s.remembered(), 0);
         for n in 0..100 {
-            assert!(s.refuses(&t, &format!("d{n}")));
+            assert!(s.refuses(&t, &format!("d{n}").into()));
             s.forget(&t, &format!("d{n}"));
         }
         assert_eq!(s.remembered(), 0);

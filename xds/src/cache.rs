@@ -46,8 +46,11 @@ pub struct TypeCache {
     type_url: Arc<str>,
     resources: RwLock<BTreeMap<String, Arc<Encoded>>>,
     /// name (or `*` for wildcard subscribers) -> stream id -> its waker.
-    watchers: Mutex<HashMap<String, HashMap<u64, Arc<Wake>>>>,
+    watchers: Mutex<HashMap<Arc<str>, Watchers>>,
 }
+
+/// The streams watching one name: stream id -> its waker.
+type Watchers = HashMap<u64, Arc<Wake>>;
 
 // === impl Cache ===
 
@@ -207,11 +210,11 @@ impl TypeCache {
         }
     }
 
-    fn watch(&self, name: &str, stream: u64, wake: &Arc<Wake>) {
+    fn watch(&self, name: &Arc<str>, stream: u64, wake: &Arc<Wake>) {
         self.watchers
             .lock()
             .expect("watchers lock")
-            .entry(name.to_owned())
+            .entry(name.clone())
             .or_default()
             .insert(stream, wake.clone());
     }

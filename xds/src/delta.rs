@@ -16,6 +16,7 @@ use crate::{
     cache::{Cache, Subscriptions, TypeCache, Wake},
     event::StreamEvent,
     limits::{self, Limits},
+    log_rate::LogRate,
     resource::{Encoded, Nonces, delta_response},
 };
 
@@ -30,16 +31,22 @@ pub(crate) struct DeltaStream {
     nonces: Nonces,
 }
 
+/// One type's state. Each name is one `Arc<str>` shared by the maps here
+/// and the stream's subscriptions, rather than a copy per map.
 struct TypeState {
     tc: Arc<TypeCache>,
     wildcard: bool,
-    names: HashSet<String>,
+    names: HashSet<Arc<str>>,
     /// What the client holds: name -> version. An empty version records
     /// that the client was told the name does not exist.
-    known: HashMap<String, String>,
+    known: HashMap<Arc<str>, String>,
+    /// What the names the first request said the client holds, without
+    /// subscribing to them, cost ([`limits::name_cost`]): charged with
+    /// the subscribed names until the stream ends.
+    initial_bytes: usize,
     /// The response awaiting ACK.
     pending: Option<Pending>,
-    dirty: BTreeSet<String>,
+    dirty: BTreeSet<Arc<str>>,
 }
 
 /// A response sent and not yet ACKed or NACKed.
@@ -69,6 +76,12 @@ impl DeltaStream {
         self
     }
 
+    /// Logs refusals under the server's `rate`, shared by its streams.
+    pub(crate) fn with_log_rate(mut self, rate: LogRate) -> Self {
+        self.gate.set_log_rate(rate);
+        self
+    }
+
     /// A stream whose responses carry at most `budget` resource bytes
     /// (tests).
     #[cfg(test)]
@@ -90,13 +103,16 @@ impl DeltaStream {
 
     pub(crate) fn on_request(
         &mut self,
-        req: DeltaDiscoveryRequest,
+        mut req: DeltaDiscoveryRequest,
         out: &mut Vec<StreamEvent>,
     ) -> Result<(), Status> {
         let tc = self.cache.serving(&req.type_url)?;
         let type_url = tc.type_url().clone();
         let first = !self.types.contains_key(&type_url);
-        self.check_names(&type_url, &req, first)?;
+        let bytes = self.check_names(&type_url, &req, first)?;
+        // Charged before anything of the request is kept: refused, it
+        // changes nothing.
+        self.gate.hold(&type_url, bytes)?;
         let st = self
             .types
             .entry(type_url.clone())
@@ -105,11 +121,23 @@ impl DeltaStream {
                 wildcard: false,
                 names: HashSet::new(),
                 known: HashMap::new(),
+                initial_bytes: 0,
                 pending: None,
                 dirty: BTreeSet::new(),
             });
         if first {
-            st.known = req.initial_resource_versions.clone();
+            st.known = std::mem::take(&mut req.initial_resource_versions)
+                .into_iter()
+                .map(|(n, v)| (Arc::from(n), v))
+                .collect();
+            st.initial_bytes = st
+                .known
+                .keys()
+                .filter(|n| {
+                    &***n != WILDCARD && !req.resource_names_subscribe.iter().any(|s| s == &***n)
+                })
+                .map(|n| limits::name_cost(n))
+                .sum();
             if req.resource_names_subscribe.is_empty() {
                 // Legacy wildcard: a first request naming nothing.
                 st.wildcard = true;
@@ -145,31 +173,39 @@ impl DeltaStream {
                 st.wildcard = false;
                 self.subs.remove(&tc, WILDCARD);
             } else {
-                st.names.remove(n);
-                st.known.remove(n);
-                st.dirty.remove(n);
+                st.names.remove(n.as_str());
+                st.known.remove(n.as_str());
+                st.dirty.remove(n.as_str());
                 self.subs.remove(&tc, n);
                 self.gate.forget(&type_url, n);
             }
         }
-        for n in &req.resource_names_subscribe {
+        for n in req.resource_names_subscribe {
             if n == WILDCARD {
                 st.wildcard = true;
+            } else if let Some(held) = st.names.get(n.as_str()) {
+                st.dirty.insert(held.clone());
             } else {
+                // One copy of the name, shared by every map that holds it
+                // (the one `known` holds, if any).
+                let n = st
+                    .known
+                    .get_key_value(n.as_str())
+                    .map_or_else(|| Arc::from(n), |(k, _)| k.clone());
                 st.names.insert(n.clone());
                 st.dirty.insert(n.clone());
                 // Outside the caller's scope: answered as absent, never
                 // watched, so its changes do not even wake the stream.
-                if !self.gate.refuses(&type_url, n) {
-                    self.subs.add(&tc, n);
+                if !self.gate.refuses(&type_url, &n) {
+                    self.subs.add(&tc, &n);
                 }
             }
         }
         // A wildcard watches every name; what the stream may not read is
         // left out as each response is built.
         if st.wildcard && !self.subs.holds(&type_url, WILDCARD) {
-            self.subs.add(&tc, WILDCARD);
-            st.dirty.extend(tc.names());
+            self.subs.add(&tc, &Arc::from(WILDCARD));
+            st.dirty.extend(tc.names().into_iter().map(Arc::from));
             st.dirty.extend(st.known.keys().cloned());
         }
         self.flush_type(&type_url, out);
@@ -179,23 +215,25 @@ impl DeltaStream {
     /// The names the stream would subscribe to of `type_url` after `req`
     /// (those it holds, less those unsubscribed, plus those subscribed
     /// and, on the first request, those it says it holds), checked against
-    /// the limits before any of it is kept.
+    /// the limits before any of it is kept; returns what they cost
+    /// ([`limits::name_cost`]), with the names the first request said it
+    /// held. Under a wildcard, the names of the resources sent are the
+    /// server's, not the client's, and cost nothing.
     fn check_names(
         &self,
         type_url: &Arc<str>,
         req: &DeltaDiscoveryRequest,
         first: bool,
-    ) -> Result<(), Status> {
+    ) -> Result<usize, Status> {
         let added = req.resource_names_subscribe.iter().chain(
             first
                 .then_some(req.initial_resource_versions.keys())
                 .into_iter()
                 .flatten(),
         );
-        let mut after: HashSet<&str> = self
-            .types
-            .get(type_url)
-            .map(|st| st.names.iter().map(String::as_str).collect())
+        let st = self.types.get(type_url);
+        let mut after: HashSet<&str> = st
+            .map(|st| st.names.iter().map(|n| &**n).collect())
             .unwrap_or_default();
         for n in &req.resource_names_unsubscribe {
             after.remove(n.as_str());
@@ -204,13 +242,15 @@ impl DeltaStream {
             limits::check_name(type_url, n)?;
             after.insert(n);
         }
-        self.limits.check_names(type_url, after.len())
+        self.limits.check_names(type_url, after.len())?;
+        let initial = st.map_or(0, |st| st.initial_bytes);
+        Ok(after.into_iter().map(limits::name_cost).sum::<usize>() + initial)
     }
 
     pub(crate) fn on_wake(&mut self, out: &mut Vec<StreamEvent>) {
         for (type_url, names) in self.subs.wake.take() {
             if let Some(st) = self.types.get_mut(&type_url) {
-                st.dirty.extend(names);
+                st.dirty.extend(names.into_iter().map(Arc::from));
             }
             self.flush_type(&type_url, out);
         }
@@ -233,7 +273,7 @@ impl DeltaStream {
         let names = std::mem::take(&mut st.dirty);
         let current: Vec<Option<Arc<Encoded>>> = st
             .tc
-            .read(|held| names.iter().map(|n| held.get(n).cloned()).collect());
+            .read(|held| names.iter().map(|n| held.get(&**n).cloned()).collect());
         let mut dirty = names.into_iter().zip(current).map(|(n, r)| {
             let visible = r.filter(|_| self.gate.allows(type_url, &n));
             (n, visible)
@@ -275,6 +315,7 @@ impl DeltaStream {
         if resources.is_empty() && removed.is_empty() {
             return;
         }
+        let removed: Vec<String> = removed.iter().map(|n| n.to_string()).collect();
         let nonce = self.nonces.next();
         let versions = resources
             .iter()

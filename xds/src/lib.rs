@@ -12,10 +12,13 @@
 //! call, made once per stream through the [`Access`] trait.
 //!
 //! Nothing a client sends grows the server without bound: a stream
-//! subscribes to at most [`Limits::names_per_stream`] names per type,
-//! refused names are remembered only while subscribed and logged at a
-//! bounded rate, node ids and NACK texts are bounded, and nonces are
-//! counted per stream, so they tell a stream nothing of the others.
+//! subscribes to at most [`Limits::names_per_stream`] names per type, the
+//! bytes of names it holds are reported to the application
+//! ([`StreamAccess::charge`]) so it can budget them across a caller's
+//! streams, refused names are remembered only while subscribed, every
+//! line a client can cause is logged at a bounded rate for the whole
+//! server ([`LogRate`]), node ids and NACK texts are bounded, and nonces
+//! are counted per stream, so they tell a stream nothing of the others.
 //!
 //! Flow control follows xDS practice: one response per type is in flight on
 //! a stream until the client ACKs or NACKs it; changes arriving meanwhile are
@@ -37,7 +40,9 @@
 //!   `access/log.rs`), wildcards are filtered.
 //! - `limits`: what one stream may make the server hold, log or show
 //!   ([`Limits`]: names per stream and type; name, node id and NACK text
-//!   lengths).
+//!   lengths; what a name costs, [`name_cost`]).
+//! - `log_rate`: the bound on what all streams together write to the log
+//!   ([`LogRate`]).
 //! - `event`: stream events and the observer hooks (a leaf: the state
 //!   machines produce events, the server reports them).
 //! - `sotw`, `delta`: the per-stream protocol state machines (pure, no I/O).
@@ -52,6 +57,7 @@ mod codec;
 mod delta;
 mod event;
 mod limits;
+mod log_rate;
 mod protocol;
 mod resource;
 mod server;
@@ -60,7 +66,11 @@ mod sotw;
 pub use access::{Access, Caller, StreamAccess, Unrestricted};
 pub use cache::{Batch, Cache, TypeCache};
 pub use event::{StreamEvent, StreamInfo, StreamObserver};
-pub use limits::{Limits, MAX_NACK_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_NODE_ID_BYTES, TRUNCATED};
+pub use limits::{
+    Limits, MAX_NACK_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_NODE_ID_BYTES, NAME_OVERHEAD_BYTES,
+    TRUNCATED, name_cost,
+};
+pub use log_rate::{LINES_PER_WINDOW, LogRate, WINDOW as LOG_WINDOW};
 pub use resource::Encoded;
 pub use server::AdsService;
 

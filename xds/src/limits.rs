@@ -48,6 +48,20 @@ impl Limits {
 /// shorter.
 pub const MAX_NAME_BYTES: usize = 1024;
 
+/// What one subscribed name adds to the bytes a stream holds, beyond its
+/// own bytes: a floor for the entries it takes in the stream's maps and
+/// the cache's watcher table (which share one copy of the name), so that
+/// many short names are not free. Rough by design: it is a unit of
+/// account for [`name_cost`], not a measurement.
+pub const NAME_OVERHEAD_BYTES: usize = 64;
+
+/// What holding `name` costs a stream, in the bytes an application is
+/// charged ([`crate::StreamAccess::charge`]): its length plus
+/// [`NAME_OVERHEAD_BYTES`].
+pub fn name_cost(name: &str) -> usize {
+    name.len() + NAME_OVERHEAD_BYTES
+}
+
 /// INVALID_ARGUMENT if `name` of `type_url` is longer than
 /// [`MAX_NAME_BYTES`].
 pub(crate) fn check_name(type_url: &str, name: &str) -> Result<(), Status> {

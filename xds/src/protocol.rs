@@ -12,6 +12,7 @@ use crate::{
     delta::DeltaStream,
     event::StreamEvent,
     limits::Limits,
+    log_rate::LogRate,
     sotw::SotwStream,
 };
 
@@ -19,7 +20,7 @@ use crate::{
 pub(crate) trait Protocol: Send + 'static {
     type Request: prost::Message + Default + Send + 'static;
     const DELTA: bool;
-    fn new(cache: Cache, access: Box<dyn StreamAccess>, limits: Limits) -> Self;
+    fn new(cache: Cache, access: Box<dyn StreamAccess>, limits: Limits, log: LogRate) -> Self;
     fn node_id(req: &Self::Request) -> Option<&str>;
     /// The application's check of the first request's node id.
     fn check_node(&self, id: &str) -> Result<(), Status>;
@@ -31,8 +32,10 @@ pub(crate) trait Protocol: Send + 'static {
 impl Protocol for SotwStream {
     type Request = DiscoveryRequest;
     const DELTA: bool = false;
-    fn new(cache: Cache, access: Box<dyn StreamAccess>, limits: Limits) -> Self {
-        SotwStream::new(cache, access).with_limits(limits)
+    fn new(cache: Cache, access: Box<dyn StreamAccess>, limits: Limits, log: LogRate) -> Self {
+        SotwStream::new(cache, access)
+            .with_limits(limits)
+            .with_log_rate(log)
     }
     fn node_id(req: &DiscoveryRequest) -> Option<&str> {
         req.node.as_ref().map(|n| n.id.as_str())
@@ -58,8 +61,10 @@ impl Protocol for SotwStream {
 impl Protocol for DeltaStream {
     type Request = DeltaDiscoveryRequest;
     const DELTA: bool = true;
-    fn new(cache: Cache, access: Box<dyn StreamAccess>, limits: Limits) -> Self {
-        DeltaStream::new(cache, access).with_limits(limits)
+    fn new(cache: Cache, access: Box<dyn StreamAccess>, limits: Limits, log: LogRate) -> Self {
+        DeltaStream::new(cache, access)
+            .with_limits(limits)
+            .with_log_rate(log)
     }
     fn node_id(req: &DeltaDiscoveryRequest) -> Option<&str> {
         req.node.as_ref().map(|n| n.id.as_str())

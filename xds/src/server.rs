@@ -7,7 +7,10 @@
 //! opens; the first request's node id is checked before observers hear of
 //! the stream; a request the server cannot read (over
 //! `MAX_REQUEST_BYTES`, or not protobuf) ends the stream with a status
-//! saying why, RESOURCE_EXHAUSTED for the size.
+//! saying why, RESOURCE_EXHAUSTED for the size. Lines about refused
+//! streams and requests share the server's [`LogRate`] with refused
+//! subscriptions, so clients opening stream after stream cannot flood
+//! the log.
 
 use std::{
     convert::Infallible,
@@ -31,6 +34,7 @@ use crate::{
     delta::DeltaStream,
     event::{StreamEvent, StreamInfo, StreamObserver},
     limits::Limits,
+    log_rate::LogRate,
     protocol::Protocol,
     sotw::SotwStream,
 };
@@ -52,6 +56,8 @@ pub struct AdsService {
     observer: Arc<dyn StreamObserver>,
     shutdown: watch::Receiver<bool>,
     limits: Limits,
+    /// What every stream's client may make the server log, together.
+    log: LogRate,
 }
 
 impl AdsService {
@@ -67,7 +73,16 @@ impl AdsService {
             observer,
             shutdown,
             limits: Limits::default(),
+            log: LogRate::default(),
         }
+    }
+
+    /// The rate lines about refused streams, requests and subscriptions
+    /// are logged at, shared with the application (its NACK lines, say),
+    /// so one bound holds for everything clients can make the server log.
+    pub fn with_log_rate(mut self, log: LogRate) -> Self {
+        self.log = log;
+        self
     }
 
     /// The limits every stream is held to (by default [`Limits::default`]).
@@ -101,8 +116,14 @@ impl<P: Protocol> tonic::server::StreamingService<P::Request> for Method<P> {
                     extensions: request.extensions(),
                     peer,
                 })
-                .inspect_err(|status| tracing::warn!(%status, ?peer, "xds stream refused"))?;
-            let proto = P::new(svc.cache.clone(), access, svc.limits);
+                .inspect_err(|status| {
+                    if svc.log.admit() {
+                        tracing::warn!(%status, ?peer, "xds stream refused");
+                    } else {
+                        tracing::debug!(%status, ?peer, "xds stream refused");
+                    }
+                })?;
+            let proto = P::new(svc.cache.clone(), access, svc.limits, svc.log.clone());
             let (tx, rx) = mpsc::channel(4);
             tokio::spawn(drive(svc, proto, request.into_inner(), tx, peer));
             Ok(tonic::Response::new(ReceiverStream::new(rx)))
@@ -160,7 +181,11 @@ async fn drive<P: Protocol>(
             }
         };
         if let Err(status) = result {
-            tracing::warn!(%status, ?peer, "xds request refused");
+            if svc.log.admit() {
+                tracing::warn!(%status, ?peer, "xds request refused");
+            } else {
+                tracing::debug!(%status, ?peer, "xds request refused");
+            }
             let _ = tx.send(Err(status)).await;
             break;
         }
@@ -176,6 +201,8 @@ async fn drive<P: Protocol>(
                 && !send_response(&tx, info, bytes, &type_url, resources).await
             {
                 svc.observer.closed(info);
+                drop(proto);
+                svc.log.tick();
                 return;
             }
         }
@@ -183,6 +210,10 @@ async fn drive<P: Protocol>(
     if let Some(info) = &info {
         svc.observer.closed(info);
     }
+    // The stream's access (and its last refusal line) goes first, then a
+    // count of the lines left out, if their window is over.
+    drop(proto);
+    svc.log.tick();
 }
 
 /// The status a stream whose request could not be read ends with, or

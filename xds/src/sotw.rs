@@ -16,6 +16,7 @@ use crate::{
     cache::{Cache, Subscriptions, TypeCache, Wake},
     event::StreamEvent,
     limits::{self, Limits},
+    log_rate::LogRate,
     resource::{Nonces, set_version, sotw_response},
 };
 
@@ -31,7 +32,8 @@ pub(crate) struct SotwStream {
 struct TypeState {
     tc: Arc<TypeCache>,
     /// None: wildcard (every resource of the type the stream may read).
-    names: Option<BTreeSet<String>>,
+    /// Each name is one `Arc<str>` shared with the stream's subscriptions.
+    names: Option<BTreeSet<Arc<str>>>,
     /// Version of the set last sent (or that the client said it holds).
     sent: Option<String>,
     acked: Option<String>,
@@ -61,6 +63,12 @@ impl SotwStream {
         self
     }
 
+    /// Logs refusals under the server's `rate`, shared by its streams.
+    pub(crate) fn with_log_rate(mut self, rate: LogRate) -> Self {
+        self.gate.set_log_rate(rate);
+        self
+    }
+
     /// The application's checks of a node id (whose message names its
     /// rule), then the engine's.
     pub(crate) fn check_node(&self, id: &str) -> Result<(), Status> {
@@ -79,13 +87,15 @@ impl SotwStream {
     ) -> Result<(), Status> {
         let tc = self.cache.serving(&req.type_url)?;
         let type_url = tc.type_url().clone();
-        // The request names the whole set: checked before anything of it
-        // is kept.
-        let requested: BTreeSet<String> = req.resource_names.iter().cloned().collect();
-        for n in &requested {
+        // The request names the whole set: checked, and charged, before
+        // anything of it is kept.
+        for n in &req.resource_names {
             limits::check_name(&type_url, n)?;
         }
+        let requested: BTreeSet<&str> = req.resource_names.iter().map(String::as_str).collect();
         self.limits.check_names(&type_url, requested.len())?;
+        let bytes = requested.iter().map(|n| limits::name_cost(n)).sum();
+        self.gate.hold(&type_url, bytes)?;
         let first = !self.types.contains_key(&type_url);
         let st = self
             .types
@@ -132,19 +142,35 @@ impl SotwStream {
         // Otherwise: a request carrying the latest (already answered) nonce,
         // e.g. a subscription change after an ACK.
 
-        let wanted: Option<BTreeSet<String>> = if (first && req.resource_names.is_empty())
-            || req.resource_names.iter().any(|n| n == WILDCARD)
-        {
-            None
-        } else {
-            Some(requested)
-        };
+        let wanted: Option<BTreeSet<Arc<str>>> =
+            if (first && req.resource_names.is_empty()) || requested.contains(WILDCARD) {
+                None
+            } else {
+                // One copy of each name: the one already held, if any.
+                let held = st.names.as_ref();
+                Some(
+                    requested
+                        .into_iter()
+                        .map(|n| {
+                            held.and_then(|h| h.get(n))
+                                .cloned()
+                                .unwrap_or_else(|| n.into())
+                        })
+                        .collect(),
+                )
+            };
         // Named: the names outside the stream's access are dropped (and
         // read as absent). Wildcard: filtered as each response is built.
-        let wanted = wanted.map(|names| self.gate.filter(&type_url, names));
+        let wanted = match wanted {
+            Some(names) => Some(self.gate.filter(&type_url, names)),
+            None => {
+                self.gate.keep_only(&type_url, &BTreeSet::new());
+                None
+            }
+        };
         if wanted != st.names {
-            let old: HashSet<String> = key_set(&st.names);
-            let new: HashSet<String> = key_set(&wanted);
+            let old = key_set(&st.names);
+            let new = key_set(&wanted);
             for n in old.difference(&new) {
                 self.subs.remove(&tc, n);
             }
@@ -180,7 +206,10 @@ impl SotwStream {
         // together; a wildcard carries only what the stream may read.
         let mut resources: Vec<_> = st.tc.read(|held| match &st.names {
             None => held.values().cloned().collect(),
-            Some(names) => names.iter().filter_map(|n| held.get(n).cloned()).collect(),
+            Some(names) => names
+                .iter()
+                .filter_map(|n| held.get(&**n).cloned())
+                .collect(),
         });
         if st.names.is_none() {
             resources.retain(|r| self.gate.allows(type_url, &r.name));
@@ -204,9 +233,9 @@ impl SotwStream {
     }
 }
 
-fn key_set(names: &Option<BTreeSet<String>>) -> HashSet<String> {
+fn key_set(names: &Option<BTreeSet<Arc<str>>>) -> HashSet<Arc<str>> {
     match names {
-        None => HashSet::from([WILDCARD.to_owned()]),
+        None => HashSet::from([Arc::from(WILDCARD)]),
         Some(n) => n.iter().cloned().collect(),
     }
 }

@@ -20,6 +20,7 @@ use crate::{
     sotw::SotwStream,
 };
 
+mod budget;
 mod limits;
 
 const T: &str = "type.googleapis.com/test.Thing";

@@ -16,6 +16,13 @@
 //! ends. The count is the control plane's, not the engine's: a principal
 //! is its notion, and the engine's [`Access`] already decides per stream.
 //! A stream's `node.id` must be a valid id, as a session's node id is.
+//!
+//! The bytes of names a principal's streams subscribe to are budgeted
+//! together too (`--xds-max-name-bytes-per-principal`, `name_budget.rs`),
+//! separately from the stream count: a subscription past it ends its
+//! stream with RESOURCE_EXHAUSTED.
+
+mod name_budget;
 
 use std::sync::Arc;
 
@@ -23,6 +30,8 @@ use dashmap::DashMap;
 use isdp_xds::{Access, Caller, StreamAccess};
 use tonic::Status;
 
+pub use self::name_budget::DEFAULT_NAME_BYTES_PER_PRINCIPAL;
+use self::name_budget::{NameBudget, NameCharge};
 use super::{Principal, ReadScope};
 use crate::registry::validate;
 
@@ -30,6 +39,7 @@ use crate::registry::validate;
 #[derive(Clone)]
 pub struct AdsAccess {
     streams: Arc<OpenStreams>,
+    names: Arc<NameBudget>,
 }
 
 /// principal -> ADS streams open on this replica.
@@ -41,14 +51,23 @@ struct OpenStreams {
 
 impl AdsAccess {
     /// Rules admitting at most `max_streams_per_principal` streams of one
-    /// principal at a time.
+    /// principal at a time, holding at most
+    /// [`DEFAULT_NAME_BYTES_PER_PRINCIPAL`] of names together.
     pub fn new(max_streams_per_principal: usize) -> Self {
         AdsAccess {
             streams: Arc::new(OpenStreams {
                 open: DashMap::new(),
                 max: max_streams_per_principal,
             }),
+            names: NameBudget::new(DEFAULT_NAME_BYTES_PER_PRINCIPAL),
         }
+    }
+
+    /// The bytes of subscribed names one principal's streams may hold
+    /// together (`--xds-max-name-bytes-per-principal`).
+    pub fn with_name_bytes_per_principal(mut self, max: usize) -> Self {
+        self.names = NameBudget::new(max);
+        self
     }
 
     /// A place for one more stream of `principal`, or RESOURCE_EXHAUSTED
@@ -82,6 +101,7 @@ impl Access for AdsAccess {
         let slot = principal.map(|p| self.admit(p)).transpose()?;
         Ok(Box::new(StreamScope {
             scope: ReadScope::of(principal),
+            names: principal.map(|p| self.names.stream(p)),
             _slot: slot,
         }))
     }
@@ -108,6 +128,8 @@ impl Drop for StreamSlot {
 /// principal's count.
 struct StreamScope {
     scope: ReadScope,
+    /// Its names' bytes, counted in the principal's budget.
+    names: Option<NameCharge>,
     _slot: Option<StreamSlot>,
 }
 
@@ -124,6 +146,10 @@ impl StreamAccess for StreamScope {
     /// a valid id (the empty id is refused: every sidecar sends one).
     fn node(&self, id: &str) -> Result<(), Status> {
         validate::node_id("node.id", id).map_err(|e| Status::invalid_argument(e.to_string()))
+    }
+
+    fn charge(&self, delta: isize) -> Result<(), Status> {
+        self.names.as_ref().map_or(Ok(()), |n| n.charge(delta))
     }
 }
 

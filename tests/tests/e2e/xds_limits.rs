@@ -1,8 +1,9 @@
 //! What one ADS stream may make the control plane hold, log or show, with
 //! the standard `envoy-types` ADS client against the real binary: names
 //! per stream and type (refused ones included), streams per principal,
-//! node ids, NACK texts in `isdpctl proxy-status`, and requests over the
-//! size limit. Each limit ends the stream with the status the README
+//! name bytes per principal across its streams, node ids, NACK texts in
+//! `isdpctl proxy-status`, requests over the size limit, and the log
+//! lines stream churn may cause. Each limit ends the stream with the status the README
 //! names (RESOURCE_EXHAUSTED, INVALID_ARGUMENT) and a message naming it.
 
 use std::{collections::HashMap, time::Duration};
@@ -35,6 +36,11 @@ async fn start(args: &[&str]) -> ControlPlane {
 
 /// A join token for `web` that reads only `payments` besides its own.
 async fn scoped_token(cp: &ControlPlane) -> String {
+    scoped_token_with_id(cp).await.1
+}
+
+/// [`scoped_token`] and its id: (id, secret).
+async fn scoped_token_with_id(cp: &ControlPlane) -> (String, String) {
     let out = cp
         .ctl_ok(&[
             "-o",
@@ -50,7 +56,10 @@ async fn scoped_token(cp: &ControlPlane) -> String {
         ])
         .await;
     let v: serde_json::Value = serde_json::from_str(&out).expect("token JSON");
-    v["secret"].as_str().expect("secret").to_owned()
+    (
+        v["id"].as_str().expect("id").to_owned(),
+        v["secret"].as_str().expect("secret").to_owned(),
+    )
 }
 
 // === Streams ===
@@ -514,4 +523,210 @@ async fn an_oversized_request_is_resource_exhausted() {
         Code::ResourceExhausted,
         &[&limit],
     );
+}
+
+// === Name bytes per principal ===
+
+/// `n` names starting with `prefix`, each costing 1000 bytes of the
+/// budget (936 bytes and the 64 counted per name).
+fn kilo_names(prefix: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let head = format!("{prefix}{i:03}-");
+            format!("{head}{}", "x".repeat(936 - head.len()))
+        })
+        .collect()
+}
+
+/// A delta stream of `token` subscribing to `names` that is answered,
+/// tried until the budget has room (bytes given back by streams that
+/// ended, or names unsubscribed, are returned as the server processes
+/// them).
+async fn answered(cp: &ControlPlane, token: &str, names: &[String], what: &str) -> Delta {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut d = delta(cp, token, subscribe(EPS, names)).await;
+        let outcome = match &mut d.rx {
+            Ok(rx) => tokio::time::timeout(WAIT, rx.message()).await,
+            Err(s) => Ok(Err(s.clone())),
+        };
+        match outcome {
+            Ok(Ok(Some(_))) => return d,
+            other if tokio::time::Instant::now() >= deadline => {
+                panic!("{what}: not answered within {WAIT:?}: {other:?}")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// The name bytes all of one principal's streams hold are budgeted
+/// together (`--xds-max-name-bytes-per-principal`), refused names
+/// included, over delta and state of the world: the subscription past it
+/// ends its stream (a new one, or one that grows) with RESOURCE_EXHAUSTED
+/// naming the flag, the limit and the principal; unsubscribing and
+/// ending streams give bytes back; another principal has its own budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn name_bytes_per_principal_are_budgeted_across_streams() {
+    let cp = start(&["--xds-max-name-bytes-per-principal=20000"]).await;
+    let (id, web) = scoped_token_with_id(&cp).await;
+    let other = scoped_token(&cp).await;
+    let over = |s: &Status, what: &str| {
+        check(
+            s,
+            Code::ResourceExhausted,
+            &[
+                "--xds-max-name-bytes-per-principal (20000)",
+                &format!("principal {id} "),
+            ],
+        );
+        assert!(s.message().contains("would hold 2"), "{what}: {s}");
+    };
+
+    // Twelve names on one stream, eight on another: the budget is full.
+    let mut a = answered(&cp, &web, &kilo_names("a", 12), "twelve names").await;
+    let b = answered(&cp, &web, &kilo_names("b", 8), "eight more").await;
+    let mut c = delta(&cp, &web, subscribe(EPS, &kilo_names("c", 1))).await;
+    over(&c.error("a third stream's name").await, "a new stream");
+    let mut s = sotw(&cp, &web, sotw_request("web-1", &kilo_names("c", 1))).await;
+    over(&s.error("a state-of-the-world stream").await, "sotw");
+
+    // Another principal has its own budget.
+    let theirs = answered(&cp, &other, &kilo_names("t", 19), "another principal").await;
+
+    // Unsubscribing five names makes room for five.
+    a.send(DeltaDiscoveryRequest {
+        resource_names_unsubscribe: kilo_names("a", 5),
+        ..subscribe(EPS, &[] as &[&str])
+    })
+    .await;
+    let d = answered(&cp, &web, &kilo_names("d", 5), "room made by unsubscribing").await;
+
+    // A stream that grows past the budget ends, and gives back what it held.
+    a.send(subscribe(EPS, &kilo_names("e", 1))).await;
+    over(&a.error("a growing stream").await, "a growth");
+    let _e = answered(
+        &cp,
+        &web,
+        &kilo_names("e", 7),
+        "room made by a refused stream",
+    )
+    .await;
+
+    // Ending a stream gives its bytes back.
+    drop(b);
+    let _f = answered(
+        &cp,
+        &web,
+        &kilo_names("f", 8),
+        "room made by an ended stream",
+    )
+    .await;
+    drop((d, theirs));
+}
+
+// === The log under stream churn ===
+
+/// Lines the control plane logged at info level or above.
+fn log_lines(cp: &mut ControlPlane) -> Vec<String> {
+    cp.process()
+        .stderr()
+        .lines()
+        .filter(|l| !l.contains(" DEBUG ") && !l.contains(" TRACE "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// One churned stream: opened, made to cause a line (a refused
+/// subscription; an invalid node id; a NACK), then cancelled.
+async fn churn_one(cp: &ControlPlane, token: &str, n: usize) {
+    let what = format!("churned stream {n}");
+    match n % 3 {
+        0 => {
+            let mut d = delta(cp, token, subscribe(EPS, &[format!("churn-{n}")])).await;
+            d.next(&what).await;
+        }
+        1 => {
+            let bad = DeltaDiscoveryRequest {
+                node: node(&format!("bad node {n}")),
+                ..bundle()
+            };
+            let mut d = delta(cp, token, bad).await;
+            d.error(&what).await;
+        }
+        _ => {
+            let mut d = delta(cp, token, bundle()).await;
+            let r = d.next(&what).await;
+            d.send(DeltaDiscoveryRequest {
+                error_detail: Some(RpcStatus {
+                    code: Code::InvalidArgument as i32,
+                    message: format!("churn NACK {n}"),
+                    ..Default::default()
+                }),
+                ..ack(&r)
+            })
+            .await;
+            // The NACK is read before the stream is cancelled.
+            let _ = tokio::time::timeout(Duration::from_millis(50), d.next(&what)).await;
+        }
+    }
+}
+
+/// Streams that come and go cannot grow the log faster than the server's
+/// bound, whatever each does (a refused subscription, an invalid node id,
+/// a NACK): 300 streams, 8 at a time, add at most the lines of the
+/// windows they span (20 a window and the count of those left out),
+/// not lines per stream. The first refusal is still logged in full, and
+/// the lines left out are counted once their window is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_churn_grows_the_log_at_a_bounded_rate() {
+    const STREAMS: usize = 300;
+    let mut cp = start(&[]).await;
+    let web = scoped_token(&cp).await;
+    let before = log_lines(&mut cp).len();
+    let started = std::time::Instant::now();
+    let mut next = 0;
+    while next < STREAMS {
+        let batch: Vec<_> = (next..(next + 8).min(STREAMS))
+            .map(|n| churn_one(&cp, &web, n))
+            .collect();
+        futures::future::join_all(batch).await;
+        next += 8;
+    }
+    let elapsed = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let lines = log_lines(&mut cp);
+    let added = &lines[before..];
+    // The windows the churn spanned, each with 20 lines and one count.
+    let windows = (elapsed.as_secs() / 10 + 1) as usize;
+    assert!(
+        added.len() <= windows * 21 + 2,
+        "{STREAMS} streams in {elapsed:?} added {} lines:\n{}",
+        added.len(),
+        added.join("\n")
+    );
+    assert!(
+        added.iter().any(|l| l
+            .contains("xds subscription refused: the resource is treated as absent")
+            && l.contains("churn-0")),
+        "the first refusal is logged in full:\n{}",
+        added.join("\n")
+    );
+
+    // Once the window is over, the lines left out are counted.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    churn_one(&cp, &web, 0).await;
+    eventually(WAIT, "the count of lines left out", || {
+        let lines = log_lines(&mut cp);
+        async move {
+            anyhow::ensure!(
+                lines
+                    .iter()
+                    .any(|l| l.contains("left out") && l.contains("suppressed=")),
+                "no count"
+            );
+            Ok(())
+        }
+    })
+    .await;
 }

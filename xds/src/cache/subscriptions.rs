@@ -40,7 +40,9 @@ pub(crate) struct Subscriptions {
     cache: Cache,
     stream: u64,
     pub(crate) wake: Arc<Wake>,
-    held: HashMap<Arc<str>, HashSet<String>>,
+    /// Per type, the names watched: the same `Arc<str>` the stream's
+    /// state and the cache's watcher table hold, one copy per name.
+    held: HashMap<Arc<str>, HashSet<Arc<str>>>,
 }
 
 impl Subscriptions {
@@ -53,12 +55,12 @@ impl Subscriptions {
         }
     }
 
-    pub(crate) fn add(&mut self, tc: &TypeCache, name: &str) {
+    pub(crate) fn add(&mut self, tc: &TypeCache, name: &Arc<str>) {
         if self
             .held
             .entry(tc.type_url.clone())
             .or_default()
-            .insert(name.to_owned())
+            .insert(name.clone())
         {
             tc.watch(name, self.stream, &self.wake);
         }

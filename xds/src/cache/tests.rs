@@ -71,13 +71,13 @@ fn a_batch_marks_each_watcher_with_everything_it_changed() {
     let things = c.type_cache(&Thing::type_url()).unwrap();
     let other = c.type_cache(OTHER).unwrap();
     let mut named = Subscriptions::new(c.clone());
-    named.add(&things, "a");
-    named.add(&other, "x");
-    named.add(&things, "same");
+    named.add(&things, &"a".into());
+    named.add(&other, &"x".into());
+    named.add(&things, &"same".into());
     let mut wildcard = Subscriptions::new(c.clone());
-    wildcard.add(&things, WILDCARD);
+    wildcard.add(&things, &WILDCARD.into());
     let mut unrelated = Subscriptions::new(c.clone());
-    unrelated.add(&things, "zzz");
+    unrelated.add(&things, &"zzz".into());
 
     let mut batch = Batch::new();
     batch
