@@ -5,21 +5,12 @@
 //! [`Principal`] into the request's extensions. Its [`ReadScope`] decides
 //! every (type URL, name) the stream may read (the engine answers the rest
 //! as absent, and filters wildcard subscriptions by it). The layer also
-//! ends the stream when its credential is revoked or expires, as it does
-//! every streaming call (`auth::lifetime`).
+//! ends the stream when its credential is revoked or expires, and counts
+//! it against its principal, as it does every streaming call
+//! (`auth::lifetime`, `auth::streams`).
 //!
-//! Streams are counted per principal (the token that vouches for the
-//! caller, so a token and the certificates issued under it share one
-//! count, as sessions do): the stream over `--xds-max-streams-per-principal`
-//! is refused with RESOURCE_EXHAUSTED before it opens, and each stream's
-//! place is given back when the engine drops its access, as the stream
-//! ends. The count is the control plane's, not the engine's: a principal
-//! is its notion, and the engine's [`Access`] already decides per stream.
 //! A stream's `node.id` must be a valid id, as a session's node id is.
 
-use std::sync::Arc;
-
-use dashmap::DashMap;
 use isdp_xds::{Access, Caller, StreamAccess};
 use tonic::Status;
 
@@ -27,88 +18,23 @@ use super::{Principal, ReadScope};
 use crate::registry::validate;
 
 /// The access rules of the control plane's ADS server.
-#[derive(Clone)]
-pub struct AdsAccess {
-    streams: Arc<OpenStreams>,
-}
-
-/// principal -> ADS streams open on this replica.
-struct OpenStreams {
-    open: DashMap<String, usize>,
-    /// `--xds-max-streams-per-principal`.
-    max: usize,
-}
-
-impl AdsAccess {
-    /// Rules admitting at most `max_streams_per_principal` streams of one
-    /// principal at a time.
-    pub fn new(max_streams_per_principal: usize) -> Self {
-        AdsAccess {
-            streams: Arc::new(OpenStreams {
-                open: DashMap::new(),
-                max: max_streams_per_principal,
-            }),
-        }
-    }
-
-    /// A place for one more stream of `principal`, or RESOURCE_EXHAUSTED
-    /// naming the flag and its limit.
-    fn admit(&self, principal: &Principal) -> Result<StreamSlot, Status> {
-        let key = principal
-            .grant
-            .clone()
-            .unwrap_or_else(|| principal.id.clone());
-        let max = self.streams.max;
-        let mut open = self.streams.open.entry(key.clone()).or_insert(0);
-        if *open >= max {
-            return Err(Status::resource_exhausted(format!(
-                "quota --xds-max-streams-per-principal ({max}) exceeded: principal {} already has {} ADS streams open on this control plane",
-                principal.id, *open
-            )));
-        }
-        *open += 1;
-        Ok(StreamSlot {
-            streams: self.streams.clone(),
-            key,
-        })
-    }
-}
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AdsAccess;
 
 impl Access for AdsAccess {
     fn stream(&self, caller: Caller<'_>) -> Result<Box<dyn StreamAccess>, Status> {
-        let principal = caller.extensions.get::<Principal>();
         // Behind the auth layer every stream has a principal; without one
-        // (unit tests) nothing is counted.
-        let slot = principal.map(|p| self.admit(p)).transpose()?;
+        // (unit tests) it reads everything, as `ReadScope::of(None)`.
+        let principal = caller.extensions.get::<Principal>();
         Ok(Box::new(StreamScope {
             scope: ReadScope::of(principal),
-            _slot: slot,
         }))
     }
 }
 
-/// One open stream counted against its principal until dropped.
-struct StreamSlot {
-    streams: Arc<OpenStreams>,
-    key: String,
-}
-
-impl Drop for StreamSlot {
-    fn drop(&mut self) {
-        if let dashmap::Entry::Occupied(mut e) = self.streams.open.entry(self.key.clone()) {
-            *e.get_mut() = e.get().saturating_sub(1);
-            if *e.get() == 0 {
-                e.remove();
-            }
-        }
-    }
-}
-
-/// One stream's caller: what it may read, and its place in the
-/// principal's count.
+/// One stream's caller: what it may read.
 struct StreamScope {
     scope: ReadScope,
-    _slot: Option<StreamSlot>,
 }
 
 impl StreamAccess for StreamScope {
@@ -135,23 +61,18 @@ mod tests {
     use super::*;
     use crate::tokens::Role;
 
-    fn try_open(
-        access: &AdsAccess,
-        principal: Option<Principal>,
-    ) -> Result<Box<dyn StreamAccess>, Status> {
+    fn open(access: &AdsAccess, principal: Option<Principal>) -> Box<dyn StreamAccess> {
         let mut extensions = Extensions::new();
         if let Some(p) = principal {
             extensions.insert(p);
         }
-        access.stream(Caller {
-            metadata: &MetadataMap::new(),
-            extensions: &extensions,
-            peer: None,
-        })
-    }
-
-    fn open(access: &AdsAccess, principal: Option<Principal>) -> Box<dyn StreamAccess> {
-        try_open(access, principal).expect("a stream")
+        access
+            .stream(Caller {
+                metadata: &MetadataMap::new(),
+                extensions: &extensions,
+                peer: None,
+            })
+            .expect("a stream")
     }
 
     fn join(grant: &str, upstreams: Option<Vec<String>>) -> Principal {
@@ -165,46 +86,9 @@ mod tests {
         }
     }
 
-    /// A principal's streams are counted, a token and the certificates
-    /// issued under it together: the one over the limit is refused with
-    /// RESOURCE_EXHAUSTED naming the flag and limit, another principal
-    /// has its own count, and a stream that ends gives its place back.
-    #[test]
-    fn streams_are_counted_per_principal() {
-        let access = AdsAccess::new(2);
-        let token = |id: &str| join(id, None);
-        let cert = Principal {
-            id: "spiffe://isdp.local/svc/web".into(),
-            ..token("t1")
-        };
-        let first = open(&access, Some(token("t1")));
-        let second = open(&access, Some(cert.clone()));
-        let refused = try_open(&access, Some(token("t1")))
-            .err()
-            .expect("over the limit");
-        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
-        assert!(
-            refused
-                .message()
-                .contains("quota --xds-max-streams-per-principal (2) exceeded"),
-            "{refused}"
-        );
-        assert!(refused.message().contains("t1"), "{refused}");
-        let _other = open(&access, Some(token("t2")));
-        let _unauthenticated = open(&access, None);
-        drop(first);
-        let third = open(&access, Some(cert));
-        assert!(try_open(&access, Some(token("t1"))).is_err());
-        drop((second, third));
-        assert!(
-            access.streams.open.get("t1").is_none(),
-            "emptied entries go"
-        );
-    }
-
     #[test]
     fn node_ids_are_valid_ids() {
-        let access = open(&AdsAccess::new(1), None);
+        let access = open(&AdsAccess, None);
         assert!(access.node("web-1").is_ok());
         for bad in ["", "web-1\nforged", &"n".repeat(129)] {
             let e = access.node(bad).unwrap_err();
@@ -217,7 +101,7 @@ mod tests {
     /// principal (no auth layer in front) reads everything.
     #[test]
     fn a_stream_reads_its_principals_scope() {
-        let access = AdsAccess::new(64);
+        let access = AdsAccess;
         let scoped = open(
             &access,
             Some(join("0123456789abcdef", Some(vec!["payments".into()]))),

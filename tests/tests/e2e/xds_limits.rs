@@ -286,13 +286,13 @@ fn refusal_lines(cp: &mut ControlPlane) -> usize {
         .count()
 }
 
-/// A principal holds at most `--xds-max-streams-per-principal` ADS streams
+/// A principal holds at most `--max-streams-per-principal` ADS streams
 /// (delta and state of the world together); the next is refused with
 /// RESOURCE_EXHAUSTED naming the flag and limit, another principal has its
 /// own count, and closing a stream frees its place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_per_principal_are_capped_and_a_closed_stream_frees_its_place() {
-    let cp = start(&["--xds-max-streams-per-principal=3"]).await;
+    let cp = start(&["--max-streams-per-principal=3"]).await;
     let web = scoped_token(&cp).await;
     let other = scoped_token(&cp).await;
     let mut open = Vec::new();
@@ -309,7 +309,7 @@ async fn streams_per_principal_are_capped_and_a_closed_stream_frees_its_place() 
     check(
         &s,
         Code::ResourceExhausted,
-        &["--xds-max-streams-per-principal (3)", "3 ADS streams"],
+        &["--max-streams-per-principal (3)", "3 ADS streams"],
     );
     let mut theirs = delta(&cp, &other, bundle()).await;
     theirs.next("another principal's stream").await;
