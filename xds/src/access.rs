@@ -77,6 +77,13 @@ pub trait StreamAccess: Send + 'static {
     fn node(&self, _id: &str) -> Result<(), Status> {
         Ok(())
     }
+
+    /// Who opened the stream, as the application names its callers, for
+    /// observers ([`crate::StreamInfo::caller`]): opaque to the engine,
+    /// and shown to operators, so never a secret. Empty by default.
+    fn caller(&self) -> String {
+        String::new()
+    }
 }
 
 /// Everyone reads everything: for an engine

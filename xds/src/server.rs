@@ -102,12 +102,24 @@ impl<P: Protocol> tonic::server::StreamingService<P::Request> for Method<P> {
                     peer,
                 })
                 .inspect_err(|status| tracing::warn!(%status, ?peer, "xds stream refused"))?;
+            let caller = Opened {
+                peer,
+                caller: access.caller(),
+            };
             let proto = P::new(svc.cache.clone(), access, svc.limits);
             let (tx, rx) = mpsc::channel(4);
-            tokio::spawn(drive(svc, proto, request.into_inner(), tx, peer));
+            tokio::spawn(drive(svc, proto, request.into_inner(), tx, caller));
             Ok(tonic::Response::new(ReceiverStream::new(rx)))
         })
     }
+}
+
+/// Who opened a stream: known when it opens, told to observers with its
+/// first request.
+struct Opened {
+    peer: Option<SocketAddr>,
+    /// [`crate::StreamAccess::caller`].
+    caller: String,
 }
 
 /// Runs one stream until the client leaves, an error, or shutdown.
@@ -116,8 +128,9 @@ async fn drive<P: Protocol>(
     mut proto: P,
     mut inbound: Streaming<P::Request>,
     tx: mpsc::Sender<Result<Bytes, Status>>,
-    peer: Option<SocketAddr>,
+    opened: Opened,
 ) {
+    let Opened { peer, mut caller } = opened;
     let wake = proto.wake().clone();
     let mut shutdown = svc.shutdown.clone();
     let mut info: Option<StreamInfo> = None;
@@ -137,6 +150,7 @@ async fn drive<P: Protocol>(
                             node_id,
                             delta: P::DELTA,
                             peer,
+                            caller: std::mem::take(&mut caller),
                         };
                         svc.observer.opened(&i);
                         info = Some(i);

@@ -9,7 +9,11 @@
 //! it against its principal, as it does every streaming call
 //! (`auth::lifetime`, `auth::streams`).
 //!
-//! A stream's `node.id` must be a valid id, as a session's node id is.
+//! A stream's `node.id` must be a valid id, as a session's node id is;
+//! it is not bound to the caller (several services' sidecars may share a
+//! host's node id), so each stream names its principal (the token id or
+//! the certificate's SPIFFE ID, never a secret) as its caller, which
+//! `isdpctl proxy-status` shows beside the node id.
 
 use isdp_xds::{Access, Caller, StreamAccess};
 use tonic::Status;
@@ -28,13 +32,16 @@ impl Access for AdsAccess {
         let principal = caller.extensions.get::<Principal>();
         Ok(Box::new(StreamScope {
             scope: ReadScope::of(principal),
+            caller: principal.map(|p| p.id.clone()).unwrap_or_default(),
         }))
     }
 }
 
-/// One stream's caller: what it may read.
+/// One stream's caller: what it may read, and who it is.
 struct StreamScope {
     scope: ReadScope,
+    /// The principal's id: a token id or a SPIFFE ID.
+    caller: String,
 }
 
 impl StreamAccess for StreamScope {
@@ -50,6 +57,10 @@ impl StreamAccess for StreamScope {
     /// a valid id (the empty id is refused: every sidecar sends one).
     fn node(&self, id: &str) -> Result<(), Status> {
         validate::node_id("node.id", id).map_err(|e| Status::invalid_argument(e.to_string()))
+    }
+
+    fn caller(&self) -> String {
+        self.caller.clone()
     }
 }
 
@@ -84,6 +95,26 @@ mod tests {
             grant: Some(grant.into()),
             grant_expires_at_unix_ms: None,
         }
+    }
+
+    /// Each stream names its principal as its caller: the token id, or
+    /// the certificate's SPIFFE ID (never the grant's secret, which the
+    /// principal does not hold); none without a principal.
+    #[test]
+    fn a_stream_names_its_principal() {
+        assert_eq!(
+            open(&AdsAccess, Some(join("0123456789abcdef", None))).caller(),
+            "0123456789abcdef"
+        );
+        let cert = Principal {
+            id: "spiffe://isdp.local/svc/web".into(),
+            ..join("0123456789abcdef", None)
+        };
+        assert_eq!(
+            open(&AdsAccess, Some(cert)).caller(),
+            "spiffe://isdp.local/svc/web"
+        );
+        assert_eq!(open(&AdsAccess, None).caller(), "");
     }
 
     #[test]
