@@ -183,7 +183,9 @@ pub fn watch_update(fmt: Format, list: &[Instance]) {
 }
 
 /// `proxy-status`: one row per (sidecar, resource type), or the full
-/// acknowledged versions as JSON.
+/// acknowledged versions as JSON. Each names the principal that opened the
+/// stream: the node id is the sidecar's own word, the principal is who
+/// authenticated.
 pub fn proxies(fmt: Format, list: &[Proxy]) {
     match fmt {
         Format::Json => {
@@ -193,6 +195,7 @@ pub fn proxies(fmt: Format, list: &[Proxy]) {
                     json!({
                         "node_id": p.node_id,
                         "peer": p.peer,
+                        "principal": p.principal,
                         "delta": p.delta,
                         "connected_at_unix_ms": p.connected_at_unix_ms,
                         "types": p.types.iter().map(|t| json!({
@@ -217,6 +220,7 @@ pub fn proxies(fmt: Format, list: &[Proxy]) {
                     rows.push(vec![
                         p.node_id.clone(),
                         p.peer.clone(),
+                        p.principal.clone(),
                         protocol.to_owned(),
                         "-".into(),
                         "0".into(),
@@ -243,6 +247,7 @@ pub fn proxies(fmt: Format, list: &[Proxy]) {
                     rows.push(vec![
                         p.node_id.clone(),
                         p.peer.clone(),
+                        p.principal.clone(),
                         protocol.to_owned(),
                         short.to_owned(),
                         t.acked.len().to_string(),
@@ -260,6 +265,7 @@ pub fn proxies(fmt: Format, list: &[Proxy]) {
                 &[
                     "NODE",
                     "PEER",
+                    "PRINCIPAL",
                     "XDS",
                     "TYPE",
                     "ACKED",

@@ -16,25 +16,32 @@
 //!
 //! A streaming call lives no longer than the credential that opened it:
 //! the layer ends it with UNAUTHENTICATED when the token is revoked or the
-//! credential expires, whatever the service (`lifetime`).
+//! credential expires, whatever the service, and stops its handler even
+//! if the client stopped reading (`lifetime`, `bounded`). And one
+//! principal holds at most `--max-streams-per-principal` calls of each
+//! streaming method at a time (`streams`).
 //!
 //! # Layout
-//! - `methods`: the method -> role table, and which methods stream.
+//! - `methods`: the method -> role table, and which methods stream (in
+//!   which group they are counted).
 //! - `layer`: the tower layer.
-//! - `lifetime`: what ends a credential, and the bodies of a streaming
-//!   call cut off when it does.
+//! - `streams`: open streaming calls counted per principal and group.
+//! - `lifetime`: what ends a credential, as one future per call.
+//! - `bounded`: the bodies of a streaming call, cut off when it ends.
 //! - `ads`: the xDS engine's access rules ([`AdsAccess`]): each ADS
 //!   stream reads its principal's `ReadScope`; `ads/name_budget.rs` is the
 //!   per-principal ledger of subscribed name bytes.
 
 mod ads;
+mod bounded;
 mod layer;
 mod lifetime;
 mod methods;
+mod streams;
 
 pub use ads::{AdsAccess, DEFAULT_NAME_BYTES_PER_PRINCIPAL};
 pub use layer::AuthLayer;
-pub use methods::{METHODS, Need, STREAMING, lookup, required, streams};
+pub use methods::{METHODS, Need, STREAMING, lookup, required, stream_group};
 
 use tonic::Status;
 

@@ -173,11 +173,14 @@ pub struct Config {
     #[arg(long, env = "ISDP_XDS_MAX_NAMES_PER_STREAM", default_value_t = isdp_xds::Limits::default().names_per_stream)]
     pub xds_max_names_per_stream: usize,
 
-    /// Most ADS streams one principal (a token, together with the
-    /// certificates issued under it) may hold open on this control plane;
-    /// the next is refused with RESOURCE_EXHAUSTED.
-    #[arg(long, env = "ISDP_XDS_MAX_STREAMS_PER_PRINCIPAL", default_value_t = 64)]
-    pub xds_max_streams_per_principal: usize,
+    /// Most streaming calls of each kind (ADS, state of the world and
+    /// delta together; sessions; policy watches; registry watches) one
+    /// principal (a token, together with the certificates issued under
+    /// it) may hold open on this control plane; the next is refused with
+    /// RESOURCE_EXHAUSTED. Every replica of a service usually joins with
+    /// one token, so it matches the sessions one principal may hold.
+    #[arg(long, env = "ISDP_MAX_STREAMS_PER_PRINCIPAL", default_value_t = Quotas::default().sessions_per_principal)]
+    pub max_streams_per_principal: usize,
 
     /// Most bytes of subscribed xDS resource names one principal's ADS
     /// streams may hold together on this control plane, each name
@@ -257,8 +260,8 @@ impl Config {
             ("--max-sessions-per-principal", q.sessions_per_principal),
             ("--xds-max-names-per-stream", self.xds_max_names_per_stream),
             (
-                "--xds-max-streams-per-principal",
-                self.xds_max_streams_per_principal,
+                "--max-streams-per-principal",
+                self.max_streams_per_principal,
             ),
             (
                 "--xds-max-name-bytes-per-principal",
@@ -509,22 +512,19 @@ mod tests {
     }
 
     #[test]
-    fn xds_limit_flags_default_parse_and_are_at_least_one() {
+    fn stream_limit_flags_default_parse_and_are_at_least_one() {
         let c = Config::try_parse_from(["isdp-control-plane"]).unwrap();
         assert_eq!(c.xds_limits(), isdp_xds::Limits::default());
         assert_eq!(c.xds_limits().names_per_stream, 4096);
-        assert_eq!(c.xds_max_streams_per_principal, 64);
+        assert_eq!(c.max_streams_per_principal, 1000);
         let c = Config::try_parse_from([
             "isdp-control-plane",
             "--xds-max-names-per-stream=7",
-            "--xds-max-streams-per-principal=8",
+            "--max-streams-per-principal=8",
         ])
         .unwrap();
         assert_eq!(
-            (
-                c.xds_limits().names_per_stream,
-                c.xds_max_streams_per_principal
-            ),
+            (c.xds_limits().names_per_stream, c.max_streams_per_principal),
             (7, 8)
         );
         assert_eq!(c.xds_max_name_bytes_per_principal, 16 << 20);
@@ -534,9 +534,14 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.xds_max_name_bytes_per_principal, 4096);
+        assert!(
+            Config::try_parse_from(["isdp-control-plane", "--xds-max-streams-per-principal=8"])
+                .is_err(),
+            "the ADS-only flag is gone"
+        );
         for flag in [
             "--xds-max-names-per-stream",
-            "--xds-max-streams-per-principal",
+            "--max-streams-per-principal",
             "--xds-max-name-bytes-per-principal",
         ] {
             let err = check(&[&format!("{flag}=0")]).unwrap_err();

@@ -24,6 +24,9 @@ pub struct Proxies {
 struct Entry {
     node_id: String,
     peer: String,
+    /// Who opened the stream: the node id is the client's word, this is
+    /// the principal the auth layer authenticated.
+    principal: String,
     delta: bool,
     connected_at: SystemTime,
     types: HashMap<Arc<str>, TypeEntry>,
@@ -68,6 +71,7 @@ impl Proxies {
                 Proxy {
                     node_id: e.node_id.clone(),
                     peer: e.peer.clone(),
+                    principal: e.principal.clone(),
                     delta: e.delta,
                     connected_at_unix_ms: unix_ms(e.connected_at),
                     types,
@@ -88,6 +92,7 @@ impl StreamObserver for Proxies {
             Entry {
                 node_id: s.node_id.clone(),
                 peer: s.peer.map(|p| p.to_string()).unwrap_or_default(),
+                principal: s.caller.clone(),
                 delta: s.delta,
                 connected_at: SystemTime::now(),
                 types: HashMap::new(),
@@ -151,6 +156,7 @@ mod tests {
             node_id: node.to_owned(),
             delta,
             peer: None,
+            caller: format!("token-{id}"),
         }
     }
 
@@ -200,6 +206,8 @@ mod tests {
         let list = p.list();
         assert_eq!(list.len(), 2);
         assert_eq!(list[0].node_id, "api");
+        assert_eq!(list[0].principal, "token-2", "who opened each stream");
+        assert_eq!(list[1].principal, "token-1");
         let w = &list[1].types[0];
         assert_eq!(w.acked, BTreeMap::from([("a".to_owned(), "v2".to_owned())]));
         assert_eq!((w.acks, w.nacks, w.pending), (2, 1, false));

@@ -132,16 +132,22 @@ impl Server {
         ));
         let ads = AdsService::new(
             cache,
-            Arc::new(
-                auth::AdsAccess::new(config.xds_max_streams_per_principal)
-                    .with_name_bytes_per_principal(config.xds_max_name_bytes_per_principal),
-            ),
+            Arc::new(auth::AdsAccess::new(
+                config.xds_max_name_bytes_per_principal,
+            )),
             Arc::new((metrics.clone(), views.proxies.clone())),
             shutdown.clone(),
         )
         .with_limits(config.xds_limits())
         .with_log_rate(metrics.xds_log_rate());
-        serve_grpc(incoming, views, ads, metrics, ca, tokens, shutdown).await?;
+        let router = Router {
+            ads,
+            metrics,
+            ca,
+            tokens,
+            max_streams_per_principal: config.max_streams_per_principal,
+        };
+        serve_grpc(incoming, views, router, shutdown).await?;
         let _ = admin_task.await;
         tasks.join().await;
         store.close().await;
@@ -317,15 +323,29 @@ fn start_tls(
     ))
 }
 
-/// The gRPC router (metrics, size limits and authentication in front of
-/// every service, ADS included), served until shutdown.
-async fn serve_grpc(
-    incoming: tls::Incoming,
-    views: Views,
+/// What the gRPC router serves besides the views of the store.
+struct Router {
     ads: AdsService,
     metrics: metrics::Metrics,
     ca: Ca,
     tokens: Tokens,
+    /// `--max-streams-per-principal`, which the auth layer enforces.
+    max_streams_per_principal: usize,
+}
+
+/// How long shutdown waits for open calls to finish once every handler
+/// was told to stop. Handlers end at once, but a call's last frames go out
+/// only when its client grants flow-control window: a client that stops
+/// granting it would otherwise hold the control plane up forever.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+
+/// The gRPC router (metrics, size limits and authentication in front of
+/// every service, ADS included), served until shutdown, then drained for
+/// at most [`SHUTDOWN_DRAIN`].
+async fn serve_grpc(
+    incoming: tls::Incoming,
+    views: Views,
+    router: Router,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let Views {
@@ -336,29 +356,50 @@ async fn serve_grpc(
         proxies,
         ..
     } = views;
+    let Router {
+        ads,
+        metrics,
+        ca,
+        tokens,
+        max_streams_per_principal,
+    } = router;
     let mut stop = shutdown.clone();
-    tonic::transport::Server::builder()
+    let serve = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         // Notice a vanished sidecar even when its TCP connection lingers.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .layer(metrics::GrpcMetricsLayer::new(metrics.clone()))
         .layer(api::SizeLimitStatusLayer)
-        .layer(auth::AuthLayer::new(tokens.clone()))
+        .layer(auth::AuthLayer::new(
+            tokens.clone(),
+            max_streams_per_principal,
+        ))
         .add_service(
             api::registry::RegistryApi::new(registry, metrics, shutdown.clone()).into_server(),
         )
         .add_service(api::session::SessionApi::new(sessions, shutdown.clone()).into_server())
         .add_service(api::status::ProxyStatusApi::new(proxies).into_server())
         .add_service(api::authorization::AuthorizationApi::new(authz).into_server())
-        .add_service(api::policies::PoliciesApi::new(policies, shutdown).into_server())
+        .add_service(api::policies::PoliciesApi::new(policies, shutdown.clone()).into_server())
         .add_service(api::certificates::CertificatesApi::new(ca).into_server())
         .add_service(api::tokens::TokensApi::new(tokens).into_server())
         .add_service(ads)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;
-        })
-        .await?;
+        });
+    let mut stopping = shutdown;
+    let drained = async move {
+        let _ = stopping.wait_for(|s| *s).await;
+        tokio::time::sleep(SHUTDOWN_DRAIN).await;
+    };
+    tokio::select! {
+        served = serve => served?,
+        () = drained => tracing::warn!(
+            drain = ?SHUTDOWN_DRAIN,
+            "calls still open after the shutdown drain (clients not reading); stopping without them"
+        ),
+    }
     Ok(())
 }
 

@@ -90,6 +90,13 @@ pub trait StreamAccess: Send + 'static {
     fn charge(&self, _delta: isize) -> Result<(), Status> {
         Ok(())
     }
+
+    /// Who opened the stream, as the application names its callers, for
+    /// observers ([`crate::StreamInfo::caller`]): opaque to the engine,
+    /// and shown to operators, so never a secret. Empty by default.
+    fn caller(&self) -> String {
+        String::new()
+    }
 }
 
 /// Everyone reads everything: for an engine

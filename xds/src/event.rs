@@ -45,6 +45,10 @@ pub struct StreamInfo {
     pub node_id: String,
     pub delta: bool,
     pub peer: Option<SocketAddr>,
+    /// Who opened the stream, as the application's access named it
+    /// ([`crate::StreamAccess::caller`]). The node id is the client's
+    /// word; this is what the application authenticated.
+    pub caller: String,
 }
 
 /// Stream lifecycle hooks. `closed` is also the signal that a client went

@@ -123,12 +123,24 @@ impl<P: Protocol> tonic::server::StreamingService<P::Request> for Method<P> {
                         tracing::debug!(%status, ?peer, "xds stream refused");
                     }
                 })?;
+            let caller = Opened {
+                peer,
+                caller: access.caller(),
+            };
             let proto = P::new(svc.cache.clone(), access, svc.limits, svc.log.clone());
             let (tx, rx) = mpsc::channel(4);
-            tokio::spawn(drive(svc, proto, request.into_inner(), tx, peer));
+            tokio::spawn(drive(svc, proto, request.into_inner(), tx, caller));
             Ok(tonic::Response::new(ReceiverStream::new(rx)))
         })
     }
+}
+
+/// Who opened a stream: known when it opens, told to observers with its
+/// first request.
+struct Opened {
+    peer: Option<SocketAddr>,
+    /// [`crate::StreamAccess::caller`].
+    caller: String,
 }
 
 /// Runs one stream until the client leaves, an error, or shutdown.
@@ -137,8 +149,9 @@ async fn drive<P: Protocol>(
     mut proto: P,
     mut inbound: Streaming<P::Request>,
     tx: mpsc::Sender<Result<Bytes, Status>>,
-    peer: Option<SocketAddr>,
+    opened: Opened,
 ) {
+    let Opened { peer, mut caller } = opened;
     let wake = proto.wake().clone();
     let mut shutdown = svc.shutdown.clone();
     let mut info: Option<StreamInfo> = None;
@@ -158,6 +171,7 @@ async fn drive<P: Protocol>(
                             node_id,
                             delta: P::DELTA,
                             peer,
+                            caller: std::mem::take(&mut caller),
                         };
                         svc.observer.opened(&i);
                         info = Some(i);

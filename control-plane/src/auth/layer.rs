@@ -1,8 +1,9 @@
 //! The tower layer in front of every gRPC service: it sees the method path
 //! (which a tonic interceptor does not), authenticates the caller and
-//! refuses before any handler runs or anything is stored; and it bounds
-//! each streaming call by the credential that opened it
-//! ([`super::lifetime`]).
+//! refuses before any handler runs or anything is stored; it counts each
+//! streaming call against its principal ([`super::streams`]) and bounds it
+//! by the credential that opened it ([`super::lifetime`],
+//! [`super::bounded`]).
 
 use std::{
     future::Future,
@@ -14,9 +15,11 @@ use tonic::{Status, body::Body, transport::server::TcpConnectInfo};
 
 use super::{
     Principal,
-    lifetime::{Bounded, Lifetime},
-    methods::streams,
+    bounded::{BoundedRequest, BoundedResponse},
+    lifetime::Lifetime,
+    methods::{stream_group, streams},
     required,
+    streams::OpenStreams,
 };
 use crate::{
     ca::{rfc3339, unix_ms},
@@ -32,11 +35,18 @@ const MISSING: &str = "missing bearer token: pass --token, ISDP_TOKEN or <data-d
 #[derive(Clone)]
 pub struct AuthLayer {
     tokens: Tokens,
+    streams: OpenStreams,
 }
 
 impl AuthLayer {
-    pub fn new(tokens: Tokens) -> Self {
-        AuthLayer { tokens }
+    /// Authenticating with `tokens`, and admitting at most
+    /// `max_streams_per_principal` open calls of each streaming method
+    /// group per principal (`--max-streams-per-principal`).
+    pub fn new(tokens: Tokens, max_streams_per_principal: usize) -> Self {
+        AuthLayer {
+            tokens,
+            streams: OpenStreams::new(max_streams_per_principal),
+        }
     }
 }
 
@@ -47,6 +57,7 @@ impl<S> tower::Layer<S> for AuthLayer {
         Auth {
             inner,
             tokens: self.tokens.clone(),
+            streams: self.streams.clone(),
         }
     }
 }
@@ -55,6 +66,7 @@ impl<S> tower::Layer<S> for AuthLayer {
 pub struct Auth<S> {
     inner: S,
     tokens: Tokens,
+    streams: OpenStreams,
 }
 
 // === impl Auth ===
@@ -211,18 +223,26 @@ where
                 remote_addr: Some(remote),
             });
         }
-        match self.authorize(&req) {
-            Ok((principal, lifetime)) => {
+        let authorized = self.authorize(&req).and_then(|(principal, lifetime)| {
+            let slot = stream_group(req.uri().path())
+                .map(|group| self.streams.admit(&principal, group))
+                .transpose()?;
+            Ok((principal, lifetime, slot))
+        });
+        match authorized {
+            Ok((principal, lifetime, slot)) => {
                 req.extensions_mut().insert(principal);
                 if !streams(req.uri().path()) {
                     return Box::pin(self.inner.call(req));
                 }
                 let end = lifetime.end(self.tokens.clone());
-                let req = req.map(|body| Body::new(Bounded::request(body, end.clone())));
+                let req = req.map(|body| Body::new(BoundedRequest::new(body, end.clone())));
                 let call = self.inner.call(req);
+                // The slot rides with the call until its response body
+                // (which holds it) ends or is cut off.
                 Box::pin(async move {
                     let resp = call.await?;
-                    Ok(resp.map(|body| Body::new(Bounded::response(body, end))))
+                    Ok(resp.map(|body| Body::new(BoundedResponse::new(body, end, slot))))
                 })
             }
             Err(status) => {
@@ -288,6 +308,7 @@ mod tests {
         let auth = Auth {
             inner: (),
             tokens: tokens.clone(),
+            streams: OpenStreams::new(1),
         };
         let now = unix_ms();
 

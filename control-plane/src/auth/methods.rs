@@ -132,22 +132,40 @@ pub const METHODS: &[(&str, &[(&str, Need)])] = &[
     ),
 ];
 
-/// Every streaming method (server-streaming, client-streaming or both):
-/// a call that outlives its request, so the auth layer ends it when the
-/// credential that opened it is revoked or expires (`auth::lifetime`). The
-/// tests check this list against the descriptors, so a streaming method
-/// added to a `.proto` without a row here fails them.
-pub const STREAMING: &[&str] = &[
-    "/isdp.v1.Registry/WatchService",
-    "/isdp.v1.Sidecar/Session",
-    "/isdp.v1.Policies/Watch",
-    "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
-    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources",
+/// Every streaming method (server-streaming, client-streaming or both),
+/// with the group its calls are counted in: a call that outlives its
+/// request, so the auth layer ends it when the credential that opened it
+/// is revoked or expires (`auth::lifetime`), and counts it against its
+/// principal while it is open (`auth::streams`). Both ADS variants are one
+/// group: a sidecar opens one or the other. The tests check this list
+/// against the descriptors, so a streaming method added to a `.proto`
+/// without a row here fails them.
+pub const STREAMING: &[(&str, &str)] = &[
+    ("/isdp.v1.Registry/WatchService", "Registry/WatchService"),
+    ("/isdp.v1.Sidecar/Session", "Sidecar/Session"),
+    ("/isdp.v1.Policies/Watch", "Policies/Watch"),
+    (
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
+        "ADS",
+    ),
+    (
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources",
+        "ADS",
+    ),
 ];
+
+/// The group the streaming method at `path` is counted in, or `None` for
+/// a unary method ([`STREAMING`]).
+pub fn stream_group(path: &str) -> Option<&'static str> {
+    STREAMING
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|(_, group)| *group)
+}
 
 /// Whether the method at `path` streams ([`STREAMING`]).
 pub fn streams(path: &str) -> bool {
-    STREAMING.contains(&path)
+    stream_group(path).is_some()
 }
 
 /// The row for `path` (`/package.Service/Method`), if it has one.
@@ -220,7 +238,7 @@ mod tests {
             streaming.len() >= 5,
             "the descriptors lost their streams: {streaming:?}"
         );
-        let listed: BTreeSet<String> = STREAMING.iter().map(|p| p.to_string()).collect();
+        let listed: BTreeSet<String> = STREAMING.iter().map(|(p, _)| p.to_string()).collect();
         let missing: Vec<_> = streaming.difference(&listed).collect();
         assert!(
             missing.is_empty(),
@@ -234,6 +252,12 @@ mod tests {
         for path in served().difference(&streaming) {
             assert!(!streams(path), "{path} is unary");
         }
+        // Each method its own group, but ADS's two variants one.
+        let groups: BTreeSet<&str> = STREAMING.iter().map(|(_, g)| *g).collect();
+        assert_eq!(groups.len(), STREAMING.len() - 1, "{groups:?}");
+        assert_eq!(stream_group(ADS[0]), Some("ADS"));
+        assert_eq!(stream_group(ADS[1]), Some("ADS"));
+        assert_eq!(stream_group("/isdp.v1.Policies/Get"), None);
     }
 
     fn served() -> BTreeSet<String> {

@@ -27,6 +27,7 @@ mod roles;
 mod secrets;
 mod sessions;
 mod stream_lifetime;
+mod stream_limits;
 mod tracing;
 mod validation;
 mod xds;

@@ -295,13 +295,13 @@ fn refusal_lines(cp: &mut ControlPlane) -> usize {
         .count()
 }
 
-/// A principal holds at most `--xds-max-streams-per-principal` ADS streams
+/// A principal holds at most `--max-streams-per-principal` ADS streams
 /// (delta and state of the world together); the next is refused with
 /// RESOURCE_EXHAUSTED naming the flag and limit, another principal has its
 /// own count, and closing a stream frees its place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_per_principal_are_capped_and_a_closed_stream_frees_its_place() {
-    let cp = start(&["--xds-max-streams-per-principal=3"]).await;
+    let cp = start(&["--max-streams-per-principal=3"]).await;
     let web = scoped_token(&cp).await;
     let other = scoped_token(&cp).await;
     let mut open = Vec::new();
@@ -318,7 +318,7 @@ async fn streams_per_principal_are_capped_and_a_closed_stream_frees_its_place() 
     check(
         &s,
         Code::ResourceExhausted,
-        &["--xds-max-streams-per-principal (3)", "3 ADS streams"],
+        &["--max-streams-per-principal (3)", "3 ADS streams"],
     );
     let mut theirs = delta(&cp, &other, bundle()).await;
     theirs.next("another principal's stream").await;
@@ -729,4 +729,86 @@ async fn stream_churn_grows_the_log_at_a_bounded_rate() {
         }
     })
     .await;
+}
+
+/// A node id is the client's word, not bound to its caller (several
+/// services' sidecars may share a host's node id), so `isdpctl
+/// proxy-status` shows who opened each stream: a `web` token's stream
+/// claiming `pay-1` is listed with that token's id (never its secret),
+/// beside the real `pay-1` opened with another token, in JSON and in the
+/// table's PRINCIPAL column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_status_shows_who_opened_each_stream() {
+    let cp = start(&[]).await;
+    let token = |service: &'static str| {
+        let cp = &cp;
+        async move {
+            let out = cp
+                .ctl_ok(&[
+                    "-o",
+                    "json",
+                    "token",
+                    "create",
+                    "--role",
+                    "join",
+                    "--service",
+                    service,
+                ])
+                .await;
+            let v: serde_json::Value = serde_json::from_str(&out).expect("token JSON");
+            (
+                v["id"].as_str().expect("id").to_owned(),
+                v["secret"].as_str().expect("secret").to_owned(),
+            )
+        }
+    };
+    let (web_id, web) = token("web").await;
+    let (pay_id, pay) = token("payments").await;
+    let named = |id: &str| DeltaDiscoveryRequest {
+        node: node(id),
+        ..bundle()
+    };
+    let mut real = delta(&cp, &pay, named("pay-1")).await;
+    real.next("the real pay-1").await;
+    let mut forged = delta(&cp, &web, named("pay-1")).await;
+    forged.next("web's stream named pay-1").await;
+
+    let out = cp.ctl_ok(&["-o", "json", "proxy-status"]).await;
+    let json: serde_json::Value = serde_json::from_str(&out).expect("proxy-status JSON");
+    let mut principals: Vec<(&str, &str)> = json
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|p| {
+            (
+                p["node_id"].as_str().unwrap_or_default(),
+                p["principal"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    principals.sort();
+    let mut expected = vec![("pay-1", pay_id.as_str()), ("pay-1", web_id.as_str())];
+    expected.sort();
+    assert_eq!(principals, expected, "{out}");
+    assert!(
+        !out.contains(&web) && !out.contains(&pay),
+        "no secret shown"
+    );
+
+    let table = cp.ctl_ok(&["proxy-status"]).await;
+    let mut lines = table.lines();
+    let header = lines.next().expect("a header");
+    assert!(
+        header.starts_with("NODE") && header.contains("PRINCIPAL"),
+        "{header}"
+    );
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    for id in [&web_id, &pay_id] {
+        assert!(
+            rows.iter()
+                .any(|r| r.starts_with("pay-1") && r.contains(id.as_str())),
+            "{id} in\n{table}"
+        );
+    }
 }
