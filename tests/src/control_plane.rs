@@ -98,6 +98,17 @@ pub struct ControlPlane {
     creds: Credentials,
 }
 
+/// What `isdpctl token create` answered.
+#[derive(Clone, Debug)]
+pub struct CreatedToken {
+    /// The token's id (what `token revoke` and proxy status name).
+    pub id: String,
+    /// The bearer secret, `isdp_<id>_<random>`.
+    pub secret: String,
+    /// When it expires (Unix ms); 0 for never.
+    pub expires_at_unix_ms: i64,
+}
+
 // === impl ControlPlane ===
 
 impl ControlPlane {
@@ -234,6 +245,20 @@ impl ControlPlane {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).expect("isdpctl stdout is UTF-8")
+    }
+
+    /// A token made with `isdpctl -o json token create ARGS`.
+    pub async fn create_token(&self, args: &[&str]) -> CreatedToken {
+        let mut all = vec!["-o", "json", "token", "create"];
+        all.extend_from_slice(args);
+        let out = self.ctl_ok(&all).await;
+        let v: serde_json::Value = serde_json::from_str(&out).expect("token JSON");
+        let field = |name: &str| v[name].as_str().expect(name).to_owned();
+        CreatedToken {
+            id: field("id"),
+            secret: field("secret"),
+            expires_at_unix_ms: v["expires_at_unix_ms"].as_i64().unwrap_or(0),
+        }
     }
 
     /// `isdpctl -o json instances SERVICE` as a list; an error if the call

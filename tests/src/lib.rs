@@ -46,7 +46,8 @@ use std::time::{Duration, Instant};
 
 pub use bins::{bin_dir, binary};
 pub use control_plane::{
-    ControlPlane, ControlPlaneOpts, Credentials, bearer, isdpctl, new_kek_file, tls_channel,
+    ControlPlane, ControlPlaneOpts, CreatedToken, Credentials, bearer, isdpctl, new_kek_file,
+    tls_channel,
 };
 pub use echo::{Backend, EchoGrpc, EchoHttp, EchoTcp};
 pub use etcd::{EtcdCluster, EtcdTls};

@@ -164,11 +164,7 @@ async fn assert_store_empty(cp: &ControlPlane) {
 
 /// `isdpctl -o json token create ARGS` and its secret.
 async fn create_token(cp: &ControlPlane, args: &[&str]) -> String {
-    let mut all = vec!["-o", "json", "token", "create"];
-    all.extend_from_slice(args);
-    let out = cp.ctl_ok(&all).await;
-    let v: serde_json::Value = serde_json::from_str(&out).expect("token JSON");
-    v["secret"].as_str().expect("secret").to_owned()
+    cp.create_token(args).await.secret
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

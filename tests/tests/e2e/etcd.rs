@@ -480,24 +480,10 @@ async fn a_revocation_through_one_replica_reaches_sidecars_on_the_other() {
     let (a, b) = replicas(&etcd, ControlPlaneOpts::default()).await;
     let (_echo, pay) = payments_instance(&b, "pay-0").await;
     pay.wait_ready(Duration::from_secs(20)).await;
-    let created: serde_json::Value = serde_json::from_str(
-        &a.ctl_ok(&[
-            "-o",
-            "json",
-            "token",
-            "create",
-            "--role",
-            "join",
-            "--service",
-            "web",
-        ])
-        .await,
-    )
-    .unwrap();
-    let (id, secret) = (
-        created["id"].as_str().unwrap(),
-        created["secret"].as_str().unwrap(),
-    );
+    let created = a
+        .create_token(&["--role", "join", "--service", "web"])
+        .await;
+    let (id, secret) = (created.id.as_str(), created.secret.as_str());
     let (chain, key) = mesh_identity_under(&a, "web", 300, secret).await;
     let client = || Some((chain.clone(), key.clone_key()));
     let ca = std::fs::read_to_string(b.ca_file()).unwrap();

@@ -487,12 +487,8 @@ async fn a_root_rotation_under_load_fails_no_request() {
 async fn a_sidecar_lives_no_longer_than_its_join_token() {
     let mut cp = ControlPlane::start(ControlPlaneOpts::default()).await;
     let _payments = payments(&cp).await;
-    let created: serde_json::Value = serde_json::from_str(
-        &cp.ctl_ok(&[
-            "-o",
-            "json",
-            "token",
-            "create",
+    let created = cp
+        .create_token(&[
             "--role",
             "join",
             "--service",
@@ -502,14 +498,12 @@ async fn a_sidecar_lives_no_longer_than_its_join_token() {
             "--ttl",
             "10s",
         ])
-        .await,
-    )
-    .unwrap();
-    let expires_at_unix_ms = created["expires_at_unix_ms"].as_i64().unwrap();
+        .await;
+    let expires_at_unix_ms = created.expires_at_unix_ms;
     let web = SidecarToml::new("web", &cp.grpc_url())
         .upstream_on_port0(SERVICE, "http", "round_robin")
         .upstream_on_port0("billing", "http", "round_robin")
-        .join_token(created["secret"].as_str().unwrap())
+        .join_token(&created.secret)
         .start()
         .await;
     cp.register("billing", "127.0.0.1", 9, &[]).await;

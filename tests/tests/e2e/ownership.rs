@@ -123,20 +123,9 @@ const PROBE: Duration = Duration::from_millis(200);
 
 /// A join token for `service`.
 pub(crate) async fn join_token(cp: &ControlPlane, service: &str) -> String {
-    let out = cp
-        .ctl_ok(&[
-            "-o",
-            "json",
-            "token",
-            "create",
-            "--role",
-            "join",
-            "--service",
-            service,
-        ])
-        .await;
-    let v: serde_json::Value = serde_json::from_str(&out).expect("token JSON");
-    v["secret"].as_str().expect("secret").to_owned()
+    cp.create_token(&["--role", "join", "--service", service])
+        .await
+        .secret
 }
 
 fn ids(answer: &SessionResponse) -> Vec<&str> {

@@ -15,24 +15,10 @@ use super::mtls::{
 
 /// A join token for `service`: (id, secret).
 async fn join_token(cp: &ControlPlane, service: &str) -> (String, String) {
-    let created: serde_json::Value = serde_json::from_str(
-        &cp.ctl_ok(&[
-            "-o",
-            "json",
-            "token",
-            "create",
-            "--role",
-            "join",
-            "--service",
-            service,
-        ])
-        .await,
-    )
-    .unwrap();
-    (
-        created["id"].as_str().unwrap().to_owned(),
-        created["secret"].as_str().unwrap().to_owned(),
-    )
+    let t = cp
+        .create_token(&["--role", "join", "--service", service])
+        .await;
+    (t.id, t.secret)
 }
 
 /// When each call ended and whether it got a 200.

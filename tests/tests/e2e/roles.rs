@@ -275,13 +275,8 @@ fn matches(want: Expect, got: Code) -> bool {
 
 /// `isdpctl -o json token create ARGS`: the token's id and secret.
 async fn token(cp: &ControlPlane, args: &[&str]) -> (String, String) {
-    let mut all = vec!["-o", "json", "token", "create"];
-    all.extend_from_slice(args);
-    let v: serde_json::Value = serde_json::from_str(&cp.ctl_ok(&all).await).expect("token JSON");
-    (
-        v["id"].as_str().expect("id").to_owned(),
-        v["secret"].as_str().expect("secret").to_owned(),
-    )
+    let t = cp.create_token(args).await;
+    (t.id, t.secret)
 }
 
 /// A channel to `cp` with `token` and/or a client certificate.

@@ -22,26 +22,13 @@ use isdp_proto::v1::{
     policies_client::PoliciesClient, registry_client::RegistryClient, session_request::Kind,
     sidecar_client::SidecarClient,
 };
-use isdp_tests::{ControlPlane, ControlPlaneOpts};
+use isdp_tests::{ControlPlane, ControlPlaneOpts, CreatedToken};
 use tokio::task::JoinHandle;
 use tonic::{Code, Status};
 
 /// A token: (id, secret, expires at unix ms; 0 never).
-struct Token {
-    id: String,
-    secret: String,
-    expires_at_unix_ms: i64,
-}
-
-async fn token(cp: &ControlPlane, args: &[&str]) -> Token {
-    let mut all = vec!["-o", "json", "token", "create"];
-    all.extend_from_slice(args);
-    let v: serde_json::Value = serde_json::from_str(&cp.ctl_ok(&all).await).unwrap();
-    Token {
-        id: v["id"].as_str().unwrap().to_owned(),
-        secret: v["secret"].as_str().unwrap().to_owned(),
-        expires_at_unix_ms: v["expires_at_unix_ms"].as_i64().unwrap_or_default(),
-    }
+async fn token(cp: &ControlPlane, args: &[&str]) -> CreatedToken {
+    cp.create_token(args).await
 }
 
 fn auth(cp: &ControlPlane, token: Option<&str>, identity: ClientIdentity) -> ControlAuth {
@@ -162,8 +149,8 @@ async fn open_sidecar_streams(ch: &ControlChannel) -> Vec<(&'static str, JoinHan
 /// the id of the token that opened it.
 async fn open_every_stream(
     cp: &ControlPlane,
-    join: &Token,
-    read: &Token,
+    join: &CreatedToken,
+    read: &CreatedToken,
 ) -> Vec<(&'static str, String, JoinHandle<Ended>)> {
     let joined = with_token(cp, &join.secret).await;
     let mut all: Vec<_> = open_sidecar_streams(&joined)

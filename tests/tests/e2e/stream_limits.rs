@@ -46,22 +46,10 @@ async fn start(args: &[&str]) -> ControlPlane {
 
 /// A join token for `web`: (id, secret).
 async fn join_token(cp: &ControlPlane, extra: &[&str]) -> (String, String) {
-    let mut args = vec![
-        "-o",
-        "json",
-        "token",
-        "create",
-        "--role",
-        "join",
-        "--service",
-        "web",
-    ];
+    let mut args = vec!["--role", "join", "--service", "web"];
     args.extend_from_slice(extra);
-    let v: serde_json::Value = serde_json::from_str(&cp.ctl_ok(&args).await).unwrap();
-    (
-        v["id"].as_str().unwrap().to_owned(),
-        v["secret"].as_str().unwrap().to_owned(),
-    )
+    let t = cp.create_token(&args).await;
+    (t.id, t.secret)
 }
 
 // === A client that reads nothing ===
@@ -361,15 +349,8 @@ async fn every_streaming_method_is_capped_per_principal() {
     let cp = start(&["--max-streams-per-principal=2"]).await;
     let (join_id, join) = join_token(&cp, &[]).await;
     let (_, other_join) = join_token(&cp, &[]).await;
-    let v: serde_json::Value = serde_json::from_str(
-        &cp.ctl_ok(&["-o", "json", "token", "create", "--role", "read"])
-            .await,
-    )
-    .unwrap();
-    let (read_id, read) = (
-        v["id"].as_str().unwrap().to_owned(),
-        v["secret"].as_str().unwrap().to_owned(),
-    );
+    let created = cp.create_token(&["--role", "read"]).await;
+    let (read_id, read) = (created.id, created.secret);
     let sotw = envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest {
         node: Some(Node {
             id: "capped".into(),

@@ -41,12 +41,8 @@ async fn scoped_token(cp: &ControlPlane) -> String {
 
 /// [`scoped_token`] and its id: (id, secret).
 async fn scoped_token_with_id(cp: &ControlPlane) -> (String, String) {
-    let out = cp
-        .ctl_ok(&[
-            "-o",
-            "json",
-            "token",
-            "create",
+    let t = cp
+        .create_token(&[
             "--role",
             "join",
             "--service",
@@ -55,11 +51,7 @@ async fn scoped_token_with_id(cp: &ControlPlane) -> (String, String) {
             "payments",
         ])
         .await;
-    let v: serde_json::Value = serde_json::from_str(&out).expect("token JSON");
-    (
-        v["id"].as_str().expect("id").to_owned(),
-        v["secret"].as_str().expect("secret").to_owned(),
-    )
+    (t.id, t.secret)
 }
 
 // === Streams ===
@@ -743,23 +735,10 @@ async fn proxy_status_shows_who_opened_each_stream() {
     let token = |service: &'static str| {
         let cp = &cp;
         async move {
-            let out = cp
-                .ctl_ok(&[
-                    "-o",
-                    "json",
-                    "token",
-                    "create",
-                    "--role",
-                    "join",
-                    "--service",
-                    service,
-                ])
+            let t = cp
+                .create_token(&["--role", "join", "--service", service])
                 .await;
-            let v: serde_json::Value = serde_json::from_str(&out).expect("token JSON");
-            (
-                v["id"].as_str().expect("id").to_owned(),
-                v["secret"].as_str().expect("secret").to_owned(),
-            )
+            (t.id, t.secret)
         }
     };
     let (web_id, web) = token("web").await;
