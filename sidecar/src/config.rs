@@ -337,24 +337,6 @@ impl Config {
     }
 }
 
-/// Checks a DNS label: lowercase a-z, 0-9 and '-', 1 to 63 characters, not
-/// starting or ending with '-'.
-pub fn check_dns_label(name: &str) -> Result<(), String> {
-    let valid = (1..=63).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if valid {
-        Ok(())
-    } else {
-        Err(format!(
-            "must be a DNS label (1-63 of a-z, 0-9, '-', not starting or ending with '-'), got {name:?}"
-        ))
-    }
-}
-
 /// The machine's hostname, used when no node id is configured.
 fn hostname() -> Option<String> {
     let from_env = std::env::var("HOSTNAME").ok();

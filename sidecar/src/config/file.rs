@@ -11,10 +11,10 @@ use serde::Deserialize;
 use super::{
     Config, ConfigError, DEFAULT_ADMIN_LISTEN, DEFAULT_CHECK_PERIOD, DEFAULT_CONTROL_PLANE,
     DEFAULT_DRAIN_TIMEOUT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_LISTEN, LogFormat, Protocol,
-    Service, Upstream, check_dns_label, default_address, hostname,
+    Service, Upstream, default_address, hostname,
 };
 use crate::balance::{Algorithm, HashKey};
-use isdp_core::probe::Target;
+use isdp_core::{names::check_dns_label, probe::Target};
 
 /// The TOML file. Every key is optional here; validation applies defaults.
 #[derive(Debug, Default, Deserialize)]
