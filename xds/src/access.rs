@@ -161,9 +161,11 @@ impl Gate {
         Ok(())
     }
 
-    /// The application's check of a node id.
+    /// The application's check of a node id (whose message names its
+    /// rule), then the engine's.
     pub(crate) fn node(&self, id: &str) -> Result<(), Status> {
-        self.access.node(id)
+        self.access.node(id)?;
+        crate::limits::check_node_id(id)
     }
 
     /// Whether the stream may read `name`; silent, for resources a
