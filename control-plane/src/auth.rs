@@ -135,6 +135,17 @@ impl ReadScope {
         else {
             return true;
         };
+        // A standard resource belongs to the service its name starts
+        // with; Envoy's outbound listener and routes name every service,
+        // so only callers reading everything get them.
+        let name = if crate::publish::standard::type_urls().contains(&type_url) {
+            match crate::publish::standard::service_of(name) {
+                Some(service) => service,
+                None => return false,
+            }
+        } else {
+            name
+        };
         let own = services.iter().any(|s| s == name);
         match type_url {
             TRUST_BUNDLE_TYPE_URL => true,

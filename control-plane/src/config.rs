@@ -20,6 +20,16 @@ pub struct Config {
     #[arg(long, env = "ISDP_ADMIN_LISTEN", default_value = "127.0.0.1:15014")]
     pub admin_listen: SocketAddr,
 
+    /// Where Envoy nodes served over ADS listen for the mesh's services:
+    /// the address of the `isdp_outbound` listener they receive (every
+    /// service by its `Host`). The control plane does not bind it.
+    #[arg(
+        long,
+        env = "ISDP_ENVOY_OUTBOUND_LISTEN",
+        default_value = "127.0.0.1:15001"
+    )]
+    pub envoy_outbound_listen: SocketAddr,
+
     /// Which store holds the registry: `embedded` (one redb file in
     /// --data-dir, a single control plane) or `etcd` (an etcd cluster shared
     /// by several control-plane replicas).

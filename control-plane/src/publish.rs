@@ -15,10 +15,14 @@
 //!   service.
 //! - `bundle`: CA roots + revoked tokens -> the `TrustBundle` "mesh",
 //!   `ca.pem`, and the roots the TLS listener presents.
+//! - `standard`: registry + traffic policies -> the standard Envoy v3
+//!   resources (listeners, routes, clusters, endpoint assignments) for
+//!   proxyless gRPC clients and Envoy.
 
 pub mod authorization;
 pub mod bundle;
 pub mod endpoints;
+pub mod standard;
 pub mod traffic;
 
 use isdp_proto::v1::{AuthorizationPolicy, ServiceEndpoints, TrafficPolicy, TrustBundle};
@@ -28,10 +32,14 @@ use prost::Name;
 /// A cache serving exactly the resource types the translators publish;
 /// clients asking for any other type are told which are served.
 pub fn cache() -> Cache {
-    Cache::new([
-        ServiceEndpoints::type_url(),
-        TrustBundle::type_url(),
-        AuthorizationPolicy::type_url(),
-        TrafficPolicy::type_url(),
-    ])
+    Cache::new(
+        [
+            ServiceEndpoints::type_url(),
+            TrustBundle::type_url(),
+            AuthorizationPolicy::type_url(),
+            TrafficPolicy::type_url(),
+        ]
+        .into_iter()
+        .chain(standard::type_urls().map(String::from)),
+    )
 }

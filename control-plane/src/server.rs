@@ -287,6 +287,16 @@ fn start_publishers(
         cache.clone(),
         shutdown.clone(),
     ));
+    tasks.push(publish::standard::spawn(
+        publish::standard::Settings {
+            trust_domain: config.trust_domain.clone(),
+            envoy_outbound: config.envoy_outbound_listen,
+        },
+        views.registry.clone(),
+        views.policies.clone(),
+        cache.clone(),
+        shutdown.clone(),
+    ));
     tasks.push(publish::authorization::spawn(
         views.authz.clone(),
         views.registry.clone(),

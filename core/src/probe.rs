@@ -20,6 +20,13 @@ use tonic_health::pb::health_client::HealthClient;
 pub use checker::{CheckSpec, spawn_checker};
 pub use health::{Health, HealthState, Thresholds};
 
+/// Below this share of routable (not unhealthy) endpoints, traffic spreads
+/// over all of them rather than overloading the few survivors: health
+/// checks can be wrong, and survivors overloaded. ISDP's sidecars apply it
+/// when balancing; the control plane applies it to what it sends clients
+/// without a panic mode of their own (proxyless gRPC).
+pub const PANIC_THRESHOLD: f64 = 0.5;
+
 /// What a check probes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {

@@ -71,6 +71,16 @@ pub trait StreamAccess: Send + 'static {
         format!("{name:?} of {type_url} is outside the stream's access")
     }
 
+    /// Whether a wildcard subscription carries `name` of `type_url`, of
+    /// the resources [`StreamAccess::allows`] lets it read. Some resources
+    /// are only for clients that ask for them by name: Envoy subscribes
+    /// to every listener, and would only skip (and warn about) the API
+    /// listeners proxyless gRPC clients name one by one. Not a refusal: a
+    /// client naming the resource gets it. By default, everything.
+    fn in_wildcard(&self, _type_url: &str, _name: &str) -> bool {
+        true
+    }
+
     /// Checks the `node.id` of the stream's first request (INVALID_ARGUMENT
     /// ends the stream). Whatever it says, the engine then refuses ids
     /// over [`crate::MAX_NODE_ID_BYTES`] or holding control characters; by
@@ -172,6 +182,12 @@ impl Gate {
     /// wildcard subscription would carry.
     pub(crate) fn allows(&self, type_url: &str, name: &str) -> bool {
         self.access.allows(type_url, name)
+    }
+
+    /// Whether a wildcard subscription carries `name`: one the stream may
+    /// read, and that the application puts in wildcards.
+    pub(crate) fn in_wildcard(&self, type_url: &str, name: &str) -> bool {
+        self.access.allows(type_url, name) && self.access.in_wildcard(type_url, name)
     }
 
     /// Whether a name subscribed to is refused (and, the first time it is

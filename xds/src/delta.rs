@@ -271,15 +271,18 @@ impl DeltaStream {
         let current: Vec<Option<Arc<Encoded>>> = st
             .tc
             .read(|held| names.iter().map(|n| held.get(&**n).cloned()).collect());
-        let mut dirty = names.into_iter().zip(current).map(|(n, r)| {
-            let visible = r.filter(|_| self.gate.allows(type_url, &n));
-            (n, visible)
-        });
-        while let Some((name, visible)) = dirty.next() {
+        let mut dirty = names.into_iter().zip(current);
+        while let Some((name, r)) = dirty.next() {
             let explicit = st.names.contains(&name);
             if !explicit && !st.wildcard {
                 continue;
             }
+            // Named: what the stream may read; carried by the wildcard
+            // only: what the application puts in wildcards.
+            let visible = r.filter(|_| match explicit {
+                true => self.gate.allows(type_url, &name),
+                false => self.gate.in_wildcard(type_url, &name),
+            });
             let known = st.known.get(&name);
             match visible {
                 Some(r) if known == Some(&r.version) => {}

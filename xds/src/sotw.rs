@@ -209,7 +209,7 @@ impl SotwStream {
                 .collect(),
         });
         if st.names.is_none() {
-            resources.retain(|r| self.gate.allows(type_url, &r.name));
+            resources.retain(|r| self.gate.in_wildcard(type_url, &r.name));
         }
         let version = set_version(resources.iter().map(|r| &**r));
         if st.sent.as_deref() == Some(version.as_str()) {

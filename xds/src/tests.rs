@@ -353,6 +353,49 @@ fn a_scoped_wildcard_follows_the_allowed_resources() {
     assert_eq!(values(&r[0]), [b"a5", b"w1"]);
 }
 
+/// Reads everything, but its wildcards carry only names starting with
+/// "w": the rest are for clients that name them.
+struct NamedOnly;
+
+impl crate::StreamAccess for NamedOnly {
+    fn allows(&self, _type_url: &str, _name: &str) -> bool {
+        true
+    }
+    fn in_wildcard(&self, _type_url: &str, name: &str) -> bool {
+        name.starts_with('w')
+    }
+}
+
+/// Resources the application keeps out of wildcards reach a stream that
+/// names them, in both protocols, and never one that subscribes by
+/// wildcard.
+#[test]
+fn wildcards_carry_only_what_the_application_puts_in_them() {
+    let c = cache();
+    c.set_raw(T, "web", Bytes::from_static(b"w1"));
+    let mut out = Vec::new();
+
+    let mut wild = DeltaStream::new(c.clone(), Box::new(NamedOnly));
+    assert_eq!(drain_acking(&mut wild, Some(sub(&[]))), [vec!["web"]]);
+    c.set_raw(T, "a", Bytes::from_static(b"a2"));
+    c.set_raw(T, "wiki", Bytes::from_static(b"k1"));
+    assert_eq!(drain_acking(&mut wild, None), [vec!["wiki"]]);
+    let mut named = DeltaStream::new(c.clone(), Box::new(NamedOnly));
+    assert_eq!(drain_acking(&mut named, Some(sub(&["a"]))), [vec!["a"]]);
+
+    let values = |r: &DiscoveryResponse| -> Vec<Vec<u8>> {
+        r.resources.iter().map(|a| a.value.clone()).collect()
+    };
+    let mut whole = SotwStream::new(c.clone(), Box::new(NamedOnly));
+    whole.on_request(sotw(&[], "", ""), &mut out).unwrap();
+    assert_eq!(values(&sotw_responses(&mut out)[0]), [b"w1", b"k1"]);
+    let mut by_name = SotwStream::new(c.clone(), Box::new(NamedOnly));
+    by_name
+        .on_request(sotw(&["a", "c"], "", ""), &mut out)
+        .unwrap();
+    assert_eq!(values(&sotw_responses(&mut out)[0]), [b"a2", b"c1"]);
+}
+
 /// Sends `req`, then acknowledges every response until none is left;
 /// returns the names each response carried.
 fn drain_acking(s: &mut DeltaStream, req: Option<DeltaDiscoveryRequest>) -> Vec<Vec<String>> {

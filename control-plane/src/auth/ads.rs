@@ -29,7 +29,7 @@ use tonic::Status;
 pub use self::name_budget::DEFAULT_NAME_BYTES_PER_PRINCIPAL;
 use self::name_budget::{NameBudget, NameCharge};
 use super::{Principal, ReadScope};
-use crate::registry::validate;
+use crate::{publish::standard, registry::validate};
 
 /// The access rules of the control plane's ADS server.
 #[derive(Clone)]
@@ -84,6 +84,14 @@ impl StreamAccess for StreamScope {
 
     fn refusal(&self, type_url: &str, name: &str) -> String {
         self.scope.refusal(type_url, name)
+    }
+
+    /// A wildcard listener subscription is Envoy's: it gets the
+    /// address-bound outbound listener, not the API listeners proxyless
+    /// gRPC clients ask for by name (Envoy would skip each with a
+    /// warning). Every other type's wildcard carries what the scope allows.
+    fn in_wildcard(&self, type_url: &str, name: &str) -> bool {
+        type_url != standard::LISTENER || name == standard::ENVOY_OUTBOUND
     }
 
     /// A node id is a sidecar's, as its session names it: required, and
@@ -163,6 +171,32 @@ mod tests {
             assert_eq!(e.code(), tonic::Code::InvalidArgument);
             assert!(e.message().starts_with("node.id: must be 1 to 128"), "{e}");
         }
+    }
+
+    /// A standard resource belongs to the service its name starts with
+    /// (`S`, `S/<subset>`); Envoy's outbound listener and routes name
+    /// every service, so only a principal reading everything gets them.
+    /// A wildcard listener subscription (Envoy's) carries only the
+    /// outbound listener.
+    #[test]
+    fn standard_resources_are_read_by_their_service() {
+        use crate::publish::standard::{CLUSTER, ENVOY_OUTBOUND, LISTENER, ROUTE_CONFIGURATION};
+        let access = AdsAccess::default();
+        let scoped = open(
+            &access,
+            Some(join("0123456789abcdef", Some(vec!["payments".into()]))),
+        );
+        assert!(scoped.allows(CLUSTER, "payments"));
+        assert!(scoped.allows(CLUSTER, "payments/v1"));
+        assert!(scoped.allows(LISTENER, "web"));
+        assert!(!scoped.allows(CLUSTER, "billing/v1"));
+        assert!(!scoped.allows(LISTENER, ENVOY_OUTBOUND));
+        assert!(!scoped.allows(ROUTE_CONFIGURATION, ENVOY_OUTBOUND));
+        let everything = open(&access, Some(join("0123456789abcdef", None)));
+        assert!(everything.allows(LISTENER, ENVOY_OUTBOUND));
+        assert!(everything.in_wildcard(LISTENER, ENVOY_OUTBOUND));
+        assert!(!everything.in_wildcard(LISTENER, "payments"));
+        assert!(everything.in_wildcard(CLUSTER, "payments"));
     }
 
     /// A stream reads what its principal's scope allows; one without a

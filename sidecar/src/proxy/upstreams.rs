@@ -32,9 +32,7 @@ use crate::{
 };
 use isdp_core::probe::Health;
 
-/// Below this share of healthy endpoints, traffic spreads over all of them
-/// rather than overloading the few survivors.
-pub const PANIC_THRESHOLD: f64 = 0.5;
+pub use isdp_core::probe::PANIC_THRESHOLD;
 
 /// One endpoint as the data plane balances and reaches it (the discovery
 /// snapshot's `xds::Endpoint`, resolved to a destination and carrying

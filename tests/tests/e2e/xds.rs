@@ -16,6 +16,10 @@
 //! - [`Ads`]: one ADS stream, its request sender and `next`/`quiet` waits.
 //! - request builders and decoders for delta and state of the world.
 //! - the tests, one per protocol behaviour.
+//! - `standard`: the standard Envoy resources (listeners, routes,
+//!   clusters, endpoint assignments) over the same streams.
+
+mod standard;
 
 use std::{
     collections::{BTreeMap, HashMap},

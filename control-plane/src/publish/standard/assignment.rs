@@ -1,0 +1,122 @@
+//! Endpoint assignments: the instances of one cluster, grouped into
+//! localities by their `region` and `zone` metadata.
+//!
+//! The rules are gRPC's, which Envoy shares: a locality needs a weight
+//! (gRPC drops one whose weight is unset or 0), here the sum of its
+//! endpoints'; an endpoint's weight is never 0 (a NACK); one address
+//! appears once in a cluster (a NACK otherwise); only HEALTHY and UNKNOWN
+//! endpoints take traffic. gRPC has no panic threshold: when fewer than
+//! [`PANIC_THRESHOLD`] of a cluster's endpoints are routable, every
+//! endpoint is sent as UNKNOWN, so a proxyless client spreads over all of
+//! them as ISDP's sidecars do in panic mode.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use envoy_types::pb::{
+    envoy::config::{
+        core::v3::{Address, HealthStatus, Locality, SocketAddress, address, socket_address},
+        endpoint::v3::{ClusterLoadAssignment, LbEndpoint, LocalityLbEndpoints, lb_endpoint},
+    },
+    google::protobuf::UInt32Value,
+};
+use isdp_proto::v1::{HealthStatus as Health, Instance};
+
+use super::cluster::Transport;
+
+/// Below this share of routable endpoints ISDP's sidecars spread over all
+/// of them; assignments say the same to clients without a panic mode.
+pub use isdp_core::probe::PANIC_THRESHOLD;
+
+/// The assignment of cluster `name`: `instances` (already the cluster's:
+/// the service's or one subset's), reached as `transport` says.
+pub fn assignment(
+    name: &str,
+    instances: &[&Instance],
+    transport: Transport,
+) -> ClusterLoadAssignment {
+    // One entry per address, the first instance (by id) holding it; a
+    // duplicate is a registration mistake, and a NACK would cost the
+    // client every other endpoint.
+    let mut seen = BTreeSet::new();
+    let mut endpoints: Vec<(&Instance, u32)> = Vec::new();
+    for i in instances {
+        let port = match transport {
+            Transport::Mesh => i.inbound_port,
+            Transport::Plaintext => i.port,
+        };
+        if port == 0 || !seen.insert((i.address.as_str(), port)) {
+            continue;
+        }
+        endpoints.push((i, port));
+    }
+    let routable = endpoints
+        .iter()
+        .filter(|(i, _)| i.status() != Health::Unhealthy)
+        .count();
+    let panic =
+        !endpoints.is_empty() && (routable as f64) < PANIC_THRESHOLD * endpoints.len() as f64;
+
+    let mut localities: BTreeMap<(&str, &str), Vec<LbEndpoint>> = BTreeMap::new();
+    for (i, port) in endpoints {
+        let meta = |k: &str| i.metadata.get(k).map_or("", String::as_str);
+        let health = match (panic, i.status()) {
+            (true, _) | (_, Health::Unknown) => HealthStatus::Unknown,
+            (_, Health::Healthy) => HealthStatus::Healthy,
+            (_, Health::Unhealthy) => HealthStatus::Unhealthy,
+        };
+        localities
+            .entry((meta("region"), meta("zone")))
+            .or_default()
+            .push(LbEndpoint {
+                host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(
+                    envoy_types::pb::envoy::config::endpoint::v3::Endpoint {
+                        address: Some(socket(&i.address, port)),
+                        hostname: i.id.clone(),
+                        ..Default::default()
+                    },
+                )),
+                health_status: health as i32,
+                load_balancing_weight: Some(UInt32Value {
+                    value: i.weight.max(1),
+                }),
+                ..Default::default()
+            });
+    }
+    ClusterLoadAssignment {
+        cluster_name: name.to_owned(),
+        endpoints: localities
+            .into_iter()
+            .map(|((region, zone), lb_endpoints)| {
+                let weight: u32 = lb_endpoints
+                    .iter()
+                    .filter_map(|e| e.load_balancing_weight.map(|w| w.value))
+                    .fold(0u32, u32::saturating_add);
+                LocalityLbEndpoints {
+                    locality: Some(Locality {
+                        region: region.to_owned(),
+                        zone: zone.to_owned(),
+                        ..Default::default()
+                    }),
+                    lb_endpoints,
+                    load_balancing_weight: Some(UInt32Value {
+                        value: weight.max(1),
+                    }),
+                    priority: 0,
+                    ..Default::default()
+                }
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn socket(ip: &str, port: u32) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            protocol: socket_address::Protocol::Tcp as i32,
+            address: ip.to_owned(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+            ..Default::default()
+        })),
+    }
+}
