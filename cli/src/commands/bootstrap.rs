@@ -75,8 +75,8 @@ pub struct GrpcArgs {
     join_token: Option<String>,
     /// Expiry of the join token this command creates, e.g. 90days
     /// [default: never]. The certificate, and every renewal of it, ends no
-    /// later than its token: a client outlives its --ttl only if it is
-    /// bootstrapped again.
+    /// later than its token: past it, only a renewal with a new token
+    /// (--renew --join-token) keeps the client in the mesh.
     #[arg(long, value_parser = humantime::parse_duration)]
     ttl: Option<Duration>,
     /// How long the certificate should live [default: the control plane's
@@ -92,12 +92,14 @@ pub struct GrpcArgs {
     #[arg(long)]
     zone: Option<String>,
     /// The control plane's address as the client dials it, HOST:PORT
-    /// [default: the host and port of --control-plane]. HOST must be one
-    /// of the control plane's certificate names (see its --tls-san).
+    /// [default: the host and port of --control-plane; with --renew, the
+    /// one in the bootstrap]. HOST must be one of the control plane's
+    /// certificate names (see its --tls-san).
     #[arg(long)]
     server: Option<String>,
-    /// Renew the certificate in an existing --out, keeping its key and node
-    /// id, authenticated by the current certificate (or by --join-token).
+    /// Renew the certificate in an existing --out, keeping its key, node
+    /// and server, authenticated by the current certificate (or by
+    /// --join-token).
     /// A running client picks the new files up without a restart.
     #[arg(long)]
     renew: bool,
@@ -181,12 +183,17 @@ async fn bootstrap(cli: &Cli, plan: &Plan<'_>, dir: &OutDir) -> Result<Outcome, 
     let node_id = args
         .node_id
         .clone()
-        .or_else(|| existing.as_ref().map(|e| e.node.id.clone()))
+        .or_else(|| existing.as_ref().map(|e| e.saved.node_id.clone()))
         .unwrap_or_else(|| plan::default_node_id(&args.service));
     let zone = args
         .zone
         .clone()
-        .or_else(|| existing.as_ref().and_then(|e| e.node.zone.clone()));
+        .or_else(|| existing.as_ref().and_then(|e| e.saved.zone.clone()));
+    let server_uri = plan
+        .server
+        .clone()
+        .or_else(|| existing.as_ref().map(|e| e.saved.server_uri.clone()))
+        .unwrap_or_else(|| plan.url_server.clone());
     let key = match &existing {
         Some(e) => e.key(),
         None => identity::new_key(),
@@ -233,7 +240,7 @@ async fn bootstrap(cli: &Cli, plan: &Plan<'_>, dir: &OutDir) -> Result<Outcome, 
         )
         .await?;
         let doc = document::render(&document::Bootstrap {
-            server_uri: &plan.server_uri,
+            server_uri: &server_uri,
             dir: dir.path(),
             node_id: &node_id,
             cluster: &args.service,

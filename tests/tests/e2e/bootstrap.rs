@@ -376,6 +376,9 @@ async fn a_bootstrap_holds_what_a_grpc_client_needs_and_its_certificate_is_the_j
         2,
         "a token without upstreams reads every service"
     );
+    // A renewal keeps the server, node and zone the bootstrap names.
+    bootstrap_ok(&cp, &other, &["--service", "web", "--renew"]).await;
+    assert_eq!(json(&other), doc);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -74,27 +74,33 @@ pub fn render(b: &Bootstrap<'_>) -> String {
     text
 }
 
-/// The node of a bootstrap this command wrote, for a renewal to keep.
+/// What a renewal keeps of a bootstrap this command wrote.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Node {
-    pub id: String,
+pub struct Saved {
+    pub server_uri: String,
+    pub node_id: String,
+    /// The service.
     pub cluster: String,
     pub zone: Option<String>,
 }
 
-/// Reads the node back; an error says what is missing.
-pub fn read_node(text: &str) -> Result<Node, String> {
+/// Reads a bootstrap back; an error says what is missing.
+pub fn read(text: &str) -> Result<Saved, String> {
     let doc: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
-    let node = &doc["node"];
-    let field = |name: &str| {
-        node[name]
+    let field = |value: &Value, name: &str| {
+        value
             .as_str()
             .map(str::to_owned)
-            .ok_or_else(|| format!("no node.{name}"))
+            .ok_or_else(|| format!("no {name}"))
     };
-    Ok(Node {
-        id: field("id")?,
-        cluster: field("cluster")?,
+    let node = &doc["node"];
+    Ok(Saved {
+        server_uri: field(
+            &doc["xds_servers"][0]["server_uri"],
+            "xds_servers[0].server_uri",
+        )?,
+        node_id: field(&node["id"], "node.id")?,
+        cluster: field(&node["cluster"], "node.cluster")?,
         zone: node["locality"]["zone"].as_str().map(str::to_owned),
     })
 }
@@ -104,7 +110,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_what_grpc_reads_and_reads_its_node_back() {
+    fn renders_what_grpc_reads_and_reads_it_back() {
         let text = render(&Bootstrap {
             server_uri: "127.0.0.1:15010",
             dir: Path::new("/etc/web/xds"),
@@ -133,9 +139,10 @@ mod tests {
             json!({ "id": "web-0a1b2c3d", "cluster": "web", "locality": { "zone": "z1" } })
         );
         assert_eq!(
-            read_node(&text).unwrap(),
-            Node {
-                id: "web-0a1b2c3d".into(),
+            read(&text).unwrap(),
+            Saved {
+                server_uri: "127.0.0.1:15010".into(),
+                node_id: "web-0a1b2c3d".into(),
                 cluster: "web".into(),
                 zone: Some("z1".into()),
             }
@@ -150,8 +157,8 @@ mod tests {
         });
         let doc: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(doc["node"]["locality"], json!({}));
-        assert_eq!(read_node(&text).unwrap().zone, None);
-        assert_eq!(read_node("{}").unwrap_err(), "no node.id");
-        assert!(read_node("nope").unwrap_err().starts_with("not JSON"));
+        assert_eq!(read(&text).unwrap().zone, None);
+        assert_eq!(read("{}").unwrap_err(), "no xds_servers[0].server_uri");
+        assert!(read("nope").unwrap_err().starts_with("not JSON"));
     }
 }

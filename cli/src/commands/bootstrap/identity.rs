@@ -21,7 +21,7 @@ use rcgen::{CertificateParams, DnType, KeyPair};
 
 use super::{
     BootstrapError,
-    document::{self, Node},
+    document::{self, Saved},
     files::{BOOTSTRAP, CA, CERT, KEY, OutDir},
     rfc3339, unix_ms,
 };
@@ -152,7 +152,8 @@ pub struct Existing {
     pub key_pem: String,
     pub cert_pem: String,
     pub ca_pem: String,
-    pub node: Node,
+    /// What the bootstrap said.
+    pub saved: Saved,
     spiffe_id: String,
     not_after_unix_ms: i64,
 }
@@ -179,17 +180,17 @@ impl Existing {
         let key_pem = dir.read(KEY)?;
         let cert_pem = dir.read(CERT)?;
         let ca_pem = dir.read(CA)?;
-        let node = document::read_node(&dir.read(BOOTSTRAP)?).map_err(|e| renew(BOOTSTRAP, e))?;
+        let saved = document::read(&dir.read(BOOTSTRAP)?).map_err(|e| renew(BOOTSTRAP, e))?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| renew(KEY, e.to_string()))?;
         let leaf = pem_to_der(&cert_pem, "CERTIFICATE")
             .ok_or_else(|| renew(CERT, "no PEM certificate".into()))?;
         let spiffe_id = cert::uri_san(&leaf).map_err(|e| renew(CERT, e.to_string()))?;
         let named = split_service_spiffe_id(&spiffe_id).map(|(_, s)| s);
-        if named != Some(service) || node.cluster != service {
+        if named != Some(service) || saved.cluster != service {
             return Err(BootstrapError::Renew(format!(
                 "{} is the bootstrap of {spiffe_id:?} (node cluster {:?}), not of --service {service:?}",
                 dir.path().display(),
-                node.cluster
+                saved.cluster
             )));
         }
         if cert::public_key(&leaf).map_err(|e| renew(CERT, e.to_string()))? != key.public_key_raw()
@@ -202,7 +203,7 @@ impl Existing {
             key_pem,
             cert_pem,
             ca_pem,
-            node,
+            saved,
             spiffe_id,
             not_after_unix_ms,
         })

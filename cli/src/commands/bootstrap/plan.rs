@@ -11,8 +11,11 @@ use crate::commands::Cli;
 /// The flags, checked before anything is touched.
 pub struct Plan<'a> {
     pub args: &'a GrpcArgs,
-    /// `host:port` of the control plane, as the client dials it.
-    pub server_uri: String,
+    /// `--server`, checked.
+    pub server: Option<String>,
+    /// `host:port` of `--control-plane`: the client's server unless
+    /// `--server`, or on renewal the bootstrap, says otherwise.
+    pub url_server: String,
     pub join_token: Option<String>,
 }
 
@@ -68,10 +71,11 @@ impl<'a> Plan<'a> {
         if let Some(zone) = &args.zone {
             check_zone(zone).map_err(|e| flag("zone", e))?;
         }
-        let server_uri = match &args.server {
-            Some(s) => host_port(s).map_err(|e| flag("server", e))?,
-            None => server_of_url(&cli.control_plane).map_err(|e| flag("control-plane", e))?,
+        let server = match &args.server {
+            Some(s) => Some(host_port(s).map_err(|e| flag("server", e))?),
+            None => None,
         };
+        let url_server = server_of_url(&cli.control_plane).map_err(|e| flag("control-plane", e))?;
         if join_token.is_none() && !args.renew && crate::commands::operator_token(cli).is_none() {
             return Err(flag(
                 "join-token",
@@ -81,7 +85,8 @@ impl<'a> Plan<'a> {
         }
         Ok(Plan {
             args,
-            server_uri,
+            server,
+            url_server,
             join_token: join_token.map(str::to_owned),
         })
     }
