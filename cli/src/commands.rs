@@ -3,10 +3,13 @@
 //!
 //! # Layout
 //! - `authz`: `isdpctl authz`, authorization rules.
+//! - `bootstrap`: `isdpctl bootstrap grpc`, a key, certificate, trust
+//!   bundle and xDS bootstrap for a proxyless gRPC client, renewed in place.
 //! - `policy`: `isdpctl policy`, traffic policies from YAML documents.
 //! - `security`: `token` and `ca` commands.
 
 mod authz;
+mod bootstrap;
 mod policy;
 mod security;
 
@@ -23,6 +26,7 @@ use isdp_proto::v1::{
 
 use crate::output;
 pub use crate::output::Format;
+pub use bootstrap::{BootstrapCommand, BootstrapError};
 pub use security::{CaCommand, TokenCommand};
 
 #[derive(Debug, Parser)]
@@ -127,6 +131,9 @@ pub enum Command {
     /// The mesh CA: rotate the root, print the trust bundle.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Files that let a client join the mesh without a sidecar.
+    #[command(subcommand)]
+    Bootstrap(BootstrapCommand),
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -148,6 +155,8 @@ pub enum CtlError {
     },
     #[error("{0}")]
     Usage(String),
+    #[error(transparent)]
+    Bootstrap(#[from] BootstrapError),
 }
 
 fn api(op: &'static str) -> impl Fn(tonic::Status) -> CtlError {
@@ -162,31 +171,46 @@ fn api(op: &'static str) -> impl Fn(tonic::Status) -> CtlError {
 /// plane's data dir.
 fn credentials(cli: &Cli) -> Result<ControlAuth, CtlError> {
     let ca_pem = if cli.control_plane.starts_with("https://") {
-        let path = cli
-            .ca_file
-            .clone()
-            .unwrap_or_else(|| cli.data_dir.join("ca.pem"));
-        Some(std::fs::read_to_string(&path).map_err(|e| {
-            CtlError::Usage(format!(
-                "reading the CA file {}: {e} (pass --ca-file or ISDP_CA_FILE)",
-                path.display()
-            ))
-        })?)
+        Some(ca_pem(cli)?)
     } else {
         None
     };
+    Ok(ControlAuth {
+        ca_pem,
+        token: operator_token(cli),
+        identity: Default::default(),
+        learned: Default::default(),
+    })
+}
+
+/// The CA file to trust the control plane with: `--ca-file` /
+/// `ISDP_CA_FILE`, else `<data-dir>/ca.pem`.
+fn ca_file(cli: &Cli) -> PathBuf {
+    cli.ca_file
+        .clone()
+        .unwrap_or_else(|| cli.data_dir.join("ca.pem"))
+}
+
+fn ca_pem(cli: &Cli) -> Result<String, CtlError> {
+    let path = ca_file(cli);
+    std::fs::read_to_string(&path).map_err(|e| {
+        CtlError::Usage(format!(
+            "reading the CA file {}: {e} (pass --ca-file or ISDP_CA_FILE)",
+            path.display()
+        ))
+    })
+}
+
+/// The operator's bearer token: `--token` / `ISDP_TOKEN`, else the local
+/// control plane's `<data-dir>/admin.token`.
+fn operator_token(cli: &Cli) -> Option<String> {
     let token = match &cli.token {
         Some(t) => Some(t.trim().to_owned()),
         None => std::fs::read_to_string(cli.data_dir.join("admin.token"))
             .ok()
             .map(|t| t.trim().to_owned()),
     };
-    Ok(ControlAuth {
-        ca_pem,
-        token: token.filter(|t| !t.is_empty()),
-        identity: Default::default(),
-        learned: Default::default(),
-    })
+    token.filter(|t| !t.is_empty())
 }
 
 async fn connect(url: &str, auth: &ControlAuth) -> Result<ControlChannel, CtlError> {
@@ -207,6 +231,12 @@ fn millis(d: Duration) -> Result<u32, CtlError> {
 
 /// Runs one command, writing its output to stdout.
 pub async fn run(cli: Cli) -> Result<(), CtlError> {
+    // The bootstrap picks its credentials per step (an operator token to
+    // mint a join token, the join token or the client's certificate to
+    // sign), so it does not share the one channel below.
+    if let Command::Bootstrap(cmd) = &cli.command {
+        return Ok(bootstrap::run(&cli, cmd).await?);
+    }
     let auth = credentials(&cli)?;
     let channel = connect(&cli.control_plane, &auth).await?;
     // A service's instance list may be as large as its xDS resource,
@@ -217,6 +247,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
     match cli.command {
         Command::Token(cmd) => security::token(channel, fmt, cmd).await?,
         Command::Ca(cmd) => security::ca(channel, fmt, cmd).await?,
+        Command::Bootstrap(_) => unreachable!("handled above"),
         Command::Register {
             service,
             address,

@@ -303,8 +303,10 @@ impl StreamObserver for Metrics {
     fn opened(&self, s: &StreamInfo) {
         self.inner.streams.inc();
         // Debug: a client opening streams as fast as it can must not write
-        // a line per stream; `isdp_xds_streams` counts them.
-        tracing::debug!(node = ?s.node_id, stream = s.id, delta = s.delta, peer = ?s.peer, "xds stream opened");
+        // a line per stream; `isdp_xds_streams` counts them. The caller is
+        // what was authenticated (token id or SPIFFE ID), the node id only
+        // what the client claims.
+        tracing::debug!(node = ?s.node_id, caller = ?s.caller, stream = s.id, delta = s.delta, peer = ?s.peer, "xds stream opened");
     }
 
     fn event(&self, s: &StreamInfo, e: &StreamEvent) {

@@ -247,7 +247,8 @@ fn peer_info(stream: &TlsStream<TcpStream>, remote: SocketAddr, trust_domain: &s
     // Exactly one URI SAN, as the CA issues: anything else names no one.
     let spiffe_id = leaf.and_then(|leaf| isdp_core::cert::uri_san(leaf.as_ref()).ok());
     let grant = leaf.and_then(|leaf| crate::ca::grant::of_certificate(leaf.as_ref()));
-    let not_after_unix_ms = leaf.and_then(|leaf| not_after_unix_ms(leaf.as_ref()));
+    let not_after_unix_ms =
+        leaf.and_then(|leaf| isdp_core::cert::not_after_unix_ms(leaf.as_ref()).ok());
     let service = spiffe_id
         .as_deref()
         .and_then(|id| isdp_core::names::service_of_spiffe_id(trust_domain, id));
@@ -258,13 +259,6 @@ fn peer_info(stream: &TlsStream<TcpStream>, remote: SocketAddr, trust_domain: &s
         grant,
         not_after_unix_ms,
     }
-}
-
-/// A certificate's notAfter, unix ms.
-fn not_after_unix_ms(der: &[u8]) -> Option<i64> {
-    use x509_parser::prelude::FromDer as _;
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
-    Some(cert.validity().not_after.timestamp().saturating_mul(1000))
 }
 
 /// The first URI SAN of a certificate.

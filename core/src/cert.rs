@@ -1,6 +1,7 @@
 //! Reading who a certificate names: its one URI SAN, a SPIFFE ID in the
-//! mesh's trust domain. Only meaningful on a certificate whose chain was
-//! verified; these functions parse, they do not verify.
+//! mesh's trust domain; and when it ends and which key it certifies. Only
+//! meaningful on a certificate whose chain was verified; these functions
+//! parse, they do not verify.
 
 use x509_parser::{extensions::GeneralName, prelude::FromDer};
 
@@ -15,10 +16,30 @@ pub enum CertError {
     ForeignTrustDomain(String, String),
 }
 
+fn parse(der: &[u8]) -> Result<x509_parser::certificate::X509Certificate<'_>, CertError> {
+    x509_parser::certificate::X509Certificate::from_der(der)
+        .map(|(_, cert)| cert)
+        .map_err(|_| CertError::Unparsable)
+}
+
+/// A certificate's notAfter, unix ms.
+pub fn not_after_unix_ms(der: &[u8]) -> Result<i64, CertError> {
+    Ok(parse(der)?
+        .validity()
+        .not_after
+        .timestamp()
+        .saturating_mul(1000))
+}
+
+/// The public key a certificate certifies (the subjectPublicKey bits: for
+/// ECDSA the encoded point), to check a certificate is for a key held.
+pub fn public_key(der: &[u8]) -> Result<Vec<u8>, CertError> {
+    Ok(parse(der)?.public_key().subject_public_key.data.to_vec())
+}
+
 /// The single URI SAN of a certificate.
 pub fn uri_san(der: &[u8]) -> Result<String, CertError> {
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
-        .map_err(|_| CertError::Unparsable)?;
+    let cert = parse(der)?;
     let sans = cert
         .subject_alternative_name()
         .map_err(|_| CertError::Unparsable)?;
@@ -82,5 +103,16 @@ mod tests {
             Err(CertError::UriSanCount(2))
         );
         assert_eq!(uri_san(b"junk"), Err(CertError::Unparsable));
+    }
+
+    #[test]
+    fn end_and_key() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["x.test".to_owned()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(2031, 1, 2);
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        assert_eq!(not_after_unix_ms(&der).unwrap(), 1_925_078_400_000);
+        assert_eq!(public_key(&der).unwrap(), key.public_key_raw());
+        assert_eq!(not_after_unix_ms(b"junk"), Err(CertError::Unparsable));
     }
 }

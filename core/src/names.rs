@@ -1,7 +1,9 @@
 //! Names both sides of the mesh must agree on: what a service name may be,
-//! the SPIFFE ID a service's certificates carry, and the TLS server name
-//! (SNI and DNS SAN) its sidecars answer to. The CA writes them, sidecars
-//! and the control plane's TLS listener read them back.
+//! what an id (an instance's, a node's) may be, the SPIFFE ID a service's
+//! certificates carry, and the TLS server name (SNI and DNS SAN) its
+//! sidecars answer to. The CA writes them, sidecars and the control plane's
+//! TLS listener read them back; the control plane checks ids with the rule
+//! `isdpctl` checks a node id with before writing it into a gRPC bootstrap.
 
 /// Checks a DNS label: lowercase a-z, 0-9 and '-', 1 to 63 characters, not
 /// starting or ending with '-'. Service names are labels, so they fit in a
@@ -22,6 +24,23 @@ pub fn check_dns_label(name: &str) -> Result<(), String> {
     }
 }
 
+/// Longest id (instance id, node id).
+pub const MAX_ID_LEN: usize = 128;
+
+/// What an id (an instance's, a sidecar's or gRPC client's node id) must
+/// be, for messages; [`is_valid_id`] checks it.
+pub const ID_RULE: &str = "1 to 128 characters of letters, digits, '.', '_', '-' or ':'";
+
+/// Whether `id` follows [`ID_RULE`]. Ids are shown in logs, spans and
+/// `isdpctl proxy-status`, so they hold nothing that needs quoting.
+pub fn is_valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b':'))
+}
+
 /// `spiffe://<trust-domain>/svc/<service>`: the identity in every workload
 /// certificate of `service`.
 pub fn service_spiffe_id(trust_domain: &str, service: &str) -> String {
@@ -35,6 +54,16 @@ pub fn service_of_spiffe_id(trust_domain: &str, id: &str) -> Option<String> {
     let service = rest.strip_prefix("/svc/")?;
     check_dns_label(service).ok()?;
     Some(service.to_owned())
+}
+
+/// The trust domain and service of a service identity
+/// (`spiffe://<trust-domain>/svc/<service>`), whatever its trust domain:
+/// for a client that learns the trust domain from its first certificate.
+pub fn split_service_spiffe_id(id: &str) -> Option<(&str, &str)> {
+    let (trust_domain, service) = id.strip_prefix("spiffe://")?.split_once("/svc/")?;
+    let valid =
+        !trust_domain.is_empty() && !trust_domain.contains('/') && check_dns_label(service).is_ok();
+    valid.then_some((trust_domain, service))
 }
 
 /// `<service>.svc.<trust-domain>`: the TLS server name (SNI, and the
@@ -67,6 +96,16 @@ mod tests {
     }
 
     #[test]
+    fn ids() {
+        for ok in ["a", "web-1.pod_2:x", &"n".repeat(MAX_ID_LEN)] {
+            assert!(is_valid_id(ok), "{ok}");
+        }
+        for bad in ["", "a b", "a/b", "é", "a\n", &"n".repeat(MAX_ID_LEN + 1)] {
+            assert!(!is_valid_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn spiffe_ids_round_trip() {
         let id = service_spiffe_id("mesh.local", "web");
         assert_eq!(id, "spiffe://mesh.local/svc/web");
@@ -83,6 +122,16 @@ mod tests {
             service_of_spiffe_id("mesh.local", "spiffe://mesh.local/svc/a/b"),
             None
         );
+        assert_eq!(split_service_spiffe_id(&id), Some(("mesh.local", "web")));
+        for bad in [
+            "spiffe://mesh.local/svc/a/b",
+            "spiffe:///svc/web",
+            "spiffe://a/b/svc/web",
+            "spiffe://mesh.local/svc/Web",
+            "https://mesh.local/svc/web",
+        ] {
+            assert_eq!(split_service_spiffe_id(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -46,8 +46,8 @@ use std::time::{Duration, Instant};
 
 pub use bins::{bin_dir, binary};
 pub use control_plane::{
-    ControlPlane, ControlPlaneOpts, CreatedToken, Credentials, bearer, isdpctl, new_kek_file,
-    tls_channel,
+    ControlPlane, ControlPlaneOpts, CreatedToken, Credentials, bearer, isdpctl, isdpctl_raw,
+    new_kek_file, tls_channel,
 };
 pub use echo::{Backend, EchoGrpc, EchoHttp, EchoTcp};
 pub use etcd::{EtcdCluster, EtcdTls};

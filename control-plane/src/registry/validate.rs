@@ -11,7 +11,6 @@ use isdp_proto::v1::{HealthCheck, Instance};
 pub const MAX_METADATA_ENTRIES: usize = 64;
 pub const MAX_METADATA_KEY_LEN: usize = 128;
 pub const MAX_METADATA_VALUE_LEN: usize = 512;
-pub const MAX_ID_LEN: usize = 128;
 pub const MAX_WEIGHT: u32 = 10_000;
 pub const MIN_CHECK_INTERVAL_MS: u32 = 100;
 pub const MAX_CHECK_INTERVAL_MS: u32 = 3_600_000;
@@ -65,9 +64,9 @@ pub fn is_dns_label(name: &str) -> bool {
         && b[b.len() - 1] != b'-'
 }
 
-/// What an id (an instance's, a sidecar's node id) must be, for messages;
-/// [`is_valid_id`] checks it.
-pub const ID_RULE: &str = "1 to 128 characters of letters, digits, '.', '_', '-' or ':'";
+/// What an id (an instance's, a node's) must be: the rule `isdpctl` also
+/// checks the node ids it writes into gRPC bootstraps with.
+pub use isdp_core::names::{ID_RULE, MAX_ID_LEN, is_valid_id};
 
 /// A sidecar's node id, as its session and its xDS streams name it: the
 /// error naming `field` if `id` is not a valid id. Checked where the id
@@ -80,14 +79,6 @@ pub fn node_id(field: &str, id: &str) -> Result<(), FieldError> {
         field: field.into(),
         rule: format!("must be {ID_RULE}, got {:?}", truncate(id)),
     })
-}
-
-pub fn is_valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_ID_LEN
-        && id
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b':'))
 }
 
 /// Validates an instance as sent by a client; `prefix` names it in errors
