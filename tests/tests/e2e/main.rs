@@ -21,6 +21,7 @@ mod observability;
 mod ownership;
 mod policy;
 mod quotas;
+mod relay;
 mod resilience;
 mod revocation;
 mod roles;
