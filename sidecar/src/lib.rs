@@ -527,4 +527,24 @@ mod tests {
             "{err}"
         );
     }
+
+    /// The relay's listener is bound with the others, before anything
+    /// starts; a failure names the key.
+    #[tokio::test]
+    async fn relay_bind_errors_name_the_key() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = taken.local_addr().unwrap();
+        let config = Config::from_toml(&format!(
+            "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\n\
+             admin_listen = \"127.0.0.1:0\"\ninbound_listen = \"127.0.0.1:0\"\n\
+             outbound_listen = \"127.0.0.1:0\"\nxds_relay_listen = \"{addr}\"\n"
+        ))
+        .unwrap();
+        let (_stop, shutdown) = watch::channel(false);
+        let err = run(config, shutdown).await.unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("bind xds_relay_listen {addr}: ")),
+            "{err}"
+        );
+    }
 }
