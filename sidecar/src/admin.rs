@@ -39,6 +39,8 @@ pub struct AdminState {
     pub listeners: Option<crate::proxy::Addrs>,
     /// The balancing state in force per upstream.
     pub upstreams: Option<crate::proxy::upstreams::Upstreams>,
+    /// The xDS relay, when it is on.
+    pub relay: Option<crate::relay::Relay>,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -169,6 +171,63 @@ struct ConfigView {
     xds: XdsView,
     /// Workload certificates held, by service.
     identities: BTreeMap<String, IdentityView>,
+    xds_relay: RelayView,
+}
+
+/// The xDS relay: whether it is on, and the streams it carries.
+#[derive(Serialize)]
+struct RelayView {
+    enabled: bool,
+    /// `127.0.0.1:PORT` or `unix:/PATH`.
+    listen: Option<String>,
+    max_streams: Option<usize>,
+    open_streams: usize,
+    streams: Vec<RelayStreamView>,
+}
+
+#[derive(Serialize)]
+struct RelayStreamView {
+    /// As its first request names it (the control plane checks it).
+    node_id: String,
+    /// The client's address, or `unix uid N`.
+    peer: String,
+    delta: bool,
+    /// The control-plane URL it is relayed to.
+    control_plane: Option<String>,
+    opened_unix_ms: u128,
+}
+
+fn relay_view(relay: Option<&crate::relay::Relay>) -> RelayView {
+    let Some(relay) = relay else {
+        return RelayView {
+            enabled: false,
+            listen: None,
+            max_streams: None,
+            open_streams: 0,
+            streams: Vec::new(),
+        };
+    };
+    let streams: Vec<RelayStreamView> = relay
+        .open_streams()
+        .into_iter()
+        .map(|s| RelayStreamView {
+            node_id: s.node_id,
+            peer: s.peer,
+            delta: s.delta,
+            control_plane: s.control_plane,
+            opened_unix_ms: s
+                .opened
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis()),
+        })
+        .collect();
+    RelayView {
+        enabled: true,
+        listen: Some(relay.listen().to_owned()),
+        max_streams: Some(relay.max_streams()),
+        open_streams: streams.len(),
+        streams,
+    }
 }
 
 #[derive(Serialize)]
@@ -345,6 +404,7 @@ async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
         })
         .unwrap_or_default();
     Json(ConfigView {
+        xds_relay: relay_view(state.relay.as_ref()),
         identities,
         node_id: state.session.node_id().to_owned(),
         listeners,

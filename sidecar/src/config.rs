@@ -4,6 +4,7 @@
 //! file's whole list.
 
 mod file;
+mod relay;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -13,6 +14,7 @@ use std::time::Duration;
 use isdp_core::probe::{CheckSpec, Target, Thresholds};
 
 pub use file::{FileConfig, ServiceSpec, UpstreamSpec};
+pub use relay::{DEFAULT_RELAY_MAX_STREAMS, MAX_RELAY_MAX_STREAMS, RelayListen, XdsRelay};
 
 /// Default admin listener.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15000";
@@ -100,6 +102,14 @@ pub struct Cli {
     /// SPIFFE ID) [default: the first local service].
     #[arg(long, env = "ISDP_IDENTITY", value_name = "SERVICE")]
     pub identity: Option<String>,
+    /// Relay ADS for local xDS clients that cannot authenticate (plaintext
+    /// h2c) to the control plane with this sidecar's credentials: a
+    /// loopback ADDR:PORT or unix:/PATH [default: off].
+    #[arg(long, env = "ISDP_XDS_RELAY_LISTEN", value_name = "ADDR")]
+    pub xds_relay_listen: Option<String>,
+    /// Streams the xDS relay carries at once [default: 64].
+    #[arg(long, env = "ISDP_XDS_RELAY_MAX_STREAMS", value_name = "N")]
+    pub xds_relay_max_streams: Option<u64>,
     #[command(flatten)]
     pub trace: isdp_core::telemetry::TraceArgs,
 }
@@ -163,6 +173,9 @@ pub struct Config {
     /// other sidecars; None only for a sidecar with neither local services
     /// nor upstreams.
     pub identity: Option<String>,
+    /// The ADS relay for local clients that cannot authenticate to the
+    /// control plane themselves; None: off.
+    pub xds_relay: Option<XdsRelay>,
 }
 
 /// A local service.
@@ -326,6 +339,12 @@ impl Config {
         }
         if cli.identity.is_some() {
             file.identity = cli.identity;
+        }
+        if cli.xds_relay_listen.is_some() {
+            file.xds_relay_listen = cli.xds_relay_listen;
+        }
+        if cli.xds_relay_max_streams.is_some() {
+            file.xds_relay_max_streams = cli.xds_relay_max_streams;
         }
         if cli.trace.otlp_endpoint.is_some() {
             file.otlp_endpoint = cli.trace.otlp_endpoint;

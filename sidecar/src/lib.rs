@@ -22,6 +22,9 @@
 //! - `proxy`: the data plane: inbound, outbound and per-upstream listeners,
 //!   each request path as tower layers, TCP, and `proxy::transport` (the
 //!   handshakes between sidecars).
+//! - `relay`: the optional local ADS relay, carrying the streams of xDS
+//!   clients that cannot authenticate to the control plane with this
+//!   sidecar's credentials.
 //! - `admin`: `/live`, `/ready`, `/config`, `/metrics` over HTTP, and the
 //!   scrape-time collector of state metrics (it reads every module above).
 //!
@@ -38,6 +41,7 @@ pub mod config;
 pub mod identity;
 pub mod metrics;
 pub mod proxy;
+pub mod relay;
 pub mod session;
 pub mod tls;
 pub mod xds;
@@ -69,6 +73,8 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Relay(#[from] relay::BindError),
     #[error("read ca_file {path}: {source}")]
     CaFile {
         path: std::path::PathBuf,
@@ -81,14 +87,16 @@ pub enum Error {
 ///
 /// Binds every listener first and prints
 /// `isdp-sidecar listening: admin=<addr> inbound=<addr> outbound=<addr>`
-/// (plus `upstream.<name>=<addr>` per dedicated upstream listener) on
+/// (plus `upstream.<name>=<addr>` per dedicated upstream listener, and
+/// `relay=<addr>` or `relay=unix:<path>` when the xDS relay is on) on
 /// stdout once bound, so scripts and tests can use port 0.
 ///
 /// The steps, in order: [`bind`] the listeners, [`control_auth`] (how to
 /// reach the control plane), [`start_session`] (registration and probes),
 /// [`start_discovery`] (xDS), [`start_identity`] (workload certificates),
 /// [`start_data_plane`] (mTLS, authorization, balancing, the proxy's
-/// listeners), [`start_admin`], then [`stop`] on shutdown. Nothing after
+/// listeners), [`start_relay`] (the xDS relay, when on), [`start_admin`],
+/// then [`stop`] on shutdown. Nothing after
 /// binding waits on the control plane: until it answers, the admin
 /// endpoint serves and `/ready` says what is missing.
 pub async fn run(mut config: Config, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
@@ -111,6 +119,7 @@ pub async fn run(mut config: Config, shutdown: watch::Receiver<bool>) -> Result<
         &shutdown,
         &mut tasks,
     );
+    let relay = start_relay(&config, bound.relay, &auth, &metrics, &shutdown, &mut tasks);
     let state = admin::AdminState {
         session,
         xds: snapshots,
@@ -118,6 +127,7 @@ pub async fn run(mut config: Config, shutdown: watch::Receiver<bool>) -> Result<
         identities: Some(identities),
         listeners: Some(bound.addrs),
         upstreams: Some(upstreams),
+        relay,
         metrics,
     };
     let admin = start_admin(&config, bound.admin, state, &shutdown);
@@ -130,11 +140,13 @@ struct Bound {
     admin_addr: SocketAddr,
     data_plane: proxy::Listeners,
     addrs: proxy::Addrs,
+    /// The xDS relay's, when it is on.
+    relay: Option<relay::Listener>,
 }
 
-/// Binds the admin and data-plane listeners, records the inbound port
-/// actually bound in `config` (registrations carry it), and prints the
-/// `isdp-sidecar listening:` line.
+/// Binds the admin, data-plane and xDS relay listeners, records the
+/// inbound port actually bound in `config` (registrations carry it), and
+/// prints the `isdp-sidecar listening:` line.
 async fn bind(config: &mut Config) -> Result<Bound, Error> {
     let admin = TcpListener::bind(config.admin_listen)
         .await
@@ -153,6 +165,13 @@ async fn bind(config: &mut Config) -> Result<Bound, Error> {
     for (name, addr) in &addrs.upstreams {
         line.push_str(&format!(" upstream.{name}={addr}"));
     }
+    let relay = match &config.xds_relay {
+        Some(r) => Some(relay::Listener::bind(&r.listen).await?),
+        None => None,
+    };
+    if let Some(relay) = &relay {
+        line.push_str(&format!(" relay={}", relay.local()));
+    }
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
@@ -161,6 +180,7 @@ async fn bind(config: &mut Config) -> Result<Bound, Error> {
         admin_addr,
         data_plane,
         addrs,
+        relay,
     })
 }
 
@@ -327,6 +347,33 @@ fn start_data_plane(
     upstreams
 }
 
+/// The xDS relay on its bound listener, dialling the control plane with
+/// the sidecar's credentials (the token, and the primary certificate and
+/// learned roots as `auth` keeps them current); None when it is off.
+fn start_relay(
+    config: &Config,
+    listener: Option<relay::Listener>,
+    auth: &dial::ControlAuth,
+    metrics: &metrics::Metrics,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Option<relay::Relay> {
+    let (listener, settings) = listener.zip(config.xds_relay.as_ref())?;
+    let (relay, task) = relay::spawn(
+        listener,
+        relay::RelaySettings {
+            control_plane: config.control_plane.clone(),
+            auth: auth.clone(),
+            max_streams: settings.max_streams,
+            drain: config.drain_timeout,
+        },
+        metrics,
+        shutdown.clone(),
+    );
+    tasks.push(task);
+    Some(relay)
+}
+
 /// The scrape-time state metrics, and the admin endpoint on the listener
 /// bound first. `state` holds every identity; `/ready` waits for one only
 /// when the sidecar has an `identity` to call others as.
@@ -477,6 +524,26 @@ mod tests {
         let err = run(config, shutdown).await.unwrap_err().to_string();
         assert!(
             err.starts_with(&format!("bind admin listener {addr}")),
+            "{err}"
+        );
+    }
+
+    /// The relay's listener is bound with the others, before anything
+    /// starts; a failure names the key.
+    #[tokio::test]
+    async fn relay_bind_errors_name_the_key() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = taken.local_addr().unwrap();
+        let config = Config::from_toml(&format!(
+            "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\n\
+             admin_listen = \"127.0.0.1:0\"\ninbound_listen = \"127.0.0.1:0\"\n\
+             outbound_listen = \"127.0.0.1:0\"\nxds_relay_listen = \"{addr}\"\n"
+        ))
+        .unwrap();
+        let (_stop, shutdown) = watch::channel(false);
+        let err = run(config, shutdown).await.unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("bind xds_relay_listen {addr}: ")),
             "{err}"
         );
     }

@@ -101,6 +101,11 @@ struct TlsFailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RevokedLabels {
     direction: &'static str,
     stage: &'static str,
@@ -129,6 +134,23 @@ struct Inner {
     timeouts: Family<ResilienceLabels, Counter>,
     overflows: Family<ResilienceLabels, Counter>,
     ejections: Family<UpstreamLabel, Counter>,
+    relay: RelayMetrics,
+}
+
+/// The xDS relay's streams (`relay`): open now, relayed in all, and the
+/// relay's own answers by reason (a fixed set, `relay::RelayError`).
+#[derive(Clone, Debug, Default)]
+pub struct RelayMetrics {
+    pub open: Gauge,
+    pub streams: Counter,
+    errors: Family<ReasonLabel, Counter>,
+}
+
+impl RelayMetrics {
+    /// A stream the relay ended (or refused) itself, for `reason`.
+    pub fn error(&self, reason: &'static str) {
+        self.errors.get_or_create(&ReasonLabel { reason }).inc();
+    }
 }
 
 impl Default for Metrics {
@@ -233,8 +255,25 @@ impl Metrics {
             "Endpoints ejected by outlier detection",
             ejections.clone(),
         );
+        let relay = RelayMetrics::default();
+        registry.register(
+            "xds_relay_streams_open",
+            "ADS streams the xDS relay carries to the control plane now",
+            relay.open.clone(),
+        );
+        registry.register(
+            "xds_relay_streams",
+            "ADS streams the xDS relay admitted",
+            relay.streams.clone(),
+        );
+        registry.register(
+            "xds_relay_errors",
+            "Relayed ADS streams the relay refused or ended itself, by reason (max-streams, control-plane-unreachable, request-too-large, response-too-large, shutting-down)",
+            relay.errors.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
+                relay,
                 retries,
                 budget_exhausted,
                 timeouts,
@@ -263,6 +302,11 @@ impl Metrics {
             .lock()
             .expect("registry lock")
             .register_collector(Box::new(collector));
+    }
+
+    /// The xDS relay's handles.
+    pub fn relay(&self) -> RelayMetrics {
+        self.inner.relay.clone()
     }
 
     /// Counts a failed mTLS handshake. Failures are rare and `reason` comes

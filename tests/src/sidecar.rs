@@ -42,6 +42,12 @@ impl Sidecar {
         self.proc.addr("outbound")
     }
 
+    /// The xDS relay's listener (`relay=` in the listening line: an
+    /// address, or `unix:/PATH`); panics if the relay is off.
+    pub fn relay_addr(&self) -> &str {
+        self.proc.addr("relay")
+    }
+
     /// The dedicated listener of upstream `name` (`upstream.NAME=` in the
     /// listening line); panics if it has none.
     pub fn upstream_addr(&self, name: &str) -> &str {
@@ -98,6 +104,8 @@ pub struct SidecarToml {
     node_id: String,
     control_plane: Vec<String>,
     sections: String,
+    /// Top-level keys, rendered before any table.
+    top: String,
     /// Overrides the harness's admin token (accepted as a join token).
     join_token: Option<String>,
 }
@@ -110,6 +118,7 @@ impl SidecarToml {
             node_id: node_id.to_owned(),
             control_plane: vec![control_plane_url.to_owned()],
             sections: String::new(),
+            top: String::new(),
             join_token: None,
         }
     }
@@ -124,6 +133,17 @@ impl SidecarToml {
     /// and fails over to the others in turn.
     pub fn control_planes(mut self, urls: &[String]) -> Self {
         self.control_plane = urls.to_vec();
+        self
+    }
+
+    /// Turns the xDS relay on at `listen` (`127.0.0.1:0`, `unix:/PATH`;
+    /// read it back with [`Sidecar::relay_addr`]), relaying at most
+    /// `max_streams` streams when given.
+    pub fn xds_relay(mut self, listen: &str, max_streams: Option<usize>) -> Self {
+        let _ = writeln!(self.top, "xds_relay_listen = {listen:?}");
+        if let Some(n) = max_streams {
+            let _ = writeln!(self.top, "xds_relay_max_streams = {n}");
+        }
         self
     }
 
@@ -197,8 +217,8 @@ impl SidecarToml {
         };
         format!(
             "node_id = \"{}\"\ncontrol_plane = {:?}\nadmin_listen = \"127.0.0.1:0\"\n\
-             inbound_listen = \"127.0.0.1:0\"\noutbound_listen = \"127.0.0.1:0\"\n{auth}{identity}{}",
-            self.node_id, self.control_plane, self.sections
+             inbound_listen = \"127.0.0.1:0\"\noutbound_listen = \"127.0.0.1:0\"\n{auth}{identity}{}{}",
+            self.node_id, self.control_plane, self.top, self.sections
         )
     }
 

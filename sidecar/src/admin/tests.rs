@@ -39,6 +39,7 @@ async fn live_ready_and_config() {
         identities: None,
         listeners: None,
         upstreams: None,
+        relay: None,
         metrics,
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -121,6 +122,11 @@ async fn live_ready_and_config() {
     assert_eq!(json["xds"]["acked"]["payments"], "abc");
     assert_eq!(json["xds"]["acks"], 3);
     assert_eq!(json["xds"]["nacks"], 0);
+    assert_eq!(
+        json["xds_relay"],
+        serde_json::json!({"enabled": false, "listen": null, "max_streams": null,
+            "open_streams": 0, "streams": []})
+    );
 
     let (status, text) = get(addr, "/metrics").await;
     assert_eq!(status, 200);

@@ -39,6 +39,8 @@ pub struct FileConfig {
     pub otlp_endpoint: Option<String>,
     pub trace_sample_ratio: Option<f64>,
     pub identity: Option<String>,
+    pub xds_relay_listen: Option<String>,
+    pub xds_relay_max_streams: Option<u64>,
 }
 
 /// One `[[service]]` table or `--service` SPEC.
@@ -212,8 +214,12 @@ impl FileConfig {
             ));
         }
 
+        let xds_relay =
+            super::relay::validate(self.xds_relay_listen.as_deref(), self.xds_relay_max_streams)?;
+
         Ok(Config {
             identity,
+            xds_relay,
             node_id,
             control_plane,
             ca_file: self.ca_file,

@@ -386,3 +386,138 @@ fn https_control_plane_needs_a_ca_file_and_a_join_token() {
     assert_eq!(c.control_plane, vec![DEFAULT_CONTROL_PLANE]);
     assert_eq!(c.join_token.as_deref(), Some("isdp_abc"));
 }
+
+/// The xDS relay is off unless `xds_relay_listen` is set; loopback
+/// addresses (IPv4, IPv6, IPv4-mapped) and absolute unix socket paths are
+/// taken, with 64 streams unless `xds_relay_max_streams` says otherwise.
+#[test]
+fn the_xds_relay_is_off_by_default_and_takes_loopback_or_a_unix_socket() {
+    let base = "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\n";
+    assert_eq!(Config::from_toml(base).unwrap().xds_relay, None);
+    let relay = |keys: &str| {
+        Config::from_toml(&format!("{base}{keys}"))
+            .unwrap()
+            .xds_relay
+            .expect("the relay is on")
+    };
+    for (text, listen) in [
+        ("127.0.0.1:15002", "127.0.0.1:15002"),
+        ("127.9.9.9:0", "127.9.9.9:0"),
+        ("[::1]:15002", "[::1]:15002"),
+        ("[::ffff:127.0.0.1]:15002", "[::ffff:127.0.0.1]:15002"),
+        (" unix:/run/isdp/xds.sock ", "unix:/run/isdp/xds.sock"),
+    ] {
+        let r = relay(&format!("xds_relay_listen = {text:?}"));
+        assert_eq!(r.listen.to_string(), listen);
+        assert_eq!(r.max_streams, DEFAULT_RELAY_MAX_STREAMS);
+    }
+    assert_eq!(
+        relay("xds_relay_listen = \"unix:/run/x.sock\"").listen,
+        RelayListen::Unix("/run/x.sock".into())
+    );
+    let r = relay("xds_relay_listen = \"127.0.0.1:0\"\nxds_relay_max_streams = 8");
+    assert_eq!(r.max_streams, 8);
+    assert_eq!(
+        relay("xds_relay_listen = \"127.0.0.1:0\"\nxds_relay_max_streams = 1024").max_streams,
+        MAX_RELAY_MAX_STREAMS
+    );
+}
+
+/// A relay anyone but the host could reach is refused at startup with the
+/// key and the reason; so are malformed addresses and unix paths, a bad
+/// stream cap, and a stream cap without a relay.
+#[test]
+fn a_relay_others_could_reach_is_refused_naming_the_key_and_why() {
+    let base = "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\n";
+    let listen = |text: &str| err(&format!("{base}xds_relay_listen = {text:?}"));
+    for open in [
+        "0.0.0.0:15002",
+        "10.0.0.1:15002",
+        "192.168.1.20:15002",
+        "[::]:15002",
+        "[fe80::1]:15002",
+        "[::ffff:10.0.0.1]:15002",
+    ] {
+        let e = listen(open);
+        assert!(
+            e.starts_with("xds_relay_listen: must be a loopback address"),
+            "{open}: {e}"
+        );
+        assert!(
+            e.contains("reads the mesh with this sidecar's credentials"),
+            "{open}: {e}"
+        );
+    }
+    for bad in ["localhost:15002", "127.0.0.1", "", "tcp://127.0.0.1:1"] {
+        let e = listen(bad);
+        assert!(
+            e.starts_with("xds_relay_listen: invalid address") && e.contains("unix:/PATH"),
+            "{bad}: {e}"
+        );
+    }
+    let e = listen("unix:run/xds.sock");
+    assert!(
+        e.starts_with("xds_relay_listen: a unix socket needs an absolute path"),
+        "{e}"
+    );
+    let e = listen(&format!("unix:/{}", "a".repeat(120)));
+    assert!(e.contains("at most 107 bytes"), "{e}");
+    let e = listen("unix:/run/isdp/");
+    assert!(e.contains("must name a file"), "{e}");
+
+    for n in [0u64, 1025, 1 << 40] {
+        assert_eq!(
+            err(&format!(
+                "{base}xds_relay_listen = \"127.0.0.1:0\"\nxds_relay_max_streams = {n}"
+            )),
+            format!("xds_relay_max_streams: must be 1..=1024, got {n}")
+        );
+    }
+    assert_eq!(
+        err(&format!("{base}xds_relay_max_streams = 8")),
+        "xds_relay_max_streams: set without xds_relay_listen: the relay is off"
+    );
+}
+
+/// `--xds-relay-listen` and `--xds-relay-max-streams` override the file,
+/// and are checked alike.
+#[test]
+fn relay_flags_override_the_file() {
+    let file = FileConfig::parse(
+        "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\n\
+         xds_relay_listen = \"127.0.0.1:1\"\nxds_relay_max_streams = 2\n",
+        "test",
+    )
+    .unwrap();
+    let c = Config::from_parts(
+        file,
+        cli(&[
+            "--xds-relay-listen",
+            "[::1]:15002",
+            "--xds-relay-max-streams",
+            "16",
+        ]),
+    )
+    .unwrap();
+    assert_eq!(
+        c.xds_relay,
+        Some(XdsRelay {
+            listen: RelayListen::Tcp("[::1]:15002".parse().unwrap()),
+            max_streams: 16,
+        })
+    );
+    let e = Config::from_parts(
+        FileConfig::parse(
+            "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"",
+            "t",
+        )
+        .unwrap(),
+        cli(&["--xds-relay-listen", "0.0.0.0:15002"]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with("xds_relay_listen: must be a loopback address"),
+        "{e}"
+    );
+}

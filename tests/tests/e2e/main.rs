@@ -22,6 +22,7 @@ mod observability;
 mod ownership;
 mod policy;
 mod quotas;
+mod relay;
 mod resilience;
 mod revocation;
 mod roles;
