@@ -116,7 +116,7 @@ impl Server {
         tasks.push(ca.follow(shutdown.clone()));
         tasks.push(tokens.follow(shutdown.clone()));
         let roots = start_publishers(&config, &views, &ca, &tokens, &cache, &shutdown, &mut tasks);
-        let incoming = start_tls(&config, grpc, grpc_addr, &ca, roots, &shutdown, &mut tasks)?;
+        let incoming = start_tls(&config, grpc, &ca, roots, &metrics, &shutdown, &mut tasks)?;
         tasks.push(health::spawn(
             views.registry.clone(),
             metrics.clone(),
@@ -146,6 +146,7 @@ impl Server {
             ca,
             tokens,
             max_streams_per_principal: config.max_streams_per_principal,
+            max_concurrent_streams: config.max_concurrent_streams,
         };
         serve_grpc(incoming, views, router, shutdown).await?;
         let _ = admin_task.await;
@@ -312,12 +313,14 @@ fn start_publishers(
 fn start_tls(
     config: &Config,
     grpc: TcpListener,
-    grpc_addr: SocketAddr,
     ca: &Ca,
     roots: watch::Receiver<Arc<ca::Roots>>,
+    metrics: &metrics::Metrics,
     shutdown: &watch::Receiver<bool>,
     tasks: &mut Tasks,
 ) -> Result<tls::Incoming, Error> {
+    // Bound by `Server::bind`, which reported this address already.
+    let grpc_addr = grpc.local_addr().unwrap_or(config.listen);
     let (tls_config, tls_task) = tls::follow_roots(
         ca.clone(),
         roots,
@@ -329,6 +332,11 @@ fn start_tls(
         grpc,
         tls_config,
         config.trust_domain.clone(),
+        tls::Admission::new(
+            config.max_connections,
+            config.first_request_timeout,
+            metrics.clone(),
+        ),
         shutdown.clone(),
     ))
 }
@@ -341,7 +349,19 @@ struct Router {
     tokens: Tokens,
     /// `--max-streams-per-principal`, which the auth layer enforces.
     max_streams_per_principal: usize,
+    /// `--max-concurrent-streams`, per connection.
+    max_concurrent_streams: u32,
 }
+
+/// Largest header block a request may carry (a bearer token, a few
+/// metadata entries): gRPC's own clients cap what they send at 8 KiB.
+const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
+/// Streams a client may make the server reset on one connection before
+/// the connection is closed (hyper's default, which tonic removes).
+const MAX_LOCAL_RESET_STREAMS: usize = 1024;
+/// Streams a client may open and cancel before the server handles them
+/// (the HTTP/2 rapid-reset bound; hyper's default).
+const MAX_PENDING_RESET_STREAMS: usize = 20;
 
 /// How long shutdown waits for open calls to finish once every handler
 /// was told to stop. Handlers end at once, but a call's last frames go out
@@ -372,6 +392,7 @@ async fn serve_grpc(
         ca,
         tokens,
         max_streams_per_principal,
+        max_concurrent_streams,
     } = router;
     let mut stop = shutdown.clone();
     let serve = tonic::transport::Server::builder()
@@ -379,6 +400,13 @@ async fn serve_grpc(
         // Notice a vanished sidecar even when its TCP connection lingers.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        // What tonic leaves unset, hyper's bounds: streams per connection
+        // in SETTINGS, headers per request, streams a client may make the
+        // server reset (a rapid-reset flood), and pending reset streams.
+        .max_concurrent_streams(Some(max_concurrent_streams))
+        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_RESET_STREAMS))
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESET_STREAMS))
         .layer(metrics::GrpcMetricsLayer::new(metrics.clone()))
         .layer(api::SizeLimitStatusLayer)
         .layer(auth::AuthLayer::new(

@@ -17,6 +17,7 @@ mod etcd;
 mod etcd_store;
 mod harness;
 mod health;
+mod listener_limits;
 mod mtls;
 mod observability;
 mod ownership;
