@@ -135,6 +135,7 @@ impl StreamObserver for Proxies {
                 t.nacks += 1;
                 t.last_nack = message.clone();
             }
+            StreamEvent::Subscribed { .. } | StreamEvent::Resumed { .. } => {}
         }
     }
 
@@ -157,6 +158,10 @@ mod tests {
             delta,
             peer: None,
             caller: format!("token-{id}"),
+            user_agent_name: String::new(),
+            user_agent_version: String::new(),
+            cluster: String::new(),
+            zone: String::new(),
         }
     }
 
@@ -184,6 +189,7 @@ mod tests {
                 nonce: "1".into(),
                 versions: vec![("a".into(), "v1".into()), ("b".into(), "v1".into())],
                 changed_at: None,
+                absent: vec![],
             },
         );
         p.event(
@@ -193,6 +199,7 @@ mod tests {
                 nonce: "2".into(),
                 versions: vec![("a".into(), "v2".into()), ("b".into(), String::new())],
                 changed_at: None,
+                absent: vec![],
             },
         );
         p.event(
@@ -201,6 +208,7 @@ mod tests {
                 type_url: t.clone(),
                 nonce: "3".into(),
                 message: "bad endpoint".into(),
+                versions: vec![("a".into(), "v3".into())],
             },
         );
         let list = p.list();
