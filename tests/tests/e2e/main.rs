@@ -9,6 +9,7 @@
 mod auth;
 mod authz;
 mod authz_bypass;
+mod csds;
 mod dataplane;
 mod demo;
 mod durability;
