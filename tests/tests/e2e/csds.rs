@@ -58,6 +58,17 @@ impl<Req, Resp> Ads<Req, Resp> {
             other => panic!("{what}: no response: {:?}", other.map(|r| r.map(drop))),
         }
     }
+
+    /// The status the stream ends with; a response first is a failure.
+    async fn error(&mut self, what: &str) -> tonic::Status {
+        match tokio::time::timeout(WAIT, self.rx.message()).await {
+            Ok(Err(s)) => s,
+            other => panic!(
+                "{what}: expected an error: {:?}",
+                other.map(|r| r.map(drop))
+            ),
+        }
+    }
 }
 
 /// A proxyless gRPC client's node, as its bootstrap and library fill it.
@@ -556,4 +567,78 @@ async fn csds_needs_the_read_role() {
         .map(drop)
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+}
+
+/// The node's other fields are the client's word, shown in tables and
+/// CSDS: one too long or holding control characters ends the stream with
+/// INVALID_ARGUMENT naming the field, for both protocols, and the stream
+/// is never listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_node_fields_end_the_stream_naming_the_field() {
+    let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
+    let cases: [(&str, Node); 4] = [
+        (
+            "node.user_agent_name: \"gRPC\\nforged\" holds control characters",
+            Node {
+                user_agent_name: "gRPC\nforged".into(),
+                ..grpc_node()
+            },
+        ),
+        (
+            "node.cluster: 257 bytes, at most 256",
+            Node {
+                cluster: "c".repeat(257),
+                ..grpc_node()
+            },
+        ),
+        (
+            "node.locality.zone: \"eu\\u{1b}[31m\" holds control characters",
+            Node {
+                locality: Some(Locality {
+                    zone: "eu\x1b[31m".into(),
+                    ..Default::default()
+                }),
+                ..grpc_node()
+            },
+        ),
+        (
+            "node.user_agent_version: 257 bytes, at most 256",
+            Node {
+                user_agent_version_type: Some(UserAgentVersionType::UserAgentVersion(
+                    "1".repeat(257),
+                )),
+                ..envoy_node()
+            },
+        ),
+    ];
+    for (message, node) in cases {
+        let mut s = sotw(
+            &cp,
+            DiscoveryRequest {
+                node: Some(node.clone()),
+                ..grpc_request(None, None)
+            },
+        )
+        .await;
+        let e = s.error(message).await;
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        assert_eq!(e.message(), message);
+        let mut d = delta(
+            &cp,
+            DeltaDiscoveryRequest {
+                node: Some(node),
+                type_url: EPS.into(),
+                resource_names_subscribe: vec!["payments".into()],
+                ..Default::default()
+            },
+        )
+        .await;
+        let e = d.error(message).await;
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        assert_eq!(e.message(), message);
+    }
+    let resp = fetch(&cp, cp.admin_token(), vec![]).await.unwrap();
+    assert!(resp.config.is_empty(), "{:?}", ids(&resp));
+    let out = cp.ctl_ok(&["-o", "json", "proxy-status"]).await;
+    assert_eq!(out.trim(), "[]");
 }
