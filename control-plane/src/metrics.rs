@@ -380,6 +380,7 @@ impl StreamObserver for Metrics {
                 type_url,
                 nonce,
                 message,
+                ..
             } => {
                 self.inner.nacks.get_or_create(&label(type_url)).inc();
                 if self.inner.xds_log.admit() {
@@ -388,6 +389,8 @@ impl StreamObserver for Metrics {
                     tracing::debug!(node = ?s.node_id, type_url = ?type_url, nonce, error = ?message, "xds response rejected (NACK)");
                 }
             }
+            // What a stream holds is proxy status's; nothing to count.
+            StreamEvent::Subscribed { .. } | StreamEvent::Resumed { .. } => {}
         }
     }
 

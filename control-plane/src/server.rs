@@ -417,7 +417,8 @@ async fn serve_grpc(
             api::registry::RegistryApi::new(registry, metrics, shutdown.clone()).into_server(),
         )
         .add_service(api::session::SessionApi::new(sessions, shutdown.clone()).into_server())
-        .add_service(api::status::ProxyStatusApi::new(proxies).into_server())
+        .add_service(api::status::ProxyStatusApi::new(proxies.clone()).into_server())
+        .add_service(api::csds::CsdsApi::new(proxies, shutdown.clone()).into_server())
         .add_service(api::authorization::AuthorizationApi::new(authz).into_server())
         .add_service(api::policies::PoliciesApi::new(policies, shutdown.clone()).into_server())
         .add_service(api::certificates::CertificatesApi::new(ca).into_server())

@@ -10,6 +10,7 @@ mod auth;
 mod authz;
 mod authz_bypass;
 mod bootstrap;
+mod csds;
 mod dataplane;
 mod demo;
 mod durability;
