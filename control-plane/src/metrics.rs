@@ -32,11 +32,6 @@ use prometheus_client::{
 use crate::store::StoreError;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabel {
-    reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TypeLabel {
     type_url: String,
 }
@@ -99,8 +94,8 @@ struct Inner {
     grpc_handling: Family<MethodLabel, Histogram>,
     store_ops: Family<StoreOpLabel, Histogram>,
     store_errors: Family<StoreErrorLabels, Counter>,
-    grpc_connections: Gauge,
-    grpc_connections_refused: Family<ReasonLabel, Counter>,
+    /// Kept by the gRPC listener's admission (`tls::Admission`).
+    grpc_connections: crate::tls::ConnectionCounters,
     /// The rate xDS lines clients can cause are logged at: the engine's
     /// refusals and the NACKs below share it.
     xds_log: isdp_xds::LogRate,
@@ -187,18 +182,8 @@ impl Metrics {
             "Store operations that failed, by kind of failure",
             store_errors.clone(),
         );
-        let grpc_connections = Gauge::default();
-        registry.register(
-            "grpc_connections",
-            "gRPC connections open, TLS handshakes included",
-            grpc_connections.clone(),
-        );
-        let grpc_connections_refused = Family::<ReasonLabel, Counter>::default();
-        registry.register(
-            "grpc_connections_refused",
-            "gRPC connections refused at accept (max-connections) or closed for carrying no request in time (no-request)",
-            grpc_connections_refused.clone(),
-        );
+        let grpc_connections = crate::tls::ConnectionCounters::default();
+        grpc_connections.register(&mut registry);
         registry.register_collector(Box::new(DroppedSpans));
         Metrics {
             inner: Arc::new(Inner {
@@ -216,28 +201,14 @@ impl Metrics {
                 store_ops,
                 store_errors,
                 grpc_connections,
-                grpc_connections_refused,
                 xds_log: isdp_xds::LogRate::default(),
             }),
         }
     }
 
-    /// A gRPC connection was accepted (its TLS handshake starts).
-    pub fn grpc_connection_opened(&self) {
-        self.inner.grpc_connections.inc();
-    }
-
-    pub fn grpc_connection_closed(&self) {
-        self.inner.grpc_connections.dec();
-    }
-
-    /// A gRPC connection refused at accept (`max-connections`) or closed
-    /// for carrying no request (`no-request`).
-    pub fn grpc_connection_refused(&self, reason: &'static str) {
-        self.inner
-            .grpc_connections_refused
-            .get_or_create(&ReasonLabel { reason })
-            .inc();
+    /// What the gRPC listener counts of its connections.
+    pub fn grpc_connections(&self) -> crate::tls::ConnectionCounters {
+        self.inner.grpc_connections.clone()
     }
 
     /// The rate lines about xDS clients' refusals and NACKs are logged

@@ -335,7 +335,7 @@ fn start_tls(
         tls::Admission::new(
             config.max_connections,
             config.first_request_timeout,
-            metrics.clone(),
+            metrics.grpc_connections(),
         ),
         shutdown.clone(),
     ))

@@ -10,7 +10,8 @@
 mod admission;
 
 pub use admission::{
-    Admission, DEFAULT_FIRST_REQUEST_TIMEOUT, DEFAULT_MAX_CONNECTIONS, FirstRequest,
+    Admission, ConnectionCounters, DEFAULT_FIRST_REQUEST_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+    FirstRequest,
 };
 
 use std::{

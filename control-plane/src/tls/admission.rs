@@ -22,12 +22,15 @@ use std::{
     time::Duration,
 };
 
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
     time::Sleep,
 };
-
-use crate::metrics::Metrics;
 
 /// Default `--max-connections`: thousands of sidecars (one connection
 /// each, plus a few for operators), well under a raised file limit.
@@ -35,18 +38,50 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default `--first-request-timeout`.
 pub const DEFAULT_FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What the listener counts; registered with the control plane's other
+/// metrics, which hand it back to the listener.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionCounters {
+    open: Gauge,
+    refused: Family<ReasonLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+impl ConnectionCounters {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "grpc_connections",
+            "gRPC connections open, TLS handshakes included",
+            self.open.clone(),
+        );
+        registry.register(
+            "grpc_connections_refused",
+            "gRPC connections refused at accept (max-connections) or closed for carrying no request in time (no-request)",
+            self.refused.clone(),
+        );
+    }
+
+    fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabel { reason }).inc();
+    }
+}
+
 /// The listener's places and the rule for idle connections.
 #[derive(Clone)]
 pub struct Admission {
     places: Arc<Semaphore>,
     max: usize,
     first_request: Duration,
-    metrics: Metrics,
+    metrics: ConnectionCounters,
     log: isdp_xds::LogRate,
 }
 
 impl Admission {
-    pub fn new(max: usize, first_request: Duration, metrics: Metrics) -> Self {
+    pub fn new(max: usize, first_request: Duration, metrics: ConnectionCounters) -> Self {
         Admission {
             places: Arc::new(Semaphore::new(max)),
             max,
@@ -60,13 +95,13 @@ impl Admission {
     /// logged within the rate) when every place is taken.
     pub fn admit(&self, remote: std::net::SocketAddr) -> Option<ConnGuard> {
         let Ok(permit) = self.places.clone().try_acquire_owned() else {
-            self.metrics.grpc_connection_refused("max-connections");
+            self.metrics.refused("max-connections");
             if self.log.admit() {
                 tracing::warn!(%remote, max = self.max, "gRPC connection refused: --max-connections reached");
             }
             return None;
         };
-        self.metrics.grpc_connection_opened();
+        self.metrics.open.inc();
         Some(ConnGuard {
             _permit: permit,
             deadline: Some(Box::pin(tokio::time::sleep(self.first_request))),
@@ -102,7 +137,7 @@ pub struct ConnGuard {
     deadline: Option<Pin<Box<Sleep>>>,
     first_request: FirstRequest,
     timeout: Duration,
-    metrics: Metrics,
+    metrics: ConnectionCounters,
     log: isdp_xds::LogRate,
     remote: std::net::SocketAddr,
 }
@@ -127,7 +162,7 @@ impl ConnGuard {
             Poll::Pending => Poll::Pending,
             Poll::Ready(()) => {
                 self.deadline = None;
-                self.metrics.grpc_connection_refused("no-request");
+                self.metrics.refused("no-request");
                 if self.log.admit() {
                     tracing::warn!(remote = %self.remote, timeout = ?self.timeout, "gRPC connection closed: no request within --first-request-timeout");
                 }
@@ -142,7 +177,7 @@ impl ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.metrics.grpc_connection_closed();
+        self.metrics.open.dec();
     }
 }
 
@@ -152,11 +187,19 @@ mod tests {
 
     use super::*;
 
+    fn render(counters: &ConnectionCounters) -> String {
+        let mut registry = Registry::with_prefix("isdp");
+        counters.register(&mut registry);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        out
+    }
+
     /// Places are given back when connections end; one over the cap is
     /// refused and counted.
     #[tokio::test]
     async fn connections_over_the_cap_are_refused_until_one_ends() {
-        let metrics = Metrics::new();
+        let metrics = ConnectionCounters::default();
         let admission = Admission::new(2, Duration::from_secs(10), metrics.clone());
         let remote = "127.0.0.1:1".parse().unwrap();
         let a = admission.admit(remote).expect("first");
@@ -164,7 +207,7 @@ mod tests {
         assert!(admission.admit(remote).is_none());
         drop(a);
         assert!(admission.admit(remote).is_some());
-        let text = metrics.render();
+        let text = render(&metrics);
         assert!(
             text.contains("isdp_grpc_connections_refused_total{reason=\"max-connections\"} 1"),
             "{text}"
@@ -175,7 +218,7 @@ mod tests {
     /// first request arrived is not.
     #[tokio::test(start_paused = true)]
     async fn a_connection_must_carry_a_request_within_the_timeout() {
-        let metrics = Metrics::new();
+        let metrics = ConnectionCounters::default();
         let admission = Admission::new(8, Duration::from_secs(10), metrics.clone());
         let remote = "127.0.0.1:1".parse().unwrap();
         let mut idle = admission.admit(remote).unwrap();
@@ -196,8 +239,7 @@ mod tests {
             "a connection that carried a request stays"
         );
         assert!(
-            metrics
-                .render()
+            render(&metrics)
                 .contains("isdp_grpc_connections_refused_total{reason=\"no-request\"} 1")
         );
     }
