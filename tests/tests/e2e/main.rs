@@ -15,6 +15,7 @@ mod demo;
 mod durability;
 mod etcd;
 mod etcd_store;
+mod grpc_js;
 mod harness;
 mod health;
 mod mtls;
