@@ -63,10 +63,13 @@ pub struct NodeRun {
     pub concurrency: u32,
     /// Each call's deadline.
     pub deadline: Duration,
-    /// `Some(server name)`: xDS channel credentials (mTLS to instances
-    /// behind a sidecar, with the bootstrap's certificate provider,
-    /// sending this SNI); `None`: plaintext to every instance.
-    pub mtls: Option<String>,
+    /// xDS channel credentials (mTLS to instances behind a sidecar, with
+    /// the bootstrap's certificate provider); otherwise plaintext to
+    /// every instance.
+    pub mtls: bool,
+    /// With `mtls`, the SNI sent to sidecars instead of the target's
+    /// bare name.
+    pub server_name: Option<String>,
 }
 
 impl NodeRun {
@@ -75,14 +78,22 @@ impl NodeRun {
             target: format!("xds:///{service}"),
             concurrency: 4,
             deadline: Duration::from_secs(5),
-            mtls: None,
+            mtls: false,
+            server_name: None,
         }
     }
 
-    /// Applies the security the control plane sends (gRFC A29), sending
-    /// `server_name` as SNI to sidecars (`<service>.svc.<trust-domain>`).
-    pub fn mtls(mut self, server_name: &str) -> Self {
-        self.mtls = Some(server_name.to_owned());
+    /// Applies the security the control plane sends (gRFC A29); grpc-js
+    /// then sends the target's bare name as SNI.
+    pub fn mtls(mut self) -> Self {
+        self.mtls = true;
+        self
+    }
+
+    /// With [`NodeRun::mtls`], sends `name` as SNI instead
+    /// (`grpc.ssl_target_name_override`).
+    pub fn server_name(mut self, name: &str) -> Self {
+        self.server_name = Some(name.to_owned());
         self
     }
 
@@ -100,13 +111,11 @@ impl NodeRun {
             "--deadline-ms".into(),
             self.deadline.as_millis().to_string(),
         ];
-        if let Some(name) = &self.mtls {
-            args.extend([
-                "--credentials".into(),
-                "xds".into(),
-                "--server-name".into(),
-                name.clone(),
-            ]);
+        if self.mtls {
+            args.extend(["--credentials".into(), "xds".into()]);
+            if let Some(name) = &self.server_name {
+                args.extend(["--server-name".into(), name.clone()]);
+            }
         }
         args
     }

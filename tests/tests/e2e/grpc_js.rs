@@ -424,8 +424,8 @@ fn acked(entry: &serde_json::Value) -> Vec<String> {
 /// client whose bootstrap has no such provider cannot take that cluster:
 /// grpc-js NACKs it naming the provider, `proxy-status` shows the NACK,
 /// and its calls fail. With the files `isdpctl bootstrap grpc` writes as
-/// the provider, xDS credentials and the sidecar's server name as SNI,
-/// every call succeeds over mTLS; with plaintext credentials none does
+/// the provider and xDS credentials, every call succeeds over mTLS (the
+/// target's bare name or the sidecar's server name as SNI); with plaintext credentials none does
 /// (the sidecar takes only TLS).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_js_reaches_sidecar_instances_over_mtls_with_the_isdp_certificate_provider() {
@@ -505,16 +505,17 @@ async fn grpc_js_reaches_sidecar_instances_over_mtls_with_the_isdp_certificate_p
     let mut bootstrap = m.bootstrap("grpc-js-mtls");
     bootstrap["certificate_providers"] = written["certificate_providers"].clone();
 
+    // grpc-js sends the target's bare name as SNI, which the sidecar takes
+    // as well as its own `<service>.svc.<trust-domain>`.
     let server_name = isdp_core::names::server_name(TRUST_DOMAIN, SERVICE);
-    let counts = NodeClient::calls(
-        &bootstrap,
-        &NodeRun::new(SERVICE).mtls(&server_name),
-        40,
-        Duration::from_secs(60),
-    )
-    .await;
-    assert_eq!(counts.of("echo-meshed"), 40, "{counts:?}");
-    assert_eq!(counts.failed(), 0, "{counts:?}");
+    for run in [
+        NodeRun::new(SERVICE).mtls(),
+        NodeRun::new(SERVICE).mtls().server_name(&server_name),
+    ] {
+        let counts = NodeClient::calls(&bootstrap, &run, 40, Duration::from_secs(60)).await;
+        assert_eq!(counts.of("echo-meshed"), 40, "{counts:?}");
+        assert_eq!(counts.failed(), 0, "{counts:?}");
+    }
 
     let counts = NodeClient::calls(
         &bootstrap,
