@@ -221,14 +221,15 @@ impl Registry {
     }
 
     /// Records a health transition; a no-op when the status is unchanged or
-    /// the instance is gone.
-    pub async fn set_status(&self, id: &str, status: HealthStatus) -> Result<(), RegistryError> {
+    /// the instance is gone. Says whether it changed anything, so callers
+    /// log transitions rather than every report.
+    pub async fn set_status(&self, id: &str, status: HealthStatus) -> Result<bool, RegistryError> {
         for _ in 0..8 {
             let Some(cur) = self.shared.view.get(id) else {
-                return Ok(());
+                return Ok(false);
             };
             if cur.instance.status == status as i32 {
-                return Ok(());
+                return Ok(false);
             }
             let mut next = cur.instance.clone();
             next.status = status as i32;
@@ -244,7 +245,7 @@ impl Registry {
                 .await?;
             if out.succeeded {
                 self.visible(out.revision).await;
-                return Ok(());
+                return Ok(true);
             }
             self.visible(self.current_revision().await?).await;
         }

@@ -49,7 +49,7 @@ use tonic::Status;
 use crate::metrics::{Metrics, RelayMetrics};
 pub use conn::{IDLE_TIMEOUT, MAX_STREAMS_PER_CONNECTION};
 pub use listen::{BindError, Listener, UNIX_SOCKET_MODE};
-pub use stream::MAX_REQUEST_BYTES;
+pub use stream::{FIRST_REQUEST_TIMEOUT, MAX_REQUEST_BYTES};
 
 /// What the relay answers a client itself; `as_str` is the
 /// `isdp_xds_relay_errors_total` reason.
@@ -64,6 +64,8 @@ pub enum RelayError {
     RequestTooLarge,
     /// A request tonic could not read as a gRPC message.
     BadRequest,
+    /// No request within [`FIRST_REQUEST_TIMEOUT`] of the stream opening.
+    NoFirstRequest,
     /// A response over the relay's decode limit (`dial::MAX_RESPONSE_BYTES`).
     ResponseTooLarge,
     /// The sidecar is stopping.
@@ -77,6 +79,7 @@ impl RelayError {
             RelayError::ControlPlaneUnreachable => "control-plane-unreachable",
             RelayError::RequestTooLarge => "request-too-large",
             RelayError::BadRequest => "bad-request",
+            RelayError::NoFirstRequest => "no-first-request",
             RelayError::ResponseTooLarge => "response-too-large",
             RelayError::ShuttingDown => "shutting-down",
         }
@@ -315,6 +318,17 @@ impl Relay {
             self.shared.metrics.error(error.as_str());
         }
         status
+    }
+
+    /// A stream that asked nothing in time, counted.
+    fn no_first_request(&self) -> Status {
+        self.shared
+            .metrics
+            .error(RelayError::NoFirstRequest.as_str());
+        Status::deadline_exceeded(format!(
+            "xds relay: no request within {} s of the stream opening",
+            FIRST_REQUEST_TIMEOUT.as_secs()
+        ))
     }
 
     /// [`stream::from_client`], counted.

@@ -128,7 +128,7 @@ impl DeltaStream {
         if first {
             st.known = std::mem::take(&mut req.initial_resource_versions)
                 .into_iter()
-                .map(|(n, v)| (Arc::from(n), v))
+                .map(|(n, v)| (Arc::from(n), limits::held_version(v)))
                 .collect();
             resumed = st
                 .known

@@ -75,7 +75,7 @@ pub use cache::{Batch, Cache, TypeCache};
 pub use event::{StreamEvent, StreamInfo, StreamObserver};
 pub use limits::{
     Limits, MAX_NACK_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_NODE_FIELD_BYTES, MAX_NODE_ID_BYTES,
-    NAME_OVERHEAD_BYTES, TRUNCATED, name_cost,
+    MAX_VERSION_BYTES, NAME_OVERHEAD_BYTES, TRUNCATED, name_cost,
 };
 pub use log_rate::{LINES_PER_WINDOW, LogRate, WINDOW as LOG_WINDOW};
 pub use resource::Encoded;

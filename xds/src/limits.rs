@@ -74,6 +74,24 @@ pub(crate) fn check_name(type_url: &str, name: &str) -> Result<(), Status> {
     )))
 }
 
+/// Longest version a client may say it holds (state-of-the-world
+/// `version_info`, delta `initial_resource_versions` values) for the
+/// server to keep: this server's versions are 16 hex digits, and a longer
+/// one was never sent by it. With the names a stream may hold (charged to
+/// the application), this bounds what client-chosen versions cost.
+pub const MAX_VERSION_BYTES: usize = 64;
+
+/// A version a client says it holds, as the server keeps it: one longer
+/// than [`MAX_VERSION_BYTES`] cannot be this server's, and is kept as `-`,
+/// a version no resource has (so the resource is sent again).
+pub(crate) fn held_version(version: String) -> String {
+    if version.len() <= MAX_VERSION_BYTES {
+        version
+    } else {
+        "-".to_owned()
+    }
+}
+
 /// Longest node id the engine itself accepts, in bytes (the application
 /// may accept less, [`crate::StreamAccess::node`]).
 pub const MAX_NODE_ID_BYTES: usize = 1024;

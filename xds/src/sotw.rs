@@ -124,8 +124,9 @@ impl SotwStream {
         if req.response_nonce.is_empty() {
             if first && !req.version_info.is_empty() {
                 // A reconnecting client: it holds this version already.
-                st.sent = Some(req.version_info.clone());
-                st.acked = Some(req.version_info.clone());
+                let held = limits::held_version(req.version_info.clone());
+                st.sent = Some(held.clone());
+                st.acked = Some(held);
                 st.resumed = true;
             }
         } else if st.last_nonce.as_deref() != Some(req.response_nonce.as_str()) {
@@ -141,11 +142,13 @@ impl SotwStream {
                     versions: vec![(String::new(), st.sent.clone().unwrap_or_default())],
                 }),
                 None => {
-                    st.acked = Some(req.version_info.clone());
+                    // What was acknowledged is what the server sent under
+                    // that nonce, not the client's text for it.
+                    st.acked = st.sent.clone();
                     out.push(StreamEvent::Ack {
                         type_url: type_url.clone(),
                         nonce: pending.nonce,
-                        versions: vec![(String::new(), req.version_info.clone())],
+                        versions: vec![(String::new(), st.sent.clone().unwrap_or_default())],
                         changed_at: pending.changed_at,
                         absent: pending.absent,
                     });
@@ -155,8 +158,12 @@ impl SotwStream {
         // Otherwise: a request carrying the latest (already answered) nonce,
         // e.g. a subscription change after an ACK.
 
+        // A wildcard stays one while the client names nothing: Envoy ACKs
+        // its wildcard subscriptions with an empty list (xDS's legacy
+        // wildcard); only a list without `*` ends it.
+        let wildcard = st.names.is_none() || first;
         let wanted: Option<BTreeSet<Arc<str>>> =
-            if (first && req.resource_names.is_empty()) || requested.contains(WILDCARD) {
+            if (wildcard && req.resource_names.is_empty()) || requested.contains(WILDCARD) {
                 None
             } else {
                 // One copy of each name: the one already held (subscribed,

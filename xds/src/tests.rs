@@ -397,6 +397,85 @@ fn wildcards_carry_only_what_the_application_puts_in_them() {
     assert_eq!(values(&sotw_responses(&mut out)[0]), [b"a2", b"c1"]);
 }
 
+/// Envoy subscribes by wildcard with an empty first request and ACKs with
+/// an empty list too: the subscription stays a wildcard, and later
+/// resources still arrive. A stream that named resources and then names
+/// none holds nothing.
+#[test]
+fn a_sotw_wildcard_stays_one_through_empty_acks() {
+    let c = cache();
+    let mut s = SotwStream::new(c.clone(), Box::new(Unrestricted));
+    let mut out = Vec::new();
+    s.on_request(sotw(&[], "", ""), &mut out).unwrap();
+    let r = sotw_responses(&mut out).remove(0);
+    assert_eq!(r.resources.len(), 2);
+    s.on_request(sotw(&[], &r.version_info, &r.nonce), &mut out)
+        .unwrap();
+    assert!(
+        sotw_responses(&mut out).is_empty(),
+        "the ACK changes nothing"
+    );
+    c.set_raw(T, "later", Bytes::from_static(b"l1"));
+    s.on_wake(&mut out);
+    let r = sotw_responses(&mut out).remove(0);
+    assert_eq!(r.resources.len(), 3, "still a wildcard");
+
+    let mut named = SotwStream::new(c.clone(), Box::new(Unrestricted));
+    named.on_request(sotw(&["a"], "", ""), &mut out).unwrap();
+    let r = sotw_responses(&mut out).remove(0);
+    named
+        .on_request(sotw(&[], &r.version_info, &r.nonce), &mut out)
+        .unwrap();
+    let r = sotw_responses(&mut out).remove(0);
+    assert!(r.resources.is_empty(), "named nothing: holds nothing");
+}
+
+/// What a client says of versions costs the server at most
+/// `MAX_VERSION_BYTES` each: an ACK is recorded as the version the server
+/// sent, whatever text came with it, and a longer version claimed on
+/// reconnecting (or in delta's `initial_resource_versions`) is taken as
+/// none of this server's, so the resource is sent.
+#[test]
+fn client_versions_are_bounded_and_acks_record_what_was_sent() {
+    let c = cache();
+    let mut out = Vec::new();
+    let huge = "v".repeat(1 << 20);
+    let mut s = SotwStream::new(c.clone(), Box::new(Unrestricted));
+    s.on_request(sotw(&["a"], "", ""), &mut out).unwrap();
+    let r = sotw_responses(&mut out).remove(0);
+    s.on_request(sotw(&["a"], &huge, &r.nonce), &mut out)
+        .unwrap();
+    let acked = out.iter().find_map(|e| match e {
+        StreamEvent::Ack { versions, .. } => Some(versions.clone()),
+        _ => None,
+    });
+    assert_eq!(acked, Some(vec![(String::new(), r.version_info.clone())]));
+
+    let mut resumed = SotwStream::new(c.clone(), Box::new(Unrestricted));
+    resumed
+        .on_request(sotw(&["a"], &huge, ""), &mut out)
+        .unwrap();
+    let r = sotw_responses(&mut out);
+    assert_eq!(
+        r.len(),
+        1,
+        "the resource is sent: the claim is not a version"
+    );
+    assert!(r[0].version_info.len() <= crate::MAX_VERSION_BYTES);
+
+    let mut delta = DeltaStream::new(c.clone(), Box::new(Unrestricted));
+    let mut req = sub(&["a"]);
+    req.initial_resource_versions = HashMap::from([("a".to_string(), huge.clone())]);
+    delta.on_request(req, &mut out).unwrap();
+    let r = delta_responses(&mut out);
+    let names: Vec<_> = r[0].resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["a"],
+        "the resource is sent: the claim is not a version"
+    );
+}
+
 /// Sends `req`, then acknowledges every response until none is left;
 /// returns the names each response carried.
 fn drain_acking(s: &mut DeltaStream, req: Option<DeltaDiscoveryRequest>) -> Vec<Vec<String>> {

@@ -168,12 +168,21 @@ async fn run(
                     .await
                     .map_err(status);
                 record_outcome(&span, &reported);
-                if let Err(e) = reported {
-                    tracing::warn!(node = ?session.node_id(), instance = ?h.instance_id, error = %e, "health report refused");
-                    let _ = tx.send(Err(e)).await;
-                    return;
+                match reported {
+                    Err(e) => {
+                        tracing::warn!(node = ?session.node_id(), instance = ?h.instance_id, error = %e, "health report refused");
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                    // A sidecar may repeat a report as often as it likes:
+                    // only a transition is worth a line at info level.
+                    Ok(true) => {
+                        tracing::info!(node = ?session.node_id(), instance = ?h.instance_id, status = health.as_str_name(), "health reported by sidecar")
+                    }
+                    Ok(false) => {
+                        tracing::debug!(node = ?session.node_id(), instance = ?h.instance_id, status = health.as_str_name(), "health report repeats the status in force")
+                    }
                 }
-                tracing::info!(node = ?session.node_id(), instance = ?h.instance_id, status = health.as_str_name(), "health reported by sidecar");
             }
             Ok(Some(SessionRequest {
                 kind: Some(Kind::Open(open)),

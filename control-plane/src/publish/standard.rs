@@ -211,23 +211,31 @@ struct Publisher {
 impl Publisher {
     fn rebuild<'a>(&mut self, services: impl IntoIterator<Item = &'a str>, changed_at: Instant) {
         let mut batch = Batch::new();
+        let mut hosts_changed = false;
         for service in services {
-            self.service(&mut batch, service);
+            hosts_changed |= self.service(&mut batch, service);
         }
-        let routes = route::envoy_outbound(self.published.values().map(|(_, h)| h));
-        batch.set(ENVOY_OUTBOUND, &routes);
+        // Envoy's route configuration holds every service's virtual host:
+        // most changes (endpoints, health, weights) leave the hosts as they
+        // are, and with thousands of services rebuilding it for each would
+        // cost more than the change itself.
+        if hosts_changed {
+            let routes = route::envoy_outbound(self.published.values().map(|(_, h)| h));
+            batch.set(ENVOY_OUTBOUND, &routes);
+        }
         self.cache.apply_at(batch, changed_at);
     }
 
-    fn service(&mut self, batch: &mut Batch, service: &str) {
+    /// Translates one service into `batch`; true when its virtual host
+    /// (Envoy's outbound routes) changed, appeared or went.
+    fn service(&mut self, batch: &mut Batch, service: &str) -> bool {
         let stored = self.registry.instances(service);
         let instances: Vec<&Instance> = stored.iter().map(|s| &s.instance).collect();
         let policy = self.policies.get(service);
-        let before = self
-            .published
-            .remove(service)
-            .map(|(c, _)| c)
-            .unwrap_or_default();
+        let (before, host_before) = match self.published.remove(service) {
+            Some((c, h)) => (c, Some(h)),
+            None => (Vec::new(), None),
+        };
         if instances.is_empty() && policy.is_none() {
             batch.remove::<Listener>(service);
             batch.remove::<RouteConfiguration>(service);
@@ -235,7 +243,7 @@ impl Publisher {
                 batch.remove::<Cluster>(c);
                 batch.remove::<ClusterLoadAssignment>(c);
             }
-            return;
+            return host_before.is_some();
         }
         let t = translate(&self.settings, service, &instances, policy);
         batch.set(service, &t.listener);
@@ -251,7 +259,9 @@ impl Publisher {
             batch.remove::<Cluster>(gone);
             batch.remove::<ClusterLoadAssignment>(gone);
         }
+        let changed = host_before.as_ref() != Some(&t.host);
         self.published.insert(service.to_owned(), (names, t.host));
+        changed
     }
 
     /// Every service registered, with a policy, or published.
@@ -306,6 +316,9 @@ pub fn spawn(
         ENVOY_OUTBOUND,
         &listener::envoy_outbound(settings.envoy_outbound),
     );
+    // Envoy's routes exist from the start, empty in an empty mesh;
+    // `rebuild` replaces them as virtual hosts change.
+    cache.set(ENVOY_OUTBOUND, &route::envoy_outbound(std::iter::empty()));
     let mut p = Publisher {
         settings,
         registry,

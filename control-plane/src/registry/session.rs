@@ -433,12 +433,13 @@ impl Session {
     }
 
     /// Records a health transition seen by the sidecar's probes, for one
-    /// of the instances this session registered.
+    /// of the instances this session registered; true when the status
+    /// changed.
     pub async fn report(
         &self,
         instance_id: &str,
         status: HealthStatus,
-    ) -> Result<(), RegistryError> {
+    ) -> Result<bool, RegistryError> {
         let registry = &self.sessions.shared.registry;
         let current = registry.get(instance_id);
         match current {

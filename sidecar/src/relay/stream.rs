@@ -1,4 +1,5 @@
-//! One relayed ADS stream, either protocol: admitted under the relay's
+//! One relayed ADS stream, either protocol: once its first request comes
+//! (within `FIRST_REQUEST_TIMEOUT`), admitted under the relay's
 //! cap, opened on the control plane with the sidecar's credentials, then
 //! carried message by message both ways until one side ends it.
 //!
@@ -6,7 +7,8 @@
 //! included) reach the control plane as they were sent, and its responses
 //! reach the client as they were sent, in order. What the relay answers
 //! itself (`RelayError`): RESOURCE_EXHAUSTED over `xds_relay_max_streams`
-//! or for a request over 4 MiB (the control plane's own bound), UNAVAILABLE
+//! or for a request over 4 MiB (the control plane's own bound),
+//! DEADLINE_EXCEEDED for a stream without a first request, UNAVAILABLE
 //! naming the control plane when it cannot be reached or is lost (the
 //! client reconnects with its own backoff), UNAVAILABLE when the sidecar
 //! shuts down. A status the control plane ends a stream with reaches the
@@ -37,8 +39,16 @@ const DELTA_PATH: &str =
 /// The largest request relayed: the control plane's own limit, so a
 /// client learns it from the relay rather than after a round trip.
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
-/// Messages held per direction while the other side is slow to take them.
-const QUEUE: usize = 4;
+/// Messages held per direction while the other side is slow to take them
+/// (besides the one each direction holds in hand): xDS goes request by
+/// response, so one is enough, and with messages of up to 4 MiB (requests)
+/// and the control plane's response limit, what a stream holds stays small.
+const QUEUE: usize = 1;
+/// How long a stream may stay open without a request: it takes a place
+/// under `xds_relay_max_streams` and a call on the control plane only once
+/// its first request arrives, so a client that opens streams and sends
+/// nothing holds neither, and its streams end after this.
+pub const FIRST_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long the status ending a stream may wait for a client that stopped
 /// reading, before the stream ends without it (and frees its slot).
 const END_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -119,7 +129,10 @@ impl tonic::server::StreamingService<Bytes> for Method {
         let RelayService { relay, peer, .. } = self.svc.clone();
         let (delta, active) = (self.delta, self.active.take());
         Box::pin(async move {
+            let mut client = request.into_inner();
+            let first = first_request(&relay, &mut client).await?;
             let slot = relay.admit(&peer, delta)?;
+            slot.node(node_id(&first, delta));
             let (url, channel) = relay.dial().await?;
             slot.connected(&url);
             tracing::debug!(%peer, %url, delta, "xds relay stream open");
@@ -130,12 +143,30 @@ impl tonic::server::StreamingService<Bytes> for Method {
                 delta,
                 url,
                 channel,
-                client: request.into_inner(),
+                first,
+                client,
                 tx,
                 _active: active,
             }));
             Ok(tonic::Response::new(ReceiverStream::new(rx)))
         })
+    }
+}
+
+/// A stream's first request, within [`FIRST_REQUEST_TIMEOUT`].
+async fn first_request(relay: &Relay, client: &mut Streaming<Bytes>) -> Result<Bytes, Status> {
+    let mut shutdown = relay.shutdown();
+    tokio::select! {
+        _ = shutdown.wait_for(|s| *s) => Err(relay.shutting_down()),
+        first = tokio::time::timeout(FIRST_REQUEST_TIMEOUT, client.message()) => match first {
+            Ok(Ok(Some(request))) => Ok(request),
+            // Closed before asking anything: there is nothing to relay.
+            Ok(Ok(None)) => Err(Status::cancelled(
+                "xds relay: the stream ended before its first request",
+            )),
+            Ok(Err(status)) => Err(relay.client_failed(&status).unwrap_or(status)),
+            Err(_) => Err(relay.no_first_request()),
+        },
     }
 }
 
@@ -148,7 +179,9 @@ struct Pump {
     /// The control plane dialled.
     url: String,
     channel: ControlChannel,
-    /// The client's requests.
+    /// The client's first request, read before the stream was admitted.
+    first: Bytes,
+    /// The client's requests after it.
     client: Streaming<Bytes>,
     /// The client's responses.
     tx: mpsc::Sender<Result<Bytes, Status>>,
@@ -166,6 +199,7 @@ async fn pump(p: Pump) {
         delta,
         url,
         channel,
+        first,
         mut client,
         tx,
         _active,
@@ -189,8 +223,7 @@ async fn pump(p: Pump) {
     };
     tokio::pin!(open);
     let mut cp: Option<Streaming<Bytes>> = None;
-    let (mut to_cp, mut to_client): (Option<Bytes>, Option<Bytes>) = (None, None);
-    let mut first = true;
+    let (mut to_cp, mut to_client): (Option<Bytes>, Option<Bytes>) = (Some(first), None);
     let mut shutdown = relay.shutdown();
     let end: Option<Status> = loop {
         tokio::select! {
@@ -206,12 +239,7 @@ async fn pump(p: Pump) {
                 None => (to_cp, cp_tx) = (None, None),
             },
             request = client.message(), if to_cp.is_none() && cp_tx.is_some() => match request {
-                Ok(Some(request)) => {
-                    if std::mem::take(&mut first) {
-                        slot.node(node_id(&request, delta));
-                    }
-                    to_cp = Some(request);
-                }
+                Ok(Some(request)) => to_cp = Some(request),
                 // Half-closed by the client: so is the relayed call.
                 Ok(None) => cp_tx = None,
                 Err(status) => break relay.client_failed(&status),
@@ -229,7 +257,7 @@ async fn pump(p: Pump) {
         }
     };
     if let Some(status) = end {
-        tracing::debug!(node = %slot.node_id(), %url, %status, "xds relay stream ended");
+        tracing::debug!(node = ?slot.node_id(), %url, %status, "xds relay stream ended");
         // Bounded: a client that stopped reading does not hold its slot.
         let _ = tokio::time::timeout(END_GRACE, tx.send(Err(status))).await;
     }

@@ -450,6 +450,60 @@ async fn streams_past_the_cap_are_resource_exhausted() {
     .expect("a place frees when a stream ends");
 }
 
+/// A stream that sends nothing holds no place under the cap and no call on
+/// the control plane, and ends DEADLINE_EXCEEDED once
+/// `FIRST_REQUEST_TIMEOUT` has passed, counted.
+#[tokio::test]
+async fn a_stream_without_a_request_holds_nothing_and_times_out() {
+    let mut cp = FakeCp::start();
+    let r = start_tcp(vec![cp.url.clone()], 1).await;
+    let mut silent_client = client(&r.addr).await;
+    let (_silent_tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(1);
+    let silent = tokio::spawn(async move {
+        silent_client
+            .delta_aggregated_resources(Request::new(ReceiverStream::new(rx)))
+            .await
+    });
+
+    // The one place is free for a stream that asks.
+    let mut c = client(&r.addr).await;
+    let mut ads = delta(&mut c, subscribe("n", &["echo"])).await;
+    let mut call = cp.delta_call().await;
+    let relayed = tokio::time::timeout(WAIT, call.inbound.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(relayed.node.unwrap().id, "n");
+    assert!(
+        cp.delta.try_recv().is_err(),
+        "the silent stream was relayed"
+    );
+    drop(ads.tx.take());
+
+    tokio::time::pause();
+    tokio::time::advance(FIRST_REQUEST_TIMEOUT + Duration::from_secs(1)).await;
+    tokio::time::resume();
+    let status = tokio::time::timeout(WAIT, silent)
+        .await
+        .expect("the silent stream ended in time")
+        .unwrap()
+        .expect_err("the silent stream was refused");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("no request within 10 s"),
+        "{status:?}"
+    );
+    assert!(metric(
+        &r.metrics,
+        r#"isdp_xds_relay_errors_total{reason="no-first-request"} 1"#
+    ));
+    assert!(
+        cp.delta.try_recv().is_err(),
+        "the silent stream was relayed"
+    );
+}
+
 /// No control plane answering: UNAVAILABLE naming each URL tried, counted,
 /// nothing held. With a live one among the URLs, a stream dials past the
 /// dead ones.

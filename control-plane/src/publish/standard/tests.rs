@@ -652,3 +652,5 @@ fn names_map_back_to_their_service() {
         assert_eq!(constant, generated);
     }
 }
+
+mod publisher;

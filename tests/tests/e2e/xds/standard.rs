@@ -205,7 +205,7 @@ async fn a_listener_asked_for_before_its_service_exists_arrives_with_it() {
 
 /// Envoy subscribes to listeners and clusters by wildcard: it gets its
 /// address-bound outbound listener (not the API listeners, which it would
-/// skip) and every cluster, subsets' included.
+/// skip) and every cluster, subsets' included, new ones as they come.
 #[tokio::test]
 async fn envoy_wildcards_get_the_outbound_listener_and_every_cluster() {
     let cp = ControlPlane::start().await;
@@ -222,14 +222,25 @@ async fn envoy_wildcards_get_the_outbound_listener_and_every_cluster() {
     assert_eq!(listeners.keys().collect::<Vec<_>>(), [ENVOY_OUTBOUND]);
     assert!(listeners[ENVOY_OUTBOUND].address.is_some());
 
-    let mut cds = open_sotw(&cp.channel, request(CLUSTER, &["*"], None)).await;
-    let r = until(&mut cds, CLUSTER, &["*"], "both clusters", |r| {
+    // Envoy names nothing (xDS's legacy wildcard), in its first request
+    // and in every ACK after it: the subscription stays a wildcard.
+    let mut cds = open_sotw(&cp.channel, request(CLUSTER, &[], None)).await;
+    let r = until(&mut cds, CLUSTER, &[], "both clusters", |r| {
         r.resources.len() == 2
     })
     .await;
     assert_eq!(
         named::<Cluster>(&r).keys().collect::<Vec<_>>(),
         ["billing", "echo"]
+    );
+    cp.register("orders", "orders-1", 9301).await;
+    let r = until(&mut cds, CLUSTER, &[], "the new cluster", |r| {
+        r.resources.len() == 3
+    })
+    .await;
+    assert_eq!(
+        named::<Cluster>(&r).keys().collect::<Vec<_>>(),
+        ["billing", "echo", "orders"]
     );
 
     let mut rds = open_sotw(
@@ -245,7 +256,7 @@ async fn envoy_wildcards_get_the_outbound_listener_and_every_cluster() {
         |r| {
             named::<RouteConfiguration>(r)
                 .get(ENVOY_OUTBOUND)
-                .is_some_and(|rc| rc.virtual_hosts.len() == 2)
+                .is_some_and(|rc| rc.virtual_hosts.len() == 3)
         },
     )
     .await;
@@ -254,7 +265,7 @@ async fn envoy_wildcards_get_the_outbound_listener_and_every_cluster() {
         .iter()
         .map(|v| v.name.clone())
         .collect();
-    assert_eq!(hosts, ["billing", "echo"]);
+    assert_eq!(hosts, ["billing", "echo", "orders"]);
     cp.stop().await;
 }
 
