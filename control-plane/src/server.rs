@@ -116,7 +116,14 @@ impl Server {
         tasks.push(ca.follow(shutdown.clone()));
         tasks.push(tokens.follow(shutdown.clone()));
         let roots = start_publishers(&config, &views, &ca, &tokens, &cache, &shutdown, &mut tasks);
-        let incoming = start_tls(&config, grpc, grpc_addr, &ca, roots, &shutdown, &mut tasks)?;
+        let tls_config = follow_tls(&config, grpc_addr, &ca, roots, &shutdown, &mut tasks)?;
+        let incoming = tls::incoming(
+            grpc,
+            tls_config,
+            config.trust_domain.clone(),
+            metrics.client_log_rate(),
+            shutdown.clone(),
+        );
         tasks.push(health::spawn(
             views.registry.clone(),
             metrics.clone(),
@@ -139,7 +146,7 @@ impl Server {
             shutdown.clone(),
         )
         .with_limits(config.xds_limits())
-        .with_log_rate(metrics.xds_log_rate());
+        .with_log_rate(metrics.client_log_rate());
         let router = Router {
             ads,
             metrics,
@@ -308,16 +315,15 @@ fn start_publishers(
 }
 
 /// TLS on the gRPC listener: the server certificate follows the published
-/// roots, and handshakes are accepted off the accept loop.
-fn start_tls(
+/// roots (handshakes are then accepted off the accept loop, `tls::incoming`).
+fn follow_tls(
     config: &Config,
-    grpc: TcpListener,
     grpc_addr: SocketAddr,
     ca: &Ca,
     roots: watch::Receiver<Arc<ca::Roots>>,
     shutdown: &watch::Receiver<bool>,
     tasks: &mut Tasks,
-) -> Result<tls::Incoming, Error> {
+) -> Result<watch::Receiver<Arc<rustls::ServerConfig>>, Error> {
     let (tls_config, tls_task) = tls::follow_roots(
         ca.clone(),
         roots,
@@ -325,12 +331,7 @@ fn start_tls(
         shutdown.clone(),
     )?;
     tasks.push(tls_task);
-    Ok(tls::incoming(
-        grpc,
-        tls_config,
-        config.trust_domain.clone(),
-        shutdown.clone(),
-    ))
+    Ok(tls_config)
 }
 
 /// What the gRPC router serves besides the views of the store.
@@ -384,6 +385,7 @@ async fn serve_grpc(
         .layer(auth::AuthLayer::new(
             tokens.clone(),
             max_streams_per_principal,
+            metrics.client_log_rate(),
         ))
         .add_service(
             api::registry::RegistryApi::new(registry, metrics, shutdown.clone()).into_server(),
