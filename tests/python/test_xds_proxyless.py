@@ -283,9 +283,12 @@ def test_bad_credentials_fail_the_client_naming_the_xds_server(mesh):
 
     # A certificate ends with its token: past a --ttl, the control plane
     # refuses it at the handshake (gRPC shows a TLS failure; the control
-    # plane's log names the expiry).
-    expired_boot = mesh.bootstrap("expired", extra=["--ttl", "2s"])
-    time.sleep(2.5)
+    # plane's log names the expiry). Certificates end on a whole second,
+    # and the handshake judges in whole seconds: a second and a half past
+    # the expiry, the handshake (not only the auth layer) refuses it.
+    minted = time.monotonic()
+    expired_boot = mesh.bootstrap("expired", extra=["--ttl", "3s"])
+    time.sleep(max(0.0, minted + 4.5 - time.monotonic()))
     expired = mesh.client(expired_boot).calls(3, concurrency=1)
     assert expired.errors == {"UNAVAILABLE": 3}, expired
     assert f"xDS channel for server {addr}" in expired.error, expired
