@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use isdp_proto::v1::{HealthStatus, Instance, Proxy, ServiceSummary};
+use isdp_proto::v1::{ClientKind, HealthStatus, Instance, Proxy, ServiceSummary};
 use serde_json::{Value, json};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -17,6 +17,23 @@ pub fn status_name(status: i32) -> &'static str {
         Ok(HealthStatus::Unhealthy) => "unhealthy",
         _ => "unknown",
     }
+}
+
+/// The kind of xDS client, as `proxy-status` names it.
+pub fn kind_name(kind: i32) -> &'static str {
+    match ClientKind::try_from(kind) {
+        Ok(ClientKind::IsdpSidecar) => "isdp-sidecar",
+        Ok(ClientKind::Grpc) => "grpc",
+        Ok(ClientKind::Envoy) => "envoy",
+        Ok(ClientKind::Other) | Err(_) => "other",
+    }
+}
+
+/// A type URL's message name, the part after its last `/` and `.`
+/// (`type.googleapis.com/envoy.config.listener.v3.Listener` -> `Listener`):
+/// short enough for a column, and unambiguous among the types served.
+pub fn short_type(type_url: &str) -> &str {
+    type_url.rsplit(['/', '.']).next().unwrap_or(type_url)
 }
 
 pub fn instance_json(i: &Instance) -> Value {
@@ -182,9 +199,10 @@ pub fn watch_update(fmt: Format, list: &[Instance]) {
     }
 }
 
-/// `proxy-status`: one row per (sidecar, resource type), or the full
-/// acknowledged versions as JSON. Each names the principal that opened the
-/// stream: the node id is the sidecar's own word, the principal is who
+/// `proxy-status`: one row per (xDS client, resource type), or the full
+/// acknowledged versions as JSON. Each names the kind of client (from its
+/// user agent) and the principal that opened the stream: the node id and
+/// user agent are the client's own word, the principal is who
 /// authenticated.
 pub fn proxies(fmt: Format, list: &[Proxy]) {
     match fmt {
@@ -194,6 +212,11 @@ pub fn proxies(fmt: Format, list: &[Proxy]) {
                 .map(|p| {
                     json!({
                         "node_id": p.node_id,
+                        "kind": kind_name(p.kind),
+                        "user_agent_name": p.user_agent_name,
+                        "user_agent_version": p.user_agent_version,
+                        "cluster": p.cluster,
+                        "zone": p.zone,
                         "peer": p.peer,
                         "principal": p.principal,
                         "delta": p.delta,
@@ -212,71 +235,78 @@ pub fn proxies(fmt: Format, list: &[Proxy]) {
                 .collect();
             print(Value::Array(v));
         }
-        Format::Table => {
-            let mut rows = Vec::new();
-            for p in list {
-                let protocol = if p.delta { "delta" } else { "sotw" };
-                if p.types.is_empty() {
-                    rows.push(vec![
-                        p.node_id.clone(),
-                        p.peer.clone(),
-                        p.principal.clone(),
-                        protocol.to_owned(),
-                        "-".into(),
-                        "0".into(),
-                        "-".into(),
-                        "0".into(),
-                        String::new(),
-                    ]);
-                }
-                for t in &p.types {
-                    let short = t.type_url.rsplit('/').next().unwrap_or(&t.type_url);
-                    let state = if t.pending { "PENDING" } else { "SYNCED" };
-                    let versions = t
-                        .acked
-                        .iter()
-                        .map(|(n, v)| {
-                            if n.is_empty() {
-                                v.clone()
-                            } else {
-                                format!("{n}@{v}")
-                            }
-                        })
-                        .collect::<Vec<_>>()
-                        .join(",");
-                    rows.push(vec![
-                        p.node_id.clone(),
-                        p.peer.clone(),
-                        p.principal.clone(),
-                        protocol.to_owned(),
-                        short.to_owned(),
-                        t.acked.len().to_string(),
-                        state.to_owned(),
-                        t.nacks.to_string(),
-                        if t.last_nack.is_empty() {
-                            versions
-                        } else {
-                            format!("NACK: {}", t.last_nack)
-                        },
-                    ]);
-                }
-            }
-            table(
-                &[
-                    "NODE",
-                    "PEER",
-                    "PRINCIPAL",
-                    "XDS",
-                    "TYPE",
-                    "ACKED",
-                    "STATE",
-                    "NACKS",
-                    "VERSIONS / LAST NACK",
-                ],
-                rows,
-            );
+        Format::Table => table(PROXY_HEADER, proxy_rows(list)),
+    }
+}
+
+const PROXY_HEADER: &[&str] = &[
+    "NODE",
+    "KIND",
+    "PEER",
+    "PRINCIPAL",
+    "XDS",
+    "TYPE",
+    "ACKED",
+    "STATE",
+    "NACKS",
+    "VERSIONS / LAST NACK",
+];
+
+/// The rows of the `proxy-status` table: one per (stream, type), or one
+/// for a stream that subscribed to nothing yet.
+fn proxy_rows(list: &[Proxy]) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    for p in list {
+        let protocol = if p.delta { "delta" } else { "sotw" };
+        let kind = kind_name(p.kind);
+        let stream = |cells: [String; 5]| {
+            let mut row = vec![
+                p.node_id.clone(),
+                kind.to_owned(),
+                p.peer.clone(),
+                p.principal.clone(),
+                protocol.to_owned(),
+            ];
+            row.extend(cells);
+            row
+        };
+        if p.types.is_empty() {
+            rows.push(stream([
+                "-".into(),
+                "0".into(),
+                "-".into(),
+                "0".into(),
+                String::new(),
+            ]));
+        }
+        for t in &p.types {
+            let state = if t.pending { "PENDING" } else { "SYNCED" };
+            let versions = t
+                .acked
+                .iter()
+                .map(|(n, v)| {
+                    if n.is_empty() {
+                        v.clone()
+                    } else {
+                        format!("{n}@{v}")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            rows.push(stream([
+                short_type(&t.type_url).to_owned(),
+                t.acked.len().to_string(),
+                state.to_owned(),
+                t.nacks.to_string(),
+                if t.last_nack.is_empty() {
+                    versions
+                } else {
+                    format!("NACK: {}", t.last_nack)
+                },
+            ]));
         }
     }
+    rows
 }
 
 #[cfg(test)]
@@ -298,6 +328,83 @@ mod tests {
         assert_eq!(lines[0].find("PEER"), Some(70_002));
         assert_eq!(lines[1], format!("{long}  127.0.0.1:1"));
         assert_eq!(lines[2].find("127.0.0.1:2"), Some(70_002));
+    }
+
+    #[test]
+    fn type_names_are_shortened_and_kinds_named() {
+        for (url, short) in [
+            (
+                "type.googleapis.com/envoy.config.listener.v3.Listener",
+                "Listener",
+            ),
+            (
+                "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+                "RouteConfiguration",
+            ),
+            (
+                "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+                "Cluster",
+            ),
+            (
+                "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+                "ClusterLoadAssignment",
+            ),
+            (
+                "type.googleapis.com/isdp.v1.ServiceEndpoints",
+                "ServiceEndpoints",
+            ),
+            ("Plain", "Plain"),
+            ("", ""),
+        ] {
+            assert_eq!(short_type(url), short, "{url}");
+        }
+        assert_eq!(kind_name(ClientKind::IsdpSidecar as i32), "isdp-sidecar");
+        assert_eq!(kind_name(ClientKind::Grpc as i32), "grpc");
+        assert_eq!(kind_name(ClientKind::Envoy as i32), "envoy");
+        assert_eq!(kind_name(ClientKind::Other as i32), "other");
+        assert_eq!(kind_name(99), "other", "a kind newer than this isdpctl");
+    }
+
+    /// A row per (client, type): the kind beside the node, the type's
+    /// short name, values escaped like every cell.
+    #[test]
+    fn proxy_rows_show_the_kind_and_short_types() {
+        use isdp_proto::v1::TypeStatus;
+        let p = Proxy {
+            node_id: "py-1".into(),
+            kind: ClientKind::Grpc as i32,
+            peer: "127.0.0.1:5".into(),
+            principal: "token-1".into(),
+            types: vec![TypeStatus {
+                type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
+                acked: [(String::new(), "v1".to_owned())].into(),
+                last_nack: "bad\nforged".into(),
+                nacks: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let rows = proxy_rows(&[p]);
+        let lines = table_lines(PROXY_HEADER, rows);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        let words = |l: &str| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(words(&lines[0])[..3], ["NODE", "KIND", "PEER"]);
+        assert_eq!(
+            words(&lines[1]),
+            [
+                "py-1",
+                "grpc",
+                "127.0.0.1:5",
+                "token-1",
+                "sotw",
+                "Cluster",
+                "1",
+                "SYNCED",
+                "1",
+                "NACK:",
+                r"bad\nforged"
+            ]
+        );
     }
 
     #[test]

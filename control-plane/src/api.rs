@@ -3,7 +3,10 @@
 //! # Layout
 //! - `registry`: `isdp.v1.Registry` (register, deregister, list, watch).
 //! - `session`: `isdp.v1.Sidecar/Session`, a sidecar's own registrations.
-//! - `status`: `isdp.v1.ProxyStatus`, what connected sidecars acknowledged.
+//! - `status`: `isdp.v1.ProxyStatus`, what connected xDS clients
+//!   acknowledged.
+//! - `csds`: `envoy.service.status.v3.ClientStatusDiscoveryService`, the
+//!   same per resource, in the standard form.
 //! - `policies`: `isdp.v1.Policies`, traffic policies (put with
 //!   compare-and-set, get, list, delete, watch).
 //! - `authorization`: `isdp.v1.Authorization`, which services may call which.
@@ -23,6 +26,7 @@
 
 pub mod authorization;
 pub mod certificates;
+pub mod csds;
 mod limits;
 pub mod policies;
 pub mod registry;

@@ -20,6 +20,26 @@ pub struct Config {
     #[arg(long, env = "ISDP_ADMIN_LISTEN", default_value = "127.0.0.1:15014")]
     pub admin_listen: SocketAddr,
 
+    /// Most connections the gRPC listener holds at once, TLS handshakes
+    /// included; one over it is closed as it is accepted (counted in
+    /// `isdp_grpc_connections_refused_total{reason="max-connections"}`).
+    /// Raise the process's file limit (`ulimit -n`) above it.
+    #[arg(long, env = "ISDP_MAX_CONNECTIONS", default_value_t = crate::tls::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+
+    /// How long a gRPC connection may go without its first request after
+    /// it was accepted (its TLS handshake and HTTP/2 preface included);
+    /// it is closed then, so a client holds no place without presenting a
+    /// credential.
+    #[arg(long, env = "ISDP_FIRST_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub first_request_timeout: Duration,
+
+    /// Most streams one gRPC connection may have open at once (HTTP/2
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`); a client past it waits for one
+    /// to end. A sidecar holds three or four.
+    #[arg(long, env = "ISDP_MAX_CONCURRENT_STREAMS", default_value_t = DEFAULT_MAX_CONCURRENT_STREAMS)]
+    pub max_concurrent_streams: u32,
+
     /// Where Envoy nodes served over ADS listen for the mesh's services:
     /// the address of the `isdp_outbound` listener they receive (every
     /// service by its `Host`). The control plane does not bind it.
@@ -233,6 +253,10 @@ pub enum StoreKind {
     Etcd,
 }
 
+/// Default `--max-concurrent-streams`: hyper's own default, which the
+/// server would otherwise leave unset.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 200;
+
 impl Config {
     pub fn validate(&self) -> Result<(), String> {
         self.validate_etcd()?;
@@ -247,6 +271,9 @@ impl Config {
         }
         if self.session_grace.is_zero() {
             return Err("--session-grace must be more than zero".into());
+        }
+        if self.first_request_timeout.is_zero() {
+            return Err("--first-request-timeout must be more than zero".into());
         }
         self.validate_quotas()
     }
@@ -276,6 +303,11 @@ impl Config {
             (
                 "--xds-max-name-bytes-per-principal",
                 self.xds_max_name_bytes_per_principal,
+            ),
+            ("--max-connections", self.max_connections),
+            (
+                "--max-concurrent-streams",
+                self.max_concurrent_streams as usize,
             ),
         ] {
             if v == 0 {

@@ -15,7 +15,8 @@
 //!   authorization policies, traffic policies, the trust bundle), each
 //!   following its source into the `isdp_xds` engine's cache.
 //! - [`api`]: the gRPC services for operators (`Registry`, `Tokens`,
-//!   `Certificates`) and sidecars (`Sidecar/Session`, `Certificates/Sign`).
+//!   `Certificates`, `ProxyStatus` and its standard form, CSDS) and
+//!   sidecars (`Sidecar/Session`, `Certificates/Sign`).
 //! - [`ca`]: the mesh CA: roots in the store, CSR signing, rotation.
 //! - [`tokens`]: bearer tokens (hashed in the store) and their roles.
 //! - [`auth`]: authentication and per-method authorization of every call,
@@ -26,7 +27,8 @@
 //! - [`policy`]: traffic policies per destination, validated whole, versioned.
 //! - [`admin`]: `/healthz`, `/ready`, `/metrics`.
 //! - [`metrics`]: Prometheus metrics and the xDS stream observer.
-//! - [`proxies`]: what each connected sidecar acknowledged (proxy status).
+//! - [`proxies`]: what each connected xDS client holds, per stream and
+//!   resource, and what kind of client it is (proxy status, CSDS).
 //! - `server`: startup. [`Server::bind`] opens the store, loads the CA and
 //!   the tokens and binds the listeners; [`Server::serve`] runs in named
 //!   steps: the views of the store (registry, election, authorization

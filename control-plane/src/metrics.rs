@@ -94,9 +94,11 @@ struct Inner {
     grpc_handling: Family<MethodLabel, Histogram>,
     store_ops: Family<StoreOpLabel, Histogram>,
     store_errors: Family<StoreErrorLabels, Counter>,
+    /// Kept by the gRPC listener's admission (`tls::Admission`).
+    grpc_connections: crate::tls::ConnectionCounters,
     /// The rate lines clients can cause are logged at: the auth layer's
-    /// refused calls, the xDS engine's refusals and the NACKs below share
-    /// it.
+    /// refused calls, the TLS listener's refused certificates, the xDS
+    /// engine's refusals and the NACKs below share it.
     client_log: isdp_xds::LogRate,
 }
 
@@ -181,6 +183,8 @@ impl Metrics {
             "Store operations that failed, by kind of failure",
             store_errors.clone(),
         );
+        let grpc_connections = crate::tls::ConnectionCounters::default();
+        grpc_connections.register(&mut registry);
         registry.register_collector(Box::new(DroppedSpans));
         Metrics {
             inner: Arc::new(Inner {
@@ -197,9 +201,15 @@ impl Metrics {
                 grpc_handling,
                 store_ops,
                 store_errors,
+                grpc_connections,
                 client_log: isdp_xds::LogRate::default(),
             }),
         }
+    }
+
+    /// What the gRPC listener counts of its connections.
+    pub fn grpc_connections(&self) -> crate::tls::ConnectionCounters {
+        self.inner.grpc_connections.clone()
     }
 
     /// The rate lines clients can cause are logged at (refused calls,
@@ -343,6 +353,7 @@ impl StreamObserver for Metrics {
                 type_url,
                 nonce,
                 message,
+                ..
             } => {
                 self.inner.nacks.get_or_create(&label(type_url)).inc();
                 if self.inner.client_log.admit() {
@@ -351,6 +362,8 @@ impl StreamObserver for Metrics {
                     tracing::debug!(node = ?s.node_id, type_url = ?type_url, nonce, error = ?message, "xds response rejected (NACK)");
                 }
             }
+            // What a stream holds is proxy status's; nothing to count.
+            StreamEvent::Subscribed { .. } | StreamEvent::Resumed { .. } => {}
         }
     }
 

@@ -1,19 +1,35 @@
-//! What each connected sidecar has acknowledged, per discovery stream: the
-//! state behind `isdpctl proxy-status`.
+//! What each connected xDS client holds, per discovery stream: the state
+//! behind `isdpctl proxy-status` (`api/status.rs`) and the Client Status
+//! Discovery Service (`api/csds.rs`).
 //!
 //! A [`StreamObserver`] like the metrics: it only follows the events the
 //! xDS server reports, so it adds nothing to the push path. Entries live as
-//! long as their stream; a sidecar that went away is simply absent.
+//! long as their stream; a client that went away is simply absent.
+//!
+//! What it keeps per stream, and why no more: who opened it (the node's
+//! id, user agent, cluster and zone, checked by the engine; the principal;
+//! the kind of client, derived once), and per type what the engine told
+//! it (`held.rs`): the names subscribed to, as the engine's own `Arc<str>`
+//! (one pointer per name: the engine bounds the names per stream and
+//! charges their bytes to the caller's budget, so a copy here would only
+//! double what a caller may make the server hold), the versions
+//! acknowledged, and what the last NACK rejected. No resource contents: a
+//! resource's current body is the cache's. A state-of-the-world wildcard
+//! is one entry, `*`, with the set's version: the names a set carried are
+//! not reported by the engine, and keeping them would copy every resource
+//! name per stream.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::Arc,
-    time::SystemTime,
-};
+mod held;
+
+use std::{collections::HashMap, sync::Arc, time::SystemTime};
 
 use dashmap::DashMap;
-use isdp_proto::v1::{Proxy, TypeStatus};
+use isdp_core::dial::SIDECAR_USER_AGENT;
+use isdp_proto::v1::{ClientKind, Proxy, TypeStatus};
 use isdp_xds::{StreamEvent, StreamInfo, StreamObserver};
+
+use self::held::TypeRecord;
+pub use self::held::{Rejection, ResourceState, ResourceStatus};
 
 /// Cheap handle to the table of open streams.
 #[derive(Clone, Default)]
@@ -27,25 +43,58 @@ struct Entry {
     /// Who opened the stream: the node id is the client's word, this is
     /// the principal the auth layer authenticated.
     principal: String,
+    kind: ClientKind,
+    user_agent_name: String,
+    user_agent_version: String,
+    cluster: String,
+    zone: String,
     delta: bool,
     connected_at: SystemTime,
-    types: HashMap<Arc<str>, TypeEntry>,
+    types: HashMap<Arc<str>, TypeRecord>,
 }
 
-#[derive(Default)]
-struct TypeEntry {
-    acked: BTreeMap<String, String>,
-    acks: u64,
-    nacks: u64,
-    last_nack: String,
-    pending: bool,
-    last_ack: Option<SystemTime>,
+/// One open stream, per resource: what CSDS reports of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientStatus {
+    pub node_id: String,
+    pub user_agent_name: String,
+    pub user_agent_version: String,
+    pub cluster: String,
+    pub zone: String,
+    pub types: Vec<TypeResources>,
+}
+
+/// One type of a stream, for CSDS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TypeResources {
+    pub type_url: Arc<str>,
+    /// A response of this type awaits the client's answer.
+    pub pending: bool,
+    /// By name.
+    pub resources: Vec<ResourceStatus>,
+}
+
+/// The kind of client a node's `user_agent_name` names: ISDP's sidecar,
+/// proxyless gRPC (every gRPC implementation's starts with "gRPC":
+/// "gRPC Python", "gRPC Go", "gRPC Node Pure JS"), Envoy, or another.
+pub fn client_kind(user_agent_name: &str) -> ClientKind {
+    if user_agent_name == SIDECAR_USER_AGENT {
+        ClientKind::IsdpSidecar
+    } else if user_agent_name.starts_with("gRPC") {
+        ClientKind::Grpc
+    } else if user_agent_name == "envoy" {
+        ClientKind::Envoy
+    } else {
+        ClientKind::Other
+    }
 }
 
 fn unix_ms(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
 }
+
+// === impl Proxies ===
 
 impl Proxies {
     /// Every open stream, sorted by node id (then by connection time).
@@ -59,7 +108,7 @@ impl Proxies {
                     .iter()
                     .map(|(type_url, t)| TypeStatus {
                         type_url: type_url.to_string(),
-                        acked: t.acked.clone(),
+                        acked: t.acked_versions(),
                         acks: t.acks,
                         nacks: t.nacks,
                         last_nack: t.last_nack.clone(),
@@ -75,6 +124,11 @@ impl Proxies {
                     delta: e.delta,
                     connected_at_unix_ms: unix_ms(e.connected_at),
                     types,
+                    kind: e.kind.into(),
+                    user_agent_name: e.user_agent_name.clone(),
+                    user_agent_version: e.user_agent_version.clone(),
+                    cluster: e.cluster.clone(),
+                    zone: e.zone.clone(),
                 }
             })
             .collect();
@@ -82,6 +136,39 @@ impl Proxies {
             (&a.node_id, a.connected_at_unix_ms).cmp(&(&b.node_id, b.connected_at_unix_ms))
         });
         out
+    }
+
+    /// The streams whose node id `wanted` accepts, per resource, sorted
+    /// by node id (then by connection time), types by URL.
+    pub fn client_status(&self, wanted: impl Fn(&str) -> bool) -> Vec<ClientStatus> {
+        let mut out: Vec<(SystemTime, ClientStatus)> = self
+            .streams
+            .iter()
+            .filter(|e| wanted(&e.node_id))
+            .map(|e| {
+                let mut types: Vec<TypeResources> = e
+                    .types
+                    .iter()
+                    .map(|(type_url, t)| TypeResources {
+                        type_url: type_url.clone(),
+                        pending: t.pending,
+                        resources: t.resources(e.delta),
+                    })
+                    .collect();
+                types.sort_by(|a, b| a.type_url.cmp(&b.type_url));
+                let status = ClientStatus {
+                    node_id: e.node_id.clone(),
+                    user_agent_name: e.user_agent_name.clone(),
+                    user_agent_version: e.user_agent_version.clone(),
+                    cluster: e.cluster.clone(),
+                    zone: e.zone.clone(),
+                    types,
+                };
+                (e.connected_at, status)
+            })
+            .collect();
+        out.sort_by(|(at_a, a), (at_b, b)| (&a.node_id, at_a).cmp(&(&b.node_id, at_b)));
+        out.into_iter().map(|(_, s)| s).collect()
     }
 }
 
@@ -93,6 +180,11 @@ impl StreamObserver for Proxies {
                 node_id: s.node_id.clone(),
                 peer: s.peer.map(|p| p.to_string()).unwrap_or_default(),
                 principal: s.caller.clone(),
+                kind: client_kind(&s.user_agent_name),
+                user_agent_name: s.user_agent_name.clone(),
+                user_agent_version: s.user_agent_version.clone(),
+                cluster: s.cluster.clone(),
+                zone: s.zone.clone(),
                 delta: s.delta,
                 connected_at: SystemTime::now(),
                 types: HashMap::new(),
@@ -109,31 +201,45 @@ impl StreamObserver for Proxies {
                 entry.types.entry(type_url.clone()).or_default().pending = true;
             }
             StreamEvent::Ack {
-                type_url, versions, ..
+                type_url,
+                versions,
+                absent,
+                ..
             } => {
                 let t = entry.types.entry(type_url.clone()).or_default();
+                let now = SystemTime::now();
                 t.pending = false;
                 t.acks += 1;
-                t.last_ack = Some(SystemTime::now());
-                if s.delta {
-                    for (name, version) in versions {
-                        if version.is_empty() {
-                            t.acked.remove(name);
-                        } else {
-                            t.acked.insert(name.clone(), version.clone());
-                        }
-                    }
-                } else {
-                    t.acked = versions.iter().cloned().collect();
-                }
+                t.last_ack = Some(now);
+                t.on_acked(s.delta, versions, absent, Some(now));
             }
             StreamEvent::Nack {
-                type_url, message, ..
+                type_url,
+                message,
+                versions,
+                ..
             } => {
                 let t = entry.types.entry(type_url.clone()).or_default();
                 t.pending = false;
                 t.nacks += 1;
-                t.last_nack = message.clone();
+                t.on_nacked(s.delta, versions, message, SystemTime::now());
+            }
+            StreamEvent::Subscribed {
+                type_url,
+                wildcard,
+                added,
+                removed,
+            } => {
+                let t = entry.types.entry(type_url.clone()).or_default();
+                t.on_subscribed(s.delta, *wildcard, added, removed);
+            }
+            StreamEvent::Resumed {
+                type_url,
+                versions,
+                absent,
+            } => {
+                let t = entry.types.entry(type_url.clone()).or_default();
+                t.on_acked(s.delta, versions, absent, None);
             }
         }
     }
@@ -144,76 +250,4 @@ impl StreamObserver for Proxies {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Instant;
-
-    use super::*;
-
-    fn info(id: u64, node: &str, delta: bool) -> StreamInfo {
-        StreamInfo {
-            id,
-            opened: Instant::now(),
-            node_id: node.to_owned(),
-            delta,
-            peer: None,
-            caller: format!("token-{id}"),
-        }
-    }
-
-    #[test]
-    fn follows_acks_nacks_and_removals() {
-        let p = Proxies::default();
-        let t: Arc<str> = Arc::from("type.googleapis.com/isdp.v1.ServiceEndpoints");
-        let web = info(1, "web", true);
-        p.opened(&web);
-        p.opened(&info(2, "api", false));
-        p.event(
-            &web,
-            &StreamEvent::Response {
-                type_url: t.clone(),
-                nonce: "1".into(),
-                bytes: Default::default(),
-                resources: 2,
-            },
-        );
-        assert!(p.list()[1].types[0].pending);
-        p.event(
-            &web,
-            &StreamEvent::Ack {
-                type_url: t.clone(),
-                nonce: "1".into(),
-                versions: vec![("a".into(), "v1".into()), ("b".into(), "v1".into())],
-                changed_at: None,
-            },
-        );
-        p.event(
-            &web,
-            &StreamEvent::Ack {
-                type_url: t.clone(),
-                nonce: "2".into(),
-                versions: vec![("a".into(), "v2".into()), ("b".into(), String::new())],
-                changed_at: None,
-            },
-        );
-        p.event(
-            &web,
-            &StreamEvent::Nack {
-                type_url: t.clone(),
-                nonce: "3".into(),
-                message: "bad endpoint".into(),
-            },
-        );
-        let list = p.list();
-        assert_eq!(list.len(), 2);
-        assert_eq!(list[0].node_id, "api");
-        assert_eq!(list[0].principal, "token-2", "who opened each stream");
-        assert_eq!(list[1].principal, "token-1");
-        let w = &list[1].types[0];
-        assert_eq!(w.acked, BTreeMap::from([("a".to_owned(), "v2".to_owned())]));
-        assert_eq!((w.acks, w.nacks, w.pending), (2, 1, false));
-        assert_eq!(w.last_nack, "bad endpoint");
-        assert!(w.last_ack_unix_ms > 0);
-        p.closed(&web);
-        assert_eq!(p.list().len(), 1);
-    }
-}
+mod tests;

@@ -116,14 +116,7 @@ impl Server {
         tasks.push(ca.follow(shutdown.clone()));
         tasks.push(tokens.follow(shutdown.clone()));
         let roots = start_publishers(&config, &views, &ca, &tokens, &cache, &shutdown, &mut tasks);
-        let tls_config = follow_tls(&config, grpc_addr, &ca, roots, &shutdown, &mut tasks)?;
-        let incoming = tls::incoming(
-            grpc,
-            tls_config,
-            config.trust_domain.clone(),
-            metrics.client_log_rate(),
-            shutdown.clone(),
-        );
+        let incoming = start_tls(&config, grpc, &ca, roots, &metrics, &shutdown, &mut tasks)?;
         tasks.push(health::spawn(
             views.registry.clone(),
             metrics.clone(),
@@ -153,6 +146,7 @@ impl Server {
             ca,
             tokens,
             max_streams_per_principal: config.max_streams_per_principal,
+            max_concurrent_streams: config.max_concurrent_streams,
         };
         serve_grpc(incoming, views, router, shutdown).await?;
         let _ = admin_task.await;
@@ -315,15 +309,18 @@ fn start_publishers(
 }
 
 /// TLS on the gRPC listener: the server certificate follows the published
-/// roots (handshakes are then accepted off the accept loop, `tls::incoming`).
-fn follow_tls(
+/// roots, and handshakes are accepted off the accept loop.
+fn start_tls(
     config: &Config,
-    grpc_addr: SocketAddr,
+    grpc: TcpListener,
     ca: &Ca,
     roots: watch::Receiver<Arc<ca::Roots>>,
+    metrics: &metrics::Metrics,
     shutdown: &watch::Receiver<bool>,
     tasks: &mut Tasks,
-) -> Result<watch::Receiver<Arc<rustls::ServerConfig>>, Error> {
+") -> Result<tls::Incoming, Error> {
+    // Bound by `Server::bind`, which reported this address already.
+    let grpc_addr = grpc.local_addr().unwrap_or(config.listen);
     let (tls_config, tls_task) = tls::follow_roots(
         ca.clone(),
         roots,
@@ -331,7 +328,18 @@ fn follow_tls(
         shutdown.clone(),
     )?;
     tasks.push(tls_task);
-    Ok(tls_config)
+    Ok(tls::incoming(
+        grpc,
+        tls_config,
+        config.trust_domain.clone(),
+        tls::Admission::new(
+            config.max_connections,
+            config.first_request_timeout,
+            metrics.grpc_connections(),
+        ),
+        metrics.client_log_rate(),
+        shutdown.clone(),
+    ))
 }
 
 /// What the gRPC router serves besides the views of the store.
@@ -342,7 +350,19 @@ struct Router {
     tokens: Tokens,
     /// `--max-streams-per-principal`, which the auth layer enforces.
     max_streams_per_principal: usize,
+    /// `--max-concurrent-streams`, per connection.
+    max_concurrent_streams: u32,
 }
+
+/// Largest header block a request may carry (a bearer token, a few
+/// metadata entries): gRPC's own clients cap what they send at 8 KiB.
+const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
+/// Streams a client may make the server reset on one connection before
+/// the connection is closed (hyper's default, which tonic removes).
+const MAX_LOCAL_RESET_STREAMS: usize = 1024;
+/// Streams a client may open and cancel before the server handles them
+/// (the HTTP/2 rapid-reset bound; hyper's default).
+const MAX_PENDING_RESET_STREAMS: usize = 20;
 
 /// How long shutdown waits for open calls to finish once every handler
 /// was told to stop. Handlers end at once, but a call's last frames go out
@@ -373,6 +393,7 @@ async fn serve_grpc(
         ca,
         tokens,
         max_streams_per_principal,
+        max_concurrent_streams,
     } = router;
     let mut stop = shutdown.clone();
     let serve = tonic::transport::Server::builder()
@@ -380,6 +401,13 @@ async fn serve_grpc(
         // Notice a vanished sidecar even when its TCP connection lingers.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        // What tonic leaves unset, hyper's bounds: streams per connection
+        // in SETTINGS, headers per request, streams a client may make the
+        // server reset (a rapid-reset flood), and pending reset streams.
+        .max_concurrent_streams(Some(max_concurrent_streams))
+        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_RESET_STREAMS))
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESET_STREAMS))
         .layer(metrics::GrpcMetricsLayer::new(metrics.clone()))
         .layer(api::SizeLimitStatusLayer)
         .layer(auth::AuthLayer::new(
@@ -391,7 +419,8 @@ async fn serve_grpc(
             api::registry::RegistryApi::new(registry, metrics, shutdown.clone()).into_server(),
         )
         .add_service(api::session::SessionApi::new(sessions, shutdown.clone()).into_server())
-        .add_service(api::status::ProxyStatusApi::new(proxies).into_server())
+        .add_service(api::status::ProxyStatusApi::new(proxies.clone()).into_server())
+        .add_service(api::csds::CsdsApi::new(proxies, shutdown.clone()).into_server())
         .add_service(api::authorization::AuthorizationApi::new(authz).into_server())
         .add_service(api::policies::PoliciesApi::new(policies, shutdown.clone()).into_server())
         .add_service(api::certificates::CertificatesApi::new(ca).into_server())

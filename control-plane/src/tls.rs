@@ -4,12 +4,20 @@
 //! auth layer as connection info.
 //!
 //! Handshakes run in their own tasks with a timeout: a slow or broken
-//! client never delays accepting the next one. A handshake that refuses
-//! the client's certificate (expired, from another CA) is logged at warn
-//! level within the server's bound on lines clients can cause (the one
-//! the auth layer's refusals share), so an operator sees why a client
-//! with stale credentials is turned away; other failures (probes,
-//! plaintext clients, timeouts) stay at debug level.
+//! client never delays accepting the next one. Connections are capped, and
+//! one that carries no request in time is closed (`admission.rs`). A
+//! handshake that refuses the client's certificate (expired, from another
+//! CA) is logged at warn level within the server's bound on lines clients
+//! can cause (the one the auth layer's refusals share), so an operator
+//! sees why a client with stale credentials is turned away; other failures
+//! (probes, plaintext clients, timeouts) stay at debug level.
+
+mod admission;
+
+pub use admission::{
+    Admission, ConnectionCounters, DEFAULT_FIRST_REQUEST_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+    FirstRequest,
+};
 
 use std::{
     io,
@@ -60,12 +68,18 @@ pub struct PeerInfo {
     /// When the client certificate expires (unix ms): calls on a connection
     /// that outlives it are refused, and streams opened on it end then.
     pub not_after_unix_ms: Option<i64>,
+    /// Marked by the connection's first request, which lifts its
+    /// first-request deadline.
+    pub first_request: FirstRequest,
 }
 
 /// An accepted TLS connection and who is on the other end.
 pub struct Conn {
     stream: TlsStream<TcpStream>,
     peer: PeerInfo,
+    /// Its place among `--max-connections`, and its first-request
+    /// deadline.
+    guard: admission::ConnGuard,
 }
 
 impl tonic::transport::server::Connected for Conn {
@@ -82,6 +96,9 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Poll::Ready(e) = self.guard.poll_deadline(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -202,6 +219,7 @@ pub fn incoming(
     listener: TcpListener,
     config: watch::Receiver<Arc<ServerConfig>>,
     trust_domain: String,
+    admission: Admission,
     log: isdp_xds::LogRate,
     mut shutdown: watch::Receiver<bool>,
 ) -> Incoming {
@@ -219,6 +237,10 @@ pub fn incoming(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+            };
+            // Over the cap the connection is dropped (closed) here.
+            let Some(guard) = admission.admit(remote) else {
+                continue;
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(config.borrow().clone());
@@ -242,8 +264,15 @@ pub fn incoming(
                             return;
                         }
                     };
-                let peer = peer_info(&stream, remote, &trust_domain);
-                let _ = tx.send(Ok(Conn { stream, peer })).await;
+                let mut peer = peer_info(&stream, remote, &trust_domain);
+                peer.first_request = guard.first_request();
+                let _ = tx
+                    .send(Ok(Conn {
+                        stream,
+                        peer,
+                        guard,
+                    }))
+                    .await;
             });
         }
     });
@@ -279,6 +308,7 @@ fn peer_info(stream: &TlsStream<TcpStream>, remote: SocketAddr, trust_domain: &s
         service,
         grant,
         not_after_unix_ms,
+        first_request: FirstRequest::default(),
     }
 }
 

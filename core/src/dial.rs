@@ -116,6 +116,12 @@ impl Interceptor for Credentials {
 /// than this.
 pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
 
+/// The `user_agent_name` the sidecar's xDS client puts in its node (with
+/// its version as `user_agent_version`): the control plane tells its own
+/// sidecars from proxyless gRPC and Envoy by it (`isdpctl proxy-status`,
+/// CSDS).
+pub const SIDECAR_USER_AGENT: &str = "isdp-sidecar";
+
 /// How long one connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// HTTP/2 PING interval, so a dead control plane is noticed on an idle stream.

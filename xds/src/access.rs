@@ -218,6 +218,17 @@ impl Gate {
         true
     }
 
+    /// The refused names of `type_url` the stream subscribes to now.
+    pub(crate) fn refused_names(&self, type_url: &str) -> impl Iterator<Item = &Arc<str>> {
+        self.refused.get(type_url).into_iter().flatten()
+    }
+
+    /// The one copy of `name` the gate keeps, if it is a refused name the
+    /// stream subscribes to.
+    pub(crate) fn refused_name(&self, type_url: &str, name: &str) -> Option<&Arc<str>> {
+        self.refused.get(type_url)?.get(name)
+    }
+
     /// Forgets that `name` was refused: the stream no longer subscribes
     /// to it.
     pub(crate) fn forget(&mut self, type_url: &str, name: &str) {

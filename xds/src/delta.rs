@@ -122,10 +122,19 @@ impl DeltaStream {
                 pending: None,
                 dirty: BTreeSet::new(),
             });
+        let was_wildcard = st.wildcard;
+        // What the first request says the client holds, for observers.
+        let mut resumed = Vec::new();
         if first {
             st.known = std::mem::take(&mut req.initial_resource_versions)
                 .into_iter()
                 .map(|(n, v)| (Arc::from(n), v))
+                .collect();
+            resumed = st
+                .known
+                .iter()
+                .filter(|(n, v)| &***n != WILDCARD && !v.is_empty())
+                .map(|(n, v)| (n.to_string(), v.clone()))
                 .collect();
             st.initial_bytes = st
                 .known
@@ -156,21 +165,27 @@ impl DeltaStream {
                     type_url: type_url.clone(),
                     nonce,
                     message: limits::nack_message(&e.message),
+                    versions,
                 }),
                 None => out.push(StreamEvent::Ack {
                     type_url: type_url.clone(),
                     nonce,
                     versions,
                     changed_at,
+                    absent: Vec::new(),
                 }),
             }
         }
+        // The subscription's change, for observers (their copies of the
+        // names are the stream's).
+        let mut added = Vec::new();
+        let mut removed = Vec::new();
         for n in &req.resource_names_unsubscribe {
             if n == WILDCARD {
                 st.wildcard = false;
                 self.subs.remove(&tc, WILDCARD);
             } else {
-                st.names.remove(n.as_str());
+                removed.extend(st.names.take(n.as_str()));
                 st.known.remove(n.as_str());
                 st.dirty.remove(n.as_str());
                 self.subs.remove(&tc, n);
@@ -191,12 +206,28 @@ impl DeltaStream {
                     .map_or_else(|| Arc::from(n), |(k, _)| k.clone());
                 st.names.insert(n.clone());
                 st.dirty.insert(n.clone());
+                added.push(n.clone());
                 // Outside the caller's scope: answered as absent, never
                 // watched, so its changes do not even wake the stream.
                 if !self.gate.refuses(&type_url, &n) {
                     self.subs.add(&tc, &n);
                 }
             }
+        }
+        if st.wildcard != was_wildcard || !added.is_empty() || !removed.is_empty() {
+            out.push(StreamEvent::Subscribed {
+                type_url: type_url.clone(),
+                wildcard: st.wildcard,
+                added,
+                removed,
+            });
+        }
+        if !resumed.is_empty() {
+            out.push(StreamEvent::Resumed {
+                type_url: type_url.clone(),
+                versions: resumed,
+                absent: Vec::new(),
+            });
         }
         // A wildcard watches every name; what the stream may not read is
         // left out as each response is built.

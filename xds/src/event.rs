@@ -10,6 +10,11 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 use bytes::Bytes;
 
 /// What happened on a stream, for observers.
+///
+/// Per type, in the order a request's effects happen: the answer to the
+/// response it acknowledges (`Ack` or `Nack`), then the change of
+/// subscription it makes (`Subscribed`), then what the stream holds or is
+/// sent (`Resumed`, `Response`).
 #[derive(Debug)]
 pub enum StreamEvent {
     Response {
@@ -28,11 +33,46 @@ pub enum StreamEvent {
         /// The newest change the acknowledged response carried (None when
         /// it carried only removals).
         changed_at: Option<Instant>,
+        /// State of the world: the names subscribed by name that the
+        /// response did not carry (they do not exist, or the stream may
+        /// not read them), which the client now takes for absent. Delta
+        /// reports those in `versions`, with an empty version.
+        absent: Vec<Arc<str>>,
     },
+    /// The client rejected a response: `versions` are the (name, version)
+    /// pairs the response carried (state of the world: one, the set's,
+    /// with an empty name), none of which it holds now.
     Nack {
         type_url: Arc<str>,
         nonce: String,
         message: String,
+        versions: Vec<(String, String)>,
+    },
+    /// What the stream subscribes to of `type_url` changed: apply
+    /// `removed`, then `added`. The names are the engine's own copies (one
+    /// `Arc<str>` per name, shared by the stream's state and the cache's
+    /// watcher table), so an observer keeping them holds no copy of its
+    /// own; the engine bounds them ([`crate::Limits`]). Names the stream
+    /// may not read are included: the client asked for them, and is
+    /// answered that they do not exist. `wildcard`: the stream also
+    /// subscribes to every resource of the type it may read.
+    Subscribed {
+        type_url: Arc<str>,
+        wildcard: bool,
+        added: Vec<Arc<str>>,
+        removed: Vec<Arc<str>>,
+    },
+    /// On its first request of `type_url` the client said it already holds
+    /// these (name, version) pairs, and the engine took its word: delta's
+    /// `initial_resource_versions` (an unchanged resource is then not sent
+    /// again, so no ACK will tell), and state of the world's
+    /// `version_info` when it is the version the stream would be sent
+    /// (with the names it lacks, as in `Ack`). Observers may count them as
+    /// acknowledged; they are no ACK of this server's.
+    Resumed {
+        type_url: Arc<str>,
+        versions: Vec<(String, String)>,
+        absent: Vec<Arc<str>>,
     },
 }
 
@@ -49,6 +89,18 @@ pub struct StreamInfo {
     /// ([`crate::StreamAccess::caller`]). The node id is the client's
     /// word; this is what the application authenticated.
     pub caller: String,
+    /// The first request's `node.user_agent_name` ("gRPC Python",
+    /// "envoy"; empty when unset): the client's word, at most
+    /// [`crate::MAX_NODE_FIELD_BYTES`] bytes without control characters,
+    /// as are the fields below.
+    pub user_agent_name: String,
+    /// `node.user_agent_version`, or `node.user_agent_build_version` as
+    /// `major.minor.patch` (Envoy's form).
+    pub user_agent_version: String,
+    /// `node.cluster`.
+    pub cluster: String,
+    /// `node.locality.zone`.
+    pub zone: String,
 }
 
 /// Stream lifecycle hooks. `closed` is also the signal that a client went

@@ -17,7 +17,8 @@
 //! ([`StreamAccess::charge`]) so it can budget them across a caller's
 //! streams, refused names are remembered only while subscribed, every
 //! line a client can cause is logged at a bounded rate for the whole
-//! server ([`LogRate`]), node ids and NACK texts are bounded, and nonces
+//! server ([`LogRate`]), node ids, the node's other fields observers are
+//! told, and NACK texts are bounded, and nonces
 //! are counted per stream, so they tell a stream nothing of the others.
 //!
 //! Flow control follows xDS practice: one response per type is in flight on
@@ -39,12 +40,17 @@
 //!   may not read are absent (and logged at a bounded rate,
 //!   `access/log.rs`), wildcards are filtered.
 //! - `limits`: what one stream may make the server hold, log or show
-//!   ([`Limits`]: names per stream and type; name, node id and NACK text
-//!   lengths; what a name costs, [`name_cost`]).
+//!   ([`Limits`]: names per stream and type; name, node id, node field
+//!   and NACK text lengths; what a name costs, [`name_cost`]).
+//! - `node`: what the first request's node says of the client beyond its
+//!   id (user agent, cluster, zone), checked, for observers.
 //! - `log_rate`: the bound on what all streams together write to the log
 //!   ([`LogRate`]).
 //! - `event`: stream events and the observer hooks (a leaf: the state
-//!   machines produce events, the server reports them).
+//!   machines produce events, the server reports them): responses, ACKs
+//!   and NACKs, subscription changes and resumed versions, so an observer
+//!   can tell per resource what a client holds without a copy of the
+//!   stream's names.
 //! - `sotw`, `delta`: the per-stream protocol state machines (pure, no I/O).
 //! - `protocol`: the one interface over both, which the server drives.
 //! - `server`: the tonic service that drives streams.
@@ -58,6 +64,7 @@ mod delta;
 mod event;
 mod limits;
 mod log_rate;
+mod node;
 mod protocol;
 mod resource;
 mod server;
@@ -67,8 +74,8 @@ pub use access::{Access, Caller, StreamAccess, Unrestricted};
 pub use cache::{Batch, Cache, TypeCache};
 pub use event::{StreamEvent, StreamInfo, StreamObserver};
 pub use limits::{
-    Limits, MAX_NACK_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_NODE_ID_BYTES, NAME_OVERHEAD_BYTES,
-    TRUNCATED, name_cost,
+    Limits, MAX_NACK_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_NODE_FIELD_BYTES, MAX_NODE_ID_BYTES,
+    NAME_OVERHEAD_BYTES, TRUNCATED, name_cost,
 };
 pub use log_rate::{LINES_PER_WINDOW, LogRate, WINDOW as LOG_WINDOW};
 pub use resource::Encoded;

@@ -78,19 +78,33 @@ pub(crate) fn check_name(type_url: &str, name: &str) -> Result<(), Status> {
 /// may accept less, [`crate::StreamAccess::node`]).
 pub const MAX_NODE_ID_BYTES: usize = 1024;
 
+/// Longest text the engine accepts in the node's other fields it reports
+/// ([`crate::StreamInfo`]: user agent name and version, cluster, zone), in
+/// bytes. They name a client library and a place ("gRPC Python",
+/// "1.85.0", "us-east-1a"); node ids are longer because some systems
+/// compose them from pod, namespace and address.
+pub const MAX_NODE_FIELD_BYTES: usize = 256;
+
 /// The checks every `node.id` passes whatever the application says: at
 /// most [`MAX_NODE_ID_BYTES`] and no control characters, since it is shown
 /// in logs, spans and tables.
 pub(crate) fn check_node_id(id: &str) -> Result<(), Status> {
-    if id.len() > MAX_NODE_ID_BYTES {
+    check_node_text("node.id", id, MAX_NODE_ID_BYTES)
+}
+
+/// INVALID_ARGUMENT naming `field` if `value` is longer than `max` bytes
+/// or holds control characters: every text of the node observers are told
+/// ends up in tables and log lines.
+pub(crate) fn check_node_text(field: &str, value: &str, max: usize) -> Result<(), Status> {
+    if value.len() > max {
         return Err(Status::invalid_argument(format!(
-            "node.id: {} bytes, at most {MAX_NODE_ID_BYTES}",
-            id.len()
+            "{field}: {} bytes, at most {max}",
+            value.len()
         )));
     }
-    if id.chars().any(char::is_control) {
+    if value.chars().any(char::is_control) {
         return Err(Status::invalid_argument(format!(
-            "node.id: {id:?} holds control characters"
+            "{field}: {value:?} holds control characters"
         )));
     }
     Ok(())

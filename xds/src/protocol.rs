@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::envoy::{
+    config::core::v3::Node,
+    service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest},
+};
 use tonic::Status;
 
 use crate::{
@@ -21,7 +24,8 @@ pub(crate) trait Protocol: Send + 'static {
     type Request: prost::Message + Default + Send + 'static;
     const DELTA: bool;
     fn new(cache: Cache, access: Box<dyn StreamAccess>, limits: Limits, log: LogRate) -> Self;
-    fn node_id(req: &Self::Request) -> Option<&str>;
+    /// The request's `node` (clients send it on their first request).
+    fn node(req: &Self::Request) -> Option<&Node>;
     /// The application's check of the first request's node id.
     fn check_node(&self, id: &str) -> Result<(), Status>;
     fn on_request(&mut self, req: Self::Request, out: &mut Vec<StreamEvent>) -> Result<(), Status>;
@@ -37,8 +41,8 @@ impl Protocol for SotwStream {
             .with_limits(limits)
             .with_log_rate(log)
     }
-    fn node_id(req: &DiscoveryRequest) -> Option<&str> {
-        req.node.as_ref().map(|n| n.id.as_str())
+    fn node(req: &DiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
     }
     fn check_node(&self, id: &str) -> Result<(), Status> {
         SotwStream::check_node(self, id)
@@ -66,8 +70,8 @@ impl Protocol for DeltaStream {
             .with_limits(limits)
             .with_log_rate(log)
     }
-    fn node_id(req: &DeltaDiscoveryRequest) -> Option<&str> {
-        req.node.as_ref().map(|n| n.id.as_str())
+    fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
     }
     fn check_node(&self, id: &str) -> Result<(), Status> {
         DeltaStream::check_node(self, id)

@@ -4,8 +4,9 @@
 //! each client has acknowledged).
 //!
 //! A stream the application refuses ([`Access::stream`]) ends before it
-//! opens; the first request's node id is checked before observers hear of
-//! the stream; a request the server cannot read (over
+//! opens; the first request's node (its id, by the application and the
+//! engine, and the rest of what observers are told, `node.rs`) is checked
+//! before observers hear of the stream; a request the server cannot read (over
 //! `MAX_REQUEST_BYTES`, or not protobuf) ends the stream with a status
 //! saying why, RESOURCE_EXHAUSTED for the size. Lines about refused
 //! streams and requests share the server's [`LogRate`] with refused
@@ -35,6 +36,7 @@ use crate::{
     event::{StreamEvent, StreamInfo, StreamObserver},
     limits::Limits,
     log_rate::LogRate,
+    node::ClientNode,
     protocol::Protocol,
     sotw::SotwStream,
 };
@@ -163,8 +165,12 @@ async fn drive<P: Protocol>(
                 // The first request names the node: checked before the
                 // stream is told to observers or logged under it.
                 Ok(Some(req)) if info.is_none() => {
-                    let node_id = P::node_id(&req).unwrap_or_default().to_owned();
-                    proto.check_node(&node_id).and_then(|()| {
+                    let node = P::node(&req);
+                    let node_id = node.map_or("", |n| n.id.as_str()).to_owned();
+                    let checked = proto
+                        .check_node(&node_id)
+                        .and_then(|()| ClientNode::read(node));
+                    checked.and_then(|client| {
                         let i = StreamInfo {
                             id: svc.cache.stream_id(),
                             opened: Instant::now(),
@@ -172,6 +178,10 @@ async fn drive<P: Protocol>(
                             delta: P::DELTA,
                             peer,
                             caller: std::mem::take(&mut caller),
+                            user_agent_name: client.user_agent_name,
+                            user_agent_version: client.user_agent_version,
+                            cluster: client.cluster,
+                            zone: client.zone,
                         };
                         svc.observer.opened(&i);
                         info = Some(i);

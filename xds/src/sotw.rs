@@ -37,13 +37,26 @@ struct TypeState {
     /// Version of the set last sent (or that the client said it holds).
     sent: Option<String>,
     acked: Option<String>,
-    /// The response awaiting ACK/NACK (its nonce and the newest change it
-    /// carries); nothing more is sent for this type until it is answered.
-    pending: Option<(String, Option<Instant>)>,
+    /// The response awaiting ACK/NACK; nothing more is sent for this type
+    /// until it is answered.
+    pending: Option<Pending>,
     /// Nonce of the latest response sent; requests naming an older one
     /// are stale.
     last_nonce: Option<String>,
     dirty: bool,
+    /// The first request said the client holds `sent` already: the first
+    /// flush tells observers whether that is what it would be sent.
+    resumed: bool,
+}
+
+/// A response sent and not yet ACKed or NACKed.
+struct Pending {
+    nonce: String,
+    /// The newest change it carries.
+    changed_at: Option<Instant>,
+    /// The names subscribed by name it does not carry, reported with its
+    /// ACK ([`StreamEvent::Ack`]).
+    absent: Vec<Arc<str>>,
 }
 
 impl SotwStream {
@@ -105,6 +118,7 @@ impl SotwStream {
                 pending: None,
                 last_nonce: None,
                 dirty: true,
+                resumed: false,
             });
 
         if req.response_nonce.is_empty() {
@@ -112,26 +126,28 @@ impl SotwStream {
                 // A reconnecting client: it holds this version already.
                 st.sent = Some(req.version_info.clone());
                 st.acked = Some(req.version_info.clone());
+                st.resumed = true;
             }
         } else if st.last_nonce.as_deref() != Some(req.response_nonce.as_str()) {
             // A stale nonce: the client has not seen our latest response
             // yet. Per the protocol, ignore the request.
             return Ok(());
-        } else if let Some((_, changed_at)) = st.pending.take_if(|(n, _)| *n == req.response_nonce)
-        {
+        } else if let Some(pending) = st.pending.take_if(|p| p.nonce == req.response_nonce) {
             match &req.error_detail {
                 Some(e) => out.push(StreamEvent::Nack {
                     type_url: type_url.clone(),
-                    nonce: req.response_nonce.clone(),
+                    nonce: pending.nonce,
                     message: limits::nack_message(&e.message),
+                    versions: vec![(String::new(), st.sent.clone().unwrap_or_default())],
                 }),
                 None => {
                     st.acked = Some(req.version_info.clone());
                     out.push(StreamEvent::Ack {
                         type_url: type_url.clone(),
-                        nonce: req.response_nonce.clone(),
+                        nonce: pending.nonce,
                         versions: vec![(String::new(), req.version_info.clone())],
-                        changed_at,
+                        changed_at: pending.changed_at,
+                        absent: pending.absent,
                     });
                 }
             }
@@ -143,19 +159,42 @@ impl SotwStream {
             if (first && req.resource_names.is_empty()) || requested.contains(WILDCARD) {
                 None
             } else {
-                // One copy of each name: the one already held, if any.
+                // One copy of each name: the one already held (subscribed,
+                // or refused), if any.
                 let held = st.names.as_ref();
                 Some(
                     requested
                         .into_iter()
                         .map(|n| {
                             held.and_then(|h| h.get(n))
+                                .or_else(|| self.gate.refused_name(&type_url, n))
                                 .cloned()
                                 .unwrap_or_else(|| n.into())
                         })
                         .collect(),
                 )
             };
+        // What the client subscribes to, refused names included, before
+        // and after this request: observers hear of the difference.
+        let before: BTreeSet<Arc<str>> = st
+            .names
+            .iter()
+            .flatten()
+            .chain(self.gate.refused_names(&type_url))
+            .cloned()
+            .collect();
+        let no_names = BTreeSet::new();
+        let after = wanted.as_ref().unwrap_or(&no_names);
+        let added: Vec<Arc<str>> = after.difference(&before).cloned().collect();
+        let removed: Vec<Arc<str>> = before.difference(after).cloned().collect();
+        if wanted.is_none() != st.names.is_none() || !added.is_empty() || !removed.is_empty() {
+            out.push(StreamEvent::Subscribed {
+                type_url: type_url.clone(),
+                wildcard: wanted.is_none(),
+                added,
+                removed,
+            });
+        }
         // Named: the names outside the stream's access are dropped (and
         // read as absent). Wildcard: filtered as each response is built.
         let wanted = match wanted {
@@ -200,26 +239,52 @@ impl SotwStream {
         }
         st.dirty = false;
         // Read under one lock, so a batch's changes to this type go out
-        // together; a wildcard carries only what the stream may read.
-        let mut resources: Vec<_> = st.tc.read(|held| match &st.names {
-            None => held.values().cloned().collect(),
-            Some(names) => names
-                .iter()
-                .filter_map(|n| held.get(&**n).cloned())
-                .collect(),
+        // together; a wildcard carries only what the stream may read. The
+        // names subscribed to that it does not carry are absent to the
+        // client: those that do not exist, and those it may not read.
+        let (mut resources, mut absent) = st.tc.read(|held| match &st.names {
+            None => (held.values().cloned().collect::<Vec<_>>(), Vec::new()),
+            Some(names) => {
+                let mut absent = Vec::new();
+                let found = names
+                    .iter()
+                    .filter_map(|n| {
+                        let r = held.get(&**n).cloned();
+                        if r.is_none() {
+                            absent.push(n.clone());
+                        }
+                        r
+                    })
+                    .collect();
+                (found, absent)
+            }
         });
         if st.names.is_none() {
             resources.retain(|r| self.gate.in_wildcard(type_url, &r.name));
+        } else {
+            absent.extend(self.gate.refused_names(type_url).cloned());
         }
         let version = set_version(resources.iter().map(|r| &**r));
+        let resumed = std::mem::take(&mut st.resumed);
         if st.sent.as_deref() == Some(version.as_str()) {
+            if resumed {
+                out.push(StreamEvent::Resumed {
+                    type_url: type_url.clone(),
+                    versions: vec![(String::new(), version)],
+                    absent,
+                });
+            }
             return;
         }
         let nonce = self.nonces.next();
         let bytes = sotw_response(type_url, &version, &nonce, &resources);
         st.sent = Some(version);
         let changed_at = resources.iter().map(|r| r.changed_at).max();
-        st.pending = Some((nonce.clone(), changed_at));
+        st.pending = Some(Pending {
+            nonce: nonce.clone(),
+            changed_at,
+            absent,
+        });
         st.last_nonce = Some(nonce.clone());
         out.push(StreamEvent::Response {
             type_url: type_url.clone(),

@@ -21,6 +21,7 @@ use crate::{
 };
 
 mod budget;
+mod events;
 mod limits;
 
 const T: &str = "type.googleapis.com/test.Thing";

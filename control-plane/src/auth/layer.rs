@@ -243,11 +243,16 @@ where
         // (`Request::remote_addr`, which the xDS engine records for
         // `isdpctl proxy-status`); tonic knows only its own listeners'
         // connection info, and ours is `PeerInfo`.
-        if let Some(remote) = req.extensions().get::<PeerInfo>().and_then(|p| p.remote) {
-            req.extensions_mut().insert(TcpConnectInfo {
-                local_addr: None,
-                remote_addr: Some(remote),
-            });
+        if let Some(peer) = req.extensions().get::<PeerInfo>() {
+            // The connection carried a request: its first-request deadline
+            // (`tls::Admission`) no longer applies, whatever the verdict.
+            peer.first_request.mark();
+            if let Some(remote) = peer.remote {
+                req.extensions_mut().insert(TcpConnectInfo {
+                    local_addr: None,
+                    remote_addr: Some(remote),
+                });
+            }
         }
         let authorized = self.authorize(&req).and_then(|(principal, lifetime)| {
             let slot = stream_group(req.uri().path())
@@ -311,6 +316,7 @@ mod tests {
                 upstreams: Some(vec!["payments".into()]),
             }),
             not_after_unix_ms: Some(not_after_unix_ms),
+            ..Default::default()
         }
     }
 

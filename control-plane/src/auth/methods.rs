@@ -14,8 +14,9 @@
 //! Join principals (sidecars, by token or workload certificate) are let
 //! into what a sidecar calls, and into reads the handler can narrow to
 //! their scope; the operator views of the whole mesh (registry, proxy
-//! status, authorization rules) stay `read`, since a sidecar gets what it
-//! needs of those over xDS, scoped per resource.
+//! status and its standard form CSDS, authorization rules) stay `read`,
+//! since a sidecar gets what it needs of those over xDS, scoped per
+//! resource.
 
 use crate::tokens::Role;
 
@@ -130,6 +131,14 @@ pub const METHODS: &[(&str, &[(&str, Need)])] = &[
             ("DeltaAggregatedResources", JOIN_OR_READ),
         ],
     ),
+    (
+        // Proxy status in the standard form (CSDS): every connected xDS
+        // client's node and resources, an operator view like
+        // `ProxyStatus/ListProxies`. A join principal is no operator, and
+        // the status of its own streams would still name other nodes'.
+        "envoy.service.status.v3.ClientStatusDiscoveryService",
+        &[("StreamClientStatus", READ), ("FetchClientStatus", READ)],
+    ),
 ];
 
 /// Every streaming method (server-streaming, client-streaming or both),
@@ -137,7 +146,9 @@ pub const METHODS: &[(&str, &[(&str, Need)])] = &[
 /// request, so the auth layer ends it when the credential that opened it
 /// is revoked or expires (`auth::lifetime`), and counts it against its
 /// principal while it is open (`auth::streams`). Both ADS variants are one
-/// group: a sidecar opens one or the other. The tests check this list
+/// group: a sidecar opens one or the other. `StreamClientStatus` (CSDS)
+/// answers each request of a stream that may stay open, so it counts as
+/// any other stream, in its own group. The tests check this list
 /// against the descriptors, so a streaming method added to a `.proto`
 /// without a row here fails them.
 pub const STREAMING: &[(&str, &str)] = &[
@@ -151,6 +162,10 @@ pub const STREAMING: &[(&str, &str)] = &[
     (
         "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources",
         "ADS",
+    ),
+    (
+        "/envoy.service.status.v3.ClientStatusDiscoveryService/StreamClientStatus",
+        "CSDS/StreamClientStatus",
     ),
 ];
 
@@ -198,6 +213,14 @@ mod tests {
         "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources",
     ];
 
+    /// The methods of CSDS (`envoy/service/status/v3/csds.proto`), which
+    /// ships no descriptor either: a bidirectional stream and a unary
+    /// call, all of it.
+    const CSDS_STREAM: &str =
+        "/envoy.service.status.v3.ClientStatusDiscoveryService/StreamClientStatus";
+    const CSDS_FETCH: &str =
+        "/envoy.service.status.v3.ClientStatusDiscoveryService/FetchClientStatus";
+
     /// Every method path of every service in `fds`.
     fn described(fds: &[u8]) -> BTreeSet<String> {
         methods_where(fds, |_| true)
@@ -232,10 +255,12 @@ mod tests {
         let mut streaming = methods_where(isdp_proto::v1::FILE_DESCRIPTOR_SET, |m| {
             m.server_streaming() || m.client_streaming()
         });
-        // ADS is bidirectional, both methods (the xDS v3 protocol).
+        // ADS is bidirectional, both methods (the xDS v3 protocol); CSDS
+        // streams in one of its two.
         streaming.extend(ADS.iter().map(|p| p.to_string()));
+        streaming.insert(CSDS_STREAM.to_owned());
         assert!(
-            streaming.len() >= 5,
+            streaming.len() >= 6,
             "the descriptors lost their streams: {streaming:?}"
         );
         let listed: BTreeSet<String> = STREAMING.iter().map(|(p, _)| p.to_string()).collect();
@@ -257,6 +282,8 @@ mod tests {
         assert_eq!(groups.len(), STREAMING.len() - 1, "{groups:?}");
         assert_eq!(stream_group(ADS[0]), Some("ADS"));
         assert_eq!(stream_group(ADS[1]), Some("ADS"));
+        assert_eq!(stream_group(CSDS_STREAM), Some("CSDS/StreamClientStatus"));
+        assert_eq!(stream_group(CSDS_FETCH), None);
         assert_eq!(stream_group("/isdp.v1.Policies/Get"), None);
     }
 
@@ -267,6 +294,7 @@ mod tests {
             "the descriptors lost their services: {paths:?}"
         );
         paths.extend(ADS.iter().map(|p| p.to_string()));
+        paths.extend([CSDS_STREAM, CSDS_FETCH].map(str::to_owned));
         paths
     }
 
@@ -339,6 +367,12 @@ mod tests {
                 "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
                 join_or_read,
             ),
+            (CSDS_STREAM, read),
+            (CSDS_FETCH, read),
+            (
+                "/envoy.service.status.v3.ClientStatusDiscoveryService/Nope",
+                admin,
+            ),
             // Unknown services and methods, and malformed paths: admin.
             ("/nope.Service/Method", admin),
             ("/isdp.v1.Policies/Nope", admin),
@@ -377,6 +411,10 @@ mod tests {
             for r in [Role::Read, Role::Join, Role::Write, Role::Admin] {
                 assert!(required(path).check(r).is_ok(), "{path} {r:?}");
             }
+        }
+        for path in [CSDS_STREAM, CSDS_FETCH] {
+            assert_eq!(required(path).check(Role::Join), Err("read"), "{path}");
+            assert!(required(path).check(Role::Read).is_ok(), "{path}");
         }
         let put = required("/isdp.v1.Policies/Put");
         assert_eq!(put.check(Role::Join), Err("write"));

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::core::v3::{Node, node::UserAgentVersionType};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse,
@@ -20,7 +20,7 @@ use super::security::{self, Held, Kind};
 use super::state::{Resources, apply, held_versions};
 use super::{Snapshot, XdsSettings};
 use isdp_core::backoff::Backoff;
-use isdp_core::dial::{DialError, Dialer};
+use isdp_core::dial::{DialError, Dialer, SIDECAR_USER_AGENT};
 
 /// gRPC `INVALID_ARGUMENT`, the code of a NACK's `error_detail`.
 const INVALID_ARGUMENT: i32 = 3;
@@ -174,8 +174,15 @@ impl Client {
     /// One subscription per type, endpoints first. A type with no names is
     /// not subscribed at all: an empty delta subscription means "all".
     fn initial_requests(&self) -> Vec<DeltaDiscoveryRequest> {
+        // The user agent tells the control plane which kind of client
+        // this is (its proxy status lists gRPC and Envoy nodes beside
+        // sidecars).
         let node = Some(Node {
             id: self.settings.node_id.clone(),
+            user_agent_name: SIDECAR_USER_AGENT.to_owned(),
+            user_agent_version_type: Some(UserAgentVersionType::UserAgentVersion(
+                env!("CARGO_PKG_VERSION").to_owned(),
+            )),
             ..Default::default()
         });
         let request = |type_url: &str, names: &BTreeSet<String>, held| DeltaDiscoveryRequest {

@@ -122,7 +122,20 @@ async fn subscribes_acks_nacks_and_resumes() {
 
     let (mut inbound, outbound) = streams.recv().await.unwrap();
     let first = next(&mut inbound).await;
-    assert_eq!(first.node.unwrap().id, "web-1");
+    // The node names the sidecar and its kind of client.
+    let node = first.node.clone().unwrap();
+    assert_eq!(node.id, "web-1");
+    assert_eq!(
+        (node.user_agent_name.as_str(), node.user_agent_version_type),
+        (
+            "isdp-sidecar",
+            Some(
+                envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType::UserAgentVersion(
+                    env!("CARGO_PKG_VERSION").into()
+                )
+            )
+        )
+    );
     assert_eq!(first.type_url, SERVICE_ENDPOINTS_TYPE_URL);
     let mut names = first.resource_names_subscribe.clone();
     names.sort();

@@ -4,8 +4,15 @@
 
 use std::time::Duration;
 
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+use envoy_types::pb::envoy::service::{
+    discovery::v3::{
+        DeltaDiscoveryRequest,
+        aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+    },
+    status::v3::{
+        ClientStatusRequest,
+        client_status_discovery_service_client::ClientStatusDiscoveryServiceClient,
+    },
 };
 use isdp_proto::v1::{
     Instance, ListInstancesRequest, ListProxiesRequest, ListServicesRequest, ListTokensRequest,
@@ -125,6 +132,10 @@ where
         .delta_aggregated_resources(tokio_stream::iter(vec![first]))
         .await;
     out.push(("ADS/Delta", code(ads.map(drop))));
+    let csds = ClientStatusDiscoveryServiceClient::new(ch(&channel))
+        .fetch_client_status(ClientStatusRequest::default())
+        .await;
+    out.push(("CSDS/Fetch", code(csds.map(drop))));
     out
 }
 
@@ -282,9 +293,10 @@ async fn roles_and_join_scopes_are_enforced() {
     let codes_read = codes(channel.clone(), bearer(&read)).await;
     for (what, code) in &codes_read {
         let want = match *what {
-            "Registry/ListServices" | "ProxyStatus/ListProxies" | "Certificates/TrustBundle" => {
-                Code::Ok
-            }
+            "Registry/ListServices"
+            | "ProxyStatus/ListProxies"
+            | "CSDS/Fetch"
+            | "Certificates/TrustBundle" => Code::Ok,
             "ADS/Delta" => Code::Ok,
             _ => Code::PermissionDenied,
         };

@@ -97,6 +97,9 @@ const EXPECTED: &[(&str, [Expect; 7])] = &[
     ("/isdp.v1.Policies/Watch", [U, P, P, P, P, P, P]),
     (ADS_SOTW, [U, P, P, P, P, P, P]),
     (ADS_DELTA, [U, P, P, P, P, P, P]),
+    // Proxy status in its standard form: an operator view.
+    (CSDS_STREAM, [U, P, P, D, D, D, P]),
+    (CSDS_FETCH, [U, P, P, D, D, D, P]),
     // Not served by the control plane (its health is /healthz and /ready
     // on the admin listener): like any unknown method, admin only.
     ("/grpc.health.v1.Health/Check", [U, D, D, D, D, D, X]),
@@ -117,6 +120,12 @@ const ADS_DELTA: &str =
 /// `envoy-types` ships no descriptor set; ADS is fixed by the xDS v3
 /// protocol and these two methods are all of it.
 const ADS: [&str; 2] = [ADS_SOTW, ADS_DELTA];
+const CSDS_STREAM: &str =
+    "/envoy.service.status.v3.ClientStatusDiscoveryService/StreamClientStatus";
+const CSDS_FETCH: &str = "/envoy.service.status.v3.ClientStatusDiscoveryService/FetchClientStatus";
+/// CSDS ships no descriptor set either; `envoy/service/status/v3/csds.proto`
+/// holds these two methods.
+const CSDS: [&str; 2] = [CSDS_STREAM, CSDS_FETCH];
 const ROTATE_ROOT: &str = "/isdp.v1.Certificates/RotateRoot";
 
 /// Every method path of every service in an encoded descriptor set.
@@ -138,13 +147,14 @@ fn described(fds: &[u8]) -> BTreeSet<String> {
     paths
 }
 
-/// Every method of `proto/isdp/v1`, of `grpc.health.v1.Health` and of ADS,
-/// plus the unknown paths [`EXPECTED`] lists.
+/// Every method of `proto/isdp/v1`, of `grpc.health.v1.Health`, of ADS and
+/// of CSDS, plus the unknown paths [`EXPECTED`] lists.
 fn every_path() -> Vec<String> {
     let mut described_paths = described(isdp_proto::v1::FILE_DESCRIPTOR_SET);
     assert!(described_paths.len() > 20, "{described_paths:?}");
     described_paths.extend(described(tonic_health::pb::FILE_DESCRIPTOR_SET));
     described_paths.extend(ADS.iter().map(|p| p.to_string()));
+    described_paths.extend(CSDS.iter().map(|p| p.to_string()));
     let missing: Vec<_> = described_paths
         .iter()
         .filter(|p| !EXPECTED.iter().any(|(e, _)| e == p))

@@ -2,8 +2,8 @@
 //! gRPC client asks for (listener, then routes, cluster and endpoints, each
 //! by name, state of the world), what Envoy asks for (listeners and
 //! clusters by wildcard), and what a scoped join token may read of them.
-//! Real gRPC clients (Python grpcio, Node grpc-js-xds) run against the
-//! same resources in `tests/python/` and `tests/node/`.
+//! Real gRPC clients run against the same resources: Python grpcio in
+//! `tests/python/`, Node's grpc-js-xds (`tests/node/`) in `grpc_js`.
 
 use std::collections::BTreeMap;
 
@@ -307,5 +307,139 @@ async fn a_scoped_token_reads_only_its_services_standard_resources() {
         r.resources.is_empty(),
         "no listener names only its services"
     );
+    cp.stop().await;
+}
+
+/// `isdp_xds_nacks_total` for `type_url`, from the admin `/metrics`.
+async fn nacks_of(cp: &ControlPlane, type_url: &str) -> u64 {
+    let resp = isdp_tests::http::get(&cp.admin.to_string(), "/metrics")
+        .await
+        .expect("GET /metrics");
+    resp.body
+        .lines()
+        .filter(|l| {
+            l.starts_with("isdp_xds_nacks_total{") && l.contains(&format!("\"{type_url}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// A cluster a client refuses is counted under its type and not resent;
+/// the next change to it produces a new version. Meanwhile a stream
+/// reading ISDP's own types (a sidecar's) carries on as before.
+#[tokio::test]
+async fn a_nacked_cluster_is_counted_not_resent_and_sidecar_streams_carry_on() {
+    use isdp_proto::v1::{PutPolicyRequest, policies_client::PoliciesClient};
+    let cp = ControlPlane::start().await;
+    cp.register("echo", "echo-1", 9001).await;
+    cp.published("echo", &["echo-1"]).await;
+    let mut sidecar = open_delta(&cp.channel, subscribe(&["echo"])).await;
+    let first = sidecar.next("the sidecar's endpoints").await;
+    sidecar.send(ack(&first)).await;
+
+    let mut cds = open_sotw(&cp.channel, request(CLUSTER, &["echo"], None)).await;
+    let r = until(&mut cds, CLUSTER, &["echo"], "cluster echo", |r| {
+        !r.resources.is_empty()
+    })
+    .await;
+    // `until` acknowledged it; refuse the next version instead.
+    let before = nacks_of(&cp, CLUSTER).await;
+    let put = |doc: &str| PutPolicyRequest {
+        document_json: doc.into(),
+        ..Default::default()
+    };
+    let mut policies = PoliciesClient::new(cp.channel.clone());
+    policies
+        .put(put(
+            r#"{"service": "echo", "load_balancer": {"algorithm": "least_request"}}"#,
+        ))
+        .await
+        .expect("put a policy");
+    let changed = cds.next("the cluster after the policy").await;
+    assert_ne!(changed.version_info, r.version_info);
+    // A NACK: the version held (the previous one), the refused
+    // response's nonce, and why.
+    cds.send(DiscoveryRequest {
+        response_nonce: changed.nonce.clone(),
+        error_detail: Some(RpcStatus {
+            code: 3,
+            message: "test: cluster refused".into(),
+            ..Default::default()
+        }),
+        ..request(CLUSTER, &["echo"], Some(&r))
+    })
+    .await;
+    cds.quiet("a NACKed version is not resent").await;
+    let deadline = tokio::time::Instant::now() + SETUP;
+    while nacks_of(&cp, CLUSTER).await <= before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the NACK was never counted under {CLUSTER}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The sidecar's stream still follows its endpoints.
+    cp.register("echo", "echo-2", 9002).await;
+    let update = sidecar.next("the sidecar's endpoint update").await;
+    assert_eq!(
+        instance_ids(&delta_resources(&update)["echo"].1),
+        ["echo-1", "echo-2"]
+    );
+    // And the next change to the cluster is a new version, sent.
+    policies
+        .put(put(
+            r#"{"service": "echo", "load_balancer": {"algorithm": "random"}}"#,
+        ))
+        .await
+        .expect("put a policy");
+    let next = cds.next("the cluster after the next change").await;
+    assert!(!next.resources.is_empty());
+    assert_ne!(next.version_info, changed.version_info);
+    cp.stop().await;
+}
+
+/// What a client may send wrong, with standard types: a type the server
+/// does not serve is refused naming the served ones (the standard ones
+/// included); names that cannot be a service's read as absent and break
+/// nothing for the names beside them.
+#[tokio::test]
+async fn unknown_types_and_malformed_names_get_documented_answers() {
+    let cp = ControlPlane::start().await;
+    cp.register("echo", "echo-1", 9001).await;
+    cp.published("echo", &["echo-1"]).await;
+
+    let secret = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+    let status = try_open_sotw(&cp.channel, request(secret, &["x"], None))
+        .await
+        .map(|mut s| async move { s.rx.message().await })
+        .expect("the stream opens; the refusal is its first answer")
+        .await
+        .expect_err("an unserved type ends the stream");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    for served in [
+        LISTENER,
+        CLUSTER,
+        CLUSTER_LOAD_ASSIGNMENT,
+        ROUTE_CONFIGURATION,
+    ] {
+        assert!(status.message().contains(served), "{status:?}");
+    }
+
+    let names = [
+        "echo",
+        "ECHO",
+        "echo/",
+        "/echo",
+        "echo/../billing",
+        "",
+        "echo/v1/x",
+    ];
+    let mut cds = open_sotw(&cp.channel, request(CLUSTER, &names, None)).await;
+    let r = until(&mut cds, CLUSTER, &names, "cluster echo", |r| {
+        !r.resources.is_empty()
+    })
+    .await;
+    assert_eq!(named::<Cluster>(&r).keys().collect::<Vec<_>>(), ["echo"]);
     cp.stop().await;
 }
