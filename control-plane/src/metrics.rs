@@ -96,9 +96,10 @@ struct Inner {
     store_errors: Family<StoreErrorLabels, Counter>,
     /// Kept by the gRPC listener's admission (`tls::Admission`).
     grpc_connections: crate::tls::ConnectionCounters,
-    /// The rate xDS lines clients can cause are logged at: the engine's
-    /// refusals and the NACKs below share it.
-    xds_log: isdp_xds::LogRate,
+    /// The rate lines clients can cause are logged at: the auth layer's
+    /// refused calls, the TLS listener's refused certificates, the xDS
+    /// engine's refusals and the NACKs below share it.
+    client_log: isdp_xds::LogRate,
 }
 
 impl Default for Metrics {
@@ -201,7 +202,7 @@ impl Metrics {
                 store_ops,
                 store_errors,
                 grpc_connections,
-                xds_log: isdp_xds::LogRate::default(),
+                client_log: isdp_xds::LogRate::default(),
             }),
         }
     }
@@ -211,10 +212,11 @@ impl Metrics {
         self.inner.grpc_connections.clone()
     }
 
-    /// The rate lines about xDS clients' refusals and NACKs are logged
-    /// at, for the ADS engine to share.
-    pub fn xds_log_rate(&self) -> isdp_xds::LogRate {
-        self.inner.xds_log.clone()
+    /// The rate lines clients can cause are logged at (refused calls,
+    /// xDS refusals and NACKs), for the auth layer and the ADS engine to
+    /// share.
+    pub fn client_log_rate(&self) -> isdp_xds::LogRate {
+        self.inner.client_log.clone()
     }
 
     /// The Prometheus text exposition (format 0.0.4).
@@ -354,7 +356,7 @@ impl StreamObserver for Metrics {
                 ..
             } => {
                 self.inner.nacks.get_or_create(&label(type_url)).inc();
-                if self.inner.xds_log.admit() {
+                if self.inner.client_log.admit() {
                     tracing::warn!(node = ?s.node_id, type_url = ?type_url, nonce, error = ?message, "xds response rejected (NACK)");
                 } else {
                     tracing::debug!(node = ?s.node_id, type_url = ?type_url, nonce, error = ?message, "xds response rejected (NACK)");

@@ -139,7 +139,7 @@ impl Server {
             shutdown.clone(),
         )
         .with_limits(config.xds_limits())
-        .with_log_rate(metrics.xds_log_rate());
+        .with_log_rate(metrics.client_log_rate());
         let router = Router {
             ads,
             metrics,
@@ -318,7 +318,7 @@ fn start_tls(
     metrics: &metrics::Metrics,
     shutdown: &watch::Receiver<bool>,
     tasks: &mut Tasks,
-) -> Result<tls::Incoming, Error> {
+") -> Result<tls::Incoming, Error> {
     // Bound by `Server::bind`, which reported this address already.
     let grpc_addr = grpc.local_addr().unwrap_or(config.listen);
     let (tls_config, tls_task) = tls::follow_roots(
@@ -337,6 +337,7 @@ fn start_tls(
             config.first_request_timeout,
             metrics.grpc_connections(),
         ),
+        metrics.client_log_rate(),
         shutdown.clone(),
     ))
 }
@@ -412,6 +413,7 @@ async fn serve_grpc(
         .layer(auth::AuthLayer::new(
             tokens.clone(),
             max_streams_per_principal,
+            metrics.client_log_rate(),
         ))
         .add_service(
             api::registry::RegistryApi::new(registry, metrics, shutdown.clone()).into_server(),

@@ -5,7 +5,12 @@
 //!
 //! Handshakes run in their own tasks with a timeout: a slow or broken
 //! client never delays accepting the next one. Connections are capped, and
-//! one that carries no request in time is closed (`admission.rs`).
+//! one that carries no request in time is closed (`admission.rs`). A
+//! handshake that refuses the client's certificate (expired, from another
+//! CA) is logged at warn level within the server's bound on lines clients
+//! can cause (the one the auth layer's refusals share), so an operator
+//! sees why a client with stale credentials is turned away; other failures
+//! (probes, plaintext clients, timeouts) stay at debug level.
 
 mod admission;
 
@@ -208,12 +213,14 @@ pub fn follow_roots(
 /// The accepted TLS connections, as tonic serves them.
 pub type Incoming = tokio_stream::wrappers::ReceiverStream<Result<Conn, io::Error>>;
 
-/// Accepts TCP connections and yields those whose TLS handshake finished.
+/// Accepts TCP connections and yields those whose TLS handshake finished;
+/// refused client certificates are logged within `log`.
 pub fn incoming(
     listener: TcpListener,
     config: watch::Receiver<Arc<ServerConfig>>,
     trust_domain: String,
     admission: Admission,
+    log: isdp_xds::LogRate,
     mut shutdown: watch::Receiver<bool>,
 ) -> Incoming {
     let (tx, rx) = mpsc::channel(64);
@@ -239,10 +246,15 @@ pub fn incoming(
             let acceptor = tokio_rustls::TlsAcceptor::from(config.borrow().clone());
             let tx = tx.clone();
             let trust_domain = trust_domain.clone();
+            let log = log.clone();
             tokio::spawn(async move {
                 let stream =
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(s)) => s,
+                        Ok(Err(e)) if refused_certificate(&e) && log.admit() => {
+                            tracing::warn!(%remote, error = %e, "refused a client certificate");
+                            return;
+                        }
                         Ok(Err(e)) => {
                             tracing::debug!(%remote, error = %e, "TLS handshake failed");
                             return;
@@ -265,6 +277,15 @@ pub fn incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Whether a failed handshake refused the client's certificate (expired,
+/// not yet valid, from an unknown CA, ...): a client with bad credentials,
+/// not a port probe or a plaintext client.
+fn refused_certificate(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)))
 }
 
 fn peer_info(stream: &TlsStream<TcpStream>, remote: SocketAddr, trust_domain: &str) -> PeerInfo {
@@ -298,4 +319,34 @@ fn hostname() -> Option<String> {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a refused client certificate is named in the log at warn
+    /// level; what any port probe causes is not.
+    #[test]
+    fn a_refused_certificate_is_told_apart_from_other_failures() {
+        let tls = |e: rustls::Error| io::Error::new(io::ErrorKind::InvalidData, e);
+        for refused in [
+            rustls::CertificateError::Expired,
+            rustls::CertificateError::NotValidYet,
+            rustls::CertificateError::UnknownIssuer,
+            rustls::CertificateError::BadSignature,
+        ] {
+            let e = tls(rustls::Error::InvalidCertificate(refused.clone()));
+            assert!(refused_certificate(&e), "{refused:?}");
+        }
+        assert!(!refused_certificate(&tls(rustls::Error::InvalidMessage(
+            rustls::InvalidMessage::InvalidContentType
+        ))));
+        assert!(!refused_certificate(&tls(
+            rustls::Error::NoCertificatesPresented
+        )));
+        assert!(!refused_certificate(&io::Error::from(
+            io::ErrorKind::UnexpectedEof
+        )));
+    }
 }

@@ -271,16 +271,28 @@ async fn serve_conn<S, IO>(
     let peer = client.addr;
     let guards: Vec<PeerGuard> = client.guard.iter().cloned().collect();
     let hyper_svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        if let Some(guard) = &client.guard
-            && guard.refuses_request()
-        {
-            return answer(ProxyError::PeerRevoked.response(
-                "the token this caller's certificate was issued under has been revoked",
-            ));
+        // A gRPC caller gets the sidecar's own answers in gRPC's form,
+        // whichever layer (or hop) made them.
+        let grpc = svc::grpc::is_grpc(req.headers());
+        let fut =
+            if let Some(guard) = &client.guard
+                && guard.refuses_request()
+            {
+                answer(ProxyError::PeerRevoked.response(
+                    "the token this caller's certificate was issued under has been revoked",
+                ))
+            } else {
+                let mut req = req.map(svc::boxed);
+                req.extensions_mut().insert(client.clone());
+                svc.clone().call(req)
+            };
+        if !grpc {
+            return fut;
         }
-        let mut req = req.map(svc::boxed);
-        req.extensions_mut().insert(client.clone());
-        svc.clone().call(req)
+        Box::pin(async move {
+            let Ok(resp) = fut.await;
+            Ok(svc::grpc::restate(resp))
+        }) as svc::BoxFuture
     });
     let builder = auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), hyper_svc);

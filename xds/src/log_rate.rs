@@ -13,6 +13,9 @@
 //! therefore grows by a bounded number of lines per unit of time whatever
 //! the number of streams, and an operator still sees every line while
 //! nothing floods it (a misconfigured sidecar's first refusal included).
+//! An application may share the budget with lines of its own that clients
+//! cause (the control plane's refused calls), so the bound stays one for
+//! the whole server.
 
 use std::{
     sync::{Arc, Mutex},
@@ -105,7 +108,7 @@ fn report(suppressed: u64) {
     if suppressed > 0 {
         tracing::warn!(
             suppressed,
-            "xds log lines about refused streams, requests, subscriptions and NACKs left out: at most {LINES_PER_WINDOW} are written per {}s, the rest only at debug level",
+            "log lines about refused calls, streams, requests, subscriptions and NACKs left out: at most {LINES_PER_WINDOW} are written per {}s, the rest only at debug level",
             WINDOW.as_secs()
         );
     }

@@ -3,7 +3,12 @@
 //! refuses before any handler runs or anything is stored; it counts each
 //! streaming call against its principal ([`super::streams`]) and bounds it
 //! by the credential that opened it ([`super::lifetime`],
-//! [`super::bounded`]).
+//! [`super::bounded`]). Each refusal is logged with the reason the caller
+//! was given, at warn level within the server's bound on lines clients can
+//! cause (the xDS engine's [`LogRate`], shared), at debug level beyond it:
+//! an operator sees why a client is turned away (a revoked token, an
+//! expired certificate, a missing role), and a client retrying cannot
+//! flood the log.
 
 use std::{
     future::Future,
@@ -11,6 +16,7 @@ use std::{
     task::{Context, Poll},
 };
 
+use isdp_xds::LogRate;
 use tonic::{Status, body::Body, transport::server::TcpConnectInfo};
 
 use super::{
@@ -36,16 +42,19 @@ const MISSING: &str = "missing bearer token: pass --token, ISDP_TOKEN or <data-d
 pub struct AuthLayer {
     tokens: Tokens,
     streams: OpenStreams,
+    log: LogRate,
 }
 
 impl AuthLayer {
     /// Authenticating with `tokens`, and admitting at most
     /// `max_streams_per_principal` open calls of each streaming method
-    /// group per principal (`--max-streams-per-principal`).
-    pub fn new(tokens: Tokens, max_streams_per_principal: usize) -> Self {
+    /// group per principal (`--max-streams-per-principal`); refusals are
+    /// logged within `log`.
+    pub fn new(tokens: Tokens, max_streams_per_principal: usize, log: LogRate) -> Self {
         AuthLayer {
             tokens,
             streams: OpenStreams::new(max_streams_per_principal),
+            log,
         }
     }
 }
@@ -58,6 +67,7 @@ impl<S> tower::Layer<S> for AuthLayer {
             inner,
             tokens: self.tokens.clone(),
             streams: self.streams.clone(),
+            log: self.log.clone(),
         }
     }
 }
@@ -67,6 +77,7 @@ pub struct Auth<S> {
     inner: S,
     tokens: Tokens,
     streams: OpenStreams,
+    log: LogRate,
 }
 
 // === impl Auth ===
@@ -107,6 +118,21 @@ impl<S> Auth<S> {
             return self.certificate(peer, service);
         }
         Err(token_error.unwrap_or_else(|| Status::unauthenticated(MISSING)))
+    }
+
+    /// Logs why `req` was refused: at warn level while the server's log
+    /// rate admits it, at debug level otherwise. The path and the reason
+    /// (which may quote the path) are client-supplied: written quoted,
+    /// with control characters escaped.
+    fn log_refusal<B>(&self, req: &http::Request<B>, status: &Status) {
+        let path = req.uri().path();
+        let peer = req.extensions().get::<PeerInfo>().and_then(|p| p.remote);
+        let (code, reason) = (status.code(), status.message());
+        if self.log.admit() {
+            tracing::warn!(?path, ?code, ?peer, ?reason, "refused a call");
+        } else {
+            tracing::debug!(?path, ?code, ?peer, ?reason, "refused a call");
+        }
     }
 
     fn token(&self, value: &http::HeaderValue) -> Result<(Principal, Lifetime), Status> {
@@ -251,7 +277,7 @@ where
                 })
             }
             Err(status) => {
-                tracing::debug!(path = ?req.uri().path(), code = ?status.code(), message = status.message(), "refused a call");
+                self.log_refusal(&req, &status);
                 let resp = status.into_http::<Body>();
                 Box::pin(async move { Ok(resp) })
             }
@@ -315,6 +341,7 @@ mod tests {
             inner: (),
             tokens: tokens.clone(),
             streams: OpenStreams::new(1),
+            log: LogRate::default(),
         };
         let now = unix_ms();
 
@@ -378,5 +405,58 @@ mod tests {
         let revoked = web_certificate(&token.id, now + 60_000);
         let err = auth.authenticate(&call_with(revoked, None)).unwrap_err();
         assert!(err.message().contains("revoked"), "{err:?}");
+    }
+
+    /// Every refused call takes a place in the server's log rate (the one
+    /// the xDS engine's refusals and NACKs take), so a client retrying a
+    /// refused call writes no more than that bound allows; calls that
+    /// pass take none, and past the bound refusals are still answered.
+    #[tokio::test]
+    async fn refused_calls_are_logged_within_the_shared_log_rate() {
+        use std::convert::Infallible;
+
+        use tower::{Layer as _, Service as _};
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::embedded::EmbeddedStore::open(dir.path()).unwrap();
+        let tokens = Tokens::load(Arc::new(store), "/isdp/", Duration::from_secs(60))
+            .await
+            .unwrap();
+        let (_, secret) = tokens
+            .create(Role::Read, Scope::default(), String::new(), None)
+            .await
+            .unwrap();
+        let log = LogRate::default();
+        let inner = tower::service_fn(|_req: http::Request<Body>| async {
+            Ok::<_, Infallible>(http::Response::new(Body::empty()))
+        });
+        let mut auth = AuthLayer::new(tokens, 10, log.clone()).layer(inner);
+        let call = |bearer: Option<&str>| {
+            let mut req = http::Request::builder().uri("/isdp.v1.Registry/ListServices");
+            if let Some(secret) = bearer {
+                req = req.header("authorization", format!("Bearer {secret}"));
+            }
+            req.body(Body::empty()).unwrap()
+        };
+        let code = |resp: &http::Response<Body>| {
+            tonic::Status::from_header_map(resp.headers()).map(|s| s.code())
+        };
+
+        let passed = auth.call(call(Some(&secret))).await.unwrap();
+        assert_eq!(code(&passed), None, "served by the inner service");
+        for n in 1..isdp_xds::LINES_PER_WINDOW {
+            let refused = auth.call(call(None)).await.unwrap();
+            assert_eq!(code(&refused), Some(tonic::Code::Unauthenticated), "{n}");
+        }
+        assert!(log.admit(), "the passed call took no place: one is left");
+        let refused = auth
+            .call(call(Some("isdp_0123456789abcdef_bogus")))
+            .await
+            .unwrap();
+        assert_eq!(code(&refused), Some(tonic::Code::Unauthenticated));
+        assert!(
+            !log.admit(),
+            "the refusals and the line above took the window"
+        );
     }
 }

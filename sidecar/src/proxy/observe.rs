@@ -16,11 +16,11 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, header};
+use http::{HeaderMap, Request};
 use http_body::{Body as _, Frame, SizeHint};
 
 use super::{
-    svc::{Body, BoxError, BoxFuture, Next, ProxyError, Step, step_layer},
+    svc::{Body, BoxError, BoxFuture, Next, ProxyError, Step, grpc, step_layer},
     upstreams::UpstreamLb,
 };
 use crate::metrics::RouteMetrics;
@@ -79,7 +79,7 @@ fn observe(m: Arc<RouteMetrics>, fut: BoxFuture) -> BoxFuture {
         if let Some(e) = resp.extensions().get::<ProxyError>() {
             m.error(e.as_str());
         }
-        let grpc = is_grpc(resp.headers());
+        let grpc = grpc::is_grpc(resp.headers());
         let mut pending = grpc;
         if grpc && let Some(code) = grpc_status(resp.headers()) {
             // Trailers-only response: the call ended with the headers.
@@ -95,12 +95,6 @@ fn observe(m: Arc<RouteMetrics>, fut: BoxFuture) -> BoxFuture {
         }
         Ok(resp.map(|inner| Body::new(Observed::new(inner, m, pending))))
     })
-}
-
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 fn grpc_status(headers: &HeaderMap) -> Option<u16> {

@@ -11,8 +11,11 @@
 //! # Layout
 //! - `error`: [`ProxyError`], the reasons the sidecar answers a request
 //!   itself, with their status and `x-isdp-error` value.
+//! - `grpc`: those answers restated for gRPC callers (trailers-only, with
+//!   `grpc-status` and `grpc-message`).
 
 mod error;
+pub mod grpc;
 
 use std::{
     convert::Infallible,

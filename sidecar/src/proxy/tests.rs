@@ -1,6 +1,7 @@
 //! The request path between two in-process sidecars: the forwarder's
 //! HTTP/2 pool over mTLS to an inbound connection served by `serve_conn`,
-//! and what a revoked token does to both ends of it.
+//! the sidecar's own answers as a gRPC caller gets them, and what a
+//! revoked token does to both ends of it.
 
 use std::{sync::Arc, time::Duration};
 
@@ -82,6 +83,78 @@ async fn requests_between_sidecars_carry_the_callers_identity() {
         .await;
     assert_eq!(resp.status(), 502);
 }
+/// A gRPC call the sidecar answers itself (here refused by policy) gets
+/// the answer in gRPC's form, whichever layer made it: the HTTP status and
+/// reason as before, `grpc-status` PERMISSION_DENIED and the reason as
+/// `grpc-message`, and no body, so the headers end the stream (gRPC's C
+/// core may read a body after a non-200 status as UNKNOWN). Other calls
+/// keep the text body.
+#[tokio::test]
+async fn a_grpc_caller_gets_the_sidecars_answers_in_grpcs_form() {
+    use http_body::Body as _;
+    use http_body_util::BodyExt;
+
+    use crate::proxy::{
+        forward::{Forwarder, Hop},
+        serve_conn,
+        svc::{Body, BoxFuture, ClientAddr, Dest, ERROR_HEADER, ProxyError, answer, boxed},
+    };
+
+    let ca = TestCa::new("mesh");
+    let (server_tls, _, _keep) = tls_of(ctx(&ca, &["payments"], "payments"));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (_stop, shutdown) = watch::channel(false);
+    let svc = tower::service_fn(|_req: http::Request<Body>| -> BoxFuture {
+        answer(ProxyError::DeniedByPolicy.response("rule deny-web"))
+    });
+    tokio::spawn(async move {
+        loop {
+            let (s, peer) = l.accept().await.unwrap();
+            let a = server_tls.accept(s, peer).await.unwrap();
+            let client = ClientAddr::mesh(peer, a.peer, Arc::from(a.service), a.guard);
+            tokio::spawn(serve_conn(a.stream, client, svc, shutdown.clone()));
+        }
+    });
+    let (client_tls, _, _keep2) = tls_of(ctx(&ca, &["web"], "web"));
+    let forwarder = Forwarder::new(CONNECT).with_tls(client_tls);
+    let dest = Dest::mesh(addr, Arc::from("payments"));
+    let request = |content_type: &str| {
+        http::Request::post("http://payments/pkg.Svc/Call")
+            .header(http::header::CONTENT_TYPE, content_type)
+            .body(boxed(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"\0\0\0\0\0",
+            ))))
+            .unwrap()
+    };
+
+    for content_type in ["application/grpc", "application/grpc+proto"] {
+        let resp = forwarder
+            .forward(request(content_type), &dest, Hop::Http2)
+            .await;
+        assert_eq!(resp.status(), 403);
+        assert_eq!(resp.headers()[&ERROR_HEADER], "denied-by-policy");
+        assert_eq!(
+            resp.headers()[http::header::CONTENT_TYPE],
+            "application/grpc"
+        );
+        assert_eq!(resp.headers()["grpc-status"], "7");
+        assert_eq!(
+            resp.headers()["grpc-message"],
+            "denied-by-policy: rule deny-web"
+        );
+        assert!(resp.body().is_end_stream(), "the headers end the stream");
+    }
+
+    let resp = forwarder
+        .forward(request("application/json"), &dest, Hop::Http2)
+        .await;
+    assert_eq!(resp.status(), 403);
+    assert!(!resp.headers().contains_key("grpc-status"));
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "denied-by-policy: rule deny-web\n");
+}
+
 /// Two sidecars, in process, as in
 /// [`requests_between_sidecars_carry_the_callers_identity`]: `web` (its
 /// certificate issued under token `WEB`) calls `payments` (under `PAY`)

@@ -15,7 +15,7 @@ use crate::{
     config::Protocol,
     proxy::{
         forward::{Forwarder, Hop},
-        svc::{Body, BoxFuture, Dest},
+        svc::{Body, BoxFuture, Dest, grpc},
     },
 };
 
@@ -36,12 +36,7 @@ impl Service<Request<Body>> for Deliver {
     }
 
     fn call(&mut self, req: Request<Body>) -> BoxFuture {
-        let grpc = req
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/grpc"));
-        let hop = if self.protocol == Protocol::Grpc || grpc {
+        let hop = if self.protocol == Protocol::Grpc || grpc::is_grpc(req.headers()) {
             Hop::Http2
         } else {
             Hop::Http1

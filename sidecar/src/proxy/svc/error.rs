@@ -68,6 +68,12 @@ pub enum ProxyError {
     PeerRevoked,
 }
 
+/// The one-line text of a sidecar's answer (its body), kept beside it so
+/// the answer can be restated for a gRPC caller without reading the body
+/// (`super::grpc`).
+#[derive(Clone, Debug)]
+pub struct ErrorText(pub Bytes);
+
 /// Every variant, for tests and documentation checks.
 pub const ALL: [ProxyError; 17] = [
     ProxyError::MissingAuthority,
@@ -161,7 +167,8 @@ impl ProxyError {
     }
 
     /// The answer: [`ProxyError::status`], the reason in [`ERROR_HEADER`],
-    /// and a one-line body for people.
+    /// and a one-line body for people (a gRPC caller gets it restated by
+    /// `svc::grpc::restate`).
     pub fn response(self, detail: impl std::fmt::Display) -> Response<Body> {
         self.response_with(self.status(), detail)
     }
@@ -173,11 +180,11 @@ impl ProxyError {
         detail: impl std::fmt::Display,
     ) -> Response<Body> {
         let reason = self.as_str();
-        let mut resp = Response::new(boxed(Full::new(Bytes::from(format!(
-            "{reason}: {detail}\n"
-        )))));
+        let text = Bytes::from(format!("{reason}: {detail}\n"));
+        let mut resp = Response::new(boxed(Full::new(text.clone())));
         *resp.status_mut() = status;
         resp.extensions_mut().insert(self);
+        resp.extensions_mut().insert(ErrorText(text));
         resp.headers_mut()
             .insert(ERROR_HEADER.clone(), HeaderValue::from_static(reason));
         resp.headers_mut().insert(
