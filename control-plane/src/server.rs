@@ -318,7 +318,7 @@ fn start_tls(
     metrics: &metrics::Metrics,
     shutdown: &watch::Receiver<bool>,
     tasks: &mut Tasks,
-") -> Result<tls::Incoming, Error> {
+) -> Result<tls::Incoming, Error> {
     // Bound by `Server::bind`, which reported this address already.
     let grpc_addr = grpc.local_addr().unwrap_or(config.listen);
     let (tls_config, tls_task) = tls::follow_roots(
