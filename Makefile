@@ -2,7 +2,7 @@
 # The build needs only Rust and a C compiler (no protoc: protos are compiled
 # by protox); `.ci/deps.sh` installs what is missing.
 
-.PHONY: demo test build e2e pytest
+.PHONY: demo test build e2e pytest node-modules
 
 # Build every binary in release mode, then start the demo mesh (Ctrl-C stops it).
 demo:
@@ -10,7 +10,8 @@ demo:
 	cargo build --release --workspace --bins && ./target/release/isdp-demo
 
 # Formatting, clippy, build, all Rust tests, then the Python gRPC tests;
-# installs etcd, promtool and a Python venv first when missing.
+# installs etcd, promtool, a Python venv, Node and the Node client's
+# packages first when missing.
 test:
 	./.ci/test.sh
 
@@ -19,10 +20,16 @@ build:
 	cargo build --workspace --bins
 
 # Only the end-to-end tests (they build the binaries they need; etcd tests
-# need etcd).
-e2e:
+# need etcd, the grpc_js tests Node and tests/node/node_modules).
+e2e: node-modules
 	./.ci/deps.sh cc etcd promtool
 	cargo test -p isdp-tests -- --test-threads=1
+
+# The Node grpc-js-xds client's packages, exactly as locked, in
+# tests/node/node_modules (installs Debian's nodejs and npm when missing).
+node-modules:
+	./.ci/deps.sh node
+	cd tests/node && npm ci --prefer-offline
 
 # Only the Python gRPC client tests (needs .venv: run `make test` once).
 pytest: build

@@ -8,9 +8,13 @@
 #   promtool  prometheus: the observability tests check metric expositions
 #             and the shipped alerting rules with Prometheus' own tool.
 #   venv      python3-venv: the Python grpcio client tests run in .venv/.
-# Used by `make demo` (cc) and .ci/test.sh (all), before any cargo command.
-# Installs with apt-get as root; otherwise it stops and prints the command
-# to run. Usage: .ci/deps.sh cc [etcd] [promtool] [venv]
+#   node      nodejs and npm: the Node grpc-js-xds client the end-to-end
+#             tests start (tests/node, installed there by `npm ci`); node
+#             18 or later (Debian 12's).
+# Used by `make demo` (cc), `make node-modules` (node) and .ci/test.sh
+# (all), before any cargo command. Installs with apt-get as root;
+# otherwise it stops and prints the command to run.
+# Usage: .ci/deps.sh cc [etcd] [promtool] [venv] [node]
 set -euo pipefail
 
 die() { echo "deps: error: $*" >&2; exit 1; }
@@ -39,6 +43,10 @@ install() { # install PACKAGE COMMAND
 
 venv_works() { python3 -c 'import venv, ensurepip' >/dev/null 2>&1; }
 
+# The client uses node:util's parseArgs (node 18.3) and grpc-js 1.14.
+NODE_MAJOR_MIN=18
+node_major() { node -p 'process.versions.node.split(".")[0]' 2>/dev/null; }
+
 for tool in "$@"; do
     case "$tool" in
         cc) install gcc cc ;;
@@ -50,6 +58,15 @@ for tool in "$@"; do
             venv_works || apt_install python3-venv
             venv_works \
                 || die "python3 has no working venv module: install it with 'sudo apt-get install python3-venv'"
+            ;;
+        node)
+            # Debian packages node and npm separately; other builds
+            # (NodeSource) bring npm with node.
+            install nodejs node
+            install npm npm
+            major=$(node_major)
+            [ "${major:-0}" -ge "$NODE_MAJOR_MIN" ] \
+                || die "node $(node --version 2>/dev/null) is too old: tests/node needs node $NODE_MAJOR_MIN or later (Debian 12's nodejs package)"
             ;;
         *) die "unknown tool $tool" ;;
     esac

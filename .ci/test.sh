@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole check, as CI runs it (via .ci/run -> make test): formatting,
-# lints, the build, the Rust tests, then the Python gRPC client tests.
+# lints, the build, the Rust tests (the end-to-end ones with the Node
+# grpc-js-xds client), then the Python gRPC client tests.
 # A missing tool fails the run; nothing is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,8 +16,8 @@ step "disk space for the build"
 df -h "${CARGO_TARGET_DIR:-target}" 2>/dev/null || df -h .
 
 # --- System tools: etcd and promtool for the tests, a Python venv ----------
-step "system tools (cc, etcd, promtool, python3-venv)"
-./.ci/deps.sh cc etcd promtool venv
+step "system tools (cc, etcd, promtool, python3-venv, nodejs, npm)"
+./.ci/deps.sh cc etcd promtool venv node
 
 command -v cargo >/dev/null || die "cargo not found (install Rust with rustup)"
 cargo fmt --version >/dev/null 2>&1 || die "rustfmt missing: rustup component add rustfmt"
@@ -36,6 +37,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 step "installing tests/python/requirements.txt"
 .venv/bin/python -m pip install --disable-pip-version-check --no-cache-dir -q -r tests/python/requirements.txt
+
+# --- Node packages for tests/node ---------------------------------------------
+# Exactly the locked versions, into tests/node/node_modules; npm's cache
+# (~/.npm) is outside the clone, so a second run downloads nothing.
+step "npm ci (tests/node)"
+(cd tests/node && npm ci --prefer-offline)
 
 # --- Rust ---------------------------------------------------------------------
 step "layering (crates depend downward; no module import circles)"

@@ -35,7 +35,7 @@ pub mod verify;
 
 use std::sync::Arc;
 
-pub use context::{ContextError, LocalCert, TlsContext, certified_key, provider};
+pub use context::{ContextError, LocalCert, TlsContext, certified_key, provider, sni_service};
 pub use revoked::{PeerGuard, Revocations, any_revoked};
 
 /// ALPN for HTTP/2 between sidecars.

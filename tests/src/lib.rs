@@ -29,6 +29,9 @@
 //!   [`EchoGrpc`] / [`EchoTcp`], the gRPC and TCP backends.
 //! - `etcd`: [`EtcdCluster`], real etcd members on loopback (killable,
 //!   restartable) for the etcd store tests.
+//! - `node`: [`NodeClient`], the Node proxyless gRPC client
+//!   (`tests/node/client.js`, `@grpc/grpc-js-xds`), reading xDS through
+//!   a sidecar's relay.
 //! - this file: [`eventually`] and [`holds_for`], polling helpers.
 
 mod bins;
@@ -36,6 +39,7 @@ mod control_plane;
 mod echo;
 mod etcd;
 pub mod http;
+pub mod node;
 pub mod otlp;
 mod process;
 pub mod promtool;
@@ -51,6 +55,7 @@ pub use control_plane::{
 };
 pub use echo::{Backend, EchoGrpc, EchoHttp, EchoTcp};
 pub use etcd::{EtcdCluster, EtcdTls};
+pub use node::{Counts, NodeClient, NodeRun};
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use process::Process;
 pub use sidecar::{Sidecar, SidecarToml};

@@ -3,7 +3,7 @@
 //! when the sidecar's credential is revoked or expires (its request body
 //! then fails, so nothing more the sidecar sends is acted on).
 
-use std::pin::Pin;
+use std::{pin::Pin, time::Duration};
 
 use futures::Stream;
 use isdp_proto::v1::{
@@ -39,6 +39,10 @@ impl SessionApi {
 
 type Responses = Pin<Box<dyn Stream<Item = Result<SessionResponse, Status>> + Send>>;
 
+/// How long a session stream may stay open before its `open` message: a
+/// sidecar sends it with the stream.
+pub const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[tonic::async_trait]
 impl sidecar_server::Sidecar for SessionApi {
     type SessionStream = Responses;
@@ -51,9 +55,16 @@ impl sidecar_server::Sidecar for SessionApi {
         // tests); the layer always authenticates this method.
         let principal = req.extensions().get::<Principal>().cloned();
         let mut inbound = req.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| {
-            Status::invalid_argument("session: stream ended before an open message")
-        })?;
+        // A stream that never says `open` would hold its place among the
+        // principal's streams, and a task, for as long as it stays open.
+        let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "session: no open message within {FIRST_MESSAGE_TIMEOUT:?} of the stream opening"
+                ))
+            })??
+            .ok_or_else(|| Status::invalid_argument("session: stream ended before an open message"))?;
         let Some(Kind::Open(open)) = first.kind else {
             return Err(Status::invalid_argument(
                 "session: the first message must be `open`",

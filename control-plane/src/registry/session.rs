@@ -312,6 +312,12 @@ impl Sessions {
         }))
     }
 
+    /// Instance ids whose newest session's epoch is kept.
+    #[cfg(test)]
+    pub(crate) fn epochs_kept(&self) -> usize {
+        self.shared.epochs.len()
+    }
+
     /// After the grace period, marks unhealthy the instances `ids` of
     /// `node_id` still on `lease`, unless a newer session registered them
     /// meanwhile. Instances re-put under another lease belong to a newer
@@ -322,6 +328,12 @@ impl Sessions {
             tokio::time::sleep(shared.timeouts.grace).await;
             let current = |id: &String| shared.epochs.get(id).map(|e| *e).unwrap_or(0);
             let left: Vec<String> = ids.into_iter().filter(|id| current(id) == epoch).collect();
+            // The grace period was all this session's epochs were kept
+            // for (a newer session holds its own): forgotten now, or the
+            // map would grow with every node that ever went away.
+            for id in &left {
+                shared.epochs.remove_if(id, |_, e| *e == epoch);
+            }
             if left.is_empty() {
                 return; // the sidecar came back
             }

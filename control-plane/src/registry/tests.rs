@@ -197,6 +197,48 @@ async fn sessions_own_their_instances() {
     drop(back);
 }
 
+/// What a session's epochs are kept for ends with it: a clean close
+/// forgets them at once, a broken stream after its grace period, so nodes
+/// that come and go leave nothing behind.
+// A real clock: the store's writer is a thread of its own, which a
+// paused clock would not wait for.
+#[tokio::test]
+async fn session_epochs_are_forgotten_once_the_session_is_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _stop) = registry(dir.path()).await;
+    let grace = Duration::from_millis(300);
+    let timeouts = SessionTimeouts {
+        grace,
+        timeout: Duration::from_secs(60),
+    };
+    let sessions = Sessions::new(r.clone(), timeouts);
+    let anyone = Opener::anyone();
+    for n in 0..10 {
+        let s = sessions
+            .open(
+                &format!("node-{n}"),
+                vec![sidecar("web", 8000 + n)],
+                &anyone,
+            )
+            .await
+            .unwrap();
+        if n % 2 == 0 {
+            s.close().await.unwrap();
+        } else {
+            drop(s);
+        }
+    }
+    let kept = sessions
+        .open("node-1", vec![sidecar("web", 8001)], &anyone)
+        .await
+        .unwrap();
+    tokio::time::sleep(grace + Duration::from_millis(400)).await;
+    assert_eq!(sessions.epochs_kept(), 1, "only the reopened session's");
+    drop(kept);
+    tokio::time::sleep(grace + Duration::from_millis(400)).await;
+    assert_eq!(sessions.epochs_kept(), 0);
+}
+
 /// A store whose watches break (Unavailable) after one batch, as an etcd
 /// watch does when its member dies, and which counts full reloads.
 struct Flaky {

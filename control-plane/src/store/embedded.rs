@@ -15,7 +15,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{
@@ -29,6 +29,12 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// lease id -> ttl in milliseconds. Leases restart their full TTL when the
 /// store opens, as etcd's do on a leader change.
 const LEASES: TableDefinition<u64, u64> = TableDefinition::new("leases");
+/// lease id -> the keys put under it: revoking a lease (a session ending)
+/// reads its keys here instead of scanning every key in the writer thread.
+/// Written in the same transactions as the keys; built once from the keys
+/// when a store written before it existed is opened ("lease_index" in
+/// META says it is complete).
+const LEASE_KEYS: MultimapTableDefinition<u64, &str> = MultimapTableDefinition::new("lease_keys");
 
 /// Revisions kept for watchers that resume from the past.
 const HISTORY: usize = 16_384;
@@ -99,6 +105,7 @@ impl EmbeddedStore {
             let rev;
             let mut leases = HashMap::new();
             {
+                index_leases(&w)?;
                 w.open_table(KV).map_err(unavailable)?;
                 let meta = w.open_table(META).map_err(unavailable)?;
                 rev = meta
@@ -336,6 +343,31 @@ impl Store for EmbeddedStore {
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
         self.request(|tx| Request::Revoke(lease, tx)).await
     }
+}
+
+/// Builds the lease index of a store written before it existed: one scan,
+/// at startup, outside any caller's wait.
+fn index_leases(w: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut meta = w.open_table(META).map_err(unavailable)?;
+    if meta.get("lease_index").map_err(unavailable)?.is_some() {
+        return Ok(());
+    }
+    let kv = w.open_table(KV).map_err(unavailable)?;
+    let mut by_lease = w.open_multimap_table(LEASE_KEYS).map_err(unavailable)?;
+    for row in kv.iter().map_err(unavailable)? {
+        let (k, v) = row.map_err(unavailable)?;
+        if let Some(lease) = lease_of(v.value()) {
+            by_lease.insert(lease, k.value()).map_err(unavailable)?;
+        }
+    }
+    meta.insert("lease_index", 1).map_err(unavailable)?;
+    Ok(())
+}
+
+/// The lease of a stored value, without copying the value.
+fn lease_of(raw: &[u8]) -> Option<LeaseId> {
+    let lease = u64::from_le_bytes(raw.get(8..16)?.try_into().ok()?);
+    (lease != 0).then_some(lease)
 }
 
 fn decode_kv(key: &str, raw: &[u8]) -> KeyValue {

@@ -262,7 +262,7 @@ impl Tls {
         let grant = leaf.and_then(|leaf| isdp_core::grant::of_certificate(leaf).map(|g| g.token));
         let service = conn
             .server_name()
-            .and_then(|sni| isdp_core::names::service_of_server_name(sni, &ctx.trust_domain));
+            .and_then(|sni| crate::tls::sni_service(sni, &ctx.trust_domain));
         let (Some(id), Some(service)) = (id, service) else {
             // The verifier and resolver already required both.
             self.failed(

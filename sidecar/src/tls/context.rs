@@ -3,7 +3,7 @@
 
 use std::{collections::HashMap, fmt, sync::Arc};
 
-use isdp_core::names::server_name;
+use isdp_core::names::{check_dns_label, service_of_server_name};
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
     client::{ResolvesClientCert, WebPkiServerVerifier},
@@ -95,8 +95,9 @@ impl TlsContext {
         let resolver = BySni {
             certs: local
                 .iter()
-                .map(|c| (server_name(&trust_domain, &c.service), c.key.clone()))
+                .map(|c| (c.service.clone(), c.key.clone()))
                 .collect(),
+            trust_domain: trust_domain.clone(),
         };
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -135,10 +136,22 @@ impl TlsContext {
     }
 }
 
-/// Picks the local service's certificate by SNI; an unknown name (or none)
-/// gets no certificate, which fails the handshake.
+/// The local service an SNI asks for: `<service>.svc.<trust-domain>`, as
+/// sidecars send it, or the bare `<service>`, as a proxyless gRPC client
+/// sends its target's name (grpc-js ignores the cluster's `sni`). Either
+/// only picks a certificate: the client still checks the service's SPIFFE
+/// ID in it.
+pub fn sni_service(sni: &str, trust_domain: &str) -> Option<String> {
+    service_of_server_name(sni, trust_domain)
+        .or_else(|| check_dns_label(sni).is_ok().then(|| sni.to_owned()))
+}
+
+/// Picks the local service's certificate by SNI ([`sni_service`]); an
+/// unknown name (or none) gets no certificate, which fails the handshake.
 struct BySni {
+    /// By service name.
     certs: HashMap<String, Arc<CertifiedKey>>,
+    trust_domain: Arc<str>,
 }
 
 impl fmt::Debug for BySni {
@@ -149,7 +162,8 @@ impl fmt::Debug for BySni {
 
 impl ResolvesServerCert for BySni {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.certs.get(hello.server_name()?).cloned()
+        let service = sni_service(hello.server_name()?, &self.trust_domain)?;
+        self.certs.get(&service).cloned()
     }
 }
 

@@ -16,6 +16,7 @@ mod demo;
 mod durability;
 mod etcd;
 mod etcd_store;
+mod grpc_js;
 mod harness;
 mod health;
 mod listener_limits;

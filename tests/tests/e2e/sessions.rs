@@ -173,3 +173,33 @@ pub async fn client_only_ready(sidecar: &isdp_tests::Sidecar, after: &str) {
     )
     .await;
 }
+
+/// A session stream that never says `open` is ended after 10 s with
+/// DEADLINE_EXCEEDED: it would otherwise hold its place among the
+/// principal's streams, and a task, as long as the client kept it open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_without_its_open_message_is_ended() {
+    use isdp_proto::v1::{SessionRequest, sidecar_client::SidecarClient};
+    let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
+    let token = cp
+        .create_token(&["--role", "join", "--service", SERVICE])
+        .await;
+    let channel = isdp_tests::tls_channel(&cp.grpc_url(), cp.ca_file()).await;
+    let mut client = SidecarClient::with_interceptor(channel, isdp_tests::bearer(&token.secret));
+    let (_quiet, rx) = tokio::sync::mpsc::channel::<SessionRequest>(1);
+    let started = Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.session(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("the control plane answered within 30 s");
+    let status = answer.expect_err("a session without `open` is refused");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("no open message"), "{status:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(25),
+        "ended after {waited:?}"
+    );
+}

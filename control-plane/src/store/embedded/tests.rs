@@ -214,3 +214,86 @@ async fn leases_expire_without_keepalive_and_revoke_deletes_at_once() {
     store.revoke(long).await.unwrap();
     assert!(store.range("/l/").await.unwrap().0.is_empty());
 }
+
+async fn keys(store: &EmbeddedStore, prefix: &str) -> Vec<String> {
+    let (kvs, _) = store.range(prefix).await.unwrap();
+    kvs.into_iter().map(|kv| kv.key).collect()
+}
+
+/// Revoking a lease deletes the keys put under it now: a key re-put under
+/// another lease, or under none, or deleted, is left alone; the index that
+/// finds them (no scan of the table) follows every write, across reopens.
+#[tokio::test]
+async fn revoke_deletes_exactly_the_keys_the_lease_holds_now() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let a = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+        let b = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+        store
+            .txn(
+                Txn::default()
+                    .put("/r/moved", val("1"), Some(a))
+                    .put("/r/freed", val("1"), Some(a))
+                    .put("/r/gone", val("1"), Some(a))
+                    .put("/r/kept", val("1"), Some(a)),
+            )
+            .await
+            .unwrap();
+        store
+            .txn(
+                Txn::default()
+                    .put("/r/moved", val("2"), Some(b))
+                    .put("/r/freed", val("2"), None)
+                    .delete("/r/gone"),
+            )
+            .await
+            .unwrap();
+        store.close().await;
+    }
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    // Lease ids restart their TTL on open; revoke the first one.
+    store.revoke(1).await.unwrap();
+    assert_eq!(keys(&store, "/r/").await, ["/r/freed", "/r/moved"]);
+    // Re-putting a deleted key under a lease indexes it again.
+    store
+        .txn(Txn::default().put("/r/gone", val("3"), Some(2)))
+        .await
+        .unwrap();
+    store.revoke(2).await.unwrap();
+    assert_eq!(keys(&store, "/r/").await, ["/r/freed"]);
+}
+
+/// A store written before the lease index existed gets it built when it
+/// opens, so revoking still deletes the lease's keys.
+#[tokio::test]
+async fn a_store_without_the_lease_index_is_indexed_when_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+        store
+            .txn(
+                Txn::default()
+                    .put("/old/a", val("1"), Some(lease))
+                    .put("/old/b", val("1"), None),
+            )
+            .await
+            .unwrap();
+        store.close().await;
+    }
+    {
+        // As an earlier version left it: no index, no marker.
+        let db = redb::Database::open(dir.path().join(crate::data_dir::STORE_FILE)).unwrap();
+        let w = db.begin_write().unwrap();
+        w.delete_multimap_table(super::LEASE_KEYS).unwrap();
+        w.open_table(super::META)
+            .unwrap()
+            .remove("lease_index")
+            .unwrap();
+        w.commit().unwrap();
+    }
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    store.revoke(1).await.unwrap();
+    assert_eq!(keys(&store, "/old/").await, ["/old/b"]);
+}

@@ -5,10 +5,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redb::{ReadableTable, WriteTransaction};
+use redb::{ReadableMultimapTable, ReadableTable, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{KV, LEASES, LeaseState, META, Request, Shared, decode_kv, encode_kv, unavailable};
+use super::{
+    KV, LEASE_KEYS, LEASES, LeaseState, META, Request, Shared, decode_kv, encode_kv, lease_of,
+    unavailable,
+};
 use crate::store::{
     Compare, Event, KeyValue, LeaseId, Op, Revision, StoreError, Txn, TxnOutcome, WatchBatch,
 };
@@ -193,11 +196,24 @@ impl Writer {
         }
         let rev = self.revision + 1;
         let mut events = Vec::with_capacity(txn.ops.len());
+        // Each key's lease is indexed in the same transaction as the key,
+        // so the index is exactly as durable as what it indexes.
+        let mut by_lease = w.open_multimap_table(LEASE_KEYS).map_err(unavailable)?;
         for op in txn.ops {
             match op {
                 Op::Put { key, value, lease } => {
-                    kv.insert(key.as_str(), encode_kv(rev, lease, &value).as_slice())
-                        .map_err(unavailable)?;
+                    let before = kv
+                        .insert(key.as_str(), encode_kv(rev, lease, &value).as_slice())
+                        .map_err(unavailable)?
+                        .and_then(|old| lease_of(old.value()));
+                    if before != lease {
+                        if let Some(old) = before {
+                            by_lease.remove(old, key.as_str()).map_err(unavailable)?;
+                        }
+                        if let Some(new) = lease {
+                            by_lease.insert(new, key.as_str()).map_err(unavailable)?;
+                        }
+                    }
                     events.push(Event::Put(KeyValue {
                         key,
                         value,
@@ -206,7 +222,10 @@ impl Writer {
                     }));
                 }
                 Op::Delete { key } => {
-                    if kv.remove(key.as_str()).map_err(unavailable)?.is_some() {
+                    if let Some(old) = kv.remove(key.as_str()).map_err(unavailable)? {
+                        if let Some(lease) = lease_of(old.value()) {
+                            by_lease.remove(lease, key.as_str()).map_err(unavailable)?;
+                        }
                         events.push(Event::Delete { key });
                     }
                 }
@@ -263,16 +282,14 @@ impl Writer {
         {
             return Err(StoreError::LeaseNotFound(id));
         }
-        // Revokes are rare (a session ending), so a scan beats keeping an
-        // index that must stay exact across failed commits.
+        // The lease's keys from the index, not a scan of every key: a
+        // session ending must not cost the one writer time in proportion
+        // to the whole store.
         let keys: Vec<String> = {
-            let kv = w.open_table(KV).map_err(unavailable)?;
+            let by_lease = w.open_multimap_table(LEASE_KEYS).map_err(unavailable)?;
             let mut keys = Vec::new();
-            for row in kv.iter().map_err(unavailable)? {
-                let (k, v) = row.map_err(unavailable)?;
-                if decode_kv(k.value(), v.value()).lease == Some(id) {
-                    keys.push(k.value().to_owned());
-                }
+            for k in by_lease.get(id).map_err(unavailable)? {
+                keys.push(k.map_err(unavailable)?.value().to_owned());
             }
             keys
         };

@@ -120,6 +120,96 @@ impl rustls::client::ResolvesClientCert for Fixed {
     }
 }
 
+/// Checks the server's chain against the CA and nothing else: the SNI a
+/// proxyless client sends (its target's bare name) is not the name in the
+/// certificate, and such a client checks the SPIFFE ID instead (gRFC A29).
+#[derive(Debug)]
+struct ChainOnly(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let named = ServerName::try_from("payments.svc.mesh.test").unwrap();
+        self.0
+            .verify_server_cert(end_entity, intermediates, &named, ocsp, now)
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(m, c, d)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(m, c, d)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// A proxyless gRPC client names the service bare in its SNI (grpc-js
+/// sends its target's name): the sidecar serves that service's
+/// certificate and routes to it, as for `<service>.svc.<trust-domain>`;
+/// a bare name it does not front gets no handshake.
+#[tokio::test]
+async fn a_bare_service_name_as_sni_picks_that_service() {
+    let ca = TestCa::new("mesh");
+    let (server_tls, _, _keep) = tls_of(ctx(&ca, &["payments", "ledger"], "payments"));
+    let (addr, mut accepted) = server(server_tls).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.root.clone()).unwrap();
+    let inner =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .unwrap();
+    let web = ca.issue(&Leaf::service(TD, "web"));
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ChainOnly(inner)))
+        .with_client_cert_resolver(Arc::new(Fixed(web)));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    let connector = TlsConnector::from(Arc::new(config));
+
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut s = connector
+        .connect(ServerName::try_from("payments").unwrap(), tcp)
+        .await
+        .expect("a bare service name is served");
+    let presented = s.get_ref().1.peer_certificates().unwrap()[0].clone();
+    assert_eq!(
+        isdp_core::cert::uri_san(&presented).unwrap(),
+        "spiffe://mesh.test/svc/payments"
+    );
+    echo(&mut s, b"hi").await;
+    let (peer, service, _) = accepted.recv().await.unwrap().unwrap();
+    assert_eq!(&*peer.0, "spiffe://mesh.test/svc/web");
+    assert_eq!(service, "payments");
+
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    assert!(
+        connector
+            .connect(ServerName::try_from("orders").unwrap(), tcp)
+            .await
+            .is_err()
+    );
+    assert!(accepted.recv().await.unwrap().is_none());
+}
+
 #[tokio::test]
 async fn bad_clients_are_refused_with_a_reason() {
     let ca = TestCa::new("mesh");

@@ -2,8 +2,8 @@
 //! gRPC client asks for (listener, then routes, cluster and endpoints, each
 //! by name, state of the world), what Envoy asks for (listeners and
 //! clusters by wildcard), and what a scoped join token may read of them.
-//! Real gRPC clients (Python grpcio, Node grpc-js-xds) run against the
-//! same resources in `tests/python/` and `tests/node/`.
+//! Real gRPC clients run against the same resources: Python grpcio in
+//! `tests/python/`, Node's grpc-js-xds (`tests/node/`) in `grpc_js`.
 
 use std::collections::BTreeMap;
 
