@@ -1,6 +1,7 @@
 //! The admin HTTP server: `/live`, `/ready`, `/config` and `/metrics`
 //! (Prometheus text format), and the scrape-time collector of state
-//! metrics (`collector`).
+//! metrics (`collector`). It is served like every other listener
+//! (`listener`): its own connection cap, and the same timeouts.
 
 mod collector;
 
@@ -12,9 +13,14 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
+use hyper_util::service::TowerToHyperService;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Limits;
+use crate::listener::Gate;
 
 use crate::session::Session;
 use crate::xds::Snapshot;
@@ -54,17 +60,31 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-/// Serves `router(state)` on `listener` until `shutdown`.
+/// Serves `router(state)` on `listener` until `shutdown`, under the admin
+/// listener's limits: `limits.admin_max_connections` connections, and the
+/// header, idle and HTTP/2 bounds every listener has. Open connections
+/// finish their requests before it returns.
 pub async fn serve(
     listener: TcpListener,
     state: AdminState,
+    limits: Limits,
     mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        })
-        .await
+) {
+    let gate = Gate::admin(&limits, &state.metrics);
+    let router = router(state);
+    let connections = TaskTracker::new();
+    while let Some((stream, peer, place)) = gate.accept(&listener, &mut shutdown).await {
+        let svc = TowerToHyperService::new(router.clone());
+        let gate = gate.clone();
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            gate.http()
+                .serve(stream, place, peer, svc, shutdown, std::future::pending())
+                .await
+        });
+    }
+    connections.close();
+    connections.wait().await;
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {

@@ -2,8 +2,15 @@
 //! flag also an `ISDP_*` environment variable. Flags override the file; a
 //! repeated flag (`--control-plane`, `--service`, `--upstream`) replaces the
 //! file's whole list.
+//!
+//! # Layout
+//! - `file`: the TOML file as written, and validation into [`Config`].
+//! - `limits`: the `[limits]` table (connection caps, timeouts, HTTP/2
+//!   bounds of every listener).
+//! - `relay`: the xDS relay's keys.
 
 mod file;
+mod limits;
 mod relay;
 
 use std::collections::BTreeMap;
@@ -14,6 +21,11 @@ use std::time::Duration;
 use isdp_core::probe::{CheckSpec, Target, Thresholds};
 
 pub use file::{FileConfig, ServiceSpec, UpstreamSpec};
+pub use limits::{
+    DEFAULT_ADMIN_MAX_CONNECTIONS, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_HTTP_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_TLS_HANDSHAKES, DEFAULT_TCP_IDLE_TIMEOUT, Http2Limits,
+    Limits, LimitsSpec,
+};
 pub use relay::{DEFAULT_RELAY_MAX_STREAMS, MAX_RELAY_MAX_STREAMS, RelayListen, XdsRelay};
 
 /// Default admin listener.
@@ -112,6 +124,9 @@ pub struct Cli {
     pub xds_relay_max_streams: Option<u64>,
     #[command(flatten)]
     pub trace: isdp_core::telemetry::TraceArgs,
+    /// The `[limits]` table's keys.
+    #[command(flatten)]
+    pub limits: LimitsSpec,
 }
 
 /// How logs are written.
@@ -176,6 +191,8 @@ pub struct Config {
     /// The ADS relay for local clients that cannot authenticate to the
     /// control plane themselves; None: off.
     pub xds_relay: Option<XdsRelay>,
+    /// What clients of the listeners may hold, and for how long.
+    pub limits: Limits,
 }
 
 /// A local service.
@@ -352,6 +369,7 @@ impl Config {
         if cli.trace.trace_sample_ratio.is_some() {
             file.trace_sample_ratio = cli.trace.trace_sample_ratio;
         }
+        file.limits.merge(cli.limits);
         file.validate()
     }
 }

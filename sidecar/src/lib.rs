@@ -10,6 +10,9 @@
 //! - `config`: TOML file + flags/env, validated into [`Config`].
 //! - `metrics`: Prometheus families and per-route request metrics; imports
 //!   no other module.
+//! - `listener`: what every listener holds its clients to (the `[limits]`
+//!   table): connection and TLS handshake caps, HTTP serving with header
+//!   and idle timeouts and HTTP/2 bounds, idle timeouts of byte streams.
 //! - `tls`: mTLS as data: rustls contexts, SPIFFE verifiers, the revoked
 //!   tokens of the trust bundle (and, in tests, `tls::test_pki`).
 //! - `identity`: workload keys and certificates (CSR signed by the control
@@ -39,6 +42,7 @@ pub mod authz;
 pub mod balance;
 pub mod config;
 pub mod identity;
+pub mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod relay;
@@ -382,7 +386,7 @@ fn start_admin(
     listener: TcpListener,
     mut state: admin::AdminState,
     shutdown: &watch::Receiver<bool>,
-) -> JoinHandle<std::io::Result<()>> {
+) -> JoinHandle<()> {
     state.metrics.register_collector(admin::StateCollector {
         identities: state.identities.clone(),
         snapshots: state.xds.clone(),
@@ -392,14 +396,19 @@ fn start_admin(
     if config.identity.is_none() {
         state.identities = None;
     }
-    tokio::spawn(admin::serve(listener, state, shutdown.clone()))
+    tokio::spawn(admin::serve(
+        listener,
+        state,
+        config.limits.clone(),
+        shutdown.clone(),
+    ))
 }
 
-/// Waits for shutdown (or the admin server failing), then for every task
-/// to finish: the session closes, probes and xDS stop, and the proxy
-/// drains its connections.
+/// Waits for shutdown (or the admin server ending early, which only a
+/// panic makes it do), then for every task to finish: the session closes,
+/// probes and xDS stop, and the proxy drains its connections.
 async fn stop(
-    mut admin: JoinHandle<std::io::Result<()>>,
+    mut admin: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
@@ -409,10 +418,13 @@ async fn stop(
         result = &mut admin => Some(result),
     };
     if let Some(result) = admin_result {
-        // The admin server stops on its own only on an error (or because
+        // The admin server stops on its own only by panicking (or because
         // shutdown began at the same moment).
         if !*shutdown.borrow() {
-            return Err(Error::Admin(flatten(result)));
+            return Err(Error::Admin(match result {
+                Ok(()) => std::io::Error::other("admin server stopped"),
+                Err(e) => std::io::Error::other(e),
+            }));
         }
     }
     tracing::info!("shutting down");
@@ -424,14 +436,6 @@ async fn stop(
     }
     tracing::info!("sidecar stopped");
     Ok(())
-}
-
-fn flatten(result: Result<std::io::Result<()>, tokio::task::JoinError>) -> std::io::Error {
-    match result {
-        Ok(Ok(())) => std::io::Error::other("admin server stopped"),
-        Ok(Err(e)) => e,
-        Err(e) => std::io::Error::other(e),
-    }
 }
 
 /// Keeps the roots used to dial the control plane in step with the trust

@@ -28,10 +28,13 @@
 //!
 //! Listeners: one inbound (mesh traffic to this sidecar's services), one
 //! shared outbound that routes by `Host` (also usable as an `http_proxy`),
-//! and one per upstream that sets `listen`. On shutdown every listener stops
-//! accepting, open HTTP connections finish their in-flight requests
-//! (`graceful_shutdown`), and everything still open after the drain timeout
-//! is dropped.
+//! and one per upstream that sets `listen`. Each admits connections up to
+//! its cap and serves them under the `[limits]` of the top-level
+//! `listener` module (header and idle timeouts, HTTP/2 bounds, idle TCP
+//! tunnels); the inbound one also caps TLS handshakes in progress. On
+//! shutdown every listener stops accepting, open HTTP connections finish
+//! their in-flight requests (`graceful_shutdown`), and everything still
+//! open after the drain timeout is dropped.
 
 pub mod forward;
 pub mod http;
@@ -51,17 +54,14 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use ::http::Request;
 use hyper::body::Incoming;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
-};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     sync::watch,
 };
 use tower::Layer;
 
+use crate::listener::{self, Cap, Gate, Place, Tunnels, http::Tracked};
 use crate::tls::{PeerGuard, any_revoked};
 use crate::{
     config::{Config, Protocol, Upstream},
@@ -139,7 +139,8 @@ impl Listeners {
     }
 
     /// Serves until `shutdown`, then drains for at most `drain`. `tls`
-    /// secures every hop between sidecars.
+    /// secures every hop between sidecars. Every listener admits
+    /// connections through its [`Gate`] (`config.limits`).
     pub async fn serve(
         self,
         config: &Config,
@@ -149,8 +150,10 @@ impl Listeners {
         policies: watch::Receiver<Arc<crate::authz::Policies>>,
         shutdown: watch::Receiver<bool>,
     ) {
+        let limits = &config.limits;
         let tracker = Tracker::new();
-        let forwarder = Forwarder::new(CONNECT_TIMEOUT).with_tls(tls.clone());
+        let tunnels = Tunnels::new(limits.tcp_idle_timeout, metrics);
+        let forwarder = Forwarder::new(CONNECT_TIMEOUT, tunnels.clone()).with_tls(tls.clone());
         let mut accept_loops = Vec::new();
 
         let tracing = trace::TraceSettings::new(config.access_log);
@@ -162,6 +165,7 @@ impl Listeners {
         );
         accept_loops.push(tokio::spawn(serve_http(
             self.outbound,
+            Gate::data("outbound", limits, metrics),
             out,
             tracker.clone(),
             shutdown.clone(),
@@ -169,13 +173,18 @@ impl Listeners {
 
         for (u, listener) in self.upstreams {
             let name: Arc<str> = Arc::from(u.name.as_str());
+            let gate = Gate::data(&format!("upstream.{name}"), limits, metrics);
             let task = match u.protocol {
                 Protocol::Tcp => tokio::spawn(tcp::serve_outbound(
                     listener,
-                    name,
-                    upstreams.clone(),
-                    CONNECT_TIMEOUT,
-                    tls.clone(),
+                    gate,
+                    tcp::TcpOutbound {
+                        upstream: name,
+                        upstreams: upstreams.clone(),
+                        connect_timeout: CONNECT_TIMEOUT,
+                        tls: tls.clone(),
+                        tunnels: tunnels.clone(),
+                    },
                     tracker.clone(),
                     shutdown.clone(),
                 )),
@@ -186,7 +195,13 @@ impl Listeners {
                         forwarder.clone(),
                         tracing.clone(),
                     );
-                    tokio::spawn(serve_http(listener, svc, tracker.clone(), shutdown.clone()))
+                    tokio::spawn(serve_http(
+                        listener,
+                        gate,
+                        svc,
+                        tracker.clone(),
+                        shutdown.clone(),
+                    ))
                 }
             };
             accept_loops.push(task);
@@ -200,6 +215,10 @@ impl Listeners {
         ));
         accept_loops.push(tokio::spawn(serve_inbound(
             self.inbound,
+            InboundGates {
+                gate: Gate::data("inbound", limits, metrics),
+                handshakes: listener::tls_handshakes(limits, metrics),
+            },
             inbound,
             tls,
             tracker.clone(),
@@ -226,51 +245,27 @@ impl Listeners {
     }
 }
 
-/// Resolves once shutdown has begun (or its sender is gone).
-pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|s| *s).await;
-}
-
-async fn accept(
-    listener: &TcpListener,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Option<(TcpStream, SocketAddr)> {
-    loop {
-        tokio::select! {
-            _ = stopped(shutdown) => return None,
-            r = listener.accept() => match r {
-                Ok((s, peer)) => {
-                    let _ = s.set_nodelay(true);
-                    return Some((s, peer));
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-        }
-    }
-}
-
 /// Serves one HTTP connection (HTTP/1.1 or HTTP/2, with upgrades) from
-/// `client` with `svc`; on shutdown, finishes in-flight requests and
-/// closes. On an mTLS connection `client` names the calling sidecar and the
-/// service it asked for (SNI), and holds the guard on its token: once that
-/// is revoked, requests are refused (403 `peer-revoked`) and the connection
-/// is closed at once, in-flight requests with it.
+/// `client` with `svc`, under its listener's limits (`gate`); on shutdown,
+/// finishes in-flight requests and closes. On an mTLS connection `client`
+/// names the calling sidecar and the service it asked for (SNI), and holds
+/// the guard on its token: once that is revoked, requests are refused
+/// (403 `peer-revoked`) and the connection is closed at once, in-flight
+/// requests with it.
 async fn serve_conn<S, IO>(
+    gate: Gate,
     stream: IO,
+    place: Place,
     client: ClientAddr,
     svc: S,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Next + Sync,
 {
     let peer = client.addr;
     let guards: Vec<PeerGuard> = client.guard.iter().cloned().collect();
-    let hyper_svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+    let hyper_svc = hyper::service::service_fn(move |req: Request<Tracked<Incoming>>| {
         // A gRPC caller gets the sidecar's own answers in gRPC's form,
         // whichever layer (or hop) made them.
         let grpc = svc::grpc::is_grpc(req.headers());
@@ -294,37 +289,32 @@ async fn serve_conn<S, IO>(
             Ok(svc::grpc::restate(resp))
         }) as svc::BoxFuture
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), hyper_svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(%peer, error = %e, "http connection ended with an error");
-            }
-            return;
-        }
-        _ = any_revoked(&guards) => return,
-        _ = stopped(&mut shutdown) => {}
-    }
-    conn.as_mut().graceful_shutdown();
-    tokio::select! {
-        _ = conn => {}
-        _ = any_revoked(&guards) => {}
-    }
+    gate.http()
+        .serve(
+            stream,
+            place,
+            peer,
+            hyper_svc,
+            shutdown,
+            any_revoked(&guards),
+        )
+        .await
 }
 
 async fn serve_http<S>(
     listener: TcpListener,
+    gate: Gate,
     svc: S,
     tracker: Tracker,
     mut shutdown: watch::Receiver<bool>,
 ) where
     S: Next + Sync,
 {
-    while let Some((stream, peer)) = accept(&listener, &mut shutdown).await {
+    while let Some((stream, peer, place)) = gate.accept(&listener, &mut shutdown).await {
         tracker.spawn(serve_conn(
+            gate.clone(),
             stream,
+            place,
             ClientAddr::new(peer),
             svc.clone(),
             shutdown.clone(),
@@ -332,22 +322,39 @@ async fn serve_http<S>(
     }
 }
 
+/// The inbound listener's caps: connections, and TLS handshakes in
+/// progress among them.
+struct InboundGates {
+    gate: Gate,
+    handshakes: Cap,
+}
+
 /// Accepts mesh traffic: the TLS handshake runs in each connection's own
-/// task (the accept loop never waits on a peer), then ALPN picks HTTP or a
-/// TCP tunnel. Either ends when the caller's token is revoked.
+/// task (the accept loop never waits on a peer), with a place among
+/// `limits.max_tls_handshakes` (a connection over it is closed at once),
+/// then ALPN picks HTTP or a TCP tunnel. Either ends when the caller's
+/// token is revoked.
 async fn serve_inbound(
     listener: TcpListener,
+    gates: InboundGates,
     inbound: trace::TraceInbound<inbound::Inbound>,
     tls: Tls,
     tracker: Tracker,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    while let Some((stream, peer)) = accept(&listener, &mut shutdown).await {
+    let InboundGates { gate, handshakes } = gates;
+    while let Some((stream, peer, place)) = gate.accept(&listener, &mut shutdown).await {
+        let Some(handshaking) = handshakes.admit(peer) else {
+            continue;
+        };
         let inbound = inbound.clone();
         let shutdown = shutdown.clone();
         let tls = tls.clone();
+        let gate = gate.clone();
         tracker.spawn(async move {
-            let Some(accepted) = tls.accept(stream, peer).await else {
+            let accepted = tls.accept(stream, peer).await;
+            drop(handshaking);
+            let Some(accepted) = accepted else {
                 return;
             };
             if accepted.tunnel {
@@ -362,6 +369,7 @@ async fn serve_inbound(
                     _ = tunnel => {}
                     _ = any_revoked(&guards) => {}
                 }
+                drop(place);
             } else {
                 let client = ClientAddr::mesh(
                     peer,
@@ -369,7 +377,7 @@ async fn serve_inbound(
                     Arc::from(accepted.service),
                     accepted.guard,
                 );
-                serve_conn(accepted.stream, client, inbound, shutdown).await
+                serve_conn(gate, accepted.stream, place, client, inbound, shutdown).await
             }
         });
     }

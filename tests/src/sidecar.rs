@@ -181,6 +181,13 @@ impl SidecarToml {
         self
     }
 
+    /// The `[limits]` table: `keys` are its TOML lines, such as
+    /// `header_read_timeout = "1s"`.
+    pub fn limits(mut self, keys: &str) -> Self {
+        let _ = write!(self.sections, "\n[limits]\n{keys}\n");
+        self
+    }
+
     /// Appends raw TOML (whole `[[service]]` / `[[upstream]]` tables, or
     /// top-level keys before any table), for settings the helpers lack.
     pub fn raw(mut self, toml: &str) -> Self {

@@ -45,7 +45,12 @@ async fn live_ready_and_config() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, shutdown) = watch::channel(false);
-    let server = tokio::spawn(serve(listener, state, shutdown));
+    let server = tokio::spawn(serve(
+        listener,
+        state,
+        crate::config::Limits::default(),
+        shutdown,
+    ));
 
     assert_eq!(get(addr, "/live").await, (200, "ok".to_owned()));
     let (status, body) = get(addr, "/ready").await;
@@ -148,7 +153,7 @@ async fn live_ready_and_config() {
     }
 
     stop.send(true).unwrap();
-    server.await.unwrap().unwrap();
+    server.await.unwrap();
 }
 
 /// `/ready` says why the certificates keep the sidecar out: none yet, one

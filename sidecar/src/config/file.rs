@@ -41,6 +41,9 @@ pub struct FileConfig {
     pub identity: Option<String>,
     pub xds_relay_listen: Option<String>,
     pub xds_relay_max_streams: Option<u64>,
+    /// The `[limits]` table; flags merge into it.
+    #[serde(default)]
+    pub limits: super::LimitsSpec,
 }
 
 /// One `[[service]]` table or `--service` SPEC.
@@ -216,10 +219,12 @@ impl FileConfig {
 
         let xds_relay =
             super::relay::validate(self.xds_relay_listen.as_deref(), self.xds_relay_max_streams)?;
+        let limits = self.limits.validate()?;
 
         Ok(Config {
             identity,
             xds_relay,
+            limits,
             node_id,
             control_plane,
             ca_file: self.ca_file,
@@ -278,7 +283,7 @@ fn check_url(url: &str) -> Result<String, String> {
     Ok(url.to_owned())
 }
 
-fn duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
+pub(super) fn duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
     let d = humantime::parse_duration(text.trim())
         .map_err(|e| ConfigError::invalid(field, format!("invalid duration {text:?}: {e}")))?;
     if d.is_zero() {

@@ -521,3 +521,238 @@ fn relay_flags_override_the_file() {
         "{e}"
     );
 }
+
+/// Without a `[limits]` table every bound has its default: 10,000
+/// connections per data-plane listener, 64 on the admin listener, 1024
+/// handshakes at once, 10 s for a head, 5 min idle, 1 h for a silent
+/// stream, and hyper's HTTP/2 bounds made explicit.
+#[test]
+fn limits_default_to_bounds_a_busy_service_does_not_meet() {
+    let l = Config::from_toml(EXAMPLE).unwrap().limits;
+    assert_eq!(l, Limits::default());
+    assert_eq!(
+        (
+            l.max_connections,
+            l.admin_max_connections,
+            l.max_tls_handshakes
+        ),
+        (10_000, 64, 1024)
+    );
+    assert_eq!(
+        (
+            l.header_read_timeout,
+            l.http_idle_timeout,
+            l.tcp_idle_timeout
+        ),
+        (
+            Duration::from_secs(10),
+            Duration::from_secs(300),
+            Duration::from_secs(3600)
+        )
+    );
+    let h2 = &l.http2;
+    assert_eq!(
+        (
+            h2.max_concurrent_streams,
+            h2.max_header_list_size,
+            h2.max_pending_accept_reset_streams,
+            h2.max_local_error_reset_streams
+        ),
+        (200, 16384, 20, 1024)
+    );
+    assert_eq!(
+        (h2.keepalive_interval, h2.keepalive_timeout),
+        (Duration::from_secs(30), Duration::from_secs(10))
+    );
+    // The handshake cap follows a lower connection cap rather than
+    // exceed it.
+    let low = Config::from_toml(&format!("{EXAMPLE}\n[limits]\nmax_connections = 100\n"))
+        .unwrap()
+        .limits;
+    assert_eq!((low.max_connections, low.max_tls_handshakes), (100, 100));
+}
+
+/// Every key of `[limits]` is read from the file, and its flag wins.
+#[test]
+fn limits_come_from_the_table_and_flags_win() {
+    let file = FileConfig::parse(
+        &format!(
+            "{EXAMPLE}\n[limits]\nmax_connections = 500\nadmin_max_connections = 8\n\
+             max_tls_handshakes = 50\nheader_read_timeout = \"2s\"\nhttp_idle_timeout = \"1m\"\n\
+             tcp_idle_timeout = \"10m\"\nhttp2_max_concurrent_streams = 64\n\
+             http2_max_header_list_size = 32768\nhttp2_max_pending_accept_reset_streams = 5\n\
+             http2_max_local_error_reset_streams = 100\nhttp2_keepalive_interval = \"20s\"\n\
+             http2_keepalive_timeout = \"3s\"\n"
+        ),
+        "test",
+    )
+    .unwrap();
+    let from_file = Config::from_parts(file, Cli::default()).unwrap().limits;
+    assert_eq!(
+        from_file,
+        Limits {
+            max_connections: 500,
+            admin_max_connections: 8,
+            max_tls_handshakes: 50,
+            header_read_timeout: Duration::from_secs(2),
+            http_idle_timeout: Duration::from_secs(60),
+            tcp_idle_timeout: Duration::from_secs(600),
+            http2: Http2Limits {
+                max_concurrent_streams: 64,
+                max_header_list_size: 32768,
+                max_pending_accept_reset_streams: 5,
+                max_local_error_reset_streams: 100,
+                keepalive_interval: Duration::from_secs(20),
+                keepalive_timeout: Duration::from_secs(3),
+            },
+        }
+    );
+    let file = FileConfig::parse(
+        &format!("{EXAMPLE}\n[limits]\nmax_connections = 500\nheader_read_timeout = \"2s\"\n"),
+        "test",
+    )
+    .unwrap();
+    let flags = cli(&[
+        "--max-connections",
+        "7",
+        "--admin-max-connections",
+        "3",
+        "--max-tls-handshakes",
+        "2",
+        "--header-read-timeout",
+        "1s",
+        "--http-idle-timeout",
+        "4s",
+        "--tcp-idle-timeout",
+        "5s",
+        "--http2-max-concurrent-streams",
+        "9",
+        "--http2-max-header-list-size",
+        "2048",
+        "--http2-max-pending-accept-reset-streams",
+        "4",
+        "--http2-max-local-error-reset-streams",
+        "6",
+        "--http2-keepalive-interval",
+        "7s",
+        "--http2-keepalive-timeout",
+        "2s",
+    ]);
+    let l = Config::from_parts(file, flags).unwrap().limits;
+    assert_eq!(
+        (
+            l.max_connections,
+            l.admin_max_connections,
+            l.max_tls_handshakes
+        ),
+        (7, 3, 2)
+    );
+    assert_eq!(
+        (
+            l.header_read_timeout,
+            l.http_idle_timeout,
+            l.tcp_idle_timeout
+        ),
+        (
+            Duration::from_secs(1),
+            Duration::from_secs(4),
+            Duration::from_secs(5)
+        )
+    );
+    assert_eq!(
+        l.http2,
+        Http2Limits {
+            max_concurrent_streams: 9,
+            max_header_list_size: 2048,
+            max_pending_accept_reset_streams: 4,
+            max_local_error_reset_streams: 6,
+            keepalive_interval: Duration::from_secs(7),
+            keepalive_timeout: Duration::from_secs(2),
+        }
+    );
+}
+
+/// A bad limit is refused at startup naming its key and the bound.
+#[test]
+fn bad_limits_name_the_key() {
+    let limit = |body: &str| err(&format!("{EXAMPLE}\n[limits]\n{body}\n"));
+    for (body, expected) in [
+        (
+            "max_connections = 0",
+            "limits.max_connections: must be 1..=1048576, got 0",
+        ),
+        (
+            "max_connections = 2000000",
+            "limits.max_connections: must be 1..=1048576, got 2000000",
+        ),
+        (
+            "admin_max_connections = 0",
+            "limits.admin_max_connections: must be 1..=1048576, got 0",
+        ),
+        (
+            "max_connections = 10\nmax_tls_handshakes = 11",
+            "limits.max_tls_handshakes: must be 1..=10 (limits.max_connections: a handshake holds one of its places), got 11",
+        ),
+        (
+            "max_tls_handshakes = 0",
+            "limits.max_tls_handshakes: must be 1..=10000 (limits.max_connections: a handshake holds one of its places), got 0",
+        ),
+        (
+            "header_read_timeout = \"0s\"",
+            "limits.header_read_timeout: must be greater than 0",
+        ),
+        (
+            "http_idle_timeout = \"0s\"",
+            "limits.http_idle_timeout: must be greater than 0",
+        ),
+        (
+            "tcp_idle_timeout = \"0s\"",
+            "limits.tcp_idle_timeout: must be greater than 0",
+        ),
+        (
+            "http2_max_concurrent_streams = 0",
+            "limits.http2_max_concurrent_streams: must be 1..=4294967295, got 0",
+        ),
+        (
+            "http2_max_header_list_size = 100",
+            "limits.http2_max_header_list_size: must be 1024..=8388608, got 100",
+        ),
+        (
+            "http2_max_pending_accept_reset_streams = 0",
+            "limits.http2_max_pending_accept_reset_streams: must be 1..=1048576, got 0",
+        ),
+        (
+            "http2_max_local_error_reset_streams = 0",
+            "limits.http2_max_local_error_reset_streams: must be 1..=1048576, got 0",
+        ),
+        (
+            "http2_keepalive_interval = \"0s\"",
+            "limits.http2_keepalive_interval: must be greater than 0",
+        ),
+        (
+            "http2_keepalive_timeout = \"0s\"",
+            "limits.http2_keepalive_timeout: must be greater than 0",
+        ),
+    ] {
+        assert_eq!(limit(body), expected, "{body}");
+    }
+    let e = limit("header_read_timeout = \"soon\"");
+    assert!(
+        e.starts_with("limits.header_read_timeout: invalid duration \"soon\""),
+        "{e}"
+    );
+    assert_eq!(
+        limit("max_connections = -1"),
+        "limits.max_connections: must be 1..=1048576, got -1"
+    );
+    let e = limit("max_conections = 5");
+    assert!(e.contains("unknown field `max_conections`"), "{e}");
+    // A flag is checked the same way.
+    let e = Config::from_parts(
+        FileConfig::parse(EXAMPLE, "test").unwrap(),
+        cli(&["--max-connections", "0"]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(e, "limits.max_connections: must be 1..=1048576, got 0");
+}

@@ -17,6 +17,8 @@ use hyper_util::rt::TokioIo;
 use super::http::{is_upgrade, strip_hop_by_hop};
 use super::svc::{Body, ClientAddr, Dest, ProxyError, boxed};
 use super::transport::Tls;
+use crate::listener::tunnel::{Kind, Tunnels};
+use crate::metrics::Direction;
 use crate::tls::{PeerGuard, any_revoked};
 
 /// Which protocol the next hop speaks.
@@ -49,15 +51,23 @@ pub struct Forwarder {
     h2: h2::H2Pool,
     /// mTLS to other sidecars; None where only plaintext hops exist.
     tls: Option<Tls>,
+    /// Upgraded connections are closed once silent (`tcp_idle_timeout`).
+    tunnels: Tunnels,
 }
 
 impl Forwarder {
-    pub fn new(connect_timeout: Duration) -> Self {
+    pub fn new(connect_timeout: Duration, tunnels: Tunnels) -> Self {
         Forwarder {
             h1: h1::H1Pool::new(connect_timeout),
             h2: h2::H2Pool::new(connect_timeout),
             tls: None,
+            tunnels,
         }
+    }
+
+    /// The idle timeout of upgraded connections, which tunnels share.
+    pub fn tunnels(&self) -> &Tunnels {
+        &self.tunnels
     }
 
     /// Lets the forwarder reach other sidecars ([`Dest::mesh`]).
@@ -98,14 +108,16 @@ impl Forwarder {
         strip_hop_by_hop(req.headers_mut(), upgrade);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         // An upgraded connection outlives its request: it ends when the
-        // token of the sidecar on either side is revoked.
+        // token of the sidecar on either side is revoked, or when it has
+        // been silent for the idle timeout. Its direction is the
+        // listener's: a mesh client (SNI named a local service) is inbound.
         let mut guards: Vec<PeerGuard> = Vec::new();
-        if upgrade {
-            guards.extend(
-                req.extensions()
-                    .get::<ClientAddr>()
-                    .and_then(|c| c.guard.clone()),
-            );
+        let mut direction = Direction::Outbound;
+        if upgrade && let Some(client) = req.extensions().get::<ClientAddr>() {
+            guards.extend(client.guard.clone());
+            if client.service.is_some() {
+                direction = Direction::Inbound;
+            }
         }
         let addr = dest.addr;
         let mesh = match (&dest.service, &self.tls) {
@@ -135,15 +147,13 @@ impl Forwarder {
         {
             let upstream_side = hyper::upgrade::on(&mut resp);
             guards.extend(resp.extensions_mut().remove::<PeerGuard>());
+            let tunnels = self.tunnels.clone();
             tokio::spawn(async move {
                 match tokio::try_join!(client_side, upstream_side) {
                     Ok((c, u)) => {
-                        let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-                        let copy = tokio::io::copy_bidirectional(&mut c, &mut u);
+                        let (c, u) = (TokioIo::new(c), TokioIo::new(u));
                         tokio::select! {
-                            r = copy => if let Err(e) = r {
-                                tracing::debug!(error = %e, "upgraded connection ended");
-                            },
+                            _ = tunnels.splice(c, u, direction, Kind::Upgrade) => {}
                             _ = any_revoked(&guards) => {}
                         }
                     }

@@ -49,6 +49,7 @@ use super::{
 use crate::{
     authz::Call,
     config::{Protocol, Service as LocalConfig},
+    listener::tunnel::{Kind, Tunnels},
     metrics::{Direction, Metrics, RouteMetrics},
     tls::PeerIdentity,
 };
@@ -76,6 +77,8 @@ pub struct Inbound {
     /// exactly one.
     default: Option<Arc<str>>,
     authorizer: Authorizer,
+    /// Tunnels are closed once silent (`tcp_idle_timeout`).
+    tunnels: Tunnels,
 }
 
 impl Inbound {
@@ -118,6 +121,7 @@ impl Inbound {
             .collect();
         let default = (services.len() == 1).then(|| Arc::from(services[0].name.as_str()));
         Inbound {
+            tunnels: forwarder.tunnels().clone(),
             services: Arc::new(map),
             default,
             authorizer,
@@ -154,7 +158,10 @@ impl Inbound {
         match super::transport::connect(local.dest.addr, connect_timeout).await {
             Ok(conn) => {
                 let _open = tcp::OpenConnection::new(&local.metrics);
-                tcp::splice(stream, conn).await
+                let tunnels = &self.tunnels;
+                tunnels
+                    .splice(stream, conn, Direction::Inbound, Kind::Tcp)
+                    .await;
             }
             Err(e) => tracing::debug!(%service, error = %e, "local service refused tcp"),
         }

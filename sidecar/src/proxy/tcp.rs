@@ -1,6 +1,8 @@
 //! Opaque TCP: balanced per connection, copied byte for byte, with
 //! half-close passed through (one side's EOF becomes a write shutdown on
-//! the other, and the copy goes on in the other direction).
+//! the other, and the copy goes on in the other direction), and closed
+//! once silent both ways for `limits.tcp_idle_timeout`
+//! (`listener::tunnel`).
 //!
 //! Between sidecars a tunnel is an mTLS connection with ALPN `isdp-tcp/1`
 //! whose SNI names the service (see `transport`): the receiving sidecar's
@@ -16,65 +18,49 @@ use tokio::{
 };
 
 use super::{
-    Tracker, stopped,
+    Tracker,
     transport::{self, Alpn, Tls},
     upstreams::Upstreams,
 };
-use crate::metrics::RouteMetrics;
+use crate::{
+    listener::{
+        Gate, Place,
+        tunnel::{Kind, Tunnels},
+    },
+    metrics::{Direction, RouteMetrics},
+};
 
-/// Copies both ways until both directions are done.
-pub async fn splice<A, B>(mut a: A, mut b: B)
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    match tokio::io::copy_bidirectional(&mut a, &mut b).await {
-        Ok((up, down)) => tracing::trace!(up, down, "tcp connection finished"),
-        Err(e) => tracing::debug!(error = %e, "tcp connection ended with an error"),
-    }
+/// What a per-upstream TCP listener's connections need.
+pub struct TcpOutbound {
+    pub upstream: Arc<str>,
+    pub upstreams: Upstreams,
+    pub connect_timeout: Duration,
+    pub tls: Tls,
+    pub tunnels: Tunnels,
 }
 
-/// Serves a per-upstream TCP listener until shutdown.
+/// Serves a per-upstream TCP listener until shutdown: each connection
+/// admitted by `gate` is proxied in its own task, holding its place.
 pub async fn serve_outbound(
     listener: TcpListener,
-    upstream: Arc<str>,
-    upstreams: Upstreams,
-    connect_timeout: Duration,
-    tls: Tls,
+    gate: Gate,
+    outbound: TcpOutbound,
     tracker: Tracker,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        let (client, peer) = tokio::select! {
-            _ = stopped(&mut shutdown) => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let upstreams = upstreams.clone();
-        let upstream = upstream.clone();
-        let tls = tls.clone();
-        tracker.spawn(async move {
-            let _ = client.set_nodelay(true);
-            connect_outbound(client, peer, &upstream, &upstreams, connect_timeout, &tls).await;
-        });
+    let outbound = Arc::new(outbound);
+    while let Some((client, peer, place)) = gate.accept(&listener, &mut shutdown).await {
+        let outbound = outbound.clone();
+        tracker.spawn(async move { connect_outbound(client, peer, place, &outbound).await });
     }
 }
 
-async fn connect_outbound(
-    client: TcpStream,
-    peer: SocketAddr,
-    upstream: &str,
-    upstreams: &Upstreams,
-    connect_timeout: Duration,
-    tls: &Tls,
-) {
-    let Some(lb) = upstreams.get(upstream) else {
+/// Proxies one client connection; `_place` (its place in the listener's
+/// cap) is held until it ends.
+async fn connect_outbound(client: TcpStream, peer: SocketAddr, _place: Place, out: &TcpOutbound) {
+    let upstream = &*out.upstream;
+    let (tls, connect_timeout) = (&out.tls, out.connect_timeout);
+    let Some(lb) = out.upstreams.get(upstream) else {
         return;
     };
     let Some((target, guard)) = lb.pick_connection(Some(peer.ip())) else {
@@ -115,9 +101,10 @@ async fn connect_outbound(
     // Connect time is the latency signal TCP offers.
     target.load.record_latency(started.elapsed());
     let _open = OpenConnection::new(&lb.metrics);
-    // A tunnel to a sidecar ends when that sidecar's token is revoked.
+    // A tunnel to a sidecar ends when that sidecar's token is revoked, and
+    // any connection once silent for the idle timeout.
     tokio::select! {
-        _ = splice(client, server) => {}
+        _ = out.tunnels.splice(client, server, Direction::Outbound, Kind::Tcp) => {}
         _ = crate::tls::any_revoked(&guards) => {}
     }
     drop(guard);

@@ -11,6 +11,8 @@ use super::transport::testing::{
     CONNECT, PAY, WEB, count, ctx, ctx_granted, refusals, tls_of, tls_with,
 };
 use crate::{
+    config::Limits,
+    listener::{Gate, Tunnels},
     metrics::Metrics,
     tls::{PeerIdentity, Revocations, TlsContext, test_pki::TestCa},
 };
@@ -41,18 +43,28 @@ async fn requests_between_sidecars_carry_the_callers_identity() {
     });
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = accepted.clone();
+    let gate = Gate::data("inbound", &Limits::default(), &Metrics::new());
     tokio::spawn(async move {
         loop {
             let (s, peer) = l.accept().await.unwrap();
             count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let a = server_tls.accept(s, peer).await.unwrap();
             let client = ClientAddr::mesh(peer, a.peer, Arc::from(a.service), a.guard);
-            tokio::spawn(serve_conn(a.stream, client, svc, shutdown.clone()));
+            let place = gate.admit(peer).unwrap();
+            tokio::spawn(serve_conn(
+                gate.clone(),
+                a.stream,
+                place,
+                client,
+                svc,
+                shutdown.clone(),
+            ));
         }
     });
 
     let (client_tls, _, _keep2) = tls_of(ctx(&ca, &["web"], "web"));
-    let forwarder = Forwarder::new(CONNECT).with_tls(client_tls);
+    let forwarder = Forwarder::new(CONNECT, Tunnels::unregistered(Duration::from_secs(60)))
+        .with_tls(client_tls);
     let dest = Dest::mesh(addr, Arc::from("payments"));
     for _ in 0..3 {
         let req = http::Request::get("http://payments/x")
@@ -78,7 +90,7 @@ async fn requests_between_sidecars_carry_the_callers_identity() {
             http_body_util::Empty::<bytes::Bytes>::new().map_err(|e| match e {}),
         ))
         .unwrap();
-    let resp = Forwarder::new(CONNECT)
+    let resp = Forwarder::new(CONNECT, Tunnels::unregistered(Duration::from_secs(60)))
         .forward(req, &dest, Hop::Http2)
         .await;
     assert_eq!(resp.status(), 502);
@@ -196,25 +208,32 @@ impl Pair {
         });
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let count = accepted.clone();
+        let gate = Gate::data("inbound", &Limits::default(), &server.1);
         tokio::spawn(async move {
             loop {
                 let (s, peer) = l.accept().await.unwrap();
-                let (server_tls, count, shutdown) =
-                    (server_tls.clone(), count.clone(), shutdown.clone());
+                let (server_tls, count, shutdown, gate) = (
+                    server_tls.clone(),
+                    count.clone(),
+                    shutdown.clone(),
+                    gate.clone(),
+                );
                 tokio::spawn(async move {
                     let Some(a) = server_tls.accept(s, peer).await else {
                         return;
                     };
                     count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let client = ClientAddr::mesh(peer, a.peer, Arc::from(a.service), a.guard);
-                    serve_conn(a.stream, client, svc, shutdown).await
+                    let place = gate.admit(peer).unwrap();
+                    serve_conn(gate, a.stream, place, client, svc, shutdown).await
                 });
             }
         });
         let client_ctx = ctx_granted(&ca, &["web"], "web", Some(WEB), &client.0);
         let (client_tls, keep_client) = tls_with(client_ctx, &client.0, &client.1);
         Pair {
-            forwarder: Forwarder::new(CONNECT).with_tls(client_tls),
+            forwarder: Forwarder::new(CONNECT, Tunnels::unregistered(Duration::from_secs(60)))
+                .with_tls(client_tls),
             dest: Dest::mesh(addr, Arc::from("payments")),
             accepted,
             server,
