@@ -120,16 +120,26 @@ async fn a_grpc_caller_gets_the_sidecars_answers_in_grpcs_form() {
     let svc = tower::service_fn(|_req: http::Request<Body>| -> BoxFuture {
         answer(ProxyError::DeniedByPolicy.response("rule deny-web"))
     });
+    let gate = Gate::data("inbound", &Limits::default(), &Metrics::new());
     tokio::spawn(async move {
         loop {
             let (s, peer) = l.accept().await.unwrap();
             let a = server_tls.accept(s, peer).await.unwrap();
             let client = ClientAddr::mesh(peer, a.peer, Arc::from(a.service), a.guard);
-            tokio::spawn(serve_conn(a.stream, client, svc, shutdown.clone()));
+            let place = gate.admit(peer).unwrap();
+            tokio::spawn(serve_conn(
+                gate.clone(),
+                a.stream,
+                place,
+                client,
+                svc,
+                shutdown.clone(),
+            ));
         }
     });
     let (client_tls, _, _keep2) = tls_of(ctx(&ca, &["web"], "web"));
-    let forwarder = Forwarder::new(CONNECT).with_tls(client_tls);
+    let forwarder = Forwarder::new(CONNECT, Tunnels::unregistered(Duration::from_secs(60)))
+        .with_tls(client_tls);
     let dest = Dest::mesh(addr, Arc::from("payments"));
     let request = |content_type: &str| {
         http::Request::post("http://payments/pkg.Svc/Call")
