@@ -232,6 +232,7 @@ fn start_session(
         session.clone(),
         config.control_plane.clone(),
         auth.clone(),
+        config.drain_timeout,
         shutdown.clone(),
     ));
     session

@@ -1,6 +1,8 @@
 //! The sidecar's session with the control plane for its local services:
 //! `SessionOpen` on every (re)connect, a `HealthReport` per probe
-//! transition, `SessionClose` on shutdown.
+//! transition, `SessionClose` on shutdown (and, when shutdown finds the
+//! session down, an empty session opened and closed within the drain
+//! timeout, so the instances go at once).
 
 use std::time::Duration;
 
@@ -160,23 +162,27 @@ enum StreamError {
     Ended,
 }
 
-/// Starts the session task; it runs until `shutdown`, then closes the session.
+/// Starts the session task; it runs until `shutdown`, then closes the
+/// session. If shutdown finds the session down (the control plane
+/// restarting, say), it keeps trying to deregister for up to `drain`, so
+/// the instances do not linger until the control plane's session timeout.
 pub fn spawn(
     session: Session,
     control_plane: Vec<String>,
     auth: ControlAuth,
+    drain: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut dialer = Dialer::new(control_plane, auth);
         let mut backoff = Backoff::default();
-        loop {
+        let closed = loop {
             if *shutdown.borrow() {
-                break;
+                break false;
             }
             let url = dialer.next_url();
             match run_stream(&session, &dialer, &url, &mut backoff, &mut shutdown).await {
-                Ok(()) => break,
+                Ok(closed) => break closed,
                 Err(error) => tracing::warn!(%url, %error, "session down"),
             }
             backoff.disconnected();
@@ -185,24 +191,83 @@ pub fn spawn(
                 s.reconnects += 1;
             });
             if !backoff.wait(&mut shutdown).await {
-                break;
+                break false;
             }
-        }
+        };
         session.set_status(|s| s.connected = false);
+        // A session never opened registered nothing to take back.
+        if !closed && session.status().opened {
+            farewell(&session, &mut dialer, drain).await;
+        }
         tracing::debug!("session stopped");
     })
 }
 
-/// One session stream; `Ok(())` means shutdown (after closing the session).
+/// Deregisters at shutdown while the session is down: every control-plane
+/// URL in turn, with backoff, until one answers or `drain` has passed.
+async fn farewell(session: &Session, dialer: &mut Dialer, drain: Duration) {
+    let deadline = tokio::time::Instant::now() + drain;
+    let mut backoff = Backoff::default();
+    tracing::info!(
+        ?drain,
+        "shutting down with the session down: deregistering within the drain timeout"
+    );
+    loop {
+        let url = dialer.next_url();
+        match tokio::time::timeout_at(deadline, deregister(session, dialer, &url)).await {
+            Ok(Ok(())) => {
+                tracing::info!(%url, "deregistered at shutdown");
+                return;
+            }
+            Ok(Err(error)) => tracing::debug!(%url, %error, "deregistering at shutdown failed"),
+            Err(_) => break,
+        }
+        let delay = backoff.next_delay();
+        if tokio::time::timeout_at(deadline, tokio::time::sleep(delay))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    tracing::warn!(
+        ?drain,
+        "no control plane answered within the drain timeout: the local instances stay registered until the control plane's session timeout"
+    );
+}
+
+/// Opens a session that registers nothing, which removes the instances this
+/// node registered before, and closes it at once.
+async fn deregister(session: &Session, dialer: &Dialer, url: &str) -> Result<(), StreamError> {
+    let channel = dialer.connect(url).await?;
+    let (requests, rx) = mpsc::channel(2);
+    let open = SessionOpen {
+        node_id: session.shared.node_id.clone(),
+        instances: Vec::new(),
+    };
+    let _ = requests.send(request(Kind::Open(open))).await;
+    let _ = requests.send(request(Kind::Close(SessionClose {}))).await;
+    drop(requests);
+    let mut inbound = SidecarClient::new(channel)
+        .session(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    // The server ends the stream once the close is done.
+    while inbound.message().await?.is_some() {}
+    Ok(())
+}
+
+/// One session stream; `Ok(true)` once it closed the session at shutdown,
+/// `Ok(false)` when shutdown came before the session was open.
 async fn run_stream(
     session: &Session,
     dialer: &Dialer,
     url: &str,
     backoff: &mut Backoff,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<(), StreamError> {
+) -> Result<bool, StreamError> {
     let channel = tokio::select! {
-        _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+        _ = shutdown.wait_for(|stop| *stop) => return Ok(false),
         channel = dialer.connect(url) => channel?,
     };
     let mut health_rx = session.shared.health.subscribe();
@@ -216,7 +281,7 @@ async fn run_stream(
     let _ = requests.send(request(Kind::Open(open))).await;
     let mut client = SidecarClient::new(channel);
     let response = tokio::select! {
-        _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+        _ = shutdown.wait_for(|stop| *stop) => return Ok(false),
         response = client.session(ReceiverStream::new(rx)) => response?,
     };
     let mut inbound = response.into_inner();
@@ -278,7 +343,7 @@ async fn run_stream(
     } else {
         tracing::info!("session closed");
     }
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]

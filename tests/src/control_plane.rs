@@ -51,13 +51,25 @@ pub fn credentials_for(url: &str) -> Option<Credentials> {
 }
 
 fn remember(url: &str, data: &Path, opts: &ControlPlaneOpts) -> Credentials {
-    // Replicas of one mesh share the etcd endpoints and prefix (and tests
-    // of one binary may reuse a prefix on another cluster).
+    // Replicas of one mesh share the etcd prefix and the cluster's KEK
+    // file (tests of one binary may reuse a prefix on another cluster,
+    // whose KEK file is another), though not always the endpoints: one
+    // may reach etcd through a `TcpGate`.
     let store = opts
         .extra_args
         .iter()
         .any(|a| a.starts_with("--etcd"))
-        .then(|| opts.extra_args.join(" "));
+        .then(|| {
+            let mut key = Vec::new();
+            let mut args = opts.extra_args.iter();
+            while let Some(a) = args.next() {
+                key.push(a.as_str());
+                if a == "--etcd-endpoints" {
+                    args.next();
+                }
+            }
+            key.join(" ")
+        });
     let token = std::fs::read_to_string(data.join("admin.token"))
         .ok()
         .map(|t| t.trim().to_owned());

@@ -29,6 +29,8 @@
 //!   [`EchoGrpc`] / [`EchoTcp`], the gRPC and TCP backends.
 //! - `etcd`: [`EtcdCluster`], real etcd members on loopback (killable,
 //!   restartable) for the etcd store tests.
+//! - `gate`: [`TcpGate`], a TCP forwarder a test cuts and heals, to
+//!   partition one process from another (a replica from etcd).
 //! - `node`: [`NodeClient`], the Node proxyless gRPC client
 //!   (`tests/node/client.js`, `@grpc/grpc-js-xds`), reading xDS through
 //!   a sidecar's relay.
@@ -38,6 +40,7 @@ mod bins;
 mod control_plane;
 mod echo;
 mod etcd;
+mod gate;
 pub mod http;
 pub mod node;
 pub mod otlp;
@@ -55,6 +58,7 @@ pub use control_plane::{
 };
 pub use echo::{Backend, EchoGrpc, EchoHttp, EchoTcp};
 pub use etcd::{EtcdCluster, EtcdTls};
+pub use gate::TcpGate;
 pub use node::{Counts, NodeClient, NodeRun};
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use process::Process;

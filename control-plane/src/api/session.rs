@@ -152,7 +152,19 @@ async fn run(
     loop {
         let msg = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
-            m = inbound.message() => m,
+            () = session.lease_lost() => None,
+            m = inbound.message() => Some(m),
+        };
+        let Some(msg) = msg else {
+            // The store dropped the instances with the lease; the sidecar
+            // reopens (registering them again) on UNAVAILABLE.
+            let _ = tx
+                .send(Err(Status::unavailable(format!(
+                    "session: the store expired the lease of node {:?} (this control plane could not reach it for longer than the session timeout) and with it the node's instances; open the session again",
+                    session.node_id()
+                ))))
+                .await;
+            return;
         };
         match msg {
             Ok(Some(SessionRequest {

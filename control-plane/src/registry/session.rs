@@ -41,14 +41,14 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use isdp_proto::v1::{HealthStatus, Instance};
 use prost::Message;
-use tokio::task::JoinHandle;
+use tokio::{sync::watch, task::JoinHandle};
 
 use super::{
     Registry, RegistryError, SessionTimeouts, Stored, normalise,
     quota::{self, Exceeded, Quota},
     validate,
 };
-use crate::store::{LeaseId, Txn};
+use crate::store::{LeaseId, StoreError, Txn};
 
 #[derive(Clone)]
 pub struct Sessions {
@@ -104,6 +104,10 @@ pub struct Session {
     epoch: u64,
     lease: LeaseId,
     keepalive: JoinHandle<()>,
+    /// Set by the keep-alive when the store no longer knows the lease
+    /// (it expired while the store was out of reach, and with it the
+    /// instances): the session must end so the sidecar registers again.
+    lost: watch::Receiver<bool>,
     closed: bool,
     /// Held while the session is open; `None` when not counted.
     _slot: Option<Slot>,
@@ -257,12 +261,24 @@ impl Sessions {
         }
 
         let period = self.shared.timeouts.timeout / 3;
+        let (lose, lost) = watch::channel(false);
+        let keepalive_node = node_id.to_owned();
         let keepalive = tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             loop {
                 tick.tick().await;
-                if let Err(e) = store.keep_alive(lease).await {
-                    tracing::warn!(lease, error = %e, "session keep-alive failed");
+                match store.keep_alive(lease).await {
+                    Ok(_) => {}
+                    Err(StoreError::LeaseNotFound(_)) => {
+                        tracing::warn!(
+                            node = ?keepalive_node,
+                            lease,
+                            "session lease expired in the store (out of reach for longer than the session timeout): ending the session so the sidecar registers again"
+                        );
+                        let _ = lose.send(true);
+                        return;
+                    }
+                    Err(e) => tracing::warn!(lease, error = %e, "session keep-alive failed"),
                 }
             }
         });
@@ -278,6 +294,7 @@ impl Sessions {
             epoch,
             lease,
             keepalive,
+            lost,
             closed: false,
             _slot: slot,
         })
@@ -452,6 +469,19 @@ impl Session {
                 )))
             }
             Some(_) => registry.set_status(instance_id, status).await,
+        }
+    }
+
+    /// Resolves once the store has lost the session's lease, and with it
+    /// the instances the session registered; never otherwise.
+    pub fn lease_lost(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut lost = self.lost.clone();
+        async move {
+            if lost.wait_for(|l| *l).await.is_err() {
+                // The keep-alive ended without losing the lease: the
+                // session is closing.
+                std::future::pending::<()>().await;
+            }
         }
     }
 

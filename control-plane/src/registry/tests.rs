@@ -633,3 +633,38 @@ async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
         .await
         .unwrap_or_else(|_| panic!("{what} hung after a write outside the registry"))
 }
+
+/// A lease the store expired while the session stayed open (the replica
+/// cut off from etcd past the session timeout) takes the instances with
+/// it: the keep-alive notices and the session says so, so the stream ends
+/// and the sidecar registers again. A session whose lease lives never
+/// says so.
+#[tokio::test]
+async fn a_session_whose_lease_the_store_lost_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _stop) = registry(dir.path()).await;
+    let sessions = Sessions::new(r.clone(), TIMEOUTS);
+    let anyone = Opener::anyone();
+    let lost = sessions
+        .open("node-a", vec![sidecar("web", 8080)], &anyone)
+        .await
+        .unwrap();
+    let kept = sessions
+        .open("node-b", vec![sidecar("web", 8081)], &anyone)
+        .await
+        .unwrap();
+    let lease = r.get("node-a.web").unwrap().lease.expect("a session lease");
+    r.store().revoke(lease).await.unwrap();
+
+    // The keep-alive runs every third of the timeout.
+    tokio::time::timeout(TIMEOUTS.timeout * 2, lost.lease_lost())
+        .await
+        .expect("the lost lease is noticed within a keep-alive period");
+    assert!(
+        tokio::time::timeout(TIMEOUTS.timeout, kept.lease_lost())
+            .await
+            .is_err(),
+        "a live lease is not reported lost"
+    );
+    assert!(r.get("node-b.web").is_some());
+}

@@ -11,6 +11,9 @@ type Outbound = mpsc::Sender<Result<SessionResponse, Status>>;
 
 struct FakeSidecar {
     streams: mpsc::UnboundedSender<(Streaming<SessionRequest>, Outbound)>,
+    /// While set, sessions are refused UNAVAILABLE, as by a control plane
+    /// that is restarting.
+    down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[tonic::async_trait]
@@ -21,6 +24,9 @@ impl Sidecar for FakeSidecar {
         &self,
         request: Request<Streaming<SessionRequest>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Status::unavailable("restarting"));
+        }
         let (tx, rx) = mpsc::channel(16);
         let _ = self.streams.send((request.into_inner(), tx));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -60,23 +66,35 @@ port = 5432
     c
 }
 
-#[tokio::test]
-async fn opens_reports_reopens_and_closes() {
+type Accepted = mpsc::UnboundedReceiver<(Streaming<SessionRequest>, Outbound)>;
+
+/// A fake control plane: its URL, the streams it accepts, and its switch.
+async fn fake() -> (String, Accepted, Arc<std::sync::atomic::AtomicBool>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let (streams, mut accepted) = mpsc::unbounded_channel();
+    let (streams, accepted) = mpsc::unbounded_channel();
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(SidecarServer::new(FakeSidecar { streams }))
+            .add_service(SidecarServer::new(FakeSidecar {
+                streams,
+                down: down.clone(),
+            }))
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
+    (url, accepted, down)
+}
 
+#[tokio::test]
+async fn opens_reports_reopens_and_closes() {
+    let (url, mut accepted, _) = fake().await;
     let session = Session::new(&config());
     let (stop, shutdown) = watch::channel(false);
     let task = spawn(
         session.clone(),
         vec![url.clone()],
         Default::default(),
+        Duration::from_secs(5),
         shutdown,
     );
 
@@ -138,4 +156,85 @@ async fn opens_reports_reopens_and_closes() {
         .unwrap()
         .unwrap();
     assert!(!session.status().connected);
+}
+
+/// Shutdown while the session is down (the control plane restarting):
+/// within the drain timeout the sidecar keeps trying, and once a control
+/// plane answers it opens a session registering nothing (which removes
+/// the node's instances) and closes it.
+#[tokio::test]
+async fn shutdown_while_down_deregisters_once_a_control_plane_answers() {
+    let (url, mut accepted, down) = fake().await;
+    let session = Session::new(&config());
+    let (stop, shutdown) = watch::channel(false);
+    let task = spawn(
+        session.clone(),
+        vec![url],
+        Default::default(),
+        Duration::from_secs(10),
+        shutdown,
+    );
+    let (mut inbound, outbound) = accepted.recv().await.unwrap();
+    assert!(matches!(next(&mut inbound).await, Kind::Open(_)));
+    let mut status = session.shared.status.subscribe();
+    status.wait_for(|s| s.opened && s.connected).await.unwrap();
+
+    // The control plane goes away, and refuses sessions for a while.
+    down.store(true, std::sync::atomic::Ordering::SeqCst);
+    drop((inbound, outbound));
+    status.wait_for(|s| !s.connected).await.unwrap();
+    stop.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!task.is_finished(), "gave up before the drain timeout");
+
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (mut inbound, outbound) = tokio::time::timeout(Duration::from_secs(5), accepted.recv())
+        .await
+        .expect("the sidecar came back to deregister")
+        .unwrap();
+    let Kind::Open(open) = next(&mut inbound).await else {
+        panic!("expected open")
+    };
+    assert_eq!(open.node_id, "web-1");
+    assert!(open.instances.is_empty(), "{open:?}");
+    assert!(matches!(next(&mut inbound).await, Kind::Close(_)));
+    drop(outbound);
+    tokio::time::timeout(Duration::from_secs(2), task)
+        .await
+        .expect("the session task ended once deregistered")
+        .unwrap();
+}
+
+/// With no control plane answering, shutdown gives up at the drain
+/// timeout rather than hanging.
+#[tokio::test]
+async fn shutdown_while_down_gives_up_at_the_drain_timeout() {
+    let (url, mut accepted, down) = fake().await;
+    let session = Session::new(&config());
+    let (stop, shutdown) = watch::channel(false);
+    let task = spawn(
+        session.clone(),
+        vec![url],
+        Default::default(),
+        Duration::from_millis(500),
+        shutdown,
+    );
+    let (mut inbound, outbound) = accepted.recv().await.unwrap();
+    assert!(matches!(next(&mut inbound).await, Kind::Open(_)));
+    let mut status = session.shared.status.subscribe();
+    status.wait_for(|s| s.opened && s.connected).await.unwrap();
+    down.store(true, std::sync::atomic::Ordering::SeqCst);
+    drop((inbound, outbound));
+    status.wait_for(|s| !s.connected).await.unwrap();
+    let stopped = std::time::Instant::now();
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(3), task)
+        .await
+        .expect("shutdown ended")
+        .unwrap();
+    assert!(
+        stopped.elapsed() >= Duration::from_millis(400),
+        "gave up after {:?}, before the drain timeout",
+        stopped.elapsed()
+    );
 }

@@ -15,6 +15,7 @@ mod dataplane;
 mod demo;
 mod durability;
 mod etcd;
+mod etcd_partition;
 mod etcd_store;
 mod grpc_js;
 mod harness;

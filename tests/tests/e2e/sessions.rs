@@ -1,7 +1,8 @@
 //! Sidecar sessions: a sidecar registers its local service and reports its
-//! health; a clean shutdown (SIGTERM) deregisters at once; a crash (kill -9)
-//! makes the instance unhealthy after the session grace and removes it after
-//! the session timeout.
+//! health; a clean shutdown (SIGTERM) deregisters at once, even when it
+//! finds the control plane down (as soon as it is back, within the drain
+//! timeout); a crash (kill -9) makes the instance unhealthy after the
+//! session grace and removes it after the session timeout.
 
 use std::time::{Duration, Instant};
 
@@ -202,4 +203,35 @@ async fn a_session_without_its_open_message_is_ended() {
         waited >= Duration::from_secs(9) && waited < Duration::from_secs(25),
         "ended after {waited:?}"
     );
+}
+
+/// A sidecar stopped while its session is down (here: its control plane
+/// killed a moment before) keeps trying within its drain timeout, and
+/// deregisters as soon as the control plane is back, rather than leaving
+/// its instance registered until the session timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_control_plane_is_down_deregisters_once_it_is_back() {
+    let mut cp = ControlPlane::start(ControlPlaneOpts {
+        session_timeout: Some(Duration::from_secs(120)),
+        ..Default::default()
+    })
+    .await;
+    let echo = EchoHttp::start("sess-4").await;
+    let mut sidecar = SidecarToml::new("sess-4", &cp.grpc_url())
+        .raw("drain_timeout = \"20s\"")
+        .service(SERVICE, echo.port(), PROBE)
+        .start()
+        .await;
+    let id = format!("sess-4.{SERVICE}");
+    until_status(&cp, &id, "healthy", Duration::from_secs(10)).await;
+
+    cp.kill9().await;
+    sidecar.process().send_term().await;
+    // The sidecar finds nobody to close its session with.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cp.restart().await;
+    let took = until_gone(&cp, &id, Duration::from_secs(10)).await;
+    eprintln!("control plane back -> deregistered after {took:?}");
+    let status = sidecar.process().wait_exit().await;
+    assert!(status.success(), "sidecar exited with {status} on SIGTERM");
 }
