@@ -99,6 +99,8 @@ struct Inner {
     /// The rate xDS lines clients can cause are logged at: the engine's
     /// refusals and the NACKs below share it.
     xds_log: isdp_xds::LogRate,
+    /// The store whose health is reported at scrape time.
+    store_health: store::StoreHealthCollector,
 }
 
 impl Default for Metrics {
@@ -185,6 +187,8 @@ impl Metrics {
         let grpc_connections = crate::tls::ConnectionCounters::default();
         grpc_connections.register(&mut registry);
         registry.register_collector(Box::new(DroppedSpans));
+        let store_health = store::StoreHealthCollector::default();
+        registry.register_collector(Box::new(store_health.clone()));
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -202,6 +206,7 @@ impl Metrics {
                 store_errors,
                 grpc_connections,
                 xds_log: isdp_xds::LogRate::default(),
+                store_health,
             }),
         }
     }
@@ -215,6 +220,12 @@ impl Metrics {
     /// at, for the ADS engine to share.
     pub fn xds_log_rate(&self) -> isdp_xds::LogRate {
         self.inner.xds_log.clone()
+    }
+
+    /// Reports `store`'s health (`isdp_store_up`, `isdp_store_failures_total`)
+    /// from now on; only the first store given counts.
+    pub fn follow_store_health(&self, store: Arc<dyn crate::store::Store>) {
+        let _ = self.inner.store_health.0.set(store);
     }
 
     /// The Prometheus text exposition (format 0.0.4).
