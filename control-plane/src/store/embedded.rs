@@ -6,6 +6,11 @@
 //! commit is what lets durable writes scale with concurrency instead of with
 //! the disk's fsync rate. Watchers are served from an in-memory history of
 //! recent revisions plus a broadcast of new ones.
+//!
+//! Faults: a damaged file is an error at open naming it (`file`); after an
+//! I/O error (a full disk) the writer answers every caller UNAVAILABLE with
+//! the cause and reopens the file with backoff until a commit works again
+//! (`failure`, `recover`), and [`Store::health`] says so meanwhile.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -366,6 +371,7 @@ impl Store for EmbeddedStore {
     }
 }
 
+mod failure;
 mod file;
 mod recover;
 mod writer;

@@ -31,6 +31,7 @@ mod revocation;
 mod roles;
 mod secrets;
 mod sessions;
+mod store_faults;
 mod stream_lifetime;
 mod stream_limits;
 mod tracing;

@@ -6,62 +6,17 @@
 //! views keep serving what they hold meanwhile, and `/ready` says why the
 //! store is failed.
 
-use std::{
-    sync::{Arc, Weak},
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Instant};
 
 use redb::{Database, ReadableDatabase};
 
 use super::{
-    Slot, file,
-    writer::{Pending, Writer},
+    Slot,
+    failure::{FIRST_RETRY, Failed, MAX_RETRY, Pending, READ_WAIT},
+    file,
+    writer::Writer,
 };
-use crate::store::{Revision, StoreError};
-
-/// First wait before reopening, doubled after each failed attempt.
-const FIRST_RETRY: Duration = Duration::from_millis(100);
-/// Longest wait between attempts.
-const MAX_RETRY: Duration = Duration::from_secs(5);
-/// Wait while a read still holds the old database.
-const READ_WAIT: Duration = Duration::from_millis(10);
-
-pub(super) struct Failed {
-    /// The error that failed the store.
-    cause: String,
-    /// Why the latest reopen did not work.
-    last_attempt: Option<String>,
-    attempts: u32,
-    backoff: Duration,
-    next: Instant,
-    /// The failed database: a reopen waits until no read holds it.
-    old: Weak<Database>,
-    /// The batch that failed in its commit, in case it landed after all.
-    pending: Option<Pending>,
-}
-
-impl Failed {
-    pub(super) fn next_attempt(&self) -> Instant {
-        self.next
-    }
-
-    /// What every caller is answered while the store is failed.
-    pub(super) fn refusal(&self) -> StoreError {
-        StoreError::Unavailable(self.describe())
-    }
-
-    fn describe(&self) -> String {
-        let mut text = format!("embedded store: {}; writes are refused", self.cause);
-        match &self.last_attempt {
-            Some(e) => text.push_str(&format!(
-                " until the file can be reopened (attempt {} failed: {e})",
-                self.attempts
-            )),
-            None => text.push_str(" until the file is reopened"),
-        }
-        text
-    }
-}
+use crate::store::Revision;
 
 // === impl Writer ===
 

@@ -10,8 +10,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     KV, LEASE_KEYS, LEASES, LeaseState, META, Request, Shared, encode_kv,
+    failure::{Failed, Pending},
     file::{self, Opener, decode_kv, lease_of},
-    recover::Failed,
 };
 use crate::store::{
     Compare, Event, KeyValue, LeaseId, Op, Revision, StoreError, Txn, TxnOutcome, WatchBatch,
@@ -53,16 +53,6 @@ pub(super) struct Fatal(pub(super) String);
 
 fn fatal(e: impl std::fmt::Display) -> Fatal {
     Fatal(e.to_string())
-}
-
-/// A batch whose commit failed with an I/O error: usually nothing of it
-/// is on disk, but an error while syncing leaves that open. The reopen
-/// reads the file's revision and, if the batch is there, publishes it.
-pub(super) struct Pending {
-    pub(super) to: Revision,
-    pub(super) produced: Vec<WatchBatch>,
-    pub(super) grants: Vec<(LeaseId, Duration)>,
-    pub(super) revokes: Vec<LeaseId>,
 }
 
 impl Writer {
