@@ -86,6 +86,12 @@ pub struct Config {
     #[arg(long, env = "ISDP_ETCD_PASSWORD", hide_env_values = true)]
     pub etcd_password: Option<String>,
 
+    /// How long every call may fail to reach etcd before `/ready` says 503
+    /// (and `isdp_store_up` 0): longer than one call's 3 s bound and an
+    /// etcd election, so a blip does not take the replica out. Default 10s.
+    #[arg(long, env = "ISDP_ETCD_UNREADY_AFTER", value_parser = humantime::parse_duration)]
+    pub etcd_unready_after: Option<Duration>,
+
     /// TTL of the lease that makes one replica the leader for work that must
     /// run once (health checks of operator-registered instances). A killed
     /// leader is replaced within about this long. Ignored by the embedded
@@ -432,6 +438,7 @@ impl Config {
                 ("--etcd-key-file", self.etcd_key_file.is_some()),
                 ("--etcd-username", self.etcd_username.is_some()),
                 ("--etcd-password", self.etcd_password.is_some()),
+                ("--etcd-unready-after", self.etcd_unready_after.is_some()),
             ];
             if let Some((flag, _)) = set.iter().find(|(_, on)| *on) {
                 return Err(format!("{flag} needs --store etcd (the store is embedded)"));
@@ -507,6 +514,7 @@ impl Config {
             key_file: self.etcd_key_file.clone(),
             username: self.etcd_username.clone(),
             password: self.etcd_password.clone(),
+            unready_after: self.etcd_unready_after,
         }
     }
 }

@@ -100,6 +100,8 @@ struct Inner {
     /// refused calls, the TLS listener's refused certificates, the xDS
     /// engine's refusals and the NACKs below share it.
     client_log: isdp_xds::LogRate,
+    /// The store whose health is reported at scrape time.
+    store_health: store::StoreHealthCollector,
 }
 
 impl Default for Metrics {
@@ -186,6 +188,8 @@ impl Metrics {
         let grpc_connections = crate::tls::ConnectionCounters::default();
         grpc_connections.register(&mut registry);
         registry.register_collector(Box::new(DroppedSpans));
+        let store_health = store::StoreHealthCollector::default();
+        registry.register_collector(Box::new(store_health.clone()));
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -203,6 +207,7 @@ impl Metrics {
                 store_errors,
                 grpc_connections,
                 client_log: isdp_xds::LogRate::default(),
+                store_health,
             }),
         }
     }
@@ -217,6 +222,12 @@ impl Metrics {
     /// share.
     pub fn client_log_rate(&self) -> isdp_xds::LogRate {
         self.inner.client_log.clone()
+    }
+
+    /// Reports `store`'s health (`isdp_store_up`, `isdp_store_failures_total`)
+    /// from now on; only the first store given counts.
+    pub fn follow_store_health(&self, store: Arc<dyn crate::store::Store>) {
+        let _ = self.inner.store_health.0.set(store);
     }
 
     /// The Prometheus text exposition (format 0.0.4).

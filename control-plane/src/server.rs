@@ -109,6 +109,7 @@ impl Server {
             admin_addr,
         } = self;
         let metrics = metrics::Metrics::new();
+        metrics.follow_store_health(store.store());
         let mut tasks = Tasks::default();
         let views =
             Views::start(&config, &store, grpc_addr, &metrics, &shutdown, &mut tasks).await?;
@@ -128,6 +129,7 @@ impl Server {
             admin,
             metrics.clone(),
             views.registry.clone(),
+            store.store(),
             shutdown.clone(),
         ));
         let ads = AdsService::new(

@@ -11,12 +11,15 @@
 pub mod embedded;
 pub mod etcd;
 pub mod follow;
+pub mod health;
 pub mod progress;
 
 use std::{pin::Pin, time::Duration};
 
 use bytes::Bytes;
 use futures::Stream;
+
+pub use health::StoreHealth;
 
 /// A global, strictly increasing version of the whole store. Every committed
 /// transaction that changes something gets the next one.
@@ -245,4 +248,10 @@ pub trait Store: Send + Sync + 'static {
     async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError>;
     /// Deletes every key attached to the lease now.
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError>;
+
+    /// Whether the store can be written now (`/ready`, metrics). Test
+    /// doubles are always healthy.
+    fn health(&self) -> StoreHealth {
+        StoreHealth::default()
+    }
 }

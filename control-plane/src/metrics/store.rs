@@ -1,9 +1,15 @@
 //! A [`Store`] decorator that times every operation and counts failures by
 //! kind, whatever the backend.
 
-use std::{sync::Arc, time::Duration, time::Instant};
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+    time::Instant,
+};
 
-use crate::store::{KeyValue, LeaseId, Revision, Store, StoreError, Txn, TxnOutcome, WatchStream};
+use crate::store::{
+    KeyValue, LeaseId, Revision, Store, StoreError, StoreHealth, Txn, TxnOutcome, WatchStream,
+};
 
 use super::Metrics;
 
@@ -65,5 +71,51 @@ impl Store for InstrumentedStore {
         let r = self.inner.revoke(lease).await;
         self.record("revoke", start, &r);
         r
+    }
+
+    fn health(&self) -> StoreHealth {
+        self.inner.health()
+    }
+}
+
+/// The store's health, read at scrape time: `isdp_store_up` (1 while the
+/// store can be written) and `isdp_store_failures_total` (times it could
+/// not be any more). Reports nothing until a store is set.
+#[derive(Clone, Default)]
+pub(super) struct StoreHealthCollector(pub(super) Arc<OnceLock<Arc<dyn Store>>>);
+
+impl std::fmt::Debug for StoreHealthCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreHealthCollector")
+    }
+}
+
+impl prometheus_client::collector::Collector for StoreHealthCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::{
+            encoding::EncodeMetric,
+            metrics::{TypedMetric, counter::ConstCounter, gauge::ConstGauge},
+        };
+        let Some(store) = self.0.get() else {
+            return Ok(());
+        };
+        let health = store.health();
+        let up = ConstGauge::new(i64::from(health.is_healthy()));
+        up.encode(encoder.encode_descriptor(
+            "store_up",
+            "1 while the store can be written; 0 while it is failed (see /ready for why)",
+            None,
+            ConstGauge::<i64>::TYPE,
+        )?)?;
+        let failures = ConstCounter::new(health.failures);
+        failures.encode(encoder.encode_descriptor(
+            "store_failures",
+            "Times the store stopped accepting writes (an I/O error, etcd unreachable)",
+            None,
+            ConstCounter::<u64>::TYPE,
+        )?)
     }
 }

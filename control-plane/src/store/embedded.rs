@@ -6,6 +6,11 @@
 //! commit is what lets durable writes scale with concurrency instead of with
 //! the disk's fsync rate. Watchers are served from an in-memory history of
 //! recent revisions plus a broadcast of new ones.
+//!
+//! Faults: a damaged file is an error at open naming it (`file`); after an
+//! I/O error (a full disk) the writer answers every caller UNAVAILABLE with
+//! the cause and reopens the file with backoff until a commit works again
+//! (`failure`, `recover`), and [`Store::health`] says so meanwhile.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -14,13 +19,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use redb::{Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, MultimapTableDefinition, ReadableDatabase, TableDefinition};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{
-    Event, KeyValue, LeaseId, Revision, Store, StoreError, Txn, TxnOutcome, WatchBatch, WatchStream,
+    Event, KeyValue, LeaseId, Revision, Store, StoreError, StoreHealth, Txn, TxnOutcome,
+    WatchBatch, WatchStream,
 };
+use file::decode_kv;
 
 /// key -> [mod_revision u64 LE][lease u64 LE, 0 = none][value].
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
@@ -53,14 +59,25 @@ pub struct EmbeddedStore {
 }
 
 struct Shared {
-    /// Taken out by [`EmbeddedStore::close`], so the file is released even
+    /// The open database for reads; the writer swaps it on a reopen, and
+    /// [`EmbeddedStore::close`] takes it out, so the file is released even
     /// while other handles (timers, tasks) still exist.
-    db: std::sync::RwLock<Option<Arc<Database>>>,
+    db: std::sync::RwLock<Slot>,
     /// Recent revisions, oldest first, plus the revision before the oldest
     /// one kept (watching from earlier than that needs a resync).
     history: Mutex<History>,
     events: broadcast::Sender<Arc<WatchBatch>>,
     leases: Mutex<HashMap<LeaseId, LeaseState>>,
+    /// Set by the writer: why writes fail now, and how often they have.
+    health: Mutex<StoreHealth>,
+}
+
+/// The database as readers find it.
+enum Slot {
+    Open(Arc<Database>),
+    /// An I/O error stopped the database; the writer is reopening it.
+    Failed(String),
+    Closed,
 }
 
 struct History {
@@ -91,63 +108,62 @@ impl EmbeddedStore {
     /// Opens (or creates) `<dir>/store.redb` and starts the writer thread and
     /// the lease reaper. The reaper stops when the last handle is dropped.
     /// A new directory is made 0700 and a new file 0600 (redb itself would
-    /// create it with the umask's mode).
+    /// create it with the umask's mode). A file that cannot be opened or
+    /// read (damaged, truncated, in use) is an error naming it and what to
+    /// do.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         crate::data_dir::create_dir(dir).map_err(unavailable)?;
         let path = dir.join(crate::data_dir::STORE_FILE);
         crate::data_dir::create_secret_file(&path).map_err(unavailable)?;
-        let db = Database::builder()
-            .set_cache_size(16 << 20)
-            .create(path)
-            .map_err(unavailable)?;
-        let (revision, leases) = {
-            let w = db.begin_write().map_err(unavailable)?;
-            let rev;
-            let mut leases = HashMap::new();
-            {
-                index_leases(&w)?;
-                w.open_table(KV).map_err(unavailable)?;
-                let meta = w.open_table(META).map_err(unavailable)?;
-                rev = meta
-                    .get("revision")
-                    .map_err(unavailable)?
-                    .map(|g| g.value())
-                    .unwrap_or(0);
-                let table = w.open_table(LEASES).map_err(unavailable)?;
-                let now = Instant::now();
-                for row in table.iter().map_err(unavailable)? {
-                    let (id, ttl) = row.map_err(unavailable)?;
-                    let ttl = Duration::from_millis(ttl.value());
-                    leases.insert(
-                        id.value(),
-                        LeaseState {
-                            ttl,
-                            deadline: now + ttl,
-                        },
-                    );
-                }
-            }
-            w.commit().map_err(unavailable)?;
-            (rev, leases)
-        };
+        Self::open_with(&path, file::opener(path.clone()))
+    }
+
+    /// Opens the database `open` gives (the file at `path`, or in tests a
+    /// backend that fails on demand).
+    fn open_with(path: &Path, open: file::Opener) -> Result<Self, StoreError> {
+        let db = file::open(&open)
+            .map_err(|cause| file::startup_error(path, &cause, file::already_open(&cause)))?;
+        let loaded = file::load(&db).map_err(|cause| file::startup_error(path, &cause, false))?;
         let (events, _) = broadcast::channel(HISTORY);
         let db = Arc::new(db);
         let shared = Arc::new(Shared {
-            db: std::sync::RwLock::new(Some(db.clone())),
+            db: std::sync::RwLock::new(Slot::Open(db.clone())),
             history: Mutex::new(History {
                 batches: VecDeque::new(),
-                start: revision,
+                start: loaded.revision,
             }),
             events,
-            leases: Mutex::new(leases),
+            leases: Mutex::new(loaded.leases),
+            health: Mutex::new(StoreHealth::default()),
         });
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
+        let writer = Writer::new(shared.clone(), db, loaded.revision, open);
         let writer_shared = shared.clone();
         let (closed_tx, closed) = tokio::sync::watch::channel(false);
+        // The writer's own clock, to wait for requests and for its next
+        // reopen attempt at once.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(unavailable)?;
         std::thread::Builder::new()
             .name("isdp-store-writer".into())
             .spawn(move || {
-                Writer::new(writer_shared, db, revision).run(rx);
+                let run = std::panic::AssertUnwindSafe(|| writer.run(rx, rt));
+                if let Err(panic) = std::panic::catch_unwind(run) {
+                    let cause = format!(
+                        "the store's writer thread stopped ({}); restart the control plane",
+                        file::panic_text(&*panic)
+                    );
+                    tracing::error!(error = %cause, "store writer panicked");
+                    let mut health = writer_shared.health.lock().expect("health lock");
+                    health.failures += 1;
+                    health.problem = Some(cause.clone());
+                    let mut slot = writer_shared.db.write().expect("db lock");
+                    if !matches!(*slot, Slot::Closed) {
+                        *slot = Slot::Failed(format!("embedded store: {cause}"));
+                    }
+                }
                 let _ = closed_tx.send(true);
             })
             .map_err(unavailable)?;
@@ -166,7 +182,7 @@ impl EmbeddedStore {
     /// Commits what is queued, then closes the database file so it can be
     /// opened again; every handle fails with [`StoreError::Closed`] after.
     pub async fn close(self) {
-        self.shared.db.write().expect("db lock").take();
+        *self.shared.db.write().expect("db lock") = Slot::Closed;
         let _ = self.writer.send(Request::Close).await;
         let mut closed = self.closed.clone();
         drop(self);
@@ -187,6 +203,8 @@ impl EmbeddedStore {
 }
 
 /// Revokes leases whose keep-alives stopped; their keys go with them.
+/// Runs as long as the store does: while the store cannot be written it
+/// waits (the leases stay expired and are revoked once it recovers).
 async fn reap_leases(shared: std::sync::Weak<Shared>, writer: mpsc::WeakSender<Request>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
@@ -194,6 +212,9 @@ async fn reap_leases(shared: std::sync::Weak<Shared>, writer: mpsc::WeakSender<R
         let (Some(shared), Some(writer)) = (shared.upgrade(), writer.upgrade()) else {
             return;
         };
+        if !shared.health.lock().expect("health lock").is_healthy() {
+            continue;
+        }
         let now = Instant::now();
         let expired: Vec<LeaseId> = shared
             .leases
@@ -210,8 +231,11 @@ async fn reap_leases(shared: std::sync::Weak<Shared>, writer: mpsc::WeakSender<R
             }
             match rx.await {
                 Ok(Ok(())) => tracing::info!(lease = id, "lease expired; its keys were deleted"),
-                Ok(Err(e)) => tracing::warn!(lease = id, error = %e, "revoking expired lease"),
-                Err(_) => return,
+                Ok(Err(StoreError::Closed)) | Err(_) => return,
+                Ok(Err(e)) => {
+                    tracing::warn!(lease = id, error = %e, "revoking expired lease; retrying");
+                    break;
+                }
             }
         }
     }
@@ -220,13 +244,11 @@ async fn reap_leases(shared: std::sync::Weak<Shared>, writer: mpsc::WeakSender<R
 #[async_trait::async_trait]
 impl Store for EmbeddedStore {
     async fn range(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
-        let db = self
-            .shared
-            .db
-            .read()
-            .expect("db lock")
-            .clone()
-            .ok_or(StoreError::Closed)?;
+        let db = match &*self.shared.db.read().expect("db lock") {
+            Slot::Open(db) => db.clone(),
+            Slot::Failed(reason) => return Err(StoreError::Unavailable(reason.clone())),
+            Slot::Closed => return Err(StoreError::Closed),
+        };
         let prefix = prefix.to_owned();
         tokio::task::spawn_blocking(move || {
             let r = db.begin_read().map_err(unavailable)?;
@@ -244,7 +266,7 @@ impl Store for EmbeddedStore {
                 if !k.value().starts_with(&prefix) {
                     break;
                 }
-                out.push(decode_kv(k.value(), v.value()));
+                out.push(decode_kv(k.value(), v.value())?);
             }
             Ok((out, rev))
         })
@@ -343,54 +365,20 @@ impl Store for EmbeddedStore {
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
         self.request(|tx| Request::Revoke(lease, tx)).await
     }
-}
 
-/// Builds the lease index of a store written before it existed: one scan,
-/// at startup, outside any caller's wait.
-fn index_leases(w: &redb::WriteTransaction) -> Result<(), StoreError> {
-    let mut meta = w.open_table(META).map_err(unavailable)?;
-    if meta.get("lease_index").map_err(unavailable)?.is_some() {
-        return Ok(());
-    }
-    let kv = w.open_table(KV).map_err(unavailable)?;
-    let mut by_lease = w.open_multimap_table(LEASE_KEYS).map_err(unavailable)?;
-    for row in kv.iter().map_err(unavailable)? {
-        let (k, v) = row.map_err(unavailable)?;
-        if let Some(lease) = lease_of(v.value()) {
-            by_lease.insert(lease, k.value()).map_err(unavailable)?;
-        }
-    }
-    meta.insert("lease_index", 1).map_err(unavailable)?;
-    Ok(())
-}
-
-/// The lease of a stored value, without copying the value.
-fn lease_of(raw: &[u8]) -> Option<LeaseId> {
-    let lease = u64::from_le_bytes(raw.get(8..16)?.try_into().ok()?);
-    (lease != 0).then_some(lease)
-}
-
-fn decode_kv(key: &str, raw: &[u8]) -> KeyValue {
-    let rev = u64::from_le_bytes(raw[0..8].try_into().expect("8 bytes"));
-    let lease = u64::from_le_bytes(raw[8..16].try_into().expect("8 bytes"));
-    KeyValue {
-        key: key.to_owned(),
-        value: Bytes::copy_from_slice(&raw[16..]),
-        mod_revision: rev,
-        lease: (lease != 0).then_some(lease),
+    fn health(&self) -> StoreHealth {
+        self.shared.health.lock().expect("health lock").clone()
     }
 }
 
-fn encode_kv(rev: Revision, lease: Option<LeaseId>, value: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + value.len());
-    out.extend_from_slice(&rev.to_le_bytes());
-    out.extend_from_slice(&lease.unwrap_or(0).to_le_bytes());
-    out.extend_from_slice(value);
-    out
-}
-
+mod failure;
+mod file;
+mod recover;
 mod writer;
+use file::encode_kv;
 use writer::Writer;
 
+#[cfg(test)]
+mod faults;
 #[cfg(test)]
 mod tests;

@@ -33,7 +33,8 @@ use tonic::Status;
 pub use client::Client;
 
 use super::{
-    Compare, KeyValue, LeaseId, Op, Revision, Store, StoreError, Txn, TxnOutcome, WatchStream,
+    Compare, KeyValue, LeaseId, Op, Revision, Store, StoreError, StoreHealth, Txn, TxnOutcome,
+    WatchStream, health::CallHealth,
 };
 
 /// Longest any single etcd call may take, retries included, before it
@@ -62,7 +63,14 @@ pub struct EtcdOptions {
     /// etcd user and password, when etcd has authentication enabled.
     pub username: Option<String>,
     pub password: Option<String>,
+    /// How long every call may fail to reach etcd before the store counts
+    /// as failed (`/ready` 503); [`UNREADY_AFTER`] when unset.
+    pub unready_after: Option<Duration>,
 }
+
+/// Default of [`EtcdOptions::unready_after`]: longer than a call's own
+/// bound and an etcd election, so one slow call does not flip readiness.
+pub const UNREADY_AFTER: Duration = Duration::from_secs(10);
 
 /// A handle to the etcd cluster; clones share the connection.
 #[derive(Clone)]
@@ -74,6 +82,8 @@ struct Shared {
     client: Client,
     /// The endpoints, for error messages.
     endpoints: Arc<str>,
+    /// Whether calls reach etcd, for `/ready` and the metrics.
+    health: CallHealth,
 }
 
 // === impl EtcdStore ===
@@ -87,8 +97,13 @@ impl EtcdStore {
         let client = Client::connect(options)
             .await
             .map_err(|what| StoreError::Unavailable(format!("etcd at {endpoints}: {what}")))?;
+        let health = CallHealth::new(options.unready_after.unwrap_or(UNREADY_AFTER));
         Ok(EtcdStore {
-            shared: Arc::new(Shared { client, endpoints }),
+            shared: Arc::new(Shared {
+                client,
+                endpoints,
+                health,
+            }),
         })
     }
 
@@ -112,7 +127,21 @@ impl EtcdStore {
     /// tolerates that: compare-and-set writes then fail their compare and
     /// are re-read and retried by their caller, the others (session puts,
     /// deletes, lease calls) have the same effect applied twice.
-    async fn call<T, Fut>(&self, mut f: impl FnMut(Client) -> Fut) -> Result<T, Failure>
+    async fn call<T, Fut>(&self, f: impl FnMut(Client) -> Fut) -> Result<T, Failure>
+    where
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let r = self.attempts(f).await;
+        match &r {
+            Err(f) if f.transient() => self.shared.health.unreachable(f.describe()),
+            _ => self.shared.health.reached(),
+        }
+        r
+    }
+
+    /// [`Self::call`]'s attempts, until one succeeds, fails for good, or
+    /// the time is up.
+    async fn attempts<T, Fut>(&self, mut f: impl FnMut(Client) -> Fut) -> Result<T, Failure>
     where
         Fut: Future<Output = Result<T, Failure>>,
     {
@@ -184,6 +213,15 @@ impl Failure {
             ),
             Failure::LeaseGone => false,
             Failure::Timeout => true,
+        }
+    }
+
+    /// For health: what the last failed call met.
+    fn describe(&self) -> String {
+        match self {
+            Failure::Etcd(s) => client::describe(s),
+            Failure::LeaseGone => "lease gone".into(),
+            Failure::Timeout => format!("no answer within {REQUEST_TIMEOUT:?}"),
         }
     }
 }
@@ -355,6 +393,16 @@ impl Store for EtcdStore {
         })
         .await
         .map_err(|f| self.fail("lease revoke", f, Some(id)))
+    }
+
+    /// Failed once every call has failed to reach etcd for longer than
+    /// [`EtcdOptions::unready_after`]; the reason names the endpoints.
+    fn health(&self) -> StoreHealth {
+        let mut health = self.shared.health.health();
+        if let Some(problem) = &mut health.problem {
+            *problem = format!("etcd at {} {problem}", self.shared.endpoints);
+        }
+        health
     }
 }
 

@@ -33,6 +33,7 @@ mod roles;
 mod secrets;
 mod sessions;
 mod sidecar_limits;
+mod store_faults;
 mod stream_lifetime;
 mod stream_limits;
 mod tracing;
