@@ -1,54 +1,65 @@
 //! Propagation latency: from just before an operator's `Register` call to
-//! the moment each of many delta ADS streams receives a response naming the
-//! new instance.
+//! the moment each of many ADS streams receives a response carrying the
+//! change, in the two protocols the control plane serves:
+//!
+//! - **delta**: the sidecar's, one delta stream per sidecar subscribing to
+//!   the service's `isdp.v1.ServiceEndpoints` (`propagation/delta.rs`);
+//! - **sotw**: proxyless gRPC's, one state-of-the-world stream per client
+//!   holding the service's standard `Listener`, `RouteConfiguration`,
+//!   `Cluster` and `ClusterLoadAssignment` by name, the change arriving in
+//!   the assignment (`propagation/sotw.rs`).
 //!
 //! The control plane runs in process on loopback; the streams stand in for
-//! sidecars. They are spread over a few HTTP/2 connections (each below the
-//! server's default of 200 concurrent streams per connection) and ACK every
-//! response at once, because the server keeps one response per type in
-//! flight per stream until it is ACKed: a slow ACK would show up here as
-//! latency the server did not cause.
+//! sidecars and clients. They are spread over a few HTTP/2 connections
+//! (each below the server's default of 200 concurrent streams per
+//! connection) and ACK every response at once, because the server keeps
+//! one response per type in flight per stream until it is ACKed: a slow ACK
+//! would show up here as latency the server did not cause. Each connection
+//! carries its own join token (a client service whose upstream is the
+//! watched service), as callers of one service in a mesh join under their
+//! own services' tokens: STREAMS / CONNECTIONS streams per principal stays
+//! under `--max-streams-per-principal` (1000) and their names far under
+//! the per-principal name budget, so the control plane runs with its
+//! default flags.
 //!
-//! A round seeds a service of `POOL` instances (a typical service size),
-//! opens the streams, waits until every stream holds it, makes a few warm-up
-//! changes, then makes `CHANGES` registration changes one at a time,
-//! `SPACING_MS` apart: change `i` re-registers instance `i % POOL` with
-//! metadata `change=i`, so the resource keeps its size and every stream must
-//! decode what a real sidecar would. Every (stream, change) pair is one
-//! sample. Rounds use fresh servers; the report gives each round's
-//! percentiles and the percentiles over all rounds' samples.
+//! A round seeds `SERVICES` other services of one instance each (the rest
+//! of a mesh, which the standard translation's Envoy route configuration
+//! holds as one virtual host each), then a service of `POOL` instances (a
+//! typical service size), opens the streams of one protocol, waits until
+//! every stream holds it, makes a few warm-up changes, then makes
+//! `CHANGES` registration changes one at a time, `SPACING_MS` apart:
+//! change `i` re-registers instance `i % POOL` with metadata `change=i`
+//! and weight `i + 1` (what the delta and the state-of-the-world streams
+//! read back respectively), so the resource keeps its size and every
+//! stream must decode what a real client would. Every (stream, change)
+//! pair is one sample. Rounds use fresh servers and alternate the two
+//! protocols, so the machine's noise falls on both alike; the report gives
+//! each round's percentiles, the percentiles over all rounds' samples, and
+//! the state-of-the-world figures as a ratio of the delta ones.
 //!
-//! The same rounds run on both backends in one run: the embedded store,
-//! then a 3-member etcd cluster on loopback (started by the test harness;
-//! the `etcd` binary must be installed, see README), where a change travels
-//! Register -> etcd -> the replica's watch -> snapshot -> streams.
+//! The same rounds run on both backends in one run (`ETCD=0` skips the
+//! second): the embedded store, then a 3-member etcd cluster on loopback
+//! (started by the test harness; the `etcd` binary must be installed, see
+//! README), where a change travels Register -> etcd -> the replica's watch
+//! -> publishers -> streams.
 
+#[path = "propagation/delta.rs"]
+mod delta;
+#[path = "propagation/sotw.rs"]
+mod sotw;
 mod support;
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use envoy_types::pb::envoy::{
-    config::core::v3::Node,
-    service::discovery::v3::{
-        DeltaDiscoveryRequest, DeltaDiscoveryResponse,
-        aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
-    },
-};
-use isdp_proto::v1::{
-    RegisterRequest, SERVICE_ENDPOINTS_TYPE_URL, ServiceEndpoints, registry_client::RegistryClient,
-};
-use prost::Message;
+use isdp_control_plane::registry::validate::MAX_WEIGHT;
+use isdp_proto::v1::{RegisterRequest, registry_client::RegistryClient};
 use support::Channel;
 use support::{InProcess, ms, percentile};
 use tokio::{
     sync::{mpsc, watch},
     task::JoinSet,
 };
-use tokio_stream::wrappers::ReceiverStream;
 
 const SERVICE: &str = "bench-svc";
 /// Instances of the watched service.
@@ -65,6 +76,29 @@ struct Knobs {
     changes: usize,
     spacing: Duration,
     rounds: usize,
+    services: usize,
+    etcd: bool,
+}
+
+/// How the streams of a round follow the watched service.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// `ServiceEndpoints` over delta ADS, as sidecars.
+    Delta,
+    /// The four standard resources over state-of-the-world ADS, as
+    /// proxyless gRPC.
+    Sotw,
+}
+
+impl Protocol {
+    const ALL: [Protocol; 2] = [Protocol::Delta, Protocol::Sotw];
+
+    fn label(self) -> &'static str {
+        match self {
+            Protocol::Delta => "delta",
+            Protocol::Sotw => "sotw",
+        }
+    }
 }
 
 /// What one round measured.
@@ -80,13 +114,24 @@ struct Round {
 }
 
 fn main() -> anyhow::Result<()> {
+    if !support::measuring("propagation") {
+        return Ok(());
+    }
     let k = Knobs {
         streams: support::knob("STREAMS", 1_000)?,
         connections: support::knob("CONNECTIONS", 8)?,
         changes: support::knob("CHANGES", 100)?,
         spacing: Duration::from_millis(support::knob("SPACING_MS", 50)? as u64),
         rounds: support::knob("ROUNDS", 3)?,
+        services: support::knob("SERVICES", 0)?,
+        etcd: support::knob("ETCD", 1)? != 0,
     };
+    // Change `i` is carried as weight `i + 1`.
+    anyhow::ensure!(
+        1 + WARMUP + k.changes <= MAX_WEIGHT as usize,
+        "ISDP_BENCH_CHANGES must be below {}",
+        MAX_WEIGHT as usize - WARMUP
+    );
     support::header(
         "propagation",
         &[
@@ -95,36 +140,62 @@ fn main() -> anyhow::Result<()> {
             ("CHANGES", k.changes),
             ("SPACING_MS", k.spacing.as_millis() as usize),
             ("ROUNDS", k.rounds),
+            ("SERVICES", k.services),
+            ("ETCD", usize::from(k.etcd)),
         ],
     );
     let rt = tokio::runtime::Runtime::new()?;
     let by_backend = rt.block_on(async {
-        let mut etcd = support::Etcd::start().await;
-        println!("etcd: 3 members at {}", etcd.endpoints);
+        let mut etcd = None;
+        if k.etcd {
+            let cluster = support::Etcd::start().await;
+            println!("etcd: 3 members at {}", cluster.endpoints);
+            etcd = Some(cluster);
+        }
         let mut by_backend = Vec::new();
         for on_etcd in [false, true] {
-            let label = if on_etcd { "etcd" } else { "embedded" };
-            let mut rounds = Vec::with_capacity(k.rounds);
-            for r in 0..k.rounds {
-                let round = run_round(&k, on_etcd.then_some(&mut etcd))
-                    .await
-                    .with_context(|| format!("{label} round {}", r + 1))?;
-                print_round(&format!("{label} round {}", r + 1), &round);
-                rounds.push(round);
+            if on_etcd && etcd.is_none() {
+                continue;
             }
-            by_backend.push((label, rounds));
+            let label = if on_etcd { "etcd" } else { "embedded" };
+            let mut by_protocol: Vec<Vec<Round>> =
+                Protocol::ALL.iter().map(|_| Vec::new()).collect();
+            for r in 0..k.rounds {
+                for (p, &protocol) in Protocol::ALL.iter().enumerate() {
+                    let name = format!("{label} {} round {}", protocol.label(), r + 1);
+                    let backend = if on_etcd { etcd.as_mut() } else { None };
+                    let round = run_round(&k, protocol, backend)
+                        .await
+                        .with_context(|| name.clone())?;
+                    print_round(&name, &round);
+                    by_protocol[p].push(round);
+                }
+            }
+            by_backend.push((label, by_protocol));
         }
         Ok::<_, anyhow::Error>(by_backend)
     })?;
     println!();
-    for (label, rounds) in &by_backend {
-        summarize(label, rounds);
+    for (label, by_protocol) in &by_backend {
+        let mut medians = Vec::new();
+        for (protocol, rounds) in Protocol::ALL.iter().zip(by_protocol) {
+            medians.push(summarize(&format!("{label} {}", protocol.label()), rounds));
+        }
+        let [(d50, d99), (s50, s99)] = medians[..] else {
+            unreachable!("two protocols")
+        };
+        println!(
+            "{label}: sotw / delta: p50 {:.2}x ({s50:.1} / {d50:.1} ms), p99 {:.2}x ({s99:.1} / {d99:.1} ms)",
+            s50 / d50,
+            s99 / d99,
+        );
     }
     Ok(())
 }
 
-/// Percentiles over every round's samples, and the median per-round p99.
-fn summarize(label: &str, rounds: &[Round]) {
+/// Percentiles over every round's samples, and the median per-round p50
+/// and p99 (returned).
+fn summarize(label: &str, rounds: &[Round]) -> (f64, f64) {
     let all = Round {
         latencies: rounds
             .iter()
@@ -149,19 +220,37 @@ fn summarize(label: &str, rounds: &[Round]) {
         .iter()
         .map(|r| ms(sorted_pct(&r.latencies, 99.0)))
         .collect();
-    println!(
-        "{label}: median of per-round p50 {:.1} ms, p99 {:.1} ms (target: p99 < 50 ms)",
-        support::median(&p50s),
-        support::median(&p99s)
-    );
+    let (p50, p99) = (support::median(&p50s), support::median(&p99s));
+    println!("{label}: median of per-round p50 {p50:.1} ms, p99 {p99:.1} ms (target: p99 < 50 ms)");
+    (p50, p99)
 }
 
-async fn run_round(k: &Knobs, etcd: Option<&mut support::Etcd>) -> anyhow::Result<Round> {
+async fn run_round(
+    k: &Knobs,
+    protocol: Protocol,
+    etcd: Option<&mut support::Etcd>,
+) -> anyhow::Result<Round> {
     let dir = support::data_dir()?;
     let server = InProcess::start_round(dir.path(), etcd).await?;
     let operator = support::channels(server.grpc_addr, &server.auth, 1)
         .await?
         .remove(0);
+    // The rest of the mesh first: the watched service's registrations then
+    // reach every publisher after it.
+    let others = support::register_bulk(
+        std::slice::from_ref(&operator),
+        64,
+        k.services,
+        Duration::from_secs(600),
+        |i| support::instance(&format!("bench-other-{i:05}"), i),
+    )
+    .await?;
+    anyhow::ensure!(
+        others.done == k.services,
+        "registered {} of {} other services",
+        others.done,
+        k.services
+    );
     let mut registry = RegistryClient::new(operator);
     let total = 1 + WARMUP + k.changes;
     for slot in 0..POOL {
@@ -170,8 +259,7 @@ async fn run_round(k: &Knobs, etcd: Option<&mut support::Etcd>) -> anyhow::Resul
 
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let streams = open_streams(server.grpc_addr, &server.auth, k, total, ready_tx, stop_rx).await?;
-    let mut streams = streams;
+    let mut streams = open_streams(&server, protocol, k, total, ready_tx, stop_rx).await?;
     for _ in 0..k.streams {
         ready_rx
             .recv()
@@ -234,7 +322,9 @@ async fn run_round(k: &Knobs, etcd: Option<&mut support::Etcd>) -> anyhow::Resul
     })
 }
 
-/// Registers instance `slot` tagged with change number `change`.
+/// Registers instance `slot` tagged with change number `change`: in its
+/// metadata (which `ServiceEndpoints` carries) and as weight `change + 1`
+/// (which a `ClusterLoadAssignment` carries).
 async fn register(
     client: &mut RegistryClient<Channel>,
     slot: usize,
@@ -244,6 +334,7 @@ async fn register(
     instance
         .metadata
         .insert("change".to_owned(), change.to_string());
+    instance.weight = change as u32 + 1;
     let req = RegisterRequest {
         instance: Some(instance),
     };
@@ -255,107 +346,71 @@ async fn register(
     Ok(())
 }
 
+/// The streams of one round, `protocol`'s, spread over `k.connections`
+/// connections, each under a join token of its own.
 async fn open_streams(
-    addr: SocketAddr,
-    auth: &support::ControlAuth,
+    server: &InProcess,
+    protocol: Protocol,
     k: &Knobs,
     total: usize,
     ready: mpsc::UnboundedSender<()>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<JoinSet<anyhow::Result<Vec<(usize, Instant)>>>> {
-    let channels = support::channels(addr, auth, k.connections).await?;
+    let mut channels = Vec::with_capacity(k.connections);
+    for c in 0..k.connections {
+        let auth = server
+            .join_auth(&format!("bench-client-{c}"), &[SERVICE])
+            .await?;
+        channels.extend(support::channels(server.grpc_addr, &auth, 1).await?);
+    }
     let mut set = JoinSet::new();
     for s in 0..k.streams {
         let channel = channels[s % channels.len()].clone();
-        set.spawn(follow(
-            channel,
-            format!("bench-node-{s}"),
-            total,
-            ready.clone(),
-            stop.clone(),
-        ));
+        let node = format!("bench-node-{s}");
+        let (ready, stop) = (ready.clone(), stop.clone());
+        match protocol {
+            Protocol::Delta => set.spawn(delta::follow(channel, node, SERVICE, total, ready, stop)),
+            Protocol::Sotw => set.spawn(sotw::follow(channel, node, SERVICE, total, ready, stop)),
+        };
     }
     Ok(set)
 }
 
-/// One stand-in sidecar: subscribes, ACKs every response, and logs when it
-/// first sees each instance. Returns once it has seen all `total`.
-async fn follow(
-    channel: Channel,
-    node_id: String,
-    total: usize,
-    ready: mpsc::UnboundedSender<()>,
-    mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<Vec<(usize, Instant)>> {
-    let (tx, rx) = mpsc::channel(8);
-    tx.send(DeltaDiscoveryRequest {
-        node: Some(Node {
-            id: node_id.clone(),
-            ..Default::default()
-        }),
-        type_url: SERVICE_ENDPOINTS_TYPE_URL.to_owned(),
-        resource_names_subscribe: vec![SERVICE.to_owned()],
-        ..Default::default()
-    })
-    .await?;
-    let mut client = AggregatedDiscoveryServiceClient::new(channel);
-    let mut inbound = client
-        .delta_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .with_context(|| format!("{node_id}: opening the delta stream"))?
-        .into_inner();
-    let mut seen = vec![false; total];
-    let mut count = 0;
-    let mut log = Vec::with_capacity(total);
-    let mut first = true;
-    while count < total {
-        let resp = tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
-            msg = inbound.message() => match msg.with_context(|| format!("{node_id}: stream failed"))? {
-                Some(resp) => resp,
-                None => break,
-            },
-        };
-        let at = Instant::now();
-        // ACK before decoding, so the next change can be on its way.
-        tx.send(ack(&resp)).await?;
-        for id in instance_ids(&resp)? {
-            if let Some(i) = id.filter(|&i| i < total && !seen[i]) {
-                seen[i] = true;
-                count += 1;
-                log.push((i, at));
+/// The changes one stream has seen, and when it first saw each.
+pub struct Seen {
+    seen: Vec<bool>,
+    count: usize,
+    log: Vec<(usize, Instant)>,
+}
+
+impl Seen {
+    pub fn new(total: usize) -> Self {
+        Seen {
+            seen: vec![false; total],
+            count: 0,
+            log: Vec::with_capacity(total),
+        }
+    }
+
+    /// Notes the change numbers a response carried (None: an endpoint
+    /// carrying none), received `at`.
+    pub fn saw(&mut self, changes: impl IntoIterator<Item = Option<usize>>, at: Instant) {
+        for i in changes.into_iter().flatten() {
+            if i < self.seen.len() && !self.seen[i] {
+                self.seen[i] = true;
+                self.count += 1;
+                self.log.push((i, at));
             }
         }
-        if std::mem::take(&mut first) {
-            let _ = ready.send(());
-        }
     }
-    Ok(log)
-}
 
-fn ack(resp: &DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
-    DeltaDiscoveryRequest {
-        type_url: resp.type_url.clone(),
-        response_nonce: resp.nonce.clone(),
-        ..Default::default()
+    pub fn complete(&self) -> bool {
+        self.count == self.seen.len()
     }
-}
 
-/// The change number every endpoint in the response carries (None where
-/// it has none).
-fn instance_ids(resp: &DeltaDiscoveryResponse) -> anyhow::Result<Vec<Option<usize>>> {
-    let mut out = Vec::new();
-    for r in &resp.resources {
-        let Some(any) = &r.resource else { continue };
-        let eps =
-            ServiceEndpoints::decode(any.value.as_slice()).context("decoding ServiceEndpoints")?;
-        out.extend(
-            eps.endpoints
-                .iter()
-                .map(|e| e.metadata.get("change").and_then(|c| c.parse().ok())),
-        );
+    pub fn into_log(self) -> Vec<(usize, Instant)> {
+        self.log
     }
-    Ok(out)
 }
 
 fn sorted_pct(samples: &[Duration], p: f64) -> Duration {

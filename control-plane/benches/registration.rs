@@ -42,6 +42,9 @@ const CONCURRENCY: [usize; 4] = [1, 16, 64, 256];
 const CHANNELS: usize = 4;
 
 fn main() -> anyhow::Result<()> {
+    if !support::measuring("registration") {
+        return Ok(());
+    }
     let total = support::knob("INSTANCES", 20_000)?;
     let rounds = support::knob("ROUNDS", 3)?;
     let budget = Duration::from_secs(support::knob("ROUND_SECS", 6)? as u64);

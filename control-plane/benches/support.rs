@@ -1,8 +1,9 @@
 //! Helpers shared by the control-plane benchmarks: an in-process server on
 //! loopback, gRPC channels, bulk registration, and percentile reports.
 //!
-//! This is `support/mod.rs` rather than `support.rs` because Cargo would
-//! build a top-level `benches/support.rs` as a benchmark of its own.
+//! Each bench includes it with `mod support;`; the manifest sets
+//! `autobenches = false`, so Cargo does not build this file as a bench of
+//! its own.
 
 #![allow(dead_code)] // Each bench binary uses a different subset.
 
@@ -35,6 +36,7 @@ pub struct InProcess {
     pub grpc_addr: SocketAddr,
     /// Its trust bundle and an admin token minted in-process.
     pub auth: ControlAuth,
+    tokens: isdp_control_plane::tokens::Tokens,
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<(), isdp_control_plane::Error>>,
 }
@@ -163,13 +165,41 @@ impl InProcess {
             identity: Default::default(),
             learned: Default::default(),
         };
+        let tokens = server.tokens().clone();
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(server.serve(stop_rx));
         Ok(InProcess {
             grpc_addr,
             auth,
+            tokens,
             stop,
             task,
+        })
+    }
+
+    /// Credentials of a new join token for `service` that may read
+    /// `upstreams` besides it: what a caller of those services joins with.
+    pub async fn join_auth(
+        &self,
+        service: &str,
+        upstreams: &[&str],
+    ) -> anyhow::Result<ControlAuth> {
+        let (_, token) = self
+            .tokens
+            .create(
+                isdp_control_plane::tokens::Role::Join,
+                isdp_control_plane::tokens::Scope {
+                    services: vec![service.to_owned()],
+                    upstreams: upstreams.iter().map(|s| s.to_string()).collect(),
+                },
+                format!("bench {service}"),
+                None,
+            )
+            .await
+            .with_context(|| format!("minting a join token for {service}"))?;
+        Ok(ControlAuth {
+            token: Some(token),
+            ..self.auth.clone()
         })
     }
 
@@ -310,6 +340,49 @@ pub fn knob(name: &str, default: usize) -> anyhow::Result<usize> {
             .with_context(|| format!("{var}={v:?} is not a number")),
         Err(_) => Ok(default),
     }
+}
+
+/// One reading of a process's memory, in MiB.
+#[derive(Clone, Copy)]
+pub struct Mem {
+    pub rss: f64,
+    pub hwm: f64,
+}
+
+/// `VmRSS` (now) and `VmHWM` (peak) of process `pid`.
+pub fn read_mem(pid: u32) -> anyhow::Result<Mem> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let field = |name: &str| -> anyhow::Result<f64> {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("{name} missing from {path}"))?;
+        let kib: f64 = line
+            .split_whitespace()
+            .nth(1)
+            .with_context(|| format!("malformed {line:?}"))?
+            .parse()?;
+        Ok(kib / 1024.0)
+    };
+    Ok(Mem {
+        rss: field("VmRSS:")?,
+        hwm: field("VmHWM:")?,
+    })
+}
+
+/// Whether this run measures: `cargo bench` passes `--bench` to every
+/// bench binary, `cargo test --benches` (or `--all-targets`) passes
+/// nothing. Without it a bench says so and returns at once, so a test run
+/// that builds the benches to check them does not spend minutes in them.
+pub fn measuring(bench: &str) -> bool {
+    let measuring = std::env::args().any(|a| a == "--bench");
+    if !measuring {
+        println!(
+            "{bench}: not measured without --bench; run `cargo bench -p isdp-control-plane --bench {bench}`"
+        );
+    }
+    measuring
 }
 
 /// The header every report starts with: what ran, where, and how to rerun.
