@@ -180,19 +180,26 @@ async fn run(
                     .await
                     .map_err(status);
                 record_outcome(&span, &reported);
+                // What the client sent is logged cut to a bound, within
+                // the sessions' line budget.
+                let instance = quoted(&h.instance_id);
                 match reported {
                     Err(e) => {
-                        tracing::warn!(node = ?session.node_id(), instance = ?h.instance_id, error = %e, "health report refused");
+                        if session.log().admit() {
+                            tracing::warn!(node = ?session.node_id(), %instance, error = %e, "health report refused");
+                        } else {
+                            tracing::debug!(node = ?session.node_id(), %instance, error = %e, "health report refused");
+                        }
                         let _ = tx.send(Err(e)).await;
                         return;
                     }
                     // A sidecar may repeat a report as often as it likes:
                     // only a transition is worth a line at info level.
-                    Ok(true) => {
-                        tracing::info!(node = ?session.node_id(), instance = ?h.instance_id, status = health.as_str_name(), "health reported by sidecar")
+                    Ok(true) if session.log().admit() => {
+                        tracing::info!(node = ?session.node_id(), %instance, status = health.as_str_name(), "health reported by sidecar")
                     }
-                    Ok(false) => {
-                        tracing::debug!(node = ?session.node_id(), instance = ?h.instance_id, status = health.as_str_name(), "health report repeats the status in force")
+                    Ok(changed) => {
+                        tracing::debug!(node = ?session.node_id(), %instance, status = health.as_str_name(), changed, "health reported by sidecar")
                     }
                 }
             }
@@ -240,4 +247,18 @@ async fn run(
             Ok(None) | Err(_) => return,
         }
     }
+}
+
+/// A client-chosen string as the log shows it: Debug-quoted, cut to 200
+/// bytes on a character boundary (an instance id is at most 192).
+fn quoted(s: &str) -> String {
+    const MAX: usize = 200;
+    if s.len() <= MAX {
+        return format!("{s:?}");
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes)", &s[..end], s.len())
 }

@@ -243,16 +243,15 @@ where
         // (`Request::remote_addr`, which the xDS engine records for
         // `isdpctl proxy-status`); tonic knows only its own listeners'
         // connection info, and ours is `PeerInfo`.
-        if let Some(peer) = req.extensions().get::<PeerInfo>() {
-            // The connection carried a request: its first-request deadline
-            // (`tls::Admission`) no longer applies, whatever the verdict.
-            peer.first_request.mark();
-            if let Some(remote) = peer.remote {
-                req.extensions_mut().insert(TcpConnectInfo {
-                    local_addr: None,
-                    remote_addr: Some(remote),
-                });
-            }
+        let first_request = req
+            .extensions()
+            .get::<PeerInfo>()
+            .map(|peer| peer.first_request.clone());
+        if let Some(remote) = req.extensions().get::<PeerInfo>().and_then(|p| p.remote) {
+            req.extensions_mut().insert(TcpConnectInfo {
+                local_addr: None,
+                remote_addr: Some(remote),
+            });
         }
         let authorized = self.authorize(&req).and_then(|(principal, lifetime)| {
             let slot = stream_group(req.uri().path())
@@ -260,6 +259,18 @@ where
                 .transpose()?;
             Ok((principal, lifetime, slot))
         });
+        // A connection that carried a request from someone the server
+        // knows no longer has a first-request deadline (`tls::Admission`).
+        // One that carried only unauthenticated calls keeps it: otherwise
+        // anyone reaching the port could hold every connection place with
+        // one refused call each.
+        let authenticated = match &authorized {
+            Ok(_) => true,
+            Err(status) => status.code() != tonic::Code::Unauthenticated,
+        };
+        if authenticated && let Some(first_request) = first_request {
+            first_request.mark();
+        }
         match authorized {
             Ok((principal, lifetime, slot)) => {
                 req.extensions_mut().insert(principal);

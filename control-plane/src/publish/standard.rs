@@ -39,6 +39,7 @@ use std::{
     time::Instant,
 };
 
+use bytes::Bytes;
 use envoy_types::pb::{
     envoy::config::{
         cluster::v3::Cluster,
@@ -196,6 +197,11 @@ fn duration(ms: u64) -> Duration {
     }
 }
 
+/// Services translated into one batch when many change at once (startup,
+/// a registry resync): the cache takes them a part at a time, so the
+/// encoded resources of the whole mesh are never held twice over.
+const REBUILD_CHUNK: usize = 256;
+
 /// The running translation: what is published per service, so a dropped
 /// subset or service is removed, and Envoy's routes are rebuilt from
 /// virtual hosts already made.
@@ -203,8 +209,10 @@ struct Publisher {
     settings: Settings,
     registry: Registry,
     cache: Cache,
-    /// Per service: its cluster names and its virtual host.
-    published: BTreeMap<String, (Vec<String>, VirtualHost)>,
+    /// Per service: its cluster names and its virtual host, encoded (the
+    /// form Envoy's route configuration is assembled from, and a tenth of
+    /// the decoded message's size).
+    published: BTreeMap<String, (Vec<String>, Bytes)>,
     policies: BTreeMap<String, TrafficPolicy>,
 }
 
@@ -212,7 +220,10 @@ impl Publisher {
     fn rebuild<'a>(&mut self, services: impl IntoIterator<Item = &'a str>, changed_at: Instant) {
         let mut batch = Batch::new();
         let mut hosts_changed = false;
-        for service in services {
+        for (n, service) in services.into_iter().enumerate() {
+            if n > 0 && n % REBUILD_CHUNK == 0 {
+                self.cache.apply_at(std::mem::take(&mut batch), changed_at);
+            }
             hosts_changed |= self.service(&mut batch, service);
         }
         // Envoy's route configuration holds every service's virtual host:
@@ -220,8 +231,8 @@ impl Publisher {
         // are, and with thousands of services rebuilding it for each would
         // cost more than the change itself.
         if hosts_changed {
-            let routes = route::envoy_outbound(self.published.values().map(|(_, h)| h));
-            batch.set(ENVOY_OUTBOUND, &routes);
+            let routes = route::envoy_outbound_encoded(self.published.values().map(|(_, h)| h));
+            batch.set_raw(&RouteConfiguration::type_url(), ENVOY_OUTBOUND, routes);
         }
         self.cache.apply_at(batch, changed_at);
     }
@@ -259,8 +270,9 @@ impl Publisher {
             batch.remove::<Cluster>(gone);
             batch.remove::<ClusterLoadAssignment>(gone);
         }
-        let changed = host_before.as_ref() != Some(&t.host);
-        self.published.insert(service.to_owned(), (names, t.host));
+        let host = Bytes::from(t.host.encode_to_vec());
+        let changed = host_before.as_ref() != Some(&host);
+        self.published.insert(service.to_owned(), (names, host));
         changed
     }
 

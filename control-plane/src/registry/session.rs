@@ -49,6 +49,7 @@ use super::{
     validate,
 };
 use crate::store::{LeaseId, StoreError, Txn};
+use isdp_xds::LogRate;
 
 #[derive(Clone)]
 pub struct Sessions {
@@ -66,6 +67,14 @@ struct Shared {
     /// principal -> sessions open on this replica, for
     /// `--max-sessions-per-principal`.
     open: DashMap<String, usize>,
+    /// Bounds the lines sessions write at info and warn level (opens,
+    /// closes, health transitions, refusals): a join token may open,
+    /// close and flap sessions as fast as it likes; past the bound they
+    /// go to debug level and are counted.
+    log: LogRate,
+    /// Epochs of the sessions open on this replica (until closed or their
+    /// stream breaks).
+    live: DashMap<u64, ()>,
 }
 
 /// Who opens a session: what it may register and replace, and whose
@@ -165,6 +174,8 @@ impl Sessions {
                 epochs: DashMap::new(),
                 next_epoch: AtomicU64::new(1),
                 open: DashMap::new(),
+                log: LogRate::default(),
+                live: DashMap::new(),
             }),
         };
         if !orphan_grace {
@@ -219,10 +230,27 @@ impl Sessions {
         }
         // The node's instances this opener answers for and no longer
         // registers; another service's on the same node are not its own.
+        // A session that registers nothing (a sidecar deregistering at
+        // shutdown, or one without local services) leaves alone what a
+        // session still open on this replica holds: a sidecar started
+        // with the same node id while the old one was stopping keeps its
+        // registration.
+        let held_by_open_session = |id: &str| {
+            prepared.is_empty()
+                && self
+                    .shared
+                    .epochs
+                    .get(id)
+                    .is_some_and(|e| self.shared.live.contains_key(&*e))
+        };
         let stale: Vec<Arc<Stored>> = registry
             .owned_by(node_id)
             .into_iter()
-            .filter(|s| opener.may_act_as(&s.instance.service) && !ids.contains(&s.instance.id))
+            .filter(|s| {
+                opener.may_act_as(&s.instance.service)
+                    && !ids.contains(&s.instance.id)
+                    && !held_by_open_session(&s.instance.id)
+            })
             .collect();
         let write = quota::Write {
             puts: prepared
@@ -259,6 +287,7 @@ impl Sessions {
         for id in &ids {
             self.shared.epochs.insert(id.clone(), epoch);
         }
+        self.shared.live.insert(epoch, ());
 
         let period = self.shared.timeouts.timeout / 3;
         let (lose, lost) = watch::channel(false);
@@ -282,11 +311,11 @@ impl Sessions {
                 }
             }
         });
-        tracing::info!(
-            node = node_id,
-            instances = prepared.len(),
-            "sidecar session opened"
-        );
+        if self.shared.log.admit() {
+            tracing::info!(node = ?node_id, instances = prepared.len(), "sidecar session opened");
+        } else {
+            tracing::debug!(node = ?node_id, instances = prepared.len(), "sidecar session opened");
+        }
         Ok(Session {
             sessions: self.clone(),
             node_id: node_id.to_owned(),
@@ -354,7 +383,11 @@ impl Sessions {
             if left.is_empty() {
                 return; // the sidecar came back
             }
-            tracing::warn!(node = ?node_id, grace = ?shared.timeouts.grace, "sidecar gone past its grace period; marking its instances unhealthy");
+            if shared.log.admit() {
+                tracing::warn!(node = ?node_id, grace = ?shared.timeouts.grace, "sidecar gone past its grace period; marking its instances unhealthy");
+            } else {
+                tracing::debug!(node = ?node_id, grace = ?shared.timeouts.grace, "sidecar gone past its grace period; marking its instances unhealthy");
+            }
             for id in left {
                 let Some(s) = shared.registry.get(&id) else {
                     continue;
@@ -459,11 +492,21 @@ impl Session {
     ) -> Result<bool, RegistryError> {
         let registry = &self.sessions.shared.registry;
         let current = registry.get(instance_id);
+        if !self.ids.contains(instance_id) {
+            // Whether another id exists, and whose it is, is none of this
+            // session's business: one answer for all of them, which does
+            // not echo the id (the caller knows what it sent).
+            return Err(RegistryError::PermissionDenied(format!(
+                "health reports are for the instances this session of node {:?} registered ({} of them); this one is not among them",
+                self.node_id,
+                self.ids.len()
+            )));
+        }
         match current {
             None => Err(RegistryError::NotFound(instance_id.to_owned())),
-            Some(s) if !self.ids.contains(instance_id) || s.instance.node_id != self.node_id => {
+            Some(s) if s.instance.node_id != self.node_id => {
                 Err(RegistryError::PermissionDenied(format!(
-                    "instance {instance_id:?} was not registered by this session of node {:?} (it belongs to {})",
+                    "instance {instance_id:?} was taken over since this session of node {:?} registered it (it belongs to {})",
                     self.node_id,
                     owner(&s.instance)
                 )))
@@ -485,6 +528,11 @@ impl Session {
         }
     }
 
+    /// The bound on the lines sessions log, for the session API's own.
+    pub fn log(&self) -> &LogRate {
+        &self.sessions.shared.log
+    }
+
     /// Clean shutdown: the instances go at once.
     pub async fn close(mut self) -> Result<(), RegistryError> {
         self.closed = true;
@@ -504,7 +552,11 @@ impl Session {
                 .epochs
                 .remove_if(id, |_, e| *e == self.epoch);
         }
-        tracing::info!(node = ?self.node_id, "sidecar session closed; instances deregistered");
+        if self.sessions.shared.log.admit() {
+            tracing::info!(node = ?self.node_id, "sidecar session closed; instances deregistered");
+        } else {
+            tracing::debug!(node = ?self.node_id, "sidecar session closed; instances deregistered");
+        }
         Ok(())
     }
 }
@@ -512,8 +564,13 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.keepalive.abort();
+        self.sessions.shared.live.remove(&self.epoch);
         if !self.closed {
-            tracing::info!(node = ?self.node_id, "sidecar stream gone; grace period started");
+            if self.sessions.shared.log.admit() {
+                tracing::info!(node = ?self.node_id, "sidecar stream gone; grace period started");
+            } else {
+                tracing::debug!(node = ?self.node_id, "sidecar stream gone; grace period started");
+            }
             self.sessions.start_grace(
                 self.node_id.clone(),
                 self.ids.iter().cloned().collect(),

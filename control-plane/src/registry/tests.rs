@@ -410,7 +410,7 @@ async fn a_join_principal_acts_only_as_its_services() {
         .report("node-b.payments", HealthStatus::Unhealthy)
         .await;
     assert!(
-        matches!(&refused, Err(RegistryError::PermissionDenied(m)) if m.contains("not registered by this session")),
+        matches!(&refused, Err(RegistryError::PermissionDenied(m)) if m.contains("not among them") && !m.contains("payments")),
         "{refused:?}"
     );
     // ... nor register its id, nor its service ...
@@ -430,7 +430,9 @@ async fn a_join_principal_acts_only_as_its_services() {
         matches!(refused, Err(RegistryError::PermissionDenied(_))),
         "{refused:?}"
     );
-    // ... and reopening the node (with nothing) replaces only web's own.
+    // ... and, its session over, reopening the node (with nothing)
+    // replaces only web's own.
+    drop(squat);
     let emptied = sessions.open("node-b", vec![], &web).await.unwrap();
     assert!(
         r.get("node-b.web").is_none(),
@@ -447,7 +449,6 @@ async fn a_join_principal_acts_only_as_its_services() {
         .open("node-b", vec![sidecar("web", 8080)], &web)
         .await
         .unwrap();
-    drop(squat);
     drop(again);
     tokio::time::sleep(Duration::from_millis(450)).await;
     assert_eq!(
@@ -667,4 +668,32 @@ async fn a_session_whose_lease_the_store_lost_says_so() {
         "a live lease is not reported lost"
     );
     assert!(r.get("node-b.web").is_some());
+}
+
+/// A session that registers nothing (what a stopping sidecar opens to
+/// deregister) removes the node's instances left by sessions that are
+/// over, but not those of a session still open: a sidecar started with
+/// the same node id while the old one was stopping keeps its instance.
+#[tokio::test]
+async fn an_empty_session_leaves_an_open_sessions_instances_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _stop) = registry(dir.path()).await;
+    let sessions = Sessions::new(r.clone(), TIMEOUTS);
+    let anyone = Opener::anyone();
+    let newer = sessions
+        .open("host9", vec![sidecar("web", 8080)], &anyone)
+        .await
+        .unwrap();
+    let farewell = sessions.open("host9", vec![], &anyone).await.unwrap();
+    farewell.close().await.unwrap();
+    assert!(
+        r.get("host9.web").is_some(),
+        "the open session's instance went"
+    );
+
+    // Once that session is over, an empty one removes what it left.
+    drop(newer);
+    let farewell = sessions.open("host9", vec![], &anyone).await.unwrap();
+    farewell.close().await.unwrap();
+    assert!(r.get("host9.web").is_none());
 }

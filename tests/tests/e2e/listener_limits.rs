@@ -1,9 +1,9 @@
 //! The control plane's gRPC listener bounds what a client can hold without
 //! a credential: every connection takes one of `--max-connections` places
 //! (one over is closed as it is accepted, and counted), a connection must
-//! carry its first request within `--first-request-timeout` (a client
-//! that finishes TLS and sends no HTTP/2 preface, or a preface and no
-//! request, is cut off), and the server's HTTP/2 SETTINGS announce
+//! carry its first authenticated request within `--first-request-timeout`
+//! (a client that finishes TLS and sends no HTTP/2 preface, a preface and
+//! no request, or only calls without a credential, is cut off), and the server's HTTP/2 SETTINGS announce
 //! `--max-concurrent-streams`.
 
 use std::{
@@ -74,6 +74,36 @@ async fn refused(cp: &ControlPlane, reason: &str) -> u64 {
         .unwrap_or(0.0) as u64
 }
 
+/// Makes one `ListServices` call on a new connection (with `token` as its
+/// bearer, if any) and waits up to `wait` for the server to close the
+/// connection: the call's HTTP status, and `Ok` if it was closed.
+async fn one_call(
+    cp: &ControlPlane,
+    token: Option<&str>,
+    wait: Duration,
+) -> (http::StatusCode, Result<(), tokio::time::error::Elapsed>) {
+    let used = tls(cp).await.expect("TLS");
+    let (send, mut conn) = h2::client::handshake(used).await.unwrap();
+    let mut req = http::Request::post("https://localhost/isdp.v1.Registry/ListServices")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(token) = token {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    let req = req.body(()).unwrap();
+    let mut send = send.ready().await.unwrap();
+    let (response, _body) = send.send_request(req, true).unwrap();
+    let status = tokio::select! {
+        _ = &mut conn => panic!("the connection ended before its answer"),
+        r = response => r.unwrap().status(),
+    };
+    let closed = tokio::time::timeout(wait, async {
+        let _ = (&mut conn).await;
+    })
+    .await;
+    (status, closed)
+}
+
 /// A client that finishes TLS and then sends nothing, or the HTTP/2
 /// preface and nothing more, is cut off at the first-request deadline;
 /// one whose first request came stays connected past it.
@@ -97,27 +127,23 @@ async fn a_connection_without_a_request_is_closed_at_the_deadline() {
     assert!(ended.is_ok(), "the preface-only connection stayed open");
     assert!(started.elapsed() < Duration::from_secs(5));
 
-    // A connection that carried a request (refused, even: no token) is
-    // past the deadline's reach.
-    let used = tls(&cp).await.expect("TLS");
-    let (send, mut conn) = h2::client::handshake(used).await.unwrap();
-    let req = http::Request::post("https://localhost/isdp.v1.Registry/ListServices")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let mut send = send.ready().await.unwrap();
-    let (response, _body) = send.send_request(req, true).unwrap();
-    tokio::select! {
-        _ = &mut conn => panic!("the connection ended before its answer"),
-        r = response => assert_eq!(r.unwrap().status(), 200, "a gRPC answer (its status in trailers)"),
-    }
-    let stayed = tokio::time::timeout(Duration::from_secs(3), &mut conn).await;
+    // A connection that carried only calls without a credential keeps its
+    // deadline: refused calls must not buy anyone a connection place.
+    let (status, stayed) = one_call(&cp, None, Duration::from_secs(5)).await;
+    assert_eq!(status, 200, "a gRPC answer (UNAUTHENTICATED in trailers)");
+    assert!(
+        stayed.is_ok(),
+        "a connection that carried only an unauthenticated call outlived the deadline"
+    );
+
+    // One that carried an authenticated call is past the deadline's reach.
+    let (status, stayed) = one_call(&cp, Some(cp.admin_token()), Duration::from_secs(3)).await;
+    assert_eq!(status, 200);
     assert!(
         stayed.is_err(),
-        "a connection that carried a request was closed: {stayed:?}"
+        "a connection that carried an authenticated request was closed: {stayed:?}"
     );
-    assert!(refused(&cp, "no-request").await >= 2);
+    assert!(refused(&cp, "no-request").await >= 3);
 }
 
 /// With every place taken, a new connection is closed as it is accepted

@@ -10,6 +10,7 @@
 //! reads) beside the HTTP conditions Envoy reads. Fault injection is not
 //! translated: it needs the fault filter in every connection manager.
 
+use bytes::Bytes;
 use envoy_types::pb::{
     envoy::{
         config::route::v3::{
@@ -44,6 +45,21 @@ pub fn envoy_outbound<'a>(hosts: impl IntoIterator<Item = &'a VirtualHost>) -> R
         virtual_hosts: hosts.into_iter().cloned().collect(),
         ..Default::default()
     }
+}
+
+/// [`envoy_outbound`] assembled from virtual hosts already encoded, as
+/// the publisher keeps them: the same bytes prost would write (field 1 the
+/// name, field 2 each host), without decoding a host again.
+pub fn envoy_outbound_encoded<'a>(hosts: impl IntoIterator<Item = &'a Bytes>) -> Bytes {
+    use prost::encoding::{WireType, encode_key, encode_varint, string};
+    let mut out = Vec::new();
+    string::encode(1, &super::ENVOY_OUTBOUND.to_owned(), &mut out);
+    for host in hosts {
+        encode_key(2, WireType::LengthDelimited, &mut out);
+        encode_varint(host.len() as u64, &mut out);
+        out.extend_from_slice(host);
+    }
+    Bytes::from(out)
 }
 
 /// The service's virtual host: its policy's routes, then the default.

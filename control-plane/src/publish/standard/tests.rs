@@ -606,6 +606,20 @@ fn envoy_gets_an_address_bound_listener_routing_every_service_by_host() {
             &["billing".to_string(), "billing:*".into()][..]
         ]
     );
+    // Assembled from hosts already encoded, as the publisher does, it is
+    // the same message, byte for byte.
+    let encoded = [
+        bytes::Bytes::from(echo.host.encode_to_vec()),
+        bytes::Bytes::from(other.encode_to_vec()),
+    ];
+    assert_eq!(
+        super::route::envoy_outbound_encoded(&encoded),
+        routes.encode_to_vec()
+    );
+    assert_eq!(
+        super::route::envoy_outbound_encoded(&[]),
+        super::route::envoy_outbound([]).encode_to_vec()
+    );
 }
 
 /// Versions are content hashes: the same input translates to the same
