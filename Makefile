@@ -5,9 +5,11 @@
 .PHONY: demo test build e2e pytest node-modules
 
 # Build every binary in release mode, then start the demo mesh (Ctrl-C stops it).
+# `cargo run` finds the binaries wherever the target dir is (CARGO_TARGET_DIR
+# included); the demo starts the others from beside its own.
 demo:
 	./.ci/deps.sh cc
-	cargo build --release --workspace --bins && ./target/release/isdp-demo
+	cargo build --release --workspace --bins && cargo run --release -q -p isdp-examples --bin isdp-demo
 
 # Formatting, clippy, build, all Rust tests, then the Python gRPC tests;
 # installs etcd, promtool, a Python venv, Node and the Node client's
