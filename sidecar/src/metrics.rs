@@ -15,9 +15,15 @@
 //! This module depends on no other module of the sidecar: everything that
 //! records a metric imports it, never the other way round.
 //!
+//! `listener.rs` holds the listeners' connection metrics (caps, timeouts).
+//!
 //! Label sets are bounded: `service` values come from the configuration
 //! (upstreams and local services), `reason` from the fixed set of
 //! `x-isdp-error` values, `grpc_code` from the 17 gRPC codes.
+
+mod listener;
+
+pub use listener::{CapMetrics, IdleTimeouts, ListenerMetrics};
 
 use std::sync::Arc;
 
@@ -106,23 +112,6 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ListenerLabel {
-    listener: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ListenerReasonLabels {
-    listener: String,
-    reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct IdleLabels {
-    direction: &'static str,
-    kind: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RevokedLabels {
     direction: &'static str,
     stage: &'static str,
@@ -152,41 +141,7 @@ struct Inner {
     overflows: Family<ResilienceLabels, Counter>,
     ejections: Family<UpstreamLabel, Counter>,
     relay: RelayMetrics,
-    listener_open: Family<ListenerLabel, Gauge>,
-    listener_handshakes: Family<ListenerLabel, Gauge>,
-    listener_refused: Family<ListenerReasonLabels, Counter>,
-    listener_timed_out: Family<ListenerReasonLabels, Counter>,
-    tcp_idle_timeouts: Family<IdleLabels, Counter>,
-}
-
-/// One listener's connection metrics, resolved once when it starts.
-/// `listener` is `inbound`, `outbound`, `upstream.<name>` or `admin`.
-#[derive(Clone, Debug, Default)]
-pub struct ListenerMetrics {
-    /// Connections open now (TLS handshakes included) and those refused
-    /// at accept for the listener's connection cap.
-    pub connections: CapMetrics,
-    /// HTTP connections closed because a request head took too long.
-    pub header_timeouts: Counter,
-    /// HTTP connections closed after holding no request for too long.
-    pub idle_timeouts: Counter,
-}
-
-/// What a cap counts: places taken now, and refusals.
-#[derive(Clone, Debug, Default)]
-pub struct CapMetrics {
-    pub open: Gauge,
-    pub refused: Counter,
-}
-
-/// The idle timeouts of byte streams (TCP connections and tunnels, and
-/// upgraded HTTP connections), resolved once per kind.
-#[derive(Clone, Debug, Default)]
-pub struct IdleTimeouts {
-    pub outbound_tcp: Counter,
-    pub inbound_tcp: Counter,
-    pub outbound_upgrade: Counter,
-    pub inbound_upgrade: Counter,
+    listeners: listener::Listeners,
 }
 
 /// The xDS relay's streams (`relay`): open now, relayed in all, and the
@@ -320,46 +275,13 @@ impl Metrics {
         );
         registry.register(
             "xds_relay_errors",
-            "Relayed ADS streams the relay refused or ended itself, by reason (max-streams, control-plane-unreachable, request-too-large, response-too-large, shutting-down)",
+            "Relayed ADS streams the relay refused or ended itself, by reason (max-streams, control-plane-unreachable, request-too-large, bad-request, no-first-request, response-too-large, shutting-down)",
             relay.errors.clone(),
         );
-        let listener_open = Family::<ListenerLabel, Gauge>::default();
-        registry.register(
-            "listener_connections",
-            "Connections open on each listener (inbound, outbound, upstream.NAME, admin), TLS handshakes included",
-            listener_open.clone(),
-        );
-        let listener_handshakes = Family::<ListenerLabel, Gauge>::default();
-        registry.register(
-            "listener_tls_handshakes",
-            "TLS handshakes in progress on the inbound listener",
-            listener_handshakes.clone(),
-        );
-        let listener_refused = Family::<ListenerReasonLabels, Counter>::default();
-        registry.register(
-            "listener_connections_refused",
-            "Connections closed as they were accepted, by listener and the cap they met (max-connections, max-tls-handshakes)",
-            listener_refused.clone(),
-        );
-        let listener_timed_out = Family::<ListenerReasonLabels, Counter>::default();
-        registry.register(
-            "listener_connections_timed_out",
-            "HTTP connections the sidecar closed, by listener and reason (header-timeout: a request head took longer than limits.header_read_timeout; idle-timeout: no request in flight for limits.http_idle_timeout)",
-            listener_timed_out.clone(),
-        );
-        let tcp_idle_timeouts = Family::<IdleLabels, Counter>::default();
-        registry.register(
-            "tcp_idle_timeouts",
-            "TCP connections, tunnels (kind tcp) and upgraded HTTP connections such as WebSocket (kind upgrade) closed after carrying nothing for limits.tcp_idle_timeout",
-            tcp_idle_timeouts.clone(),
-        );
+        let listeners = listener::Listeners::register(&mut registry);
         Metrics {
             inner: Arc::new(Inner {
-                listener_open,
-                listener_handshakes,
-                listener_refused,
-                listener_timed_out,
-                tcp_idle_timeouts,
+                listeners,
                 relay,
                 retries,
                 budget_exhausted,
@@ -393,65 +315,17 @@ impl Metrics {
 
     /// The handles of one listener, resolved once by its accept loop.
     pub fn listener(&self, listener: &str) -> ListenerMetrics {
-        let label = ListenerLabel {
-            listener: listener.to_owned(),
-        };
-        let reason = |family: &Family<ListenerReasonLabels, Counter>, reason| {
-            family
-                .get_or_create(&ListenerReasonLabels {
-                    listener: listener.to_owned(),
-                    reason,
-                })
-                .clone()
-        };
-        ListenerMetrics {
-            connections: CapMetrics {
-                open: self.inner.listener_open.get_or_create(&label).clone(),
-                refused: reason(&self.inner.listener_refused, "max-connections"),
-            },
-            header_timeouts: reason(&self.inner.listener_timed_out, "header-timeout"),
-            idle_timeouts: reason(&self.inner.listener_timed_out, "idle-timeout"),
-        }
+        self.inner.listeners.listener(listener)
     }
 
     /// The handles of a listener's TLS handshake cap (the inbound one).
     pub fn tls_handshakes(&self, listener: &str) -> CapMetrics {
-        CapMetrics {
-            open: self
-                .inner
-                .listener_handshakes
-                .get_or_create(&ListenerLabel {
-                    listener: listener.to_owned(),
-                })
-                .clone(),
-            refused: self
-                .inner
-                .listener_refused
-                .get_or_create(&ListenerReasonLabels {
-                    listener: listener.to_owned(),
-                    reason: "max-tls-handshakes",
-                })
-                .clone(),
-        }
+        self.inner.listeners.tls_handshakes(listener)
     }
 
     /// The idle-timeout counters of byte streams.
     pub fn idle_timeouts(&self) -> IdleTimeouts {
-        let counter = |direction: Direction, kind| {
-            self.inner
-                .tcp_idle_timeouts
-                .get_or_create(&IdleLabels {
-                    direction: direction.as_str(),
-                    kind,
-                })
-                .clone()
-        };
-        IdleTimeouts {
-            outbound_tcp: counter(Direction::Outbound, "tcp"),
-            inbound_tcp: counter(Direction::Inbound, "tcp"),
-            outbound_upgrade: counter(Direction::Outbound, "upgrade"),
-            inbound_upgrade: counter(Direction::Inbound, "upgrade"),
-        }
+        self.inner.listeners.idle_timeouts()
     }
 
     /// The xDS relay's handles.
