@@ -83,3 +83,33 @@ fn text_seeds_are_valid() {
         }
     }
 }
+
+/// The inbound target's seeds reach the local service through every way
+/// in (HTTP/1.1 and HTTP/2 over mTLS, a tunnel, the outbound listener's
+/// refusal), so mutations start past the handshake rather than at it.
+#[test]
+fn inbound_seeds_reach_the_service() {
+    use isdp_fuzz::targets::inbound_bytes::answer;
+    let dir = run::corpus_dir(targets::by_name("inbound_bytes").expect("target"));
+    let seed = |name: &str| std::fs::read(dir.join(name)).expect("seed");
+    // Patient, unlike the fuzzing client: a loaded machine may take a
+    // while to answer, and these answers are asserted.
+    let quiet = Duration::from_secs(2);
+    let text =
+        |name: &str| String::from_utf8_lossy(&answer(&seed(name), quiet).expect(name)).into_owned();
+    let http1 = text("http1_get");
+    assert!(http1.starts_with("HTTP/1.1 200"), "{http1}");
+    assert!(http1.ends_with("ok"), "{http1}");
+    // HTTP/2 frames: the DATA frame carries the body.
+    let h2 = answer(&seed("h2_get"), quiet).expect("h2");
+    assert!(h2.windows(2).any(|w| w == b"ok"), "{h2:?}");
+    assert!(
+        text("tunnel").ends_with("ok"),
+        "the tunnel reaches the backend"
+    );
+    // No endpoint for `orders`: the outbound listener answers itself.
+    let outbound = text("outbound_get");
+    assert!(outbound.starts_with("HTTP/1.1 503"), "{outbound}");
+    // Plaintext on the mTLS port is closed without an answer.
+    assert!(text("plaintext_on_inbound").is_empty());
+}

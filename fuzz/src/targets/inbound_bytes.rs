@@ -7,9 +7,9 @@
 //! The first byte picks how the input arrives: raw on the inbound port
 //! (ClientHellos, SNI, ALPN, or anything else), inside a completed mTLS
 //! session with ALPN `h2`, `http/1.1` or `isdp-tcp/1` (the second byte
-//! picks the SNI), or raw on the outbound listener. Then the client
-//! closes its side, and the answer must end, within a deadline and a size
-//! bound. A panic in any of the sidecar's tasks fails the input (the
+//! picks the SNI), or raw on the outbound listener. Once the answer goes
+//! quiet the client closes its side, and the answer must end, within a
+//! deadline and a size bound. A panic in any of the sidecar's tasks fails the input (the
 //! harness's panic hook sees every thread).
 
 use std::net::SocketAddr;
@@ -59,9 +59,12 @@ pub const TARGET: Target = Target {
     seeds,
 };
 
-/// Longest an answer may take once the client has closed its side: the
-/// listeners' own timeouts (TLS handshake, header read) are 10 s.
+/// Longest an exchange may take: the listeners' own timeouts (TLS
+/// handshake, header read) are 10 s.
 const DEADLINE: Duration = Duration::from_secs(30);
+/// How long the client waits for more of the answer before it closes its
+/// side, while fuzzing.
+pub const QUIET: Duration = Duration::from_millis(50);
 /// Most bytes an answer may carry: a few small responses per request.
 const MAX_ANSWER: usize = 1 << 20;
 const TRUST_DOMAIN: &str = "mesh.test";
@@ -89,9 +92,14 @@ enum Alpn {
 }
 
 pub fn run(data: &[u8]) {
-    let Some((&first, rest)) = data.split_first() else {
-        return;
-    };
+    answer(data, QUIET);
+}
+
+/// What the sidecar answered `data` (decrypted in TLS modes), the client
+/// closing its side once the answer is quiet for `quiet`; None when
+/// nothing was sent (an empty input, or a handshake the sidecar refused).
+pub fn answer(data: &[u8], quiet: Duration) -> Option<Vec<u8>> {
+    let (&first, rest) = data.split_first()?;
     let mode = match first % 5 {
         0 => Mode::RawInbound,
         1 => Mode::Tls(Alpn::H2),
@@ -100,7 +108,7 @@ pub fn run(data: &[u8]) {
         _ => Mode::RawOutbound,
     };
     let mesh = Mesh::get();
-    mesh.runtime.block_on(mesh.exchange(mode, rest));
+    mesh.runtime.block_on(mesh.exchange(mode, rest, quiet))
 }
 
 /// The sidecar, its backend, and a client's TLS settings; started once
@@ -214,7 +222,7 @@ name = "orders"
 
     /// Sends `bytes` as `mode` says, closes the client's side, and checks
     /// that the answer ends within [`DEADLINE`] and [`MAX_ANSWER`].
-    async fn exchange(&self, mode: Mode, bytes: &[u8]) {
+    async fn exchange(&self, mode: Mode, bytes: &[u8], quiet: Duration) -> Option<Vec<u8>> {
         let addr = match mode {
             Mode::RawOutbound => self.outbound,
             _ => self.inbound,
@@ -223,11 +231,9 @@ name = "orders"
             panic!("the sidecar's listener at {addr} did not accept a connection");
         };
         let Mode::Tls(alpn) = mode else {
-            return talk(tcp, bytes).await;
+            return Some(talk(tcp, bytes, quiet).await);
         };
-        let Some((&pick, payload)) = bytes.split_first() else {
-            return;
-        };
+        let (&pick, payload) = bytes.split_first()?;
         let config = match alpn {
             Alpn::H2 => self.client.client_h2.clone(),
             Alpn::Http1 => self.client.client_h1.clone(),
@@ -237,24 +243,45 @@ name = "orders"
         let name = ServerName::try_from(sni.to_owned()).expect("server name");
         let connector = tokio_rustls::TlsConnector::from(config);
         match tokio::time::timeout(DEADLINE, connector.connect(name, tcp)).await {
-            Ok(Ok(tls)) => talk(tls, payload).await,
+            Ok(Ok(tls)) => Some(talk(tls, payload, quiet).await),
             // Refused (an SNI the sidecar serves no certificate for).
-            Ok(Err(_)) => {}
+            Ok(Err(_)) => None,
             Err(_) => panic!("the TLS handshake with SNI {sni:?} did not end within {DEADLINE:?}"),
         }
     }
 }
 
-/// Writes `bytes`, closes the write side, and reads the answer to its end.
-async fn talk<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, bytes: &[u8]) {
+/// Writes `bytes`, reads what the sidecar answers until it goes quiet for
+/// `quiet` (a client that stops writing, as a keep-alive client waiting
+/// for its next request), then closes the write side and reads the rest
+/// to its end. Closing at once would test less: an HTTP/1.1 server drops
+/// a connection whose client closed mid-request, response and all.
+async fn talk<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    bytes: &[u8],
+    quiet: Duration,
+) -> Vec<u8> {
     // The sidecar may close first (a refusal): what it wrote is still read.
     let _ = stream.write_all(bytes).await;
-    let _ = stream.shutdown().await;
+    let _ = stream.flush().await;
     let mut answer = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
     let read = async {
-        let mut buf = [0u8; 16 * 1024];
+        let mut closed = false;
         loop {
-            match stream.read(&mut buf).await {
+            let n = if closed {
+                stream.read(&mut buf).await
+            } else {
+                match tokio::time::timeout(quiet, stream.read(&mut buf)).await {
+                    Ok(n) => n,
+                    Err(_) => {
+                        let _ = stream.shutdown().await;
+                        closed = true;
+                        continue;
+                    }
+                }
+            };
+            match n {
                 Ok(0) | Err(_) => return,
                 Ok(n) => answer.extend_from_slice(&buf[..n]),
             }
@@ -265,7 +292,7 @@ async fn talk<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, bytes: &[u8]) {
     };
     if tokio::time::timeout(DEADLINE, read).await.is_err() {
         panic!(
-            "the sidecar's answer did not end within {DEADLINE:?} of the client's close ({} bytes so far)",
+            "the sidecar's answer did not end within {DEADLINE:?} ({} bytes so far)",
             answer.len()
         );
     }
@@ -275,6 +302,7 @@ async fn talk<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, bytes: &[u8]) {
         answer.len(),
         bytes.len()
     );
+    answer
 }
 
 /// The local service: reads a request head (or whatever comes within a
