@@ -32,6 +32,8 @@ ALLOWED = {
     "isdp-cli": {"isdp-proto", "isdp-core"},
     "isdp-examples": {"isdp-proto", "isdp-core"},
     "isdp-tests": {"isdp-proto", "isdp-core"},
+    # The fuzz targets drive each application's parsers, as a test would.
+    "isdp-fuzz": {"isdp-proto", "isdp-core", "isdp-sidecar", "isdp-control-plane", "isdp-cli"},
 }
 # Extra workspace crates that tests and benches (dev-dependencies) may use.
 DEV_ALLOWED = {

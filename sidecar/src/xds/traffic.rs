@@ -26,7 +26,9 @@ impl Kind for TrafficPolicy {
             if split.is_empty() {
                 continue;
             }
-            let total: u32 = split.iter().map(|w| w.weight).sum();
+            // Summed wide: weights are any u32 on the wire, and a sum that
+            // wraps around to 100 must not pass.
+            let total: u64 = split.iter().map(|w| u64::from(w.weight)).sum();
             if total != 100 {
                 return Err(format!("split weights sum to {total}, not 100"));
             }
@@ -105,7 +107,23 @@ mod tests {
             service: "orders".into(),
             ..Default::default()
         };
-        for bad in [bad_split, other] {
+        // Found by the `xds_resources` fuzz target: weights summing past
+        // u32::MAX overflowed the check (a panic in the xDS client's task;
+        // in a release build the sum wrapped to 100 and passed).
+        let wrapping_split = TrafficPolicy {
+            split: vec![
+                WeightedSubset {
+                    subset: "v1".into(),
+                    weight: u32::MAX,
+                },
+                WeightedSubset {
+                    subset: "v1".into(),
+                    weight: 101,
+                },
+            ],
+            ..good.clone()
+        };
+        for bad in [bad_split, other, wrapping_split] {
             assert!(
                 apply::<TrafficPolicy>(&held, &subs, &resp(resource("web", "2", &bad))).is_err()
             );

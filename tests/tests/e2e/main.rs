@@ -20,6 +20,7 @@ mod etcd_store;
 mod grpc_js;
 mod harness;
 mod health;
+mod killed_peers;
 mod listener_limits;
 mod mtls;
 mod observability;
