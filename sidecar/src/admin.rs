@@ -309,6 +309,12 @@ struct EndpointView {
     ejected: bool,
     /// Times outlier detection has ejected it.
     ejections: u32,
+    /// Requests in flight from this sidecar now; None when not balanced
+    /// (unhealthy and outside the panic set).
+    in_flight: Option<u64>,
+    /// The recent latency average `load_aware` balances on, in
+    /// milliseconds; None before the first answer.
+    latency_ms: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -366,6 +372,7 @@ async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
                     .and_then(|l| l.ejection(id))
                     .unwrap_or((false, 0))
             };
+            let load = |id: &str| lb.as_ref().and_then(|l| l.load(id));
             let endpoints = u
                 .endpoints
                 .iter()
@@ -379,6 +386,10 @@ async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
                     status: e.health.as_str(),
                     ejected: ejection(&e.id).0,
                     ejections: ejection(&e.id).1,
+                    in_flight: load(&e.id).map(|l| l.in_flight()),
+                    latency_ms: load(&e.id)
+                        .and_then(|l| l.recent_latency())
+                        .map(|d| d.as_secs_f64() * 1000.0),
                 })
                 .collect();
             let view = UpstreamView {

@@ -66,6 +66,7 @@ pub const ALGORITHMS: &[&str] = &[
     "weighted_round_robin",
     "least_request",
     "peak_ewma",
+    "load_aware",
     "ring_hash",
     "maglev",
     "random",

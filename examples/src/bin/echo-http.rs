@@ -21,8 +21,9 @@
 //!   requests to this instance (any path but `/healthz` and `/admin/*`)
 //!   answer S (default 503); `GET /reset` drops the connection without an
 //!   answer; `POST /admin/stall?on=true|false` makes every such request
-//!   hang until turned off. Tests use them to exercise retries, outlier
-//!   detection and timeouts.
+//!   hang until turned off; `POST /admin/delay?ms=N` delays every such
+//!   request by N ms until set back to 0 (a slow instance). Tests use them
+//!   to exercise retries, outlier detection, timeouts and load balancing.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -70,6 +71,8 @@ struct Echo {
     fail_status: Arc<std::sync::atomic::AtomicU16>,
     /// Set by `POST /admin/stall?on=true`: requests hang until cleared.
     stalled: Arc<AtomicBool>,
+    /// Set by `POST /admin/delay?ms=N`: every request waits N ms first.
+    delay_ms: Arc<AtomicU64>,
 }
 
 #[tokio::main]
@@ -88,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
         failing: Arc::default(),
         fail_status: Arc::new(std::sync::atomic::AtomicU16::new(503)),
         stalled: Arc::default(),
+        delay_ms: Arc::default(),
     };
 
     // The launcher and the test harness read this exact line to learn the
@@ -115,6 +119,7 @@ fn router(echo: Echo) -> Router {
         .route("/reset", get(reset))
         .route("/admin/fail", post(fail_next))
         .route("/admin/stall", post(stall))
+        .route("/admin/delay", post(delay))
         .fallback(echo_request)
         .layer(axum::middleware::from_fn_with_state(
             echo.clone(),
@@ -154,7 +159,29 @@ async fn stall(State(echo): State<Echo>, Query(q): Query<StallQuery>) -> Respons
     with_instance(&echo, format!("stalled: {}\n", q.on).into_response())
 }
 
-/// Applies `/admin/fail` and `/admin/stall` to every request but health
+#[derive(serde::Deserialize)]
+struct DelayQuery {
+    ms: u64,
+}
+
+/// Longest delay `/admin/delay` accepts: a minute.
+const MAX_DELAY_MS: u64 = 60_000;
+
+/// `POST /admin/delay?ms=N`: every request waits N ms before it is served
+/// (0 turns it off), so an instance turns slow without failing.
+async fn delay(State(echo): State<Echo>, Query(q): Query<DelayQuery>) -> Response {
+    if q.ms > MAX_DELAY_MS {
+        let resp = (
+            StatusCode::BAD_REQUEST,
+            format!("ms: at most {MAX_DELAY_MS}, got {}\n", q.ms),
+        );
+        return with_instance(&echo, resp.into_response());
+    }
+    echo.delay_ms.store(q.ms, Ordering::Relaxed);
+    with_instance(&echo, format!("delay: {} ms\n", q.ms).into_response())
+}
+
+/// Applies `/admin/fail`, `/admin/stall` and `/admin/delay` to every request but health
 /// checks and the admin routes themselves.
 async fn misbehave(
     State(echo): State<Echo>,
@@ -167,6 +194,10 @@ async fn misbehave(
     }
     while echo.stalled.load(Ordering::Relaxed) {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let delay = echo.delay_ms.load(Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
     }
     let took = echo
         .failing

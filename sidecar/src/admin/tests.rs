@@ -122,7 +122,8 @@ async fn live_ready_and_config() {
         serde_json::json!({"exists": true, "version": "abc", "lb": null, "panic": null,
             "policy_version": null, "endpoints": [{
             "id": "pay-1.payments", "address": "127.0.0.1", "port": 8081, "inbound_port": 0, "weight": 1,
-            "metadata": {"version": "v1"}, "status": "healthy", "ejected": false, "ejections": 0}]})
+            "metadata": {"version": "v1"}, "status": "healthy", "ejected": false, "ejections": 0,
+            "in_flight": null, "latency_ms": null}]})
     );
     assert_eq!(json["xds"]["acked"]["payments"], "abc");
     assert_eq!(json["xds"]["acks"], 3);

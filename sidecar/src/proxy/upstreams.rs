@@ -164,6 +164,12 @@ impl UpstreamLb {
         Some((t.outlier.is_ejected(), t.outlier.ejections()))
     }
 
+    /// The load state of endpoint `id`, if it is balanced now.
+    pub fn load(&self, id: &str) -> Option<Arc<EndpointLoad>> {
+        let t = self.endpoints.iter().find(|t| t.id == id)?;
+        Some(t.load.clone())
+    }
+
     /// Picks a target for a TCP connection: counted in flight, but its
     /// lifetime is not a latency.
     pub fn pick_connection(&self, source: Option<IpAddr>) -> Option<(Arc<LbEndpoint>, LoadGuard)> {

@@ -524,6 +524,11 @@ fn balancers_map_to_the_nearest_each_client_has() {
             Some("envoy.load_balancing_policies.least_request"),
         ),
         (
+            "load_aware",
+            cluster::LbPolicy::RoundRobin,
+            Some("envoy.load_balancing_policies.least_request"),
+        ),
+        (
             "random",
             cluster::LbPolicy::RoundRobin,
             Some("envoy.load_balancing_policies.random"),
