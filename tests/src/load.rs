@@ -71,6 +71,13 @@ impl Load {
         )
     }
 
+    /// The requests that ended `from..to` after `start`, once that window
+    /// is over (waits for its end).
+    pub async fn window_after(&self, start: Instant, from: Duration, to: Duration) -> Window {
+        tokio::time::sleep_until(start + to).await;
+        self.window(start + from, start + to)
+    }
+
     /// Stops every caller.
     pub fn stop(&mut self) {
         self.tasks.abort_all();
@@ -105,6 +112,10 @@ async fn once(client: &Client<HttpConnector, Empty<Bytes>>, url: &http::Uri) -> 
         latency: start.elapsed(),
     }
 }
+
+mod catalog;
+
+pub use catalog::{CatalogMesh, PATH, SERVICE, SETUP, SLOW_DELAY_MS, WORKERS};
 
 /// The requests of one time window.
 #[derive(Debug)]
@@ -144,5 +155,20 @@ impl Window {
         l.sort_unstable();
         let at = ((l.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
         l[at]
+    }
+
+    /// Counts, failures, p50, p99 and the shares of `cat-0..n`, for logs.
+    pub fn describe(&self, n: usize) -> String {
+        let shares: Vec<String> = (0..n)
+            .map(|i| format!("cat-{i} {:.1}%", 100.0 * self.share(&format!("cat-{i}"))))
+            .collect();
+        format!(
+            "{} requests, {} failed, p50 {:?}, p99 {:?}; {}",
+            self.len(),
+            self.failed(),
+            self.quantile(0.5),
+            self.quantile(0.99),
+            shares.join(", ")
+        )
     }
 }

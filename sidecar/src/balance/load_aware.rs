@@ -91,6 +91,11 @@ impl Recent {
         (!v.is_nan()).then_some(v)
     }
 
+    /// Drops the average: the next sample starts it afresh.
+    pub(crate) fn forget(&self) {
+        self.average_ns.store(f64::NAN.to_bits(), Ordering::Relaxed);
+    }
+
     pub(crate) fn picked(&self, now_ns: u64) {
         self.picked_ns.store(now_ns, Ordering::Relaxed);
     }

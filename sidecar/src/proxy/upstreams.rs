@@ -271,9 +271,13 @@ impl Upstreams {
         upstreams.apply(&first);
         let this = upstreams.clone();
         tokio::spawn(async move {
+            let mut tick = tokio::time::interval(sweep::TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut swept = HashMap::new();
             loop {
                 tokio::select! {
                     _ = shutdown.wait_for(|s| *s) => return,
+                    _ = tick.tick() => this.sweep_latency(&mut swept),
                     changed = snapshots.changed() => {
                         if changed.is_err() {
                             return;
@@ -458,5 +462,6 @@ impl Upstreams {
     }
 }
 
+mod sweep;
 #[cfg(test)]
 mod tests;

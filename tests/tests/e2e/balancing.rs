@@ -7,100 +7,9 @@
 
 use std::time::Duration;
 
-use isdp_tests::load::{Load, Window};
-use isdp_tests::{ControlPlane, ControlPlaneOpts, EchoHttp, Sidecar, SidecarToml, eventually};
-use tokio::time::{Instant, sleep_until};
-
-const SERVICE: &str = "catalog";
-const SETUP: Duration = Duration::from_secs(15);
-/// Callers in the closed loop, and what each request costs the instance.
-const WORKERS: usize = 16;
-const PATH: &str = "/slow?ms=10";
-/// Added to the slow instance's 10 ms: five times slower.
-const SLOW_DELAY_MS: u64 = 40;
-
-/// `catalog` instances `cat-0..n` and a `web` sidecar using `lb`.
-pub struct Mesh {
-    _cp: ControlPlane,
-    pub echoes: Vec<EchoHttp>,
-    _sidecars: Vec<Sidecar>,
-    pub web: Sidecar,
-}
-
-impl Mesh {
-    pub async fn start(n: usize, lb: &str) -> Self {
-        let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
-        let mut echoes = Vec::new();
-        let mut sidecars = Vec::new();
-        for i in 0..n {
-            let id = format!("cat-{i}");
-            let echo = EchoHttp::start(&id).await;
-            let sidecar = SidecarToml::new(&id, &cp.grpc_url())
-                .raw(&format!(
-                    "[[service]]\nname = \"{SERVICE}\"\nport = {port}\nprotocol = \"http\"\n\
-                     check = \"{check}\"\ninterval = \"200ms\"\n",
-                    port = echo.port(),
-                    check = echo.health_url(),
-                ))
-                .start()
-                .await;
-            echoes.push(echo);
-            sidecars.push(sidecar);
-        }
-        let web = SidecarToml::new("web", &cp.grpc_url())
-            .upstream_on_port0(SERVICE, "http", lb)
-            .start()
-            .await;
-        let mesh = Mesh {
-            _cp: cp,
-            echoes,
-            _sidecars: sidecars,
-            web,
-        };
-        eventually(SETUP, "web sees every instance healthy", || async {
-            let eps = mesh.web.endpoints(SERVICE).await?;
-            let healthy = eps.iter().filter(|e| e["status"] == "healthy").count();
-            anyhow::ensure!(healthy == n, "{healthy} of {n} healthy: {eps:?}");
-            Ok(())
-        })
-        .await;
-        mesh
-    }
-
-    /// Steady load on `web`'s `catalog` listener.
-    pub fn load(&self) -> Load {
-        Load::start(self.web.upstream_addr(SERVICE), PATH, WORKERS)
-    }
-
-    /// Sets instance `i`'s added delay.
-    pub async fn delay(&self, i: usize, ms: u64) {
-        let path = format!("/admin/delay?ms={ms}");
-        let r = isdp_tests::http::post(self.echoes[i].addr(), &path)
-            .await
-            .unwrap();
-        assert_eq!(r.status, 200, "{path}: {}", r.body);
-    }
-}
-
-/// The window `from..to` after `start`, once it is over.
-async fn window(load: &Load, start: Instant, from: Duration, to: Duration) -> Window {
-    sleep_until(start + to).await;
-    load.window(start + from, start + to)
-}
-
-fn describe(w: &Window) -> String {
-    let shares: Vec<String> = (0..3)
-        .map(|i| format!("cat-{i} {:.1}%", 100.0 * w.share(&format!("cat-{i}"))))
-        .collect();
-    format!(
-        "{} requests, {} failed, p50 {:?}, p99 {:?}; {}",
-        w.len(),
-        w.failed(),
-        w.quantile(0.5),
-        w.quantile(0.99),
-        shares.join(", ")
-    )
-}
+use isdp_tests::load::{CatalogMesh, SERVICE, SLOW_DELAY_MS};
+use isdp_tests::{eventually, find_by_id};
+use tokio::time::Instant;
 
 /// The headline: one of three instances turns five times slower under
 /// steady load; `load_aware` (the default) leaves it under 5 % of the
@@ -108,56 +17,95 @@ fn describe(w: &Window) -> String {
 /// recovery, with no failed request throughout.
 #[tokio::test]
 async fn load_aware_routes_around_a_slow_instance_and_back() {
-    let mesh = Mesh::start(3, "load_aware").await;
+    let mesh = CatalogMesh::start(3, "load_aware").await;
     let config = mesh.web.config_json().await.unwrap();
     assert_eq!(config["upstreams"][SERVICE]["lb"], "load_aware", "{config}");
     let load = mesh.load();
     let start = Instant::now();
 
-    let before = window(&load, start, Duration::from_secs(1), Duration::from_secs(4)).await;
-    eprintln!("all fast: {}", describe(&before));
-    assert!(before.len() > 300, "the load runs: {}", describe(&before));
+    let before = load
+        .window_after(start, Duration::from_secs(1), Duration::from_secs(4))
+        .await;
+    eprintln!("all fast: {}", before.describe(3));
+    assert!(before.len() > 300, "the load runs: {}", before.describe(3));
     for i in 0..3 {
         let share = before.share(&format!("cat-{i}"));
         assert!(
             share > 0.2,
             "all fast, cat-{i} has {share}: {}",
-            describe(&before)
+            before.describe(3)
         );
     }
 
     mesh.delay(0, SLOW_DELAY_MS).await;
     let slowed = Instant::now();
-    let slow = window(
-        &load,
-        slowed,
-        Duration::from_secs(5),
-        Duration::from_secs(10),
-    )
-    .await;
-    eprintln!("cat-0 slow, 5..10 s: {}", describe(&slow));
+    let slow = load
+        .window_after(slowed, Duration::from_secs(5), Duration::from_secs(10))
+        .await;
+    eprintln!("cat-0 slow, 5..10 s: {}", slow.describe(3));
     assert!(
         slow.share("cat-0") < 0.05,
         "the slow instance keeps too much: {}",
-        describe(&slow)
+        slow.describe(3)
     );
 
     mesh.delay(0, 0).await;
     let recovered = Instant::now();
-    let back = window(
-        &load,
-        recovered,
-        Duration::from_secs(7),
-        Duration::from_secs(10),
-    )
-    .await;
-    eprintln!("cat-0 recovered, 7..10 s: {}", describe(&back));
+    let back = load
+        .window_after(recovered, Duration::from_secs(7), Duration::from_secs(10))
+        .await;
+    eprintln!("cat-0 recovered, 7..10 s: {}", back.describe(3));
     assert!(
         back.share("cat-0") > 0.2,
         "the recovered instance is not back: {}",
-        describe(&back)
+        back.describe(3)
     );
 
     let all = load.window(start, Instant::now());
-    assert_eq!(all.failed(), 0, "no request fails: {}", describe(&all));
+    assert_eq!(all.failed(), 0, "no request fails: {}", all.describe(3));
+}
+
+/// Latency outliers: with `round_robin`, which never looks at latency, a
+/// policy's `latency_factor` ejects the instance that turned five times
+/// slower, and from then on it serves nothing; nothing fails.
+#[tokio::test]
+async fn a_latency_outlier_is_ejected_by_policy() {
+    let mesh = CatalogMesh::start(3, "round_robin").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.json");
+    let policy = serde_json::json!({"service": SERVICE, "outlier_detection": {
+        "latency_factor": 3, "interval": "500ms", "latency_intervals": 2,
+        "base_ejection_time": "30s"}});
+    std::fs::write(&path, policy.to_string()).unwrap();
+    mesh.cp
+        .ctl_ok(&["policy", "apply", "-f", &path.display().to_string()])
+        .await;
+    eventually(Duration::from_secs(5), "web runs on the policy", || async {
+        let config = mesh.web.config_json().await?;
+        let version = &config["upstreams"][SERVICE]["policy_version"];
+        anyhow::ensure!(version.is_string(), "{config}");
+        Ok(())
+    })
+    .await;
+    let load = mesh.load();
+    let start = Instant::now();
+    mesh.delay(0, SLOW_DELAY_MS).await;
+    eventually(Duration::from_secs(10), "cat-0 ejected", || async {
+        let eps = mesh.web.endpoints(SERVICE).await?;
+        let cat0 = find_by_id(&eps, "cat-0.catalog")
+            .cloned()
+            .unwrap_or_default();
+        anyhow::ensure!(cat0["ejected"] == true, "{eps:?}");
+        Ok(())
+    })
+    .await;
+    let ejected = Instant::now();
+    let after = load
+        .window_after(ejected, Duration::from_millis(500), Duration::from_secs(3))
+        .await;
+    eprintln!("after the ejection: {}", after.describe(3));
+    assert!(after.len() > 100, "{}", after.describe(3));
+    assert_eq!(after.share("cat-0"), 0.0, "{}", after.describe(3));
+    let all = load.window(start, Instant::now());
+    assert_eq!(all.failed(), 0, "{}", all.describe(3));
 }

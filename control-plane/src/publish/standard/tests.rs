@@ -553,6 +553,7 @@ fn outlier_detection_keeps_success_rate_ejection_off() {
             interval_ms: 1000,
             base_ejection_ms: 30_000,
             max_ejection_percent: 50,
+            ..Default::default()
         }),
         ..Default::default()
     };
