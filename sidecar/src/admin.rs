@@ -281,6 +281,13 @@ struct ServiceView {
     name: String,
     port: u16,
     status: &'static str,
+    /// Requests from other sidecars in flight to the instance now.
+    in_flight: u64,
+    /// The instance's recent average latency to the response head.
+    latency_ms: Option<f64>,
+    /// `application_utilization` of the latest ORCA report its responses
+    /// carried (`endpoint-load-metrics`), if any in the last 10 s.
+    application_utilization: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -355,7 +362,11 @@ async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
         .services()
         .iter()
         .zip(health)
-        .map(|(svc, health)| ServiceView {
+        .zip(state.session.loads())
+        .map(|((svc, health), load)| ServiceView {
+            in_flight: load.in_flight(),
+            latency_ms: load.latency().map(|d| d.as_secs_f64() * 1000.0),
+            application_utilization: load.orca().and_then(|o| o.application_utilization),
             id: state.session.instance_id(&svc.name),
             name: svc.name.clone(),
             port: svc.port,

@@ -148,6 +148,7 @@ impl Listeners {
         metrics: &Metrics,
         tls: Tls,
         policies: watch::Receiver<Arc<crate::authz::Policies>>,
+        loads: Vec<Arc<crate::load_report::LocalLoad>>,
         shutdown: watch::Receiver<bool>,
     ) {
         let limits = &config.limits;
@@ -209,6 +210,7 @@ impl Listeners {
 
         let inbound = trace::TraceInboundLayer(tracing).layer(inbound::Inbound::new(
             &config.services,
+            &loads,
             forwarder,
             metrics,
             inbound::Authorizer::new(policies, metrics.clone()),

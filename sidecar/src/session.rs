@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::config::{Config, Service};
+use crate::load_report::LocalLoad;
 use isdp_core::backoff::Backoff;
 use isdp_core::dial::{ControlAuth, DialError, Dialer};
 use isdp_core::probe::Health;
@@ -58,6 +59,8 @@ struct Shared {
     health: watch::Sender<Vec<Health>>,
     /// Connection state.
     status: watch::Sender<SessionStatus>,
+    /// Each local service's load meter, in config order.
+    loads: Vec<Arc<LocalLoad>>,
 }
 
 // === impl Session ===
@@ -71,6 +74,7 @@ impl Session {
                 address: config.address.to_string(),
                 inbound_port: config.inbound_listen.port(),
                 health: watch::Sender::new(vec![Health::Unknown; services.len()]),
+                loads: services.iter().map(|s| LocalLoad::new(&s.name)).collect(),
                 services,
                 status: watch::Sender::new(SessionStatus::default()),
             }),
@@ -83,6 +87,11 @@ impl Session {
 
     pub fn services(&self) -> &[Service] {
         &self.shared.services
+    }
+
+    /// Each local service's load meter, in config order.
+    pub fn loads(&self) -> &[Arc<LocalLoad>] {
+        &self.shared.loads
     }
 
     /// The instance id of a local service: `{node_id}.{service}`.

@@ -115,7 +115,8 @@ async fn live_ready_and_config() {
     assert_eq!(json["control_plane"]["reconnects"], 0);
     assert_eq!(
         json["services"],
-        serde_json::json!([{"id": "web-1.web", "name": "web", "port": 8080, "status": "unhealthy"}])
+        serde_json::json!([{"id": "web-1.web", "name": "web", "port": 8080, "status": "unhealthy",
+            "in_flight": 0, "latency_ms": null, "application_utilization": null}])
     );
     assert_eq!(
         json["upstreams"]["payments"],
