@@ -21,7 +21,7 @@ pub const SLOW_DELAY_MS: u64 = 40;
 pub struct CatalogMesh {
     pub cp: ControlPlane,
     pub echoes: Vec<EchoHttp>,
-    _sidecars: Vec<Sidecar>,
+    pub sidecars: Vec<Sidecar>,
     pub web: Sidecar,
 }
 
@@ -52,7 +52,7 @@ impl CatalogMesh {
         let mesh = CatalogMesh {
             cp,
             echoes,
-            _sidecars: sidecars,
+            sidecars,
             web,
         };
         eventually(SETUP, "web sees every instance healthy", || async {

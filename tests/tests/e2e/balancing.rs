@@ -109,3 +109,45 @@ async fn a_latency_outlier_is_ejected_by_policy() {
     let all = load.window(start, Instant::now());
     assert_eq!(all.failed(), 0, "{}", all.describe(3));
 }
+
+/// Load reports: the inbound sidecar reads and strips the application's
+/// ORCA header (callers never see it), shows the utilisation on its
+/// `/config`, and reports load on its session, which the control plane
+/// counts as accepted.
+#[tokio::test]
+async fn load_reports_reach_the_control_plane_and_orca_is_stripped() {
+    let mesh = CatalogMesh::start(1, "load_aware").await;
+    let r = isdp_tests::http::post(mesh.echoes[0].addr(), "/admin/load?utilization=0.8")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let direct = isdp_tests::http::get(mesh.echoes[0].addr(), "/")
+        .await
+        .unwrap();
+    assert_eq!(
+        direct.header("endpoint-load-metrics"),
+        Some("TEXT application_utilization=0.8"),
+        "the instance sends it"
+    );
+    let through = isdp_tests::http::get(mesh.web.upstream_addr(SERVICE), "/")
+        .await
+        .unwrap();
+    assert_eq!(through.status, 200, "{}", through.body);
+    assert_eq!(through.header("x-instance-id"), Some("cat-0"));
+    assert_eq!(through.header("endpoint-load-metrics"), None, "stripped");
+    let sidecar = &mesh.sidecars[0];
+    let config = sidecar.config_json().await.unwrap();
+    let service = &config["services"][0];
+    assert_eq!(service["application_utilization"], 0.8, "{config}");
+    assert!(service["latency_ms"].is_number(), "{config}");
+    eventually(Duration::from_secs(6), "a load report accepted", || async {
+        let metrics = isdp_tests::http::get(mesh.cp.admin_addr(), "/metrics").await?;
+        let accepted = metrics
+            .body
+            .lines()
+            .find(|l| l.starts_with("isdp_load_reports_total{status=\"accepted\"}"));
+        anyhow::ensure!(accepted.is_some(), "no accepted report yet");
+        Ok(())
+    })
+    .await;
+}
