@@ -13,6 +13,12 @@
 //! health report does. A session's reports closer together than
 //! [`MIN_REPORT_GAP`] are dropped (not refused), so a sidecar cannot make
 //! the control plane work harder by reporting faster.
+//!
+//! `weights.rs` turns reports into endpoint weights (gRPC WRR's formula,
+//! blackout, expiry, smoothing, clamps, a push threshold); it is not yet
+//! fed by the reports nor pushed with the endpoints.
+
+pub mod weights;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
