@@ -351,7 +351,14 @@ fn start_data_plane(
     let serving = upstreams.clone();
     tasks.push(tokio::spawn(async move {
         listeners
-            .serve(&config, serving, &metrics, tls, policies, loads, shutdown)
+            .serve(
+                &config,
+                serving,
+                &metrics,
+                tls,
+                proxy::LocalInputs { policies, loads },
+                shutdown,
+            )
             .await
     }));
     upstreams

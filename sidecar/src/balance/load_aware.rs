@@ -179,7 +179,6 @@ mod tests {
             drop(guard);
             start(&mut open);
         }
-        drop(start);
         counts
     }
 
