@@ -54,6 +54,7 @@ pub mod config;
 pub mod data_dir;
 pub mod election;
 pub mod health;
+pub mod load;
 pub mod metrics;
 pub mod policy;
 pub mod proxies;

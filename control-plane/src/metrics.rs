@@ -89,6 +89,7 @@ struct Inner {
     nacks: Family<TypeLabel, Counter>,
     registrations: Family<OpLabel, Counter>,
     health_transitions: Family<StatusLabel, Counter>,
+    load_reports: Family<StatusLabel, Counter>,
     convergence: Histogram,
     grpc_handled: Family<MethodCodeLabels, Counter>,
     grpc_handling: Family<MethodLabel, Histogram>,
@@ -152,6 +153,12 @@ impl Metrics {
             "Health transitions observed by control-plane checks, by new status",
             health_transitions.clone(),
         );
+        let load_reports = Family::<StatusLabel, Counter>::default();
+        registry.register(
+            "load_reports",
+            "Load reports from sidecars' sessions, by outcome (accepted, dropped: too soon after the last, refused)",
+            load_reports.clone(),
+        );
         let convergence = histogram();
         registry.register_with_unit(
             "xds_convergence",
@@ -200,6 +207,7 @@ impl Metrics {
                 nacks,
                 registrations,
                 health_transitions,
+                load_reports,
                 convergence,
                 grpc_handled,
                 grpc_handling,
@@ -275,6 +283,16 @@ impl Metrics {
                 })
                 .inc();
         }
+    }
+
+    /// One load report: `accepted`, `dropped` or `refused`.
+    pub fn load_report(&self, outcome: &str) {
+        self.inner
+            .load_reports
+            .get_or_create(&StatusLabel {
+                status: outcome.to_owned(),
+            })
+            .inc();
     }
 
     pub fn health_transition(&self, status: HealthStatus) {

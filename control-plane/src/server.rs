@@ -13,7 +13,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use crate::{
     Config, Error, HEALTH_LEADER_KEY, StoreKind, admin, api, auth, authz,
     ca::{self, Ca, CaSettings},
-    data_dir, election, health, metrics, policy, proxies, publish,
+    data_dir, election, health, load, metrics, policy, proxies, publish,
     registry::{Registry, SessionTimeouts, session::Sessions},
     store::{Store, embedded::EmbeddedStore, etcd::EtcdStore},
     tls,
@@ -418,9 +418,14 @@ async fn serve_grpc(
             metrics.client_log_rate(),
         ))
         .add_service(
-            api::registry::RegistryApi::new(registry, metrics, shutdown.clone()).into_server(),
+            api::registry::RegistryApi::new(registry, metrics.clone(), shutdown.clone())
+                .into_server(),
         )
-        .add_service(api::session::SessionApi::new(sessions, shutdown.clone()).into_server())
+        .add_service(
+            api::session::SessionApi::new(sessions, shutdown.clone())
+                .with_loads(load::LoadReports::default(), metrics.clone())
+                .into_server(),
+        )
         .add_service(api::status::ProxyStatusApi::new(proxies.clone()).into_server())
         .add_service(api::csds::CsdsApi::new(proxies, shutdown.clone()).into_server())
         .add_service(api::authorization::AuthorizationApi::new(authz).into_server())

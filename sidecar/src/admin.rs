@@ -281,6 +281,13 @@ struct ServiceView {
     name: String,
     port: u16,
     status: &'static str,
+    /// Requests from other sidecars in flight to the instance now.
+    in_flight: u64,
+    /// The instance's recent average latency to the response head.
+    latency_ms: Option<f64>,
+    /// `application_utilization` of the latest ORCA report its responses
+    /// carried (`endpoint-load-metrics`), if any in the last 10 s.
+    application_utilization: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -309,6 +316,12 @@ struct EndpointView {
     ejected: bool,
     /// Times outlier detection has ejected it.
     ejections: u32,
+    /// Requests in flight from this sidecar now; None when not balanced
+    /// (unhealthy and outside the panic set).
+    in_flight: Option<u64>,
+    /// The recent latency average `load_aware` balances on, in
+    /// milliseconds; None before the first answer.
+    latency_ms: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -349,7 +362,11 @@ async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
         .services()
         .iter()
         .zip(health)
-        .map(|(svc, health)| ServiceView {
+        .zip(state.session.loads())
+        .map(|((svc, health), load)| ServiceView {
+            in_flight: load.in_flight(),
+            latency_ms: load.latency().map(|d| d.as_secs_f64() * 1000.0),
+            application_utilization: load.orca().and_then(|o| o.application_utilization),
             id: state.session.instance_id(&svc.name),
             name: svc.name.clone(),
             port: svc.port,
@@ -366,6 +383,7 @@ async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
                     .and_then(|l| l.ejection(id))
                     .unwrap_or((false, 0))
             };
+            let load = |id: &str| lb.as_ref().and_then(|l| l.load(id));
             let endpoints = u
                 .endpoints
                 .iter()
@@ -379,6 +397,10 @@ async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
                     status: e.health.as_str(),
                     ejected: ejection(&e.id).0,
                     ejections: ejection(&e.id).1,
+                    in_flight: load(&e.id).map(|l| l.in_flight()),
+                    latency_ms: load(&e.id)
+                        .and_then(|l| l.recent_latency())
+                        .map(|d| d.as_secs_f64() * 1000.0),
                 })
                 .collect();
             let view = UpstreamView {

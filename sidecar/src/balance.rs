@@ -14,7 +14,8 @@
 //! | `round_robin` | atomic cursor | ignored |
 //! | `weighted_round_robin` | precomputed smooth schedule ([`weighted`](self::weighted)) | honoured |
 //! | `least_request` | P2C on `(in_flight + 1) / weight` | honoured |
-//! | `peak_ewma` (default) | P2C on `latency × (in_flight + 1) / weight` | honoured |
+//! | `peak_ewma` | P2C on `latency × (in_flight + 1) / weight` | honoured |
+//! | `load_aware` (default) | P2C on `recent latency² × (in_flight + 1) / weight`, with probes ([`load_aware`](self::load_aware)) | honoured |
 //! | `ring_hash` | binary search on a ring of virtual nodes | node counts |
 //! | `maglev` | `table[hash mod 65537]` | slot counts |
 //! | `random` | prefix-sum search on one random number | honoured |
@@ -28,6 +29,7 @@
 
 mod hash_key;
 mod load;
+mod load_aware;
 mod maglev;
 pub mod outlier;
 mod p2c;
@@ -42,6 +44,7 @@ use std::sync::Arc;
 
 pub use hash_key::HashKey;
 pub use load::{DECAY, DEFAULT_RTT, EndpointLoad, FAILURE_PENALTY, LoadGuard};
+pub use load_aware::{PROBE_INTERVAL, RECENT_DECAY};
 pub use maglev::TABLE_SIZE as MAGLEV_TABLE_SIZE;
 pub use outlier::{Outcome, Outlier, OutlierConfig};
 pub use ring_hash::{MAX_RING, MIN_RING};
@@ -60,9 +63,11 @@ pub enum Algorithm {
     RoundRobin,
     WeightedRoundRobin,
     LeastRequest,
-    /// The default: adapts to both slow and busy endpoints without tuning.
-    #[default]
     PeakEwma,
+    /// The default: adapts to both slow and busy endpoints without tuning,
+    /// and shuns an endpoint much slower than its peers (see `load_aware`).
+    #[default]
+    LoadAware,
     RingHash,
     Maglev,
     Random,
@@ -72,11 +77,12 @@ pub enum Algorithm {
 
 impl Algorithm {
     /// Every algorithm, in the order error messages list them.
-    pub const ALL: [Algorithm; 7] = [
+    pub const ALL: [Algorithm; 8] = [
         Algorithm::RoundRobin,
         Algorithm::WeightedRoundRobin,
         Algorithm::LeastRequest,
         Algorithm::PeakEwma,
+        Algorithm::LoadAware,
         Algorithm::RingHash,
         Algorithm::Maglev,
         Algorithm::Random,
@@ -89,6 +95,7 @@ impl Algorithm {
             Algorithm::WeightedRoundRobin => "weighted_round_robin",
             Algorithm::LeastRequest => "least_request",
             Algorithm::PeakEwma => "peak_ewma",
+            Algorithm::LoadAware => "load_aware",
             Algorithm::RingHash => "ring_hash",
             Algorithm::Maglev => "maglev",
             Algorithm::Random => "random",
@@ -124,7 +131,8 @@ impl fmt::Display for Algorithm {
 pub enum ParseError {
     #[error(
         "unknown load-balancing algorithm {0:?}; expected one of round_robin, \
-         weighted_round_robin, least_request, peak_ewma, ring_hash, maglev, random"
+         weighted_round_robin, least_request, peak_ewma, load_aware, ring_hash, maglev, \
+         random"
     )]
     Algorithm(String),
     #[error(
@@ -149,6 +157,7 @@ enum Strategy {
     Weighted(Weighted),
     LeastRequest,
     PeakEwma,
+    LoadAware,
     RingHash(RingHash, WeightedRandom),
     Maglev(Maglev, WeightedRandom),
     Random(WeightedRandom),
@@ -178,6 +187,7 @@ impl Balancer {
                 }
                 Algorithm::LeastRequest => Strategy::LeastRequest,
                 Algorithm::PeakEwma => Strategy::PeakEwma,
+                Algorithm::LoadAware => Strategy::LoadAware,
                 Algorithm::RingHash => {
                     Strategy::RingHash(RingHash::new(&endpoints), WeightedRandom::new(&endpoints))
                 }
@@ -205,6 +215,7 @@ impl Balancer {
             Strategy::Weighted(w) => w.pick(),
             Strategy::LeastRequest => p2c::least_request(&self.endpoints, &self.rng),
             Strategy::PeakEwma => p2c::peak_ewma(&self.endpoints, &self.rng),
+            Strategy::LoadAware => load_aware::load_aware(&self.endpoints, &self.rng),
             Strategy::RingHash(ring, fallback) => match hash {
                 Some(h) => ring.pick(h),
                 None => fallback.pick(&self.rng),

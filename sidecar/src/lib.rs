@@ -43,6 +43,7 @@ pub mod balance;
 pub mod config;
 pub mod identity;
 pub mod listener;
+pub mod load_report;
 pub mod metrics;
 pub mod proxy;
 pub mod relay;
@@ -119,6 +120,7 @@ pub async fn run(mut config: Config, shutdown: watch::Receiver<bool>) -> Result<
             identities: identities.clone(),
             snapshots: snapshots.clone(),
             metrics: metrics.clone(),
+            loads: session.loads().to_vec(),
         },
         &shutdown,
         &mut tasks,
@@ -306,6 +308,8 @@ struct DataPlaneInputs {
     identities: watch::Receiver<Arc<identity::Identities>>,
     snapshots: watch::Receiver<Arc<xds::Snapshot>>,
     metrics: metrics::Metrics,
+    /// Each local service's load meter, in config order (the session reports them).
+    loads: Vec<Arc<load_report::LocalLoad>>,
 }
 
 /// mTLS (contexts rebuilt as identities and roots change, revocations
@@ -323,6 +327,7 @@ fn start_data_plane(
         identities,
         snapshots,
         metrics,
+        loads,
     } = inputs;
     let revocations = tls::Revocations::new(metrics.clone());
     let (tls_contexts, tls_task) = proxy::transport::follow(
@@ -346,7 +351,14 @@ fn start_data_plane(
     let serving = upstreams.clone();
     tasks.push(tokio::spawn(async move {
         listeners
-            .serve(&config, serving, &metrics, tls, policies, shutdown)
+            .serve(
+                &config,
+                serving,
+                &metrics,
+                tls,
+                proxy::LocalInputs { policies, loads },
+                shutdown,
+            )
             .await
     }));
     upstreams

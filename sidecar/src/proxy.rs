@@ -105,6 +105,14 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, crate::Error>
         })
 }
 
+/// What the inbound side serves the local services with: the
+/// destination's authorization policies, and each local service's load
+/// meter in config order.
+pub struct LocalInputs {
+    pub policies: watch::Receiver<Arc<crate::authz::Policies>>,
+    pub loads: Vec<Arc<crate::load_report::LocalLoad>>,
+}
+
 impl Listeners {
     pub async fn bind(config: &Config) -> Result<Self, crate::Error> {
         let inbound = bind(config.inbound_listen, "inbound").await?;
@@ -147,9 +155,10 @@ impl Listeners {
         upstreams: Upstreams,
         metrics: &Metrics,
         tls: Tls,
-        policies: watch::Receiver<Arc<crate::authz::Policies>>,
+        local: LocalInputs,
         shutdown: watch::Receiver<bool>,
     ) {
+        let LocalInputs { policies, loads } = local;
         let limits = &config.limits;
         let tracker = Tracker::new();
         let tunnels = Tunnels::new(limits.tcp_idle_timeout, metrics);
@@ -209,6 +218,7 @@ impl Listeners {
 
         let inbound = trace::TraceInboundLayer(tracing).layer(inbound::Inbound::new(
             &config.services,
+            &loads,
             forwarder,
             metrics,
             inbound::Authorizer::new(policies, metrics.clone()),

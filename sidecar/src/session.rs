@@ -1,6 +1,7 @@
 //! The sidecar's session with the control plane for its local services:
 //! `SessionOpen` on every (re)connect, a `HealthReport` per probe
-//! transition, `SessionClose` on shutdown (and, when shutdown finds the
+//! transition, a `LoadReport` every 2 s once the control plane said it
+//! takes them (`load_report` measures), `SessionClose` on shutdown (and, when shutdown finds the
 //! session down, an empty session opened and closed within the drain
 //! timeout, so the instances go at once).
 
@@ -9,7 +10,8 @@ use std::time::Duration;
 use isdp_proto::v1::session_request::Kind;
 use isdp_proto::v1::sidecar_client::SidecarClient;
 use isdp_proto::v1::{
-    HealthCheck, HealthReport, Instance, SessionClose, SessionOpen, SessionRequest,
+    HealthCheck, HealthReport, Instance, InstanceLoad, LoadReport, SessionClose, SessionOpen,
+    SessionRequest,
 };
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
@@ -17,6 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::config::{Config, Service};
+use crate::load_report::{LocalLoad, Meter, REPORT_INTERVAL};
 use isdp_core::backoff::Backoff;
 use isdp_core::dial::{ControlAuth, DialError, Dialer};
 use isdp_core::probe::Health;
@@ -58,6 +61,8 @@ struct Shared {
     health: watch::Sender<Vec<Health>>,
     /// Connection state.
     status: watch::Sender<SessionStatus>,
+    /// Each local service's load meter, in config order.
+    loads: Vec<Arc<LocalLoad>>,
 }
 
 // === impl Session ===
@@ -71,6 +76,7 @@ impl Session {
                 address: config.address.to_string(),
                 inbound_port: config.inbound_listen.port(),
                 health: watch::Sender::new(vec![Health::Unknown; services.len()]),
+                loads: services.iter().map(|s| LocalLoad::new(&s.name)).collect(),
                 services,
                 status: watch::Sender::new(SessionStatus::default()),
             }),
@@ -83,6 +89,11 @@ impl Session {
 
     pub fn services(&self) -> &[Service] {
         &self.shared.services
+    }
+
+    /// Each local service's load meter, in config order.
+    pub fn loads(&self) -> &[Arc<LocalLoad>] {
+        &self.shared.loads
     }
 
     /// The instance id of a local service: `{node_id}.{service}`.
@@ -140,6 +151,34 @@ impl Session {
 
     pub(crate) fn set_status(&self, update: impl FnOnce(&mut SessionStatus)) {
         self.shared.status.send_modify(update);
+    }
+}
+
+/// The local instances' load since the last report.
+fn load_report(session: &Session, meter: &mut Meter) -> LoadReport {
+    let (figures, host) = meter.sample(session.loads());
+    let instances = session
+        .services()
+        .iter()
+        .zip(figures)
+        .map(|(svc, f)| {
+            let orca = f.orca.unwrap_or_default();
+            InstanceLoad {
+                instance_id: session.instance_id(&svc.name),
+                rps: f.rps,
+                eps: f.eps,
+                latency_ms: f.latency_ms,
+                in_flight: f.in_flight,
+                application_utilization: orca.application_utilization,
+                cpu_utilization: orca.cpu_utilization,
+                named_metrics: orca.named.into_iter().collect(),
+            }
+        })
+        .collect();
+    LoadReport {
+        instances,
+        cpu_utilization: host.cpu_utilization,
+        mem_utilization: host.mem_utilization,
     }
 }
 
@@ -293,6 +332,15 @@ async fn run_stream(
     });
     tracing::info!(%url, instances = sent.len(), "session open");
 
+    // Load reports go only to a control plane that said it takes them.
+    let mut reports_taken = false;
+    let mut meter = Meter::new(session.loads());
+    let mut report_tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + REPORT_INTERVAL,
+        REPORT_INTERVAL,
+    );
+    report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut report_due = false;
     loop {
         tokio::select! {
             biased;
@@ -305,10 +353,22 @@ async fn run_stream(
             message = inbound.message() => match message? {
                 Some(response) => {
                     tracing::debug!(instances = response.instances.len(), "session response");
+                    reports_taken = response.load_reports;
                     continue;
                 }
                 None => return Err(StreamError::Ended),
             },
+            _ = report_tick.tick() => report_due = true,
+        }
+        if std::mem::take(&mut report_due) {
+            let report = load_report(session, &mut meter);
+            if reports_taken && !report.instances.is_empty() {
+                requests
+                    .send(request(Kind::Load(report)))
+                    .await
+                    .map_err(|_| StreamError::Ended)?;
+            }
+            continue;
         }
         let now = health_rx.borrow_and_update().clone();
         let reports: Vec<HealthReport> = session

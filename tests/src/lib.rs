@@ -21,6 +21,9 @@
 //! - `process`: one child process: spawn, await its listening line, logs,
 //!   SIGKILL / SIGTERM, kill on drop.
 //! - `http`: a tiny HTTP/1.0 client for admin endpoints.
+//! - `load`: [`load::Load`], steady concurrent load through a sidecar,
+//!   recorded per request (instance, status, latency) for shares and
+//!   percentiles.
 //! - `otlp`: [`OtlpReceiver`], a real OTLP/gRPC trace receiver.
 //! - `control_plane`: [`ControlPlane`] and the [`isdpctl`] helpers.
 //! - `sidecar`: [`Sidecar`] and [`SidecarToml`], a config builder.
@@ -42,6 +45,7 @@ mod echo;
 mod etcd;
 mod gate;
 pub mod http;
+pub mod load;
 pub mod node;
 pub mod otlp;
 mod process;

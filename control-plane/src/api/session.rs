@@ -18,6 +18,8 @@ use tracing::Instrument as _;
 use super::{op_span, record_outcome, status};
 use crate::{
     auth::Principal,
+    load::{Gate, LoadReports},
+    metrics::Metrics,
     registry::session::{Opener, Session, Sessions},
     tokens::Role,
 };
@@ -25,11 +27,32 @@ use crate::{
 pub struct SessionApi {
     sessions: Sessions,
     shutdown: watch::Receiver<bool>,
+    loads: Loads,
+}
+
+/// Where sessions' load reports go, and what counts them.
+#[derive(Clone, Default)]
+struct Loads {
+    reports: LoadReports,
+    metrics: Option<Metrics>,
 }
 
 impl SessionApi {
     pub fn new(sessions: Sessions, shutdown: watch::Receiver<bool>) -> Self {
-        SessionApi { sessions, shutdown }
+        SessionApi {
+            sessions,
+            shutdown,
+            loads: Loads::default(),
+        }
+    }
+
+    /// Keeps the sessions' load reports in `reports`, counted in `metrics`.
+    pub fn with_loads(mut self, reports: LoadReports, metrics: Metrics) -> Self {
+        self.loads = Loads {
+            reports,
+            metrics: Some(metrics),
+        };
+        self
     }
 
     pub fn into_server(self) -> sidecar_server::SidecarServer<Self> {
@@ -80,6 +103,7 @@ impl sidecar_server::Sidecar for SessionApi {
         let (tx, rx) = mpsc::channel(4);
         tx.send(Ok(SessionResponse {
             instances: session.instances(),
+            load_reports: true,
         }))
         .await
         .map_err(|_| Status::cancelled("session: client went away"))?;
@@ -89,6 +113,7 @@ impl sidecar_server::Sidecar for SessionApi {
             tx,
             self.sessions.clone(),
             principal,
+            self.loads.clone(),
             self.shutdown.clone(),
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -147,8 +172,10 @@ async fn run(
     tx: mpsc::Sender<Result<SessionResponse, Status>>,
     sessions: Sessions,
     principal: Option<Principal>,
+    loads: Loads,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut gate = Gate::default();
     loop {
         let msg = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
@@ -211,7 +238,11 @@ async fn run(
                 Ok(s) => {
                     session = s;
                     let instances = session.instances();
-                    if tx.send(Ok(SessionResponse { instances })).await.is_err() {
+                    let response = SessionResponse {
+                        instances,
+                        load_reports: true,
+                    };
+                    if tx.send(Ok(response)).await.is_err() {
                         return;
                     }
                 }
@@ -220,6 +251,24 @@ async fn run(
                     return;
                 }
             },
+            Ok(Some(SessionRequest {
+                kind: Some(Kind::Load(report)),
+            })) => {
+                if !gate.admit(tokio::time::Instant::now()) {
+                    loads.count("dropped");
+                    continue;
+                }
+                let own: Vec<String> = session.instances().into_iter().map(|i| i.id).collect();
+                if let Err(e) = loads.reports.accept(&own, report) {
+                    loads.count("refused");
+                    if session.log().admit() {
+                        tracing::warn!(node = ?session.node_id(), error = %e, "load report refused");
+                    }
+                    let _ = tx.send(Err(Status::invalid_argument(e.to_string()))).await;
+                    return;
+                }
+                loads.count("accepted");
+            }
             Ok(Some(SessionRequest {
                 kind: Some(Kind::Close(_)),
             })) => {
@@ -245,6 +294,14 @@ async fn run(
                 return;
             }
             Ok(None) | Err(_) => return,
+        }
+    }
+}
+
+impl Loads {
+    fn count(&self, outcome: &str) {
+        if let Some(m) = &self.metrics {
+            m.load_report(outcome);
         }
     }
 }

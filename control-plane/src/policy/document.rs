@@ -10,7 +10,8 @@
 //!   backoff: { base: 25ms, max: 250ms }
 //!   budget: { ratio: 0.2, min_per_second: 10 }
 //! circuit_breaker: { max_connections: 1024, max_pending_requests: 256, max_requests: 1024 }
-//! outlier_detection: { consecutive_5xx: 5, interval: 1s, base_ejection_time: 30s, max_ejection_percent: 50 }
+//! outlier_detection: { consecutive_5xx: 5, interval: 1s, base_ejection_time: 30s, max_ejection_percent: 50,
+//!                      latency_factor: 3, latency_min: 5ms, latency_intervals: 2 }
 //! load_balancer: { algorithm: ring_hash, hash_key: "header:x-user" }
 //! subsets: [ { name: v1, labels: { version: v1 } }, { name: v2, labels: { version: v2 } } ]
 //! split: [ { subset: v1, weight: 90 }, { subset: v2, weight: 10 } ]
@@ -41,6 +42,10 @@ pub const MAX_HEADERS: usize = 16;
 const MAX_DURATION: Duration = Duration::from_secs(3600);
 const MAX_LIMIT: u64 = 1_000_000;
 const MAX_BUFFER_BYTES: u64 = 16 * 1024 * 1024;
+/// `outlier_detection.latency_factor`: 0 or in this range.
+const MIN_LATENCY_FACTOR: f64 = 1.5;
+const MAX_LATENCY_FACTOR: f64 = 100.0;
+const MAX_LATENCY_INTERVALS: u64 = 100;
 
 /// Conditions a retry may be made on.
 pub const RETRY_ON: &[&str] = &[
@@ -66,6 +71,7 @@ pub const ALGORITHMS: &[&str] = &[
     "weighted_round_robin",
     "least_request",
     "peak_ewma",
+    "load_aware",
     "ring_hash",
     "maglev",
     "random",
@@ -271,9 +277,32 @@ fn outlier(mut o: Obj<'_>, p: &mut Problems) -> OutlierDetection {
             .duration("base_ejection_time", ms, MAX_DURATION, p)
             .unwrap_or(0),
         max_ejection_percent: o.int("max_ejection_percent", 0, 100, p).unwrap_or(0) as u32,
+        latency_factor: latency_factor(&mut o, p),
+        latency_min_ms: o
+            .duration("latency_min", Duration::from_millis(1), MAX_DURATION, p)
+            .unwrap_or(0),
+        latency_intervals: o
+            .int("latency_intervals", 1, MAX_LATENCY_INTERVALS, p)
+            .unwrap_or(0) as u32,
     };
     o.finish(p);
     d
+}
+
+/// `latency_factor`: 0 (off) or `MIN_LATENCY_FACTOR..=MAX_LATENCY_FACTOR`;
+/// closer to 1 would eject endpoints for noise.
+fn latency_factor(o: &mut Obj<'_>, p: &mut Problems) -> f64 {
+    let f = o
+        .number("latency_factor", 0.0, MAX_LATENCY_FACTOR, p)
+        .unwrap_or(0.0);
+    if f != 0.0 && f < MIN_LATENCY_FACTOR {
+        p.push(
+            o.path("latency_factor"),
+            format!("must be 0 (off) or {MIN_LATENCY_FACTOR}..{MAX_LATENCY_FACTOR}, got {f}"),
+        );
+        return 0.0;
+    }
+    f
 }
 
 fn load_balancer(mut o: Obj<'_>, p: &mut Problems) -> LoadBalancer {

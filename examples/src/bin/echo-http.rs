@@ -21,8 +21,12 @@
 //!   requests to this instance (any path but `/healthz` and `/admin/*`)
 //!   answer S (default 503); `GET /reset` drops the connection without an
 //!   answer; `POST /admin/stall?on=true|false` makes every such request
-//!   hang until turned off. Tests use them to exercise retries, outlier
-//!   detection and timeouts.
+//!   hang until turned off; `POST /admin/delay?ms=N` delays every such
+//!   request by N ms until set back to 0 (a slow instance);
+//!   `POST /admin/load?utilization=U` adds an ORCA load report
+//!   (`endpoint-load-metrics: TEXT application_utilization=U`) to every
+//!   answer, which the inbound sidecar reads and strips (negative: none). Tests use them
+//!   to exercise retries, outlier detection, timeouts and load balancing.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -70,6 +74,11 @@ struct Echo {
     fail_status: Arc<std::sync::atomic::AtomicU16>,
     /// Set by `POST /admin/stall?on=true`: requests hang until cleared.
     stalled: Arc<AtomicBool>,
+    /// Set by `POST /admin/delay?ms=N`: every request waits N ms first.
+    delay_ms: Arc<AtomicU64>,
+    /// Set by `POST /admin/load?utilization=U`: the ORCA utilisation every
+    /// answer reports, as `f64` bits; negative: no report.
+    utilization: Arc<AtomicU64>,
 }
 
 #[tokio::main]
@@ -88,6 +97,8 @@ async fn main() -> anyhow::Result<()> {
         failing: Arc::default(),
         fail_status: Arc::new(std::sync::atomic::AtomicU16::new(503)),
         stalled: Arc::default(),
+        delay_ms: Arc::default(),
+        utilization: Arc::new(AtomicU64::new((-1.0f64).to_bits())),
     };
 
     // The launcher and the test harness read this exact line to learn the
@@ -115,6 +126,8 @@ fn router(echo: Echo) -> Router {
         .route("/reset", get(reset))
         .route("/admin/fail", post(fail_next))
         .route("/admin/stall", post(stall))
+        .route("/admin/delay", post(delay))
+        .route("/admin/load", post(load))
         .fallback(echo_request)
         .layer(axum::middleware::from_fn_with_state(
             echo.clone(),
@@ -154,7 +167,45 @@ async fn stall(State(echo): State<Echo>, Query(q): Query<StallQuery>) -> Respons
     with_instance(&echo, format!("stalled: {}\n", q.on).into_response())
 }
 
-/// Applies `/admin/fail` and `/admin/stall` to every request but health
+#[derive(serde::Deserialize)]
+struct DelayQuery {
+    ms: u64,
+}
+
+/// Longest delay `/admin/delay` accepts: a minute.
+const MAX_DELAY_MS: u64 = 60_000;
+
+/// `POST /admin/delay?ms=N`: every request waits N ms before it is served
+/// (0 turns it off), so an instance turns slow without failing.
+async fn delay(State(echo): State<Echo>, Query(q): Query<DelayQuery>) -> Response {
+    if q.ms > MAX_DELAY_MS {
+        let resp = (
+            StatusCode::BAD_REQUEST,
+            format!("ms: at most {MAX_DELAY_MS}, got {}\n", q.ms),
+        );
+        return with_instance(&echo, resp.into_response());
+    }
+    echo.delay_ms.store(q.ms, Ordering::Relaxed);
+    with_instance(&echo, format!("delay: {} ms\n", q.ms).into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct LoadQuery {
+    utilization: f64,
+}
+
+/// `POST /admin/load?utilization=U`: every answer carries an ORCA report
+/// of application utilisation U from now on (negative: none).
+async fn load(State(echo): State<Echo>, Query(q): Query<LoadQuery>) -> Response {
+    echo.utilization
+        .store(q.utilization.to_bits(), Ordering::Relaxed);
+    with_instance(
+        &echo,
+        format!("utilization: {}\n", q.utilization).into_response(),
+    )
+}
+
+/// Applies `/admin/fail`, `/admin/stall` and `/admin/delay` to every request but health
 /// checks and the admin routes themselves.
 async fn misbehave(
     State(echo): State<Echo>,
@@ -167,6 +218,10 @@ async fn misbehave(
     }
     while echo.stalled.load(Ordering::Relaxed) {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let delay = echo.delay_ms.load(Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
     }
     let took = echo
         .failing
@@ -305,10 +360,17 @@ async fn ws_echo(mut socket: WebSocket) {
     }
 }
 
-/// Every answer names its instance, so load balancing is visible with curl.
+/// Every answer names its instance, so load balancing is visible with
+/// curl, and carries the ORCA report `/admin/load` set, if any.
 fn with_instance(echo: &Echo, mut resp: Response) -> Response {
     if let Ok(v) = HeaderValue::from_str(&echo.id) {
         resp.headers_mut().insert("x-instance-id", v);
+    }
+    let utilization = f64::from_bits(echo.utilization.load(Ordering::Relaxed));
+    if utilization >= 0.0
+        && let Ok(v) = HeaderValue::from_str(&format!("TEXT application_utilization={utilization}"))
+    {
+        resp.headers_mut().insert("endpoint-load-metrics", v);
     }
     resp
 }

@@ -310,7 +310,7 @@ ISDP demo is up. Try:
   seq 300 | xargs -P20 -I% curl -s -o /dev/null -D- {WEB_UPSTREAM}/hello \
     | grep -i '^x-instance-id' | sort | uniq -c
   # One call at a time mostly lands on one instance: the default balancer
-  # (peak_ewma) picks the cheaper of two random instances by latency x
+  # (load_aware) picks the cheaper of two random instances by latency² x
   # requests in flight, and an idle mesh has nothing in flight, so the
   # fastest instance keeps winning. Under concurrent load it spreads.
   # `lb = "round_robin"` in the web sidecar's [[upstream]] takes turns.

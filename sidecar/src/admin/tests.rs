@@ -115,14 +115,16 @@ async fn live_ready_and_config() {
     assert_eq!(json["control_plane"]["reconnects"], 0);
     assert_eq!(
         json["services"],
-        serde_json::json!([{"id": "web-1.web", "name": "web", "port": 8080, "status": "unhealthy"}])
+        serde_json::json!([{"id": "web-1.web", "name": "web", "port": 8080, "status": "unhealthy",
+            "in_flight": 0, "latency_ms": null, "application_utilization": null}])
     );
     assert_eq!(
         json["upstreams"]["payments"],
         serde_json::json!({"exists": true, "version": "abc", "lb": null, "panic": null,
             "policy_version": null, "endpoints": [{
             "id": "pay-1.payments", "address": "127.0.0.1", "port": 8081, "inbound_port": 0, "weight": 1,
-            "metadata": {"version": "v1"}, "status": "healthy", "ejected": false, "ejections": 0}]})
+            "metadata": {"version": "v1"}, "status": "healthy", "ejected": false, "ejections": 0,
+            "in_flight": null, "latency_ms": null}]})
     );
     assert_eq!(json["xds"]["acked"]["payments"], "abc");
     assert_eq!(json["xds"]["acks"], 3);

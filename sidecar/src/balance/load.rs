@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::load_aware::Recent;
+
 /// The EWMA's time constant: a sample's weight falls to 1/e after this long.
 /// Long enough to smooth noise, short enough that a recovered endpoint is
 /// trusted again within tens of seconds.
@@ -46,6 +48,8 @@ pub struct EndpointLoad {
     updated_ns: AtomicU64,
     /// Origin of `updated_ns`, so a timestamp fits an atomic.
     epoch: Instant,
+    /// The short-memory average and last pick that `load_aware` reads.
+    recent: Recent,
 }
 
 // === impl EndpointLoad ===
@@ -62,6 +66,7 @@ impl EndpointLoad {
             ewma_ns: AtomicU64::new(f64::NAN.to_bits()),
             updated_ns: AtomicU64::new(0),
             epoch: Instant::now(),
+            recent: Recent::new(),
         })
     }
 
@@ -82,9 +87,11 @@ impl EndpointLoad {
     /// time in between as a latency sample.
     pub fn start(self: &Arc<Self>) -> LoadGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        self.recent.picked(self.nanos_since_epoch(now));
         LoadGuard {
             load: Arc::clone(self),
-            started: Some(Instant::now()),
+            started: Some(now),
             failed: false,
         }
     }
@@ -94,6 +101,7 @@ impl EndpointLoad {
     /// (record the connect time with [`record_latency`](Self::record_latency)).
     pub fn start_untimed(self: &Arc<Self>) -> LoadGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.recent.picked(self.nanos_since_epoch(Instant::now()));
         LoadGuard {
             load: Arc::clone(self),
             started: None,
@@ -112,6 +120,7 @@ impl EndpointLoad {
     fn record_at(&self, latency: Duration, now: Instant) {
         let sample = latency.as_nanos() as f64;
         let now_ns = self.nanos_since_epoch(now);
+        self.recent.record(sample, now_ns);
         let elapsed = now_ns.saturating_sub(self.updated_ns.load(Ordering::Relaxed)) as f64;
         let decay = (-elapsed / DECAY.as_nanos() as f64).exp();
         let _ = self
@@ -149,7 +158,19 @@ impl EndpointLoad {
         latency * (self.in_flight() + 1) as f64 / f64::from(self.weight)
     }
 
-    fn nanos_since_epoch(&self, at: Instant) -> u64 {
+    /// The short-memory latency average `load_aware` balances on.
+    pub(crate) fn recent(&self) -> &Recent {
+        &self.recent
+    }
+
+    /// The recent latency average, `None` before the first sample.
+    pub fn recent_latency(&self) -> Option<Duration> {
+        self.recent
+            .average_ns()
+            .map(|ns| Duration::from_nanos(ns as u64))
+    }
+
+    pub(crate) fn nanos_since_epoch(&self, at: Instant) -> u64 {
         u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 }

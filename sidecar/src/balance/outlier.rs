@@ -12,6 +12,11 @@
 //! still fails is ejected again on its first failure, for longer (the
 //! count carries). Any success resets the counters.
 //!
+//! Latency outliers ([`latency`]) are judged by a periodic sweep instead,
+//! since slowness is a comparison with peers, not a property of one
+//! answer: an endpoint whose recent latency stays well above its peers'
+//! median is ejected the same way, within the same `max_ejection_percent`.
+//!
 //! The state lives in an `Arc<Outlier>` the proxy keeps per endpoint id,
 //! like [`EndpointLoad`](super::EndpointLoad), so endpoint-set and policy
 //! changes do not forget ejections. Atomics only: the balancer reads
@@ -22,6 +27,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+pub mod latency;
 
 /// The longest ejection, in multiples of the base time.
 pub const MAX_EJECTION_FACTOR: u32 = 10;
@@ -35,6 +42,14 @@ pub struct OutlierConfig {
     pub consecutive_gateway_errors: u32,
     pub base_ejection: Duration,
     pub max_ejection_percent: u32,
+    /// Latency outliers: above this many times the peers' median; 0: off.
+    pub latency_factor: f64,
+    /// No endpoint is a latency outlier below this average.
+    pub latency_min: Duration,
+    /// Sweeps in a row an endpoint must be slow before it is ejected.
+    pub latency_intervals: u32,
+    /// Time between latency sweeps.
+    pub interval: Duration,
 }
 
 impl Default for OutlierConfig {
@@ -46,6 +61,10 @@ impl Default for OutlierConfig {
             consecutive_gateway_errors: 5,
             base_ejection: Duration::from_secs(30),
             max_ejection_percent: 50,
+            latency_factor: 0.0,
+            latency_min: latency::DEFAULT_MIN,
+            latency_intervals: latency::DEFAULT_INTERVALS,
+            interval: latency::DEFAULT_INTERVAL,
         }
     }
 }
@@ -76,6 +95,8 @@ pub struct Outlier {
     consecutive_5xx: AtomicU32,
     consecutive_gateway: AtomicU32,
     ejections: AtomicU32,
+    /// Latency sweeps in a row that found the endpoint slow.
+    slow_sweeps: AtomicU32,
     /// Nanoseconds since `epoch` until which the endpoint is ejected.
     ejected_until_ns: AtomicU64,
     epoch: Instant,
@@ -89,6 +110,7 @@ impl Outlier {
             consecutive_5xx: AtomicU32::new(0),
             consecutive_gateway: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
+            slow_sweeps: AtomicU32::new(0),
             ejected_until_ns: AtomicU64::new(0),
             epoch: Instant::now(),
         })
@@ -169,6 +191,7 @@ mod tests {
             consecutive_gateway_errors: 3,
             base_ejection: Duration::from_secs(10),
             max_ejection_percent: 50,
+            ..OutlierConfig::default()
         }
     }
 

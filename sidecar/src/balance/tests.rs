@@ -140,13 +140,15 @@ fn algorithms_parse_by_config_name() {
         assert_eq!(algorithm.as_str().parse::<Algorithm>(), Ok(algorithm));
         assert_eq!(algorithm.to_string(), algorithm.as_str());
     }
-    assert_eq!(Algorithm::default(), Algorithm::PeakEwma);
+    assert_eq!(Algorithm::default(), Algorithm::LoadAware);
     let err = "p2c".parse::<Algorithm>().unwrap_err().to_string();
     assert!(err.contains("\"p2c\""), "{err}");
     for name in [
         "round_robin",
         "weighted_round_robin",
         "least_request",
+        "peak_ewma",
+        "load_aware",
         "maglev",
         "random",
     ] {

@@ -67,7 +67,7 @@ fn parses_the_documented_example() {
             name: "payments".into(),
             listen: Some("127.0.0.1:9191".parse().unwrap()),
             protocol: Protocol::Http,
-            lb: crate::balance::Algorithm::PeakEwma,
+            lb: crate::balance::Algorithm::LoadAware,
             hash_key: None,
         }]
     );

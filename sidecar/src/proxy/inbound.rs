@@ -50,6 +50,7 @@ use crate::{
     authz::Call,
     config::{Protocol, Service as LocalConfig},
     listener::tunnel::{Kind, Tunnels},
+    load_report::LocalLoad,
     metrics::{Direction, Metrics, RouteMetrics},
     tls::PeerIdentity,
 };
@@ -82,15 +83,19 @@ pub struct Inbound {
 }
 
 impl Inbound {
+    /// `loads` are the services' load meters, in the same order (a
+    /// service without one gets its own).
     pub fn new(
         services: &[LocalConfig],
+        loads: &[Arc<LocalLoad>],
         forwarder: Forwarder,
         metrics: &Metrics,
         authorizer: Authorizer,
     ) -> Self {
         let map: HashMap<String, Local> = services
             .iter()
-            .map(|s| {
+            .enumerate()
+            .map(|(i, s)| {
                 let name: Arc<str> = Arc::from(s.name.as_str());
                 let dest = Dest::new(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), s.port));
                 let route = metrics.route(Direction::Inbound, &s.name);
@@ -98,6 +103,10 @@ impl Inbound {
                     dest: dest.clone(),
                     protocol: s.protocol,
                     forwarder: forwarder.clone(),
+                    load: loads
+                        .get(i)
+                        .cloned()
+                        .unwrap_or_else(|| LocalLoad::new(&s.name)),
                 };
                 let authorize = AuthorizeLayer {
                     service: name.clone(),

@@ -14,7 +14,7 @@
 //! | retries | 2 on connect-failure, reset, gateway-error; idempotent methods; backoff 25..250 ms; budget 20 % + 10/s; 64 KiB body buffer |
 //! | timeouts | none per request or try; connect 2 s; HTTP/1.1 pool idle 60 s |
 //! | circuit breaker | 1024 requests, 1024 pending, 1024 connections |
-//! | outlier detection | 5 consecutive gateway errors; 30 s × ejections; at most 50 % |
+//! | outlier detection | 5 consecutive gateway errors; 30 s × ejections; at most 50 %; latency outliers off |
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -305,6 +305,26 @@ impl Compiled {
                         d.max_ejection_percent
                     } else {
                         o.max_ejection_percent.min(100)
+                    },
+                    latency_factor: if o.latency_factor.is_finite() {
+                        o.latency_factor.clamp(0.0, 100.0)
+                    } else {
+                        0.0
+                    },
+                    latency_min: if o.latency_min_ms == 0 {
+                        d.latency_min
+                    } else {
+                        Duration::from_millis(o.latency_min_ms)
+                    },
+                    latency_intervals: if o.latency_intervals == 0 {
+                        d.latency_intervals
+                    } else {
+                        o.latency_intervals
+                    },
+                    interval: if o.interval_ms == 0 {
+                        d.interval
+                    } else {
+                        Duration::from_millis(o.interval_ms)
                     },
                 }
             });

@@ -164,6 +164,12 @@ impl UpstreamLb {
         Some((t.outlier.is_ejected(), t.outlier.ejections()))
     }
 
+    /// The load state of endpoint `id`, if it is balanced now.
+    pub fn load(&self, id: &str) -> Option<Arc<EndpointLoad>> {
+        let t = self.endpoints.iter().find(|t| t.id == id)?;
+        Some(t.load.clone())
+    }
+
     /// Picks a target for a TCP connection: counted in flight, but its
     /// lifetime is not a latency.
     pub fn pick_connection(&self, source: Option<IpAddr>) -> Option<(Arc<LbEndpoint>, LoadGuard)> {
@@ -265,9 +271,13 @@ impl Upstreams {
         upstreams.apply(&first);
         let this = upstreams.clone();
         tokio::spawn(async move {
+            let mut tick = tokio::time::interval(sweep::TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut swept = HashMap::new();
             loop {
                 tokio::select! {
                     _ = shutdown.wait_for(|s| *s) => return,
+                    _ = tick.tick() => this.sweep_latency(&mut swept),
                     changed = snapshots.changed() => {
                         if changed.is_err() {
                             return;
@@ -452,5 +462,6 @@ impl Upstreams {
     }
 }
 
+mod sweep;
 #[cfg(test)]
 mod tests;

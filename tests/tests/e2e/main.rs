@@ -9,6 +9,7 @@
 mod auth;
 mod authz;
 mod authz_bypass;
+mod balancing;
 mod bootstrap;
 mod csds;
 mod dataplane;

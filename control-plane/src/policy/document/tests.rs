@@ -128,3 +128,40 @@ fn the_document_must_be_a_mapping_with_a_service() {
     assert_eq!(fields(json!({})), ["service"]);
     assert_eq!(fields(json!({"service": "Not A Label"})), ["service"]);
 }
+
+#[test]
+fn latency_outlier_fields_are_read_and_bounded() {
+    let doc = json!({"service": "payments", "outlier_detection": {
+        "latency_factor": 3, "latency_min": "20ms", "latency_intervals": 4}});
+    let o = parse(&doc, &anyone).unwrap().outlier_detection.unwrap();
+    assert_eq!(
+        (o.latency_factor, o.latency_min_ms, o.latency_intervals),
+        (3.0, 20, 4)
+    );
+    let doc = json!({"service": "payments", "outlier_detection": {"latency_factor": 0}});
+    let o = parse(&doc, &anyone).unwrap().outlier_detection.unwrap();
+    assert_eq!(o.latency_factor, 0.0, "0 turns it off");
+    for (field, value) in [
+        ("latency_factor", json!(1.2)),
+        ("latency_factor", json!(101)),
+        ("latency_factor", json!("3")),
+        ("latency_min", json!("0ms")),
+        ("latency_intervals", json!(0)),
+        ("latency_intervals", json!(101)),
+    ] {
+        let doc = json!({"service": "payments", "outlier_detection": {field: value}});
+        let problems = match parse(&doc, &anyone) {
+            Ok(p) => panic!("{field} = {value} accepted: {p:?}"),
+            Err(p) => p.0,
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, format!("outlier_detection.{field}"));
+        let rule = &problems[0].rule;
+        let limit = match field {
+            "latency_factor" => "..100",
+            "latency_min" => "1ms",
+            _ => "1..100",
+        };
+        assert!(rule.contains(limit), "{field}: {rule}");
+    }
+}

@@ -92,7 +92,7 @@ pub fn cluster(
 
 /// ISDP's balancer as the nearest each client has: gRPC has only round
 /// robin and ring hash; Maglev becomes ring hash (both hash consistently);
-/// least request, peak EWMA and random become Envoy's least request or
+/// least request, peak EWMA, load aware and random become Envoy's least request or
 /// random and gRPC's round robin, through a `load_balancing_policy` list
 /// (each client takes the first entry it knows).
 fn balancer(policy: &TrafficPolicy) -> (cluster::LbPolicy, Option<LoadBalancingPolicy>) {
@@ -102,7 +102,7 @@ fn balancer(policy: &TrafficPolicy) -> (cluster::LbPolicy, Option<LoadBalancingP
         .map_or("", |l| l.algorithm.as_str());
     let preferred = match algorithm {
         "ring_hash" | "maglev" => return (cluster::LbPolicy::RingHash, None),
-        "least_request" | "peak_ewma" => extension(
+        "least_request" | "peak_ewma" | "load_aware" => extension(
             "envoy.load_balancing_policies.least_request",
             &LeastRequest::default(),
         ),

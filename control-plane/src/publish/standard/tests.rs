@@ -524,6 +524,11 @@ fn balancers_map_to_the_nearest_each_client_has() {
             Some("envoy.load_balancing_policies.least_request"),
         ),
         (
+            "load_aware",
+            cluster::LbPolicy::RoundRobin,
+            Some("envoy.load_balancing_policies.least_request"),
+        ),
+        (
             "random",
             cluster::LbPolicy::RoundRobin,
             Some("envoy.load_balancing_policies.random"),
@@ -548,6 +553,7 @@ fn outlier_detection_keeps_success_rate_ejection_off() {
             interval_ms: 1000,
             base_ejection_ms: 30_000,
             max_ejection_percent: 50,
+            ..Default::default()
         }),
         ..Default::default()
     };

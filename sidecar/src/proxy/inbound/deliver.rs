@@ -1,10 +1,12 @@
 //! `Deliver`, the end of each local service's inbound stack: hands the
 //! request to the service on `127.0.0.1:<port>`, over HTTP/2 for gRPC
 //! (by the service's protocol or the request's content type) and HTTP/1.1
-//! otherwise.
+//! otherwise. It meters the instance (`load_report::LocalLoad`): counts,
+//! latency to the response head, and the ORCA header it reads and strips.
 
 use std::{
     convert::Infallible,
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -13,6 +15,7 @@ use tower::Service;
 
 use crate::{
     config::Protocol,
+    load_report::LocalLoad,
     proxy::{
         forward::{Forwarder, Hop},
         svc::{Body, BoxFuture, Dest, grpc},
@@ -24,6 +27,8 @@ pub struct Deliver {
     pub dest: Dest,
     pub protocol: Protocol,
     pub forwarder: Forwarder,
+    /// The instance's load meter (requests, errors, latency, ORCA).
+    pub load: Arc<LocalLoad>,
 }
 
 impl Service<Request<Body>> for Deliver {
@@ -43,6 +48,12 @@ impl Service<Request<Body>> for Deliver {
         };
         let forwarder = self.forwarder.clone();
         let dest = self.dest.clone();
-        Box::pin(async move { Ok(forwarder.forward(req, &dest, hop).await) })
+        let load = self.load.clone();
+        Box::pin(async move {
+            let guard = load.start();
+            let mut resp = forwarder.forward(req, &dest, hop).await;
+            load.finish(guard, &mut resp);
+            Ok(resp)
+        })
     }
 }

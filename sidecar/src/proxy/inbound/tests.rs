@@ -30,6 +30,7 @@ async fn requests_go_to_the_service_the_connection_is_for() {
     let (policies, rx) = tokio::sync::watch::channel(policy(isdp_proto::v1::Action::Allow));
     let mut inbound = Inbound::new(
         &config.services,
+        &[],
         Forwarder::new(
             Duration::from_millis(200),
             Tunnels::unregistered(Duration::from_secs(60)),
@@ -130,6 +131,7 @@ fn inbound(
     let (_tx, rx) = tokio::sync::watch::channel(Arc::new(compiled));
     let inbound = Inbound::new(
         &config.services,
+        &[],
         Forwarder::new(
             Duration::from_millis(500),
             Tunnels::unregistered(Duration::from_secs(60)),
