@@ -19,7 +19,7 @@ use std::time::Duration;
 use isdp_proto::v1::{AuthorizationPolicy, TrustBundle};
 use isdp_sidecar::config::Config;
 use isdp_sidecar::metrics::Metrics;
-use isdp_sidecar::proxy::{Listeners, transport::Tls, upstreams::Upstreams};
+use isdp_sidecar::proxy::{Listeners, LocalInputs, transport::Tls, upstreams::Upstreams};
 use isdp_sidecar::tls::{LocalCert, Revocations, TlsContext, certified_key};
 use isdp_sidecar::xds::Snapshot;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -201,7 +201,17 @@ name = "orders"
             let addrs = listeners.addrs();
             tokio::spawn(async move {
                 listeners
-                    .serve(&config, upstreams, &metrics, tls, policies, shutdown)
+                    .serve(
+                        &config,
+                        upstreams,
+                        &metrics,
+                        tls,
+                        LocalInputs {
+                            policies,
+                            loads: Vec::new(),
+                        },
+                        shutdown,
+                    )
                     .await
             });
             (
