@@ -35,6 +35,7 @@ fn resources() -> Resources {
                 endpoint("n2.payments", "127.0.0.2", 8082, Health::Unknown),
                 endpoint("n3.payments", "127.0.0.3", 8083, Health::Unhealthy),
                 endpoint("n4.payments", "::1", 8084, Health::Healthy),
+                endpoint("n5.payments", "127.0.0.1", 8085, Health::Healthy),
             ],
         },
     );
@@ -115,6 +116,8 @@ fn ip(s: &str) -> IpAddr {
 fn a_answers_the_routable_instances_only() {
     let m = answer("payments.service.isdp.", RecordType::A);
     assert_eq!(m.metadata.id, 4242);
+    // n1 and n5 share 127.0.0.1: one record, not two.
+    assert_eq!(m.answers.len(), 2);
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);
     assert!(m.metadata.authoritative && m.metadata.recursion_desired);
     assert!(!m.metadata.recursion_available);
@@ -151,10 +154,11 @@ fn srv_points_at_instance_names_with_their_addresses() {
             ("n1.payments.instance.isdp.".to_owned(), 8081),
             ("n2.payments.instance.isdp.".to_owned(), 8082),
             ("n4.payments.instance.isdp.".to_owned(), 8084),
+            ("n5.payments.instance.isdp.".to_owned(), 8085),
         ]
     );
     let additional: BTreeSet<String> = m.additionals.iter().map(|r| r.name.to_string()).collect();
-    assert_eq!(additional.len(), 3);
+    assert_eq!(additional.len(), 4);
     for (target, _) in &targets {
         assert!(additional.contains(target), "{target} has no address");
     }

@@ -114,9 +114,12 @@ impl Zone {
                 continue;
             };
             let ip = ip.to_canonical();
-            match ip {
-                IpAddr::V4(_) => v4.push(address_record(owner.clone(), ttl, ip)),
-                IpAddr::V6(_) => v6.push(address_record(owner.clone(), ttl, ip)),
+            // An RRset holds no duplicates (RFC 2181 §5): instances on one
+            // address share its record, and differ in their SRV ports.
+            let set = if ip.is_ipv4() { &mut v4 } else { &mut v6 };
+            let record = address_record(owner.clone(), ttl, ip);
+            if !set.contains(&record) {
+                set.push(record);
             }
             // An id with a label over 63 bytes spells no name: its
             // instance is in the A/AAAA answers only.

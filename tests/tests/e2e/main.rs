@@ -13,6 +13,7 @@ mod bootstrap;
 mod csds;
 mod dataplane;
 mod demo;
+mod dns;
 mod durability;
 mod etcd;
 mod etcd_partition;
