@@ -16,7 +16,8 @@
 //! cargo bench -p isdp-sidecar --bench dns
 //! ```
 //!
-//! `ISDP_BENCH_SECS` (default 10) and `ISDP_BENCH_REPS` (default 3). A
+//! Without `--bench` (as `cargo test --all-targets` runs it) it returns at
+//! once. `ISDP_BENCH_SECS` (default 10) and `ISDP_BENCH_REPS` (default 3). A
 //! missing tool, a lost query or an answer that is not NOERROR fails it.
 
 #[path = "dataplane/process.rs"]
@@ -37,6 +38,11 @@ const INSTANCES: usize = 10;
 const NAME: &str = "payments.service.isdp";
 
 fn main() -> anyhow::Result<()> {
+    // `cargo test --all-targets` runs benches without `--bench`: build
+    // and start only.
+    if !std::env::args().any(|a| a == "--bench") {
+        return Ok(());
+    }
     let secs: u64 = env_or("ISDP_BENCH_SECS", 10)?;
     let reps: usize = env_or("ISDP_BENCH_REPS", 3)?;
     let dnsperf = which("dnsperf").context("dnsperf not found: apt-get install dnsperf")?;
@@ -49,14 +55,23 @@ fn main() -> anyhow::Result<()> {
             "control-plane",
             CLIENT_CORE,
             &bins.join("isdp-control-plane"),
-            &args(&["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir"])
-                .into_iter()
-                .chain([dir.join("cp").display().to_string()])
-                .collect::<Vec<_>>(),
+            &args(&[
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .into_iter()
+            .chain([dir.join("cp").display().to_string()])
+            .collect::<Vec<_>>(),
             &[],
             dir,
         )?;
-        let grpc = cp.listening_line()?.remove("grpc").context("no grpc= address")?;
+        let grpc = cp
+            .listening_line()?
+            .remove("grpc")
+            .context("no grpc= address")?;
         let url = format!("https://{grpc}");
         let data = dir.join("cp");
         let mut hosts = String::new();
@@ -95,7 +110,10 @@ fn main() -> anyhow::Result<()> {
             &[],
             dir,
         )?;
-        let sidecar_dns = sidecar.listening_line()?.remove("dns").context("no dns= address")?;
+        let sidecar_dns = sidecar
+            .listening_line()?
+            .remove("dns")
+            .context("no dns= address")?;
 
         // dnsmasq with the same records, no upstream, no other file.
         let hosts_file = dir.join("hosts");
@@ -195,7 +213,10 @@ fn run_dnsperf(
     let out = cmd.output().context("running dnsperf")?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
-        bail!("dnsperf failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "dnsperf failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let field = |key: &str| -> anyhow::Result<&str> {
         text.lines()
@@ -234,7 +255,15 @@ fn wait_answers(dig: &Path, server: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = Command::new(dig)
-            .args([&format!("@{host}"), "-p", port, NAME, "+short", "+time=1", "+tries=1"])
+            .args([
+                &format!("@{host}"),
+                "-p",
+                port,
+                NAME,
+                "+short",
+                "+time=1",
+                "+tries=1",
+            ])
             .output()?;
         let n = String::from_utf8_lossy(&out.stdout).lines().count();
         if n == INSTANCES {
@@ -253,7 +282,10 @@ fn args(a: &[&str]) -> Vec<String> {
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> anyhow::Result<T> {
     match std::env::var(key) {
-        Ok(v) => v.parse().ok().with_context(|| format!("{key}={v:?} is not a number")),
+        Ok(v) => v
+            .parse()
+            .ok()
+            .with_context(|| format!("{key}={v:?} is not a number")),
         Err(_) => Ok(default),
     }
 }
