@@ -12,7 +12,7 @@ demo:
 	cargo build --release --workspace --bins && cargo run --release -q -p isdp-examples --bin isdp-demo
 
 # Formatting, clippy, build, all Rust tests, then the Python gRPC tests;
-# installs etcd, promtool, a Python venv, Node and the Node client's
+# installs etcd, promtool, dig, a Python venv, Node and the Node client's
 # packages first when missing.
 test:
 	./.ci/test.sh
@@ -22,9 +22,9 @@ build:
 	cargo build --workspace --bins
 
 # Only the end-to-end tests (they build the binaries they need; etcd tests
-# need etcd, the grpc_js tests Node and tests/node/node_modules).
+# need etcd, the dns tests dig, the grpc_js tests Node and tests/node/node_modules).
 e2e: node-modules
-	./.ci/deps.sh cc etcd promtool
+	./.ci/deps.sh cc etcd promtool dig
 	cargo test -p isdp-tests -- --test-threads=1
 
 # The Node grpc-js-xds client's packages, exactly as locked, in

@@ -34,7 +34,7 @@ mod maglev;
 pub mod outlier;
 mod p2c;
 mod ring_hash;
-mod rng;
+pub(crate) mod rng;
 mod round_robin;
 mod weighted;
 

@@ -8,7 +8,9 @@
 //! - `limits`: the `[limits]` table (connection caps, timeouts, HTTP/2
 //!   bounds of every listener).
 //! - `relay`: the xDS relay's keys.
+//! - `dns`: the DNS server's keys.
 
+mod dns;
 mod file;
 mod limits;
 mod relay;
@@ -20,6 +22,10 @@ use std::time::Duration;
 
 use isdp_core::probe::{CheckSpec, Target, Thresholds};
 
+pub use dns::{
+    DEFAULT_DNS_DOMAIN, DEFAULT_DNS_MAX_ANSWERS, DEFAULT_DNS_TTL_SECS, Dns, MAX_DNS_MAX_ANSWERS,
+    MAX_DNS_TTL_SECS,
+};
 pub use file::{FileConfig, ServiceSpec, UpstreamSpec};
 pub use limits::{
     DEFAULT_ADMIN_MAX_CONNECTIONS, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_HTTP_IDLE_TIMEOUT,
@@ -122,6 +128,22 @@ pub struct Cli {
     /// Streams the xDS relay carries at once [default: 64].
     #[arg(long, env = "ISDP_XDS_RELAY_MAX_STREAMS", value_name = "N")]
     pub xds_relay_max_streams: Option<u64>,
+    /// Answer DNS queries for the upstreams' instances
+    /// (`<service>.service.<domain>`), over UDP and TCP on this ADDR:PORT
+    /// [default: off].
+    #[arg(long, env = "ISDP_DNS_LISTEN", value_name = "ADDR")]
+    pub dns_listen: Option<String>,
+    /// The domain the DNS server answers for [default: isdp].
+    #[arg(long, env = "ISDP_DNS_DOMAIN", value_name = "DOMAIN")]
+    pub dns_domain: Option<String>,
+    /// TTL of the DNS server's records, whole seconds, 0 allowed
+    /// [default: 5s, at most 1h].
+    #[arg(long, env = "ISDP_DNS_TTL", value_name = "DURATION")]
+    pub dns_ttl: Option<String>,
+    /// Records in one DNS answer; more instances are sampled at random
+    /// [default: 8, at most 256].
+    #[arg(long, env = "ISDP_DNS_MAX_ANSWERS", value_name = "N")]
+    pub dns_max_answers: Option<i64>,
     #[command(flatten)]
     pub trace: isdp_core::telemetry::TraceArgs,
     /// The `[limits]` table's keys.
@@ -191,6 +213,9 @@ pub struct Config {
     /// The ADS relay for local clients that cannot authenticate to the
     /// control plane themselves; None: off.
     pub xds_relay: Option<XdsRelay>,
+    /// The DNS server answering for the upstreams' instances from the
+    /// discovery snapshot; None: off.
+    pub dns: Option<Dns>,
     /// What clients of the listeners may hold, and for how long.
     pub limits: Limits,
 }
@@ -362,6 +387,18 @@ impl Config {
         }
         if cli.xds_relay_max_streams.is_some() {
             file.xds_relay_max_streams = cli.xds_relay_max_streams;
+        }
+        if cli.dns_listen.is_some() {
+            file.dns_listen = cli.dns_listen;
+        }
+        if cli.dns_domain.is_some() {
+            file.dns_domain = cli.dns_domain;
+        }
+        if cli.dns_ttl.is_some() {
+            file.dns_ttl = cli.dns_ttl;
+        }
+        if cli.dns_max_answers.is_some() {
+            file.dns_max_answers = cli.dns_max_answers;
         }
         if cli.trace.otlp_endpoint.is_some() {
             file.otlp_endpoint = cli.trace.otlp_endpoint;

@@ -28,6 +28,8 @@
 //! - `relay`: the optional local ADS relay, carrying the streams of xDS
 //!   clients that cannot authenticate to the control plane with this
 //!   sidecar's credentials.
+//! - `dns`: the optional DNS server, answering for the upstreams'
+//!   instances from the discovery snapshot (A, AAAA, SRV over UDP and TCP).
 //! - `admin`: `/live`, `/ready`, `/config`, `/metrics` over HTTP, and the
 //!   scrape-time collector of state metrics (it reads every module above).
 //!
@@ -41,6 +43,7 @@ pub mod admin;
 pub mod authz;
 pub mod balance;
 pub mod config;
+pub mod dns;
 pub mod identity;
 pub mod listener;
 pub mod load_report;
@@ -80,6 +83,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Relay(#[from] relay::BindError),
+    #[error(transparent)]
+    Dns(#[from] dns::BindError),
     #[error("read ca_file {path}: {source}")]
     CaFile {
         path: std::path::PathBuf,
@@ -93,14 +98,16 @@ pub enum Error {
 /// Binds every listener first and prints
 /// `isdp-sidecar listening: admin=<addr> inbound=<addr> outbound=<addr>`
 /// (plus `upstream.<name>=<addr>` per dedicated upstream listener, and
-/// `relay=<addr>` or `relay=unix:<path>` when the xDS relay is on) on
+/// `relay=<addr>` or `relay=unix:<path>` when the xDS relay is on, and
+/// `dns=<addr>` when the DNS server is) on
 /// stdout once bound, so scripts and tests can use port 0.
 ///
 /// The steps, in order: [`bind`] the listeners, [`control_auth`] (how to
 /// reach the control plane), [`start_session`] (registration and probes),
 /// [`start_discovery`] (xDS), [`start_identity`] (workload certificates),
 /// [`start_data_plane`] (mTLS, authorization, balancing, the proxy's
-/// listeners), [`start_relay`] (the xDS relay, when on), [`start_admin`],
+/// listeners), [`start_relay`] (the xDS relay, when on), [`start_dns`]
+/// (the DNS server, when on), [`start_admin`],
 /// then [`stop`] on shutdown. Nothing after
 /// binding waits on the control plane: until it answers, the admin
 /// endpoint serves and `/ready` says what is missing.
@@ -126,6 +133,9 @@ pub async fn run(mut config: Config, shutdown: watch::Receiver<bool>) -> Result<
         &mut tasks,
     );
     let relay = start_relay(&config, bound.relay, &auth, &metrics, &shutdown, &mut tasks);
+    start_dns(
+        &config, bound.dns, &snapshots, &metrics, &shutdown, &mut tasks,
+    );
     let state = admin::AdminState {
         session,
         xds: snapshots,
@@ -148,6 +158,8 @@ struct Bound {
     addrs: proxy::Addrs,
     /// The xDS relay's, when it is on.
     relay: Option<relay::Listener>,
+    /// The DNS server's UDP and TCP sockets, when it is on.
+    dns: Option<dns::Listener>,
 }
 
 /// Binds the admin, data-plane and xDS relay listeners, records the
@@ -178,6 +190,13 @@ async fn bind(config: &mut Config) -> Result<Bound, Error> {
     if let Some(relay) = &relay {
         line.push_str(&format!(" relay={}", relay.local()));
     }
+    let dns = match &config.dns {
+        Some(d) => Some(dns::Listener::bind(d.listen).await?),
+        None => None,
+    };
+    if let Some(dns) = &dns {
+        line.push_str(&format!(" dns={}", dns.local_addr()));
+    }
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
@@ -187,6 +206,7 @@ async fn bind(config: &mut Config) -> Result<Bound, Error> {
         data_plane,
         addrs,
         relay,
+        dns,
     })
 }
 
@@ -389,6 +409,30 @@ fn start_relay(
     );
     tasks.push(task);
     Some(relay)
+}
+
+/// The DNS server on its bound sockets, answering for the upstreams from
+/// the discovery snapshot; nothing when it is off.
+fn start_dns(
+    config: &Config,
+    listener: Option<dns::Listener>,
+    snapshots: &watch::Receiver<Arc<xds::Snapshot>>,
+    metrics: &metrics::Metrics,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) {
+    let Some((listener, settings)) = listener.zip(config.dns.as_ref()) else {
+        return;
+    };
+    tasks.push(dns::spawn(
+        listener,
+        settings,
+        config.upstreams.iter().map(|u| u.name.clone()).collect(),
+        &config.limits,
+        snapshots.clone(),
+        metrics,
+        shutdown.clone(),
+    ));
 }
 
 /// The scrape-time state metrics, and the admin endpoint on the listener

@@ -72,6 +72,18 @@ impl Gate {
         )
     }
 
+    /// The DNS server's TCP listener (`dns`), capped at
+    /// `limits.max_connections` like the data plane's.
+    pub fn dns(limits: &Limits, metrics: &Metrics) -> Self {
+        Self::new(
+            "dns",
+            "limits.max_connections",
+            limits.max_connections,
+            limits,
+            metrics,
+        )
+    }
+
     fn new(name: &str, key: &'static str, max: usize, limits: &Limits, metrics: &Metrics) -> Self {
         let counters = metrics.listener(name);
         let name: Arc<str> = Arc::from(name);

@@ -15,14 +15,17 @@
 //! This module depends on no other module of the sidecar: everything that
 //! records a metric imports it, never the other way round.
 //!
-//! `listener.rs` holds the listeners' connection metrics (caps, timeouts).
+//! `listener.rs` holds the listeners' connection metrics (caps, timeouts);
+//! `dns.rs` the DNS server's queries.
 //!
 //! Label sets are bounded: `service` values come from the configuration
 //! (upstreams and local services), `reason` from the fixed set of
 //! `x-isdp-error` values, `grpc_code` from the 17 gRPC codes.
 
+mod dns;
 mod listener;
 
+pub use dns::DnsMetrics;
 pub use listener::{CapMetrics, IdleTimeouts, ListenerMetrics};
 
 use std::sync::Arc;
@@ -142,6 +145,7 @@ struct Inner {
     ejections: Family<UpstreamLabel, Counter>,
     relay: RelayMetrics,
     listeners: listener::Listeners,
+    dns: DnsMetrics,
 }
 
 /// The xDS relay's streams (`relay`): open now, relayed in all, and the
@@ -279,8 +283,10 @@ impl Metrics {
             relay.errors.clone(),
         );
         let listeners = listener::Listeners::register(&mut registry);
+        let dns = DnsMetrics::register(&mut registry);
         Metrics {
             inner: Arc::new(Inner {
+                dns,
                 listeners,
                 relay,
                 retries,
@@ -326,6 +332,11 @@ impl Metrics {
     /// The idle-timeout counters of byte streams.
     pub fn idle_timeouts(&self) -> IdleTimeouts {
         self.inner.listeners.idle_timeouts()
+    }
+
+    /// The DNS server's handles.
+    pub fn dns(&self) -> DnsMetrics {
+        self.inner.dns.clone()
     }
 
     /// The xDS relay's handles.

@@ -41,6 +41,7 @@
 
 mod bins;
 mod control_plane;
+pub mod dig;
 mod echo;
 mod etcd;
 mod gate;

@@ -48,6 +48,12 @@ impl Sidecar {
         self.proc.addr("relay")
     }
 
+    /// The DNS server's address (`dns=` in the listening line; UDP and TCP
+    /// share it); panics if DNS is off.
+    pub fn dns_addr(&self) -> &str {
+        self.proc.addr("dns")
+    }
+
     /// The dedicated listener of upstream `name` (`upstream.NAME=` in the
     /// listening line); panics if it has none.
     pub fn upstream_addr(&self, name: &str) -> &str {
@@ -144,6 +150,14 @@ impl SidecarToml {
         if let Some(n) = max_streams {
             let _ = writeln!(self.top, "xds_relay_max_streams = {n}");
         }
+        self
+    }
+
+    /// Turns the DNS server on at `127.0.0.1:0` (read it back with
+    /// [`Sidecar::dns_addr`]); `keys` are further top-level TOML lines,
+    /// such as `dns_max_answers = 64`.
+    pub fn dns(mut self, keys: &str) -> Self {
+        let _ = writeln!(self.top, "dns_listen = \"127.0.0.1:0\"\n{keys}");
         self
     }
 

@@ -5,7 +5,7 @@
 //! instances of service `payments` (ports 18081-18083), each with a sidecar
 //! (admin 15101-15103) that registers it with an HTTP check on `/healthz`;
 //! and one `web` client sidecar (admin 15000) with upstream `payments` on
-//! 127.0.0.1:9191.
+//! 127.0.0.1:9191 and its DNS server on 127.0.0.1:15053 (UDP and TCP).
 //!
 //! It runs the sibling binaries next to its own executable, so the demo uses
 //! exactly the build the user just made, never something else on `PATH`.
@@ -45,6 +45,9 @@ const CONTROL_PLANE: &str = "127.0.0.1:15010";
 const CONTROL_PLANE_ADMIN: &str = "127.0.0.1:15014";
 const WEB_ADMIN: &str = "127.0.0.1:15000";
 const WEB_UPSTREAM: &str = "127.0.0.1:9191";
+/// The web sidecar's DNS server (UDP and TCP), and its port for `dig -p`.
+const WEB_DNS: &str = "127.0.0.1:15053";
+const WEB_DNS_PORT: u16 = 15053;
 const PAYMENTS: usize = 3;
 
 /// Binaries the demo runs, all built by `cargo build --release --workspace --bins`.
@@ -206,6 +209,8 @@ control_plane = ["https://{CONTROL_PLANE}"]
 ca_file = "{ca_file}"
 join_token = "{token}"
 admin_listen = "{WEB_ADMIN}"
+# Answers payments.service.isdp (A, SRV) from what it learned over xDS.
+dns_listen = "{WEB_DNS}"
 
 [[upstream]]
 name = "payments"
@@ -214,7 +219,9 @@ protocol = "http"
 "#
     );
     let path = write_config(configs, "web-sidecar", &config)?;
-    println!("starting web client sidecar (admin {WEB_ADMIN}, payments on {WEB_UPSTREAM})");
+    println!(
+        "starting web client sidecar (admin {WEB_ADMIN}, payments on {WEB_UPSTREAM}, DNS on {WEB_DNS})"
+    );
     kids.spawn("web-sidecar", "isdp-sidecar", &["--config", &path])?;
     kids.wait_listening("web-sidecar", WEB_ADMIN).await?;
 
@@ -262,6 +269,7 @@ fn check_ports_free() -> anyhow::Result<()> {
         CONTROL_PLANE_ADMIN.to_owned(),
         WEB_ADMIN.to_owned(),
         WEB_UPSTREAM.to_owned(),
+        WEB_DNS.to_owned(),
         "127.0.0.1:15006".to_owned(),
         "127.0.0.1:15001".to_owned(),
     ];
@@ -272,7 +280,9 @@ fn check_ports_free() -> anyhow::Result<()> {
         addrs.push(format!("127.0.0.1:{}", sidecar_outbound_port(i)));
     }
     for addr in addrs {
-        if std::net::TcpListener::bind(&addr).is_err() {
+        if std::net::TcpListener::bind(&addr).is_err()
+            || (addr == WEB_DNS && std::net::UdpSocket::bind(&addr).is_err())
+        {
             bail!("port {addr} is in use; is another isdp-demo still running?");
         }
     }
@@ -314,6 +324,10 @@ ISDP demo is up. Try:
   # requests in flight, and an idle mesh has nothing in flight, so the
   # fastest instance keeps winning. Under concurrent load it spreads.
   # `lb = "round_robin"` in the web sidecar's [[upstream]] takes turns.
+
+  # the web sidecar's DNS: the healthy payments instances, and their ports
+  dig @127.0.0.1 -p {WEB_DNS_PORT} payments.service.isdp +short
+  dig @127.0.0.1 -p {WEB_DNS_PORT} payments.service.isdp SRV +short
 
   # make payments-2 fail its health check, watch it turn unhealthy, restore it
   {isdpctl} watch payments      # in another terminal

@@ -41,6 +41,10 @@ pub struct FileConfig {
     pub identity: Option<String>,
     pub xds_relay_listen: Option<String>,
     pub xds_relay_max_streams: Option<u64>,
+    pub dns_listen: Option<String>,
+    pub dns_domain: Option<String>,
+    pub dns_ttl: Option<String>,
+    pub dns_max_answers: Option<i64>,
     /// The `[limits]` table; flags merge into it.
     #[serde(default)]
     pub limits: super::LimitsSpec,
@@ -219,11 +223,18 @@ impl FileConfig {
 
         let xds_relay =
             super::relay::validate(self.xds_relay_listen.as_deref(), self.xds_relay_max_streams)?;
+        let dns = super::dns::validate(super::dns::DnsKeys {
+            listen: self.dns_listen.as_deref(),
+            domain: self.dns_domain.as_deref(),
+            ttl: self.dns_ttl.as_deref(),
+            max_answers: self.dns_max_answers,
+        })?;
         let limits = self.limits.validate()?;
 
         Ok(Config {
             identity,
             xds_relay,
+            dns,
             limits,
             node_id,
             control_plane,

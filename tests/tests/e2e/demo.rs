@@ -8,12 +8,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use isdp_tests::{binary, eventually, http, isdpctl, status_of};
+use isdp_tests::{binary, dig, eventually, http, isdpctl, status_of};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 const CONTROL_PLANE: &str = "https://127.0.0.1:15010";
 const WEB_ADMIN: &str = "127.0.0.1:15000";
 const WEB_UPSTREAM: &str = "127.0.0.1:9191";
+const WEB_DNS: &str = "127.0.0.1:15053";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_comes_up_and_cleans_up() {
@@ -32,7 +33,8 @@ async fn demo_comes_up_and_cleans_up() {
     let mut seen = Vec::new();
     let up = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(line) = lines.next_line().await.expect("reading demo stdout") {
-            let done = line.contains("ISDP demo is up");
+            // The last line of what it prints once up.
+            let done = line.contains("Press Ctrl-C to stop");
             seen.push(line);
             if done {
                 return true;
@@ -56,6 +58,11 @@ async fn demo_comes_up_and_cleans_up() {
             dir.keep().display()
         );
     }
+    let printed = seen.join("\n");
+    assert!(
+        printed.contains("dig @127.0.0.1 -p 15053 payments.service.isdp"),
+        "the demo prints no dig line:\n{printed}"
+    );
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
     eventually(
@@ -99,6 +106,19 @@ async fn demo_comes_up_and_cleans_up() {
     )
     .await;
 
+    // The dig line it prints: the web sidecar's DNS answers the three
+    // instances (one address, three ports).
+    eventually(Duration::from_secs(15), "3 SRV records", || async {
+        let out = dig::run(WEB_DNS, &["payments.service.isdp", "SRV"]).await;
+        let srv = dig::answers(&out);
+        anyhow::ensure!(
+            srv.len() == 3 && srv.iter().all(|(t, _)| t == "SRV"),
+            "{out}"
+        );
+        Ok(())
+    })
+    .await;
+
     // The hint the demo prints: under concurrent load the default balancer
     // spreads calls over the instances.
     let spread = spread(300, 20).await;
@@ -115,7 +135,7 @@ async fn demo_comes_up_and_cleans_up() {
     assert!(status.success(), "isdp-demo exited with {status}");
     for port in [
         15010, 15014, 15000, 15001, 15006, 9191, 15101, 15102, 15103, 15201, 15202, 15203, 15301,
-        15302, 15303, 18081, 18082, 18083,
+        15302, 15303, 18081, 18082, 18083, 15053,
     ] {
         assert!(
             std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),

@@ -14,6 +14,7 @@ mod bootstrap;
 mod csds;
 mod dataplane;
 mod demo;
+mod dns;
 mod durability;
 mod etcd;
 mod etcd_partition;
