@@ -140,6 +140,8 @@ impl InProcess {
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
         ]
         .map(String::from)
         .to_vec();

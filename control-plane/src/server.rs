@@ -362,9 +362,12 @@ fn start_tls(
         metrics.client_log_rate(),
         shutdown.clone(),
     );
+    let (http_config, alpn_task) =
+        tls::with_alpn(tls_config, &[b"h2", b"http/1.1"], shutdown.clone());
+    tasks.push(alpn_task);
     let http = tls::incoming(
         listeners.http,
-        tls_config,
+        http_config,
         config.trust_domain.clone(),
         tls::Admission::new(
             config.http.http_max_connections,
