@@ -7,8 +7,6 @@
 #   etcd      etcd-server: the etcd store tests start real etcd members.
 #   promtool  prometheus: the observability tests check metric expositions
 #             and the shipped alerting rules with Prometheus' own tool.
-#   prometheus  the same package's server: the Consul tests point its
-#             consul_sd_configs at the control plane.
 #   curl      curl: the HTTP API's client tests call it.
 #   venv      python3-venv: the Python grpcio client tests run in .venv/.
 #   node      nodejs and npm: the Node grpc-js-xds client the end-to-end
@@ -17,7 +15,7 @@
 # Used by `make demo` (cc), `make node-modules` (node) and .ci/test.sh
 # (all), before any cargo command. Installs with apt-get as root;
 # otherwise it stops and prints the command to run.
-# Usage: .ci/deps.sh cc [etcd] [promtool] [prometheus] [curl] [venv] [node]
+# Usage: .ci/deps.sh cc [etcd] [promtool] [curl] [venv] [node]
 set -euo pipefail
 
 die() { echo "deps: error: $*" >&2; exit 1; }
@@ -55,7 +53,6 @@ for tool in "$@"; do
         cc) install gcc cc ;;
         etcd) install etcd-server etcd ;;
         promtool) install prometheus promtool ;;
-        prometheus) install prometheus prometheus ;;
         curl) install curl curl ;;
         venv)
             command -v python3 >/dev/null \
