@@ -12,7 +12,10 @@
 //!
 //! # Layout
 //! - `routes`: the one route -> role table ([`ROUTES`]); anything unlisted
-//!   is refused. Another module mounts its own routes with [`Routes`].
+//!   is refused.
+//! - `router`: [`Routes`], handlers mounted on the table's rows (another
+//!   module, such as the dashboard, mounts its own the same way), and the
+//!   router built from them.
 //! - `auth`: the middleware that authenticates (`Authorization: Bearer`
 //!   or `X-Consul-Token`) and checks each route's row.
 //! - `error`: `Status` and request-parsing errors as HTTP statuses and a
@@ -35,13 +38,15 @@ mod json;
 mod openapi;
 mod policies;
 mod registry;
+mod router;
 mod routes;
 mod security;
 mod status;
 
 pub use conn::{Settings, spawn};
 pub use error::HttpError;
-pub use routes::{ROUTES, Route, Routes};
+pub use router::Routes;
+pub use routes::{ROUTES, Route};
 
 use std::{sync::Arc, time::Duration};
 

@@ -126,15 +126,24 @@ impl Server {
         tasks.push(tokens.follow(shutdown.clone()));
         let roots = start_publishers(&config, &views, &ca, &tokens, &cache, &shutdown, &mut tasks);
         let listeners = Listeners { grpc, http };
-        let (incoming, http_incoming) =
-            start_tls(&config, listeners, &ca, roots, &metrics, &shutdown, &mut tasks)?;
+        let (incoming, http_incoming) = start_tls(
+            &config, listeners, &ca, roots, &metrics, &shutdown, &mut tasks,
+        )?;
         tasks.push(health::spawn(
             views.registry.clone(),
             metrics.clone(),
             views.leader.clone(),
             shutdown.clone(),
         ));
-        start_http(&config, http_incoming, &views, &metrics, &tokens, &shutdown, &mut tasks);
+        start_http(
+            &config,
+            http_incoming,
+            &views,
+            &metrics,
+            &tokens,
+            &shutdown,
+            &mut tasks,
+        );
         tracing::info!(grpc = %grpc_addr, admin = %admin_addr, http = %http_addr, "control plane listening");
         let admin_task = tokio::spawn(admin::serve(
             admin,
@@ -341,7 +350,10 @@ fn start_tls(
 ) -> Result<(tls::Incoming, tls::Incoming), Error> {
     // Bound by `Server::bind`, which reported these addresses already.
     let grpc_addr = listeners.grpc.local_addr().unwrap_or(config.listen);
-    let http_addr = listeners.http.local_addr().unwrap_or(config.http.http_listen);
+    let http_addr = listeners
+        .http
+        .local_addr()
+        .unwrap_or(config.http.http_listen);
     let mut names = tls::server_names(grpc_addr, &config.tls_san);
     for name in tls::server_names(http_addr, &[]) {
         if !names.contains(&name) {

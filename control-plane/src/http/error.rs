@@ -113,3 +113,30 @@ pub async fn no_route(method: http::Method, uri: http::Uri) -> HttpError {
         uri.path().chars().take(200).collect::<String>()
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_codes_map_to_the_documented_statuses() {
+        for (code, status) in [
+            (Code::InvalidArgument, 400),
+            (Code::Unauthenticated, 401),
+            (Code::PermissionDenied, 403),
+            (Code::NotFound, 404),
+            (Code::Aborted, 409),
+            (Code::FailedPrecondition, 409),
+            (Code::ResourceExhausted, 429),
+            (Code::Unavailable, 503),
+            (Code::Internal, 500),
+        ] {
+            let e = HttpError::from(tonic::Status::new(code, "store: the disk is full"));
+            assert_eq!(e.status.as_u16(), status, "{code:?}");
+            assert_eq!(e.message, "store: the disk is full", "the message is kept");
+        }
+        let e = HttpError::too_large(4096);
+        assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(e.message.contains("4096") && e.message.contains("--http-max-body-bytes"));
+    }
+}

@@ -6,20 +6,15 @@
 //! method needs (the tests check it); Consul's read endpoints need any
 //! principal, as ADS does, and narrow a join principal to its read scope
 //! in the handler. A handler can only be mounted on a path with a row
-//! ([`Routes::add`] panics otherwise), and the router is only built once
-//! every row has a handler, so the table and the router cannot drift; the
-//! auth middleware refuses a route it finds no row for all the same.
+//! (`super::Routes::add` panics otherwise), and the router is only built
+//! once every row has a handler, so the table and the router cannot
+//! drift; the auth middleware refuses a route it finds no row for all the
+//! same.
 //!
 //! Another module (the dashboard) adds its rows here and mounts its
-//! handlers with [`Routes::add`] on the same [`Routes`].
+//! handlers with `Routes::add` on the same `Routes`.
 
-use axum::{
-    Router,
-    extract::DefaultBodyLimit,
-    routing::{MethodFilter, MethodRouter, on},
-};
-
-use crate::{auth::Need, tokens::Role, tokens::Tokens};
+use crate::{auth::Need, tokens::Role};
 
 /// One route: method, path (axum's `{param}` syntax, also OpenAPI's), what
 /// it needs, and the gRPC method whose code it calls, if any.
@@ -50,8 +45,18 @@ const fn row(method: &'static str, path: &'static str, need: Need, grpc: &'stati
 pub const ROUTES: &[Route] = &[
     // Registry.
     row("POST", "/v1/instances", WRITE, "/isdp.v1.Registry/Register"),
-    row("DELETE", "/v1/instances/{id}", WRITE, "/isdp.v1.Registry/Deregister"),
-    row("GET", "/v1/services", READ, "/isdp.v1.Registry/ListServices"),
+    row(
+        "DELETE",
+        "/v1/instances/{id}",
+        WRITE,
+        "/isdp.v1.Registry/Deregister",
+    ),
+    row(
+        "GET",
+        "/v1/services",
+        READ,
+        "/isdp.v1.Registry/ListServices",
+    ),
     // With `?index=` it blocks like `WatchService` (which needs the same).
     row(
         "GET",
@@ -60,10 +65,30 @@ pub const ROUTES: &[Route] = &[
         "/isdp.v1.Registry/ListInstances",
     ),
     // Traffic policies.
-    row("GET", "/v1/policies", JOIN_OR_READ, "/isdp.v1.Policies/List"),
-    row("GET", "/v1/policies/{service}", JOIN_OR_READ, "/isdp.v1.Policies/Get"),
-    row("PUT", "/v1/policies/{service}", WRITE, "/isdp.v1.Policies/Put"),
-    row("DELETE", "/v1/policies/{service}", WRITE, "/isdp.v1.Policies/Delete"),
+    row(
+        "GET",
+        "/v1/policies",
+        JOIN_OR_READ,
+        "/isdp.v1.Policies/List",
+    ),
+    row(
+        "GET",
+        "/v1/policies/{service}",
+        JOIN_OR_READ,
+        "/isdp.v1.Policies/Get",
+    ),
+    row(
+        "PUT",
+        "/v1/policies/{service}",
+        WRITE,
+        "/isdp.v1.Policies/Put",
+    ),
+    row(
+        "DELETE",
+        "/v1/policies/{service}",
+        WRITE,
+        "/isdp.v1.Policies/Delete",
+    ),
     // Authorization rules.
     row(
         "GET",
@@ -100,7 +125,12 @@ pub const ROUTES: &[Route] = &[
     row("POST", "/v1/tokens", ADMIN, "/isdp.v1.Tokens/Create"),
     row("DELETE", "/v1/tokens/{id}", ADMIN, "/isdp.v1.Tokens/Revoke"),
     // Proxy status.
-    row("GET", "/v1/proxies", READ, "/isdp.v1.ProxyStatus/ListProxies"),
+    row(
+        "GET",
+        "/v1/proxies",
+        READ,
+        "/isdp.v1.ProxyStatus/ListProxies",
+    ),
     // Consul-compatible reads: endpoints, as ADS serves them.
     row("GET", "/v1/catalog/services", JOIN_OR_READ, ""),
     row("GET", "/v1/catalog/service/{name}", JOIN_OR_READ, ""),
@@ -112,9 +142,7 @@ pub const ROUTES: &[Route] = &[
 
 /// The row of `method` on the matched route `path`.
 pub fn lookup(method: &str, path: &str) -> Option<&'static Route> {
-    ROUTES
-        .iter()
-        .find(|r| r.method == method && r.path == path)
+    ROUTES.iter().find(|r| r.method == method && r.path == path)
 }
 
 /// What `need` asks for, as the refusals and the OpenAPI document say it.
@@ -122,73 +150,5 @@ pub fn need_name(need: Need) -> String {
     match need {
         Need::Role(r) => r.name().to_owned(),
         Need::JoinOr(r) => format!("join or {}", r.name()),
-    }
-}
-
-/// The routes being mounted; [`Routes::router`] builds the router once
-/// every row of [`ROUTES`] has its handler.
-pub struct Routes {
-    tokens: Tokens,
-    router: Router,
-    mounted: Vec<(&'static str, &'static str)>,
-}
-
-// === impl Routes ===
-
-impl Routes {
-    pub fn new(tokens: Tokens) -> Self {
-        Routes {
-            tokens,
-            router: Router::new(),
-            mounted: Vec::new(),
-        }
-    }
-
-    /// Mounts `handler` (its state applied) for `method` on `path`.
-    /// Panics when [`ROUTES`] has no row for it: a route without a role is
-    /// a programming error that the router's first build shows.
-    pub fn add(&mut self, method: &'static str, path: &'static str, handler: MethodRouter) {
-        assert!(
-            lookup(method, path).is_some(),
-            "{method} {path} has no row in http::ROUTES"
-        );
-        assert!(
-            !self.mounted.contains(&(method, path)),
-            "{method} {path} mounted twice"
-        );
-        let filter = MethodFilter::try_from(
-            http::Method::from_bytes(method.as_bytes()).expect("a valid method"),
-        )
-        .expect("a method axum routes");
-        let router = std::mem::take(&mut self.router);
-        self.router = router.route(path, on(filter, handler));
-        self.mounted.push((method, path));
-    }
-
-    /// What was mounted, as (method, path).
-    pub fn mounted(&self) -> &[(&'static str, &'static str)] {
-        &self.mounted
-    }
-
-    /// The router: authentication and the route's row in front of every
-    /// handler, bodies over `max_body_bytes` refused with 413, anything
-    /// else 404. Panics when a row of [`ROUTES`] has no handler.
-    pub fn router(self, max_body_bytes: usize) -> Router {
-        for r in ROUTES {
-            assert!(
-                self.mounted.contains(&(r.method, r.path)),
-                "http::ROUTES row {} {} has no handler",
-                r.method,
-                r.path
-            );
-        }
-        self.router
-            .route_layer(axum::middleware::from_fn_with_state(
-                self.tokens,
-                super::auth::authorize,
-            ))
-            .fallback(super::error::no_route)
-            .layer(DefaultBodyLimit::max(max_body_bytes))
-            .layer(axum::Extension(super::json::BodyLimit(max_body_bytes)))
     }
 }
