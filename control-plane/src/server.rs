@@ -2,7 +2,7 @@
 //! the CA and the tokens and binds the listeners (so callers learn the
 //! addresses first); [`Server::serve`] then runs in named steps: the views
 //! of the store, the xDS publishers, TLS, health checks and the admin
-//! listener, the gRPC router until shutdown, and finally every task is
+//! listener, the HTTP/JSON API, the gRPC router until shutdown, and finally every task is
 //! awaited before the store closes.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
