@@ -35,6 +35,7 @@ node-modules:
 
 # Only the Python gRPC client tests (needs .venv: run `make test` once).
 pytest: build
+	./.ci/deps.sh curl
 	.venv/bin/python -m pytest tests/python -q
 
 # Only the deployment checks (deploy/): Kubernetes manifests against the

@@ -9,6 +9,7 @@
 #             and the shipped alerting rules with Prometheus' own tool.
 #   dig       dnsutils: the DNS tests query the sidecar's DNS server with
 #             dig, the client operators run.
+#   curl      curl: the HTTP API's client tests call it.
 #   venv      python3-venv: the Python grpcio client tests run in .venv/.
 #   node      nodejs and npm: the Node grpc-js-xds client the end-to-end
 #             tests start (tests/node, installed there by `npm ci`); node
@@ -16,7 +17,7 @@
 # Used by `make demo` (cc), `make node-modules` (node) and .ci/test.sh
 # (all), before any cargo command. Installs with apt-get as root;
 # otherwise it stops and prints the command to run.
-# Usage: .ci/deps.sh cc [etcd] [promtool] [dig] [venv] [node]
+# Usage: .ci/deps.sh cc [etcd] [promtool] [dig] [curl] [venv] [node]
 set -euo pipefail
 
 die() { echo "deps: error: $*" >&2; exit 1; }
@@ -55,6 +56,7 @@ for tool in "$@"; do
         etcd) install etcd-server etcd ;;
         promtool) install prometheus promtool ;;
         dig) install dnsutils dig ;;
+        curl) install curl curl ;;
         venv)
             command -v python3 >/dev/null \
                 || die "python3 not found: install it with 'sudo apt-get install python3'"

@@ -137,6 +137,8 @@ async fn spawn(data_dir: &Path) -> anyhow::Result<(Child, std::net::SocketAddr)>
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
             "--data-dir",
         ])
         .arg(data_dir)

@@ -1,19 +1,23 @@
 //! Registration throughput, durable (every acknowledged write is fsynced by
 //! the embedded store's group commit).
 //!
-//! Two layers are measured so their costs can be told apart:
+//! Three layers are measured so their costs can be told apart:
 //! - gRPC: `Registry/Register` against an in-process control plane, which
 //!   adds validation, compare-and-set, and waiting until the write is
 //!   visible in the registry view.
+//! - HTTP: `POST /v1/instances` on the HTTP/JSON API, which calls the same
+//!   `Registry/Register` code after routing, authenticating and reading
+//!   the JSON body (same number of HTTP/2 connections as gRPC channels).
 //! - store: `Store::txn` on the store directly, with the same
 //!   compare-and-set shape the registry uses.
 //!
-//! Both layers run on both backends in the same run: the embedded store and
+//! Every layer runs on both backends in the same run: the embedded store and
 //! a 3-member etcd cluster on loopback (started by the test harness; the
 //! `etcd` binary must be installed, see README). Each (backend, layer,
 //! concurrency) triple runs several rounds on a fresh data directory (etcd:
 //! a fresh key prefix); the report gives the median rate and the spread.
 
+mod http_client;
 mod support;
 
 use std::{
@@ -84,6 +88,25 @@ fn main() -> anyhow::Result<()> {
         }
         for on_etcd in [false, true] {
             let label = if on_etcd {
+                "etcd (3 members)"
+            } else {
+                "embedded"
+            };
+            println!(
+                "\n-- HTTP POST /v1/instances, {label} store ({CHANNELS} HTTP/2 connections, {SERVICES} services)"
+            );
+            table_header();
+            for c in CONCURRENCY {
+                let mut runs = Vec::with_capacity(rounds);
+                for _ in 0..rounds {
+                    let etcd = on_etcd.then_some(&mut etcd);
+                    runs.push(http_round(c, total, budget, etcd).await?);
+                }
+                table_row(c, &runs);
+            }
+        }
+        for on_etcd in [false, true] {
+            let label = if on_etcd {
                 "EtcdStore"
             } else {
                 "EmbeddedStore"
@@ -117,6 +140,25 @@ async fn grpc_round(
     })
     .await?;
     drop(channels);
+    server.stop().await?;
+    Ok(bulk)
+}
+
+async fn http_round(
+    concurrency: usize,
+    total: usize,
+    budget: Duration,
+    etcd: Option<&mut support::Etcd>,
+) -> anyhow::Result<Bulk> {
+    let dir = support::data_dir()?;
+    let server = InProcess::start_round(dir.path(), etcd).await?;
+    let conns = http_client::connect(server.http_addr, &server.roots_der, CHANNELS).await?;
+    let token = server.auth.token.clone().context("the bench's token")?;
+    let bulk = http_client::register_bulk(&conns, &token, concurrency, total, budget, |i| {
+        support::instance(&format!("svc-{:03}", i % SERVICES), i)
+    })
+    .await?;
+    drop(conns);
     server.stop().await?;
     Ok(bulk)
 }

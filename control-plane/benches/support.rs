@@ -34,6 +34,10 @@ pub fn data_dir() -> std::io::Result<tempfile::TempDir> {
 /// A control plane serving in this process on loopback ports.
 pub struct InProcess {
     pub grpc_addr: SocketAddr,
+    /// The HTTP/JSON API's address.
+    pub http_addr: SocketAddr,
+    /// The roots its certificates chain to (DER), for HTTP clients.
+    pub roots_der: Vec<Vec<u8>>,
     /// Its trust bundle and an admin token minted in-process.
     pub auth: ControlAuth,
     tokens: isdp_control_plane::tokens::Tokens,
@@ -140,6 +144,8 @@ impl InProcess {
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
         ]
         .map(String::from)
         .to_vec();
@@ -149,6 +155,8 @@ impl InProcess {
             .await
             .context("binding the control plane")?;
         let grpc_addr = server.grpc_addr;
+        let http_addr = server.http_addr;
+        let roots_der = server.ca().roots().bundle_der();
         let (_, token) = server
             .tokens()
             .create(
@@ -170,6 +178,8 @@ impl InProcess {
         let task = tokio::spawn(server.serve(stop_rx));
         Ok(InProcess {
             grpc_addr,
+            http_addr,
+            roots_der,
             auth,
             tokens,
             stop,

@@ -40,7 +40,7 @@ mod methods;
 mod streams;
 
 pub use ads::{AdsAccess, DEFAULT_NAME_BYTES_PER_PRINCIPAL};
-pub use layer::AuthLayer;
+pub use layer::{AuthLayer, token_principal};
 pub use methods::{METHODS, Need, STREAMING, lookup, required, stream_group};
 
 use tonic::Status;

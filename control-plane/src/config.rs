@@ -3,6 +3,10 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+mod http;
+
+pub use http::{DEFAULT_MAX_BODY_BYTES, HttpArgs};
+
 use crate::registry::Quotas;
 
 #[derive(Clone, Debug, clap::Parser)]
@@ -231,6 +235,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub trace: isdp_core::telemetry::TraceArgs,
+
+    #[command(flatten)]
+    pub http: HttpArgs,
 }
 
 /// A secret taken from the environment; `Debug` does not show it.
@@ -281,6 +288,7 @@ impl Config {
         if self.first_request_timeout.is_zero() {
             return Err("--first-request-timeout must be more than zero".into());
         }
+        self.http.validate()?;
         self.validate_quotas()
     }
 

@@ -26,6 +26,8 @@
 //! - [`authz`]: authorization rules between services, per destination.
 //! - [`policy`]: traffic policies per destination, validated whole, versioned.
 //! - [`admin`]: `/healthz`, `/ready`, `/metrics`.
+//! - [`http`]: the HTTP/JSON API and the Consul-compatible reads, on their
+//!   own TLS listener, calling the same service code as [`api`].
 //! - [`metrics`]: Prometheus metrics and the xDS stream observer.
 //! - [`proxies`]: what each connected xDS client holds, per stream and
 //!   resource, and what kind of client it is (proxy status, CSDS).
@@ -54,6 +56,7 @@ pub mod config;
 pub mod data_dir;
 pub mod election;
 pub mod health;
+pub mod http;
 pub mod load;
 pub mod metrics;
 pub mod policy;
@@ -132,8 +135,8 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "isdp-control-plane listening: grpc={} admin={}",
-        server.grpc_addr, server.admin_addr
+        "isdp-control-plane listening: grpc={} admin={} http={}",
+        server.grpc_addr, server.admin_addr, server.http_addr
     );
     let _ = out.flush();
     drop(out);

@@ -125,6 +125,12 @@ impl Registry {
         format!("{}instances/{id}", self.shared.prefix)
     }
 
+    /// The store revision the view has applied (the HTTP API's blocking
+    /// reads number their answers with it).
+    pub fn revision(&self) -> Revision {
+        self.shared.applied.current()
+    }
+
     /// Notifications of every change applied to the view from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.shared.changes.subscribe()

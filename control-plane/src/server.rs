@@ -2,7 +2,7 @@
 //! the CA and the tokens and binds the listeners (so callers learn the
 //! addresses first); [`Server::serve`] then runs in named steps: the views
 //! of the store, the xDS publishers, TLS, health checks and the admin
-//! listener, the gRPC router until shutdown, and finally every task is
+//! listener, the HTTP/JSON API, the gRPC router until shutdown, and finally every task is
 //! awaited before the store closes.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -13,7 +13,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use crate::{
     Config, Error, HEALTH_LEADER_KEY, StoreKind, admin, api, auth, authz,
     ca::{self, Ca, CaSettings},
-    data_dir, election, health, load, metrics, policy, proxies, publish,
+    data_dir, election, health, http, load, metrics, policy, proxies, publish,
     registry::{Registry, SessionTimeouts, session::Sessions},
     store::{Store, embedded::EmbeddedStore, etcd::EtcdStore},
     tls,
@@ -50,10 +50,13 @@ pub struct Server {
     store: Backend,
     grpc: TcpListener,
     admin: TcpListener,
+    http: TcpListener,
     ca: Ca,
     tokens: Tokens,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The HTTP/JSON API's address (`--http-listen`).
+    pub http_addr: SocketAddr,
 }
 
 impl Server {
@@ -74,15 +77,18 @@ impl Server {
         let (ca, tokens) = load_ca_and_tokens(&config, &store, operator, given_keys).await?;
         let (grpc, grpc_addr) = bind_listener(config.listen).await?;
         let (admin, admin_addr) = bind_listener(config.admin_listen).await?;
+        let (http, http_addr) = bind_listener(config.http.http_listen).await?;
         Ok(Server {
             config,
             store,
             grpc,
             admin,
+            http,
             ca,
             tokens,
             grpc_addr,
             admin_addr,
+            http_addr,
         })
     }
 
@@ -103,10 +109,12 @@ impl Server {
             store,
             grpc,
             admin,
+            http,
             ca,
             tokens,
             grpc_addr,
             admin_addr,
+            http_addr,
         } = self;
         let metrics = metrics::Metrics::new();
         metrics.follow_store_health(store.store());
@@ -117,14 +125,26 @@ impl Server {
         tasks.push(ca.follow(shutdown.clone()));
         tasks.push(tokens.follow(shutdown.clone()));
         let roots = start_publishers(&config, &views, &ca, &tokens, &cache, &shutdown, &mut tasks);
-        let incoming = start_tls(&config, grpc, &ca, roots, &metrics, &shutdown, &mut tasks)?;
+        let listeners = Listeners { grpc, http };
+        let (incoming, http_incoming) = start_tls(
+            &config, listeners, &ca, roots, &metrics, &shutdown, &mut tasks,
+        )?;
         tasks.push(health::spawn(
             views.registry.clone(),
             metrics.clone(),
             views.leader.clone(),
             shutdown.clone(),
         ));
-        tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "control plane listening");
+        start_http(
+            &config,
+            http_incoming,
+            &views,
+            &metrics,
+            &tokens,
+            &shutdown,
+            &mut tasks,
+        );
+        tracing::info!(grpc = %grpc_addr, admin = %admin_addr, http = %http_addr, "control plane listening");
         let admin_task = tokio::spawn(admin::serve(
             admin,
             metrics.clone(),
@@ -310,29 +330,41 @@ fn start_publishers(
     published
 }
 
-/// TLS on the gRPC listener: the server certificate follows the published
-/// roots, and handshakes are accepted off the accept loop.
+/// The listeners served over TLS.
+struct Listeners {
+    grpc: TcpListener,
+    http: TcpListener,
+}
+
+/// TLS on the gRPC and HTTP listeners: one server certificate, following
+/// the published roots, for both; handshakes are accepted off the accept
+/// loops, and each listener has its own connection cap.
 fn start_tls(
     config: &Config,
-    grpc: TcpListener,
+    listeners: Listeners,
     ca: &Ca,
     roots: watch::Receiver<Arc<ca::Roots>>,
     metrics: &metrics::Metrics,
     shutdown: &watch::Receiver<bool>,
     tasks: &mut Tasks,
-) -> Result<tls::Incoming, Error> {
-    // Bound by `Server::bind`, which reported this address already.
-    let grpc_addr = grpc.local_addr().unwrap_or(config.listen);
-    let (tls_config, tls_task) = tls::follow_roots(
-        ca.clone(),
-        roots,
-        tls::server_names(grpc_addr, &config.tls_san),
-        shutdown.clone(),
-    )?;
+) -> Result<(tls::Incoming, tls::Incoming), Error> {
+    // Bound by `Server::bind`, which reported these addresses already.
+    let grpc_addr = listeners.grpc.local_addr().unwrap_or(config.listen);
+    let http_addr = listeners
+        .http
+        .local_addr()
+        .unwrap_or(config.http.http_listen);
+    let mut names = tls::server_names(grpc_addr, &config.tls_san);
+    for name in tls::server_names(http_addr, &[]) {
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    let (tls_config, tls_task) = tls::follow_roots(ca.clone(), roots, names, shutdown.clone())?;
     tasks.push(tls_task);
-    Ok(tls::incoming(
-        grpc,
-        tls_config,
+    let grpc = tls::incoming(
+        listeners.grpc,
+        tls_config.clone(),
         config.trust_domain.clone(),
         tls::Admission::new(
             config.max_connections,
@@ -341,7 +373,62 @@ fn start_tls(
         ),
         metrics.client_log_rate(),
         shutdown.clone(),
-    ))
+    );
+    let (http_config, alpn_task) =
+        tls::with_alpn(tls_config, &[b"h2", b"http/1.1"], shutdown.clone());
+    tasks.push(alpn_task);
+    let http = tls::incoming(
+        listeners.http,
+        http_config,
+        config.trust_domain.clone(),
+        tls::Admission::new(
+            config.http.http_max_connections,
+            config.first_request_timeout,
+            tls::ConnectionCounters::default(),
+        ),
+        metrics.client_log_rate(),
+        shutdown.clone(),
+    );
+    Ok((grpc, http))
+}
+
+/// The HTTP/JSON API (`http`): the same gRPC services the router serves,
+/// behind the HTTP route table, on its own listener.
+fn start_http(
+    config: &Config,
+    incoming: tls::Incoming,
+    views: &Views,
+    metrics: &metrics::Metrics,
+    tokens: &Tokens,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Tasks,
+) {
+    let services = http::Services {
+        registry_api: api::registry::RegistryApi::new(
+            views.registry.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ),
+        policies_api: api::policies::PoliciesApi::new(views.policies.clone(), shutdown.clone()),
+        authorization_api: api::authorization::AuthorizationApi::new(views.authz.clone()),
+        tokens_api: api::tokens::TokensApi::new(tokens.clone()),
+        status_api: api::status::ProxyStatusApi::new(views.proxies.clone()),
+        tokens: tokens.clone(),
+        registry: views.registry.clone(),
+    };
+    let (api, index_task) = http::Api::start(
+        services,
+        config.http.consul_datacenter.clone(),
+        config.http.http_max_wait,
+        shutdown.clone(),
+    );
+    tasks.push(index_task);
+    let app = api.routes().router(config.http.http_max_body_bytes);
+    let settings = http::Settings {
+        header_timeout: config.http.http_header_timeout,
+        idle_timeout: config.http.http_idle_timeout,
+    };
+    tasks.push(http::spawn(incoming, app, settings, shutdown.clone()));
 }
 
 /// What the gRPC router serves besides the views of the store.

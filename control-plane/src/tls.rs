@@ -210,6 +210,34 @@ pub fn follow_roots(
     Ok((rx, task))
 }
 
+/// `configs` with ALPN `alpn` instead of gRPC's `h2` alone, kept current
+/// the same way: the HTTP listener offers `h2` and `http/1.1` with the
+/// same certificate.
+pub fn with_alpn(
+    mut configs: watch::Receiver<Arc<ServerConfig>>,
+    alpn: &[&[u8]],
+    mut shutdown: watch::Receiver<bool>,
+) -> (watch::Receiver<Arc<ServerConfig>>, JoinHandle<()>) {
+    let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
+    let map = move |c: &ServerConfig| {
+        let mut c = c.clone();
+        c.alpn_protocols.clone_from(&alpn);
+        Arc::new(c)
+    };
+    let (tx, rx) = watch::channel(map(&configs.borrow_and_update()));
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                changed = configs.changed() => if changed.is_err() { return },
+            }
+            let next = map(&configs.borrow_and_update());
+            let _ = tx.send(next);
+        }
+    });
+    (rx, task)
+}
+
 /// The accepted TLS connections, as tonic serves them.
 pub type Incoming = tokio_stream::wrappers::ReceiverStream<Result<Conn, io::Error>>;
 

@@ -129,7 +129,12 @@ class ControlPlane(Process):
         self.data = tmp / "data"
         super().__init__(
             "isdp-control-plane",
-            ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", self.data],
+            [
+                "--listen", "127.0.0.1:0",
+                "--admin-listen", "127.0.0.1:0",
+                "--http-listen", "127.0.0.1:0",
+                "--data-dir", self.data,
+            ],
             tmp / "control-plane.log",
         )
 
@@ -140,6 +145,11 @@ class ControlPlane(Process):
     @property
     def url(self) -> str:
         return f"https://{self.grpc_target}"
+
+    @property
+    def http_url(self) -> str:
+        """`https://ADDR` of the HTTP/JSON API (same CA and tokens)."""
+        return f"https://{self.addrs['http']}"
 
     def ca_pem(self) -> bytes:
         return (self.data / "ca.pem").read_bytes()

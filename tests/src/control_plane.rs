@@ -107,6 +107,8 @@ pub struct ControlPlane {
     data: TempDir,
     grpc: String,
     admin: String,
+    /// The HTTP/JSON API's address (`--http-listen`).
+    http: String,
     creds: Credentials,
 }
 
@@ -132,11 +134,12 @@ impl ControlPlane {
     /// Starts a control plane on ephemeral loopback ports with `data` as its
     /// data dir (a test may have put a store there).
     pub async fn start_in(data: TempDir, opts: ControlPlaneOpts) -> Self {
-        let args = args(&opts, &data, "127.0.0.1:0", "127.0.0.1:0");
+        let args = args(&opts, &data, "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0");
         let proc =
             Process::spawn("control-plane", "isdp-control-plane", &args, tempdir("cp")).await;
         let grpc = proc.addr("grpc").to_owned();
         let admin = proc.addr("admin").to_owned();
+        let http = proc.addr("http").to_owned();
         let creds = remember(&format!("https://{grpc}"), data.path(), &opts);
         Self {
             proc: Some(proc),
@@ -144,6 +147,7 @@ impl ControlPlane {
             data,
             grpc,
             admin,
+            http,
             creds,
         }
     }
@@ -192,6 +196,16 @@ impl ControlPlane {
         &self.admin
     }
 
+    /// `https://ADDR` of the HTTP/JSON API listener (TLS trusting
+    /// [`ControlPlane::ca_file`], the admin token as a bearer).
+    pub fn http_url(&self) -> String {
+        format!("https://{}", self.http)
+    }
+
+    pub fn http_addr(&self) -> &str {
+        &self.http
+    }
+
     /// SIGKILL: no chance to flush or say goodbye, as in a crash.
     pub async fn kill9(&mut self) {
         if let Some(p) = self.proc.as_mut() {
@@ -206,7 +220,7 @@ impl ControlPlane {
     pub async fn restart(&mut self) {
         self.kill9().await;
         self.proc = None;
-        let args = args(&self.opts, &self.data, &self.grpc, &self.admin);
+        let args = args(&self.opts, &self.data, &self.grpc, &self.admin, &self.http);
         let mut last = None;
         for _ in 0..25 {
             match Process::try_spawn("control-plane", "isdp-control-plane", &args, tempdir("cp"))
@@ -333,12 +347,20 @@ pub fn new_kek_file(path: &Path) -> PathBuf {
     path.to_owned()
 }
 
-fn args(opts: &ControlPlaneOpts, data: &TempDir, grpc: &str, admin: &str) -> Vec<String> {
+fn args(
+    opts: &ControlPlaneOpts,
+    data: &TempDir,
+    grpc: &str,
+    admin: &str,
+    http: &str,
+) -> Vec<String> {
     let mut args = vec![
         "--listen".to_owned(),
         grpc.to_owned(),
         "--admin-listen".to_owned(),
         admin.to_owned(),
+        "--http-listen".to_owned(),
+        http.to_owned(),
         "--data-dir".to_owned(),
         data.path().display().to_string(),
     ];

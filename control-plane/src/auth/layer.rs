@@ -80,6 +80,24 @@ pub struct Auth<S> {
     log: LogRate,
 }
 
+/// The principal of the bearer token `secret`, or UNAUTHENTICATED saying
+/// why not (unknown, expired, revoked). The gRPC layer and the HTTP API
+/// (`crate::http`) both authenticate tokens here.
+pub fn token_principal(tokens: &Tokens, secret: &str) -> Result<Principal, Status> {
+    let token = tokens
+        .verify(secret)
+        .map_err(|e| Status::unauthenticated(e.to_string()))?;
+    Ok(Principal {
+        grant: Some(token.id.clone()),
+        grant_expires_at_unix_ms: (token.expires_at_unix_ms != 0)
+            .then_some(token.expires_at_unix_ms),
+        id: token.id,
+        role: token.role,
+        upstreams: (!token.upstreams.is_empty()).then_some(token.upstreams),
+        services: token.services,
+    })
+}
+
 // === impl Auth ===
 
 impl<S> Auth<S> {
@@ -144,20 +162,11 @@ impl<S> Auth<S> {
             .ok_or_else(|| {
                 Status::unauthenticated("malformed authorization: expected `Bearer <token>`")
             })?;
-        let token = self
-            .tokens
-            .verify(secret)
-            .map_err(|e| Status::unauthenticated(e.to_string()))?;
-        let lifetime = Lifetime::token(&token.id, token.expires_at_unix_ms);
-        let principal = Principal {
-            grant: Some(token.id.clone()),
-            grant_expires_at_unix_ms: (token.expires_at_unix_ms != 0)
-                .then_some(token.expires_at_unix_ms),
-            id: token.id,
-            role: token.role,
-            upstreams: (!token.upstreams.is_empty()).then_some(token.upstreams),
-            services: token.services,
-        };
+        let principal = token_principal(&self.tokens, secret)?;
+        let lifetime = Lifetime::token(
+            &principal.id,
+            principal.grant_expires_at_unix_ms.unwrap_or(0),
+        );
         Ok((principal, lifetime))
     }
 

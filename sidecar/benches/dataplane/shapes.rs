@@ -214,6 +214,8 @@ pub fn isdp_detailed(
         "127.0.0.1:0",
         "--admin-listen",
         "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
         "--data-dir",
         &data.display().to_string(),
     ]

@@ -58,6 +58,8 @@ fn cp_args(data: &Path, extra: &[String]) -> Vec<String> {
         "127.0.0.1:0",
         "--admin-listen",
         "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
         "--data-dir",
     ]
     .map(String::from)

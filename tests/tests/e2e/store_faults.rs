@@ -236,6 +236,7 @@ async fn refused_start(data: &Path) -> (std::process::ExitStatus, String) {
     let log = tempfile::NamedTempFile::new().expect("a log file");
     let mut child = tokio::process::Command::new(binary("isdp-control-plane"))
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--http-listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(data)
         .stdin(Stdio::null())

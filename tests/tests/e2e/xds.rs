@@ -85,6 +85,8 @@ impl ControlPlane {
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
             "--data-dir",
             dir.path().to_str().expect("utf-8 temp dir"),
         ]);

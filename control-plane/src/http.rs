@@ -1,0 +1,147 @@
+//! The HTTP/JSON API (`--http-listen`), for tools that do not link ISDP's
+//! protos, and the Consul-compatible read endpoints discovery tools
+//! (Prometheus `consul_sd_configs`, consul-template, ...) poll.
+//!
+//! Every route calls the same gRPC service code (`crate::api`) that
+//! `isdpctl` reaches: a handler builds the service's request message,
+//! puts the authenticated principal into its extensions as the gRPC auth
+//! layer does, calls the service trait method and maps the `Status` to an
+//! HTTP status (`error`). Validation and error texts are therefore those
+//! of the gRPC API, byte for byte; only the blocking reads (`?index=`)
+//! and the Consul shapes are this module's own.
+//!
+//! # Layout
+//! - `routes`: the one route -> role table ([`ROUTES`]); anything unlisted
+//!   is refused.
+//! - `router`: [`Routes`], handlers mounted on the table's rows (another
+//!   module, such as the dashboard, mounts its own the same way), and the
+//!   router built from them.
+//! - `auth`: the middleware that authenticates (`Authorization: Bearer`
+//!   or `X-Consul-Token`) and checks each route's row.
+//! - `error`: `Status` and request-parsing errors as HTTP statuses and a
+//!   JSON body `{"code", "message"}`.
+//! - `json`: the protobuf JSON mapping of `isdp.v1` messages, read from
+//!   their descriptors (unknown fields refused).
+//! - `index`: per-service change indexes for blocking reads.
+//! - `registry`, `policies`, `security` (authorization rules, tokens),
+//!   `status` (proxy status), `consul`, `openapi`: one file per resource
+//!   group.
+//! - `conn`: serving TLS connections: HTTP/1.1 and HTTP/2, header-read
+//!   and idle timeouts, graceful shutdown.
+
+mod auth;
+mod conn;
+mod consul;
+mod error;
+mod index;
+mod json;
+mod openapi;
+mod policies;
+mod registry;
+mod router;
+mod routes;
+mod security;
+mod status;
+
+pub use conn::{Settings, spawn};
+pub use error::HttpError;
+pub use router::Routes;
+pub use routes::{ROUTES, Route};
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    api::{
+        authorization::AuthorizationApi, policies::PoliciesApi, registry::RegistryApi,
+        status::ProxyStatusApi, tokens::TokensApi,
+    },
+    registry::Registry,
+    tokens::Tokens,
+};
+
+/// What the handlers call: the gRPC services themselves, and the views
+/// the blocking reads wait on.
+#[derive(Clone)]
+pub struct Api {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry_api: RegistryApi,
+    policies_api: PoliciesApi,
+    authorization_api: AuthorizationApi,
+    tokens_api: TokensApi,
+    status_api: ProxyStatusApi,
+    /// Authenticates bearer tokens.
+    tokens: Tokens,
+    index: index::Index,
+    /// The datacenter the Consul endpoints report.
+    datacenter: String,
+    /// Longest `?wait=` a blocking read may ask for.
+    max_wait: Duration,
+}
+
+/// The services and views [`Api::start`] needs.
+pub struct Services {
+    pub registry_api: RegistryApi,
+    pub policies_api: PoliciesApi,
+    pub authorization_api: AuthorizationApi,
+    pub tokens_api: TokensApi,
+    pub status_api: ProxyStatusApi,
+    pub tokens: Tokens,
+    pub registry: Registry,
+}
+
+// === impl Api ===
+
+impl Api {
+    /// The API over `services`, and the task that numbers registry changes
+    /// for blocking reads (it runs until `shutdown`).
+    pub fn start(
+        services: Services,
+        datacenter: String,
+        max_wait: Duration,
+        shutdown: watch::Receiver<bool>,
+    ) -> (Self, JoinHandle<()>) {
+        let (index, task) = index::Index::spawn(services.registry.clone(), shutdown);
+        let api = Api {
+            inner: Arc::new(Inner {
+                registry_api: services.registry_api,
+                policies_api: services.policies_api,
+                authorization_api: services.authorization_api,
+                tokens_api: services.tokens_api,
+                status_api: services.status_api,
+                tokens: services.tokens,
+                index,
+                datacenter,
+                max_wait,
+            }),
+        };
+        (api, task)
+    }
+
+    /// Every route of this module, to be mounted with [`Routes::router`].
+    pub fn routes(&self) -> Routes {
+        let mut routes = Routes::new(self.inner.tokens.clone());
+        registry::mount(&mut routes, self);
+        policies::mount(&mut routes, self);
+        security::mount(&mut routes, self);
+        status::mount(&mut routes, self);
+        consul::mount(&mut routes, self);
+        openapi::mount(&mut routes);
+        routes
+    }
+}
+
+/// A gRPC request carrying `principal` as the auth layer would have put
+/// it there, for the service methods the handlers call.
+fn grpc_request<T>(principal: crate::auth::Principal, message: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.extensions_mut().insert(principal);
+    req
+}
+
+#[cfg(test)]
+mod tests;

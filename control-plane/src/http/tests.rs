@@ -1,0 +1,275 @@
+//! The router in process, over a real embedded store: the route table
+//! against the mounted routes and the gRPC table, refusals, limits, and
+//! blocking reads.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{Router, body::Body};
+use http::{Request, StatusCode};
+use http_body_util::BodyExt as _;
+use tower::ServiceExt as _;
+
+use super::*;
+use crate::{
+    api::{
+        authorization::AuthorizationApi, policies::PoliciesApi, registry::RegistryApi,
+        status::ProxyStatusApi, tokens::TokensApi,
+    },
+    auth::Need,
+    authz::Authz,
+    metrics::Metrics,
+    policy::Policies,
+    proxies::Proxies,
+    store::embedded::EmbeddedStore,
+    tokens::{Role, Scope},
+};
+
+const LIMIT: usize = 4096;
+
+struct Fixture {
+    app: Router,
+    admin: String,
+    read: String,
+    join: String,
+    _dir: tempfile::TempDir,
+    _stop: watch::Sender<bool>,
+}
+
+async fn fixture() -> (Fixture, Routes) {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn crate::store::Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let (stop, shutdown) = watch::channel(false);
+    let registry = Registry::start(store.clone(), "", shutdown.clone())
+        .await
+        .unwrap();
+    let tokens = Tokens::load(store.clone(), "", Duration::from_secs(86400))
+        .await
+        .unwrap();
+    let authz = Authz::start(store.clone(), "", shutdown.clone())
+        .await
+        .unwrap();
+    let policies = Policies::start(store.clone(), "", registry.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    let mint = |role, services: Vec<String>| {
+        let tokens = tokens.clone();
+        async move {
+            let scope = Scope {
+                services,
+                upstreams: vec![],
+            };
+            tokens
+                .create(role, scope, String::new(), None)
+                .await
+                .unwrap()
+                .1
+        }
+    };
+    let admin = mint(Role::Admin, vec![]).await;
+    let read = mint(Role::Read, vec![]).await;
+    let join = mint(Role::Join, vec!["web".into()]).await;
+    let services = Services {
+        registry_api: RegistryApi::new(registry.clone(), Metrics::new(), shutdown.clone()),
+        policies_api: PoliciesApi::new(policies, shutdown.clone()),
+        authorization_api: AuthorizationApi::new(authz),
+        tokens_api: TokensApi::new(tokens.clone()),
+        status_api: ProxyStatusApi::new(Proxies::default()),
+        tokens,
+        registry,
+    };
+    let (api, _task) = Api::start(services, "dc1".into(), Duration::from_secs(60), shutdown);
+    let routes = api.routes();
+    let app = api.routes().router(LIMIT);
+    let f = Fixture {
+        app,
+        admin,
+        read,
+        join,
+        _dir: dir,
+        _stop: stop,
+    };
+    (f, routes)
+}
+
+impl Fixture {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> (StatusCode, http::HeaderMap, serde_json::Value) {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let res = self
+            .app
+            .clone()
+            .oneshot(req.body(Body::from(body.to_owned())).unwrap())
+            .await
+            .unwrap();
+        let status = res.status();
+        let headers = res.headers().clone();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        (status, headers, json)
+    }
+}
+
+/// A concrete path for a route's pattern.
+fn concrete(path: &str) -> String {
+    path.split('/')
+        .map(|seg| if seg.starts_with('{') { "x" } else { seg })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+#[tokio::test]
+async fn the_router_serves_exactly_the_table_with_the_grpc_roles() {
+    let (_f, routes) = fixture().await;
+    let mut mounted: Vec<_> = routes.mounted().to_vec();
+    mounted.sort();
+    let mut table: Vec<_> = ROUTES.iter().map(|r| (r.method, r.path)).collect();
+    table.sort();
+    assert_eq!(mounted, table, "mounted routes and http::ROUTES differ");
+    for r in ROUTES {
+        if let Some(grpc) = r.grpc {
+            assert_eq!(
+                crate::auth::lookup(grpc),
+                Some(r.need),
+                "{} {} needs what {grpc} needs",
+                r.method,
+                r.path
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_route_authenticates_and_checks_its_role() {
+    let (f, _) = fixture().await;
+    for r in ROUTES {
+        let path = concrete(r.path);
+        let (status, headers, body) = f.call(r.method, &path, None, "").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{} {path}", r.method);
+        assert_eq!(headers["www-authenticate"], "Bearer");
+        assert!(body["message"].as_str().unwrap().contains("bearer token"));
+        let (status, _, body) = f.call(r.method, &path, Some("isdp_0000_nope"), "").await;
+        assert_eq!(
+            status,
+            StatusCode::UNAUTHORIZED,
+            "{} {path}: {body}",
+            r.method
+        );
+        let (status, _, body) = f.call(r.method, &path, Some(&f.join), "").await;
+        match r.need {
+            Need::Role(want) => {
+                assert_eq!(status, StatusCode::FORBIDDEN, "{} {path}", r.method);
+                let msg = body["message"].as_str().unwrap();
+                assert!(msg.contains(want.name()) && msg.contains("join"), "{msg}");
+            }
+            Need::JoinOr(_) => assert!(
+                status != StatusCode::UNAUTHORIZED && status != StatusCode::NOT_FOUND
+                    || r.path.contains('{'),
+                "{} {path}: {status}",
+                r.method
+            ),
+        }
+    }
+    let (status, _, body) = f.call("GET", "/v1/nothing", Some(&f.admin), "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["message"].as_str().unwrap().contains("/v1/nothing"));
+    let (status, _, _) = f.call("PATCH", "/v1/instances", Some(&f.admin), "").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    let (status, _, _) = f.call("POST", "/v1/tokens", Some(&f.read), "{}").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "tokens need admin");
+}
+
+#[tokio::test]
+async fn bad_bodies_are_refused_naming_the_field_and_change_nothing() {
+    let (f, _) = fixture().await;
+    let big = format!(r#"{{"service": "web", "id": "{}"}}"#, "a".repeat(LIMIT));
+    let (status, _, body) = f.call("POST", "/v1/instances", Some(&f.admin), &big).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains(&LIMIT.to_string())
+    );
+    let unknown = r#"{"service": "web", "address": "10.0.0.1", "port": 80, "colour": "red"}"#;
+    let (status, _, body) = f
+        .call("POST", "/v1/instances", Some(&f.admin), unknown)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["message"].as_str().unwrap().contains("colour"),
+        "{body}"
+    );
+    // The registry's own validation text, as gRPC answers it.
+    let bad_port = r#"{"service": "web", "address": "10.0.0.1", "port": 0}"#;
+    let (status, _, body) = f
+        .call("POST", "/v1/instances", Some(&f.admin), bad_port)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["message"].as_str().unwrap().contains("port"), "{body}");
+    let (_, _, list) = f.call("GET", "/v1/services", Some(&f.admin), "").await;
+    assert_eq!(
+        list["services"],
+        serde_json::json!([]),
+        "nothing was stored"
+    );
+}
+
+#[tokio::test]
+async fn a_blocking_read_returns_soon_after_a_change() {
+    let (f, _) = fixture().await;
+    let path = "/v1/services/web/instances";
+    let (status, headers, _) = f.call("GET", path, Some(&f.read), "").await;
+    assert_eq!(status, StatusCode::OK);
+    let index: u64 = headers["x-isdp-index"].to_str().unwrap().parse().unwrap();
+    let waiting = {
+        let app = f.app.clone();
+        let read = f.read.clone();
+        tokio::spawn(async move {
+            let req = Request::get(format!("{path}?index={index}&wait=30s"))
+                .header("authorization", format!("Bearer {read}"))
+                .body(Body::empty())
+                .unwrap();
+            let res = app.oneshot(req).await.unwrap();
+            let at = tokio::time::Instant::now();
+            let bytes = res.into_body().collect().await.unwrap().to_bytes();
+            (
+                at,
+                serde_json::from_slice::<serde_json::Value>(&bytes).unwrap(),
+            )
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the read blocks while nothing changes"
+    );
+    let instance = r#"{"id": "web-1", "service": "web", "address": "10.0.0.1", "port": 80}"#;
+    let (status, _, _) = f
+        .call("POST", "/v1/instances", Some(&f.admin), instance)
+        .await;
+    let changed = tokio::time::Instant::now();
+    assert_eq!(status, StatusCode::OK);
+    let (at, body) = waiting.await.unwrap();
+    assert!(
+        at.duration_since(changed) < Duration::from_millis(100),
+        "answered {:?} after the change",
+        at.duration_since(changed)
+    );
+    assert_eq!(body["instances"][0]["id"], "web-1");
+    let (status, _, body) = f
+        .call("GET", &format!("{path}?wait=soon"), Some(&f.read), "")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["message"].as_str().unwrap().starts_with("wait:"),
+        "{body}"
+    );
+}
