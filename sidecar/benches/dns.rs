@@ -60,6 +60,8 @@ fn main() -> anyhow::Result<()> {
                 "127.0.0.1:0",
                 "--admin-listen",
                 "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
                 "--data-dir",
             ])
             .into_iter()
