@@ -2,7 +2,7 @@
 # The build needs only Rust and a C compiler (no protoc: protos are compiled
 # by protox); `.ci/deps.sh` installs what is missing.
 
-.PHONY: demo test build e2e pytest node-modules
+.PHONY: demo test build e2e pytest node-modules deploy-check
 
 # Build every binary in release mode, then start the demo mesh (Ctrl-C stops it).
 # `cargo run` finds the binaries wherever the target dir is (CARGO_TARGET_DIR
@@ -37,3 +37,10 @@ node-modules:
 pytest: build
 	./.ci/deps.sh curl
 	.venv/bin/python -m pytest tests/python -q
+
+# Only the deployment checks (deploy/): Kubernetes manifests against the
+# bundled schemas, the compose file, the Dockerfile (hadolint) and the
+# scripts (shellcheck); offline, no Docker or cluster. They read the
+# binaries' --help, so they build first. Needs .venv: run `make test` once.
+deploy-check: build
+	.venv/bin/python -m pytest tests/python -q -k deploy

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole check, as CI runs it (via .ci/run -> make test): formatting,
 # lints, the build, the Rust tests (the end-to-end ones with the Node
-# grpc-js-xds client), then the Python gRPC client tests.
+# grpc-js-xds client), then the Python tests: the gRPC client tests and the
+# offline checks of deploy/ (manifests, compose file, Dockerfile, scripts).
 # A missing tool fails the run; nothing is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -76,6 +77,9 @@ else
     cargo test -p isdp-tests -- --test-threads=1
 fi
 
-# --- Python gRPC client tests ---------------------------------------------------
+# --- Python gRPC client tests and the deployment checks ---------------------------
+# test_deploy_*.py check deploy/ offline (schemas, hadolint, shellcheck and a
+# Compose-spec parser all come with tests/python/requirements.txt); no Docker
+# daemon or cluster is used.
 step "pytest tests/python"
 .venv/bin/python -m pytest tests/python -q
