@@ -33,8 +33,8 @@ use axum::{
     routing::get,
 };
 use isdp_proto::v1::{
-    HealthStatus, Instance, ListInstancesRequest, ListServicesRequest,
-    SERVICE_ENDPOINTS_TYPE_URL, registry_server::Registry as _,
+    HealthStatus, Instance, ListInstancesRequest, ListServicesRequest, SERVICE_ENDPOINTS_TYPE_URL,
+    registry_server::Registry as _,
 };
 use serde_json::{Value, json};
 
@@ -109,7 +109,10 @@ fn params(api: &Api, pairs: Pairs) -> Result<Params, HttpError> {
 fn consul(body: Value, index: u64) -> Response {
     let mut res = with_index(Json(body).into_response(), "x-consul-index", index);
     let h = res.headers_mut();
-    h.insert("x-consul-knownleader", http::HeaderValue::from_static("true"));
+    h.insert(
+        "x-consul-knownleader",
+        http::HeaderValue::from_static("true"),
+    );
     h.insert("x-consul-lastcontact", http::HeaderValue::from_static("0"));
     res
 }
@@ -149,9 +152,14 @@ async fn instances(
     let method = "Consul catalog";
     ReadScope::of(Some(&p)).check(method, SERVICE_ENDPOINTS_TYPE_URL, &name)?;
     let wait = q.blocking.wait(api.inner.max_wait)?;
-    let req = || grpc_request(p.clone(), ListInstancesRequest {
-        service: name.clone(),
-    });
+    let req = || {
+        grpc_request(
+            p.clone(),
+            ListInstancesRequest {
+                service: name.clone(),
+            },
+        )
+    };
     // The index before the list: the list is at least that new.
     let mut index = api.inner.index.current(Some(&name));
     let mut res = api.inner.registry_api.list_instances(req()).await?;

@@ -46,7 +46,10 @@ struct Numbers {
 
 impl Index {
     /// Follows `registry` until `shutdown`.
-    pub fn spawn(registry: Registry, mut shutdown: watch::Receiver<bool>) -> (Self, JoinHandle<()>) {
+    pub fn spawn(
+        registry: Registry,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> (Self, JoinHandle<()>) {
         let start = registry.revision().max(1);
         let shared = Arc::new(Shared {
             numbers: Mutex::new(Numbers {
@@ -147,10 +150,16 @@ mod tests {
         let first = index.current(Some("web"));
         let waiter = {
             let index = index.clone();
-            tokio::spawn(async move { index.wait(Some("web"), first, Duration::from_secs(30)).await })
+            tokio::spawn(async move {
+                index
+                    .wait(Some("web"), first, Duration::from_secs(30))
+                    .await
+            })
         };
         registry.register(instance("api-1", "api")).await.unwrap();
-        let short = index.wait(Some("web"), first, Duration::from_millis(50)).await;
+        let short = index
+            .wait(Some("web"), first, Duration::from_millis(50))
+            .await;
         assert_eq!(short, first, "another service's change leaves web's index");
         assert!(!waiter.is_finished());
         registry.register(instance("web-1", "web")).await.unwrap();

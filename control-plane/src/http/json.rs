@@ -84,7 +84,10 @@ impl<S: Send + Sync> FromRequest<S> for Body {
             Err(e) if e.status() == http::StatusCode::PAYLOAD_TOO_LARGE => {
                 Err(HttpError::too_large(limit))
             }
-            Err(e) => Err(HttpError::invalid(format!("request body: {}", e.body_text()))),
+            Err(e) => Err(HttpError::invalid(format!(
+                "request body: {}",
+                e.body_text()
+            ))),
         }
     }
 }

@@ -30,13 +30,21 @@ pub const DEFAULT_WAIT: Duration = Duration::from_secs(300);
 
 pub fn mount(routes: &mut Routes, api: &Api) {
     let s = api.clone();
-    routes.add("POST", "/v1/instances", post(register).with_state(s.clone()));
+    routes.add(
+        "POST",
+        "/v1/instances",
+        post(register).with_state(s.clone()),
+    );
     routes.add(
         "DELETE",
         "/v1/instances/{id}",
         delete(deregister).with_state(s.clone()),
     );
-    routes.add("GET", "/v1/services", get(list_services).with_state(s.clone()));
+    routes.add(
+        "GET",
+        "/v1/services",
+        get(list_services).with_state(s.clone()),
+    );
     routes.add(
         "GET",
         "/v1/services/{service}/instances",
@@ -53,7 +61,11 @@ async fn register(
     let req = RegisterRequest {
         instance: Some(instance),
     };
-    let res = api.inner.registry_api.register(grpc_request(p, req)).await?;
+    let res = api
+        .inner
+        .registry_api
+        .register(grpc_request(p, req))
+        .await?;
     Ok(json::reply(&res.into_inner().instance.unwrap_or_default()))
 }
 
@@ -63,7 +75,11 @@ async fn deregister(
     Path(id): Path<String>,
 ) -> Result<Response, HttpError> {
     let req = DeregisterRequest { id };
-    let res = api.inner.registry_api.deregister(grpc_request(p, req)).await?;
+    let res = api
+        .inner
+        .registry_api
+        .deregister(grpc_request(p, req))
+        .await?;
     Ok(json::reply(res.get_ref()))
 }
 
@@ -92,15 +108,13 @@ impl Blocking {
     pub fn wait(&self, max: Duration) -> Result<Duration, HttpError> {
         match &self.wait {
             None => Ok(DEFAULT_WAIT.min(max)),
-            Some(w) => parse_wait(w)
-                .map(|d| d.min(max))
-                .ok_or_else(|| {
-                    HttpError::invalid(format!(
-                        "wait: expected a duration such as `30s` or `5m` (at most {}), got {:?}",
-                        humantime::format_duration(max),
-                        w.chars().take(40).collect::<String>()
-                    ))
-                }),
+            Some(w) => parse_wait(w).map(|d| d.min(max)).ok_or_else(|| {
+                HttpError::invalid(format!(
+                    "wait: expected a duration such as `30s` or `5m` (at most {}), got {:?}",
+                    humantime::format_duration(max),
+                    w.chars().take(40).collect::<String>()
+                ))
+            }),
         }
     }
 }

@@ -46,8 +46,16 @@ pub fn mount(routes: &mut Routes, api: &Api) {
         put(set_default).with_state(s.clone()),
     );
     routes.add("GET", "/v1/tokens", get(list_tokens).with_state(s.clone()));
-    routes.add("POST", "/v1/tokens", post(create_token).with_state(s.clone()));
-    routes.add("DELETE", "/v1/tokens/{id}", delete(revoke_token).with_state(s));
+    routes.add(
+        "POST",
+        "/v1/tokens",
+        post(create_token).with_state(s.clone()),
+    );
+    routes.add(
+        "DELETE",
+        "/v1/tokens/{id}",
+        delete(revoke_token).with_state(s),
+    );
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -45,7 +45,9 @@ async fn fixture() -> (Fixture, Routes) {
     let tokens = Tokens::load(store.clone(), "", Duration::from_secs(86400))
         .await
         .unwrap();
-    let authz = Authz::start(store.clone(), "", shutdown.clone()).await.unwrap();
+    let authz = Authz::start(store.clone(), "", shutdown.clone())
+        .await
+        .unwrap();
     let policies = Policies::start(store.clone(), "", registry.clone(), shutdown.clone())
         .await
         .unwrap();
@@ -56,7 +58,11 @@ async fn fixture() -> (Fixture, Routes) {
                 services,
                 upstreams: vec![],
             };
-            tokens.create(role, scope, String::new(), None).await.unwrap().1
+            tokens
+                .create(role, scope, String::new(), None)
+                .await
+                .unwrap()
+                .1
         }
     };
     let admin = mint(Role::Admin, vec![]).await;
@@ -150,7 +156,12 @@ async fn every_route_authenticates_and_checks_its_role() {
         assert_eq!(headers["www-authenticate"], "Bearer");
         assert!(body["message"].as_str().unwrap().contains("bearer token"));
         let (status, _, body) = f.call(r.method, &path, Some("isdp_0000_nope"), "").await;
-        assert_eq!(status, StatusCode::UNAUTHORIZED, "{} {path}: {body}", r.method);
+        assert_eq!(
+            status,
+            StatusCode::UNAUTHORIZED,
+            "{} {path}: {body}",
+            r.method
+        );
         let (status, _, body) = f.call(r.method, &path, Some(&f.join), "").await;
         match r.need {
             Need::Role(want) => {
@@ -181,18 +192,34 @@ async fn bad_bodies_are_refused_naming_the_field_and_change_nothing() {
     let big = format!(r#"{{"service": "web", "id": "{}"}}"#, "a".repeat(LIMIT));
     let (status, _, body) = f.call("POST", "/v1/instances", Some(&f.admin), &big).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
-    assert!(body["message"].as_str().unwrap().contains(&LIMIT.to_string()));
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains(&LIMIT.to_string())
+    );
     let unknown = r#"{"service": "web", "address": "10.0.0.1", "port": 80, "colour": "red"}"#;
-    let (status, _, body) = f.call("POST", "/v1/instances", Some(&f.admin), unknown).await;
+    let (status, _, body) = f
+        .call("POST", "/v1/instances", Some(&f.admin), unknown)
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body["message"].as_str().unwrap().contains("colour"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("colour"),
+        "{body}"
+    );
     // The registry's own validation text, as gRPC answers it.
     let bad_port = r#"{"service": "web", "address": "10.0.0.1", "port": 0}"#;
-    let (status, _, body) = f.call("POST", "/v1/instances", Some(&f.admin), bad_port).await;
+    let (status, _, body) = f
+        .call("POST", "/v1/instances", Some(&f.admin), bad_port)
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body["message"].as_str().unwrap().contains("port"), "{body}");
     let (_, _, list) = f.call("GET", "/v1/services", Some(&f.admin), "").await;
-    assert_eq!(list["services"], serde_json::json!([]), "nothing was stored");
+    assert_eq!(
+        list["services"],
+        serde_json::json!([]),
+        "nothing was stored"
+    );
 }
 
 #[tokio::test]
@@ -213,13 +240,21 @@ async fn a_blocking_read_returns_soon_after_a_change() {
             let res = app.oneshot(req).await.unwrap();
             let at = tokio::time::Instant::now();
             let bytes = res.into_body().collect().await.unwrap().to_bytes();
-            (at, serde_json::from_slice::<serde_json::Value>(&bytes).unwrap())
+            (
+                at,
+                serde_json::from_slice::<serde_json::Value>(&bytes).unwrap(),
+            )
         })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!waiting.is_finished(), "the read blocks while nothing changes");
+    assert!(
+        !waiting.is_finished(),
+        "the read blocks while nothing changes"
+    );
     let instance = r#"{"id": "web-1", "service": "web", "address": "10.0.0.1", "port": 80}"#;
-    let (status, _, _) = f.call("POST", "/v1/instances", Some(&f.admin), instance).await;
+    let (status, _, _) = f
+        .call("POST", "/v1/instances", Some(&f.admin), instance)
+        .await;
     let changed = tokio::time::Instant::now();
     assert_eq!(status, StatusCode::OK);
     let (at, body) = waiting.await.unwrap();
@@ -229,7 +264,12 @@ async fn a_blocking_read_returns_soon_after_a_change() {
         at.duration_since(changed)
     );
     assert_eq!(body["instances"][0]["id"], "web-1");
-    let (status, _, body) = f.call("GET", &format!("{path}?wait=soon"), Some(&f.read), "").await;
+    let (status, _, body) = f
+        .call("GET", &format!("{path}?wait=soon"), Some(&f.read), "")
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body["message"].as_str().unwrap().starts_with("wait:"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().starts_with("wait:"),
+        "{body}"
+    );
 }
