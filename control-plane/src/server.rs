@@ -126,15 +126,24 @@ impl Server {
         tasks.push(tokens.follow(shutdown.clone()));
         let roots = start_publishers(&config, &views, &ca, &tokens, &cache, &shutdown, &mut tasks);
         let listeners = Listeners { grpc, http };
-        let (incoming, http_incoming) =
-            start_tls(&config, listeners, &ca, roots, &metrics, &shutdown, &mut tasks)?;
+        let (incoming, http_incoming) = start_tls(
+            &config, listeners, &ca, roots, &metrics, &shutdown, &mut tasks,
+        )?;
         tasks.push(health::spawn(
             views.registry.clone(),
             metrics.clone(),
             views.leader.clone(),
             shutdown.clone(),
         ));
-        start_http(&config, http_incoming, &views, &metrics, &tokens, &shutdown, &mut tasks);
+        start_http(
+            &config,
+            http_incoming,
+            &views,
+            &metrics,
+            &tokens,
+            &shutdown,
+            &mut tasks,
+        );
         tracing::info!(grpc = %grpc_addr, admin = %admin_addr, http = %http_addr, "control plane listening");
         let admin_task = tokio::spawn(admin::serve(
             admin,
@@ -197,6 +206,8 @@ struct Views {
     policies: policy::Policies,
     /// What each connected sidecar acknowledged (fed by the ADS server).
     proxies: proxies::Proxies,
+    /// What sidecars report of their outbound traffic (soft state).
+    traffic: crate::traffic::Traffic,
 }
 
 impl Views {
@@ -232,6 +243,7 @@ impl Views {
             authz,
             policies,
             proxies: proxies::Proxies::default(),
+            traffic: crate::traffic::Traffic::default(),
         })
     }
 }
@@ -341,7 +353,10 @@ fn start_tls(
 ) -> Result<(tls::Incoming, tls::Incoming), Error> {
     // Bound by `Server::bind`, which reported these addresses already.
     let grpc_addr = listeners.grpc.local_addr().unwrap_or(config.listen);
-    let http_addr = listeners.http.local_addr().unwrap_or(config.http.http_listen);
+    let http_addr = listeners
+        .http
+        .local_addr()
+        .unwrap_or(config.http.http_listen);
     let mut names = tls::server_names(grpc_addr, &config.tls_san);
     for name in tls::server_names(http_addr, &[]) {
         if !names.contains(&name) {
@@ -411,7 +426,22 @@ fn start_http(
         shutdown.clone(),
     );
     tasks.push(index_task);
-    let app = api.routes().router(config.http.http_max_body_bytes);
+    let mut routes = api.routes();
+    let (dashboard, ui_task) = crate::ui::Dashboard::start(
+        crate::ui::Views {
+            registry: views.registry.clone(),
+            proxies: views.proxies.clone(),
+            policies: views.policies.clone(),
+            authz: views.authz.clone(),
+            traffic: views.traffic.clone(),
+            tokens: tokens.clone(),
+        },
+        &config.ui,
+        shutdown.clone(),
+    );
+    tasks.push(ui_task);
+    dashboard.mount(&mut routes);
+    let app = routes.router(config.http.http_max_body_bytes);
     let settings = http::Settings {
         header_timeout: config.http.http_header_timeout,
         idle_timeout: config.http.http_idle_timeout,
@@ -462,6 +492,7 @@ async fn serve_grpc(
         authz,
         policies,
         proxies,
+        traffic,
         ..
     } = views;
     let Router {
@@ -495,7 +526,11 @@ async fn serve_grpc(
         .add_service(
             api::registry::RegistryApi::new(registry, metrics, shutdown.clone()).into_server(),
         )
-        .add_service(api::session::SessionApi::new(sessions, shutdown.clone()).into_server())
+        .add_service(
+            api::session::SessionApi::new(sessions, shutdown.clone())
+                .with_traffic(traffic)
+                .into_server(),
+        )
         .add_service(api::status::ProxyStatusApi::new(proxies.clone()).into_server())
         .add_service(api::csds::CsdsApi::new(proxies, shutdown.clone()).into_server())
         .add_service(api::authorization::AuthorizationApi::new(authz).into_server())

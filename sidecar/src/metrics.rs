@@ -15,15 +15,18 @@
 //! This module depends on no other module of the sidecar: everything that
 //! records a metric imports it, never the other way round.
 //!
-//! `listener.rs` holds the listeners' connection metrics (caps, timeouts).
+//! `listener.rs` holds the listeners' connection metrics (caps, timeouts);
+//! `traffic.rs` the outbound totals per upstream the session reports.
 //!
 //! Label sets are bounded: `service` values come from the configuration
 //! (upstreams and local services), `reason` from the fixed set of
 //! `x-isdp-error` values, `grpc_code` from the 17 gRPC codes.
 
 mod listener;
+mod traffic;
 
 pub use listener::{CapMetrics, IdleTimeouts, ListenerMetrics};
+pub use traffic::{OutboundTraffic, UpstreamTotals};
 
 use std::sync::Arc;
 
@@ -142,6 +145,7 @@ struct Inner {
     ejections: Family<UpstreamLabel, Counter>,
     relay: RelayMetrics,
     listeners: listener::Listeners,
+    traffic: OutboundTraffic,
 }
 
 /// The xDS relay's streams (`relay`): open now, relayed in all, and the
@@ -283,6 +287,7 @@ impl Metrics {
             inner: Arc::new(Inner {
                 listeners,
                 relay,
+                traffic: OutboundTraffic::default(),
                 retries,
                 budget_exhausted,
                 timeouts,
@@ -402,8 +407,17 @@ impl Metrics {
             in_flight: self.inner.in_flight.get_or_create(&labels).clone(),
             tcp_opened: self.inner.tcp_opened.get_or_create(&labels).clone(),
             tcp_open: self.inner.tcp_open.get_or_create(&labels).clone(),
+            traffic: match direction {
+                Direction::Outbound => self.inner.traffic.counters(service),
+                Direction::Inbound => None,
+            },
             shared: self.clone(),
         })
+    }
+
+    /// The outbound totals per upstream.
+    pub fn outbound_traffic(&self) -> Vec<UpstreamTotals> {
+        self.inner.traffic.totals()
     }
 
     /// The Prometheus text exposition (format 0.0.4).
@@ -427,6 +441,8 @@ pub struct RouteMetrics {
     pub in_flight: Gauge,
     pub tcp_opened: Counter,
     pub tcp_open: Gauge,
+    /// Outbound routes: the session's traffic report totals.
+    traffic: Option<Arc<traffic::Counters>>,
     shared: Metrics,
 }
 
@@ -440,6 +456,13 @@ impl std::fmt::Debug for RouteMetrics {
 }
 
 impl RouteMetrics {
+    /// A finished request, for the session's traffic report.
+    pub fn finished(&self, status: http::StatusCode, elapsed: std::time::Duration) {
+        if let Some(t) = &self.traffic {
+            t.record(status.is_server_error(), elapsed);
+        }
+    }
+
     pub fn status(&self, status: http::StatusCode) {
         if let Some(c) = self
             .status

@@ -58,6 +58,8 @@ struct Shared {
     health: watch::Sender<Vec<Health>>,
     /// Connection state.
     status: watch::Sender<SessionStatus>,
+    /// Where traffic reports are read from, once the data plane has it.
+    traffic: std::sync::OnceLock<crate::metrics::Metrics>,
 }
 
 // === impl Session ===
@@ -73,6 +75,7 @@ impl Session {
                 health: watch::Sender::new(vec![Health::Unknown; services.len()]),
                 services,
                 status: watch::Sender::new(SessionStatus::default()),
+                traffic: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -293,10 +296,13 @@ async fn run_stream(
     });
     tracing::info!(%url, instances = sent.len(), "session open");
 
+    let mut traffic_tick = traffic::ticker();
     loop {
+        let mut traffic_due = false;
         tokio::select! {
             biased;
             _ = shutdown.wait_for(|stop| *stop) => break,
+            _ = traffic_tick.tick() => traffic_due = true,
             changed = health_rx.changed() => {
                 if changed.is_err() {
                     break;
@@ -309,6 +315,13 @@ async fn run_stream(
                 }
                 None => return Err(StreamError::Ended),
             },
+        }
+        if traffic_due {
+            if let Some(report) = traffic::report(session) {
+                let sent = requests.send(request(Kind::Traffic(report))).await;
+                sent.map_err(|_| StreamError::Ended)?;
+            }
+            continue;
         }
         let now = health_rx.borrow_and_update().clone();
         let reports: Vec<HealthReport> = session
@@ -345,6 +358,8 @@ async fn run_stream(
     }
     Ok(true)
 }
+
+mod traffic;
 
 #[cfg(test)]
 mod tests;

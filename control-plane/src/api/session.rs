@@ -20,16 +20,28 @@ use crate::{
     auth::Principal,
     registry::session::{Opener, Session, Sessions},
     tokens::Role,
+    traffic::{Reporter, Traffic},
 };
 
 pub struct SessionApi {
     sessions: Sessions,
     shutdown: watch::Receiver<bool>,
+    traffic: Traffic,
 }
 
 impl SessionApi {
     pub fn new(sessions: Sessions, shutdown: watch::Receiver<bool>) -> Self {
-        SessionApi { sessions, shutdown }
+        SessionApi {
+            sessions,
+            shutdown,
+            traffic: Traffic::default(),
+        }
+    }
+
+    /// Keeps the sessions' traffic reports in `traffic` (the dashboard's).
+    pub fn with_traffic(mut self, traffic: Traffic) -> Self {
+        self.traffic = traffic;
+        self
     }
 
     pub fn into_server(self) -> sidecar_server::SidecarServer<Self> {
@@ -90,6 +102,7 @@ impl sidecar_server::Sidecar for SessionApi {
             self.sessions.clone(),
             principal,
             self.shutdown.clone(),
+            Reporter::new(self.traffic.clone()),
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -148,6 +161,7 @@ async fn run(
     sessions: Sessions,
     principal: Option<Principal>,
     mut shutdown: watch::Receiver<bool>,
+    reporter: Reporter,
 ) {
     loop {
         let msg = tokio::select! {
@@ -235,6 +249,16 @@ async fn run(
                     let _ = tx.send(Err(e)).await;
                 }
                 return;
+            }
+            Ok(Some(SessionRequest {
+                kind: Some(Kind::Traffic(report)),
+            })) => {
+                // Reported as the session's own service, never another.
+                let caller = session.instances().into_iter().next().map(|i| i.service);
+                if let Err(e) = reporter.report(caller.as_deref(), report) {
+                    let _ = tx.send(Err(Status::invalid_argument(e.to_string()))).await;
+                    return;
+                }
             }
             Ok(Some(SessionRequest { kind: None })) => {
                 let _ = tx

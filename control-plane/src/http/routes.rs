@@ -10,8 +10,11 @@
 //! every row has a handler, so the table and the router cannot drift; the
 //! auth middleware refuses a route it finds no row for all the same.
 //!
-//! Another module (the dashboard) adds its rows here and mounts its
-//! handlers with [`Routes::add`] on the same [`Routes`].
+//! The dashboard (`crate::ui`) has its rows here too, in [`UI_ROUTES`]:
+//! its pages take a session cookie ([`Credential::Session`], resolved by
+//! the [`SessionAuth`] it installs with [`Routes::sessions`]) and its login
+//! form and static assets none ([`Credential::Public`]: they show nothing
+//! of the mesh; the form's POST checks the token itself).
 
 use axum::{
     Router,
@@ -19,16 +22,44 @@ use axum::{
     routing::{MethodFilter, MethodRouter, on},
 };
 
-use crate::{auth::Need, tokens::Role, tokens::Tokens};
+use std::sync::Arc;
+
+use axum::{extract::Request, response::Response};
+
+use crate::{
+    auth::{Need, Principal},
+    tokens::Role,
+    tokens::Tokens,
+};
 
 /// One route: method, path (axum's `{param}` syntax, also OpenAPI's), what
-/// it needs, and the gRPC method whose code it calls, if any.
+/// it needs, how the caller proves who it is, and the gRPC method whose
+/// code it calls, if any.
 #[derive(Clone, Copy, Debug)]
 pub struct Route {
     pub method: &'static str,
     pub path: &'static str,
     pub need: Need,
+    pub credential: Credential,
     pub grpc: Option<&'static str>,
+}
+
+/// How a route's caller authenticates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Credential {
+    /// A bearer token in `Authorization` or `X-Consul-Token`.
+    Bearer,
+    /// The dashboard's session cookie, through [`SessionAuth`].
+    Session,
+    /// None: the handler serves nothing of the mesh, or checks a token
+    /// itself.
+    Public,
+}
+
+/// Resolves a [`Credential::Session`] request to its principal, or the
+/// answer that refuses it (the dashboard sends a page to its login form).
+pub trait SessionAuth: Send + Sync + 'static {
+    fn principal(&self, req: &Request) -> Result<Principal, Response>;
 }
 
 const READ: Need = Need::Role(Role::Read);
@@ -42,7 +73,18 @@ const fn row(method: &'static str, path: &'static str, need: Need, grpc: &'stati
         method,
         path,
         need,
+        credential: Credential::Bearer,
         grpc: if grpc.is_empty() { None } else { Some(grpc) },
+    }
+}
+
+const fn ui(method: &'static str, path: &'static str, credential: Credential) -> Route {
+    Route {
+        method,
+        path,
+        need: READ,
+        credential,
+        grpc: None,
     }
 }
 
@@ -50,8 +92,18 @@ const fn row(method: &'static str, path: &'static str, need: Need, grpc: &'stati
 pub const ROUTES: &[Route] = &[
     // Registry.
     row("POST", "/v1/instances", WRITE, "/isdp.v1.Registry/Register"),
-    row("DELETE", "/v1/instances/{id}", WRITE, "/isdp.v1.Registry/Deregister"),
-    row("GET", "/v1/services", READ, "/isdp.v1.Registry/ListServices"),
+    row(
+        "DELETE",
+        "/v1/instances/{id}",
+        WRITE,
+        "/isdp.v1.Registry/Deregister",
+    ),
+    row(
+        "GET",
+        "/v1/services",
+        READ,
+        "/isdp.v1.Registry/ListServices",
+    ),
     // With `?index=` it blocks like `WatchService` (which needs the same).
     row(
         "GET",
@@ -60,10 +112,30 @@ pub const ROUTES: &[Route] = &[
         "/isdp.v1.Registry/ListInstances",
     ),
     // Traffic policies.
-    row("GET", "/v1/policies", JOIN_OR_READ, "/isdp.v1.Policies/List"),
-    row("GET", "/v1/policies/{service}", JOIN_OR_READ, "/isdp.v1.Policies/Get"),
-    row("PUT", "/v1/policies/{service}", WRITE, "/isdp.v1.Policies/Put"),
-    row("DELETE", "/v1/policies/{service}", WRITE, "/isdp.v1.Policies/Delete"),
+    row(
+        "GET",
+        "/v1/policies",
+        JOIN_OR_READ,
+        "/isdp.v1.Policies/List",
+    ),
+    row(
+        "GET",
+        "/v1/policies/{service}",
+        JOIN_OR_READ,
+        "/isdp.v1.Policies/Get",
+    ),
+    row(
+        "PUT",
+        "/v1/policies/{service}",
+        WRITE,
+        "/isdp.v1.Policies/Put",
+    ),
+    row(
+        "DELETE",
+        "/v1/policies/{service}",
+        WRITE,
+        "/isdp.v1.Policies/Delete",
+    ),
     // Authorization rules.
     row(
         "GET",
@@ -100,7 +172,12 @@ pub const ROUTES: &[Route] = &[
     row("POST", "/v1/tokens", ADMIN, "/isdp.v1.Tokens/Create"),
     row("DELETE", "/v1/tokens/{id}", ADMIN, "/isdp.v1.Tokens/Revoke"),
     // Proxy status.
-    row("GET", "/v1/proxies", READ, "/isdp.v1.ProxyStatus/ListProxies"),
+    row(
+        "GET",
+        "/v1/proxies",
+        READ,
+        "/isdp.v1.ProxyStatus/ListProxies",
+    ),
     // Consul-compatible reads: endpoints, as ADS serves them.
     row("GET", "/v1/catalog/services", JOIN_OR_READ, ""),
     row("GET", "/v1/catalog/service/{name}", JOIN_OR_READ, ""),
@@ -110,11 +187,26 @@ pub const ROUTES: &[Route] = &[
     row("GET", "/v1/openapi.json", JOIN_OR_READ, ""),
 ];
 
+/// The dashboard's routes (`crate::ui`): read-only, so a forged
+/// cross-site request can change nothing. A public row's need is what its
+/// handler asks of the token it checks.
+pub const UI_ROUTES: &[Route] = &[
+    ui("GET", "/ui/login", Credential::Public),
+    ui("POST", "/ui/login", Credential::Public),
+    ui("GET", "/ui/assets/{file}", Credential::Public),
+    ui("POST", "/ui/logout", Credential::Public),
+    ui("GET", "/ui/", Credential::Session),
+    ui("GET", "/ui/events", Credential::Session),
+];
+
+/// Every row: the API's and the dashboard's.
+pub fn all() -> impl Iterator<Item = &'static Route> {
+    ROUTES.iter().chain(UI_ROUTES)
+}
+
 /// The row of `method` on the matched route `path`.
 pub fn lookup(method: &str, path: &str) -> Option<&'static Route> {
-    ROUTES
-        .iter()
-        .find(|r| r.method == method && r.path == path)
+    all().find(|r| r.method == method && r.path == path)
 }
 
 /// What `need` asks for, as the refusals and the OpenAPI document say it.
@@ -129,6 +221,7 @@ pub fn need_name(need: Need) -> String {
 /// every row of [`ROUTES`] has its handler.
 pub struct Routes {
     tokens: Tokens,
+    sessions: Option<Arc<dyn SessionAuth>>,
     router: Router,
     mounted: Vec<(&'static str, &'static str)>,
 }
@@ -139,6 +232,7 @@ impl Routes {
     pub fn new(tokens: Tokens) -> Self {
         Routes {
             tokens,
+            sessions: None,
             router: Router::new(),
             mounted: Vec::new(),
         }
@@ -165,6 +259,11 @@ impl Routes {
         self.mounted.push((method, path));
     }
 
+    /// Resolves the session cookie of [`Credential::Session`] routes.
+    pub fn sessions(&mut self, sessions: Arc<dyn SessionAuth>) {
+        self.sessions = Some(sessions);
+    }
+
     /// What was mounted, as (method, path).
     pub fn mounted(&self) -> &[(&'static str, &'static str)] {
         &self.mounted
@@ -172,7 +271,8 @@ impl Routes {
 
     /// The router: authentication and the route's row in front of every
     /// handler, bodies over `max_body_bytes` refused with 413, anything
-    /// else 404. Panics when a row of [`ROUTES`] has no handler.
+    /// else 404. Panics when a row of [`ROUTES`] has no handler (the
+    /// dashboard checks [`UI_ROUTES`] where it mounts them).
     pub fn router(self, max_body_bytes: usize) -> Router {
         for r in ROUTES {
             assert!(
@@ -182,11 +282,7 @@ impl Routes {
                 r.path
             );
         }
-        self.router
-            .route_layer(axum::middleware::from_fn_with_state(
-                self.tokens,
-                super::auth::authorize,
-            ))
+        super::guarded(self.router, self.tokens, self.sessions)
             .fallback(super::error::no_route)
             .layer(DefaultBodyLimit::max(max_body_bytes))
             .layer(axum::Extension(super::json::BodyLimit(max_body_bytes)))
