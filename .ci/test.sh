@@ -17,8 +17,8 @@ step "disk space for the build"
 df -h "${CARGO_TARGET_DIR:-target}" 2>/dev/null || df -h .
 
 # --- System tools: etcd and promtool for the tests, a Python venv ----------
-step "system tools (cc, etcd, promtool, prometheus, curl, python3-venv, nodejs, npm)"
-./.ci/deps.sh cc etcd promtool prometheus curl venv node
+step "system tools (cc, etcd, promtool, prometheus, curl, chromium, python3-venv, nodejs, npm)"
+./.ci/deps.sh cc etcd promtool prometheus curl chromium venv node
 
 command -v cargo >/dev/null || die "cargo not found (install Rust with rustup)"
 cargo fmt --version >/dev/null 2>&1 || die "rustfmt missing: rustup component add rustfmt"
