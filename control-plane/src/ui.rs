@@ -120,11 +120,11 @@ impl Dashboard {
 impl SessionAuth for Dashboard {
     /// A page without a session goes to the login form; anything else
     /// is refused 401.
-    fn principal(&self, req: &Request) -> Result<Principal, Response> {
+    fn principal(&self, req: &Request) -> Result<Principal, Box<Response>> {
         session::cookie_id(req.headers())
             .and_then(|id| self.inner.sessions.resolve(id))
             .ok_or_else(|| {
-                if req.uri().path() == "/ui/" {
+                Box::new(if req.uri().path() == "/ui/" {
                     Redirect::to("/ui/login").into_response()
                 } else {
                     (
@@ -132,7 +132,7 @@ impl SessionAuth for Dashboard {
                         "no dashboard session: log in at /ui/login",
                     )
                         .into_response()
-                }
+                })
             })
     }
 }

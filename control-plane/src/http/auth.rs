@@ -59,7 +59,7 @@ pub async fn authorize(
         (Credential::Bearer, _) => authenticate(&gate.tokens, &req)?,
         (Credential::Session, Some(sessions)) => match sessions.principal(&req) {
             Ok(p) => p,
-            Err(refused) => return Ok(refused),
+            Err(refused) => return Ok(*refused),
         },
         (Credential::Session, None) => {
             return Err(super::error::no_route(req.method().clone(), req.uri().clone()).await);

@@ -59,7 +59,7 @@ pub enum Credential {
 /// Resolves a [`Credential::Session`] request to its principal, or the
 /// answer that refuses it (the dashboard sends a page to its login form).
 pub trait SessionAuth: Send + Sync + 'static {
-    fn principal(&self, req: &Request) -> Result<Principal, Response>;
+    fn principal(&self, req: &Request) -> Result<Principal, Box<Response>>;
 }
 
 const READ: Need = Need::Role(Role::Read);

@@ -123,3 +123,28 @@ fn reports_are_bounded_and_checked() {
     assert!(err.contains("errors"), "{err}");
     assert_eq!(check(&report(vec![up("api", 2, 1, &[1, 2, 2, 2])])), Ok(()));
 }
+
+#[test]
+fn a_reporter_refuses_bad_reports_and_forgets_its_session_when_dropped() {
+    let t = Traffic::default();
+    let reporter = Reporter::new(t.clone());
+    let bad = report(vec![up("api", 1, 2, &[])]);
+    assert!(reporter.report(Some("web"), bad).is_err());
+    reporter
+        .report(Some("web"), report(vec![up("api", 0, 0, &[])]))
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    reporter
+        .report(Some("web"), report(vec![up("api", 10, 0, &[])]))
+        .unwrap();
+    let now = crate::ca::unix_ms();
+    assert_eq!(t.edges(now).len(), 1);
+    assert_eq!(t.edges(now)[0].caller, "web");
+    // A session without instances has no service: nothing is recorded.
+    let anonymous = Reporter::new(t.clone());
+    anonymous
+        .report(None, report(vec![up("db", 5, 0, &[])]))
+        .unwrap();
+    drop(reporter);
+    assert!(t.edges(now).is_empty(), "the session ended");
+}
