@@ -28,13 +28,16 @@ mod snapshot;
 mod sse;
 mod transitions;
 
-use std::sync::Arc;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use axum::{
     extract::Request,
     response::{IntoResponse as _, Redirect, Response},
 };
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::{sync::watch, task::JoinHandle, time::Instant};
 
 use crate::{
     auth::Principal,
@@ -47,6 +50,9 @@ use crate::{
     tokens::Tokens,
     traffic::Traffic,
 };
+
+/// How long a built snapshot is shared by every open page.
+pub const SNAPSHOT_TTL: Duration = Duration::from_millis(250);
 
 /// What the dashboard reads.
 pub struct Views {
@@ -65,6 +71,9 @@ pub struct Dashboard {
 
 struct Inner {
     views: Views,
+    /// The last snapshot and when it was built: however many pages are
+    /// open, it is built at most once per [`SNAPSHOT_TTL`].
+    cache: Mutex<Option<(Instant, Arc<str>)>>,
     sessions: session::Sessions,
     streams: sse::Streams,
     transitions: transitions::Transitions,
@@ -91,6 +100,7 @@ impl Dashboard {
         let dashboard = Dashboard {
             inner: Arc::new(Inner {
                 views,
+                cache: Mutex::new(None),
                 sessions,
                 streams: sse::Streams::new(args.ui_max_streams, args.ui_max_streams_per_session),
                 transitions,
@@ -107,13 +117,24 @@ impl Dashboard {
         pages::mount(routes, self);
     }
 
-    /// The snapshot as the page receives it.
-    fn snapshot(&self) -> serde_json::Value {
-        snapshot::build(
+    /// The snapshot as the page receives it (JSON), at most
+    /// [`SNAPSHOT_TTL`] old.
+    fn snapshot(&self) -> Arc<str> {
+        let now = Instant::now();
+        if let Some((at, json)) = &*self.inner.cache.lock().expect("snapshot cache lock")
+            && now.duration_since(*at) < SNAPSHOT_TTL
+        {
+            return json.clone();
+        }
+        let json: Arc<str> = snapshot::build(
             &self.inner.views,
             &self.inner.transitions.recent(),
             crate::ca::unix_ms(),
         )
+        .to_string()
+        .into();
+        *self.inner.cache.lock().expect("snapshot cache lock") = Some((now, json.clone()));
+        json
     }
 }
 

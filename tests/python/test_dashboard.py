@@ -253,3 +253,33 @@ def test_the_dashboard_follows_the_mesh_live(world, browser):
     wait(browser, "the login form after logout", lambda d: d.current_url.endswith("/ui/login"))
     browser.get(cp.http_url + "/ui/")
     wait(browser, "no session after logout", lambda d: d.current_url.endswith("/ui/login"))
+
+
+def test_a_few_hundred_services_page_and_filter(tmp_path, browser):
+    import requests
+
+    (tmp_path / "cp").mkdir()
+    cp = ControlPlane(tmp_path / "cp")
+    try:
+        admin = {"Authorization": f"Bearer {cp.admin_token()}"}
+        with requests.Session() as s:
+            for n in range(300):
+                body = {"service": f"svc-{n:03}", "address": "127.0.0.1", "port": 10000 + n, "metadata": {"zone": f"z{n % 3}"}}
+                r = s.post(f"{cp.http_url}/v1/instances", json=body, headers=admin, verify=str(cp.data / "ca.pem"), timeout=10)
+                assert r.status_code == 200, r.text
+        login(browser, cp, cp.admin_token())
+        wait(browser, "the dashboard", lambda d: d.current_url.endswith("/ui/"))
+        browser.find_element(By.ID, "tab-services").click()
+        wait(browser, "the first page", lambda d: "page 1 of 6 (300 of 300 services)" in d.find_element(By.ID, "pager").text)
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".service")) == 50
+        browser.find_element(By.ID, "next").click()
+        first = browser.find_elements(By.CSS_SELECTOR, ".service")[0].get_attribute("data-service")
+        assert first == "svc-050", first
+        browser.find_element(By.ID, "filter").send_keys("svc-29")
+        wait(browser, "the filter", lambda d: len(d.find_elements(By.CSS_SELECTOR, ".service")) == 10)
+        assert "page 1 of 1 (10 of 300 services)" in browser.find_element(By.ID, "pager").text
+        shot(browser, "08-three-hundred-services")
+    finally:
+        alive = cp.alive()
+        cp.stop()
+        assert alive, f"control plane died during the test; stderr:\n{cp.stderr(tail=40)}"

@@ -165,7 +165,7 @@ struct Stream {
     _permit: sse::Permit,
     changes: tokio::sync::broadcast::Receiver<crate::registry::Change>,
     /// The last snapshot sent.
-    last: Option<String>,
+    last: Option<std::sync::Arc<str>>,
     last_sent: Instant,
     ended: bool,
 }
@@ -196,8 +196,8 @@ impl Stream {
                     sse::WaitOutcome::Look => {}
                 }
             }
-            let json = self.d.snapshot().to_string();
-            if self.last.as_deref() != Some(json.as_str()) {
+            let json = self.d.snapshot();
+            if self.last.as_deref() != Some(&*json) {
                 let frame = sse::frame("snapshot", &json);
                 self.last = Some(json);
                 self.last_sent = Instant::now();

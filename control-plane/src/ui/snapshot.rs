@@ -6,8 +6,9 @@
 //! (`crate::http::json`), so the page reads the same field names as
 //! `/v1/...` clients. The whole document is rebuilt and compared rather
 //! than diffed: at a few hundred services it is a few hundred kilobytes,
-//! built once a second per open page at most, and the page renders only
-//! what it shows (a page of a list, a filter).
+//! built at most four times a second however many pages are open (shared
+//! for `ui::SNAPSHOT_TTL`), and the page renders only what it shows (a
+//! page of a list, a filter).
 
 use std::collections::BTreeMap;
 
