@@ -11,13 +11,15 @@
 #             dig, the client operators run.
 #   curl      curl: the HTTP API's client tests call it.
 #   venv      python3-venv: the Python grpcio client tests run in .venv/.
+#   chromium  chromium and chromium-driver: the dashboard's browser test
+#             (tests/python/test_dashboard.py) drives headless Chromium.
 #   node      nodejs and npm: the Node grpc-js-xds client the end-to-end
 #             tests start (tests/node, installed there by `npm ci`); node
 #             18 or later (Debian 12's).
 # Used by `make demo` (cc), `make node-modules` (node) and .ci/test.sh
 # (all), before any cargo command. Installs with apt-get as root;
 # otherwise it stops and prints the command to run.
-# Usage: .ci/deps.sh cc [etcd] [promtool] [dig] [curl] [venv] [node]
+# Usage: .ci/deps.sh cc [etcd] [promtool] [dig] [curl] [chromium] [venv] [node]
 set -euo pipefail
 
 die() { echo "deps: error: $*" >&2; exit 1; }
@@ -57,6 +59,10 @@ for tool in "$@"; do
         promtool) install prometheus promtool ;;
         dig) install dnsutils dig ;;
         curl) install curl curl ;;
+        chromium)
+            install chromium chromium
+            install chromium-driver chromedriver
+            ;;
         venv)
             command -v python3 >/dev/null \
                 || die "python3 not found: install it with 'sudo apt-get install python3'"

@@ -4,8 +4,10 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 mod http;
+mod ui;
 
 pub use http::{DEFAULT_MAX_BODY_BYTES, HttpArgs};
+pub use ui::UiArgs;
 
 use crate::registry::Quotas;
 
@@ -238,6 +240,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub http: HttpArgs,
+
+    #[command(flatten)]
+    pub ui: UiArgs,
 }
 
 /// A secret taken from the environment; `Debug` does not show it.
@@ -289,6 +294,7 @@ impl Config {
             return Err("--first-request-timeout must be more than zero".into());
         }
         self.http.validate()?;
+        self.ui.validate()?;
         self.validate_quotas()
     }
 

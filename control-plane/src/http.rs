@@ -11,11 +11,11 @@
 //! and the Consul shapes are this module's own.
 //!
 //! # Layout
-//! - `routes`: the one route -> role table ([`ROUTES`]); anything unlisted
-//!   is refused.
-//! - `router`: [`Routes`], handlers mounted on the table's rows (another
-//!   module, such as the dashboard, mounts its own the same way), and the
-//!   router built from them.
+//! - `routes`: the one route -> role table ([`ROUTES`], and the
+//!   dashboard's [`UI_ROUTES`]); anything unlisted is refused.
+//! - `router`: [`Routes`], handlers mounted on the tables' rows (the
+//!   dashboard, `crate::ui`, mounts its own the same way), and the router
+//!   built from them.
 //! - `auth`: the middleware that authenticates (`Authorization: Bearer`
 //!   or `X-Consul-Token`) and checks each route's row.
 //! - `error`: `Status` and request-parsing errors as HTTP statuses and a
@@ -34,7 +34,7 @@ mod conn;
 mod consul;
 mod error;
 mod index;
-mod json;
+pub mod json;
 mod openapi;
 mod policies;
 mod registry;
@@ -46,7 +46,7 @@ mod status;
 pub use conn::{Settings, spawn};
 pub use error::HttpError;
 pub use router::Routes;
-pub use routes::{ROUTES, Route};
+pub use routes::{Credential, ROUTES, Route, SessionAuth, UI_ROUTES};
 
 use std::{sync::Arc, time::Duration};
 
@@ -133,6 +133,20 @@ impl Api {
         openapi::mount(&mut routes);
         routes
     }
+}
+
+/// `router` with the auth middleware in front of each of its routes
+/// (`auth::authorize`: the route's row, its credential, its need). Here
+/// rather than in `routes`, which `auth` reads the table from.
+fn guarded(
+    router: axum::Router,
+    tokens: Tokens,
+    sessions: Option<Arc<dyn SessionAuth>>,
+) -> axum::Router {
+    router.route_layer(axum::middleware::from_fn_with_state(
+        auth::Gate { tokens, sessions },
+        auth::authorize,
+    ))
 }
 
 /// A gRPC request carrying `principal` as the auth layer would have put

@@ -29,6 +29,10 @@
 //! - [`http`]: the HTTP/JSON API and the Consul-compatible reads, on their
 //!   own TLS listener, calling the same service code as [`api`].
 //! - [`metrics`]: Prometheus metrics and the xDS stream observer.
+//! - [`ui`]: the dashboard at `/ui/` on the HTTP listener: a login form,
+//!   session cookies, one page fed by Server-Sent Events.
+//! - [`traffic`]: the sidecars' traffic reports (soft state per replica),
+//!   as the topology graph's edges with rates, error rates and p99.
 //! - [`proxies`]: what each connected xDS client holds, per stream and
 //!   resource, and what kind of client it is (proxy status, CSDS).
 //! - `server`: startup. [`Server::bind`] opens the store, loads the CA and
@@ -67,6 +71,8 @@ mod server;
 pub mod store;
 pub mod tls;
 pub mod tokens;
+pub mod traffic;
+pub mod ui;
 
 use std::{io::Write, net::SocketAddr};
 

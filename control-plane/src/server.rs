@@ -206,6 +206,8 @@ struct Views {
     policies: policy::Policies,
     /// What each connected sidecar acknowledged (fed by the ADS server).
     proxies: proxies::Proxies,
+    /// What sidecars report of their outbound traffic (soft state).
+    traffic: crate::traffic::Traffic,
 }
 
 impl Views {
@@ -241,6 +243,7 @@ impl Views {
             authz,
             policies,
             proxies: proxies::Proxies::default(),
+            traffic: crate::traffic::Traffic::default(),
         })
     }
 }
@@ -423,7 +426,22 @@ fn start_http(
         shutdown.clone(),
     );
     tasks.push(index_task);
-    let app = api.routes().router(config.http.http_max_body_bytes);
+    let mut routes = api.routes();
+    let (dashboard, ui_task) = crate::ui::Dashboard::start(
+        crate::ui::Views {
+            registry: views.registry.clone(),
+            proxies: views.proxies.clone(),
+            policies: views.policies.clone(),
+            authz: views.authz.clone(),
+            traffic: views.traffic.clone(),
+            tokens: tokens.clone(),
+        },
+        &config.ui,
+        shutdown.clone(),
+    );
+    tasks.push(ui_task);
+    dashboard.mount(&mut routes);
+    let app = routes.router(config.http.http_max_body_bytes);
     let settings = http::Settings {
         header_timeout: config.http.http_header_timeout,
         idle_timeout: config.http.http_idle_timeout,
@@ -474,6 +492,7 @@ async fn serve_grpc(
         authz,
         policies,
         proxies,
+        traffic,
         ..
     } = views;
     let Router {
@@ -511,6 +530,7 @@ async fn serve_grpc(
         .add_service(
             api::session::SessionApi::new(sessions, shutdown.clone())
                 .with_loads(load::LoadReports::default(), metrics.clone())
+                .with_traffic(traffic)
                 .into_server(),
         )
         .add_service(api::status::ProxyStatusApi::new(proxies.clone()).into_server())

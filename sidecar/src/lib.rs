@@ -120,6 +120,7 @@ pub async fn run(mut config: Config, shutdown: watch::Receiver<bool>) -> Result<
     let snapshots = start_discovery(&config, &auth, &shutdown, &mut tasks);
     let identities = start_identity(&config, &auth, &shutdown, &mut tasks);
     let metrics = metrics::Metrics::new();
+    session.report_traffic(metrics.clone());
     let upstreams = start_data_plane(
         &config,
         bound.data_plane,

@@ -17,6 +17,7 @@
 //!
 //! `listener.rs` holds the listeners' connection metrics (caps, timeouts);
 //! `dns.rs` the DNS server's queries.
+//! `traffic.rs` the outbound totals per upstream the session reports.
 //!
 //! Label sets are bounded: `service` values come from the configuration
 //! (upstreams and local services), `reason` from the fixed set of
@@ -24,9 +25,11 @@
 
 mod dns;
 mod listener;
+mod traffic;
 
 pub use dns::DnsMetrics;
 pub use listener::{CapMetrics, IdleTimeouts, ListenerMetrics};
+pub use traffic::{OutboundTraffic, UpstreamTotals};
 
 use std::sync::Arc;
 
@@ -146,6 +149,7 @@ struct Inner {
     relay: RelayMetrics,
     listeners: listener::Listeners,
     dns: DnsMetrics,
+    traffic: OutboundTraffic,
 }
 
 /// The xDS relay's streams (`relay`): open now, relayed in all, and the
@@ -289,6 +293,7 @@ impl Metrics {
                 dns,
                 listeners,
                 relay,
+                traffic: OutboundTraffic::default(),
                 retries,
                 budget_exhausted,
                 timeouts,
@@ -413,8 +418,17 @@ impl Metrics {
             in_flight: self.inner.in_flight.get_or_create(&labels).clone(),
             tcp_opened: self.inner.tcp_opened.get_or_create(&labels).clone(),
             tcp_open: self.inner.tcp_open.get_or_create(&labels).clone(),
+            traffic: match direction {
+                Direction::Outbound => self.inner.traffic.counters(service),
+                Direction::Inbound => None,
+            },
             shared: self.clone(),
         })
+    }
+
+    /// The outbound totals per upstream.
+    pub fn outbound_traffic(&self) -> Vec<UpstreamTotals> {
+        self.inner.traffic.totals()
     }
 
     /// The Prometheus text exposition (format 0.0.4).
@@ -438,6 +452,8 @@ pub struct RouteMetrics {
     pub in_flight: Gauge,
     pub tcp_opened: Counter,
     pub tcp_open: Gauge,
+    /// Outbound routes: the session's traffic report totals.
+    traffic: Option<Arc<traffic::Counters>>,
     shared: Metrics,
 }
 
@@ -451,6 +467,13 @@ impl std::fmt::Debug for RouteMetrics {
 }
 
 impl RouteMetrics {
+    /// A finished request, for the session's traffic report.
+    pub fn finished(&self, status: http::StatusCode, elapsed: std::time::Duration) {
+        if let Some(t) = &self.traffic {
+            t.record(status.is_server_error(), elapsed);
+        }
+    }
+
     pub fn status(&self, status: http::StatusCode) {
         if let Some(c) = self
             .status

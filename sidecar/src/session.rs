@@ -63,6 +63,8 @@ struct Shared {
     status: watch::Sender<SessionStatus>,
     /// Each local service's load meter, in config order.
     loads: Vec<Arc<LocalLoad>>,
+    /// Where traffic reports are read from, once the data plane has it.
+    traffic: std::sync::OnceLock<crate::metrics::Metrics>,
 }
 
 // === impl Session ===
@@ -79,6 +81,7 @@ impl Session {
                 loads: services.iter().map(|s| LocalLoad::new(&s.name)).collect(),
                 services,
                 status: watch::Sender::new(SessionStatus::default()),
+                traffic: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -341,10 +344,13 @@ async fn run_stream(
     );
     report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut report_due = false;
+    let mut traffic_tick = traffic::ticker();
     loop {
+        let mut traffic_due = false;
         tokio::select! {
             biased;
             _ = shutdown.wait_for(|stop| *stop) => break,
+            _ = traffic_tick.tick() => traffic_due = true,
             changed = health_rx.changed() => {
                 if changed.is_err() {
                     break;
@@ -367,6 +373,13 @@ async fn run_stream(
                     .send(request(Kind::Load(report)))
                     .await
                     .map_err(|_| StreamError::Ended)?;
+            }
+            continue;
+        }
+        if traffic_due {
+            if let Some(report) = traffic::report(session) {
+                let sent = requests.send(request(Kind::Traffic(report))).await;
+                sent.map_err(|_| StreamError::Ended)?;
             }
             continue;
         }
@@ -405,6 +418,8 @@ async fn run_stream(
     }
     Ok(true)
 }
+
+mod traffic;
 
 #[cfg(test)]
 mod tests;

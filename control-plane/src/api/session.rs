@@ -22,12 +22,14 @@ use crate::{
     metrics::Metrics,
     registry::session::{Opener, Session, Sessions},
     tokens::Role,
+    traffic::{Reporter, Traffic},
 };
 
 pub struct SessionApi {
     sessions: Sessions,
     shutdown: watch::Receiver<bool>,
     loads: Loads,
+    traffic: Traffic,
 }
 
 /// Where sessions' load reports go, and what counts them.
@@ -43,6 +45,7 @@ impl SessionApi {
             sessions,
             shutdown,
             loads: Loads::default(),
+            traffic: Traffic::default(),
         }
     }
 
@@ -52,6 +55,12 @@ impl SessionApi {
             reports,
             metrics: Some(metrics),
         };
+        self
+    }
+
+    /// Keeps the sessions' traffic reports in `traffic` (the dashboard's).
+    pub fn with_traffic(mut self, traffic: Traffic) -> Self {
+        self.traffic = traffic;
         self
     }
 
@@ -115,6 +124,7 @@ impl sidecar_server::Sidecar for SessionApi {
             principal,
             self.loads.clone(),
             self.shutdown.clone(),
+            Reporter::new(self.traffic.clone()),
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -174,6 +184,7 @@ async fn run(
     principal: Option<Principal>,
     loads: Loads,
     mut shutdown: watch::Receiver<bool>,
+    reporter: Reporter,
 ) {
     let mut gate = Gate::default();
     loop {
@@ -284,6 +295,16 @@ async fn run(
                     let _ = tx.send(Err(e)).await;
                 }
                 return;
+            }
+            Ok(Some(SessionRequest {
+                kind: Some(Kind::Traffic(report)),
+            })) => {
+                // Reported as the session's own service, never another.
+                let caller = session.instances().into_iter().next().map(|i| i.service);
+                if let Err(e) = reporter.report(caller.as_deref(), report) {
+                    let _ = tx.send(Err(Status::invalid_argument(e.to_string()))).await;
+                    return;
+                }
             }
             Ok(Some(SessionRequest { kind: None })) => {
                 let _ = tx

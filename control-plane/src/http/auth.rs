@@ -13,7 +13,12 @@ use axum::{
     response::Response,
 };
 
-use super::{HttpError, routes};
+use std::sync::Arc;
+
+use super::{
+    HttpError,
+    routes::{self, Credential, SessionAuth},
+};
 use crate::{
     auth::{Principal, token_principal},
     tls::PeerInfo,
@@ -27,10 +32,18 @@ const MISSING: &str = "missing bearer token: send `Authorization: Bearer <token>
                        `X-Consul-Token: <token>` (an admin's is in <data-dir>/admin.token; \
                        others come from `isdpctl token create`)";
 
+/// What the middleware authenticates with.
+#[derive(Clone)]
+pub struct Gate {
+    pub tokens: Tokens,
+    /// The dashboard's sessions, when it is mounted.
+    pub sessions: Option<Arc<dyn SessionAuth>>,
+}
+
 /// Authenticates the request, checks its route's row and puts the
 /// [`Principal`] into its extensions for the handler.
 pub async fn authorize(
-    State(tokens): State<Tokens>,
+    State(gate): State<Gate>,
     matched: Option<MatchedPath>,
     mut req: Request,
     next: Next,
@@ -41,7 +54,17 @@ pub async fn authorize(
     let Some(route) = routes::lookup(&method, path) else {
         return Err(unlisted(&method, path));
     };
-    let principal = authenticate(&tokens, &req)?;
+    let principal = match (route.credential, &gate.sessions) {
+        (Credential::Public, _) => return Ok(next.run(req).await),
+        (Credential::Bearer, _) => authenticate(&gate.tokens, &req)?,
+        (Credential::Session, Some(sessions)) => match sessions.principal(&req) {
+            Ok(p) => p,
+            Err(refused) => return Ok(*refused),
+        },
+        (Credential::Session, None) => {
+            return Err(super::error::no_route(req.method().clone(), req.uri().clone()).await);
+        }
+    };
     route.need.check(principal.role).map_err(|_| {
         HttpError::forbidden(format!(
             "{method} {path} needs role {}; token has {}",
@@ -60,8 +83,7 @@ pub async fn authorize(
 
 /// A method the path has no row for: 405 naming the ones it has.
 fn unlisted(method: &str, path: &str) -> HttpError {
-    let allowed: Vec<&str> = routes::ROUTES
-        .iter()
+    let allowed: Vec<&str> = routes::all()
         .filter(|r| r.path == path)
         .map(|r| r.method)
         .collect();

@@ -8,13 +8,16 @@ use axum::{
     routing::{MethodFilter, MethodRouter, on},
 };
 
-use super::routes::{ROUTES, lookup};
+use std::sync::Arc;
+
+use super::routes::{ROUTES, SessionAuth, lookup};
 use crate::tokens::Tokens;
 
 /// The routes being mounted; [`Routes::router`] builds the router once
 /// every row of [`ROUTES`] has its handler.
 pub struct Routes {
     tokens: Tokens,
+    sessions: Option<Arc<dyn SessionAuth>>,
     router: Router,
     mounted: Vec<(&'static str, &'static str)>,
 }
@@ -25,6 +28,7 @@ impl Routes {
     pub fn new(tokens: Tokens) -> Self {
         Routes {
             tokens,
+            sessions: None,
             router: Router::new(),
             mounted: Vec::new(),
         }
@@ -51,6 +55,11 @@ impl Routes {
         self.mounted.push((method, path));
     }
 
+    /// Resolves the session cookie of [`super::Credential::Session`] routes.
+    pub fn sessions(&mut self, sessions: Arc<dyn SessionAuth>) {
+        self.sessions = Some(sessions);
+    }
+
     /// What was mounted, as (method, path).
     pub fn mounted(&self) -> &[(&'static str, &'static str)] {
         &self.mounted
@@ -58,7 +67,8 @@ impl Routes {
 
     /// The router: authentication and the route's row in front of every
     /// handler, bodies over `max_body_bytes` refused with 413, anything
-    /// else 404. Panics when a row of [`ROUTES`] has no handler.
+    /// else 404. Panics when a row of [`ROUTES`] has no handler (the
+    /// dashboard checks [`super::UI_ROUTES`] where it mounts them).
     pub fn router(self, max_body_bytes: usize) -> Router {
         for r in ROUTES {
             assert!(
@@ -68,11 +78,7 @@ impl Routes {
                 r.path
             );
         }
-        self.router
-            .route_layer(axum::middleware::from_fn_with_state(
-                self.tokens,
-                super::auth::authorize,
-            ))
+        super::guarded(self.router, self.tokens, self.sessions)
             .fallback(super::error::no_route)
             .layer(DefaultBodyLimit::max(max_body_bytes))
             .layer(axum::Extension(super::json::BodyLimit(max_body_bytes)))

@@ -11,19 +11,47 @@
 //! drift; the auth middleware refuses a route it finds no row for all the
 //! same.
 //!
-//! Another module (the dashboard) adds its rows here and mounts its
-//! handlers with `Routes::add` on the same `Routes`.
+//! The dashboard (`crate::ui`) has its rows here too, in [`UI_ROUTES`]:
+//! its pages take a session cookie ([`Credential::Session`], resolved by
+//! the [`SessionAuth`] it installs with [`super::Routes::sessions`]) and its login
+//! form and static assets none ([`Credential::Public`]: they show nothing
+//! of the mesh; the form's POST checks the token itself).
 
-use crate::{auth::Need, tokens::Role};
+use axum::{extract::Request, response::Response};
+
+use crate::{
+    auth::{Need, Principal},
+    tokens::Role,
+};
 
 /// One route: method, path (axum's `{param}` syntax, also OpenAPI's), what
-/// it needs, and the gRPC method whose code it calls, if any.
+/// it needs, how the caller proves who it is, and the gRPC method whose
+/// code it calls, if any.
 #[derive(Clone, Copy, Debug)]
 pub struct Route {
     pub method: &'static str,
     pub path: &'static str,
     pub need: Need,
+    pub credential: Credential,
     pub grpc: Option<&'static str>,
+}
+
+/// How a route's caller authenticates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Credential {
+    /// A bearer token in `Authorization` or `X-Consul-Token`.
+    Bearer,
+    /// The dashboard's session cookie, through [`SessionAuth`].
+    Session,
+    /// None: the handler serves nothing of the mesh, or checks a token
+    /// itself.
+    Public,
+}
+
+/// Resolves a [`Credential::Session`] request to its principal, or the
+/// answer that refuses it (the dashboard sends a page to its login form).
+pub trait SessionAuth: Send + Sync + 'static {
+    fn principal(&self, req: &Request) -> Result<Principal, Box<Response>>;
 }
 
 const READ: Need = Need::Role(Role::Read);
@@ -37,7 +65,18 @@ const fn row(method: &'static str, path: &'static str, need: Need, grpc: &'stati
         method,
         path,
         need,
+        credential: Credential::Bearer,
         grpc: if grpc.is_empty() { None } else { Some(grpc) },
+    }
+}
+
+const fn ui(method: &'static str, path: &'static str, credential: Credential) -> Route {
+    Route {
+        method,
+        path,
+        need: READ,
+        credential,
+        grpc: None,
     }
 }
 
@@ -140,9 +179,26 @@ pub const ROUTES: &[Route] = &[
     row("GET", "/v1/openapi.json", JOIN_OR_READ, ""),
 ];
 
+/// The dashboard's routes (`crate::ui`): read-only, so a forged
+/// cross-site request can change nothing. A public row's need is what its
+/// handler asks of the token it checks.
+pub const UI_ROUTES: &[Route] = &[
+    ui("GET", "/ui/login", Credential::Public),
+    ui("POST", "/ui/login", Credential::Public),
+    ui("GET", "/ui/assets/{file}", Credential::Public),
+    ui("POST", "/ui/logout", Credential::Public),
+    ui("GET", "/ui/", Credential::Session),
+    ui("GET", "/ui/events", Credential::Session),
+];
+
+/// Every row: the API's and the dashboard's.
+pub fn all() -> impl Iterator<Item = &'static Route> {
+    ROUTES.iter().chain(UI_ROUTES)
+}
+
 /// The row of `method` on the matched route `path`.
 pub fn lookup(method: &str, path: &str) -> Option<&'static Route> {
-    ROUTES.iter().find(|r| r.method == method && r.path == path)
+    all().find(|r| r.method == method && r.path == path)
 }
 
 /// What `need` asks for, as the refusals and the OpenAPI document say it.

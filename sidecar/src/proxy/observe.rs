@@ -76,6 +76,7 @@ fn observe(m: Arc<RouteMetrics>, fut: BoxFuture) -> BoxFuture {
         let Ok(resp) = fut.await;
         m.duration.observe(start.elapsed().as_secs_f64());
         m.status(resp.status());
+        m.finished(resp.status(), start.elapsed());
         if let Some(e) = resp.extensions().get::<ProxyError>() {
             m.error(e.as_str());
         }

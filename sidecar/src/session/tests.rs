@@ -238,3 +238,56 @@ async fn shutdown_while_down_gives_up_at_the_drain_timeout() {
         stopped.elapsed()
     );
 }
+
+#[tokio::test]
+async fn reports_outbound_traffic_totals_every_interval() {
+    use crate::metrics::{Direction, Metrics};
+
+    let (url, mut accepted, _) = fake().await;
+    let session = Session::new(&config());
+    let metrics = Metrics::new();
+    session.report_traffic(metrics.clone());
+    let payments = metrics.route(Direction::Outbound, "payments");
+    payments.finished(http::StatusCode::OK, Duration::from_millis(3));
+    payments.finished(http::StatusCode::BAD_GATEWAY, Duration::from_millis(30));
+    // Inbound traffic and upstreams never called are not reported.
+    let _idle = metrics.route(Direction::Outbound, "idle");
+    metrics
+        .route(Direction::Inbound, "web")
+        .finished(http::StatusCode::OK, Duration::from_millis(1));
+    let (stop, shutdown) = watch::channel(false);
+    let task = spawn(
+        session.clone(),
+        vec![url],
+        Default::default(),
+        Duration::from_secs(5),
+        shutdown,
+    );
+    let (mut inbound, outbound) = accepted.recv().await.unwrap();
+    assert!(matches!(next(&mut inbound).await, Kind::Open(_)));
+    let opened = tokio::time::Instant::now();
+    let message = tokio::time::timeout(traffic::INTERVAL * 2, inbound.message())
+        .await
+        .expect("a traffic report within two intervals")
+        .unwrap()
+        .unwrap();
+    assert!(opened.elapsed() >= traffic::INTERVAL - Duration::from_millis(100));
+    let Some(Kind::Traffic(report)) = message.kind else {
+        panic!("expected a traffic report, got {message:?}")
+    };
+    assert_eq!(report.upstreams.len(), 1, "{report:?}");
+    let u = &report.upstreams[0];
+    assert_eq!(
+        (u.upstream.as_str(), u.requests, u.errors),
+        ("payments", 2, 1)
+    );
+    assert_eq!(u.bounds_ms.len(), u.counts.len());
+    assert_eq!(*u.counts.last().unwrap(), 2, "cumulative: every request");
+    stop.send(true).unwrap();
+    assert!(matches!(next(&mut inbound).await, Kind::Close(_)));
+    drop((inbound, outbound));
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap();
+}
