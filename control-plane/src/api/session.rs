@@ -32,6 +32,13 @@ pub struct SessionApi {
     traffic: Traffic,
 }
 
+/// What one session's reports go to: load reports (for weights) and
+/// traffic reports (the dashboard's edges).
+struct Reports {
+    loads: Loads,
+    traffic: Reporter,
+}
+
 /// Where sessions' load reports go, and what counts them.
 #[derive(Clone, Default)]
 struct Loads {
@@ -122,9 +129,11 @@ impl sidecar_server::Sidecar for SessionApi {
             tx,
             self.sessions.clone(),
             principal,
-            self.loads.clone(),
+            Reports {
+                loads: self.loads.clone(),
+                traffic: Reporter::new(self.traffic.clone()),
+            },
             self.shutdown.clone(),
-            Reporter::new(self.traffic.clone()),
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -182,10 +191,13 @@ async fn run(
     tx: mpsc::Sender<Result<SessionResponse, Status>>,
     sessions: Sessions,
     principal: Option<Principal>,
-    loads: Loads,
+    reports: Reports,
     mut shutdown: watch::Receiver<bool>,
-    reporter: Reporter,
 ) {
+    let Reports {
+        loads,
+        traffic: reporter,
+    } = reports;
     let mut gate = Gate::default();
     loop {
         let msg = tokio::select! {
@@ -299,8 +311,20 @@ async fn run(
             Ok(Some(SessionRequest {
                 kind: Some(Kind::Traffic(report)),
             })) => {
-                // Reported as the session's own service, never another.
-                let caller = session.instances().into_iter().next().map(|i| i.service);
+                // Reported as the session's own service, never another: its
+                // instances' or, for a sidecar without any (a client), the
+                // one service its join credential acts as.
+                let caller = session
+                    .instances()
+                    .into_iter()
+                    .next()
+                    .map(|i| i.service)
+                    .or_else(|| {
+                        principal
+                            .as_ref()
+                            .filter(|p| p.role == Role::Join && p.services.len() == 1)
+                            .map(|p| p.services[0].clone())
+                    });
                 if let Err(e) = reporter.report(caller.as_deref(), report) {
                     let _ = tx.send(Err(Status::invalid_argument(e.to_string()))).await;
                     return;
