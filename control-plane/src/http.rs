@@ -1,6 +1,7 @@
 //! The HTTP/JSON API (`--http-listen`), for tools that do not link ISDP's
 //! protos, and the Consul-compatible read endpoints discovery tools
-//! (Prometheus `consul_sd_configs`, consul-template, ...) poll.
+//! (Prometheus `consul_sd_configs`, consul-template, ...) poll, and the
+//! same registry as Prometheus' HTTP service discovery reads it.
 //!
 //! Every route calls the same gRPC service code (`crate::api`) that
 //! `isdpctl` reaches: a handler builds the service's request message,
@@ -24,12 +25,15 @@
 //!   their descriptors (unknown fields refused).
 //! - `index`: per-service change indexes for blocking reads.
 //! - `registry`, `policies`, `security` (authorization rules, tokens),
-//!   `status` (proxy status), `consul`, `openapi`: one file per resource
-//!   group.
+//!   `status` (proxy status), `consul`, `prometheus` (HTTP service
+//!   discovery targets), `openapi`: one file per resource group.
+//! - `catalog`: the registry as discovery clients read it (a join
+//!   principal within its xDS scope), for `consul` and `prometheus`.
 //! - `conn`: serving TLS connections: HTTP/1.1 and HTTP/2, header-read
 //!   and idle timeouts, graceful shutdown.
 
 mod auth;
+mod catalog;
 mod conn;
 mod consul;
 mod error;
@@ -37,6 +41,7 @@ mod index;
 pub mod json;
 mod openapi;
 mod policies;
+mod prometheus;
 mod registry;
 mod router;
 mod routes;
@@ -130,6 +135,7 @@ impl Api {
         security::mount(&mut routes, self);
         status::mount(&mut routes, self);
         consul::mount(&mut routes, self);
+        prometheus::mount(&mut routes, self);
         openapi::mount(&mut routes);
         routes
     }

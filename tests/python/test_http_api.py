@@ -121,6 +121,8 @@ def test_every_operation_in_the_openapi_document(api):
     api.call("GET", "/v1/catalog/service/pyhttp", template="/v1/catalog/service/{name}")
     api.call("GET", "/v1/health/service/pyhttp", template="/v1/health/service/{name}")
     api.call("GET", "/v1/agent/self")
+    # Prometheus HTTP service discovery (test_prometheus_sd.py runs the server).
+    assert api.call("GET", "/v1/prometheus/targets?service=pyhttp&passing").json() == []
     described = {
         (m.upper(), p)
         for p, item in doc["paths"].items()

@@ -32,17 +32,16 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use isdp_proto::v1::{
-    HealthStatus, Instance, ListInstancesRequest, ListServicesRequest, SERVICE_ENDPOINTS_TYPE_URL,
-    registry_server::Registry as _,
-};
+use isdp_proto::v1::Instance;
 use serde_json::{Value, json};
 
-use super::{Api, HttpError, Routes, grpc_request, registry::Blocking, registry::with_index};
-use crate::auth::{Principal, ReadScope};
-
-/// The node name of instances no sidecar owns.
-pub const CONTROL_PLANE_NODE: &str = "isdp";
+use super::{
+    Api, HttpError, Routes,
+    catalog::{self, CONTROL_PLANE_NODE, health_name, node, passing},
+    registry::Blocking,
+    registry::with_index,
+};
+use crate::auth::Principal;
 
 pub fn mount(routes: &mut Routes, api: &Api) {
     let s = api.clone();
@@ -128,15 +127,10 @@ async fn catalog_services(
     if q.blocking.index == Some(index) {
         index = api.inner.index.wait(None, index, wait).await;
     }
-    let scope = ReadScope::of(Some(&p));
-    let req = grpc_request(p, ListServicesRequest {});
-    let res = api.inner.registry_api.list_services(req).await?;
-    let services: serde_json::Map<String, Value> = res
-        .into_inner()
-        .services
+    let services: serde_json::Map<String, Value> = catalog::services(&api, &p)
+        .await?
         .into_iter()
-        .filter(|s| scope.allows(SERVICE_ENDPOINTS_TYPE_URL, &s.name))
-        .map(|s| (s.name, json!([])))
+        .map(|name| (name, json!([])))
         .collect();
     Ok(consul(Value::Object(services), index))
 }
@@ -149,41 +143,19 @@ async fn instances(
     name: String,
     q: &Params,
 ) -> Result<(Vec<Instance>, u64), HttpError> {
-    let method = "Consul catalog";
-    ReadScope::of(Some(&p)).check(method, SERVICE_ENDPOINTS_TYPE_URL, &name)?;
-    let wait = q.blocking.wait(api.inner.max_wait)?;
-    let req = || {
-        grpc_request(
-            p.clone(),
-            ListInstancesRequest {
-                service: name.clone(),
-            },
-        )
-    };
+    const METHOD: &str = "Consul catalog";
     // The index before the list: the list is at least that new.
     let mut index = api.inner.index.current(Some(&name));
-    let mut res = api.inner.registry_api.list_instances(req()).await?;
+    let mut list = catalog::instances(api, &p, METHOD, &name).await?;
+    let wait = q.blocking.wait(api.inner.max_wait)?;
     if q.blocking.index == Some(index) {
         index = api.inner.index.wait(Some(&name), index, wait).await;
-        res = api.inner.registry_api.list_instances(req()).await?;
+        list = catalog::instances(api, &p, METHOD, &name).await?;
     }
-    let mut list = res.into_inner().instances;
     if q.tagged {
         list.clear();
     }
     Ok((list, index))
-}
-
-fn node(i: &Instance) -> &str {
-    if i.node_id.is_empty() {
-        CONTROL_PLANE_NODE
-    } else {
-        &i.node_id
-    }
-}
-
-fn passing(i: &Instance) -> bool {
-    i.status() != HealthStatus::Unhealthy
 }
 
 async fn catalog_service(
@@ -228,7 +200,6 @@ async fn health_service(
         .iter()
         .filter(|i| !q.passing || passing(i))
         .map(|i| {
-            let status = if passing(i) { "passing" } else { "critical" };
             json!({
                 "Node": {
                     "ID": node(i),
@@ -248,7 +219,7 @@ async fn health_service(
                     "Node": node(i),
                     "CheckID": format!("service:{}", i.id),
                     "Name": format!("ISDP health of {}", i.id),
-                    "Status": status,
+                    "Status": health_name(i),
                     "ServiceID": i.id,
                     "ServiceName": i.service,
                 }],

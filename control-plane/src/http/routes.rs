@@ -3,9 +3,9 @@
 //! default.
 //!
 //! A route served by a gRPC method names it, and needs exactly what that
-//! method needs (the tests check it); Consul's read endpoints need any
-//! principal, as ADS does, and narrow a join principal to its read scope
-//! in the handler. A handler can only be mounted on a path with a row
+//! method needs (the tests check it); Consul's read endpoints and the
+//! Prometheus targets need any principal, as ADS does, and narrow a join
+//! principal to its read scope in the handler. A handler can only be mounted on a path with a row
 //! (`super::Routes::add` panics otherwise), and the router is only built
 //! once every row has a handler, so the table and the router cannot
 //! drift; the auth middleware refuses a route it finds no row for all the
@@ -175,6 +175,8 @@ pub const ROUTES: &[Route] = &[
     row("GET", "/v1/catalog/service/{name}", JOIN_OR_READ, ""),
     row("GET", "/v1/health/service/{name}", JOIN_OR_READ, ""),
     row("GET", "/v1/agent/self", JOIN_OR_READ, ""),
+    // Prometheus HTTP service discovery: the same reads, its format.
+    row("GET", "/v1/prometheus/targets", JOIN_OR_READ, ""),
     // The API's description.
     row("GET", "/v1/openapi.json", JOIN_OR_READ, ""),
 ];

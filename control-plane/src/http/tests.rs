@@ -31,6 +31,9 @@ struct Fixture {
     admin: String,
     read: String,
     join: String,
+    /// A join token for web that may discover db only.
+    scoped: String,
+    registry: Registry,
     _dir: tempfile::TempDir,
     _stop: watch::Sender<bool>,
 }
@@ -51,12 +54,12 @@ async fn fixture() -> (Fixture, Routes) {
     let policies = Policies::start(store.clone(), "", registry.clone(), shutdown.clone())
         .await
         .unwrap();
-    let mint = |role, services: Vec<String>| {
+    let mint = |role, services: Vec<String>, upstreams: Vec<String>| {
         let tokens = tokens.clone();
         async move {
             let scope = Scope {
                 services,
-                upstreams: vec![],
+                upstreams,
             };
             tokens
                 .create(role, scope, String::new(), None)
@@ -65,9 +68,10 @@ async fn fixture() -> (Fixture, Routes) {
                 .1
         }
     };
-    let admin = mint(Role::Admin, vec![]).await;
-    let read = mint(Role::Read, vec![]).await;
-    let join = mint(Role::Join, vec!["web".into()]).await;
+    let admin = mint(Role::Admin, vec![], vec![]).await;
+    let read = mint(Role::Read, vec![], vec![]).await;
+    let join = mint(Role::Join, vec!["web".into()], vec![]).await;
+    let scoped = mint(Role::Join, vec!["web".into()], vec!["db".into()]).await;
     let services = Services {
         registry_api: RegistryApi::new(registry.clone(), Metrics::new(), shutdown.clone()),
         policies_api: PoliciesApi::new(policies, shutdown.clone()),
@@ -75,7 +79,7 @@ async fn fixture() -> (Fixture, Routes) {
         tokens_api: TokensApi::new(tokens.clone()),
         status_api: ProxyStatusApi::new(Proxies::default()),
         tokens,
-        registry,
+        registry: registry.clone(),
     };
     let (api, _task) = Api::start(services, "dc1".into(), Duration::from_secs(60), shutdown);
     let routes = api.routes();
@@ -85,6 +89,8 @@ async fn fixture() -> (Fixture, Routes) {
         admin,
         read,
         join,
+        scoped,
+        registry,
         _dir: dir,
         _stop: stop,
     };
@@ -270,6 +276,85 @@ async fn a_blocking_read_returns_soon_after_a_change() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(
         body["message"].as_str().unwrap().starts_with("wait:"),
+        "{body}"
+    );
+}
+
+/// The Prometheus targets: one group per instance in service and id
+/// order, `?passing` and `?service=` filters, and a join token's scope.
+#[tokio::test]
+async fn prometheus_targets_follow_the_registry_within_the_callers_scope() {
+    let (f, _) = fixture().await;
+    for (id, service, zone) in [
+        ("web-2", "web", ""),
+        ("web-1", "web", "z1"),
+        ("api-1", "api", ""),
+    ] {
+        let mut i = isdp_proto::v1::Instance {
+            id: id.into(),
+            service: service.into(),
+            address: "10.0.0.1".into(),
+            port: 9100,
+            ..Default::default()
+        };
+        if !zone.is_empty() {
+            i.metadata.insert("zone".into(), zone.into());
+        }
+        f.registry.register(i).await.unwrap();
+    }
+    f.registry
+        .set_status("web-2", isdp_proto::v1::HealthStatus::Unhealthy)
+        .await
+        .unwrap();
+    let ids = |body: &serde_json::Value| -> Vec<String> {
+        body.as_array()
+            .unwrap()
+            .iter()
+            .map(|g| {
+                g["labels"]["__meta_isdp_instance_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    };
+    let path = "/v1/prometheus/targets";
+    let (status, headers, all) = f.call("GET", path, Some(&f.read), "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(ids(&all), ["api-1", "web-1", "web-2"]);
+    assert_eq!(all[1]["targets"], serde_json::json!(["10.0.0.1:9100"]));
+    assert_eq!(all[1]["labels"]["__meta_isdp_zone"], "z1");
+    assert_eq!(all[2]["labels"]["__meta_isdp_health"], "critical");
+    let (_, _, passing) = f
+        .call("GET", &format!("{path}?passing"), Some(&f.read), "")
+        .await;
+    assert_eq!(ids(&passing), ["api-1", "web-1"]);
+    let (_, _, web) = f
+        .call("GET", &format!("{path}?service=web"), Some(&f.read), "")
+        .await;
+    assert_eq!(ids(&web), ["web-1", "web-2"]);
+    // A join token for web (upstream db) reads web only, and is refused
+    // api by name; one without upstreams reads everything.
+    let (_, _, unscoped) = f.call("GET", path, Some(&f.join), "").await;
+    assert_eq!(ids(&unscoped), ids(&all));
+    let (status, _, scoped) = f.call("GET", path, Some(&f.scoped), "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(ids(&scoped), ["web-1", "web-2"]);
+    let (status, _, body) = f
+        .call("GET", &format!("{path}?service=api"), Some(&f.scoped), "")
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(body["message"].as_str().unwrap().contains("api"), "{body}");
+    let (status, _, body) = f
+        .call("GET", &format!("{path}?dc=dc1"), Some(&f.read), "")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("dc: unknown parameter"),
         "{body}"
     );
 }
