@@ -6,7 +6,9 @@
 #             mimalloc) use; rustup expects one, but a bare image may lack it.
 #   etcd      etcd-server: the etcd store tests start real etcd members.
 #   promtool  prometheus: the observability tests check metric expositions
-#             and the shipped alerting rules with Prometheus' own tool.
+#             and the shipped alerting rules with Prometheus' own tool, and
+#             tests/python/test_prometheus_sd.py runs the server from the
+#             same package (/usr/bin/prometheus) against the control plane.
 #   dig       dnsutils: the DNS tests query the sidecar's DNS server with
 #             dig, the client operators run.
 #   curl      curl: the HTTP API's client tests call it.
@@ -56,7 +58,10 @@ for tool in "$@"; do
     case "$tool" in
         cc) install gcc cc ;;
         etcd) install etcd-server etcd ;;
-        promtool) install prometheus promtool ;;
+        promtool)
+            install prometheus promtool
+            install prometheus prometheus
+            ;;
         dig) install dnsutils dig ;;
         curl) install curl curl ;;
         chromium)

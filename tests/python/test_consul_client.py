@@ -7,7 +7,9 @@ which a registration or deregistration ends at once.
 
 Prometheus' `consul_sd_configs` is the other client the issue names;
 Debian 12's `prometheus` package is built without Consul discovery, so it
-cannot be the one here (see the README's Consul section)."""
+cannot be the one here: test_prometheus_sd.py runs that Prometheus against
+the HTTP service discovery endpoint instead (see the README's Consul
+section)."""
 
 import threading
 import time
