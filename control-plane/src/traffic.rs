@@ -11,9 +11,9 @@
 //! stops reporting drops out after [`STALE`].
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -26,6 +26,9 @@ pub const MAX_UPSTREAMS: usize = 256;
 pub const MAX_BUCKETS: usize = 32;
 /// Sessions whose reports are kept; more are not recorded.
 pub const MAX_REPORTERS: usize = 10_000;
+/// Distinct latency bounds one edge adds up (sessions of one service
+/// share theirs; more are left out of its p99).
+pub const MAX_EDGE_BUCKETS: usize = 64;
 /// A reporter silent this long (ms) no longer counts.
 pub const STALE: i64 = 30_000;
 
@@ -49,6 +52,7 @@ pub fn check(report: &TrafficReport) -> Result<(), ReportError> {
             count: report.upstreams.len(),
         });
     }
+    let mut seen = HashSet::new();
     for u in &report.upstreams {
         let bad = |field, reason: String| ReportError::Upstream {
             upstream: u.upstream.chars().take(64).collect(),
@@ -69,6 +73,28 @@ pub fn check(report: &TrafficReport) -> Result<(), ReportError> {
         }
         if u.errors > u.requests {
             return Err(bad("errors", "more than requests".into()));
+        }
+        if !seen.insert(u.upstream.as_str()) {
+            return Err(bad("upstream", "named twice in one report".into()));
+        }
+        // Bounds rise strictly (the last may be 0: +Inf); counts are
+        // cumulative, so they never fall, and none exceeds the requests.
+        let finite = u.bounds_ms.len() - usize::from(u.bounds_ms.last() == Some(&0.0));
+        let rising = u.bounds_ms[..finite]
+            .iter()
+            .all(|b| b.is_finite() && *b > 0.0)
+            && u.bounds_ms[..finite].windows(2).all(|w| w[0] < w[1]);
+        if !rising {
+            return Err(bad(
+                "bounds_ms",
+                "finite, positive and rising (a last 0 is +Inf)".into(),
+            ));
+        }
+        if u.counts.windows(2).any(|w| w[0] > w[1]) || u.counts.iter().any(|c| *c > u.requests) {
+            return Err(bad(
+                "counts",
+                "cumulative: never falling, none above requests".into(),
+            ));
         }
     }
     Ok(())
@@ -140,7 +166,7 @@ impl Traffic {
     /// Keeps `report` (already [`check`]ed) of session `session`, whose
     /// service is `caller`, received at `now_unix_ms`.
     pub fn record(&self, session: u64, caller: &str, report: TrafficReport, now_unix_ms: i64) {
-        let mut map = self.by_session.lock().expect("traffic lock");
+        let mut map = self.lock();
         if !map.contains_key(&session) && map.len() >= MAX_REPORTERS {
             map.retain(|_, r| now_unix_ms - r.last.0 < STALE);
             if map.len() >= MAX_REPORTERS {
@@ -165,12 +191,18 @@ impl Traffic {
         }
     }
 
-    /// Forgets a session (it ended).
-    pub fn forget(&self, session: u64) {
+    /// The reports; a panic elsewhere while holding them leaves nothing
+    /// half-written (each change is one insert or replace), so a poisoned
+    /// lock is used as it is rather than failing every later session.
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Reports>> {
         self.by_session
             .lock()
-            .expect("traffic lock")
-            .remove(&session);
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Forgets a session (it ended).
+    pub fn forget(&self, session: u64) {
+        self.lock().remove(&session);
     }
 
     /// Every caller -> callee edge with traffic in the reporters' last
@@ -181,11 +213,13 @@ impl Traffic {
             requests: u64,
             errors: u64,
             seconds: f64,
-            buckets: Vec<(f64, u64)>,
+            /// By bound (`bound_key`'s bits: positive floats order as
+            /// their bits do), so adding a session's buckets is a lookup.
+            buckets: BTreeMap<u64, u64>,
         }
         let mut sums: HashMap<(String, String), Sum> = HashMap::new();
         {
-            let map = self.by_session.lock().expect("traffic lock");
+            let map = self.lock();
             for r in map.values() {
                 let Some((t0, before)) = &r.previous else {
                     continue;
@@ -195,21 +229,29 @@ impl Traffic {
                     continue;
                 }
                 let seconds = (t1 - t0) as f64 / 1000.0;
+                let before: HashMap<&str, &UpstreamTraffic> = before
+                    .upstreams
+                    .iter()
+                    .map(|o| (o.upstream.as_str(), o))
+                    .collect();
                 for u in &after.upstreams {
-                    let old = before.upstreams.iter().find(|o| o.upstream == u.upstream);
-                    let d = delta(old, u);
+                    let d = delta(before.get(u.upstream.as_str()).copied(), u);
                     let sum = sums
                         .entry((r.caller.clone(), u.upstream.clone()))
                         .or_default();
-                    sum.requests += d.requests;
-                    sum.errors += d.errors;
+                    sum.requests = sum.requests.saturating_add(d.requests);
+                    sum.errors = sum.errors.saturating_add(d.errors);
                     // Sessions of one service report over about the same
                     // interval: rates add, so keep the longest.
                     sum.seconds = sum.seconds.max(seconds);
                     for (bound, count) in d.bounds_ms.iter().zip(&d.counts) {
-                        match sum.buckets.iter_mut().find(|(b, _)| b == bound) {
-                            Some((_, c)) => *c += count,
-                            None => sum.buckets.push((*bound, *count)),
+                        // Sidecars of one version share their bounds; a
+                        // caller's edge keeps at most MAX_EDGE_BUCKETS.
+                        let key = bound_key(*bound).to_bits();
+                        if let Some(c) = sum.buckets.get_mut(&key) {
+                            *c = c.saturating_add(*count);
+                        } else if sum.buckets.len() < MAX_EDGE_BUCKETS {
+                            sum.buckets.insert(key, *count);
                         }
                     }
                 }
@@ -218,8 +260,14 @@ impl Traffic {
         let mut edges: Vec<Edge> = sums
             .into_iter()
             .map(|((caller, callee), s)| {
-                let mut buckets = s.buckets;
-                buckets.sort_by(|a, b| bound_key(a.0).total_cmp(&bound_key(b.0)));
+                let buckets: Vec<(f64, u64)> = s
+                    .buckets
+                    .into_iter()
+                    .map(|(bits, c)| {
+                        let b = f64::from_bits(bits);
+                        (if b.is_infinite() { 0.0 } else { b }, c)
+                    })
+                    .collect();
                 Edge {
                     caller,
                     callee,
@@ -254,20 +302,17 @@ fn delta(old: Option<&UpstreamTraffic>, new: &UpstreamTraffic) -> UpstreamTraffi
         requests: sub(new.requests, old.map(|o| o.requests)),
         errors: sub(new.errors, old.map(|o| o.errors)),
         bounds_ms: new.bounds_ms.clone(),
-        counts: new
-            .bounds_ms
-            .iter()
-            .zip(&new.counts)
-            .map(|(b, c)| {
-                let before = old.and_then(|o| {
-                    o.bounds_ms
-                        .iter()
-                        .position(|ob| ob == b)
-                        .and_then(|i| o.counts.get(i).copied())
-                });
-                sub(*c, before)
-            })
-            .collect(),
+        // Bounds that changed between reports (a sidecar upgraded) count
+        // the new histogram from zero.
+        counts: match old {
+            Some(o) if o.bounds_ms == new.bounds_ms => new
+                .counts
+                .iter()
+                .zip(&o.counts)
+                .map(|(n, o)| n.saturating_sub(*o))
+                .collect(),
+            _ => new.counts.clone(),
+        },
     }
 }
 

@@ -7,7 +7,8 @@ use std::{pin::Pin, time::Duration};
 
 use futures::Stream;
 use isdp_proto::v1::{
-    HealthStatus, SessionRequest, SessionResponse, session_request::Kind, sidecar_server,
+    HealthStatus, SERVICE_ENDPOINTS_TYPE_URL, SessionRequest, SessionResponse,
+    session_request::Kind, sidecar_server,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -199,6 +200,8 @@ async fn run(
         traffic: reporter,
     } = reports;
     let mut gate = Gate::default();
+    let mut traffic_gate = Gate::default();
+    let scope = crate::auth::ReadScope::of(principal.as_ref());
     loop {
         let msg = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
@@ -309,8 +312,17 @@ async fn run(
                 return;
             }
             Ok(Some(SessionRequest {
-                kind: Some(Kind::Traffic(report)),
+                kind: Some(Kind::Traffic(mut report)),
             })) => {
+                // Sidecars report every few seconds; more often is dropped
+                // unread, as load reports are.
+                if !traffic_gate.admit(tokio::time::Instant::now()) {
+                    continue;
+                }
+                // Only upstreams the caller may discover become edges.
+                report
+                    .upstreams
+                    .retain(|u| scope.allows(SERVICE_ENDPOINTS_TYPE_URL, &u.upstream));
                 // Reported as the session's own service, never another: its
                 // instances' or, for a sidecar without any (a client), the
                 // one service its join credential acts as.

@@ -148,3 +148,58 @@ fn a_reporter_refuses_bad_reports_and_forgets_its_session_when_dropped() {
     drop(reporter);
     assert!(t.edges(now).is_empty(), "the session ended");
 }
+
+#[test]
+fn histograms_must_be_rising_cumulative_and_named_once() {
+    let bad = |u: UpstreamTraffic| check(&report(vec![u])).unwrap_err().to_string();
+    let mut repeated = up("api", 2, 0, &[0, 0]);
+    repeated.bounds_ms = vec![1.0, 1.0];
+    assert!(bad(repeated).contains("bounds_ms"));
+    let mut nan = up("api", 2, 0, &[0, 0]);
+    nan.bounds_ms = vec![f64::NAN, 5.0];
+    assert!(bad(nan).contains("bounds_ms"));
+    assert!(bad(up("api", 2, 0, &[2, 1])).contains("counts"), "falling");
+    assert!(
+        bad(up("api", 2, 0, &[3, 3])).contains("counts"),
+        "above requests"
+    );
+    let twice = check(&report(vec![up("api", 1, 0, &[1]), up("api", 1, 0, &[1])]));
+    assert!(twice.unwrap_err().to_string().contains("named twice"));
+    assert!(check(&report(vec![up("api", 3, 1, &[1, 2, 3, 3])])).is_ok());
+}
+
+#[test]
+fn huge_counters_saturate_rather_than_overflow() {
+    let t = Traffic::default();
+    let max = u64::MAX;
+    for session in [1, 2] {
+        t.record(session, "web", report(vec![up("api", 0, 0, &[0, 0])]), 0);
+        t.record(
+            session,
+            "web",
+            report(vec![up("api", max, max, &[max, max])]),
+            1_000,
+        );
+    }
+    let edges = t.edges(1_500);
+    assert_eq!(edges.len(), 1);
+    assert_eq!(edges[0].error_rate, 1.0);
+    assert_eq!(edges[0].p99_ms, Some(5.0));
+}
+
+#[test]
+fn one_edge_adds_up_a_bounded_number_of_distinct_bounds() {
+    let t = Traffic::default();
+    for session in 0..(MAX_EDGE_BUCKETS as u64 + 10) {
+        let mut u = up("api", 0, 0, &[0]);
+        u.bounds_ms = vec![1.0 + session as f64];
+        t.record(session, "web", report(vec![u.clone()]), 0);
+        u.requests = 1;
+        u.counts = vec![1];
+        t.record(session, "web", report(vec![u]), 1_000);
+    }
+    let edges = t.edges(1_500);
+    assert_eq!(edges.len(), 1);
+    assert!(edges[0].rps > 70.0, "every session's requests count");
+    assert!(edges[0].p99_ms.is_some());
+}

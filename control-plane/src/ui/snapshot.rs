@@ -47,10 +47,13 @@ pub fn build(views: &Views, transitions: &[Transition], now_unix_ms: i64) -> Val
         })
         .collect();
     let rules: Vec<Value> = views.authz.list(None).iter().map(value).collect();
-    let edges = views.traffic.edges(now_unix_ms);
+    // An edge is drawn only to a service the mesh knows (registered, or
+    // with a policy): a sidecar's report names its upstreams, which are
+    // its own word, while its caller is the session's own service.
+    let mut edges = views.traffic.edges(now_unix_ms);
+    edges.retain(|e| services.contains_key(&e.callee));
     for e in &edges {
         services.entry(e.caller.clone()).or_default();
-        services.entry(e.callee.clone()).or_default();
     }
     json!({
         "services": services

@@ -91,14 +91,18 @@ impl OutboundTraffic {
                         sum
                     })
                     .collect();
+                // Read after the buckets: a request recorded between the
+                // reads is in the buckets first, so requests never fall
+                // below the last bucket's count by more than the races in
+                // flight.
+                let requests = c.requests.load(Ordering::Relaxed).max(sum);
                 UpstreamTotals {
                     upstream: upstream.clone(),
-                    // Read after the buckets: a request recorded between
-                    // the reads is in the buckets first, so requests never
-                    // fall below the last bucket's count by more than the
-                    // races in flight.
-                    requests: c.requests.load(Ordering::Relaxed).max(sum),
-                    errors: c.errors.load(Ordering::Relaxed),
+                    requests,
+                    // An error recorded after `requests` was read would
+                    // count one the report does not: the control plane
+                    // refuses errors above requests.
+                    errors: c.errors.load(Ordering::Relaxed).min(requests),
                     bounds_ms: LATENCY_BUCKETS
                         .iter()
                         .map(|b| b * 1000.0)
