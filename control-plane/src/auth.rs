@@ -41,7 +41,9 @@ mod streams;
 
 pub use ads::{AdsAccess, DEFAULT_NAME_BYTES_PER_PRINCIPAL};
 pub use layer::{AuthLayer, token_principal};
+pub use lifetime::Lifetime;
 pub use methods::{METHODS, Need, STREAMING, lookup, required, stream_group};
+pub use streams::{OpenStreams, StreamSlot};
 
 use tonic::Status;
 

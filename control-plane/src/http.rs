@@ -24,6 +24,8 @@
 //! - `json`: the protobuf JSON mapping of `isdp.v1` messages, read from
 //!   their descriptors (unknown fields refused).
 //! - `index`: per-service change indexes for blocking reads.
+//! - `waiting`: blocking reads counted per principal
+//!   (`--max-streams-per-principal`) and ended with their token.
 //! - `registry`, `policies`, `security` (authorization rules, tokens),
 //!   `status` (proxy status), `consul`, `prometheus` (HTTP service
 //!   discovery targets), `openapi`: one file per resource group.
@@ -47,6 +49,7 @@ mod router;
 mod routes;
 mod security;
 mod status;
+mod waiting;
 
 pub use conn::{Settings, spawn};
 pub use error::HttpError;
@@ -65,6 +68,11 @@ use crate::{
     registry::Registry,
     tokens::Tokens,
 };
+
+/// Blocking reads one principal may have waiting unless
+/// [`Api::max_waits_per_principal`] says otherwise (the default of
+/// `--max-streams-per-principal`).
+pub const DEFAULT_MAX_WAITS: usize = 1000;
 
 /// What the handlers call: the gRPC services themselves, and the views
 /// the blocking reads wait on.
@@ -86,6 +94,8 @@ struct Inner {
     datacenter: String,
     /// Longest `?wait=` a blocking read may ask for.
     max_wait: Duration,
+    /// Blocking reads waiting, per principal.
+    waits: waiting::Waits,
 }
 
 /// The services and views [`Api::start`] needs.
@@ -118,13 +128,35 @@ impl Api {
                 authorization_api: services.authorization_api,
                 tokens_api: services.tokens_api,
                 status_api: services.status_api,
-                tokens: services.tokens,
                 index,
+                waits: waiting::Waits::new(services.tokens.clone(), DEFAULT_MAX_WAITS),
+                tokens: services.tokens,
                 datacenter,
                 max_wait,
             }),
         };
         (api, task)
+    }
+
+    /// At most `max` blocking reads waiting per principal
+    /// (`--max-streams-per-principal`); set before the routes are taken.
+    pub fn max_waits_per_principal(mut self, max: usize) -> Self {
+        let inner = Arc::get_mut(&mut self.inner).expect("set before the routes are taken");
+        inner.waits = waiting::Waits::new(inner.tokens.clone(), max);
+        self
+    }
+
+    /// Waits as [`index::Index::wait`] does, counted and ended as
+    /// `waiting` says.
+    async fn wait_change(
+        &self,
+        p: &crate::auth::Principal,
+        service: Option<&str>,
+        seen: u64,
+        wait: Duration,
+    ) -> Result<u64, HttpError> {
+        let inner = &self.inner;
+        inner.waits.wait(&inner.index, p, service, seen, wait).await
     }
 
     /// Every route of this module, to be mounted with [`Routes::router`].

@@ -425,6 +425,7 @@ fn start_http(
         config.http.http_max_wait,
         shutdown.clone(),
     );
+    let api = api.max_waits_per_principal(config.max_streams_per_principal);
     tasks.push(index_task);
     let mut routes = api.routes();
     let (dashboard, ui_task) = crate::ui::Dashboard::start(

@@ -144,6 +144,10 @@ pub struct Cli {
     /// [default: 8, at most 256].
     #[arg(long, env = "ISDP_DNS_MAX_ANSWERS", value_name = "N")]
     pub dns_max_answers: Option<i64>,
+    /// TCP connections the DNS server serves at once; one over it is
+    /// closed at accept [default: 256].
+    #[arg(long, env = "ISDP_DNS_MAX_TCP_CONNECTIONS", value_name = "N")]
+    pub dns_max_tcp_connections: Option<i64>,
     #[command(flatten)]
     pub trace: isdp_core::telemetry::TraceArgs,
     /// The `[limits]` table's keys.
@@ -399,6 +403,9 @@ impl Config {
         }
         if cli.dns_max_answers.is_some() {
             file.dns_max_answers = cli.dns_max_answers;
+        }
+        if cli.dns_max_tcp_connections.is_some() {
+            file.dns_max_tcp_connections = cli.dns_max_tcp_connections;
         }
         if cli.trace.otlp_endpoint.is_some() {
             file.otlp_endpoint = cli.trace.otlp_endpoint;

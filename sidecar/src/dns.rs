@@ -100,7 +100,7 @@ impl Listener {
 
 /// Serves `listener` until shutdown: the zone follows `snapshots` (its
 /// upstreams being `followed`), UDP is answered by one task, TCP by a task
-/// per connection under the `dns` listener's cap.
+/// per connection, at most `dns_max_tcp_connections` at once.
 pub fn spawn(
     listener: Listener,
     settings: &Dns,
@@ -116,7 +116,7 @@ pub fn spawn(
         max_answers: settings.max_answers,
         counters: serve::Counters::new(&metrics.dns()),
     };
-    let gate = Gate::dns(limits, metrics);
+    let gate = Gate::dns(settings.max_tcp_connections, limits, metrics);
     let idle_timeouts = metrics.listener("dns").idle_timeouts;
     let follow = follow(
         settings.clone(),

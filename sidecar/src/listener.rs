@@ -72,16 +72,11 @@ impl Gate {
         )
     }
 
-    /// The DNS server's TCP listener (`dns`), capped at
-    /// `limits.max_connections` like the data plane's.
-    pub fn dns(limits: &Limits, metrics: &Metrics) -> Self {
-        Self::new(
-            "dns",
-            "limits.max_connections",
-            limits.max_connections,
-            limits,
-            metrics,
-        )
+    /// The DNS server's TCP listener (`dns`), capped at `max`
+    /// (`dns_max_tcp_connections`): its own small cap, since DNS is mostly
+    /// UDP and every connection holds a task.
+    pub fn dns(max: usize, limits: &Limits, metrics: &Metrics) -> Self {
+        Self::new("dns", "dns_max_tcp_connections", max, limits, metrics)
     }
 
     fn new(name: &str, key: &'static str, max: usize, limits: &Limits, metrics: &Metrics) -> Self {

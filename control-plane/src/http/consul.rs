@@ -125,7 +125,7 @@ async fn catalog_services(
     let wait = q.blocking.wait(api.inner.max_wait)?;
     let mut index = api.inner.index.current(None);
     if q.blocking.index == Some(index) {
-        index = api.inner.index.wait(None, index, wait).await;
+        index = api.wait_change(&p, None, index, wait).await?;
     }
     let services: serde_json::Map<String, Value> = catalog::services(&api, &p)
         .await?
@@ -149,7 +149,7 @@ async fn instances(
     let mut list = catalog::instances(api, &p, METHOD, &name).await?;
     let wait = q.blocking.wait(api.inner.max_wait)?;
     if q.blocking.index == Some(index) {
-        index = api.inner.index.wait(Some(&name), index, wait).await;
+        index = api.wait_change(&p, Some(&name), index, wait).await?;
         list = catalog::instances(api, &p, METHOD, &name).await?;
     }
     if q.tagged {

@@ -6,8 +6,12 @@
 //! Unknown fields are refused, naming the field.
 //!
 //! Also the request body: read whole up to `--http-max-body-bytes`, or 413.
+//! A body over the limit is still read and discarded (at most
+//! [`DISCARD_BYTES`] more, within [`DISCARD_TIME`]) before the 413 goes out:
+//! an HTTP/1.1 client that sends its whole body before reading the answer
+//! would otherwise find the connection reset under it, losing the 413.
 
-use std::sync::LazyLock;
+use std::{sync::LazyLock, time::Duration};
 
 use axum::{
     Json,
@@ -15,6 +19,7 @@ use axum::{
     extract::{FromRequest, Request},
     response::{IntoResponse, Response},
 };
+use futures::{Stream, StreamExt};
 use prost::{Message, Name};
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, SerializeOptions};
 
@@ -74,22 +79,53 @@ pub struct BodyLimit(pub usize);
 /// the limit.
 pub struct Body(pub Bytes);
 
+/// How much of a body over the limit is read and thrown away before the
+/// 413, so that the client reads the answer (past it, the connection closes).
+pub const DISCARD_BYTES: usize = 1 << 20;
+
+/// How long discarding a body over the limit may take.
+pub const DISCARD_TIME: Duration = Duration::from_secs(2);
+
 impl<S: Send + Sync> FromRequest<S> for Body {
     type Rejection = HttpError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, HttpError> {
+    async fn from_request(req: Request, _state: &S) -> Result<Self, HttpError> {
         let limit = req.extensions().get::<BodyLimit>().map_or(0, |l| l.0);
-        match Bytes::from_request(req, state).await {
-            Ok(bytes) => Ok(Body(bytes)),
-            Err(e) if e.status() == http::StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(HttpError::too_large(limit))
-            }
-            Err(e) => Err(HttpError::invalid(format!(
-                "request body: {}",
-                e.body_text()
-            ))),
+        let declared = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let mut data = req.into_body().into_data_stream();
+        if declared.is_some_and(|n| n > limit as u64) {
+            discard(data).await;
+            return Err(HttpError::too_large(limit));
         }
+        let mut buf = Vec::new();
+        while let Some(chunk) = data.next().await {
+            let chunk = chunk.map_err(|e| HttpError::invalid(format!("request body: {e}")))?;
+            if buf.len() + chunk.len() > limit {
+                discard(data).await;
+                return Err(HttpError::too_large(limit));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(Body(Bytes::from(buf)))
     }
+}
+
+/// Reads and drops the rest of a refused body, up to [`DISCARD_BYTES`]
+/// within [`DISCARD_TIME`].
+async fn discard<E>(mut data: impl Stream<Item = Result<Bytes, E>> + Unpin) {
+    let drain = async {
+        let mut read = 0;
+        while read <= DISCARD_BYTES {
+            match data.next().await {
+                Some(Ok(chunk)) => read += chunk.len(),
+                _ => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DISCARD_TIME, drain).await;
 }
 
 #[cfg(test)]
@@ -115,6 +151,41 @@ mod tests {
         assert_eq!(back, i);
         let d: SetDefaultRequest = decode(br#"{"action": "ACTION_DENY"}"#).unwrap();
         assert_eq!(d.action, isdp_proto::v1::Action::Deny as i32);
+    }
+
+    /// A body stream of `chunks` chunks of 64 KiB, counting those read.
+    fn counted(chunks: usize) -> (Request, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        };
+        let read = Arc::new(AtomicUsize::new(0));
+        let seen = read.clone();
+        let stream = futures::stream::iter(0..chunks).map(move |_| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; 64 << 10]))
+        });
+        let mut req = Request::new(axum::body::Body::from_stream(stream));
+        req.extensions_mut().insert(BodyLimit(256 << 10));
+        (req, read)
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_read_to_its_end_before_the_413() {
+        use std::sync::atomic::Ordering;
+        let (req, read) = counted(5);
+        let e = Body::from_request(req, &()).await.err().unwrap();
+        assert_eq!(e.status, http::StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(e.message.contains("262144"), "{}", e.message);
+        assert_eq!(read.load(Ordering::SeqCst), 5, "the whole body was read");
+        // Past DISCARD_BYTES the rest is left unread.
+        let (req, read) = counted(100);
+        Body::from_request(req, &()).await.err().unwrap();
+        let n = read.load(Ordering::SeqCst);
+        assert!(n < 100 && n * (64 << 10) > DISCARD_BYTES, "{n}");
+        let (req, _) = counted(4);
+        let Body(b) = Body::from_request(req, &()).await.ok().unwrap();
+        assert_eq!(b.len(), 256 << 10, "up to the limit is accepted");
     }
 
     #[test]

@@ -152,7 +152,7 @@ async fn list_instances(
     if let Some(seen) = blocking.index
         && seen == index
     {
-        index = api.inner.index.wait(Some(&service), seen, wait).await;
+        index = api.wait_change(&p, Some(&service), seen, wait).await?;
         res = api.inner.registry_api.list_instances(req()).await?;
     }
     Ok(with_index(json::reply(res.get_ref()), INDEX_HEADER, index))

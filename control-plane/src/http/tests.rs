@@ -26,6 +26,9 @@ use crate::{
 
 const LIMIT: usize = 4096;
 
+/// `--max-streams-per-principal` for blocking reads.
+const MAX_WAITS: usize = 2;
+
 struct Fixture {
     app: Router,
     admin: String,
@@ -34,6 +37,7 @@ struct Fixture {
     /// A join token for web that may discover db only.
     scoped: String,
     registry: Registry,
+    tokens: crate::tokens::Tokens,
     _dir: tempfile::TempDir,
     _stop: watch::Sender<bool>,
 }
@@ -78,10 +82,11 @@ async fn fixture() -> (Fixture, Routes) {
         authorization_api: AuthorizationApi::new(authz),
         tokens_api: TokensApi::new(tokens.clone()),
         status_api: ProxyStatusApi::new(Proxies::default()),
-        tokens,
+        tokens: tokens.clone(),
         registry: registry.clone(),
     };
     let (api, _task) = Api::start(services, "dc1".into(), Duration::from_secs(60), shutdown);
+    let api = api.max_waits_per_principal(MAX_WAITS);
     let routes = api.routes();
     let app = api.routes().router(LIMIT);
     let f = Fixture {
@@ -91,6 +96,7 @@ async fn fixture() -> (Fixture, Routes) {
         join,
         scoped,
         registry,
+        tokens,
         _dir: dir,
         _stop: stop,
     };
@@ -357,4 +363,73 @@ async fn prometheus_targets_follow_the_registry_within_the_callers_scope() {
             .starts_with("dc: unknown parameter"),
         "{body}"
     );
+}
+
+/// A waiting blocking read counts against its principal's
+/// `--max-streams-per-principal` (429 past it, others unaffected) and
+/// ends with 401 as soon as its token is revoked.
+#[tokio::test]
+async fn blocking_reads_count_per_principal_and_end_with_their_token() {
+    let (f, _) = fixture().await;
+    let (token, secret) = f
+        .tokens
+        .create(Role::Read, Scope::default(), String::new(), None)
+        .await
+        .unwrap();
+    let path = "/v1/services/web/instances";
+    let (_, headers, _) = f.call("GET", path, Some(&secret), "").await;
+    let index: u64 = headers["x-isdp-index"].to_str().unwrap().parse().unwrap();
+    let waiting = format!("{path}?index={index}&wait=30s");
+    let waiters: Vec<_> = (0..MAX_WAITS)
+        .map(|_| {
+            let (app, secret, uri) = (f.app.clone(), secret.clone(), waiting.clone());
+            tokio::spawn(async move {
+                let req = Request::get(uri)
+                    .header("authorization", format!("Bearer {secret}"))
+                    .body(Body::empty())
+                    .unwrap();
+                let res = app.oneshot(req).await.unwrap();
+                let status = res.status();
+                let bytes = res.into_body().collect().await.unwrap().to_bytes();
+                (
+                    status,
+                    serde_json::from_slice::<serde_json::Value>(&bytes).unwrap(),
+                )
+            })
+        })
+        .collect();
+    // The waiters take their places (a third read waits 30 s if not).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let over = tokio::time::timeout(
+        Duration::from_secs(5),
+        f.call("GET", &waiting, Some(&secret), ""),
+    );
+    let (status, _, body) = over.await.expect("answered at once");
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("--max-streams-per-principal (2)"),
+        "{message}"
+    );
+    let (status, _, _) = f
+        .call(
+            "GET",
+            &format!("{path}?index={index}&wait=10ms"),
+            Some(&f.read),
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "another principal still reads");
+    f.tokens.revoke(&token.id).await.unwrap();
+    for w in waiters {
+        let (status, body) = tokio::time::timeout(Duration::from_secs(5), w)
+            .await
+            .expect("a revoked token's read ends at once")
+            .unwrap();
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("revoked"),
+            "{body}"
+        );
+    }
 }

@@ -19,6 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use isdp_xds::LogRate;
 use redb::{Database, MultimapTableDefinition, ReadableDatabase, TableDefinition};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -205,10 +206,16 @@ impl EmbeddedStore {
 /// Revokes leases whose keep-alives stopped; their keys go with them.
 /// Runs as long as the store does: while the store cannot be written it
 /// waits (the leases stay expired and are revoked once it recovers).
+/// Clients cause expiries (a join token can open sessions and drop them),
+/// so each is logged at info within a [`LogRate`] bound of the reaper's
+/// own and at debug past it, the lines left out counted in one line.
 async fn reap_leases(shared: std::sync::Weak<Shared>, writer: mpsc::WeakSender<Request>) {
+    let log = LogRate::default();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tick.tick().await;
+        // The count of lines left out, once their window is over.
+        log.tick();
         let (Some(shared), Some(writer)) = (shared.upgrade(), writer.upgrade()) else {
             return;
         };
@@ -230,7 +237,10 @@ async fn reap_leases(shared: std::sync::Weak<Shared>, writer: mpsc::WeakSender<R
                 return;
             }
             match rx.await {
-                Ok(Ok(())) => tracing::info!(lease = id, "lease expired; its keys were deleted"),
+                Ok(Ok(())) if log.admit() => {
+                    tracing::info!(lease = id, "lease expired; its keys were deleted");
+                }
+                Ok(Ok(())) => tracing::debug!(lease = id, "lease expired; its keys were deleted"),
                 Ok(Err(StoreError::Closed)) | Err(_) => return,
                 Ok(Err(e)) => {
                     tracing::warn!(lease = id, error = %e, "revoking expired lease; retrying");

@@ -1,6 +1,6 @@
 //! The DNS server's keys: where it listens (off unless `dns_listen` is
-//! set), the domain it answers for, the TTL of its records and how many
-//! addresses one answer carries.
+//! set), the domain it answers for, the TTL of its records, how many
+//! addresses one answer carries and how many TCP connections it serves.
 //!
 //! Off by default: several sidecars may share a host, and only one of them
 //! can have port 53 (or any given port).
@@ -24,6 +24,12 @@ pub const DEFAULT_DNS_MAX_ANSWERS: usize = 8;
 /// The most `dns_max_answers` may be: 256 SRV records with their
 /// addresses stay well inside one TCP message (64 KiB).
 pub const MAX_DNS_MAX_ANSWERS: usize = 256;
+/// TCP connections the DNS server serves at once unless
+/// `dns_max_tcp_connections` says otherwise: DNS is mostly UDP, TCP is
+/// for the rare truncated answer, so a few hundred are plenty.
+pub const DEFAULT_DNS_MAX_TCP_CONNECTIONS: usize = 256;
+/// The most `dns_max_tcp_connections` may be.
+pub const MAX_DNS_MAX_TCP_CONNECTIONS: usize = 65536;
 /// The longest `dns_domain`, leaving room in a 255-byte name for
 /// `<63-byte label>.service.` or an instance id before it.
 const MAX_DOMAIN_LEN: usize = 120;
@@ -40,6 +46,8 @@ pub struct Dns {
     pub ttl: u32,
     /// Records per answer; more instances are sampled at random.
     pub max_answers: usize,
+    /// TCP connections served at once; one over it is closed at accept.
+    pub max_tcp_connections: usize,
 }
 
 /// The keys as written (file, flag or variable).
@@ -49,6 +57,7 @@ pub(super) struct DnsKeys<'a> {
     pub domain: Option<&'a str>,
     pub ttl: Option<&'a str>,
     pub max_answers: Option<i64>,
+    pub max_tcp_connections: Option<i64>,
 }
 
 /// Validates the keys together: the others mean something only with a
@@ -59,6 +68,10 @@ pub(super) fn validate(keys: DnsKeys<'_>) -> Result<Option<Dns>, ConfigError> {
             ("dns_domain", keys.domain.is_some()),
             ("dns_ttl", keys.ttl.is_some()),
             ("dns_max_answers", keys.max_answers.is_some()),
+            (
+                "dns_max_tcp_connections",
+                keys.max_tcp_connections.is_some(),
+            ),
         ];
         if let Some((key, _)) = stray.iter().find(|(_, set)| *set) {
             return Err(ConfigError::invalid(
@@ -82,24 +95,41 @@ pub(super) fn validate(keys: DnsKeys<'_>) -> Result<Option<Dns>, ConfigError> {
         Some(t) => ttl_secs(t).map_err(|r| ConfigError::invalid("dns_ttl", r))?,
         None => DEFAULT_DNS_TTL_SECS,
     };
-    let max_answers = match keys.max_answers {
-        None => DEFAULT_DNS_MAX_ANSWERS,
-        Some(n) => usize::try_from(n)
-            .ok()
-            .filter(|n| (1..=MAX_DNS_MAX_ANSWERS).contains(n))
-            .ok_or_else(|| {
-                ConfigError::invalid(
-                    "dns_max_answers",
-                    format!("must be 1..={MAX_DNS_MAX_ANSWERS}, got {n}"),
-                )
-            })?,
-    };
+    let max_answers = count(
+        "dns_max_answers",
+        keys.max_answers,
+        DEFAULT_DNS_MAX_ANSWERS,
+        MAX_DNS_MAX_ANSWERS,
+    )?;
+    let max_tcp_connections = count(
+        "dns_max_tcp_connections",
+        keys.max_tcp_connections,
+        DEFAULT_DNS_MAX_TCP_CONNECTIONS,
+        MAX_DNS_MAX_TCP_CONNECTIONS,
+    )?;
     Ok(Some(Dns {
         listen,
         domain,
         ttl,
         max_answers,
+        max_tcp_connections,
     }))
+}
+
+/// `key`'s value in `1..=max`, or `default` when unset.
+fn count(
+    key: &'static str,
+    n: Option<i64>,
+    default: usize,
+    max: usize,
+) -> Result<usize, ConfigError> {
+    let Some(n) = n else {
+        return Ok(default);
+    };
+    usize::try_from(n)
+        .ok()
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| ConfigError::invalid(key, format!("must be 1..={max}, got {n}")))
 }
 
 /// One or more DNS labels (the service-name rule), dot-separated, at most
@@ -150,6 +180,7 @@ mod tests {
         assert_eq!(dns.domain, "isdp");
         assert_eq!(dns.ttl, 5);
         assert_eq!(dns.max_answers, DEFAULT_DNS_MAX_ANSWERS);
+        assert_eq!(dns.max_tcp_connections, 256);
     }
 
     #[test]
@@ -173,6 +204,22 @@ mod tests {
             ..keys("127.0.0.1:0")
         });
         assert!(e.contains("dns_max_answers"), "{e}");
+        let e = err(DnsKeys {
+            max_tcp_connections: Some(0),
+            ..keys("127.0.0.1:0")
+        });
+        assert!(
+            e.contains("dns_max_tcp_connections") && e.contains("1..=65536"),
+            "{e}"
+        );
+        let e = err(DnsKeys {
+            max_tcp_connections: Some(8),
+            ..DnsKeys::default()
+        });
+        assert!(
+            e.contains("dns_max_tcp_connections") && e.contains("dns_listen"),
+            "{e}"
+        );
         let e = err(DnsKeys {
             ttl: Some("2h"),
             ..keys("127.0.0.1:0")

@@ -45,6 +45,7 @@ pub struct FileConfig {
     pub dns_domain: Option<String>,
     pub dns_ttl: Option<String>,
     pub dns_max_answers: Option<i64>,
+    pub dns_max_tcp_connections: Option<i64>,
     /// The `[limits]` table; flags merge into it.
     #[serde(default)]
     pub limits: super::LimitsSpec,
@@ -228,6 +229,7 @@ impl FileConfig {
             domain: self.dns_domain.as_deref(),
             ttl: self.dns_ttl.as_deref(),
             max_answers: self.dns_max_answers,
+            max_tcp_connections: self.dns_max_tcp_connections,
         })?;
         let limits = self.limits.validate()?;
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::watch;
 
@@ -146,12 +146,44 @@ async fn connection(mut stream: TcpStream, _place: Place, idle: Duration, shared
     }
 }
 
-/// One length-prefixed message into `buf`.
-async fn read_message(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()> {
+/// One length-prefixed message into `buf`, which grows as its bytes
+/// arrive: a connection that announces 64 KiB and sends nothing holds
+/// no 64 KiB buffer.
+async fn read_message<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
     let mut len = [0u8; 2];
     stream.read_exact(&mut len).await?;
+    let len = u16::from_be_bytes(len);
     buf.clear();
-    buf.resize(usize::from(u16::from_be_bytes(len)), 0);
-    stream.read_exact(buf).await?;
+    let read = stream.take(u64::from(len)).read_to_end(buf).await?;
+    if read < usize::from(len) {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_tcp_query_buffer_grows_with_what_arrives() {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        // 64 KiB announced, 3 bytes sent, then the client goes away.
+        client.write_all(&[0xff, 0xff, 1, 2, 3]).await.unwrap();
+        drop(client);
+        let mut buf = Vec::new();
+        let e = read_message(&mut server, &mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+        assert!(buf.capacity() < 4096, "{}", buf.capacity());
+
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        client.write_all(&[0, 3, 7, 8, 9, 0, 1, 5]).await.unwrap();
+        read_message(&mut server, &mut buf).await.unwrap();
+        assert_eq!(buf, [7, 8, 9]);
+        read_message(&mut server, &mut buf).await.unwrap();
+        assert_eq!(buf, [5], "the next message starts where the first ended");
+    }
 }

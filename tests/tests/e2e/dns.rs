@@ -3,7 +3,8 @@
 //! on their own, NXDOMAIN and REFUSED, TC on a UDP answer too big for 512
 //! bytes and dig's retry over TCP, a dead instance gone from the answers
 //! within the health-check time, and malformed packets answered FORMERR
-//! (or not at all) while the server keeps serving.
+//! (or not at all) while the server keeps serving, TCP connections past
+//! `dns_max_tcp_connections` closed.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -164,7 +165,7 @@ async fn malformed_packets_get_formerr_or_nothing_and_the_server_keeps_serving()
     cp.register("payments", "127.0.0.1", echo.port(), &[]).await;
     let sc = SidecarToml::new("web", &cp.grpc_url())
         .upstream("payments")
-        .dns("")
+        .dns("dns_max_tcp_connections = 2")
         .start()
         .await;
     let dns = sc.dns_addr().to_owned();
@@ -223,6 +224,16 @@ async fn malformed_packets_get_formerr_or_nothing_and_the_server_keeps_serving()
         tcp.read_exact(&mut reply).await.unwrap();
         assert_eq!(head(&reply), want);
     }
+
+    // dns_max_tcp_connections = 2: a second connection, announcing 64 KiB
+    // and sending nothing, takes the last place; a third is closed.
+    let mut idle = TcpStream::connect(&dns).await.unwrap();
+    idle.write_all(&[0xff, 0xff]).await.unwrap();
+    let mut third = TcpStream::connect(&dns).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), third.read(&mut [0u8; 2]))
+        .await
+        .expect("the third connection is closed at once");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
 
     // And dig is still answered.
     let out = dig::run(&dns, &["payments.service.isdp", "A"]).await;
