@@ -300,6 +300,12 @@ struct UpstreamView {
     panic: Option<bool>,
     /// The traffic policy's version in force; None: the sidecar's defaults.
     policy_version: Option<String>,
+    /// The adaptive concurrency limit in force and the requests counted
+    /// under it; None when the policy sets no such limit.
+    concurrency_limit: Option<usize>,
+    concurrency_in_flight: Option<usize>,
+    /// The upstream's latency without a queue, as last measured.
+    concurrency_min_rtt_ms: Option<f64>,
     endpoints: Vec<EndpointView>,
 }
 
@@ -409,6 +415,15 @@ async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
                 lb: lb.as_ref().map(|l| l.algorithm().as_str()),
                 panic: lb.as_ref().map(|l| l.panic),
                 policy_version: lb.as_ref().and_then(|l| l.policy.version.clone()),
+                concurrency_limit: lb.as_ref().and_then(|l| l.adaptive.limit()),
+                concurrency_in_flight: lb
+                    .as_ref()
+                    .filter(|l| l.adaptive.limit().is_some())
+                    .map(|l| l.adaptive.in_flight()),
+                concurrency_min_rtt_ms: lb
+                    .as_ref()
+                    .and_then(|l| l.adaptive.min_rtt())
+                    .map(|d| d.as_secs_f64() * 1000.0),
                 endpoints,
             };
             (name.clone(), view)

@@ -42,6 +42,13 @@ pub struct Load {
 impl Load {
     /// `workers` callers sending `GET http://{addr}{path}` in a loop.
     pub fn start(addr: &str, path: &str, workers: usize) -> Self {
+        Self::start_polite(addr, path, workers, Duration::ZERO)
+    }
+
+    /// As [`Load::start`], but a caller whose request failed waits `pause`
+    /// before its next one, as a client that backs off when shed does
+    /// (rather than spinning on instant refusals).
+    pub fn start_polite(addr: &str, path: &str, workers: usize, pause: Duration) -> Self {
         let client: Client<HttpConnector, Empty<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
         let url: http::Uri = format!("http://{addr}{path}").parse().expect("load URL");
@@ -52,7 +59,11 @@ impl Load {
             tasks.spawn(async move {
                 loop {
                     let sample = once(&client, &url).await;
+                    let failed = !(200..300).contains(&sample.status);
                     samples.lock().expect("samples lock").push(sample);
+                    if failed && !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
+                    }
                 }
             });
         }
@@ -136,6 +147,17 @@ impl Window {
     pub fn share(&self, instance: &str) -> f64 {
         let n = self.0.iter().filter(|s| s.instance == instance).count();
         n as f64 / self.0.len().max(1) as f64
+    }
+
+    /// The requests that ended in a 2xx.
+    pub fn served(&self) -> Window {
+        Window(
+            self.0
+                .iter()
+                .filter(|s| (200..300).contains(&s.status))
+                .cloned()
+                .collect(),
+        )
     }
 
     /// Requests that did not end in a 2xx.

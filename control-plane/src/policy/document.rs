@@ -10,6 +10,7 @@
 //!   backoff: { base: 25ms, max: 250ms }
 //!   budget: { ratio: 0.2, min_per_second: 10 }
 //! circuit_breaker: { max_connections: 1024, max_pending_requests: 256, max_requests: 1024 }
+//! adaptive_concurrency: { min_limit: 3, max_limit: 1000, buffer: 0.25, window: 100ms, min_rtt_interval: 60s, min_rtt_requests: 50 }
 //! outlier_detection: { consecutive_5xx: 5, interval: 1s, base_ejection_time: 30s, max_ejection_percent: 50,
 //!                      latency_factor: 3, latency_min: 5ms, latency_intervals: 2 }
 //! load_balancer: { algorithm: ring_hash, hash_key: "header:x-user" }
@@ -25,8 +26,8 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use isdp_proto::v1::{
-    CircuitBreaker, FaultInjection, LoadBalancer, OutlierDetection, RetryPolicy, Route, RouteMatch,
-    Subset, Timeouts, TrafficPolicy, WeightedSubset,
+    AdaptiveConcurrency, CircuitBreaker, FaultInjection, LoadBalancer, OutlierDetection,
+    RetryPolicy, Route, RouteMatch, Subset, Timeouts, TrafficPolicy, WeightedSubset,
 };
 use serde_json::Value;
 
@@ -46,6 +47,10 @@ const MAX_BUFFER_BYTES: u64 = 16 * 1024 * 1024;
 const MIN_LATENCY_FACTOR: f64 = 1.5;
 const MAX_LATENCY_FACTOR: f64 = 100.0;
 const MAX_LATENCY_INTERVALS: u64 = 100;
+/// `adaptive_concurrency.buffer`: how far latency may rise, as a fraction.
+const MAX_BUFFER: f64 = 10.0;
+/// `adaptive_concurrency.min_rtt_requests`: the sidecar's own bound.
+const MAX_MIN_RTT_REQUESTS: u64 = 1000;
 
 /// Conditions a retry may be made on.
 pub const RETRY_ON: &[&str] = &[
@@ -103,6 +108,9 @@ pub fn parse(
     policy.circuit_breaker = top
         .obj("circuit_breaker", &mut p)
         .map(|o| circuit_breaker(o, &mut p));
+    policy.adaptive_concurrency = top
+        .obj("adaptive_concurrency", &mut p)
+        .map(|o| adaptive_concurrency(o, &mut p));
     policy.outlier_detection = top
         .obj("outlier_detection", &mut p)
         .map(|o| outlier(o, &mut p));
@@ -264,6 +272,40 @@ fn circuit_breaker(mut o: Obj<'_>, p: &mut Problems) -> CircuitBreaker {
     };
     o.finish(p);
     c
+}
+
+/// Unset knobs stay 0 (the sidecar's defaults).
+fn adaptive_concurrency(mut o: Obj<'_>, p: &mut Problems) -> AdaptiveConcurrency {
+    let a = AdaptiveConcurrency {
+        min_limit: o.int("min_limit", 1, MAX_LIMIT, p).unwrap_or(0) as u32,
+        max_limit: o.int("max_limit", 1, MAX_LIMIT, p).unwrap_or(0) as u32,
+        buffer: o.number("buffer", 0.01, MAX_BUFFER, p).unwrap_or(0.0),
+        window_ms: o
+            .duration(
+                "window",
+                Duration::from_millis(10),
+                Duration::from_secs(60),
+                p,
+            )
+            .unwrap_or(0),
+        min_rtt_interval_ms: o
+            .duration("min_rtt_interval", Duration::from_secs(1), MAX_DURATION, p)
+            .unwrap_or(0),
+        min_rtt_requests: o
+            .int("min_rtt_requests", 1, MAX_MIN_RTT_REQUESTS, p)
+            .unwrap_or(0) as u32,
+    };
+    if a.min_limit != 0 && a.max_limit != 0 && a.min_limit > a.max_limit {
+        p.push(
+            o.path("max_limit"),
+            format!(
+                "must be at least min_limit ({}), got {}",
+                a.min_limit, a.max_limit
+            ),
+        );
+    }
+    o.finish(p);
+    a
 }
 
 fn outlier(mut o: Obj<'_>, p: &mut Problems) -> OutlierDetection {

@@ -25,8 +25,11 @@
 //!   request by N ms until set back to 0 (a slow instance);
 //!   `POST /admin/load?utilization=U` adds an ORCA load report
 //!   (`endpoint-load-metrics: TEXT application_utilization=U`) to every
-//!   answer, which the inbound sidecar reads and strips (negative: none). Tests use them
-//!   to exercise retries, outlier detection, timeouts and load balancing.
+//!   answer, which the inbound sidecar reads and strips (negative: none);
+//!   `POST /admin/capacity?n=N` serves at most N requests at a time and
+//!   queues the rest, as a saturated server does (0: no limit). Tests use
+//!   them to exercise retries, outlier detection, timeouts, load balancing
+//!   and adaptive concurrency.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -79,6 +82,9 @@ struct Echo {
     /// Set by `POST /admin/load?utilization=U`: the ORCA utilisation every
     /// answer reports, as `f64` bits; negative: no report.
     utilization: Arc<AtomicU64>,
+    /// Set by `POST /admin/capacity?n=N`: requests wait for one of N
+    /// places (in arrival order) before they are served; None: no limit.
+    capacity: Arc<std::sync::RwLock<Option<Arc<tokio::sync::Semaphore>>>>,
 }
 
 #[tokio::main]
@@ -99,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
         stalled: Arc::default(),
         delay_ms: Arc::default(),
         utilization: Arc::new(AtomicU64::new((-1.0f64).to_bits())),
+        capacity: Arc::default(),
     };
 
     // The launcher and the test harness read this exact line to learn the
@@ -128,6 +135,7 @@ fn router(echo: Echo) -> Router {
         .route("/admin/stall", post(stall))
         .route("/admin/delay", post(delay))
         .route("/admin/load", post(load))
+        .route("/admin/capacity", post(capacity))
         .fallback(echo_request)
         .layer(axum::middleware::from_fn_with_state(
             echo.clone(),
@@ -205,8 +213,36 @@ async fn load(State(echo): State<Echo>, Query(q): Query<LoadQuery>) -> Response 
     )
 }
 
-/// Applies `/admin/fail`, `/admin/stall` and `/admin/delay` to every request but health
-/// checks and the admin routes themselves.
+#[derive(serde::Deserialize)]
+struct CapacityQuery {
+    n: u32,
+}
+
+/// Most places `/admin/capacity` accepts.
+const MAX_CAPACITY: u32 = 100_000;
+
+/// `POST /admin/capacity?n=N`: at most N requests are served at once, the
+/// rest wait their turn (0 turns it off). Requests already waiting keep
+/// the old limit.
+async fn capacity(State(echo): State<Echo>, Query(q): Query<CapacityQuery>) -> Response {
+    if q.n > MAX_CAPACITY {
+        let resp = (
+            StatusCode::BAD_REQUEST,
+            format!("n: at most {MAX_CAPACITY}, got {}\n", q.n),
+        );
+        return with_instance(&echo, resp.into_response());
+    }
+    let places = (q.n > 0).then(|| Arc::new(tokio::sync::Semaphore::new(q.n as usize)));
+    *echo
+        .capacity
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = places;
+    with_instance(&echo, format!("capacity: {}\n", q.n).into_response())
+}
+
+/// Applies `/admin/fail`, `/admin/stall`, `/admin/delay` and
+/// `/admin/capacity` to every request but health checks and the admin
+/// routes themselves.
 async fn misbehave(
     State(echo): State<Echo>,
     req: axum::extract::Request,
@@ -232,6 +268,15 @@ async fn misbehave(
             .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
         return with_instance(&echo, (status, "failing on purpose\n").into_response());
     }
+    let places = echo
+        .capacity
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let _place = match places {
+        Some(places) => places.acquire_owned().await.ok(),
+        None => None,
+    };
     next.run(req).await
 }
 

@@ -121,7 +121,9 @@ async fn live_ready_and_config() {
     assert_eq!(
         json["upstreams"]["payments"],
         serde_json::json!({"exists": true, "version": "abc", "lb": null, "panic": null,
-            "policy_version": null, "endpoints": [{
+            "policy_version": null, "concurrency_limit": null, "concurrency_in_flight": null,
+            "concurrency_min_rtt_ms": null,
+            "endpoints": [{
             "id": "pay-1.payments", "address": "127.0.0.1", "port": 8081, "inbound_port": 0, "weight": 1,
             "metadata": {"version": "v1"}, "status": "healthy", "ejected": false, "ejections": 0,
             "in_flight": null, "latency_ms": null}]})

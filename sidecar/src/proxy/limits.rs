@@ -7,12 +7,16 @@
 //! (`UpstreamLb`) contains the counters, and the layers read that state.
 //!
 //! # Layout
+//! - `adaptive`: [`Adaptive`], a concurrency limit that follows the
+//!   upstream's latency (gradient rule), and its [`AdaptivePermit`].
 //! - `breaker`: [`Breaker`] (requests, pending requests, connections, each
 //!   with its cap) and the [`Permit`] that holds a place.
 //! - `budget`: [`RetryBudget`], retries as a share of recent requests.
 
+mod adaptive;
 mod breaker;
 mod budget;
 
+pub use adaptive::{Adaptive, AdaptiveConfig, AdaptivePermit};
 pub use breaker::{Breaker, Permit};
 pub use budget::{RetryBudget, WINDOW};

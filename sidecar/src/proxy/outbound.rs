@@ -29,7 +29,8 @@ use super::{
     forward::Forwarder,
     observe::{Observe, ObserveLayer},
     resilience::{
-        BreakerLayer, BreakerService, Fault, FaultLayer, Retry, RetryLayer, Timeout, TimeoutLayer,
+        BreakerLayer, BreakerService, Concurrency, ConcurrencyLayer, Fault, FaultLayer, Retry,
+        RetryLayer, Timeout, TimeoutLayer,
     },
     trace::{Trace, TraceEndpoint, TraceEndpointLayer, TraceLayer, TraceSettings},
     upstreams::Upstreams,
@@ -41,7 +42,8 @@ pub use route::{Route, RouteBy, RouteLayer};
 pub use select::{Select, SelectLayer};
 
 /// The layers below `Select`, per request, in order.
-pub type Resilient = BreakerService<Fault<Timeout<Retry<Balance<TraceEndpoint<Dispatch>>>>>>;
+pub type Resilient =
+    BreakerService<Fault<Concurrency<Timeout<Retry<Balance<TraceEndpoint<Dispatch>>>>>>>;
 
 /// The stack for one outbound listener.
 pub fn stack(
@@ -54,7 +56,8 @@ pub fn stack(
     let balance = BalanceLayer.layer(dispatch);
     let retry = RetryLayer.layer(balance);
     let timeout = TimeoutLayer.layer(retry);
-    let fault = FaultLayer.layer(timeout);
+    let concurrency = ConcurrencyLayer.layer(timeout);
+    let fault = FaultLayer.layer(concurrency);
     let breaker = BreakerLayer.layer(fault);
     let select = SelectLayer.layer(breaker);
     let observe = ObserveLayer::upstream().layer(select);

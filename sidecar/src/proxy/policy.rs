@@ -14,6 +14,7 @@
 //! | retries | 2 on connect-failure, reset, gateway-error; idempotent methods; backoff 25..250 ms; budget 20 % + 10/s; 64 KiB body buffer |
 //! | timeouts | none per request or try; connect 2 s; HTTP/1.1 pool idle 60 s |
 //! | circuit breaker | 1024 requests, 1024 pending, 1024 connections |
+//! | adaptive concurrency | off; when set: limit 3..1000, buffer 25 %, 100 ms windows, min RTT from 50 requests every 60 s |
 //! | outlier detection | 5 consecutive gateway errors; 30 s × ejections; at most 50 %; latency outliers off |
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
@@ -22,6 +23,7 @@ use http::{HeaderName, HeaderValue, Method, Request};
 use isdp_proto::v1::{self as pb, TrafficPolicy};
 
 use crate::balance::{Algorithm, HashKey, OutlierConfig};
+use crate::proxy::limits::AdaptiveConfig;
 
 /// Retry defaults: what Linkerd and Istio users expect without asking.
 pub const DEFAULT_ATTEMPTS: u32 = 2;
@@ -33,6 +35,9 @@ pub const DEFAULT_BUFFER_BYTES: usize = 64 * 1024;
 /// High enough never to bite a healthy service; low enough to stop a
 /// stalled upstream from soaking up every socket and task.
 pub const DEFAULT_BREAKER_LIMIT: usize = 1024;
+/// `adaptive_concurrency.min_rtt_requests` at most: a probe longer than
+/// this holds the limit at its floor for too long.
+pub const MAX_MIN_RTT_REQUESTS: usize = 1000;
 
 /// Conditions a response or failure may be retried on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -165,6 +170,8 @@ pub struct Compiled {
     /// Overrides the sidecar file's `lb` / `hash_key`.
     pub lb: Option<(Algorithm, Option<HashKey>)>,
     pub breaker: BreakerLimits,
+    /// None: no adaptive concurrency limit.
+    pub adaptive: Option<AdaptiveConfig>,
     pub outlier: OutlierConfig,
 }
 
@@ -179,6 +186,7 @@ impl Compiled {
             subsets: Vec::new(),
             lb: None,
             breaker: BreakerLimits::default(),
+            adaptive: None,
             outlier: OutlierConfig::default(),
         }
     }
@@ -283,6 +291,7 @@ impl Compiled {
                     max_connections: or(c.max_connections),
                 }
             });
+        let adaptive = p.adaptive_concurrency.as_ref().map(adaptive_config);
         let outlier = p
             .outlier_detection
             .as_ref()
@@ -335,6 +344,7 @@ impl Compiled {
             subsets,
             lb,
             breaker,
+            adaptive,
             outlier,
         }
     }
@@ -345,6 +355,34 @@ impl Compiled {
             .iter()
             .find(|(m, _)| m.matches(req))
             .map_or(&self.default, |(_, p)| p)
+    }
+}
+
+/// A policy's `adaptive_concurrency`, each unset (0) knob at its default.
+/// The control plane refuses values out of range; the clamps here keep a
+/// sidecar sane whatever it is sent.
+fn adaptive_config(a: &pb::AdaptiveConcurrency) -> AdaptiveConfig {
+    let d = AdaptiveConfig::default();
+    let or = |v: u32, d: usize| if v == 0 { d } else { v as usize };
+    let ms = |v: u64, d: Duration, lo: u64, hi: u64| {
+        if v == 0 {
+            d
+        } else {
+            Duration::from_millis(v.clamp(lo, hi))
+        }
+    };
+    let min_limit = or(a.min_limit, d.min_limit);
+    AdaptiveConfig {
+        min_limit,
+        max_limit: or(a.max_limit, d.max_limit).max(min_limit),
+        buffer: if a.buffer.is_finite() && a.buffer > 0.0 {
+            a.buffer.min(10.0)
+        } else {
+            d.buffer
+        },
+        window: ms(a.window_ms, d.window, 10, 60_000),
+        min_rtt_interval: ms(a.min_rtt_interval_ms, d.min_rtt_interval, 1_000, 3_600_000),
+        min_rtt_requests: or(a.min_rtt_requests, d.min_rtt_requests).min(MAX_MIN_RTT_REQUESTS),
     }
 }
 

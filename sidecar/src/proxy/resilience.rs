@@ -2,7 +2,8 @@
 //! (which route of the upstream's policy?) and `Balance`:
 //!
 //! `Breaker` (concurrency limits, `breaker`) -> `Fault` (injected delays
-//! and aborts, `fault`) -> `Timeout` (the whole call, `timeout`) ->
+//! and aborts, `fault`) -> `Concurrency` (the adaptive limit,
+//! `concurrency`) -> `Timeout` (the whole call, `timeout`) ->
 //! `Retry` (per-try timeouts, backoff, budget, replayable bodies, `retry`).
 //!
 //! Each reads the request's [`RoutePolicy`](super::policy::RoutePolicy)
@@ -14,6 +15,8 @@
 //! - `breaker`: the per-upstream concurrency check (its counters are
 //!   `limits::Breaker`); overflow is 503 at once.
 //! - `fault`: delay and/or abort a share of requests.
+//! - `concurrency`: the latency-following limit (`limits::Adaptive`);
+//!   over it is 503 `overload` at once.
 //! - `timeout`: the request timeout (504 `request-timeout`).
 //! - `retry`: the retry loop, classification and backoff, under the
 //!   upstream's `limits::RetryBudget`.
@@ -23,12 +26,14 @@
 //! layer does, and `svc` the tower plumbing they share.
 
 mod breaker;
+mod concurrency;
 mod fault;
 mod replay;
 mod retry;
 mod timeout;
 
 pub use breaker::{BreakerLayer, BreakerService, ConnectLimits};
+pub use concurrency::{Concurrency, ConcurrencyLayer};
 pub use fault::{Fault, FaultLayer};
 pub use replay::Replay;
 pub use retry::{Avoid, Retry, RetryLayer, Tried, backoff, classify};

@@ -6,8 +6,8 @@
 //! policy, balancer tables for every subset) and swaps it in. Requests
 //! only read the current one: the data plane never waits on the control
 //! plane, and policies are compiled once per version, never per request.
-//! Load and outlier state are kept per endpoint id, and breaker and retry
-//! budget per upstream, across rebuilds; requests in flight keep the
+//! Load and outlier state are kept per endpoint id, and breaker, adaptive
+//! concurrency limit and retry budget per upstream, across rebuilds; requests in flight keep the
 //! target and policy they started with.
 
 use std::{
@@ -20,7 +20,7 @@ use http::{HeaderMap, HeaderValue};
 use tokio::sync::watch;
 
 use super::{
-    limits::{Breaker, RetryBudget},
+    limits::{Adaptive, Breaker, RetryBudget},
     policy::Compiled,
     svc::Dest,
 };
@@ -85,6 +85,9 @@ pub struct UpstreamLb {
     pub policy: Arc<Compiled>,
     /// Concurrency limits; the same state across rebuilds.
     pub breaker: Arc<Breaker>,
+    /// The adaptive concurrency limit (off unless the policy sets one);
+    /// the same state across rebuilds, so the limit learned is kept.
+    pub adaptive: Arc<Adaptive>,
     /// Retries allowed; the same window across rebuilds.
     pub budget: Arc<RetryBudget>,
     balancer: Balancer,
@@ -133,6 +136,8 @@ impl UpstreamLb {
     pub fn for_test(policy: Compiled) -> Self {
         let breaker = Arc::new(Breaker::default());
         breaker.set_limits(policy.breaker);
+        let adaptive = Arc::new(Adaptive::default());
+        adaptive.configure(policy.adaptive, tokio::time::Instant::now());
         UpstreamLb {
             name: Arc::from("test"),
             service_header: None,
@@ -143,6 +148,7 @@ impl UpstreamLb {
             metrics: Metrics::new().route(Direction::Outbound, "test"),
             policy: Arc::new(policy),
             breaker,
+            adaptive,
             budget: Arc::new(RetryBudget::new()),
             balancer: Balancer::new(Algorithm::RoundRobin, Vec::new()),
             subsets: Vec::new(),
@@ -232,6 +238,7 @@ struct Shared {
     loads: Mutex<HashMap<String, Arc<EndpointLoad>>>,
     outliers: Mutex<HashMap<String, Arc<Outlier>>>,
     breakers: HashMap<String, Arc<Breaker>>,
+    adaptives: HashMap<String, Arc<Adaptive>>,
     budgets: HashMap<String, Arc<RetryBudget>>,
 }
 
@@ -260,6 +267,10 @@ impl Upstreams {
                 breakers: configs
                     .iter()
                     .map(|u| (u.name.clone(), Arc::new(Breaker::default())))
+                    .collect(),
+                adaptives: configs
+                    .iter()
+                    .map(|u| (u.name.clone(), Arc::new(Adaptive::default())))
                     .collect(),
                 budgets: configs
                     .iter()
@@ -425,6 +436,7 @@ impl Upstreams {
             })
             .collect();
         self.shared.breakers[&cfg.name].set_limits(policy.breaker);
+        self.shared.adaptives[&cfg.name].configure(policy.adaptive, tokio::time::Instant::now());
         UpstreamLb {
             name,
             service_header: HeaderValue::from_str(&cfg.name).ok(),
@@ -437,6 +449,7 @@ impl Upstreams {
             metrics: self.shared.metrics[&cfg.name].clone(),
             policy: Arc::new(policy),
             breaker: self.shared.breakers[&cfg.name].clone(),
+            adaptive: self.shared.adaptives[&cfg.name].clone(),
             budget: self.shared.budgets[&cfg.name].clone(),
             hash_key,
         }

@@ -26,6 +26,7 @@ mod killed_peers;
 mod listener_limits;
 mod mtls;
 mod observability;
+mod overload;
 mod ownership;
 mod policy;
 mod quotas;

@@ -165,3 +165,60 @@ fn latency_outlier_fields_are_read_and_bounded() {
         assert!(rule.contains(limit), "{field}: {rule}");
     }
 }
+
+#[test]
+fn adaptive_concurrency_is_read_and_bounded() {
+    let doc = json!({"service": "payments", "adaptive_concurrency": {
+        "min_limit": 5, "max_limit": 300, "buffer": 0.5, "window": "500ms",
+        "min_rtt_interval": "2m", "min_rtt_requests": 20}});
+    let a = parse(&doc, &anyone).unwrap().adaptive_concurrency.unwrap();
+    assert_eq!(
+        (a.min_limit, a.max_limit, a.buffer, a.window_ms),
+        (5, 300, 0.5, 500)
+    );
+    assert_eq!((a.min_rtt_interval_ms, a.min_rtt_requests), (120_000, 20));
+    let doc = json!({"service": "payments", "adaptive_concurrency": {}});
+    let a = parse(&doc, &anyone).unwrap().adaptive_concurrency.unwrap();
+    assert_eq!(
+        a,
+        AdaptiveConcurrency::default(),
+        "an empty section: defaults"
+    );
+    for (value, field, limit) in [
+        (json!({"min_limit": 0}), "min_limit", "1..1000000"),
+        (json!({"max_limit": 2_000_000}), "max_limit", "1..1000000"),
+        (json!({"buffer": 0}), "buffer", "0.01..10"),
+        (json!({"buffer": "high"}), "buffer", ""),
+        (json!({"window": "5ms"}), "window", "10ms"),
+        (json!({"window": "2m"}), "window", "1m"),
+        (
+            json!({"min_rtt_interval": "100ms"}),
+            "min_rtt_interval",
+            "1s",
+        ),
+        (
+            json!({"min_rtt_requests": 5000}),
+            "min_rtt_requests",
+            "1..1000",
+        ),
+        (
+            json!({"min_limit": 50, "max_limit": 10}),
+            "max_limit",
+            "min_limit (50)",
+        ),
+        (json!({"limit": 10}), "limit", ""),
+    ] {
+        let doc = json!({"service": "payments", "adaptive_concurrency": value});
+        let problems = match parse(&doc, &anyone) {
+            Ok(p) => panic!("{value} accepted: {p:?}"),
+            Err(p) => p.0,
+        };
+        assert_eq!(problems.len(), 1, "{value}: {problems:?}");
+        assert_eq!(problems[0].field, format!("adaptive_concurrency.{field}"));
+        assert!(
+            problems[0].rule.contains(limit),
+            "{value}: {}",
+            problems[0].rule
+        );
+    }
+}

@@ -35,6 +35,8 @@ pub enum ProxyError {
     // Outbound: the policy's resilience layers.
     /// 503: the upstream's circuit breaker is at one of its caps.
     Overflow,
+    /// 503: the upstream's adaptive concurrency limit is reached.
+    Overload,
     /// 504: the policy's request timeout passed.
     RequestTimeout,
     /// 504: the policy's per-try timeout passed (on the last try).
@@ -75,11 +77,12 @@ pub enum ProxyError {
 pub struct ErrorText(pub Bytes);
 
 /// Every variant, for tests and documentation checks.
-pub const ALL: [ProxyError; 17] = [
+pub const ALL: [ProxyError; 18] = [
     ProxyError::MissingAuthority,
     ProxyError::UnknownUpstream,
     ProxyError::NoHealthyEndpoints,
     ProxyError::Overflow,
+    ProxyError::Overload,
     ProxyError::RequestTimeout,
     ProxyError::PerTryTimeout,
     ProxyError::FaultInjected,
@@ -103,6 +106,7 @@ impl ProxyError {
             ProxyError::UnknownUpstream => "unknown-upstream",
             ProxyError::NoHealthyEndpoints => "no-healthy-endpoints",
             ProxyError::Overflow => "overflow",
+            ProxyError::Overload => "overload",
             ProxyError::RequestTimeout => "request-timeout",
             ProxyError::PerTryTimeout => "per-try-timeout",
             ProxyError::FaultInjected => "fault-injected",
@@ -127,9 +131,10 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST
             }
             ProxyError::UnknownUpstream | ProxyError::UnknownService => StatusCode::NOT_FOUND,
-            ProxyError::NoHealthyEndpoints | ProxyError::Overflow | ProxyError::FaultInjected => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::NoHealthyEndpoints
+            | ProxyError::Overflow
+            | ProxyError::Overload
+            | ProxyError::FaultInjected => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::RequestTimeout | ProxyError::PerTryTimeout | ProxyError::ConnectTimeout => {
                 StatusCode::GATEWAY_TIMEOUT
             }
