@@ -18,5 +18,5 @@ mod breaker;
 mod budget;
 
 pub use adaptive::{Adaptive, AdaptiveConfig, AdaptivePermit};
-pub use breaker::{Breaker, Permit};
+pub use breaker::{Breaker, BreakerLimits, DEFAULT_BREAKER_LIMIT, Permit};
 pub use budget::{RetryBudget, WINDOW};

@@ -23,7 +23,7 @@ use http::{HeaderName, HeaderValue, Method, Request};
 use isdp_proto::v1::{self as pb, TrafficPolicy};
 
 use crate::balance::{Algorithm, HashKey, OutlierConfig};
-use crate::proxy::limits::AdaptiveConfig;
+use crate::proxy::limits::{AdaptiveConfig, BreakerLimits, DEFAULT_BREAKER_LIMIT};
 
 /// Retry defaults: what Linkerd and Istio users expect without asking.
 pub const DEFAULT_ATTEMPTS: u32 = 2;
@@ -32,9 +32,6 @@ pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_millis(250);
 pub const DEFAULT_BUDGET_RATIO: f64 = 0.2;
 pub const DEFAULT_BUDGET_MIN_PER_SECOND: u32 = 10;
 pub const DEFAULT_BUFFER_BYTES: usize = 64 * 1024;
-/// High enough never to bite a healthy service; low enough to stop a
-/// stalled upstream from soaking up every socket and task.
-pub const DEFAULT_BREAKER_LIMIT: usize = 1024;
 /// `adaptive_concurrency.min_rtt_requests` at most: a probe longer than
 /// this holds the limit at its floor for too long.
 pub const MAX_MIN_RTT_REQUESTS: usize = 1000;
@@ -121,23 +118,6 @@ pub struct RoutePolicy {
     /// Subset index and cumulative weight (last = 100); empty: everyone.
     pub split: Vec<(usize, u32)>,
     pub fault: Option<FaultConfig>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BreakerLimits {
-    pub max_requests: usize,
-    pub max_pending: usize,
-    pub max_connections: usize,
-}
-
-impl Default for BreakerLimits {
-    fn default() -> Self {
-        BreakerLimits {
-            max_requests: DEFAULT_BREAKER_LIMIT,
-            max_pending: DEFAULT_BREAKER_LIMIT,
-            max_connections: DEFAULT_BREAKER_LIMIT,
-        }
-    }
 }
 
 #[derive(Debug)]

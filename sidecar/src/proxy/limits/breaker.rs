@@ -9,7 +9,28 @@ use std::sync::{
     atomic::{AtomicUsize, Ordering},
 };
 
-use crate::proxy::policy::{BreakerLimits, DEFAULT_BREAKER_LIMIT};
+/// High enough never to bite a healthy service; low enough to stop a
+/// stalled upstream from soaking up every socket and task.
+pub const DEFAULT_BREAKER_LIMIT: usize = 1024;
+
+/// The caps a policy's `circuit_breaker` sets; each defaults to
+/// [`DEFAULT_BREAKER_LIMIT`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BreakerLimits {
+    pub max_requests: usize,
+    pub max_pending: usize,
+    pub max_connections: usize,
+}
+
+impl Default for BreakerLimits {
+    fn default() -> Self {
+        BreakerLimits {
+            max_requests: DEFAULT_BREAKER_LIMIT,
+            max_pending: DEFAULT_BREAKER_LIMIT,
+            max_connections: DEFAULT_BREAKER_LIMIT,
+        }
+    }
+}
 
 /// One upstream's gate; the same across endpoint and policy changes.
 #[derive(Debug)]
