@@ -36,5 +36,5 @@ pub use breaker::{BreakerLayer, BreakerService, ConnectLimits};
 pub use concurrency::{Concurrency, ConcurrencyLayer};
 pub use fault::{Fault, FaultLayer};
 pub use replay::Replay;
-pub use retry::{Avoid, Retry, RetryLayer, Tried, backoff, classify};
+pub use retry::{Avoid, Retry, RetryLayer, Tried, TrySlot, backoff, classify};
 pub use timeout::{Timeout, TimeoutLayer};

@@ -14,6 +14,7 @@ use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, RwLock},
+    time::Duration,
 };
 
 use http::{HeaderMap, HeaderValue};
@@ -25,7 +26,10 @@ use super::{
     svc::Dest,
 };
 use crate::{
-    balance::{Algorithm, Balancer, EndpointLoad, HashKey, LoadGuard, Outlier, candidates},
+    balance::{
+        Algorithm, Balancer, EndpointLoad, HashKey, LoadGuard, Outcome, Outlier, candidates,
+        outlier,
+    },
     config::{Protocol, Upstream},
     metrics::{Direction, Metrics, RouteMetrics},
     xds::Snapshot,
@@ -129,6 +133,21 @@ impl UpstreamLb {
         let t = choose(targets, balancer, hash, avoid)?;
         let guard = t.load.start();
         Some((t, guard))
+    }
+
+    /// Counts one answer of `endpoint` for outlier detection, and ejects
+    /// it when it has failed too often in a row (and the upstream can
+    /// spare it). Returns the ejection's length when it was ejected.
+    pub fn record_outcome(&self, endpoint: &LbEndpoint, outcome: Outcome) -> Option<Duration> {
+        let cfg = &self.policy.outlier;
+        if !endpoint.outlier.record(outcome, cfg) {
+            return None;
+        }
+        let all: Vec<&Outlier> = self.endpoints.iter().map(|e| &*e.outlier).collect();
+        let length = outlier::eject(&all, &endpoint.outlier, cfg, tokio::time::Instant::now())?;
+        self.metrics.ejection();
+        tracing::info!(upstream = %self.name, endpoint = %endpoint.id, ?length, "endpoint ejected by outlier detection");
+        Some(length)
     }
 
     /// An upstream with no endpoints and `policy`, for layer tests.

@@ -16,13 +16,13 @@ use http::{Request, Response};
 use tower::Service;
 
 use crate::{
-    balance::{Outcome, outlier},
+    balance::Outcome,
     config::Protocol,
     proxy::{
         forward::{Forwarder, Hop},
         http::{SERVICE_HEADER, add_forwarding},
         policy::RoutePolicy,
-        resilience::Tried,
+        resilience::{Tried, TrySlot},
         svc::{
             Body, BoxFuture, ClientAddr, ConnectTimeout, ERROR_HEADER, IdleTimeout, ProxyError,
             with_guard,
@@ -51,6 +51,9 @@ impl Service<Request<Body>> for Dispatch {
             .remove::<PickedSlot>()
             .and_then(|slot| slot.lock().expect("picked lock").take())
             .expect("balance layer runs first");
+        if let Some(slot) = req.extensions_mut().remove::<TrySlot>() {
+            slot.set(picked.endpoint.clone());
+        }
         let client = req.extensions_mut().remove::<ClientAddr>();
         let timeouts = req
             .extensions()
@@ -103,22 +106,12 @@ impl Service<Request<Body>> for Dispatch {
     }
 }
 
-/// Counts the response for outlier detection, and ejects the endpoint
-/// when it has failed too often in a row (and the upstream can spare it).
+/// Counts the response for outlier detection (see
+/// [`UpstreamLb::record_outcome`]).
 fn feed_outlier(upstream: &UpstreamLb, endpoint: &LbEndpoint, resp: &Response<Body>) {
-    let cfg = &upstream.policy.outlier;
     let outcome = match ProxyError::of(resp) {
         Some(e) if e.is_gateway_error() => Outcome::GatewayError,
         _ => Outcome::of_status(resp.status().as_u16()),
     };
-    if !endpoint.outlier.record(outcome, cfg) {
-        return;
-    }
-    let all: Vec<&crate::balance::Outlier> =
-        upstream.endpoints.iter().map(|e| &*e.outlier).collect();
-    if let Some(length) = outlier::eject(&all, &endpoint.outlier, cfg, tokio::time::Instant::now())
-    {
-        upstream.metrics.ejection();
-        tracing::info!(upstream = %upstream.name, endpoint = %endpoint.id, ?length, "endpoint ejected by outlier detection");
-    }
+    upstream.record_outcome(endpoint, outcome);
 }

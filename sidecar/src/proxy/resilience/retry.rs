@@ -7,14 +7,17 @@
 //! tries: exponential backoff with jitter. A response is only ever retried
 //! before anything of it was passed on, so a caller never sees two.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use http::{Request, Response};
 use http_body::Body as _;
 
 use super::Replay;
 use crate::{
-    metrics::RouteMetrics,
+    balance::Outcome,
     proxy::{
         http::is_upgrade,
         policy::{RetryConfig, RoutePolicy},
@@ -30,6 +33,24 @@ pub struct Avoid(pub Vec<Arc<LbEndpoint>>);
 /// On a response: the endpoint that produced it (set by `Dispatch`).
 #[derive(Clone, Debug)]
 pub struct Tried(pub Arc<LbEndpoint>);
+
+/// On a try's request: where `Dispatch` notes the endpoint it sends the
+/// try to. A try the per-try timeout abandons never reaches the end of
+/// `Dispatch`, which would have said; this is how the timeout still
+/// names the silent endpoint, so the next try avoids it and outlier
+/// detection counts the timeout as a gateway error (as Envoy does).
+#[derive(Clone, Debug, Default)]
+pub struct TrySlot(Arc<Mutex<Option<Arc<LbEndpoint>>>>);
+
+impl TrySlot {
+    pub fn set(&self, endpoint: Arc<LbEndpoint>) {
+        *self.0.lock().expect("try slot lock") = Some(endpoint);
+    }
+
+    fn take(&self) -> Option<Arc<LbEndpoint>> {
+        self.0.lock().expect("try slot lock").take()
+    }
+}
 
 static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
@@ -91,25 +112,31 @@ step_layer!(RetryLayer => Retry);
 /// One try, under the per-try timeout.
 async fn try_once<S: Next>(
     inner: &mut S,
-    req: Request<Body>,
+    mut req: Request<Body>,
     per_try: Option<Duration>,
-    metrics: &RouteMetrics,
+    lb: &UpstreamLb,
 ) -> Response<Body> {
-    let fut = inner.call(req);
     let Some(limit) = per_try else {
-        return match fut.await {
+        return match inner.call(req).await {
             Ok(r) => r,
             Err(e) => match e {},
         };
     };
-    match tokio::time::timeout(limit, fut).await {
+    let slot = TrySlot::default();
+    req.extensions_mut().insert(slot.clone());
+    match tokio::time::timeout(limit, inner.call(req)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => match e {},
         Err(_) => {
-            metrics.timeout("per-try");
-            ProxyError::PerTryTimeout.response(format!(
+            lb.metrics.timeout("per-try");
+            let mut resp = ProxyError::PerTryTimeout.response(format!(
                 "no response within the per-try timeout of {limit:?}"
-            ))
+            ));
+            if let Some(endpoint) = slot.take() {
+                lb.record_outcome(&endpoint, Outcome::GatewayError);
+                resp.extensions_mut().insert(Tried(endpoint));
+            }
+            resp
         }
     }
 }
@@ -138,9 +165,7 @@ impl Step for RetryLayer {
         let cfg = &policy.retry;
         let retriable = cfg.attempts > 0 && cfg.methods.contains(req.method()) && !is_upgrade(&req);
         if !retriable {
-            return Box::pin(
-                async move { Ok(try_once(&mut inner, req, per_try, &lb.metrics).await) },
-            );
+            return Box::pin(async move { Ok(try_once(&mut inner, req, per_try, &lb).await) });
         }
         lb.budget.request();
         let (parts, body) = req.into_parts();
@@ -156,7 +181,7 @@ impl Step for RetryLayer {
                 if !avoid.0.is_empty() {
                     req.extensions_mut().insert(avoid.clone());
                 }
-                let resp = try_once(&mut inner, req, per_try, &lb.metrics).await;
+                let resp = try_once(&mut inner, req, per_try, &lb).await;
                 let Some(reason) = classify(&resp, cfg) else {
                     return Ok(resp);
                 };
