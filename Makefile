@@ -24,7 +24,7 @@ build:
 # Only the end-to-end tests (they build the binaries they need; etcd tests
 # need etcd, the dns tests dig, the grpc_js tests Node and tests/node/node_modules).
 e2e: node-modules
-	./.ci/deps.sh cc etcd promtool dig
+	./.ci/deps.sh cc etcd promtool dig netns
 	cargo test -p isdp-tests -- --test-threads=1
 
 # The Node grpc-js-xds client's packages, exactly as locked, in

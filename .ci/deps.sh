@@ -15,13 +15,16 @@
 #   venv      python3-venv: the Python grpcio client tests run in .venv/.
 #   chromium  chromium and chromium-driver: the dashboard's browser test
 #             (tests/python/test_dashboard.py) drives headless Chromium.
+#   netns     iproute2 and iptables: the partition tests (e2e/partitions.rs)
+#             put a sidecar in a network namespace on a veth link and drop
+#             its packets with iptables rules inside it (root only).
 #   node      nodejs and npm: the Node grpc-js-xds client the end-to-end
 #             tests start (tests/node, installed there by `npm ci`); node
 #             18 or later (Debian 12's).
 # Used by `make demo` (cc), `make node-modules` (node) and .ci/test.sh
 # (all), before any cargo command. Installs with apt-get as root;
 # otherwise it stops and prints the command to run.
-# Usage: .ci/deps.sh cc [etcd] [promtool] [dig] [curl] [chromium] [venv] [node]
+# Usage: .ci/deps.sh cc [etcd] [promtool] [dig] [curl] [chromium] [venv] [netns] [node]
 set -euo pipefail
 
 die() { echo "deps: error: $*" >&2; exit 1; }
@@ -63,6 +66,10 @@ for tool in "$@"; do
             install prometheus prometheus
             ;;
         dig) install dnsutils dig ;;
+        netns)
+            install iproute2 ip
+            install iptables iptables
+            ;;
         curl) install curl curl ;;
         chromium)
             install chromium chromium

@@ -17,8 +17,8 @@ step "disk space for the build"
 df -h "${CARGO_TARGET_DIR:-target}" 2>/dev/null || df -h .
 
 # --- System tools: etcd, promtool, dig, curl and Chromium for the tests, a Python venv --
-step "system tools (cc, etcd, promtool, dig, curl, chromium, python3-venv, nodejs, npm)"
-./.ci/deps.sh cc etcd promtool dig curl chromium venv node
+step "system tools (cc, etcd, promtool, dig, curl, chromium, python3-venv, iproute2, iptables, nodejs, npm)"
+./.ci/deps.sh cc etcd promtool dig curl chromium venv netns node
 
 command -v cargo >/dev/null || die "cargo not found (install Rust with rustup)"
 cargo fmt --version >/dev/null 2>&1 || die "rustfmt missing: rustup component add rustfmt"

@@ -354,16 +354,20 @@ fn args(
     admin: &str,
     http: &str,
 ) -> Vec<String> {
-    let mut args = vec![
-        "--listen".to_owned(),
-        grpc.to_owned(),
+    // A test's own `--listen` (an address peers in a network namespace
+    // reach) replaces the loopback default.
+    let mut args = vec![];
+    if !opts.extra_args.iter().any(|a| a == "--listen") {
+        args.extend(["--listen".to_owned(), grpc.to_owned()]);
+    }
+    args.extend([
         "--admin-listen".to_owned(),
         admin.to_owned(),
         "--http-listen".to_owned(),
         http.to_owned(),
         "--data-dir".to_owned(),
         data.path().display().to_string(),
-    ];
+    ]);
     if let Some(d) = opts.session_grace {
         args.extend(["--session-grace".to_owned(), format!("{}ms", d.as_millis())]);
     }

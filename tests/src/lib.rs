@@ -34,6 +34,9 @@
 //!   restartable) for the etcd store tests.
 //! - `gate`: [`TcpGate`], a TCP forwarder a test cuts and heals, to
 //!   partition one process from another (a replica from etcd).
+//! - `netns`: [`NetNs`], a network namespace on a veth link that the test
+//!   breaks with iptables ([`Fault`]: a blackhole to one port, packet
+//!   loss), for partitions as a real network makes them (root only).
 //! - `node`: [`NodeClient`], the Node proxyless gRPC client
 //!   (`tests/node/client.js`, `@grpc/grpc-js-xds`), reading xDS through
 //!   a sidecar's relay.
@@ -47,6 +50,7 @@ mod etcd;
 mod gate;
 pub mod http;
 pub mod load;
+pub mod netns;
 pub mod node;
 pub mod otlp;
 mod process;
@@ -64,6 +68,7 @@ pub use control_plane::{
 pub use echo::{Backend, EchoGrpc, EchoHttp, EchoTcp};
 pub use etcd::{EtcdCluster, EtcdTls};
 pub use gate::TcpGate;
+pub use netns::{Fault, NetNs};
 pub use node::{Counts, NodeClient, NodeRun};
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use process::Process;

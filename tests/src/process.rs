@@ -61,9 +61,42 @@ impl Process {
         args: &[String],
         dir: TempDir,
     ) -> anyhow::Result<Self> {
+        Self::try_spawn_in(None, name, bin, args, dir).await
+    }
+
+    /// As [`Process::spawn`], inside network namespace `netns` (`ip netns
+    /// exec`, which execs the binary: the pid is the binary's own).
+    pub async fn spawn_in(
+        netns: &str,
+        name: &str,
+        bin: &str,
+        args: &[String],
+        dir: TempDir,
+    ) -> Self {
+        match Self::try_spawn_in(Some(netns), name, bin, args, dir).await {
+            Ok(p) => p,
+            Err(e) => panic!("{e:#}"),
+        }
+    }
+
+    async fn try_spawn_in(
+        netns: Option<&str>,
+        name: &str,
+        bin: &str,
+        args: &[String],
+        dir: TempDir,
+    ) -> anyhow::Result<Self> {
         let log = unique_log(dir.path(), name);
         let stderr = std::fs::File::create(&log)?;
-        let mut child = Command::new(binary(bin))
+        let mut cmd = match netns {
+            None => Command::new(binary(bin)),
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(binary(bin));
+                cmd
+            }
+        };
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -19,11 +19,21 @@ impl Sidecar {
     /// Use `admin_listen = "127.0.0.1:0"` (as [`SidecarToml`] does): the
     /// bound address is read from the sidecar's listening line.
     pub async fn start(toml: &str) -> Self {
+        Self::start_in(None, toml).await
+    }
+
+    /// As [`Sidecar::start`], inside network namespace `netns` when given
+    /// (see [`NetNs`](crate::NetNs); bind its address, not 127.0.0.1, to
+    /// be reachable from outside).
+    pub async fn start_in(netns: Option<&str>, toml: &str) -> Self {
         let dir = tempdir("sidecar");
         let path = dir.path().join("sidecar.toml");
         std::fs::write(&path, toml).expect("writing sidecar config");
         let args = vec!["--config".to_owned(), path.display().to_string()];
-        let proc = Process::spawn("sidecar", "isdp-sidecar", &args, dir).await;
+        let proc = match netns {
+            None => Process::spawn("sidecar", "isdp-sidecar", &args, dir).await,
+            Some(ns) => Process::spawn_in(ns, "sidecar", "isdp-sidecar", &args, dir).await,
+        };
         let admin = proc.addr("admin").to_owned();
         Self { proc, admin }
     }
@@ -114,6 +124,9 @@ pub struct SidecarToml {
     top: String,
     /// Overrides the harness's admin token (accepted as a join token).
     join_token: Option<String>,
+    /// Where the listeners bind and what is advertised; 127.0.0.1 unless
+    /// set by [`SidecarToml::bind`].
+    ip: String,
 }
 
 // === impl SidecarToml ===
@@ -126,12 +139,23 @@ impl SidecarToml {
             sections: String::new(),
             top: String::new(),
             join_token: None,
+            ip: "127.0.0.1".to_owned(),
         }
     }
 
     /// Joins with `token` instead of the control plane's admin token.
     pub fn join_token(mut self, token: &str) -> Self {
         self.join_token = Some(token.to_owned());
+        self
+    }
+
+    /// Binds the admin, inbound and outbound listeners (and upstreams
+    /// added by [`SidecarToml::upstream_on_port0`] after this) on `ip` and
+    /// advertises it for the local services: for a sidecar peers reach
+    /// over a [`NetNs`](crate::NetNs) link.
+    pub fn bind(mut self, ip: impl std::fmt::Display) -> Self {
+        self.ip = ip.to_string();
+        let _ = writeln!(self.top, "address = \"{}\"", self.ip);
         self
     }
 
@@ -189,8 +213,9 @@ impl SidecarToml {
     pub fn upstream_on_port0(mut self, name: &str, protocol: &str, lb: &str) -> Self {
         let _ = write!(
             self.sections,
-            "\n[[upstream]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\n\
-             protocol = \"{protocol}\"\nlb = \"{lb}\"\n"
+            "\n[[upstream]]\nname = \"{name}\"\nlisten = \"{ip}:0\"\n\
+             protocol = \"{protocol}\"\nlb = \"{lb}\"\n",
+            ip = self.ip
         );
         self
     }
@@ -237,14 +262,23 @@ impl SidecarToml {
             String::new()
         };
         format!(
-            "node_id = \"{}\"\ncontrol_plane = {:?}\nadmin_listen = \"127.0.0.1:0\"\n\
-             inbound_listen = \"127.0.0.1:0\"\noutbound_listen = \"127.0.0.1:0\"\n{auth}{identity}{}{}",
-            self.node_id, self.control_plane, self.top, self.sections
+            "node_id = \"{}\"\ncontrol_plane = {:?}\nadmin_listen = \"{ip}:0\"\n\
+             inbound_listen = \"{ip}:0\"\noutbound_listen = \"{ip}:0\"\n{auth}{identity}{}{}",
+            self.node_id,
+            self.control_plane,
+            self.top,
+            self.sections,
+            ip = self.ip
         )
     }
 
     /// Renders and starts a [`Sidecar`] with this config.
     pub async fn start(&self) -> Sidecar {
         Sidecar::start(&self.render()).await
+    }
+
+    /// Renders and starts a [`Sidecar`] inside network namespace `netns`.
+    pub async fn start_in(&self, netns: &str) -> Sidecar {
+        Sidecar::start_in(Some(netns), &self.render()).await
     }
 }

@@ -28,6 +28,7 @@ mod mtls;
 mod observability;
 mod overload;
 mod ownership;
+mod partitions;
 mod policy;
 mod quotas;
 mod relay;

@@ -1,0 +1,319 @@
+//! Partitions and a bad network, made by the kernel: `web`'s sidecar runs
+//! in a network namespace of its own, joined to the test's by a veth pair,
+//! and iptables rules inside it drop packets (a blackhole to one port, or
+//! random loss on the link). Nothing is refused or reset: the sidecar
+//! sees silence, which only its keep-alives and timeouts can notice.
+//!
+//! The control plane and two `payments` instances (each behind its own
+//! sidecar) stay in the test's namespace, bound to the host end of the
+//! link so `web` reaches them; the test sends steady load into `web`
+//! through the link and counts every request.
+//!
+//! Each test states what it survives: the data plane keeps serving from
+//! cached state while the control plane is out of reach, a silent peer is
+//! routed around by per-try timeouts and retries, and a lossy link loses
+//! no request; and how long convergence after healing took (printed).
+//! Root only: creating the namespace panics otherwise (no skip).
+
+use std::time::{Duration, Instant};
+
+use isdp_tests::load::{Load, Window};
+use isdp_tests::{
+    ControlPlane, ControlPlaneOpts, EchoHttp, NetNs, Sidecar, SidecarToml, eventually, status_of,
+};
+
+const SERVICE: &str = "payments";
+const SETUP: Duration = Duration::from_secs(20);
+const WORKERS: usize = 4;
+const PATH: &str = "/slow?ms=5";
+/// What a policy gives the silent-peer case: a try that hears nothing
+/// for 300 ms is abandoned and retried on another instance.
+const POLICY: &str = "service: payments\n\
+    timeouts: { per_try: 300ms, request: 3s }\n\
+    retries: { attempts: 2, retry_on: [connect-failure, reset, gateway-error] }\n\
+    outlier_detection: { consecutive_gateway_errors: 3, interval: 500ms, base_ejection_time: 2s, max_ejection_percent: 50 }\n";
+/// A sidecar cut off from the control plane notices within its
+/// keep-alive (10 s, 5 s to answer) and reconnects with backoff (at most
+/// 5 s apart) once the link heals: convergence is bounded by this.
+const CONVERGE: Duration = Duration::from_secs(30);
+
+struct Mesh {
+    // Field order is drop order: processes first, the namespace last.
+    web: Sidecar,
+    payments: Vec<(EchoHttp, Sidecar)>,
+    cp: ControlPlane,
+    ns: NetNs,
+}
+
+impl Mesh {
+    async fn start() -> Self {
+        let ns = NetNs::create();
+        let cp = ControlPlane::start(ControlPlaneOpts {
+            extra_args: vec!["--listen".to_owned(), format!("{}:0", ns.host_ip())],
+            ..Default::default()
+        })
+        .await;
+        let mut payments = Vec::new();
+        for n in 0..2 {
+            payments.push(start_payment(&cp, &ns, n).await);
+        }
+        let web = SidecarToml::new("web", &cp.grpc_url())
+            .bind(ns.ns_ip())
+            .upstream_on_port0(SERVICE, "http", "round_robin")
+            .start_in(ns.name())
+            .await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.yaml");
+        std::fs::write(&path, POLICY).unwrap();
+        cp.ctl_ok(&["policy", "apply", "-f", &path.display().to_string()])
+            .await;
+        let mesh = Mesh {
+            web,
+            payments,
+            cp,
+            ns,
+        };
+        mesh.wait_healthy(&["pay-0", "pay-1"], SETUP).await;
+        eventually(SETUP, "web runs on the policy", || async {
+            let config = mesh.web.config_json().await?;
+            anyhow::ensure!(
+                config["upstreams"][SERVICE]["policy_version"].is_string(),
+                "no policy yet: {}",
+                config["upstreams"][SERVICE]
+            );
+            Ok(())
+        })
+        .await;
+        mesh
+    }
+
+    /// Waits until `web` holds exactly `ids` as healthy endpoints;
+    /// returns how long that took.
+    async fn wait_healthy(&self, ids: &[&str], within: Duration) -> Duration {
+        let what = format!("web holds {ids:?} healthy");
+        eventually(within, &what, || async {
+            let eps = self.web.endpoints(SERVICE).await?;
+            anyhow::ensure!(eps.len() == ids.len(), "{eps:?}");
+            for id in ids {
+                let id = format!("{id}.{SERVICE}");
+                anyhow::ensure!(status_of(&eps, &id)? == "healthy", "{id}: {eps:?}");
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    fn load(&self) -> Load {
+        Load::start(self.web.upstream_addr(SERVICE), PATH, WORKERS)
+    }
+
+    fn inbound_port(&self, n: usize) -> u16 {
+        let addr = self.payments[n].1.inbound_addr();
+        addr.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    fn cp_port(&self) -> u16 {
+        self.cp
+            .grpc_addr()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+}
+
+/// `pay-N`: an echo server on loopback and its sidecar, whose inbound
+/// listener is on the link's host end.
+async fn start_payment(cp: &ControlPlane, ns: &NetNs, n: usize) -> (EchoHttp, Sidecar) {
+    let id = format!("pay-{n}");
+    let echo = EchoHttp::start(&id).await;
+    let sidecar = SidecarToml::new(&id, &cp.grpc_url())
+        .bind(ns.host_ip())
+        .raw(&format!(
+            "[[service]]\nname = \"{SERVICE}\"\nport = {port}\nprotocol = \"http\"\n\
+             check = \"{check}\"\ninterval = \"200ms\"\n",
+            port = echo.port(),
+            check = echo.health_url(),
+        ))
+        .start()
+        .await;
+    (echo, sidecar)
+}
+
+/// `web`'s retries to `payments` so far, every reason.
+async fn retries(web: &Sidecar) -> u64 {
+    let metrics = isdp_tests::http::get(web.admin_addr(), "/metrics")
+        .await
+        .unwrap()
+        .body;
+    let prefix = format!("isdp_retries_total{{service=\"{SERVICE}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+fn failures(w: &Window) -> String {
+    let failed: Vec<_> =
+        w.0.iter()
+            .filter(|s| !(200..300).contains(&s.status))
+            .take(10)
+            .map(|s| format!("{} after {:?}", s.status, s.latency))
+            .collect();
+    format!("{} of {} failed: {failed:?}", w.failed(), w.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_cut_off_from_the_control_plane_serves_from_cache_and_catches_up() {
+    let mut mesh = Mesh::start().await;
+    let load = mesh.load();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let cut_at = tokio::time::Instant::now();
+    let cut = mesh.ns.blackhole(mesh.cp_port());
+    // Past the keep-alive deadline, so the session is seen to be dead.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // A write acknowledged while `web` is cut off: a third instance,
+    // listed by the control plane at once.
+    mesh.payments
+        .push(start_payment(&mesh.cp, &mesh.ns, 2).await);
+    eventually(SETUP, "pay-2 registered and healthy", || async {
+        let list = mesh.cp.instances(SERVICE).await?;
+        let id = format!("pay-2.{SERVICE}");
+        anyhow::ensure!(status_of(&list, &id)? == "healthy", "{list:?}");
+        Ok(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    // `web` still serves, on what it last heard: two instances.
+    let eps = mesh.web.endpoints(SERVICE).await.unwrap();
+    assert_eq!(eps.len(), 2, "web cannot have heard of pay-2: {eps:?}");
+    let ready = isdp_tests::http::get(mesh.web.admin_addr(), "/ready")
+        .await
+        .unwrap();
+    println!(
+        "cut off for {:?}: /ready {} {}",
+        cut_at.elapsed(),
+        ready.status,
+        ready.body.trim()
+    );
+
+    let healed_at = Instant::now();
+    cut.heal();
+    let caught_up = mesh
+        .wait_healthy(&["pay-0", "pay-1", "pay-2"], CONVERGE)
+        .await;
+    let healed = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let partitioned = load.window(cut_at, healed);
+    let after = load.window(healed, tokio::time::Instant::now());
+    println!(
+        "partition {:?}: {} requests, {} failed; web caught up {caught_up:?} after healing \
+         ({:?} since); after: {} requests, pay-2 share {:.1} %",
+        healed - cut_at,
+        partitioned.len(),
+        partitioned.failed(),
+        healed_at.elapsed(),
+        after.len(),
+        100.0 * after.share("pay-2"),
+    );
+    assert!(
+        partitioned.len() > 100,
+        "load kept flowing: {}",
+        partitioned.len()
+    );
+    assert_eq!(partitioned.failed(), 0, "{}", failures(&partitioned));
+    assert_eq!(after.failed(), 0, "{}", failures(&after));
+    assert!(
+        after.share("pay-2") > 0.1,
+        "pay-2 gets traffic once web caught up"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_cut_off_from_one_peer_routes_around_it_and_back() {
+    let mesh = Mesh::start().await;
+    let load = mesh.load();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let cut_at = tokio::time::Instant::now();
+    let cut = mesh.ns.blackhole(mesh.inbound_port(0));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let retries_at_3s = retries(&mesh.web).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let retried = retries(&mesh.web).await - retries_at_3s;
+    let healed_at = tokio::time::Instant::now();
+    cut.heal();
+    // pay-0 was ejected (its tries timed out); it is tried again after
+    // its ejection and serves once its connection works again.
+    let back = eventually(CONVERGE, "pay-0 serves again", || async {
+        let now = tokio::time::Instant::now();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let w = load.window(now, tokio::time::Instant::now());
+        anyhow::ensure!(
+            w.share("pay-0") > 0.2,
+            "pay-0 share {:.2}",
+            w.share("pay-0")
+        );
+        Ok(())
+    })
+    .await;
+
+    let during = load.window(cut_at, healed_at);
+    let settled = load.window(cut_at + Duration::from_secs(3), healed_at);
+    let all = load.window(cut_at - Duration::from_secs(1), tokio::time::Instant::now());
+    println!(
+        "peer cut for {:?}: {} requests, {} failed, p50 {:?} p99 {:?}; from 3 s on {} \
+         requests, {retried} retries; pay-0 serving again {back:?} after healing",
+        healed_at - cut_at,
+        during.len(),
+        during.failed(),
+        during.quantile(0.5),
+        during.quantile(0.99),
+        settled.len(),
+    );
+    // A request to the silent peer is retried on the other instance (its
+    // try times out at 300 ms): none fails.
+    assert_eq!(all.failed(), 0, "{}", failures(&all));
+    // Routed around, not retried every time: once ejected, the silent
+    // peer costs a retry only when its ejection ends and it is tried again.
+    assert!(
+        (retried as f64) < 0.1 * settled.len() as f64,
+        "{retried} retries for {} requests from 3 s after the cut",
+        settled.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lossy_link_loses_no_request() {
+    let mesh = Mesh::start().await;
+    let load = mesh.load();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let lossy_at = tokio::time::Instant::now();
+    let loss = mesh.ns.loss(0.02);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let healed_at = tokio::time::Instant::now();
+    loss.heal();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let before = load.window(lossy_at - Duration::from_secs(2), lossy_at);
+    let lossy = load.window(lossy_at, healed_at);
+    let after = load.window(healed_at, tokio::time::Instant::now());
+    println!(
+        "2 % loss for {:?}: {} requests, {} failed, p50 {:?} p99 {:?} (before: p50 {:?} p99 {:?})",
+        healed_at - lossy_at,
+        lossy.len(),
+        lossy.failed(),
+        lossy.quantile(0.5),
+        lossy.quantile(0.99),
+        before.quantile(0.5),
+        before.quantile(0.99),
+    );
+    assert!(lossy.len() > 100, "load kept flowing: {}", lossy.len());
+    assert_eq!(lossy.failed(), 0, "{}", failures(&lossy));
+    assert_eq!(after.failed(), 0, "{}", failures(&after));
+    // Both instances still serve: loss is not mistaken for a dead peer.
+    assert!(after.share("pay-0") > 0.2 && after.share("pay-1") > 0.2);
+}
