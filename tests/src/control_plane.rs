@@ -53,19 +53,21 @@ pub fn credentials_for(url: &str) -> Option<Credentials> {
 fn remember(url: &str, data: &Path, opts: &ControlPlaneOpts) -> Credentials {
     // Replicas of one mesh share the etcd prefix and the cluster's KEK
     // file (tests of one binary may reuse a prefix on another cluster,
-    // whose KEK file is another), though not always the endpoints: one
-    // may reach etcd through a `TcpGate`.
+    // whose KEK file is another), though not always the endpoints (one
+    // may reach etcd through a `TcpGate`) nor other flags.
     let store = opts
         .extra_args
         .iter()
         .any(|a| a.starts_with("--etcd"))
         .then(|| {
+            // The mesh is its prefix and KEK; other flags (listen
+            // addresses, timeouts) may differ between its replicas.
             let mut key = Vec::new();
             let mut args = opts.extra_args.iter();
             while let Some(a) = args.next() {
-                key.push(a.as_str());
-                if a == "--etcd-endpoints" {
-                    args.next();
+                if a == "--etcd-prefix" || a == "--kek-file" {
+                    key.push(a.as_str());
+                    key.extend(args.next().map(String::as_str));
                 }
             }
             key.join(" ")
@@ -134,9 +136,24 @@ impl ControlPlane {
     /// Starts a control plane on ephemeral loopback ports with `data` as its
     /// data dir (a test may have put a store there).
     pub async fn start_in(data: TempDir, opts: ControlPlaneOpts) -> Self {
+        Self::launch(None, data, opts).await
+    }
+
+    /// Starts a control plane inside network namespace `netns` (see
+    /// [`NetNs`](crate::NetNs)); give it `--listen`, `--admin-listen` and
+    /// `--http-listen` on the namespace's address in `extra_args` to be
+    /// reachable from outside. Not for [`ControlPlane::restart`].
+    pub async fn start_netns(netns: &str, opts: ControlPlaneOpts) -> Self {
+        Self::launch(Some(netns), tempdir("cp-data"), opts).await
+    }
+
+    async fn launch(netns: Option<&str>, data: TempDir, opts: ControlPlaneOpts) -> Self {
         let args = args(&opts, &data, "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0");
-        let proc =
-            Process::spawn("control-plane", "isdp-control-plane", &args, tempdir("cp")).await;
+        let (name, bin) = ("control-plane", "isdp-control-plane");
+        let proc = match netns {
+            None => Process::spawn(name, bin, &args, tempdir("cp")).await,
+            Some(ns) => Process::spawn_in(ns, name, bin, &args, tempdir("cp")).await,
+        };
         let grpc = proc.addr("grpc").to_owned();
         let admin = proc.addr("admin").to_owned();
         let http = proc.addr("http").to_owned();
@@ -354,20 +371,19 @@ fn args(
     admin: &str,
     http: &str,
 ) -> Vec<String> {
-    // A test's own `--listen` (an address peers in a network namespace
+    // A test's own listen address (one peers in a network namespace
     // reach) replaces the loopback default.
     let mut args = vec![];
-    if !opts.extra_args.iter().any(|a| a == "--listen") {
-        args.extend(["--listen".to_owned(), grpc.to_owned()]);
+    for (flag, default) in [
+        ("--listen", grpc),
+        ("--admin-listen", admin),
+        ("--http-listen", http),
+    ] {
+        if !opts.extra_args.iter().any(|a| a == flag) {
+            args.extend([flag.to_owned(), default.to_owned()]);
+        }
     }
-    args.extend([
-        "--admin-listen".to_owned(),
-        admin.to_owned(),
-        "--http-listen".to_owned(),
-        http.to_owned(),
-        "--data-dir".to_owned(),
-        data.path().display().to_string(),
-    ]);
+    args.extend(["--data-dir".to_owned(), data.path().display().to_string()]);
     if let Some(d) = opts.session_grace {
         args.extend(["--session-grace".to_owned(), format!("{}ms", d.as_millis())]);
     }

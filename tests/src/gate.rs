@@ -24,9 +24,13 @@ pub struct TcpGate {
 impl TcpGate {
     /// A gate to `target`, open, on a port of its own.
     pub async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the gate");
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST.into(), target).await
+    }
+
+    /// A gate to `target` listening on `ip` (a [`NetNs`](crate::NetNs)
+    /// link's host end, for a process inside the namespace).
+    pub async fn start_on(ip: std::net::IpAddr, target: SocketAddr) -> Self {
+        let listener = TcpListener::bind((ip, 0)).await.expect("bind the gate");
         let addr = listener.local_addr().expect("gate address");
         let (open, watch_open) = watch::channel(true);
         let task = tokio::spawn(async move {

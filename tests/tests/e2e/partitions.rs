@@ -9,17 +9,22 @@
 //! link so `web` reaches them; the test sends steady load into `web`
 //! through the link and counts every request.
 //!
+//! The last test puts a control-plane replica in the namespace instead,
+//! with etcd reached only over the link, and silences that.
+//!
 //! Each test states what it survives: the data plane keeps serving from
 //! cached state while the control plane is out of reach, a silent peer is
 //! routed around by per-try timeouts and retries, and a lossy link loses
 //! no request; and how long convergence after healing took (printed).
 //! Root only: creating the namespace panics otherwise (no skip).
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use isdp_tests::load::{Load, Window};
 use isdp_tests::{
-    ControlPlane, ControlPlaneOpts, EchoHttp, NetNs, Sidecar, SidecarToml, eventually, status_of,
+    ControlPlane, ControlPlaneOpts, EchoHttp, EtcdCluster, NetNs, Sidecar, SidecarToml, TcpGate,
+    eventually, find_by_id, status_of,
 };
 
 const SERVICE: &str = "payments";
@@ -316,4 +321,139 @@ async fn a_lossy_link_loses_no_request() {
     assert_eq!(after.failed(), 0, "{}", failures(&after));
     // Both instances still serve: loss is not mistaken for a dead peer.
     assert!(after.share("pay-0") > 0.2 && after.share("pay-1") > 0.2);
+}
+
+async fn listed(cp: &ControlPlane, id: &str) -> anyhow::Result<bool> {
+    Ok(find_by_id(&cp.instances(SERVICE).await?, id).is_some())
+}
+
+/// `isdpctl register` of a `ledger` instance `id` through `cp`.
+async fn register(cp: &ControlPlane, id: &str) -> std::process::Output {
+    cp.ctl(&[
+        "register",
+        "--service",
+        "ledger",
+        "--address",
+        "127.0.0.1",
+        "--port",
+        "9000",
+        "--id",
+        id,
+    ])
+    .await
+}
+
+/// A control-plane replica in the namespace, reaching etcd only over the
+/// link (through a forwarder on the host end); replica B and etcd stay
+/// outside. The link to etcd goes silent for longer than the session
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_etcd_link_goes_silent_refuses_writes_and_recovers() {
+    const SESSION_TIMEOUT: Duration = Duration::from_secs(3);
+    let ns = NetNs::create();
+    let etcd = EtcdCluster::start(1).await;
+    let member: SocketAddr = etcd.endpoints()[0]
+        .trim_start_matches("http://")
+        .parse()
+        .expect("an etcd client address");
+    let forwarder = TcpGate::start_on(ns.host_ip().into(), member).await;
+    let prefix = format!("/isdp-netns-{}/", std::process::id());
+    let mut a_args = etcd.control_plane_args(&prefix);
+    let endpoints = a_args
+        .iter()
+        .position(|a| a == "--etcd-endpoints")
+        .expect("--etcd-endpoints")
+        + 1;
+    a_args[endpoints] = format!("http://{}", forwarder.addr());
+    for flag in ["--listen", "--admin-listen", "--http-listen"] {
+        a_args.extend([flag.to_owned(), format!("{}:0", ns.ns_ip())]);
+    }
+    a_args.extend(["--etcd-unready-after".to_owned(), "2s".to_owned()]);
+    let opts = |extra_args: Vec<String>| ControlPlaneOpts {
+        session_grace: Some(Duration::from_secs(1)),
+        session_timeout: Some(SESSION_TIMEOUT),
+        extra_args,
+    };
+    let b = ControlPlane::start(opts(etcd.control_plane_args(&prefix))).await;
+    let a = ControlPlane::start_netns(ns.name(), opts(a_args)).await;
+
+    let echo = EchoHttp::start("silent-1").await;
+    let sidecar = SidecarToml::new("silent-1", &a.grpc_url())
+        .service(SERVICE, echo.port(), Duration::from_millis(200))
+        .start()
+        .await;
+    let id = format!("silent-1.{SERVICE}");
+    eventually(SETUP, "registered through A, seen by B", || async {
+        anyhow::ensure!(listed(&b, &id).await?, "not listed");
+        Ok(())
+    })
+    .await;
+
+    let hole = ns.blackhole(forwarder.addr().port());
+    // A write through A is refused, naming the store, in bounded time.
+    let asked = Instant::now();
+    let refused = register(&a, "through-a.ledger").await;
+    let took = asked.elapsed();
+    let stderr = String::from_utf8_lossy(&refused.stderr).to_string();
+    assert!(
+        !refused.status.success(),
+        "a write through A was acknowledged"
+    );
+    assert!(
+        stderr.to_lowercase().contains("unavailable"),
+        "refused as UNAVAILABLE: {stderr}"
+    );
+    assert!(took < Duration::from_secs(15), "refused after {took:?}");
+    // B, which reaches etcd, acknowledges writes.
+    let acked = register(&b, "through-b.ledger").await;
+    assert!(
+        acked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&acked.stderr)
+    );
+    // A says it is not ready; etcd expires the session's lease.
+    eventually(Duration::from_secs(15), "A's /ready is 503", || async {
+        let r = isdp_tests::http::get(a.admin_addr(), "/ready").await?;
+        anyhow::ensure!(r.status == 503, "/ready {} {}", r.status, r.body);
+        Ok(())
+    })
+    .await;
+    eventually(
+        SESSION_TIMEOUT * 5,
+        "the instance expired in etcd",
+        || async {
+            anyhow::ensure!(!listed(&b, &id).await?, "still listed");
+            Ok(())
+        },
+    )
+    .await;
+
+    let healed = Instant::now();
+    hole.heal();
+    let back = eventually(CONVERGE, "the instance registered again", || async {
+        anyhow::ensure!(listed(&b, &id).await?, "not listed");
+        Ok(())
+    })
+    .await;
+    let ready = eventually(CONVERGE, "A's /ready is 200", || async {
+        let r = isdp_tests::http::get(a.admin_addr(), "/ready").await?;
+        anyhow::ensure!(r.status == 200, "/ready {} {}", r.status, r.body);
+        Ok(())
+    })
+    .await;
+    println!(
+        "write through A refused after {took:?}: {}; after healing: registered again in \
+         {back:?}, A ready in {ready:?} ({:?} since)",
+        stderr.trim(),
+        healed.elapsed()
+    );
+    // What B acknowledged is there, read through A; what A refused is not.
+    let ledger = a.ctl_ok(&["-o", "json", "instances", "ledger"]).await;
+    assert!(ledger.contains("through-b.ledger"), "{ledger}");
+    assert!(!ledger.contains("through-a.ledger"), "{ledger}");
+    let config = sidecar.config_json().await.expect("/config");
+    assert!(
+        config["session"]["reconnects"].as_u64().unwrap_or(0) >= 1,
+        "the sidecar reopened its session: {config}"
+    );
 }
