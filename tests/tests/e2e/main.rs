@@ -44,3 +44,4 @@ mod tracing;
 mod validation;
 mod xds;
 mod xds_limits;
+mod zones;
