@@ -536,7 +536,7 @@ impl Upstreams {
 }
 
 /// Where an endpoint sits for locality: its zone and priority.
-fn place<'e>(e: &'e crate::xds::Endpoint) -> (&'e str, u32) {
+fn place(e: &crate::xds::Endpoint) -> (&str, u32) {
     (e.zone.as_str(), e.priority)
 }
 
