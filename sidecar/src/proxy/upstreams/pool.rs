@@ -111,17 +111,8 @@ impl Pool {
     /// sheds traffic as one whose endpoints are unhealthy does.
     pub fn refresh(&self) {
         let Some(local) = &self.local else { return };
-        let mut usable = [0usize; 16];
-        let n = local.levels.len();
-        if n > usable.len() {
-            let counts: Vec<usize> = local.levels.iter().map(|(ts, _)| usable_in(ts)).collect();
-            local.plan.set_health(&counts);
-            return;
-        }
-        for (slot, (ts, _)) in usable.iter_mut().zip(&local.levels) {
-            *slot = usable_in(ts);
-        }
-        local.plan.set_health(&usable[..n]);
+        let usable: Vec<usize> = local.levels.iter().map(|(ts, _)| usable_in(ts)).collect();
+        local.plan.set_health(&usable);
     }
 
     /// The levels and their shares now; empty when locality does not apply.
