@@ -93,6 +93,10 @@ pub enum Command {
         /// Metadata as KEY=VALUE; repeat for more.
         #[arg(long = "meta", value_parser = parse_kv)]
         meta: Vec<(String, String)>,
+        /// The zone the instance runs in (a DNS label); callers in the
+        /// same zone prefer it.
+        #[arg(long)]
+        zone: Option<String>,
         /// Health check: http://HOST:PORT/PATH, tcp://HOST:PORT or grpc://HOST:PORT[/SERVICE].
         #[arg(long)]
         check: Option<String>,
@@ -255,6 +259,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             id,
             weight,
             meta,
+            zone,
             check,
             interval,
             timeout,
@@ -278,6 +283,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 port,
                 weight,
                 metadata: meta.into_iter().collect::<BTreeMap<_, _>>(),
+                zone: zone.unwrap_or_default(),
                 check,
                 ..Default::default()
             };

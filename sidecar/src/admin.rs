@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Limits;
 use crate::listener::Gate;
-
+use crate::proxy::upstreams::LevelView;
 use crate::session::Session;
 use crate::xds::Snapshot;
 
@@ -306,6 +306,11 @@ struct UpstreamView {
     concurrency_in_flight: Option<usize>,
     /// The upstream's latency without a queue, as last measured.
     concurrency_min_rtt_ms: Option<f64>,
+    /// The caller's zone (this sidecar's), which orders the levels.
+    caller_zone: Option<String>,
+    /// Locality levels in order, with the share of requests each takes
+    /// now; empty when locality-aware balancing does not apply.
+    levels: Vec<LevelView>,
     endpoints: Vec<EndpointView>,
 }
 
@@ -328,6 +333,10 @@ struct EndpointView {
     /// The recent latency average `load_aware` balances on, in
     /// milliseconds; None before the first answer.
     latency_ms: Option<f64>,
+    zone: String,
+    priority: u32,
+    /// Its index in `levels`; None when not balanced or without levels.
+    level: Option<usize>,
 }
 
 #[derive(Serialize)]
@@ -407,6 +416,9 @@ async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
                     latency_ms: load(&e.id)
                         .and_then(|l| l.recent_latency())
                         .map(|d| d.as_secs_f64() * 1000.0),
+                    zone: e.zone.clone(),
+                    priority: e.priority,
+                    level: lb.as_ref().and_then(|l| l.level_of(&e.id)),
                 })
                 .collect();
             let view = UpstreamView {
@@ -424,6 +436,8 @@ async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
                     .as_ref()
                     .and_then(|l| l.adaptive.min_rtt())
                     .map(|d| d.as_secs_f64() * 1000.0),
+                caller_zone: lb.as_ref().and_then(|l| l.caller_zone.clone()),
+                levels: lb.as_ref().map(|l| l.levels()).unwrap_or_default(),
                 endpoints,
             };
             (name.clone(), view)

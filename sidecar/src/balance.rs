@@ -20,6 +20,11 @@
 //! | `maglev` | `table[hash mod 65537]` | slot counts |
 //! | `random` | prefix-sum search on one random number | honoured |
 //!
+//! Locality ([`locality`]) comes before the algorithm: it groups the
+//! endpoints into levels by zone (the caller's, its failover zones, the
+//! rest) and picks a level by the share its health earns; the algorithm
+//! then picks within that level.
+//!
 //! Outlier detection ([`outlier`]) keeps per-endpoint ejection state beside
 //! the load; the proxy skips ejected endpoints when it picks.
 //!
@@ -30,6 +35,7 @@
 mod hash_key;
 mod load;
 mod load_aware;
+pub mod locality;
 mod maglev;
 pub mod outlier;
 mod p2c;

@@ -13,6 +13,7 @@
 mod dns;
 mod file;
 mod limits;
+mod locality;
 mod relay;
 
 use std::collections::BTreeMap;
@@ -120,6 +121,11 @@ pub struct Cli {
     /// SPIFFE ID) [default: the first local service].
     #[arg(long, env = "ISDP_IDENTITY", value_name = "SERVICE")]
     pub identity: Option<String>,
+    /// The zone this node runs in (a DNS label): stamped on the local
+    /// instances, and the zone whose endpoints its calls prefer
+    /// [default: none, no locality-aware balancing].
+    #[arg(long, env = "ISDP_ZONE", value_name = "ZONE")]
+    pub zone: Option<String>,
     /// Relay ADS for local xDS clients that cannot authenticate (plaintext
     /// h2c) to the control plane with this sidecar's credentials: a
     /// loopback ADDR:PORT or unix:/PATH [default: off].
@@ -214,6 +220,9 @@ pub struct Config {
     /// other sidecars; None only for a sidecar with neither local services
     /// nor upstreams.
     pub identity: Option<String>,
+    /// The zone this node runs in; None: no zone, so calls are balanced
+    /// without regard to locality.
+    pub zone: Option<String>,
     /// The ADS relay for local clients that cannot authenticate to the
     /// control plane themselves; None: off.
     pub xds_relay: Option<XdsRelay>,
@@ -264,6 +273,11 @@ pub struct Upstream {
     pub lb: crate::balance::Algorithm,
     /// What consistent hashing (ring_hash, maglev) hashes on.
     pub hash_key: Option<crate::balance::HashKey>,
+    /// Locality-aware balancing; a traffic policy's `locality` replaces it.
+    pub locality: crate::balance::locality::LocalityConfig,
+    /// The sidecar's `zone`, the caller's zone for this upstream (kept
+    /// here so the balancing state needs nothing but its upstreams).
+    pub caller_zone: Option<String>,
 }
 
 /// A configuration error; the message names the offending field.
@@ -385,6 +399,9 @@ impl Config {
         }
         if cli.identity.is_some() {
             file.identity = cli.identity;
+        }
+        if cli.zone.is_some() {
+            file.zone = cli.zone;
         }
         if cli.xds_relay_listen.is_some() {
             file.xds_relay_listen = cli.xds_relay_listen;

@@ -6,7 +6,8 @@
 //! Dependencies point up this list (a module uses only those above it,
 //! plus `isdp-core`), so no two modules import each other.
 //! - `balance`: load-balancing algorithms (round robin, P2C, peak EWMA,
-//!   ring hash, Maglev), health filtering, outlier detection.
+//!   ring hash, Maglev), health filtering, outlier detection, and the
+//!   locality levels (zones, failover, overprovisioning) picked before them.
 //! - `config`: TOML file + flags/env, validated into [`Config`].
 //! - `metrics`: Prometheus families and per-route request metrics; imports
 //!   no other module.

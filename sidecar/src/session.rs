@@ -54,6 +54,8 @@ struct Shared {
     /// Registered with each instance: other sidecars send its traffic to
     /// `address:inbound_port`.
     inbound_port: u16,
+    /// Stamped on every instance, so callers in the same zone prefer it.
+    zone: String,
     /// The local services, in config order; indexes match `health`.
     services: Vec<Service>,
     /// Current health per service; the session task watches it to send
@@ -77,6 +79,7 @@ impl Session {
                 node_id: config.node_id.clone(),
                 address: config.address.to_string(),
                 inbound_port: config.inbound_listen.port(),
+                zone: config.zone.clone().unwrap_or_default(),
                 health: watch::Sender::new(vec![Health::Unknown; services.len()]),
                 loads: services.iter().map(|s| LocalLoad::new(&s.name)).collect(),
                 services,
@@ -148,6 +151,7 @@ impl Session {
                 status: i32::from(*health),
                 node_id: s.node_id.clone(),
                 inbound_port: u32::from(s.inbound_port),
+                zone: s.zone.clone(),
             })
             .collect()
     }

@@ -14,6 +14,7 @@
 //! outlier_detection: { consecutive_5xx: 5, interval: 1s, base_ejection_time: 30s, max_ejection_percent: 50,
 //!                      latency_factor: 3, latency_min: 5ms, latency_intervals: 2 }
 //! load_balancer: { algorithm: ring_hash, hash_key: "header:x-user" }
+//! locality: { enabled: true, failover: [zone-b], overprovisioning_percent: 140 }
 //! subsets: [ { name: v1, labels: { version: v1 } }, { name: v2, labels: { version: v2 } } ]
 //! split: [ { subset: v1, weight: 90 }, { subset: v2, weight: 10 } ]
 //! routes:
@@ -117,6 +118,9 @@ pub fn parse(
     policy.load_balancer = top
         .obj("load_balancer", &mut p)
         .map(|o| load_balancer(o, &mut p));
+    policy.locality = top
+        .obj("locality", &mut p)
+        .map(|o| locality::locality(o, &mut p));
     if let Some(items) = top.list("subsets", &mut p) {
         policy.subsets = subsets(items, &mut p);
     }
@@ -545,6 +549,8 @@ fn route(mut o: Obj<'_>, subsets: &BTreeSet<String>, p: &mut Problems) -> Route 
     o.finish(p);
     r
 }
+
+mod locality;
 
 #[cfg(test)]
 mod tests;

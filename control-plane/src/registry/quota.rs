@@ -141,6 +141,8 @@ pub fn endpoint(i: &Instance) -> Endpoint {
         metadata: i.metadata.clone(),
         status: i.status,
         inbound_port: i.inbound_port,
+        zone: i.zone.clone(),
+        priority: 0,
     }
 }
 
@@ -354,9 +356,28 @@ mod tests {
     }
 
     #[test]
+    fn the_zone_is_carried_into_the_endpoint() {
+        let i = Instance {
+            zone: "eu-west-1a".into(),
+            ..inst("node-1.web", "web", 0)
+        };
+        let e = endpoint(&i);
+        assert_eq!(e.zone, "eu-west-1a");
+        assert_eq!(e.priority, 0);
+        assert_eq!(endpoint(&inst("node-2.web", "web", 0)).zone, "");
+    }
+
+    #[test]
     fn footprints_add_up_to_the_encoded_resource() {
         let all: Vec<Instance> = (0..20)
-            .map(|n| inst(&format!("node-{n}.web"), "web", n))
+            .map(|n| Instance {
+                zone: if n % 2 == 0 {
+                    "zone-a".into()
+                } else {
+                    String::new()
+                },
+                ..inst(&format!("node-{n}.web"), "web", n)
+            })
             .collect();
         let resource = ServiceEndpoints {
             service: "web".into(),

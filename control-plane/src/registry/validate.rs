@@ -124,6 +124,15 @@ pub fn instance(i: &Instance, prefix: &str) -> Result<(), Vec<FieldError>> {
             format!("must be 0..=65535, got {}", i.inbound_port),
         );
     }
+    if !i.zone.is_empty() && !is_dns_label(&i.zone) {
+        e.push(
+            "zone",
+            format!(
+                "must be empty or a DNS label (lowercase letters, digits and '-', 1 to 63 characters, not starting or ending with '-'), got {:?}",
+                truncate(&i.zone)
+            ),
+        );
+    }
     if i.weight > MAX_WEIGHT {
         e.push(
             "weight",
@@ -340,6 +349,33 @@ mod tests {
         );
         let err = instance(&i, "instance").unwrap_err();
         assert!(describe(&err).contains("instance.port: must be 1..=65535, got 70000"));
+    }
+
+    #[test]
+    fn zones_are_dns_labels() {
+        for ok in ["", "a", "eu-west-1a", &"z".repeat(63)] {
+            let i = Instance {
+                zone: ok.to_owned(),
+                ..good()
+            };
+            assert_eq!(instance(&i, "instance"), Ok(()), "{ok:?}");
+        }
+        for bad in ["Zone-A", "-a", "a-", "a.b", "a b", &"z".repeat(64)] {
+            let i = Instance {
+                zone: bad.to_owned(),
+                ..good()
+            };
+            assert_eq!(fields(&i), ["instance.zone"], "{bad:?}");
+        }
+        let i = Instance {
+            zone: "Zone-A".into(),
+            ..good()
+        };
+        let err = describe(&instance(&i, "instance").unwrap_err());
+        assert!(
+            err.contains("instance.zone: must be empty or a DNS label"),
+            "{err}"
+        );
     }
 
     #[test]

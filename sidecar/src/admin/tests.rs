@@ -81,6 +81,8 @@ async fn live_ready_and_config() {
                 weight: 1,
                 metadata: [("version".to_string(), "v1".to_string())].into(),
                 health: Health::Healthy,
+                zone: String::new(),
+                priority: 0,
             }],
         },
     );
@@ -122,11 +124,11 @@ async fn live_ready_and_config() {
         json["upstreams"]["payments"],
         serde_json::json!({"exists": true, "version": "abc", "lb": null, "panic": null,
             "policy_version": null, "concurrency_limit": null, "concurrency_in_flight": null,
-            "concurrency_min_rtt_ms": null,
+            "concurrency_min_rtt_ms": null, "caller_zone": null, "levels": [],
             "endpoints": [{
             "id": "pay-1.payments", "address": "127.0.0.1", "port": 8081, "inbound_port": 0, "weight": 1,
             "metadata": {"version": "v1"}, "status": "healthy", "ejected": false, "ejections": 0,
-            "in_flight": null, "latency_ms": null}]})
+            "in_flight": null, "latency_ms": null, "zone": "", "priority": 0, "level": null}]})
     );
     assert_eq!(json["xds"]["acked"]["payments"], "abc");
     assert_eq!(json["xds"]["acks"], 3);

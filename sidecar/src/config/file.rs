@@ -39,6 +39,7 @@ pub struct FileConfig {
     pub otlp_endpoint: Option<String>,
     pub trace_sample_ratio: Option<f64>,
     pub identity: Option<String>,
+    pub zone: Option<String>,
     pub xds_relay_listen: Option<String>,
     pub xds_relay_max_streams: Option<u64>,
     pub dns_listen: Option<String>,
@@ -80,6 +81,13 @@ pub struct UpstreamSpec {
     pub lb: Option<String>,
     /// `header:NAME`, `cookie:NAME` or `source_ip`, for ring_hash / maglev.
     pub hash_key: Option<String>,
+    /// Locality-aware balancing on or off (default on).
+    pub locality: Option<super::locality::Switch>,
+    /// Zones to fail over to after the caller's own, in order: a list, or
+    /// one string of names separated by spaces (as a flag SPEC takes it).
+    pub failover: Option<super::locality::Zones>,
+    /// 100..=1000; default 140.
+    pub overprovisioning_percent: Option<i64>,
 }
 
 /// Largest weight the registry accepts.
@@ -198,10 +206,18 @@ impl FileConfig {
             unique(&mut seen, &service.name, "service", i)?;
             services.push(service);
         }
+        let zone = match self.zone.as_deref().map(str::trim) {
+            Some("") | None => None,
+            Some(z) => {
+                check_dns_label(z).map_err(|r| ConfigError::invalid("zone", r))?;
+                Some(z.to_owned())
+            }
+        };
         let mut seen = BTreeMap::new();
         let mut upstreams = Vec::with_capacity(self.upstream.len());
         for (i, spec) in self.upstream.into_iter().enumerate() {
-            let upstream = spec.validate(i)?;
+            let mut upstream = spec.validate(i)?;
+            upstream.caller_zone = zone.clone();
             unique(&mut seen, &upstream.name, "upstream", i)?;
             upstreams.push(upstream);
         }
@@ -235,6 +251,7 @@ impl FileConfig {
 
         Ok(Config {
             identity,
+            zone,
             xds_relay,
             dns,
             limits,
@@ -411,7 +428,7 @@ impl UpstreamSpec {
     /// Parses an `--upstream` SPEC (the `index`-th flag).
     pub fn from_flag(spec: &str, index: usize) -> Result<Self, ConfigError> {
         let what = format!("upstream[{index}]");
-        spec_table(spec, &what, &[])?
+        spec_table(spec, &what, &["overprovisioning_percent"])?
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::invalid(what, e.message()))
     }
@@ -447,12 +464,20 @@ impl UpstreamSpec {
                 "only used with lb = \"ring_hash\" or \"maglev\"",
             ));
         }
+        let locality = super::locality::validate(
+            i,
+            self.locality.as_ref(),
+            self.failover.as_ref(),
+            self.overprovisioning_percent,
+        )?;
         Ok(Upstream {
             name: self.name,
             listen,
             protocol: self.protocol.unwrap_or_default(),
             lb,
             hash_key,
+            locality,
+            caller_zone: None,
         })
     }
 }

@@ -69,6 +69,8 @@ fn parses_the_documented_example() {
             protocol: Protocol::Http,
             lb: crate::balance::Algorithm::LoadAware,
             hash_key: None,
+            locality: crate::balance::locality::LocalityConfig::default(),
+            caller_zone: None,
         }]
     );
     assert_eq!(c.log_format, LogFormat::Text);
@@ -755,4 +757,64 @@ fn bad_limits_name_the_key() {
     .unwrap_err()
     .to_string();
     assert_eq!(e, "limits.max_connections: must be 1..=1048576, got 0");
+}
+
+#[test]
+fn zone_and_upstream_locality_are_parsed_and_checked() {
+    let base = "node_id = \"n\"\nidentity = \"cli\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\n";
+    let c = Config::from_toml(&format!(
+        "{base}zone = \"zone-a\"\n[[upstream]]\nname = \"pay\"\nfailover = [\"zone-c\", \"zone-b\"]\noverprovisioning_percent = 200\n[[upstream]]\nname = \"web\"\nlocality = false\n"
+    ))
+    .unwrap();
+    assert_eq!(c.zone.as_deref(), Some("zone-a"));
+    let pay = &c.upstreams[0];
+    assert_eq!(pay.caller_zone.as_deref(), Some("zone-a"));
+    assert!(pay.locality.enabled);
+    assert_eq!(pay.locality.failover, ["zone-c", "zone-b"]);
+    assert_eq!(pay.locality.overprovisioning, 200);
+    assert!(!c.upstreams[1].locality.enabled);
+    assert_eq!(c.upstreams[1].locality.overprovisioning, 140);
+
+    // Without a zone nothing changes.
+    let c = Config::from_toml(&format!("{base}[[upstream]]\nname = \"pay\"\n")).unwrap();
+    assert_eq!(c.zone, None);
+    assert_eq!(c.upstreams[0].caller_zone, None);
+
+    // The flag SPEC takes the same keys as strings.
+    let c = Config::from_parts(
+        FileConfig::parse(base, "config").unwrap(),
+        cli(&[
+            "--zone",
+            "zone-a",
+            "--upstream",
+            "name=pay,locality=on,failover=zone-b zone-c,overprovisioning_percent=100",
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.upstreams[0].locality.failover, ["zone-b", "zone-c"]);
+    assert_eq!(c.upstreams[0].locality.overprovisioning, 100);
+
+    for (extra, field) in [
+        ("zone = \"Zone_A\"\n", "zone:"),
+        ("zone = \"a-\"\n", "zone:"),
+        (
+            "[[upstream]]\nname = \"pay\"\nfailover = [\"b\", \"B\"]\n",
+            "upstream[0].failover:",
+        ),
+        (
+            "[[upstream]]\nname = \"pay\"\nfailover = [\"b\", \"b\"]\n",
+            "upstream[0].failover:",
+        ),
+        (
+            "[[upstream]]\nname = \"pay\"\noverprovisioning_percent = 99\n",
+            "upstream[0].overprovisioning_percent: must be 100..=1000",
+        ),
+        (
+            "[[upstream]]\nname = \"pay\"\nlocality = \"maybe\"\n",
+            "upstream[0].locality:",
+        ),
+    ] {
+        let e = err(&format!("{base}{extra}"));
+        assert!(e.starts_with(field), "{extra}: {e}");
+    }
 }

@@ -20,6 +20,8 @@ fn endpoint(id: &str, address: &str, port: u16, health: Health) -> Endpoint {
         weight: 1,
         metadata: BTreeMap::new(),
         health,
+        zone: String::new(),
+        priority: 0,
     }
 }
 

@@ -15,6 +15,7 @@
 //! | timeouts | none per request or try; connect 2 s; HTTP/1.1 pool idle 60 s |
 //! | circuit breaker | 1024 requests, 1024 pending, 1024 connections |
 //! | adaptive concurrency | off; when set: limit 3..1000, buffer 25 %, 100 ms windows, min RTT from 50 requests every 60 s |
+//! | locality | the sidecar file's upstream settings (on, no failover list, overprovisioning 140 %) |
 //! | outlier detection | 5 consecutive gateway errors; 30 s × ejections; at most 50 %; latency outliers off |
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
@@ -22,7 +23,10 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use http::{HeaderName, HeaderValue, Method, Request};
 use isdp_proto::v1::{self as pb, TrafficPolicy};
 
-use crate::balance::{Algorithm, HashKey, OutlierConfig};
+use crate::balance::{
+    Algorithm, HashKey, OutlierConfig,
+    locality::{DEFAULT_OVERPROVISIONING, LocalityConfig},
+};
 use crate::proxy::limits::{AdaptiveConfig, BreakerLimits, DEFAULT_BREAKER_LIMIT};
 
 /// Retry defaults: what Linkerd and Istio users expect without asking.
@@ -153,6 +157,8 @@ pub struct Compiled {
     /// None: no adaptive concurrency limit.
     pub adaptive: Option<AdaptiveConfig>,
     pub outlier: OutlierConfig,
+    /// Overrides the sidecar file's locality settings; None: keep them.
+    pub locality: Option<LocalityConfig>,
 }
 
 // === impl Compiled ===
@@ -168,6 +174,7 @@ impl Compiled {
             breaker: BreakerLimits::default(),
             adaptive: None,
             outlier: OutlierConfig::default(),
+            locality: None,
         }
     }
 
@@ -326,6 +333,7 @@ impl Compiled {
             breaker,
             adaptive,
             outlier,
+            locality: p.locality.as_ref().map(locality_config),
         }
     }
 
@@ -335,6 +343,19 @@ impl Compiled {
             .iter()
             .find(|(m, _)| m.matches(req))
             .map_or(&self.default, |(_, p)| p)
+    }
+}
+
+/// A policy's `locality`; the control plane refuses a factor out of
+/// range, and the sidecar clamps it whatever it is sent.
+fn locality_config(l: &pb::Locality) -> LocalityConfig {
+    LocalityConfig {
+        enabled: l.enabled,
+        failover: l.failover.clone(),
+        overprovisioning: match l.overprovisioning_percent {
+            0 => DEFAULT_OVERPROVISIONING,
+            n => n.clamp(100, 1000),
+        },
     }
 }
 

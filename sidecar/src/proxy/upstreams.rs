@@ -11,7 +11,7 @@
 //! target and policy they started with.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, RwLock},
     time::Duration,
@@ -37,6 +37,7 @@ use crate::{
 use isdp_core::probe::Health;
 
 pub use isdp_core::probe::PANIC_THRESHOLD;
+pub use pool::{LevelView, Pool};
 
 /// One endpoint as the data plane balances and reaches it (the discovery
 /// snapshot's `xds::Endpoint`, resolved to a destination and carrying
@@ -53,6 +54,10 @@ pub struct LbEndpoint {
     pub load: Arc<EndpointLoad>,
     /// Passive health; the balancer skips the endpoint while ejected.
     pub outlier: Arc<Outlier>,
+    /// The zone it runs in (empty: none) and its failover priority, which
+    /// place it in a locality level.
+    pub zone: String,
+    pub priority: u32,
 }
 
 /// The endpoint the balancer chose for a request, and the load it is
@@ -66,12 +71,6 @@ pub struct Picked {
 
 /// How [`Picked`] rides in a request's extensions (which must be `Clone`).
 pub type PickedSlot = Arc<Mutex<Option<Picked>>>;
-
-/// The endpoints of one subset of a policy, with their own balancer.
-pub struct SubsetLb {
-    endpoints: Vec<Arc<LbEndpoint>>,
-    balancer: Balancer,
-}
 
 /// One upstream's balancing state for one endpoint-set version.
 pub struct UpstreamLb {
@@ -94,9 +93,12 @@ pub struct UpstreamLb {
     pub adaptive: Arc<Adaptive>,
     /// Retries allowed; the same window across rebuilds.
     pub budget: Arc<RetryBudget>,
-    balancer: Balancer,
+    /// The caller's zone, which orders the locality levels; None: no zone.
+    pub caller_zone: Option<String>,
+    /// Every routable endpoint, by locality level when that applies.
+    pool: Pool,
     /// By the policy's subset index.
-    subsets: Vec<SubsetLb>,
+    subsets: Vec<Pool>,
     hash_key: Option<HashKey>,
 }
 
@@ -125,12 +127,12 @@ impl UpstreamLb {
         subset: Option<usize>,
         avoid: &[Arc<LbEndpoint>],
     ) -> Option<(Arc<LbEndpoint>, LoadGuard)> {
-        let (targets, balancer) = match subset.and_then(|i| self.subsets.get(i)) {
-            Some(s) if !s.endpoints.is_empty() => (&s.endpoints, &s.balancer),
-            _ => (&self.endpoints, &self.balancer),
+        let pool = match subset.and_then(|i| self.subsets.get(i)) {
+            Some(s) if !s.endpoints.is_empty() => s,
+            _ => &self.pool,
         };
         let hash = self.hash_key.as_ref().and_then(|k| k.hash(headers, source));
-        let t = choose(targets, balancer, hash, avoid)?;
+        let t = pool.choose(hash, avoid)?;
         let guard = t.load.start();
         Some((t, guard))
     }
@@ -169,7 +171,14 @@ impl UpstreamLb {
             breaker,
             adaptive,
             budget: Arc::new(RetryBudget::new()),
-            balancer: Balancer::new(Algorithm::RoundRobin, Vec::new()),
+            caller_zone: None,
+            pool: Pool::new(
+                Algorithm::RoundRobin,
+                Vec::new(),
+                &[],
+                &crate::balance::locality::LocalityConfig::default(),
+                None,
+            ),
             subsets: Vec::new(),
             hash_key: None,
         }
@@ -205,11 +214,30 @@ impl UpstreamLb {
 
     fn choose(&self, headers: &HeaderMap, source: Option<IpAddr>) -> Option<Arc<LbEndpoint>> {
         let hash = self.hash_key.as_ref().and_then(|k| k.hash(headers, source));
-        choose(&self.endpoints, &self.balancer, hash, &[])
+        self.pool.choose(hash, &[])
     }
 
     pub fn algorithm(&self) -> Algorithm {
-        self.balancer.algorithm()
+        self.pool.algorithm()
+    }
+
+    /// The locality levels of the whole upstream and their shares now;
+    /// empty when locality does not apply.
+    pub fn levels(&self) -> Vec<LevelView> {
+        self.pool.levels()
+    }
+
+    /// The locality level endpoint `id` is balanced in.
+    pub fn level_of(&self, id: &str) -> Option<usize> {
+        self.pool.level_of(id)
+    }
+
+    /// Folds outlier ejections into the locality shares.
+    fn refresh_locality(&self) {
+        self.pool.refresh();
+        for s in &self.subsets {
+            s.refresh();
+        }
     }
 }
 
@@ -219,7 +247,7 @@ impl UpstreamLb {
 /// `max_ejection_percent` keeps enough of them in, so panic semantics stay
 /// with health. If every endpoint is out, an avoided one beats an ejected
 /// one, and anything beats nothing.
-fn choose(
+pub(super) fn choose(
     targets: &[Arc<LbEndpoint>],
     balancer: &Balancer,
     hash: Option<u64>,
@@ -307,7 +335,10 @@ impl Upstreams {
             loop {
                 tokio::select! {
                     _ = shutdown.wait_for(|s| *s) => return,
-                    _ = tick.tick() => this.sweep_latency(&mut swept),
+                    _ = tick.tick() => {
+                        this.sweep_latency(&mut swept);
+                        this.refresh_localities();
+                    }
                     changed = snapshots.changed() => {
                         if changed.is_err() {
                             return;
@@ -394,6 +425,26 @@ impl Upstreams {
         if panic && !endpoints.is_empty() {
             tracing::warn!(upstream = %cfg.name, total = endpoints.len(), "too few healthy endpoints; spreading over all of them");
         }
+        // Unroutable endpoints count against their zone's health; in
+        // panic mode every endpoint is routable and locality is off, as
+        // health is not to be trusted then.
+        let unroutable: Vec<&crate::xds::Endpoint> = if panic {
+            Vec::new()
+        } else {
+            endpoints
+                .iter()
+                .filter(|e| e.health == Health::Unhealthy)
+                .collect()
+        };
+        let caller_zone = if panic {
+            None
+        } else {
+            cfg.caller_zone.as_deref()
+        };
+        let locality = policy
+            .locality
+            .clone()
+            .unwrap_or_else(|| cfg.locality.clone());
         let name: Arc<str> = Arc::from(cfg.name.as_str());
         let mut loads = self.shared.loads.lock().expect("loads lock");
         let mut outliers = self.shared.outliers.lock().expect("outliers lock");
@@ -426,6 +477,8 @@ impl Upstreams {
                     },
                     via_sidecar,
                     load,
+                    zone: e.zone.clone(),
+                    priority: e.priority,
                 }))
             })
             .collect();
@@ -435,25 +488,31 @@ impl Upstreams {
             Some((a, k)) => (*a, k.clone().or_else(|| cfg.hash_key.clone())),
             None => (cfg.lb, cfg.hash_key.clone()),
         };
-        let balancer_of = |ts: &[Arc<LbEndpoint>]| {
-            Balancer::new(algorithm, ts.iter().map(|t| t.load.clone()).collect())
+        let pool_of = |ts: Vec<Arc<LbEndpoint>>, down: &[(&str, u32)]| {
+            Pool::new(algorithm, ts, down, &locality, caller_zone)
         };
         let subsets = policy
             .subsets
             .iter()
             .map(|(_, labels)| {
+                let has = |md: &BTreeMap<String, String>| {
+                    labels.iter().all(|(k, v)| md.get(k) == Some(v))
+                };
                 let members: Vec<Arc<LbEndpoint>> = targets
                     .iter()
                     .zip(&metadata)
-                    .filter(|(_, md)| labels.iter().all(|(k, v)| md.get(k) == Some(v)))
+                    .filter(|(_, md)| has(md))
                     .map(|(t, _)| t.clone())
                     .collect();
-                SubsetLb {
-                    balancer: balancer_of(&members),
-                    endpoints: members,
-                }
+                let down: Vec<(&str, u32)> = unroutable
+                    .iter()
+                    .filter(|e| has(&e.metadata))
+                    .map(|e| place(e))
+                    .collect();
+                pool_of(members, &down)
             })
             .collect();
+        let down: Vec<(&str, u32)> = unroutable.iter().map(|e| place(e)).collect();
         self.shared.breakers[&cfg.name].set_limits(policy.breaker);
         self.shared.adaptives[&cfg.name].configure(policy.adaptive, tokio::time::Instant::now());
         UpstreamLb {
@@ -461,9 +520,10 @@ impl Upstreams {
             service_header: HeaderValue::from_str(&cfg.name).ok(),
             protocol: cfg.protocol,
             version: version.to_owned(),
-            balancer: balancer_of(&targets),
+            pool: pool_of(targets.clone(), &down),
             subsets,
             endpoints: targets,
+            caller_zone: cfg.caller_zone.clone(),
             panic,
             metrics: self.shared.metrics[&cfg.name].clone(),
             policy: Arc::new(policy),
@@ -494,6 +554,12 @@ impl Upstreams {
     }
 }
 
+/// Where an endpoint sits for locality: its zone and priority.
+fn place(e: &crate::xds::Endpoint) -> (&str, u32) {
+    (e.zone.as_str(), e.priority)
+}
+
+mod pool;
 mod sweep;
 #[cfg(test)]
 mod tests;

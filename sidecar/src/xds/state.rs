@@ -26,6 +26,10 @@ pub struct Endpoint {
     pub metadata: BTreeMap<String, String>,
     /// Health as the control plane concluded it.
     pub health: Health,
+    /// The zone the instance runs in; empty when it named none.
+    pub zone: String,
+    /// Failover order across zones (0 first); see `balance::locality`.
+    pub priority: u32,
 }
 
 /// What is known about one subscribed upstream.
@@ -138,6 +142,8 @@ pub fn decode(resource: &Resource) -> Result<UpstreamState, String> {
                 weight: e.weight.max(1),
                 metadata: e.metadata.into_iter().collect(),
                 health: Health::from_i32(e.status),
+                zone: e.zone,
+                priority: e.priority,
             })
         })
         .collect::<Result<Vec<_>, String>>()?;
@@ -168,6 +174,8 @@ mod tests {
                     metadata: [("version".to_string(), "v1".to_string())].into(),
                     status: HealthStatus::Healthy as i32,
                     inbound_port: 0,
+                    zone: "zone-a".into(),
+                    priority: 1,
                 })
                 .collect(),
         }
@@ -217,6 +225,7 @@ mod tests {
             ("n8081.payments", 8081, 1)
         );
         assert_eq!(ep.health, Health::Healthy);
+        assert_eq!((ep.zone.as_str(), ep.priority), ("zone-a", 1));
         assert_eq!(ep.metadata["version"], "v1");
         assert_eq!(state["orders"], UpstreamState::default());
         assert_eq!(

@@ -75,6 +75,8 @@ fn payments(version: &str, body_service: &str) -> Resource {
             metadata: Default::default(),
             status: 1,
             inbound_port: 0,
+            zone: String::new(),
+            priority: 0,
         }],
     };
     Resource {

@@ -45,3 +45,4 @@ mod tracing;
 mod validation;
 mod xds;
 mod xds_limits;
+mod zones;

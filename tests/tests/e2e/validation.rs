@@ -85,6 +85,12 @@ async fn bad_registrations_are_refused_and_change_nothing() {
     let mut args = with(&["--service", "valid"]);
     args.extend(["--meta", big.as_str()]);
     refused(&cp, &args, "metadata").await;
+    refused(
+        &cp,
+        &with(&["--service", "valid", "--zone", "Zone_A"]),
+        "instance.zone",
+    )
+    .await;
 
     assert_eq!(
         cp.services().await,

@@ -222,3 +222,34 @@ fn adaptive_concurrency_is_read_and_bounded() {
         );
     }
 }
+
+#[test]
+fn locality_is_read_and_checked() {
+    let doc = json!({"service": "payments", "locality": {
+        "failover": ["zone-b", "zone-c"], "overprovisioning_percent": 200
+    }});
+    let l = parse(&doc, &anyone).unwrap().locality.unwrap();
+    assert!(l.enabled, "writing the section turns it on");
+    assert_eq!(l.failover, ["zone-b", "zone-c"]);
+    assert_eq!(l.overprovisioning_percent, 200);
+    let doc = json!({"service": "payments", "locality": {"enabled": false}});
+    let l = parse(&doc, &anyone).unwrap().locality.unwrap();
+    assert!(!l.enabled);
+    assert_eq!(l.overprovisioning_percent, 0, "0: the sidecar's default");
+    assert_eq!(
+        fields(json!({"service": "payments", "locality": {
+            "enabled": "yes",
+            "failover": ["Zone_B", "zone-c", "zone-c", 7],
+            "overprovisioning_percent": 99,
+            "weights": 1
+        }})),
+        [
+            "locality.enabled",
+            "locality.failover[0]",
+            "locality.failover[2]",
+            "locality.failover[3]",
+            "locality.overprovisioning_percent",
+            "locality.weights"
+        ]
+    );
+}

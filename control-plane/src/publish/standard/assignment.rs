@@ -1,5 +1,6 @@
 //! Endpoint assignments: the instances of one cluster, grouped into
-//! localities by their `region` and `zone` metadata.
+//! localities by their `region` metadata and their zone (`Instance.zone`,
+//! else the `zone` metadata).
 //!
 //! The rules are gRPC's, which Envoy shares: a locality needs a weight
 //! (gRPC drops one whose weight is unset or 0), here the sum of its
@@ -65,7 +66,15 @@ pub fn assignment(
             (_, Health::Unhealthy) => HealthStatus::Unhealthy,
         };
         localities
-            .entry((meta("region"), meta("zone")))
+            // The instance's own zone, else the older `zone` label.
+            .entry((
+                meta("region"),
+                if i.zone.is_empty() {
+                    meta("zone")
+                } else {
+                    i.zone.as_str()
+                },
+            ))
             .or_default()
             .push(LbEndpoint {
                 host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(

@@ -221,7 +221,9 @@ fn a_service_without_a_policy_is_a_listener_routes_a_cluster_and_its_endpoints()
 fn endpoints_are_grouped_by_zone_weighted_and_unique() {
     let mut heavy = labelled(instance("a", 9001, Health::Healthy), &[("zone", "z1")]);
     heavy.weight = 5;
-    let light = labelled(instance("b", 9002, Health::Healthy), &[("zone", "z1")]);
+    // The instance's own zone wins over the label.
+    let mut light = labelled(instance("b", 9002, Health::Healthy), &[("zone", "z9")]);
+    light.zone = "z1".into();
     let other = labelled(
         instance("c", 9003, Health::Healthy),
         &[("zone", "z2"), ("region", "r")],

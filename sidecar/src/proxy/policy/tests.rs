@@ -160,3 +160,30 @@ fn defaults_are_what_mesh_users_expect() {
     assert_eq!(d.outlier.consecutive_gateway_errors, 5);
     assert_eq!(d.breaker.max_requests, 1024);
 }
+
+#[test]
+fn locality_replaces_the_files_settings_only_when_set() {
+    assert_eq!(Compiled::defaults().locality, None);
+    let p = TrafficPolicy {
+        locality: Some(pb::Locality {
+            enabled: true,
+            failover: vec!["zone-b".into()],
+            overprovisioning_percent: 0,
+        }),
+        ..Default::default()
+    };
+    let l = Compiled::new(&p, "1").locality.unwrap();
+    assert!(l.enabled);
+    assert_eq!(l.failover, ["zone-b"]);
+    assert_eq!(l.overprovisioning, 140, "0: the default");
+    let p = TrafficPolicy {
+        locality: Some(pb::Locality {
+            overprovisioning_percent: 5000,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let l = Compiled::new(&p, "1").locality.unwrap();
+    assert!(!l.enabled);
+    assert_eq!(l.overprovisioning, 1000, "clamped whatever is sent");
+}

@@ -39,6 +39,17 @@ impl Upstreams {
     }
 }
 
+impl Upstreams {
+    /// Folds outlier ejections into every upstream's locality shares.
+    pub(super) fn refresh_localities(&self) {
+        for name in self.shared.configs.keys() {
+            if let Some(lb) = self.get(name) {
+                lb.refresh_locality();
+            }
+        }
+    }
+}
+
 fn sweep(lb: &UpstreamLb, now: Instant) {
     let endpoints: Vec<(&EndpointLoad, &Outlier)> = lb
         .endpoints

@@ -4,7 +4,7 @@ use std::time::Duration;
 use isdp_proto::v1::{LoadBalancer, OutlierDetection, Subset, TrafficPolicy, WeightedSubset};
 
 use super::*;
-use crate::balance::{Outcome, outlier};
+use crate::balance::{Outcome, OutlierConfig, locality::LocalityConfig, outlier};
 use crate::xds::{Endpoint, UpstreamState, security::Versioned};
 
 fn endpoint(n: u16, version: &str) -> Endpoint {
@@ -16,6 +16,8 @@ fn endpoint(n: u16, version: &str) -> Endpoint {
         weight: 1,
         metadata: [("version".to_string(), version.to_string())].into(),
         health: Health::Healthy,
+        zone: String::new(),
+        priority: 0,
     }
 }
 
@@ -70,6 +72,13 @@ fn canary_policy() -> TrafficPolicy {
 fn upstreams(
     first: Arc<Snapshot>,
 ) -> (Upstreams, watch::Sender<Arc<Snapshot>>, watch::Sender<bool>) {
+    upstreams_in(first, None)
+}
+
+fn upstreams_in(
+    first: Arc<Snapshot>,
+    zone: Option<&str>,
+) -> (Upstreams, watch::Sender<Arc<Snapshot>>, watch::Sender<bool>) {
     let (tx, rx) = watch::channel(first);
     let (stop_tx, stop) = watch::channel(false);
     let cfg = Upstream {
@@ -78,6 +87,8 @@ fn upstreams(
         protocol: Protocol::Http,
         lb: Algorithm::RoundRobin,
         hash_key: None,
+        locality: LocalityConfig::default(),
+        caller_zone: zone.map(str::to_owned),
     };
     (
         Upstreams::spawn(&[cfg], &Metrics::new(), rx, stop),
@@ -156,4 +167,87 @@ async fn ejected_and_avoided_endpoints_are_skipped() {
     assert_eq!(lb.ejected_now(), 0);
     let seen = pick_ids(&lb, None, &[]);
     assert!(seen.contains_key("pay-0"), "back after its time: {seen:?}");
+}
+
+/// Endpoints 0-3 in zone a, 4-5 in zone b; `down` are unhealthy.
+fn zoned_snapshot(version: &str, down: &[u16]) -> Arc<Snapshot> {
+    let mut snap = Snapshot::default();
+    let endpoints = (0..6)
+        .map(|n| Endpoint {
+            zone: if n < 4 { "a" } else { "b" }.into(),
+            health: if down.contains(&n) {
+                Health::Unhealthy
+            } else {
+                Health::Healthy
+            },
+            ..endpoint(n, "v1")
+        })
+        .collect();
+    snap.upstreams.insert(
+        "payments".into(),
+        UpstreamState {
+            exists: true,
+            version: version.into(),
+            endpoints,
+        },
+    );
+    Arc::new(snap)
+}
+
+fn zone_counts(lb: &UpstreamLb) -> (usize, usize) {
+    let mut counts = (0, 0);
+    for _ in 0..2000 {
+        let (t, _g) = lb.pick(&HeaderMap::new(), None).unwrap();
+        if t.zone == "a" {
+            counts.0 += 1;
+        } else {
+            counts.1 += 1;
+        }
+    }
+    counts
+}
+
+#[tokio::test]
+async fn calls_stay_in_the_callers_zone_until_it_degrades() {
+    let (ups, _tx, _stop) = upstreams_in(zoned_snapshot("e1", &[]), Some("a"));
+    let lb = ups.get("payments").unwrap();
+    assert_eq!(zone_counts(&lb), (2000, 0));
+    let levels = lb.levels();
+    assert_eq!(levels.len(), 2);
+    assert_eq!(
+        (levels[0].zone.as_str(), levels[0].share_percent),
+        ("a", 100.0)
+    );
+    assert_eq!(lb.level_of("pay-5"), Some(1));
+
+    // Three of a's four down: 25 % × 1.4 = 35 % stays.
+    let (ups, _tx, _stop) = upstreams_in(zoned_snapshot("e2", &[0, 1, 2]), Some("a"));
+    let lb = ups.get("payments").unwrap();
+    let (a, b) = zone_counts(&lb);
+    assert!((600..800).contains(&a), "{a} in a, {b} in b");
+    assert_eq!(lb.levels()[1].share_percent, 65.0);
+
+    // A caller without a zone spreads evenly, as before.
+    let (ups, _tx, _stop) = upstreams_in(zoned_snapshot("e1", &[]), None);
+    let lb = ups.get("payments").unwrap();
+    assert!(lb.levels().is_empty());
+    let (a, b) = zone_counts(&lb);
+    assert!((1200..1500).contains(&a), "{a} in a, {b} in b");
+}
+
+#[tokio::test(start_paused = true)]
+async fn ejections_move_traffic_out_of_the_zone() {
+    let (ups, _tx, _stop) = upstreams_in(zoned_snapshot("e1", &[]), Some("a"));
+    let lb = ups.get("payments").unwrap();
+    let cfg = OutlierConfig {
+        max_ejection_percent: 100,
+        ..lb.policy.outlier
+    };
+    let all: Vec<&Outlier> = lb.endpoints.iter().map(|t| &*t.outlier).collect();
+    for t in lb.endpoints.iter().filter(|t| t.zone == "a") {
+        assert!(outlier::eject(&all, &t.outlier, &cfg, tokio::time::Instant::now()).is_some());
+    }
+    lb.refresh_locality();
+    assert_eq!(lb.levels()[0].share_percent, 0.0);
+    assert_eq!(zone_counts(&lb), (0, 2000));
 }
