@@ -34,6 +34,8 @@
 //!   restartable) for the etcd store tests.
 //! - `gate`: [`TcpGate`], a TCP forwarder a test cuts and heals, to
 //!   partition one process from another (a replica from etcd).
+//! - `procstat`: [`procstat::ProcStat`], a process's memory, descriptors and
+//!   threads from `/proc`, and the slope of a series (the soak bench).
 //! - `netns`: [`NetNs`], a network namespace on a veth link that the test
 //!   breaks with iptables ([`Fault`]: a blackhole to one port, packet
 //!   loss), for partitions as a real network makes them (root only).
@@ -54,6 +56,7 @@ pub mod netns;
 pub mod node;
 pub mod otlp;
 mod process;
+pub mod procstat;
 pub mod promtool;
 mod sidecar;
 
