@@ -75,6 +75,7 @@ fn payments(version: &str, body_service: &str) -> Resource {
             metadata: Default::default(),
             status: 1,
             inbound_port: 0,
+            ..Default::default()
         }],
     };
     Resource {

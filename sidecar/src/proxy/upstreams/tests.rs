@@ -14,6 +14,8 @@ fn endpoint(n: u16, version: &str) -> Endpoint {
         port: 9000 + n,
         inbound_port: 0,
         weight: 1,
+        operator_weight: 1,
+        weight_reason: String::new(),
         metadata: [("version".to_string(), version.to_string())].into(),
         health: Health::Healthy,
     }
@@ -70,13 +72,20 @@ fn canary_policy() -> TrafficPolicy {
 fn upstreams(
     first: Arc<Snapshot>,
 ) -> (Upstreams, watch::Sender<Arc<Snapshot>>, watch::Sender<bool>) {
+    upstreams_with(first, Algorithm::RoundRobin)
+}
+
+fn upstreams_with(
+    first: Arc<Snapshot>,
+    lb: Algorithm,
+) -> (Upstreams, watch::Sender<Arc<Snapshot>>, watch::Sender<bool>) {
     let (tx, rx) = watch::channel(first);
     let (stop_tx, stop) = watch::channel(false);
     let cfg = Upstream {
         name: "payments".into(),
         listen: None,
         protocol: Protocol::Http,
-        lb: Algorithm::RoundRobin,
+        lb,
         hash_key: None,
     };
     (
@@ -156,4 +165,71 @@ async fn ejected_and_avoided_endpoints_are_skipped() {
     assert_eq!(lb.ejected_now(), 0);
     let seen = pick_ids(&lb, None, &[]);
     assert!(seen.contains_key("pay-0"), "back after its time: {seen:?}");
+}
+
+/// `payments` at `version` with weights `weights` (pay-0, pay-1, pay-2).
+fn weighted(version: &str, weights: [u32; 3]) -> Arc<Snapshot> {
+    let mut snap = Snapshot::default();
+    let endpoints = weights
+        .iter()
+        .enumerate()
+        .map(|(n, w)| Endpoint {
+            weight: *w,
+            ..endpoint(n as u16, "v1")
+        })
+        .collect();
+    snap.upstreams.insert(
+        "payments".into(),
+        UpstreamState {
+            exists: true,
+            version: version.into(),
+            endpoints,
+        },
+    );
+    Arc::new(snap)
+}
+
+/// Picks per endpoint id over `n` picks of the whole upstream.
+fn shares(lb: &UpstreamLb, n: usize) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        let (t, _g) = lb.pick(&HeaderMap::new(), None).unwrap();
+        *seen.entry(t.id.clone()).or_default() += 1;
+    }
+    seen
+}
+
+/// A new weight pushed for endpoints that stay takes effect: the load
+/// state is kept (same object) with the new weight, and the balancers
+/// that precompute from weights follow it.
+#[tokio::test]
+async fn a_pushed_weight_change_on_existing_endpoints_takes_effect() {
+    for algorithm in [Algorithm::WeightedRoundRobin, Algorithm::Random] {
+        let (ups, tx, _stop) = upstreams_with(weighted("e1", [100, 100, 100]), algorithm);
+        let before = ups.get("payments").unwrap();
+        let even = shares(&before, 3000);
+        assert!(even["pay-0"] > 800, "{algorithm:?} even: {even:?}");
+
+        tx.send_replace(weighted("e2", [800, 100, 100]));
+        tokio::time::timeout(Duration::from_secs(2), async {
+            while ups.get("payments").unwrap().version != "e2" {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        let after = ups.get("payments").unwrap();
+        assert!(Arc::ptr_eq(
+            &before.endpoints[0].load,
+            &after.endpoints[0].load
+        ));
+        assert_eq!(after.load("pay-0").unwrap().weight(), 800);
+        assert_eq!(after.load("pay-1").unwrap().weight(), 100);
+        let skewed = shares(&after, 3000);
+        // 80 % of 3000, give or take.
+        assert!(
+            (2200..=2600).contains(&skewed["pay-0"]),
+            "{algorithm:?} skewed: {skewed:?}"
+        );
+    }
 }
