@@ -440,7 +440,8 @@ fn start_http(
             views.registry.clone(),
             metrics.clone(),
             shutdown.clone(),
-        ),
+        )
+        .with_weights(views.load_weights.clone()),
         policies_api: api::policies::PoliciesApi::new(views.policies.clone(), shutdown.clone()),
         authorization_api: api::authorization::AuthorizationApi::new(views.authz.clone()),
         tokens_api: api::tokens::TokensApi::new(tokens.clone()),

@@ -318,9 +318,95 @@ pub fn spawn(
 
 #[cfg(test)]
 mod tests {
-    use isdp_proto::v1::Endpoint;
+    use isdp_proto::v1::{Endpoint, Instance, InstanceLoad};
 
     use super::*;
+    use crate::load::{
+        LoadView, WeightConfig,
+        sink::Sink,
+        writer::{Write, Writer},
+    };
+    use crate::store::{Store, embedded::EmbeddedStore};
+
+    /// Reports -> the session's writer -> the store -> a replica's view ->
+    /// weights in the published resource, composed with the operator's.
+    #[tokio::test]
+    async fn reports_weigh_the_published_endpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let (_stop, shutdown) = watch::channel(false);
+        let registry = Registry::start(store.clone(), "/isdp/", shutdown.clone())
+            .await
+            .unwrap();
+        for (id, weight) in [("a", 1), ("b", 1), ("c", 2)] {
+            registry
+                .register(Instance {
+                    id: id.into(),
+                    service: "web".into(),
+                    address: "127.0.0.1".into(),
+                    port: 8080,
+                    weight,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        let view = LoadView::start(store.clone(), "/isdp/", shutdown.clone())
+            .await
+            .unwrap();
+        let mut changes = view.subscribe();
+        let (sink, _task) = Sink::spawn(store.clone(), "/isdp/", shutdown);
+        let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+        let mut writer = Writer::default();
+        // a and c equally busy, b three times as busy per request; the
+        // figures became usable long before the blackout's end.
+        for (id, utilization) in [("a", 0.25), ("b", 0.75), ("c", 0.25)] {
+            let load = InstanceLoad {
+                instance_id: id.into(),
+                rps: 100.0,
+                application_utilization: Some(utilization),
+                ..Default::default()
+            };
+            let summary = writer.offer(&load, tokio::time::Instant::now(), 1).unwrap();
+            assert!(sink.send(Write::Put(summary), Some(lease)));
+        }
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while changes.borrow_and_update().len() < 3 {
+                changes.changed().await.unwrap();
+            }
+        })
+        .await
+        .unwrap();
+        let weighing = Weighing {
+            weights: LoadWeights::new(WeightConfig::default(), view),
+            observer: None,
+        };
+        let r = service_endpoints(&registry, &weighing, "web").unwrap();
+        let got: Vec<(&str, u32, u32, &str)> = r
+            .endpoints
+            .iter()
+            .map(|e| {
+                (
+                    e.instance_id.as_str(),
+                    e.weight,
+                    e.operator_weight,
+                    e.weight_reason.as_str(),
+                )
+            })
+            .collect();
+        // Raw 400, 133, 400: factors 1.29, 0.43, 1.29; c's operator 2.
+        assert_eq!(
+            got,
+            [
+                ("a", 129, 1, "load: util 0.25 rps 100"),
+                ("b", 43, 1, "load: util 0.75 rps 100"),
+                ("c", 257, 2, "load: util 0.25 rps 100"),
+            ]
+        );
+        let plain = service_endpoints(&registry, &Weighing::operator_only(), "web").unwrap();
+        let weights: Vec<u32> = plain.endpoints.iter().map(|e| e.weight).collect();
+        assert_eq!(weights, [1, 1, 2], "operator weights only");
+    }
 
     #[test]
     fn a_resource_over_the_cap_is_not_published() {
