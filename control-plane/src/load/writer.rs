@@ -7,7 +7,10 @@
 //! make load most of the store's writes. So figures are smoothed, and a
 //! summary is written only when one moved by more than [`MIN_CHANGE`]
 //! (or the figures turned usable or unusable), at most every
-//! [`MIN_WRITE_GAP`] per instance. An instance that stops reporting for
+//! [`MIN_WRITE_GAP`] per instance; figures that are not usable (no
+//! traffic or no utilisation: they weigh nothing) are written once, not
+//! on every move, so a mesh whose applications report no utilisation
+//! writes a summary per instance and session, not a stream of them. An instance that stops reporting for
 //! [`super::REPORT_TTL`] has its summary deleted. Pure: time is passed in.
 
 use std::collections::HashMap;
@@ -101,7 +104,10 @@ impl Writer {
                 let news = *since != state.usable_since_unix_ms
                     && (*since == 0 || state.usable_since_unix_ms == 0);
                 let gap = now.saturating_duration_since(*at) >= MIN_WRITE_GAP;
-                news || (gap && moved(figures, &state.figures))
+                // Figures without a utilisation weigh nothing: only
+                // their turning usable is worth a write.
+                let usable_now = state.usable_since_unix_ms != 0;
+                news || (gap && usable_now && moved(figures, &state.figures))
             }
         };
         if !due {
@@ -218,6 +224,21 @@ mod tests {
             .offer(&load(50.0, 0.5), t0 + Duration::from_secs(1), 2_000)
             .expect("news");
         assert_eq!((back.rps, back.usable_since_unix_ms), (50.0, 2_000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn figures_without_a_utilisation_are_written_once() {
+        let mut w = Writer::default();
+        let t0 = Instant::now();
+        let none = InstanceLoad {
+            instance_id: "n1.web".into(),
+            rps: 100.0,
+            ..Default::default()
+        };
+        let first = w.offer(&none, t0, 1_000).expect("first is written");
+        assert_eq!(first.usable_since_unix_ms, 0);
+        let busier = InstanceLoad { rps: 500.0, ..none };
+        assert_eq!(w.offer(&busier, t0 + Duration::from_secs(10), 11_000), None);
     }
 
     #[tokio::test(start_paused = true)]
