@@ -318,7 +318,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 .await
                 .map_err(api("instances"))?
                 .into_inner();
-            output::instances(fmt, &resp.instances);
+            output::instances(fmt, &resp.instances, &resp.weights);
         }
         Command::ProxyStatus => {
             let resp = ProxyStatusClient::new(channel)

@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use isdp_proto::v1::{ClientKind, HealthStatus, Instance, Proxy, ServiceSummary};
+use isdp_proto::v1::{ClientKind, HealthStatus, Instance, InstanceWeight, Proxy, ServiceSummary};
 use serde_json::{Value, json};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -154,16 +154,51 @@ pub fn services(fmt: Format, services: &[ServiceSummary]) {
     }
 }
 
-pub fn instances(fmt: Format, instances: &[Instance]) {
+/// `instances`: with the weight sidecars balance each instance with, and
+/// the load it comes from, when the control plane says (`weights`, by
+/// instance id; older control planes send none).
+pub fn instances(fmt: Format, instances: &[Instance], weights: &[InstanceWeight]) {
+    let weight_of = |id: &str| weights.iter().find(|w| w.instance_id == id);
     match fmt {
-        Format::Json => print(Value::Array(instances.iter().map(instance_json).collect())),
+        Format::Json => print(Value::Array(
+            instances
+                .iter()
+                .map(|i| {
+                    let mut v = instance_json(i);
+                    if let Some(w) = weight_of(&i.id) {
+                        v["load"] = json!({
+                            "rps": w.rps,
+                            "utilization": w.utilization,
+                            "lb_weight": w.weight,
+                            "operator_weight": w.operator_weight,
+                            "load_factor": w.load_factor,
+                            "reason": w.reason,
+                        });
+                    }
+                    v
+                })
+                .collect(),
+        )),
         Format::Table => table(
             &[
-                "ID", "SERVICE", "ADDRESS", "PORT", "STATUS", "WEIGHT", "NODE", "METADATA",
+                "ID",
+                "SERVICE",
+                "ADDRESS",
+                "PORT",
+                "STATUS",
+                "WEIGHT",
+                "RPS",
+                "UTIL",
+                "LB WEIGHT",
+                "REASON",
+                "NODE",
+                "METADATA",
             ],
             instances
                 .iter()
                 .map(|i| {
+                    let w = weight_of(&i.id);
+                    let or_dash = |f: &dyn Fn(&InstanceWeight) -> String| w.map_or("-".into(), f);
                     vec![
                         i.id.clone(),
                         i.service.clone(),
@@ -171,6 +206,10 @@ pub fn instances(fmt: Format, instances: &[Instance]) {
                         i.port.to_string(),
                         status_name(i.status).to_owned(),
                         i.weight.to_string(),
+                        or_dash(&|w| format!("{:.1}", w.rps)),
+                        or_dash(&|w| format!("{:.2}", w.utilization)),
+                        or_dash(&|w| w.weight.to_string()),
+                        or_dash(&|w| w.reason.clone()),
                         if i.node_id.is_empty() {
                             "-".into()
                         } else {
@@ -193,7 +232,7 @@ pub fn watch_update(fmt: Format, list: &[Instance]) {
     match fmt {
         Format::Json => print(Value::Array(list.iter().map(instance_json).collect())),
         Format::Table => {
-            instances(fmt, list);
+            instances(fmt, list, &[]);
             print("");
         }
     }

@@ -124,8 +124,12 @@ async fn run(k: &Knobs) -> anyhow::Result<()> {
         let (stop, shutdown) = watch::channel(false);
         let rss0 = rss()?;
         let t0 = Instant::now();
-        let endpoints =
-            publish::endpoints::spawn(registry.clone(), cache.clone(), shutdown.clone());
+        let endpoints = publish::endpoints::spawn(
+            registry.clone(),
+            cache.clone(),
+            publish::endpoints::Weighing::operator_only(),
+            shutdown.clone(),
+        );
         let e = t0.elapsed();
         let rss1 = rss()?;
         let t0 = Instant::now();
@@ -298,7 +302,12 @@ async fn changes(
             cache.clone(),
             shutdown.clone(),
         ),
-        publish::endpoints::spawn(registry.clone(), cache.clone(), shutdown),
+        publish::endpoints::spawn(
+            registry.clone(),
+            cache.clone(),
+            publish::endpoints::Weighing::operator_only(),
+            shutdown,
+        ),
     ];
     let eps_type = ServiceEndpoints::type_url();
     let mut standard_ms = Vec::with_capacity(k.changes);

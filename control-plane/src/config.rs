@@ -4,9 +4,11 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 mod http;
+mod load;
 mod ui;
 
 pub use http::{DEFAULT_MAX_BODY_BYTES, HttpArgs};
+pub use load::LoadArgs;
 pub use ui::UiArgs;
 
 use crate::registry::Quotas;
@@ -243,6 +245,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub ui: UiArgs,
+
+    #[command(flatten)]
+    pub load: LoadArgs,
 }
 
 /// A secret taken from the environment; `Debug` does not show it.
@@ -295,6 +300,7 @@ impl Config {
         }
         self.http.validate()?;
         self.ui.validate()?;
+        self.load.validate()?;
         self.validate_quotas()
     }
 

@@ -33,6 +33,9 @@
 //!   session cookies, one page fed by Server-Sent Events.
 //! - [`traffic`]: the sidecars' traffic reports (soft state per replica),
 //!   as the topology graph's edges with rates, error rates and p99.
+//! - [`load`]: sidecars' load reports, the summaries each session's
+//!   replica writes to the store, and the endpoint weights every replica
+//!   computes from them and pushes with the endpoints.
 //! - [`proxies`]: what each connected xDS client holds, per stream and
 //!   resource, and what kind of client it is (proxy status, CSDS).
 //! - `server`: startup. [`Server::bind`] opens the store, loads the CA and

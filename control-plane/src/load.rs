@@ -1,11 +1,10 @@
-//! Load reports from sidecars (`LoadReport` on the session), checked and
-//! kept in memory.
+//! Load reports from sidecars (`LoadReport` on the session), checked,
+//! kept in memory, and turned into endpoint weights pushed with the
+//! endpoints.
 //!
 //! Reports are soft state per replica: each replica keeps the reports of
-//! the sessions connected to it, none goes to the store (a report every
-//! 2 s per sidecar would be most of the store's writes, and a report is
-//! worthless once a newer one exists or its sidecar is gone). A report
-//! older than [`REPORT_TTL`] counts as absent, and is pruned on writes.
+//! the sessions connected to it. A report older than [`REPORT_TTL`] counts
+//! as absent, and is pruned on writes.
 //!
 //! A session reports only its own instances (ids it registered), with
 //! finite values within bounds ([`check`]); anything else is refused
@@ -14,18 +13,33 @@
 //! [`MIN_REPORT_GAP`] are dropped (not refused), so a sidecar cannot make
 //! the control plane work harder by reporting faster.
 //!
-//! `weights.rs` turns reports into endpoint weights (gRPC WRR's formula,
-//! blackout, expiry, smoothing, clamps, a push threshold); it is not yet
-//! fed by the reports nor pushed with the endpoints.
+//! Weights: a report reaches only the replica holding its session, but
+//! every replica must push the same weights. So the session's replica
+//! writes a smoothed summary per instance to the store, on the session's
+//! lease, only when a figure moved enough and at most every few seconds
+//! (`writer`, `sink`); every replica follows the summaries (`view`) and
+//! computes the weights from them (`weights`), the same everywhere.
+//!
+//! # Layout
+//! - `writer`: one session's figures, smoothed; what is due to be written.
+//! - `sink`: the bounded queue and the task that writes summaries.
+//! - `view`: the followed summaries, on every replica.
+//! - `weights`: summaries -> load factors -> pushed weights (gRFC A58).
 
+pub mod sink;
+pub mod view;
 pub mod weights;
+pub mod writer;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use isdp_proto::v1::{InstanceLoad, LoadReport};
+use isdp_proto::v1::{Instance, InstanceLoad, LoadReport};
 use tokio::time::Instant;
+
+pub use self::view::LoadView;
+pub use self::weights::{Weighed, WeightConfig};
 
 /// A report older than this counts as absent.
 pub const REPORT_TTL: Duration = Duration::from_secs(10);
@@ -100,6 +114,76 @@ impl LoadReports {
             .filter(|s| s.received.elapsed() <= REPORT_TTL)
             .count()
     }
+}
+
+/// What weighs endpoints: the knobs, and the summaries every replica
+/// follows (none: every endpoint gets its operator's weight). A cheap
+/// handle.
+#[derive(Clone)]
+pub struct LoadWeights {
+    cfg: WeightConfig,
+    view: Option<LoadView>,
+}
+
+// === impl LoadWeights ===
+
+impl LoadWeights {
+    /// Operator weights only, as pushed without load weights.
+    pub fn operator_only() -> Self {
+        LoadWeights {
+            cfg: WeightConfig {
+                enabled: false,
+                ..WeightConfig::default()
+            },
+            view: None,
+        }
+    }
+
+    /// Weights from the summaries in `view`, per `cfg`.
+    pub fn new(cfg: WeightConfig, view: LoadView) -> Self {
+        LoadWeights {
+            view: cfg.enabled.then_some(view),
+            cfg,
+        }
+    }
+
+    pub fn config(&self) -> &WeightConfig {
+        &self.cfg
+    }
+
+    pub fn view(&self) -> Option<&LoadView> {
+        self.view.as_ref()
+    }
+
+    /// The weights of one service's `instances`, in order, now.
+    pub fn weigh(&self, instances: &[&Instance]) -> Vec<Weighed> {
+        let snapshot = self.view.as_ref().map(LoadView::snapshot);
+        let summaries: Vec<_> = instances
+            .iter()
+            .map(|i| snapshot.as_ref().and_then(|s| s.get(&i.id)))
+            .collect();
+        let endpoints: Vec<_> = instances
+            .iter()
+            .zip(&summaries)
+            .map(|(i, s)| (i.weight, s.as_ref()))
+            .collect();
+        weights::weigh(&self.cfg, &endpoints, unix_ms())
+    }
+}
+
+/// Told the weights of a service as they are published: (instance id,
+/// utilisation, weight) each, none when the service is gone. The metrics
+/// implement it, so the publisher needs not know them.
+pub trait WeightObserver: Send + Sync {
+    fn weighed(&self, service: &str, weights: &[(String, f64, u32)]);
+}
+
+/// The wall clock in Unix ms, which summaries' blackouts are measured on
+/// (replicas share it, not a monotonic clock).
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// One session's rate limit: whether a report arriving now is taken.

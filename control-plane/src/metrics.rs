@@ -15,7 +15,9 @@
 mod grpc;
 mod store;
 
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
 pub use grpc::GrpcMetricsLayer;
 pub use store::InstrumentedStore;
@@ -39,6 +41,12 @@ struct TypeLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabel {
     status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InstanceLabels {
+    service: String,
+    instance: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -90,6 +98,11 @@ struct Inner {
     registrations: Family<OpLabel, Counter>,
     health_transitions: Family<StatusLabel, Counter>,
     load_reports: Family<StatusLabel, Counter>,
+    load_summaries: Family<StatusLabel, Counter>,
+    instance_utilization: Family<InstanceLabels, Gauge<f64, AtomicU64>>,
+    instance_weight: Family<InstanceLabels, Gauge>,
+    /// service -> instances with series now, so gone ones are dropped.
+    weighed: Mutex<HashMap<String, BTreeSet<String>>>,
     convergence: Histogram,
     grpc_handled: Family<MethodCodeLabels, Counter>,
     grpc_handling: Family<MethodLabel, Histogram>,
@@ -159,6 +172,24 @@ impl Metrics {
             "Load reports from sidecars' sessions, by outcome (accepted, dropped: too soon after the last, refused)",
             load_reports.clone(),
         );
+        let load_summaries = Family::<StatusLabel, Counter>::default();
+        registry.register(
+            "load_summaries",
+            "Load summaries sessions queued for the store (queued; dropped: the queue was full)",
+            load_summaries.clone(),
+        );
+        let instance_utilization = Family::<InstanceLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "instance_load_utilization",
+            "Utilisation in the instance's latest load summary (application's, else its CPU)",
+            instance_utilization.clone(),
+        );
+        let instance_weight = Family::<InstanceLabels, Gauge>::default();
+        registry.register(
+            "instance_weight",
+            "Load-balancing weight pushed to sidecars for the instance (operator weight x load factor)",
+            instance_weight.clone(),
+        );
         let convergence = histogram();
         registry.register_with_unit(
             "xds_convergence",
@@ -208,6 +239,10 @@ impl Metrics {
                 registrations,
                 health_transitions,
                 load_reports,
+                load_summaries,
+                instance_utilization,
+                instance_weight,
+                weighed: Mutex::default(),
                 convergence,
                 grpc_handled,
                 grpc_handling,
@@ -293,6 +328,49 @@ impl Metrics {
                 status: outcome.to_owned(),
             })
             .inc();
+    }
+
+    /// One load summary's write: `queued` or `dropped`.
+    pub fn load_summary(&self, outcome: &str) {
+        self.inner
+            .load_summaries
+            .get_or_create(&StatusLabel {
+                status: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The weights just published for `service`'s instances (id,
+    /// utilisation, weight); the series of instances it no longer has
+    /// are dropped, so the series follow the registry.
+    pub fn instance_weights(&self, service: &str, weights: &[(String, f64, u32)]) {
+        let mut weighed = self.inner.weighed.lock().expect("weighed lock");
+        let now: BTreeSet<String> = weights.iter().map(|(id, ..)| id.clone()).collect();
+        let labels = |instance: &str| InstanceLabels {
+            service: service.to_owned(),
+            instance: instance.to_owned(),
+        };
+        if let Some(before) = weighed.get(service) {
+            for gone in before.difference(&now) {
+                self.inner.instance_utilization.remove(&labels(gone));
+                self.inner.instance_weight.remove(&labels(gone));
+            }
+        }
+        for (id, utilization, weight) in weights {
+            self.inner
+                .instance_utilization
+                .get_or_create(&labels(id))
+                .set(*utilization);
+            self.inner
+                .instance_weight
+                .get_or_create(&labels(id))
+                .set(i64::from(*weight));
+        }
+        if now.is_empty() {
+            weighed.remove(service);
+        } else {
+            weighed.insert(service.to_owned(), now);
+        }
     }
 
     pub fn health_transition(&self, status: HealthStatus) {
@@ -399,5 +477,11 @@ impl StreamObserver for Metrics {
     fn closed(&self, s: &StreamInfo) {
         self.inner.streams.dec();
         tracing::debug!(node = ?s.node_id, stream = s.id, "xds stream closed");
+    }
+}
+
+impl crate::load::WeightObserver for Metrics {
+    fn weighed(&self, service: &str, weights: &[(String, f64, u32)]) {
+        self.instance_weights(service, weights);
     }
 }

@@ -124,7 +124,9 @@ impl Server {
         let cache = publish::cache();
         tasks.push(ca.follow(shutdown.clone()));
         tasks.push(tokens.follow(shutdown.clone()));
-        let roots = start_publishers(&config, &views, &ca, &tokens, &cache, &shutdown, &mut tasks);
+        let roots = start_publishers(
+            &config, &views, &metrics, &ca, &tokens, &cache, &shutdown, &mut tasks,
+        );
         let listeners = Listeners { grpc, http };
         let (incoming, http_incoming) = start_tls(
             &config, listeners, &ca, roots, &metrics, &shutdown, &mut tasks,
@@ -208,6 +210,11 @@ struct Views {
     proxies: proxies::Proxies,
     /// What sidecars report of their outbound traffic (soft state).
     traffic: crate::traffic::Traffic,
+    /// The load summaries every replica weighs endpoints with.
+    load_weights: load::LoadWeights,
+    /// Where this replica's sessions write their load summaries; None
+    /// with `--load-weights false`.
+    load_sink: Option<load::sink::Sink>,
 }
 
 impl Views {
@@ -236,7 +243,23 @@ impl Views {
         let policies =
             policy::Policies::start(store.store(), prefix, registry.clone(), shutdown.clone())
                 .await?;
+        let load_cfg = config.load.weight_config();
+        let (load_weights, load_sink) = if load_cfg.enabled {
+            let view = load::LoadView::start(store.store(), prefix, shutdown.clone())
+                .await
+                .map_err(|source| Error::Store {
+                    what: "load summaries".into(),
+                    source,
+                })?;
+            let (sink, task) = load::sink::Sink::spawn(store.store(), prefix, shutdown.clone());
+            tasks.push(task);
+            (load::LoadWeights::new(load_cfg, view), Some(sink))
+        } else {
+            (load::LoadWeights::operator_only(), None)
+        };
         Ok(Views {
+            load_weights,
+            load_sink,
             registry,
             sessions,
             leader,
@@ -285,9 +308,11 @@ fn elect(
 /// roots the TLS listener may present a certificate from: the trust
 /// bundle's publisher passes new roots on only once the bundle and
 /// `ca.pem` trust them.
+#[allow(clippy::too_many_arguments)]
 fn start_publishers(
     config: &Config,
     views: &Views,
+    metrics: &metrics::Metrics,
     ca: &Ca,
     tokens: &Tokens,
     cache: &Cache,
@@ -306,6 +331,10 @@ fn start_publishers(
     tasks.push(publish::endpoints::spawn(
         views.registry.clone(),
         cache.clone(),
+        publish::endpoints::Weighing {
+            weights: views.load_weights.clone(),
+            observer: Some(Arc::new(metrics.clone())),
+        },
         shutdown.clone(),
     ));
     tasks.push(publish::traffic::spawn(
@@ -411,7 +440,8 @@ fn start_http(
             views.registry.clone(),
             metrics.clone(),
             shutdown.clone(),
-        ),
+        )
+        .with_weights(views.load_weights.clone()),
         policies_api: api::policies::PoliciesApi::new(views.policies.clone(), shutdown.clone()),
         authorization_api: api::authorization::AuthorizationApi::new(views.authz.clone()),
         tokens_api: api::tokens::TokensApi::new(tokens.clone()),
@@ -494,6 +524,8 @@ async fn serve_grpc(
         policies,
         proxies,
         traffic,
+        load_weights,
+        load_sink,
         ..
     } = views;
     let Router {
@@ -526,14 +558,19 @@ async fn serve_grpc(
         ))
         .add_service(
             api::registry::RegistryApi::new(registry, metrics.clone(), shutdown.clone())
+                .with_weights(load_weights)
                 .into_server(),
         )
-        .add_service(
-            api::session::SessionApi::new(sessions, shutdown.clone())
+        .add_service({
+            let api = api::session::SessionApi::new(sessions, shutdown.clone())
                 .with_loads(load::LoadReports::default(), metrics.clone())
-                .with_traffic(traffic)
-                .into_server(),
-        )
+                .with_traffic(traffic);
+            match load_sink {
+                Some(sink) => api.with_load_sink(sink),
+                None => api,
+            }
+            .into_server()
+        })
         .add_service(api::status::ProxyStatusApi::new(proxies.clone()).into_server())
         .add_service(api::csds::CsdsApi::new(proxies, shutdown.clone()).into_server())
         .add_service(api::authorization::AuthorizationApi::new(authz).into_server())

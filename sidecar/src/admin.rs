@@ -320,7 +320,15 @@ struct EndpointView {
     address: String,
     port: u16,
     inbound_port: u16,
+    /// The weight the control plane pushed (operator weight × load factor).
     weight: u32,
+    /// The weight the balancer uses now; None when not balanced. Equal to
+    /// `weight` once the push is applied.
+    weight_in_force: Option<u32>,
+    /// The weight the instance was registered with, before load.
+    operator_weight: u32,
+    /// Why the control plane chose `weight`.
+    weight_reason: String,
     metadata: BTreeMap<String, String>,
     status: &'static str,
     /// Out of the balancer by outlier detection right now.
@@ -408,6 +416,9 @@ async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
                     port: e.port,
                     inbound_port: e.inbound_port,
                     weight: e.weight,
+                    weight_in_force: load(&e.id).map(|l| l.weight()),
+                    operator_weight: e.operator_weight,
+                    weight_reason: e.weight_reason.clone(),
                     metadata: e.metadata.clone(),
                     status: e.health.as_str(),
                     ejected: ejection(&e.id).0,

@@ -4,9 +4,9 @@ use std::pin::Pin;
 
 use futures::Stream;
 use isdp_proto::v1::{
-    DeregisterRequest, DeregisterResponse, Instance, ListInstancesRequest, ListInstancesResponse,
-    ListServicesRequest, ListServicesResponse, RegisterRequest, RegisterResponse, ServiceSummary,
-    WatchServiceRequest, WatchServiceResponse, registry_server,
+    DeregisterRequest, DeregisterResponse, Instance, InstanceWeight, ListInstancesRequest,
+    ListInstancesResponse, ListServicesRequest, ListServicesResponse, RegisterRequest,
+    RegisterResponse, ServiceSummary, WatchServiceRequest, WatchServiceResponse, registry_server,
 };
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -16,6 +16,7 @@ use tracing::Instrument as _;
 
 use super::{op_span, record_outcome, status};
 use crate::{
+    load::LoadWeights,
     metrics::Metrics,
     registry::{Change, Registry, validate},
 };
@@ -24,6 +25,8 @@ pub struct RegistryApi {
     registry: Registry,
     metrics: Metrics,
     shutdown: watch::Receiver<bool>,
+    /// What `ListInstances` reports as the weights sidecars balance with.
+    weights: LoadWeights,
 }
 
 impl RegistryApi {
@@ -32,7 +35,15 @@ impl RegistryApi {
             registry,
             metrics,
             shutdown,
+            weights: LoadWeights::operator_only(),
         }
+    }
+
+    /// Reports the weights `weights` computes (the ones the endpoints
+    /// publisher pushes) with `ListInstances`.
+    pub fn with_weights(mut self, weights: LoadWeights) -> Self {
+        self.weights = weights;
+        self
     }
 
     pub fn into_server(self) -> registry_server::RegistryServer<Self> {
@@ -135,9 +146,24 @@ impl registry_server::Registry for RegistryApi {
     ) -> Result<Response<ListInstancesResponse>, Status> {
         let service = req.into_inner().service;
         check_service(&service)?;
-        Ok(Response::new(ListInstancesResponse {
-            instances: instances(&self.registry, &service),
-        }))
+        let instances = instances(&self.registry, &service);
+        let refs: Vec<&Instance> = instances.iter().collect();
+        let weights = self
+            .weights
+            .weigh(&refs)
+            .into_iter()
+            .zip(&instances)
+            .map(|(w, i)| InstanceWeight {
+                instance_id: i.id.clone(),
+                rps: w.rps,
+                utilization: w.utilization,
+                weight: w.weight,
+                operator_weight: w.operator_weight,
+                load_factor: w.factor,
+                reason: w.reason,
+            })
+            .collect();
+        Ok(Response::new(ListInstancesResponse { instances, weights }))
     }
 
     type WatchServiceStream = WatchStream;

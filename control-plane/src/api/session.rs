@@ -19,7 +19,7 @@ use tracing::Instrument as _;
 use super::{op_span, record_outcome, status};
 use crate::{
     auth::Principal,
-    load::{Gate, LoadReports},
+    load::{Gate, LoadReports, REPORT_TTL, sink::Sink, unix_ms, writer::Write, writer::Writer},
     metrics::Metrics,
     registry::session::{Opener, Session, Sessions},
     tokens::Role,
@@ -45,7 +45,13 @@ struct Reports {
 struct Loads {
     reports: LoadReports,
     metrics: Option<Metrics>,
+    /// Where summaries for load weights are written; None: not at all.
+    sink: Option<Sink>,
 }
+
+/// How often a session looks for instances that stopped reporting, whose
+/// summaries are then deleted.
+const STALE_SWEEP: Duration = Duration::from_secs(2);
 
 impl SessionApi {
     pub fn new(sessions: Sessions, shutdown: watch::Receiver<bool>) -> Self {
@@ -59,10 +65,15 @@ impl SessionApi {
 
     /// Keeps the sessions' load reports in `reports`, counted in `metrics`.
     pub fn with_loads(mut self, reports: LoadReports, metrics: Metrics) -> Self {
-        self.loads = Loads {
-            reports,
-            metrics: Some(metrics),
-        };
+        self.loads.reports = reports;
+        self.loads.metrics = Some(metrics);
+        self
+    }
+
+    /// Writes the sessions' load summaries through `sink`, for the
+    /// weights every replica computes.
+    pub fn with_load_sink(mut self, sink: Sink) -> Self {
+        self.loads.sink = Some(sink);
         self
     }
 
@@ -201,12 +212,22 @@ async fn run(
     } = reports;
     let mut gate = Gate::default();
     let mut traffic_gate = Gate::default();
+    let mut writer = Writer::default();
+    let mut sweep = tokio::time::interval(STALE_SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let scope = crate::auth::ReadScope::of(principal.as_ref());
     loop {
         let msg = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
             () = session.lease_lost() => None,
             m = inbound.message() => Some(m),
+            _ = sweep.tick(), if loads.sink.is_some() => {
+                let now = tokio::time::Instant::now();
+                for id in writer.stale(now, REPORT_TTL) {
+                    loads.write(&mut writer, Write::Delete(id), session.lease());
+                }
+                continue;
+            }
         };
         let Some(msg) = msg else {
             // The store dropped the instances with the lease; the sidecar
@@ -263,6 +284,9 @@ async fn run(
             {
                 Ok(s) => {
                     session = s;
+                    // A new lease: what was written under the old one
+                    // goes with it, so everything is written again.
+                    writer = Writer::default();
                     let instances = session.instances();
                     let response = SessionResponse {
                         instances,
@@ -285,6 +309,7 @@ async fn run(
                     continue;
                 }
                 let own: Vec<String> = session.instances().into_iter().map(|i| i.id).collect();
+                let figures = loads.sink.is_some().then(|| report.instances.clone());
                 if let Err(e) = loads.reports.accept(&own, report) {
                     loads.count("refused");
                     if session.log().admit() {
@@ -294,6 +319,12 @@ async fn run(
                     return;
                 }
                 loads.count("accepted");
+                let (now, now_ms) = (tokio::time::Instant::now(), unix_ms());
+                for load in figures.iter().flatten() {
+                    if let Some(summary) = writer.offer(load, now, now_ms) {
+                        loads.write(&mut writer, Write::Put(summary), session.lease());
+                    }
+                }
             }
             Ok(Some(SessionRequest {
                 kind: Some(Kind::Close(_)),
@@ -359,6 +390,28 @@ impl Loads {
     fn count(&self, outcome: &str) {
         if let Some(m) = &self.metrics {
             m.load_report(outcome);
+        }
+    }
+
+    /// Queues a summary's write; when the queue is full the write is
+    /// dropped and counted, and the writer writes it again next time.
+    fn write(&self, writer: &mut Writer, write: Write, lease: crate::store::LeaseId) {
+        let Some(sink) = &self.sink else { return };
+        let id = match &write {
+            Write::Put(s) => s.instance_id.clone(),
+            Write::Delete(id) => id.clone(),
+        };
+        if sink.send(write, Some(lease)) {
+            self.count_summary("queued");
+        } else {
+            writer.unwritten(&id);
+            self.count_summary("dropped");
+        }
+    }
+
+    fn count_summary(&self, outcome: &str) {
+        if let Some(m) = &self.metrics {
+            m.load_summary(outcome);
         }
     }
 }

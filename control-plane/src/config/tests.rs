@@ -172,3 +172,54 @@ fn keks_come_once_from_a_file_or_the_environment() {
     // There is no flag that takes the key itself.
     assert!(Config::try_parse_from(["isdp-control-plane", "--kek=abc"]).is_err());
 }
+
+#[test]
+fn load_weight_flags_default_parse_and_are_bounded() {
+    let c = Config::try_parse_from(["isdp-control-plane"]).unwrap();
+    assert_eq!(c.load.weight_config(), crate::load::WeightConfig::default());
+    let c = Config::try_parse_from([
+        "isdp-control-plane",
+        "--load-weights=false",
+        "--load-weight-blackout=3s",
+        "--load-weight-error-penalty=2",
+        "--load-weight-min-factor=0.5",
+        "--load-weight-max-factor=4",
+    ])
+    .unwrap();
+    let w = c.load.weight_config();
+    assert!(!w.enabled);
+    assert_eq!(w.blackout, std::time::Duration::from_secs(3));
+    assert_eq!(
+        (w.error_penalty, w.min_factor, w.max_factor),
+        (2.0, 0.5, 4.0)
+    );
+    for (arg, flag) in [
+        (
+            "--load-weight-blackout=2h",
+            "--load-weight-blackout must be at most 1h",
+        ),
+        (
+            "--load-weight-error-penalty=-1",
+            "--load-weight-error-penalty must be",
+        ),
+        (
+            "--load-weight-error-penalty=NaN",
+            "--load-weight-error-penalty must be",
+        ),
+        (
+            "--load-weight-min-factor=0",
+            "--load-weight-min-factor must be a number 0.001..=1",
+        ),
+        (
+            "--load-weight-min-factor=2",
+            "--load-weight-min-factor must be",
+        ),
+        (
+            "--load-weight-max-factor=0.5",
+            "--load-weight-max-factor must be a number 1..=1000",
+        ),
+    ] {
+        let e = check(&[arg]).unwrap_err();
+        assert!(e.starts_with(flag), "{arg}: {e}");
+    }
+}

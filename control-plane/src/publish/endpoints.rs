@@ -4,6 +4,11 @@
 //! Changes are coalesced: after the first change the builder waits a short
 //! debounce, then rebuilds every service touched meanwhile, once, and
 //! publishes them as one batch (each stream is woken once for the lot).
+//!
+//! Each endpoint's `weight` is its operator's weight times its load factor
+//! ([`LoadWeights`]): a changed load summary rebuilds its service, and so
+//! does the end of a summary's blackout (checked every [`BLACKOUT_TICK`]),
+//! which no write announces.
 
 use std::{
     collections::BTreeSet,
@@ -16,7 +21,32 @@ use isdp_xds::{Batch, Cache};
 use prost::Message;
 use tokio::sync::{broadcast, watch};
 
-use crate::registry::{Change, Registry, quota::endpoint};
+use crate::{
+    load::{LoadWeights, WeightObserver, unix_ms, view},
+    registry::{Change, Registry, quota::endpoint},
+    store::follow::Entries,
+};
+
+/// How often summaries leaving their blackout are looked for.
+pub const BLACKOUT_TICK: Duration = Duration::from_secs(1);
+
+/// What the publisher weighs endpoints with, and records weights in.
+#[derive(Clone)]
+pub struct Weighing {
+    pub weights: LoadWeights,
+    /// Told every service's weights as they are published (the metrics).
+    pub observer: Option<Arc<dyn WeightObserver>>,
+}
+
+impl Weighing {
+    /// Operator weights, recorded nowhere (tests).
+    pub fn operator_only() -> Self {
+        Weighing {
+            weights: LoadWeights::operator_only(),
+            observer: None,
+        }
+    }
+}
 
 /// How long changes are gathered before resources are rebuilt. Short enough
 /// to stay well inside the one-second propagation budget, long enough to
@@ -41,12 +71,42 @@ const _: () = assert!(isdp_xds::DELTA_RESPONSE_BUDGET <= MAX_RESOURCE_BYTES);
 
 /// The `ServiceEndpoints` resource for one service, or None if it has no
 /// instances (the resource is then removed).
-pub fn service_endpoints(registry: &Registry, service: &str) -> Option<ServiceEndpoints> {
+pub fn service_endpoints(
+    registry: &Registry,
+    weighing: &Weighing,
+    service: &str,
+) -> Option<ServiceEndpoints> {
     let instances = registry.instances(service);
+    if let Some(o) = &weighing.observer
+        && instances.is_empty()
+    {
+        o.weighed(service, &[]);
+    }
     if instances.is_empty() {
         return None;
     }
-    let endpoints = instances.iter().map(|s| endpoint(&s.instance)).collect();
+    let plain: Vec<_> = instances.iter().map(|s| &s.instance).collect();
+    let weighed = weighing.weights.weigh(&plain);
+    if let Some(o) = &weighing.observer {
+        let series: Vec<_> = plain
+            .iter()
+            .zip(&weighed)
+            .map(|(i, w)| (i.id.clone(), w.utilization, w.weight))
+            .collect();
+        o.weighed(service, &series);
+    }
+    let endpoints = plain
+        .iter()
+        .zip(weighed)
+        .map(|(i, w)| {
+            let mut e = endpoint(i);
+            e.weight = w.weight;
+            e.operator_weight = w.operator_weight;
+            e.load_factor = w.factor;
+            e.weight_reason = w.reason;
+            e
+        })
+        .collect();
     Some(ServiceEndpoints {
         service: service.to_owned(),
         endpoints,
@@ -55,8 +115,8 @@ pub fn service_endpoints(registry: &Registry, service: &str) -> Option<ServiceEn
 
 /// Adds one service's resource to `batch`, or its removal when it has no
 /// instances left.
-fn publish(batch: &mut Batch, registry: &Registry, service: &str) {
-    match service_endpoints(registry, service) {
+fn publish(batch: &mut Batch, registry: &Registry, weighing: &Weighing, service: &str) {
+    match service_endpoints(registry, weighing, service) {
         Some(r) => {
             if let Some(r) = within_cap(&r) {
                 batch.set(service, r);
@@ -89,36 +149,109 @@ fn within_cap(r: &ServiceEndpoints) -> Option<&ServiceEndpoints> {
 fn publish_services<'a>(
     cache: &Cache,
     registry: &Registry,
+    weighing: &Weighing,
     services: impl IntoIterator<Item = &'a str>,
     changed_at: Instant,
 ) {
     let mut batch = Batch::new();
     for s in services {
-        publish(&mut batch, registry, s);
+        publish(&mut batch, registry, weighing, s);
     }
     cache.apply_at(batch, changed_at);
 }
 
 /// Every registered service, and every one published that may be gone.
-fn publish_all(cache: &Cache, registry: &Registry, changed_at: Instant) {
+fn publish_all(cache: &Cache, registry: &Registry, weighing: &Weighing, changed_at: Instant) {
     let mut names: BTreeSet<String> = registry.services().into_keys().collect();
     names.extend(cache.names::<ServiceEndpoints>());
     publish_services(
         cache,
         registry,
+        weighing,
         names.iter().map(String::as_str),
         changed_at,
     );
+}
+
+/// The services of the instances `ids` (those still registered).
+fn services_of(registry: &Registry, ids: impl IntoIterator<Item = String>) -> BTreeSet<String> {
+    ids.into_iter()
+        .filter_map(|id| registry.get(&id).map(|s| s.instance.service.clone()))
+        .collect()
+}
+
+/// What the publisher follows of the load summaries: their changes, and
+/// the clock that ends blackouts.
+struct LoadFollow {
+    changes: watch::Receiver<Arc<Entries>>,
+    seen: Arc<Entries>,
+    tick: tokio::time::Interval,
+    last_tick_ms: i64,
+    blackout_ms: i64,
+}
+
+impl LoadFollow {
+    fn new(weighing: &Weighing) -> Option<Self> {
+        let view = weighing.weights.view()?;
+        let mut changes = view.subscribe();
+        let seen = changes.borrow_and_update().clone();
+        let mut tick = tokio::time::interval(BLACKOUT_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Some(LoadFollow {
+            changes,
+            seen,
+            tick,
+            last_tick_ms: unix_ms(),
+            blackout_ms: i64::try_from(weighing.weights.config().blackout.as_millis())
+                .unwrap_or(i64::MAX),
+        })
+    }
+
+    /// The instances whose weight may have changed: summaries written or
+    /// gone, or leaving their blackout. Pending forever without summaries.
+    async fn next(this: &mut Option<Self>) -> BTreeSet<String> {
+        let Some(f) = this.as_mut() else {
+            return std::future::pending().await;
+        };
+        match f.step().await {
+            Some(ids) => ids,
+            None => {
+                // The view stopped (shutdown): nothing more to follow.
+                *this = None;
+                BTreeSet::new()
+            }
+        }
+    }
+
+    async fn step(&mut self) -> Option<BTreeSet<String>> {
+        tokio::select! {
+            changed = self.changes.changed() => {
+                changed.ok()?;
+                let now = self.changes.borrow_and_update().clone();
+                let ids = view::changed(&self.seen, &now);
+                self.seen = now;
+                Some(ids)
+            }
+            _ = self.tick.tick() => {
+                let now = unix_ms();
+                let ids = view::leaving_blackout(&self.seen, self.blackout_ms, self.last_tick_ms, now);
+                self.last_tick_ms = now;
+                Some(ids.into_iter().collect())
+            }
+        }
+    }
 }
 
 /// Publishes every service now, then follows the registry until shutdown.
 pub fn spawn(
     registry: Registry,
     cache: Cache,
+    weighing: Weighing,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let mut changes = registry.subscribe();
-    publish_all(&cache, &registry, Instant::now());
+    let mut loads = LoadFollow::new(&weighing);
+    publish_all(&cache, &registry, &weighing, Instant::now());
     tokio::spawn(async move {
         // Under a burst the window stretches to a few times the last
         // rebuild's cost, so rebuilding never eats most of a core; a lone
@@ -128,6 +261,21 @@ pub fn spawn(
             let first = tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => return,
                 c = changes.recv() => c,
+                ids = LoadFollow::next(&mut loads) => {
+                    // Summaries are written at most every few seconds per
+                    // instance: no debounce needed.
+                    let services = services_of(&registry, ids);
+                    if !services.is_empty() {
+                        publish_services(
+                            &cache,
+                            &registry,
+                            &weighing,
+                            services.iter().map(String::as_str),
+                            Instant::now(),
+                        );
+                    }
+                    continue;
+                }
             };
             let changed_at = Instant::now();
             let mut dirty: BTreeSet<Arc<str>> = BTreeSet::new();
@@ -153,9 +301,15 @@ pub fn spawn(
             }
             let started = Instant::now();
             if all {
-                publish_all(&cache, &registry, changed_at);
+                publish_all(&cache, &registry, &weighing, changed_at);
             } else {
-                publish_services(&cache, &registry, dirty.iter().map(|s| &**s), changed_at);
+                publish_services(
+                    &cache,
+                    &registry,
+                    &weighing,
+                    dirty.iter().map(|s| &**s),
+                    changed_at,
+                );
             }
             window = (started.elapsed() * 4).clamp(DEBOUNCE, MAX_DEBOUNCE);
         }
@@ -164,9 +318,95 @@ pub fn spawn(
 
 #[cfg(test)]
 mod tests {
-    use isdp_proto::v1::Endpoint;
+    use isdp_proto::v1::{Endpoint, Instance, InstanceLoad};
 
     use super::*;
+    use crate::load::{
+        LoadView, WeightConfig,
+        sink::Sink,
+        writer::{Write, Writer},
+    };
+    use crate::store::{Store, embedded::EmbeddedStore};
+
+    /// Reports -> the session's writer -> the store -> a replica's view ->
+    /// weights in the published resource, composed with the operator's.
+    #[tokio::test]
+    async fn reports_weigh_the_published_endpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let (_stop, shutdown) = watch::channel(false);
+        let registry = Registry::start(store.clone(), "/isdp/", shutdown.clone())
+            .await
+            .unwrap();
+        for (id, weight) in [("a", 1), ("b", 1), ("c", 2)] {
+            registry
+                .register(Instance {
+                    id: id.into(),
+                    service: "web".into(),
+                    address: "127.0.0.1".into(),
+                    port: 8080,
+                    weight,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        let view = LoadView::start(store.clone(), "/isdp/", shutdown.clone())
+            .await
+            .unwrap();
+        let mut changes = view.subscribe();
+        let (sink, _task) = Sink::spawn(store.clone(), "/isdp/", shutdown);
+        let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+        let mut writer = Writer::default();
+        // a and c equally busy, b three times as busy per request; the
+        // figures became usable long before the blackout's end.
+        for (id, utilization) in [("a", 0.25), ("b", 0.75), ("c", 0.25)] {
+            let load = InstanceLoad {
+                instance_id: id.into(),
+                rps: 100.0,
+                application_utilization: Some(utilization),
+                ..Default::default()
+            };
+            let summary = writer.offer(&load, tokio::time::Instant::now(), 1).unwrap();
+            assert!(sink.send(Write::Put(summary), Some(lease)));
+        }
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while changes.borrow_and_update().len() < 3 {
+                changes.changed().await.unwrap();
+            }
+        })
+        .await
+        .unwrap();
+        let weighing = Weighing {
+            weights: LoadWeights::new(WeightConfig::default(), view),
+            observer: None,
+        };
+        let r = service_endpoints(&registry, &weighing, "web").unwrap();
+        let got: Vec<(&str, u32, u32, &str)> = r
+            .endpoints
+            .iter()
+            .map(|e| {
+                (
+                    e.instance_id.as_str(),
+                    e.weight,
+                    e.operator_weight,
+                    e.weight_reason.as_str(),
+                )
+            })
+            .collect();
+        // Raw 400, 133, 400: factors 1.29, 0.43, 1.29; c's operator 2.
+        assert_eq!(
+            got,
+            [
+                ("a", 129, 1, "load: util 0.25 rps 100"),
+                ("b", 43, 1, "load: util 0.75 rps 100"),
+                ("c", 257, 2, "load: util 0.25 rps 100"),
+            ]
+        );
+        let plain = service_endpoints(&registry, &Weighing::operator_only(), "web").unwrap();
+        let weights: Vec<u32> = plain.endpoints.iter().map(|e| e.weight).collect();
+        assert_eq!(weights, [1, 1, 2], "operator weights only");
+    }
 
     #[test]
     fn a_resource_over_the_cap_is_not_published() {

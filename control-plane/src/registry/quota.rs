@@ -104,6 +104,11 @@ impl Footprint {
         // Counted as if a status were set, so a health change never pushes
         // a service past its bound.
         e.status = HealthStatus::Unhealthy as i32;
+        // And the weight fields at their largest, so load never does.
+        e.weight = u32::MAX;
+        e.operator_weight = u32::MAX;
+        e.load_factor = 1.5;
+        e.weight_reason = "x".repeat(crate::load::weights::MAX_REASON_BYTES);
         let len = e.encoded_len();
         Footprint {
             instances: 1,
@@ -143,6 +148,9 @@ pub fn endpoint(i: &Instance) -> Endpoint {
         inbound_port: i.inbound_port,
         zone: i.zone.clone(),
         priority: 0,
+        operator_weight: i.weight,
+        load_factor: 1.0,
+        weight_reason: String::new(),
     }
 }
 
@@ -385,6 +393,11 @@ mod tests {
                 .iter()
                 .map(|i| Endpoint {
                     status: HealthStatus::Healthy as i32,
+                    // The load weight's fields at their largest.
+                    weight: u32::MAX,
+                    operator_weight: u32::MAX,
+                    load_factor: 0.25,
+                    weight_reason: "r".repeat(crate::load::weights::MAX_REASON_BYTES),
                     ..endpoint(i)
                 })
                 .collect(),

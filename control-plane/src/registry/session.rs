@@ -528,6 +528,11 @@ impl Session {
         }
     }
 
+    /// The session's store lease: what it writes goes with it.
+    pub fn lease(&self) -> LeaseId {
+        self.lease
+    }
+
     /// The bound on the lines sessions log, for the session API's own.
     pub fn log(&self) -> &LogRate {
         &self.sessions.shared.log

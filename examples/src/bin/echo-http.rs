@@ -26,6 +26,9 @@
 //!   `POST /admin/load?utilization=U` adds an ORCA load report
 //!   (`endpoint-load-metrics: TEXT application_utilization=U`) to every
 //!   answer, which the inbound sidecar reads and strips (negative: none);
+//!   `POST /admin/load?cost=C` reports instead a utilisation of C per
+//!   request per second served (C × the recent request rate), as a real
+//!   server's utilisation follows its traffic (negative: off);
 //!   `POST /admin/capacity?n=N` serves at most N requests at a time and
 //!   queues the rest, as a saturated server does (0: no limit). Tests use
 //!   them to exercise retries, outlier detection, timeouts, load balancing
@@ -82,6 +85,13 @@ struct Echo {
     /// Set by `POST /admin/load?utilization=U`: the ORCA utilisation every
     /// answer reports, as `f64` bits; negative: no report.
     utilization: Arc<AtomicU64>,
+    /// Set by `POST /admin/load?cost=C`: the utilisation one request per
+    /// second costs, as `f64` bits; negative: off.
+    cost: Arc<AtomicU64>,
+    /// Requests served (admin and health routes aside), and their recent
+    /// rate per second as `f64` bits, which `cost` is charged on.
+    served: Arc<AtomicU64>,
+    rate: Arc<AtomicU64>,
     /// Set by `POST /admin/capacity?n=N`: requests wait for one of N
     /// places (in arrival order) before they are served; None: no limit.
     capacity: Arc<std::sync::RwLock<Option<Arc<tokio::sync::Semaphore>>>>,
@@ -105,8 +115,12 @@ async fn main() -> anyhow::Result<()> {
         stalled: Arc::default(),
         delay_ms: Arc::default(),
         utilization: Arc::new(AtomicU64::new((-1.0f64).to_bits())),
+        cost: Arc::new(AtomicU64::new((-1.0f64).to_bits())),
+        served: Arc::default(),
+        rate: Arc::default(),
         capacity: Arc::default(),
     };
+    tokio::spawn(measure_rate(echo.clone()));
 
     // The launcher and the test harness read this exact line to learn the
     // bound port; flush so they see it before the first request arrives.
@@ -199,18 +213,45 @@ async fn delay(State(echo): State<Echo>, Query(q): Query<DelayQuery>) -> Respons
 
 #[derive(serde::Deserialize)]
 struct LoadQuery {
-    utilization: f64,
+    utilization: Option<f64>,
+    cost: Option<f64>,
 }
 
 /// `POST /admin/load?utilization=U`: every answer carries an ORCA report
 /// of application utilisation U from now on (negative: none).
+/// `POST /admin/load?cost=C`: the report says C × the recent request rate
+/// (negative: off; a fixed utilisation set too is reported while off).
 async fn load(State(echo): State<Echo>, Query(q): Query<LoadQuery>) -> Response {
-    echo.utilization
-        .store(q.utilization.to_bits(), Ordering::Relaxed);
+    if let Some(u) = q.utilization {
+        echo.utilization.store(u.to_bits(), Ordering::Relaxed);
+    }
+    if let Some(c) = q.cost {
+        echo.cost.store(c.to_bits(), Ordering::Relaxed);
+    }
     with_instance(
         &echo,
-        format!("utilization: {}\n", q.utilization).into_response(),
+        format!("utilization: {:?} cost: {:?}\n", q.utilization, q.cost).into_response(),
     )
+}
+
+/// How often the request rate is measured, and the weight of the newest
+/// measure in it.
+const RATE_TICK: std::time::Duration = std::time::Duration::from_millis(250);
+const RATE_SMOOTHING: f64 = 0.3;
+
+/// Keeps `echo.rate` at the recent requests per second, smoothed.
+async fn measure_rate(echo: Echo) {
+    let mut tick = tokio::time::interval(RATE_TICK);
+    let mut last = 0;
+    let mut rate = 0.0;
+    loop {
+        tick.tick().await;
+        let now = echo.served.load(Ordering::Relaxed);
+        let sample = (now - last) as f64 / RATE_TICK.as_secs_f64();
+        last = now;
+        rate = rate * (1.0 - RATE_SMOOTHING) + sample * RATE_SMOOTHING;
+        echo.rate.store(f64::to_bits(rate), Ordering::Relaxed);
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -252,6 +293,7 @@ async fn misbehave(
     if path == "/healthz" || path.starts_with("/admin/") {
         return next.run(req).await;
     }
+    echo.served.fetch_add(1, Ordering::Relaxed);
     while echo.stalled.load(Ordering::Relaxed) {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
@@ -411,7 +453,12 @@ fn with_instance(echo: &Echo, mut resp: Response) -> Response {
     if let Ok(v) = HeaderValue::from_str(&echo.id) {
         resp.headers_mut().insert("x-instance-id", v);
     }
-    let utilization = f64::from_bits(echo.utilization.load(Ordering::Relaxed));
+    let cost = f64::from_bits(echo.cost.load(Ordering::Relaxed));
+    let utilization = if cost >= 0.0 {
+        cost * f64::from_bits(echo.rate.load(Ordering::Relaxed))
+    } else {
+        f64::from_bits(echo.utilization.load(Ordering::Relaxed))
+    };
     if utilization >= 0.0
         && let Ok(v) = HeaderValue::from_str(&format!("TEXT application_utilization={utilization}"))
     {

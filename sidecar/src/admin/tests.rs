@@ -79,6 +79,8 @@ async fn live_ready_and_config() {
                 port: 8081,
                 inbound_port: 0,
                 weight: 1,
+                operator_weight: 1,
+                weight_reason: "operator".into(),
                 metadata: [("version".to_string(), "v1".to_string())].into(),
                 health: Health::Healthy,
                 zone: String::new(),
@@ -127,6 +129,7 @@ async fn live_ready_and_config() {
             "concurrency_min_rtt_ms": null, "caller_zone": null, "levels": [],
             "endpoints": [{
             "id": "pay-1.payments", "address": "127.0.0.1", "port": 8081, "inbound_port": 0, "weight": 1,
+            "weight_in_force": null, "operator_weight": 1, "weight_reason": "operator",
             "metadata": {"version": "v1"}, "status": "healthy", "ejected": false, "ejections": 0,
             "in_flight": null, "latency_ms": null, "zone": "", "priority": 0, "level": null}]})
     );

@@ -13,7 +13,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -39,8 +39,10 @@ const MIN_COST_NS: f64 = 1_000.0;
 /// One endpoint as the balancer sees it.
 pub struct EndpointLoad {
     id: String,
-    /// Relative share of traffic, at least 1.
-    weight: u32,
+    /// Relative share of traffic, at least 1. The control plane pushes a
+    /// new one whenever the endpoint's load moves, and the state is kept
+    /// across pushes, so it is updated in place ([`set_weight`](Self::set_weight)).
+    weight: AtomicU32,
     in_flight: AtomicU64,
     /// The latency estimate in nanoseconds, as `f64` bits; NaN until the first sample.
     ewma_ns: AtomicU64,
@@ -61,7 +63,7 @@ impl EndpointLoad {
     pub fn new(id: impl Into<String>, weight: u32) -> Arc<Self> {
         Arc::new(Self {
             id: id.into(),
-            weight: weight.max(1),
+            weight: AtomicU32::new(weight.max(1)),
             in_flight: AtomicU64::new(0),
             ewma_ns: AtomicU64::new(f64::NAN.to_bits()),
             updated_ns: AtomicU64::new(0),
@@ -75,7 +77,15 @@ impl EndpointLoad {
     }
 
     pub fn weight(&self) -> u32 {
-        self.weight
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// The weight in force from now on (0 is treated as 1). Balancers that
+    /// read the weight per pick follow at once; those that precompute from
+    /// weights (the weighted round-robin schedule, random by weight, ring
+    /// hash, Maglev) are rebuilt by the caller with the endpoint set.
+    pub fn set_weight(&self, weight: u32) {
+        self.weight.store(weight.max(1), Ordering::Relaxed);
     }
 
     /// Requests (HTTP) or connections (TCP) currently open to this endpoint.
@@ -155,7 +165,7 @@ impl EndpointLoad {
     /// would join, divided by weight so heavier endpoints take more.
     pub(crate) fn cost(&self, now: Instant) -> f64 {
         let latency = self.latency_ns(now).max(MIN_COST_NS);
-        latency * (self.in_flight() + 1) as f64 / f64::from(self.weight)
+        latency * (self.in_flight() + 1) as f64 / f64::from(self.weight())
     }
 
     /// The short-memory latency average `load_aware` balances on.

@@ -18,6 +18,8 @@ fn endpoint(id: &str, address: &str, port: u16, health: Health) -> Endpoint {
         port,
         inbound_port: 15006,
         weight: 1,
+        operator_weight: 1,
+        weight_reason: String::new(),
         metadata: BTreeMap::new(),
         health,
         zone: String::new(),

@@ -462,6 +462,11 @@ impl Upstreams {
                     .entry(e.id.clone())
                     .or_insert_with(|| EndpointLoad::new(e.id.clone(), e.weight.max(1)))
                     .clone();
+                // Kept across pushes for its latency and in-flight figures,
+                // but the weight is the one just pushed (load weights move
+                // it on endpoints that stay); the balancers below are built
+                // from it.
+                load.set_weight(e.weight.max(1));
                 let outlier = outliers
                     .entry(e.id.clone())
                     .or_insert_with(Outlier::new)

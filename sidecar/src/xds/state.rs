@@ -20,8 +20,13 @@ pub struct Endpoint {
     /// Port of the endpoint's sidecar inbound listener on `address`; 0 when
     /// the instance has no sidecar and is reached at `port` directly.
     pub inbound_port: u16,
-    /// Relative share of traffic (>= 1).
+    /// Relative share of traffic (>= 1): the operator's weight times the
+    /// load factor the control plane computed.
     pub weight: u32,
+    /// The weight the instance was registered with, before load.
+    pub operator_weight: u32,
+    /// Why `weight` is what it is (`operator`, `load: ...`, `blackout`).
+    pub weight_reason: String,
     /// Labels such as version and zone, for routing by subset.
     pub metadata: BTreeMap<String, String>,
     /// Health as the control plane concluded it.
@@ -140,6 +145,8 @@ pub fn decode(resource: &Resource) -> Result<UpstreamState, String> {
                 port,
                 inbound_port,
                 weight: e.weight.max(1),
+                operator_weight: e.operator_weight,
+                weight_reason: e.weight_reason,
                 metadata: e.metadata.into_iter().collect(),
                 health: Health::from_i32(e.status),
                 zone: e.zone,
@@ -176,6 +183,7 @@ mod tests {
                     inbound_port: 0,
                     zone: "zone-a".into(),
                     priority: 1,
+                    ..Default::default()
                 })
                 .collect(),
         }

@@ -77,6 +77,7 @@ fn payments(version: &str, body_service: &str) -> Resource {
             inbound_port: 0,
             zone: String::new(),
             priority: 0,
+            ..Default::default()
         }],
     };
     Resource {

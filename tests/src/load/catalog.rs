@@ -27,7 +27,12 @@ pub struct CatalogMesh {
 
 impl CatalogMesh {
     pub async fn start(n: usize, lb: &str) -> Self {
-        let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
+        Self::start_with(n, lb, ControlPlaneOpts::default()).await
+    }
+
+    /// [`CatalogMesh::start`] with a control plane started with `opts`.
+    pub async fn start_with(n: usize, lb: &str, opts: ControlPlaneOpts) -> Self {
+        let cp = ControlPlane::start(opts).await;
         let mut echoes = Vec::new();
         let mut sidecars = Vec::new();
         for i in 0..n {
@@ -73,6 +78,20 @@ impl CatalogMesh {
     /// Sets instance `i`'s added delay.
     pub async fn delay(&self, i: usize, ms: u64) {
         let path = format!("/admin/delay?ms={ms}");
+        let r = crate::http::post(self.echoes[i].addr(), &path)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+    }
+}
+
+// === load reports ===
+
+impl CatalogMesh {
+    /// Makes instance `i` report (ORCA) a utilisation of `cost` per request
+    /// per second it serves, as a server whose requests cost that much.
+    pub async fn cost(&self, i: usize, cost: f64) {
+        let path = format!("/admin/load?cost={cost}");
         let r = crate::http::post(self.echoes[i].addr(), &path)
             .await
             .unwrap();

@@ -60,7 +60,13 @@ impl Mesh {
     /// One instance per weight, `pay-N` with weight `weights[N]`; `web`
     /// balances with `lb`. Returns once `web` sees every instance healthy.
     async fn start(weights: &[u32], lb: &str) -> Self {
-        let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
+        // Operator weights only: these tests count shares against the
+        // weights registered, which load weights would scale and move.
+        let cp = ControlPlane::start(ControlPlaneOpts {
+            extra_args: vec!["--load-weights".into(), "false".into()],
+            ..ControlPlaneOpts::default()
+        })
+        .await;
         let mut echoes = Vec::new();
         let mut sidecars = Vec::new();
         for (n, weight) in weights.iter().enumerate() {

@@ -506,3 +506,93 @@ async fn a_revocation_through_one_replica_reaches_sidecars_on_the_other() {
     let config = pay.config_json().await.unwrap();
     assert_eq!(config["xds"]["revoked_grants"], serde_json::json!([id]));
 }
+
+/// Load weights across replicas: p1's sidecar holds its session on A, p2's
+/// on B; each reports load (p1's requests ten times as costly) to its own
+/// replica only. Both replicas push the same weights, from the summaries
+/// the session's replica wrote to etcd: a client sidecar on B and one on A
+/// see p1 weighed down alike, and `isdpctl instances` says the same
+/// through either replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_reported_to_one_replica_weighs_endpoints_on_the_other() {
+    let etcd = EtcdCluster::start(3).await;
+    let (a, b) = replicas(
+        &etcd,
+        ControlPlaneOpts {
+            extra_args: vec!["--load-weight-blackout".into(), "1s".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let p1_echo = EchoHttp::start("p1").await;
+    let p2_echo = EchoHttp::start("p2").await;
+    for (echo, cost) in [(&p1_echo, 0.01), (&p2_echo, 0.001)] {
+        let r = isdp_tests::http::post(echo.addr(), &format!("/admin/load?cost={cost}"))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let _p1 = SidecarToml::new("p1", &a.grpc_url())
+        .service(SERVICE, p1_echo.port(), PROBE)
+        .start()
+        .await;
+    let _p2 = SidecarToml::new("p2", &b.grpc_url())
+        .service(SERVICE, p2_echo.port(), PROBE)
+        .start()
+        .await;
+    let on_b = SidecarToml::new("web-b", &b.grpc_url())
+        .upstream_on_port0(SERVICE, "http", "load_aware")
+        .start()
+        .await;
+    let on_a = SidecarToml::new("web-a", &a.grpc_url())
+        .upstream_on_port0(SERVICE, "http", "load_aware")
+        .start()
+        .await;
+    let ids = [format!("p1.{SERVICE}"), format!("p2.{SERVICE}")];
+    for web in [&on_a, &on_b] {
+        for id in &ids {
+            until_endpoint(web, id, Duration::from_secs(10)).await;
+        }
+    }
+    // Traffic through both clients, so both instances serve and report.
+    let _load_b = isdp_tests::load::Load::start(on_b.upstream_addr(SERVICE), "/slow?ms=10", 8);
+    let _load_a = isdp_tests::load::Load::start(on_a.upstream_addr(SERVICE), "/slow?ms=10", 8);
+    let weights = |eps: &[serde_json::Value]| -> anyhow::Result<Vec<(u64, String)>> {
+        ids.iter()
+            .map(|id| {
+                let e =
+                    find_by_id(eps, id).ok_or_else(|| anyhow::anyhow!("{id} not in {eps:?}"))?;
+                Ok((
+                    e["weight"].as_u64().unwrap_or_default(),
+                    e["weight_reason"].as_str().unwrap_or_default().to_owned(),
+                ))
+            })
+            .collect()
+    };
+    let took = eventually(
+        Duration::from_secs(30),
+        "p1 weighed down alike through A and B",
+        || async {
+            let at_b = weights(&on_b.endpoints(SERVICE).await?)?;
+            let at_a = weights(&on_a.endpoints(SERVICE).await?)?;
+            anyhow::ensure!(
+                at_b.iter().all(|(_, r)| r.starts_with("load:")),
+                "at B: {at_b:?}"
+            );
+            anyhow::ensure!(at_b[0].0 * 2 < at_b[1].0, "p1 not down at B: {at_b:?}");
+            anyhow::ensure!(at_a == at_b, "A pushes {at_a:?}, B {at_b:?}");
+            let via_a = a.instances(SERVICE).await?;
+            let via_b = b.instances(SERVICE).await?;
+            for id in &ids {
+                let w = |list: &[serde_json::Value]| {
+                    find_by_id(list, id).map(|v| v["load"]["lb_weight"].clone())
+                };
+                anyhow::ensure!(w(&via_a) == w(&via_b), "{id}: {via_a:?} vs {via_b:?}");
+            }
+            eprintln!("weights at B's and A's clients: {at_b:?}");
+            Ok(())
+        },
+    )
+    .await;
+    eprintln!("same weights through both replicas after {took:?}");
+}

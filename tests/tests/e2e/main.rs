@@ -24,6 +24,7 @@ mod harness;
 mod health;
 mod killed_peers;
 mod listener_limits;
+mod load_weights;
 mod mtls;
 mod observability;
 mod overload;

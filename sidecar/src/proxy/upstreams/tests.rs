@@ -14,6 +14,8 @@ fn endpoint(n: u16, version: &str) -> Endpoint {
         port: 9000 + n,
         inbound_port: 0,
         weight: 1,
+        operator_weight: 1,
+        weight_reason: String::new(),
         metadata: [("version".to_string(), version.to_string())].into(),
         health: Health::Healthy,
         zone: String::new(),
@@ -72,12 +74,27 @@ fn canary_policy() -> TrafficPolicy {
 fn upstreams(
     first: Arc<Snapshot>,
 ) -> (Upstreams, watch::Sender<Arc<Snapshot>>, watch::Sender<bool>) {
-    upstreams_in(first, None)
+    upstreams_cfg(first, None, Algorithm::RoundRobin)
 }
 
 fn upstreams_in(
     first: Arc<Snapshot>,
     zone: Option<&str>,
+) -> (Upstreams, watch::Sender<Arc<Snapshot>>, watch::Sender<bool>) {
+    upstreams_cfg(first, zone, Algorithm::RoundRobin)
+}
+
+fn upstreams_with(
+    first: Arc<Snapshot>,
+    lb: Algorithm,
+) -> (Upstreams, watch::Sender<Arc<Snapshot>>, watch::Sender<bool>) {
+    upstreams_cfg(first, None, lb)
+}
+
+fn upstreams_cfg(
+    first: Arc<Snapshot>,
+    zone: Option<&str>,
+    lb: Algorithm,
 ) -> (Upstreams, watch::Sender<Arc<Snapshot>>, watch::Sender<bool>) {
     let (tx, rx) = watch::channel(first);
     let (stop_tx, stop) = watch::channel(false);
@@ -85,7 +102,7 @@ fn upstreams_in(
         name: "payments".into(),
         listen: None,
         protocol: Protocol::Http,
-        lb: Algorithm::RoundRobin,
+        lb,
         hash_key: None,
         locality: LocalityConfig::default(),
         caller_zone: zone.map(str::to_owned),
@@ -194,6 +211,28 @@ fn zoned_snapshot(version: &str, down: &[u16]) -> Arc<Snapshot> {
     Arc::new(snap)
 }
 
+/// `payments` at `version` with weights `weights` (pay-0, pay-1, pay-2).
+fn weighted(version: &str, weights: [u32; 3]) -> Arc<Snapshot> {
+    let mut snap = Snapshot::default();
+    let endpoints = weights
+        .iter()
+        .enumerate()
+        .map(|(n, w)| Endpoint {
+            weight: *w,
+            ..endpoint(n as u16, "v1")
+        })
+        .collect();
+    snap.upstreams.insert(
+        "payments".into(),
+        UpstreamState {
+            exists: true,
+            version: version.into(),
+            endpoints,
+        },
+    );
+    Arc::new(snap)
+}
+
 fn zone_counts(lb: &UpstreamLb) -> (usize, usize) {
     let mut counts = (0, 0);
     for _ in 0..2000 {
@@ -250,4 +289,49 @@ async fn ejections_move_traffic_out_of_the_zone() {
     lb.refresh_locality();
     assert_eq!(lb.levels()[0].share_percent, 0.0);
     assert_eq!(zone_counts(&lb), (0, 2000));
+}
+
+/// Picks per endpoint id over `n` picks of the whole upstream.
+fn shares(lb: &UpstreamLb, n: usize) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        let (t, _g) = lb.pick(&HeaderMap::new(), None).unwrap();
+        *seen.entry(t.id.clone()).or_default() += 1;
+    }
+    seen
+}
+
+/// A new weight pushed for endpoints that stay takes effect: the load
+/// state is kept (same object) with the new weight, and the balancers
+/// that precompute from weights follow it.
+#[tokio::test]
+async fn a_pushed_weight_change_on_existing_endpoints_takes_effect() {
+    for algorithm in [Algorithm::WeightedRoundRobin, Algorithm::Random] {
+        let (ups, tx, _stop) = upstreams_with(weighted("e1", [100, 100, 100]), algorithm);
+        let before = ups.get("payments").unwrap();
+        let even = shares(&before, 3000);
+        assert!(even["pay-0"] > 800, "{algorithm:?} even: {even:?}");
+
+        tx.send_replace(weighted("e2", [800, 100, 100]));
+        tokio::time::timeout(Duration::from_secs(2), async {
+            while ups.get("payments").unwrap().version != "e2" {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        let after = ups.get("payments").unwrap();
+        assert!(Arc::ptr_eq(
+            &before.endpoints[0].load,
+            &after.endpoints[0].load
+        ));
+        assert_eq!(after.load("pay-0").unwrap().weight(), 800);
+        assert_eq!(after.load("pay-1").unwrap().weight(), 100);
+        let skewed = shares(&after, 3000);
+        // 80 % of 3000, give or take.
+        assert!(
+            (2200..=2600).contains(&skewed["pay-0"]),
+            "{algorithm:?} skewed: {skewed:?}"
+        );
+    }
 }

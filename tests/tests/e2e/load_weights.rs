@@ -1,0 +1,197 @@
+//! Load weights end to end: three `catalog` instances (`echo-http`) behind
+//! their sidecars, a `web` sidecar proxying `catalog` under steady
+//! concurrent load. Every instance reports (ORCA) a utilisation that
+//! follows its traffic; one turns ten times as costly per request and
+//! back. The control plane turns the sidecars' load reports into weights
+//! pushed with the endpoints: the costly instance's share falls, the
+//! weights `isdpctl instances` and web's `/config` show agree, and its
+//! share comes back once its cost does.
+
+use std::time::Duration;
+
+use isdp_tests::load::{CatalogMesh, SERVICE};
+use isdp_tests::{ControlPlaneOpts, eventually, find_by_id};
+use tokio::time::Instant;
+
+/// Utilisation per request per second: at ~500 requests per second an
+/// instance reports 0.5; the costly one ten times that per request.
+const CHEAP: f64 = 0.001;
+const COSTLY: f64 = 0.01;
+/// Short, so the test does not wait the default 10 s.
+const BLACKOUT: &str = "2s";
+
+/// cat-`i`'s endpoint in web's `/config`.
+async fn web_endpoint(mesh: &CatalogMesh, i: usize) -> anyhow::Result<serde_json::Value> {
+    let eps = mesh.web.endpoints(SERVICE).await?;
+    find_by_id(&eps, &format!("cat-{i}.catalog"))
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("cat-{i} not in {eps:?}"))
+}
+
+/// The pushed weight of cat-`i` at web.
+async fn weight(mesh: &CatalogMesh, i: usize) -> anyhow::Result<u64> {
+    let e = web_endpoint(mesh, i).await?;
+    e["weight"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no weight: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_costly_instance_loses_its_share_and_wins_it_back() {
+    let mesh = CatalogMesh::start_with(
+        3,
+        "load_aware",
+        ControlPlaneOpts {
+            extra_args: vec!["--load-weight-blackout".into(), BLACKOUT.into()],
+            ..ControlPlaneOpts::default()
+        },
+    )
+    .await;
+    for i in 0..3 {
+        mesh.cost(i, CHEAP).await;
+    }
+    let load = mesh.load();
+    let start = Instant::now();
+    // Every endpoint weighed by load, not by default.
+    eventually(Duration::from_secs(20), "weights from load", || async {
+        for i in 0..3 {
+            let e = web_endpoint(&mesh, i).await?;
+            let reason = e["weight_reason"].as_str().unwrap_or_default();
+            anyhow::ensure!(reason.starts_with("load:"), "cat-{i}: {e}");
+        }
+        Ok(())
+    })
+    .await;
+    let even = load
+        .window_after(
+            Instant::now(),
+            Duration::from_secs(1),
+            Duration::from_secs(4),
+        )
+        .await;
+    let weights_even = [
+        weight(&mesh, 0).await.unwrap(),
+        weight(&mesh, 1).await.unwrap(),
+        weight(&mesh, 2).await.unwrap(),
+    ];
+    eprintln!(
+        "all equal: weights {weights_even:?}, shares {}",
+        even.describe(3)
+    );
+    assert!(even.len() > 300, "the load runs: {}", even.describe(3));
+    for i in 0..3 {
+        let share = even.share(&format!("cat-{i}"));
+        assert!(share > 0.2, "cat-{i} has {share}: {}", even.describe(3));
+    }
+
+    mesh.cost(0, COSTLY).await;
+    let costly = Instant::now();
+    let took = eventually(Duration::from_secs(30), "cat-0's weight falls", || async {
+        let w = weight(&mesh, 0).await?;
+        anyhow::ensure!(w < 40, "cat-0 still weighs {w}");
+        Ok(())
+    })
+    .await;
+    eprintln!("cat-0 costly: its weight fell under 40 after {took:?}");
+    let fallen = load
+        .window_after(
+            Instant::now(),
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+        )
+        .await;
+    let weights_fallen = [
+        weight(&mesh, 0).await.unwrap(),
+        weight(&mesh, 1).await.unwrap(),
+        weight(&mesh, 2).await.unwrap(),
+    ];
+    eprintln!(
+        "cat-0 costly: weights {weights_fallen:?}, shares {}",
+        fallen.describe(3)
+    );
+    assert!(
+        fallen.share("cat-0") < 0.2,
+        "the costly instance keeps too much: {}",
+        fallen.describe(3)
+    );
+    for i in 1..3 {
+        let share = fallen.share(&format!("cat-{i}"));
+        assert!(share > 0.35, "cat-{i} has {share}: {}", fallen.describe(3));
+    }
+
+    // What isdpctl shows is what web balances with.
+    eventually(
+        Duration::from_secs(10),
+        "isdpctl agrees with web",
+        || async {
+            let list = mesh.cp.instances(SERVICE).await?;
+            for i in 0..3 {
+                let id = format!("cat-{i}.catalog");
+                let shown = find_by_id(&list, &id).map(|v| v["load"].clone());
+                let shown = shown.ok_or_else(|| anyhow::anyhow!("{id} not in {list:?}"))?;
+                let e = web_endpoint(&mesh, i).await?;
+                anyhow::ensure!(shown["lb_weight"] == e["weight"], "{id}: {shown} vs {e}");
+                anyhow::ensure!(
+                    shown["reason"] == e["weight_reason"],
+                    "{id}: {shown} vs {e}"
+                );
+                anyhow::ensure!(e["weight_in_force"] == e["weight"], "{id} in force: {e}");
+                anyhow::ensure!(e["operator_weight"] == 1, "{id}: {e}");
+            }
+            Ok(())
+        },
+    )
+    .await;
+    let table = mesh.cp.ctl_ok(&["instances", SERVICE]).await;
+    eprintln!("isdpctl instances {SERVICE}:\n{table}");
+    assert!(
+        table.contains("LB WEIGHT") && table.contains("REASON"),
+        "{table}"
+    );
+    let metrics = isdp_tests::http::get(mesh.cp.admin_addr(), "/metrics")
+        .await
+        .unwrap();
+    let series = metrics
+        .body
+        .lines()
+        .filter(|l| {
+            l.starts_with("isdp_instance_weight{")
+                || l.starts_with("isdp_instance_load_utilization{")
+        })
+        .count();
+    assert_eq!(series, 6, "two series per instance:\n{}", metrics.body);
+
+    mesh.cost(0, CHEAP).await;
+    let cheap = Instant::now();
+    let recovered = eventually(Duration::from_secs(40), "cat-0's weight back", || async {
+        let w = weight(&mesh, 0).await?;
+        anyhow::ensure!(w > 85, "cat-0 weighs {w}");
+        Ok(())
+    })
+    .await;
+    let back = load
+        .window_after(
+            Instant::now(),
+            Duration::from_secs(1),
+            Duration::from_secs(4),
+        )
+        .await;
+    let weights_back = [
+        weight(&mesh, 0).await.unwrap(),
+        weight(&mesh, 1).await.unwrap(),
+        weight(&mesh, 2).await.unwrap(),
+    ];
+    eprintln!(
+        "cat-0 cheap again: weight back over 85 after {recovered:?}; weights {weights_back:?}, shares {}",
+        back.describe(3)
+    );
+    assert!(
+        back.share("cat-0") > 0.2,
+        "the instance is not back: {}",
+        back.describe(3)
+    );
+    let _ = (costly, cheap);
+
+    let all = load.window(start, Instant::now());
+    assert_eq!(all.failed(), 0, "no request fails: {}", all.describe(3));
+}
