@@ -51,12 +51,7 @@ struct Instance {
 async fn start_instance(cp: &ControlPlane, id: &str) -> Instance {
     let echo = EchoHttp::start(id).await;
     let sidecar = SidecarToml::new(id, &cp.grpc_url())
-        .raw(&format!(
-            "[[service]]\nname = \"{SERVICE}\"\nport = {port}\nprotocol = \"http\"\n\
-             check = \"{check}\"\ninterval = \"500ms\"\n",
-            port = echo.port(),
-            check = echo.health_url(),
-        ))
+        .service(SERVICE, echo.port(), Duration::from_millis(500))
         .start()
         .await;
     Instance { echo, sidecar }

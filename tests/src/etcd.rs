@@ -123,6 +123,33 @@ impl EtcdCluster {
         args
     }
 
+    /// The first member's client address, for a forwarder in front of it
+    /// (a [`TcpGate`](crate::TcpGate)).
+    pub fn first_member(&self) -> std::net::SocketAddr {
+        let url = self.client_url(&self.members[0]);
+        url.rsplit("//")
+            .next()
+            .and_then(|a| a.parse().ok())
+            .expect("an etcd client address")
+    }
+
+    /// [`EtcdCluster::control_plane_args`] for a replica that reaches etcd
+    /// at `addr` only (a forwarder to [`EtcdCluster::first_member`]).
+    pub fn control_plane_args_through(
+        &self,
+        prefix: &str,
+        addr: std::net::SocketAddr,
+    ) -> Vec<String> {
+        let mut args = self.control_plane_args(prefix);
+        let at = args
+            .iter()
+            .position(|a| a == "--etcd-endpoints")
+            .expect("--etcd-endpoints")
+            + 1;
+        args[at] = format!("http://{addr}");
+        args
+    }
+
     /// [`EtcdCluster::control_plane_args`] without `--kek-file`, for tests
     /// that give another KEK (or none).
     pub fn control_plane_args_without_kek(&self, prefix: &str) -> Vec<String> {

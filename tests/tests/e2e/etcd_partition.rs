@@ -5,7 +5,6 @@
 //! and ends the session; the sidecar opens it again and its instance is
 //! back, without anyone restarting anything.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use isdp_tests::{
@@ -25,22 +24,12 @@ async fn listed(cp: &ControlPlane, id: &str) -> anyhow::Result<bool> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_cut_off_from_etcd_past_the_session_timeout_gets_its_sidecars_registered_again() {
     let etcd = EtcdCluster::start(1).await;
-    let member: SocketAddr = etcd.endpoints()[0]
-        .trim_start_matches("http://")
-        .parse()
-        .expect("an etcd client address");
-    let gate = TcpGate::start(member).await;
+    let gate = TcpGate::start(etcd.first_member()).await;
     let prefix = format!("/isdp-partition-{}/", std::process::id());
 
     // Replica A reaches etcd through the gate; B directly, and reads
     // what etcd holds throughout.
-    let mut a_args = etcd.control_plane_args(&prefix);
-    let endpoints = a_args
-        .iter()
-        .position(|a| a == "--etcd-endpoints")
-        .expect("--etcd-endpoints")
-        + 1;
-    a_args[endpoints] = format!("http://{}", gate.addr());
+    let a_args = etcd.control_plane_args_through(&prefix, gate.addr());
     let opts = |extra_args: Vec<String>| ControlPlaneOpts {
         session_grace: Some(Duration::from_secs(1)),
         session_timeout: Some(SESSION_TIMEOUT),

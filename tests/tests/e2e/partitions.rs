@@ -18,7 +18,6 @@
 //! no request; and how long convergence after healing took (printed).
 //! Root only: creating the namespace panics otherwise (no skip).
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use isdp_tests::load::{Load, Window};
@@ -135,12 +134,7 @@ async fn start_payment(cp: &ControlPlane, ns: &NetNs, n: usize) -> (EchoHttp, Si
     let echo = EchoHttp::start(&id).await;
     let sidecar = SidecarToml::new(&id, &cp.grpc_url())
         .bind(ns.host_ip())
-        .raw(&format!(
-            "[[service]]\nname = \"{SERVICE}\"\nport = {port}\nprotocol = \"http\"\n\
-             check = \"{check}\"\ninterval = \"200ms\"\n",
-            port = echo.port(),
-            check = echo.health_url(),
-        ))
+        .service(SERVICE, echo.port(), Duration::from_millis(200))
         .start()
         .await;
     (echo, sidecar)
@@ -352,19 +346,9 @@ async fn a_replica_whose_etcd_link_goes_silent_refuses_writes_and_recovers() {
     const SESSION_TIMEOUT: Duration = Duration::from_secs(3);
     let ns = NetNs::create();
     let etcd = EtcdCluster::start(1).await;
-    let member: SocketAddr = etcd.endpoints()[0]
-        .trim_start_matches("http://")
-        .parse()
-        .expect("an etcd client address");
-    let forwarder = TcpGate::start_on(ns.host_ip().into(), member).await;
+    let forwarder = TcpGate::start_on(ns.host_ip().into(), etcd.first_member()).await;
     let prefix = format!("/isdp-netns-{}/", std::process::id());
-    let mut a_args = etcd.control_plane_args(&prefix);
-    let endpoints = a_args
-        .iter()
-        .position(|a| a == "--etcd-endpoints")
-        .expect("--etcd-endpoints")
-        + 1;
-    a_args[endpoints] = format!("http://{}", forwarder.addr());
+    let mut a_args = etcd.control_plane_args_through(&prefix, forwarder.addr());
     for flag in ["--listen", "--admin-listen", "--http-listen"] {
         a_args.extend([flag.to_owned(), format!("{}:0", ns.ns_ip())]);
     }
