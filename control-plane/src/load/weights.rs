@@ -6,9 +6,9 @@
 //! push the same weights. Per service: each endpoint whose figures are
 //! usable (traffic and a utilisation) and have been for the `blackout`
 //! (a new endpoint's first figures are noisy: it is warming up) gets
-//! `raw / mean(raw)` as its load factor, clamped within
+//! `raw / median(raw)` as its load factor, clamped within
 //! `min_factor..=max_factor` so no report can starve or flood an
-//! endpoint; every other endpoint gets 1 (the mean). The weight pushed is
+//! endpoint; every other endpoint gets 1 (the median's). The weight pushed is
 //! `operator weight × factor × `[`SCALE`], so an operator's weights and
 //! the load compose.
 //!
@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use isdp_proto::v1::LoadSummary;
 
-/// What the mean factor is scaled to in the pushed integer weight.
+/// What a factor of 1 (the median endpoint's) is scaled to in the pushed
+/// integer weight.
 pub const SCALE: f64 = 100.0;
 /// Longest `weight_reason`, in bytes: each endpoint of a resource carries
 /// one, and the quota on a service's resource counts it at this size.
@@ -86,7 +87,7 @@ pub fn weigh(
         .iter()
         .filter_map(|r| r.as_ref().ok().copied())
         .collect();
-    let mean = usable.iter().sum::<f64>() / usable.len().max(1) as f64;
+    let reference = median(usable);
     endpoints
         .iter()
         .zip(&raw)
@@ -99,7 +100,7 @@ pub fn weigh(
                 match raw {
                     Err(why) => (1.0, (*why).to_owned()),
                     Ok(w) => {
-                        let f = w / mean;
+                        let f = w / reference;
                         let clamped = f.clamp(cfg.min_factor, cfg.max_factor);
                         let mut reason = format!("load: util {utilization:.2} rps {rps:.0}");
                         if clamped != f {
@@ -128,6 +129,24 @@ pub fn weigh(
         .collect()
 }
 
+/// The median of `v` (the mean of the middle two for an even count); 1
+/// when empty (then nothing is divided by it). The reference each raw
+/// weight is compared with: unlike the mean, one endpoint's extreme
+/// figures cannot move it, so a report can raise or lower only its own
+/// endpoint's factor (within the clamps), never push its peers' down.
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 1.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len().is_multiple_of(2) {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    }
+}
+
 fn cut(mut s: String) -> String {
     if s.len() > MAX_REASON_BYTES {
         let mut end = MAX_REASON_BYTES;
@@ -139,6 +158,10 @@ fn cut(mut s: String) -> String {
     s
 }
 
+/// Utilisations below this count as this: an idle endpoint's figure is
+/// noise, and dividing by a vanishing one would give an infinite weight.
+pub const MIN_UTILIZATION: f64 = 0.01;
+
 /// gRPC's formula; None when it gives nothing usable (no traffic or no
 /// utilisation reported).
 pub fn raw_weight(qps: f64, eps: f64, utilization: f64, error_penalty: f64) -> Option<f64> {
@@ -146,7 +169,8 @@ pub fn raw_weight(qps: f64, eps: f64, utilization: f64, error_penalty: f64) -> O
         return None;
     }
     let penalty = error_penalty * eps / qps;
-    Some(qps / (utilization + penalty))
+    let w = qps / (utilization.max(MIN_UTILIZATION) + penalty);
+    w.is_finite().then_some(w)
 }
 
 #[cfg(test)]
@@ -174,7 +198,8 @@ mod tests {
         let cfg = WeightConfig::default();
         let a = summary(100.0, 0.25, 10_000);
         let b = summary(100.0, 0.75, 10_000);
-        // 400 vs 133: a gets three times b's weight; mean 1.
+        // 400 vs 133: a gets three times b's weight; the median (of two,
+        // their mean) is 1.
         assert_eq!(weights(&cfg, &[(1, Some(&a)), (1, Some(&b))]), [150, 50]);
         let ws = weigh(&cfg, &[(1, Some(&a)), (1, Some(&b)), (1, None)], NOW);
         assert_eq!(
@@ -183,7 +208,7 @@ mod tests {
         );
         assert_eq!(ws[0].reason, "load: util 0.25 rps 100");
         assert_eq!(ws[2].reason, "no report");
-        // Still in its blackout: the mean, and says so.
+        // Still in its blackout: factor 1, and says so.
         let young = summary(100.0, 0.25, 9_999);
         let ws = weigh(&cfg, &[(1, Some(&young)), (1, Some(&b))], NOW);
         assert_eq!((ws[0].weight, ws[0].reason.as_str()), (100, "blackout"));
@@ -233,11 +258,30 @@ mod tests {
             &[(1, Some(&idle)), (1, Some(&busy)), (1, Some(&busy))],
             NOW,
         );
+        // The idle one is clamped up; the busy ones are the median and
+        // stay at 1: one endpoint's extreme figures move only its own.
         assert_eq!(
             ws.iter().map(|w| w.weight).collect::<Vec<_>>(),
-            [150, 50, 50]
+            [150, 100, 100]
         );
         assert!(ws[0].reason.ends_with("(clamped)"), "{:?}", ws[0]);
+    }
+
+    #[test]
+    fn a_vanishing_utilisation_neither_breaks_the_weights_nor_starves_the_peers() {
+        let cfg = WeightConfig::default();
+        let liar = summary(1e7, 1e-310, 20_000);
+        let honest = summary(100.0, 0.5, 20_000);
+        assert!(raw_weight(1e7, 0.0, 1e-310, 1.0).is_some_and(f64::is_finite));
+        let ws = weigh(
+            &cfg,
+            &[(1, Some(&liar)), (1, Some(&honest)), (1, Some(&honest))],
+            NOW,
+        );
+        assert_eq!(
+            ws.iter().map(|w| w.weight).collect::<Vec<_>>(),
+            [1000, 100, 100]
+        );
     }
 
     #[test]

@@ -394,13 +394,14 @@ mod tests {
                 )
             })
             .collect();
-        // Raw 400, 133, 400: factors 1.29, 0.43, 1.29; c's operator 2.
+        // Raw 400, 133, 400 against their median 400: factors 1, 0.33,
+        // 1; c's operator 2.
         assert_eq!(
             got,
             [
-                ("a", 129, 1, "load: util 0.25 rps 100"),
-                ("b", 43, 1, "load: util 0.75 rps 100"),
-                ("c", 257, 2, "load: util 0.25 rps 100"),
+                ("a", 100, 1, "load: util 0.25 rps 100"),
+                ("b", 33, 1, "load: util 0.75 rps 100"),
+                ("c", 200, 2, "load: util 0.25 rps 100"),
             ]
         );
         let plain = service_endpoints(&registry, &Weighing::operator_only(), "web").unwrap();
