@@ -195,6 +195,38 @@ fn opener(principal: Option<&Principal>) -> Opener {
     }
 }
 
+/// A later `open` on a stream: at most one per [`REOPEN_GAP`].
+/// Each open grants a lease and writes the node's instances, and the
+/// session it replaces keeps its instances through the grace period, so
+/// a stream must not be a way to open sessions faster than streams can
+/// be (streams are capped per principal).
+pub const REOPEN_GAP: Duration = Duration::from_secs(1);
+
+/// Whether a later `open` of `node_id` may replace `session` on its
+/// stream: the same node (a stream serves one node), and not sooner than
+/// [`REOPEN_GAP`] after the last open.
+fn reopen(
+    session: &Session,
+    node_id: &str,
+    last_open: &mut tokio::time::Instant,
+) -> Result<(), Status> {
+    if node_id != session.node_id() {
+        return Err(Status::invalid_argument(format!(
+            "session: open.node_id: a stream serves one node, opened as {:?}; got {}: open another stream",
+            session.node_id(),
+            quoted(node_id)
+        )));
+    }
+    let now = tokio::time::Instant::now();
+    if now.saturating_duration_since(*last_open) < REOPEN_GAP {
+        return Err(Status::resource_exhausted(format!(
+            "session: at most one open per {REOPEN_GAP:?} on a stream"
+        )));
+    }
+    *last_open = now;
+    Ok(())
+}
+
 /// Serves one session until the sidecar closes it, the stream breaks
 /// (dropping the session starts its grace period) or shutdown.
 async fn run(
@@ -212,6 +244,7 @@ async fn run(
     } = reports;
     let mut gate = Gate::default();
     let mut traffic_gate = Gate::default();
+    let mut last_open = tokio::time::Instant::now();
     let mut writer = Writer::default();
     let mut sweep = tokio::time::interval(STALE_SWEEP);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -279,26 +312,34 @@ async fn run(
             }
             Ok(Some(SessionRequest {
                 kind: Some(Kind::Open(open)),
-            })) => match open_session(&sessions, principal.as_ref(), &open.node_id, open.instances)
-                .await
-            {
-                Ok(s) => {
-                    session = s;
-                    // A new lease: what was written under the old one
-                    // goes with it, so everything is written again.
-                    writer = Writer::default();
-                    let instances = session.instances();
-                    let response = SessionResponse {
-                        instances,
-                        load_reports: true,
-                    };
-                    if tx.send(Ok(response)).await.is_err() {
-                        return;
-                    }
-                }
+            })) => match reopen(&session, &open.node_id, &mut last_open) {
                 Err(e) => {
                     let _ = tx.send(Err(e)).await;
                     return;
+                }
+                Ok(()) => {
+                    match open_session(&sessions, principal.as_ref(), &open.node_id, open.instances)
+                        .await
+                    {
+                        Ok(s) => {
+                            session = s;
+                            // A new lease: what was written under the old one
+                            // goes with it, so everything is written again.
+                            writer = Writer::default();
+                            let instances = session.instances();
+                            let response = SessionResponse {
+                                instances,
+                                load_reports: true,
+                            };
+                            if tx.send(Ok(response)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    }
                 }
             },
             Ok(Some(SessionRequest {

@@ -332,3 +332,44 @@ async fn a_session_instance_must_be_reached_through_its_sidecar() {
     // A sidecar-less endpoint is an operator's registration.
     cp.register("legacy", "127.0.0.1", 8080, &[]).await;
 }
+
+/// A stream serves one node, and opens no faster than one a second: a
+/// join credential cannot use one stream to open sessions (each keeping
+/// its instances through the grace period) faster than streams are
+/// capped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_stream_opens_one_node_at_most_once_a_second() {
+    let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
+    let web = join_token(&cp, "web").await;
+    let reopen = |node: &str| SessionRequest {
+        kind: Some(Kind::Open(SessionOpen {
+            node_id: node.into(),
+            instances: vec![sidecar_instance("web", 8080)],
+        })),
+    };
+
+    // Another node on the same stream: refused, naming the field.
+    let (mut s, _) = RawSession::open(&cp, &web, "r1", vec![sidecar_instance("web", 8080)])
+        .await
+        .expect("opened");
+    s.tx.send(reopen("r2")).await.unwrap();
+    let e = next(&mut s.stream)
+        .await
+        .expect_err("a second node on one stream");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("open.node_id"), "{e:?}");
+    let listed = cp.instances("web").await.unwrap();
+    assert!(find_by_id(&listed, "r2.web").is_none(), "{listed:?}");
+
+    // The same node again at once: refused; after a second: reopened.
+    let (mut s, _) = RawSession::open(&cp, &web, "r3", vec![sidecar_instance("web", 8080)])
+        .await
+        .expect("opened");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    s.tx.send(reopen("r3")).await.unwrap();
+    let answer = next(&mut s.stream).await.expect("a reopen after a second");
+    assert_eq!(answer.instances.len(), 1, "{answer:?}");
+    s.tx.send(reopen("r3")).await.unwrap();
+    let e = next(&mut s.stream).await.expect_err("a reopen at once");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+}
