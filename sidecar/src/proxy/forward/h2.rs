@@ -6,8 +6,9 @@
 //! A general-purpose pool checks a connection out and back in per request;
 //! with HTTP/2 there is nothing to check out, so this keeps one
 //! `SendRequest` per address and clones it (an `Arc` bump) per request. A
-//! closed connection is replaced on the next request; a request the dead
-//! connection never sent is retried once on the new one.
+//! closed connection is replaced on the next request (a request the dead
+//! connection never sent is retried once on the new one), and forgotten
+//! as soon as it ends, so peers that are gone leave nothing behind.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -15,6 +16,7 @@ use dashmap::DashMap;
 use http::{Request, Response};
 use hyper::{body::Incoming, client::conn::http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::oneshot;
 
 use super::{Mesh, SendError};
 use crate::proxy::{
@@ -128,8 +130,15 @@ impl H2Pool {
                 handshake(addr, stream, open, None).await?
             }
         };
-        self.conns.insert(key.clone(), sender.clone());
-        Ok(sender)
+        self.conns.insert(key.clone(), sender.sender.clone());
+        // Forgotten once closed: peers come and go (instances churn), and
+        // a closed connection's sender still holds its buffers.
+        let (conns, key) = (self.conns.clone(), key.clone());
+        tokio::spawn(async move {
+            let _ = sender.ended.await;
+            conns.remove_if(&key, |_, s| s.is_closed());
+        });
+        Ok(sender.sender)
     }
 }
 
@@ -137,12 +146,19 @@ impl H2Pool {
 /// it as soon as `guard`'s peer (another sidecar) has its token revoked:
 /// the pool then sees it closed and the next request's handshake refuses
 /// the peer.
+/// A new connection's sender, and what resolves once the connection
+/// has ended.
+struct Opened {
+    sender: http2::SendRequest<Body>,
+    ended: oneshot::Receiver<()>,
+}
+
 async fn handshake<IO>(
     addr: SocketAddr,
     stream: IO,
     open: Option<Permit>,
     guard: Option<PeerGuard>,
-) -> Result<http2::SendRequest<Body>, SendError>
+) -> Result<Opened, SendError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -154,6 +170,7 @@ where
             .handshake(TokioIo::new(stream))
             .await
             .map_err(SendError::Request)?;
+        let (ended_tx, ended) = oneshot::channel();
         tokio::spawn(async move {
             let guards: Vec<PeerGuard> = guard.into_iter().collect();
             tokio::select! {
@@ -164,7 +181,53 @@ where
             }
             // The connection counts against its upstream until now.
             drop(open);
+            let _ = ended_tx.send(());
         });
-        Ok(sender)
+        Ok(Opened { sender, ended })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use super::*;
+    use crate::proxy::svc::empty;
+
+    /// A peer that answers over HTTP/2 for `serve`, then goes away.
+    async fn short_lived_peer(serve: Duration) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let svc = hyper::service::service_fn(|_req| async {
+                Ok::<_, Infallible>(hyper::Response::new(
+                    http_body_util::Empty::<bytes::Bytes>::new(),
+                ))
+            });
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc);
+            let _ = tokio::time::timeout(serve, conn).await;
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_ends_is_forgotten() {
+        let pool = H2Pool::new(Duration::from_secs(2));
+        let addr = short_lived_peer(Duration::from_millis(200)).await;
+        let req = Request::get(format!("http://{addr}/"))
+            .body(empty())
+            .unwrap();
+        let resp = pool.send(addr, None, req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(pool.conns.len(), 1);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !pool.conns.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the ended connection is forgotten");
     }
 }
