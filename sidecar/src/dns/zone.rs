@@ -126,7 +126,14 @@ impl Zone {
             let Some(name) = self.instance_name(&e.id) else {
                 continue;
             };
-            let weight = u16::try_from(e.weight).unwrap_or(u16::MAX);
+            // The registered weight, as Consul answers: it fits SRV's 16
+            // bits, where the load-scaled weight in force need not.
+            let registered = if e.operator_weight > 0 {
+                e.operator_weight
+            } else {
+                e.weight
+            };
+            let weight = u16::try_from(registered).unwrap_or(u16::MAX);
             let srv = |owner: Name| {
                 Record::from_rdata(
                     owner,
