@@ -137,6 +137,7 @@ async fn run(k: &Knobs) -> anyhow::Result<()> {
             settings.clone(),
             registry.clone(),
             policies.clone(),
+            isdp_control_plane::load::LoadWeights::operator_only(),
             cache.clone(),
             shutdown,
         );
@@ -299,6 +300,7 @@ async fn changes(
             settings.clone(),
             registry.clone(),
             policies.clone(),
+            isdp_control_plane::load::LoadWeights::operator_only(),
             cache.clone(),
             shutdown.clone(),
         ),

@@ -25,7 +25,9 @@
 //! - `sink`: the bounded queue and the task that writes summaries.
 //! - `view`: the followed summaries, on every replica.
 //! - `weights`: summaries -> load factors -> pushed weights (gRFC A58).
+//! - `follow`: which instances' weights may have changed, for publishers.
 
+pub mod follow;
 pub mod sink;
 pub mod view;
 pub mod weights;
@@ -38,6 +40,7 @@ use std::time::Duration;
 use isdp_proto::v1::{Instance, InstanceLoad, LoadReport};
 use tokio::time::Instant;
 
+pub use self::follow::LoadFollow;
 pub use self::view::LoadView;
 pub use self::weights::{Weighed, WeightConfig};
 

@@ -349,6 +349,7 @@ fn start_publishers(
         },
         views.registry.clone(),
         views.policies.clone(),
+        views.load_weights.clone(),
         cache.clone(),
         shutdown.clone(),
     ));

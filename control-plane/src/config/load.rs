@@ -26,7 +26,7 @@ pub struct LoadArgs {
     pub load_weight_error_penalty: f64,
 
     /// The smallest load factor (an endpoint's weight against its
-    /// service's mean), so one report can never starve an endpoint.
+    /// service's median), so one report can never starve an endpoint.
     #[arg(long, env = "ISDP_LOAD_WEIGHT_MIN_FACTOR", default_value_t = 0.1)]
     pub load_weight_min_factor: f64,
 

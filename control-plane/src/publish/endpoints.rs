@@ -7,7 +7,7 @@
 //!
 //! Each endpoint's `weight` is its operator's weight times its load factor
 //! ([`LoadWeights`]): a changed load summary rebuilds its service, and so
-//! does the end of a summary's blackout (checked every [`BLACKOUT_TICK`]),
+//! does the end of a summary's blackout ([`LoadFollow`]),
 //! which no write announces.
 
 use std::{
@@ -22,13 +22,9 @@ use prost::Message;
 use tokio::sync::{broadcast, watch};
 
 use crate::{
-    load::{LoadWeights, WeightObserver, unix_ms, view},
+    load::{LoadFollow, LoadWeights, WeightObserver},
     registry::{Change, Registry, quota::endpoint},
-    store::follow::Entries,
 };
-
-/// How often summaries leaving their blackout are looked for.
-pub const BLACKOUT_TICK: Duration = Duration::from_secs(1);
 
 /// What the publisher weighs endpoints with, and records weights in.
 #[derive(Clone)]
@@ -180,68 +176,6 @@ fn services_of(registry: &Registry, ids: impl IntoIterator<Item = String>) -> BT
         .collect()
 }
 
-/// What the publisher follows of the load summaries: their changes, and
-/// the clock that ends blackouts.
-struct LoadFollow {
-    changes: watch::Receiver<Arc<Entries>>,
-    seen: Arc<Entries>,
-    tick: tokio::time::Interval,
-    last_tick_ms: i64,
-    blackout_ms: i64,
-}
-
-impl LoadFollow {
-    fn new(weighing: &Weighing) -> Option<Self> {
-        let view = weighing.weights.view()?;
-        let mut changes = view.subscribe();
-        let seen = changes.borrow_and_update().clone();
-        let mut tick = tokio::time::interval(BLACKOUT_TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        Some(LoadFollow {
-            changes,
-            seen,
-            tick,
-            last_tick_ms: unix_ms(),
-            blackout_ms: i64::try_from(weighing.weights.config().blackout.as_millis())
-                .unwrap_or(i64::MAX),
-        })
-    }
-
-    /// The instances whose weight may have changed: summaries written or
-    /// gone, or leaving their blackout. Pending forever without summaries.
-    async fn next(this: &mut Option<Self>) -> BTreeSet<String> {
-        let Some(f) = this.as_mut() else {
-            return std::future::pending().await;
-        };
-        match f.step().await {
-            Some(ids) => ids,
-            None => {
-                // The view stopped (shutdown): nothing more to follow.
-                *this = None;
-                BTreeSet::new()
-            }
-        }
-    }
-
-    async fn step(&mut self) -> Option<BTreeSet<String>> {
-        tokio::select! {
-            changed = self.changes.changed() => {
-                changed.ok()?;
-                let now = self.changes.borrow_and_update().clone();
-                let ids = view::changed(&self.seen, &now);
-                self.seen = now;
-                Some(ids)
-            }
-            _ = self.tick.tick() => {
-                let now = unix_ms();
-                let ids = view::leaving_blackout(&self.seen, self.blackout_ms, self.last_tick_ms, now);
-                self.last_tick_ms = now;
-                Some(ids.into_iter().collect())
-            }
-        }
-    }
-}
-
 /// Publishes every service now, then follows the registry until shutdown.
 pub fn spawn(
     registry: Registry,
@@ -250,7 +184,7 @@ pub fn spawn(
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let mut changes = registry.subscribe();
-    let mut loads = LoadFollow::new(&weighing);
+    let mut loads = LoadFollow::new(&weighing.weights);
     publish_all(&cache, &registry, &weighing, Instant::now());
     tokio::spawn(async move {
         // Under a burst the window stretches to a few times the last

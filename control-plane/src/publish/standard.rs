@@ -23,7 +23,8 @@
 //! - `listener`: API listeners and Envoy's outbound listener.
 //! - `route`: virtual hosts and routes from a policy.
 //! - `cluster`: clusters, their balancer, limits and mTLS.
-//! - `assignment`: endpoints by locality, health and weight.
+//! - `assignment`: endpoints by locality, health and weight (the load
+//!   weights ISDP's sidecars get, followed as `endpoints` follows them).
 
 mod assignment;
 mod cluster;
@@ -55,8 +56,10 @@ use isdp_xds::{Batch, Cache};
 use prost::{Message, Name};
 use tokio::sync::{broadcast, watch};
 
+pub use self::assignment::Member;
 pub use self::cluster::Transport;
 use crate::{
+    load::{LoadFollow, LoadWeights},
     policy::{Policies, decode_all},
     registry::{Change, Registry},
 };
@@ -121,20 +124,20 @@ pub fn subset_cluster(service: &str, subset: &str) -> String {
     format!("{service}/{subset}")
 }
 
-/// Translates one service: its instances under its policy (the defaults
-/// without one). Instances behind a sidecar are reached over mTLS at its
-/// inbound port; when a service has any, those without a sidecar are left
-/// out (one cluster has one transport, and the mesh's traffic goes
-/// through sidecars).
+/// Translates one service: its instances, with their weights, under its
+/// policy (the defaults without one). Instances behind a sidecar are
+/// reached over mTLS at its inbound port; when a service has any, those
+/// without a sidecar are left out (one cluster has one transport, and the
+/// mesh's traffic goes through sidecars).
 pub fn translate(
     settings: &Settings,
     service: &str,
-    instances: &[&Instance],
+    instances: &[Member<'_>],
     policy: Option<&TrafficPolicy>,
 ) -> Translated {
     let default = TrafficPolicy::default();
     let policy = policy.unwrap_or(&default);
-    let transport = if instances.iter().any(|i| i.inbound_port != 0) {
+    let transport = if instances.iter().any(|m| m.instance.inbound_port != 0) {
         Transport::Mesh
     } else {
         Transport::Plaintext
@@ -144,11 +147,11 @@ pub fn translate(
         let members = instances
             .iter()
             .copied()
-            .filter(|i| {
+            .filter(|m| {
                 subset
                     .labels
                     .iter()
-                    .all(|(k, v)| i.metadata.get(k) == Some(v))
+                    .all(|(k, v)| m.instance.metadata.get(k) == Some(v))
             })
             .collect();
         clusters.push((subset_cluster(service, &subset.name), members));
@@ -208,6 +211,8 @@ const REBUILD_CHUNK: usize = 256;
 struct Publisher {
     settings: Settings,
     registry: Registry,
+    /// The endpoints' weights, the same ISDP's sidecars get.
+    weights: LoadWeights,
     cache: Cache,
     /// Per service: its cluster names and its virtual host, encoded (the
     /// form Envoy's route configuration is assembled from, and a tenth of
@@ -242,6 +247,14 @@ impl Publisher {
     fn service(&mut self, batch: &mut Batch, service: &str) -> bool {
         let stored = self.registry.instances(service);
         let instances: Vec<&Instance> = stored.iter().map(|s| &s.instance).collect();
+        let members: Vec<Member<'_>> = instances
+            .iter()
+            .zip(self.weights.weigh(&instances))
+            .map(|(instance, w)| Member {
+                instance,
+                weight: w.weight,
+            })
+            .collect();
         let policy = self.policies.get(service);
         let (before, host_before) = match self.published.remove(service) {
             Some((c, h)) => (c, Some(h)),
@@ -256,7 +269,7 @@ impl Publisher {
             }
             return host_before.is_some();
         }
-        let t = translate(&self.settings, service, &instances, policy);
+        let t = translate(&self.settings, service, &members, policy);
         batch.set(service, &t.listener);
         batch.set(service, &t.routes);
         let names: Vec<String> = t.clusters.iter().map(|c| c.name.clone()).collect();
@@ -313,17 +326,19 @@ fn policies_of(
         .collect()
 }
 
-/// Publishes every service now, then follows the registry and the
-/// policies until shutdown.
+/// Publishes every service now, then follows the registry, the policies
+/// and the load summaries until shutdown.
 pub fn spawn(
     settings: Settings,
     registry: Registry,
     policies: Policies,
+    weights: LoadWeights,
     cache: Cache,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let mut changes = registry.subscribe();
     let mut policy_changes = policies.subscribe();
+    let mut loads = LoadFollow::new(&weights);
     cache.set(
         ENVOY_OUTBOUND,
         &listener::envoy_outbound(settings.envoy_outbound),
@@ -334,6 +349,7 @@ pub fn spawn(
     let mut p = Publisher {
         settings,
         registry,
+        weights,
         cache,
         published: BTreeMap::new(),
         policies: BTreeMap::new(),
@@ -364,6 +380,18 @@ pub fn spawn(
                 r = policy_changes.changed() => {
                     if r.is_err() { return }
                     dirty.extend(p.take_policies(policies_of(&policy_changes)));
+                }
+                ids = LoadFollow::next(&mut loads) => {
+                    // Weights change only with a summary, at most every
+                    // few seconds per instance: no debounce needed.
+                    let services: BTreeSet<String> = ids
+                        .iter()
+                        .filter_map(|id| p.registry.get(id).map(|s| s.instance.service.clone()))
+                        .collect();
+                    if !services.is_empty() {
+                        p.rebuild(services.iter().map(String::as_str), Instant::now());
+                    }
+                    continue;
                 }
             }
             let changed_at = Instant::now();

@@ -4,14 +4,26 @@
 //! follows its traffic; one turns ten times as costly per request and
 //! back. The control plane turns the sidecars' load reports into weights
 //! pushed with the endpoints: the costly instance's share falls, the
-//! weights `isdpctl instances` and web's `/config` show agree, and its
+//! weights `isdpctl instances`, web's `/config` and the standard
+//! assignment (what Envoy and proxyless gRPC read) show agree, and its
 //! share comes back once its cost does.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
+use envoy_types::pb::envoy::{
+    config::core::v3::Node,
+    config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint},
+    service::discovery::v3::{
+        DiscoveryRequest, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+    },
+};
+use isdp_control_plane::publish::standard::CLUSTER_LOAD_ASSIGNMENT;
 use isdp_tests::load::{CatalogMesh, SERVICE};
-use isdp_tests::{ControlPlaneOpts, eventually, find_by_id};
+use isdp_tests::{ControlPlaneOpts, bearer, eventually, find_by_id};
+use prost::Message;
 use tokio::time::Instant;
+use tonic::service::interceptor::InterceptedService;
 
 /// Utilisation per request per second: at ~500 requests per second an
 /// instance reports 0.5; the costly one ten times that per request.
@@ -34,6 +46,45 @@ async fn weight(mesh: &CatalogMesh, i: usize) -> anyhow::Result<u64> {
     e["weight"]
         .as_u64()
         .ok_or_else(|| anyhow::anyhow!("no weight: {e}"))
+}
+
+/// The endpoint weights of the standard assignment of `catalog`, by
+/// instance id, as one state-of-the-world request reads them.
+async fn standard_weights(mesh: &CatalogMesh) -> anyhow::Result<BTreeMap<String, u32>> {
+    let channel = InterceptedService::new(mesh.cp.channel().await, bearer(mesh.cp.admin_token()));
+    let request = DiscoveryRequest {
+        node: Some(Node {
+            id: "load-weights-reader".into(),
+            ..Default::default()
+        }),
+        type_url: CLUSTER_LOAD_ASSIGNMENT.into(),
+        resource_names: vec![SERVICE.into()],
+        ..Default::default()
+    };
+    let mut stream = AggregatedDiscoveryServiceClient::new(channel)
+        .stream_aggregated_resources(tokio_stream::iter([request]))
+        .await?
+        .into_inner();
+    let response = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await??
+        .ok_or_else(|| anyhow::anyhow!("the stream ended"))?;
+    let any = response
+        .resources
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no assignment"))?;
+    let assignment = ClusterLoadAssignment::decode(any.value.as_slice())?;
+    Ok(assignment
+        .endpoints
+        .iter()
+        .flat_map(|l| &l.lb_endpoints)
+        .filter_map(|e| match &e.host_identifier {
+            Some(lb_endpoint::HostIdentifier::Endpoint(ep)) => Some((
+                ep.hostname.clone(),
+                e.load_balancing_weight.map_or(0, |w| w.value),
+            )),
+            _ => None,
+        })
+        .collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,12 +170,14 @@ async fn a_costly_instance_loses_its_share_and_wins_it_back() {
         assert!(share > 0.35, "cat-{i} has {share}: {}", fallen.describe(3));
     }
 
-    // What isdpctl shows is what web balances with.
+    // What isdpctl shows is what web balances with, and what Envoy and
+    // proxyless gRPC clients are sent.
     eventually(
         Duration::from_secs(10),
-        "isdpctl agrees with web",
+        "isdpctl and the standard assignment agree with web",
         || async {
             let list = mesh.cp.instances(SERVICE).await?;
+            let standard = standard_weights(&mesh).await?;
             for i in 0..3 {
                 let id = format!("cat-{i}.catalog");
                 let shown = find_by_id(&list, &id).map(|v| v["load"].clone());
@@ -137,6 +190,10 @@ async fn a_costly_instance_loses_its_share_and_wins_it_back() {
                 );
                 anyhow::ensure!(e["weight_in_force"] == e["weight"], "{id} in force: {e}");
                 anyhow::ensure!(e["operator_weight"] == 1, "{id}: {e}");
+                anyhow::ensure!(
+                    standard.get(&id).map(|w| u64::from(*w)) == e["weight"].as_u64(),
+                    "{id}: standard {standard:?} vs {e}"
+                );
             }
             Ok(())
         },

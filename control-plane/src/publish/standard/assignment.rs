@@ -1,6 +1,9 @@
 //! Endpoint assignments: the instances of one cluster, grouped into
 //! localities by their `region` metadata and their zone (`Instance.zone`,
-//! else the `zone` metadata).
+//! else the `zone` metadata), each with the weight ISDP's sidecars get:
+//! the operator's, scaled by the instance's load when load weights are on
+//! (Envoy's round robin and least request honour endpoint weights; gRPC's
+//! round robin honours only the locality weights they add up to).
 //!
 //! The rules are gRPC's, which Envoy shares: a locality needs a weight
 //! (gRPC drops one whose weight is unset or 0), here the sum of its
@@ -28,19 +31,29 @@ use super::cluster::Transport;
 /// of them; assignments say the same to clients without a panic mode.
 pub use isdp_core::probe::PANIC_THRESHOLD;
 
-/// The assignment of cluster `name`: `instances` (already the cluster's:
+/// An instance and the weight it is published with.
+#[derive(Clone, Copy, Debug)]
+pub struct Member<'a> {
+    pub instance: &'a Instance,
+    /// The operator's weight, scaled by the instance's load when load
+    /// weights are on (`crate::load`): what ISDP's sidecars get too.
+    pub weight: u32,
+}
+
+/// The assignment of cluster `name`: `members` (already the cluster's:
 /// the service's or one subset's), reached as `transport` says.
 pub fn assignment(
     name: &str,
-    instances: &[&Instance],
+    members: &[Member<'_>],
     transport: Transport,
 ) -> ClusterLoadAssignment {
     // One entry per address, the first instance (by id) holding it; a
     // duplicate is a registration mistake, and a NACK would cost the
     // client every other endpoint.
     let mut seen = BTreeSet::new();
-    let mut endpoints: Vec<(&Instance, u32)> = Vec::new();
-    for i in instances {
+    let mut endpoints: Vec<(&Instance, u32, u32)> = Vec::new();
+    for m in members {
+        let i = m.instance;
         let port = match transport {
             Transport::Mesh => i.inbound_port,
             Transport::Plaintext => i.port,
@@ -48,17 +61,18 @@ pub fn assignment(
         if port == 0 || !seen.insert((i.address.as_str(), port)) {
             continue;
         }
-        endpoints.push((i, port));
+        endpoints.push((i, port, m.weight.max(1)));
     }
+    fit_u32(&mut endpoints);
     let routable = endpoints
         .iter()
-        .filter(|(i, _)| i.status() != Health::Unhealthy)
+        .filter(|(i, ..)| i.status() != Health::Unhealthy)
         .count();
     let panic =
         !endpoints.is_empty() && (routable as f64) < PANIC_THRESHOLD * endpoints.len() as f64;
 
     let mut localities: BTreeMap<(&str, &str), Vec<LbEndpoint>> = BTreeMap::new();
-    for (i, port) in endpoints {
+    for (i, port, weight) in endpoints {
         let meta = |k: &str| i.metadata.get(k).map_or("", String::as_str);
         let health = match (panic, i.status()) {
             (true, _) | (_, Health::Unknown) => HealthStatus::Unknown,
@@ -85,9 +99,7 @@ pub fn assignment(
                     },
                 )),
                 health_status: health as i32,
-                load_balancing_weight: Some(UInt32Value {
-                    value: i.weight.max(1),
-                }),
+                load_balancing_weight: Some(UInt32Value { value: weight }),
                 ..Default::default()
             });
     }
@@ -116,6 +128,24 @@ pub fn assignment(
             })
             .collect(),
         ..Default::default()
+    }
+}
+
+/// Scales the weights (the last of each) down, in proportion, when their
+/// sum passes `u32::MAX`: Envoy refuses a locality whose endpoint weights
+/// add up to more, and gRPC one whose localities do. Load-scaled weights
+/// reach 10^7 each, so a few hundred heavy endpoints could.
+fn fit_u32<T>(endpoints: &mut [(T, u32, u32)]) {
+    let total: u64 = endpoints.iter().map(|e| u64::from(e.2)).sum();
+    let max = u64::from(u32::MAX);
+    if total <= max {
+        return;
+    }
+    for e in endpoints.iter_mut() {
+        // To half the room, so raising the smallest to 1 (a weight of 0 is
+        // a NACK) cannot push the sum back over.
+        let scaled = u64::from(e.2) * (max / 2) / total;
+        e.2 = u32::try_from(scaled).unwrap_or(u32::MAX).max(1);
     }
 }
 

@@ -62,9 +62,16 @@ fn unpack<M: Message + Name + Default>(a: &Any) -> M {
     M::decode(a.value.as_slice()).unwrap()
 }
 
+/// Translates `instances` with their operators' weights.
 fn translate_all(instances: &[Instance], policy: Option<&TrafficPolicy>) -> Translated {
-    let refs: Vec<&Instance> = instances.iter().collect();
-    translate(&settings(), "echo", &refs, policy)
+    let members: Vec<Member<'_>> = instances
+        .iter()
+        .map(|instance| Member {
+            instance,
+            weight: instance.weight,
+        })
+        .collect();
+    translate(&settings(), "echo", &members, policy)
 }
 
 fn endpoints(a: &ClusterLoadAssignment) -> Vec<(String, u32, HealthStatus)> {
@@ -147,19 +154,32 @@ fn assert_grpc_cluster(c: &Cluster) {
 }
 
 /// What gRPC checks of an assignment (A27): every locality has a locality
-/// and a weight above 0, endpoint weights above 0, no address twice.
+/// and a weight above 0, endpoint weights above 0, no address twice; and
+/// what gRPC and Envoy both refuse: weights adding up past u32.
 fn assert_grpc_assignment(a: &ClusterLoadAssignment) {
     let mut seen = BTreeSet::new();
+    let mut localities = 0u64;
     for l in &a.endpoints {
         assert!(l.locality.is_some(), "a locality");
         assert!(
             l.load_balancing_weight.is_some_and(|w| w.value > 0),
             "gRPC drops a locality without a weight"
         );
+        localities += u64::from(l.load_balancing_weight.unwrap().value);
+        let mut sum = 0u64;
         for e in &l.lb_endpoints {
             assert!(e.load_balancing_weight.is_some_and(|w| w.value > 0));
+            sum += u64::from(e.load_balancing_weight.unwrap().value);
         }
+        assert!(
+            sum <= u64::from(u32::MAX),
+            "endpoint weights add up to {sum}"
+        );
     }
+    assert!(
+        localities <= u64::from(u32::MAX),
+        "locality weights add up to {localities}"
+    );
     for (id, port, _) in endpoints(a) {
         assert!(seen.insert(port), "{id}: port {port} twice");
     }
@@ -676,3 +696,41 @@ fn names_map_back_to_their_service() {
 }
 
 mod publisher;
+
+/// Load-scaled weights can add up past what Envoy and gRPC take (u32 per
+/// locality and per cluster): they are scaled down in proportion, none
+/// to 0.
+#[test]
+fn weights_past_u32_are_scaled_down_in_proportion() {
+    let instances: Vec<Instance> = (0..500)
+        .map(|n| instance(&format!("echo-{n}"), 9000 + n, Health::Healthy))
+        .collect();
+    let members: Vec<Member<'_>> = instances
+        .iter()
+        .enumerate()
+        .map(|(n, instance)| Member {
+            instance,
+            // The heaviest a weight gets (operator 10,000 × factor 10 ×
+            // 100), but one endpoint at the lightest.
+            weight: if n == 0 { 1 } else { 10_000_000 },
+        })
+        .collect();
+    let t = translate(&settings(), "echo", &members, None);
+    let a = &t.assignments[0];
+    assert_grpc_assignment(a);
+    let weights: Vec<u64> = a
+        .endpoints
+        .iter()
+        .flat_map(|l| &l.lb_endpoints)
+        .map(|e| u64::from(e.load_balancing_weight.unwrap().value))
+        .collect();
+    assert!(weights.iter().sum::<u64>() <= u64::from(u32::MAX));
+    assert_eq!(
+        weights.iter().filter(|w| **w == 1).count(),
+        1,
+        "the light one"
+    );
+    let heavy: BTreeSet<u64> = weights.iter().copied().filter(|w| *w > 1).collect();
+    assert_eq!(heavy.len(), 1, "equal weights stay equal: {heavy:?}");
+    assert!(heavy.into_iter().next().unwrap() > 1_000_000);
+}

@@ -4,6 +4,8 @@
 
 use std::{sync::Arc, time::Duration};
 
+use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
+
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use isdp_proto::v1::{HealthStatus as Health, Instance};
 use prost::{Message, Name};
@@ -11,7 +13,16 @@ use tokio::sync::watch;
 
 use super::super::{ENVOY_OUTBOUND, spawn};
 use super::settings;
-use crate::{policy::Policies, registry::Registry, store::embedded::EmbeddedStore};
+use crate::{
+    load::{
+        LoadView, LoadWeights, WeightConfig,
+        sink::Sink,
+        writer::{Write, Writer},
+    },
+    policy::Policies,
+    registry::Registry,
+    store::{Store, embedded::EmbeddedStore},
+};
 
 fn instance(id: &str, service: &str, weight: u32) -> Instance {
     Instance {
@@ -75,6 +86,7 @@ async fn envoy_routes_follow_services_as_they_come_and_go() {
         settings(),
         registry.clone(),
         policies,
+        LoadWeights::operator_only(),
         cache.clone(),
         shutdown,
     );
@@ -107,4 +119,107 @@ async fn envoy_routes_follow_services_as_they_come_and_go() {
     let _ = stop.send(true);
     task.await.unwrap();
     store.close().await;
+}
+
+/// The endpoint weights of `cluster`'s published assignment, by hostname
+/// (the instance id).
+fn assigned_weights(cache: &isdp_xds::Cache, cluster: &str) -> Vec<(String, u32)> {
+    let Some(encoded) = cache.get(&ClusterLoadAssignment::type_url(), cluster) else {
+        return Vec::new();
+    };
+    let any = envoy_types::pb::google::protobuf::Any::decode(encoded.any.clone()).unwrap();
+    let a = ClusterLoadAssignment::decode(any.value.as_slice()).unwrap();
+    let mut got: Vec<(String, u32)> = a
+        .endpoints
+        .iter()
+        .flat_map(|l| &l.lb_endpoints)
+        .map(|e| {
+            let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                panic!("an endpoint: {e:?}")
+            };
+            (
+                ep.hostname.clone(),
+                e.load_balancing_weight.map_or(0, |w| w.value),
+            )
+        })
+        .collect();
+    got.sort();
+    got
+}
+
+/// Summaries written after the assignment was published re-weigh it, as
+/// they re-weigh ISDP's own endpoints: proxyless clients and Envoy get
+/// the weights the sidecars get.
+#[tokio::test]
+async fn load_summaries_reweigh_the_assignment() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let (stop, shutdown) = watch::channel(false);
+    let registry = Registry::start(store.clone(), "/isdp/", shutdown.clone())
+        .await
+        .unwrap();
+    let policies = Policies::start(store.clone(), "/isdp/", registry.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    for (id, weight, port) in [("a", 1, 8081), ("b", 1, 8082), ("c", 2, 8083)] {
+        registry
+            .register(Instance {
+                port,
+                ..instance(id, "web", weight)
+            })
+            .await
+            .unwrap();
+    }
+    let view = LoadView::start(store.clone(), "/isdp/", shutdown.clone())
+        .await
+        .unwrap();
+    let cache = crate::publish::cache();
+    let task = spawn(
+        settings(),
+        registry.clone(),
+        policies,
+        LoadWeights::new(WeightConfig::default(), view),
+        cache.clone(),
+        shutdown.clone(),
+    );
+    // No summary yet: every factor is 1 (the operator's weight × 100).
+    let until = |want: Vec<(String, u32)>| {
+        let cache = cache.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let got = assigned_weights(&cache, "web");
+                if got == want {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "weights are {got:?}, want {want:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let named = |w: [(&str, u32); 3]| w.map(|(id, w)| (id.to_owned(), w)).to_vec();
+    until(named([("a", 100), ("b", 100), ("c", 200)])).await;
+
+    // b three times as busy per request as a and c; the figures became
+    // usable long before the blackout's end.
+    let (sink, _sink_task) = Sink::spawn(store.clone(), "/isdp/", shutdown);
+    let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+    let mut writer = Writer::default();
+    for (id, utilization) in [("a", 0.25), ("b", 0.75), ("c", 0.25)] {
+        let load = isdp_proto::v1::InstanceLoad {
+            instance_id: id.into(),
+            rps: 100.0,
+            application_utilization: Some(utilization),
+            ..Default::default()
+        };
+        let summary = writer.offer(&load, tokio::time::Instant::now(), 1).unwrap();
+        assert!(sink.send(Write::Put(summary), Some(lease)));
+    }
+    until(named([("a", 100), ("b", 33), ("c", 200)])).await;
+
+    let _ = stop.send(true);
+    task.await.unwrap();
 }
