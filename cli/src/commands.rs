@@ -5,11 +5,14 @@
 //! - `authz`: `isdpctl authz`, authorization rules.
 //! - `bootstrap`: `isdpctl bootstrap grpc`, a key, certificate, trust
 //!   bundle and xDS bootstrap for a proxyless gRPC client, renewed in place.
+//! - `endpoints`: `isdpctl proxy-status --sidecar`, one sidecar's
+//!   endpoints with the weight in force and why.
 //! - `policy`: `isdpctl policy`, traffic policies from YAML documents.
 //! - `security`: `token` and `ca` commands.
 
 mod authz;
 mod bootstrap;
+mod endpoints;
 mod policy;
 mod security;
 
@@ -120,8 +123,18 @@ pub enum Command {
     /// Print a service's instances now and after every change.
     Watch { service: String },
     /// List the sidecars connected to this control plane and the versions
-    /// each has acknowledged, to see that a change landed everywhere.
-    ProxyStatus,
+    /// each has acknowledged, to see that a change landed everywhere. With
+    /// --sidecar: that sidecar's endpoints, each with the weight its
+    /// balancer uses and why (load, outlier ejection, zone).
+    ProxyStatus {
+        /// A sidecar's admin address (HOST:PORT, e.g. 127.0.0.1:15000):
+        /// show its endpoints instead, read from its `/config`.
+        #[arg(long)]
+        sidecar: Option<String>,
+        /// With --sidecar: this upstream's endpoints only.
+        #[arg(long, requires = "sidecar")]
+        upstream: Option<String>,
+    },
     /// Authorization rules: which services may call which.
     #[command(subcommand)]
     Authz(authz::AuthzCommand),
@@ -159,6 +172,8 @@ pub enum CtlError {
     },
     #[error("{0}")]
     Usage(String),
+    #[error("sidecar admin {addr}: {reason}")]
+    Sidecar { addr: String, reason: String },
     #[error(transparent)]
     Bootstrap(#[from] BootstrapError),
 }
@@ -241,6 +256,14 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
     if let Command::Bootstrap(cmd) = &cli.command {
         return Ok(bootstrap::run(&cli, cmd).await?);
     }
+    // A sidecar's endpoints come from the sidecar, not the control plane.
+    if let Command::ProxyStatus {
+        sidecar: Some(admin),
+        upstream,
+    } = &cli.command
+    {
+        return endpoints::run(admin, upstream.as_deref(), cli.output).await;
+    }
     let auth = credentials(&cli)?;
     let channel = connect(&cli.control_plane, &auth).await?;
     // A service's instance list may be as large as its xDS resource,
@@ -320,7 +343,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 .into_inner();
             output::instances(fmt, &resp.instances, &resp.weights);
         }
-        Command::ProxyStatus => {
+        Command::ProxyStatus { .. } => {
             let resp = ProxyStatusClient::new(channel)
                 .list_proxies(ListProxiesRequest {})
                 .await

@@ -335,6 +335,8 @@ struct EndpointView {
     ejected: bool,
     /// Times outlier detection has ejected it.
     ejections: u32,
+    /// Why it was last ejected (`errors` or `latency`); None if never.
+    ejected_for: Option<&'static str>,
     /// Requests in flight from this sidecar now; None when not balanced
     /// (unhealthy and outside the panic set).
     in_flight: Option<u64>,
@@ -404,7 +406,7 @@ async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
             let ejection = |id: &str| {
                 lb.as_ref()
                     .and_then(|l| l.ejection(id))
-                    .unwrap_or((false, 0))
+                    .unwrap_or((false, 0, None))
             };
             let load = |id: &str| lb.as_ref().and_then(|l| l.load(id));
             let endpoints = u
@@ -423,6 +425,7 @@ async fn config(State(state): State<AdminState>) -> Json<ConfigView> {
                     status: e.health.as_str(),
                     ejected: ejection(&e.id).0,
                     ejections: ejection(&e.id).1,
+                    ejected_for: ejection(&e.id).2.map(|c| c.as_str()),
                     in_flight: load(&e.id).map(|l| l.in_flight()),
                     latency_ms: load(&e.id)
                         .and_then(|l| l.recent_latency())

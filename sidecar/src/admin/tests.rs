@@ -130,7 +130,7 @@ async fn live_ready_and_config() {
             "endpoints": [{
             "id": "pay-1.payments", "address": "127.0.0.1", "port": 8081, "inbound_port": 0, "weight": 1,
             "weight_in_force": null, "operator_weight": 1, "weight_reason": "operator",
-            "metadata": {"version": "v1"}, "status": "healthy", "ejected": false, "ejections": 0,
+            "metadata": {"version": "v1"}, "status": "healthy", "ejected": false, "ejections": 0, "ejected_for": null,
             "in_flight": null, "latency_ms": null, "zone": "", "priority": 0, "level": null}]})
     );
     assert_eq!(json["xds"]["acked"]["payments"], "abc");

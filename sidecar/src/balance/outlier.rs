@@ -23,7 +23,7 @@
 //! `is_ejected` on every pick.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -89,6 +89,25 @@ impl Outcome {
     }
 }
 
+/// Why an endpoint was last ejected: what an operator asks first of an
+/// endpoint out of the balancer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// Consecutive 5xx or gateway errors reached their threshold.
+    Errors,
+    /// Its latency stayed well above its peers' median.
+    Latency,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Errors => "errors",
+            Cause::Latency => "latency",
+        }
+    }
+}
+
 /// One endpoint's outlier state.
 #[derive(Debug)]
 pub struct Outlier {
@@ -99,6 +118,8 @@ pub struct Outlier {
     slow_sweeps: AtomicU32,
     /// Nanoseconds since `epoch` until which the endpoint is ejected.
     ejected_until_ns: AtomicU64,
+    /// The last ejection's [`Cause`]: 0 none yet, 1 errors, 2 latency.
+    last_cause: AtomicU8,
     epoch: Instant,
 }
 
@@ -112,6 +133,7 @@ impl Outlier {
             ejections: AtomicU32::new(0),
             slow_sweeps: AtomicU32::new(0),
             ejected_until_ns: AtomicU64::new(0),
+            last_cause: AtomicU8::new(0),
             epoch: Instant::now(),
         })
     }
@@ -131,6 +153,15 @@ impl Outlier {
     /// Times this endpoint has been ejected.
     pub fn ejections(&self) -> u32 {
         self.ejections.load(Ordering::Relaxed)
+    }
+
+    /// Why it was last ejected; None if it never was.
+    pub fn last_cause(&self) -> Option<Cause> {
+        match self.last_cause.load(Ordering::Relaxed) {
+            1 => Some(Cause::Errors),
+            2 => Some(Cause::Latency),
+            _ => None,
+        }
     }
 
     /// Counts one outcome; true when a counter has reached its threshold
@@ -157,12 +188,13 @@ impl Outlier {
     }
 }
 
-/// Ejects `victim` (one of `all`, an upstream's endpoints) if it is not
-/// ejected already and the upstream can spare it. Returns the ejection's
-/// length when it happened.
+/// Ejects `victim` (one of `all`, an upstream's endpoints) for `cause` if
+/// it is not ejected already and the upstream can spare it. Returns the
+/// ejection's length when it happened.
 pub fn eject(
     all: &[&Outlier],
     victim: &Outlier,
+    cause: Cause,
     cfg: &OutlierConfig,
     now: Instant,
 ) -> Option<Duration> {
@@ -178,6 +210,11 @@ pub fn eject(
     victim
         .ejected_until_ns
         .store(victim.nanos(now + length), Ordering::Relaxed);
+    let code = match cause {
+        Cause::Errors => 1,
+        Cause::Latency => 2,
+    };
+    victim.last_cause.store(code, Ordering::Relaxed);
     Some(length)
 }
 
@@ -206,18 +243,24 @@ mod tests {
         assert!(!a.record(Outcome::GatewayError, &cfg));
         assert!(a.record(Outcome::GatewayError, &cfg));
         assert_eq!(
-            eject(&all, &a, &cfg, Instant::now()),
+            eject(&all, &a, Cause::Errors, &cfg, Instant::now()),
             Some(Duration::from_secs(10))
         );
         assert!(a.is_ejected());
-        assert_eq!(eject(&all, &a, &cfg, Instant::now()), None, "already out");
+        assert_eq!(a.last_cause(), Some(Cause::Errors));
+        assert_eq!(b.last_cause(), None, "never ejected");
+        assert_eq!(
+            eject(&all, &a, Cause::Errors, &cfg, Instant::now()),
+            None,
+            "already out"
+        );
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(!a.is_ejected(), "back after its time");
         // Still failing: the counter carries, so the first failure ejects
         // it again, for twice as long.
         assert!(a.record(Outcome::GatewayError, &cfg));
         assert_eq!(
-            eject(&all, &a, &cfg, Instant::now()),
+            eject(&all, &a, Cause::Errors, &cfg, Instant::now()),
             Some(Duration::from_secs(20))
         );
         tokio::time::advance(Duration::from_secs(19)).await;
@@ -231,10 +274,14 @@ mod tests {
         let (a, b, c) = (Outlier::new(), Outlier::new(), Outlier::new());
         let all = [&*a, &*b, &*c];
         let cfg = cfg();
-        assert!(eject(&all, &a, &cfg, Instant::now()).is_some());
-        assert_eq!(eject(&all, &b, &cfg, Instant::now()), None, "2 of 3 > 50%");
+        assert!(eject(&all, &a, Cause::Errors, &cfg, Instant::now()).is_some());
+        assert_eq!(
+            eject(&all, &b, Cause::Errors, &cfg, Instant::now()),
+            None,
+            "2 of 3 > 50%"
+        );
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert!(eject(&all, &b, &cfg, Instant::now()).is_some());
+        assert!(eject(&all, &b, Cause::Errors, &cfg, Instant::now()).is_some());
     }
 
     #[test]

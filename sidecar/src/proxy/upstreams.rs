@@ -146,7 +146,13 @@ impl UpstreamLb {
             return None;
         }
         let all: Vec<&Outlier> = self.endpoints.iter().map(|e| &*e.outlier).collect();
-        let length = outlier::eject(&all, &endpoint.outlier, cfg, tokio::time::Instant::now())?;
+        let length = outlier::eject(
+            &all,
+            &endpoint.outlier,
+            outlier::Cause::Errors,
+            cfg,
+            tokio::time::Instant::now(),
+        )?;
         self.metrics.ejection();
         tracing::info!(upstream = %self.name, endpoint = %endpoint.id, ?length, "endpoint ejected by outlier detection");
         Some(length)
@@ -193,9 +199,13 @@ impl UpstreamLb {
     }
 
     /// The ejection state of endpoint `id` (ejected now, times ejected).
-    pub fn ejection(&self, id: &str) -> Option<(bool, u32)> {
+    pub fn ejection(&self, id: &str) -> Option<(bool, u32, Option<outlier::Cause>)> {
         let t = self.endpoints.iter().find(|t| t.id == id)?;
-        Some((t.outlier.is_ejected(), t.outlier.ejections()))
+        Some((
+            t.outlier.is_ejected(),
+            t.outlier.ejections(),
+            t.outlier.last_cause(),
+        ))
     }
 
     /// The load state of endpoint `id`, if it is balanced now.

@@ -199,6 +199,64 @@ async fn a_costly_instance_loses_its_share_and_wins_it_back() {
         },
     )
     .await;
+    // The sidecar's own account, per endpoint: the weight in force and
+    // why, as `isdpctl proxy-status --sidecar` prints it.
+    let admin = mesh.web.admin_addr().to_owned();
+    let args = [
+        "proxy-status",
+        "--sidecar",
+        admin.as_str(),
+        "--upstream",
+        SERVICE,
+    ];
+    let shown = mesh.cp.ctl_ok(&args).await;
+    eprintln!("isdpctl proxy-status --sidecar (web):\n{shown}");
+    let json_args = [&args[..], &["-o", "json"]].concat();
+    let json: serde_json::Value = serde_json::from_str(&mesh.cp.ctl_ok(&json_args).await).unwrap();
+    let eps = json[SERVICE]["endpoints"].as_array().expect("endpoints");
+    assert_eq!(eps.len(), 3, "{json}");
+    for e in eps {
+        let id = e["id"].as_str().unwrap();
+        let why = e["why"].as_str().unwrap();
+        assert!(why.starts_with("load: util"), "{id}: {why}");
+        let row = shown
+            .lines()
+            .find(|l| l.contains(id))
+            .unwrap_or_else(|| panic!("{id} not in\n{shown}"));
+        let in_force = e["weight_in_force"].as_u64().expect("balanced");
+        assert!(
+            row.split_whitespace().any(|c| c == in_force.to_string()),
+            "{id}'s weight {in_force} not in {row:?}"
+        );
+    }
+    // Asked of an address where no sidecar listens, or of an upstream the
+    // sidecar does not have: a clear error, not an empty table.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_addr = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    for (args, want) in [
+        (
+            vec!["proxy-status", "--sidecar", closed_addr.as_str()],
+            "sidecar admin",
+        ),
+        (
+            vec![
+                "proxy-status",
+                "--sidecar",
+                admin.as_str(),
+                "--upstream",
+                "nope",
+            ],
+            "has no such upstream (it has: catalog)",
+        ),
+    ] {
+        let out = mesh.cp.ctl(&args).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{args:?}: {err}"
+        );
+    }
     let table = mesh.cp.ctl_ok(&["instances", SERVICE]).await;
     eprintln!("isdpctl instances {SERVICE}:\n{table}");
     assert!(

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Outlier, OutlierConfig, eject};
+use super::{Cause, Outlier, OutlierConfig, eject};
 use crate::balance::EndpointLoad;
 
 /// Default of `latency_min`.
@@ -64,7 +64,7 @@ pub fn sweep(
         if n < cfg.latency_intervals.max(1) {
             continue;
         }
-        if let Some(length) = eject(&all, outlier, cfg, now) {
+        if let Some(length) = eject(&all, outlier, Cause::Latency, cfg, now) {
             outlier.slow_sweeps.store(0, Ordering::Relaxed);
             load.recent().forget();
             ejected.push((i, length));
@@ -115,6 +115,7 @@ mod tests {
         assert!(run(&eps, &cfg()).is_empty(), "once is not enough");
         assert_eq!(run(&eps, &cfg()), [0]);
         assert!(eps[0].1.is_ejected());
+        assert_eq!(eps[0].1.last_cause(), Some(Cause::Latency));
         assert_eq!(eps[0].0.recent_latency(), None, "its average is forgotten");
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(!eps[0].1.is_ejected());

@@ -165,9 +165,21 @@ async fn ejected_and_avoided_endpoints_are_skipped() {
     let victim = lb.endpoints.iter().find(|t| t.id == "pay-0").unwrap();
     assert!(victim.outlier.record(Outcome::GatewayError, &cfg));
     let all: Vec<&Outlier> = lb.endpoints.iter().map(|t| &*t.outlier).collect();
-    assert!(outlier::eject(&all, &victim.outlier, &cfg, tokio::time::Instant::now()).is_some());
+    assert!(
+        outlier::eject(
+            &all,
+            &victim.outlier,
+            outlier::Cause::Errors,
+            &cfg,
+            tokio::time::Instant::now()
+        )
+        .is_some()
+    );
     assert_eq!(lb.ejected_now(), 1);
-    assert_eq!(lb.ejection("pay-0"), Some((true, 1)));
+    assert_eq!(
+        lb.ejection("pay-0"),
+        Some((true, 1, Some(outlier::Cause::Errors)))
+    );
     let seen = pick_ids(&lb, None, &[]);
     assert!(!seen.contains_key("pay-0"), "{seen:?}");
 
@@ -284,7 +296,16 @@ async fn ejections_move_traffic_out_of_the_zone() {
     };
     let all: Vec<&Outlier> = lb.endpoints.iter().map(|t| &*t.outlier).collect();
     for t in lb.endpoints.iter().filter(|t| t.zone == "a") {
-        assert!(outlier::eject(&all, &t.outlier, &cfg, tokio::time::Instant::now()).is_some());
+        assert!(
+            outlier::eject(
+                &all,
+                &t.outlier,
+                outlier::Cause::Errors,
+                &cfg,
+                tokio::time::Instant::now()
+            )
+            .is_some()
+        );
     }
     lb.refresh_locality();
     assert_eq!(lb.levels()[0].share_percent, 0.0);
