@@ -285,6 +285,31 @@ fn bounded(field: String, v: f64, max: f64) -> Result<(), ReportError> {
     })
 }
 
+/// Writes a summary per `(instance id, utilisation)`, each at 100
+/// requests per second, as a session's replica would: through a
+/// [`writer::Writer`] and the [`sink`] onto a lease, the figures usable
+/// long before the blackout's end. For publishers' tests.
+#[cfg(test)]
+pub async fn write_summaries(
+    store: &Arc<dyn crate::store::Store>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    figures: &[(&str, f64)],
+) {
+    let (sink, _task) = sink::Sink::spawn(store.clone(), "/isdp/", shutdown);
+    let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+    let mut writer = writer::Writer::default();
+    for (id, utilization) in figures {
+        let load = InstanceLoad {
+            instance_id: (*id).into(),
+            rps: 100.0,
+            application_utilization: Some(*utilization),
+            ..Default::default()
+        };
+        let summary = writer.offer(&load, Instant::now(), 1).unwrap();
+        assert!(sink.send(writer::Write::Put(summary), Some(lease)));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -252,14 +252,10 @@ pub fn spawn(
 
 #[cfg(test)]
 mod tests {
-    use isdp_proto::v1::{Endpoint, Instance, InstanceLoad};
+    use isdp_proto::v1::{Endpoint, Instance};
 
     use super::*;
-    use crate::load::{
-        LoadView, WeightConfig,
-        sink::Sink,
-        writer::{Write, Writer},
-    };
+    use crate::load::{LoadView, WeightConfig};
     use crate::store::{Store, embedded::EmbeddedStore};
 
     /// Reports -> the session's writer -> the store -> a replica's view ->
@@ -289,21 +285,9 @@ mod tests {
             .await
             .unwrap();
         let mut changes = view.subscribe();
-        let (sink, _task) = Sink::spawn(store.clone(), "/isdp/", shutdown);
-        let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
-        let mut writer = Writer::default();
-        // a and c equally busy, b three times as busy per request; the
-        // figures became usable long before the blackout's end.
-        for (id, utilization) in [("a", 0.25), ("b", 0.75), ("c", 0.25)] {
-            let load = InstanceLoad {
-                instance_id: id.into(),
-                rps: 100.0,
-                application_utilization: Some(utilization),
-                ..Default::default()
-            };
-            let summary = writer.offer(&load, tokio::time::Instant::now(), 1).unwrap();
-            assert!(sink.send(Write::Put(summary), Some(lease)));
-        }
+        // a and c equally busy, b three times as busy per request.
+        crate::load::write_summaries(&store, shutdown, &[("a", 0.25), ("b", 0.75), ("c", 0.25)])
+            .await;
         tokio::time::timeout(Duration::from_secs(5), async {
             while changes.borrow_and_update().len() < 3 {
                 changes.changed().await.unwrap();

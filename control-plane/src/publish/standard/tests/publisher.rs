@@ -14,11 +14,7 @@ use tokio::sync::watch;
 use super::super::{ENVOY_OUTBOUND, spawn};
 use super::settings;
 use crate::{
-    load::{
-        LoadView, LoadWeights, WeightConfig,
-        sink::Sink,
-        writer::{Write, Writer},
-    },
+    load::{LoadView, LoadWeights, WeightConfig},
     policy::Policies,
     registry::Registry,
     store::{Store, embedded::EmbeddedStore},
@@ -203,21 +199,8 @@ async fn load_summaries_reweigh_the_assignment() {
     let named = |w: [(&str, u32); 3]| w.map(|(id, w)| (id.to_owned(), w)).to_vec();
     until(named([("a", 100), ("b", 100), ("c", 200)])).await;
 
-    // b three times as busy per request as a and c; the figures became
-    // usable long before the blackout's end.
-    let (sink, _sink_task) = Sink::spawn(store.clone(), "/isdp/", shutdown);
-    let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
-    let mut writer = Writer::default();
-    for (id, utilization) in [("a", 0.25), ("b", 0.75), ("c", 0.25)] {
-        let load = isdp_proto::v1::InstanceLoad {
-            instance_id: id.into(),
-            rps: 100.0,
-            application_utilization: Some(utilization),
-            ..Default::default()
-        };
-        let summary = writer.offer(&load, tokio::time::Instant::now(), 1).unwrap();
-        assert!(sink.send(Write::Put(summary), Some(lease)));
-    }
+    // b three times as busy per request as a and c.
+    crate::load::write_summaries(&store, shutdown, &[("a", 0.25), ("b", 0.75), ("c", 0.25)]).await;
     until(named([("a", 100), ("b", 33), ("c", 200)])).await;
 
     let _ = stop.send(true);
