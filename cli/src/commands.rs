@@ -97,6 +97,11 @@ pub enum Command {
         /// same zone prefer it.
         #[arg(long)]
         zone: Option<String>,
+        /// Failover priority, 0 (the highest) to 7: callers use higher
+        /// numbers only for what lower ones cannot carry (standby
+        /// instances, a DR site).
+        #[arg(long, default_value_t = 0)]
+        priority: u32,
         /// Health check: http://HOST:PORT/PATH, tcp://HOST:PORT or grpc://HOST:PORT[/SERVICE].
         #[arg(long)]
         check: Option<String>,
@@ -260,6 +265,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             weight,
             meta,
             zone,
+            priority,
             check,
             interval,
             timeout,
@@ -284,6 +290,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 weight,
                 metadata: meta.into_iter().collect::<BTreeMap<_, _>>(),
                 zone: zone.unwrap_or_default(),
+                priority,
                 check,
                 ..Default::default()
             };
