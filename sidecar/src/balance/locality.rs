@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use super::rng::Rng;
 
 /// Envoy's default overprovisioning factor, as a percentage.
-pub const DEFAULT_OVERPROVISIONING: u32 = 140;
+pub use isdp_core::probe::DEFAULT_OVERPROVISIONING;
 /// Shares are kept in parts per million.
 const WHOLE: u32 = 1_000_000;
 /// The zone a level shows when zones do not order the levels: it holds
