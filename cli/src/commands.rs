@@ -100,6 +100,11 @@ pub enum Command {
         /// same zone prefer it.
         #[arg(long)]
         zone: Option<String>,
+        /// Failover priority, 0 (the highest) to 7: callers use higher
+        /// numbers only for what lower ones cannot carry (standby
+        /// instances, a DR site).
+        #[arg(long, default_value_t = 0)]
+        priority: u32,
         /// Health check: http://HOST:PORT/PATH, tcp://HOST:PORT or grpc://HOST:PORT[/SERVICE].
         #[arg(long)]
         check: Option<String>,
@@ -283,6 +288,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             weight,
             meta,
             zone,
+            priority,
             check,
             interval,
             timeout,
@@ -307,6 +313,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 weight,
                 metadata: meta.into_iter().collect::<BTreeMap<_, _>>(),
                 zone: zone.unwrap_or_default(),
+                priority,
                 check,
                 ..Default::default()
             };

@@ -27,6 +27,13 @@ pub use health::{Health, HealthState, Thresholds};
 /// without a panic mode of their own (proxyless gRPC).
 pub const PANIC_THRESHOLD: f64 = 0.5;
 
+/// Envoy's default overprovisioning factor, in percent: a priority (or
+/// zone) level keeps `healthy share × 1.4` of the traffic and spills the
+/// rest to the next. The sidecars balance by it, and the control plane
+/// judges by it whether a standby priority keeps a cluster out of panic in
+/// what it sends proxyless clients, so both agree.
+pub const DEFAULT_OVERPROVISIONING: u32 = 140;
+
 /// What a check probes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {

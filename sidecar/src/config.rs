@@ -254,9 +254,18 @@ pub struct Service {
     pub fall: u32,
     /// Relative share of traffic (>= 1).
     pub weight: u32,
+    /// Failover priority, 0 (the highest) to [`MAX_PRIORITY`]: standby
+    /// instances (a DR site, a cold pool) take only what the instances of
+    /// lower numbers cannot carry.
+    pub priority: u32,
     /// Free-form labels such as version and zone.
     pub metadata: BTreeMap<String, String>,
 }
+
+/// The lowest failover priority the registry accepts (its
+/// `MAX_PRIORITY`), checked at load so a bad value stops the sidecar with
+/// the field named rather than failing every registration.
+pub const MAX_PRIORITY: u32 = 7;
 
 /// An upstream this node follows.
 #[derive(Clone, Debug, PartialEq)]

@@ -152,6 +152,7 @@ impl Session {
                 node_id: s.node_id.clone(),
                 inbound_port: u32::from(s.inbound_port),
                 zone: s.zone.clone(),
+                priority: svc.priority,
             })
             .collect()
     }

@@ -234,6 +234,37 @@ async fn bad_bodies_are_refused_naming_the_field_and_change_nothing() {
     );
 }
 
+/// `priority` rides ISDP's own JSON both ways; over the limit it is
+/// refused naming the field and the limit, and nothing is stored.
+#[tokio::test]
+async fn the_priority_is_taken_and_bounded_in_json() {
+    let (f, _) = fixture().await;
+    let over = r#"{"service": "web", "address": "10.0.0.1", "port": 80, "priority": 8}"#;
+    let (status, _, body) = f.call("POST", "/v1/instances", Some(&f.admin), over).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("instance.priority: must be 0..=7, got 8"),
+        "{body}"
+    );
+    let (_, _, list) = f.call("GET", "/v1/services", Some(&f.admin), "").await;
+    assert_eq!(list["services"], serde_json::json!([]), "nothing stored");
+
+    let standby =
+        r#"{"id": "web-dr", "service": "web", "address": "10.0.0.2", "port": 80, "priority": 2}"#;
+    let (status, _, body) = f
+        .call("POST", "/v1/instances", Some(&f.admin), standby)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["priority"], 2, "{body}");
+    let (_, _, list) = f
+        .call("GET", "/v1/services/web/instances", Some(&f.read), "")
+        .await;
+    assert_eq!(list["instances"][0]["priority"], 2, "{list}");
+}
+
 #[tokio::test]
 async fn a_blocking_read_returns_soon_after_a_change() {
     let (f, _) = fixture().await;

@@ -147,7 +147,7 @@ pub fn endpoint(i: &Instance) -> Endpoint {
         status: i.status,
         inbound_port: i.inbound_port,
         zone: i.zone.clone(),
-        priority: 0,
+        priority: i.priority,
         operator_weight: i.weight,
         load_factor: 1.0,
         weight_reason: String::new(),
@@ -376,6 +376,20 @@ mod tests {
     }
 
     #[test]
+    fn the_priority_is_carried_into_the_endpoint() {
+        let i = Instance {
+            priority: 3,
+            ..inst("node-1.web", "web", 0)
+        };
+        assert_eq!(endpoint(&i).priority, 3);
+        // It is counted in the footprint, as it is in the resource.
+        assert!(
+            Footprint::of(&i).endpoint_bytes
+                > Footprint::of(&inst("node-1.web", "web", 0)).endpoint_bytes
+        );
+    }
+
+    #[test]
     fn footprints_add_up_to_the_encoded_resource() {
         let all: Vec<Instance> = (0..20)
             .map(|n| Instance {
@@ -384,6 +398,7 @@ mod tests {
                 } else {
                     String::new()
                 },
+                priority: (n % 3) as u32,
                 ..inst(&format!("node-{n}.web"), "web", n)
             })
             .collect();

@@ -15,6 +15,11 @@ pub const MAX_WEIGHT: u32 = 10_000;
 pub const MIN_CHECK_INTERVAL_MS: u32 = 100;
 pub const MAX_CHECK_INTERVAL_MS: u32 = 3_600_000;
 pub const MAX_THRESHOLD: u32 = 100;
+/// The lowest failover priority (`Instance.priority`; 0 is the highest).
+/// Eight levels are more than any failover plan needs (a primary, a DR
+/// site, a cold pool), and a small bound keeps the levels a caller builds
+/// per upstream few.
+pub const MAX_PRIORITY: u32 = 7;
 
 /// One broken rule: the field's path (`instance.port`) and what it must be.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -131,6 +136,12 @@ pub fn instance(i: &Instance, prefix: &str) -> Result<(), Vec<FieldError>> {
                 "must be empty or a DNS label (lowercase letters, digits and '-', 1 to 63 characters, not starting or ending with '-'), got {:?}",
                 truncate(&i.zone)
             ),
+        );
+    }
+    if i.priority > MAX_PRIORITY {
+        e.push(
+            "priority",
+            format!("must be 0..={MAX_PRIORITY}, got {}", i.priority),
         );
     }
     if i.weight > MAX_WEIGHT {
@@ -376,6 +387,30 @@ mod tests {
             err.contains("instance.zone: must be empty or a DNS label"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn priorities_are_bounded() {
+        for ok in [0, 1, MAX_PRIORITY] {
+            let i = Instance {
+                priority: ok,
+                ..good()
+            };
+            assert_eq!(instance(&i, "instance"), Ok(()), "{ok}");
+        }
+        for bad in [MAX_PRIORITY + 1, u32::MAX] {
+            let i = Instance {
+                priority: bad,
+                ..good()
+            };
+            assert_eq!(fields(&i), ["instance.priority"], "{bad}");
+        }
+        let i = Instance {
+            priority: 8,
+            ..good()
+        };
+        let err = describe(&instance(&i, "instance").unwrap_err());
+        assert_eq!(err, "instance.priority: must be 0..=7, got 8");
     }
 
     #[test]

@@ -66,6 +66,9 @@ pub struct ServiceSpec {
     pub rise: Option<u32>,
     pub fall: Option<u32>,
     pub weight: Option<u32>,
+    /// 0..=MAX_PRIORITY; default 0. Signed and wide so a negative value
+    /// gets a precise message.
+    pub priority: Option<i64>,
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
 }
@@ -361,7 +364,7 @@ impl ServiceSpec {
     /// Parses a `--service` SPEC (the `index`-th flag).
     pub fn from_flag(spec: &str, index: usize) -> Result<Self, ConfigError> {
         let what = format!("service[{index}]");
-        spec_table(spec, &what, &["port", "rise", "fall", "weight"])?
+        spec_table(spec, &what, &["port", "rise", "fall", "weight", "priority"])?
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::invalid(what, e.message()))
     }
@@ -401,6 +404,19 @@ impl ServiceSpec {
                 format!("must be 1..={MAX_WEIGHT}, got {weight}"),
             ));
         }
+        let priority = u32::try_from(self.priority.unwrap_or(0))
+            .ok()
+            .filter(|p| *p <= super::MAX_PRIORITY)
+            .ok_or_else(|| {
+                ConfigError::invalid(
+                    field("priority"),
+                    format!(
+                        "must be 0..={}, got {}",
+                        super::MAX_PRIORITY,
+                        self.priority.unwrap_or(0)
+                    ),
+                )
+            })?;
         if self.metadata.keys().any(|k| k.is_empty()) {
             return Err(ConfigError::invalid(
                 field("metadata"),
@@ -417,6 +433,7 @@ impl ServiceSpec {
             rise: self.rise.unwrap_or(1).max(1),
             fall: self.fall.unwrap_or(1).max(1),
             weight,
+            priority,
             metadata: self.metadata,
         })
     }

@@ -92,6 +92,7 @@ fn applies_defaults() {
         (DEFAULT_CHECK_PERIOD, DEFAULT_CHECK_PERIOD)
     );
     assert_eq!((s.rise, s.fall, s.weight), (1, 1, 1));
+    assert_eq!(s.priority, 0);
 }
 
 #[test]
@@ -151,6 +152,10 @@ fn validation_errors_name_the_field() {
     assert_eq!(e, "service[0].timeout: must be greater than 0");
     let e = svc("name = \"web\"\nport = 1\nweight = 10001");
     assert_eq!(e, "service[0].weight: must be 1..=10000, got 10001");
+    let e = svc("name = \"web\"\nport = 1\npriority = 8");
+    assert_eq!(e, "service[0].priority: must be 0..=7, got 8");
+    let e = svc("name = \"web\"\nport = 1\npriority = -1");
+    assert_eq!(e, "service[0].priority: must be 0..=7, got -1");
 
     let e = err(
         "node_id = \"n\"\nca_file = \"/ca.pem\"\njoin_token = \"t\"\n[[service]]\nname = \"a\"\nport = 1\n[[service]]\nname = \"a\"\nport = 2\n",
@@ -214,7 +219,7 @@ fn flags_override_the_file() {
         "--address",
         "::1",
         "--service",
-        "name=api,port=9090,protocol=grpc,check=grpc://127.0.0.1:9090/api,interval=500ms,rise=2,fall=3,weight=5,meta.version=v2,meta.zone=b",
+        "name=api,port=9090,protocol=grpc,check=grpc://127.0.0.1:9090/api,interval=500ms,rise=2,fall=3,weight=5,priority=2,meta.version=v2,meta.zone=b",
         "--service",
         "name=db,port=5432,check=tcp://127.0.0.1:5432",
         "--upstream",
@@ -238,6 +243,7 @@ fn flags_override_the_file() {
     );
     assert_eq!(api.interval, Duration::from_millis(500));
     assert_eq!((api.rise, api.fall, api.weight), (2, 3, 5));
+    assert_eq!((api.priority, c.services[1].priority), (2, 0));
     assert_eq!(api.metadata.get("zone").map(String::as_str), Some("b"));
     assert_eq!(
         c.services[1].check,

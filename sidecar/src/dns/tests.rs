@@ -39,7 +39,10 @@ fn resources() -> Resources {
                 endpoint("n2.payments", "127.0.0.2", 8082, Health::Unknown),
                 endpoint("n3.payments", "127.0.0.3", 8083, Health::Unhealthy),
                 endpoint("n4.payments", "::1", 8084, Health::Healthy),
-                endpoint("n5.payments", "127.0.0.1", 8085, Health::Healthy),
+                Endpoint {
+                    priority: 2,
+                    ..endpoint("n5.payments", "127.0.0.1", 8085, Health::Healthy)
+                },
             ],
         },
     );
@@ -143,27 +146,28 @@ fn names_are_matched_whatever_their_case() {
 #[test]
 fn srv_points_at_instance_names_with_their_addresses() {
     let m = answer("payments.service.isdp.", RecordType::SRV);
-    let mut targets: Vec<(String, u16)> = m
+    let mut targets: Vec<(String, u16, u16)> = m
         .answers
         .iter()
         .map(|r| match &r.data {
-            RData::SRV(s) => (s.target.to_string(), s.port),
+            RData::SRV(s) => (s.target.to_string(), s.port, s.priority),
             other => panic!("not SRV: {other:?}"),
         })
         .collect();
     targets.sort();
+    // Each with its instance's priority.
     assert_eq!(
         targets,
         [
-            ("n1.payments.instance.isdp.".to_owned(), 8081),
-            ("n2.payments.instance.isdp.".to_owned(), 8082),
-            ("n4.payments.instance.isdp.".to_owned(), 8084),
-            ("n5.payments.instance.isdp.".to_owned(), 8085),
+            ("n1.payments.instance.isdp.".to_owned(), 8081, 0),
+            ("n2.payments.instance.isdp.".to_owned(), 8082, 0),
+            ("n4.payments.instance.isdp.".to_owned(), 8084, 0),
+            ("n5.payments.instance.isdp.".to_owned(), 8085, 2),
         ]
     );
     let additional: BTreeSet<String> = m.additionals.iter().map(|r| r.name.to_string()).collect();
     assert_eq!(additional.len(), 4);
-    for (target, _) in &targets {
+    for (target, _, _) in &targets {
         assert!(additional.contains(target), "{target} has no address");
     }
     // The target resolves on its own, too.

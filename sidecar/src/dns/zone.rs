@@ -134,11 +134,14 @@ impl Zone {
                 e.weight
             };
             let weight = u16::try_from(registered).unwrap_or(u16::MAX);
+            // The instance's failover priority: an SRV client uses the
+            // lowest number it can reach, as the sidecars prefer it.
+            let priority = u16::try_from(e.priority).unwrap_or(u16::MAX);
             let srv = |owner: Name| {
                 Record::from_rdata(
                     owner,
                     ttl,
-                    RData::SRV(SRV::new(0, weight, e.port, name.clone())),
+                    RData::SRV(SRV::new(priority, weight, e.port, name.clone())),
                 )
             };
             let address = address_record(name.clone(), ttl, ip);

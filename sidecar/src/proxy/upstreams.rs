@@ -28,6 +28,7 @@ use super::{
 use crate::{
     balance::{
         Algorithm, Balancer, EndpointLoad, HashKey, LoadGuard, Outcome, Outlier, candidates,
+        locality::{self, LocalityConfig, Member},
         outlier,
     },
     config::{Protocol, Upstream},
@@ -178,13 +179,7 @@ impl UpstreamLb {
             adaptive,
             budget: Arc::new(RetryBudget::new()),
             caller_zone: None,
-            pool: Pool::new(
-                Algorithm::RoundRobin,
-                Vec::new(),
-                &[],
-                &crate::balance::locality::LocalityConfig::default(),
-                None,
-            ),
+            pool: Pool::new(Algorithm::RoundRobin, Vec::new(), &[], None, None),
             subsets: Vec::new(),
             hash_key: None,
         }
@@ -425,36 +420,34 @@ impl Upstreams {
             .filter(|s| s.exists)
             .map(|s| s.endpoints.as_slice())
             .unwrap_or_default();
-        // Unknown health is routable, as in Envoy: a new instance must not
-        // wait a check interval for traffic.
-        let (chosen, panic) = candidates(
-            endpoints,
-            |e| e.health != Health::Unhealthy,
-            PANIC_THRESHOLD,
-        );
-        if panic && !endpoints.is_empty() {
-            tracing::warn!(upstream = %cfg.name, total = endpoints.len(), "too few healthy endpoints; spreading over all of them");
-        }
-        // Unroutable endpoints count against their zone's health; in
-        // panic mode every endpoint is routable and locality is off, as
-        // health is not to be trusted then.
-        let unroutable: Vec<&crate::xds::Endpoint> = if panic {
-            Vec::new()
-        } else {
-            endpoints
-                .iter()
-                .filter(|e| e.health == Health::Unhealthy)
-                .collect()
-        };
-        let caller_zone = if panic {
-            None
-        } else {
-            cfg.caller_zone.as_deref()
-        };
         let locality = policy
             .locality
             .clone()
             .unwrap_or_else(|| cfg.locality.clone());
+        // Unknown health is routable, as in Envoy: a new instance must not
+        // wait a check interval for traffic.
+        let routable = |e: &&crate::xds::Endpoint| e.health != Health::Unhealthy;
+        let (mut chosen, mut panic) = candidates(endpoints, |e| routable(&e), PANIC_THRESHOLD);
+        // Levels come first: when the healthy endpoints of some levels
+        // (a standby priority) can take all the traffic, there is no panic
+        // (see `balance::locality`).
+        if panic && levels_cover(&locality, cfg.caller_zone.as_deref(), endpoints) {
+            chosen = endpoints.iter().filter(routable).cloned().collect();
+            panic = false;
+        }
+        if panic && !endpoints.is_empty() {
+            tracing::warn!(upstream = %cfg.name, total = endpoints.len(), "too few healthy endpoints; spreading over all of them");
+        }
+        // Unroutable endpoints count against their level's health; in
+        // panic mode every endpoint is routable and there are no levels, as
+        // health is not to be trusted then.
+        let unroutable: Vec<&crate::xds::Endpoint> = if panic {
+            Vec::new()
+        } else {
+            endpoints.iter().filter(|e| !routable(e)).collect()
+        };
+        let levels = (!panic).then_some(&locality);
+        let caller_zone = cfg.caller_zone.as_deref();
         let name: Arc<str> = Arc::from(cfg.name.as_str());
         let mut loads = self.shared.loads.lock().expect("loads lock");
         let mut outliers = self.shared.outliers.lock().expect("outliers lock");
@@ -504,7 +497,7 @@ impl Upstreams {
             None => (cfg.lb, cfg.hash_key.clone()),
         };
         let pool_of = |ts: Vec<Arc<LbEndpoint>>, down: &[(&str, u32)]| {
-            Pool::new(algorithm, ts, down, &locality, caller_zone)
+            Pool::new(algorithm, ts, down, levels, caller_zone)
         };
         let subsets = policy
             .subsets
@@ -572,6 +565,24 @@ impl Upstreams {
 /// Where an endpoint sits for locality: its zone and priority.
 fn place(e: &crate::xds::Endpoint) -> (&str, u32) {
     (e.zone.as_str(), e.priority)
+}
+
+/// Whether the healthy endpoints of the upstream's levels take all of
+/// its traffic between them, by the overprovisioning rule.
+fn levels_cover(
+    config: &LocalityConfig,
+    caller_zone: Option<&str>,
+    endpoints: &[crate::xds::Endpoint],
+) -> bool {
+    let members: Vec<Member<'_>> = endpoints
+        .iter()
+        .map(|e| Member {
+            zone: &e.zone,
+            priority: e.priority,
+            healthy: e.health != Health::Unhealthy,
+        })
+        .collect();
+    locality::covers(config, caller_zone, &members)
 }
 
 mod pool;

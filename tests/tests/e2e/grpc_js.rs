@@ -10,15 +10,16 @@
 //! instance while calling, and accepts (ACKs, and keeps calling under)
 //! every policy feature the translation writes. Instances behind a
 //! sidecar it reaches over mTLS once its bootstrap has the `isdp`
-//! certificate provider; without it, it NACKs their cluster.
+//! certificate provider; without it, it NACKs their cluster. Priorities
+//! reach it without gaps, and it fails over to a standby priority.
 
 use std::time::Duration;
 
 use isdp_control_plane::publish::standard::CLUSTER;
 use isdp_tests::node::bootstrap;
 use isdp_tests::{
-    ControlPlane, ControlPlaneOpts, Counts, CreatedToken, EchoGrpc, NodeClient, NodeRun, Sidecar,
-    SidecarToml, eventually, status_of,
+    ControlPlane, ControlPlaneOpts, Counts, CreatedToken, EchoGrpc, EchoHttp, NodeClient, NodeRun,
+    Sidecar, SidecarToml, eventually, status_of,
 };
 
 const SERVICE: &str = "echo";
@@ -78,13 +79,21 @@ impl Mesh {
 
     /// Starts `echo-N`, registers it and waits until it is healthy.
     async fn add(&mut self, n: usize, labels: &[String]) {
+        let flags: Vec<String> = labels
+            .iter()
+            .flat_map(|l| ["--meta".to_owned(), l.clone()])
+            .collect();
+        self.add_with(n, None, &flags).await;
+    }
+
+    /// As [`Mesh::add`], with `flags` for `isdpctl register`, and checked
+    /// at `check` when given rather than at its own health service.
+    async fn add_with(&mut self, n: usize, check: Option<String>, flags: &[String]) {
         let id = format!("echo-{n}");
         let echo = EchoGrpc::start(&id).await;
-        let check = echo.health_target();
+        let check = check.unwrap_or_else(|| echo.health_target());
         let mut args = vec!["--id", &id, "--check", &check, "--interval", "500ms"];
-        for l in labels {
-            args.extend(["--meta", l]);
-        }
+        args.extend(flags.iter().map(String::as_str));
         self.cp
             .register(SERVICE, "127.0.0.1", echo.port(), &args)
             .await;
@@ -270,6 +279,61 @@ async fn grpc_js_follows_instances_leaving_dying_and_joining() {
         "grpc-js: a deregistered instance got no calls after {left:?}; calls all \
          succeeded again {recovered:?} after a kill -9 ({failed} failed meanwhile); \
          a new instance got calls {joined:?} after it was healthy"
+    );
+}
+
+/// Instances at priorities 0 and 3 reach grpc-js as priorities 0 and 1
+/// (it refuses gaps): it ACKs them and calls priority 0 only. When both
+/// priority-0 instances fail their checks (they keep serving), 1 of 3
+/// healthy is under the panic threshold, but the standby can carry the
+/// calls: the primaries are sent UNHEALTHY rather than every endpoint
+/// UNKNOWN, and the calls move to the standby, none failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_js_fails_over_by_priority() {
+    let mut m = Mesh::start(0, |_| Vec::new()).await;
+    // The primaries' check: an HTTP echo whose health the test turns off.
+    let gate = EchoHttp::start("gate").await;
+    let flags = |p: &str| vec!["--priority".to_owned(), p.to_owned()];
+    for n in 1..=2 {
+        m.add_with(n, Some(gate.health_url()), &flags("0")).await;
+    }
+    m.add_with(3, None, &flags("3")).await;
+    let mut client = NodeClient::start(
+        &m.bootstrap("grpc-js-priority"),
+        &NodeRun::new(SERVICE).concurrency(4),
+        RUN,
+        WINDOW,
+    );
+    client
+        .until_window(SETUP, "calls on the priority-0 instances", |c| {
+            answered_by(c, &["echo-1", "echo-2"])
+        })
+        .await;
+    m.acked_everything("grpc-js-priority").await;
+    client
+        .every_window_for(HOLD, "the standby getting no calls", |c| {
+            answered_by(c, &["echo-1", "echo-2"])
+        })
+        .await;
+
+    gate.fail_health().await;
+    let moved = client
+        .until_window(FOLLOW, "calls to move to the standby", |c| {
+            answered_by(c, &["echo-3"])
+        })
+        .await;
+    client
+        .every_window_for(HOLD, "calls on the standby only", |c| {
+            answered_by(c, &["echo-3"])
+        })
+        .await;
+    assert_no_nacks(
+        &m.proxy_status("grpc-js-priority")
+            .await
+            .expect("the client's stream is still open"),
+    );
+    eprintln!(
+        "grpc-js: calls moved to the standby priority {moved:?} after the primaries' checks failed"
     );
 }
 

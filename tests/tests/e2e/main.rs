@@ -31,6 +31,7 @@ mod overload;
 mod ownership;
 mod partitions;
 mod policy;
+mod priorities;
 mod quotas;
 mod relay;
 mod resilience;

@@ -91,6 +91,12 @@ async fn bad_registrations_are_refused_and_change_nothing() {
         "instance.zone",
     )
     .await;
+    refused(
+        &cp,
+        &with(&["--service", "valid", "--priority", "8"]),
+        "instance.priority: must be 0..=7",
+    )
+    .await;
 
     assert_eq!(
         cp.services().await,

@@ -1,9 +1,16 @@
 //! Endpoint assignments: the instances of one cluster, grouped into
-//! localities by their `region` metadata and their zone (`Instance.zone`,
-//! else the `zone` metadata), each with the weight ISDP's sidecars get:
-//! the operator's, scaled by the instance's load when load weights are on
-//! (Envoy's round robin and least request honour endpoint weights; gRPC's
-//! round robin honours only the locality weights they add up to).
+//! localities by their `region` metadata, their zone (`Instance.zone`,
+//! else the `zone` metadata) and their priority (`Instance.priority`),
+//! each endpoint with the weight ISDP's sidecars get: the operator's,
+//! scaled by the instance's load when load weights are on (Envoy's round
+//! robin and least request honour endpoint weights; gRPC's round robin
+//! honours only the locality weights they add up to).
+//!
+//! Priorities are compacted to 0..n in order (the ones present {0, 3}
+//! become {0, 1}): gRPC and Envoy refuse an assignment whose priorities
+//! have gaps. Envoy spills between them by its overprovisioning rule, as
+//! ISDP's sidecars do; gRPC's priority policy moves to the next priority
+//! only once one has no reachable endpoint.
 //!
 //! The rules are gRPC's, which Envoy shares: a locality needs a weight
 //! (gRPC drops one whose weight is unset or 0), here the sum of its
@@ -12,7 +19,10 @@
 //! endpoints take traffic. gRPC has no panic threshold: when fewer than
 //! [`PANIC_THRESHOLD`] of a cluster's endpoints are routable, every
 //! endpoint is sent as UNKNOWN, so a proxyless client spreads over all of
-//! them as ISDP's sidecars do in panic mode.
+//! them as ISDP's sidecars do in panic mode; and, as for the sidecars, not
+//! while its priorities' healthy endpoints can take all of its traffic
+//! between them (a whole standby priority), since that would send traffic
+//! back to a dead primary.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -27,6 +37,7 @@ use isdp_proto::v1::{HealthStatus as Health, Instance};
 
 use super::cluster::Transport;
 
+use isdp_core::probe::DEFAULT_OVERPROVISIONING;
 /// Below this share of routable endpoints ISDP's sidecars spread over all
 /// of them; assignments say the same to clients without a panic mode.
 pub use isdp_core::probe::PANIC_THRESHOLD;
@@ -68,10 +79,19 @@ pub fn assignment(
         .iter()
         .filter(|(i, ..)| i.status() != Health::Unhealthy)
         .count();
-    let panic =
-        !endpoints.is_empty() && (routable as f64) < PANIC_THRESHOLD * endpoints.len() as f64;
+    // The priorities present, in order, each to its place: no gaps.
+    let priorities: BTreeMap<u32, u32> = endpoints
+        .iter()
+        .map(|(i, ..)| i.priority)
+        .collect::<BTreeSet<u32>>()
+        .into_iter()
+        .zip(0..)
+        .collect();
+    let panic = !endpoints.is_empty()
+        && (routable as f64) < PANIC_THRESHOLD * endpoints.len() as f64
+        && !priorities_cover(&endpoints);
 
-    let mut localities: BTreeMap<(&str, &str), Vec<LbEndpoint>> = BTreeMap::new();
+    let mut localities: BTreeMap<(&str, &str, u32), Vec<LbEndpoint>> = BTreeMap::new();
     for (i, port, weight) in endpoints {
         let meta = |k: &str| i.metadata.get(k).map_or("", String::as_str);
         let health = match (panic, i.status()) {
@@ -88,6 +108,7 @@ pub fn assignment(
                 } else {
                     i.zone.as_str()
                 },
+                priorities[&i.priority],
             ))
             .or_default()
             .push(LbEndpoint {
@@ -107,7 +128,7 @@ pub fn assignment(
         cluster_name: name.to_owned(),
         endpoints: localities
             .into_iter()
-            .map(|((region, zone), lb_endpoints)| {
+            .map(|((region, zone, priority), lb_endpoints)| {
                 let weight: u32 = lb_endpoints
                     .iter()
                     .filter_map(|e| e.load_balancing_weight.map(|w| w.value))
@@ -122,7 +143,7 @@ pub fn assignment(
                     load_balancing_weight: Some(UInt32Value {
                         value: weight.max(1),
                     }),
-                    priority: 0,
+                    priority,
                     ..Default::default()
                 }
             })
@@ -147,6 +168,26 @@ fn fit_u32<T>(endpoints: &mut [(T, u32, u32)]) {
         let scaled = u64::from(e.2) * (max / 2) / total;
         e.2 = u32::try_from(scaled).unwrap_or(u32::MAX).max(1);
     }
+}
+
+/// Whether the routable endpoints of the priorities take all the traffic
+/// between them by Envoy's overprovisioning rule (each priority keeps its
+/// routable share × 1.4 of what the ones before it left): then a cluster
+/// under the panic threshold has a standby to fail over to, and does not
+/// panic. False with one priority, where panic is as it always was.
+fn priorities_cover(endpoints: &[(&Instance, u32, u32)]) -> bool {
+    let mut counts: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
+    for (i, ..) in endpoints {
+        let (total, routable) = counts.entry(i.priority).or_default();
+        *total += 1;
+        *routable += u64::from(i.status() != Health::Unhealthy);
+    }
+    // Percent points, as Envoy counts them.
+    let taken: u64 = counts
+        .values()
+        .map(|&(total, routable)| (routable * u64::from(DEFAULT_OVERPROVISIONING) / total).min(100))
+        .sum();
+    counts.len() > 1 && taken >= 100
 }
 
 fn socket(ip: &str, port: u32) -> Address {

@@ -183,6 +183,12 @@ fn assert_grpc_assignment(a: &ClusterLoadAssignment) {
     for (id, port, _) in endpoints(a) {
         assert!(seen.insert(port), "{id}: port {port} twice");
     }
+    // Priorities start at 0 and have no gaps (gRPC and Envoy NACK them).
+    let priorities: BTreeSet<u32> = a.endpoints.iter().map(|l| l.priority).collect();
+    assert!(
+        priorities.iter().copied().eq(0..priorities.len() as u32),
+        "priorities with gaps: {priorities:?}"
+    );
 }
 
 #[test]
@@ -309,6 +315,103 @@ fn health_is_passed_on_and_panic_mode_sends_every_endpoint_as_unknown() {
     );
     assert!(
         endpoints(&most_down.assignments[0])
+            .iter()
+            .all(|e| e.2 == HealthStatus::Unknown)
+    );
+}
+
+/// Localities split by priority as well as zone, and the priorities
+/// present are compacted to 0..n in order: {0, 3, 5} -> {0, 1, 2}.
+#[test]
+fn priorities_split_localities_and_are_sent_without_gaps() {
+    let ranked = |id: &str, port: u32, zone: &str, priority: u32| Instance {
+        zone: zone.into(),
+        priority,
+        ..instance(id, port, Health::Healthy)
+    };
+    let t = translate_all(
+        &[
+            ranked("a", 9001, "z1", 0),
+            ranked("b", 9002, "z1", 3),
+            ranked("c", 9003, "z2", 3),
+            ranked("d", 9004, "z2", 5),
+            ranked("e", 9005, "z1", 0),
+        ],
+        None,
+    );
+    let a = &t.assignments[0];
+    assert_grpc_assignment(a);
+    let localities: Vec<(String, u32, Vec<String>)> = a
+        .endpoints
+        .iter()
+        .map(|l| {
+            (
+                l.locality.as_ref().unwrap().zone.clone(),
+                l.priority,
+                l.lb_endpoints
+                    .iter()
+                    .map(|e| match &e.host_identifier {
+                        Some(lb_endpoint::HostIdentifier::Endpoint(ep)) => ep.hostname.clone(),
+                        _ => panic!("an endpoint"),
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        localities,
+        [
+            ("z1".into(), 0, vec!["a".into(), "e".into()]),
+            ("z1".into(), 1, vec!["b".into()]),
+            ("z2".into(), 1, vec!["c".into()]),
+            ("z2".into(), 2, vec!["d".into()]),
+        ]
+    );
+    // One priority only, whatever its number: 0.
+    let t = translate_all(&[ranked("a", 9001, "", 4), ranked("b", 9002, "", 4)], None);
+    let a = &t.assignments[0];
+    assert_grpc_assignment(a);
+    assert_eq!(a.endpoints.len(), 1);
+    assert_eq!(a.endpoints[0].priority, 0);
+}
+
+/// A cluster under the panic threshold whose standby priority can take
+/// all of its traffic keeps its health: clients fail over rather than
+/// spread back over the dead primary.
+#[test]
+fn a_whole_standby_priority_keeps_a_cluster_out_of_panic() {
+    let ranked = |id: &str, port: u32, priority: u32, status: Health| Instance {
+        priority,
+        ..instance(id, port, status)
+    };
+    let primary_down = [
+        ranked("a", 9001, 0, Health::Unhealthy),
+        ranked("b", 9002, 0, Health::Unhealthy),
+        ranked("c", 9003, 0, Health::Unhealthy),
+        ranked("d", 9004, 1, Health::Healthy),
+        ranked("e", 9005, 1, Health::Healthy),
+    ];
+    let t = translate_all(&primary_down, None);
+    let health: Vec<HealthStatus> = endpoints(&t.assignments[0])
+        .into_iter()
+        .map(|e| e.2)
+        .collect();
+    assert_eq!(
+        health,
+        [
+            HealthStatus::Unhealthy,
+            HealthStatus::Unhealthy,
+            HealthStatus::Unhealthy,
+            HealthStatus::Healthy,
+            HealthStatus::Healthy
+        ]
+    );
+    // The standby half down as well (1 of 5, 70 % at most): panic.
+    let mut both_down = primary_down;
+    both_down[4].status = Health::Unhealthy as i32;
+    let t = translate_all(&both_down, None);
+    assert!(
+        endpoints(&t.assignments[0])
             .iter()
             .all(|e| e.2 == HealthStatus::Unknown)
     );

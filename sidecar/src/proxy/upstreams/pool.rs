@@ -1,6 +1,6 @@
-//! A set of endpoints with its balancer, and, when locality applies, one
-//! balancer per locality level in front of which `balance::locality`
-//! chooses the level. The upstream as a whole and each policy subset is
+//! A set of endpoints with its balancer, and, when its endpoints fall in
+//! several levels (priorities, or zones for a caller in one), one balancer
+//! per level in front of which `balance::locality` chooses the level. The upstream as a whole and each policy subset is
 //! one [`Pool`]; all of it is built per endpoint set, and a pick allocates
 //! nothing.
 
@@ -42,12 +42,13 @@ pub struct LevelView {
 impl Pool {
     /// `targets` are the routable endpoints; `unroutable` the (zone,
     /// priority) of the pool's endpoints that are not, which count against
-    /// their level's health.
+    /// their level's health. `config` None: no levels at all (panic mode,
+    /// where health is not to be trusted).
     pub fn new(
         algorithm: Algorithm,
         targets: Vec<Arc<LbEndpoint>>,
         unroutable: &[(&str, u32)],
-        config: &LocalityConfig,
+        config: Option<&LocalityConfig>,
         caller_zone: Option<&str>,
     ) -> Pool {
         let balancer_of = |ts: &[Arc<LbEndpoint>]| {
@@ -66,7 +67,8 @@ impl Pool {
                 healthy: false,
             }))
             .collect();
-        let local = Plan::new(config, caller_zone, &members, rand::random()).map(|plan| Local {
+        let plan = config.and_then(|c| Plan::new(c, caller_zone, &members, rand::random()));
+        let local = plan.map(|plan| Local {
             levels: plan
                 .levels()
                 .iter()
@@ -86,7 +88,7 @@ impl Pool {
         }
     }
 
-    /// An endpoint for a request: from the level locality picks when
+    /// An endpoint for a request: from the level the plan picks when
     /// there are levels, from the whole pool when there are none or the
     /// level has nothing usable left (every one ejected or tried).
     pub fn choose(&self, hash: Option<u64>, avoid: &[Arc<LbEndpoint>]) -> Option<Arc<LbEndpoint>> {
@@ -115,7 +117,7 @@ impl Pool {
         local.plan.set_health(&usable);
     }
 
-    /// The levels and their shares now; empty when locality does not apply.
+    /// The levels and their shares now; empty when there are none.
     pub fn levels(&self) -> Vec<LevelView> {
         let Some(local) = &self.local else {
             return Vec::new();
@@ -135,7 +137,7 @@ impl Pool {
             .collect()
     }
 
-    /// The level endpoint `id` is balanced in, if locality applies and it
+    /// The level endpoint `id` is balanced in, if there are levels and it
     /// is routable.
     pub fn level_of(&self, id: &str) -> Option<usize> {
         let local = self.local.as_ref()?;

@@ -312,6 +312,95 @@ async fn ejections_move_traffic_out_of_the_zone() {
     assert_eq!(zone_counts(&lb), (0, 2000));
 }
 
+/// Endpoints 0-2 at priority 0, 3-4 at priority 1 (no zones); `down` are
+/// unhealthy.
+fn ranked_snapshot(version: &str, down: &[u16]) -> Arc<Snapshot> {
+    let mut snap = Snapshot::default();
+    let endpoints = (0..5)
+        .map(|n| Endpoint {
+            priority: u32::from(n >= 3),
+            health: if down.contains(&n) {
+                Health::Unhealthy
+            } else {
+                Health::Healthy
+            },
+            ..endpoint(n, "v1")
+        })
+        .collect();
+    snap.upstreams.insert(
+        "payments".into(),
+        UpstreamState {
+            exists: true,
+            version: version.into(),
+            endpoints,
+        },
+    );
+    Arc::new(snap)
+}
+
+/// Picks at priority 0 and at 1, of 2000.
+fn priority_counts(lb: &UpstreamLb) -> [usize; 2] {
+    let mut counts = [0; 2];
+    for _ in 0..2000 {
+        let (t, _g) = lb.pick(&HeaderMap::new(), None).unwrap();
+        counts[t.priority as usize] += 1;
+    }
+    counts
+}
+
+#[tokio::test]
+async fn priorities_fail_over_in_order_without_zones() {
+    // With or without a zone of its own, the caller keeps to priority 0.
+    for zone in [None, Some("a")] {
+        let (ups, _tx, _stop) = upstreams_in(ranked_snapshot("e1", &[]), zone);
+        let lb = ups.get("payments").unwrap();
+        assert_eq!(priority_counts(&lb), [2000, 0], "{zone:?}");
+        let levels = lb.levels();
+        assert_eq!(
+            levels
+                .iter()
+                .map(|l| (l.zone.as_str(), l.priority, l.share_percent))
+                .collect::<Vec<_>>(),
+            [("*", 0, 100.0), ("*", 1, 0.0)]
+        );
+        assert_eq!(lb.level_of("pay-4"), Some(1));
+    }
+
+    // Two of three down: 1/3 × 1.4 ≈ 47 % stays, the standby takes the rest.
+    let (ups, _tx, _stop) = upstreams(ranked_snapshot("e2", &[0, 1]));
+    let lb = ups.get("payments").unwrap();
+    assert!(!lb.panic);
+    let [p0, p1] = priority_counts(&lb);
+    assert!((800..1060).contains(&p0), "{p0} at 0, {p1} at 1");
+    assert_eq!(lb.levels()[1].share_percent, 53.33);
+}
+
+#[tokio::test]
+async fn a_standby_that_carries_everything_keeps_the_upstream_out_of_panic() {
+    // 2 of 5 healthy is under the panic threshold, but priority 1 is whole
+    // and takes all: nothing goes back to the dead primary.
+    let (ups, _tx, _stop) = upstreams(ranked_snapshot("e1", &[0, 1, 2]));
+    let lb = ups.get("payments").unwrap();
+    assert!(!lb.panic);
+    assert_eq!(lb.endpoints.len(), 2, "only the healthy ones");
+    assert_eq!(priority_counts(&lb), [0, 2000]);
+
+    // The standby degraded too (1 of 5): the levels fall short, so panic,
+    // without levels, over every endpoint.
+    let (ups, _tx, _stop) = upstreams(ranked_snapshot("e2", &[0, 1, 2, 3]));
+    let lb = ups.get("payments").unwrap();
+    assert!(lb.panic);
+    assert_eq!(lb.endpoints.len(), 5);
+    assert!(lb.levels().is_empty());
+    let [p0, p1] = priority_counts(&lb);
+    assert!((1000..1400).contains(&p0), "{p0} at 0, {p1} at 1");
+
+    // Without levels (one priority, no zones) panic is as it always was.
+    let (ups, _tx, _stop) = upstreams(zoned_snapshot("e3", &[0, 1, 2, 3]));
+    let lb = ups.get("payments").unwrap();
+    assert!(lb.panic);
+}
+
 /// Picks per endpoint id over `n` picks of the whole upstream.
 fn shares(lb: &UpstreamLb, n: usize) -> BTreeMap<String, usize> {
     let mut seen = BTreeMap::new();
