@@ -18,7 +18,9 @@ use clap::Parser;
 async fn main() {
     let cli = commands::Cli::parse();
     if let Err(e) = commands::run(cli).await {
-        eprintln!("error: {e}");
+        // Errors carry text from elsewhere (a sidecar's upstream names, a
+        // control plane's message): escaped, as table cells are.
+        eprintln!("error: {}", output::cell(&e.to_string()));
         std::process::exit(1);
     }
 }

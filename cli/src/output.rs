@@ -100,22 +100,33 @@ fn table_lines(header: &[&str], rows: Vec<Vec<String>>) -> Vec<String> {
         .collect()
 }
 
-/// A table cell: control characters (newlines, escapes) shown escaped,
-/// as `\n` or `\u{1b}`.
-fn cell(text: &str) -> String {
-    if !text.chars().any(char::is_control) {
+/// A table cell (or an error message): control characters (newlines,
+/// escapes) shown escaped, as `\n` or `\u{1b}`, and so are the Unicode
+/// marks that reorder or hide text (bidi overrides and isolates, zero-width
+/// characters), so no value can start a line, colour the terminal or
+/// display as something it is not.
+pub(crate) fn cell(text: &str) -> String {
+    if !text.chars().any(hidden) {
         return text.to_owned();
     }
     text.chars()
         .flat_map(|c| {
             let escaped: Vec<char> = if c.is_control() {
                 c.escape_default().collect()
+            } else if hidden(c) {
+                c.escape_unicode().collect()
             } else {
                 vec![c]
             };
             escaped
         })
         .collect()
+}
+
+/// Characters a terminal does not show as themselves.
+fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
 }
 
 pub fn registered(fmt: Format, i: &Instance) {
@@ -467,5 +478,16 @@ mod tests {
         let lines = table_lines(&["A", "B"], vec![vec!["héllo".into(), "x".into()]]);
         assert_eq!(lines[0], "A      B");
         assert_eq!(lines[1], "héllo  x");
+    }
+
+    #[test]
+    fn marks_that_reorder_or_hide_text_are_shown_escaped() {
+        // A right-to-left override would show "web-1 admin" reversed; a
+        // zero-width space would hide between two names.
+        assert_eq!(
+            cell("web\u{202e}nimda\u{200b}x"),
+            r"web\u{202e}nimda\u{200b}x"
+        );
+        assert_eq!(cell("zone a (the caller's)"), "zone a (the caller's)");
     }
 }

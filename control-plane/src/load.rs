@@ -48,13 +48,11 @@ pub use self::weights::{Weighed, WeightConfig};
 pub const REPORT_TTL: Duration = Duration::from_secs(10);
 /// Reports from one session closer together than this are dropped.
 pub const MIN_REPORT_GAP: Duration = Duration::from_millis(500);
-/// Bounds of a report's values.
-pub const MAX_RPS: f64 = 10_000_000.0;
-pub const MAX_LATENCY_MS: f64 = 3_600_000.0;
-pub const MAX_IN_FLIGHT: u64 = 10_000_000;
-pub const MAX_UTILIZATION: f64 = 100.0;
-pub const MAX_NAMED_METRICS: usize = 16;
-pub const MAX_METRIC_NAME: usize = 64;
+/// Bounds of a report's values, which sidecars keep to.
+pub use isdp_core::load::{
+    MAX_HOST_UTILIZATION, MAX_IN_FLIGHT, MAX_LATENCY_MS, MAX_METRIC_NAME, MAX_NAMED_METRICS,
+    MAX_RPS, MAX_UTILIZATION,
+};
 
 /// Why a report was refused: the field and the rule.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -168,7 +166,14 @@ impl LoadWeights {
         let endpoints: Vec<_> = instances
             .iter()
             .zip(&summaries)
-            .map(|(i, s)| (i.weight, s.as_ref()))
+            .map(|(i, s)| {
+                let figures = if i.status() == isdp_proto::v1::HealthStatus::Unhealthy {
+                    Err(weights::UNHEALTHY)
+                } else {
+                    s.as_ref().ok_or(weights::NO_REPORT)
+                };
+                (i.weight, figures)
+            })
             .collect();
         weights::weigh(&self.cfg, &endpoints, unix_ms())
     }
@@ -225,7 +230,7 @@ pub fn check(own: &[String], report: &LoadReport) -> Result<(), ReportError> {
         ("mem_utilization", report.mem_utilization),
     ] {
         if let Some(v) = v {
-            bounded(name.into(), v, 1.0)?;
+            bounded(name.into(), v, MAX_HOST_UTILIZATION)?;
         }
     }
     for (i, l) in report.instances.iter().enumerate() {

@@ -21,6 +21,8 @@
 //! - `telemetry`: logging and OpenTelemetry tracing setup for every binary.
 //! - `metrics`: histogram buckets and gRPC status names both sides label
 //!   their metrics with.
+//! - `load`: the bounds of a sidecar's load report, which the control
+//!   plane enforces and the sidecar keeps to.
 
 #![forbid(unsafe_code)]
 
@@ -28,6 +30,7 @@ pub mod backoff;
 pub mod cert;
 pub mod dial;
 pub mod grant;
+pub mod load;
 pub mod metrics;
 pub mod names;
 pub mod path;

@@ -66,6 +66,7 @@ impl LocalLoad {
     }
 
     fn strip_orca<B>(&self, resp: &mut Response<B>) {
+        resp.headers_mut().remove(orca::BIN_HEADER);
         let Some(value) = resp.headers_mut().remove(orca::HEADER) else {
             return;
         };
@@ -222,8 +223,16 @@ mod tests {
     fn an_unreadable_orca_header_is_stripped_and_ignored() {
         let load = LocalLoad::new("web");
         let mut resp = response(200, Some("JSON {\"cpu_utilization\": 1}"));
+        resp.headers_mut()
+            .insert(orca::BIN_HEADER, "CgQIARAB".parse().unwrap());
         load.finish(load.start(), &mut resp);
         assert!(resp.headers().get(orca::HEADER).is_none());
+        assert!(resp.headers().get(orca::BIN_HEADER).is_none());
+        assert_eq!(load.orca(), None);
+        // Out of the report's bounds: not kept, so the session's report
+        // stays one the control plane takes.
+        let mut resp = response(200, Some("TEXT application_utilization=101"));
+        load.finish(load.start(), &mut resp);
         assert_eq!(load.orca(), None);
     }
 }

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use isdp_core::load as bounds;
 use isdp_proto::v1::session_request::Kind;
 use isdp_proto::v1::sidecar_client::SidecarClient;
 use isdp_proto::v1::{
@@ -170,23 +171,28 @@ fn load_report(session: &Session, meter: &mut Meter) -> LoadReport {
         .iter()
         .zip(figures)
         .map(|(svc, f)| {
+            // Within the bounds the control plane holds reports to (it
+            // ends a session over one figure outside them): a request
+            // held open for hours must not end the session. ORCA figures
+            // are checked as they are read.
             let orca = f.orca.unwrap_or_default();
             InstanceLoad {
                 instance_id: session.instance_id(&svc.name),
-                rps: f.rps,
-                eps: f.eps,
-                latency_ms: f.latency_ms,
-                in_flight: f.in_flight,
+                rps: bounds::clamp(f.rps, bounds::MAX_RPS),
+                eps: bounds::clamp(f.eps, bounds::MAX_RPS),
+                latency_ms: bounds::clamp(f.latency_ms, bounds::MAX_LATENCY_MS),
+                in_flight: f.in_flight.min(bounds::MAX_IN_FLIGHT),
                 application_utilization: orca.application_utilization,
                 cpu_utilization: orca.cpu_utilization,
                 named_metrics: orca.named.into_iter().collect(),
             }
         })
         .collect();
+    let host_figure = |v: Option<f64>| v.map(|v| bounds::clamp(v, bounds::MAX_HOST_UTILIZATION));
     LoadReport {
         instances,
-        cpu_utilization: host.cpu_utilization,
-        mem_utilization: host.mem_utilization,
+        cpu_utilization: host_figure(host.cpu_utilization),
+        mem_utilization: host_figure(host.mem_utilization),
     }
 }
 

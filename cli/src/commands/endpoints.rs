@@ -20,9 +20,12 @@ use crate::output::{self, Format};
 
 /// The whole exchange with the sidecar, connect to last byte.
 const TIMEOUT: Duration = Duration::from_secs(5);
-/// The largest `/config` read: a sidecar with thousands of endpoints
-/// stays well under it.
-const MAX_CONFIG_BYTES: usize = 64 << 20;
+/// The largest `/config` read: a sidecar with ten thousand endpoints
+/// stays under it (about 500 bytes each), and parsed it stays in the low
+/// hundreds of MiB whatever the body holds.
+const MAX_CONFIG_BYTES: usize = 16 << 20;
+/// Endpoints shown at most; past them a line says how many were left out.
+const MAX_SHOWN: usize = 20_000;
 
 const HEADER: &[&str] = &[
     "UPSTREAM", "ENDPOINT", "ADDRESS", "STATUS", "ZONE", "LEVEL", "WEIGHT", "WHY",
@@ -36,14 +39,25 @@ pub async fn run(admin: &str, upstream: Option<&str>, fmt: Format) -> Result<(),
         .await
         .map_err(|_| sidecar_error(&authority, format!("no answer within {TIMEOUT:?}")))??;
     let upstreams = select(&config, upstream)?;
+    let total: usize = upstreams.iter().map(|(_, u)| endpoints(u).len()).sum();
     match fmt {
         Format::Json => output::print(Value::Object(
             upstreams
                 .iter()
-                .map(|(name, u)| ((*name).to_owned(), upstream_json(u)))
+                .scan(MAX_SHOWN, |left, (name, u)| {
+                    let shown = upstream_json(u, *left);
+                    *left -= endpoints(u).len().min(*left);
+                    Some(((*name).to_owned(), shown))
+                })
                 .collect(),
         )),
-        Format::Table => output::table(HEADER, rows(&upstreams)),
+        Format::Table => output::table(HEADER, rows(&upstreams, MAX_SHOWN)),
+    }
+    if total > MAX_SHOWN {
+        eprintln!(
+            "{} of {total} endpoints not shown (at most {MAX_SHOWN}); pick one upstream with --upstream",
+            total - MAX_SHOWN
+        );
     }
     Ok(())
 }
@@ -134,10 +148,11 @@ fn select<'a>(
     }
 }
 
-fn rows(upstreams: &[(&str, &Value)]) -> Vec<Vec<String>> {
+/// The table's rows, at most `max`.
+fn rows(upstreams: &[(&str, &Value)], max: usize) -> Vec<Vec<String>> {
     let mut rows = Vec::new();
     for (name, u) in upstreams {
-        for e in endpoints(u) {
+        for e in endpoints(u).iter().take(max - rows.len()) {
             let text = |k: &str| e[k].as_str().unwrap_or_default().to_owned();
             let level = match (e["level"].as_u64(), level_share(u, &e["level"])) {
                 (Some(l), Some(share)) => format!("{l} ({share:.0}%)"),
@@ -238,10 +253,12 @@ fn why(u: &Value, e: &Value) -> String {
     parts.join("; ")
 }
 
-/// An upstream in JSON: the sidecar's view, each endpoint with its `why`.
-fn upstream_json(u: &Value) -> Value {
+/// An upstream in JSON: the sidecar's view, each endpoint (at most `max`)
+/// with its `why`.
+fn upstream_json(u: &Value, max: usize) -> Value {
     let eps: Vec<Value> = endpoints(u)
         .iter()
+        .take(max)
         .map(|e| {
             let mut e = e.clone();
             if let Some(obj) = e.as_object_mut() {
@@ -294,7 +311,7 @@ mod tests {
     fn each_endpoint_says_its_weight_and_why() {
         let config = json!({"upstreams": {"catalog": upstream()}});
         let shown = select(&config, None).unwrap();
-        let rows = rows(&shown);
+        let rows = rows(&shown, MAX_SHOWN);
         let row = |i: usize| rows[i].iter().map(String::as_str).collect::<Vec<_>>();
         assert_eq!(
             row(0),
@@ -358,12 +375,27 @@ mod tests {
 
     #[test]
     fn json_adds_why_to_each_endpoint() {
-        let u = upstream_json(&upstream());
+        let u = upstream_json(&upstream(), MAX_SHOWN);
         assert_eq!(u["lb"], "load_aware");
         assert_eq!(
             u["endpoints"][2]["why"],
             "not balanced (unhealthy); operator weight 1 (no report)"
         );
         assert_eq!(u["endpoints"][0]["weight_in_force"], 13);
+        assert_eq!(
+            upstream_json(&upstream(), 1)["endpoints"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn rows_stop_at_the_limit() {
+        let config = json!({"upstreams": {"a": upstream(), "b": upstream()}});
+        let shown = select(&config, None).unwrap();
+        assert_eq!(rows(&shown, 4).len(), 4);
+        assert_eq!(rows(&shown, 100).len(), 6);
     }
 }

@@ -7,8 +7,8 @@
 //! an IPv6 address in brackets), with the labels
 //! `__meta_isdp_service`, `__meta_isdp_instance_id`, `__meta_isdp_node`
 //! (as the Consul endpoints' `Node`), `__meta_isdp_health` (`passing` or
-//! `critical`, as their check `Status`), `__meta_isdp_zone` (the `zone`
-//! metadata, empty without one) and `__meta_isdp_metadata_<key>` per
+//! `critical`, as their check `Status`), `__meta_isdp_zone` (the
+//! instance's zone, else its `zone` metadata, empty without either) and `__meta_isdp_metadata_<key>` per
 //! metadata entry. Metadata keys may hold `.`, `-` and `/`, which label
 //! names may not: each becomes `_`, as Prometheus' own service discoveries
 //! sanitize, and of keys that become the same name the first in byte
@@ -106,7 +106,12 @@ fn group(i: &Instance) -> Value {
     set(format!("{PREFIX}health"), health_name(i));
     set(
         format!("{PREFIX}zone"),
-        i.metadata.get("zone").map_or("", String::as_str),
+        // The instance's zone, else the older `zone` label.
+        if i.zone.is_empty() {
+            i.metadata.get("zone").map_or("", String::as_str)
+        } else {
+            i.zone.as_str()
+        },
     );
     let mut metadata: Vec<_> = i.metadata.iter().collect();
     metadata.sort();
@@ -191,6 +196,11 @@ mod tests {
         assert_eq!(g["labels"]["__meta_isdp_node"], "isdp");
         assert_eq!(g["labels"]["__meta_isdp_health"], "passing");
         assert_eq!(g["labels"]["__meta_isdp_zone"], "");
+        let zoned = Instance {
+            zone: "za".into(),
+            ..operator
+        };
+        assert_eq!(group(&zoned)["labels"]["__meta_isdp_zone"], "za");
     }
 
     #[test]

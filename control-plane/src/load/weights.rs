@@ -61,19 +61,28 @@ pub struct Weighed {
     pub utilization: f64,
 }
 
+/// An endpoint's latest summary, or why it has none that counts.
+pub type Figures<'a> = Result<&'a LoadSummary, &'static str>;
+/// Why: no summary (or an expired one).
+pub const NO_REPORT: &str = "no report";
+/// Why: the endpoint is unhealthy. It takes no traffic, so its figures
+/// say nothing of its capacity, and counting them in the median would let
+/// instances that serve nothing move their peers' weights.
+pub const UNHEALTHY: &str = "unhealthy";
+
 /// The weights of one service's endpoints, in order: `endpoints` holds each
-/// one's operator weight and latest summary; `now_unix_ms` decides the
+/// one's operator weight and latest figures; `now_unix_ms` decides the
 /// blackout.
 pub fn weigh(
     cfg: &WeightConfig,
-    endpoints: &[(u32, Option<&LoadSummary>)],
+    endpoints: &[(u32, Figures<'_>)],
     now_unix_ms: i64,
 ) -> Vec<Weighed> {
     let blackout_ms = i64::try_from(cfg.blackout.as_millis()).unwrap_or(i64::MAX);
     let raw: Vec<Result<f64, &'static str>> = endpoints
         .iter()
         .map(|(_, s)| {
-            let s = s.ok_or("no report")?;
+            let s = (*s)?;
             if s.usable_since_unix_ms == 0 {
                 return Err("no usable figures");
             }
@@ -100,7 +109,9 @@ pub fn weigh(
                 match raw {
                     Err(why) => (1.0, (*why).to_owned()),
                     Ok(w) => {
-                        let f = w / reference;
+                        // Raw weights and their median are normal and
+                        // positive, so this is finite; 1 should it not be.
+                        let f = Some(w / reference).filter(|f| f.is_finite()).unwrap_or(1.0);
                         let clamped = f.clamp(cfg.min_factor, cfg.max_factor);
                         let mut reason = format!("load: util {utilization:.2} rps {rps:.0}");
                         if clamped != f {
@@ -162,15 +173,20 @@ fn cut(mut s: String) -> String {
 /// noise, and dividing by a vanishing one would give an infinite weight.
 pub const MIN_UTILIZATION: f64 = 0.01;
 
-/// gRPC's formula; None when it gives nothing usable (no traffic or no
-/// utilisation reported).
+/// Less traffic than this (one request in 100 s) is no traffic: a weight
+/// from it is noise, and a vanishing rate would turn `eps / qps` infinite.
+pub const MIN_RPS: f64 = 0.01;
+
+/// gRPC's formula; None when it gives nothing usable: no traffic, no
+/// utilisation reported, or a result that is not a normal positive
+/// number (which would make a 0 or NaN factor for its peers).
 pub fn raw_weight(qps: f64, eps: f64, utilization: f64, error_penalty: f64) -> Option<f64> {
-    if !(qps > 0.0 && utilization > 0.0) {
+    if !(qps >= MIN_RPS && utilization > 0.0) {
         return None;
     }
     let penalty = error_penalty * eps / qps;
     let w = qps / (utilization.max(MIN_UTILIZATION) + penalty);
-    w.is_finite().then_some(w)
+    (w.is_normal() && w > 0.0).then_some(w)
 }
 
 #[cfg(test)]
@@ -189,7 +205,7 @@ mod tests {
         }
     }
 
-    fn weights(cfg: &WeightConfig, e: &[(u32, Option<&LoadSummary>)]) -> Vec<u32> {
+    fn weights(cfg: &WeightConfig, e: &[(u32, Figures<'_>)]) -> Vec<u32> {
         weigh(cfg, e, NOW).iter().map(|w| w.weight).collect()
     }
 
@@ -200,8 +216,8 @@ mod tests {
         let b = summary(100.0, 0.75, 10_000);
         // 400 vs 133: a gets three times b's weight; the median (of two,
         // their mean) is 1.
-        assert_eq!(weights(&cfg, &[(1, Some(&a)), (1, Some(&b))]), [150, 50]);
-        let ws = weigh(&cfg, &[(1, Some(&a)), (1, Some(&b)), (1, None)], NOW);
+        assert_eq!(weights(&cfg, &[(1, Ok(&a)), (1, Ok(&b))]), [150, 50]);
+        let ws = weigh(&cfg, &[(1, Ok(&a)), (1, Ok(&b)), (1, Err(NO_REPORT))], NOW);
         assert_eq!(
             ws.iter().map(|w| w.weight).collect::<Vec<_>>(),
             [150, 50, 100]
@@ -210,13 +226,13 @@ mod tests {
         assert_eq!(ws[2].reason, "no report");
         // Still in its blackout: factor 1, and says so.
         let young = summary(100.0, 0.25, 9_999);
-        let ws = weigh(&cfg, &[(1, Some(&young)), (1, Some(&b))], NOW);
+        let ws = weigh(&cfg, &[(1, Ok(&young)), (1, Ok(&b))], NOW);
         assert_eq!((ws[0].weight, ws[0].reason.as_str()), (100, "blackout"));
         let idle = LoadSummary {
             usable_since_unix_ms: 0,
             ..summary(0.0, 0.5, 0)
         };
-        let ws = weigh(&cfg, &[(1, Some(&idle))], NOW);
+        let ws = weigh(&cfg, &[(1, Ok(&idle))], NOW);
         assert_eq!(
             (ws[0].weight, ws[0].reason.as_str()),
             (100, "no usable figures")
@@ -238,10 +254,7 @@ mod tests {
             ..summary(100.0, 0.5, 20_000)
         };
         // 200 vs 100.
-        assert_eq!(
-            weights(&cfg, &[(1, Some(&ok)), (1, Some(&failing))]),
-            [133, 67]
-        );
+        assert_eq!(weights(&cfg, &[(1, Ok(&ok)), (1, Ok(&failing))]), [133, 67]);
     }
 
     #[test]
@@ -253,11 +266,7 @@ mod tests {
         };
         let idle = summary(100.0, 0.01, 20_000);
         let busy = summary(100.0, 1.0, 20_000);
-        let ws = weigh(
-            &cfg,
-            &[(1, Some(&idle)), (1, Some(&busy)), (1, Some(&busy))],
-            NOW,
-        );
+        let ws = weigh(&cfg, &[(1, Ok(&idle)), (1, Ok(&busy)), (1, Ok(&busy))], NOW);
         // The idle one is clamped up; the busy ones are the median and
         // stay at 1: one endpoint's extreme figures move only its own.
         assert_eq!(
@@ -275,7 +284,7 @@ mod tests {
         assert!(raw_weight(1e7, 0.0, 1e-310, 1.0).is_some_and(f64::is_finite));
         let ws = weigh(
             &cfg,
-            &[(1, Some(&liar)), (1, Some(&honest)), (1, Some(&honest))],
+            &[(1, Ok(&liar)), (1, Ok(&honest)), (1, Ok(&honest))],
             NOW,
         );
         assert_eq!(
@@ -289,15 +298,63 @@ mod tests {
         let cfg = WeightConfig::default();
         let s = summary(100.0, 0.5, 20_000);
         // Equal load: the operator's 1:3 stays, scaled.
-        assert_eq!(weights(&cfg, &[(1, Some(&s)), (3, Some(&s))]), [100, 300]);
+        assert_eq!(weights(&cfg, &[(1, Ok(&s)), (3, Ok(&s))]), [100, 300]);
         let off = WeightConfig {
             enabled: false,
             ..cfg
         };
         let busy = summary(100.0, 5.0, 20_000);
-        let ws = weigh(&off, &[(1, Some(&s)), (3, Some(&busy))], NOW);
+        let ws = weigh(&off, &[(1, Ok(&s)), (3, Ok(&busy))], NOW);
         assert_eq!(ws.iter().map(|w| w.weight).collect::<Vec<_>>(), [1, 3]);
         assert_eq!(ws[1].reason, "operator");
         assert_eq!(ws[1].factor, 1.0);
+    }
+
+    /// A rate so small that `eps / rps` overflows made a raw weight of 0,
+    /// a median of 0 and NaN factors (published as weight 0): such figures
+    /// are no traffic, and weigh nothing.
+    #[test]
+    fn vanishing_traffic_weighs_nothing_and_no_weight_is_0() {
+        let cfg = WeightConfig::default();
+        let mut dust = summary(1e-300, 1.0, 20_000);
+        dust.eps = 1.0;
+        assert_eq!(raw_weight(1e-300, 1.0, 1.0, 1.0), None);
+        assert_eq!(raw_weight(f64::MIN_POSITIVE, 0.0, 1.0, 1.0), None);
+        let honest = summary(100.0, 0.5, 20_000);
+        let ws = weigh(
+            &cfg,
+            &[(1, Ok(&dust)), (1, Ok(&dust)), (1, Ok(&honest))],
+            NOW,
+        );
+        for w in &ws {
+            assert!(w.factor.is_finite() && w.weight >= 1, "{w:?}");
+        }
+        assert_eq!(ws[0].reason, "no usable figures");
+        assert_eq!(ws[2].weight, 100, "the only usable one is its own median");
+    }
+
+    /// Unhealthy endpoints take no traffic: their figures count in nobody's
+    /// reference. Sybils reporting huge raw weights while unhealthy no
+    /// longer drag every healthy peer's factor to the minimum.
+    #[test]
+    fn unhealthy_endpoints_are_left_out_of_the_median() {
+        let cfg = WeightConfig::default();
+        let sybil = summary(1e6, 0.01, 20_000);
+        let honest = summary(100.0, 0.5, 20_000);
+        let mut e: Vec<(u32, Figures<'_>)> = vec![(1, Err(UNHEALTHY)); 6];
+        e.push((1, Ok(&honest)));
+        e.push((1, Ok(&honest)));
+        let ws = weigh(&cfg, &e, NOW);
+        assert_eq!(
+            ws.iter().map(|w| w.weight).collect::<Vec<_>>(),
+            [100, 100, 100, 100, 100, 100, 100, 100]
+        );
+        assert_eq!(ws[0].reason, "unhealthy");
+        // Were they counted, the honest ones would fall to the minimum.
+        let counted: Vec<(u32, Figures<'_>)> = (0..6)
+            .map(|_| (1, Ok(&sybil)))
+            .chain([(1, Ok(&honest)), (1, Ok(&honest))])
+            .collect();
+        assert_eq!(weigh(&cfg, &counted, NOW)[7].weight, 10);
     }
 }

@@ -13,10 +13,13 @@ use std::collections::BTreeMap;
 
 /// The response header, lower case as `http` stores names.
 pub const HEADER: &str = "endpoint-load-metrics";
-/// At most this many named metrics are kept from one report.
-pub const MAX_NAMED: usize = 16;
-/// Longest named-metric name kept (after `named_metrics.`).
-pub const MAX_NAME: usize = 64;
+/// The binary form's header (gRPC's), not read but stripped too: what an
+/// application reports of its load is for its sidecar, not its callers.
+pub const BIN_HEADER: &str = "endpoint-load-metrics-bin";
+/// At most this many named metrics are kept from one report, none with a
+/// longer name (after `named_metrics.`): what a load report may carry.
+pub use isdp_core::load::{MAX_METRIC_NAME as MAX_NAME, MAX_NAMED_METRICS as MAX_NAMED};
+use isdp_core::load::{MAX_RPS, MAX_UTILIZATION, within};
 
 /// One parsed report; every field optional, as the application chooses.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -36,7 +39,9 @@ pub enum OrcaError {
     NotText,
     #[error("{0:?} is not key=value")]
     Pair(String),
-    #[error("{0:?} is not a finite number of at least 0")]
+    #[error(
+        "{0:?} is not a number within a load report's bounds (utilisations 0..=100, rates 0..=10000000)"
+    )]
     Value(String),
 }
 
@@ -54,13 +59,21 @@ pub fn parse(value: &str) -> Result<Orca, OrcaError> {
         let (key, v) = pair
             .split_once('=')
             .ok_or_else(|| OrcaError::Pair(pair.to_owned()))?;
+        let key = key.trim();
+        // The bounds the control plane holds load reports to: a figure
+        // outside them would get the sidecar's whole report refused.
+        let max = match key {
+            "rps_fractional" | "eps" => MAX_RPS,
+            k if k.starts_with("named_metrics.") => f64::MAX,
+            _ => MAX_UTILIZATION,
+        };
         let v = v
             .trim()
             .parse::<f64>()
             .ok()
-            .filter(|x| x.is_finite() && *x >= 0.0)
+            .and_then(|x| within(x, max))
             .ok_or_else(|| OrcaError::Value(pair.to_owned()))?;
-        match key.trim() {
+        match key {
             "cpu_utilization" => orca.cpu_utilization = Some(v),
             "mem_utilization" => orca.mem_utilization = Some(v),
             "application_utilization" => orca.application_utilization = Some(v),
@@ -109,10 +122,19 @@ mod tests {
             parse("TEXT cpu_utilization"),
             Err(OrcaError::Pair(_))
         ));
-        for bad in ["-0.1", "NaN", "inf", "lots"] {
-            let v = format!("TEXT cpu_utilization={bad}");
-            assert!(matches!(parse(&v), Err(OrcaError::Value(_))), "{bad}");
+        for bad in ["-0.1", "NaN", "inf", "lots", "101", "1e300"] {
+            for key in ["cpu_utilization", "application_utilization"] {
+                let v = format!("TEXT {key}={bad}");
+                assert!(matches!(parse(&v), Err(OrcaError::Value(_))), "{v}");
+            }
         }
+        // Rates have the report's rate bound; named metrics any finite
+        // value.
+        assert!(parse("TEXT eps=20000000").is_err());
+        assert_eq!(
+            parse("TEXT named_metrics.q=1e300").unwrap().named["q"],
+            1e300
+        );
     }
 
     #[test]

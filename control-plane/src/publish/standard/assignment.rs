@@ -93,7 +93,16 @@ pub fn assignment(
 
     let mut localities: BTreeMap<(&str, &str, u32), Vec<LbEndpoint>> = BTreeMap::new();
     for (i, port, weight) in endpoints {
-        let meta = |k: &str| i.metadata.get(k).map_or("", String::as_str);
+        // Labels are free-form; a locality is shown in Envoy's admin
+        // output and logs, so only DNS labels (what `Instance.zone` must
+        // be) name one.
+        let meta = |k: &str| {
+            i.metadata
+                .get(k)
+                .map(String::as_str)
+                .filter(|v| isdp_core::names::check_dns_label(v).is_ok())
+                .unwrap_or("")
+        };
         let health = match (panic, i.status()) {
             (true, _) | (_, Health::Unknown) => HealthStatus::Unknown,
             (_, Health::Healthy) => HealthStatus::Healthy,

@@ -837,3 +837,34 @@ fn weights_past_u32_are_scaled_down_in_proportion() {
     assert_eq!(heavy.len(), 1, "equal weights stay equal: {heavy:?}");
     assert!(heavy.into_iter().next().unwrap() > 1_000_000);
 }
+
+/// Region and zone labels are free-form; only DNS labels name a
+/// locality, which Envoy shows in its admin output and logs.
+#[test]
+fn labels_that_are_not_dns_labels_name_no_locality() {
+    let odd = labelled(
+        instance("echo-1", 9001, Health::Healthy),
+        &[("zone", "za\u{1b}[2J"), ("region", "r\nx")],
+    );
+    let fine = labelled(
+        instance("echo-2", 9002, Health::Healthy),
+        &[("zone", "zb"), ("region", "eu")],
+    );
+    let t = translate_all(&[odd, fine], None);
+    let mut localities: Vec<(String, String)> = t.assignments[0]
+        .endpoints
+        .iter()
+        .map(|l| {
+            let loc = l.locality.as_ref().unwrap();
+            (loc.region.clone(), loc.zone.clone())
+        })
+        .collect();
+    localities.sort();
+    assert_eq!(
+        localities,
+        [
+            (String::new(), String::new()),
+            ("eu".to_owned(), "zb".to_owned())
+        ]
+    );
+}
