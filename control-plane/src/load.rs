@@ -286,8 +286,22 @@ fn bounded(field: String, v: f64, max: f64) -> Result<(), ReportError> {
     }
     Err(ReportError {
         field,
-        rule: format!("must be a finite number 0..{max}, got {v}"),
+        rule: format!(
+            "must be a finite number 0..{}, got {}",
+            short(max),
+            short(v)
+        ),
     })
+}
+
+/// A number as people read it in an error: plain up to 10^7, in
+/// scientific form beyond (`f64::MAX` is 309 digits written out).
+fn short(v: f64) -> String {
+    if v.is_finite() && v.abs() > 1e7 {
+        format!("{v:e}")
+    } else {
+        format!("{v}")
+    }
 }
 
 /// Writes a summary per `(instance id, utilisation)`, each at 100
@@ -363,6 +377,8 @@ mod tests {
             assert_eq!(e.field, format!("instances[0].{field}"));
             assert!(e.rule.contains("0..10000000"), "{e}");
         }
+        let e = check(&own(), &report("n1.web", 1e300)).unwrap_err();
+        assert_eq!(e.rule, "must be a finite number 0..10000000, got 1e300");
         let mut r = report("n1.web", 1.0);
         r.cpu_utilization = Some(1.5);
         assert_eq!(check(&own(), &r).unwrap_err().field, "cpu_utilization");
