@@ -126,7 +126,10 @@ async fn once(client: &Client<HttpConnector, Empty<Bytes>>, url: &http::Uri) -> 
 
 mod catalog;
 
-pub use catalog::{CatalogMesh, PATH, SERVICE, SETUP, SLOW_DELAY_MS, WORKERS};
+pub use catalog::{
+    CatalogMesh, PATH, Place, SERVICE, SETUP, SLOW_DELAY_MS, WORKERS, assert_none_failed,
+    first_window, share_where,
+};
 
 /// The requests of one time window.
 #[derive(Debug)]

@@ -11,11 +11,12 @@
 
 use std::time::Duration;
 
-use isdp_tests::load::{Load, PATH, SETUP, WORKERS, Window};
-use isdp_tests::{ControlPlane, ControlPlaneOpts, EchoHttp, Sidecar, SidecarToml, eventually};
+use isdp_tests::ControlPlaneOpts;
+use isdp_tests::load::{
+    CatalogMesh, Load, Place, SERVICE, Window, assert_none_failed, first_window, share_where,
+};
 use tokio::time::Instant;
 
-const SERVICE: &str = "catalog";
 /// `cat-0..2` at priority 0, `cat-3..4` at priority 1.
 const AT_0: usize = 3;
 const AT_1: usize = 2;
@@ -26,57 +27,25 @@ fn priority_of(i: usize) -> u32 {
 
 /// The share of a window's requests served at `priority`.
 fn priority_share(w: &Window, priority: u32) -> f64 {
-    (0..AT_0 + AT_1)
-        .filter(|&i| priority_of(i) == priority)
-        .map(|i| w.share(&format!("cat-{i}")))
-        .sum()
+    share_where(w, AT_0 + AT_1, |i| priority_of(i) == priority)
 }
 
-struct RankedMesh {
-    cp: ControlPlane,
-    echoes: Vec<EchoHttp>,
-    _sidecars: Vec<Sidecar>,
-    web: Sidecar,
-}
-
-async fn start() -> RankedMesh {
-    let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
-    let mut echoes = Vec::new();
-    let mut sidecars = Vec::new();
-    for i in 0..AT_0 + AT_1 {
-        let id = format!("cat-{i}");
-        let echo = EchoHttp::start(&id).await;
-        let sidecar = SidecarToml::new(&id, &cp.grpc_url())
-            .raw(&format!(
-                "[[service]]\nname = \"{SERVICE}\"\nport = {port}\npriority = {priority}\n\
-                 protocol = \"http\"\ncheck = \"{check}\"\ninterval = \"100ms\"\n",
-                port = echo.port(),
-                priority = priority_of(i),
-                check = echo.health_url(),
-            ))
-            .start()
-            .await;
-        echoes.push(echo);
-        sidecars.push(sidecar);
-    }
-    let web = SidecarToml::new("web", &cp.grpc_url())
-        .upstream_on_port0(SERVICE, "http", "load_aware")
-        .start()
-        .await;
-    let mesh = RankedMesh {
-        cp,
-        echoes,
-        _sidecars: sidecars,
-        web,
-    };
-    eventually(SETUP, "web sees every instance healthy", || async {
-        let eps = mesh.web.endpoints(SERVICE).await?;
-        let healthy = eps.iter().filter(|e| e["status"] == "healthy").count();
-        anyhow::ensure!(healthy == AT_0 + AT_1, "{healthy} healthy: {eps:?}");
-        Ok(())
-    })
-    .await;
-    mesh
+/// No zones anywhere: the priorities alone make the levels.
+async fn start() -> CatalogMesh {
+    let places: Vec<Place> = (0..AT_0 + AT_1)
+        .map(|i| Place {
+            zone: None,
+            priority: priority_of(i),
+        })
+        .collect();
+    CatalogMesh::start_placed(
+        &places,
+        None,
+        "load_aware",
+        ControlPlaneOpts::default(),
+        "100ms",
+    )
+    .await
 }
 
 fn describe(w: &Window) -> String {
@@ -88,39 +57,10 @@ fn describe(w: &Window) -> String {
     )
 }
 
-/// Fails the health checks of `echoes` and waits until web's snapshot
-/// shows `down` endpoints unhealthy; returns when the checks failed and
-/// when web saw it.
-async fn fail(mesh: &RankedMesh, echoes: &[EchoHttp], down: usize) -> (Instant, Instant) {
-    for echo in echoes {
-        echo.fail_health().await;
-    }
-    let failed_at = Instant::now();
-    eventually(
-        Duration::from_secs(10),
-        &format!("web sees {down} unhealthy"),
-        || async {
-            let eps = mesh.web.endpoints(SERVICE).await?;
-            let n = eps.iter().filter(|e| e["status"] == "unhealthy").count();
-            anyhow::ensure!(n == down, "{n} unhealthy: {eps:?}");
-            Ok(())
-        },
-    )
-    .await;
-    (failed_at, Instant::now())
-}
-
 /// From `failed_at` to the end of the first 100 ms in which priority 1
 /// serves at least `share` of the requests.
 fn spill_time(load: &Load, failed_at: Instant, share: f64) -> Option<Duration> {
-    let step = Duration::from_millis(20);
-    (0..250)
-        .map(|k| failed_at + step * k)
-        .find(|t| {
-            let w = load.window(*t, *t + Duration::from_millis(100));
-            !w.is_empty() && priority_share(&w, 1) >= share
-        })
-        .map(|t| t + Duration::from_millis(100) - failed_at)
+    first_window(load, failed_at, |w| priority_share(w, 1) >= share)
 }
 
 /// The headline: ≥ 99 % of requests go to priority 0 while it is healthy;
@@ -159,7 +99,7 @@ async fn traffic_fails_over_by_priority_and_a_whole_standby_averts_panic() {
         .count();
     assert_eq!(at_1, AT_1, "{upstream}");
 
-    let load = Load::start(mesh.web.upstream_addr(SERVICE), PATH, WORKERS);
+    let load = mesh.load();
     let start = Instant::now();
     let healthy = load
         .window_after(start, Duration::from_secs(1), Duration::from_secs(4))
@@ -173,7 +113,7 @@ async fn traffic_fails_over_by_priority_and_a_whole_standby_averts_panic() {
     );
 
     // Two of three down: 1/3 × 1.4 ≈ 47 % stays.
-    let (failed_at, pushed) = fail(&mesh, &mesh.echoes[..2], 2).await;
+    let (failed_at, pushed) = mesh.fail_checks(0..2, 2).await;
     let config = mesh.web.config_json().await.unwrap();
     let levels = &config["upstreams"][SERVICE]["levels"];
     eprintln!(
@@ -216,7 +156,7 @@ async fn traffic_fails_over_by_priority_and_a_whole_standby_averts_panic() {
 
     // The third down too: 2 of 5 healthy is under the panic threshold,
     // but the standby is whole and carries everything.
-    let (failed_at, pushed) = fail(&mesh, &mesh.echoes[2..3], 3).await;
+    let (failed_at, pushed) = mesh.fail_checks(2..3, 3).await;
     let config = mesh.web.config_json().await.unwrap();
     let upstream = &config["upstreams"][SERVICE];
     eprintln!(
@@ -239,16 +179,5 @@ async fn traffic_fails_over_by_priority_and_a_whole_standby_averts_panic() {
     let spill = spill_time(&load, failed_at, 0.99);
     eprintln!("all on priority 1: {spill:?} after the checks failed");
 
-    let all = load.window(start, Instant::now());
-    let failures: Vec<_> = all
-        .0
-        .iter()
-        .filter(|s| !(200..300).contains(&s.status))
-        .collect();
-    eprintln!(
-        "{} requests in all, {} failed: {failures:?}",
-        all.len(),
-        failures.len()
-    );
-    assert!(failures.is_empty(), "no request fails");
+    assert_none_failed(&load.window(start, Instant::now()));
 }

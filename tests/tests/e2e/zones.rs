@@ -7,11 +7,12 @@
 
 use std::time::Duration;
 
-use isdp_tests::load::{Load, PATH, SETUP, WORKERS, Window};
-use isdp_tests::{ControlPlane, ControlPlaneOpts, EchoHttp, Sidecar, SidecarToml, eventually};
+use isdp_tests::ControlPlaneOpts;
+use isdp_tests::load::{
+    CatalogMesh, Place, SERVICE, Window, assert_none_failed, first_window, share_where,
+};
 use tokio::time::Instant;
 
-const SERVICE: &str = "catalog";
 /// `cat-0..3` run in zone a, `cat-4..5` in zone b.
 const IN_A: usize = 4;
 const IN_B: usize = 2;
@@ -22,58 +23,24 @@ fn zone_of(i: usize) -> &'static str {
 
 /// The share of a window's requests served in `zone`.
 fn zone_share(w: &Window, zone: &str) -> f64 {
-    (0..IN_A + IN_B)
-        .filter(|&i| zone_of(i) == zone)
-        .map(|i| w.share(&format!("cat-{i}")))
-        .sum()
+    share_where(w, IN_A + IN_B, |i| zone_of(i) == zone)
 }
 
-struct ZonedMesh {
-    _cp: ControlPlane,
-    echoes: Vec<EchoHttp>,
-    _sidecars: Vec<Sidecar>,
-    web: Sidecar,
-}
-
-async fn start() -> ZonedMesh {
-    let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
-    let mut echoes = Vec::new();
-    let mut sidecars = Vec::new();
-    for i in 0..IN_A + IN_B {
-        let id = format!("cat-{i}");
-        let echo = EchoHttp::start(&id).await;
-        let sidecar = SidecarToml::new(&id, &cp.grpc_url())
-            .raw(&format!(
-                "zone = \"{zone}\"\n[[service]]\nname = \"{SERVICE}\"\nport = {port}\n\
-                 protocol = \"http\"\ncheck = \"{check}\"\ninterval = \"100ms\"\n",
-                zone = zone_of(i),
-                port = echo.port(),
-                check = echo.health_url(),
-            ))
-            .start()
-            .await;
-        echoes.push(echo);
-        sidecars.push(sidecar);
-    }
-    let web = SidecarToml::new("web", &cp.grpc_url())
-        .raw("zone = \"a\"")
-        .upstream_on_port0(SERVICE, "http", "load_aware")
-        .start()
-        .await;
-    let mesh = ZonedMesh {
-        _cp: cp,
-        echoes,
-        _sidecars: sidecars,
-        web,
-    };
-    eventually(SETUP, "web sees every instance healthy", || async {
-        let eps = mesh.web.endpoints(SERVICE).await?;
-        let healthy = eps.iter().filter(|e| e["status"] == "healthy").count();
-        anyhow::ensure!(healthy == IN_A + IN_B, "{healthy} healthy: {eps:?}");
-        Ok(())
-    })
-    .await;
-    mesh
+async fn start() -> CatalogMesh {
+    let places: Vec<Place> = (0..IN_A + IN_B)
+        .map(|i| Place {
+            zone: Some(zone_of(i)),
+            priority: 0,
+        })
+        .collect();
+    CatalogMesh::start_placed(
+        &places,
+        Some("a"),
+        "load_aware",
+        ControlPlaneOpts::default(),
+        "100ms",
+    )
+    .await
 }
 
 fn describe(w: &Window) -> String {
@@ -103,7 +70,7 @@ async fn calls_stay_in_zone_and_spill_over_when_it_degrades() {
         assert_eq!(e["level"], want, "{e}");
     }
 
-    let load = Load::start(mesh.web.upstream_addr(SERVICE), PATH, WORKERS);
+    let load = mesh.load();
     let start = Instant::now();
     let healthy = load
         .window_after(start, Duration::from_secs(1), Duration::from_secs(4))
@@ -116,23 +83,8 @@ async fn calls_stay_in_zone_and_spill_over_when_it_degrades() {
         describe(&healthy)
     );
 
-    for echo in &mesh.echoes[..3] {
-        echo.fail_health().await;
-    }
-    let failed_at = Instant::now();
     // When web's snapshot shows the change: the rebuild follows it.
-    eventually(
-        Duration::from_secs(10),
-        "web sees cat-0..2 unhealthy",
-        || async {
-            let eps = mesh.web.endpoints(SERVICE).await?;
-            let down = eps.iter().filter(|e| e["status"] == "unhealthy").count();
-            anyhow::ensure!(down == 3, "{down} unhealthy: {eps:?}");
-            Ok(())
-        },
-    )
-    .await;
-    let pushed = Instant::now();
+    let (failed_at, pushed) = mesh.fail_checks(0..3, 3).await;
     let config = mesh.web.config_json().await.unwrap();
     let levels = &config["upstreams"][SERVICE]["levels"];
     eprintln!(
@@ -163,14 +115,7 @@ async fn calls_stay_in_zone_and_spill_over_when_it_degrades() {
 
     // Spill time: from the checks failing to the first 100 ms in which
     // zone b serves at least half the requests.
-    let step = Duration::from_millis(20);
-    let spill = (0..250)
-        .map(|k| failed_at + step * k)
-        .find(|t| {
-            let w = load.window(*t, *t + Duration::from_millis(100));
-            !w.is_empty() && zone_share(&w, "b") >= 0.5
-        })
-        .map(|t| t + Duration::from_millis(100) - failed_at);
+    let spill = first_window(&load, failed_at, |w| zone_share(w, "b") >= 0.5);
     eprintln!(
         "spill to zone b: {spill:?} after the checks failed (web saw it after {:?})",
         pushed - failed_at
@@ -181,16 +126,5 @@ async fn calls_stay_in_zone_and_spill_over_when_it_degrades() {
         "spill took {spill:?}"
     );
 
-    let all = load.window(start, Instant::now());
-    let failures: Vec<_> = all
-        .0
-        .iter()
-        .filter(|s| !(200..300).contains(&s.status))
-        .collect();
-    eprintln!(
-        "{} requests in all, {} failed: {failures:?}",
-        all.len(),
-        failures.len()
-    );
-    assert!(failures.is_empty(), "no request fails");
+    assert_none_failed(&load.window(start, Instant::now()));
 }
