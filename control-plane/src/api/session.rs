@@ -227,6 +227,16 @@ fn reopen(
     Ok(())
 }
 
+/// What a session's stream ends with once a newer session of its node
+/// took its instances: told, so a sidecar that still runs finds out (and
+/// says so in its log) rather than answering for nothing.
+fn superseded(session: &Session) -> Status {
+    Status::aborted(format!(
+        "session: node {:?} was opened again by another session, which now holds its instances; a node id names one sidecar (open the session again if this sidecar is the node)",
+        session.node_id()
+    ))
+}
+
 /// Serves one session until the sidecar closes it, the stream breaks
 /// (dropping the session starts its grace period) or shutdown.
 async fn run(
@@ -250,9 +260,14 @@ async fn run(
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let scope = crate::auth::ReadScope::of(principal.as_ref());
     loop {
+        let mut taken = false;
         let msg = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
             () = session.lease_lost() => None,
+            () = session.superseded() => {
+                taken = true;
+                None
+            }
             m = inbound.message() => Some(m),
             _ = sweep.tick(), if loads.sink.is_some() => {
                 let now = tokio::time::Instant::now();
@@ -262,6 +277,10 @@ async fn run(
                 continue;
             }
         };
+        if taken {
+            let _ = tx.send(Err(superseded(&session))).await;
+            return;
+        }
         let Some(msg) = msg else {
             // The store dropped the instances with the lease; the sidecar
             // reopens (registering them again) on UNAVAILABLE.

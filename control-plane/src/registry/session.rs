@@ -73,8 +73,9 @@ struct Shared {
     /// go to debug level and are counted.
     log: LogRate,
     /// Epochs of the sessions open on this replica (until closed or their
-    /// stream breaks).
-    live: DashMap<u64, ()>,
+    /// stream breaks), each with the sender that tells it a newer session
+    /// of its node took its instances.
+    live: DashMap<u64, watch::Sender<bool>>,
 }
 
 /// Who opens a session: what it may register and replace, and whose
@@ -117,6 +118,10 @@ pub struct Session {
     /// (it expired while the store was out of reach, and with it the
     /// instances): the session must end so the sidecar registers again.
     lost: watch::Receiver<bool>,
+    /// Set when a newer session of the same node (a restarted sidecar, or
+    /// another holding the same node id) registered this one's instances
+    /// on this replica: this one answers for nothing any more.
+    superseded: watch::Receiver<bool>,
     closed: bool,
     /// Held while the session is open; `None` when not counted.
     _slot: Option<Slot>,
@@ -284,10 +289,26 @@ impl Sessions {
         }
         drop(reservation);
         let epoch = self.shared.next_epoch.fetch_add(1, Ordering::Relaxed);
+        // The sessions that held these instances (or the node's ones just
+        // deleted) until now.
+        let mut superseded: BTreeSet<u64> = BTreeSet::new();
         for id in &ids {
-            self.shared.epochs.insert(id.clone(), epoch);
+            if let Some(old) = self.shared.epochs.insert(id.clone(), epoch) {
+                superseded.insert(old);
+            }
         }
-        self.shared.live.insert(epoch, ());
+        for old in &stale {
+            if let Some(e) = self.shared.epochs.get(&old.instance.id) {
+                superseded.insert(*e);
+            }
+        }
+        for old in superseded {
+            if let Some(tell) = self.shared.live.get(&old) {
+                let _ = tell.send(true);
+            }
+        }
+        let (supersede, superseded) = watch::channel(false);
+        self.shared.live.insert(epoch, supersede);
 
         let period = self.shared.timeouts.timeout / 3;
         let (lose, lost) = watch::channel(false);
@@ -324,6 +345,7 @@ impl Sessions {
             lease,
             keepalive,
             lost,
+            superseded,
             closed: false,
             _slot: slot,
         })
@@ -523,6 +545,17 @@ impl Session {
             if lost.wait_for(|l| *l).await.is_err() {
                 // The keep-alive ended without losing the lease: the
                 // session is closing.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Resolves once a newer session of this node registered this
+    /// session's instances on this replica; never otherwise.
+    pub fn superseded(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut superseded = self.superseded.clone();
+        async move {
+            if superseded.wait_for(|s| *s).await.is_err() {
                 std::future::pending::<()>().await;
             }
         }

@@ -690,12 +690,60 @@ async fn an_empty_session_leaves_an_open_sessions_instances_alone() {
         r.get("host9.web").is_some(),
         "the open session's instance went"
     );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), newer.superseded())
+            .await
+            .is_err(),
+        "an empty session takes nothing from an open one"
+    );
 
     // Once that session is over, an empty one removes what it left.
     drop(newer);
     let farewell = sessions.open("host9", vec![], &anyone).await.unwrap();
     farewell.close().await.unwrap();
     assert!(r.get("host9.web").is_none());
+}
+
+/// A newer session of the same node takes the instances; the older one
+/// is told (its stream then ends, so a sidecar that still runs finds out)
+/// and, once dropped, leaves the newer one's instances alone.
+#[tokio::test]
+async fn a_newer_session_of_the_node_supersedes_the_older_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _stop) = registry(dir.path()).await;
+    let sessions = Sessions::new(r.clone(), TIMEOUTS);
+    let anyone = Opener::anyone();
+    let older = sessions
+        .open("node-a", vec![sidecar("web", 8080)], &anyone)
+        .await
+        .unwrap();
+    let other = sessions
+        .open("node-b", vec![sidecar("web", 8081)], &anyone)
+        .await
+        .unwrap();
+    let newer = sessions
+        .open("node-a", vec![sidecar("web", 8080)], &anyone)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(1), older.superseded())
+        .await
+        .expect("the older session is told");
+    for (s, who) in [(&newer, "the newer session"), (&other, "another node's")] {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), s.superseded())
+                .await
+                .is_err(),
+            "{who} is not superseded"
+        );
+    }
+    newer
+        .report("node-a.web", HealthStatus::Healthy)
+        .await
+        .unwrap();
+    drop(older);
+    tokio::time::sleep(TIMEOUTS.grace * 2).await;
+    let kept = r.get("node-a.web").expect("the newer session's instance");
+    assert_eq!(kept.instance.status(), HealthStatus::Healthy);
 }
 
 /// Waits until `done` holds or 10 s pass: the session timers (TIMEOUTS)

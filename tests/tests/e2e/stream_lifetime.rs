@@ -76,14 +76,19 @@ fn follow<T: Send + 'static, K: Send + 'static>(
     (what, task)
 }
 
-/// Opens `Sidecar/Session` for `web` and both ADS variants (trust bundle)
-/// on `ch`, each answered once; returns them as they run on.
-async fn open_sidecar_streams(ch: &ControlChannel) -> Vec<(&'static str, JoinHandle<Ended>)> {
+/// Opens `Sidecar/Session` for `web` as node `node` and both ADS variants
+/// (trust bundle) on `ch`, each answered once; returns them as they run
+/// on. Each sidecar its own node: a newer session of a node ends the
+/// older one's stream.
+async fn open_sidecar_streams(
+    ch: &ControlChannel,
+    node: &str,
+) -> Vec<(&'static str, JoinHandle<Ended>)> {
     let mut open = Vec::new();
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(SessionRequest {
         kind: Some(Kind::Open(SessionOpen {
-            node_id: "lifetime-test".into(),
+            node_id: node.into(),
             instances: vec![Instance {
                 service: "web".into(),
                 address: "127.0.0.1".into(),
@@ -104,7 +109,7 @@ async fn open_sidecar_streams(ch: &ControlChannel) -> Vec<(&'static str, JoinHan
     open.push(follow("Sidecar/Session", session, tx));
 
     let node = Some(Node {
-        id: "lifetime-test".into(),
+        id: node.into(),
         ..Default::default()
     });
     let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -153,7 +158,7 @@ async fn open_every_stream(
     read: &CreatedToken,
 ) -> Vec<(&'static str, String, JoinHandle<Ended>)> {
     let joined = with_token(cp, &join.secret).await;
-    let mut all: Vec<_> = open_sidecar_streams(&joined)
+    let mut all: Vec<_> = open_sidecar_streams(&joined, "lifetime-a")
         .await
         .into_iter()
         .map(|(what, task)| (what, join.id.clone(), task))
@@ -201,7 +206,7 @@ async fn revoking_a_token_ends_every_stream_it_opened() {
     let streams = open_every_stream(&cp, &join, &read).await;
     // Another token's streams go on.
     let other = token(&cp, &["--role", "join", "--service", "web"]).await;
-    let others = open_sidecar_streams(&with_token(&cp, &other.secret).await).await;
+    let others = open_sidecar_streams(&with_token(&cp, &other.secret).await, "lifetime-b").await;
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     for (what, _, task) in &streams {
@@ -240,7 +245,7 @@ async fn a_tokens_expiry_ends_every_stream_it_opened() {
     assert!(join.expires_at_unix_ms > 0 && read.expires_at_unix_ms > 0);
     let streams = open_every_stream(&cp, &join, &read).await;
     let forever = token(&cp, &["--role", "join", "--service", "web"]).await;
-    let others = open_sidecar_streams(&with_token(&cp, &forever.secret).await).await;
+    let others = open_sidecar_streams(&with_token(&cp, &forever.secret).await, "lifetime-b").await;
 
     for (what, id, task) in streams {
         let expires = if id == join.id {
@@ -331,7 +336,7 @@ async fn a_certificate_lives_no_longer_than_its_token() {
     let certified = connect(&cp.grpc_url(), &auth(&cp, None, identity))
         .await
         .unwrap();
-    let streams = open_sidecar_streams(&certified).await;
+    let streams = open_sidecar_streams(&certified, "lifetime-a").await;
     // ...and renews itself while the token is valid, still capped.
     let renewed = CertificatesClient::new(certified.clone())
         .sign(sign(30 * 86_400))
