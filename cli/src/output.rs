@@ -77,7 +77,10 @@ pub(super) fn table(header: &[&str], rows: Vec<Vec<String>>) {
 /// `format!`'s width argument panics past 65535, and a cell may be longer.
 fn table_lines(header: &[&str], rows: Vec<Vec<String>>) -> Vec<String> {
     let rows: Vec<Vec<String>> = std::iter::once(header.iter().map(|h| cell(h)).collect())
-        .chain(rows.iter().map(|r| r.iter().map(|c| cell(c)).collect()))
+        .chain(
+            rows.iter()
+                .map(|r| r.iter().map(|c| capped(cell(c))).collect()),
+        )
         .collect();
     let mut widths: Vec<usize> = vec![0; header.len()];
     for r in &rows {
@@ -126,7 +129,28 @@ pub(crate) fn cell(text: &str) -> String {
 /// Characters a terminal does not show as themselves.
 fn hidden(c: char) -> bool {
     c.is_control()
-        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+        || matches!(
+            c,
+            '\u{061c}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{2069}'
+                | '\u{feff}'
+        )
+}
+
+/// The widest table cell, in characters: every row is padded to the
+/// widest, so one huge value would multiply across all of them.
+const MAX_CELL: usize = 512;
+
+/// `text` cut to [`MAX_CELL`] characters, the cut marked with `…`.
+fn capped(text: String) -> String {
+    if text.chars().count() <= MAX_CELL {
+        return text;
+    }
+    let mut cut: String = text.chars().take(MAX_CELL - 1).collect();
+    cut.push('…');
+    cut
 }
 
 pub fn registered(fmt: Format, i: &Instance) {
@@ -368,7 +392,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cells_of_any_width_are_padded() {
+    fn cells_of_any_width_are_padded_and_capped() {
         let long = "A".repeat(70_000);
         let lines = table_lines(
             &["NODE", "PEER"],
@@ -379,9 +403,10 @@ mod tests {
         );
         assert_eq!(lines.len(), 3);
         assert!(lines[0].starts_with("NODE "));
-        assert_eq!(lines[0].find("PEER"), Some(70_002));
-        assert_eq!(lines[1], format!("{long}  127.0.0.1:1"));
-        assert_eq!(lines[2].find("127.0.0.1:2"), Some(70_002));
+        assert_eq!(lines[0].find("PEER"), Some(MAX_CELL + 2));
+        let cut = "A".repeat(MAX_CELL - 1);
+        assert_eq!(lines[1], format!("{cut}…  127.0.0.1:1"));
+        assert_eq!(lines[2].find("127.0.0.1:2"), Some(MAX_CELL + 2));
     }
 
     #[test]
@@ -489,5 +514,18 @@ mod tests {
             r"web\u{202e}nimda\u{200b}x"
         );
         assert_eq!(cell("zone a (the caller's)"), "zone a (the caller's)");
+        assert_eq!(cell("a\u{2028}b\u{061c}"), r"a\u{2028}b\u{61c}");
+    }
+
+    #[test]
+    fn one_huge_cell_does_not_widen_every_row() {
+        let huge = "x".repeat(100_000);
+        let rows = vec![vec![huge], vec!["y".into()]];
+        let lines = table_lines(&["A"], rows);
+        assert!(
+            lines.iter().all(|l| l.chars().count() <= MAX_CELL),
+            "capped"
+        );
+        assert!(lines[1].ends_with('…'));
     }
 }
