@@ -140,8 +140,9 @@ fn hidden(c: char) -> bool {
 }
 
 /// The widest table cell, in characters: every row is padded to the
-/// widest, so one huge value would multiply across all of them.
-const MAX_CELL: usize = 512;
+/// widest, so one huge value would multiply across all of them. Room for
+/// a NACK's text, which the control plane keeps to 1 KiB.
+const MAX_CELL: usize = 1200;
 
 /// `text` cut to [`MAX_CELL`] characters, the cut marked with `…`.
 fn capped(text: String) -> String {
