@@ -32,6 +32,7 @@ for _tool in (CHROMIUM, CHROMEDRIVER):
         raise RuntimeError(f"{_tool} not found: run `.ci/deps.sh chromium` (Debian chromium and chromium-driver)")
 from selenium import webdriver  # noqa: E402
 
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -128,8 +129,11 @@ def shot(driver, name):
 
 
 def wait(driver, what, cond):
+    # A form post or a live update can replace an element between finding it
+    # and reading it; that is a reason to look again, not a failure.
+    retry = (NoSuchElementException, StaleElementReferenceException)
     try:
-        return WebDriverWait(driver, WAIT_S, poll_frequency=0.2).until(lambda d: cond(d))
+        return WebDriverWait(driver, WAIT_S, poll_frequency=0.2, ignored_exceptions=retry).until(lambda d: cond(d))
     except Exception:
         shot(driver, "failed-" + what.replace(" ", "-"))
         pytest.fail(f"browser: {what} not within {WAIT_S}s", pytrace=False)
