@@ -41,7 +41,7 @@ fn resources() -> Resources {
                 endpoint("n4.payments", "::1", 8084, Health::Healthy),
                 Endpoint {
                     priority: 2,
-                    ..endpoint("n5.payments", "127.0.0.1", 8085, Health::Healthy)
+                    ..endpoint("n5.payments", "127.0.0.5", 8085, Health::Healthy)
                 },
             ],
         },
@@ -123,7 +123,8 @@ fn ip(s: &str) -> IpAddr {
 fn a_answers_the_routable_instances_only() {
     let m = answer("payments.service.isdp.", RecordType::A);
     assert_eq!(m.metadata.id, 4242);
-    // n1 and n5 share 127.0.0.1: one record, not two.
+    // n1 and n2 (unknown health, still routable): n3 is down, and n5 a
+    // standby at priority 2 while priority 0 has instances.
     assert_eq!(m.answers.len(), 2);
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);
     assert!(m.metadata.authoritative && m.metadata.recursion_desired);
@@ -133,6 +134,51 @@ fn a_answers_the_routable_instances_only() {
     assert_eq!(m.queries.len(), 1);
     let m = answer("payments.service.isdp.", RecordType::AAAA);
     assert_eq!(ips(&m), [ip("::1")].into());
+}
+
+/// Address records come from the best level left in their family, as
+/// the sidecars fail over; instances on one address share a record.
+#[test]
+fn a_answers_fall_back_to_standbys_only_when_the_level_above_is_down() {
+    let ep = |id: &str, address: &str, health, priority| Endpoint {
+        priority,
+        ..endpoint(id, address, 80, health)
+    };
+    let zone_of = |endpoints| {
+        let mut r = Resources::new();
+        r.insert(
+            "db".into(),
+            UpstreamState {
+                exists: true,
+                version: "1".into(),
+                endpoints,
+            },
+        );
+        Zone::build("isdp", 5, ["db"], &r)
+    };
+    let a = |zone: &Zone, t| {
+        let mut out = Vec::new();
+        let question = query("db.service.isdp.", t).to_vec().unwrap();
+        Responder::new(16, 7).respond(&question, zone, Transport::Tcp, &mut out);
+        ips(&Message::from_vec(&out).unwrap())
+    };
+    let zone = zone_of(vec![
+        ep("p0", "10.0.0.1", Health::Unhealthy, 0),
+        ep("p3", "10.0.0.3", Health::Healthy, 3),
+        ep("p3b", "10.0.0.3", Health::Unknown, 3),
+        ep("p5", "10.0.0.5", Health::Healthy, 5),
+        // The only IPv6 instance: the AAAA answer's best level is its own.
+        ep("v6", "::5", Health::Healthy, 5),
+    ]);
+    assert_eq!(a(&zone, RecordType::A), [ip("10.0.0.3")].into());
+    assert_eq!(a(&zone, RecordType::AAAA), [ip("::5")].into());
+    // Back at priority 0, the standbys leave the answer.
+    let zone = zone_of(vec![
+        ep("p5", "10.0.0.5", Health::Healthy, 5),
+        ep("p3", "10.0.0.3", Health::Healthy, 3),
+        ep("p0", "10.0.0.1", Health::Healthy, 0),
+    ]);
+    assert_eq!(a(&zone, RecordType::A), [ip("10.0.0.1")].into());
 }
 
 #[test]

@@ -35,11 +35,16 @@ pub enum ServiceEntry {
     Pending,
     /// Its routable instances (healthy, or not yet checked).
     Known {
-        /// A records owned by `<service>.service.<domain>.`.
+        /// A records owned by `<service>.service.<domain>.`, of the
+        /// best (lowest-numbered) priority level that has an IPv4
+        /// address: a client of plain address records cannot fail over
+        /// by level, so standbys stay out of them until they are all
+        /// that is left, as the sidecars route.
         v4: Vec<Record>,
-        /// AAAA records, the same owner.
+        /// AAAA records, the same owner and the same rule.
         v6: Vec<Record>,
-        /// One per instance whose id spells a name.
+        /// One per instance whose id spells a name, of every level: SRV
+        /// carries the priority, and its clients choose by it.
         srvs: Vec<SrvEntry>,
     },
 }
@@ -105,7 +110,7 @@ impl Zone {
         let owner = self
             .child(&[service, "service"])
             .expect("a service name is a DNS label");
-        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        let (mut v4, mut v6) = (Level::default(), Level::default());
         let mut srvs = Vec::new();
         for e in endpoints.iter().filter(|e| routable(e.health)) {
             // The registry takes IP addresses only; anything else has no
@@ -114,13 +119,8 @@ impl Zone {
                 continue;
             };
             let ip = ip.to_canonical();
-            // An RRset holds no duplicates (RFC 2181 §5): instances on one
-            // address share its record, and differ in their SRV ports.
-            let set = if ip.is_ipv4() { &mut v4 } else { &mut v6 };
-            let record = address_record(owner.clone(), ttl, ip);
-            if !set.contains(&record) {
-                set.push(record);
-            }
+            let level = if ip.is_ipv4() { &mut v4 } else { &mut v6 };
+            level.add(e.priority, address_record(owner.clone(), ttl, ip));
             // An id with a label over 63 bytes spells no name: its
             // instance is in the A/AAAA answers only.
             let Some(name) = self.instance_name(&e.id) else {
@@ -156,7 +156,11 @@ impl Zone {
                     address,
                 });
         }
-        ServiceEntry::Known { v4, v6, srvs }
+        ServiceEntry::Known {
+            v4: v4.records,
+            v6: v6.records,
+            srvs,
+        }
     }
 
     /// `<labels>.<domain>.`, or None when a label is empty or too long.
@@ -216,6 +220,33 @@ impl Zone {
                     .map_or(Lookup::NoSuchName, Lookup::Instance)
             }
             _ => Lookup::NoSuchName,
+        }
+    }
+}
+
+/// The address records of one family's best priority level, gathered
+/// one instance at a time.
+#[derive(Default)]
+struct Level {
+    /// The level `records` belong to; None before the first.
+    priority: Option<u32>,
+    records: Vec<Record>,
+}
+
+impl Level {
+    fn add(&mut self, priority: u32, record: Record) {
+        match self.priority {
+            Some(best) if best < priority => return,
+            Some(best) if best == priority => {}
+            _ => {
+                self.priority = Some(priority);
+                self.records.clear();
+            }
+        }
+        // An RRset holds no duplicates (RFC 2181 §5): instances on one
+        // address share its record, and differ in their SRV ports.
+        if !self.records.contains(&record) {
+            self.records.push(record);
         }
     }
 }

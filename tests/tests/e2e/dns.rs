@@ -2,7 +2,8 @@
 //! records of the healthy instances of an upstream, their targets resolving
 //! on their own, NXDOMAIN and REFUSED, TC on a UDP answer too big for 512
 //! bytes and dig's retry over TCP, a dead instance gone from the answers
-//! within the health-check time, and malformed packets answered FORMERR
+//! within the health-check time, a standby's address given only once the
+//! instances above it are down, and malformed packets answered FORMERR
 //! (or not at all) while the server keeps serving, TCP connections past
 //! `dns_max_tcp_connections` closed.
 
@@ -142,6 +143,62 @@ async fn dig_reads_healthy_instances_and_retries_big_answers_over_tcp() {
 }
 
 /// A query for `payments.service.isdp` A with id `id`.
+/// A and AAAA answers hold the best priority level only (an address
+/// client cannot fail over by level); SRV holds every level, each with its
+/// priority. When the primary dies its standby's address takes its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_is_in_address_answers_only_once_the_primary_is_down() {
+    let cp = ControlPlane::start(ControlPlaneOpts::default()).await;
+    let mut primary = EchoHttp::start("db-primary").await;
+    let standby = EchoHttp::start("db-standby").await;
+    let check = |e: &EchoHttp| e.health_url();
+    let (p, s) = (check(&primary), check(&standby));
+    let primary_id = cp
+        .register(
+            "db",
+            "127.0.0.21",
+            primary.port(),
+            &["--check", &p, "--interval", "200ms"],
+        )
+        .await;
+    let standby_id = cp
+        .register(
+            "db",
+            "127.0.0.22",
+            standby.port(),
+            &["--check", &s, "--interval", "200ms", "--priority", "1"],
+        )
+        .await;
+    let sc = SidecarToml::new("web", &cp.grpc_url())
+        .upstream("db")
+        .dns("dns_ttl = \"0s\"")
+        .start()
+        .await;
+    let dns = sc.dns_addr().to_owned();
+    let a_is = |want: &'static str| {
+        let dns = dns.clone();
+        async move {
+            let out = dig::run(&dns, &["db.service.isdp", "A"]).await;
+            anyhow::ensure!(addresses(&out, "A") == [want.to_owned()].into(), "{out}");
+            Ok(())
+        }
+    };
+    eventually(Duration::from_secs(10), "the primary's address", || {
+        a_is("127.0.0.21")
+    })
+    .await;
+    let out = dig::run(&dns, &["db.service.isdp", "SRV"]).await;
+    let want: BTreeSet<String> = [
+        format!("0 1 {} {primary_id}.instance.isdp.", primary.port()),
+        format!("1 1 {} {standby_id}.instance.isdp.", standby.port()),
+    ]
+    .into();
+    assert_eq!(addresses(&out, "SRV"), want, "{out}");
+
+    primary.kill9().await;
+    eventually(DETECT * 2, "the standby's address", || a_is("127.0.0.22")).await;
+}
+
 fn query(id: u16) -> Vec<u8> {
     let mut q = id.to_be_bytes().to_vec();
     q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
