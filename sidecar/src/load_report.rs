@@ -1,7 +1,8 @@
 //! What the inbound side measures of each local instance, for load reports:
 //! requests and errors (5xx) counted, requests in flight and a recent
 //! latency average (to the response head), the latest ORCA report its
-//! application added to a response (`orca`, read and stripped), and the
+//! application added to a response's head or trailers (`orca`, read and
+//! stripped), and the
 //! host's CPU and memory utilisation (`host`).
 //!
 //! [`LocalLoad`] is written by the inbound `Deliver` layer, lock-free but
@@ -16,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::Response;
+use http::{HeaderMap, Response};
 use tokio::time::Instant;
 
 use crate::balance::{EndpointLoad, LoadGuard};
@@ -61,13 +62,19 @@ impl LocalLoad {
         if resp.status().is_server_error() {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
-        self.strip_orca(resp);
+        self.strip_orca(resp.headers_mut());
         drop(guard);
     }
 
-    fn strip_orca<B>(&self, resp: &mut Response<B>) {
-        resp.headers_mut().remove(orca::BIN_HEADER);
-        let Some(value) = resp.headers_mut().remove(orca::HEADER) else {
+    /// The trailers that end an answer's body: where a gRPC server puts
+    /// its ORCA report (gRFC A51), read and stripped as in the head.
+    pub fn finish_trailers(&self, trailers: &mut HeaderMap) {
+        self.strip_orca(trailers);
+    }
+
+    fn strip_orca(&self, headers: &mut HeaderMap) {
+        headers.remove(orca::BIN_HEADER);
+        let Some(value) = headers.remove(orca::HEADER) else {
             return;
         };
         match value.to_str().map(orca::parse) {
@@ -217,6 +224,19 @@ mod tests {
         let (figures, _) = meter.sample(&loads);
         assert_eq!((figures[0].rps, figures[0].eps), (0.0, 0.0));
         assert_eq!(figures[0].orca, None);
+    }
+
+    #[test]
+    fn a_report_in_trailers_is_read_and_stripped() {
+        let load = LocalLoad::new("web");
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        trailers.insert(orca::HEADER, "TEXT cpu_utilization=0.4".parse().unwrap());
+        trailers.insert(orca::BIN_HEADER, "CgQIARAB".parse().unwrap());
+        load.finish_trailers(&mut trailers);
+        assert_eq!(trailers.len(), 1, "{trailers:?}");
+        assert_eq!(trailers["grpc-status"], "0");
+        assert_eq!(load.orca().unwrap().cpu_utilization, Some(0.4));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! request to the service on `127.0.0.1:<port>`, over HTTP/2 for gRPC
 //! (by the service's protocol or the request's content type) and HTTP/1.1
 //! otherwise. It meters the instance (`load_report::LocalLoad`): counts,
-//! latency to the response head, and the ORCA header it reads and strips.
+//! latency to the response head, and the ORCA report it reads and strips
+//! from the response's head and trailers.
 
 use std::{
     convert::Infallible,
@@ -11,6 +12,7 @@ use std::{
 };
 
 use http::{Request, Response};
+use http_body_util::BodyExt;
 use tower::Service;
 
 use crate::{
@@ -53,7 +55,17 @@ impl Service<Request<Body>> for Deliver {
             let guard = load.start();
             let mut resp = forwarder.forward(req, &dest, hop).await;
             load.finish(guard, &mut resp);
-            Ok(resp)
+            // A gRPC server sends its ORCA report in the trailers, which
+            // come after the body: read and strip them as they pass.
+            Ok(resp.map(|body| {
+                body.map_frame(move |mut frame| {
+                    if let Some(trailers) = frame.trailers_mut() {
+                        load.finish_trailers(trailers);
+                    }
+                    frame
+                })
+                .boxed()
+            }))
         })
     }
 }

@@ -299,3 +299,74 @@ async fn tunnels_reach_tcp_services_only() {
         .unwrap();
     tunnel.abort();
 }
+
+/// An application's ORCA report in its trailers (where gRPC servers put
+/// it) is read into the instance's load and never reaches the caller; the
+/// other trailers pass.
+#[tokio::test]
+async fn an_orca_report_in_the_trailers_is_read_and_stripped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            if conn.read(&mut byte).await.unwrap() == 0 {
+                return;
+            }
+            head.push(byte[0]);
+        }
+        let answer = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\
+                      trailer: endpoint-load-metrics, x-done\r\n\r\n\
+                      2\r\nok\r\n0\r\n\
+                      endpoint-load-metrics: TEXT cpu_utilization=0.4\r\n\
+                      x-done: yes\r\n\r\n";
+        conn.write_all(answer.as_bytes()).await.unwrap();
+        // Held open, as a keep-alive connection is.
+        let _ = conn.read(&mut [0u8; 1]).await;
+    });
+    let config = crate::Config::from_toml(&format!(
+        "node_id = \"n\"\ncontrol_plane = [\"http://127.0.0.1:1\"]\n\
+         [[service]]\nname = \"payments\"\nport = {port}\n"
+    ))
+    .unwrap();
+    let metrics = Metrics::new();
+    let load = LocalLoad::new("payments");
+    let allow = crate::authz::Policy::compile(&isdp_proto::v1::AuthorizationPolicy {
+        destination: "payments".into(),
+        default_action: isdp_proto::v1::Action::Allow as i32,
+        rules: vec![],
+        trust_domain: "isdp.local".into(),
+    });
+    let policies = crate::authz::Policies::from([("payments".to_owned(), Arc::new(allow))]);
+    let (_tx, rx) = tokio::sync::watch::channel(Arc::new(policies));
+    let mut inbound = Inbound::new(
+        &config.services,
+        std::slice::from_ref(&load),
+        Forwarder::new(
+            Duration::from_millis(500),
+            Tunnels::unregistered(Duration::from_secs(60)),
+        ),
+        &metrics,
+        Authorizer::new(rx, metrics.clone()),
+    );
+    let resp = inbound.call(from_web("GET", "/")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+        .await
+        .expect("the body ends")
+        .unwrap();
+    let trailers = body.trailers().cloned().expect("trailers");
+    assert_eq!(
+        trailers.get("x-done").map(|v| v.as_bytes()),
+        Some(&b"yes"[..])
+    );
+    assert!(
+        trailers.get("endpoint-load-metrics").is_none(),
+        "{trailers:?}"
+    );
+    assert_eq!(body.to_bytes(), "ok");
+    assert_eq!(load.orca().map(|o| o.cpu_utilization), Some(Some(0.4)));
+}
