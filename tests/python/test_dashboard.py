@@ -62,6 +62,8 @@ def world(tmp_path):
                 "register", "--service", "payments", "--address", "127.0.0.1", "--port", e.port,
                 "--id", i, "--meta", f"zone=zone-{i[-1]}", "--meta", "version=v1",
                 "--check", f"http://{e.addr}/healthz", "--interval", "200ms", "--timeout", "500ms",
+                # payments-2 is a standby.
+                *(["--priority", "1"] if i == "payments-2" else []),
             )
         sidecars = {}
         for service in ("web", "api"):
@@ -187,6 +189,8 @@ def test_the_dashboard_follows_the_mesh_live(world, browser):
     wait(browser, "payments-1 healthy", lambda d: status_of(d, "payments-1") == "healthy")
     row = browser.find_element(By.CSS_SELECTOR, '#services-list tr[data-instance="payments-1"]')
     assert "zone-1" in row.text and "version=v1" in row.text
+    prio = lambda i: browser.find_element(By.CSS_SELECTOR, f'#services-list tr[data-instance="{i}"] td.priority').text
+    assert (prio("payments-1"), prio("payments-2")) == ("0", "1")
     shot(browser, "02-services")
 
     # The filter narrows the list without a round trip.

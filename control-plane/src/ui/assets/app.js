@@ -85,7 +85,8 @@
           el('td', {}, i.id),
           el('td', {}, `${i.address}:${i.port}`),
           el('td', { class: 'health ' + h }, h),
-          el('td', {}, (i.metadata || {}).zone || ''),
+          el('td', {}, i.zone || (i.metadata || {}).zone || ''),
+          el('td', { class: 'priority' }, i.priority || 0),
           el('td', { class: 'weight' }, i.weight || 1),
           el('td', {}, i.nodeId ? `sidecar ${i.nodeId}` : 'operator'),
           el('td', { class: 'meta' }, meta),
@@ -99,7 +100,7 @@
         rows.length
           ? el(
             'table', { class: 'grid' },
-            el('tr', {}, ...['Instance', 'Address', 'Health', 'Zone', 'Weight', 'Registered by', 'Metadata']
+            el('tr', {}, ...['Instance', 'Address', 'Health', 'Zone', 'Priority', 'Weight', 'Registered by', 'Metadata']
               .map((h) => el('th', {}, h))),
             ...rows,
           )
