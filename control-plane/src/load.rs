@@ -167,12 +167,17 @@ impl LoadWeights {
             .iter()
             .zip(&summaries)
             .map(|(i, s)| {
-                let figures = if i.status() == isdp_proto::v1::HealthStatus::Unhealthy {
+                let status = i.status();
+                let figures = if status == isdp_proto::v1::HealthStatus::Unhealthy {
                     Err(weights::UNHEALTHY)
                 } else {
                     s.as_ref().ok_or(weights::NO_REPORT)
                 };
-                (i.weight, figures)
+                weights::Endpoint {
+                    operator: i.weight,
+                    figures,
+                    checked: status == isdp_proto::v1::HealthStatus::Healthy,
+                }
             })
             .collect();
         weights::weigh(&self.cfg, &endpoints, unix_ms())

@@ -6,7 +6,8 @@
 //! push the same weights. Per service: each endpoint whose figures are
 //! usable (traffic and a utilisation) and have been for the `blackout`
 //! (a new endpoint's first figures are noisy: it is warming up) gets
-//! `raw / median(raw)` as its load factor, clamped within
+//! `raw / median(raw)` as its load factor (the median over the endpoints
+//! checked healthy, when any are: see [`Endpoint::checked`]), clamped within
 //! `min_factor..=max_factor` so no report can starve or flood an
 //! endpoint; every other endpoint gets 1 (the median's). The weight pushed is
 //! `operator weight × factor × `[`SCALE`], so an operator's weights and
@@ -70,19 +71,29 @@ pub const NO_REPORT: &str = "no report";
 /// instances that serve nothing move their peers' weights.
 pub const UNHEALTHY: &str = "unhealthy";
 
-/// The weights of one service's endpoints, in order: `endpoints` holds each
-/// one's operator weight and latest figures; `now_unix_ms` decides the
-/// blackout.
-pub fn weigh(
-    cfg: &WeightConfig,
-    endpoints: &[(u32, Figures<'_>)],
-    now_unix_ms: i64,
-) -> Vec<Weighed> {
+/// One endpoint of a service, as its weight is worked out.
+#[derive(Clone, Copy, Debug)]
+pub struct Endpoint<'a> {
+    /// The operator's weight.
+    pub operator: u32,
+    pub figures: Figures<'a>,
+    /// Its health check passes. While any endpoint of the service with
+    /// usable figures is checked healthy, only those set the median: an
+    /// instance nobody checks (registered without a check, or whose
+    /// sidecar never reports health) can then move its own factor only,
+    /// so a crowd of them cannot drag the checked ones' weights down. A
+    /// service with no checks at all is weighed among all its endpoints.
+    pub checked: bool,
+}
+
+/// The weights of one service's `endpoints`, in order; `now_unix_ms`
+/// decides the blackout.
+pub fn weigh(cfg: &WeightConfig, endpoints: &[Endpoint<'_>], now_unix_ms: i64) -> Vec<Weighed> {
     let blackout_ms = i64::try_from(cfg.blackout.as_millis()).unwrap_or(i64::MAX);
     let raw: Vec<Result<f64, &'static str>> = endpoints
         .iter()
-        .map(|(_, s)| {
-            let s = (*s)?;
+        .map(|e| {
+            let s = e.figures?;
             if s.usable_since_unix_ms == 0 {
                 return Err("no usable figures");
             }
@@ -92,17 +103,26 @@ pub fn weigh(
             raw_weight(s.rps, s.eps, s.utilization, cfg.error_penalty).ok_or("no usable figures")
         })
         .collect();
-    let usable: Vec<f64> = raw
-        .iter()
-        .filter_map(|r| r.as_ref().ok().copied())
-        .collect();
-    let reference = median(usable);
+    let usable = |checked_only: bool| -> Vec<f64> {
+        endpoints
+            .iter()
+            .zip(&raw)
+            .filter(|(e, _)| e.checked || !checked_only)
+            .filter_map(|(_, r)| r.as_ref().ok().copied())
+            .collect()
+    };
+    let checked = usable(true);
+    let reference = median(if checked.is_empty() {
+        usable(false)
+    } else {
+        checked
+    });
     endpoints
         .iter()
         .zip(&raw)
-        .map(|((operator, summary), raw)| {
-            let operator = (*operator).max(1);
-            let (rps, utilization) = summary.map_or((0.0, 0.0), |s| (s.rps, s.utilization));
+        .map(|(e, raw)| {
+            let operator = e.operator.max(1);
+            let (rps, utilization) = e.figures.map_or((0.0, 0.0), |s| (s.rps, s.utilization));
             let (factor, reason) = if !cfg.enabled {
                 (1.0, "operator".to_owned())
             } else {
@@ -205,7 +225,16 @@ mod tests {
         }
     }
 
-    fn weights(cfg: &WeightConfig, e: &[(u32, Figures<'_>)]) -> Vec<u32> {
+    /// An endpoint whose health check passes.
+    fn ep(operator: u32, figures: Figures<'_>) -> Endpoint<'_> {
+        Endpoint {
+            operator,
+            figures,
+            checked: true,
+        }
+    }
+
+    fn weights(cfg: &WeightConfig, e: &[Endpoint<'_>]) -> Vec<u32> {
         weigh(cfg, e, NOW).iter().map(|w| w.weight).collect()
     }
 
@@ -216,8 +245,12 @@ mod tests {
         let b = summary(100.0, 0.75, 10_000);
         // 400 vs 133: a gets three times b's weight; the median (of two,
         // their mean) is 1.
-        assert_eq!(weights(&cfg, &[(1, Ok(&a)), (1, Ok(&b))]), [150, 50]);
-        let ws = weigh(&cfg, &[(1, Ok(&a)), (1, Ok(&b)), (1, Err(NO_REPORT))], NOW);
+        assert_eq!(weights(&cfg, &[ep(1, Ok(&a)), ep(1, Ok(&b))]), [150, 50]);
+        let ws = weigh(
+            &cfg,
+            &[ep(1, Ok(&a)), ep(1, Ok(&b)), ep(1, Err(NO_REPORT))],
+            NOW,
+        );
         assert_eq!(
             ws.iter().map(|w| w.weight).collect::<Vec<_>>(),
             [150, 50, 100]
@@ -226,13 +259,13 @@ mod tests {
         assert_eq!(ws[2].reason, "no report");
         // Still in its blackout: factor 1, and says so.
         let young = summary(100.0, 0.25, 9_999);
-        let ws = weigh(&cfg, &[(1, Ok(&young)), (1, Ok(&b))], NOW);
+        let ws = weigh(&cfg, &[ep(1, Ok(&young)), ep(1, Ok(&b))], NOW);
         assert_eq!((ws[0].weight, ws[0].reason.as_str()), (100, "blackout"));
         let idle = LoadSummary {
             usable_since_unix_ms: 0,
             ..summary(0.0, 0.5, 0)
         };
-        let ws = weigh(&cfg, &[(1, Ok(&idle))], NOW);
+        let ws = weigh(&cfg, &[ep(1, Ok(&idle))], NOW);
         assert_eq!(
             (ws[0].weight, ws[0].reason.as_str()),
             (100, "no usable figures")
@@ -254,7 +287,10 @@ mod tests {
             ..summary(100.0, 0.5, 20_000)
         };
         // 200 vs 100.
-        assert_eq!(weights(&cfg, &[(1, Ok(&ok)), (1, Ok(&failing))]), [133, 67]);
+        assert_eq!(
+            weights(&cfg, &[ep(1, Ok(&ok)), ep(1, Ok(&failing))]),
+            [133, 67]
+        );
     }
 
     #[test]
@@ -266,7 +302,11 @@ mod tests {
         };
         let idle = summary(100.0, 0.01, 20_000);
         let busy = summary(100.0, 1.0, 20_000);
-        let ws = weigh(&cfg, &[(1, Ok(&idle)), (1, Ok(&busy)), (1, Ok(&busy))], NOW);
+        let ws = weigh(
+            &cfg,
+            &[ep(1, Ok(&idle)), ep(1, Ok(&busy)), ep(1, Ok(&busy))],
+            NOW,
+        );
         // The idle one is clamped up; the busy ones are the median and
         // stay at 1: one endpoint's extreme figures move only its own.
         assert_eq!(
@@ -284,7 +324,7 @@ mod tests {
         assert!(raw_weight(1e7, 0.0, 1e-310, 1.0).is_some_and(f64::is_finite));
         let ws = weigh(
             &cfg,
-            &[(1, Ok(&liar)), (1, Ok(&honest)), (1, Ok(&honest))],
+            &[ep(1, Ok(&liar)), ep(1, Ok(&honest)), ep(1, Ok(&honest))],
             NOW,
         );
         assert_eq!(
@@ -298,13 +338,13 @@ mod tests {
         let cfg = WeightConfig::default();
         let s = summary(100.0, 0.5, 20_000);
         // Equal load: the operator's 1:3 stays, scaled.
-        assert_eq!(weights(&cfg, &[(1, Ok(&s)), (3, Ok(&s))]), [100, 300]);
+        assert_eq!(weights(&cfg, &[ep(1, Ok(&s)), ep(3, Ok(&s))]), [100, 300]);
         let off = WeightConfig {
             enabled: false,
             ..cfg
         };
         let busy = summary(100.0, 5.0, 20_000);
-        let ws = weigh(&off, &[(1, Ok(&s)), (3, Ok(&busy))], NOW);
+        let ws = weigh(&off, &[ep(1, Ok(&s)), ep(3, Ok(&busy))], NOW);
         assert_eq!(ws.iter().map(|w| w.weight).collect::<Vec<_>>(), [1, 3]);
         assert_eq!(ws[1].reason, "operator");
         assert_eq!(ws[1].factor, 1.0);
@@ -323,7 +363,7 @@ mod tests {
         let honest = summary(100.0, 0.5, 20_000);
         let ws = weigh(
             &cfg,
-            &[(1, Ok(&dust)), (1, Ok(&dust)), (1, Ok(&honest))],
+            &[ep(1, Ok(&dust)), ep(1, Ok(&dust)), ep(1, Ok(&honest))],
             NOW,
         );
         for w in &ws {
@@ -341,9 +381,9 @@ mod tests {
         let cfg = WeightConfig::default();
         let sybil = summary(1e6, 0.01, 20_000);
         let honest = summary(100.0, 0.5, 20_000);
-        let mut e: Vec<(u32, Figures<'_>)> = vec![(1, Err(UNHEALTHY)); 6];
-        e.push((1, Ok(&honest)));
-        e.push((1, Ok(&honest)));
+        let mut e: Vec<Endpoint<'_>> = vec![ep(1, Err(UNHEALTHY)); 6];
+        e.push(ep(1, Ok(&honest)));
+        e.push(ep(1, Ok(&honest)));
         let ws = weigh(&cfg, &e, NOW);
         assert_eq!(
             ws.iter().map(|w| w.weight).collect::<Vec<_>>(),
@@ -351,10 +391,36 @@ mod tests {
         );
         assert_eq!(ws[0].reason, "unhealthy");
         // Were they counted, the honest ones would fall to the minimum.
-        let counted: Vec<(u32, Figures<'_>)> = (0..6)
-            .map(|_| (1, Ok(&sybil)))
-            .chain([(1, Ok(&honest)), (1, Ok(&honest))])
+        let counted: Vec<Endpoint<'_>> = (0..6)
+            .map(|_| ep(1, Ok(&sybil)))
+            .chain([ep(1, Ok(&honest)), ep(1, Ok(&honest))])
             .collect();
         assert_eq!(weigh(&cfg, &counted, NOW)[7].weight, 10);
+    }
+
+    /// Instances nobody checks (UNKNOWN) do not set the reference while
+    /// checked ones have figures: a crowd of unchecked sybils reporting
+    /// huge figures moves only their own factors. A service without
+    /// checks is weighed among all its endpoints.
+    #[test]
+    fn unchecked_endpoints_do_not_set_the_median_while_checked_ones_do() {
+        let cfg = WeightConfig::default();
+        let sybil = summary(1e6, 0.01, 20_000);
+        let honest = summary(100.0, 0.5, 20_000);
+        let unchecked = |figures| Endpoint {
+            checked: false,
+            ..ep(1, figures)
+        };
+        let mut e: Vec<Endpoint<'_>> = vec![unchecked(Ok(&sybil)); 6];
+        e.extend([ep(1, Ok(&honest)), ep(1, Ok(&honest))]);
+        let ws = weights(&cfg, &e);
+        assert_eq!(&ws[6..], [100, 100], "the checked keep their factor 1");
+        assert_eq!(ws[0], 1000, "a sybil's own factor is clamped");
+        // No checks anywhere: all of them set the median, as before.
+        let none: Vec<Endpoint<'_>> = [Ok(&sybil), Ok(&honest), Ok(&honest)]
+            .into_iter()
+            .map(unchecked)
+            .collect();
+        assert_eq!(weights(&cfg, &none), [1000, 100, 100]);
     }
 }
